@@ -1,0 +1,123 @@
+// CPU kernels of hashing: the asymmetric MIPS transform, SRP fingerprints and the table build.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "lsh_common.h"
+
+namespace lsh_torch {
+namespace {
+
+void check_bits_tables(int64_t num_tables, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
+  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
+              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
+}
+
+at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query) {
+  TORCH_CHECK(rows_in.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows_in.sizes());
+  TORCH_CHECK(at::isFloatingType(rows_in.scalar_type()),
+              "mips_transform: rows must be a floating tensor, got ", rows_in.scalar_type());
+  const auto rows = rows_in.contiguous();
+  const int64_t n = rows.size(0), d = rows.size(1);
+  auto out = at::empty({n, d + 1}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "mips_transform", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    std::vector<acc_t> norms(n);
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t s = 0;
+        for (int64_t k = 0; k < d; ++k) s += static_cast<acc_t>(src[i * d + k]) * static_cast<acc_t>(src[i * d + k]);
+        norms[i] = std::sqrt(s);
+      }
+    });
+    // Data rows share one scale (the largest norm) so that inner products keep their order.
+    acc_t max_norm = 0;
+    for (int64_t i = 0; i < n; ++i) max_norm = std::max(max_norm, norms[i]);
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t scale_by = query ? norms[i] : max_norm;
+        const acc_t inv = scale_by > 0 ? acc_t(1) / scale_by : acc_t(0);
+        for (int64_t k = 0; k < d; ++k) dst[i * (d + 1) + k] = static_cast<scalar_t>(static_cast<acc_t>(src[i * d + k]) * inv);
+        const acc_t r = norms[i] * inv;
+        dst[i * (d + 1) + d] = static_cast<scalar_t>(query ? acc_t(0) : std::sqrt(std::max(acc_t(0), acc_t(1) - r * r)));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int64_t num_tables, int64_t bits) {
+  check_bits_tables(num_tables, bits);
+  TORCH_CHECK(proj_in.dim() == 2, "hash_codes: projections must be 2-D [n, L*K], got shape ", proj_in.sizes());
+  TORCH_CHECK(at::isFloatingType(proj_in.scalar_type()),
+              "hash_codes: projections must be a floating tensor, got ", proj_in.scalar_type());
+  TORCH_CHECK(proj_in.size(1) == num_tables * bits, "hash_codes: projections must have L*K = ",
+              num_tables * bits, " columns, got ", proj_in.size(1));
+  const auto proj = proj_in.contiguous();
+  const int64_t n = proj.size(0);
+  auto codes = at::empty({n, num_tables}, proj.options().dtype(at::kInt));
+  auto margins = at::empty({n, num_tables * bits}, proj.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "hash_codes", [&] {
+    const scalar_t* p = proj.data_ptr<scalar_t>();
+    int32_t* c = codes.data_ptr<int32_t>();
+    float* m = margins.data_ptr<float>();
+    at::parallel_for(0, n * num_tables, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        int32_t code = 0;
+        for (int64_t k = 0; k < bits; ++k) {
+          const float v = static_cast<float>(p[t * bits + k]);
+          code |= static_cast<int32_t>(v > 0) << k;
+          m[t * bits + k] = std::isnan(v) ? std::numeric_limits<float>::infinity() : std::fabs(v);
+        }
+        c[t] = code;
+      }
+    });
+  });
+  return {codes, margins};
+}
+
+std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, int64_t bits) {
+  TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
+  TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
+  check_bits_tables(codes_in.size(1), bits);
+  TORCH_CHECK(codes_in.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
+  const auto codes = codes_in.contiguous();
+  const int64_t n = codes.size(0), num_tables = codes.size(1), buckets = int64_t(1) << bits;
+  auto offsets = at::zeros({num_tables, buckets + 1}, codes.options());
+  auto items = at::empty({num_tables, n}, codes.options());
+  const int32_t* c = codes.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n * num_tables; ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] < buckets, "build_tables: code ", c[i], " is outside [0, 2^bits = ", buckets, ")");
+  }
+  int32_t* off = offsets.data_ptr<int32_t>();
+  int32_t* it = items.data_ptr<int32_t>();
+  at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cursor(buckets);
+    for (int64_t l = begin; l < end; ++l) {
+      int32_t* o = off + l * (buckets + 1);
+      for (int64_t i = 0; i < n; ++i) ++o[c[i * num_tables + l] + 1];
+      for (int64_t k = 0; k < buckets; ++k) o[k + 1] += o[k];
+      std::copy(o, o + buckets, cursor.begin());
+      for (int64_t i = 0; i < n; ++i) it[l * n + cursor[c[i * num_tables + l]]++] = static_cast<int32_t>(i);
+    }
+  });
+  return {offsets, items};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) {
+  m.impl("mips_transform", &mips_transform_cpu);
+  m.impl("hash_codes", &hash_codes_cpu);
+  m.impl("build_tables", &build_tables_cpu);
+}
+
+}  // namespace lsh_torch

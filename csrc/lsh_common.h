@@ -1,0 +1,94 @@
+// Helpers shared by the CPU and CUDA kernels: the seeded counter hash that makes every random
+// choice of the query reproducible (and reproducible by tests/reference.py), and limits.
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define LSH_HD __host__ __device__ __forceinline__
+#else
+#define LSH_HD inline
+#endif
+
+namespace lsh_torch {
+
+constexpr int64_t kMaxBits = 20;     // 2^K buckets per table; K = 20 is 4 MiB of offsets per table
+constexpr int64_t kMaxTables = 1024;
+constexpr int64_t kMaxProbes = 128;  // probed buckets per table
+
+// splitmix64's finaliser: a bijective 64-bit mixer.
+LSH_HD uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Random streams of the query; a value depends only on (seed, stream, row, counter).
+enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3 };
+
+LSH_HD uint64_t seeded_hash(int64_t seed, uint64_t stream, int64_t row, uint64_t counter) {
+  return mix64(mix64(mix64(static_cast<uint64_t>(seed)) ^ stream) + static_cast<uint64_t>(row)) ^
+         mix64(counter);
+}
+
+
+// Multi-probe sequence of one table (Lv et al., VLDB 2007): the bucket itself, then the buckets
+// whose codes differ in the bit sets with the smallest sum of margins |projection|, i.e. the
+// bits the query was least sure about. Writes `probes` XOR masks (flips[0] == 0) in order of
+// (score, mask over margin-sorted bit positions). Sets come from a heap with the shift/expand
+// moves; a child's key always exceeds its parent's, so popping yields exactly the sorted order
+// that tests/reference.py computes by enumerating every subset.
+LSH_HD void probe_flips(const float* margin, int bits, int probes, uint32_t* flips) {
+  flips[0] = 0;
+  if (probes <= 1) return;
+  int order[kMaxBits];  // bit positions sorted by margin, ties by position (stable)
+  for (int i = 0; i < bits; ++i) {
+    int j = i;
+    while (j > 0 && margin[order[j - 1]] > margin[i]) { order[j] = order[j - 1]; --j; }
+    order[j] = i;
+  }
+  struct Entry { double score; uint32_t mask; };
+  auto score_of = [&](uint32_t mask) {
+    double s = 0;
+    for (int i = 0; i < bits; ++i)
+      if (mask >> i & 1u) s += static_cast<double>(margin[order[i]]);
+    return s;
+  };
+  auto less = [](const Entry& a, const Entry& b) {
+    return a.score < b.score || (a.score == b.score && a.mask < b.mask);
+  };
+  Entry heap[kMaxProbes + 1];
+  int size = 0;
+  auto push = [&](uint32_t mask) {
+    int i = size++;
+    heap[i] = Entry{score_of(mask), mask};
+    while (i > 0 && less(heap[i], heap[(i - 1) / 2])) {
+      Entry t = heap[i]; heap[i] = heap[(i - 1) / 2]; heap[(i - 1) / 2] = t;
+      i = (i - 1) / 2;
+    }
+  };
+  push(1u);
+  for (int p = 1; p < probes; ++p) {
+    const Entry top = heap[0];
+    heap[0] = heap[--size];
+    for (int i = 0;;) {
+      int c = 2 * i + 1;
+      if (c >= size) break;
+      if (c + 1 < size && less(heap[c + 1], heap[c])) ++c;
+      if (!less(heap[c], heap[i])) break;
+      Entry t = heap[i]; heap[i] = heap[c]; heap[c] = t;
+      i = c;
+    }
+    uint32_t flip = 0;
+    int highest = 0;
+    for (int i = 0; i < bits; ++i)
+      if (top.mask >> i & 1u) { flip |= 1u << order[i]; highest = i; }
+    flips[p] = flip;
+    if (highest + 1 < bits) {
+      push(top.mask + (1u << highest));           // shift: move the highest position up by one
+      push(top.mask | (1u << (highest + 1)));     // expand: add the next position
+    }
+  }
+}
+
+}  // namespace lsh_torch

@@ -1,0 +1,39 @@
+// Operator schemas of the lsh_torch namespace, written once. Kernels live in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lsh_torch, m) {
+  // Asymmetric MIPS transform (Neyshabur & Srebro's "simple LSH"). Data rows (query=false) are
+  // scaled by the largest row norm M and get sqrt(1 - |r/M|^2) appended; queries (query=true)
+  // are normalised to unit length and get 0 appended. [n, d] -> [n, d+1].
+  m.def("mips_transform(Tensor rows, bool query) -> Tensor");
+  // Signed random projection fingerprints: projections [n, L*K] -> codes [n, L] int32 (bit k of
+  // table l is projections[:, l*K + k] > 0) and margins [n, L*K] float32 = |projection|
+  // (NaN -> inf), which order the bit flips of multi-probe.
+  m.def("hash_codes(Tensor projections, int num_tables, int bits) -> (Tensor codes, Tensor margins)");
+  // Counting sort of codes [N, L] into one CSR table per hash table:
+  // offsets [L, 2^K + 1] int32 and items [L, N] int32 (ascending neuron id inside a bucket).
+  m.def("build_tables(Tensor codes, int bits) -> (Tensor offsets, Tensor items)");
+  // Multi-probe lookup -> active [B, budget] int64, no duplicates per row: forced labels
+  // (-1 = padding) first, then LSH candidates ranked by how many probed buckets held them
+  // (ties broken by a seeded hash), then seeded random neurons up to the budget.
+  m.def(
+      "query(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
+      "Tensor? labels, int seed) -> Tensor");
+  // out[b, a] = weight[active[b, a]] . x[b] + bias[active[b, a]]
+  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor active) -> Tensor");
+  // grad_x[b] = sum_a grad_out[b, a] * weight[active[b, a]]
+  m.def("sparse_linear_grad_input(Tensor grad_out, Tensor weight, Tensor active) -> Tensor");
+  // Row-sparse weight/bias gradient: the touched rows (sorted, unique) and their gradients.
+  m.def(
+      "sparse_linear_grad_weight_rows(Tensor grad_out, Tensor x, Tensor active) "
+      "-> (Tensor rows, Tensor grad_weight_rows, Tensor grad_bias_rows)");
+  // The same gradient scattered into dense [num_rows, d] and [num_rows] tensors.
+  m.def(
+      "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor active, int num_rows) "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
+}
+
+// Importing lsh_torch._C loads this library, which runs the registrations above.
+static PyModuleDef lsh_torch_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lsh_torch_module); }

@@ -1,0 +1,30 @@
+"""Signed random projections (SimHash) with the asymmetric MIPS transform.
+
+A neuron's weight row ``w`` and an input ``x`` are hashed so that they collide more often the
+larger ``w · x`` is: rows go through ``P(w) = [w / M, sqrt(1 - |w / M|^2)]`` and inputs through
+``Q(x) = [x / |x|, 0]``; then ``K`` signs of random Gaussian projections make one table's code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+def make_projection(in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
+    """Gaussian projection matrix ``[in_features + 1, L*K]`` (float32), the same on every device for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(in_features + 1, num_tables * bits, generator=gen).to(device)
+
+
+def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int) -> Tensor:
+    """Codes ``[N, L]`` of the neurons' weight rows (data side of the asymmetric transform)."""
+    projected = ops.mips_transform(weight.detach().float(), False) @ projection
+    return ops.hash_codes(projected, num_tables, bits)[0]
+
+
+def input_codes(x: Tensor, projection: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
+    """Codes ``[B, L]`` and bit margins ``[B, L*K]`` of a batch of inputs (query side)."""
+    projected = ops.mips_transform(x.detach().float(), True) @ projection
+    return ops.hash_codes(projected, num_tables, bits)

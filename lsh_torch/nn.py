@@ -1,0 +1,152 @@
+"""LSHLinear: nn.Linear that, in training, computes only the neurons an LSH lookup selects."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from ._checks import check_int
+from .schedules import GrowingSchedule, RebuildSchedule, as_schedule
+from .tables import LSHTables
+
+_INFERENCE_MODES = ("dense", "lsh")
+
+
+class LSHLinear(nn.Module):
+    r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
+
+    Every output neuron's weight row is hashed into ``num_tables`` (L) tables with ``bits`` (K)
+    signed random projections after the asymmetric MIPS transform. For each input row the layer
+    probes ``probes`` buckets per table and takes the ``active`` neurons most often found (filling
+    up with random ones), computes those outputs only, and sends gradients to those only.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for :class:`torch.nn.Linear`.
+        num_tables: L, the number of hash tables (default 5, as in the paper).
+        bits: K, bits per table code; each table has ``2**K`` buckets (default 6, as in the paper).
+        probes: buckets probed per table: the input's own plus its nearest by multi-probe (default 10).
+        active: budget of active neurons per row: an int count, or a float fraction of
+            ``out_features`` (default 0.05, the paper's 5%).
+        rebuild: when to re-hash the weights: a :class:`RebuildSchedule`, a callable
+            ``step -> bool``, an int period, or None for manual :meth:`rebuild` calls only
+            (default ``GrowingSchedule()``: every 50 steps at first, growing to every 1000).
+        seed: seeds the projections and every random choice; same seed and inputs, same outputs.
+        sparse_grad: weight and bias gradients as sparse COO tensors of the touched rows
+            (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
+        inference: ``"dense"`` (exact, equal to ``nn.Linear``; default) or ``"lsh"`` (eval
+            output computed on the active set only, zero elsewhere).
+
+    Shape:
+        Input ``[*, in_features]``, output ``[*, out_features]``. In training, outputs outside a
+        row's active set are zero and get no gradient.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 num_tables: int = 5, bits: int = 6, probes: int = 10, active: int | float = 0.05,
+                 rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense"):
+        super().__init__()
+        check_int("in_features", in_features, 1, 2 ** 31 - 1)
+        check_int("out_features", out_features, 1, 2 ** 31 - 1)
+        check_int("seed", seed, 0, 2 ** 31 - 1)
+        if inference not in _INFERENCE_MODES:
+            raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.budget = _budget(active, out_features)
+        self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
+        self.seed, self.sparse_grad, self.inference = seed, bool(sparse_grad), inference
+        self.step = 0  # training forward passes so far; drives the rebuild schedule and the seeds
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device)
+        self._stale = True
+        self.register_load_state_dict_post_hook(lambda module, _: module._mark_stale())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise like ``nn.Linear`` (Kaiming-uniform weight, uniform bias); tables rebuild on next use."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_features
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._mark_stale()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LSHLinear":
+        """An LSHLinear with a copy of ``linear``'s weight and bias; ``kwargs`` are the hashing options."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer._mark_stale()
+        return layer
+
+    def _mark_stale(self) -> None:
+        self._stale = True
+
+    def rebuild(self) -> None:
+        """Re-hash the current weights into the tables (the schedule calls this during training)."""
+        self.tables.build(self.weight)
+        self._stale = False
+
+    def active_set(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Active neurons ``[B, budget]`` for ``x`` [B, in_features]: labels first, then LSH candidates."""
+        if self._stale:
+            self.rebuild()
+        seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
+        return self.tables.query(x, self.budget, labels, seed)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        if not self.training and self.inference == "dense":
+            return F.linear(input, self.weight, self.bias)
+        if self.training:
+            if self.schedule is not None and self.schedule(self.step):
+                self._mark_stale()
+            self.step += 1
+        x = input.reshape(-1, self.in_features)
+        active = self.active_set(x)
+        values = ops.sparse_linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
+        out = values.new_zeros(x.shape[0], self.out_features).scatter(1, active, values)
+        return out.reshape(*input.shape[:-1], self.out_features)
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape [*, in_features={self.in_features}], got {tuple(input.shape)}")
+        if input.dtype != self.weight.dtype:
+            raise TypeError(f"input has dtype {input.dtype} but the layer's weight has {self.weight.dtype}")
+        if input.device != self.weight.device:
+            raise ValueError(f"input is on {input.device} but the layer's weight is on {self.weight.device}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
+                f"inference={self.inference!r}")
+
+
+def _budget(active, out_features: int) -> int:
+    if isinstance(active, bool) or not isinstance(active, (int, float)):
+        raise TypeError(f"active must be an int count or a float fraction, got {type(active).__name__}")
+    if isinstance(active, float):
+        if not 0.0 < active <= 1.0:
+            raise ValueError(f"active as a fraction must be in (0, 1], got {active}")
+        return max(1, round(active * out_features))
+    if not 1 <= active <= out_features:
+        raise ValueError(f"active must be in [1, out_features={out_features}], got {active}")
+    return active

@@ -1,0 +1,75 @@
+"""When to rebuild the hash tables, counted in training steps (forward passes in training mode)."""
+from __future__ import annotations
+
+
+class RebuildSchedule:
+    """Base class: ``schedule(step)`` is True when the tables are rebuilt before training step ``step``.
+
+    Step 0 never needs one: the tables are built from the initial weights when first used.
+    Schedules are stateless (a function of the step alone), so a resumed run rebuilds at the
+    same steps as one that never stopped.
+    """
+
+    def __call__(self, step: int) -> bool:
+        raise NotImplementedError
+
+
+class ConstantSchedule(RebuildSchedule):
+    """Rebuild every ``period`` steps."""
+
+    def __init__(self, period: int):
+        if not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be a positive int, got {period!r}")
+        self.period = period
+
+    def __call__(self, step: int) -> bool:
+        return step > 0 and step % self.period == 0
+
+    def __repr__(self):
+        return f"ConstantSchedule(period={self.period})"
+
+
+class GrowingSchedule(RebuildSchedule):
+    """Frequent rebuilds early, rarer as training settles (SLIDE's exponentially decaying rate).
+
+    The i-th gap between rebuilds is ``initial * growth**i`` steps (rounded), capped at
+    ``max_period``: with the defaults, rebuilds at steps 50, 105, 166, 233, ... then every 1000.
+    """
+
+    def __init__(self, initial: int = 50, growth: float = 1.1, max_period: int = 1000):
+        if not isinstance(initial, int) or initial < 1:
+            raise ValueError(f"initial must be a positive int, got {initial!r}")
+        if not growth >= 1.0:
+            raise ValueError(f"growth must be >= 1, got {growth!r}")
+        if not isinstance(max_period, int) or max_period < initial:
+            raise ValueError(f"max_period must be an int >= initial ({initial}), got {max_period!r}")
+        self.initial, self.growth, self.max_period = initial, growth, max_period
+
+    def __call__(self, step: int) -> bool:
+        if step <= 0:
+            return False
+        at, gap = 0, float(self.initial)
+        while True:
+            period = min(self.max_period, max(1, round(gap)))
+            if period == self.max_period:
+                return step > at and (step - at) % period == 0
+            at += period
+            if at >= step:
+                return at == step
+            gap *= self.growth
+
+    def __repr__(self):
+        return f"GrowingSchedule(initial={self.initial}, growth={self.growth}, max_period={self.max_period})"
+
+
+def as_schedule(rebuild) -> RebuildSchedule | None:
+    """Accepts a schedule, a callable ``step -> bool``, an int period, or None (manual rebuilds only)."""
+    if rebuild is None or isinstance(rebuild, RebuildSchedule):
+        return rebuild
+    if isinstance(rebuild, bool):
+        raise TypeError("rebuild must be a schedule, a callable, an int period or None, got a bool")
+    if isinstance(rebuild, int):
+        return ConstantSchedule(rebuild)
+    if callable(rebuild):
+        return rebuild
+    raise TypeError(f"rebuild must be a schedule, a callable, an int period or None, got {type(rebuild).__name__}")

@@ -1,0 +1,37 @@
+"""Builds lsh_torch._C: the C++ (CPU) operators, plus the CUDA ones when CUDA is available.
+
+LSH_TORCH_CUDA=auto (default) builds the .cu files when torch has CUDA and nvcc is found;
+1 requires them; 0 leaves them out. LSH_TORCH_CUDA_ARCH overrides TORCH_CUDA_ARCH_LIST.
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    mode = os.environ.get("LSH_TORCH_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"LSH_TORCH_CUDA must be auto, 0 or 1, got {mode!r}")
+    available = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
+    if mode == "1" and not available:
+        raise SystemExit("LSH_TORCH_CUDA=1 but torch has no CUDA or the CUDA toolkit (nvcc) was not found")
+    return mode == "1" or (mode == "auto" and available)
+
+
+def extension():
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("LSH_TORCH_CUDA_ARCH", "8.0;9.0"))
+        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        args["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-std=c++17"]
+        return cpp_extension.CUDAExtension("lsh_torch._C", sources, **args)
+    return cpp_extension.CppExtension("lsh_torch._C", sources, **args)
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})

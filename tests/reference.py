@@ -1,0 +1,140 @@
+"""Slow, obviously-correct pure-PyTorch/Python versions of every lsh_torch op.
+
+The kernels must agree with these exactly (integer outputs) or to rounding (floating outputs).
+"""
+import math
+
+import torch
+
+MASK64 = (1 << 64) - 1
+TIE_BREAK, FILL_DRAW, FILL_WALK = 1, 2, 3
+
+
+def mix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def seeded_hash(seed, stream, row, counter):
+    return (mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64) ^ mix64(counter)) & MASK64
+
+
+def mips_transform(rows, query):
+    rows64 = rows.double()
+    norms = rows64.norm(dim=1, keepdim=True)
+    if query:
+        scaled = torch.where(norms > 0, rows64 / norms.clamp_min(1e-300), torch.zeros_like(rows64))
+        extra = torch.zeros_like(norms)
+    else:
+        m = norms.max() if rows.shape[0] else torch.tensor(0.0, dtype=torch.float64)
+        scaled = rows64 / m if m > 0 else torch.zeros_like(rows64)
+        extra = (1 - scaled.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt()
+    return torch.cat([scaled, extra], 1).to(rows.dtype)
+
+
+def hash_codes(projections, num_tables, bits):
+    p = projections.float().reshape(-1, num_tables, bits)
+    weights = 2 ** torch.arange(bits)
+    codes = ((p > 0).long() * weights).sum(-1).int()
+    margins = torch.where(p.isnan(), torch.full_like(p, math.inf), p.abs())
+    return codes, margins.reshape(projections.shape[0], num_tables * bits)
+
+
+def build_tables(codes, bits):
+    n, num_tables = codes.shape
+    offsets = torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32)
+    items = torch.empty(num_tables, n, dtype=torch.int32)
+    for l in range(num_tables):
+        col = codes[:, l].long()
+        offsets[l, 1:] = torch.bincount(col, minlength=2 ** bits).cumsum(0).int()
+        items[l] = torch.sort(col, stable=True).indices.int()
+    return offsets, items
+
+
+def probe_flips(margin, bits, probes):
+    """Enumerate every subset of bits, order by (sum of margins, mask over margin-sorted positions)."""
+    order = torch.sort(margin.float(), stable=True).indices.tolist()
+    sorted_m = [float(margin[i]) for i in order]
+    keyed = []
+    for mask in range(2 ** bits):
+        score = 0.0
+        for i in range(bits):
+            if mask >> i & 1:
+                score += sorted_m[i]
+        keyed.append((score, mask))
+    keyed.sort()
+    flips = []
+    for _, mask in keyed[:probes]:
+        flips.append(sum(1 << order[i] for i in range(bits) if mask >> i & 1))
+    return flips
+
+
+def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
+    batch, num_tables = codes.shape
+    n = items.shape[1]
+    bits = (offsets.shape[1] - 1).bit_length() - 1
+    active = torch.empty(batch, budget, dtype=torch.int64)
+    for b in range(batch):
+        chosen = []
+        if labels is not None:
+            for lab in labels[b].tolist():
+                if lab >= 0 and lab not in chosen:
+                    chosen.append(lab)
+        hits = {}
+        for l in range(num_tables):
+            for flip in probe_flips(margins[b, l * bits:(l + 1) * bits], bits, probes):
+                bucket = int(codes[b, l]) ^ flip
+                for i in range(int(offsets[l, bucket]), int(offsets[l, bucket + 1])):
+                    nid = int(items[l, i])
+                    if nid not in chosen:
+                        hits[nid] = hits.get(nid, 0) + 1
+        ranked = sorted(hits, key=lambda nid: (-hits[nid], seeded_hash(seed, TIE_BREAK, b, nid)))
+        chosen += ranked[: budget - len(chosen)]
+        draws = 0
+        while len(chosen) < budget and draws < 4 * budget + 64:
+            nid = seeded_hash(seed, FILL_DRAW, b, draws) % n
+            draws += 1
+            if nid not in chosen:
+                chosen.append(nid)
+        if len(chosen) < budget:
+            pos = seeded_hash(seed, FILL_WALK, b, 0) % n
+            stride = 1 + seeded_hash(seed, FILL_WALK, b, 1) % (n - 1) if n > 1 else 1
+            while math.gcd(stride, n) != 1:
+                stride += 1
+            for _ in range(n):
+                if len(chosen) == budget:
+                    break
+                if pos not in chosen:
+                    chosen.append(pos)
+                pos = (pos + stride) % n
+        active[b] = torch.tensor(chosen, dtype=torch.int64)
+    return active
+
+
+def sparse_linear(x, weight, bias, active):
+    out = torch.einsum("bd,bad->ba", x.double(), weight.double()[active])
+    if bias is not None:
+        out = out + bias.double()[active]
+    return out.to(x.dtype)
+
+
+def sparse_linear_grad_input(grad_out, weight, active):
+    return torch.einsum("ba,bad->bd", grad_out.double(), weight.double()[active]).to(grad_out.dtype)
+
+
+def sparse_linear_grad_weight(grad_out, x, active, num_rows):
+    gw = torch.zeros(num_rows, x.shape[1], dtype=torch.float64)
+    gb = torch.zeros(num_rows, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for a in range(active.shape[1]):
+            gw[active[b, a]] += grad_out[b, a].double() * x[b].double()
+            gb[active[b, a]] += grad_out[b, a].double()
+    return gw.to(x.dtype), gb.to(x.dtype)
+
+
+def sparse_linear_grad_weight_rows(grad_out, x, active):
+    rows = torch.unique(active)
+    gw, gb = sparse_linear_grad_weight(grad_out, x, active, int(rows.max()) + 1 if rows.numel() else 0)
+    return rows, gw[rows], gb[rows]
