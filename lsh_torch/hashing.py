@@ -20,11 +20,13 @@ def make_projection(in_features: int, num_tables: int, bits: int, seed: int, dev
 
 def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int) -> Tensor:
     """Codes ``[N, L]`` of the neurons' weight rows (data side of the asymmetric transform)."""
-    projected = ops.mips_transform(weight.detach().float(), False) @ projection
+    # Hashing runs in float32 whatever the layer's dtype (``module.to(dtype)`` may have cast the
+    # projection; float32 values survive the round trip exactly).
+    projected = ops.mips_transform(weight.detach().float(), False) @ projection.float()
     return ops.hash_codes(projected, num_tables, bits)[0]
 
 
 def input_codes(x: Tensor, projection: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
     """Codes ``[B, L]`` and bit margins ``[B, L*K]`` of a batch of inputs (query side)."""
-    projected = ops.mips_transform(x.detach().float(), True) @ projection
+    projected = ops.mips_transform(x.detach().float(), True) @ projection.float()
     return ops.hash_codes(projected, num_tables, bits)

@@ -61,7 +61,7 @@ class LSHLinear(nn.Module):
         self.budget = _budget(active, out_features)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
         self.seed, self.sparse_grad, self.inference = seed, bool(sparse_grad), inference
-        self.step = 0  # training forward passes so far; drives the rebuild schedule and the seeds
+        self.step = 0  # index of the next training forward pass; drives the rebuild schedule and the seeds
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
@@ -114,14 +114,14 @@ class LSHLinear(nn.Module):
         self._check_input(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, self.weight, self.bias)
-        if self.training:
-            if self.schedule is not None and self.schedule(self.step):
-                self._mark_stale()
-            self.step += 1
+        if self.training and self.schedule is not None and self.schedule(self.step):
+            self._mark_stale()
         x = input.reshape(-1, self.in_features)
         active = self.active_set(x)
         values = ops.sparse_linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
         out = values.new_zeros(x.shape[0], self.out_features).scatter(1, active, values)
+        if self.training:
+            self.step += 1
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def _check_input(self, input: Tensor) -> None:

@@ -1,0 +1,247 @@
+"""LSHLinear as a drop-in for nn.Linear."""
+import pytest
+import torch
+from torch import nn
+
+import reference as ref
+from lsh_torch import ConstantSchedule, GrowingSchedule, LSHLinear, ops
+
+
+def pair(in_features=16, out_features=200, **kwargs):
+    kwargs.setdefault("active", 20)
+    layer = LSHLinear(in_features, out_features, **kwargs)
+    linear = nn.Linear(in_features, out_features, bias=layer.bias is not None)
+    linear.load_state_dict(layer.state_dict())
+    return layer, linear
+
+
+def test_same_parameters_and_state_dict_keys_as_linear():
+    layer, linear = pair()
+    assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    no_bias = LSHLinear(4, 8, bias=False, active=2)
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (0, 16)])
+def test_eval_equals_linear(shape):
+    layer, linear = pair()
+    layer.eval()
+    x = torch.randn(shape)
+    assert torch.equal(layer(x), linear(x))
+
+
+def test_init_matches_linear_distribution():
+    torch.manual_seed(1)
+    a = LSHLinear(64, 512).weight
+    torch.manual_seed(1)
+    b = nn.Linear(64, 512).weight
+    assert torch.equal(a, b)
+
+
+def test_training_output_is_sparse_linear_on_the_active_set():
+    layer, _ = pair()
+    layer.train()
+    x = torch.randn(2, 3, 16)
+    out = layer(x)
+    assert out.shape == (2, 3, 200)
+    layer.step -= 1  # the same step's active set again
+    active = layer.active_set(x.reshape(-1, 16))
+    flat = out.reshape(-1, 200)
+    expected = ref.sparse_linear(x.reshape(-1, 16), layer.weight.detach(), layer.bias.detach(), active)
+    torch.testing.assert_close(flat.gather(1, active), expected)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, active, True)
+    assert torch.all(flat[~mask] == 0)
+
+
+def test_gradients_reach_active_neurons_only_and_equal_reference():
+    layer, _ = pair(dtype=torch.float64)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 200, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    layer.step -= 1
+    active = layer.active_set(x.detach())
+    ga = g.gather(1, active)
+    ref_gw, ref_gb = ref.sparse_linear_grad_weight(ga, x.detach(), active, 200)
+    torch.testing.assert_close(layer.weight.grad, ref_gw)
+    torch.testing.assert_close(layer.bias.grad, ref_gb)
+    torch.testing.assert_close(x.grad, ref.sparse_linear_grad_input(ga, layer.weight.detach(), active))
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[active.flatten()] = False
+    assert untouched.any() and torch.all(layer.weight.grad[untouched] == 0)
+
+
+def test_sparse_grad_with_sgd_and_sparse_adam():
+    for opt_cls in (torch.optim.SGD, torch.optim.SparseAdam):
+        layer, _ = pair(sparse_grad=True)
+        before = layer.weight.detach().clone()
+        opt = opt_cls(layer.parameters(), lr=0.1)
+        out = layer(torch.randn(4, 16))
+        out.pow(2).sum().backward()
+        assert layer.weight.grad.is_sparse and layer.bias.grad.is_sparse
+        opt.step()
+        changed = (layer.weight.detach() != before).any(1)
+        touched = torch.zeros(200, dtype=torch.bool)
+        touched[layer.weight.grad.coalesce().indices()[0]] = True
+        assert torch.equal(changed, touched) and changed.sum() < 200
+
+
+def test_lsh_inference_mode():
+    layer, linear = pair(inference="lsh", active=200)  # every neuron active: exact
+    layer.eval()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), linear(x))
+    small = LSHLinear(16, 200, active=10, inference="lsh").eval()
+    assert ((small(x) != 0).sum(1) <= 10).all()
+
+
+def test_lsh_active_set_prefers_large_inner_products():
+    # With the asymmetric transform the hashed candidates beat a random set at finding top neurons.
+    torch.manual_seed(0)
+    layer = LSHLinear(32, 4000, active=200, num_tables=10, bits=8, probes=4)
+    x = torch.randn(64, 32)
+    active = layer.active_set(x)
+    top = (x @ layer.weight.T).topk(20, dim=1).indices
+    recall = torch.tensor([len(set(a.tolist()) & set(t.tolist())) / 20 for a, t in zip(active, top)]).mean()
+    assert recall > 3 * 200 / 4000, recall  # random would find 5%
+
+
+def test_rebuild_schedule_fires_when_it_should():
+    layer, _ = pair(rebuild=3)
+    calls = []
+    original = layer.rebuild
+    layer.rebuild = lambda: (calls.append(layer.step), original())
+    x = torch.randn(2, 16)
+    for _ in range(10):
+        layer(x)
+    assert calls == [0, 3, 6, 9]  # the first build, then before steps 3, 6 and 9
+    layer.eval()
+    layer(x)
+    assert len(calls) == 4  # dense eval never rebuilds
+
+
+def test_rebuild_follows_weights():
+    layer, _ = pair(rebuild=None)
+    layer.rebuild()
+    offsets = layer.tables.offsets.clone()
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    layer(torch.randn(1, 16))  # no schedule: tables unchanged
+    assert torch.equal(layer.tables.offsets, offsets)
+    layer.rebuild()
+    assert not torch.equal(layer.tables.offsets, offsets)
+
+
+def test_schedules():
+    constant = ConstantSchedule(5)
+    assert [s for s in range(1, 21) if constant(s)] == [5, 10, 15, 20]
+    growing = GrowingSchedule(initial=10, growth=2.0, max_period=40)
+    assert [s for s in range(1, 200) if growing(s)] == [10, 30, 70, 110, 150, 190]
+    with pytest.raises(ValueError, match="period"):
+        ConstantSchedule(0)
+    with pytest.raises(ValueError, match="growth"):
+        GrowingSchedule(growth=0.5)
+
+
+def test_determinism_under_seed():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        layer = LSHLinear(16, 300, active=0.1, seed=11)
+        x = torch.randn(8, 16)
+        outs.append([layer(x) for _ in range(3)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], outs[0][1])  # the random fill changes from step to step
+
+
+def test_state_dict_round_trip_and_rebuild_after_load():
+    layer, linear = pair(rebuild=None)
+    x = torch.randn(4, 16)
+    layer(x)
+    other = LSHLinear(16, 200, active=20, rebuild=None)
+    other.load_state_dict(layer.state_dict())
+    other.step = layer.step - 1
+    layer.step -= 1
+    assert torch.equal(other(x), layer(x))  # tables rebuilt from the loaded weights
+    assert torch.equal(other.tables.items, layer.tables.items)
+    plain = LSHLinear(16, 200, active=20)
+    plain.load_state_dict(linear.state_dict())  # a plain nn.Linear state_dict loads
+    assert torch.equal(plain.weight, linear.weight)
+
+
+def test_from_linear():
+    linear = nn.Linear(16, 100)
+    layer = LSHLinear.from_linear(linear, active=10, bits=4)
+    assert torch.equal(layer.weight, linear.weight) and layer.weight is not linear.weight
+    assert layer.tables.bits == 4 and layer.budget == 10
+    x = torch.randn(3, 16)
+    assert torch.equal(layer.eval()(x), linear(x))
+    with pytest.raises(TypeError, match="linear"):
+        LSHLinear.from_linear(nn.Conv1d(1, 1, 1))
+
+
+def test_to_keeps_the_hashing():
+    layer = LSHLinear(8, 50, active=5)
+    x = torch.randn(3, 8)
+    active = layer.active_set(x)
+    layer.to(torch.float64)
+    layer.rebuild()
+    assert torch.equal(layer.active_set(x.double()), active)
+    assert layer(x.double()).dtype == torch.float64
+
+
+def test_non_contiguous_and_empty_inputs():
+    layer, linear = pair()
+    x = torch.randn(16, 6).T  # non-contiguous [6, 16]
+    assert not x.is_contiguous()
+    out = layer(x)
+    layer.step -= 1
+    assert torch.equal(out, layer(x.contiguous()))
+    empty = layer(torch.randn(0, 16, requires_grad=True))
+    assert empty.shape == (0, 200)
+    empty.sum().backward()
+
+
+def test_budget_parsing():
+    assert LSHLinear(4, 1000).budget == 50
+    assert LSHLinear(4, 1000, active=0.1).budget == 100
+    assert LSHLinear(4, 10, active=0.01).budget == 1
+    assert LSHLinear(4, 10, active=10).budget == 10
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    (dict(active=201), ValueError, "active"),
+    (dict(active=0), ValueError, "active"),
+    (dict(active=1.5), ValueError, "active"),
+    (dict(active="all"), TypeError, "active"),
+    (dict(bits=0), ValueError, "bits"),
+    (dict(bits=21), ValueError, "bits"),
+    (dict(num_tables=0), ValueError, "num_tables"),
+    (dict(num_tables=2000), ValueError, "num_tables"),
+    (dict(bits=3, probes=9), ValueError, "probes"),
+    (dict(probes=0), ValueError, "probes"),
+    (dict(rebuild="often"), TypeError, "rebuild"),
+    (dict(rebuild=0), ValueError, "period"),
+    (dict(inference="fast"), ValueError, "inference"),
+    (dict(seed=-1), ValueError, "seed"),
+])
+def test_constructor_errors(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        LSHLinear(16, 200, **kwargs)
+
+
+def test_forward_errors():
+    layer, _ = pair()
+    with pytest.raises(ValueError, match="in_features=16"):
+        layer(torch.randn(3, 15))
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(3, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Tensor"):
+        layer([1.0] * 16)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.rebuild()

@@ -1,0 +1,223 @@
+"""Every op against tests/reference.py, opcheck on every op, gradcheck of sparse_linear, and input validation."""
+import pytest
+import torch
+
+import reference as ref
+from lsh_torch import ops
+
+OPS = torch.ops.lsh_torch
+
+
+def random_tables(n=300, d=16, num_tables=4, bits=5, batch=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, d, generator=gen)
+    x = torch.randn(batch, d, generator=gen)
+    proj = torch.randn(d + 1, num_tables * bits, generator=gen)
+    codes, _ = ops.hash_codes(ops.mips_transform(weight, False) @ proj, num_tables, bits)
+    offsets, items = ops.build_tables(codes, bits)
+    qcodes, qmargins = ops.hash_codes(ops.mips_transform(x, True) @ proj, num_tables, bits)
+    return qcodes, qmargins, offsets, items
+
+
+# --- mips_transform ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mips_transform_matches_reference(query, dtype):
+    rows = torch.randn(50, 9, dtype=dtype)
+    rows[3] = 0  # a zero row must not divide by zero
+    torch.testing.assert_close(ops.mips_transform(rows, query), ref.mips_transform(rows, query))
+
+
+def test_mips_transform_preserves_inner_product_order():
+    w, x = torch.randn(200, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    pw, qx = ops.mips_transform(w, False), ops.mips_transform(x[None], True)[0]
+    assert torch.allclose(pw.norm(dim=1), torch.ones(200, dtype=torch.float64))  # all on the unit sphere
+    assert torch.equal(torch.argsort(w @ x), torch.argsort(pw @ qx))
+
+
+# --- hash_codes and build_tables --------------------------------------------------------------
+
+@pytest.mark.parametrize("num_tables,bits", [(1, 1), (5, 6), (3, 20)])
+def test_hash_codes_match_reference(num_tables, bits):
+    proj = torch.randn(33, num_tables * bits)
+    proj[0, 0], proj[1, 1 % (num_tables * bits)] = float("nan"), 0.0
+    codes, margins = ops.hash_codes(proj, num_tables, bits)
+    ref_codes, ref_margins = ref.hash_codes(proj, num_tables, bits)
+    assert codes.dtype == torch.int32 and margins.dtype == torch.float32
+    assert torch.equal(codes, ref_codes) and torch.equal(margins, ref_margins)
+
+
+@pytest.mark.parametrize("bits", [1, 4, 10])
+def test_build_tables_match_reference(bits):
+    codes = torch.randint(0, 2 ** bits, (500, 3), dtype=torch.int32)
+    offsets, items = ops.build_tables(codes, bits)
+    ref_offsets, ref_items = ref.build_tables(codes, bits)
+    assert torch.equal(offsets, ref_offsets) and torch.equal(items, ref_items)
+
+
+# --- query --------------------------------------------------------------------------------------
+
+LABELS = torch.tensor([[3, -1], [5, 5], [-1, -1], [0, 1], [2, 7], [9, -1], [299, 298]])
+
+
+@pytest.mark.parametrize("probes,budget,labels", [
+    (1, 10, None),         # exact buckets only
+    (6, 40, LABELS),       # labels first, duplicates and padding dropped
+    (32, 300, LABELS),     # every bucket probed, budget == N: the fill walks to the end
+    (10, 250, None),       # budget close to N: the random draws give way to the walk
+    (10, 0, None),         # empty budget
+])
+def test_query_matches_reference(probes, budget, labels):
+    qcodes, qmargins, offsets, items = random_tables()
+    active = ops.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123)
+    assert torch.equal(active, ref.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123))
+    for row in active.tolist():
+        assert len(set(row)) == len(row) and all(0 <= i < 300 for i in row)
+    if labels is not None:
+        for row, labs in zip(active.tolist(), labels.tolist()):
+            distinct = list(dict.fromkeys(l for l in labs if l >= 0))
+            assert row[: len(distinct)] == distinct
+
+
+def test_probe_sequence_matches_enumeration():
+    # A probe order with exact ties in the margins (zeros) is still the enumerated order.
+    for margin in [torch.rand(6), torch.zeros(6), torch.tensor([0.5, 0.1, 0.5, 0.0, 2.0, 0.1])]:
+        codes = torch.zeros(1, 1, dtype=torch.int32)
+        offsets, items = ops.build_tables(torch.arange(64, dtype=torch.int32)[:, None], 6)
+        # one neuron per bucket and budget == probes: active = the probed buckets in probe order
+        active = ops.query(codes, margin[None], offsets, items, 12, 12, None, 0)
+        assert sorted(active[0].tolist()) == sorted(ref.probe_flips(margin, 6, 12))
+
+
+def test_query_ranks_by_bucket_hits():
+    # Neuron 0 is in the query's bucket in all 3 tables, neuron 1 in 2, neuron 2 in 1.
+    codes = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.int32)
+    offsets, items = ops.build_tables(codes, 1)
+    q = torch.zeros(1, 3, dtype=torch.int32)
+    active = ops.query(q, torch.ones(1, 3), offsets, items, 1, 3, None, 7)
+    assert active[0].tolist() == [0, 1, 2]
+
+
+def test_query_is_deterministic_per_seed_and_varies_across_seeds():
+    args = random_tables(n=300)
+    a1 = ops.query(*args, 4, 200, None, 5)
+    assert torch.equal(a1, ops.query(*args, 4, 200, None, 5))
+    assert not torch.equal(a1, ops.query(*args, 4, 200, None, 6))
+
+
+# --- sparse_linear ------------------------------------------------------------------------------
+
+def sparse_problem(dtype=torch.float32, batch=5, d=7, n=40, budget=6):
+    x = torch.randn(batch, d, dtype=dtype)
+    weight = torch.randn(n, d, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    active = torch.stack([torch.randperm(n)[:budget] for _ in range(batch)])
+    active[1, :3] = active[0, :3]  # rows shared across samples accumulate
+    return x, weight, bias, active
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sparse_linear_matches_reference(dtype, with_bias):
+    x, weight, bias, active = sparse_problem(dtype)
+    bias = bias if with_bias else None
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(ops.sparse_linear(x, weight, bias, active), ref.sparse_linear(x, weight, bias, active), **tol)
+    g = torch.randn(active.shape, dtype=dtype)
+    torch.testing.assert_close(OPS.sparse_linear_grad_input(g, weight, active),
+                               ref.sparse_linear_grad_input(g, weight, active), **tol)
+    gw, gb = OPS.sparse_linear_grad_weight(g, x, active, weight.shape[0])
+    ref_gw, ref_gb = ref.sparse_linear_grad_weight(g, x, active, weight.shape[0])
+    torch.testing.assert_close(gw, ref_gw, **tol)
+    torch.testing.assert_close(gb, ref_gb, **tol)
+    rows, gw_rows, gb_rows = OPS.sparse_linear_grad_weight_rows(g, x, active)
+    ref_rows, ref_gw_rows, ref_gb_rows = ref.sparse_linear_grad_weight_rows(g, x, active)
+    assert torch.equal(rows, ref_rows)
+    torch.testing.assert_close(gw_rows, ref_gw_rows, **tol)
+    torch.testing.assert_close(gb_rows, ref_gb_rows, **tol)
+
+
+def test_sparse_linear_gradcheck_float64():
+    x, weight, bias, active = sparse_problem(torch.float64)
+    inputs = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.sparse_linear(x, w, b, active), inputs)
+    assert torch.autograd.gradcheck(lambda x, w: ops.sparse_linear(x, w, None, active), inputs[:2])
+
+
+def test_sparse_grad_equals_dense_grad():
+    x, weight, bias, active = sparse_problem(torch.float64)
+    grads = []
+    for sparse in (False, True):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        ops.sparse_linear(x, w, b, active, sparse_grad=sparse).pow(2).sum().backward()
+        assert w.grad.is_sparse == sparse and b.grad.is_sparse == sparse
+        grads.append((w.grad.to_dense(), b.grad.to_dense()))
+    torch.testing.assert_close(grads[0], grads[1])
+    # only the touched rows carry a gradient
+    touched = torch.zeros(weight.shape[0], dtype=torch.bool)
+    touched[active.flatten()] = True
+    assert torch.all(grads[0][0][~touched] == 0) and torch.all(grads[0][0][touched].abs().sum(1) > 0)
+
+
+def test_sparse_linear_empty_batch():
+    x, weight, bias, _ = sparse_problem()
+    out = ops.sparse_linear(x[:0].requires_grad_(), weight, bias, torch.zeros(0, 6, dtype=torch.long))
+    assert out.shape == (0, 6)
+
+
+# --- opcheck on every op ------------------------------------------------------------------------
+
+def opcheck_cases():
+    qcodes, qmargins, offsets, items = random_tables()
+    codes = torch.randint(0, 32, (100, 4), dtype=torch.int32)
+    x, weight, bias, active = sparse_problem()
+    g = torch.randn(active.shape)
+    return [
+        ("mips_transform", (torch.randn(20, 5), False)),
+        ("mips_transform", (torch.randn(20, 5), True)),
+        ("hash_codes", (torch.randn(20, 12), 3, 4)),
+        ("build_tables", (codes, 5)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
+        ("sparse_linear", (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), active)),
+        ("sparse_linear", (x.detach(), weight.detach(), None, active)),
+        ("sparse_linear_grad_input", (g, weight.detach(), active)),
+        ("sparse_linear_grad_weight", (g, x.detach(), active, 40)),
+        ("sparse_linear_grad_weight_rows", (g, x.detach(), active)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(OPS, name), args)
+
+
+# --- bad input gets a clear error naming the argument -----------------------------------------
+
+def test_op_input_errors():
+    qcodes, qmargins, offsets, items = random_tables()
+    x, weight, bias, active = sparse_problem()
+    cases = [
+        (lambda: ops.hash_codes(torch.randn(3, 12), 3, 5), "L\\*K"),
+        (lambda: ops.hash_codes(torch.randn(3, 21), 1, 21), "bits"),
+        (lambda: ops.hash_codes(torch.randn(3, 0), 0, 6), "num_tables"),
+        (lambda: ops.hash_codes(torch.ones(3, 4, dtype=torch.int64), 1, 4), "floating"),
+        (lambda: ops.build_tables(torch.full((4, 2), 40, dtype=torch.int32), 5), "outside"),
+        (lambda: ops.build_tables(torch.zeros(4, 2, dtype=torch.int64), 5), "int32"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
+        (lambda: ops.query(qcodes, qmargins[:, :3], offsets, items, 4, 5), "margins"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), 300)), "labels"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.zeros(6, 1, dtype=torch.long)), "labels"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 1, LABELS), "more distinct labels"),
+        (lambda: ops.sparse_linear(x, weight[:, :3], bias, active), "features"),
+        (lambda: ops.sparse_linear(x.double(), weight, bias, active), "dtype"),
+        (lambda: ops.sparse_linear(x, weight, bias, active + 40), "outside"),
+        (lambda: ops.sparse_linear(x, weight, bias, active.int()), "active"),
+        (lambda: ops.sparse_linear(x, weight, bias[:3], active), "bias"),
+        (lambda: ops.sparse_linear(x[:2], weight, bias, active), "batch"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
