@@ -20,6 +20,11 @@ TORCH_LIBRARY(lsh_torch, m) {
   m.def(
       "query(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
       "Tensor? labels, int seed) -> Tensor");
+  // One active set for the whole batch: the union of the rows' labels first, then candidates
+  // ranked by their bucket hits summed over the rows, then random fill -> indices [budget].
+  m.def(
+      "query_shared(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
+      "Tensor? labels, int seed) -> Tensor");
   // out[b, a] = weight[active[b, a]] . x[b] + bias[active[b, a]]
   m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor active) -> Tensor");
   // grad_x[b] = sum_a grad_out[b, a] * weight[active[b, a]]
@@ -32,6 +37,8 @@ TORCH_LIBRARY(lsh_torch, m) {
   m.def(
       "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor active, int num_rows) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
+  // Batch-shared active set as one gathered GEMM: out[b, a] = weight[indices[a]] . x[b] + bias[indices[a]]
+  m.def("shared_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
 }
 
 // Importing lsh_torch._C loads this library, which runs the registrations above.

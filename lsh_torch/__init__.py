@@ -1,7 +1,8 @@
 """lsh_torch: wide layers that compute only the neurons that matter, found by LSH."""
 from . import ops
-from .nn import LSHLinear
+from .losses import sparse_cross_entropy
+from .nn import LSHLinear, SparseOutput
 from .schedules import ConstantSchedule, GrowingSchedule, RebuildSchedule
 
-__all__ = ["LSHLinear", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops"]
+__all__ = ["LSHLinear", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops"]
 __version__ = "0.1.0"

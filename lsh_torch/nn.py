@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,20 @@ from .schedules import GrowingSchedule, RebuildSchedule, as_schedule
 from .tables import LSHTables
 
 _INFERENCE_MODES = ("dense", "lsh")
+_MODES = ("per_row", "shared")
+
+
+class SparseOutput(NamedTuple):
+    """Output of :meth:`LSHLinear.forward_sparse`: ``values[..., a]`` is the output of neuron
+    ``indices[..., a]`` (per-row mode, ``[*, A]``) or ``indices[a]`` (shared mode, ``[A]``)."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def auto_bits(out_features: int) -> int:
+    """Bits per table giving about 16 neurons per bucket: 6 (the paper's K) at 1000 neurons, 15 at 670K."""
+    return min(20, max(6, round(math.log2(max(1, out_features) / 16))))
 
 
 class LSHLinear(nn.Module):
@@ -27,7 +41,8 @@ class LSHLinear(nn.Module):
     Args:
         in_features, out_features, bias, device, dtype: as for :class:`torch.nn.Linear`.
         num_tables: L, the number of hash tables (default 5, as in the paper).
-        bits: K, bits per table code; each table has ``2**K`` buckets (default 6, as in the paper).
+        bits: K, bits per table code; each table has ``2**K`` buckets. Default ``"auto"``: about
+            16 neurons per bucket, which is the paper's K=6 for 1000 neurons (see :func:`auto_bits`).
         probes: buckets probed per table: the input's own plus its nearest by multi-probe (default 10).
         active: budget of active neurons per row: an int count, or a float fraction of
             ``out_features`` (default 0.05, the paper's 5%).
@@ -39,6 +54,11 @@ class LSHLinear(nn.Module):
             (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
         inference: ``"dense"`` (exact, equal to ``nn.Linear``; default) or ``"lsh"`` (eval
             output computed on the active set only, zero elsewhere).
+        mode: ``"per_row"`` (each row its own ``active`` neurons, as in the paper; default) or
+            ``"shared"`` (one set of ``active`` neurons for the whole batch: the union of the rows'
+            labels and candidates, computed as one gathered matrix product).
+        selection: ``"lsh"`` (default) or ``"random"``: uniformly random active neurons (labels
+            still forced), the baseline that shows what the hashing is worth.
 
     Shape:
         Input ``[*, in_features]``, output ``[*, out_features]``. In training, outputs outside a
@@ -48,26 +68,31 @@ class LSHLinear(nn.Module):
     __constants__ = ["in_features", "out_features"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 num_tables: int = 5, bits: int = 6, probes: int = 10, active: int | float = 0.05,
-                 rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense"):
+                 num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.05,
+                 rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
+                 mode: str = "per_row", selection: str = "lsh"):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
         check_int("seed", seed, 0, 2 ** 31 - 1)
         if inference not in _INFERENCE_MODES:
             raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if bits == "auto":
+            bits = auto_bits(out_features)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
-        self.seed, self.sparse_grad, self.inference = seed, bool(sparse_grad), inference
+        self.seed, self.sparse_grad, self.inference, self.mode = seed, bool(sparse_grad), inference, mode
         self.step = 0  # index of the next training forward pass; drives the rebuild schedule and the seeds
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device)
+        self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection)
         self._stale = True
         self.register_load_state_dict_post_hook(lambda module, _: module._mark_stale())
         self.reset_parameters()
@@ -104,25 +129,77 @@ class LSHLinear(nn.Module):
         self._stale = False
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        """Active neurons ``[B, budget]`` for ``x`` [B, in_features]: labels first, then LSH candidates."""
+        """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` in shared mode.
+
+        ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first.
+        """
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
-        return self.tables.query(x, self.budget, labels, seed)
+        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed,
+                                 shared=self.mode == "shared")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, self.weight, self.bias)
+        values, active = self._sparse(input.reshape(-1, self.in_features), None)
+        out = values.new_zeros(values.shape[0], self.out_features)
+        out = out.index_copy(1, active, values) if active.dim() == 1 else out.scatter(1, active, values)
+        return out.reshape(*input.shape[:-1], self.out_features)
+
+    def forward_sparse(self, input: Tensor, labels: Optional[Tensor] = None) -> SparseOutput:
+        """The outputs of the active neurons only, never ``[B, out_features]``.
+
+        ``labels`` (int64 ``[*]``, or ``[*, M]`` padded with -1) are forced into the active set;
+        train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
+        ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
+        """
+        self._check_input(input)
+        batch_shape = input.shape[:-1]
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+                raise TypeError("labels must be an int64 tensor")
+            if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+                raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                                 f"got {tuple(labels.shape)}")
+            labels = labels.reshape(-1, 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
+        values, active = self._sparse(input.reshape(-1, self.in_features), labels)
+        values = values.reshape(*batch_shape, values.shape[-1])
+        return SparseOutput(values, active if active.dim() == 1 else active.reshape(*batch_shape, active.shape[-1]))
+
+    def _sparse(self, x: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if self.training and self.schedule is not None and self.schedule(self.step):
             self._mark_stale()
-        x = input.reshape(-1, self.in_features)
-        active = self.active_set(x)
-        values = ops.sparse_linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
-        out = values.new_zeros(x.shape[0], self.out_features).scatter(1, active, values)
+        active = self.active_set(x, labels)
+        linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
+        values = linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
         if self.training:
             self.step += 1
-        return out.reshape(*input.shape[:-1], self.out_features)
+        return values, active
+
+    @torch.no_grad()
+    def topk(self, input: Tensor, k: int, exact: bool = False) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
+
+        ``exact=False`` rescored LSH candidates (the layer's budget of them, per row);
+        ``exact=True`` the dense computation, like ``torch.topk(linear(input), k)``.
+        """
+        self._check_input(input)
+        x = input.reshape(-1, self.in_features)
+        if exact:
+            check_int("k", k, 1, self.out_features)
+            values, indices = F.linear(x, self.weight, self.bias).topk(k, dim=1)
+        else:
+            check_int("k", k, 1, self.budget)
+            if self._stale:
+                self.rebuild()
+            active = self.tables.query(x, self.budget, None, self.seed)
+            scores = ops.sparse_linear(x, self.weight, self.bias, active)
+            values, best = scores.topk(k, dim=1)
+            indices = active.gather(1, best)
+        shape = (*input.shape[:-1], k)
+        return values.reshape(shape), indices.reshape(shape)
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -137,7 +214,14 @@ class LSHLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
-                f"inference={self.inference!r}")
+                f"inference={self.inference!r}, mode={self.mode!r}")
+
+
+def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
+    if labels is None:
+        return None
+    labels = labels.reshape(batch, -1) if labels.dim() <= 1 else labels
+    return labels.to(torch.int64).contiguous()
 
 
 def _budget(active, out_features: int) -> int:

@@ -41,6 +41,12 @@ def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes
     return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed)
 
 
+def query_shared(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
+                 labels: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+    """One active set for the whole batch: ``indices [budget]`` int64, all rows' labels first."""
+    return _ops.query_shared(codes, margins, offsets, items, probes, budget, labels, seed)
+
+
 def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor,
                   sparse_grad: bool = False) -> Tensor:
     """``out[b, a] = weight[active[b, a]] · x[b] + bias[active[b, a]]``, differentiable.
@@ -48,9 +54,22 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Ten
     With ``sparse_grad=True`` the weight (and bias) gradients are sparse COO tensors holding the
     touched rows only, like ``nn.Embedding(sparse=True)``; otherwise they are dense.
     """
+    return _linear("sparse_linear", x, weight, bias, active, sparse_grad)
+
+
+def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor,
+                  sparse_grad: bool = False) -> Tensor:
+    """``out[b, a] = weight[indices[a]] · x[b] + bias[indices[a]]`` (one gathered GEMM), differentiable.
+
+    ``sparse_grad`` as for :func:`sparse_linear`.
+    """
+    return _linear("shared_linear", x, weight, bias, indices, sparse_grad)
+
+
+def _linear(name, x, weight, bias, active, sparse_grad):
     if sparse_grad and torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _SparseGradLinear.apply(x, weight, bias, active)
-    return _ops.sparse_linear(x, weight, bias, active)
+        return _SparseGrad.apply(name, x, weight, bias, active)
+    return getattr(_ops, name)(x, weight, bias, active)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +98,17 @@ def _(codes, margins, offsets, items, probes, budget, labels, seed):
     return codes.new_empty(codes.shape[0], budget, dtype=torch.int64)
 
 
+@torch.library.register_fake("lsh_torch::query_shared")
+def _(codes, margins, offsets, items, probes, budget, labels, seed):
+    return codes.new_empty(budget, dtype=torch.int64)
+
+
+@torch.library.register_fake("lsh_torch::shared_linear")
+def _(x, weight, bias, indices):
+    torch._check(x.shape[1] == weight.shape[1], lambda: "shared_linear: feature sizes differ")
+    return x.new_empty(x.shape[0], indices.shape[0])
+
+
 @torch.library.register_fake("lsh_torch::sparse_linear")
 def _(x, weight, bias, active):
     torch._check(x.shape[1] == weight.shape[1], lambda: "sparse_linear: feature sizes differ")
@@ -102,49 +132,74 @@ def _(grad_out, x, active, num_rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd of sparse_linear. The dense path is registered on the op; the row-sparse path is an
-# autograd.Function over the same op (a sparse gradient is a wrapper-level choice, not the op's).
+# Autograd of the two linear ops. Dense gradients are registered on the ops; row-sparse (COO)
+# gradients go through _SparseGrad, an autograd.Function over the same ops, since a sparse
+# gradient is the caller's choice, not the op's. Inputs are always (..., x, weight, bias, active).
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, active = inputs
+    x, weight, bias, active = inputs[-4:]
     ctx.save_for_backward(x, weight, active)
     ctx.has_bias = bias is not None
 
 
-def _grads(ctx, grad_out: Tensor, sparse: bool):
+def _needs(ctx):
+    need_x, need_w, need_b = ctx.needs_input_grad[-4:-1]
+    return need_x, need_w, need_b and ctx.has_bias
+
+
+def _row_grads(rows, grad_rows, grad_bias_rows, weight, need_w, need_b, sparse):
+    """Gradients of the weight and bias from those of their (unique) rows ``rows``."""
+    if sparse:
+        index = rows.unsqueeze(0)
+        coo = lambda values, shape: torch.sparse_coo_tensor(index, values, shape, is_coalesced=True,
+                                                            check_invariants=False)
+        return (coo(grad_rows, weight.shape) if need_w else None,
+                coo(grad_bias_rows, weight.shape[:1]) if need_b else None)
+    return (weight.new_zeros(weight.shape).index_copy_(0, rows, grad_rows) if need_w else None,
+            weight.new_zeros(weight.shape[:1]).index_copy_(0, rows, grad_bias_rows) if need_b else None)
+
+
+def _sparse_linear_grads(ctx, grad_out, sparse):
     x, weight, active = ctx.saved_tensors
     grad_out = grad_out.contiguous()
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.sparse_linear_grad_input(grad_out, weight, active)
-    need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    need_x, need_w, need_b = _needs(ctx)
+    grad_x = _ops.sparse_linear_grad_input(grad_out, weight, active) if need_x else None
+    grad_w = grad_b = None
     if sparse and (need_w or need_b):
-        rows, gw, gb = _ops.sparse_linear_grad_weight_rows(grad_out, x, active)
-        index = rows.unsqueeze(0)
-        if need_w:
-            grad_w = torch.sparse_coo_tensor(index, gw, weight.shape, is_coalesced=True, check_invariants=False)
-        if need_b:
-            grad_b = torch.sparse_coo_tensor(index, gb, (weight.shape[0],), is_coalesced=True, check_invariants=False)
+        grad_w, grad_b = _row_grads(*_ops.sparse_linear_grad_weight_rows(grad_out, x, active), weight, need_w, need_b,
+                                    sparse=True)
     elif need_w or need_b:
-        gw, gb = _ops.sparse_linear_grad_weight(grad_out, x, active, weight.shape[0])
-        grad_w = gw if need_w else None
-        grad_b = gb if need_b else None
+        grad_w, grad_b = _ops.sparse_linear_grad_weight(grad_out, x, active, weight.shape[0])
+        grad_w, grad_b = (grad_w if need_w else None), (grad_b if need_b else None)
     return grad_x, grad_w, grad_b, None
 
 
-torch.library.register_autograd("lsh_torch::sparse_linear", lambda ctx, g: _grads(ctx, g, sparse=False),
-                                setup_context=_setup_context)
+def _shared_linear_grads(ctx, grad_out, sparse):
+    x, weight, indices = ctx.saved_tensors
+    need_x, need_w, need_b = _needs(ctx)
+    grad_x = grad_out @ weight.index_select(0, indices) if need_x else None
+    grad_w, grad_b = _row_grads(indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None,
+                                weight, need_w, need_b, sparse)
+    return grad_x, grad_w, grad_b, None
 
 
-class _SparseGradLinear(torch.autograd.Function):
+_GRADS = {"sparse_linear": _sparse_linear_grads, "shared_linear": _shared_linear_grads}
+
+for _name, _grads_fn in _GRADS.items():
+    torch.library.register_autograd(f"lsh_torch::{_name}", lambda ctx, g, fn=_grads_fn: fn(ctx, g, False),
+                                    setup_context=_setup_context)
+
+
+class _SparseGrad(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, active):
-        return _ops.sparse_linear(x, weight, bias, active)
+    def forward(name, x, weight, bias, active):
+        return getattr(_ops, name)(x, weight, bias, active)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
         _setup_context(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, sparse=True)
+        return (None, *_GRADS[ctx.op_name](ctx, grad_out, True))

@@ -18,7 +18,7 @@ def mix64(z):
 
 
 def seeded_hash(seed, stream, row, counter):
-    return (mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64) ^ mix64(counter)) & MASK64
+    return (mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64) ^ mix64(counter & MASK64)) & MASK64
 
 
 def mips_transform(rows, query):
@@ -71,18 +71,18 @@ def probe_flips(margin, bits, probes):
     return flips
 
 
-def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
-    batch, num_tables = codes.shape
-    n = items.shape[1]
+def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, budget, seed, set_id):
+    """Labels of ``label_rows`` first, then candidates of ``probe_rows`` by hits, then the fill."""
+    num_tables, n = items.shape
     bits = (offsets.shape[1] - 1).bit_length() - 1
-    active = torch.empty(batch, budget, dtype=torch.int64)
-    for b in range(batch):
-        chosen = []
-        if labels is not None:
-            for lab in labels[b].tolist():
-                if lab >= 0 and lab not in chosen:
-                    chosen.append(lab)
-        hits = {}
+    chosen = []
+    for labs in label_rows:
+        for lab in labs:
+            if lab >= 0 and lab not in chosen:
+                chosen.append(lab)
+    assert len(chosen) <= budget
+    hits = {}
+    for b in probe_rows:
         for l in range(num_tables):
             for flip in probe_flips(margins[b, l * bits:(l + 1) * bits], bits, probes):
                 bucket = int(codes[b, l]) ^ flip
@@ -90,27 +90,43 @@ def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
                     nid = int(items[l, i])
                     if nid not in chosen:
                         hits[nid] = hits.get(nid, 0) + 1
-        ranked = sorted(hits, key=lambda nid: (-hits[nid], seeded_hash(seed, TIE_BREAK, b, nid)))
-        chosen += ranked[: budget - len(chosen)]
-        draws = 0
-        while len(chosen) < budget and draws < 4 * budget + 64:
-            nid = seeded_hash(seed, FILL_DRAW, b, draws) % n
-            draws += 1
-            if nid not in chosen:
-                chosen.append(nid)
-        if len(chosen) < budget:
-            pos = seeded_hash(seed, FILL_WALK, b, 0) % n
-            stride = 1 + seeded_hash(seed, FILL_WALK, b, 1) % (n - 1) if n > 1 else 1
-            while math.gcd(stride, n) != 1:
-                stride += 1
-            for _ in range(n):
-                if len(chosen) == budget:
-                    break
-                if pos not in chosen:
-                    chosen.append(pos)
-                pos = (pos + stride) % n
-        active[b] = torch.tensor(chosen, dtype=torch.int64)
-    return active
+    ranked = sorted(hits, key=lambda nid: (-hits[nid], seeded_hash(seed, TIE_BREAK, set_id, nid)))
+    chosen += ranked[: budget - len(chosen)]
+    draws = 0
+    while len(chosen) < budget and draws < 4 * budget + 64:
+        nid = seeded_hash(seed, FILL_DRAW, set_id, draws) % n
+        draws += 1
+        if nid not in chosen:
+            chosen.append(nid)
+    if len(chosen) < budget:
+        pos = seeded_hash(seed, FILL_WALK, set_id, 0) % n
+        stride = 1 + seeded_hash(seed, FILL_WALK, set_id, 1) % (n - 1) if n > 1 else 1
+        while math.gcd(stride, n) != 1:
+            stride += 1
+        for _ in range(n):
+            if len(chosen) == budget:
+                break
+            if pos not in chosen:
+                chosen.append(pos)
+            pos = (pos + stride) % n
+    return torch.tensor(chosen, dtype=torch.int64)
+
+
+def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
+    rows = []
+    for b in range(codes.shape[0]):
+        label_rows = [labels[b].tolist()] if labels is not None else []
+        rows.append(_active_set(label_rows, [b], codes, margins, offsets, items, probes, budget, seed, b))
+    return torch.stack(rows) if rows else torch.empty(0, budget, dtype=torch.int64)
+
+
+def query_shared(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
+    label_rows = labels.tolist() if labels is not None else []
+    return _active_set(label_rows, range(codes.shape[0]), codes, margins, offsets, items, probes, budget, seed, -1)
+
+
+def shared_linear(x, weight, bias, indices):
+    return sparse_linear(x, weight, bias, indices.expand(x.shape[0], -1))
 
 
 def sparse_linear(x, weight, bias, active):

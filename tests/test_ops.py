@@ -80,6 +80,17 @@ def test_query_matches_reference(probes, budget, labels):
             assert row[: len(distinct)] == distinct
 
 
+@pytest.mark.parametrize("probes,budget,labels", [(1, 10, None), (6, 40, LABELS), (32, 300, LABELS), (10, 250, None)])
+def test_query_shared_matches_reference(probes, budget, labels):
+    qcodes, qmargins, offsets, items = random_tables()
+    indices = ops.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77)
+    assert torch.equal(indices, ref.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77))
+    assert indices.shape == (budget,) and len(set(indices.tolist())) == budget
+    if labels is not None:
+        distinct = list(dict.fromkeys(l for l in labels.flatten().tolist() if l >= 0))
+        assert indices[: len(distinct)].tolist() == distinct
+
+
 def test_probe_sequence_matches_enumeration():
     # A probe order with exact ties in the margins (zeros) is still the enumerated order.
     for margin in [torch.rand(6), torch.zeros(6), torch.tensor([0.5, 0.1, 0.5, 0.0, 2.0, 0.1])]:
@@ -138,6 +149,27 @@ def test_sparse_linear_matches_reference(dtype, with_bias):
     torch.testing.assert_close(gb_rows, ref_gb_rows, **tol)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_shared_linear_matches_reference(with_bias):
+    x, weight, bias, _ = sparse_problem()
+    bias = bias if with_bias else None
+    indices = torch.randperm(40)[:9]
+    torch.testing.assert_close(ops.shared_linear(x, weight, bias, indices), ref.shared_linear(x, weight, bias, indices))
+
+
+def test_shared_linear_gradcheck_and_sparse_grad():
+    x, weight, bias, _ = sparse_problem(torch.float64)
+    indices = torch.randperm(40)[:9]
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.shared_linear(x, w, b, indices), inputs)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    ops.shared_linear(x, w, b, indices, sparse_grad=True).pow(2).sum().backward()
+    assert w.grad.is_sparse and b.grad.is_sparse
+    inputs[1].grad = inputs[2].grad = None
+    ops.shared_linear(x, inputs[1], inputs[2], indices).pow(2).sum().backward()
+    torch.testing.assert_close((w.grad.to_dense(), b.grad.to_dense()), (inputs[1].grad, inputs[2].grad))
+
+
 def test_sparse_linear_gradcheck_float64():
     x, weight, bias, active = sparse_problem(torch.float64)
     inputs = [t.requires_grad_() for t in (x, weight, bias)]
@@ -180,6 +212,10 @@ def opcheck_cases():
         ("build_tables", (codes, 5)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
+        ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
+        ("shared_linear", (x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(),
+                           torch.randperm(40)[:9])),
+        ("shared_linear", (x.detach(), weight.detach(), None, torch.randperm(40)[:9])),
         ("sparse_linear", (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), active)),
         ("sparse_linear", (x.detach(), weight.detach(), None, active)),
         ("sparse_linear_grad_input", (g, weight.detach(), active)),
@@ -211,6 +247,11 @@ def test_op_input_errors():
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), 300)), "labels"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.zeros(6, 1, dtype=torch.long)), "labels"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 1, LABELS), "more distinct labels"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS), "more distinct labels"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 301), "budget"),
+        (lambda: ops.shared_linear(x, weight, bias, torch.tensor([40])), "indices"),
+        (lambda: ops.shared_linear(x, weight, bias, torch.tensor([[1]])), "indices"),
+        (lambda: ops.shared_linear(x, weight[:, :2], bias, torch.tensor([1])), "features"),
         (lambda: ops.sparse_linear(x, weight[:, :3], bias, active), "features"),
         (lambda: ops.sparse_linear(x.double(), weight, bias, active), "dtype"),
         (lambda: ops.sparse_linear(x, weight, bias, active + 40), "outside"),

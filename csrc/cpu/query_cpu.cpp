@@ -1,11 +1,14 @@
-// CPU kernel of the multi-probe query: labels first, LSH candidates ranked by bucket hits,
-// seeded random fill up to the budget. One row per task; a per-thread counter array of N.
+// CPU kernels of the multi-probe query. Both modes build an active set the same way: forced
+// labels first, then LSH candidates ranked by bucket hits (ties broken by a seeded hash), then
+// seeded random neurons up to the budget. `query` builds one set per input row (in parallel over
+// rows); `query_shared` builds one set for the whole batch from the union of its rows' probes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "lsh_common.h"
@@ -13,135 +16,194 @@
 namespace lsh_torch {
 namespace {
 
-constexpr int32_t kChosen = -1;  // counter value of a neuron already in the row's active set
+constexpr int32_t kChosen = -1;  // counter value of a neuron already in the active set
 
-struct Candidate {
-  int32_t hits;
-  uint64_t key;  // seeded tie-break
-  int32_t id;
+struct Tables {
+  const int32_t* code;     // [B, L]
+  const float* margin;     // [B, L*K]
+  const int32_t* offsets;  // [L, 2^K + 1]
+  const int32_t* items;    // [L, N]
+  const int64_t* labels;   // [B, M] or nullptr
+  int64_t batch, num_tables, bits, n, probes, num_labels;
+};
+
+Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
+                      const at::Tensor& items, int64_t probes, int64_t budget, const at::Tensor& labels,
+                      const char* op) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt, op, ": codes must be int32 [B, L], got ",
+              codes.scalar_type(), " of shape ", codes.sizes());
+  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, op,
+              ": offsets must be int32 [L, 2^K + 1], got ", offsets.scalar_type(), " of shape ", offsets.sizes());
+  TORCH_CHECK(items.dim() == 2 && items.scalar_type() == at::kInt, op, ": items must be int32 [L, N], got ",
+              items.scalar_type(), " of shape ", items.sizes());
+  for (const at::Tensor* t : {&codes, &margins, &offsets, &items})
+    TORCH_CHECK(t->device().is_cpu(), op, ": all inputs must be CPU tensors, got one on ", t->device());
+  const int64_t batch = codes.size(0), num_tables = codes.size(1), n = items.size(1);
+  const int64_t buckets = offsets.size(1) - 1;
+  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits), op,
+              ": offsets must have 2^K + 1 columns with 1 <= K <= ", kMaxBits, ", got ", offsets.size(1));
+  const int64_t bits = __builtin_ctzll(static_cast<uint64_t>(buckets));
+  TORCH_CHECK(offsets.size(0) == num_tables && items.size(0) == num_tables, op,
+              ": codes, offsets and items must agree on the number of tables L, got ", num_tables, ", ",
+              offsets.size(0), " and ", items.size(0));
+  TORCH_CHECK(margins.dim() == 2 && margins.scalar_type() == at::kFloat && margins.size(0) == batch &&
+                  margins.size(1) == num_tables * bits,
+              op, ": margins must be float32 [B, L*K] = [", batch, ", ", num_tables * bits, "], got ",
+              margins.scalar_type(), " of shape ", margins.sizes());
+  TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
+              kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
+  TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
+  int64_t num_labels = 0;
+  if (labels.defined()) {
+    TORCH_CHECK(labels.dim() == 2 && labels.scalar_type() == at::kLong && labels.size(0) == batch, op,
+                ": labels must be int64 [B, M] with B = ", batch, ", got ", labels.scalar_type(), " of shape ",
+                labels.sizes());
+    TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
+    num_labels = labels.size(1);
+    const int64_t* lab = labels.data_ptr<int64_t>();
+    for (int64_t i = 0; i < labels.numel(); ++i)
+      TORCH_CHECK(lab[i] >= -1 && lab[i] < n, op, ": labels must be in [0, N = ", n, ") or -1 for padding, got ",
+                  lab[i]);
+  }
+  return {codes.data_ptr<int32_t>(), margins.data_ptr<float>(), offsets.data_ptr<int32_t>(),
+          items.data_ptr<int32_t>(), num_labels ? labels.data_ptr<int64_t>() : nullptr,
+          batch, num_tables, bits, n, probes, num_labels};
+}
+
+// Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
+class ActiveSetBuilder {
+ public:
+  ActiveSetBuilder(const Tables& t) : t_(t), hits_(t.n, 0), flips_(t.probes) {}
+
+  void start(int64_t* out, int64_t budget) { out_ = out, budget_ = budget, filled_ = 0; }
+
+  void add_labels(int64_t row, int64_t set) {
+    for (int64_t j = 0; j < t_.num_labels; ++j) {
+      const int64_t id = t_.labels[row * t_.num_labels + j];
+      if (id < 0 || hits_[id] == kChosen) continue;
+      TORCH_CHECK(filled_ < budget_, "query: ", set < 0 ? std::string("the batch") : "row " + std::to_string(set),
+                  " has more distinct labels than the budget ", budget_, "; raise the active budget");
+      choose(static_cast<int32_t>(id));
+    }
+  }
+
+  void probe(int64_t row) {
+    for (int64_t l = 0; l < t_.num_tables; ++l) {
+      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
+                  static_cast<int>(t_.probes), flips_.data());
+      const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
+      const int32_t* items = t_.items + l * t_.n;
+      for (int64_t p = 0; p < t_.probes; ++p) {
+        const uint32_t bucket = static_cast<uint32_t>(t_.code[row * t_.num_tables + l]) ^ flips_[p];
+        for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
+          int32_t& h = hits_[items[i]];
+          if (h == kChosen) continue;
+          if (h == 0) touched_.push_back(items[i]);
+          ++h;
+        }
+      }
+    }
+  }
+
+  // Takes the best candidates, fills up with seeded random neurons, and resets the counters.
+  // `set` names the random streams: the row for per-row sets, -1 for the batch-shared set.
+  void finish(int64_t seed, int64_t set) {
+    cand_.clear();
+    for (int32_t id : touched_)
+      if (hits_[id] > 0) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
+    auto better = [](const Candidate& a, const Candidate& c) {
+      return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
+    };
+    const int64_t take = std::min<int64_t>(budget_ - filled_, static_cast<int64_t>(cand_.size()));
+    if (take < static_cast<int64_t>(cand_.size()))
+      std::nth_element(cand_.begin(), cand_.begin() + take, cand_.end(), better);
+    std::sort(cand_.begin(), cand_.begin() + take, better);
+    for (int64_t i = 0; i < take; ++i) choose(cand_[i].id);
+    // Seeded draws, then (rarely, when the budget is close to N) a walk over a seeded
+    // full-period arithmetic sequence, which is sure to finish.
+    const uint64_t n = static_cast<uint64_t>(t_.n);
+    const uint64_t max_draws = 4 * static_cast<uint64_t>(budget_) + 64;
+    for (uint64_t j = 0; filled_ < budget_ && j < max_draws; ++j) {
+      const auto id = static_cast<int32_t>(seeded_hash(seed, kFillDraw, set, j) % n);
+      if (hits_[id] != kChosen) choose(id);
+    }
+    if (filled_ < budget_) {
+      uint64_t pos = seeded_hash(seed, kFillWalk, set, 0) % n;
+      uint64_t stride = n > 1 ? 1 + seeded_hash(seed, kFillWalk, set, 1) % (n - 1) : 1;
+      while (std::gcd(stride, n) != 1) ++stride;
+      for (uint64_t i = 0; filled_ < budget_ && i < n; ++i, pos = (pos + stride) % n)
+        if (hits_[pos] != kChosen) choose(static_cast<int32_t>(pos));
+    }
+    for (int32_t id : touched_) hits_[id] = 0;
+    touched_.clear();
+  }
+
+ private:
+  struct Candidate {
+    int32_t hits;
+    uint64_t key;
+    int32_t id;
+  };
+
+  void choose(int32_t id) {
+    if (hits_[id] == 0) touched_.push_back(id);
+    hits_[id] = kChosen;
+    out_[filled_++] = id;
+  }
+
+  const Tables& t_;
+  std::vector<int32_t> hits_;     // bucket hits per neuron, kChosen once selected
+  std::vector<int32_t> touched_;  // neurons whose counter is non-zero
+  std::vector<Candidate> cand_;
+  std::vector<uint32_t> flips_;
+  int64_t* out_ = nullptr;
+  int64_t budget_ = 0, filled_ = 0;
 };
 
 at::Tensor query_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
                      const at::Tensor& items_in, int64_t probes, int64_t budget,
                      const std::optional<at::Tensor>& labels_in, int64_t seed) {
-  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kInt,
-              "query: codes must be int32 [B, L], got ", codes_in.scalar_type(), " of shape ", codes_in.sizes());
-  TORCH_CHECK(offsets_in.dim() == 2 && offsets_in.scalar_type() == at::kInt,
-              "query: offsets must be int32 [L, 2^K + 1], got ", offsets_in.scalar_type(), " of shape ", offsets_in.sizes());
-  TORCH_CHECK(items_in.dim() == 2 && items_in.scalar_type() == at::kInt,
-              "query: items must be int32 [L, N], got ", items_in.scalar_type(), " of shape ", items_in.sizes());
-  const int64_t batch = codes_in.size(0), num_tables = codes_in.size(1), n = items_in.size(1);
-  const int64_t buckets = offsets_in.size(1) - 1;
-  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0, "query: offsets must have 2^K + 1 columns, got ",
-              offsets_in.size(1));
-  const int64_t bits = __builtin_ctzll(static_cast<uint64_t>(buckets));
-  TORCH_CHECK(bits <= kMaxBits, "query: bits (K) must be at most ", kMaxBits);
-  TORCH_CHECK(offsets_in.size(0) == num_tables && items_in.size(0) == num_tables,
-              "query: codes, offsets and items must agree on the number of tables L, got ", num_tables, ", ",
-              offsets_in.size(0), " and ", items_in.size(0));
-  TORCH_CHECK(margins_in.dim() == 2 && margins_in.scalar_type() == at::kFloat && margins_in.size(0) == batch &&
-                  margins_in.size(1) == num_tables * bits,
-              "query: margins must be float32 [B, L*K] = [", batch, ", ", num_tables * bits, "], got ",
-              margins_in.scalar_type(), " of shape ", margins_in.sizes());
-  TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets),
-              "query: probes must be in [1, min(", kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
-  TORCH_CHECK(budget >= 0 && budget <= n, "query: budget must be in [0, N = ", n, "], got ", budget);
-  at::Tensor labels;
-  int64_t num_labels = 0;
-  if (labels_in.has_value() && labels_in->defined()) {
-    TORCH_CHECK(labels_in->dim() == 2 && labels_in->scalar_type() == at::kLong && labels_in->size(0) == batch,
-                "query: labels must be int64 [B, M] with B = ", batch, ", got ", labels_in->scalar_type(),
-                " of shape ", labels_in->sizes());
-    labels = labels_in->contiguous();
-    num_labels = labels.size(1);
-    const int64_t* lab = labels.data_ptr<int64_t>();
-    for (int64_t i = 0; i < labels.numel(); ++i) {
-      TORCH_CHECK(lab[i] >= -1 && lab[i] < n, "query: labels must be in [0, N = ", n, ") or -1 for padding, got ",
-                  lab[i]);
-    }
-  }
-  const auto codes = codes_in.contiguous();
-  const auto margins = margins_in.contiguous();
-  const auto offsets = offsets_in.contiguous();
-  const auto items = items_in.contiguous();
-  auto active = at::empty({batch, budget}, codes.options().dtype(at::kLong));
-  if (batch == 0 || budget == 0) return active;
-
-  const int32_t* code = codes.data_ptr<int32_t>();
-  const float* margin = margins.data_ptr<float>();
-  const int32_t* off = offsets.data_ptr<int32_t>();
-  const int32_t* item = items.data_ptr<int32_t>();
-  const int64_t* lab = num_labels ? labels.data_ptr<int64_t>() : nullptr;
+  const auto codes = codes_in.contiguous(), margins = margins_in.contiguous();
+  const auto offsets = offsets_in.contiguous(), items = items_in.contiguous();
+  const at::Tensor labels = labels_in.has_value() && labels_in->defined() ? labels_in->contiguous() : at::Tensor();
+  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, labels, "query");
+  auto active = at::empty({t.batch, budget}, codes.options().dtype(at::kLong));
+  if (t.batch == 0 || budget == 0) return active;
   int64_t* out = active.data_ptr<int64_t>();
-
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> hits(n, 0);  // bucket hits per neuron, kChosen once selected
-    std::vector<int32_t> touched;     // neurons whose counter is non-zero, to reset cheaply
-    std::vector<Candidate> cand;
-    std::vector<uint32_t> flips(probes);
+  at::parallel_for(0, t.batch, 1, [&](int64_t begin, int64_t end) {
+    ActiveSetBuilder builder(t);
     for (int64_t b = begin; b < end; ++b) {
-      int64_t* row = out + b * budget;
-      int64_t filled = 0;
-      auto choose = [&](int32_t id) {
-        if (hits[id] == 0) touched.push_back(id);
-        hits[id] = kChosen;
-        row[filled++] = id;
-      };
-      for (int64_t j = 0; j < num_labels; ++j) {
-        const int64_t id = lab[b * num_labels + j];
-        if (id < 0 || hits[id] == kChosen) continue;
-        TORCH_CHECK(filled < budget, "query: row ", b, " has more distinct labels than the budget ", budget,
-                    "; raise the active budget");
-        choose(static_cast<int32_t>(id));
-      }
-      for (int64_t l = 0; l < num_tables; ++l) {
-        probe_flips(margin + (b * num_tables + l) * bits, static_cast<int>(bits), static_cast<int>(probes), flips.data());
-        const int32_t* o = off + l * (buckets + 1);
-        for (int64_t p = 0; p < probes; ++p) {
-          const uint32_t bucket = static_cast<uint32_t>(code[b * num_tables + l]) ^ flips[p];
-          for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
-            const int32_t id = item[l * n + i];
-            int32_t& h = hits[id];
-            if (h == kChosen) continue;
-            if (h == 0) touched.push_back(id);
-            ++h;
-          }
-        }
-      }
-      cand.clear();
-      for (int32_t id : touched)
-        if (hits[id] > 0) cand.push_back({hits[id], seeded_hash(seed, kTieBreak, b, id), id});
-      auto better = [](const Candidate& a, const Candidate& c) {
-        return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
-      };
-      const int64_t take = std::min<int64_t>(budget - filled, static_cast<int64_t>(cand.size()));
-      if (take < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + take, cand.end(), better);
-      std::sort(cand.begin(), cand.begin() + take, better);
-      for (int64_t i = 0; i < take; ++i) choose(cand[i].id);
-      // Random fill: seeded draws, then (rarely, when the budget is close to N) a walk over a
-      // seeded full-period arithmetic sequence, which is sure to finish.
-      const uint64_t max_draws = 4 * static_cast<uint64_t>(budget) + 64;
-      for (uint64_t j = 0; filled < budget && j < max_draws; ++j) {
-        const auto id = static_cast<int32_t>(seeded_hash(seed, kFillDraw, b, j) % static_cast<uint64_t>(n));
-        if (hits[id] != kChosen) choose(id);
-      }
-      if (filled < budget) {
-        const uint64_t un = static_cast<uint64_t>(n);
-        uint64_t pos = seeded_hash(seed, kFillWalk, b, 0) % un;
-        uint64_t stride = un > 1 ? 1 + seeded_hash(seed, kFillWalk, b, 1) % (un - 1) : 1;
-        while (std::gcd(stride, un) != 1) ++stride;
-        for (uint64_t i = 0; filled < budget && i < un; ++i, pos = (pos + stride) % un)
-          if (hits[pos] != kChosen) choose(static_cast<int32_t>(pos));
-      }
-      for (int32_t id : touched) hits[id] = 0;
-      touched.clear();
+      builder.start(out + b * budget, budget);
+      builder.add_labels(b, b);
+      builder.probe(b);
+      builder.finish(seed, b);
     }
   });
   return active;
 }
 
+at::Tensor query_shared_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
+                            const at::Tensor& items_in, int64_t probes, int64_t budget,
+                            const std::optional<at::Tensor>& labels_in, int64_t seed) {
+  const auto codes = codes_in.contiguous(), margins = margins_in.contiguous();
+  const auto offsets = offsets_in.contiguous(), items = items_in.contiguous();
+  const at::Tensor labels = labels_in.has_value() && labels_in->defined() ? labels_in->contiguous() : at::Tensor();
+  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, labels, "query_shared");
+  auto indices = at::empty({budget}, codes.options().dtype(at::kLong));
+  if (budget == 0) return indices;
+  ActiveSetBuilder builder(t);
+  builder.start(indices.data_ptr<int64_t>(), budget);
+  for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
+  for (int64_t b = 0; b < t.batch; ++b) builder.probe(b);
+  builder.finish(seed, -1);
+  return indices;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) { m.impl("query", &query_cpu); }
+TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) {
+  m.impl("query", &query_cpu);
+  m.impl("query_shared", &query_shared_cpu);
+}
 
 }  // namespace lsh_torch

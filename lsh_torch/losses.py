@@ -1,0 +1,42 @@
+"""Losses over the active outputs of a sparse forward (SparseOutput)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy over the active logits, the target mass spread evenly over each
+    row's true labels (as SLIDE does).
+
+    Args:
+        output: a :class:`~lsh_torch.nn.SparseOutput` (``values [*, A]``, ``indices [*, A]`` or ``[A]``).
+        labels: int64 ``[*]`` (one label per row) or ``[*, M]`` padded with -1 (several).
+        reduction: ``"mean"`` (over rows that have a label in their active set), ``"sum"`` or ``"none"``.
+
+    Differentiable through ``output.values`` only. Labels outside a row's active set get no mass:
+    in training :meth:`LSHLinear.forward_sparse` forces them in; a row none of whose labels is
+    active contributes 0 and is left out of the mean.
+    """
+    values, indices = output
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        raise TypeError("labels must be an int64 tensor")
+    batch_shape = values.shape[:-1]
+    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                         f"got {tuple(labels.shape)}")
+    logits = values.reshape(-1, values.shape[-1])
+    labels = labels.reshape(logits.shape[0], -1)
+    idx = indices.reshape(-1, indices.shape[-1]) if indices.dim() > 1 else indices.expand(logits.shape[0], -1)
+    hit = (idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)  # [rows, M, A]
+    target = hit.any(1).to(logits.dtype)
+    count = target.sum(1)
+    target = target / count.clamp_min(1).unsqueeze(1)
+    loss = -(target * torch.log_softmax(logits.float(), dim=1).to(logits.dtype)).sum(1)
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (count > 0).sum().clamp_min(1)

@@ -1,0 +1,147 @@
+"""The large-output path: forward_sparse, sparse_cross_entropy, top-k, shared mode, random selection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from lsh_torch import LSHLinear, sparse_cross_entropy
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_forward_sparse_forces_labels_and_matches_reference(mode):
+    layer = LSHLinear(16, 500, active=40, mode=mode)
+    x = torch.randn(2, 3, 16)
+    labels = torch.tensor([[[1, 2], [3, -1], [4, 4]], [[5, -1], [6, 7], [8, 9]]])
+    out = layer.forward_sparse(x, labels)
+    if mode == "per_row":
+        assert out.values.shape == out.indices.shape == (2, 3, 40)
+        for row, labs in zip(out.indices.reshape(6, 40).tolist(), labels.reshape(6, 2).tolist()):
+            distinct = list(dict.fromkeys(l for l in labs if l >= 0))
+            assert row[: len(distinct)] == distinct and len(set(row)) == 40
+        expected = ref.sparse_linear(x.reshape(6, 16), layer.weight.detach(), layer.bias.detach(), out.indices.reshape(6, 40))
+    else:
+        assert out.values.shape == (2, 3, 40) and out.indices.shape == (40,)
+        assert out.indices[:9].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        expected = ref.shared_linear(x.reshape(6, 16), layer.weight.detach(), layer.bias.detach(), out.indices)
+    torch.testing.assert_close(out.values.reshape(6, 40), expected)
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_dropin_forward_in_shared_mode_equals_scatter_of_forward_sparse(mode):
+    layer = LSHLinear(16, 300, active=30, mode=mode)
+    x = torch.randn(5, 16)
+    dense = layer(x)
+    layer.step -= 1
+    sparse = layer.forward_sparse(x)
+    idx = sparse.indices if sparse.indices.dim() == 2 else sparse.indices.expand(5, -1)
+    assert torch.equal(dense.gather(1, idx), sparse.values)
+    assert int((dense != 0).sum()) <= idx.numel()
+
+
+def test_sparse_cross_entropy_equals_cross_entropy_over_active_logits():
+    values = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[3, 1, 0, 9, 8, 7]] * 4)
+    labels = torch.tensor([3, 0, 7, 1])
+    loss = sparse_cross_entropy((values, indices), labels)
+    pos = (indices == labels[:, None]).float().argmax(1)
+    torch.testing.assert_close(loss, F.cross_entropy(values, pos))
+    loss.backward()
+    assert values.grad.abs().sum() > 0
+
+
+def test_sparse_cross_entropy_multi_label_and_shared_indices():
+    values = torch.randn(2, 5, dtype=torch.float64)
+    indices = torch.tensor([10, 11, 12, 13, 14])
+    labels = torch.tensor([[10, 12, -1], [14, 99, -1]])  # 99 is not active: no mass on it
+    loss = sparse_cross_entropy((values, indices), labels, reduction="none")
+    logp = values.log_softmax(1)
+    torch.testing.assert_close(loss, torch.stack([-(logp[0, 0] + logp[0, 2]) / 2, -logp[1, 4]]))
+    none_active = sparse_cross_entropy((values, indices), torch.tensor([-1, 50]))
+    assert none_active.item() == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        sparse_cross_entropy((values, indices), torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="int64"):
+        sparse_cross_entropy((values, indices), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="reduction"):
+        sparse_cross_entropy((values, indices), torch.tensor([1, 2]), reduction="avg")
+
+
+@pytest.mark.parametrize("mode,optimizer", [("per_row", torch.optim.SparseAdam), ("shared", torch.optim.SparseAdam),
+                                            ("shared", torch.optim.SGD)])
+def test_sparse_training_step_touches_active_rows_only(mode, optimizer):
+    layer = LSHLinear(16, 400, active=24, mode=mode, sparse_grad=True)
+    opt = optimizer(layer.parameters(), lr=0.05)
+    x, labels = torch.randn(8, 16), torch.randint(0, 400, (8,))
+    before = layer.weight.detach().clone()
+    out = layer.forward_sparse(x, labels)
+    sparse_cross_entropy(out, labels).backward()
+    opt.step()
+    changed = (layer.weight.detach() != before).any(1)
+    touched = torch.zeros(400, dtype=torch.bool)
+    touched[out.indices.flatten()] = True
+    assert changed[labels].all() and not changed[~touched].any()
+
+
+def test_sparse_training_learns():
+    torch.manual_seed(0)
+    proto = torch.randn(200, 16)
+    layer = LSHLinear(16, 200, active=48, mode="shared", sparse_grad=True, rebuild=10)
+    opt = torch.optim.SparseAdam(layer.parameters(), lr=0.05)
+    for _ in range(150):
+        labels = torch.randint(0, 200, (32,))
+        loss = sparse_cross_entropy(layer.forward_sparse(proto[labels] + 0.1 * torch.randn(32, 16), labels), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    labels = torch.arange(200)
+    pred = layer.eval()(proto).argmax(1)
+    assert (pred == labels).float().mean() > 0.8
+
+
+def test_topk_exact_and_lsh():
+    layer = LSHLinear(16, 300, active=300)
+    x = torch.randn(2, 4, 16)
+    dense = F.linear(x, layer.weight, layer.bias)
+    values, indices = layer.topk(x, 5, exact=True)
+    expected = dense.topk(5, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    lsh_values, lsh_indices = layer.topk(x, 5)  # every neuron a candidate: the exact answer
+    torch.testing.assert_close(lsh_values, expected.values)
+    assert torch.equal(lsh_indices, expected.indices)
+    small = LSHLinear(16, 300, active=20)
+    v, i = small.topk(x, 5)
+    assert v.shape == i.shape == (2, 4, 5)
+    torch.testing.assert_close(v, F.linear(x, small.weight, small.bias).gather(-1, i))
+    with pytest.raises(ValueError, match="k"):
+        small.topk(x, 21)
+
+
+def test_random_selection_is_uniform_and_keeps_labels():
+    layer = LSHLinear(16, 1000, active=50, selection="random")
+    labels = torch.arange(64)
+    active = layer.active_set(torch.randn(64, 16), labels)
+    assert torch.equal(active[:, 0], labels)
+    counts = torch.bincount(active[:, 1:].flatten(), minlength=1000).float()
+    assert counts.max() < 15  # 64*49/1000 ~ 3 expected per neuron
+
+
+def test_auto_bits():
+    assert LSHLinear(8, 1000).tables.bits == 6
+    assert LSHLinear(8, 670_091, active=100).tables.bits == 15
+    assert LSHLinear(8, 10).tables.bits == 6
+
+
+def test_forward_sparse_errors():
+    layer = LSHLinear(16, 100, active=4)
+    with pytest.raises(ValueError, match="labels"):
+        layer.forward_sparse(torch.randn(3, 16), torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="labels"):
+        layer.forward_sparse(torch.randn(3, 16), torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(RuntimeError, match="labels"):
+        layer.forward_sparse(torch.randn(3, 16), torch.tensor([1, 2, 100]))
+    with pytest.raises(RuntimeError, match="budget"):
+        layer.forward_sparse(torch.randn(1, 16), torch.tensor([[1, 2, 3, 4, 5]]))
+    with pytest.raises(ValueError, match="mode"):
+        LSHLinear(16, 100, mode="batch")
+    with pytest.raises(ValueError, match="selection"):
+        LSHLinear(16, 100, selection="best")
