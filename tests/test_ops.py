@@ -91,6 +91,15 @@ def test_query_shared_matches_reference(probes, budget, labels):
         assert indices[: len(distinct)].tolist() == distinct
 
 
+def test_query_after_a_failed_query_is_still_exact():
+    # The kernels reuse per-thread hit counters; an error mid-query must leave them zeroed.
+    args = random_tables()
+    with pytest.raises(RuntimeError, match="labels"):
+        ops.query_shared(*args, 8, 3, LABELS, 1)
+    expected = ref.query_shared(*args, 8, 60, None, 1)
+    assert torch.equal(ops.query_shared(*args, 8, 60, None, 1), expected)
+
+
 def test_probe_sequence_matches_enumeration():
     # A probe order with exact ties in the margins (zeros) is still the enumerated order.
     for margin in [torch.rand(6), torch.zeros(6), torch.tensor([0.5, 0.1, 0.5, 0.0, 2.0, 0.1])]:

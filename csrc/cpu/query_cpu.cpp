@@ -16,7 +16,20 @@
 namespace lsh_torch {
 namespace {
 
-constexpr int32_t kChosen = -1;  // counter value of a neuron already in the active set
+// Per-neuron hit counters: 16 bits keep N counters cache-friendly (1.3 MB at 670K neurons).
+// Counts saturate at kMaxHits, far above L * probes * B in practice; kChosen marks a neuron
+// already in the active set.
+using Hits = uint16_t;
+constexpr Hits kChosen = 0xFFFF;
+constexpr Hits kMaxHits = 0xFFFE;
+
+// One zeroed counter array per thread, reused across calls: allocating and clearing N counters
+// per call would cost O(N) per step. Users restore the zeros (ActiveSetBuilder's destructor).
+std::vector<Hits>& thread_hits(int64_t n) {
+  thread_local std::vector<Hits> hits;
+  if (static_cast<int64_t>(hits.size()) < n) hits.assign(n, 0);
+  return hits;
+}
 
 struct Tables {
   const int32_t* code;     // [B, L]
@@ -73,7 +86,10 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
 // Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
 class ActiveSetBuilder {
  public:
-  ActiveSetBuilder(const Tables& t) : t_(t), hits_(t.n, 0), flips_(t.probes) {}
+  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits(t.n)), flips_(t.probes) {}
+  ~ActiveSetBuilder() { reset(); }  // also after an exception, so the thread's counters stay zero
+  ActiveSetBuilder(const ActiveSetBuilder&) = delete;
+  ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
 
   void start(int64_t* out, int64_t budget) { out_ = out, budget_ = budget, filled_ = 0; }
 
@@ -96,10 +112,10 @@ class ActiveSetBuilder {
       for (int64_t p = 0; p < t_.probes; ++p) {
         const uint32_t bucket = static_cast<uint32_t>(t_.code[row * t_.num_tables + l]) ^ flips_[p];
         for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
-          int32_t& h = hits_[items[i]];
+          Hits& h = hits_[items[i]];
           if (h == kChosen) continue;
           if (h == 0) touched_.push_back(items[i]);
-          ++h;
+          h += h < kMaxHits;
         }
       }
     }
@@ -110,7 +126,7 @@ class ActiveSetBuilder {
   void finish(int64_t seed, int64_t set) {
     cand_.clear();
     for (int32_t id : touched_)
-      if (hits_[id] > 0) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
+      if (hits_[id] != kChosen) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
     auto better = [](const Candidate& a, const Candidate& c) {
       return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
     };
@@ -134,16 +150,20 @@ class ActiveSetBuilder {
       for (uint64_t i = 0; filled_ < budget_ && i < n; ++i, pos = (pos + stride) % n)
         if (hits_[pos] != kChosen) choose(static_cast<int32_t>(pos));
     }
-    for (int32_t id : touched_) hits_[id] = 0;
-    touched_.clear();
+    reset();
   }
 
  private:
   struct Candidate {
-    int32_t hits;
+    Hits hits;
     uint64_t key;
     int32_t id;
   };
+
+  void reset() {
+    for (int32_t id : touched_) hits_[id] = 0;
+    touched_.clear();
+  }
 
   void choose(int32_t id) {
     if (hits_[id] == 0) touched_.push_back(id);
@@ -152,7 +172,7 @@ class ActiveSetBuilder {
   }
 
   const Tables& t_;
-  std::vector<int32_t> hits_;     // bucket hits per neuron, kChosen once selected
+  std::vector<Hits>& hits_;       // bucket hits per neuron, kChosen once selected
   std::vector<int32_t> touched_;  // neurons whose counter is non-zero
   std::vector<Candidate> cand_;
   std::vector<uint32_t> flips_;
