@@ -1,8 +1,11 @@
 """lsh_torch: wide layers that compute only the neurons that matter, found by LSH."""
 from . import ops
+from .checkpoint import load_lsh_state, lsh_state
+from .convert import convert, unconvert
 from .losses import sparse_cross_entropy
 from .nn import LSHLinear, SparseOutput
 from .schedules import ConstantSchedule, GrowingSchedule, RebuildSchedule
 
-__all__ = ["LSHLinear", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops"]
+__all__ = ["LSHLinear", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops",
+           "convert", "unconvert", "lsh_state", "load_lsh_state"]
 __version__ = "0.1.0"

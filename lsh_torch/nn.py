@@ -169,14 +169,23 @@ class LSHLinear(nn.Module):
         return SparseOutput(values, active if active.dim() == 1 else active.reshape(*batch_shape, active.shape[-1]))
 
     def _sparse(self, x: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        if self.training and self.schedule is not None and self.schedule(self.step):
-            self._mark_stale()
-        active = self.active_set(x, labels)
+        active = self._training_active_set(x, labels) if self.training else self.active_set(x, labels)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
-        if self.training:
-            self.step += 1
         return values, active
+
+    @torch.compiler.disable
+    def _training_active_set(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
+        the step's seed, count the step. Always eager: under ``torch.compile`` this is one graph
+        break per layer and training forward (the schedule branches on a Python step counter, which
+        would otherwise recompile every step, and a rebuild reads every weight row); the lookup
+        carries no gradient, so the differentiable part around it is compiled in full."""
+        if self.schedule is not None and self.schedule(self.step):
+            self._mark_stale()
+        active = self.active_set(x, labels)
+        self.step += 1
+        return active
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False) -> tuple[Tensor, Tensor]:

@@ -43,7 +43,10 @@ class LSHTables(nn.Module):
             self.offsets = torch.zeros(1, 3, dtype=torch.int32, device=weight.device)
             self.items = torch.zeros(1, weight.shape[0], dtype=torch.int32, device=weight.device)
             return
-        if not torch.isfinite(weight).all():
+        if torch.compiler.is_compiling():  # traceable: no data-dependent branch in a graph
+            torch._assert_async(torch.isfinite(weight).all(), "weight has non-finite values (NaN or inf): "
+                                "the hash tables cannot be rebuilt from them")
+        elif not torch.isfinite(weight).all():
             raise ValueError("weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them")
         codes = hashing.row_codes(weight, self.projection, self.num_tables, self.bits)
         self.offsets, self.items = ops.build_tables(codes, self.bits)

@@ -1,0 +1,96 @@
+"""One-call conversion of a model's nn.Linear layers to LSHLinear, and back."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .nn import LSHLinear
+
+Filter = Callable[[str, nn.Module], bool]
+
+
+def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Filter] = None, *,
+            seed: int = 0, **lsh_kwargs) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` that passes the filter by an
+    :class:`~lsh_torch.LSHLinear` holding the very same weight and bias parameters.
+
+    Args:
+        model: any module; nested modules (``Sequential``, ``ModuleList``, a transformer's blocks
+            and output head, ...) are searched recursively.
+        min_out_features: the default filter: convert the layers of exact type ``nn.Linear``
+            with ``out_features >= min_out_features`` (wide layers are where hashing pays).
+        filter: ``filter(name, linear) -> bool`` instead of the default, called with the
+            qualified name and each ``nn.Linear`` (subclasses included) of the model.
+        seed: seed of the first converted layer; the i-th converted layer (in ``named_modules``
+            order) gets ``seed + i``, so layers hash with independent projections.
+        **lsh_kwargs: hashing options passed to every ``LSHLinear`` (``active=``,
+            ``num_tables=``, ``rebuild=``, ``mode=``, ``inference=``, ...).
+
+    Returns:
+        ``model`` (converted in place), or the new ``LSHLinear`` if ``model`` itself is a
+        ``nn.Linear`` that passes the filter.
+
+    The new layer takes over the ``nn.Linear``'s ``Parameter`` objects rather than copies, so
+    weight tying, an optimizer built before the conversion and ``requires_grad`` flags keep
+    working, and the model's ``state_dict`` keys do not change (a checkpoint of the original loads
+    into the converted model and the reverse). The global random state is left untouched. Hooks
+    registered on a replaced ``nn.Linear`` are not carried over. A module used at several places
+    is replaced by one ``LSHLinear`` at all of them.
+    """
+    if filter is None:
+        _check_positive("min_out_features", min_out_features)
+        filter = lambda name, m: type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
+    counter = iter(range(seed, seed + 2 ** 31))
+
+    def make(linear: nn.Linear) -> LSHLinear:
+        with torch.random.fork_rng(devices=_devices(linear.weight)):  # the unused init draws no numbers
+            layer = LSHLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              device=linear.weight.device, dtype=linear.weight.dtype, seed=next(counter),
+                              **lsh_kwargs)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._mark_stale()
+        return layer.train(linear.training)
+
+    return _replace(model, lambda name, m: isinstance(m, nn.Linear) and filter(name, m), make)
+
+
+def unconvert(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
+    """The reverse of :func:`convert`: replace, in place, every :class:`~lsh_torch.LSHLinear`
+    (that passes ``filter(name, layer)``, if given) by an ``nn.Linear`` holding the same weight and
+    bias parameters. Returns ``model``, or the new ``nn.Linear`` if ``model`` is an ``LSHLinear``.
+    """
+    def make(layer: LSHLinear) -> nn.Linear:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = layer.weight
+        linear.bias = layer.bias
+        return linear.train(layer.training)
+
+    return _replace(model, lambda name, m: isinstance(m, LSHLinear) and (filter is None or filter(name, m)), make)
+
+
+def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -> nn.Module:
+    new = {}  # id(old module) -> its replacement, so a shared module stays shared
+    for name, module in model.named_modules():
+        if select(name, module):
+            new[id(module)] = make(module)
+    if id(model) in new:
+        return new[id(model)]
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in new:
+                setattr(parent, child_name, new[id(child)])
+    return model
+
+
+def _devices(tensor: torch.Tensor) -> list[int]:
+    if tensor.device.type == "cuda":
+        return [tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

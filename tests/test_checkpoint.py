@@ -1,0 +1,145 @@
+"""Checkpoints: nn.Linear state_dicts load into LSHLinear, and a saved run resumes exactly in a fresh process."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import lsh_torch
+from lsh_torch import LSHLinear, load_lsh_state, lsh_state
+
+# A seeded training run, importable here and runnable as a script in a fresh process:
+#   python script.py resume CHECKPOINT STEPS  -> prints the losses of STEPS more steps as JSON.
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from torch import nn
+    import lsh_torch
+
+    def make(mode):
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), lsh_torch.LSHLinear(24, 96, active=12, rebuild=3, seed=1,
+                                                                              mode=mode), nn.ReLU())
+        head = lsh_torch.LSHLinear(96, 400, active=24, rebuild=4, seed=2, mode=mode)
+        model = nn.ModuleDict({"body": body, "head": head})
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def train(model, opt, start, steps):
+        losses = []
+        for step in range(start, start + steps):
+            g = torch.Generator().manual_seed(step)  # the data of a step depends on the step alone
+            x, y = torch.randn(16, 12, generator=g), torch.randint(0, 400, (16,), generator=g)
+            loss = lsh_torch.sparse_cross_entropy(model["head"].forward_sparse(model["body"](x), y), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    def save(model, opt, path):
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lsh": lsh_torch.lsh_state(model)},
+                   path)
+
+    def resume(mode, path, with_lsh_state=True):
+        model, opt = make(mode)
+        ckpt = torch.load(path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if with_lsh_state:
+            lsh_torch.load_lsh_state(model, ckpt["lsh"])
+        return model, opt
+
+    if __name__ == "__main__":
+        _, path, start, steps = sys.argv
+        out = {mode: train(*resume(mode, f"{path}.{mode}"), int(start), int(steps)) for mode in ("per_row", "shared")}
+        print(json.dumps(out))
+''')
+
+TOTAL, SAVED_AT = 10, 5  # rebuilds before steps 3, 6, 9 (hidden) and 4, 8 (head): the checkpoint falls between
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text(SCRIPT)
+    namespace = {"__name__": "resume_script"}
+    exec(compile(SCRIPT, str(path), "exec"), namespace)
+    return path, namespace
+
+
+def test_resume_in_fresh_process_gives_the_same_losses(script, tmp_path):
+    path, run = script
+    uninterrupted, ckpt = {}, tmp_path / "ckpt"
+    for mode in ("per_row", "shared"):
+        model, opt = run["make"](mode)
+        uninterrupted[mode] = run["train"](model, opt, 0, TOTAL)
+        model, opt = run["make"](mode)
+        first = run["train"](model, opt, 0, SAVED_AT)
+        assert first == uninterrupted[mode][:SAVED_AT]
+        run["save"](model, opt, f"{ckpt}.{mode}")
+        # Without the LSH state the resumed tables are rebuilt from the weights at step 5, not those of
+        # the last rebuild, and the step counter restarts: the run continues differently.
+        model, opt = run["resume"](mode, f"{ckpt}.{mode}", with_lsh_state=False)
+        assert run["train"](model, opt, SAVED_AT, TOTAL - SAVED_AT) != uninterrupted[mode][SAVED_AT:]
+
+    result = subprocess.run([sys.executable, str(path), str(ckpt), str(SAVED_AT), str(TOTAL - SAVED_AT)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads(result.stdout.strip().splitlines()[-1])
+    for mode in ("per_row", "shared"):
+        assert resumed[mode] == uninterrupted[mode][SAVED_AT:], mode
+
+
+def test_plain_linear_state_dict_loads_strictly():
+    linear = nn.Linear(16, 300)
+    layer = LSHLinear(16, 300, active=20)
+    assert list(layer.state_dict()) == ["weight", "bias"]  # no _extra_state: the step lives in lsh_state()
+    layer.load_state_dict(linear.state_dict(), strict=True)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert layer._stale  # tables follow the loaded weights
+    x = torch.randn(3, 16)
+    assert torch.equal(layer.eval()(x), linear(x))
+    plain = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 300))
+    model = lsh_torch.convert(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 300)), min_out_features=300,
+                              active=20)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_lsh_state_round_trip_and_errors(tmp_path):
+    model = nn.Sequential(LSHLinear(8, 64, active=8, rebuild=2), nn.ReLU(),
+                          LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
+    model[:3](torch.randn(4, 8))
+    model[:3](torch.randn(4, 8))
+    state = lsh_state(model)
+    assert set(state) == {"0", "2", "3"}
+    assert state["0"]["step"] == 2 and state["3"] == {"step": 0, "tables": None}  # never used: stale
+    assert state["0"]["tables"]["items"].shape == (5, 64)
+    torch.save(state, tmp_path / "lsh.pt")
+    state = torch.load(tmp_path / "lsh.pt", weights_only=True)
+
+    fresh = nn.Sequential(LSHLinear(8, 64, active=8, rebuild=2), nn.ReLU(),
+                          LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
+    fresh.load_state_dict(model.state_dict())
+    load_lsh_state(fresh, state)
+    for i in (0, 2):
+        assert fresh[i].step == model[i].step and not fresh[i]._stale
+        assert torch.equal(fresh[i].tables.items, model[i].tables.items)
+        assert torch.equal(fresh[i].tables.offsets, model[i].tables.offsets)
+    assert fresh[3]._stale
+    x = torch.randn(4, 8)
+    assert torch.equal(fresh[:3](x), model[:3](x))
+
+    with pytest.raises(KeyError, match="without state"):
+        load_lsh_state(fresh, {k: v for k, v in state.items() if k != "2"})
+    load_lsh_state(fresh, {k: v for k, v in state.items() if k != "2"}, strict=False)
+    wrong = nn.Sequential(LSHLinear(8, 64, active=8, bits=5), nn.ReLU(),
+                          LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
+    with pytest.raises(ValueError, match="layer '0'"):
+        load_lsh_state(wrong, state)
+    assert wrong[0].step == 0 and wrong[2].step == 0  # nothing changed on error
+    with pytest.raises(ValueError, match="step"):
+        load_lsh_state(fresh, {**state, "3": {"step": -1, "tables": None}})

@@ -1,0 +1,145 @@
+"""torch.compile and torch.export of models with LSHLinear.
+
+Compilation is slow on 2 cores, so the models are tiny and most tests use the ``aot_eager``
+backend: it runs Dynamo and AOTAutograd (the fake kernels, the registered autograd, the traced
+backward) exactly as ``inductor`` does, without generating code; one test per mode (eval,
+training) runs the real ``inductor``.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import lsh_torch
+from lsh_torch import LSHLinear
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def graph_breaks():
+    return sum(counters["graph_break"].values())
+
+
+def break_reasons():
+    return {reason.splitlines()[0] for reason in counters["graph_break"]}
+
+
+class Net(nn.Module):
+    """A dense layer, an LSHLinear hidden layer and an LSHLinear output layer (with a sparse loss path)."""
+
+    def __init__(self, mode="per_row", hidden_inference="dense", head_inference="lsh", seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(8, 32)
+        self.hidden = LSHLinear(32, 64, active=16, rebuild=3, seed=1, mode=mode, inference=hidden_inference)
+        self.head = LSHLinear(64, 300, active=30, rebuild=4, seed=2, mode=mode, inference=head_inference)
+
+    def features(self, x):
+        return F.relu(self.hidden(F.relu(self.inp(x))))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def loss(self, x, y, sparse):
+        h = self.features(x)
+        if sparse:
+            return lsh_torch.sparse_cross_entropy(self.head.forward_sparse(h, y), y)
+        return F.cross_entropy(self.head(h), y)
+
+
+def batch(step, rows=16):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(rows, 8, generator=g), torch.randint(0, 300, (rows,), generator=g)
+
+
+def check_eval(backend):
+    # hidden: exact dense inference; head: LSH inference. Tables are stale when compiling: the build
+    # is traced into the graph on the first call, and the graph without it serves the next calls.
+    model = Net(hidden_inference="dense", head_inference="lsh").eval()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for step in range(3):
+        x, _ = batch(step)
+        assert torch.equal(compiled(x), reference(x))
+    assert not model.head._stale
+    assert torch.equal(model.head.tables.items, reference.head.tables.items)
+    # New weights and tables (new buffer tensors) are picked up without recompiling the graph.
+    with torch.no_grad():
+        for m in (model, reference):
+            m.head.weight.mul_(-1)
+            m.head.rebuild()
+    x, _ = batch(5)
+    assert torch.equal(compiled(x), reference(x))
+    assert graph_breaks() == 0
+
+
+def test_compile_eval_fullgraph_dense_and_lsh_inference():
+    check_eval("aot_eager")
+    assert counters["stats"]["unique_graphs"] == 2  # with the table build, then without
+
+
+def test_compile_eval_fullgraph_inductor():
+    check_eval("inductor")
+
+
+def train(model, steps, sparse, compile_backend=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    loss_fn = torch.compile(model.loss, backend=compile_backend) if compile_backend else model.loss
+    losses, graphs = [], []
+    for step in range(steps):
+        loss = loss_fn(*batch(step), sparse=sparse)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        graphs.append(counters["stats"]["unique_graphs"])
+    return losses, graphs
+
+
+@pytest.mark.parametrize("mode,sparse", [("per_row", True), ("shared", False)])
+def test_compiled_training_equals_eager(mode, sparse):
+    steps = 9  # rebuilds before steps 3 and 6 (hidden) and 4 and 8 (head)
+    eager, _ = train(Net(mode), steps, sparse)
+    model = Net(mode)
+    compiled, graphs = train(model, steps, sparse, compile_backend="aot_eager")
+    assert compiled == eager
+    assert model.hidden.step == model.head.step == steps
+    # The only graph breaks: LSHLinear's training bookkeeping and lookup (one per layer and step).
+    assert break_reasons() == {"Skip inlining `torch.compiler.disable()`d function"}
+    assert graphs[1] == graphs[-1]  # compiled in the first step (one graph per piece), no recompiling after
+
+
+def test_compiled_training_inductor():
+    eager, _ = train(Net(), 5, sparse=True)
+    compiled, _ = train(Net(), 5, sparse=True, compile_backend="inductor")
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # fused float arithmetic may round differently
+
+
+@pytest.mark.parametrize("prebuilt", [True, False])
+def test_export_eval_matches_eager(prebuilt, tmp_path):
+    model = Net(hidden_inference="lsh", head_inference="dense").eval()
+    x, _ = batch(0, rows=5)
+    if prebuilt:
+        model.hidden.rebuild()  # the tables become constants of the program, not rebuilt per call
+    batch_dim = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch_dim}})
+    built = any("build_tables" in str(node.target) for gm in program.graph_module.modules()
+                if isinstance(gm, torch.fx.GraphModule) for node in gm.graph.nodes)
+    assert built != prebuilt
+    path = tmp_path / "net.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    for rows in (5, 3):
+        x, _ = batch(rows, rows)
+        expected = model(x)
+        assert torch.equal(program.module()(x), expected)
+        assert torch.equal(loaded(x), expected)

@@ -1,0 +1,95 @@
+"""lsh_torch.convert / unconvert: nn.Linear <-> LSHLinear in place, on nested models."""
+import pytest
+import torch
+from torch import nn
+
+import lsh_torch
+from lsh_torch import LSHLinear, convert, unconvert
+
+
+class TinyLM(nn.Module):
+    """Embedding, a transformer block with an MLP, and a wide output head tied to the embedding."""
+
+    def __init__(self, vocab=1200, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.block = nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 1500), nn.ReLU(), nn.Linear(1500, d))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = self.block(self.embed(tokens))
+        return self.head(h + self.mlp(h))
+
+
+def test_convert_wide_layers_in_place_and_back():
+    model = TinyLM()
+    tokens = torch.randint(0, 1200, (2, 5))
+    params = {n: p for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model.eval()(tokens)
+
+    rng = torch.get_rng_state()
+    assert convert(model, active=0.1, num_tables=3) is model
+    assert torch.equal(torch.get_rng_state(), rng)  # conversion draws no random numbers
+    converted = {n for n, m in model.named_modules() if isinstance(m, LSHLinear)}
+    assert converted == {"mlp.0", "head"}  # out_features >= 1000 only; the block's 32/16-wide layers stay
+    assert type(model.mlp[2]) is nn.Linear and type(model.block.linear1) is nn.Linear
+    assert model.head.weight is model.embed.weight  # tying survives: the same Parameter objects
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert model.mlp[0].budget == 150 and model.mlp[0].tables.num_tables == 3
+    assert model.mlp[0].seed != model.head.seed  # independent projections per layer
+    assert not model.head.training  # the replaced layer's mode carries over
+    assert list(model.state_dict()) == list(state)
+    assert torch.equal(model(tokens), expected)  # eval is exact (dense) by default
+
+    model.train()
+    model(tokens).sum().backward()  # trains through the LSH path
+    assert model.head.step == 1
+
+    assert unconvert(model) is model
+    assert not any(isinstance(m, LSHLinear) for m in model.modules())
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert torch.equal(model.eval()(tokens), expected)
+
+
+def test_filter_threshold_options_and_errors():
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    convert(model, min_out_features=64, active=8, seed=7, rebuild=5)
+    assert [type(m) for m in model] == [LSHLinear, nn.ReLU, LSHLinear, nn.ReLU, nn.Linear]
+    assert (model[0].seed, model[2].seed) == (7, 8)
+    assert model[0].schedule.period == 5
+    unconvert(model, filter=lambda name, m: name == "2")
+    assert [type(m) for m in model][:3] == [LSHLinear, nn.ReLU, nn.Linear]
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    convert(model, filter=lambda name, m: m.in_features == 16, active=2)
+    assert [type(m) for m in model] == [nn.Linear, LSHLinear]
+
+    shared = nn.Linear(4, 2000)
+    model = nn.ModuleList([shared, nn.Sequential(shared)])
+    convert(model, active=10)
+    assert model[0] is model[1][0] and isinstance(model[0], LSHLinear)
+
+    layer = convert(nn.Linear(4, 2000), active=10)  # the root itself is replaced: use the return value
+    assert isinstance(layer, LSHLinear) and isinstance(unconvert(layer), nn.Linear)
+
+    with pytest.raises(ValueError, match="min_out_features"):
+        convert(nn.Linear(2, 2), min_out_features=0)
+    with pytest.raises(ValueError, match="active"):
+        convert(nn.Linear(2, 2000), active=5000)
+
+
+def test_plain_checkpoint_loads_into_converted_model_and_back():
+    original = TinyLM()
+    model = convert(TinyLM(), active=0.1)
+    model.load_state_dict(original.state_dict(), strict=True)
+    tokens = torch.randint(0, 1200, (2, 5))
+    assert torch.equal(model.eval()(tokens), original.eval()(tokens))
+    original.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_exported_from_package():
+    assert lsh_torch.convert is convert and lsh_torch.unconvert is unconvert
