@@ -4,8 +4,9 @@ from .checkpoint import load_lsh_state, lsh_state
 from .convert import convert, unconvert
 from .losses import sparse_cross_entropy
 from .nn import LSHLinear, SparseOutput
+from .optim import LazyAdam
 from .schedules import ConstantSchedule, GrowingSchedule, RebuildSchedule
 
-__all__ = ["LSHLinear", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops",
+__all__ = ["LSHLinear", "LazyAdam", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops",
            "convert", "unconvert", "lsh_state", "load_lsh_state"]
 __version__ = "0.1.0"

@@ -66,6 +66,12 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Te
     return _linear("shared_linear", x, weight, bias, indices, sparse_grad)
 
 
+def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_rows: Tensor,
+               step_size: float, beta1: float, beta2: float, eps: float) -> None:
+    """In-place Adam update of ``param``'s (unique) ``rows`` and their moments; see :class:`lsh_torch.optim.LazyAdam`."""
+    _ops.lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps)
+
+
 def _linear(name, x, weight, bias, active, sparse_grad):
     if sparse_grad and torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _SparseGrad.apply(name, x, weight, bias, active)
@@ -107,6 +113,11 @@ def _(codes, margins, offsets, items, probes, budget, labels, seed):
 def _(x, weight, bias, indices):
     torch._check(x.shape[1] == weight.shape[1], lambda: "shared_linear: feature sizes differ")
     return x.new_empty(x.shape[0], indices.shape[0])
+
+
+@torch.library.register_fake("lsh_torch::lazy_adam_")
+def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
+    return None
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear")

@@ -154,3 +154,11 @@ def sparse_linear_grad_weight_rows(grad_out, x, active):
     rows = torch.unique(active)
     gw, gb = sparse_linear_grad_weight(grad_out, x, active, int(rows.max()) + 1 if rows.numel() else 0)
     return rows, gw[rows], gb[rows]
+
+
+def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
+    m = beta1 * exp_avg[rows].double() + (1 - beta1) * grad_rows.double()
+    v = beta2 * exp_avg_sq[rows].double() + (1 - beta2) * grad_rows.double() ** 2
+    exp_avg[rows] = m.to(exp_avg.dtype)
+    exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
+    param[rows] = (param[rows].double() - step_size * m / (v.sqrt() + eps)).to(param.dtype)

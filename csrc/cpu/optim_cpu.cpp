@@ -1,0 +1,65 @@
+// CPU kernel of the lazy (row-sparse) Adam step: one fused pass over the touched rows, where
+// torch.optim.SparseAdam makes a dozen passes (masks, updates, sparse adds).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <initializer_list>
+
+namespace lsh_torch {
+namespace {
+
+void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
+                   const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
+  const char* op = "lazy_adam_";
+  TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
+              ": param, exp_avg and exp_avg_sq must be contiguous");
+  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
+              ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
+                  grad_in.scalar_type() == param.scalar_type(),
+              op, ": param, exp_avg, exp_avg_sq and grad_rows must share one dtype");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&param, &exp_avg, &exp_avg_sq, &rows_in, &grad_in})
+    TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got one on ", t->device());
+  TORCH_CHECK(rows_in.dim() == 1 && rows_in.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
+              rows_in.scalar_type(), " of shape ", rows_in.sizes());
+  const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
+  TORCH_CHECK(grad_in.dim() == param.dim() && grad_in.size(0) == rows_in.size(0) && grad_in.numel() == rows_in.size(0) * width,
+              op, ": grad_rows must be [U, *param.shape[1:]] with U = ", rows_in.size(0), ", got ", grad_in.sizes());
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
+              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  const auto rows = rows_in.contiguous();
+  const auto grad = grad_in.contiguous();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows, op, ": row ", rp[i], " is outside [0, ", num_rows, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "lazy_adam_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const acc_t b1 = beta1, b2 = beta2, e = eps, lr = step_size;
+    at::parallel_for(0, rows.numel(), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t base = rp[i] * width;
+        for (int64_t k = 0; k < width; ++k) {
+          const acc_t gk = static_cast<acc_t>(g[i * width + k]);
+          const acc_t mk = b1 * static_cast<acc_t>(m[base + k]) + (1 - b1) * gk;
+          const acc_t vk = b2 * static_cast<acc_t>(v[base + k]) + (1 - b2) * gk * gk;
+          m[base + k] = static_cast<scalar_t>(mk);
+          v[base + k] = static_cast<scalar_t>(vk);
+          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) - lr * mk / (std::sqrt(vk) + e));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) { m.impl("lazy_adam_", &lazy_adam_cpu); }
+
+}  // namespace lsh_torch

@@ -1,0 +1,66 @@
+"""LazyAdam and its op lazy_adam_: reference, SparseAdam equivalence, opcheck, errors."""
+import pytest
+import torch
+
+import reference as ref
+from lsh_torch import LazyAdam, LSHLinear, ops, sparse_cross_entropy
+
+
+def state(dtype=torch.float32):
+    param, m, v = torch.randn(30, 4, dtype=dtype), torch.randn(30, 4, dtype=dtype), torch.rand(30, 4, dtype=dtype)
+    return param, m, v, torch.tensor([0, 3, 7, 29]), torch.randn(4, 4, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_adam_op_matches_reference(dtype):
+    param, m, v, rows, grad = state(dtype)
+    expected = [t.clone() for t in (param, m, v)]
+    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    torch.testing.assert_close((param, m, v), tuple(expected))
+
+
+def test_lazy_adam_touches_only_given_rows():
+    param, m, v, rows, grad = state()
+    before = [t.clone() for t in (param, m, v)]
+    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[rows] = False
+    for now, then in zip((param, m, v), before):
+        assert torch.equal(now[untouched], then[untouched]) and not torch.equal(now[rows], then[rows])
+
+
+def test_lazy_adam_opcheck():
+    torch.library.opcheck(torch.ops.lsh_torch.lazy_adam_, (*state(), 0.01, 0.9, 0.999, 1e-8))
+
+
+def test_lazy_adam_equals_sparse_adam_on_an_lsh_layer():
+    layers = [LSHLinear(16, 300, active=32, mode="shared", sparse_grad=True, seed=3) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [torch.optim.SparseAdam(layers[0].parameters(), lr=0.01), LazyAdam(layers[1].parameters(), lr=0.01)]
+    for _ in range(4):
+        x, labels = torch.randn(8, 16), torch.randint(0, 300, (8,))
+        for layer, opt in zip(layers, opts):
+            opt.zero_grad()
+            sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
+            opt.step()
+    torch.testing.assert_close(layers[0].weight, layers[1].weight)
+    torch.testing.assert_close(layers[0].bias, layers[1].bias)
+
+
+def test_lazy_adam_errors():
+    param, m, v, rows, grad = state()
+    with pytest.raises(RuntimeError, match="row"):
+        ops.lazy_adam_(param, m, v, torch.tensor([30]), grad[:1], 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(RuntimeError, match="grad_rows"):
+        ops.lazy_adam_(param, m, v, rows, grad[:2], 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.lazy_adam_(param, m[:3], v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.lazy_adam_(param, m.double(), v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match="learning rate"):
+        LazyAdam([torch.nn.Parameter(param)], lr=-1)
+    p = torch.nn.Parameter(param)
+    p.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        LazyAdam([p]).step()
