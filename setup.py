@@ -27,9 +27,17 @@ def extension():
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("LSH_TORCH_CUDA_ARCH", "8.0;9.0"))
+        # A100 and H100 by default; LSH_TORCH_CUDA_ARCH wins over TORCH_CUDA_ARCH_LIST.
+        arch = os.environ.get("LSH_TORCH_CUDA_ARCH")
+        if arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        else:
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
-        args["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-std=c++17"]
+        # Never --use_fast_math: the kernels rely on IEEE sqrt/division and unfused products to
+        # match the CPU kernels bit for bit (mips_transform). -lineinfo maps ncu and
+        # compute-sanitizer reports to source lines at no run-time cost.
+        args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension("lsh_torch._C", sources, **args)
     return cpp_extension.CppExtension("lsh_torch._C", sources, **args)
 

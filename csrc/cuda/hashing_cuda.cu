@@ -1,0 +1,256 @@
+// CUDA kernels of hashing: the asymmetric MIPS transform, SRP fingerprints and the table build.
+// Same contract and messages as csrc/cpu/hashing_cpu.cpp.
+//
+// Design
+// - mips_transform: one warp per 32 rows computes the row norms. The warp stages 32 x 32 tiles
+//   in shared memory (coalesced loads) and each lane then sums its own row in column order with
+//   products that are not fused into FMAs: the same order and roundings as the CPU loop, so the
+//   norms, the largest norm (an atomicMax on the bit pattern of the non-negative, non-NaN norms,
+//   starting at +0 like the CPU) and therefore the outputs are bit-identical to the CPU kernel
+//   (sqrt and division are IEEE-rounded in CUDA unless --use_fast_math, which setup.py never
+//   passes). A second, elementwise kernel writes the [n, d + 1] output.
+// - hash_codes: one thread per (row, table); elementwise, bit-identical to the CPU.
+// - build_tables: codes are range-checked on the device (error flag, one synchronisation), the
+//   codes of each table are sorted with a stable sort (torch.sort(stable=True), which keeps equal
+//   codes in ascending neuron order: exactly the CPU's counting-sort order), and each offset is
+//   the lower bound of its bucket in the sorted codes (a binary search per bucket).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cuda_common.cuh"
+#include "lsh_common.h"
+
+namespace lsh_torch {
+namespace {
+
+using cuda::ceil_div;
+using cuda::mul_rn;
+
+void check_bits_tables(int64_t num_tables, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
+  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
+              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
+}
+
+int64_t grid_for(int64_t work, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, threads), int64_t(1) << 20));
+}
+
+// ---------------------------------------------------------------------------------------------
+// mips_transform
+
+constexpr int kNormWarps = 4;  // warps per block of the norm kernel (tile: 32 x 33 opmath values each)
+
+__device__ __forceinline__ void atomic_max_nonneg(float* addr, float v) {
+  atomicMax(reinterpret_cast<unsigned int*>(addr), __float_as_uint(v));
+}
+__device__ __forceinline__ void atomic_max_nonneg(double* addr, double v) {
+  atomicMax(reinterpret_cast<unsigned long long*>(addr), static_cast<unsigned long long>(__double_as_longlong(v)));
+}
+
+// norms[i] = sqrt(sum_k src[i, k]^2), summed in k order like the CPU. With max_norm, also the
+// largest non-NaN norm (max_norm must start at +0; non-negative floats order like their bits).
+template <typename scalar_t, typename acc_t>
+__global__ void row_norms_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t d, acc_t* __restrict__ norms,
+                                 acc_t* __restrict__ max_norm) {
+  __shared__ acc_t tile[kNormWarps][32][33];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kNormWarps + warp) * 32;
+  if (base >= n) return;  // warp-uniform; the kernel only synchronises within a warp
+  acc_t s = 0;
+  for (int64_t c0 = 0; c0 < d; c0 += 32) {
+    const int64_t col = c0 + lane;
+    for (int r = 0; r < 32; ++r) {
+      const int64_t row = base + r;
+      tile[warp][r][lane] = (row < n && col < d) ? static_cast<acc_t>(src[row * d + col]) : acc_t(0);
+    }
+    __syncwarp();
+    const int cols = static_cast<int>(d - c0 < 32 ? d - c0 : 32);
+    for (int k = 0; k < cols; ++k) {
+      const acc_t v = tile[warp][lane][k];
+      s = s + mul_rn(v, v);
+    }
+    __syncwarp();
+  }
+  const int64_t row = base + lane;
+  const acc_t norm = std::sqrt(s);
+  if (row < n) norms[row] = norm;
+  if (max_norm != nullptr) {
+    acc_t v = (row < n && !(norm != norm)) ? norm : acc_t(0);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const acc_t other = __shfl_xor_sync(cuda::kFullMask, v, o);
+      v = other > v ? other : v;
+    }
+    if (lane == 0 && v > acc_t(0)) atomic_max_nonneg(max_norm, v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void mips_write_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t d,
+                                  const acc_t* __restrict__ norms, const acc_t* __restrict__ max_norm, bool query,
+                                  scalar_t* __restrict__ dst) {
+  const int64_t total = n * (d + 1);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / (d + 1), k = idx - i * (d + 1);
+    const acc_t norm = norms[i];
+    const acc_t scale_by = query ? norm : *max_norm;
+    const acc_t inv = scale_by > acc_t(0) ? acc_t(1) / scale_by : acc_t(0);
+    if (k < d) {
+      dst[idx] = static_cast<scalar_t>(mul_rn(static_cast<acc_t>(src[i * d + k]), inv));
+    } else {
+      acc_t extra = 0;
+      if (!query) {
+        const acc_t r = mul_rn(norm, inv);
+        const acc_t z = acc_t(1) - mul_rn(r, r);
+        extra = std::sqrt(acc_t(0) < z ? z : acc_t(0));  // std::max(0, z) of the CPU: NaN -> 0
+      }
+      dst[idx] = static_cast<scalar_t>(extra);
+    }
+  }
+}
+
+at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query) {
+  TORCH_CHECK(rows_in.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows_in.sizes());
+  TORCH_CHECK(at::isFloatingType(rows_in.scalar_type()),
+              "mips_transform: rows must be a floating tensor, got ", rows_in.scalar_type());
+  cuda::check_cuda(rows_in, "rows", "mips_transform");
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const auto rows = rows_in.contiguous();
+  const int64_t n = rows.size(0), d = rows.size(1);
+  auto out = at::empty({n, d + 1}, rows.options());
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "mips_transform_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    auto norms = at::empty({n}, rows.options().dtype(acc_dtype));
+    auto max_norm = at::zeros({1}, rows.options().dtype(acc_dtype));  // +0, the CPU's starting max
+    const int64_t blocks = ceil_div(n, 32 * kNormWarps);
+    row_norms_kernel<scalar_t, acc_t><<<blocks, 32 * kNormWarps, 0, stream>>>(
+        rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), query ? nullptr : max_norm.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mips_write_kernel<scalar_t, acc_t><<<grid_for(n * (d + 1), 256), 256, 0, stream>>>(
+        rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), max_norm.data_ptr<acc_t>(), query,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// hash_codes
+
+template <typename scalar_t>
+__global__ void hash_codes_kernel(const scalar_t* __restrict__ p, int64_t total, int bits, int32_t* __restrict__ codes,
+                                  float* __restrict__ margins) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int32_t code = 0;
+    for (int k = 0; k < bits; ++k) {
+      const float v = static_cast<float>(p[t * bits + k]);
+      code |= static_cast<int32_t>(v > 0.0f) << k;
+      margins[t * bits + k] = (v != v) ? std::numeric_limits<float>::infinity() : fabsf(v);
+    }
+    codes[t] = code;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, int64_t num_tables, int64_t bits) {
+  check_bits_tables(num_tables, bits);
+  TORCH_CHECK(proj_in.dim() == 2, "hash_codes: projections must be 2-D [n, L*K], got shape ", proj_in.sizes());
+  TORCH_CHECK(at::isFloatingType(proj_in.scalar_type()),
+              "hash_codes: projections must be a floating tensor, got ", proj_in.scalar_type());
+  TORCH_CHECK(proj_in.size(1) == num_tables * bits, "hash_codes: projections must have L*K = ",
+              num_tables * bits, " columns, got ", proj_in.size(1));
+  cuda::check_cuda(proj_in, "projections", "hash_codes");
+  const c10::cuda::CUDAGuard guard(proj_in.device());
+  const auto proj = proj_in.contiguous();
+  const int64_t n = proj.size(0);
+  auto codes = at::empty({n, num_tables}, proj.options().dtype(at::kInt));
+  auto margins = at::empty({n, num_tables * bits}, proj.options().dtype(at::kFloat));
+  if (n == 0) return {codes, margins};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "hash_codes_cuda", [&] {
+    hash_codes_kernel<scalar_t><<<grid_for(n * num_tables, 256), 256, 0, stream>>>(
+        proj.data_ptr<scalar_t>(), n * num_tables, static_cast<int>(bits), codes.data_ptr<int32_t>(),
+        margins.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {codes, margins};
+}
+
+// ---------------------------------------------------------------------------------------------
+// build_tables
+
+__global__ void check_codes_kernel(const int32_t* __restrict__ codes, int64_t total, int64_t buckets, int64_t* flag) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t c = codes[t];
+    if (c < 0 || c >= buckets) cuda::report(flag, 1, c);
+  }
+}
+
+// offsets[l, k] = number of codes of table l below k = lower bound of k in the sorted codes.
+__global__ void offsets_kernel(const int32_t* __restrict__ sorted, int64_t n, int64_t num_tables, int64_t buckets,
+                               int32_t* __restrict__ offsets) {
+  const int64_t total = num_tables * (buckets + 1);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t l = t / (buckets + 1), k = t - l * (buckets + 1);
+    const int32_t* s = sorted + l * n;
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (s[mid] < k) lo = mid + 1; else hi = mid;
+    }
+    offsets[t] = static_cast<int32_t>(lo);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in, int64_t bits) {
+  TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
+  TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
+  check_bits_tables(codes_in.size(1), bits);
+  TORCH_CHECK(codes_in.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
+  cuda::check_cuda(codes_in, "codes", "build_tables");
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const auto codes = codes_in.contiguous();
+  const int64_t n = codes.size(0), num_tables = codes.size(1), buckets = int64_t(1) << bits;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (n == 0) {
+    return {at::zeros({num_tables, buckets + 1}, codes.options()), at::empty({num_tables, 0}, codes.options())};
+  }
+  cuda::ErrorFlag flag(codes.device(), stream);
+  check_codes_kernel<<<grid_for(n * num_tables, 256), 256, 0, stream>>>(codes.data_ptr<int32_t>(), n * num_tables,
+                                                                          buckets, flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto err = flag.read();
+  TORCH_CHECK(err[0] == 0, "build_tables: code ", err[1], " is outside [0, 2^bits = ", buckets, ")");
+  // [L, N] sorted along N; a stable sort keeps equal codes in ascending neuron id.
+  auto [sorted, order] = at::sort(codes.t().contiguous(), /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  auto items = order.to(at::kInt);
+  auto offsets = at::empty({num_tables, buckets + 1}, codes.options());
+  offsets_kernel<<<grid_for(num_tables * (buckets + 1), 256), 256, 0, stream>>>(
+      sorted.contiguous().data_ptr<int32_t>(), n, num_tables, buckets, offsets.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {offsets, items};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsh_torch, CUDA, m) {
+  m.impl("mips_transform", &mips_transform_cuda);
+  m.impl("hash_codes", &hash_codes_cuda);
+  m.impl("build_tables", &build_tables_cuda);
+}
+
+}  // namespace lsh_torch

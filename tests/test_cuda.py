@@ -1,0 +1,377 @@
+"""The CUDA kernels against the CPU kernels and tests/reference.py, opcheck and gradcheck on CUDA
+tensors, half-precision accuracy, and LSHLinear on a GPU. Skipped without a CUDA device.
+
+Integer outputs (codes, tables, active sets) must equal the CPU op's bit for bit; mips_transform
+and hash_codes are designed to be bit-identical too; sums of products (sparse_linear and its
+gradients) match to rounding, since the summation order differs.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import reference as ref
+from lsh_torch import LSHLinear, ops, sparse_cross_entropy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+OPS = torch.ops.lsh_torch
+HALF = [torch.bfloat16, torch.float16]
+ALL_FLOATS = [torch.float32, torch.float64, *HALF]
+
+
+def to_cuda(*tensors):
+    return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+def random_tables(n=300, d=16, num_tables=4, bits=5, batch=7, seed=0):
+    """Query codes, margins and CSR tables, built on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, d, generator=gen)
+    x = torch.randn(batch, d, generator=gen)
+    proj = torch.randn(d + 1, num_tables * bits, generator=gen)
+    codes, _ = ops.hash_codes(ops.mips_transform(weight, False) @ proj, num_tables, bits)
+    offsets, items = ops.build_tables(codes, bits)
+    qcodes, qmargins = ops.hash_codes(ops.mips_transform(x, True) @ proj, num_tables, bits)
+    return qcodes, qmargins, offsets, items
+
+
+LABELS = torch.tensor([[3, -1], [5, 5], [-1, -1], [0, 1], [2, 7], [9, -1], [299, 298]])
+
+
+# --- mips_transform and hash_codes ------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_mips_transform_equals_cpu(dtype, query):
+    rows = torch.randn(301, 37, dtype=torch.float64).to(dtype)  # a partial warp tile and two column tiles
+    rows[3] = 0  # a zero row must not divide by zero
+    got = ops.mips_transform(rows.cuda(), query).cpu()
+    assert got.dtype == dtype and got.shape == (301, 38)
+    assert torch.equal(got, ops.mips_transform(rows, query))  # same order and roundings as the CPU loop
+    torch.testing.assert_close(got, ref.mips_transform(rows, query))
+
+
+def test_mips_transform_empty_and_narrow():
+    assert ops.mips_transform(torch.empty(0, 5, device="cuda"), False).shape == (0, 6)
+    rows = torch.randn(40, 1)
+    assert torch.equal(ops.mips_transform(rows.cuda(), False).cpu(), ops.mips_transform(rows, False))
+
+
+@pytest.mark.parametrize("num_tables,bits", [(1, 1), (5, 6), (3, 20)])
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_hash_codes_equal_cpu(num_tables, bits, dtype):
+    proj = torch.randn(33, num_tables * bits, dtype=torch.float64).to(dtype)
+    proj[0, 0], proj[1, 1 % (num_tables * bits)], proj[2, 0] = float("nan"), 0.0, -0.0
+    codes, margins = ops.hash_codes(proj.cuda(), num_tables, bits)
+    cpu_codes, cpu_margins = ops.hash_codes(proj, num_tables, bits)
+    assert codes.is_cuda and codes.dtype == torch.int32 and margins.dtype == torch.float32
+    assert torch.equal(codes.cpu(), cpu_codes) and torch.equal(margins.cpu(), cpu_margins)
+    ref_codes, ref_margins = ref.hash_codes(proj, num_tables, bits)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(margins.cpu(), ref_margins)
+
+
+# --- build_tables -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,bits", [(500, 1), (500, 4), (500, 10), (6000, 3), (6000, 16), (0, 4)])
+def test_build_tables_equal_cpu(n, bits):
+    codes = torch.randint(0, 2 ** bits, (n, 3), dtype=torch.int32)
+    offsets, items = ops.build_tables(codes.cuda(), bits)
+    cpu_offsets, cpu_items = ops.build_tables(codes, bits)
+    assert offsets.is_cuda and items.dtype == torch.int32
+    assert torch.equal(offsets.cpu(), cpu_offsets) and torch.equal(items.cpu(), cpu_items)
+    if n <= 500:
+        ref_offsets, ref_items = ref.build_tables(codes, bits)
+        assert torch.equal(offsets.cpu(), ref_offsets) and torch.equal(items.cpu(), ref_items)
+
+
+def test_tables_hashed_on_cuda_match_cpu():
+    # The projection is a BLAS matmul on each device, so a code may differ only where a
+    # projection is within rounding of zero; the rest of the pipeline is bit-identical.
+    gen = torch.Generator().manual_seed(1)
+    weight, proj = torch.randn(3000, 24, generator=gen), torch.randn(25, 30, generator=gen)
+    p_cpu = ops.mips_transform(weight, False) @ proj
+    p_gpu = (ops.mips_transform(weight.cuda(), False) @ proj.cuda()).cpu()
+    torch.testing.assert_close(p_gpu, p_cpu, rtol=1e-4, atol=1e-5)
+    c_cpu, _ = ops.hash_codes(p_cpu, 5, 6)
+    c_gpu, _ = ops.hash_codes(p_gpu.cuda(), 5, 6)
+    differ = c_cpu != c_gpu.cpu()
+    near_zero = (p_cpu.abs() < 1e-4).reshape(3000, 5, 6).any(-1)
+    assert not (differ & ~near_zero).any()
+
+
+# --- query and query_shared ---------------------------------------------------------------------
+
+QUERY_CASES = [
+    # (table args, probes, budget, labels)
+    (dict(), 1, 10, None),           # exact buckets only
+    (dict(), 6, 40, LABELS),         # labels first, duplicates and padding dropped
+    (dict(), 32, 300, LABELS),       # every bucket probed, budget == N: the fill walks to the end
+    (dict(), 10, 250, None),         # budget close to N: the random draws give way to the walk
+    (dict(), 10, 0, None),           # empty budget
+    (dict(n=3000, num_tables=8, bits=4, batch=20), 6, 150, None),  # more candidates than budget: a partial level
+    (dict(n=3000, num_tables=1, bits=1, batch=5), 1, 700, None),   # one level of ~1500 candidates, radix select
+    (dict(n=2000, num_tables=3, bits=12, batch=9), 3, 500, None),  # sparse buckets: mostly random fill
+]
+
+
+@pytest.mark.parametrize("kwargs,probes,budget,labels", QUERY_CASES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_query_equals_cpu(kwargs, probes, budget, labels, shared):
+    args = random_tables(**kwargs)
+    if labels is not None and labels.shape[0] != args[0].shape[0]:
+        labels = None
+    fn = ops.query_shared if shared else ops.query
+    expected = fn(*args, probes, budget, labels, 123)
+    got = fn(*to_cuda(*args), probes, budget, None if labels is None else labels.cuda(), 123)
+    assert got.is_cuda and got.dtype == torch.int64
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_query_large_seed_and_labels_only():
+    args = random_tables()
+    seed = (2 ** 31 - 1) * 2 ** 32 + 12345  # a layer's seed * 2**32 + step: above 2**62
+    labels = torch.arange(7 * 3).reshape(7, 3)
+    for fn in (ops.query, ops.query_shared):
+        budget = 3 if fn is ops.query else 21
+        expected = fn(*args, 4, budget, labels, seed)
+        assert torch.equal(fn(*to_cuda(*args), 4, budget, labels.cuda(), seed).cpu(), expected)
+
+
+def test_query_in_chunks_equals_cpu():
+    # 1.5M neurons: the per-row counters exceed the scratch bound, so rows run in several chunks.
+    args = random_tables(n=1_500_000, d=4, num_tables=2, bits=16, batch=100, seed=3)
+    labels = torch.randint(-1, 1_500_000, (100, 2))
+    expected = ops.query(*args, 4, 40, labels, 11)
+    assert torch.equal(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11).cpu(), expected)
+
+
+def test_query_under_cuda_graph_capture():
+    # While capturing, the kernels skip the synchronising reads; the replayed result is the same.
+    args = to_cuda(*random_tables())
+    expected = ops.query(*args, 5, 40, LABELS.cuda(), 9)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.query(*args, 5, 40, LABELS.cuda(), 9)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    labels = LABELS.cuda()
+    with torch.cuda.graph(graph):
+        out = ops.query(*args, 5, 40, labels, 9)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+def test_query_errors_on_cuda():
+    qcodes, qmargins, offsets, items = to_cuda(*random_tables())
+    cases = [
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), 300, device="cuda")), "labels"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 1, LABELS.cuda()), "row \\d+ has more distinct labels"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS.cuda()),
+         "the batch has more distinct labels"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, LABELS), "labels must be on"),
+        (lambda: ops.query(qcodes, qmargins.cpu(), offsets, items, 4, 5), "margins must be on"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
+        (lambda: ops.query(qcodes, qmargins, offsets, torch.full_like(items, 999), 4, 5), "items of table"),
+        (lambda: ops.query(qcodes + 64, qmargins, offsets, items, 4, 5), "codes must be in"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    # nothing is left behind by a failed call
+    expected = ops.query(*random_tables(), 4, 60, None, 1)
+    assert torch.equal(ops.query(qcodes, qmargins, offsets, items, 4, 60, None, 1).cpu(), expected)
+
+
+# --- sparse_linear and its gradients ------------------------------------------------------------
+
+def sparse_problem(dtype=torch.float32, batch=5, d=7, n=40, budget=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, d, generator=gen).to(dtype)
+    weight = (torch.randn(n, d, generator=gen) / d ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    active = torch.stack([torch.randperm(n, generator=gen)[:budget] for _ in range(batch)])
+    if batch > 1:
+        active[1, :3] = active[0, :3]  # rows shared across samples accumulate
+    return x, weight, bias, active
+
+
+def tolerance(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype in HALF else {}
+
+
+@pytest.mark.parametrize("d", [7, 16, 64])  # 16 and 64: vector loads for every dtype
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sparse_linear_and_grads_equal_cpu(dtype, d, with_bias):
+    x, weight, bias, active = sparse_problem(dtype, d=d)
+    bias = bias if with_bias else None
+    tol = tolerance(dtype)
+    cx, cw, cb, ca = to_cuda(x, weight, bias, active)
+    out = ops.sparse_linear(cx, cw, cb, ca)
+    torch.testing.assert_close(out.cpu(), ops.sparse_linear(x, weight, bias, active), **tol)
+    torch.testing.assert_close(out.cpu(), ref.sparse_linear(x, weight, bias, active), **tol)
+    g = torch.randn(active.shape).to(dtype)
+    gx = OPS.sparse_linear_grad_input(g.cuda(), cw, ca)
+    torch.testing.assert_close(gx.cpu(), OPS.sparse_linear_grad_input(g, weight, active), **tol)
+    gw, gb = OPS.sparse_linear_grad_weight(g.cuda(), cx, ca, weight.shape[0])
+    cpu_gw, cpu_gb = OPS.sparse_linear_grad_weight(g, x, active, weight.shape[0])
+    torch.testing.assert_close((gw.cpu(), gb.cpu()), (cpu_gw, cpu_gb), **tol)
+    rows, gw_rows, gb_rows = OPS.sparse_linear_grad_weight_rows(g.cuda(), cx, ca)
+    cpu_rows, cpu_gw_rows, cpu_gb_rows = OPS.sparse_linear_grad_weight_rows(g, x, active)
+    assert torch.equal(rows.cpu(), cpu_rows)
+    torch.testing.assert_close((gw_rows.cpu(), gb_rows.cpu()), (cpu_gw_rows, cpu_gb_rows), **tol)
+    # no float atomics: the same call gives the same bits
+    assert torch.equal(OPS.sparse_linear_grad_weight(g.cuda(), cx, ca, weight.shape[0])[0], gw)
+    assert torch.equal(OPS.sparse_linear_grad_input(g.cuda(), cw, ca), gx)
+
+
+def test_sparse_linear_long_budget_and_unaligned_input():
+    # A long budget splits grad_input into chunks; an input at an odd offset takes scalar loads.
+    x, weight, bias, active = sparse_problem(batch=2, d=16, n=4000, budget=3000)
+    cw, cb, ca = to_cuda(weight, bias, active)
+    cx = torch.empty(2 * 16 + 1, device="cuda")[1:].view(2, 16)
+    cx.copy_(x)
+    assert cx.data_ptr() % 16 != 0
+    torch.testing.assert_close(ops.sparse_linear(cx, cw, cb, ca).cpu(), ops.sparse_linear(x, weight, bias, active))
+    g = torch.randn(active.shape)
+    torch.testing.assert_close(OPS.sparse_linear_grad_input(g.cuda(), cw, ca).cpu(),
+                               OPS.sparse_linear_grad_input(g, weight, active), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_sparse_linear_close_to_float32(dtype):
+    x, weight, bias, active = sparse_problem(torch.float32, batch=8, d=64, n=300, budget=50)
+    exact = ref.sparse_linear(x, weight, bias, active)
+    hx, hw, hb = (t.to(dtype).cuda().requires_grad_() for t in (x, weight, bias))
+    out = ops.sparse_linear(hx, hw, hb, active.cuda())
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(out.float().cpu(), exact, **tol)
+    g = torch.randn(active.shape)
+    out.backward(g.to(dtype).cuda())
+    fx, fw, fb = (t.clone().requires_grad_() for t in (x, weight, bias))
+    ops.sparse_linear(fx.double(), fw.double(), fb.double(), active).backward(g.double())
+    torch.testing.assert_close(hx.grad.float().cpu(), fx.grad.float(), **tol)
+    torch.testing.assert_close(hw.grad.float().cpu(), fw.grad.float(), **tol)
+    torch.testing.assert_close(hb.grad.float().cpu(), fb.grad.float(), **tol)
+
+
+def test_sparse_linear_gradcheck_float64_cuda():
+    x, weight, bias, active = to_cuda(*sparse_problem(torch.float64))
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.sparse_linear(x, w, b, active), inputs)
+    assert torch.autograd.gradcheck(lambda x, w: ops.sparse_linear(x, w, None, active), inputs[:2])
+    grads = []
+    for sparse in (False, True):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        ops.sparse_linear(x, w, b, active, sparse_grad=sparse).pow(2).sum().backward()
+        assert w.grad.is_sparse == sparse and w.grad.is_cuda
+        grads.append((w.grad.to_dense(), b.grad.to_dense()))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_sparse_linear_errors_on_cuda():
+    x, weight, bias, active = to_cuda(*sparse_problem())
+    g = torch.randn(active.shape, device="cuda")
+    cases = [
+        (lambda: ops.sparse_linear(x, weight, bias, active + 40), "active index \\d+ is outside \\[0, 40\\)"),
+        (lambda: ops.sparse_linear(x, weight, bias, active - 40), "outside"),
+        (lambda: OPS.sparse_linear_grad_input(g, weight, active + 40), "outside"),
+        (lambda: OPS.sparse_linear_grad_weight(g, x, active, 10), "outside \\[0, 10\\)"),
+        (lambda: OPS.sparse_linear_grad_weight_rows(g, x, active - 100), "outside"),
+        (lambda: ops.sparse_linear(x, weight, bias, active.cpu()), "active must be on"),
+        (lambda: ops.sparse_linear(x, weight.cpu(), bias, active), "weight must be on"),
+        (lambda: ops.sparse_linear(x, weight[:, :3], bias, active), "features"),
+        (lambda: ops.sparse_linear(x.double(), weight, bias, active), "dtype"),
+        (lambda: ops.sparse_linear(x, weight, bias, active.int()), "active"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    empty = ops.sparse_linear(x[:0], weight, bias, active[:0])
+    assert empty.shape == (0, 6) and empty.is_cuda
+    rows, gw, gb = OPS.sparse_linear_grad_weight_rows(g[:, :0], x, active[:, :0])
+    assert rows.shape == (0,) and gw.shape == (0, 7)
+
+
+# --- opcheck on CUDA inputs ---------------------------------------------------------------------
+
+def opcheck_cases():
+    qcodes, qmargins, offsets, items = random_tables()
+    codes = torch.randint(0, 32, (100, 4), dtype=torch.int32)
+    x, weight, bias, active = sparse_problem()
+    g = torch.randn(active.shape)
+    return [
+        ("mips_transform", (torch.randn(20, 5), False)),
+        ("mips_transform", (torch.randn(20, 5), True)),
+        ("hash_codes", (torch.randn(20, 12), 3, 4)),
+        ("build_tables", (codes, 5)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
+        ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
+        ("sparse_linear", (x, weight, bias, active)),
+        ("sparse_linear", (x, weight, None, active)),
+        ("sparse_linear_grad_input", (g, weight, active)),
+        ("sparse_linear_grad_weight", (g, x, active, 40)),
+        ("sparse_linear_grad_weight_rows", (g, x, active)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_cuda(name, args):
+    args = to_cuda(*args)
+    if name == "sparse_linear":  # differentiable inputs exercise the autograd registration
+        args = tuple(t.clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in args)
+    torch.library.opcheck(getattr(OPS, name), args)
+
+
+# --- LSHLinear on a GPU -------------------------------------------------------------------------
+
+def test_lsh_linear_eval_on_cuda_equals_linear():
+    linear = nn.Linear(32, 500).cuda()
+    layer = LSHLinear.from_linear(linear, active=40, seed=3).eval()
+    x = torch.randn(9, 32, device="cuda")
+    assert torch.equal(layer(x), linear(x))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_lsh_linear_training_on_cuda_equals_cpu(mode):
+    # Same weights, same tables (hashed once on the CPU, then moved), same seed and step: the
+    # active sets are identical and the outputs and gradients equal to rounding.
+    torch.manual_seed(0)
+    cpu_layer = LSHLinear(32, 2000, active=64, num_tables=4, bits=6, probes=8, rebuild=None, seed=5, mode=mode)
+    cpu_layer.rebuild()
+    gpu_layer = copy.deepcopy(cpu_layer).cuda()
+    x, labels = torch.randn(16, 32), torch.randint(0, 2000, (16,))
+    for _ in range(2):  # the per-step seed advances identically
+        out_cpu = cpu_layer.forward_sparse(x, labels)
+        out_gpu = gpu_layer.forward_sparse(x.cuda(), labels.cuda())
+        assert torch.equal(out_gpu.indices.cpu(), out_cpu.indices)
+        torch.testing.assert_close(out_gpu.values.cpu(), out_cpu.values)
+        for layer, out, lab in ((cpu_layer, out_cpu, labels), (gpu_layer, out_gpu, labels.cuda())):
+            layer.zero_grad()
+            sparse_cross_entropy(out, lab).backward()
+        torch.testing.assert_close(gpu_layer.weight.grad.cpu(), cpu_layer.weight.grad)
+        torch.testing.assert_close(gpu_layer.bias.grad.cpu(), cpu_layer.bias.grad)
+    dense_cpu, dense_gpu = cpu_layer(x), gpu_layer(x.cuda())
+    torch.testing.assert_close(dense_gpu.cpu(), dense_cpu)
+
+
+def test_lsh_linear_trains_on_cuda_with_tables_built_there():
+    torch.manual_seed(0)
+    layer = LSHLinear(24, 3000, active=0.05, seed=1, device="cuda")
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x, labels = torch.randn(64, 24, device="cuda"), torch.randint(0, 3000, (64,), device="cuda")
+    losses = []
+    for _ in range(30):
+        loss = sparse_cross_entropy(layer.forward_sparse(x, labels), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert layer.tables.items.is_cuda and losses[-1] < losses[0]
