@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import reference as ref
-from lsh_torch import LSHLinear, ops, sparse_cross_entropy
+from lsh_torch import LazyAdam, LSHLinear, ops, sparse_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -298,6 +298,43 @@ def test_sparse_linear_errors_on_cuda():
     assert rows.shape == (0,) and gw.shape == (0, 7)
 
 
+# --- lazy_adam_ -----------------------------------------------------------------------------------
+
+def adam_state(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(4)
+    param, m = torch.randn(300, 33, generator=gen).to(dtype), torch.randn(300, 33, generator=gen).to(dtype)
+    v = torch.rand(300, 33, generator=gen).to(dtype)
+    rows = torch.randperm(300, generator=gen)[:70]
+    return param, m, v, rows, torch.randn(70, 33, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_lazy_adam_equals_cpu(dtype):
+    cpu = list(adam_state(dtype))
+    gpu = [t.cuda() for t in cpu]
+    expected = [t.clone() for t in cpu[:3]]
+    ref.lazy_adam_(*expected, cpu[3], cpu[4], 0.01, 0.9, 0.999, 1e-8)
+    ops.lazy_adam_(*cpu, 0.01, 0.9, 0.999, 1e-8)
+    ops.lazy_adam_(*gpu, 0.01, 0.9, 0.999, 1e-8)
+    for got, want, exact in zip(gpu[:3], cpu[:3], expected):
+        assert torch.equal(got.cpu(), want)  # the CPU's operation order, no fused multiply-adds
+        torch.testing.assert_close(got.cpu(), exact, **tolerance(dtype))
+
+
+def test_lazy_adam_errors_on_cuda_and_no_partial_update():
+    param, m, v, rows, grad = to_cuda(*adam_state())
+    before = param.clone()
+    bad = rows.clone()
+    bad[-1] = 300
+    with pytest.raises(RuntimeError, match="row 300 is outside"):
+        ops.lazy_adam_(param, m, v, bad, grad, 0.01, 0.9, 0.999, 1e-8)
+    assert torch.equal(param, before)
+    with pytest.raises(RuntimeError, match="rows must be on"):
+        ops.lazy_adam_(param, m, v, rows.cpu(), grad, 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(RuntimeError, match="grad_rows"):
+        ops.lazy_adam_(param, m, v, rows, grad[:2], 0.01, 0.9, 0.999, 1e-8)
+
+
 # --- opcheck on CUDA inputs ---------------------------------------------------------------------
 
 def opcheck_cases():
@@ -318,6 +355,7 @@ def opcheck_cases():
         ("sparse_linear_grad_input", (g, weight, active)),
         ("sparse_linear_grad_weight", (g, x, active, 40)),
         ("sparse_linear_grad_weight_rows", (g, x, active)),
+        ("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8)),
     ]
 
 
@@ -360,6 +398,22 @@ def test_lsh_linear_training_on_cuda_equals_cpu(mode):
         torch.testing.assert_close(gpu_layer.bias.grad.cpu(), cpu_layer.bias.grad)
     dense_cpu, dense_gpu = cpu_layer(x), gpu_layer(x.cuda())
     torch.testing.assert_close(dense_gpu.cpu(), dense_cpu)
+
+
+def test_lazy_adam_on_cuda_equals_cpu_on_an_lsh_layer():
+    cpu_layer = LSHLinear(16, 300, active=32, mode="shared", sparse_grad=True, rebuild=None, seed=3)
+    cpu_layer.rebuild()
+    gpu_layer = copy.deepcopy(cpu_layer).cuda()
+    opts = [LazyAdam(cpu_layer.parameters(), lr=0.01), LazyAdam(gpu_layer.parameters(), lr=0.01)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, labels = torch.randn(8, 16, generator=gen), torch.randint(0, 300, (8,), generator=gen)
+        for layer, opt, device in zip((cpu_layer, gpu_layer), opts, ("cpu", "cuda")):
+            opt.zero_grad()
+            sparse_cross_entropy(layer.forward_sparse(x.to(device), labels.to(device)), labels.to(device)).backward()
+            opt.step()
+    torch.testing.assert_close(gpu_layer.weight.cpu(), cpu_layer.weight)
+    torch.testing.assert_close(gpu_layer.bias.cpu(), cpu_layer.bias)
 
 
 def test_lsh_linear_trains_on_cuda_with_tables_built_there():

@@ -1,0 +1,109 @@
+// CUDA kernel of the lazy (row-sparse) Adam step. Same contract and messages as
+// csrc/cpu/optim_cpu.cpp.
+//
+// Design: the rows are checked first (one synchronisation; like the CPU, a bad row raises before
+// any row is updated), then one thread per (touched row, column) does the fused update in the
+// CPU's operation order with products that are not fused into FMAs, so the result equals the CPU
+// kernel's bit for bit. Rows must be unique (LazyAdam passes a coalesced gradient's indices); a
+// repeated row would be updated by two threads at once, as it would by two CPU threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda_common.cuh"
+
+namespace lsh_torch {
+namespace {
+
+using cuda::ceil_div;
+using cuda::mul_rn;
+
+__global__ void check_rows_kernel(const int64_t* __restrict__ rows, int64_t count, int64_t num_rows, int64_t* flag) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = rows[i];
+    if (r < 0 || r >= num_rows) cuda::report(flag, 1, r);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void lazy_adam_kernel(scalar_t* __restrict__ p, scalar_t* __restrict__ m, scalar_t* __restrict__ v,
+                                 const int64_t* __restrict__ rows, const scalar_t* __restrict__ g, int64_t count,
+                                 int64_t width, int64_t num_rows, acc_t lr, acc_t b1, acc_t b2, acc_t e) {
+  const int64_t total = count * width;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / width, k = idx - i * width;
+    const int64_t row = rows[i];
+    if (row < 0 || row >= num_rows) continue;  // checked before the launch
+    const int64_t at = row * width + k;
+    const acc_t gk = static_cast<acc_t>(g[idx]);
+    // mk = b1 * m + (1 - b1) * gk;  vk = b2 * v + (1 - b2) * gk * gk;  p -= lr * mk / (sqrt(vk) + e)
+    const acc_t mk = mul_rn(b1, static_cast<acc_t>(m[at])) + mul_rn(acc_t(1) - b1, gk);
+    const acc_t vk = mul_rn(b2, static_cast<acc_t>(v[at])) + mul_rn(mul_rn(acc_t(1) - b2, gk), gk);
+    m[at] = static_cast<scalar_t>(mk);
+    v[at] = static_cast<scalar_t>(vk);
+    p[at] = static_cast<scalar_t>(static_cast<acc_t>(p[at]) - mul_rn(lr, mk) / (std::sqrt(vk) + e));
+  }
+}
+
+void lazy_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
+                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
+  const char* op = "lazy_adam_";
+  TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
+              ": param, exp_avg and exp_avg_sq must be contiguous");
+  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
+              ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
+                  grad_in.scalar_type() == param.scalar_type(),
+              op, ": param, exp_avg, exp_avg_sq and grad_rows must share one dtype");
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ", param.scalar_type());
+  cuda::check_cuda(param, "param", op);
+  const at::Device device = param.device();
+  cuda::check_same_device(exp_avg, device, "exp_avg", op);
+  cuda::check_same_device(exp_avg_sq, device, "exp_avg_sq", op);
+  cuda::check_same_device(rows_in, device, "rows", op);
+  cuda::check_same_device(grad_in, device, "grad_rows", op);
+  TORCH_CHECK(rows_in.dim() == 1 && rows_in.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
+              rows_in.scalar_type(), " of shape ", rows_in.sizes());
+  const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
+  TORCH_CHECK(grad_in.dim() == param.dim() && grad_in.size(0) == rows_in.size(0) &&
+                  grad_in.numel() == rows_in.size(0) * width,
+              op, ": grad_rows must be [U, *param.shape[1:]] with U = ", rows_in.size(0), ", got ", grad_in.sizes());
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
+              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto rows = rows_in.contiguous();
+  const auto grad = grad_in.contiguous();
+  const int64_t count = rows.numel();
+  if (count == 0) return;
+  cuda::ErrorFlag flag(device, stream);
+  check_rows_kernel<<<std::min<int64_t>(ceil_div(count, 256), 4096), 256, 0, stream>>>(rows.data_ptr<int64_t>(),
+                                                                                      count, num_rows, flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto e = flag.read();
+  TORCH_CHECK(e[0] == 0, op, ": row ", e[1], " is outside [0, ", num_rows, ")");
+  if (width == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "lazy_adam_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(count * width, 256), int64_t(1) << 20));
+    lazy_adam_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
+        param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
+        rows.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), count, width, num_rows, static_cast<acc_t>(step_size),
+        static_cast<acc_t>(beta1), static_cast<acc_t>(beta2), static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsh_torch, CUDA, m) { m.impl("lazy_adam_", &lazy_adam_cuda); }
+
+}  // namespace lsh_torch
