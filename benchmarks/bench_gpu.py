@@ -1,0 +1,269 @@
+"""GPU training step of an extreme-classification output layer: LSHLinear vs nn.Linear + full softmax.
+
+    python benchmarks/bench_gpu.py                    # 670,091 and 4,000,000 outputs, fp32 and bf16
+    python benchmarks/bench_gpu.py --quick            # 100,000 outputs, fewer steps (smoke run)
+    python benchmarks/bench_gpu.py --help
+
+Needs a CUDA device; without one it says so and exits 0 (``--device cpu`` runs the same harness
+on the CPU at small sizes, only to check the script). A step is forward, loss, backward and
+optimizer step for a batch of ``--batch`` hidden vectors ``h [B, --hidden]`` (requiring grad, as
+inside a network), one label per row (``--labels-per-row``):
+
+  dense            nn.Linear + F.cross_entropy over all outputs + torch.optim.Adam
+  lsh per_row      LSHLinear(mode="per_row").forward_sparse(h, labels) + lsh_torch.sparse_cross_entropy
+                   (softmax over each row's active logits, labels forced in) + torch.optim.Adam
+                   (dense gradients): the layer's per-row training path, ``--active`` outputs per row
+  lsh per_row lazy the same with sparse_grad=True + lsh_torch.LazyAdam (row-sparse Adam)
+  lsh shared lazy  mode="shared" (one active set of ``--active`` outputs for the batch, a gathered
+                   GEMM) + sparse_grad=True + LazyAdam
+
+``--active`` is a fraction of the outputs (default 0.05, the layer's default) or a count. The LSH
+steps run without rebuilds (``rebuild=None``); a rebuild (hash all N weight rows, rebuild the
+tables) is timed on its own, and "+rebuild" adds its cost amortized under the default schedule
+(lsh_torch.GrowingSchedule) over ``--horizon`` steps. Times are medians over ``--steps`` steps
+after ``--warmup`` steps, each step bracketed by torch.cuda.synchronize(); ratios are
+dense / case (above 1: faster than dense). Cases run one after another in this process, memory
+released in between; a case that fails (out of memory, ...) is reported and skipped.
+Writes a table to stdout and JSON to ``benchmarks/results/gpu[_quick].json``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lsh_torch
+from lsh_torch import GrowingSchedule, LazyAdam, LSHLinear, sparse_cross_entropy
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CASES = ("dense", "lsh per_row", "lsh per_row lazy", "lsh shared lazy")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DenseStep:
+    def __init__(self, n, h, labels, dtype, args):
+        self.layer = nn.Linear(h.shape[1], n, device=h.device, dtype=dtype)
+        self.opt = torch.optim.Adam(self.layer.parameters(), lr=1e-3)
+        self.h, self.labels = h, labels
+        if labels.shape[1] > 1:  # target mass spread over the labels, as sparse_cross_entropy does
+            target = torch.zeros(labels.shape[0], n, device=h.device, dtype=dtype).scatter_(1, labels, 1.0)
+            self.target = target / target.sum(1, keepdim=True)
+        else:
+            self.target = labels[:, 0]
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.h.grad = None
+        loss = F.cross_entropy(self.layer(self.h), self.target)
+        loss.backward()
+        self.opt.step()
+
+
+class LSHStep:
+    def __init__(self, n, h, labels, dtype, args, mode, lazy):
+        self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=args.active, mode=mode,
+                               sparse_grad=lazy, rebuild=None, num_tables=args.tables,
+                               bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes)
+        self.layer.train()
+        self.opt = (LazyAdam if lazy else torch.optim.Adam)(self.layer.parameters(), lr=1e-3)
+        self.h, self.labels = h, labels
+        self.layer.rebuild()
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.h.grad = None
+        loss = sparse_cross_entropy(self.layer.forward_sparse(self.h, self.labels), self.labels)
+        loss.backward()
+        self.opt.step()
+
+
+def make_case(name, n, h, labels, dtype, args):
+    if name == "dense":
+        return DenseStep(n, h, labels, dtype, args)
+    mode = "shared" if "shared" in name else "per_row"
+    return LSHStep(n, h, labels, dtype, args, mode, lazy=name.endswith("lazy"))
+
+
+def time_steps(step, device, warmup: int, steps: int, max_seconds: float) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times, start = [], time.perf_counter()
+    for i in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return times
+
+
+def time_rebuild(layer: LSHLinear, device, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        layer.rebuild()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rebuilds_in(horizon: int) -> int:
+    schedule = GrowingSchedule()
+    return sum(1 for step in range(horizon) if schedule(step))
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_one(name, n, dtype_name, args, device) -> dict:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(args.batch, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, n, (args.batch, args.labels_per_row), generator=gen).to(device)
+    record = {"case": name, "out_features": n, "dtype": dtype_name}
+    case = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        case = make_case(name, n, h, labels, dtype, args)
+        times = time_steps(case, device, args.warmup, args.steps, args.max_seconds)
+        record.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times))
+        if isinstance(case, LSHStep):
+            rebuild_ms = time_rebuild(case.layer, device)
+            record.update(rebuild_ms=rebuild_ms, budget=case.layer.budget,
+                          amortized_ms=record["median_ms"] + rebuild_ms * rebuilds_in(args.horizon) / args.horizon)
+        if device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        del case
+        release(device)
+    return record
+
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results: list[dict]) -> None:
+    dense = {(r["out_features"], r["dtype"]): r.get("median_ms") for r in results if r["case"] == "dense"}
+    head = f"{'outputs':>9} {'dtype':5} {'case':17} {'active':>7} {'step ms':>9} {'x dense':>8} {'rebuild ms':>11} " \
+           f"{'+rebuild ms':>12} {'x dense':>8} {'peak GB':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        base = dense.get((r["out_features"], r["dtype"]))
+        if "error" in r:
+            print(f"{r['out_features']:>9} {r['dtype']:5} {r['case']:17} failed: {r['error']}")
+            continue
+        ratio = base / r["median_ms"] if base else None
+        amort = r.get("amortized_ms")
+        ratio_amort = base / amort if base and amort else None
+        print(f"{r['out_features']:>9} {r['dtype']:5} {r['case']:17} {fmt(r.get('budget'), 'd'):>7} "
+              f"{r['median_ms']:>9.2f} {fmt(ratio):>8} {fmt(r.get('rebuild_ms')):>11} {fmt(amort):>12} "
+              f"{fmt(ratio_amort):>8} {fmt(r.get('peak_mem_gb')):>8}")
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse_active(text: str):
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", default="670091,4000000", help="output sizes, comma-separated")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--labels-per-row", type=int, default=1)
+    p.add_argument("--active", type=parse_active, default=0.05,
+                   help="active outputs: per row (per_row) or per batch (shared); a fraction of N or a count")
+    p.add_argument("--tables", type=int, default=5)
+    p.add_argument("--bits", default="auto")
+    p.add_argument("--probes", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--max-seconds", type=float, default=60, help="stop timing a case after this long")
+    p.add_argument("--horizon", type=int, default=10000, help="training steps over which rebuilds are amortized")
+    p.add_argument("--quick", action="store_true", help="100,000 outputs, 3 warm-up and 5 timed steps")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu[_quick].json)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device available (torch.cuda.is_available() is False); nothing to measure.")
+        return 0
+    if args.quick:
+        args.sizes, args.warmup, args.steps = "100000", 3, 5
+    sizes = [int(s) for s in args.sizes.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    cases = [c.strip() for c in args.cases.split(",")]
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both sides
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "cpu"
+
+    meta = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "lsh_torch": lsh_torch.__version__,
+            "commit": git_commit(), "python": platform.python_version(),
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    print(f"bench_gpu on {name}, torch {torch.__version__}: batch {args.batch}, hidden {args.hidden}, "
+          f"active {args.active}, L={args.tables}, K={args.bits}, probes {args.probes}")
+    results = []
+    for n in sizes:
+        for dtype_name in dtypes:
+            for case in cases:
+                record = bench_one(case, n, dtype_name, args, device)
+                results.append(record)
+                status = record.get("error") or f"{record['median_ms']:.2f} ms"
+                print(f"  {n:>9} {dtype_name} {case:17} {status}", flush=True)
+    print()
+    print_table(results)
+    out = args.out or os.path.join(RESULTS, "gpu_quick.json" if args.quick else "gpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
