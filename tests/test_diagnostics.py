@@ -1,0 +1,195 @@
+"""Active-set recall diagnostics and the periodic RecallMonitor probe."""
+import pytest
+import torch
+from torch import nn
+
+from lsh_torch import ConstantSchedule, LSHLinear
+from lsh_torch.diagnostics import RecallMonitor, active_set_recall, multiply_add_fraction, topk_recall
+
+
+def test_topk_recall_by_hand():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [-1.0, -2.0, 0.5, 3.0, -4.0]])
+    active = torch.tensor([[0, 2], [3, 2]])
+    r = topk_recall(active, scores, k=2)
+    # row 0: top-2 = {0, 1}, active holds 0 -> 0.5; row 1: top-2 = {3, 2}, both held -> 1.0
+    assert r["recall"] == pytest.approx(0.75)
+    assert r["recall_min"] == pytest.approx(0.5)
+    # mass: row 0 holds 5+3 of the best 5+4; row 1 holds 3+0.5 of 3+0.5
+    assert r["mass_recall"] == pytest.approx((8 / 9 + 1.0) / 2)
+    # k=3: row 0 top-3 = {0, 1, 2} holds 2; row 1 top-3 = {3, 2, 0} holds 2
+    assert topk_recall(active, scores, k=3)["recall"] == pytest.approx(2 / 3)
+
+
+def test_topk_recall_rejects_bad_arguments():
+    scores = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_recall(torch.zeros(3, 2, dtype=torch.long), scores, k=11)
+    with pytest.raises(ValueError, match="outside"):
+        topk_recall(torch.full((3, 2), 10), scores, k=2)
+    with pytest.raises(ValueError, match="same B"):
+        topk_recall(torch.zeros(2, 2, dtype=torch.long), scores, k=2)
+
+
+def test_recall_is_one_when_budget_is_everything():
+    layer = LSHLinear(16, 64, active=64)
+    x = torch.randn(32, 16)
+    r = active_set_recall(layer, x)
+    assert r["recall"] == 1.0 and r["recall_min"] == 1.0 and r["mass_recall"] == pytest.approx(1.0)
+    assert r["mult_fraction"] == 1.0 and r["budget"] == 64
+    assert active_set_recall(layer, x, k=7)["recall"] == 1.0
+
+
+def test_random_active_set_recall_is_budget_over_out():
+    torch.manual_seed(1)
+    layer = LSHLinear(32, 400, active=40)
+    x = torch.randn(512, 32)
+    random_active = torch.rand(512, 400).argsort(1)[:, :40]
+    r = active_set_recall(layer, x, active=random_active)
+    assert r["random_recall"] == pytest.approx(0.1)
+    assert r["recall"] == pytest.approx(0.1, abs=0.015)
+    assert r["mass_recall"] < 0.3  # far from what the exact top-40 holds
+
+
+def test_useless_hash_gives_random_recall_and_good_hash_beats_it():
+    torch.manual_seed(2)
+    x = torch.randn(256, 32)
+    # 2**16 buckets for 400 neurons, one table, one probe: almost no candidates, the fill is random
+    useless = LSHLinear(32, 400, active=40, bits=16, num_tables=1, probes=1)
+    assert active_set_recall(useless, x)["recall"] == pytest.approx(0.1, abs=0.03)
+    good = LSHLinear(32, 400, active=40, bits=6, num_tables=50, probes=4)
+    good.weight.data.copy_(useless.weight.data)
+    assert active_set_recall(good, x)["recall"] > 0.3
+
+
+def test_active_set_recall_leaves_the_layer_alone():
+    layer = LSHLinear(16, 100, active=10)
+    layer.train()
+    x = torch.randn(8, 16)
+    layer(x)
+    step, items = layer.step, layer.tables.items
+    active_set_recall(layer, torch.randn(20, 16))
+    assert layer.step == step and layer.tables.items is items and layer.training
+
+
+def test_active_set_recall_accepts_any_leading_shape_and_checks_arguments():
+    layer = LSHLinear(16, 100, active=10)
+    r = active_set_recall(layer, torch.randn(2, 3, 16))
+    assert 0.0 <= r["recall"] <= 1.0
+    with pytest.raises(ValueError, match="in_features"):
+        active_set_recall(layer, torch.randn(4, 15))
+    with pytest.raises(ValueError, match="k must be"):
+        active_set_recall(layer, torch.randn(4, 16), k=101)
+    with pytest.raises(TypeError, match="LSHLinear"):
+        active_set_recall(nn.Linear(16, 100), torch.randn(4, 16))
+
+
+def test_multiply_add_fraction():
+    layer = LSHLinear(100, 1000, active=0.05, bits=6, num_tables=5)
+    assert multiply_add_fraction(layer, with_hashing=False) == pytest.approx(0.05)
+    assert multiply_add_fraction(layer) == pytest.approx(0.05 + 101 * 30 / (1000 * 100))
+    r = active_set_recall(layer, torch.randn(4, 100))
+    assert r["mult_fraction_with_hashing"] == pytest.approx(multiply_add_fraction(layer))
+
+
+def _train(layer, steps, monitor=None, lr=0.1):
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x = torch.randn(16, layer.in_features, generator=gen)
+        loss = layer(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if monitor is not None:
+            monitor.maybe_probe(x)
+
+
+def test_hook_probes_every_n_training_steps_and_marks_rebuilds():
+    layer = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(4))
+    monitor = RecallMonitor(layer, every=3).attach()
+    _train(layer, 10)
+    assert [h["step"] for h in monitor.history] == [3, 6, 9]
+    # the initial build happens in the first forward (step 1); then before steps 4 and 8 (0-based)
+    assert monitor.rebuild_steps == [1, 5, 9]
+    assert [h["since_rebuild"] for h in monitor.history] == [2, 1, 0]
+    assert all(0.0 <= h["recall"] <= 1.0 for h in monitor.history)
+    layer.eval()
+    layer(torch.randn(4, 16))  # eval forwards are not probed by default
+    assert len(monitor.history) == 3
+    monitor.detach()
+    layer.train()
+    _train(layer, 5)
+    assert len(monitor.history) == 3
+
+
+def test_manual_probe_and_manual_rebuild_detected():
+    layer = LSHLinear(16, 100, active=10, rebuild=None)
+    monitor = RecallMonitor(layer, every=2)
+    _train(layer, 4, monitor)
+    assert [h["step"] for h in monitor.history] == [2, 4]
+    layer.rebuild()
+    _train(layer, 2, monitor)
+    assert monitor.rebuild_steps[-1] == 5  # seen at the first call after the manual rebuild
+    assert [h["step"] for h in monitor.history] == [2, 4, 6]
+    fixed = torch.randn(64, 16)
+    r = monitor.probe(fixed)
+    assert r["step"] == 6 and len(monitor.history) == 4
+
+
+def test_monitor_does_not_change_training():
+    torch.manual_seed(3)
+    a = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3))
+    b = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3))
+    b.load_state_dict(a.state_dict())
+    with RecallMonitor(b, every=1):
+        torch.manual_seed(4)
+        _train(a, 7)
+        torch.manual_seed(4)
+        _train(b, 7)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_monitor_plot_and_to_dict(tmp_path):
+    pytest.importorskip("matplotlib")
+    layer = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(4))
+    monitor = RecallMonitor(layer, every=2, name="hidden").attach()
+    _train(layer, 8)
+    path = tmp_path / "recall.png"
+    monitor.plot(path)
+    assert path.stat().st_size > 1000
+    d = monitor.to_dict()
+    assert d["name"] == "hidden" and len(d["history"]) == 4 and d["rebuild_steps"] == monitor.rebuild_steps
+
+
+def test_monitor_rejects_bad_arguments():
+    layer = LSHLinear(16, 100, active=10)
+    with pytest.raises(ValueError, match="every"):
+        RecallMonitor(layer, every=0)
+    with pytest.raises(TypeError, match="LSHLinear"):
+        RecallMonitor(nn.Linear(4, 4))
+
+
+def _layer_or_skip(**kwargs):
+    try:
+        return LSHLinear(32, 400, active=40, **kwargs)
+    except TypeError as exc:  # an older LSHLinear without this option
+        pytest.skip(f"LSHLinear does not take {sorted(kwargs)}: {exc}")
+
+
+def test_library_random_selection_has_random_recall():
+    torch.manual_seed(6)
+    layer = _layer_or_skip(selection="random")
+    r = active_set_recall(layer, torch.randn(512, 32))
+    assert r["recall"] == pytest.approx(0.1, abs=0.015)
+    assert r["mult_fraction_with_hashing"] == pytest.approx(r["mult_fraction"])  # nothing hashed
+
+
+def test_shared_mode_active_set_is_scored_for_every_row():
+    torch.manual_seed(7)
+    layer = _layer_or_skip(mode="shared")
+    x = torch.randn(64, 32)
+    shared = layer.active_set(x)
+    assert shared.dim() == 1
+    r = active_set_recall(layer, x)
+    assert r["recall"] == pytest.approx(active_set_recall(layer, x, active=shared.expand(64, -1))["recall"])
+    assert 0.0 <= r["recall"] <= 1.0
