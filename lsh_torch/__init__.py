@@ -1,5 +1,5 @@
 """lsh_torch: wide layers that compute only the neurons that matter, found by LSH."""
-from . import ops
+from . import diagnostics, ops
 from .checkpoint import load_lsh_state, lsh_state
 from .convert import convert, unconvert
 from .losses import sparse_cross_entropy
@@ -7,6 +7,6 @@ from .nn import LSHLinear, SparseOutput
 from .optim import LazyAdam
 from .schedules import ConstantSchedule, GrowingSchedule, RebuildSchedule
 
-__all__ = ["LSHLinear", "LazyAdam", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule", "RebuildSchedule", "ops",
-           "convert", "unconvert", "lsh_state", "load_lsh_state"]
+__all__ = ["LSHLinear", "LazyAdam", "SparseOutput", "sparse_cross_entropy", "ConstantSchedule", "GrowingSchedule",
+           "RebuildSchedule", "convert", "unconvert", "lsh_state", "load_lsh_state", "diagnostics", "ops"]
 __version__ = "0.1.0"
