@@ -1,0 +1,339 @@
+"""Extreme multi-label classification (XMC) data: the repository's text format, and a synthetic generator.
+
+The Extreme Classification Repository (Amazon-670K, Delicious-200K, ...) ships each split as a
+text file::
+
+    num_points num_features num_labels
+    l1,l2,... f:v f:v ...
+    ...
+
+one line per point after the header: comma-separated label ids, then space-separated
+``feature_id:value`` pairs (ids are 0-based). A point may have no labels (the line then starts
+with a space, or directly with a ``f:v`` pair) and no features. :func:`read_xmc` reads such a file
+unchanged, :func:`write_xmc` writes one, and :func:`generate` makes synthetic data with the
+statistics that make extreme classification hard (see its docstring), so the demo runs offline.
+
+    python examples/xmc_data.py --out-dir data/        # write synthetic train.txt / test.txt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["XMCData", "read_xmc", "write_xmc", "generate", "generate_split"]
+
+
+@dataclass
+class XMCData:
+    """Points in CSR form: point ``i`` has features ``feature_ids[feature_offsets[i]:feature_offsets[i+1]]``
+    (with ``feature_values`` alongside) and labels ``label_ids[label_offsets[i]:label_offsets[i+1]]``."""
+
+    num_features: int
+    num_labels: int
+    feature_offsets: np.ndarray  # int64 [n + 1]
+    feature_ids: np.ndarray  # int64 [nnz]
+    feature_values: np.ndarray  # float32 [nnz]
+    label_offsets: np.ndarray  # int64 [n + 1]
+    label_ids: np.ndarray  # int64 [total labels]
+
+    def __len__(self) -> int:
+        return len(self.feature_offsets) - 1
+
+    def labels_of(self, i: int) -> np.ndarray:
+        return self.label_ids[self.label_offsets[i]:self.label_offsets[i + 1]]
+
+    def features_of(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.feature_offsets[i], self.feature_offsets[i + 1]
+        return self.feature_ids[lo:hi], self.feature_values[lo:hi]
+
+    def label_counts(self) -> np.ndarray:
+        """How many points carry each label: int64 ``[num_labels]``."""
+        return np.bincount(self.label_ids, minlength=self.num_labels)
+
+    def subset(self, index) -> "XMCData":
+        """The points ``index`` (an int array), in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        f_off, f_sel = _gather_csr(self.feature_offsets, index)
+        l_off, l_sel = _gather_csr(self.label_offsets, index)
+        return XMCData(self.num_features, self.num_labels, f_off, self.feature_ids[f_sel],
+                       self.feature_values[f_sel], l_off, self.label_ids[l_sel])
+
+    def split(self, test_fraction: float, seed: int = 0) -> tuple["XMCData", "XMCData"]:
+        """A seeded random (train, test) split."""
+        perm = np.random.default_rng(seed).permutation(len(self))
+        n_test = int(round(test_fraction * len(self)))
+        return self.subset(np.sort(perm[n_test:])), self.subset(np.sort(perm[:n_test]))
+
+    def batch(self, index) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Tensors for the points ``index``: ``ids, offsets, values`` for
+        ``nn.EmbeddingBag(ids, offsets, per_sample_weights=values)``, and ``labels`` int64
+        ``[b, M]`` padded with -1 (``M`` = the most labels of a point in the batch, at least 1)."""
+        index = np.asarray(index, dtype=np.int64)
+        f_off, f_sel = _gather_csr(self.feature_offsets, index)
+        l_off, l_sel = _gather_csr(self.label_offsets, index)
+        counts = np.diff(l_off)
+        labels = np.full((len(index), max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+        rows = np.repeat(np.arange(len(index)), counts)
+        labels[rows, np.arange(len(rows)) - np.repeat(l_off[:-1], counts)] = self.label_ids[l_sel]
+        return (torch.from_numpy(self.feature_ids[f_sel]), torch.from_numpy(f_off[:-1].copy()),
+                torch.from_numpy(self.feature_values[f_sel]), torch.from_numpy(labels))
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Mini-batches of :meth:`batch`, in a seeded random order if ``shuffle``."""
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        stop = len(self) - (len(self) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size])
+
+    def summary(self) -> str:
+        counts = np.diff(self.label_offsets)
+        per_label = self.label_counts()
+        return (f"{len(self):,} points, {self.num_features:,} features, {self.num_labels:,} labels; "
+                f"{np.diff(self.feature_offsets).mean():.1f} features and {counts.mean():.2f} labels per point; "
+                f"{(per_label > 0).sum():,} labels seen, the most frequent on {per_label.max(initial=0):,} points")
+
+
+def _gather_csr(offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """New offsets and the element positions of rows ``index`` of a CSR array."""
+    starts, counts = offsets[index], offsets[index + 1] - offsets[index]
+    new_off = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_off[1:])
+    sel = np.repeat(starts - new_off[:-1], counts) + np.arange(new_off[-1], dtype=np.int64)
+    return new_off, sel
+
+
+# ---------------------------------------------------------------------------------------------
+# The repository's text format.
+
+class XMCFormatError(ValueError):
+    """A malformed XMC text file; the message names the file and the 1-based line."""
+
+
+def _parse_line(text: str, where: str, num_features: int, num_labels: int):
+    """One point line -> (label ids, feature ids, values); raises XMCFormatError naming ``where``."""
+    tokens = text.split()
+    labels: list[int] = []
+    if text[:1] not in (" ", "\t", "") and tokens and ":" not in tokens[0]:
+        for tok in tokens[0].split(","):
+            try:
+                labels.append(int(tok))
+            except ValueError:
+                raise XMCFormatError(f"{where}: bad label {tok!r} in {tokens[0]!r} (labels are comma-separated "
+                                     f"integers)") from None
+            if not 0 <= labels[-1] < num_labels:
+                raise XMCFormatError(f"{where}: label {labels[-1]} out of range [0, num_labels={num_labels})")
+        tokens = tokens[1:]
+    ids, values = [], []
+    for tok in tokens:
+        fid, sep, val = tok.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            ids.append(int(fid))
+            values.append(float(val))
+        except ValueError:
+            raise XMCFormatError(f"{where}: bad feature {tok!r} (expected feature_id:value)") from None
+        if not 0 <= ids[-1] < num_features:
+            raise XMCFormatError(f"{where}: feature id {ids[-1]} out of range [0, num_features={num_features})")
+    return labels, ids, values
+
+
+def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
+    """Reads an Extreme Classification Repository text file (header line, then one point per line).
+
+    Raises :class:`XMCFormatError` (a ValueError) naming the line of a malformed header or point, a
+    label or feature id out of the header's range, or a point count that disagrees with the header.
+    ``max_points`` reads only the first points (for a quick run on a large file).
+    """
+    with open(path, "r", encoding="utf-8") as f:
+        header = f.readline()
+        parts = header.split()
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            num_points, num_features, num_labels = (int(p) for p in parts)
+            if min(num_points, num_features, num_labels) < 0:
+                raise ValueError
+        except ValueError:
+            raise XMCFormatError(f"{path}:1: header must be 'num_points num_features num_labels' (three "
+                                 f"non-negative integers), got {header.strip()!r}") from None
+        want = num_points if max_points is None else min(num_points, max_points)
+        label_text: list[str] = []  # per point: its label field ('' if none)
+        feature_tokens: list[str] = []  # all points' f:v tokens, in order
+        feature_counts = np.zeros(want, dtype=np.int64)
+        lines = []  # raw lines, kept only to re-parse for an error message
+        n = 0
+        for line in f:
+            if n == want:
+                if max_points is None and line.strip():
+                    raise XMCFormatError(f"{path}:{n + 2}: more points than the header's {num_points}")
+                if max_points is not None:
+                    break
+                continue
+            line = line.rstrip("\r\n")
+            lines.append(line)
+            tokens = line.split()
+            if line[:1] not in (" ", "\t", "") and tokens and ":" not in tokens[0]:
+                label_text.append(tokens[0])
+                tokens = tokens[1:]
+            else:
+                label_text.append("")
+            feature_counts[n] = len(tokens)
+            feature_tokens.extend(tokens)
+            n += 1
+    if n < want:
+        raise XMCFormatError(f"{path}:{n + 2}: the file ends after {n} points but the header says {num_points}")
+
+    try:  # fast path: parse every number at once; on any failure, find the bad line the slow way
+        label_counts = np.array([0 if not t else t.count(",") + 1 for t in label_text], dtype=np.int64)
+        joined = ",".join(t for t in label_text if t)
+        label_ids = np.array(joined.split(",") if joined else [], dtype=np.int64)
+        pairs = " ".join(feature_tokens).replace(":", " ").split()
+        if len(pairs) != 2 * len(feature_tokens):
+            raise ValueError
+        numbers = np.array(pairs, dtype=np.float64).reshape(-1, 2) if pairs else np.zeros((0, 2))
+        feature_ids = numbers[:, 0].astype(np.int64)
+        if (feature_ids != numbers[:, 0]).any() or any(":" not in t for t in feature_tokens):
+            raise ValueError
+        if label_ids.size and (label_ids.min() < 0 or label_ids.max() >= num_labels):
+            raise ValueError
+        if feature_ids.size and (feature_ids.min() < 0 or feature_ids.max() >= num_features):
+            raise ValueError
+    except (ValueError, OverflowError):
+        for i, line in enumerate(lines):
+            _parse_line(line, f"{path}:{i + 2}", num_features, num_labels)
+        raise XMCFormatError(f"{path}: could not parse the file (no single bad line found)")
+    feature_offsets = np.zeros(want + 1, dtype=np.int64)
+    np.cumsum(feature_counts, out=feature_offsets[1:])
+    label_offsets = np.zeros(want + 1, dtype=np.int64)
+    np.cumsum(label_counts, out=label_offsets[1:])
+    return XMCData(num_features, num_labels, feature_offsets, feature_ids, numbers[:, 1].astype(np.float32),
+                   label_offsets, label_ids)
+
+
+def write_xmc(path: str, data: XMCData) -> None:
+    """Writes ``data`` in the repository's text format; :func:`read_xmc` reads it back exactly
+    (values are written as the shortest decimal that round-trips their float32)."""
+    ids, values = data.feature_ids.astype(str), data.feature_values.astype(np.float32).astype(str)
+    pairs = np.char.add(np.char.add(ids, ":"), values) if len(ids) else np.zeros(0, dtype=str)
+    labels = data.label_ids.astype(str)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
+        fo, lo = data.feature_offsets, data.label_offsets
+        for i in range(len(data)):
+            f.write(",".join(labels[lo[i]:lo[i + 1]]) + " " + " ".join(pairs[fo[i]:fo[i + 1]]) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data.
+
+def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: int = 100_000, *,
+             alpha: float = 1.0, rank_offset: float = 10.0, mean_labels: float = 2.5, max_labels: int = 10,
+             label_features: int = 4, keep: float = 0.75, cluster_size: int = 20, cluster_features: int = 6,
+             cluster_draws: int = 3, noise_features: float = 8.0, seed: int = 0) -> XMCData:
+    """Synthetic extreme multi-label data with power-law labels and label-informative sparse features.
+
+    The model, all draws from ``numpy.random.default_rng(seed)``:
+
+    * **Labels.** Label popularity follows a power law: the label of rank ``r`` (0 = most popular)
+      is drawn with probability proportional to ``(r + rank_offset) ** -alpha``; ranks map to label
+      ids through a random permutation. A point has ``1 + Poisson(mean_labels - 1)`` labels (at most
+      ``max_labels``), drawn by popularity (duplicates merged), so a few labels are on many points
+      and most labels on few or none, as in Amazon-670K.
+    * **Label structure.** Labels fall into random clusters of about ``cluster_size`` ("topics");
+      each cluster owns ``cluster_features`` feature ids and each label ``label_features`` of its
+      own. Labels of one cluster share the cluster's features, so they are each other's hard
+      negatives: a model must use the label's own features to tell them apart.
+    * **Features.** For each of its labels a point gets each of the label's own features with
+      probability ``keep`` (value ``U(1, 2)``) and ``cluster_draws`` of its cluster's features
+      (value ``U(0.5, 1.5)``), plus ``Poisson(noise_features)`` noise features drawn from a
+      power law over all feature ids (common words; value ``U(0, 1)``). Repeated ids are summed;
+      values are L2-normalized per point, like tf-idf vectors.
+
+    Predicting the most popular labels gives a low P@1; a model that reads the features can do far
+    better. With the defaults about 100,000 labels, 25,000 points; a few seconds to generate.
+    """
+    rng = np.random.default_rng(seed)
+    L, F = num_labels, num_features
+    if min(num_points, F, L, label_features, cluster_size) < 1 or mean_labels < 1 or not 0 < keep <= 1:
+        raise ValueError("generate: sizes must be positive, mean_labels >= 1 and 0 < keep <= 1")
+    # Labels: power-law popularity over a random ranking.
+    popularity = (np.arange(L) + rank_offset) ** -alpha
+    popularity /= popularity.sum()
+    label_of_rank = rng.permutation(L)
+    counts = np.minimum(1 + rng.poisson(mean_labels - 1, size=num_points), min(max_labels, L))
+    rank = np.minimum(np.searchsorted(np.cumsum(popularity), rng.random(counts.sum()), side="right"), L - 1)
+    point = np.repeat(np.arange(num_points), counts)
+    key = np.unique(point * L + label_of_rank[rank])  # merge duplicates, sort labels within a point
+    point, labels = key // L, key % L
+    label_offsets = np.zeros(num_points + 1, dtype=np.int64)
+    np.cumsum(np.bincount(point, minlength=num_points), out=label_offsets[1:])
+
+    # Label structure: clusters with shared features, labels with their own.
+    num_clusters = max(1, L // cluster_size)
+    cluster = rng.integers(num_clusters, size=L)
+    own = rng.integers(F, size=(L, label_features))
+    shared = rng.integers(F, size=(num_clusters, cluster_features))
+
+    # Features of each (point, label) pair, then noise per point.
+    parts_point, parts_id, parts_val = [], [], []
+    keep_mask = rng.random((len(labels), label_features)) < keep
+    parts_point.append(np.repeat(point, label_features)[keep_mask.ravel()])
+    parts_id.append(own[labels].ravel()[keep_mask.ravel()])
+    parts_val.append(rng.uniform(1.0, 2.0, size=parts_id[-1].shape))
+    pick = rng.integers(cluster_features, size=(len(labels), cluster_draws))
+    parts_point.append(np.repeat(point, cluster_draws))
+    parts_id.append(shared[cluster[labels][:, None], pick].ravel())
+    parts_val.append(rng.uniform(0.5, 1.5, size=parts_id[-1].shape))
+    noise = rng.poisson(noise_features, size=num_points)
+    word_popularity = (np.arange(F) + 10.0) ** -1.0
+    word_of_rank = rng.permutation(F)
+    parts_point.append(np.repeat(np.arange(num_points), noise))
+    parts_id.append(word_of_rank[np.minimum(np.searchsorted(np.cumsum(word_popularity / word_popularity.sum()),
+                                                             rng.random(noise.sum()), side="right"), F - 1)])
+    parts_val.append(rng.uniform(0.0, 1.0, size=parts_id[-1].shape))
+    fp, fid, fval = (np.concatenate(p) for p in (parts_point, parts_id, parts_val))
+    key, inverse = np.unique(fp * F + fid, return_inverse=True)
+    values = np.bincount(inverse, weights=fval, minlength=len(key))
+    fp, fid = key // F, key % F
+    norms = np.sqrt(np.bincount(fp, weights=values ** 2, minlength=num_points))
+    values = (values / np.maximum(norms[fp], 1e-12)).astype(np.float32)
+    feature_offsets = np.zeros(num_points + 1, dtype=np.int64)
+    np.cumsum(np.bincount(fp, minlength=num_points), out=feature_offsets[1:])
+    return XMCData(F, L, feature_offsets, fid.astype(np.int64), values, label_offsets, labels.astype(np.int64))
+
+
+def generate_split(num_train: int = 20_000, num_test: int = 5_000, seed: int = 0, **kwargs) -> tuple[XMCData, XMCData]:
+    """Train and test sets drawn from one synthetic distribution (:func:`generate`), disjoint points."""
+    data = generate(num_train + num_test, seed=seed, **kwargs)
+    return data.subset(np.arange(num_train)), data.subset(np.arange(num_train, num_train + num_test))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write synthetic XMC train/test files in the Extreme "
+                                                 "Classification Repository text format.")
+    parser.add_argument("--out-dir", default="data/xmc_synthetic", help="folder for train.txt and test.txt")
+    parser.add_argument("--train-points", type=int, default=20_000)
+    parser.add_argument("--test-points", type=int, default=5_000)
+    parser.add_argument("--features", type=int, default=100_000)
+    parser.add_argument("--labels", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    train, test = generate_split(args.train_points, args.test_points, seed=args.seed, num_features=args.features,
+                                 num_labels=args.labels)
+    for name, data in (("train", train), ("test", test)):
+        path = os.path.join(args.out_dir, f"{name}.txt")
+        write_xmc(path, data)
+        print(f"wrote {path}: {data.summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The XMC data module of the extreme-classification demo (examples/xmc_data.py): format and generator."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import xmc_data  # noqa: E402
+from xmc_data import XMCData, XMCFormatError, generate, read_xmc, write_xmc  # noqa: E402
+
+FIELDS = ("feature_offsets", "feature_ids", "feature_values", "label_offsets", "label_ids")
+
+
+def assert_same(a: XMCData, b: XMCData):
+    assert (a.num_features, a.num_labels, len(a)) == (b.num_features, b.num_labels, len(b))
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def small(**kw):
+    return generate(300, num_features=500, num_labels=1000, seed=3, **kw)
+
+
+def test_generate_is_seeded_and_well_formed():
+    a, b, c = small(), small(), generate(300, num_features=500, num_labels=1000, seed=4)
+    assert_same(a, b)
+    assert not np.array_equal(a.label_ids, c.label_ids)
+    assert a.feature_ids.dtype == np.int64 and a.feature_values.dtype == np.float32
+    assert a.feature_ids.min() >= 0 and a.feature_ids.max() < 500
+    assert a.label_ids.min() >= 0 and a.label_ids.max() < 1000
+    for i in range(len(a)):
+        ids, values = a.features_of(i)
+        labels = a.labels_of(i)
+        assert len(labels) >= 1 and np.all(np.diff(labels) > 0)  # sorted, no duplicates
+        assert np.all(np.diff(ids) > 0) and np.all(values > 0)
+        np.testing.assert_allclose(np.linalg.norm(values), 1.0, rtol=1e-5)
+
+
+def test_round_trip_generate_write_read(tmp_path):
+    data = small()
+    path = tmp_path / "train.txt"
+    write_xmc(str(path), data)
+    assert path.read_text().splitlines()[0] == "300 500 1000"
+    assert_same(read_xmc(str(path)), data)
+    head = read_xmc(str(path), max_points=7)
+    assert_same(head, data.subset(np.arange(7)))
+
+
+def test_round_trip_points_without_labels_or_features(tmp_path):
+    data = XMCData(10, 5, np.array([0, 2, 2, 3]), np.array([1, 7, 9]), np.array([0.5, 0.25, 1.5], np.float32),
+                   np.array([0, 0, 2, 3]), np.array([0, 4, 2]))
+    path = tmp_path / "d.txt"
+    write_xmc(str(path), data)
+    assert path.read_text().splitlines()[1:] == [" 1:0.5 7:0.25", "0,4 ", "2 9:1.5"]
+    assert_same(read_xmc(str(path)), data)
+
+
+def test_reads_the_repository_layout(tmp_path):
+    path = tmp_path / "r.txt"
+    path.write_text("3 6 4\n1,3 0:0.5 5:1e-2\n2:1\n0\n")  # no labels on line 3, no features on line 4
+    data = read_xmc(str(path))
+    assert [list(data.labels_of(i)) for i in range(3)] == [[1, 3], [], [0]]
+    assert [list(data.features_of(i)[0]) for i in range(3)] == [[0, 5], [2], []]
+    np.testing.assert_allclose(data.feature_values, [0.5, 0.01, 1.0])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("3 6\n", r":1: header"),
+    ("a b c\n", r":1: header"),
+    ("2 6 4\n1 0:0.5\n2 1:x\n", r":3: bad feature '1:x'"),
+    ("2 6 4\n1 0:0.5\n2 15\n", r":3: bad feature '15'"),
+    ("2 6 4\n1 0:0.5\n1,a 1:1\n", r":3: bad label 'a'"),
+    ("2 6 4\n1 0:0.5\n9 1:1\n", r":3: label 9 out of range"),
+    ("2 6 4\n1 6:0.5\n0 1:1\n", r":2: feature id 6 out of range"),
+    ("3 6 4\n1 0:0.5\n0 1:1\n", r":4: the file ends after 2 points but the header says 3"),
+    ("1 6 4\n1 0:0.5\n0 1:1\n", r":3: more points than the header's 1"),
+])
+def test_malformed_files_name_the_line(tmp_path, text, match):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(XMCFormatError, match=match):
+        read_xmc(str(path))
+    assert issubclass(XMCFormatError, ValueError)
+
+
+def test_label_frequencies_follow_a_power_law():
+    data = generate(20_000, num_features=20_000, num_labels=20_000, alpha=1.0, seed=0)
+    counts = np.sort(data.label_counts())[::-1].astype(float)
+    ranks = np.arange(1, len(counts) + 1)
+    mid = slice(20, 2000)  # past the flat head (rank_offset), before counts of 0-2 make it noisy
+    slope = np.polyfit(np.log(ranks[mid]), np.log(counts[mid]), 1)[0]
+    assert -1.3 < slope < -0.7
+    assert counts[0] > 50 * np.median(counts)  # a few labels on many points, most on few
+
+
+def test_features_are_informative_of_labels():
+    # A nearest-centroid rule on the raw features beats predicting the most popular label by far.
+    train, test = xmc_data.generate_split(4000, 1000, num_features=5000, num_labels=2000, seed=1)
+    w = np.zeros((train.num_labels, train.num_features))
+    for i in range(len(train)):
+        ids, values = train.features_of(i)
+        for label in train.labels_of(i):
+            w[label, ids] += values
+    hits = popular_hits = 0
+    popular = np.argmax(train.label_counts())
+    for i in range(len(test)):
+        ids, values = test.features_of(i)
+        hits += np.argmax(w[:, ids] @ values) in test.labels_of(i)
+        popular_hits += popular in test.labels_of(i)
+    assert hits / len(test) > 0.4 and hits > 5 * popular_hits
+
+
+def test_batch_tensors_feed_embedding_bag():
+    import torch
+
+    data = small()
+    ids, offsets, values, labels = data.batch([5, 0, 7])
+    assert ids.dtype == offsets.dtype == labels.dtype == torch.int64 and values.dtype == torch.float32
+    bag = torch.nn.EmbeddingBag(data.num_features, 4, mode="sum")
+    out = bag(ids, offsets, per_sample_weights=values)
+    f_ids, f_vals = data.features_of(0)
+    torch.testing.assert_close(out[1], (bag.weight[torch.from_numpy(f_ids)] * torch.from_numpy(f_vals)[:, None]).sum(0))
+    for row, i in zip(labels.tolist(), [5, 0, 7]):
+        assert [l for l in row if l >= 0] == data.labels_of(i).tolist()
+    assert sum(len(b[3]) for b in data.batches(64)) == len(data)
