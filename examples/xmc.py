@@ -1,0 +1,453 @@
+"""Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU.
+
+    python examples/xmc.py                      # synthetic data, 100,000 labels: a few minutes on 2 cores
+    python examples/xmc.py --quick              # a smaller run (about a minute)
+    python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
+    python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
+    python examples/xmc.py --help
+
+The network is SLIDE's: sparse input features -> ``nn.EmbeddingBag`` (sum of feature embeddings
+weighted by the feature values) -> 128 hidden units (ReLU) -> one output per label. The same
+network, from the same initial weights, on the same batches, is trained with three output layers:
+
+  lsh     LSHLinear.forward_sparse(h, labels) + lsh_torch.sparse_cross_entropy: each step computes
+          the labels plus the outputs the hash tables find (``--active`` of them), softmax over those
+  random  the same machinery with ``selection="random"``: labels plus uniformly random outputs,
+          the same budget (a sampled softmax; the baseline that shows what the hashing is worth)
+  dense   nn.Linear + full softmax over every label (F.cross_entropy, the target mass spread
+          evenly over a point's labels)
+
+Optimizers: the input embedding is sparse (``sparse=True``) in all three and uses
+``torch.optim.SparseAdam``, so the output layer is the only difference; the LSH and random output
+layers have row-sparse gradients (``sparse_grad=True``) and use SparseAdam too; the dense output
+layer and the hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
+with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
+layer's); the LSH top-k (``exact=False``, candidates from the tables only) is reported too.
+
+Wall time counts training steps only (evaluation excluded). Results: a table on stdout, a PNG
+of P@1 against training wall time (``--plot``) and a JSON of every curve (``--json``).
+"""
+from __future__ import annotations
+
+import os
+
+# Threads that wait for work by sleeping, not spinning: on a machine shared with other processes,
+# spinning OpenMP threads make the small ops of a sparse step 10-100x slower (measured: the LSH
+# step at 100,000 outputs, 2 threads on 2 busy cores, 706 ms spinning vs 47 ms passive). Set
+# before torch loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # xmc_data next to this file
+import xmc_data  # noqa: E402
+
+import lsh_torch  # noqa: E402
+from lsh_torch import GrowingSchedule, LSHLinear, sparse_cross_entropy  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(os.path.dirname(HERE), "benchmarks", "results")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+class XMCNet(nn.Module):
+    """Sparse features -> EmbeddingBag(sum, per-sample weights) + bias -> ReLU -> output layer."""
+
+    def __init__(self, num_features: int, num_labels: int, hidden: int = 128, output: nn.Module | None = None):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(num_features, hidden, mode="sum", sparse=True)
+        nn.init.normal_(self.embed.weight, std=1.0)  # values are L2-normalized: hidden units ~ N(0, 1)
+        self.hidden_bias = nn.Parameter(torch.zeros(hidden))
+        self.out = output if output is not None else nn.Linear(hidden, num_labels)
+
+    def hidden(self, ids: Tensor, offsets: Tensor, values: Tensor) -> Tensor:
+        return torch.relu(self.embed(ids, offsets, per_sample_weights=values) + self.hidden_bias)
+
+
+def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XMCNet:
+    """The network with an output layer of ``kind`` ("dense", "lsh" or "random"); same init for all."""
+    torch.manual_seed(args.seed)
+    net = XMCNet(data.num_features, data.num_labels, args.hidden)
+    if kind != "dense":
+        net.out = LSHLinear.from_linear(
+            net.out, active=budget, mode=mode, selection="lsh" if kind == "lsh" else "random",
+            num_tables=args.tables, bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
+            rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed)
+    return net
+
+
+def rebuild_schedule(spec: str):
+    """``"growing"`` (the library default), ``"growing:INITIAL:GROWTH:MAX"`` or an int period."""
+    if spec.startswith("growing"):
+        parts = spec.split(":")[1:]
+        if not parts:
+            return GrowingSchedule()
+        return GrowingSchedule(int(parts[0]), float(parts[1]), int(parts[2]))
+    return int(spec)
+
+
+def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float) -> list[torch.optim.Optimizer]:
+    opts = [torch.optim.SparseAdam([net.embed.weight], lr=lr)]
+    if kind == "dense":
+        opts.append(torch.optim.Adam([{"params": [net.hidden_bias], "lr": lr},
+                                      {"params": net.out.parameters(), "lr": out_lr}]))
+    else:
+        opts.append(torch.optim.Adam([net.hidden_bias], lr=lr))
+        opts.append(torch.optim.SparseAdam(list(net.out.parameters()), lr=out_lr))
+    return opts
+
+
+def loss_fn(net: XMCNet, kind: str, batch) -> Tensor:
+    ids, offsets, values, labels = batch
+    h = net.hidden(ids, offsets, values)
+    if kind == "dense":
+        logits = net.out(h)
+        target = torch.zeros_like(logits)
+        valid = labels >= 0
+        target.scatter_(1, labels.clamp_min(0), valid.to(logits.dtype))
+        count = target.sum(1, keepdim=True)
+        loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none")
+        return loss.sum() / (count > 0).sum().clamp_min(1)
+    return sparse_cross_entropy(net.out.forward_sparse(h, labels), labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def precision_at(top: Tensor, labels: Tensor, ks=(1, 3, 5)) -> dict[str, float]:
+    """P@k over all points: the fraction of the top k predictions that are true labels, averaged."""
+    hit = (top.unsqueeze(2) == labels.unsqueeze(1)).any(2).float()  # [n, kmax]
+    return {f"P@{k}": float(hit[:, :k].sum(1).div(k).mean()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 1024, exact: bool = True,
+             k: int = 5) -> tuple[dict[str, float], float]:
+    """Precision@1,3,5 on ``data`` and the seconds the top-k took (hidden layer excluded)."""
+    was_training = net.training
+    net.eval()
+    tops, seconds = [], 0.0
+    for ids, offsets, values, _ in data.batches(batch_size, shuffle=False):
+        h = net.hidden(ids, offsets, values)
+        start = time.perf_counter()
+        if kind == "dense":
+            top = net.out(h).topk(k, dim=1).indices
+        else:
+            top = net.out.topk(h, k, exact=exact)[1]
+        seconds += time.perf_counter() - start
+        tops.append(top)
+    net.train(was_training)
+    return precision_at(torch.cat(tops), data.batch(np.arange(len(data)))[3]), seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+@dataclass
+class Run:
+    name: str
+    kind: str
+    mode: str
+    budget: int
+    curve: list = field(default_factory=list)  # (train seconds, step, epoch, P@1 on the eval subset)
+    epoch_seconds: list = field(default_factory=list)
+    train_seconds: float = 0.0
+    rebuilds: int = 0
+    rebuild_seconds: float = 0.0
+    steps: int = 0
+    final: dict = field(default_factory=dict)
+    lsh_topk: dict = field(default_factory=dict)
+
+
+def min_budget(data: xmc_data.XMCData, batch_size: int, epochs: int, seed: int, mode: str) -> int:
+    """The fewest active outputs that hold every batch's labels (shared) or every point's (per row)."""
+    counts = np.diff(data.label_offsets)
+    if mode == "per_row":
+        return int(counts.max(initial=1))
+    need = 1
+    for epoch in range(epochs):
+        order = np.random.default_rng(seed + epoch).permutation(len(data))
+        for start in range(0, len(data), batch_size):
+            _, sel = xmc_data._gather_csr(data.label_offsets, order[start:start + batch_size])
+            need = max(need, len(np.unique(data.label_ids[sel])))
+    return need
+
+
+def train(run: Run, train_data, eval_data, test_data, args) -> Run:
+    net = build(run.kind, run.mode, train_data, args, run.budget)
+    out_lr = args.out_lr if args.out_lr is not None else args.lr
+    opts = optimizers(net, run.kind, args.lr, out_lr)
+    epochs = args.dense_epochs if run.kind == "dense" else args.epochs
+    steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
+    eval_every = max(1, round(steps_per_epoch * args.eval_every))
+    rebuild_timer = _RebuildTimer(net.out) if run.kind != "dense" else None
+    run.curve.append((0.0, 0, 0.0, evaluate(net, run.kind, eval_data)[0]["P@1"]))
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{run.name:>14}", unit="step", leave=True, dynamic_ncols=True,
+               file=sys.stdout, mininterval=1.0)
+    net.train()
+    for epoch in range(epochs):
+        epoch_start = run.train_seconds
+        batches = train_data.batches(args.batch_size, seed=args.seed + epoch)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            loss = loss_fn(net, run.kind, batch)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            run.train_seconds += time.perf_counter() - start
+            run.steps += 1
+            bar.update(1)
+            if run.steps % eval_every == 0 or run.steps == epochs * steps_per_epoch:
+                p1 = evaluate(net, run.kind, eval_data)[0]["P@1"]
+                run.curve.append((run.train_seconds, run.steps, run.steps / steps_per_epoch, p1))
+                bar.set_postfix(loss=f"{loss.item():.3f}", P1=f"{p1:.3f}", t=f"{run.train_seconds:.0f}s")
+        run.epoch_seconds.append(run.train_seconds - epoch_start)
+    bar.close()
+    if rebuild_timer is not None:
+        run.rebuilds, run.rebuild_seconds = rebuild_timer.count, rebuild_timer.seconds
+    run.final, exact_s = evaluate(net, run.kind, test_data)
+    run.final["topk_s"] = exact_s
+    if run.kind != "dense":
+        lsh, lsh_s = evaluate(net, run.kind, test_data, exact=False)
+        run.lsh_topk = {**lsh, "topk_s": lsh_s}
+    return run
+
+
+class _RebuildTimer:
+    """Counts and times an LSHLinear's table rebuilds (wraps its ``rebuild`` method)."""
+
+    def __init__(self, layer: LSHLinear):
+        self.count, self.seconds, inner = 0, 0.0, layer.rebuild
+
+        def timed():
+            start = time.perf_counter()
+            inner()
+            self.count += 1
+            self.seconds += time.perf_counter() - start
+        layer.rebuild = timed
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def time_to_reach(curve, target: float) -> float | None:
+    for seconds, _, _, p1 in curve:
+        if p1 >= target:
+            return seconds
+    return None
+
+
+def p1_at(curve, seconds: float) -> float:
+    """P@1 of the last evaluation at or before ``seconds`` of training."""
+    best = curve[0][3]
+    for t, _, _, p1 in curve:
+        if t <= seconds + 1e-9:
+            best = p1
+    return best
+
+
+def report(runs: list[Run], popular: dict, args) -> dict:
+    print()
+    head = (f"{'output layer':<16}{'budget':>8}{'P@1':>8}{'P@3':>8}{'P@5':>8}{'train s':>9}{'s/epoch':>9}"
+            f"{'steps':>7}{'rebuilds':>12}{'LSH top-k P@1/3/5':>20}{'top-k ms':>20}")
+    print(head)
+    print("-" * len(head))
+    print(f"{'most popular':<16}{'':>8}{popular['P@1']:>8.3f}{popular['P@3']:>8.3f}{popular['P@5']:>8.3f}")
+    for r in runs:
+        lsh = (f"{r.lsh_topk['P@1']:.3f}/{r.lsh_topk['P@3']:.3f}/{r.lsh_topk['P@5']:.3f}" if r.lsh_topk else "")
+        ms = (f"{1e3 * r.final['topk_s']:.0f}" + (f" (LSH {1e3 * r.lsh_topk['topk_s']:.0f})" if r.lsh_topk else ""))
+        rebuilds = f"{r.rebuilds} ({r.rebuild_seconds:.1f}s)" if r.kind != "dense" else ""
+        print(f"{r.name:<16}{(r.budget if r.kind != 'dense' else ''):>8}{r.final['P@1']:>8.3f}{r.final['P@3']:>8.3f}"
+              f"{r.final['P@5']:>8.3f}{r.train_seconds:>9.1f}{float(np.median(r.epoch_seconds)):>9.1f}{r.steps:>7}"
+              f"{rebuilds:>12}{lsh:>20}{ms:>20}")
+    print("P@k on the full test split with exact scores; train s = training steps only (no evaluation); "
+          "s/epoch = median; top-k ms = time of the test split's top-5 (exact; LSH candidates)")
+    summary = {}
+    dense = next((r for r in runs if r.kind == "dense"), None)
+    if dense is not None:
+        best = max(p for *_, p in dense.curve)
+        print(f"\ndense: best P@1 {best:.3f} (eval subset) in {dense.train_seconds:.1f}s of training")
+        summary["dense_best_p1"] = best
+        for r in runs:
+            if r.kind == "dense":
+                continue
+            t = time_to_reach(r.curve, best - 0.01)
+            frac = None if t is None else t / dense.train_seconds
+            summary[f"{r.name}_time_to_dense_best_minus_1pt_s"] = t
+            print(f"{r.name}: reaches dense best - 1 point ({best - 0.01:.3f}) "
+                  + (f"after {t:.1f}s = {frac:.3f} of the dense wall time (target <= 0.1)" if t is not None
+                     else "never in this run"))
+    lsh_runs = [r for r in runs if r.kind == "lsh"]
+    rand_runs = {r.mode: r for r in runs if r.kind == "random"}
+    for r in lsh_runs:
+        rnd = rand_runs.get(r.mode)
+        if rnd is None:
+            continue
+        points = [t for t in (0.25, 0.5, 1.0) for t in [t * min(r.train_seconds, rnd.train_seconds)]]
+        cells = ", ".join(f"{t:.0f}s: {p1_at(r.curve, t):.3f} vs {p1_at(rnd.curve, t):.3f}" for t in points)
+        print(f"equal wall time, P@1 {r.name} vs {rnd.name}: {cells}")
+    return summary
+
+
+def plot(runs: list[Run], popular_p1: float, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([c[0] for c in r.curve], [c[3] for c in r.curve], marker="o", markersize=3, label=r.name)
+    ax.axhline(popular_p1, color="gray", linestyle=":", label="most popular label")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training wall time (s, evaluation excluded)")
+    ax.set_ylabel("P@1 (test subset)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def popular_baseline(train_data, test_data) -> dict:
+    top = torch.from_numpy(np.argsort(-train_data.label_counts(), kind="stable")[:5].copy())
+    _, _, _, labels = test_data.batch(np.arange(len(test_data)))
+    return precision_at(top.expand(len(test_data), -1), labels)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="training file in the Extreme Classification Repository format "
+                                  "(default: synthetic data, see examples/xmc_data.py)")
+    g.add_argument("--test-data", help="test file in the same format (default with --data: hold out --test-fraction)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data has no --test-data")
+    g.add_argument("--max-points", type=int, help="read only the first points of --data (a quick look at a big file)")
+    g.add_argument("--generate", metavar="DIR", help="write synthetic train.txt and test.txt to DIR and exit")
+    g.add_argument("--train-points", type=int, default=20_000, help="synthetic training points")
+    g.add_argument("--test-points", type=int, default=5_000, help="synthetic test points")
+    g.add_argument("--features", type=int, default=100_000, help="synthetic feature ids")
+    g.add_argument("--labels", type=int, default=100_000, help="synthetic labels")
+    g.add_argument("--eval-points", type=int, default=1000, help="test points for the P@1-vs-time curve")
+    g = p.add_argument_group("training")
+    g.add_argument("--runs", default="lsh,random,dense",
+                   help="output layers to train, in order: lsh, random, dense, or lsh/random with a mode "
+                        "suffix (lsh-per_row, random-shared, ...)")
+    g.add_argument("--mode", default="shared", choices=["shared", "per_row"],
+                   help="LSHLinear mode for the lsh and random runs without a suffix")
+    g.add_argument("--epochs", type=int, default=5, help="epochs of the lsh and random runs")
+    g.add_argument("--dense-epochs", type=int, default=2, help="epochs of the dense run (its steps cost ~20x more)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam / SparseAdam learning rate")
+    g.add_argument("--out-lr", type=float, default=None, help="learning rate of the output layer (default: --lr)")
+    g.add_argument("--eval-every", type=float, default=0.25, help="evaluate every this many epochs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g = p.add_argument_group("LSHLinear (lsh and random runs)")
+    g.add_argument("--active", type=int, default=2048,
+                   help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
+    g.add_argument("--active-per-row", type=int, default=128, help="active outputs per point (per_row mode)")
+    g.add_argument("--tables", type=int, default=5, help="L, hash tables")
+    g.add_argument("--bits", default="auto", help="K, bits per table, or auto")
+    g.add_argument("--probes", type=int, default=10, help="buckets probed per table")
+    g.add_argument("--rebuild", default="growing", help="table rebuild schedule: growing, growing:INITIAL:GROWTH:MAX, "
+                                                       "or an int period in steps")
+    g = p.add_argument_group("output")
+    g.add_argument("--plot", default=os.path.join(RESULTS, "xmc_p1_vs_time.png"), help="PNG of P@1 against time")
+    g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")
+    g.add_argument("--quick", action="store_true",
+                   help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.train_points, args.test_points, args.epochs, args.dense_epochs = 8_000, 2_000, 2, 1
+    gen = dict(num_features=args.features, num_labels=args.labels)
+    if args.generate:
+        train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
+        for name, d in (("train", train_data), ("test", test_data)):
+            path = os.path.join(args.generate, f"{name}.txt")
+            xmc_data.write_xmc(path, d)
+            print(f"wrote {path}: {d.summary()}")
+        return {}
+    start = time.perf_counter()
+    if args.data:
+        train_data = xmc_data.read_xmc(args.data, args.max_points)
+        if args.test_data:
+            test_data = xmc_data.read_xmc(args.test_data, args.max_points)
+        else:
+            train_data, test_data = train_data.split(args.test_fraction, args.seed)
+        source = os.path.basename(args.data)
+    else:
+        train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
+        source = "synthetic"
+    print(f"data ({source}, {time.perf_counter() - start:.1f}s to load):\n  train: {train_data.summary()}\n"
+          f"  test:  {test_data.summary()}")
+    eval_data = test_data.subset(np.random.default_rng(args.seed).permutation(len(test_data))[:args.eval_points])
+    popular = popular_baseline(train_data, test_data)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
+          f"lsh_torch {lsh_torch.__version__}")
+
+    runs = []
+    for spec in [s.strip() for s in args.runs.split(",") if s.strip()]:
+        kind, _, mode = spec.partition("-")
+        if kind not in ("lsh", "random", "dense") or (mode and mode not in ("shared", "per_row")):
+            raise SystemExit(f"--runs: unknown run {spec!r}")
+        mode = mode or args.mode
+        budget = 0
+        if kind != "dense":
+            want = args.active if mode == "shared" else args.active_per_row
+            need = min_budget(train_data, args.batch_size, args.epochs, args.seed, mode)
+            budget = min(train_data.num_labels, max(want, need + 64 if mode == "shared" else need + 8))
+            if budget != want:
+                print(f"{spec}: active budget raised from {want} to {budget} to hold every batch's labels")
+        name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
+        runs.append(train(Run(name, kind, mode, budget), train_data, eval_data, test_data, args))
+
+    summary = report(runs, popular, args)
+    title = (f"{source}: {len(train_data):,} train points, {train_data.num_labels:,} labels, batch {args.batch_size}, "
+             f"{torch.get_num_threads()} threads")
+    if args.plot:
+        plot(runs, popular["P@1"], args.plot, title)
+        print(f"plot: {args.plot}")
+    result = {"args": vars(args), "data": {"train": train_data.summary(), "test": test_data.summary()},
+              "popular": popular, "summary": summary,
+              "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"json: {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
