@@ -24,7 +24,7 @@ def want_cuda():
 
 def extension():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's own
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
         # A100 and H100 by default; LSH_TORCH_CUDA_ARCH wins over TORCH_CUDA_ARCH_LIST.
@@ -37,7 +37,7 @@ def extension():
         # Never --use_fast_math: the kernels rely on IEEE sqrt/division and unfused products to
         # match the CPU kernels bit for bit (mips_transform). -lineinfo maps ncu and
         # compute-sanitizer reports to source lines at no run-time cost.
-        args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        args["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension("lsh_torch._C", sources, **args)
     return cpp_extension.CppExtension("lsh_torch._C", sources, **args)
 

@@ -52,6 +52,8 @@ def test_lazy_adam_errors():
     param, m, v, rows, grad = state()
     with pytest.raises(RuntimeError, match="row"):
         ops.lazy_adam_(param, m, v, torch.tensor([30]), grad[:1], 0.01, 0.9, 0.999, 1e-8)
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        ops.lazy_adam_(param, m, v, torch.tensor([3, 3, 7, 9]), grad, 0.01, 0.9, 0.999, 1e-8)
     with pytest.raises(RuntimeError, match="grad_rows"):
         ops.lazy_adam_(param, m, v, rows, grad[:2], 0.01, 0.9, 0.999, 1e-8)
     with pytest.raises(RuntimeError, match="shape"):

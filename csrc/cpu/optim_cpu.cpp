@@ -33,8 +33,11 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   const auto rows = rows_in.contiguous();
   const auto grad = grad_in.contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows.numel(); ++i)
+  for (int64_t i = 0; i < rows.numel(); ++i) {
     TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows, op, ": row ", rp[i], " is outside [0, ", num_rows, ")");
+    // Strictly increasing (as in a coalesced sparse gradient) means unique: no two updates race.
+    TORCH_CHECK(i == 0 || rp[i] > rp[i - 1], op, ": rows must be strictly increasing (coalesce the gradient)");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "lazy_adam_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* p = param.data_ptr<scalar_t>();

@@ -66,6 +66,15 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
   TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
               kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
   TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
+  // Tables are checked where it is cheap: offsets here (O(L * 2^K), not O(N)), item ids as the
+  // probes read them (ActiveSetBuilder::probe), so malformed tables raise instead of corrupting memory.
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t l = 0; l < num_tables; ++l) {
+    const int32_t* o = off + l * (buckets + 1);
+    TORCH_CHECK(o[0] == 0 && o[buckets] == n, op, ": offsets of table ", l, " must run from 0 to N = ", n);
+    for (int64_t k = 0; k < buckets; ++k)
+      TORCH_CHECK(o[k] <= o[k + 1], op, ": offsets of table ", l, " must be non-decreasing");
+  }
   int64_t num_labels = 0;
   if (labels.defined()) {
     TORCH_CHECK(labels.dim() == 2 && labels.scalar_type() == at::kLong && labels.size(0) == batch, op,
@@ -112,6 +121,8 @@ class ActiveSetBuilder {
       for (int64_t p = 0; p < t_.probes; ++p) {
         const uint32_t bucket = static_cast<uint32_t>(t_.code[row * t_.num_tables + l]) ^ flips_[p];
         for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
+          TORCH_CHECK(static_cast<uint32_t>(items[i]) < static_cast<uint32_t>(t_.n), "query: items hold neuron ",
+                      items[i], ", outside [0, N = ", t_.n, ")");
           Hits& h = hits_[items[i]];
           if (h == kChosen) continue;
           if (h == 0) touched_.push_back(items[i]);

@@ -29,6 +29,7 @@ __global__ void check_rows_kernel(const int64_t* __restrict__ rows, int64_t coun
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = rows[i];
     if (r < 0 || r >= num_rows) cuda::report(flag, 1, r);
+    else if (i > 0 && rows[i - 1] >= r) cuda::report(flag, 2, r);  // unique rows: no two updates race
   }
 }
 
@@ -89,7 +90,8 @@ void lazy_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
                                                                                       count, num_rows, flag.ptr());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto e = flag.read();
-  TORCH_CHECK(e[0] == 0, op, ": row ", e[1], " is outside [0, ", num_rows, ")");
+  TORCH_CHECK(e[0] != 1, op, ": row ", e[1], " is outside [0, ", num_rows, ")");
+  TORCH_CHECK(e[0] != 2, op, ": rows must be strictly increasing (coalesce the gradient)");
   if (width == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "lazy_adam_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
