@@ -39,9 +39,10 @@ class LSHTables(nn.Module):
     @torch.no_grad()
     def build(self, weight: Tensor) -> None:
         """Hash every row of ``weight`` [N, in_features] into the L tables."""
-        if self.selection == "random":  # one table with two empty buckets over N neurons
-            self.offsets = torch.zeros(1, 3, dtype=torch.int32, device=weight.device)
-            self.items = torch.zeros(1, weight.shape[0], dtype=torch.int32, device=weight.device)
+        if self.selection == "random":  # one table: bucket 0 (the only one probed) empty, bucket 1 all neurons
+            n = weight.shape[0]
+            self.offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=weight.device)
+            self.items = torch.arange(n, dtype=torch.int32, device=weight.device)[None]
             return
         if torch.compiler.is_compiling():  # traceable: no data-dependent branch in a graph
             torch._assert_async(torch.isfinite(weight).all(), "weight has non-finite values (NaN or inf): "
