@@ -29,6 +29,11 @@ def test_mips_transform_matches_reference(query, dtype):
     torch.testing.assert_close(ops.mips_transform(rows, query), ref.mips_transform(rows, query))
 
 
+def test_mips_transform_lets_non_finite_queries_through():
+    out = ops.mips_transform(torch.tensor([[1.0, float("nan")], [3.0, 4.0]]), True)
+    assert out[0].isnan().any() and torch.allclose(out[1], torch.tensor([0.6, 0.8, 0.0]))
+
+
 def test_mips_transform_preserves_inner_product_order():
     w, x = torch.randn(200, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     pw, qx = ops.mips_transform(w, False), ops.mips_transform(x[None], True)[0]
@@ -245,6 +250,7 @@ def test_op_input_errors():
     x, weight, bias, active = sparse_problem()
     cases = [
         (lambda: ops.hash_codes(torch.randn(3, 12), 3, 5), "L\\*K"),
+        (lambda: ops.mips_transform(torch.tensor([[1.0, float("nan")]]), False), "finite"),
         (lambda: ops.hash_codes(torch.randn(3, 21), 1, 21), "bits"),
         (lambda: ops.hash_codes(torch.randn(3, 0), 0, 6), "num_tables"),
         (lambda: ops.hash_codes(torch.ones(3, 4, dtype=torch.int64), 1, 4), "floating"),

@@ -38,9 +38,14 @@ at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query) {
         norms[i] = std::sqrt(s);
       }
     });
-    // Data rows share one scale (the largest norm) so that inner products keep their order.
+    // Data rows share one scale (the largest norm) so that inner products keep their order; a
+    // non-finite data row would make every row garbage, so it is an error (queries may be NaN).
     acc_t max_norm = 0;
-    for (int64_t i = 0; i < n; ++i) max_norm = std::max(max_norm, norms[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(query || std::isfinite(norms[i]), "mips_transform: rows must be finite, row ", i,
+                  " has a NaN or inf (or a norm beyond the dtype's range)");
+      max_norm = std::max(max_norm, norms[i]);
+    }
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t scale_by = query ? norms[i] : max_norm;

@@ -138,6 +138,9 @@ at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query) {
     row_norms_kernel<scalar_t, acc_t><<<blocks, 32 * kNormWarps, 0, stream>>>(
         rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), query ? nullptr : max_norm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // As on the CPU, non-finite data rows are an error (one sync, at table-build time only).
+    TORCH_CHECK(query || at::isfinite(norms).all().item<bool>(),
+                "mips_transform: rows must be finite, a row has a NaN or inf (or a norm beyond the dtype's range)");
     mips_write_kernel<scalar_t, acc_t><<<grid_for(n * (d + 1), 256), 256, 0, stream>>>(
         rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), max_norm.data_ptr<acc_t>(), query,
         out.data_ptr<scalar_t>());
