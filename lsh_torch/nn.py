@@ -14,7 +14,7 @@ from .schedules import GrowingSchedule, RebuildSchedule, as_schedule
 from .tables import LSHTables
 
 _INFERENCE_MODES = ("dense", "lsh")
-_MODES = ("per_row", "shared")
+_MODES = ("auto", "per_row", "shared")
 
 
 class SparseOutput(NamedTuple):
@@ -54,9 +54,11 @@ class LSHLinear(nn.Module):
             (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
         inference: ``"dense"`` (exact, equal to ``nn.Linear``; default) or ``"lsh"`` (eval
             output computed on the active set only, zero elsewhere).
-        mode: ``"per_row"`` (each row its own ``active`` neurons, as in the paper; default) or
-            ``"shared"`` (one set of ``active`` neurons for the whole batch: the union of the rows'
-            labels and candidates, computed as one gathered matrix product).
+        mode: ``"per_row"`` (each row its own ``active`` neurons, as in the paper), ``"shared"``
+            (one set of ``active`` neurons for the whole batch: the union of the rows' labels and
+            candidates, computed as one gathered matrix product), or ``"auto"`` (default): per row
+            in :meth:`forward`, shared in :meth:`forward_sparse`, which measured faster to the same
+            accuracy for large output layers (``benchmarks/bench_output_layer.py``, ``examples/xmc.py``).
         selection: ``"lsh"`` (default) or ``"random"``: uniformly random active neurons (labels
             still forced), the baseline that shows what the hashing is worth.
 
@@ -70,7 +72,7 @@ class LSHLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.05,
                  rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
-                 mode: str = "per_row", selection: str = "lsh"):
+                 mode: str = "auto", selection: str = "lsh"):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
@@ -128,22 +130,24 @@ class LSHLinear(nn.Module):
         self.tables.build(self.weight)
         self._stale = False
 
-    def active_set(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` in shared mode.
+    def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None) -> Tensor:
+        """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` shared.
 
-        ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first.
+        ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first. ``shared``
+        defaults to ``mode == "shared"``.
         """
+        if shared is None:
+            shared = self.mode == "shared"
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
-        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed,
-                                 shared=self.mode == "shared")
+        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed, shared=shared)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, self.weight, self.bias)
-        values, active = self._sparse(input.reshape(-1, self.in_features), None)
+        values, active = self._sparse(input.reshape(-1, self.in_features), None, shared=self.mode == "shared")
         out = values.new_zeros(values.shape[0], self.out_features)
         out = out.index_copy(1, active, values) if active.dim() == 1 else out.scatter(1, active, values)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -164,18 +168,21 @@ class LSHLinear(nn.Module):
                 raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                                  f"got {tuple(labels.shape)}")
             labels = labels.reshape(-1, 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
-        values, active = self._sparse(input.reshape(-1, self.in_features), labels)
+        values, active = self._sparse(input.reshape(-1, self.in_features), labels, shared=self.mode != "per_row")
         values = values.reshape(*batch_shape, values.shape[-1])
         return SparseOutput(values, active if active.dim() == 1 else active.reshape(*batch_shape, active.shape[-1]))
 
-    def _sparse(self, x: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        active = self._training_active_set(x, labels) if self.training else self.active_set(x, labels)
+    def _sparse(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+        if self.training:
+            active = self._training_active_set(x, labels, shared)
+        else:
+            active = self.active_set(x, labels, shared)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
         return values, active
 
     @torch.compiler.disable
-    def _training_active_set(self, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+    def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> Tensor:
         """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
         the step's seed, count the step. Always eager: under ``torch.compile`` this is one graph
         break per layer and training forward (the schedule branches on a Python step counter, which
@@ -183,7 +190,7 @@ class LSHLinear(nn.Module):
         carries no gradient, so the differentiable part around it is compiled in full."""
         if self.schedule is not None and self.schedule(self.step):
             self._mark_stale()
-        active = self.active_set(x, labels)
+        active = self.active_set(x, labels, shared)
         self.step += 1
         return active
 

@@ -38,6 +38,15 @@ def test_dropin_forward_in_shared_mode_equals_scatter_of_forward_sparse(mode):
     assert int((dense != 0).sum()) <= idx.numel()
 
 
+def test_auto_mode_is_per_row_for_forward_and_shared_for_forward_sparse():
+    layer = LSHLinear(16, 300, active=30)
+    assert layer.mode == "auto"
+    x = torch.randn(4, 16)
+    assert ((layer(x) != 0).sum(1) == 30).all()  # each row its own 30
+    assert layer.forward_sparse(x).indices.shape == (30,)
+    assert layer.active_set(x).shape == (4, 30)
+
+
 def test_sparse_cross_entropy_equals_cross_entropy_over_active_logits():
     values = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     indices = torch.tensor([[3, 1, 0, 9, 8, 7]] * 4)
