@@ -29,9 +29,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
                          f"got {tuple(labels.shape)}")
     logits = values.reshape(-1, values.shape[-1])
     labels = labels.reshape(logits.shape[0], -1)
-    idx = indices.reshape(-1, indices.shape[-1]) if indices.dim() > 1 else indices.expand(logits.shape[0], -1)
-    hit = (idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)  # [rows, M, A]
-    target = hit.any(1).to(logits.dtype)
+    target = _label_mask(indices, labels, logits.shape).to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
     loss = -(target * torch.log_softmax(logits.float(), dim=1).to(logits.dtype)).sum(1)
@@ -40,3 +38,18 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (count > 0).sum().clamp_min(1)
+
+
+def _label_mask(indices: Tensor, labels: Tensor, shape) -> Tensor:
+    """``mask[r, a]``: is ``indices[(r,) a]`` one of row r's labels. Shared indices ``[A]`` are looked
+    up by binary search (O(A log A + rows*M log A)); per-row ``[rows, A]`` by comparison."""
+    if indices.dim() > 1:
+        idx = indices.reshape(-1, indices.shape[-1])
+        return ((idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)).any(1)
+    order = indices.argsort()
+    sorted_indices = indices[order]
+    pos = torch.searchsorted(sorted_indices, labels).clamp_max(max(indices.shape[0] - 1, 0))
+    found = (labels >= 0) & (sorted_indices[pos] == labels) if indices.shape[0] else torch.zeros_like(labels, dtype=torch.bool)
+    mask = torch.zeros(shape, dtype=torch.bool, device=labels.device)
+    rows = torch.arange(shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    return mask.index_put_((rows[found], order[pos[found]]), torch.ones((), dtype=torch.bool, device=labels.device))
