@@ -18,11 +18,12 @@ def make_projection(in_features: int, num_tables: int, bits: int, seed: int, dev
     return torch.randn(in_features + 1, num_tables * bits, generator=gen).to(device)
 
 
-def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int) -> Tensor:
-    """Codes ``[N, L]`` of the neurons' weight rows (data side of the asymmetric transform)."""
+def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True) -> Tensor:
+    """Codes ``[N, L]`` of the neurons' weight rows: the data side of the asymmetric transform, or
+    with ``asymmetric=False`` the rows' directions alone (plain angular SimHash, blind to norms)."""
     # Hashing runs in float32 whatever the layer's dtype (``module.to(dtype)`` may have cast the
     # projection; float32 values survive the round trip exactly).
-    projected = ops.mips_transform(weight.detach().float(), False) @ projection.float()
+    projected = ops.mips_transform(weight.detach().float(), not asymmetric) @ projection.float()
     return ops.hash_codes(projected, num_tables, bits)[0]
 
 

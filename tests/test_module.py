@@ -245,3 +245,17 @@ def test_forward_errors():
         layer.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         layer.rebuild()
+
+
+def test_asymmetric_false_hashes_directions_only():
+    layer = LSHLinear(16, 300, active=20, asymmetric=False, rebuild=None)
+    layer.rebuild()
+    items = layer.tables.items.clone()
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(300, 1) * 10 + 0.1)  # rescale each row: same directions
+    layer.rebuild()
+    assert torch.equal(layer.tables.items, items)
+    mips = LSHLinear(16, 300, active=20, rebuild=None)
+    mips.load_state_dict(layer.state_dict())
+    mips.rebuild()
+    assert not torch.equal(mips.tables.items, items)  # the asymmetric transform sees the norms
