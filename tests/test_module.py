@@ -204,7 +204,7 @@ def test_non_contiguous_and_empty_inputs():
 
 
 def test_budget_parsing():
-    assert LSHLinear(4, 1000).budget == 50
+    assert LSHLinear(4, 1000).budget == 250
     assert LSHLinear(4, 1000, active=0.1).budget == 100
     assert LSHLinear(4, 10, active=0.01).budget == 1
     assert LSHLinear(4, 10, active=10).budget == 10
