@@ -18,12 +18,19 @@ def make_projection(in_features: int, num_tables: int, bits: int, seed: int, dev
     return torch.randn(in_features + 1, num_tables * bits, generator=gen).to(device)
 
 
-def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True) -> Tensor:
+def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True,
+              center: bool = False) -> Tensor:
     """Codes ``[N, L]`` of the neurons' weight rows: the data side of the asymmetric transform, or
-    with ``asymmetric=False`` the rows' directions alone (plain angular SimHash, blind to norms)."""
+    with ``asymmetric=False`` the rows' directions alone (plain angular SimHash, blind to norms).
+    ``center`` hashes ``w_j - mean_j(w_j)``: every output shifts by the same ``mean·x``, so a
+    softmax and its top-k are unchanged, while the direction all rows share stops crowding them
+    into a few buckets."""
     # Hashing runs in float32 whatever the layer's dtype (``module.to(dtype)`` may have cast the
     # projection; float32 values survive the round trip exactly).
-    projected = ops.mips_transform(weight.detach().float(), not asymmetric) @ projection.float()
+    rows = weight.detach().float()
+    if center:
+        rows = rows - rows.mean(0)
+    projected = ops.mips_transform(rows, not asymmetric) @ projection.float()
     return ops.hash_codes(projected, num_tables, bits)[0]
 
 

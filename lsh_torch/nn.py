@@ -68,6 +68,11 @@ class LSHLinear(nn.Module):
             transform scales every row by the largest norm: when most norms sit far below it, the
             appended coordinate dominates and rows crowd into few buckets (a trained 100K-label
             output layer: 55,607 rows in one bucket, against 714 with ``asymmetric=False``).
+        center: hash the rows minus their mean row. For softmax output layers this changes no
+            probability or ranking (every logit moves by the same ``mean·x``) and undoes the
+            direction trained rows share (a 50K-word LM head: one bucket held 14K words; centering
+            raised top-10 recall from 0.4-2.4% to 11% in a quick check). Off by default: a ReLU
+            hidden layer's outputs do depend on it.
 
     Shape:
         Input ``[*, in_features]``, output ``[*, out_features]``. In training, outputs outside a
@@ -79,7 +84,7 @@ class LSHLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.25,
                  rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
-                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = True):
+                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = True, center: bool = False):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
@@ -102,7 +107,7 @@ class LSHLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
-                                asymmetric=asymmetric)
+                                asymmetric=asymmetric, center=center)
         self._stale = True
         self.register_load_state_dict_post_hook(lambda module, _: module._mark_stale())
         self.reset_parameters()

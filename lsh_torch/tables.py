@@ -22,7 +22,7 @@ class LSHTables(nn.Module):
     """
 
     def __init__(self, in_features: int, num_tables: int, bits: int, probes: int, seed: int, device=None,
-                 selection: str = "lsh", asymmetric: bool = True):
+                 selection: str = "lsh", asymmetric: bool = True, center: bool = False):
         super().__init__()
         check_int("num_tables", num_tables, 1, MAX_TABLES)
         check_int("bits", bits, 1, MAX_BITS)
@@ -30,7 +30,7 @@ class LSHTables(nn.Module):
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.num_tables, self.bits, self.probes, self.selection = num_tables, bits, probes, selection
-        self.asymmetric = bool(asymmetric)
+        self.asymmetric, self.center = bool(asymmetric), bool(center)
         self.register_buffer("projection", hashing.make_projection(in_features, num_tables, bits, seed, device),
                              persistent=False)
         self.register_buffer("offsets", torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32, device=device),
@@ -46,7 +46,8 @@ class LSHTables(nn.Module):
             self.items = torch.arange(n, dtype=torch.int32, device=weight.device)[None]
             return
         try:  # the transform checks finiteness in its pass over the rows (a separate check cost 40% of a rebuild)
-            codes = hashing.row_codes(weight, self.projection, self.num_tables, self.bits, self.asymmetric)
+            codes = hashing.row_codes(weight, self.projection, self.num_tables, self.bits, self.asymmetric,
+                                        self.center)
         except RuntimeError as error:
             if "must be finite" not in str(error):
                 raise
@@ -68,4 +69,4 @@ class LSHTables(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "
-                f"asymmetric={self.asymmetric}")
+                f"asymmetric={self.asymmetric}, center={self.center}")

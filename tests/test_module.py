@@ -259,3 +259,17 @@ def test_asymmetric_false_hashes_directions_only():
     mips.load_state_dict(layer.state_dict())
     mips.rebuild()
     assert not torch.equal(mips.tables.items, items)  # the asymmetric transform sees the norms
+
+
+def test_center_ignores_a_shared_row_offset():
+    layer = LSHLinear(16, 300, active=20, center=True, rebuild=None)
+    layer.rebuild()
+    items = layer.tables.items.clone()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(16) * 5)  # every row moves by the same vector
+    layer.rebuild()
+    assert torch.equal(layer.tables.items, items)
+    plain = LSHLinear(16, 300, active=20, rebuild=None)
+    plain.load_state_dict(layer.state_dict())
+    plain.rebuild()
+    assert not torch.equal(plain.tables.items, items)
