@@ -8,28 +8,18 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "op_checks.h"
+
 namespace lsh_torch {
 namespace {
 
 void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
   const char* op = "lazy_adam_";
-  TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
-              ": param, exp_avg and exp_avg_sq must be contiguous");
-  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
-              ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
-                  grad_in.scalar_type() == param.scalar_type(),
-              op, ": param, exp_avg, exp_avg_sq and grad_rows must share one dtype");
+  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, beta1, beta2, eps, op);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&param, &exp_avg, &exp_avg_sq, &rows_in, &grad_in})
     TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got one on ", t->device());
-  TORCH_CHECK(rows_in.dim() == 1 && rows_in.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
-              rows_in.scalar_type(), " of shape ", rows_in.sizes());
-  const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
-  TORCH_CHECK(grad_in.dim() == param.dim() && grad_in.size(0) == rows_in.size(0) && grad_in.numel() == rows_in.size(0) * width,
-              op, ": grad_rows must be [U, *param.shape[1:]] with U = ", rows_in.size(0), ", got ", grad_in.sizes());
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
-              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  const int64_t num_rows = param.size(0);
   const auto rows = rows_in.contiguous();
   const auto grad = grad_in.contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();

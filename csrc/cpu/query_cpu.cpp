@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lsh_common.h"
+#include "op_checks.h"
 
 namespace lsh_torch {
 namespace {
@@ -43,29 +44,11 @@ struct Tables {
 Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
                       const at::Tensor& items, int64_t probes, int64_t budget, const at::Tensor& labels,
                       const char* op) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt, op, ": codes must be int32 [B, L], got ",
-              codes.scalar_type(), " of shape ", codes.sizes());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, op,
-              ": offsets must be int32 [L, 2^K + 1], got ", offsets.scalar_type(), " of shape ", offsets.sizes());
-  TORCH_CHECK(items.dim() == 2 && items.scalar_type() == at::kInt, op, ": items must be int32 [L, N], got ",
-              items.scalar_type(), " of shape ", items.sizes());
+  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, labels, op);
   for (const at::Tensor* t : {&codes, &margins, &offsets, &items})
     TORCH_CHECK(t->device().is_cpu(), op, ": all inputs must be CPU tensors, got one on ", t->device());
-  const int64_t batch = codes.size(0), num_tables = codes.size(1), n = items.size(1);
-  const int64_t buckets = offsets.size(1) - 1;
-  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits), op,
-              ": offsets must have 2^K + 1 columns with 1 <= K <= ", kMaxBits, ", got ", offsets.size(1));
-  const int64_t bits = __builtin_ctzll(static_cast<uint64_t>(buckets));
-  TORCH_CHECK(offsets.size(0) == num_tables && items.size(0) == num_tables, op,
-              ": codes, offsets and items must agree on the number of tables L, got ", num_tables, ", ",
-              offsets.size(0), " and ", items.size(0));
-  TORCH_CHECK(margins.dim() == 2 && margins.scalar_type() == at::kFloat && margins.size(0) == batch &&
-                  margins.size(1) == num_tables * bits,
-              op, ": margins must be float32 [B, L*K] = [", batch, ", ", num_tables * bits, "], got ",
-              margins.scalar_type(), " of shape ", margins.sizes());
-  TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
-              kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
-  TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
+  const int64_t batch = shape.batch, num_tables = shape.num_tables, n = shape.n, buckets = shape.buckets;
+  const int64_t bits = shape.bits, num_labels = shape.num_labels;
   // Tables are checked where it is cheap: offsets here (O(L * 2^K), not O(N)), item ids as the
   // probes read them (ActiveSetBuilder::probe), so malformed tables raise instead of corrupting memory.
   const int32_t* off = offsets.data_ptr<int32_t>();
@@ -75,13 +58,8 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
     for (int64_t k = 0; k < buckets; ++k)
       TORCH_CHECK(o[k] <= o[k + 1], op, ": offsets of table ", l, " must be non-decreasing");
   }
-  int64_t num_labels = 0;
   if (labels.defined()) {
-    TORCH_CHECK(labels.dim() == 2 && labels.scalar_type() == at::kLong && labels.size(0) == batch, op,
-                ": labels must be int64 [B, M] with B = ", batch, ", got ", labels.scalar_type(), " of shape ",
-                labels.sizes());
     TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
-    num_labels = labels.size(1);
     const int64_t* lab = labels.data_ptr<int64_t>();
     for (int64_t i = 0; i < labels.numel(); ++i)
       TORCH_CHECK(lab[i] >= -1 && lab[i] < n, op, ": labels must be in [0, N = ", n, ") or -1 for padding, got ",

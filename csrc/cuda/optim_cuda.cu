@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "cuda_common.cuh"
+#include "op_checks.h"
 
 namespace lsh_torch {
 namespace {
@@ -57,28 +58,14 @@ __global__ void lazy_adam_kernel(scalar_t* __restrict__ p, scalar_t* __restrict_
 void lazy_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
                     const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
   const char* op = "lazy_adam_";
-  TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
-              ": param, exp_avg and exp_avg_sq must be contiguous");
-  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
-              ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
-                  grad_in.scalar_type() == param.scalar_type(),
-              op, ": param, exp_avg, exp_avg_sq and grad_rows must share one dtype");
-  TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ", param.scalar_type());
+  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, beta1, beta2, eps, op);
   cuda::check_cuda(param, "param", op);
   const at::Device device = param.device();
   cuda::check_same_device(exp_avg, device, "exp_avg", op);
   cuda::check_same_device(exp_avg_sq, device, "exp_avg_sq", op);
   cuda::check_same_device(rows_in, device, "rows", op);
   cuda::check_same_device(grad_in, device, "grad_rows", op);
-  TORCH_CHECK(rows_in.dim() == 1 && rows_in.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
-              rows_in.scalar_type(), " of shape ", rows_in.sizes());
-  const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
-  TORCH_CHECK(grad_in.dim() == param.dim() && grad_in.size(0) == rows_in.size(0) &&
-                  grad_in.numel() == rows_in.size(0) * width,
-              op, ": grad_rows must be [U, *param.shape[1:]] with U = ", rows_in.size(0), ", got ", grad_in.sizes());
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
-              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  const int64_t num_rows = param.size(0);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto rows = rows_in.contiguous();

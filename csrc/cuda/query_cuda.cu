@@ -45,6 +45,7 @@
 
 #include "cuda_common.cuh"
 #include "lsh_common.h"
+#include "op_checks.h"
 
 namespace lsh_torch {
 namespace {
@@ -470,58 +471,31 @@ struct QueryInputs {
   int64_t batch, num_tables, n, buckets, bits, num_labels;
 };
 
-// The CPU's checks and messages (check_and_view in query_cpu.cpp), plus device checks.
+// The shared checks (op_checks.h), plus device checks.
 QueryInputs check_query(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
                         const at::Tensor& items, int64_t probes, int64_t budget,
                         const std::optional<at::Tensor>& labels_in, const char* op) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt, op, ": codes must be int32 [B, L], got ",
-              codes.scalar_type(), " of shape ", codes.sizes());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, op,
-              ": offsets must be int32 [L, 2^K + 1], got ", offsets.scalar_type(), " of shape ", offsets.sizes());
-  TORCH_CHECK(items.dim() == 2 && items.scalar_type() == at::kInt, op, ": items must be int32 [L, N], got ",
-              items.scalar_type(), " of shape ", items.sizes());
+  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, labels_in, op);
   cuda::check_cuda(codes, "codes", op);
   const at::Device device = codes.device();
   cuda::check_same_device(margins, device, "margins", op);
   cuda::check_same_device(offsets, device, "offsets", op);
   cuda::check_same_device(items, device, "items", op);
-  const int64_t batch = codes.size(0), num_tables = codes.size(1), n = items.size(1);
-  const int64_t buckets = offsets.size(1) - 1;
-  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits), op,
-              ": offsets must have 2^K + 1 columns with 1 <= K <= ", kMaxBits, ", got ", offsets.size(1));
-  const int64_t bits = __builtin_ctzll(static_cast<uint64_t>(buckets));
-  TORCH_CHECK(offsets.size(0) == num_tables && items.size(0) == num_tables, op,
-              ": codes, offsets and items must agree on the number of tables L, got ", num_tables, ", ",
-              offsets.size(0), " and ", items.size(0));
-  TORCH_CHECK(num_tables <= kMaxTables, op, ": num_tables (L) must be at most ", kMaxTables, ", got ", num_tables);
-  TORCH_CHECK(margins.dim() == 2 && margins.scalar_type() == at::kFloat && margins.size(0) == batch &&
-                  margins.size(1) == num_tables * bits,
-              op, ": margins must be float32 [B, L*K] = [", batch, ", ", num_tables * bits, "], got ",
-              margins.scalar_type(), " of shape ", margins.sizes());
-  TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
-              kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
-  TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
-  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), op, ": too many neurons (N = ", n, ")");
   QueryInputs in;
   if (labels_in.has_value() && labels_in->defined()) {
-    const at::Tensor& labels = *labels_in;
-    TORCH_CHECK(labels.dim() == 2 && labels.scalar_type() == at::kLong && labels.size(0) == batch, op,
-                ": labels must be int64 [B, M] with B = ", batch, ", got ", labels.scalar_type(), " of shape ",
-                labels.sizes());
-    cuda::check_same_device(labels, device, "labels", op);
-    TORCH_CHECK(labels.numel() < std::numeric_limits<int32_t>::max(), op, ": too many labels");
-    in.labels = labels.contiguous();
+    cuda::check_same_device(*labels_in, device, "labels", op);
+    in.labels = labels_in->contiguous();
   }
   in.codes = codes.contiguous();
   in.margins = margins.contiguous();
   in.offsets = offsets.contiguous();
   in.items = items.contiguous();
-  in.batch = batch;
-  in.num_tables = num_tables;
-  in.n = n;
-  in.buckets = buckets;
-  in.bits = bits;
-  in.num_labels = in.labels.defined() ? in.labels.size(1) : 0;
+  in.batch = shape.batch;
+  in.num_tables = shape.num_tables;
+  in.n = shape.n;
+  in.buckets = shape.buckets;
+  in.bits = shape.bits;
+  in.num_labels = shape.num_labels;
   return in;
 }
 

@@ -1,0 +1,81 @@
+// Device-independent argument checks, shared by the CPU and CUDA kernels so that both raise the
+// same messages: shapes, dtypes and limits. Device checks and checks of tensor contents stay with
+// each kernel (they differ in how they can read memory).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+
+#include "lsh_common.h"
+
+namespace lsh_torch {
+
+struct QueryShape {
+  int64_t batch, num_tables, n, buckets, bits, num_labels;
+};
+
+// query / query_shared: codes [B, L] int32, margins [B, L*K] float32, offsets [L, 2^K + 1] int32,
+// items [L, N] int32, labels [B, M] int64 (optional).
+inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
+                                   const at::Tensor& items, int64_t probes, int64_t budget,
+                                   const std::optional<at::Tensor>& labels, const char* op) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt, op, ": codes must be int32 [B, L], got ",
+              codes.scalar_type(), " of shape ", codes.sizes());
+  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, op,
+              ": offsets must be int32 [L, 2^K + 1], got ", offsets.scalar_type(), " of shape ", offsets.sizes());
+  TORCH_CHECK(items.dim() == 2 && items.scalar_type() == at::kInt, op, ": items must be int32 [L, N], got ",
+              items.scalar_type(), " of shape ", items.sizes());
+  const int64_t batch = codes.size(0), num_tables = codes.size(1), n = items.size(1);
+  const int64_t buckets = offsets.size(1) - 1;
+  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits), op,
+              ": offsets must have 2^K + 1 columns with 1 <= K <= ", kMaxBits, ", got ", offsets.size(1));
+  const int64_t bits = __builtin_ctzll(static_cast<uint64_t>(buckets));
+  TORCH_CHECK(offsets.size(0) == num_tables && items.size(0) == num_tables, op,
+              ": codes, offsets and items must agree on the number of tables L, got ", num_tables, ", ",
+              offsets.size(0), " and ", items.size(0));
+  TORCH_CHECK(num_tables <= kMaxTables, op, ": num_tables (L) must be at most ", kMaxTables, ", got ", num_tables);
+  TORCH_CHECK(margins.dim() == 2 && margins.scalar_type() == at::kFloat && margins.size(0) == batch &&
+                  margins.size(1) == num_tables * bits,
+              op, ": margins must be float32 [B, L*K] = [", batch, ", ", num_tables * bits, "], got ",
+              margins.scalar_type(), " of shape ", margins.sizes());
+  TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
+              kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
+  TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), op, ": too many neurons (N = ", n, ")");
+  int64_t num_labels = 0;
+  if (labels.has_value() && labels->defined()) {
+    TORCH_CHECK(labels->dim() == 2 && labels->scalar_type() == at::kLong && labels->size(0) == batch, op,
+                ": labels must be int64 [B, M] with B = ", batch, ", got ", labels->scalar_type(), " of shape ",
+                labels->sizes());
+    TORCH_CHECK(labels->numel() < std::numeric_limits<int32_t>::max(), op, ": too many labels");
+    num_labels = labels->size(1);
+  }
+  return {batch, num_tables, n, buckets, bits, num_labels};
+}
+
+// lazy_adam_: param, exp_avg, exp_avg_sq of one shape and dtype, rows [U] int64, grad_rows
+// [U, *param.shape[1:]]. Returns the number of elements per row.
+inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                    const at::Tensor& rows, const at::Tensor& grad, double beta1, double beta2,
+                                    double eps, const char* op) {
+  TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
+              ": param, exp_avg and exp_avg_sq must be contiguous");
+  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
+              ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
+                  grad.scalar_type() == param.scalar_type(),
+              op, ": param, exp_avg, exp_avg_sq and grad_rows must share one dtype");
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ", param.scalar_type());
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
+              rows.scalar_type(), " of shape ", rows.sizes());
+  const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
+  TORCH_CHECK(grad.dim() == param.dim() && grad.size(0) == rows.size(0) && grad.numel() == rows.size(0) * width, op,
+              ": grad_rows must be [U, *param.shape[1:]] with U = ", rows.size(0), ", got ", grad.sizes());
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
+              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  return width;
+}
+
+}  // namespace lsh_torch
