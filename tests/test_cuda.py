@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import reference as ref
+import test_ops
 from lsh_torch import LazyAdam, LSHLinear, ops, sparse_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,19 +26,7 @@ def to_cuda(*tensors):
     return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
-def random_tables(n=300, d=16, num_tables=4, bits=5, batch=7, seed=0):
-    """Query codes, margins and CSR tables, built on the CPU."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, d, generator=gen)
-    x = torch.randn(batch, d, generator=gen)
-    proj = torch.randn(d + 1, num_tables * bits, generator=gen)
-    codes, _ = ops.hash_codes(ops.mips_transform(weight, False) @ proj, num_tables, bits)
-    offsets, items = ops.build_tables(codes, bits)
-    qcodes, qmargins = ops.hash_codes(ops.mips_transform(x, True) @ proj, num_tables, bits)
-    return qcodes, qmargins, offsets, items
-
-
-LABELS = torch.tensor([[3, -1], [5, 5], [-1, -1], [0, 1], [2, 7], [9, -1], [299, 298]])
+random_tables, LABELS = test_ops.random_tables, test_ops.LABELS  # the same inputs as the CPU tests
 
 
 # --- mips_transform and hash_codes ------------------------------------------------------------
@@ -337,34 +326,18 @@ def test_lazy_adam_errors_on_cuda_and_no_partial_update():
 
 # --- opcheck on CUDA inputs ---------------------------------------------------------------------
 
-def opcheck_cases():
-    qcodes, qmargins, offsets, items = random_tables()
-    codes = torch.randint(0, 32, (100, 4), dtype=torch.int32)
-    x, weight, bias, active = sparse_problem()
-    g = torch.randn(active.shape)
-    return [
-        ("mips_transform", (torch.randn(20, 5), False)),
-        ("mips_transform", (torch.randn(20, 5), True)),
-        ("hash_codes", (torch.randn(20, 12), 3, 4)),
-        ("build_tables", (codes, 5)),
-        ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
-        ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
-        ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
-        ("sparse_linear", (x, weight, bias, active)),
-        ("sparse_linear", (x, weight, None, active)),
-        ("sparse_linear_grad_input", (g, weight, active)),
-        ("sparse_linear_grad_weight", (g, x, active, 40)),
-        ("sparse_linear_grad_weight_rows", (g, x, active)),
-        ("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8)),
-    ]
+def cuda_opcheck_cases():
+    """test_ops' cases (every op), moved to the GPU; requires_grad kept so autograd is exercised."""
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().cuda().requires_grad_(t.requires_grad)
+    cases = test_ops.opcheck_cases() + [("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8))]
+    return [(name, tuple(move(t) for t in args)) for name, args in cases] if torch.cuda.is_available() else cases
 
 
-@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,args", cuda_opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck_cuda(name, args):
-    args = to_cuda(*args)
-    if name == "sparse_linear":  # differentiable inputs exercise the autograd registration
-        args = tuple(t.clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in args)
     torch.library.opcheck(getattr(OPS, name), args)
 
 
