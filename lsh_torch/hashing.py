@@ -30,7 +30,10 @@ def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, as
     rows = weight.detach().float()
     if center:
         rows = rows - rows.mean(0)
-    projected = ops.mips_transform(rows, not asymmetric) @ projection.float()
+    if asymmetric:
+        projected = ops.mips_transform(rows, False) @ projection.float()
+    else:  # signs of projections ignore a row's scale: no need to normalize (the transform's last column is 0)
+        projected = rows @ projection[:-1].float()
     return ops.hash_codes(projected, num_tables, bits)[0]
 
 

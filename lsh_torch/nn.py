@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._checks import check_int
-from .schedules import GrowingSchedule, RebuildSchedule, as_schedule
+from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
 _INFERENCE_MODES = ("dense", "lsh")
@@ -34,7 +34,7 @@ class LSHLinear(nn.Module):
     r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
 
     Every output neuron's weight row is hashed into ``num_tables`` (L) tables with ``bits`` (K)
-    signed random projections after the asymmetric MIPS transform. For each input row the layer
+    signed random projections (optionally after the asymmetric MIPS transform). For each input row the layer
     probes ``probes`` buckets per table and takes the ``active`` neurons most often found (filling
     up with random ones), computes those outputs only, and sends gradients to those only.
 
@@ -50,7 +50,12 @@ class LSHLinear(nn.Module):
             For large output layers set a count (e.g. 2048 with ``forward_sparse``).
         rebuild: when to re-hash the weights: a :class:`RebuildSchedule`, a callable
             ``step -> bool``, an int period, or None for manual :meth:`rebuild` calls only
-            (default ``GrowingSchedule()``: every 50 steps at first, growing to every 1000).
+            (default 10: every 10 steps). A rebuild re-hashes only the rows that changed since the
+            last one (with ``asymmetric=False`` and ``center=False``), so with row-sparse updates
+            it costs a pass over the weight plus the changed rows, not a full hash. Fresh tables
+            matter for output layers: on the XMC demo (100K labels) P@1 after 2 epochs was 0.681
+            rebuilding every 10 steps, 0.672 every 25 and 0.648 with a schedule growing from 50,
+            no better than a random active set (0.645).
         seed: seeds the projections and every random choice; same seed and inputs, same outputs.
         sparse_grad: weight and bias gradients as sparse COO tensors of the touched rows
             (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
@@ -63,11 +68,14 @@ class LSHLinear(nn.Module):
             accuracy for large output layers (``benchmarks/bench_output_layer.py``, ``examples/xmc.py``).
         selection: ``"lsh"`` (default) or ``"random"``: uniformly random active neurons (labels
             still forced), the baseline that shows what the hashing is worth.
-        asymmetric: hash weight rows through the asymmetric MIPS transform (default), so that
-            large inner products collide; ``False`` hashes their directions alone (cosine). The
-            transform scales every row by the largest norm: when most norms sit far below it, the
-            appended coordinate dominates and rows crowd into few buckets (a trained 100K-label
-            output layer: 55,607 rows in one bucket, against 714 with ``asymmetric=False``).
+        asymmetric: hash weight rows through the asymmetric MIPS transform, so that large inner
+            products collide; ``False`` (default) hashes their directions alone (cosine SimHash).
+            The transform scales every row by the largest norm: when most norms sit far below it,
+            the appended coordinate dominates and rows crowd into few buckets (a trained 100K-label
+            output layer: 52,788 rows in one bucket against 705 without it, and a batch's shared
+            set held 17% of each row's exact top 10 against 35%). On the MNIST demo the plain hash
+            scored 93.4% against 92.9%. It also rules out incremental rebuilds (every row's scale
+            depends on the largest norm).
         center: hash the rows minus their mean row. For softmax output layers this changes no
             probability or ranking (every logit moves by the same ``mean·x``) and undoes the
             direction trained rows share (a 50K-word LM head: one bucket held 14K words; centering
@@ -83,8 +91,8 @@ class LSHLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.25,
-                 rebuild=GrowingSchedule(), seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
-                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = True, center: bool = False):
+                 rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
+                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = False, center: bool = False):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)

@@ -11,6 +11,7 @@ from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int
 
 
 SELECTIONS = ("lsh", "random")
+_NON_FINITE = "weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them"
 
 
 class LSHTables(nn.Module):
@@ -36,23 +37,55 @@ class LSHTables(nn.Module):
         self.register_buffer("offsets", torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32, device=device),
                              persistent=False)
         self.register_buffer("items", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
+        # Incremental rebuilds: each row's codes and a fingerprint (its dot product with a fixed
+        # random vector) as of the last build; a row whose fingerprint moved is re-hashed, the
+        # others keep their codes. Empty until the first build.
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.register_buffer("fingerprint_vector", torch.randn(in_features, generator=gen).to(device),
+                             persistent=False)
+        self.register_buffer("codes", torch.zeros(0, num_tables, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
+        self.rehashed = 0  # rows hashed by the last build (N for a full one)
 
     @torch.no_grad()
     def build(self, weight: Tensor) -> None:
-        """Hash every row of ``weight`` [N, in_features] into the L tables."""
+        """Hash the rows of ``weight`` [N, in_features] into the L tables.
+
+        Only rows that changed since the last build are re-hashed (their fingerprint moved), when
+        the codes of the others are still valid: always for plain SimHash (``asymmetric=False``,
+        ``center=False``); the asymmetric transform scales every row by the largest norm and
+        ``center`` subtracts the mean row, so there any change re-hashes every row. Re-hashing is
+        O(changed rows x in_features x L x K); the fingerprints cost one pass over the weight and
+        the table build O(L x N), both far below a full hash (measured in bench_output_layer).
+        """
+        n = weight.shape[0]
         if self.selection == "random":  # one table: bucket 0 (the only one probed) empty, bucket 1 all neurons
-            n = weight.shape[0]
             self.offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=weight.device)
             self.items = torch.arange(n, dtype=torch.int32, device=weight.device)[None]
             return
-        try:  # the transform checks finiteness in its pass over the rows (a separate check cost 40% of a rebuild)
-            codes = hashing.row_codes(weight, self.projection, self.num_tables, self.bits, self.asymmetric,
-                                        self.center)
-        except RuntimeError as error:
-            if "must be finite" not in str(error):
-                raise
-            raise ValueError("weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them") from None
-        self.offsets, self.items = ops.build_tables(codes, self.bits)
+        rows = weight.detach().float()
+        fingerprints = rows @ self.fingerprint_vector.float()
+        finite, message = torch.isfinite(fingerprints).all(), _NON_FINITE
+        if torch.compiler.is_compiling():  # a traced build: no data-dependent branch, every row hashed
+            torch._assert_async(finite, message)
+            self.codes, self.fingerprints = self._row_codes(rows), fingerprints
+            self.offsets, self.items = ops.build_tables(self.codes, self.bits)
+            return
+        if not bool(finite):
+            raise ValueError(message)
+        incremental = not self.asymmetric and not self.center and self.codes.shape[0] == n
+        if incremental:
+            changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+            if changed.numel():
+                self.codes[changed] = self._row_codes(rows[changed])
+            self.rehashed = changed.numel()
+        else:
+            self.codes, self.rehashed = self._row_codes(rows), n
+        self.fingerprints = fingerprints
+        self.offsets, self.items = ops.build_tables(self.codes, self.bits)
+
+    def _row_codes(self, rows: Tensor) -> Tensor:
+        return hashing.row_codes(rows, self.projection, self.num_tables, self.bits, self.asymmetric, self.center)
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,

@@ -84,6 +84,45 @@ def test_sparse_grad_with_sgd_and_sparse_adam():
         touched = torch.zeros(200, dtype=torch.bool)
         touched[layer.weight.grad.coalesce().indices()[0]] = True
         assert torch.equal(changed, touched) and changed.sum() < 200
+        layer.rebuild()  # re-hashes exactly the rows the optimizer moved
+        assert layer.tables.rehashed == changed.sum()
+
+
+def full_build_of(layer):
+    fresh = LSHLinear(layer.in_features, layer.out_features, active=layer.budget, rebuild=None, seed=layer.seed,
+                      asymmetric=layer.tables.asymmetric, center=layer.tables.center)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.rebuild()
+    return fresh.tables
+
+
+def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, rebuild=None)
+    layer.rebuild()
+    assert layer.tables.rehashed == 300
+    layer.rebuild()  # nothing moved
+    assert layer.tables.rehashed == 0
+    with torch.no_grad():
+        layer.weight[[3, 17, 200]] = torch.randn(3, 16)
+        layer.weight[50, 7] += 1e-3
+    layer.rebuild()
+    assert layer.tables.rehashed == 4
+    full = full_build_of(layer)
+    assert torch.equal(layer.tables.codes, full.codes)
+    assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
+
+
+@pytest.mark.parametrize("option", ["asymmetric", "center"])
+def test_rebuild_rehashes_every_row_when_one_row_moves_all_codes(option):
+    # The transform's largest norm, or the mean row, is shared by every row's code.
+    layer = LSHLinear(16, 300, active=20, rebuild=None, **{option: True})
+    layer.rebuild()
+    with torch.no_grad():
+        layer.weight[5] *= 3
+    layer.rebuild()
+    assert layer.tables.rehashed == 300
+    assert torch.equal(layer.tables.items, full_build_of(layer).items)
 
 
 def test_lsh_inference_mode():
@@ -96,7 +135,7 @@ def test_lsh_inference_mode():
 
 
 def test_lsh_active_set_prefers_large_inner_products():
-    # With the asymmetric transform the hashed candidates beat a random set at finding top neurons.
+    # The hashed candidates beat a random set at finding top neurons.
     torch.manual_seed(0)
     layer = LSHLinear(32, 4000, active=200, num_tables=10, bits=8, probes=4)
     x = torch.randn(64, 32)
@@ -241,10 +280,15 @@ def test_forward_errors():
         layer(torch.randn(3, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="Tensor"):
         layer([1.0] * 16)
-    with torch.no_grad():
-        layer.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        layer.rebuild()
+    for asymmetric in (False, True):
+        bad = LSHLinear(16, 200, active=20, asymmetric=asymmetric, rebuild=None)
+        bad.rebuild()
+        with torch.no_grad():
+            bad.weight[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            bad.rebuild()
+        with pytest.raises(ValueError, match="non-finite"):  # and on every rebuild until it is fixed
+            bad.rebuild()
 
 
 def test_asymmetric_false_hashes_directions_only():
@@ -255,7 +299,7 @@ def test_asymmetric_false_hashes_directions_only():
         layer.weight.mul_(torch.rand(300, 1) * 10 + 0.1)  # rescale each row: same directions
     layer.rebuild()
     assert torch.equal(layer.tables.items, items)
-    mips = LSHLinear(16, 300, active=20, rebuild=None)
+    mips = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True)
     mips.load_state_dict(layer.state_dict())
     mips.rebuild()
     assert not torch.equal(mips.tables.items, items)  # the asymmetric transform sees the norms

@@ -94,8 +94,10 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
   TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
   check_bits_tables(codes_in.size(1), bits);
   TORCH_CHECK(codes_in.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
-  const auto codes = codes_in.contiguous();
-  const int64_t n = codes.size(0), num_tables = codes.size(1), buckets = int64_t(1) << bits;
+  // Table-major copy: each table's pass then reads its codes contiguously instead of with stride L
+  // (at L = 50 the strided reads made the build 5x slower).
+  const auto codes = codes_in.t().contiguous();
+  const int64_t n = codes.size(1), num_tables = codes.size(0), buckets = int64_t(1) << bits;
   auto offsets = at::zeros({num_tables, buckets + 1}, codes.options());
   auto items = at::empty({num_tables, n}, codes.options());
   const int32_t* c = codes.data_ptr<int32_t>();
@@ -108,10 +110,11 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
     std::vector<int32_t> cursor(buckets);
     for (int64_t l = begin; l < end; ++l) {
       int32_t* o = off + l * (buckets + 1);
-      for (int64_t i = 0; i < n; ++i) ++o[c[i * num_tables + l] + 1];
+      const int32_t* cl = c + l * n;
+      for (int64_t i = 0; i < n; ++i) ++o[cl[i] + 1];
       for (int64_t k = 0; k < buckets; ++k) o[k + 1] += o[k];
       std::copy(o, o + buckets, cursor.begin());
-      for (int64_t i = 0; i < n; ++i) it[l * n + cursor[c[i * num_tables + l]]++] = static_cast<int32_t>(i);
+      for (int64_t i = 0; i < n; ++i) it[l * n + cursor[cl[i]]++] = static_cast<int32_t>(i);
     }
   });
   return {offsets, items};
