@@ -20,8 +20,10 @@ A step is forward, loss, backward and optimizer step for a batch of ``--batch`` 
 
 All cases see the same inputs, are timed round-robin in one process (so load from other processes
 hits them alike) and report the median; ratios are against the dense step of the same size. The
-LSH steps are timed without rebuilds (``rebuild=None``); a rebuild is timed on its own and its
-amortized cost under the default schedule (lsh_torch.GrowingSchedule) is added in "lsh + rebuild".
+LSH steps are timed without rebuilds (``rebuild=None``); rebuilds are timed on their own: a full
+one (every row hashed), and the incremental one that training runs under the default schedule
+(every 10 steps, re-hashing the rows that the last 10 steps moved), whose cost divided by 10 is
+added in "lsh + rebuild".
 Memory: each case runs again in a fresh child process; "peak MB" is that process's peak resident
 set (VmHWM) minus its resident set before the first step (inputs and weights allocated; the
 optimizer state, created in the first step, counts in the peak), "state MB" the bytes of weights,
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lsh_torch
-from lsh_torch import GrowingSchedule, LSHLinear, sparse_cross_entropy
+from lsh_torch import LSHLinear, sparse_cross_entropy
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("dense", "lsh shared", "lsh per_row", "sampled")
@@ -197,8 +199,13 @@ def measure_memory(name, n, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def rebuilds_in(schedule, steps: int) -> int:
-    return sum(schedule(s) for s in range(1, steps))
+REBUILD_PERIOD = 10  # LSHLinear's default schedule
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def profile_case(name, case, steps: int = 5) -> str:
@@ -230,22 +237,30 @@ def bench_size(n: int, args) -> dict:
             break
     med = {name: statistics.median(t) for name, t in times.items()}
     lsh = cases["lsh shared"].layer
-    rebuild_times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        lsh.rebuild()
-        rebuild_times.append(time.perf_counter() - start)
-    rebuild_s = statistics.median(rebuild_times)
-    schedule = GrowingSchedule()
-    per_epoch = {steps: rebuilds_in(schedule, steps) for steps in (1_000, 10_000, 100_000)}
-    amortized = rebuild_s * per_epoch[10_000] / 10_000
+    full_s = statistics.median(timed(lambda: lsh.tables.build(lsh.weight, full=True)) for _ in range(3))
+    rebuild_s, rehashed = {}, {}
+    for mode in ("shared", "per_row"):
+        case = cases[f"lsh {mode}"]
+        spent, rows = [], []
+        inputs = case.h, case.labels
+        for rep in range(3):
+            case.layer.rebuild()
+            for step in range(REBUILD_PERIOD):  # new batches, as in training: each step moves other rows
+                h, case.labels = make_inputs(n, args.batch, args.hidden, args.labels_per_row, seed=1 + rep * 100 + step)
+                case.h = h.requires_grad_()
+                case()
+            spent.append(timed(case.layer.rebuild))
+            rows.append(case.layer.tables.rehashed)
+        case.h, case.labels = inputs
+        rebuild_s[mode], rehashed[mode] = statistics.median(spent), statistics.median(rows)
     result = {
         "out_features": n, "median_s": med, "samples": {k: len(v) for k, v in times.items()},
         "ratio_dense_over": {k: med["dense"] / v for k, v in med.items()},
         "ratio_over_sampled": {k: v / med["sampled"] for k, v in med.items()},
-        "rebuild_s": rebuild_s, "rebuilds_in_first_steps": per_epoch,
-        "lsh_shared_plus_rebuild_s": med["lsh shared"] + amortized,
-        "lsh_per_row_plus_rebuild_s": med["lsh per_row"] + amortized,
+        "full_rebuild_s": full_s, "rebuild_period": REBUILD_PERIOD, "incremental_rebuild_s": rebuild_s,
+        "rows_rehashed": rehashed,
+        "lsh_shared_plus_rebuild_s": med["lsh shared"] + rebuild_s["shared"] / REBUILD_PERIOD,
+        "lsh_per_row_plus_rebuild_s": med["lsh per_row"] + rebuild_s["per_row"] / REBUILD_PERIOD,
         "bits": lsh.tables.bits, "tables": lsh.tables.num_tables, "probes": lsh.tables.probes,
     }
     if args.profile:
@@ -274,11 +289,11 @@ def print_table(results: list[dict], args) -> None:
             t = r[f"lsh_{mode}_plus_rebuild_s"]
             print(f"{n:>9,}  {'lsh ' + mode + ' + rebuild':<22}{1e3 * t:>10.1f}{r['median_s']['dense'] / t:>9.1f}"
                   f"{t / r['median_s']['sampled']:>10.2f}")
-        first = r["rebuilds_in_first_steps"]
-        print(f"{'':>9}  one rebuild: {1e3 * r['rebuild_s']:.0f} ms (K={r['bits']}, L={r['tables']}); default "
-              f"GrowingSchedule rebuilds {first[1000]}x in the first 1,000 steps, {first[10000]}x in 10,000, "
-              f"{first[100000]}x in 100,000 (amortized over 10,000: "
-              f"{1e3 * r['rebuild_s'] * first[10000] / 10000:.1f} ms/step)")
+        inc, rows = r["incremental_rebuild_s"], r["rows_rehashed"]
+        print(f"{'':>9}  rebuild (K={r['bits']}, L={r['tables']}, P={r['probes']}): full {1e3 * r['full_rebuild_s']:.0f} ms; "
+              f"every {r['rebuild_period']} steps (default) re-hashing the rows moved since: shared "
+              f"{1e3 * inc['shared']:.0f} ms ({rows['shared']:,.0f} rows), per_row {1e3 * inc['per_row']:.0f} ms "
+              f"({rows['per_row']:,.0f} rows)")
     print("dense/x: how many times faster than the dense step; x/sampled: time relative to the random-candidate "
           "sampled softmax; peak MB: peak RSS growth over the steps in a fresh process; n: timed steps")
 
@@ -291,9 +306,9 @@ def main(argv=None) -> None:
     p.add_argument("--labels-per-row", type=int, default=5, help="labels per row (Amazon-670K has 5.45 on average)")
     p.add_argument("--active", type=int, default=2048, help="outputs per batch: lsh shared and sampled")
     p.add_argument("--active-per-row", type=int, default=128, help="outputs per row: lsh per_row")
-    p.add_argument("--tables", type=int, default=5)
+    p.add_argument("--tables", type=int, default=20, help="L (the XMC demo's setting)")
     p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", type=int, default=10)
+    p.add_argument("--probes", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30, help="timed steps per sparse case")
     p.add_argument("--dense-repeats", type=int, default=7, help="timed steps of the dense case")
     p.add_argument("--min-repeats", type=int, default=5)

@@ -90,7 +90,7 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
 
 
 def rebuild_schedule(spec: str):
-    """``"growing"`` (the library default), ``"growing:INITIAL:GROWTH:MAX"`` or an int period."""
+    """An int period, ``"growing"`` (``GrowingSchedule()``) or ``"growing:INITIAL:GROWTH:MAX"``."""
     if spec.startswith("growing"):
         parts = spec.split(":")[1:]
         if not parts:
@@ -371,11 +371,11 @@ def parse_args(argv=None):
     g.add_argument("--active", type=int, default=2048,
                    help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
     g.add_argument("--active-per-row", type=int, default=128, help="active outputs per point (per_row mode)")
-    g.add_argument("--tables", type=int, default=5, help="L, hash tables")
+    g.add_argument("--tables", type=int, default=20, help="L, hash tables")
     g.add_argument("--bits", default="auto", help="K, bits per table, or auto")
-    g.add_argument("--probes", type=int, default=10, help="buckets probed per table")
-    g.add_argument("--rebuild", default="growing", help="table rebuild schedule: growing, growing:INITIAL:GROWTH:MAX, "
-                                                       "or an int period in steps")
+    g.add_argument("--probes", type=int, default=2, help="buckets probed per table")
+    g.add_argument("--rebuild", default="10", help="table rebuild schedule: an int period in steps (the library "
+                                                   "default, 10), growing, or growing:INITIAL:GROWTH:MAX")
     g = p.add_argument_group("output")
     g.add_argument("--plot", default=os.path.join(RESULTS, "xmc_p1_vs_time.png"), help="PNG of P@1 against time")
     g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")

@@ -48,8 +48,8 @@ class LSHTables(nn.Module):
         self.rehashed = 0  # rows hashed by the last build (N for a full one)
 
     @torch.no_grad()
-    def build(self, weight: Tensor) -> None:
-        """Hash the rows of ``weight`` [N, in_features] into the L tables.
+    def build(self, weight: Tensor, full: bool = False) -> None:
+        """Hash the rows of ``weight`` [N, in_features] into the L tables (every row if ``full``).
 
         Only rows that changed since the last build are re-hashed (their fingerprint moved), when
         the codes of the others are still valid: always for plain SimHash (``asymmetric=False``,
@@ -73,7 +73,7 @@ class LSHTables(nn.Module):
             return
         if not bool(finite):
             raise ValueError(message)
-        incremental = not self.asymmetric and not self.center and self.codes.shape[0] == n
+        incremental = not full and not self.asymmetric and not self.center and self.codes.shape[0] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
             if changed.numel():
