@@ -149,7 +149,8 @@ class SparseMLP(nn.Module):
         for i in range(depth):
             if method == "lsh":
                 layers.append(LSHLinear(d, hidden, num_tables=tables, bits=bits, probes=probes, active=frac,
-                                        seed=seed * 1000 + i, rebuild=rebuild))
+                                        seed=seed * 1000 + i, rebuild=rebuild,
+                                        asymmetric=True))  # the paper's MIPS hashing, as in the recorded runs
             else:
                 layers.append(nn.Linear(d, hidden))
             d = hidden

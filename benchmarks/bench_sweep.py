@@ -110,7 +110,8 @@ def ceiling(cases: dict, args, configs=((6, 5, 10), (6, 20, 20), (4, 50, 5), (8,
                "bit_agree_median": float(p_med.mean()), "bits_for_2_sigma": (2 * 0.5 / gap) ** 2 if gap > 0 else None,
                "configs": []}
         for bits, tables, probes in configs:
-            layer = LSHLinear.from_linear(linear, bits=bits, num_tables=tables, probes=probes, active=k, rebuild=None)
+            layer = LSHLinear.from_linear(linear, bits=bits, num_tables=tables, probes=probes, active=k, rebuild=None,
+                                          asymmetric=True)  # the paper's hashing, as in docs/sweep.md
             layer.train()
             lookup = active_set_recall(layer, x)["recall"]
             t = layer.tables
@@ -136,7 +137,8 @@ def part_a(cases: dict, args) -> list[dict]:
         xb = x[:128].contiguous()
         t_linear = median_time(lambda: F.linear(xb, linear.weight, linear.bias), args.reps)
         for k, l, p in tqdm(grid, desc=f"recall grid ({case})", dynamic_ncols=True):
-            layer = LSHLinear.from_linear(linear, bits=k, num_tables=l, probes=p, active=args.active, rebuild=None)
+            layer = LSHLinear.from_linear(linear, bits=k, num_tables=l, probes=p, active=args.active, rebuild=None,
+                                          asymmetric=True)
             t_build = median_time(layer.rebuild, max(1, args.reps // 4))
             layer.train()
             r = active_set_recall(layer, x)

@@ -11,6 +11,9 @@ TORCH_LIBRARY(lsh_torch, m) {
   // table l is projections[:, l*K + k] > 0) and margins [n, L*K] float32 = |projection|
   // (NaN -> inf), which order the bit flips of multi-probe.
   m.def("hash_codes(Tensor projections, int num_tables, int bits) -> (Tensor codes, Tensor margins)");
+  // One float32 per row, rows [n, d] . vector [d] (float32), accumulated in the rows' opmath type:
+  // a cheap fingerprint that tells which rows changed since the last table build.
+  m.def("row_fingerprints(Tensor rows, Tensor vector) -> Tensor");
   // Counting sort of codes [N, L] into one CSR table per hash table:
   // offsets [L, 2^K + 1] int32 and items [L, N] int32 (ascending neuron id inside a bucket).
   m.def("build_tables(Tensor codes, int bits) -> (Tensor offsets, Tensor items)");

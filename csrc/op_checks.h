@@ -12,6 +12,18 @@
 
 namespace lsh_torch {
 
+// row_fingerprints: rows [n, d] floating, vector [d] float32.
+inline void check_fingerprint_args(const at::Tensor& rows, const at::Tensor& vector) {
+  TORCH_CHECK(rows.dim() == 2 && at::isFloatingType(rows.scalar_type()),
+              "row_fingerprints: rows must be a floating [n, d] tensor, got ", rows.scalar_type(), " of shape ",
+              rows.sizes());
+  TORCH_CHECK(vector.dim() == 1 && vector.scalar_type() == at::kFloat && vector.size(0) == rows.size(1),
+              "row_fingerprints: vector must be float32 [d] with d = ", rows.size(1), ", got ", vector.scalar_type(),
+              " of shape ", vector.sizes());
+  TORCH_CHECK(vector.device() == rows.device(), "row_fingerprints: rows and vector must be on one device, got ",
+              rows.device(), " and ", vector.device());
+}
+
 struct QueryShape {
   int64_t batch, num_tables, n, buckets, bits, num_labels;
 };

@@ -30,6 +30,11 @@ def hash_codes(projections: Tensor, num_tables: int, bits: int) -> tuple[Tensor,
     return _ops.hash_codes(projections, num_tables, bits)
 
 
+def row_fingerprints(rows: Tensor, vector: Tensor) -> Tensor:
+    """``rows [n, d] @ vector [d]`` as float32 ``[n]``: tells which rows changed since a table build."""
+    return _ops.row_fingerprints(rows, vector)
+
+
 def build_tables(codes: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """CSR hash tables from the codes ``[N, L]`` of all neurons: offsets ``[L, 2^K + 1]``, items ``[L, N]``."""
     return _ops.build_tables(codes, bits)
@@ -92,6 +97,12 @@ def _(projections, num_tables, bits):
     n = projections.shape[0]
     return (projections.new_empty(n, num_tables, dtype=torch.int32),
             projections.new_empty(n, num_tables * bits, dtype=torch.float32))
+
+
+@torch.library.register_fake("lsh_torch::row_fingerprints")
+def _(rows, vector):
+    torch._check(rows.dim() == 2, lambda: "row_fingerprints: rows must be 2-D")
+    return rows.new_empty(rows.shape[0], dtype=torch.float32)
 
 
 @torch.library.register_fake("lsh_torch::build_tables")

@@ -23,7 +23,7 @@ class LSHTables(nn.Module):
     """
 
     def __init__(self, in_features: int, num_tables: int, bits: int, probes: int, seed: int, device=None,
-                 selection: str = "lsh", asymmetric: bool = True, center: bool = False):
+                 selection: str = "lsh", asymmetric: bool = False, center: bool = False):
         super().__init__()
         check_int("num_tables", num_tables, 1, MAX_TABLES)
         check_int("bits", bits, 1, MAX_BITS)
@@ -43,7 +43,7 @@ class LSHTables(nn.Module):
         gen = torch.Generator().manual_seed(seed + 1)
         self.register_buffer("fingerprint_vector", torch.randn(in_features, generator=gen).to(device),
                              persistent=False)
-        self.register_buffer("codes", torch.zeros(0, num_tables, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("codes", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
         self.rehashed = 0  # rows hashed by the last build (N for a full one)
 
@@ -63,29 +63,31 @@ class LSHTables(nn.Module):
             self.offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=weight.device)
             self.items = torch.arange(n, dtype=torch.int32, device=weight.device)[None]
             return
-        rows = weight.detach().float()
-        fingerprints = rows @ self.fingerprint_vector.float()
+        rows = weight.detach()
+        fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
         finite, message = torch.isfinite(fingerprints).all(), _NON_FINITE
         if torch.compiler.is_compiling():  # a traced build: no data-dependent branch, every row hashed
             torch._assert_async(finite, message)
             self.codes, self.fingerprints = self._row_codes(rows), fingerprints
-            self.offsets, self.items = ops.build_tables(self.codes, self.bits)
+            self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
             return
         if not bool(finite):
             raise ValueError(message)
-        incremental = not full and not self.asymmetric and not self.center and self.codes.shape[0] == n
+        incremental = not full and not self.asymmetric and not self.center and self.codes.shape[1] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
             if changed.numel():
-                self.codes[changed] = self._row_codes(rows[changed])
+                self.codes[:, changed] = self._row_codes(rows[changed])
             self.rehashed = changed.numel()
         else:
             self.codes, self.rehashed = self._row_codes(rows), n
         self.fingerprints = fingerprints
-        self.offsets, self.items = ops.build_tables(self.codes, self.bits)
+        self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
 
     def _row_codes(self, rows: Tensor) -> Tensor:
-        return hashing.row_codes(rows, self.projection, self.num_tables, self.bits, self.asymmetric, self.center)
+        """Codes of ``rows``, table-major ``[L, n]``: the layout the table build reads (no transpose)."""
+        return hashing.row_codes(rows, self.projection, self.num_tables, self.bits, self.asymmetric,
+                                 self.center).t().contiguous()
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,

@@ -34,6 +34,10 @@ def mips_transform(rows, query):
     return torch.cat([scaled, extra], 1).to(rows.dtype)
 
 
+def row_fingerprints(rows, vector):
+    return (rows.double() @ vector.double()).float()
+
+
 def hash_codes(projections, num_tables, bits):
     p = projections.float().reshape(-1, num_tables, bits)
     weights = 2 ** torch.arange(bits)

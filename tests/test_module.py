@@ -109,7 +109,7 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
     layer.rebuild()
     assert layer.tables.rehashed == 4
     full = full_build_of(layer)
-    assert torch.equal(layer.tables.codes, full.codes)
+    assert torch.equal(layer.tables.codes, full.codes) and layer.tables.codes.shape == (5, 300)
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 

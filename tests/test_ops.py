@@ -41,6 +41,21 @@ def test_mips_transform_preserves_inner_product_order():
     assert torch.equal(torch.argsort(w @ x), torch.argsort(pw @ qx))
 
 
+# --- row_fingerprints ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 7, 8, 130])  # around the kernel's 8 partial sums
+def test_row_fingerprints_match_reference(dtype, d):
+    rows, vector = torch.randn(33, d).to(dtype), torch.randn(d)
+    torch.testing.assert_close(ops.row_fingerprints(rows, vector), ref.row_fingerprints(rows, vector),
+                               rtol=1e-5, atol=1e-5)
+    assert ops.row_fingerprints(rows[:0], vector).shape == (0,)
+    moved = rows.clone()
+    moved[5, d // 2] += 0.5
+    changed = ops.row_fingerprints(moved, vector) != ops.row_fingerprints(rows, vector)
+    assert changed.nonzero().flatten().tolist() == [5]
+
+
 # --- hash_codes and build_tables --------------------------------------------------------------
 
 @pytest.mark.parametrize("num_tables,bits", [(1, 1), (5, 6), (3, 20)])
@@ -59,6 +74,8 @@ def test_build_tables_match_reference(bits):
     offsets, items = ops.build_tables(codes, bits)
     ref_offsets, ref_items = ref.build_tables(codes, bits)
     assert torch.equal(offsets, ref_offsets) and torch.equal(items, ref_items)
+    table_major = ops.build_tables(codes.t().contiguous().t(), bits)  # the layout LSHTables keeps
+    assert torch.equal(table_major[0], ref_offsets) and torch.equal(table_major[1], ref_items)
 
 
 # --- query --------------------------------------------------------------------------------------
@@ -224,6 +241,9 @@ def opcheck_cases():
         ("mips_transform", (torch.randn(20, 5), True)),
         ("hash_codes", (torch.randn(20, 12), 3, 4)),
         ("build_tables", (codes, 5)),
+        ("build_tables", (codes.t().contiguous().t(), 5)),  # a table-major layout, as LSHTables keeps its codes
+        ("row_fingerprints", (torch.randn(20, 5), torch.randn(5))),
+        ("row_fingerprints", (torch.randn(20, 5, dtype=torch.float64), torch.randn(5))),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
         ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
@@ -255,6 +275,10 @@ def test_op_input_errors():
         (lambda: ops.hash_codes(torch.randn(3, 0), 0, 6), "num_tables"),
         (lambda: ops.hash_codes(torch.ones(3, 4, dtype=torch.int64), 1, 4), "floating"),
         (lambda: ops.build_tables(torch.full((4, 2), 40, dtype=torch.int32), 5), "outside"),
+        (lambda: ops.row_fingerprints(torch.randn(4, 3), torch.randn(4)), "vector"),
+        (lambda: ops.row_fingerprints(torch.randn(4, 3), torch.randn(3, dtype=torch.float64)), "float32"),
+        (lambda: ops.row_fingerprints(torch.randn(12), torch.randn(3)), "rows"),
+        (lambda: ops.row_fingerprints(torch.ones(4, 3, dtype=torch.int32), torch.randn(3)), "floating"),
         (lambda: ops.build_tables(torch.zeros(4, 2, dtype=torch.int64), 5), "int32"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lsh_common.h"
+#include "op_checks.h"
 
 namespace lsh_torch {
 namespace {
@@ -89,6 +90,38 @@ std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int
   return {codes, margins};
 }
 
+at::Tensor row_fingerprints_cpu(const at::Tensor& rows_in, const at::Tensor& vector_in) {
+  check_fingerprint_args(rows_in, vector_in);
+  TORCH_CHECK(rows_in.device().is_cpu(), "row_fingerprints: rows must be a CPU tensor, got one on ", rows_in.device());
+  const auto rows = rows_in.contiguous();
+  const auto vector = vector_in.contiguous();
+  const int64_t n = rows.size(0), d = rows.size(1);
+  auto out = at::empty({n}, rows.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_fingerprints", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    const float* v = vector.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    // Eight independent partial sums (k mod 8) let the compiler vectorize without reordering
+    // a single sum: torch.mv took 4x the time of one memory pass over a 670K x 128 weight.
+    constexpr int64_t kLanes = 8;
+    at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* r = src + i * d;
+        acc_t part[kLanes] = {};
+        int64_t k = 0;
+        for (; k + kLanes <= d; k += kLanes)
+          for (int64_t j = 0; j < kLanes; ++j) part[j] += static_cast<acc_t>(r[k + j]) * static_cast<acc_t>(v[k + j]);
+        for (int64_t j = 0; k < d; ++k, ++j) part[j] += static_cast<acc_t>(r[k]) * static_cast<acc_t>(v[k]);
+        acc_t s = 0;
+        for (int64_t j = 0; j < kLanes; ++j) s += part[j];
+        dst[i] = static_cast<float>(s);
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, int64_t bits) {
   TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
   TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
@@ -101,9 +134,6 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
   auto offsets = at::zeros({num_tables, buckets + 1}, codes.options());
   auto items = at::empty({num_tables, n}, codes.options());
   const int32_t* c = codes.data_ptr<int32_t>();
-  for (int64_t i = 0; i < n * num_tables; ++i) {
-    TORCH_CHECK(c[i] >= 0 && c[i] < buckets, "build_tables: code ", c[i], " is outside [0, 2^bits = ", buckets, ")");
-  }
   int32_t* off = offsets.data_ptr<int32_t>();
   int32_t* it = items.data_ptr<int32_t>();
   at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
@@ -111,7 +141,11 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
     for (int64_t l = begin; l < end; ++l) {
       int32_t* o = off + l * (buckets + 1);
       const int32_t* cl = c + l * n;
-      for (int64_t i = 0; i < n; ++i) ++o[cl[i] + 1];
+      for (int64_t i = 0; i < n; ++i) {
+        TORCH_CHECK(cl[i] >= 0 && cl[i] < buckets, "build_tables: code ", cl[i], " is outside [0, 2^bits = ",
+                    buckets, ")");
+        ++o[cl[i] + 1];
+      }
       for (int64_t k = 0; k < buckets; ++k) o[k + 1] += o[k];
       std::copy(o, o + buckets, cursor.begin());
       for (int64_t i = 0; i < n; ++i) it[l * n + cursor[cl[i]]++] = static_cast<int32_t>(i);
@@ -125,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
 TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) {
   m.impl("mips_transform", &mips_transform_cpu);
   m.impl("hash_codes", &hash_codes_cpu);
+  m.impl("row_fingerprints", &row_fingerprints_cpu);
   m.impl("build_tables", &build_tables_cpu);
 }
 

@@ -26,6 +26,7 @@
 
 #include "cuda_common.cuh"
 #include "lsh_common.h"
+#include "op_checks.h"
 
 namespace lsh_torch {
 namespace {
@@ -219,6 +220,43 @@ __global__ void offsets_kernel(const int32_t* __restrict__ sorted, int64_t n, in
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// row_fingerprints: one warp per row, lanes stride over the columns (coalesced), then a warp sum.
+
+template <typename scalar_t, typename acc_t>
+__global__ void row_fingerprints_kernel(const scalar_t* __restrict__ rows, const float* __restrict__ v, int64_t n,
+                                        int64_t d, float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  // Grid-stride over rows (the grid is capped); the loop bound is warp-uniform.
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < n; row += warps) {
+    acc_t s = 0;
+    for (int64_t k = lane; k < d; k += 32) s += static_cast<acc_t>(rows[row * d + k]) * static_cast<acc_t>(v[k]);
+    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffffu, s, offset);
+    if (lane == 0) out[row] = static_cast<float>(s);
+  }
+}
+
+at::Tensor row_fingerprints_cuda(const at::Tensor& rows_in, const at::Tensor& vector_in) {
+  check_fingerprint_args(rows_in, vector_in);
+  cuda::check_cuda(rows_in, "rows", "row_fingerprints");
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const auto rows = rows_in.contiguous();
+  const auto vector = vector_in.contiguous();
+  const int64_t n = rows.size(0), d = rows.size(1);
+  auto out = at::empty({n}, rows.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_fingerprints", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kThreads = 256;
+    row_fingerprints_kernel<scalar_t, acc_t><<<grid_for(n * 32, kThreads), kThreads, 0, stream>>>(
+        rows.data_ptr<scalar_t>(), vector.data_ptr<float>(), n, d, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in, int64_t bits) {
   TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
   TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
@@ -253,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
 TORCH_LIBRARY_IMPL(lsh_torch, CUDA, m) {
   m.impl("mips_transform", &mips_transform_cuda);
   m.impl("hash_codes", &hash_codes_cuda);
+  m.impl("row_fingerprints", &row_fingerprints_cuda);
   m.impl("build_tables", &build_tables_cuda);
 }
 
