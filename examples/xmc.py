@@ -301,9 +301,20 @@ def report(runs: list[Run], popular: dict, args) -> dict:
         rnd = rand_runs.get(r.mode)
         if rnd is None:
             continue
-        points = [t for t in (0.25, 0.5, 1.0) for t in [t * min(r.train_seconds, rnd.train_seconds)]]
-        cells = ", ".join(f"{t:.0f}s: {p1_at(r.curve, t):.3f} vs {p1_at(rnd.curve, t):.3f}" for t in points)
-        print(f"equal wall time, P@1 {r.name} vs {rnd.name}: {cells}")
+        span = min(r.train_seconds, rnd.train_seconds)
+        points = [span * i / 10 for i in range(1, 11)]
+        lead = [p1_at(r.curve, t) - p1_at(rnd.curve, t) for t in points]
+        print(f"\nequal wall time, P@1 {r.name} vs {rnd.name} (eval subset):")
+        print("  " + "  ".join(f"{t:>5.1f}s" for t in points))
+        print("  " + "  ".join(f"{p1_at(r.curve, t):>6.3f}" for t in points) + f"  {r.name}")
+        print("  " + "  ".join(f"{p1_at(rnd.curve, t):>6.3f}" for t in points) + f"  {rnd.name}")
+        print(f"  {r.name} ahead at {sum(d > 0 for d in lead)} of 10 times, by {100 * max(lead):+.1f} points at "
+              f"best and {100 * min(lead):+.1f} at worst")
+        levels = [x / 100 for x in range(50, 80, 5) if x / 100 <= max(p for *_, p in r.curve + rnd.curve)]
+        cells = [(lv, time_to_reach(r.curve, lv), time_to_reach(rnd.curve, lv)) for lv in levels]
+        print("  seconds to reach P@1 " + ", ".join(
+            f"{lv:.2f}: {'-' if a is None else f'{a:.1f}'} vs {'-' if b is None else f'{b:.1f}'}" for lv, a, b in cells))
+        summary[f"{r.name}_vs_{rnd.name}_p1_lead_at_tenths"] = lead
     return summary
 
 
