@@ -113,13 +113,25 @@ class ActiveSetBuilder {
   // Takes the best candidates, fills up with seeded random neurons, and resets the counters.
   // `set` names the random streams: the row for per-row sets, -1 for the batch-shared set.
   void finish(int64_t seed, int64_t set) {
+    // Only candidates with at least `floor` hits can be among the `room` best: a histogram of the
+    // hit counts finds that floor, so the tie-break keys (a hash each) and the selection below
+    // cover those few instead of every touched neuron (tens of thousands in a shared set).
+    const int64_t room = budget_ - filled_;
+    Hits top = 0;
+    for (int32_t id : touched_)
+      if (hits_[id] != kChosen) top = std::max(top, hits_[id]);
+    histogram_.assign(static_cast<size_t>(top) + 1, 0);
+    for (int32_t id : touched_)
+      if (hits_[id] != kChosen) ++histogram_[hits_[id]];
+    Hits floor = top;
+    for (int64_t above = histogram_[top]; floor > 1 && above < room; above += histogram_[--floor]) {}
     cand_.clear();
     for (int32_t id : touched_)
-      if (hits_[id] != kChosen) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
+      if (hits_[id] != kChosen && hits_[id] >= floor) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
     auto better = [](const Candidate& a, const Candidate& c) {
       return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
     };
-    const int64_t take = std::min<int64_t>(budget_ - filled_, static_cast<int64_t>(cand_.size()));
+    const int64_t take = std::min<int64_t>(room, static_cast<int64_t>(cand_.size()));
     if (take < static_cast<int64_t>(cand_.size()))
       std::nth_element(cand_.begin(), cand_.begin() + take, cand_.end(), better);
     std::sort(cand_.begin(), cand_.begin() + take, better);
@@ -164,6 +176,7 @@ class ActiveSetBuilder {
   std::vector<Hits>& hits_;       // bucket hits per neuron, kChosen once selected
   std::vector<int32_t> touched_;  // neurons whose counter is non-zero
   std::vector<Candidate> cand_;
+  std::vector<int64_t> histogram_;  // touched neurons per hit count
   std::vector<uint32_t> flips_;
   int64_t* out_ = nullptr;
   int64_t budget_ = 0, filled_ = 0;
