@@ -31,10 +31,15 @@ def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, as
     if center:
         rows = rows - rows.mean(0)
     if asymmetric:
-        projected = ops.mips_transform(rows, False) @ projection.float()
+        rows, projection = ops.mips_transform(rows, False), projection.float()
     else:  # signs of projections ignore a row's scale: no need to normalize (the transform's last column is 0)
-        projected = rows @ projection[:-1].float()
-    return ops.hash_codes(projected, num_tables, bits)[0]
+        projection = projection[:-1].float()
+    # In chunks of rows: the projections and margins of all 670K rows at once took 1.6 GB.
+    codes = [ops.hash_codes(part @ projection, num_tables, bits)[0] for part in rows.split(ROW_CHUNK)]
+    return torch.cat(codes) if codes else rows.new_empty(0, num_tables, dtype=torch.int32)
+
+
+ROW_CHUNK = 65536
 
 
 def input_codes(x: Tensor, projection: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:

@@ -317,3 +317,14 @@ def test_center_ignores_a_shared_row_offset():
     plain.load_state_dict(layer.state_dict())
     plain.rebuild()
     assert not torch.equal(plain.tables.items, items)
+
+
+@pytest.mark.parametrize("asymmetric,center", [(False, False), (True, False), (False, True)])
+def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center):
+    from lsh_torch import hashing, ops
+    weight, projection = torch.randn(50, 16), hashing.make_projection(16, 3, 5, seed=1)
+    rows = weight - weight.mean(0) if center else weight
+    one_pass = ops.hash_codes(ops.mips_transform(rows, not asymmetric) @ projection, 3, 5)[0]
+    monkeypatch.setattr(hashing, "ROW_CHUNK", 7)
+    assert torch.equal(hashing.row_codes(weight, projection, 3, 5, asymmetric, center), one_pass)
+    assert hashing.row_codes(weight[:0], projection, 3, 5, asymmetric, center).shape == (0, 3)
