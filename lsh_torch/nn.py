@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_int
+from ._checks import MAX_PROBES, check_int
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -216,11 +216,16 @@ class LSHLinear(nn.Module):
         return active
 
     @torch.no_grad()
-    def topk(self, input: Tensor, k: int, exact: bool = False) -> tuple[Tensor, Tensor]:
+    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
 
         ``exact=False`` rescored LSH candidates (the layer's budget of them, per row);
         ``exact=True`` the dense computation, like ``torch.topk(linear(input), k)``.
+        ``probes`` (default: the layer's) buckets probed per table for this call: inference can
+        afford more than a training step. At 670K outputs with L=20, 2,048 candidates per row and
+        queries near a row, the exact top-1 was found for 41% of queries with 2 probes, 72% with
+        16 and 96% with 64, at 17x, 9x and 4x the speed of the dense top-k
+        (``benchmarks/bench_topk.py``).
         """
         self._check_input(input)
         x = input.reshape(-1, self.in_features)
@@ -229,9 +234,11 @@ class LSHLinear(nn.Module):
             values, indices = F.linear(x, self.weight, self.bias).topk(k, dim=1)
         else:
             check_int("k", k, 1, self.budget)
+            if probes is not None:
+                check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
             if self._stale:
                 self.rebuild()
-            active = self.tables.query(x, self.budget, None, self.seed)
+            active = self.tables.query(x, self.budget, None, self.seed, probes=probes)
             scores = ops.sparse_linear(x, self.weight, self.bias, active)
             values, best = scores.topk(k, dim=1)
             indices = active.gather(1, best)

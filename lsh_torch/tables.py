@@ -91,14 +91,15 @@ class LSHTables(nn.Module):
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
-              shared: bool = False) -> Tensor:
-        """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if ``shared``."""
+              shared: bool = False, probes: Optional[int] = None) -> Tensor:
+        """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if ``shared``.
+        ``probes`` overrides the tables' buckets probed per table for this call."""
         if self.selection == "random":
             codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
             margins, probes = torch.zeros(x.shape[0], 1, device=x.device), 1
         else:
             codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
-            probes = self.probes
+            probes = self.probes if probes is None else probes
         query = ops.query_shared if shared else ops.query
         return query(codes, margins, self.offsets, self.items, probes, budget, labels, seed)
 

@@ -123,6 +123,18 @@ def test_topk_exact_and_lsh():
     torch.testing.assert_close(v, F.linear(x, small.weight, small.bias).gather(-1, i))
     with pytest.raises(ValueError, match="k"):
         small.topk(x, 21)
+    with pytest.raises(ValueError, match="probes"):
+        small.topk(x, 5, probes=0)
+
+
+def test_topk_with_more_probes_finds_more_of_the_exact_top():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 4000, active=100, num_tables=4, bits=10, probes=1, rebuild=None)
+    x = layer.weight.detach()[:200] + 0.5 * torch.randn(200, 16)  # queries near a row
+    exact = layer.topk(x, 1, exact=True)[1]
+    found = [(layer.topk(x, 1, probes=p)[1] == exact).float().mean() for p in (1, 32)]
+    assert found[1] > found[0] + 0.2, found
+    assert layer.tables.probes == 1  # the override holds for the call only
 
 
 def test_random_selection_is_uniform_and_keeps_labels():
