@@ -88,7 +88,7 @@ class LSHStep:
         budget = args.active if mode == "shared" else args.active_per_row
         self.layer = LSHLinear(hidden, n, active=budget, mode=mode, sparse_grad=True, rebuild=None,
                                num_tables=args.tables, bits=args.bits if args.bits == "auto" else int(args.bits),
-                               probes=args.probes)
+                               probes=args.probes, asymmetric=False)  # as in the XMC demo
         self.opt = sparse_optimizer(args)(list(self.layer.parameters()), lr=1e-3)
         self.h, self.labels = h.clone().requires_grad_(), labels
         self.layer.rebuild()

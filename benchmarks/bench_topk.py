@@ -12,7 +12,7 @@ Two kinds of queries against the same random weight rows (N(0, 1), hidden 128):
            trained classifier, where one output clearly wins
 
 Recall@k: the fraction of the exact top k found in the LSH top k (ties aside, 1.0 is perfect). The
-layer uses the XMC demo's tables (L=20, K auto); each query probes ``--probes`` buckets per table
+layer uses the XMC demo's tables (L=20, K auto, ``asymmetric=False``); each query probes ``--probes`` buckets per table
 (a list: 2 is the demo's training setting, ``topk(..., probes=)`` raises it for inference); the
 candidate budget per query is ``--active``. Writes a table and ``benchmarks/results/topk.json``.
 """
@@ -51,7 +51,8 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 def bench(n: int, args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    layer = LSHLinear(args.hidden, n, active=args.active, num_tables=args.tables, rebuild=None)
+    layer = LSHLinear(args.hidden, n, active=args.active, num_tables=args.tables, rebuild=None,
+                      asymmetric=False)  # as in the XMC demo
     with torch.no_grad():
         layer.weight.copy_(torch.randn(n, args.hidden, generator=gen))
         layer.bias.zero_()

@@ -5,8 +5,11 @@
 TORCH_LIBRARY(lsh_torch, m) {
   // Asymmetric MIPS transform (Neyshabur & Srebro's "simple LSH"). Data rows (query=false) are
   // scaled by the largest row norm M and get sqrt(1 - |r/M|^2) appended; queries (query=true)
-  // are normalised to unit length and get 0 appended. [n, d] -> [n, d+1].
-  m.def("mips_transform(Tensor rows, bool query) -> Tensor");
+  // are normalised to unit length and get 0 appended. [n, d] -> [n, d+1]. A given max_norm (a
+  // one-element tensor, so that a traced table build can compute it) replaces M for data rows
+  // (every row's norm must be at most max_norm): rows hashed at different times with one M share
+  // one transform, so a table can re-hash only the rows that changed.
+  m.def("mips_transform(Tensor rows, bool query, Tensor? max_norm=None) -> Tensor");
   // Signed random projection fingerprints: projections [n, L*K] -> codes [n, L] int32 (bit k of
   // table l is projections[:, l*K + k] > 0) and margins [n, L*K] float32 = |projection|
   // (NaN -> inf), which order the bit flips of multi-probe.

@@ -5,12 +5,29 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 
 #include "lsh_common.h"
 
 namespace lsh_torch {
+
+// mips_transform: rows [n, d] floating; max_norm only for data rows: one positive finite value.
+// Returns max_norm's value (0 when not given); reading it syncs once with its device.
+inline double check_mips_args(const at::Tensor& rows, bool query, const std::optional<at::Tensor>& max_norm) {
+  TORCH_CHECK(rows.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows.sizes());
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "mips_transform: rows must be a floating tensor, got ",
+              rows.scalar_type());
+  if (!max_norm.has_value() || !max_norm->defined()) return 0;
+  TORCH_CHECK(!query, "mips_transform: max_norm applies to data rows (query=False) only");
+  TORCH_CHECK(max_norm->numel() == 1 && at::isFloatingType(max_norm->scalar_type()),
+              "mips_transform: max_norm must be a floating tensor of one element, got ", max_norm->scalar_type(),
+              " of shape ", max_norm->sizes());
+  const double m = max_norm->item<double>();
+  TORCH_CHECK(std::isfinite(m) && m > 0, "mips_transform: max_norm must be positive and finite, got ", m);
+  return m;
+}
 
 // row_fingerprints: rows [n, d] floating, vector [d] float32.
 inline void check_fingerprint_args(const at::Tensor& rows, const at::Tensor& vector) {

@@ -85,7 +85,7 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
         net.out = LSHLinear.from_linear(
             net.out, active=budget, mode=mode, selection="lsh" if kind == "lsh" else "random",
             num_tables=args.tables, bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
-            rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed)
+            rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed, asymmetric=args.asymmetric)
     return net
 
 
@@ -385,6 +385,9 @@ def parse_args(argv=None):
     g.add_argument("--tables", type=int, default=20, help="L, hash tables")
     g.add_argument("--bits", default="auto", help="K, bits per table, or auto")
     g.add_argument("--probes", type=int, default=2, help="buckets probed per table")
+    g.add_argument("--asymmetric", action="store_true",
+                   help="hash rows through the MIPS transform (LSHLinear's default); off here: the 82%% of labels "
+                        "that training never sees keep small rows, and the transform crowds them into one bucket")
     g.add_argument("--rebuild", default="10", help="table rebuild schedule: an int period in steps (the library "
                                                    "default, 10), growing, or growing:INITIAL:GROWTH:MAX")
     g = p.add_argument_group("output")

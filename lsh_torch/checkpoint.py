@@ -7,7 +7,9 @@ needs to continue *exactly* like one that never stopped:
 - ``step``: the training-step counter that drives the rebuild schedule and the per-step seeds;
 - the hash tables: they were built from the weights of the last rebuild, not from the weights at
   the time of the checkpoint, so rebuilding them from the loaded weights would give other active
-  sets. They are saved as they are (int32; ``L * N`` entries plus offsets, small next to the weight).
+  sets. They are saved as they are (int32; ``L * N`` entries plus offsets, small next to the weight),
+  with what the next incremental rebuild starts from: each row's codes and fingerprint, and the
+  asymmetric transform's ``M``.
 
 Save::
 
@@ -34,14 +36,17 @@ from .nn import LSHLinear
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "max_norm"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, LSHLinear):
-            tables = None if module._stale else {"offsets": module.tables.offsets.detach().clone(),
-                                                 "items": module.tables.items.detach().clone()}
+            t = module.tables
+            tables = None if module._stale else {
+                name: None if value is None else value.detach().clone()
+                for name, value in (("offsets", t.offsets), ("items", t.items), ("codes", t.codes),
+                                    ("fingerprints", t.fingerprints), ("max_norm", t.max_norm))}
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -78,13 +83,24 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                 raise ValueError(f"load_lsh_state: layer {name!r}: saved tables (offsets {tuple(offsets.shape)}, "
                                  f"items {tuple(items.shape)}) do not fit this layer (int32 offsets "
                                  f"{[rows, cols]}, items {[rows, layer.out_features]})")
-            tables = (offsets, items)
+            tables = {**tables, "offsets": offsets, "items": items}
+            codes, fingerprints = tables.get("codes"), tables.get("fingerprints")
+            if codes is not None and codes.numel() and (tuple(codes.shape) != (t.num_tables, layer.out_features)
+                                      or fingerprints is None or tuple(fingerprints.shape) != (layer.out_features,)):
+                raise ValueError(f"load_lsh_state: layer {name!r}: saved codes {tuple(codes.shape)} do not fit this "
+                                 f"layer ([{t.num_tables}, {layer.out_features}], with fingerprints "
+                                 f"[{layer.out_features}])")
         updates.append((layer, step, tables))
     for layer, step, tables in updates:
         if tables is None:
             layer._mark_stale()
         else:
             device = layer.weight.device
-            layer.tables.offsets, layer.tables.items = (t.to(device).clone() for t in tables)
+            for name in ("offsets", "items", "codes", "fingerprints", "max_norm"):
+                value = tables.get(name)
+                if name in ("offsets", "items") or value is not None:
+                    setattr(layer.tables, name, value.to(device).clone())
+                elif name == "codes":  # a state without codes: the next rebuild hashes every row
+                    layer.tables.codes = layer.tables.codes.new_zeros(layer.tables.num_tables, 0)
             layer._stale = False
         layer.step = step

@@ -6,6 +6,8 @@ larger ``w · x`` is: rows go through ``P(w) = [w / M, sqrt(1 - |w / M|^2)]`` an
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -19,19 +21,19 @@ def make_projection(in_features: int, num_tables: int, bits: int, seed: int, dev
 
 
 def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True,
-              center: bool = False) -> Tensor:
+              center: bool = False, max_norm: Optional[Tensor] = None) -> Tensor:
     """Codes ``[N, L]`` of the neurons' weight rows: the data side of the asymmetric transform, or
     with ``asymmetric=False`` the rows' directions alone (plain angular SimHash, blind to norms).
     ``center`` hashes ``w_j - mean_j(w_j)``: every output shifts by the same ``mean·x``, so a
     softmax and its top-k are unchanged, while the direction all rows share stops crowding them
-    into a few buckets."""
+    into a few buckets. ``max_norm`` fixes the transform's ``M`` (see :func:`ops.mips_transform`)."""
     # Hashing runs in float32 whatever the layer's dtype (``module.to(dtype)`` may have cast the
     # projection; float32 values survive the round trip exactly).
     rows = weight.detach().float()
     if center:
         rows = rows - rows.mean(0)
     if asymmetric:
-        rows, projection = ops.mips_transform(rows, False), projection.float()
+        rows, projection = ops.mips_transform(rows, False, max_norm), projection.float()
     else:  # signs of projections ignore a row's scale: no need to normalize (the transform's last column is 0)
         projection = projection[:-1].float()
     # In chunks of rows: the projections and margins of all 670K rows at once took 1.6 GB.

@@ -34,7 +34,7 @@ class LSHLinear(nn.Module):
     r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
 
     Every output neuron's weight row is hashed into ``num_tables`` (L) tables with ``bits`` (K)
-    signed random projections (optionally after the asymmetric MIPS transform). For each input row the layer
+    signed random projections after the asymmetric MIPS transform (or of the rows' directions). For each input row the layer
     probes ``probes`` buckets per table and takes the ``active`` neurons most often found (filling
     up with random ones), computes those outputs only, and sends gradients to those only.
 
@@ -51,8 +51,8 @@ class LSHLinear(nn.Module):
         rebuild: when to re-hash the weights: a :class:`RebuildSchedule`, a callable
             ``step -> bool``, an int period, or None for manual :meth:`rebuild` calls only
             (default 10: every 10 steps). A rebuild re-hashes only the rows that changed since the
-            last one (with ``asymmetric=False`` and ``center=False``), so with row-sparse updates
-            it costs a pass over the weight plus the changed rows, not a full hash. Fresh tables
+            last one (unless ``center=True``, see :meth:`LSHTables.build`), so with row-sparse
+            updates it costs a pass over the weight plus the changed rows, not a full hash. Fresh tables
             matter for output layers: on the XMC demo (100K labels) P@1 after 2 epochs was 0.681
             rebuilding every 10 steps, 0.672 every 25 and 0.648 with a schedule growing from 50,
             no better than a random active set (0.645).
@@ -68,14 +68,15 @@ class LSHLinear(nn.Module):
             accuracy for large output layers (``benchmarks/bench_output_layer.py``, ``examples/xmc.py``).
         selection: ``"lsh"`` (default) or ``"random"``: uniformly random active neurons (labels
             still forced), the baseline that shows what the hashing is worth.
-        asymmetric: hash weight rows through the asymmetric MIPS transform, so that large inner
-            products collide; ``False`` (default) hashes their directions alone (cosine SimHash).
-            The transform scales every row by the largest norm: when most norms sit far below it,
-            the appended coordinate dominates and rows crowd into few buckets (a trained 100K-label
-            output layer: 52,788 rows in one bucket against 705 without it, and a batch's shared
-            set held 17% of each row's exact top 10 against 35%). On the MNIST demo the plain hash
-            scored 93.4% against 92.9%. It also rules out incremental rebuilds (every row's scale
-            depends on the largest norm).
+        asymmetric: hash weight rows through the asymmetric MIPS transform (default), so that
+            large inner products collide, norms included; ``False`` hashes their directions alone
+            (cosine SimHash). Which is better depends on the layer. Where row norms carry the
+            answer, the transform is essential: on the transformer LM example's 50K-word head
+            (frequent words have large rows) held-out perplexity was LMPPL_TRUE with it and LMPPL_FALSE
+            without. Where a few rows grow far beyond the rest, it crowds them into few buckets:
+            on the XMC demo (100K labels, 18K of them ever trained) one bucket held 52,788 rows
+            against 705 without it, and P@1 after 2 epochs was 0.670 against 0.681 at 30 against
+            21 ms per step, so the demo sets ``asymmetric=False``.
         center: hash the rows minus their mean row. For softmax output layers this changes no
             probability or ranking (every logit moves by the same ``mean·x``) and undoes the
             direction trained rows share (a 50K-word LM head: one bucket held 14K words; centering
@@ -92,7 +93,7 @@ class LSHLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.25,
                  rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
-                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = False, center: bool = False):
+                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = True, center: bool = False):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)

@@ -15,14 +15,16 @@ from . import _C  # noqa: F401  (loads the library, which registers the ops)
 _ops = torch.ops.lsh_torch
 
 
-def mips_transform(rows: Tensor, query: bool) -> Tensor:
+def mips_transform(rows: Tensor, query: bool, max_norm: Optional[Tensor] = None) -> Tensor:
     """Asymmetric transform for maximum inner product search with SimHash.
 
-    ``query=False`` (weight rows): ``[r / M, sqrt(1 - |r / M|^2)]`` with ``M`` the largest row norm;
-    ``query=True``: ``[q / |q|, 0]``. Then ``sign(P(w)·h)`` and ``sign(Q(x)·h)`` collide with a
-    probability that grows with ``w·x``. ``[n, d] -> [n, d + 1]``.
+    ``query=False`` (weight rows): ``[r / M, sqrt(1 - |r / M|^2)]`` with ``M`` the largest row norm,
+    or ``max_norm`` (a one-element tensor) if given, then no row's norm may exceed it;
+    ``query=True``: ``[q / |q|, 0]``.
+    Then ``sign(P(w)·h)`` and ``sign(Q(x)·h)`` collide with a probability that grows with ``w·x``.
+    ``[n, d] -> [n, d + 1]``.
     """
-    return _ops.mips_transform(rows, query)
+    return _ops.mips_transform(rows, query, max_norm)
 
 
 def hash_codes(projections: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
@@ -87,7 +89,7 @@ def _linear(name, x, weight, bias, active, sparse_grad):
 # Fake kernels: shapes and dtypes only, so torch.compile and torch.export can trace the ops.
 
 @torch.library.register_fake("lsh_torch::mips_transform")
-def _(rows, query):
+def _(rows, query, max_norm=None):
     torch._check(rows.dim() == 2, lambda: "mips_transform: rows must be 2-D")
     return rows.new_empty(rows.shape[0], rows.shape[1] + 1)
 

@@ -11,7 +11,14 @@ from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int
 
 
 SELECTIONS = ("lsh", "random")
+NORM_SLACK = 1.1  # M over the largest norm at a full build: rows may grow 10% before the next full one
 _NON_FINITE = "weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them"
+
+
+def _norms(rows: Tensor) -> Tensor:
+    """Row norms in float32 or wider (the dtype argument saves reduced-precision rows a float copy)."""
+    wide = rows.dtype in (torch.float32, torch.float64)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
 
 
 class LSHTables(nn.Module):
@@ -23,7 +30,7 @@ class LSHTables(nn.Module):
     """
 
     def __init__(self, in_features: int, num_tables: int, bits: int, probes: int, seed: int, device=None,
-                 selection: str = "lsh", asymmetric: bool = False, center: bool = False):
+                 selection: str = "lsh", asymmetric: bool = True, center: bool = False):
         super().__init__()
         check_int("num_tables", num_tables, 1, MAX_TABLES)
         check_int("bits", bits, 1, MAX_BITS)
@@ -46,17 +53,20 @@ class LSHTables(nn.Module):
         self.register_buffer("codes", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
         self.rehashed = 0  # rows hashed by the last build (N for a full one)
+        # The asymmetric transform's M since the last full build (a 0-dim tensor; None without one).
+        self.register_buffer("max_norm", None, persistent=False)
 
     @torch.no_grad()
     def build(self, weight: Tensor, full: bool = False) -> None:
         """Hash the rows of ``weight`` [N, in_features] into the L tables (every row if ``full``).
 
         Only rows that changed since the last build are re-hashed (their fingerprint moved), when
-        the codes of the others are still valid: always for plain SimHash (``asymmetric=False``,
-        ``center=False``); the asymmetric transform scales every row by the largest norm and
-        ``center`` subtracts the mean row, so there any change re-hashes every row. Re-hashing is
-        O(changed rows x in_features x L x K); the fingerprints cost one pass over the weight and
-        the table build O(L x N), both far below a full hash (measured in bench_output_layer).
+        the codes of the others are still valid. The asymmetric transform scales every row by one
+        ``M``: a full build sets it to ``NORM_SLACK`` times the largest row norm and later builds
+        keep it, until a changed row outgrows it (then every row is re-hashed with a new ``M``).
+        ``center`` subtracts the mean row, which every change moves: there every build is full.
+        Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
+        the weight and the table build O(L x N), both far below a full hash (bench_output_layer).
         """
         n = weight.shape[0]
         if self.selection == "random":  # one table: bucket 0 (the only one probed) empty, bucket 1 all neurons
@@ -68,26 +78,41 @@ class LSHTables(nn.Module):
         finite, message = torch.isfinite(fingerprints).all(), _NON_FINITE
         if torch.compiler.is_compiling():  # a traced build: no data-dependent branch, every row hashed
             torch._assert_async(finite, message)
-            self.codes, self.fingerprints = self._row_codes(rows), fingerprints
+            self._hash_every_row(rows)
+            self.fingerprints = fingerprints
             self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
             return
         if not bool(finite):
             raise ValueError(message)
-        incremental = not full and not self.asymmetric and not self.center and self.codes.shape[1] == n
+        incremental = not full and not self.center and self.codes.shape[1] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+            moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
+            if self.asymmetric and changed.numel():
+                incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
+        if incremental:
             if changed.numel():
-                self.codes[:, changed] = self._row_codes(rows.index_select(0, changed))  # 3x faster than rows[changed]
+                self.codes[:, changed] = self._row_codes(moved)
             self.rehashed = changed.numel()
         else:
-            self.codes, self.rehashed = self._row_codes(rows), n
+            self._hash_every_row(rows)
+            self.rehashed = n
         self.fingerprints = fingerprints
         self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
+
+    def _hash_every_row(self, rows: Tensor) -> None:
+        # A new M for the asymmetric transform, with room for rows to grow. With ``center`` every
+        # build is full and the transform finds its own M among the centered rows.
+        if self.asymmetric and not self.center and rows.shape[0]:
+            self.max_norm = (NORM_SLACK * _norms(rows).max()).clamp_min(torch.finfo(torch.float32).tiny)
+        else:
+            self.max_norm = None
+        self.codes = self._row_codes(rows)
 
     def _row_codes(self, rows: Tensor) -> Tensor:
         """Codes of ``rows``, table-major ``[L, n]``: the layout the table build reads (no transpose)."""
         return hashing.row_codes(rows, self.projection, self.num_tables, self.bits, self.asymmetric,
-                                 self.center).t().contiguous()
+                                 self.center, self.max_norm).t().contiguous()
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,

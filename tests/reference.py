@@ -21,14 +21,17 @@ def seeded_hash(seed, stream, row, counter):
     return (mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64) ^ mix64(counter & MASK64)) & MASK64
 
 
-def mips_transform(rows, query):
+def mips_transform(rows, query, max_norm=None):
     rows64 = rows.double()
     norms = rows64.norm(dim=1, keepdim=True)
+    if max_norm is not None:
+        assert not query and (norms <= max_norm).all()
     if query:
         scaled = torch.where(norms > 0, rows64 / norms.clamp_min(1e-300), torch.zeros_like(rows64))
         extra = torch.zeros_like(norms)
     else:
         m = norms.max() if rows.shape[0] else torch.tensor(0.0, dtype=torch.float64)
+        m = m if max_norm is None else max_norm.double().reshape(())
         scaled = rows64 / m if m > 0 else torch.zeros_like(rows64)
         extra = (1 - scaled.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt()
     return torch.cat([scaled, extra], 1).to(rows.dtype)

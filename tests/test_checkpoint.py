@@ -143,3 +143,12 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     assert wrong[0].step == 0 and wrong[2].step == 0  # nothing changed on error
     with pytest.raises(ValueError, match="step"):
         load_lsh_state(fresh, {**state, "3": {"step": -1, "tables": None}})
+    bad_codes = {**state["0"]["tables"], "codes": state["0"]["tables"]["codes"][:, :10]}
+    with pytest.raises(ValueError, match="codes"):
+        load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": bad_codes}})
+    # A state saved before codes were kept (offsets and items only) still loads; the next rebuild is full.
+    old = {k: v if v["tables"] is None else {**v, "tables": {n: v["tables"][n] for n in ("offsets", "items")}}
+           for k, v in state.items()}
+    load_lsh_state(fresh, old)
+    fresh[0].rebuild()
+    assert fresh[0].tables.rehashed == 64

@@ -42,6 +42,25 @@ def test_mips_transform_equals_cpu(dtype, query):
     torch.testing.assert_close(got, ref.mips_transform(rows, query))
 
 
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_mips_transform_with_max_norm_equals_cpu(dtype):
+    rows = torch.randn(301, 37, dtype=torch.float64).to(dtype)
+    m = 1.2 * rows.double().norm(dim=1).max()
+    got = ops.mips_transform(rows.cuda(), False, m.cuda()).cpu()
+    assert torch.equal(got, ops.mips_transform(rows, False, m))
+    with pytest.raises(RuntimeError, match="at most max_norm"):
+        ops.mips_transform(rows.cuda(), False, m.cuda() / 2)
+
+
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+@pytest.mark.parametrize("n,d", [(0, 5), (1, 1), (1000, 37), (70_000, 128)])
+def test_row_fingerprints_match_reference_on_cuda(dtype, n, d):
+    rows, vector = torch.randn(n, d).to(dtype), torch.randn(d)
+    got = ops.row_fingerprints(rows.cuda(), vector.cuda())
+    assert got.is_cuda and got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got.cpu(), ref.row_fingerprints(rows, vector), rtol=1e-5, atol=1e-5)
+
+
 def test_mips_transform_empty_and_narrow():
     assert ops.mips_transform(torch.empty(0, 5, device="cuda"), False).shape == (0, 6)
     rows = torch.randn(40, 1)

@@ -73,7 +73,7 @@ def test_gradients_reach_active_neurons_only_and_equal_reference():
 
 def test_sparse_grad_with_sgd_and_sparse_adam():
     for opt_cls in (torch.optim.SGD, torch.optim.SparseAdam):
-        layer, _ = pair(sparse_grad=True)
+        layer, _ = pair(sparse_grad=True, asymmetric=False)
         before = layer.weight.detach().clone()
         opt = opt_cls(layer.parameters(), lr=0.1)
         out = layer(torch.randn(4, 16))
@@ -98,7 +98,7 @@ def full_build_of(layer):
 
 def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
     torch.manual_seed(0)
-    layer = LSHLinear(16, 300, active=20, rebuild=None)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
     layer.rebuild()
     assert layer.tables.rehashed == 300
     layer.rebuild()  # nothing moved
@@ -113,9 +113,29 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm():
+    from lsh_torch import hashing
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True)
+    layer.rebuild()
+    tables = layer.tables
+    largest = layer.weight.detach().norm(dim=1).max().item()
+    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(1.1 * largest)
+    with torch.no_grad():
+        layer.weight[4] *= 0.9
+        layer.weight[9] = layer.weight[9] / layer.weight[9].norm() * 1.05 * largest  # past the largest, within M
+    layer.rebuild()
+    assert tables.rehashed == 2
+    every_row = hashing.row_codes(layer.weight, tables.projection, 5, tables.bits, True, False, tables.max_norm)
+    assert torch.equal(tables.codes, every_row.t())
+    with torch.no_grad():
+        layer.weight[7] = layer.weight[7] / layer.weight[7].norm() * 2 * largest  # outgrows M: every row again
+    layer.rebuild()
+    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(2.2 * largest)
+
+
 @pytest.mark.parametrize("option", ["asymmetric", "center"])
 def test_rebuild_rehashes_every_row_when_one_row_moves_all_codes(option):
-    # The transform's largest norm, or the mean row, is shared by every row's code.
+    # A row past the transform's M, or the mean row, changes every row's code.
     layer = LSHLinear(16, 300, active=20, rebuild=None, **{option: True})
     layer.rebuild()
     with torch.no_grad():

@@ -29,6 +29,17 @@ def test_mips_transform_matches_reference(query, dtype):
     torch.testing.assert_close(ops.mips_transform(rows, query), ref.mips_transform(rows, query))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mips_transform_with_a_given_max_norm(dtype):
+    rows = torch.randn(30, 6, dtype=dtype)
+    m = 1.3 * rows.double().norm(dim=1).max()
+    got = ops.mips_transform(rows, False, m)
+    torch.testing.assert_close(got, ref.mips_transform(rows, False, m))
+    # Rows transformed apart with one M equal the rows transformed together.
+    torch.testing.assert_close(torch.cat([ops.mips_transform(rows[:7], False, m), ops.mips_transform(rows[7:], False, m)]),
+                               got, rtol=0, atol=0)
+
+
 def test_mips_transform_lets_non_finite_queries_through():
     out = ops.mips_transform(torch.tensor([[1.0, float("nan")], [3.0, 4.0]]), True)
     assert out[0].isnan().any() and torch.allclose(out[1], torch.tensor([0.6, 0.8, 0.0]))
@@ -239,6 +250,7 @@ def opcheck_cases():
     return [
         ("mips_transform", (torch.randn(20, 5), False)),
         ("mips_transform", (torch.randn(20, 5), True)),
+        ("mips_transform", (torch.randn(20, 5), False, torch.tensor(100.0))),
         ("hash_codes", (torch.randn(20, 12), 3, 4)),
         ("build_tables", (codes, 5)),
         ("build_tables", (codes.t().contiguous().t(), 5)),  # a table-major layout, as LSHTables keeps its codes
@@ -275,6 +287,10 @@ def test_op_input_errors():
         (lambda: ops.hash_codes(torch.randn(3, 0), 0, 6), "num_tables"),
         (lambda: ops.hash_codes(torch.ones(3, 4, dtype=torch.int64), 1, 4), "floating"),
         (lambda: ops.build_tables(torch.full((4, 2), 40, dtype=torch.int32), 5), "outside"),
+        (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.tensor(1.5)), "at most max_norm"),
+        (lambda: ops.mips_transform(torch.ones(2, 4), True, torch.tensor(5.0)), "query=False"),
+        (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.tensor(0.0)), "positive"),
+        (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.ones(2)), "one element"),
         (lambda: ops.row_fingerprints(torch.randn(4, 3), torch.randn(4)), "vector"),
         (lambda: ops.row_fingerprints(torch.randn(4, 3), torch.randn(3, dtype=torch.float64)), "float32"),
         (lambda: ops.row_fingerprints(torch.randn(12), torch.randn(3)), "rows"),

@@ -20,10 +20,8 @@ void check_bits_tables(int64_t num_tables, int64_t bits) {
               "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
 }
 
-at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query) {
-  TORCH_CHECK(rows_in.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows_in.sizes());
-  TORCH_CHECK(at::isFloatingType(rows_in.scalar_type()),
-              "mips_transform: rows must be a floating tensor, got ", rows_in.scalar_type());
+at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::optional<at::Tensor>& max_norm_in) {
+  const double given_max_norm = check_mips_args(rows_in, query, max_norm_in);
   const auto rows = rows_in.contiguous();
   const int64_t n = rows.size(0), d = rows.size(1);
   auto out = at::empty({n, d + 1}, rows.options());
@@ -46,6 +44,11 @@ at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query) {
       TORCH_CHECK(query || std::isfinite(norms[i]), "mips_transform: rows must be finite, row ", i,
                   " has a NaN or inf (or a norm beyond the dtype's range)");
       max_norm = std::max(max_norm, norms[i]);
+    }
+    if (given_max_norm > 0) {
+      TORCH_CHECK(max_norm <= static_cast<acc_t>(given_max_norm), "mips_transform: every row's norm must be at most "
+                  "max_norm = ", given_max_norm, ", got a row of norm ", max_norm);
+      max_norm = static_cast<acc_t>(given_max_norm);
     }
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -119,10 +119,8 @@ __global__ void mips_write_kernel(const scalar_t* __restrict__ src, int64_t n, i
   }
 }
 
-at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query) {
-  TORCH_CHECK(rows_in.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows_in.sizes());
-  TORCH_CHECK(at::isFloatingType(rows_in.scalar_type()),
-              "mips_transform: rows must be a floating tensor, got ", rows_in.scalar_type());
+at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query, const std::optional<at::Tensor>& max_norm_in) {
+  const double given_max_norm = check_mips_args(rows_in, query, max_norm_in);
   cuda::check_cuda(rows_in, "rows", "mips_transform");
   const c10::cuda::CUDAGuard guard(rows_in.device());
   const auto rows = rows_in.contiguous();
@@ -134,14 +132,22 @@ at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
     auto norms = at::empty({n}, rows.options().dtype(acc_dtype));
-    auto max_norm = at::zeros({1}, rows.options().dtype(acc_dtype));  // +0, the CPU's starting max
+    // +0 (the CPU's starting max), or the given M
+    auto max_norm = at::full({1}, given_max_norm, rows.options().dtype(acc_dtype));
+    const bool find_max = !query && given_max_norm == 0;
     const int64_t blocks = ceil_div(n, 32 * kNormWarps);
     row_norms_kernel<scalar_t, acc_t><<<blocks, 32 * kNormWarps, 0, stream>>>(
-        rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), query ? nullptr : max_norm.data_ptr<acc_t>());
+        rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), find_max ? max_norm.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // As on the CPU, non-finite data rows are an error (one sync, at table-build time only).
     TORCH_CHECK(query || at::isfinite(norms).all().item<bool>(),
                 "mips_transform: rows must be finite, a row has a NaN or inf (or a norm beyond the dtype's range)");
+    if (given_max_norm > 0) {
+      const double largest = norms.max().item<double>();
+      TORCH_CHECK(largest <= static_cast<double>(static_cast<acc_t>(given_max_norm)),
+                  "mips_transform: every row's norm must be at most max_norm = ", given_max_norm,
+                  ", got a row of norm ", largest);
+    }
     mips_write_kernel<scalar_t, acc_t><<<grid_for(n * (d + 1), 256), 256, 0, stream>>>(
         rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), max_norm.data_ptr<acc_t>(), query,
         out.data_ptr<scalar_t>());
