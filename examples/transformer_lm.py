@@ -20,15 +20,17 @@ the full softmax over the whole vocabulary, for both (an LSHLinear in eval mode 
 ``--random-baseline`` adds a third copy whose head picks its active words at random, which shows
 what the hashing itself is worth.
 
-Measured with the defaults on 2 CPU cores (``--random-baseline``, 4 min 41 s in all):
+Measured with the defaults on 2 CPU cores (``--random-baseline``, about 6 min in all on a busy machine):
 
     model                             train s  ms/step  held-out ppl  accuracy %
-    nn.Linear head, full softmax        195.0    649.8         180.1       20.74
-    LSHLinear head, sparse softmax       28.0     93.4         330.8       10.01
-    random active words, sparse          32.2    107.4         267.5       12.16
+    nn.Linear head, full softmax        291.4    971.2         180.1       20.74
+    LSHLinear head, sparse softmax       33.8    112.8         336.9        8.53
+    random active words, sparse          40.2    134.0         267.5       12.16
 
-The converted model trains 7x faster per step, but after the same 300 steps its exact held-out
-perplexity is 1.8x the dense model's, and random active words do better than hashed ones. On this
+The converted model trains 8.6x faster per step, but after the same 300 steps its exact held-out
+perplexity is 1.9x the dense model's, and random active words do better than hashed ones. The
+head needs the asymmetric MIPS transform (LSHLinear's default): hashing the rows' directions alone
+(``asymmetric=False``) gave perplexity 903, because a word's row norm carries its frequency. On this
 head the hash tables find few of the top words (recall@10 of the active set 0.4-2.4% in two checks, random
 0.26%): the trained rows of an output embedding share a strong common direction, so their codes
 pile up in a few buckets (one held 14k of the 50k words). Centering the rows before hashing (which

@@ -119,10 +119,10 @@ def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm()
     layer.rebuild()
     tables = layer.tables
     largest = layer.weight.detach().norm(dim=1).max().item()
-    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(1.1 * largest)
+    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(largest, rel=1e-4)
     with torch.no_grad():
         layer.weight[4] *= 0.9
-        layer.weight[9] = layer.weight[9] / layer.weight[9].norm() * 1.05 * largest  # past the largest, within M
+        layer.weight[9] = layer.weight[9] / layer.weight[9].norm() * 0.99 * largest  # within M
     layer.rebuild()
     assert tables.rehashed == 2
     every_row = hashing.row_codes(layer.weight, tables.projection, 5, tables.bits, True, False, tables.max_norm)
@@ -130,7 +130,7 @@ def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm()
     with torch.no_grad():
         layer.weight[7] = layer.weight[7] / layer.weight[7].norm() * 2 * largest  # outgrows M: every row again
     layer.rebuild()
-    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(2.2 * largest)
+    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(2 * largest, rel=1e-4)
 
 
 @pytest.mark.parametrize("option", ["asymmetric", "center"])
