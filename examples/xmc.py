@@ -310,9 +310,10 @@ def report(runs: list[Run], popular: dict, args) -> dict:
         print("  " + "  ".join(f"{p1_at(rnd.curve, t):>6.3f}" for t in points) + f"  {rnd.name}")
         print(f"  {r.name} ahead at {sum(d > 0 for d in lead)} of 10 times, by {100 * max(lead):+.1f} points at "
               f"best and {100 * min(lead):+.1f} at worst")
-        levels = [x / 100 for x in range(50, 80, 5) if x / 100 <= max(p for *_, p in r.curve + rnd.curve)]
+        best = max(p for *_, p in r.curve + rnd.curve)
+        levels = [round(f * best, 3) for f in (0.5, 0.75, 0.9, 0.95)]  # fractions of the best P@1 of the two
         cells = [(lv, time_to_reach(r.curve, lv), time_to_reach(rnd.curve, lv)) for lv in levels]
-        print("  seconds to reach P@1 " + ", ".join(
+        print(f"  seconds to reach P@1 ({r.name} vs {rnd.name}) " + ", ".join(
             f"{lv:.2f}: {'-' if a is None else f'{a:.1f}'} vs {'-' if b is None else f'{b:.1f}'}" for lv, a, b in cells))
         summary[f"{r.name}_vs_{rnd.name}_p1_lead_at_tenths"] = lead
     return summary
