@@ -122,13 +122,23 @@ class LSHTables(nn.Module):
         """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if ``shared``.
         ``probes`` overrides the tables' buckets probed per table for this call."""
         if self.selection == "random":
-            codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-            margins, probes = torch.zeros(x.shape[0], 1, device=x.device), 1
-        else:
-            codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
-            probes = self.probes if probes is None else probes
+            return self.query_uniform(x, self.items.shape[1], budget, labels, seed, shared)
+        codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         query = ops.query_shared if shared else ops.query
-        return query(codes, margins, self.offsets, self.items, probes, budget, labels, seed)
+        return query(codes, margins, self.offsets, self.items, self.probes if probes is None else probes, budget,
+                     labels, seed)
+
+    @staticmethod
+    def query_uniform(x: Tensor, n: int, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
+                      shared: bool = False) -> Tensor:
+        """The labels plus uniformly random neurons of ``n``, no tables needed: the query op over one
+        table whose probed bucket 0 is empty and whose bucket 1 holds every neuron."""
+        codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
+        margins = torch.zeros(x.shape[0], 1, device=x.device)
+        offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=x.device)
+        items = torch.arange(n, dtype=torch.int32, device=x.device)[None]
+        query = ops.query_shared if shared else ops.query
+        return query(codes, margins, offsets, items, 1, budget, labels, seed)
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "

@@ -137,6 +137,24 @@ def test_topk_with_more_probes_finds_more_of_the_exact_top():
     assert layer.tables.probes == 1  # the override holds for the call only
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_row"])
+def test_warmup_draws_random_sets_then_builds_the_tables(mode):
+    warm = LSHLinear(16, 500, active=40, mode=mode, warmup=3, rebuild=2)
+    rand = LSHLinear(16, 500, active=40, mode=mode, selection="random", rebuild=2)
+    labels = torch.randint(0, 500, (8, 2))
+    for step in range(5):
+        x = torch.randn(8, 16)
+        active = warm.forward_sparse(x, labels).indices
+        if step < 3:  # the random selection's sets, seed for seed; no table built
+            assert torch.equal(active, rand.forward_sparse(x, labels).indices)
+            assert warm._stale and warm.tables.items.shape[1] == 0
+        else:
+            assert not warm._stale and warm.tables.items.shape == (5, 500)
+    assert warm.step == 5 and "warmup=3" in repr(warm)
+    with pytest.raises(ValueError, match="warmup"):
+        LSHLinear(16, 500, warmup=-1)
+
+
 def test_random_selection_is_uniform_and_keeps_labels():
     layer = LSHLinear(16, 1000, active=50, selection="random")
     labels = torch.arange(64)
