@@ -78,7 +78,8 @@ class LSHStep:
     def __init__(self, n, h, labels, dtype, args, mode, lazy):
         self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=args.active, mode=mode,
                                sparse_grad=lazy, rebuild=None, num_tables=args.tables,
-                               bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes)
+                               bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
+                               asymmetric=False)  # as bench_output_layer.py and the XMC demo
         self.layer.train()
         self.opt = (LazyAdam if lazy else torch.optim.Adam)(self.layer.parameters(), lr=1e-3)
         self.h, self.labels = h, labels
