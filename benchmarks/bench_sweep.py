@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_paper import SparseMLP, accuracy, build_id, load_dataset  # noqa: E402
+from timing import median_time  # noqa: E402
 
 import lsh_torch  # noqa: E402
 from lsh_torch import LSHLinear  # noqa: E402
@@ -45,15 +46,6 @@ from lsh_torch.diagnostics import active_set_recall  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def train_dense(data, epochs: int, hidden: int, seed: int = 0) -> SparseMLP:

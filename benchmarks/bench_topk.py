@@ -24,25 +24,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_time
 
 from lsh_torch import LSHLinear
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
@@ -67,10 +57,10 @@ def bench(n: int, args) -> list[dict]:
         else:
             picked = layer.weight.detach()[torch.randint(0, n, (args.queries,), generator=gen)]
             x = picked + torch.randn(picked.shape, generator=gen)
-        exact_s = median_seconds(lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1), args.repeats)
+        exact_s = median_time(lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1), args.repeats)
         exact = layer.topk(x, args.k, exact=True)[1]
         for probes in (int(p) for p in args.probes.split(",")):
-            lsh_s = median_seconds(lambda: layer.topk(x, args.k, probes=probes), args.repeats)
+            lsh_s = median_time(lambda: layer.topk(x, args.k, probes=probes), args.repeats)
             found = layer.topk(x, args.k, probes=probes)[1]
             rows.append({"out_features": n, "queries": kind, "k": args.k, "active": layer.budget,
                          "bits": layer.tables.bits, "tables": layer.tables.num_tables, "probes": probes,

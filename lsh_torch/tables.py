@@ -14,6 +14,21 @@ SELECTIONS = ("lsh", "random")
 _NON_FINITE = "weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them"
 
 
+def _uniform_tables(n: int, device) -> tuple[Tensor, Tensor]:
+    """One table whose bucket 0, the only one probed, is empty and whose bucket 1 holds every
+    neuron: the query op then returns the labels plus seeded uniformly random neurons."""
+    offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=device)
+    return offsets, torch.arange(n, dtype=torch.int32, device=device)[None]
+
+
+def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, labels: Optional[Tensor], seed: int,
+                   shared: bool) -> Tensor:
+    codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
+    margins = torch.zeros(x.shape[0], 1, device=x.device)
+    query = ops.query_shared if shared else ops.query
+    return query(codes, margins, offsets, items, 1, budget, labels, seed)
+
+
 def _norms(rows: Tensor) -> Tensor:
     """Row norms in float32 or wider (the dtype argument saves reduced-precision rows a float copy)."""
     wide = rows.dtype in (torch.float32, torch.float64)
@@ -70,9 +85,8 @@ class LSHTables(nn.Module):
         the weight and the table build O(L x N), both far below a full hash (bench_output_layer).
         """
         n = weight.shape[0]
-        if self.selection == "random":  # one table: bucket 0 (the only one probed) empty, bucket 1 all neurons
-            self.offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=weight.device)
-            self.items = torch.arange(n, dtype=torch.int32, device=weight.device)[None]
+        if self.selection == "random":
+            self.offsets, self.items = _uniform_tables(n, weight.device)
             return
         rows = weight.detach()
         fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
@@ -122,7 +136,7 @@ class LSHTables(nn.Module):
         """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if ``shared``.
         ``probes`` overrides the tables' buckets probed per table for this call."""
         if self.selection == "random":
-            return self.query_uniform(x, self.items.shape[1], budget, labels, seed, shared)
+            return _query_uniform(x, self.offsets, self.items, budget, labels, seed, shared)
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         query = ops.query_shared if shared else ops.query
         return query(codes, margins, self.offsets, self.items, self.probes if probes is None else probes, budget,
@@ -131,14 +145,8 @@ class LSHTables(nn.Module):
     @staticmethod
     def query_uniform(x: Tensor, n: int, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
                       shared: bool = False) -> Tensor:
-        """The labels plus uniformly random neurons of ``n``, no tables needed: the query op over one
-        table whose probed bucket 0 is empty and whose bucket 1 holds every neuron."""
-        codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-        margins = torch.zeros(x.shape[0], 1, device=x.device)
-        offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=x.device)
-        items = torch.arange(n, dtype=torch.int32, device=x.device)[None]
-        query = ops.query_shared if shared else ops.query
-        return query(codes, margins, offsets, items, 1, budget, labels, seed)
+        """The labels plus uniformly random neurons of ``n``, without built tables (a warm-up)."""
+        return _query_uniform(x, *_uniform_tables(n, x.device), budget, labels, seed, shared)
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "
