@@ -34,13 +34,14 @@ def simd_flags():
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    # fp-contract=off: no fused multiply-adds, so results stay bit-identical to the CUDA kernels'.
-    return ["-mavx2", "-mfma", "-ffp-contract=off"] if {"avx2", "fma"} <= set(flags) else []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
 
 
 def extension():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))]
-    cxx = ["-O3", "-fopenmp"] + simd_flags()  # the C++ standard is torch's own
+    # -ffp-contract=off on every host (gcc fuses multiply-adds by default where the target has FMA,
+    # e.g. aarch64): results stay bit-identical to the CUDA kernels'. The C++ standard is torch's own.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + simd_flags()
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
         # A100 and H100 by default; LSH_TORCH_CUDA_ARCH wins over TORCH_CUDA_ARCH_LIST.

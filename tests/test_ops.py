@@ -304,6 +304,8 @@ def test_op_input_errors():
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 1, LABELS), "more distinct labels"),
         (lambda: ops.query(qcodes, qmargins, offsets, items.clamp_max(-1), 4, 5), "items"),
         (lambda: ops.query(qcodes, qmargins, offsets.flip(1), items, 4, 5), "offsets"),
+        (lambda: ops.query(qcodes + 64, qmargins, offsets, items, 4, 5), "codes must be in"),
+        (lambda: ops.query_shared(qcodes - 64, qmargins, offsets, items, 4, 5), "codes must be in"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS), "more distinct labels"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.shared_linear(x, weight, bias, torch.tensor([40])), "indices"),

@@ -96,8 +96,12 @@ class ActiveSetBuilder {
                   static_cast<int>(t_.probes), flips_.data());
       const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
       const int32_t* items = t_.items + l * t_.n;
+      const int32_t code = t_.code[row * t_.num_tables + l];
+      // The bucket indexes offsets: an out-of-range code would read past them.
+      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
+                  int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
       for (int64_t p = 0; p < t_.probes; ++p) {
-        const uint32_t bucket = static_cast<uint32_t>(t_.code[row * t_.num_tables + l]) ^ flips_[p];
+        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips_[p];
         for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
           TORCH_CHECK(static_cast<uint32_t>(items[i]) < static_cast<uint32_t>(t_.n), "query: items hold neuron ",
                       items[i], ", outside [0, N = ", t_.n, ")");

@@ -582,15 +582,17 @@ at::Tensor query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in, 
   for (int64_t row0 = 0; row0 < batch; row0 += chunk) {
     const int64_t rows = std::min(chunk, batch - row0);
     C10_CUDA_CHECK(cudaMemsetAsync(hits.data_ptr<int32_t>(), 0, rows * n * sizeof(int32_t), stream));
-    flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
-        in.margins.data_ptr<float>(), row0, rows, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
-        reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
-        in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
-        reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()), row0, num_tables, in.buckets, n,
-        static_cast<int>(probes), hits.data_ptr<int32_t>(), /*hits_stride=*/n, /*max_count=*/num_tables, flag.ptr());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (num_tables > 0) {  // L = 0 is valid (no candidates, fill only) but would be an empty grid
+      flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
+          in.margins.data_ptr<float>(), row0, rows, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
+          reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
+          in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
+          reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()), row0, num_tables, in.buckets, n,
+          static_cast<int>(probes), hits.data_ptr<int32_t>(), /*hits_stride=*/n, /*max_count=*/num_tables, flag.ptr());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     labels_kernel<<<ceil_div(rows, 128), 128, 0, stream>>>(
         in.num_labels ? in.labels.data_ptr<int64_t>() : nullptr, in.num_labels, row0, rows, n, budget,
         hits.data_ptr<int32_t>(), active.data_ptr<int64_t>(), filled.data_ptr<int32_t>(), flag.ptr());
@@ -646,7 +648,7 @@ at::Tensor query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margi
     return indices;
   }
   auto hits = at::zeros({1, n}, int_opts);
-  if (batch > 0) {
+  if (batch > 0 && num_tables > 0) {  // L = 0: no candidates, and an empty grid is a launch error
     TORCH_CHECK(batch * num_tables * probes < std::numeric_limits<int32_t>::max(), op, ": B * L * probes is too large");
     auto flips = at::empty({batch * num_tables * probes}, int_opts);
     flips_kernel<<<ceil_div(batch * num_tables, 128), 128, 0, stream>>>(
