@@ -90,21 +90,21 @@ def test_sparse_grad_with_sgd_and_sparse_adam():
 
 def full_build_of(layer):
     fresh = LSHLinear(layer.in_features, layer.out_features, active=layer.budget, rebuild=None, seed=layer.seed,
-                      asymmetric=layer.tables.asymmetric, center=layer.tables.center)
+                      asymmetric=layer.tables.asymmetric, center=layer.tables.center, device=layer.weight.device)
     fresh.load_state_dict(layer.state_dict())
     fresh.rebuild()
     return fresh.tables
 
 
-def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
+def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(device):
     torch.manual_seed(0)
-    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False, device=device)
     layer.rebuild()
     assert layer.tables.rehashed == 300
     layer.rebuild()  # nothing moved
     assert layer.tables.rehashed == 0
     with torch.no_grad():
-        layer.weight[[3, 17, 200]] = torch.randn(3, 16)
+        layer.weight[[3, 17, 200]] = torch.randn(3, 16, device=device)
         layer.weight[50, 7] += 1e-3
     layer.rebuild()
     assert layer.tables.rehashed == 4
@@ -113,9 +113,9 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build():
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
-def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm():
+def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm(device):
     from lsh_torch import hashing
-    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True, device=device)
     layer.rebuild()
     tables = layer.tables
     largest = layer.weight.detach().norm(dim=1).max().item()
@@ -134,9 +134,9 @@ def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm()
 
 
 @pytest.mark.parametrize("option", ["asymmetric", "center"])
-def test_rebuild_rehashes_every_row_when_one_row_moves_all_codes(option):
+def test_rebuild_rehashes_every_row_when_one_row_moves_all_codes(option, device):
     # A row past the transform's M, or the mean row, changes every row's code.
-    layer = LSHLinear(16, 300, active=20, rebuild=None, **{option: True})
+    layer = LSHLinear(16, 300, active=20, rebuild=None, device=device, **{option: True})
     layer.rebuild()
     with torch.no_grad():
         layer.weight[5] *= 3
