@@ -1,9 +1,10 @@
-"""Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU.
+"""Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU or GPU.
 
     python examples/xmc.py                      # synthetic data, 100,000 labels: a few minutes on 2 cores
     python examples/xmc.py --quick              # a smaller run (about a minute)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
+    python examples/xmc.py --device cuda        # the same comparison on a GPU
     python examples/xmc.py --help
 
 The network is SLIDE's: sparse input features -> ``nn.EmbeddingBag`` (sum of feature embeddings
@@ -25,7 +26,9 @@ layer and the hidden bias use ``torch.optim.Adam``. Precision@k is measured on h
 with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
 layer's); the LSH top-k (``exact=False``, candidates from the tables only) is reported too.
 
-Wall time counts training steps only (evaluation excluded). Results: a table on stdout, a PNG
+Wall time counts training steps only (evaluation excluded); on a GPU each step ends with
+``torch.cuda.synchronize()`` so that it counts the step's kernels, and includes copying the batch
+to the device. Results: a table on stdout, a PNG
 of P@1 against training wall time (``--plot``) and a JSON of every curve (``--json``).
 """
 from __future__ import annotations
@@ -81,7 +84,7 @@ class XMCNet(nn.Module):
 def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XMCNet:
     """The network with an output layer of ``kind`` ("dense", "lsh" or "random"); same init for all."""
     torch.manual_seed(args.seed)
-    net = XMCNet(data.num_features, data.num_labels, args.hidden)
+    net = XMCNet(data.num_features, data.num_labels, args.hidden).to(args.device)
     if kind != "dense":
         warmup = round(args.warmup_epochs * math.ceil(len(data) / args.batch_size)) if kind == "lsh" else 0
         net.out = LSHLinear.from_linear(
@@ -90,6 +93,16 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
             rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed, asymmetric=args.asymmetric,
             warmup=warmup)
     return net
+
+
+def to_device(batch, device: torch.device):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued kernels, so that a wall-clock reading covers them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rebuild_schedule(spec: str):
@@ -143,15 +156,19 @@ def evaluate(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 1
     was_training = net.training
     net.eval()
     tops, seconds = [], 0.0
-    for ids, offsets, values, _ in data.batches(batch_size, shuffle=False):
+    device = net.hidden_bias.device
+    for batch in data.batches(batch_size, shuffle=False):
+        ids, offsets, values, _ = to_device(batch, device)
         h = net.hidden(ids, offsets, values)
+        sync(device)
         start = time.perf_counter()
         if kind == "dense":
             top = net.out(h).topk(k, dim=1).indices
         else:
             top = net.out.topk(h, k, exact=exact)[1]
+        sync(device)
         seconds += time.perf_counter() - start
-        tops.append(top)
+        tops.append(top.cpu())
     net.train(was_training)
     return precision_at(torch.cat(tops), data.batch(np.arange(len(data)))[3]), seconds
 
@@ -196,7 +213,7 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
     epochs = args.dense_epochs if run.kind == "dense" else args.epochs
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     eval_every = max(1, round(steps_per_epoch * args.eval_every))
-    rebuild_timer = _RebuildTimer(net.out) if run.kind != "dense" else None
+    rebuild_timer = _RebuildTimer(net.out, args.device) if run.kind != "dense" else None
     run.curve.append((0.0, 0, 0.0, evaluate(net, run.kind, eval_data)[0]["P@1"]))
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"{run.name:>14}", unit="step", leave=True, dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
@@ -209,12 +226,13 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
             batch = next(batches, None)
             if batch is None:
                 break
-            loss = loss_fn(net, run.kind, batch)
+            loss = loss_fn(net, run.kind, to_device(batch, args.device))
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
             for opt in opts:
                 opt.step()
+            sync(args.device)
             run.train_seconds += time.perf_counter() - start
             run.steps += 1
             bar.update(1)
@@ -241,7 +259,7 @@ def warm_up(data, args, steps: int = 20) -> None:
     net = build("random", "shared", data, args, min(data.num_labels, args.active))
     opts = optimizers(net, "random", args.lr, args.lr)
     for _, batch in zip(range(steps), data.batches(args.batch_size, seed=args.seed)):
-        loss = loss_fn(net, "random", batch)
+        loss = loss_fn(net, "random", to_device(batch, args.device))
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,12 +270,14 @@ def warm_up(data, args, steps: int = 20) -> None:
 class _RebuildTimer:
     """Counts and times an LSHLinear's table rebuilds (wraps its ``rebuild`` method)."""
 
-    def __init__(self, layer: LSHLinear):
+    def __init__(self, layer: LSHLinear, device: torch.device):
         self.count, self.seconds, inner = 0, 0.0, layer.rebuild
 
         def timed():
+            sync(device)
             start = time.perf_counter()
             inner()
+            sync(device)
             self.count += 1
             self.seconds += time.perf_counter() - start
         layer.rebuild = timed
@@ -395,6 +415,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=float, default=0.25, help="evaluate every this many epochs")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("LSHLinear (lsh and random runs)")
     g.add_argument("--active", type=int, default=2048,
                    help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
@@ -415,7 +436,14 @@ def parse_args(argv=None):
     g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -447,7 +475,9 @@ def main(argv=None) -> dict:
           f"  test:  {test_data.summary()}")
     eval_data = test_data.subset(np.random.default_rng(args.seed).permutation(len(test_data))[:args.eval_points])
     popular = popular_baseline(train_data, test_data)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__} on {where} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
           f"lsh_torch {lsh_torch.__version__}")
 
     warm_up(train_data, args)
@@ -469,11 +499,11 @@ def main(argv=None) -> dict:
 
     summary = report(runs, popular, args)
     title = (f"{source}: {len(train_data):,} train points, {train_data.num_labels:,} labels, batch {args.batch_size}, "
-             f"{torch.get_num_threads()} threads")
+             f"{where}")
     if args.plot:
         plot(runs, popular["P@1"], args.plot, title)
         print(f"plot: {args.plot}")
-    result = {"args": vars(args), "data": {"train": train_data.summary(), "test": test_data.summary()},
+    result = {"args": {**vars(args), "device": str(args.device)}, "data": {"train": train_data.summary(), "test": test_data.summary()},
               "popular": popular, "summary": summary,
               "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}
     if args.json:
