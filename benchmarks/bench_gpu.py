@@ -12,17 +12,18 @@ inside a network), one label per row (``--labels-per-row``):
   dense            nn.Linear + F.cross_entropy over all outputs + torch.optim.Adam
   lsh per_row      LSHLinear(mode="per_row").forward_sparse(h, labels) + lsh_torch.sparse_cross_entropy
                    (softmax over each row's active logits, labels forced in) + torch.optim.Adam
-                   (dense gradients): the layer's per-row training path, ``--active`` outputs per row
+                   (dense gradients): ``--active-per-row`` outputs per row
   lsh per_row lazy the same with sparse_grad=True + lsh_torch.LazyAdam (row-sparse Adam)
   lsh shared lazy  mode="shared" (one active set of ``--active`` outputs for the batch, a gathered
                    GEMM) + sparse_grad=True + LazyAdam
 
-``--active`` is a fraction of the outputs (default 0.05, the layer's default) or a count. The LSH
-steps run without rebuilds (``rebuild=None``); a rebuild (hash all N weight rows, rebuild the
-tables) is timed on its own, and "+rebuild" adds its cost amortized under the default schedule
-(lsh_torch.GrowingSchedule) over ``--horizon`` steps. Times are medians over ``--steps`` steps
-after ``--warmup`` steps, each step bracketed by torch.cuda.synchronize(); ratios are
-dense / case (above 1: faster than dense). Cases run one after another in this process, memory
+The hashing settings are the CPU output-layer benchmark's and the XMC demo's (L=20 tables, 2 probes,
+asymmetric=False, 2,048 outputs per batch or 128 per row). The LSH steps are timed without
+rebuilds (``rebuild=None``); rebuilds are timed on their own: a full one (every row hashed) and the
+incremental one that training runs under the default schedule (every 10 steps, re-hashing the rows
+the last 10 steps moved), whose cost divided by 10 is added in "+rebuild". Times are medians over
+``--steps`` steps after ``--warmup`` steps, each step bracketed by torch.cuda.synchronize(); ratios
+are dense / case (above 1: faster than dense). Cases run one after another in this process, memory
 released in between; a case that fails (out of memory, ...) is reported and skipped.
 Writes a table to stdout and JSON to ``benchmarks/results/gpu[_quick].json``.
 """
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lsh_torch
-from lsh_torch import GrowingSchedule, LazyAdam, LSHLinear, sparse_cross_entropy
+from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
+from timing import REBUILD_PERIOD, incremental_rebuild_time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("dense", "lsh per_row", "lsh per_row lazy", "lsh shared lazy")
@@ -76,7 +78,8 @@ class DenseStep:
 
 class LSHStep:
     def __init__(self, n, h, labels, dtype, args, mode, lazy):
-        self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=args.active, mode=mode,
+        budget = args.active if mode == "shared" else args.active_per_row
+        self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=budget, mode=mode,
                                sparse_grad=lazy, rebuild=None, num_tables=args.tables,
                                bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
                                asymmetric=False)  # as bench_output_layer.py and the XMC demo
@@ -116,20 +119,29 @@ def time_steps(step, device, warmup: int, steps: int, max_seconds: float) -> lis
     return times
 
 
-def time_rebuild(layer: LSHLinear, device, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
+def make_inputs(n, dtype, args, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(args.batch, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, n, (args.batch, args.labels_per_row), generator=gen).to(device)
+    return h, labels
+
+
+def rebuild_times(case: LSHStep, n, dtype, args, device) -> dict:
+    """Full rebuild and the default schedule's incremental one (ms), fresh batches in between."""
+    layer, inputs = case.layer, (case.h, case.labels)
+    full = []
+    for _ in range(3):
         sync(device)
         t0 = time.perf_counter()
-        layer.rebuild()
+        layer.tables.build(layer.weight, full=True)
         sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        full.append((time.perf_counter() - t0) * 1e3)
 
-
-def rebuilds_in(horizon: int) -> int:
-    schedule = GrowingSchedule()
-    return sum(1 for step in range(horizon) if schedule(step))
+    def new_batch(seed):
+        case.h, case.labels = make_inputs(n, dtype, args, device, seed)
+    seconds, rows = incremental_rebuild_time(layer, case, new_batch, sync=lambda: sync(device))
+    case.h, case.labels = inputs
+    return {"full_rebuild_ms": statistics.median(full), "rebuild_ms": 1e3 * seconds, "rows_rehashed": rows}
 
 
 def release(device) -> None:
@@ -140,9 +152,7 @@ def release(device) -> None:
 
 def bench_one(name, n, dtype_name, args, device) -> dict:
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator().manual_seed(0)
-    h = torch.randn(args.batch, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    labels = torch.randint(0, n, (args.batch, args.labels_per_row), generator=gen).to(device)
+    h, labels = make_inputs(n, dtype, args, device)
     record = {"case": name, "out_features": n, "dtype": dtype_name}
     case = None
     try:
@@ -152,9 +162,8 @@ def bench_one(name, n, dtype_name, args, device) -> dict:
         times = time_steps(case, device, args.warmup, args.steps, args.max_seconds)
         record.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times))
         if isinstance(case, LSHStep):
-            rebuild_ms = time_rebuild(case.layer, device)
-            record.update(rebuild_ms=rebuild_ms, budget=case.layer.budget,
-                          amortized_ms=record["median_ms"] + rebuild_ms * rebuilds_in(args.horizon) / args.horizon)
+            record.update(rebuild_times(case, n, dtype, args, device), budget=case.layer.budget)
+            record["amortized_ms"] = record["median_ms"] + record["rebuild_ms"] / REBUILD_PERIOD
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -171,8 +180,8 @@ def fmt(v, spec=".2f"):
 
 def print_table(results: list[dict]) -> None:
     dense = {(r["out_features"], r["dtype"]): r.get("median_ms") for r in results if r["case"] == "dense"}
-    head = f"{'outputs':>9} {'dtype':5} {'case':17} {'active':>7} {'step ms':>9} {'x dense':>8} {'rebuild ms':>11} " \
-           f"{'+rebuild ms':>12} {'x dense':>8} {'peak GB':>8}"
+    head = f"{'outputs':>9} {'dtype':5} {'case':17} {'active':>7} {'step ms':>9} {'x dense':>8} {'full rb ms':>11} " \
+           f"{'rebuild ms':>11} {'rows':>8} {'+rebuild ms':>12} {'x dense':>8} {'peak GB':>8}"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -184,8 +193,11 @@ def print_table(results: list[dict]) -> None:
         amort = r.get("amortized_ms")
         ratio_amort = base / amort if base and amort else None
         print(f"{r['out_features']:>9} {r['dtype']:5} {r['case']:17} {fmt(r.get('budget'), 'd'):>7} "
-              f"{r['median_ms']:>9.2f} {fmt(ratio):>8} {fmt(r.get('rebuild_ms')):>11} {fmt(amort):>12} "
+              f"{r['median_ms']:>9.2f} {fmt(ratio):>8} {fmt(r.get('full_rebuild_ms')):>11} "
+              f"{fmt(r.get('rebuild_ms')):>11} {fmt(r.get('rows_rehashed'), 'd'):>8} {fmt(amort):>12} "
               f"{fmt(ratio_amort):>8} {fmt(r.get('peak_mem_gb')):>8}")
+    print(f"full rb: every row hashed; rebuild: the default schedule's incremental rebuild after {REBUILD_PERIOD} "
+          f"steps (rows: re-hashed rows); +rebuild = step + rebuild / {REBUILD_PERIOD}")
 
 
 def git_commit() -> str | None:
@@ -208,15 +220,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--labels-per-row", type=int, default=1)
-    p.add_argument("--active", type=parse_active, default=0.05,
-                   help="active outputs: per row (per_row) or per batch (shared); a fraction of N or a count")
-    p.add_argument("--tables", type=int, default=5)
+    p.add_argument("--active", type=parse_active, default=2048,
+                   help="active outputs per batch (shared cases): a count or a fraction of N")
+    p.add_argument("--active-per-row", type=parse_active, default=128,
+                   help="active outputs per row (per_row cases): a count or a fraction of N")
+    p.add_argument("--tables", type=int, default=20, help="L (the XMC demo's setting)")
     p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", type=int, default=10)
+    p.add_argument("--probes", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--max-seconds", type=float, default=60, help="stop timing a case after this long")
-    p.add_argument("--horizon", type=int, default=10000, help="training steps over which rebuilds are amortized")
     p.add_argument("--quick", action="store_true", help="100,000 outputs, 3 warm-up and 5 timed steps")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu[_quick].json)")
@@ -247,7 +260,7 @@ def main(argv=None) -> int:
             "commit": git_commit(), "python": platform.python_version(),
             "args": {k: v for k, v in vars(args).items() if k != "out"}}
     print(f"bench_gpu on {name}, torch {torch.__version__}: batch {args.batch}, hidden {args.hidden}, "
-          f"active {args.active}, L={args.tables}, K={args.bits}, probes {args.probes}")
+          f"active {args.active} per batch / {args.active_per_row} per row, L={args.tables}, K={args.bits}, probes {args.probes}")
     results = []
     for n in sizes:
         for dtype_name in dtypes:

@@ -51,6 +51,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import REBUILD_PERIOD, incremental_rebuild_time
 from torch import Tensor, nn
 
 import lsh_torch
@@ -199,9 +200,6 @@ def measure_memory(name, n, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-REBUILD_PERIOD = 10  # LSHLinear's default schedule
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -241,18 +239,13 @@ def bench_size(n: int, args) -> dict:
     rebuild_s, rehashed = {}, {}
     for mode in ("shared", "per_row"):
         case = cases[f"lsh {mode}"]
-        spent, rows = [], []
         inputs = case.h, case.labels
-        for rep in range(3):
-            case.layer.rebuild()
-            for step in range(REBUILD_PERIOD):  # new batches, as in training: each step moves other rows
-                h, case.labels = make_inputs(n, args.batch, args.hidden, args.labels_per_row, seed=1 + rep * 100 + step)
-                case.h = h.requires_grad_()
-                case()
-            spent.append(timed(case.layer.rebuild))
-            rows.append(case.layer.tables.rehashed)
+
+        def new_batch(seed, case=case):  # new batches, as in training: each step moves other rows
+            h, case.labels = make_inputs(n, args.batch, args.hidden, args.labels_per_row, seed=seed)
+            case.h = h.requires_grad_()
+        rebuild_s[mode], rehashed[mode] = incremental_rebuild_time(case.layer, case, new_batch)
         case.h, case.labels = inputs
-        rebuild_s[mode], rehashed[mode] = statistics.median(spent), statistics.median(rows)
     result = {
         "out_features": n, "median_s": med, "samples": {k: len(v) for k, v in times.items()},
         "ratio_dense_over": {k: med["dense"] / v for k, v in med.items()},

@@ -1,8 +1,10 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing helpers shared by the benchmarks."""
 from __future__ import annotations
 
 import statistics
 import time
+
+REBUILD_PERIOD = 10  # LSHLinear's default schedule: an incremental rebuild every 10 training steps
 
 
 def median_time(fn, reps: int) -> float:
@@ -14,3 +16,24 @@ def median_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def incremental_rebuild_time(layer, step, new_batch, reps: int = 3, sync=lambda: None) -> tuple[float, int]:
+    """Median seconds of the rebuild that training runs under the default schedule: the tables are
+    brought up to date, ``REBUILD_PERIOD`` training steps run on fresh batches (``new_batch(seed)``
+    installs one, then ``step()`` trains on it), and the rebuild re-hashes the rows those steps
+    moved. Returns the seconds and the median number of rows re-hashed. ``sync`` waits for the
+    device (torch.cuda.synchronize on a GPU)."""
+    spent, rows = [], []
+    for rep in range(reps):
+        layer.rebuild()
+        for i in range(REBUILD_PERIOD):
+            new_batch(1 + rep * 100 + i)
+            step()
+        sync()
+        start = time.perf_counter()
+        layer.rebuild()
+        sync()
+        spent.append(time.perf_counter() - start)
+        rows.append(layer.tables.rehashed)
+    return statistics.median(spent), int(statistics.median(rows))
