@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,21 @@ def time_steps(step, device, warmup: int, steps: int, max_seconds: float) -> lis
     return times
 
 
+def count_syncs(step, device) -> int | None:
+    """Host-device synchronisations in one call of ``step`` (the .item() reads and copies to the
+    host that torch's sync debug mode reports; the query sizes its scratch buffers with some)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def make_inputs(n, dtype, args, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(args.batch, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -160,7 +176,8 @@ def bench_one(name, n, dtype_name, args, device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         case = make_case(name, n, h, labels, dtype, args)
         times = time_steps(case, device, args.warmup, args.steps, args.max_seconds)
-        record.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times))
+        record.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times),
+                      syncs_per_step=count_syncs(case, device))
         if isinstance(case, LSHStep):
             record.update(rebuild_times(case, n, dtype, args, device), budget=case.layer.budget)
             record["amortized_ms"] = record["median_ms"] + record["rebuild_ms"] / REBUILD_PERIOD
@@ -181,7 +198,7 @@ def fmt(v, spec=".2f"):
 def print_table(results: list[dict]) -> None:
     dense = {(r["out_features"], r["dtype"]): r.get("median_ms") for r in results if r["case"] == "dense"}
     head = f"{'outputs':>9} {'dtype':5} {'case':17} {'active':>7} {'step ms':>9} {'x dense':>8} {'full rb ms':>11} " \
-           f"{'rebuild ms':>11} {'rows':>8} {'+rebuild ms':>12} {'x dense':>8} {'peak GB':>8}"
+           f"{'rebuild ms':>11} {'rows':>8} {'+rebuild ms':>12} {'x dense':>8} {'peak GB':>8} {'syncs':>6}"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -195,9 +212,10 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['out_features']:>9} {r['dtype']:5} {r['case']:17} {fmt(r.get('budget'), 'd'):>7} "
               f"{r['median_ms']:>9.2f} {fmt(ratio):>8} {fmt(r.get('full_rebuild_ms')):>11} "
               f"{fmt(r.get('rebuild_ms')):>11} {fmt(r.get('rows_rehashed'), 'd'):>8} {fmt(amort):>12} "
-              f"{fmt(ratio_amort):>8} {fmt(r.get('peak_mem_gb')):>8}")
+              f"{fmt(ratio_amort):>8} {fmt(r.get('peak_mem_gb')):>8} {fmt(r.get('syncs_per_step'), 'd'):>6}")
     print(f"full rb: every row hashed; rebuild: the default schedule's incremental rebuild after {REBUILD_PERIOD} "
-          f"steps (rows: re-hashed rows); +rebuild = step + rebuild / {REBUILD_PERIOD}")
+          f"steps (rows: re-hashed rows); +rebuild = step + rebuild / {REBUILD_PERIOD}; syncs: host-device "
+          f"synchronisations in one step (torch.cuda.set_sync_debug_mode)")
 
 
 def git_commit() -> str | None:
