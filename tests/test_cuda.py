@@ -137,6 +137,13 @@ def test_query_equals_cpu(kwargs, probes, budget, labels, shared):
     assert torch.equal(got.cpu(), expected)
 
 
+def test_query_without_tables_equals_cpu():
+    args = test_ops.no_tables()
+    for fn in (ops.query, ops.query_shared):
+        expected = fn(*args, 4, 9, LABELS, 5)
+        assert torch.equal(fn(*to_cuda(*args), 4, 9, LABELS.cuda(), 5).cpu(), expected)
+
+
 def test_query_large_seed_and_labels_only():
     args = random_tables()
     seed = (2 ** 31 - 1) * 2 ** 32 + 12345  # a layer's seed * 2**32 + step: above 2**62
@@ -155,19 +162,20 @@ def test_query_in_chunks_equals_cpu():
     assert torch.equal(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11).cpu(), expected)
 
 
-def test_query_under_cuda_graph_capture():
+@pytest.mark.parametrize("fn", [ops.query, ops.query_shared], ids=["query", "query_shared"])
+def test_query_under_cuda_graph_capture(fn):
     # While capturing, the kernels skip the synchronising reads; the replayed result is the same.
     args = to_cuda(*random_tables())
-    expected = ops.query(*args, 5, 40, LABELS.cuda(), 9)
+    expected = fn(*args, 5, 40, LABELS.cuda(), 9)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        ops.query(*args, 5, 40, LABELS.cuda(), 9)  # warm-up outside the capture
+        fn(*args, 5, 40, LABELS.cuda(), 9)  # warm-up outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     labels = LABELS.cuda()
     with torch.cuda.graph(graph):
-        out = ops.query(*args, 5, 40, labels, 9)
+        out = fn(*args, 5, 40, labels, 9)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)

@@ -124,6 +124,19 @@ def test_query_shared_matches_reference(probes, budget, labels):
         assert indices[: len(distinct)].tolist() == distinct
 
 
+def no_tables(batch=7, n=300, bits=5):
+    """L = 0 tables over n neurons: valid input, no candidates, so the sets are labels plus fill."""
+    return (torch.zeros(batch, 0, dtype=torch.int32), torch.zeros(batch, 0),
+            torch.zeros(0, 2 ** bits + 1, dtype=torch.int32), torch.zeros(0, n, dtype=torch.int32))
+
+
+def test_query_without_tables_is_labels_and_fill():
+    args = no_tables()
+    for op, reference in ((ops.query, ref.query), (ops.query_shared, ref.query_shared)):
+        active = op(*args, 4, 9, LABELS, 5)
+        assert torch.equal(active, reference(*args, 4, 9, LABELS, 5))
+
+
 def test_query_after_a_failed_query_is_still_exact():
     # The kernels reuse per-thread hit counters; an error mid-query must leave them zeroed.
     args = random_tables()

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <utility>
 #include <cstdint>
 
 namespace lsh_torch {
@@ -56,13 +57,19 @@ class ErrorFlag {
   int64_t* ptr() { return buf_.data_ptr<int64_t>(); }
   // The recorded problem ({0, ...} if none). Synchronises the stream; returns {0, ...} without
   // synchronising while the stream is capturing a CUDA graph.
-  std::array<int64_t, 4> read() const {
+  std::array<int64_t, 4> read() const { return read_with(at::Tensor(), 0).first; }
+
+  // read(), plus the value of a one-element integer device tensor (a count that sizes the next
+  // launches) fetched in the same copy: one synchronisation for both. While the stream is
+  // capturing a CUDA graph: {0, ...} and `when_capturing`.
+  std::pair<std::array<int64_t, 4>, int64_t> read_with(const at::Tensor& scalar, int64_t when_capturing) const {
     std::array<int64_t, 4> out{0, 0, 0, 0};
-    if (stream_is_capturing(stream_)) return out;
-    const auto host = buf_.cpu();  // a copy on the current stream: waits for the kernels before it
+    if (stream_is_capturing(stream_)) return {out, when_capturing};
+    // A copy on the current stream: waits for the kernels before it.
+    const auto host = (scalar.defined() ? at::cat({buf_, scalar.reshape({1}).to(at::kLong)}) : buf_).cpu();
     const int64_t* h = host.data_ptr<int64_t>();
     for (int i = 0; i < 4; ++i) out[i] = h[i];
-    return out;
+    return {out, scalar.defined() ? h[4] : 0};
   }
 
  private:

@@ -34,7 +34,9 @@
 // count into one counter row (counts saturate at 0xFFFE like the CPU's 16-bit counters), the
 // labels of all rows are de-duplicated in parallel (first occurrence in row-major order, by an
 // atomicMin of the position), and all candidates are compacted and sorted (key, then stable by
-// -hits), which for a single set keeps the whole GPU busy; then emit and fill as above.
+// -hits), which for a single set keeps the whole GPU busy; then emit and fill as above. Its one
+// synchronisation reads the error flag and the number of candidates together, after the
+// compaction: the sorts then cover the candidates only, not N entries.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -508,8 +510,7 @@ void check_labels_range(const QueryInputs& in, cudaStream_t stream, int64_t* fla
 }
 
 // Raises what the kernels recorded, with the CPU's messages where the CPU checks the same thing.
-void raise_if_flagged(const cuda::ErrorFlag& flag, const QueryInputs& in, int64_t budget, const char* op) {
-  const auto e = flag.read();
+void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t budget, const char* op) {
   switch (e[0]) {
     case 0:
       return;
@@ -536,6 +537,10 @@ void raise_if_flagged(const cuda::ErrorFlag& flag, const QueryInputs& in, int64_
       TORCH_CHECK(false, op, ": internal error ", e[0], " (", e[1], ", ", e[2], ", ", e[3],
                   "); please report it with the inputs");
   }
+}
+
+void raise_if_flagged(const cuda::ErrorFlag& flag, const QueryInputs& in, int64_t budget, const char* op) {
+  raise_if(flag.read(), in, budget, op);
 }
 
 int count_threads_for(const QueryInputs& in) {
@@ -689,20 +694,28 @@ at::Tensor query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margi
       hits.data_ptr<int32_t>(), n, seed, sel_key.data_ptr<int64_t>(), sel_level.data_ptr<int32_t>(),
       sel_id.data_ptr<int32_t>(), count.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The op's one synchronisation, after the last kernel that reports problems: raise them, and
+  // sort only the candidates found (a few per cent of N at N = 4M), not N entries. While a CUDA
+  // graph is being captured nothing can be read back: all N are sorted (padding sorts last).
+  const auto [problem, found] = flag.read_with(count, /*when_capturing=*/n);
+  raise_if(problem, in, budget, op);
   auto meta = at::empty({1, 4}, int_opts);
   shared_meta_kernel<<<1, 1, 0, stream>>>(count.data_ptr<int32_t>(), filled.data_ptr<int32_t>(), budget,
                                           meta.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto ordered = order_candidates(sel_key, sel_level, sel_id);
-  emit_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ordered.data_ptr<int32_t>(), n, 1, meta.data_ptr<int32_t>(),
-                                                    filled.data_ptr<int32_t>(), 0, n, budget,
-                                                    hits.data_ptr<int32_t>(), indices.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (found > 0) {
+    const auto ordered = order_candidates(sel_key.narrow(1, 0, found), sel_level.narrow(1, 0, found),
+                                          sel_id.narrow(1, 0, found));
+    emit_kernel<<<ceil_div(found, 256), 256, 0, stream>>>(ordered.data_ptr<int32_t>(), found, 1,
+                                                          meta.data_ptr<int32_t>(), filled.data_ptr<int32_t>(), 0, n,
+                                                          budget, hits.data_ptr<int32_t>(),
+                                                          indices.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   fill_kernel<<<1, kFillThreads, 0, stream>>>(0, /*seed_row0=*/-1, n, budget, seed, meta.data_ptr<int32_t>(),
                                               filled.data_ptr<int32_t>(), hits.data_ptr<int32_t>(),
                                               indices.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  raise_if_flagged(flag, in, budget, op);
   return indices;
 }
 

@@ -13,8 +13,8 @@
 // - grad_weight(_rows): the (row, pair) keys are sorted with a stable sort, which keeps the
 //   pairs of a row in ascending order (the CPU's sort order); one warp per row-run then sums its
 //   pairs in that order (lanes over d) and writes the row once. No races, no float atomics.
-//   The compact form numbers the runs with a prefix sum; its size is read back (one
-//   synchronisation), as the op's output size depends on the data.
+//   The compact form numbers the runs with a prefix sum; its size is read back with the error
+//   flag (one synchronisation), as the op's output size depends on the data.
 // Active indices are checked inside the kernels (error flag, see cuda_common.cuh): a bad index
 // is never dereferenced and raises the CPU's message after the launches.
 #include <ATen/ATen.h>
@@ -53,9 +53,12 @@ void check_active_shape(const at::Tensor& active, int64_t batch, const char* op)
   TORCH_CHECK(active.size(0) == batch, op, ": active has ", active.size(0), " rows but the batch has ", batch);
 }
 
-void raise_if_flagged(const cuda::ErrorFlag& flag, int64_t num_rows, const char* op) {
-  const auto e = flag.read();
+void raise_if(const std::array<int64_t, 4>& e, int64_t num_rows, const char* op) {
   TORCH_CHECK(e[0] == 0, op, ": active index ", e[1], " is outside [0, ", num_rows, ")");
+}
+
+void raise_if_flagged(const cuda::ErrorFlag& flag, int64_t num_rows, const char* op) {
+  raise_if(flag.read(), num_rows, op);
 }
 
 int64_t grid_for(int64_t work, int threads) {
@@ -384,8 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_impl(const at::Tensor
                                                                starts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     run_index = at::cumsum(starts, 0, at::kInt);
-    raise_if_flagged(flag, num_rows, op);
-    const int64_t touched = run_index[pairs - 1].item<int32_t>();
+    // The problems found and the number of distinct rows, in one synchronisation.
+    const auto [problem, touched] = flag.read_with(run_index[pairs - 1], /*when_capturing=*/-1);
+    TORCH_CHECK(touched >= 0, op, ": cannot be captured in a CUDA graph (its output size depends on the data)");
+    raise_if(problem, num_rows, op);
     rows = at::empty({touched}, active.options());
     grad_w = at::empty({touched, d}, x.options());
     grad_b = at::empty({touched}, x.options());
