@@ -41,6 +41,20 @@ inline void check_fingerprint_args(const at::Tensor& rows, const at::Tensor& vec
               rows.device(), " and ", vector.device());
 }
 
+inline void check_bits_tables(int64_t num_tables, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
+  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
+              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
+}
+
+// build_tables: codes [N, L] int32 of every neuron.
+inline void check_build_tables_args(const at::Tensor& codes, int64_t bits) {
+  TORCH_CHECK(codes.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes.sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes.scalar_type());
+  check_bits_tables(codes.size(1), bits);
+  TORCH_CHECK(codes.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
+}
+
 struct QueryShape {
   int64_t batch, num_tables, n, buckets, bits, num_labels;
 };

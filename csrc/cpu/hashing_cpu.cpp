@@ -14,12 +14,6 @@
 namespace lsh_torch {
 namespace {
 
-void check_bits_tables(int64_t num_tables, int64_t bits) {
-  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
-  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
-              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
-}
-
 at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::optional<at::Tensor>& max_norm_in) {
   const double given_max_norm = check_mips_args(rows_in, query, max_norm_in);
   const auto rows = rows_in.contiguous();
@@ -126,10 +120,7 @@ at::Tensor row_fingerprints_cpu(const at::Tensor& rows_in, const at::Tensor& vec
 }
 
 std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, int64_t bits) {
-  TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
-  TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
-  check_bits_tables(codes_in.size(1), bits);
-  TORCH_CHECK(codes_in.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
+  check_build_tables_args(codes_in, bits);
   // Table-major copy: each table's pass then reads its codes contiguously instead of with stride L
   // (at L = 50 the strided reads made the build 5x slower).
   const auto codes = codes_in.t().contiguous();

@@ -34,12 +34,6 @@ namespace {
 using cuda::ceil_div;
 using cuda::mul_rn;
 
-void check_bits_tables(int64_t num_tables, int64_t bits) {
-  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
-  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
-              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
-}
-
 int64_t grid_for(int64_t work, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, threads), int64_t(1) << 20));
 }
@@ -264,10 +258,7 @@ at::Tensor row_fingerprints_cuda(const at::Tensor& rows_in, const at::Tensor& ve
 }
 
 std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in, int64_t bits) {
-  TORCH_CHECK(codes_in.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes_in.sizes());
-  TORCH_CHECK(codes_in.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes_in.scalar_type());
-  check_bits_tables(codes_in.size(1), bits);
-  TORCH_CHECK(codes_in.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
+  check_build_tables_args(codes_in, bits);
   cuda::check_cuda(codes_in, "codes", "build_tables");
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const auto codes = codes_in.contiguous();
