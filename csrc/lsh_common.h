@@ -41,16 +41,20 @@ LSH_HD uint64_t seeded_hash(int64_t seed, uint64_t stream, int64_t row, uint64_t
 LSH_HD void probe_flips(const float* margin, int bits, int probes, uint32_t* flips) {
   flips[0] = 0;
   if (probes <= 1) return;
-  int order[kMaxBits];  // bit positions sorted by margin, ties by position (stable)
-  for (int i = 0; i < bits; ++i) {
-    int j = i;
+  // The `probes` smallest margins' positions, sorted by margin, ties by position (stable): the
+  // p-th popped set and its children use sorted positions below `probes` only.
+  const int ranked = bits < probes ? bits : probes;
+  int order[kMaxBits];
+  for (int i = 0, size = 0; i < bits; ++i) {
+    if (size == ranked && !(margin[order[size - 1]] > margin[i])) continue;
+    int j = size < ranked ? size++ : size - 1;
     while (j > 0 && margin[order[j - 1]] > margin[i]) { order[j] = order[j - 1]; --j; }
     order[j] = i;
   }
   struct Entry { double score; uint32_t mask; };
   auto score_of = [&](uint32_t mask) {
     double s = 0;
-    for (int i = 0; i < bits; ++i)
+    for (int i = 0; i < ranked; ++i)
       if (mask >> i & 1u) s += static_cast<double>(margin[order[i]]);
     return s;
   };
@@ -81,10 +85,10 @@ LSH_HD void probe_flips(const float* margin, int bits, int probes, uint32_t* fli
     }
     uint32_t flip = 0;
     int highest = 0;
-    for (int i = 0; i < bits; ++i)
+    for (int i = 0; i < ranked; ++i)
       if (top.mask >> i & 1u) { flip |= 1u << order[i]; highest = i; }
     flips[p] = flip;
-    if (highest + 1 < bits) {
+    if (highest + 1 < ranked) {
       push(top.mask + (1u << highest));           // shift: move the highest position up by one
       push(top.mask | (1u << (highest + 1)));     // expand: add the next position
     }
