@@ -20,28 +20,29 @@ the full softmax over the whole vocabulary, for both (an LSHLinear in eval mode 
 ``--random-baseline`` adds a third copy whose head picks its active words at random, which shows
 what the hashing itself is worth.
 
-Measured with the defaults on 2 CPU cores (``--random-baseline``, about 6 min in all on a busy machine):
+Measured with the defaults on 2 CPU cores (``--random-baseline``, about 6 min in all): one active
+set of 8,192 words per batch of 1,024 tokens (``mode="shared"``), L=20 tables, 2 probes, rebuilds
+every 10 steps (the XMC demo's settings):
 
     model                             train s  ms/step  held-out ppl  accuracy %
-    nn.Linear head, full softmax        291.4    971.2         180.1       20.74
-    LSHLinear head, sparse softmax       33.8    112.8         336.9        8.53
-    random active words, sparse          40.2    134.0         267.5       12.16
+    nn.Linear head, full softmax        218.9    729.6         180.1       20.74
+    LSHLinear head, sparse softmax       65.1    217.1         207.5       21.49
+    random active words, sparse          64.4    214.7         221.0       20.95
 
-The converted model trains 8.6x faster per step, but after the same 300 steps its exact held-out
-perplexity is 1.9x the dense model's, and random active words do better than hashed ones. The
-head needs the asymmetric MIPS transform (LSHLinear's default): hashing the rows' directions alone
-(``asymmetric=False``) gave perplexity 903, because a word's row norm carries its frequency. On this
-head the hash tables find few of the top words (recall@10 of the active set 0.4-2.4% in two checks, random
-0.26%): the trained rows of an output embedding share a strong common direction, so their codes
-pile up in a few buckets (one held 14k of the 50k words). Centering the rows before hashing (which
-leaves every softmax unchanged) raised the recall@10 to 11% in a quick check, but not the
-perplexity. Held-out perplexity of the LSH head after 300 steps, each variant run once (random
-active words: 267.5): rebuilds every 10 steps instead of 50, 355.3; plus a 100-step random
-warm-up, 365.8; ``center=True``, 567.7; fewer hashed candidates, the rest of the 128 drawn at random
-(L=1 or 2 tables and 1 probe: about 12 or 24 hashed words), 290.5 and 287.3; L=4, 1 probe, 346.0.
-The more of the set comes from the tables, the worse the full-softmax perplexity: on this head, a
-softmax over the hardest negatives alone trains a worse full softmax than one over uniform
-negatives (a sampled softmax without a correction for how each negative was chosen).
+The converted model trains 3.4x faster per step; after the same 300 steps its exact held-out
+perplexity is 1.15x the dense model's, its next-word accuracy higher, and hashed words beat random
+ones (perplexity 207.5 vs 221.0). With 4,096 words per batch (about 2x faster) hashing gains less:
+perplexity 269.2 vs random 270.3, accuracy 21.13% vs 20.44%. The head needs the asymmetric MIPS
+transform (LSHLinear's default): hashing the rows' directions alone (``asymmetric=False``) gave
+perplexity 903, because a word's row norm carries its frequency.
+
+Small per-token sets lose to random words: the former defaults (``mode="per_row"``, 128 words per
+token, L=8, 4 probes) trained 8.6x faster than dense but reached perplexity 336.9 (rebuilds every
+50 steps) or 355.3 (every 10), against 267.5 for 128 random words; a 100-step random warm-up gave
+365.8, ``center=True`` 567.7, and fewer hashed words with the rest random (L=1 or 2, 1 probe)
+290.5 and 287.3. With so few negatives per token, a softmax over the hardest ones alone trains a
+worse full softmax than uniform ones (a sampled softmax without a correction for how each
+negative was chosen); a large shared set holds both the hard negatives and a broad sample.
 """
 from __future__ import annotations
 
@@ -219,14 +220,14 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (both models)")
-    p.add_argument("--active", type=int, default=128,
+    p.add_argument("--active", type=int, default=8192,
                    help="active words per token (per_row mode) or per batch (shared mode) in the LSH head")
-    p.add_argument("--mode", choices=["per_row", "shared"], default="per_row",
+    p.add_argument("--mode", choices=["per_row", "shared"], default="shared",
                    help="LSHLinear mode: one active set per token, or one for the whole batch")
-    p.add_argument("--tables", type=int, default=8, help="L, hash tables")
+    p.add_argument("--tables", type=int, default=20, help="L, hash tables")
     p.add_argument("--bits", type=str, default="auto", help="K, bits per hash code")
-    p.add_argument("--probes", type=int, default=4, help="buckets probed per table")
-    p.add_argument("--rebuild", type=int, default=50, help="rebuild the hash tables every this many steps")
+    p.add_argument("--probes", type=int, default=2, help="buckets probed per table")
+    p.add_argument("--rebuild", type=int, default=10, help="rebuild the hash tables every this many steps")
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of the files held out")
     p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out words scored for perplexity")
     p.add_argument("--seed", type=int, default=0)
