@@ -32,13 +32,14 @@ every 10 steps (the XMC demo's settings):
 The converted model trains 3.4x faster per step; after the same 300 steps its exact held-out
 perplexity is 1.15x the dense model's, its next-word accuracy higher, and hashed words beat random
 ones (perplexity 207.5 vs 221.0). With 4,096 words per batch (about 2x faster) hashing gains less:
-perplexity 269.2 vs random 270.3, accuracy 21.13% vs 20.44%. The head needs the asymmetric MIPS
-transform (LSHLinear's default): hashing the rows' directions alone (``asymmetric=False``) gave
-perplexity 903, because a word's row norm carries its frequency.
+perplexity 269.2 vs random 270.3, accuracy 21.13% vs 20.44%. Hashing the rows' directions alone
+(``asymmetric=False``, no MIPS transform) gave perplexity 202.8 and accuracy 21.07% (one run each).
 
 Small per-token sets lose to random words: the former defaults (``mode="per_row"``, 128 words per
 token, L=8, 4 probes) trained 8.6x faster than dense but reached perplexity 336.9 (rebuilds every
-50 steps) or 355.3 (every 10), against 267.5 for 128 random words; a 100-step random warm-up gave
+50 steps) or 355.3 (every 10), against 267.5 for 128 random words (and 903 with
+``asymmetric=False``: there a word's row norm, which carries its frequency, mattered); a 100-step
+random warm-up gave
 365.8, ``center=True`` 567.7, and fewer hashed words with the rest random (L=1 or 2, 1 probe)
 290.5 and 287.3. With so few negatives per token, a softmax over the hardest ones alone trains a
 worse full softmax than uniform ones (a sampled softmax without a correction for how each
