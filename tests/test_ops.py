@@ -144,6 +144,17 @@ def test_query_after_a_failed_query_is_still_exact():
         ops.query_shared(*args, 8, 3, LABELS, 1)
     expected = ref.query_shared(*args, 8, 60, None, 1)
     assert torch.equal(ops.query_shared(*args, 8, 60, None, 1), expected)
+    # Failing while counting (the last row's last code is out of range), with the batch large
+    # enough for query_shared to count in parallel: the counters touched before are zeroed too.
+    codes, margins, offsets, items = random_tables(batch=40)
+    broken = codes.clone()
+    broken[-1, -1] = 99
+    for op in (ops.query, ops.query_shared):
+        with pytest.raises(RuntimeError, match="codes must be in"):
+            op(broken, margins, offsets, items, 8, 60, None, 1)
+    for op, reference in ((ops.query, ref.query), (ops.query_shared, ref.query_shared)):
+        assert torch.equal(op(codes, margins, offsets, items, 8, 60, None, 1),
+                           reference(codes, margins, offsets, items, 8, 60, None, 1))
 
 
 def test_probe_sequence_matches_enumeration():

@@ -1,12 +1,14 @@
 // CPU kernels of the multi-probe query. Both modes build an active set the same way: forced
 // labels first, then LSH candidates ranked by bucket hits (ties broken by a seeded hash), then
 // seeded random neurons up to the budget. `query` builds one set per input row (in parallel over
-// rows); `query_shared` builds one set for the whole batch from the union of its rows' probes.
+// rows); `query_shared` builds one set for the whole batch from the union of its rows' probes
+// (counted in parallel over ranges of neuron ids).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -73,7 +75,7 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
 // Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
 class ActiveSetBuilder {
  public:
-  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits(t.n)), flips_(t.probes) {}
+  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits(t.n)) {}
   ~ActiveSetBuilder() { reset(); }  // also after an exception, so the thread's counters stay zero
   ActiveSetBuilder(const ActiveSetBuilder&) = delete;
   ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
@@ -90,28 +92,37 @@ class ActiveSetBuilder {
     }
   }
 
+  // Counts the probed buckets of input `row` for one set.
   void probe(int64_t row) {
-    for (int64_t l = 0; l < t_.num_tables; ++l) {
-      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
-                  static_cast<int>(t_.probes), flips_.data());
-      const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
-      const int32_t* items = t_.items + l * t_.n;
-      const int32_t code = t_.code[row * t_.num_tables + l];
-      // The bucket indexes offsets: an out-of-range code would read past them.
-      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
-                  int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
-      for (int64_t p = 0; p < t_.probes; ++p) {
-        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips_[p];
-        for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
-          TORCH_CHECK(static_cast<uint32_t>(items[i]) < static_cast<uint32_t>(t_.n), "query: items hold neuron ",
-                      items[i], ", outside [0, N = ", t_.n, ")");
-          Hits& h = hits_[items[i]];
-          if (h == kChosen) continue;
-          if (h == 0) touched_.push_back(items[i]);
-          h += h < kMaxHits;
+    const int64_t per_row = t_.num_tables * t_.probes;
+    flips_.resize(per_row);
+    row_flips(row, flips_.data());
+    count(row, flips_.data(), 0, static_cast<int32_t>(t_.n), touched_);
+  }
+
+  // The same for every input row into one set (query_shared), in parallel: part p of P counts the
+  // neurons in [N p / P, N (p + 1) / P) of every probed bucket, so the parts write disjoint counters
+  // (no races, no merge) and the counts equal those of probe() row after row.
+  void probe_all() {
+    const int64_t per_row = t_.num_tables * t_.probes;
+    flips_.resize(t_.batch * per_row);
+    for (int64_t row = 0; row < t_.batch; ++row) row_flips(row, flips_.data() + row * per_row);
+    // One part for small batches: starting the threads would cost more than the counting.
+    const int64_t parts = t_.batch * per_row >= 256 ? std::max(1, at::get_num_threads()) : 1;
+    std::vector<std::vector<int32_t>> touched(parts);
+    std::exception_ptr error;
+    try {
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) {
+          const auto lo = static_cast<int32_t>(t_.n * part / parts), hi = static_cast<int32_t>(t_.n * (part + 1) / parts);
+          for (int64_t row = 0; row < t_.batch; ++row) count(row, flips_.data() + row * per_row, lo, hi, touched[part]);
         }
-      }
+      });
+    } catch (...) {
+      error = std::current_exception();
     }
+    for (const auto& part : touched) touched_.insert(touched_.end(), part.begin(), part.end());  // reset() clears them
+    if (error) std::rethrow_exception(error);
   }
 
   // Takes the best candidates, fills up with seeded random neurons, and resets the counters.
@@ -164,6 +175,37 @@ class ActiveSetBuilder {
     uint64_t key;
     int32_t id;
   };
+
+  void row_flips(int64_t row, uint32_t* flips) const {  // [L, probes]
+    for (int64_t l = 0; l < t_.num_tables; ++l)
+      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
+                  static_cast<int>(t_.probes), flips + l * t_.probes);
+  }
+
+  // Adds one hit per probed bucket of `row` to the neurons in [lo, hi) that hold it.
+  void count(int64_t row, const uint32_t* flips, int32_t lo, int32_t hi, std::vector<int32_t>& touched) {
+    for (int64_t l = 0; l < t_.num_tables; ++l) {
+      const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
+      const int32_t* items = t_.items + l * t_.n;
+      const int32_t code = t_.code[row * t_.num_tables + l];
+      // The bucket indexes offsets: an out-of-range code would read past them.
+      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
+                  int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
+      for (int64_t p = 0; p < t_.probes; ++p) {
+        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[l * t_.probes + p];
+        for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
+          const int32_t id = items[i];
+          TORCH_CHECK(static_cast<uint32_t>(id) < static_cast<uint32_t>(t_.n), "query: items hold neuron ", id,
+                      ", outside [0, N = ", t_.n, ")");
+          if (id < lo || id >= hi) continue;
+          Hits& h = hits_[id];
+          if (h == kChosen) continue;
+          if (h == 0) touched.push_back(id);
+          h += h < kMaxHits;
+        }
+      }
+    }
+  }
 
   void reset() {
     for (int32_t id : touched_) hits_[id] = 0;
@@ -220,7 +262,7 @@ at::Tensor query_shared_cpu(const at::Tensor& codes_in, const at::Tensor& margin
   ActiveSetBuilder builder(t);
   builder.start(indices.data_ptr<int64_t>(), budget);
   for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
-  for (int64_t b = 0; b < t.batch; ++b) builder.probe(b);
+  builder.probe_all();
   builder.finish(seed, -1);
   return indices;
 }

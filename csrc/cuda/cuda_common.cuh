@@ -18,8 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <array>
-#include <utility>
 #include <cstdint>
+#include <utility>
 
 namespace lsh_torch {
 namespace cuda {
