@@ -52,6 +52,18 @@ def test_mips_transform_with_max_norm_equals_cpu(dtype):
         ops.mips_transform(rows.cuda(), False, m.cuda() / 2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_mips_transform_rejects_non_finite_rows_on_cuda(bad):
+    rows = torch.randn(50, 8)
+    rows[17, 3] = bad
+    for max_norm in (None, torch.tensor(1e6)):
+        with pytest.raises(RuntimeError, match="finite"):
+            ops.mips_transform(rows, False, max_norm)  # the CPU's message, checked on both devices
+        with pytest.raises(RuntimeError, match="finite"):
+            ops.mips_transform(rows.cuda(), False, None if max_norm is None else max_norm.cuda())
+    ops.mips_transform(rows.cuda(), True)  # queries are not checked (as on the CPU)
+
+
 @pytest.mark.parametrize("dtype", ALL_FLOATS)
 @pytest.mark.parametrize("n,d", [(0, 5), (1, 1), (1000, 37), (70_000, 128)])
 def test_row_fingerprints_match_reference_on_cuda(dtype, n, d):

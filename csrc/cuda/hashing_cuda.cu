@@ -133,12 +133,13 @@ at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query, const std:
     row_norms_kernel<scalar_t, acc_t><<<blocks, 32 * kNormWarps, 0, stream>>>(
         rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), find_max ? max_norm.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // As on the CPU, non-finite data rows are an error (one sync, at table-build time only).
-    TORCH_CHECK(query || at::isfinite(norms).all().item<bool>(),
-                "mips_transform: rows must be finite, a row has a NaN or inf (or a norm beyond the dtype's range)");
-    if (given_max_norm > 0) {
+    // As on the CPU, non-finite data rows are an error, and a given M must bound every norm: both
+    // read from the largest norm (max propagates NaN), one sync, at table-build time only.
+    if (!query) {
       const double largest = norms.max().item<double>();
-      TORCH_CHECK(largest <= static_cast<double>(static_cast<acc_t>(given_max_norm)),
+      TORCH_CHECK(std::isfinite(largest),
+                  "mips_transform: rows must be finite, a row has a NaN or inf (or a norm beyond the dtype's range)");
+      TORCH_CHECK(given_max_norm == 0 || largest <= static_cast<double>(static_cast<acc_t>(given_max_norm)),
                   "mips_transform: every row's norm must be at most max_norm = ", given_max_norm,
                   ", got a row of norm ", largest);
     }
