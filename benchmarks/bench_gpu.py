@@ -46,7 +46,7 @@ from torch import nn
 
 import lsh_torch
 from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
-from timing import REBUILD_PERIOD, incremental_rebuild_time
+from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("dense", "lsh per_row", "lsh per_row lazy", "lsh shared lazy")
@@ -145,19 +145,13 @@ def make_inputs(n, dtype, args, device, seed=0):
 def rebuild_times(case: LSHStep, n, dtype, args, device) -> dict:
     """Full rebuild and the default schedule's incremental one (ms), fresh batches in between."""
     layer, inputs = case.layer, (case.h, case.labels)
-    full = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        layer.tables.build(layer.weight, full=True)
-        sync(device)
-        full.append((time.perf_counter() - t0) * 1e3)
+    full = full_rebuild_time(layer, sync=lambda: sync(device))
 
     def new_batch(seed):
         case.h, case.labels = make_inputs(n, dtype, args, device, seed)
     seconds, rows = incremental_rebuild_time(layer, case, new_batch, sync=lambda: sync(device))
     case.h, case.labels = inputs
-    return {"full_rebuild_ms": statistics.median(full), "rebuild_ms": 1e3 * seconds, "rows_rehashed": rows}
+    return {"full_rebuild_ms": 1e3 * full, "rebuild_ms": 1e3 * seconds, "rows_rehashed": rows}
 
 
 def release(device) -> None:

@@ -51,7 +51,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from timing import REBUILD_PERIOD, incremental_rebuild_time
+from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time
 from torch import Tensor, nn
 
 import lsh_torch
@@ -200,12 +200,6 @@ def measure_memory(name, n, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def profile_case(name, case, steps: int = 5) -> str:
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -235,7 +229,7 @@ def bench_size(n: int, args) -> dict:
             break
     med = {name: statistics.median(t) for name, t in times.items()}
     lsh = cases["lsh shared"].layer
-    full_s = statistics.median(timed(lambda: lsh.tables.build(lsh.weight, full=True)) for _ in range(3))
+    full_s = full_rebuild_time(lsh)
     rebuild_s, rehashed = {}, {}
     for mode in ("shared", "per_row"):
         case = cases[f"lsh {mode}"]

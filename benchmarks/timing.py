@@ -18,6 +18,18 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def full_rebuild_time(layer, reps: int = 3, sync=lambda: None) -> float:
+    """Median seconds of a full table build of ``layer`` (every row hashed)."""
+    spent = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        layer.tables.build(layer.weight, full=True)
+        sync()
+        spent.append(time.perf_counter() - start)
+    return statistics.median(spent)
+
+
 def incremental_rebuild_time(layer, step, new_batch, reps: int = 3, sync=lambda: None) -> tuple[float, int]:
     """Median seconds of the rebuild that training runs under the default schedule: the tables are
     brought up to date, ``REBUILD_PERIOD`` training steps run on fresh batches (``new_batch(seed)``

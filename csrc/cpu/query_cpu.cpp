@@ -52,7 +52,7 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
   const int64_t batch = shape.batch, num_tables = shape.num_tables, n = shape.n, buckets = shape.buckets;
   const int64_t bits = shape.bits, num_labels = shape.num_labels;
   // Tables are checked where it is cheap: offsets here (O(L * 2^K), not O(N)), item ids as the
-  // probes read them (ActiveSetBuilder::probe), so malformed tables raise instead of corrupting memory.
+  // probes read them (ActiveSetBuilder::count), so malformed tables raise instead of corrupting memory.
   const int32_t* off = offsets.data_ptr<int32_t>();
   for (int64_t l = 0; l < num_tables; ++l) {
     const int32_t* o = off + l * (buckets + 1);
