@@ -22,15 +22,20 @@ TORCH_LIBRARY(lsh_torch, m) {
   m.def("build_tables(Tensor codes, int bits) -> (Tensor offsets, Tensor items)");
   // Multi-probe lookup -> active [B, budget] int64, no duplicates per row: forced labels
   // (-1 = padding) first, then LSH candidates ranked by how many probed buckets held them
-  // (ties broken by a seeded hash), then seeded random neurons up to the budget.
+  // (ties broken by a seeded hash), at most budget - labels - tail of them, then seeded uniform
+  // draws from the neurons not yet chosen up to the budget (the tail: at least `tail` entries).
+  // head [B] int64: entries before the tail (labels + candidates). The tail is a uniform sample
+  // without replacement of the other N - head neurons, which is what the sampled softmax's
+  // correction needs (docs/estimator.md).
   m.def(
       "query(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
-      "Tensor? labels, int seed) -> Tensor");
+      "Tensor? labels, int seed, int tail=0) -> (Tensor active, Tensor head)");
   // One active set for the whole batch: the union of the rows' labels first, then candidates
-  // ranked by their bucket hits summed over the rows, then random fill -> indices [budget].
+  // ranked by their bucket hits summed over the rows, then the uniform tail -> indices [budget],
+  // head [] int64.
   m.def(
       "query_shared(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
-      "Tensor? labels, int seed) -> Tensor");
+      "Tensor? labels, int seed, int tail=0) -> (Tensor indices, Tensor head)");
   // out[b, a] = weight[active[b, a]] . x[b] + bias[active[b, a]]
   m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor active) -> Tensor");
   // grad_x[b] = sum_a grad_out[b, a] * weight[active[b, a]]

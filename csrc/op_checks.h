@@ -60,9 +60,9 @@ struct QueryShape {
 };
 
 // query / query_shared: codes [B, L] int32, margins [B, L*K] float32, offsets [L, 2^K + 1] int32,
-// items [L, N] int32, labels [B, M] int64 (optional).
+// items [L, N] int32, labels [B, M] int64 (optional), 0 <= tail <= budget <= N.
 inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
-                                   const at::Tensor& items, int64_t probes, int64_t budget,
+                                   const at::Tensor& items, int64_t probes, int64_t budget, int64_t tail,
                                    const std::optional<at::Tensor>& labels, const char* op) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt, op, ": codes must be int32 [B, L], got ",
               codes.scalar_type(), " of shape ", codes.sizes());
@@ -86,6 +86,7 @@ inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& ma
   TORCH_CHECK(probes >= 1 && probes <= std::min<int64_t>(kMaxProbes, buckets), op, ": probes must be in [1, min(",
               kMaxProbes, ", 2^K = ", buckets, ")], got ", probes);
   TORCH_CHECK(budget >= 0 && budget <= n, op, ": budget must be in [0, N = ", n, "], got ", budget);
+  TORCH_CHECK(tail >= 0 && tail <= budget, op, ": tail must be in [0, budget = ", budget, "], got ", tail);
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), op, ": too many neurons (N = ", n, ")");
   int64_t num_labels = 0;
   if (labels.has_value() && labels->defined()) {

@@ -9,8 +9,13 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
     """Softmax cross-entropy over the active logits, the target mass spread evenly over each
     row's true labels (as SLIDE does).
 
+    The output's ``log_weights`` (if any) are added to the logits first: the uniformly drawn tail
+    of the active set then stands for all the neurons it was drawn from, and the softmax's
+    normaliser is an unbiased estimate of the full one (``docs/estimator.md``).
+
     Args:
-        output: a :class:`~lsh_torch.nn.SparseOutput` (``values [*, A]``, ``indices [*, A]`` or ``[A]``).
+        output: a :class:`~lsh_torch.nn.SparseOutput` (``values [*, A]``, ``indices [*, A]`` or
+            ``[A]``, optional ``log_weights`` of the shape of ``indices``).
         labels: int64 ``[*]`` (one label per row) or ``[*, M]`` padded with -1 (several).
         reduction: ``"mean"`` (over rows that have a label in their active set), ``"sum"`` or ``"none"``.
 
@@ -18,7 +23,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
     in training :meth:`LSHLinear.forward_sparse` forces them in; a row none of whose labels is
     active contributes 0 and is left out of the mean.
     """
-    values, indices = output
+    values, indices, log_weights = output if len(output) == 3 else (*output, None)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
@@ -32,7 +37,10 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
     target = _label_mask(indices, labels, logits.shape).to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
-    loss = -(target * torch.log_softmax(logits.float(), dim=1).to(logits.dtype)).sum(1)
+    logits32 = logits.float()
+    if log_weights is not None:
+        logits32 = logits32 + log_weights.reshape(-1, logits.shape[-1])
+    loss = -(target * torch.log_softmax(logits32, dim=1).to(logits.dtype)).sum(1)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":

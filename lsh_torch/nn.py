@@ -19,10 +19,17 @@ _MODES = ("auto", "per_row", "shared")
 
 class SparseOutput(NamedTuple):
     """Output of :meth:`LSHLinear.forward_sparse`: ``values[..., a]`` is the output of neuron
-    ``indices[..., a]`` (per-row mode, ``[*, A]``) or ``indices[a]`` (shared mode, ``[A]``)."""
+    ``indices[..., a]`` (per-row mode, ``[*, A]``) or ``indices[a]`` (shared mode, ``[A]``).
+
+    ``log_weights`` (float32, the shape of ``indices``, or None for none) is what the active set
+    stands for: 0 for labels and hashed candidates, ``log(rest / drawn)`` for the uniform tail
+    drawn from the rest. :func:`lsh_torch.sparse_cross_entropy` adds it to the logits, which makes
+    the sampled softmax an unbiased estimate of the full one (``docs/estimator.md``).
+    """
 
     values: Tensor
     indices: Tensor
+    log_weights: Optional[Tensor] = None
 
 
 def auto_bits(out_features: int) -> int:
@@ -44,6 +51,12 @@ class LSHLinear(nn.Module):
         bits: K, bits per table code; each table has ``2**K`` buckets. Default ``"auto"``: about
             16 neurons per bucket, which is the paper's K=6 for 1000 neurons (see :func:`auto_bits`).
         probes: buckets probed per table: the input's own plus its nearest by multi-probe (default 10).
+        tail: how much of the budget :meth:`forward_sparse` reserves for the uniform tail: an int
+            count or a float fraction of the budget. The active set is the labels, then the
+            tables' best candidates, then uniform draws from the remaining neurons (at least
+            ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
+            (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
+            and none in :meth:`forward`, whose outputs no loss corrects (hidden layers).
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
             a float fraction of ``out_features``. Default 0.25: in 3x1000 MLPs on MNIST the paper's
             5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5 (docs/paper_reproduction.md).
@@ -99,7 +112,7 @@ class LSHLinear(nn.Module):
                  num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.25,
                  rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
                  mode: str = "auto", selection: str = "lsh", asymmetric: bool = True, center: bool = False,
-                 warmup: int = 0):
+                 warmup: int = 0, tail: int | float | str = "auto"):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
@@ -114,6 +127,7 @@ class LSHLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
+        self.tail = _check_tail(tail, self.budget)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
         self.seed, self.sparse_grad, self.inference, self.mode = seed, bool(sparse_grad), inference, mode
         self.warmup = warmup
@@ -160,24 +174,34 @@ class LSHLinear(nn.Module):
         self.tables.build(self.weight)
         self._stale = False
 
-    def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None) -> Tensor:
+    def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
+                   sparse: bool = False) -> Tensor:
         """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` shared.
 
         ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first. ``shared``
-        defaults to ``mode == "shared"``.
+        defaults to ``mode == "shared"``; ``sparse`` chooses the tail of :meth:`forward_sparse`
+        (True) or of :meth:`forward`.
         """
-        if shared is None:
-            shared = self.mode == "shared"
+        return self._lookup(x, labels, self.mode == "shared" if shared is None else shared, sparse)[0]
+
+    def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
+        """The active set and its head (see :func:`ops.query`)."""
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
-        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed, shared=shared)
+        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed, shared=shared,
+                                 tail=self._tail_count(sparse))
+
+    def _tail_count(self, sparse: bool) -> int:
+        if self.tail == "auto":
+            return self.budget // 2 if sparse else 0
+        return self.tail if isinstance(self.tail, int) else round(self.tail * self.budget)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, self.weight, self.bias)
-        values, active = self._sparse(input.reshape(-1, self.in_features), None, shared=self.mode == "shared")
+        values, active, _ = self._sparse(input.reshape(-1, self.in_features), None, self.mode == "shared", False)
         out = values.new_zeros(values.shape[0], self.out_features)
         out = out.index_copy_(1, active, values) if active.dim() == 1 else out.scatter_(1, active, values)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -198,21 +222,25 @@ class LSHLinear(nn.Module):
                 raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                                  f"got {tuple(labels.shape)}")
             labels = labels.reshape(-1, 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
-        values, active = self._sparse(input.reshape(-1, self.in_features), labels, shared=self.mode != "per_row")
+        values, active, head = self._sparse(input.reshape(-1, self.in_features), labels, self.mode != "per_row", True)
         values = values.reshape(*batch_shape, values.shape[-1])
-        return SparseOutput(values, active if active.dim() == 1 else active.reshape(*batch_shape, active.shape[-1]))
+        if active.dim() > 1:
+            active = active.reshape(*batch_shape, active.shape[-1])
+        log_weights = ops.tail_log_weights(head, self.budget, self.out_features).reshape(active.shape)
+        return SparseOutput(values, active, log_weights)
 
-    def _sparse(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+    def _sparse(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor, Tensor]:
         if self.training:
-            active = self._training_active_set(x, labels, shared)
+            active, head = self._training_active_set(x, labels, shared, sparse)
         else:
-            active = self.active_set(x, labels, shared)
+            active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
-        return values, active
+        return values, active, head
 
     @torch.compiler.disable
-    def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> Tensor:
+    def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool,
+                             sparse: bool) -> tuple[Tensor, Tensor]:
         """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
         the step's seed, count the step. Always eager: under ``torch.compile`` this is one graph
         break per layer and training forward (the schedule branches on a Python step counter, which
@@ -220,14 +248,14 @@ class LSHLinear(nn.Module):
         carries no gradient, so the differentiable part around it is compiled in full."""
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
             seed = self.seed * 2 ** 32 + self.step
-            active = self.tables.query_uniform(x, self.out_features, self.budget,
-                                               _as_label_matrix(labels, x.shape[0]), seed, shared)
+            found = self.tables.query_uniform(x, self.out_features, self.budget,
+                                              _as_label_matrix(labels, x.shape[0]), seed, shared)
         else:
             if (self.schedule is not None and self.schedule(self.step)) or self.step == self.warmup > 0:
                 self._mark_stale()
-            active = self.active_set(x, labels, shared)
+            found = self._lookup(x, labels, shared, sparse)
         self.step += 1
-        return active
+        return found
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -252,7 +280,7 @@ class LSHLinear(nn.Module):
                 check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
             if self._stale:
                 self.rebuild()
-            active = self.tables.query(x, self.budget, None, self.seed, probes=probes)
+            active, _ = self.tables.query(x, self.budget, None, self.seed, probes=probes)
             scores = ops.sparse_linear(x, self.weight, self.bias, active)
             values, best = scores.topk(k, dim=1)
             indices = active.gather(1, best)
@@ -280,6 +308,18 @@ def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
         return None
     labels = labels.reshape(batch, -1) if labels.dim() <= 1 else labels
     return labels.to(torch.int64).contiguous()
+
+
+def _check_tail(tail, budget: int):
+    if tail == "auto":
+        return tail
+    if isinstance(tail, bool) or not isinstance(tail, (int, float)):
+        raise TypeError(f"tail must be an int count, a float fraction of the budget or 'auto', got {tail!r}")
+    if isinstance(tail, float) and not 0.0 <= tail <= 1.0:
+        raise ValueError(f"tail as a fraction of the budget must be in [0, 1], got {tail}")
+    if isinstance(tail, int) and not 0 <= tail <= budget:
+        raise ValueError(f"tail must be in [0, active budget={budget}], got {tail}")
+    return tail
 
 
 def _budget(active, out_features: int) -> int:

@@ -43,15 +43,32 @@ def build_tables(codes: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
-          labels: Optional[Tensor] = None, seed: int = 0) -> Tensor:
-    """Multi-probe lookup: ``active [B, budget]`` int64, labels first, no duplicates per row."""
-    return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed)
+          labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0) -> tuple[Tensor, Tensor]:
+    """Multi-probe lookup: ``active [B, budget]`` int64, no duplicates per row, and ``head [B]`` int64.
+
+    Row ``b`` holds its labels, then at most ``budget - labels - tail`` LSH candidates (most
+    probed-bucket hits first): its first ``head[b]`` entries; then the tail, seeded uniform draws
+    without replacement from the ``N - head[b]`` other neurons (see :func:`tail_log_weights`).
+    """
+    return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed, tail)
 
 
 def query_shared(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
-                 labels: Optional[Tensor] = None, seed: int = 0) -> Tensor:
-    """One active set for the whole batch: ``indices [budget]`` int64, all rows' labels first."""
-    return _ops.query_shared(codes, margins, offsets, items, probes, budget, labels, seed)
+                 labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0) -> tuple[Tensor, Tensor]:
+    """One active set for the whole batch: ``indices [budget]`` int64 (all rows' labels, then
+    candidates, then the uniform tail) and ``head []`` int64, as for :func:`query`."""
+    return _ops.query_shared(codes, margins, offsets, items, probes, budget, labels, seed, tail)
+
+
+def tail_log_weights(head: Tensor, budget: int, n: int) -> Tensor:
+    """Log importance weights of an active set from :func:`query` / :func:`query_shared`:
+    ``[*head.shape, budget]`` float32, 0 for the first ``head`` entries and
+    ``log((n - head) / (budget - head))`` for the tail, a uniform sample of ``budget - head`` of the
+    ``n - head`` other neurons. Adding them to the logits makes the sampled softmax's normaliser an
+    unbiased estimate of the full one (docs/estimator.md)."""
+    head = head.unsqueeze(-1).float()
+    tail = torch.arange(budget, device=head.device) >= head
+    return torch.where(tail, torch.log((n - head) / (budget - head).clamp_min(1)), 0.0)
 
 
 def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor,
@@ -113,13 +130,14 @@ def _(codes, bits):
 
 
 @torch.library.register_fake("lsh_torch::query")
-def _(codes, margins, offsets, items, probes, budget, labels, seed):
-    return codes.new_empty(codes.shape[0], budget, dtype=torch.int64)
+def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
+    return (codes.new_empty(codes.shape[0], budget, dtype=torch.int64),
+            codes.new_empty(codes.shape[0], dtype=torch.int64))
 
 
 @torch.library.register_fake("lsh_torch::query_shared")
-def _(codes, margins, offsets, items, probes, budget, labels, seed):
-    return codes.new_empty(budget, dtype=torch.int64)
+def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
+    return codes.new_empty(budget, dtype=torch.int64), codes.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("lsh_torch::shared_linear")

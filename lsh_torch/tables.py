@@ -22,7 +22,7 @@ def _uniform_tables(n: int, device) -> tuple[Tensor, Tensor]:
 
 
 def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, labels: Optional[Tensor], seed: int,
-                   shared: bool) -> Tensor:
+                   shared: bool) -> tuple[Tensor, Tensor]:
     codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
     margins = torch.zeros(x.shape[0], 1, device=x.device)
     query = ops.query_shared if shared else ops.query
@@ -132,19 +132,21 @@ class LSHTables(nn.Module):
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
-              shared: bool = False, probes: Optional[int] = None) -> Tensor:
-        """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if ``shared``.
-        ``probes`` overrides the tables' buckets probed per table for this call."""
+              shared: bool = False, probes: Optional[int] = None, tail: int = 0) -> tuple[Tensor, Tensor]:
+        """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if
+        ``shared``, and their heads (labels + hashed candidates; the rest, at least ``tail``
+        entries, are uniform draws): see :func:`ops.query`. ``probes`` overrides the tables'
+        buckets probed per table for this call."""
         if self.selection == "random":
             return _query_uniform(x, self.offsets, self.items, budget, labels, seed, shared)
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         query = ops.query_shared if shared else ops.query
         return query(codes, margins, self.offsets, self.items, self.probes if probes is None else probes, budget,
-                     labels, seed)
+                     labels, seed, tail)
 
     @staticmethod
     def query_uniform(x: Tensor, n: int, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
-                      shared: bool = False) -> Tensor:
+                      shared: bool = False) -> tuple[Tensor, Tensor]:
         """The labels plus uniformly random neurons of ``n``, without built tables (a warm-up)."""
         return _query_uniform(x, *_uniform_tables(n, x.device), budget, labels, seed, shared)
 

@@ -2,6 +2,7 @@
 
 The kernels must agree with these exactly (integer outputs) or to rounding (floating outputs).
 """
+import itertools
 import math
 
 import torch
@@ -78,8 +79,9 @@ def probe_flips(margin, bits, probes):
     return flips
 
 
-def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, budget, seed, set_id):
-    """Labels of ``label_rows`` first, then candidates of ``probe_rows`` by hits, then the fill."""
+def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, budget, seed, set_id, tail):
+    """Labels of ``label_rows`` first, then candidates of ``probe_rows`` by hits (leaving ``tail``
+    entries), then the fill. Returns the set and its head (labels + candidates)."""
     num_tables, n = items.shape
     bits = (offsets.shape[1] - 1).bit_length() - 1
     chosen = []
@@ -98,7 +100,8 @@ def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, 
                     if nid not in chosen:
                         hits[nid] = hits.get(nid, 0) + 1
     ranked = sorted(hits, key=lambda nid: (-hits[nid], seeded_hash(seed, TIE_BREAK, set_id, nid)))
-    chosen += ranked[: budget - len(chosen)]
+    chosen += ranked[: max(0, budget - len(chosen) - tail)]
+    head = len(chosen)
     draws = 0
     while len(chosen) < budget and draws < 4 * budget + 64:
         nid = seeded_hash(seed, FILL_DRAW, set_id, draws) % n
@@ -116,20 +119,35 @@ def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, 
             if pos not in chosen:
                 chosen.append(pos)
             pos = (pos + stride) % n
-    return torch.tensor(chosen, dtype=torch.int64)
+    return torch.tensor(chosen, dtype=torch.int64), head
 
 
-def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
-    rows = []
+def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0, tail=0):
+    rows, heads = [], []
     for b in range(codes.shape[0]):
         label_rows = [labels[b].tolist()] if labels is not None else []
-        rows.append(_active_set(label_rows, [b], codes, margins, offsets, items, probes, budget, seed, b))
-    return torch.stack(rows) if rows else torch.empty(0, budget, dtype=torch.int64)
+        row, head = _active_set(label_rows, [b], codes, margins, offsets, items, probes, budget, seed, b, tail)
+        rows.append(row)
+        heads.append(head)
+    active = torch.stack(rows) if rows else torch.empty(0, budget, dtype=torch.int64)
+    return active, torch.tensor(heads, dtype=torch.int64)
 
 
-def query_shared(codes, margins, offsets, items, probes, budget, labels=None, seed=0):
+def query_shared(codes, margins, offsets, items, probes, budget, labels=None, seed=0, tail=0):
     label_rows = labels.tolist() if labels is not None else []
-    return _active_set(label_rows, range(codes.shape[0]), codes, margins, offsets, items, probes, budget, seed, -1)
+    indices, head = _active_set(label_rows, range(codes.shape[0]), codes, margins, offsets, items, probes, budget,
+                                seed, -1, tail)
+    return indices, torch.tensor(head, dtype=torch.int64)
+
+
+def tail_log_weights(head, budget, n):
+    """Per entry: 0 in the head, log((n - head) / (budget - head)) in the tail (entry by entry)."""
+    out = torch.zeros(*head.shape, budget)
+    for idx in itertools.product(*map(range, head.shape)):
+        h = int(head[idx])
+        for a in range(h, budget):
+            out[idx + (a,)] = math.log((n - h) / (budget - h))
+    return out
 
 
 def shared_linear(x, weight, bias, indices):

@@ -26,7 +26,11 @@ def to_cuda(*tensors):
     return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
-random_tables, LABELS = test_ops.random_tables, test_ops.LABELS  # the same inputs as the CPU tests
+def to_cpu(tensors):
+    return tuple(t.cpu() for t in tensors)
+
+
+random_tables, LABELS, assert_same = test_ops.random_tables, test_ops.LABELS, test_ops.assert_same  # as the CPU tests
 
 
 # --- mips_transform and hash_codes ------------------------------------------------------------
@@ -143,17 +147,18 @@ def test_query_equals_cpu(kwargs, probes, budget, labels, shared):
     if labels is not None and labels.shape[0] != args[0].shape[0]:
         labels = None
     fn = ops.query_shared if shared else ops.query
-    expected = fn(*args, probes, budget, labels, 123)
-    got = fn(*to_cuda(*args), probes, budget, None if labels is None else labels.cuda(), 123)
-    assert got.is_cuda and got.dtype == torch.int64
-    assert torch.equal(got.cpu(), expected)
+    for tail in (0, budget // 2):
+        expected = fn(*args, probes, budget, labels, 123, tail)
+        got = fn(*to_cuda(*args), probes, budget, None if labels is None else labels.cuda(), 123, tail)
+        assert got[0].is_cuda and got[0].dtype == torch.int64 and got[1].is_cuda and got[1].dtype == torch.int64
+        assert_same(to_cpu(got), expected)
 
 
 def test_query_without_tables_equals_cpu():
     args = test_ops.no_tables()
     for fn in (ops.query, ops.query_shared):
         expected = fn(*args, 4, 9, LABELS, 5)
-        assert torch.equal(fn(*to_cuda(*args), 4, 9, LABELS.cuda(), 5).cpu(), expected)
+        assert_same(to_cpu(fn(*to_cuda(*args), 4, 9, LABELS.cuda(), 5)), expected)
 
 
 def test_query_large_seed_and_labels_only():
@@ -163,34 +168,34 @@ def test_query_large_seed_and_labels_only():
     for fn in (ops.query, ops.query_shared):
         budget = 3 if fn is ops.query else 21
         expected = fn(*args, 4, budget, labels, seed)
-        assert torch.equal(fn(*to_cuda(*args), 4, budget, labels.cuda(), seed).cpu(), expected)
+        assert_same(to_cpu(fn(*to_cuda(*args), 4, budget, labels.cuda(), seed)), expected)
 
 
 def test_query_in_chunks_equals_cpu():
     # 1.5M neurons: the per-row counters exceed the scratch bound, so rows run in several chunks.
     args = random_tables(n=1_500_000, d=4, num_tables=2, bits=16, batch=100, seed=3)
     labels = torch.randint(-1, 1_500_000, (100, 2))
-    expected = ops.query(*args, 4, 40, labels, 11)
-    assert torch.equal(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11).cpu(), expected)
+    expected = ops.query(*args, 4, 40, labels, 11, 10)
+    assert_same(to_cpu(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11, 10)), expected)
 
 
 @pytest.mark.parametrize("fn", [ops.query, ops.query_shared], ids=["query", "query_shared"])
 def test_query_under_cuda_graph_capture(fn):
     # While capturing, the kernels skip the synchronising reads; the replayed result is the same.
     args = to_cuda(*random_tables())
-    expected = fn(*args, 5, 40, LABELS.cuda(), 9)
+    expected = fn(*args, 5, 40, LABELS.cuda(), 9, 10)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn(*args, 5, 40, LABELS.cuda(), 9)  # warm-up outside the capture
+        fn(*args, 5, 40, LABELS.cuda(), 9, 10)  # warm-up outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     labels = LABELS.cuda()
     with torch.cuda.graph(graph):
-        out = fn(*args, 5, 40, labels, 9)
+        out = fn(*args, 5, 40, labels, 9, 10)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, expected)
+    assert_same(out, expected)
 
 
 def test_query_errors_on_cuda():
@@ -206,13 +211,14 @@ def test_query_errors_on_cuda():
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query(qcodes, qmargins, offsets, torch.full_like(items, 999), 4, 5), "items of table"),
         (lambda: ops.query(qcodes + 64, qmargins, offsets, items, 4, 5), "codes must be in"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail must be in"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
     # nothing is left behind by a failed call
     expected = ops.query(*random_tables(), 4, 60, None, 1)
-    assert torch.equal(ops.query(qcodes, qmargins, offsets, items, 4, 60, None, 1).cpu(), expected)
+    assert_same(to_cpu(ops.query(qcodes, qmargins, offsets, items, 4, 60, None, 1)), expected)
 
 
 # --- sparse_linear and its gradients ------------------------------------------------------------
@@ -402,6 +408,7 @@ def test_lsh_linear_training_on_cuda_equals_cpu(mode):
         out_cpu = cpu_layer.forward_sparse(x, labels)
         out_gpu = gpu_layer.forward_sparse(x.cuda(), labels.cuda())
         assert torch.equal(out_gpu.indices.cpu(), out_cpu.indices)
+        assert torch.equal(out_gpu.log_weights.cpu(), out_cpu.log_weights)  # the same tail correction
         torch.testing.assert_close(out_gpu.values.cpu(), out_cpu.values)
         for layer, out, lab in ((cpu_layer, out_cpu, labels), (gpu_layer, out_gpu, labels.cuda())):
             layer.zero_grad()

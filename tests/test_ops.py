@@ -94,17 +94,29 @@ def test_build_tables_match_reference(bits):
 LABELS = torch.tensor([[3, -1], [5, 5], [-1, -1], [0, 1], [2, 7], [9, -1], [299, 298]])
 
 
-@pytest.mark.parametrize("probes,budget,labels", [
-    (1, 10, None),         # exact buckets only
-    (6, 40, LABELS),       # labels first, duplicates and padding dropped
-    (32, 300, LABELS),     # every bucket probed, budget == N: the fill walks to the end
-    (10, 250, None),       # budget close to N: the random draws give way to the walk
-    (10, 0, None),         # empty budget
+def assert_same(got, expected):
+    """Query outputs (active set, head) equal."""
+    assert len(got) == len(expected) == 2
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (got, expected)
+
+
+@pytest.mark.parametrize("probes,budget,labels,tail", [
+    (1, 10, None, 0),         # exact buckets only
+    (6, 40, LABELS, 0),       # labels first, duplicates and padding dropped
+    (32, 300, LABELS, 0),     # every bucket probed, budget == N: the fill walks to the end
+    (10, 250, None, 0),       # budget close to N: the random draws give way to the walk
+    (10, 0, None, 0),         # empty budget
+    (32, 40, LABELS, 20),     # half the budget reserved for the uniform tail
+    (32, 40, LABELS, 39),     # the tail leaves less room than the labels: labels still all in
+    (32, 40, None, 40),       # all tail: a uniform sample
 ])
-def test_query_matches_reference(probes, budget, labels):
+def test_query_matches_reference(probes, budget, labels, tail):
     qcodes, qmargins, offsets, items = random_tables()
-    active = ops.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123)
-    assert torch.equal(active, ref.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123))
+    active, head = ops.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123, tail)
+    assert_same((active, head), ref.query(qcodes, qmargins, offsets, items, probes, budget, labels, 123, tail))
+    assert head.shape == (7,) and head.dtype == torch.int64
+    assert ((head <= budget - tail) | (head == torch.tensor([len({l for l in r if l >= 0}) for r in
+                                                             (labels if labels is not None else torch.empty(7, 0)).tolist()]))).all()
     for row in active.tolist():
         assert len(set(row)) == len(row) and all(0 <= i < 300 for i in row)
     if labels is not None:
@@ -113,11 +125,13 @@ def test_query_matches_reference(probes, budget, labels):
             assert row[: len(distinct)] == distinct
 
 
-@pytest.mark.parametrize("probes,budget,labels", [(1, 10, None), (6, 40, LABELS), (32, 300, LABELS), (10, 250, None)])
-def test_query_shared_matches_reference(probes, budget, labels):
+@pytest.mark.parametrize("probes,budget,labels,tail", [(1, 10, None, 0), (6, 40, LABELS, 0), (32, 300, LABELS, 0),
+                                                       (10, 250, None, 0), (32, 60, LABELS, 30), (32, 60, None, 60)])
+def test_query_shared_matches_reference(probes, budget, labels, tail):
     qcodes, qmargins, offsets, items = random_tables()
-    indices = ops.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77)
-    assert torch.equal(indices, ref.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77))
+    indices, head = ops.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77, tail)
+    assert_same((indices, head), ref.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 77, tail))
+    assert head.shape == () and int(head) <= max(budget - tail, 10)  # 10 distinct labels in LABELS
     assert indices.shape == (budget,) and len(set(indices.tolist())) == budget
     if labels is not None:
         distinct = list(dict.fromkeys(l for l in labels.flatten().tolist() if l >= 0))
@@ -133,8 +147,9 @@ def no_tables(batch=7, n=300, bits=5):
 def test_query_without_tables_is_labels_and_fill():
     args = no_tables()
     for op, reference in ((ops.query, ref.query), (ops.query_shared, ref.query_shared)):
-        active = op(*args, 4, 9, LABELS, 5)
-        assert torch.equal(active, reference(*args, 4, 9, LABELS, 5))
+        active, head = op(*args, 4, 9, LABELS, 5)
+        assert_same((active, head), reference(*args, 4, 9, LABELS, 5))
+        assert (head == (torch.tensor([1, 1, 0, 2, 2, 1, 2]) if op is ops.query else 9)).all()  # labels only
 
 
 def test_query_after_a_failed_query_is_still_exact():
@@ -143,7 +158,7 @@ def test_query_after_a_failed_query_is_still_exact():
     with pytest.raises(RuntimeError, match="labels"):
         ops.query_shared(*args, 8, 3, LABELS, 1)
     expected = ref.query_shared(*args, 8, 60, None, 1)
-    assert torch.equal(ops.query_shared(*args, 8, 60, None, 1), expected)
+    assert_same(ops.query_shared(*args, 8, 60, None, 1), expected)
     # Failing while counting (the last row's last code is out of range), with the batch large
     # enough for query_shared to count in parallel: the counters touched before are zeroed too.
     codes, margins, offsets, items = random_tables(batch=40)
@@ -153,8 +168,8 @@ def test_query_after_a_failed_query_is_still_exact():
         with pytest.raises(RuntimeError, match="codes must be in"):
             op(broken, margins, offsets, items, 8, 60, None, 1)
     for op, reference in ((ops.query, ref.query), (ops.query_shared, ref.query_shared)):
-        assert torch.equal(op(codes, margins, offsets, items, 8, 60, None, 1),
-                           reference(codes, margins, offsets, items, 8, 60, None, 1))
+        assert_same(op(codes, margins, offsets, items, 8, 60, None, 1),
+                    reference(codes, margins, offsets, items, 8, 60, None, 1))
 
 
 def test_probe_sequence_matches_enumeration():
@@ -163,7 +178,7 @@ def test_probe_sequence_matches_enumeration():
         codes = torch.zeros(1, 1, dtype=torch.int32)
         offsets, items = ops.build_tables(torch.arange(64, dtype=torch.int32)[:, None], 6)
         # one neuron per bucket and budget == probes: active = the probed buckets in probe order
-        active = ops.query(codes, margin[None], offsets, items, 12, 12, None, 0)
+        active, _ = ops.query(codes, margin[None], offsets, items, 12, 12, None, 0)
         assert sorted(active[0].tolist()) == sorted(ref.probe_flips(margin, 6, 12))
 
 
@@ -172,15 +187,17 @@ def test_query_ranks_by_bucket_hits():
     codes = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.int32)
     offsets, items = ops.build_tables(codes, 1)
     q = torch.zeros(1, 3, dtype=torch.int32)
-    active = ops.query(q, torch.ones(1, 3), offsets, items, 1, 3, None, 7)
-    assert active[0].tolist() == [0, 1, 2]
+    active, head = ops.query(q, torch.ones(1, 3), offsets, items, 1, 3, None, 7)
+    assert active[0].tolist() == [0, 1, 2] and head.tolist() == [3]
+    active, head = ops.query(q, torch.ones(1, 3), offsets, items, 1, 3, None, 7, 2)  # room for the best only
+    assert active[0, 0] == 0 and head.tolist() == [1]
 
 
 def test_query_is_deterministic_per_seed_and_varies_across_seeds():
     args = random_tables(n=300)
-    a1 = ops.query(*args, 4, 200, None, 5)
-    assert torch.equal(a1, ops.query(*args, 4, 200, None, 5))
-    assert not torch.equal(a1, ops.query(*args, 4, 200, None, 6))
+    a1, _ = ops.query(*args, 4, 200, None, 5)
+    assert torch.equal(a1, ops.query(*args, 4, 200, None, 5)[0])
+    assert not torch.equal(a1, ops.query(*args, 4, 200, None, 6)[0])
 
 
 # --- sparse_linear ------------------------------------------------------------------------------
@@ -282,7 +299,9 @@ def opcheck_cases():
         ("row_fingerprints", (torch.randn(20, 5, dtype=torch.float64), torch.randn(5))),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3, 10)),
         ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
+        ("query_shared", (qcodes, qmargins, offsets, items, 5, 30, None, 3, 15)),
         ("shared_linear", (x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(),
                            torch.randperm(40)[:9])),
         ("shared_linear", (x.detach(), weight.detach(), None, torch.randperm(40)[:9])),
@@ -332,6 +351,8 @@ def test_op_input_errors():
         (lambda: ops.query_shared(qcodes - 64, qmargins, offsets, items, 4, 5), "codes must be in"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS), "more distinct labels"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 301), "budget"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail must be in"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, None, 0, -1), "tail must be in"),
         (lambda: ops.shared_linear(x, weight, bias, torch.tensor([40])), "indices"),
         (lambda: ops.shared_linear(x, weight, bias, torch.tensor([[1]])), "indices"),
         (lambda: ops.shared_linear(x, weight[:, :2], bias, torch.tensor([1])), "features"),

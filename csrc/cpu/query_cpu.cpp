@@ -1,6 +1,7 @@
 // CPU kernels of the multi-probe query. Both modes build an active set the same way: forced
 // labels first, then LSH candidates ranked by bucket hits (ties broken by a seeded hash), then
-// seeded random neurons up to the budget. `query` builds one set per input row (in parallel over
+// seeded uniform draws from the rest up to the budget (the tail; `tail` entries are reserved for
+// it, so at most budget - labels - tail candidates are taken). `query` builds one set per input row (in parallel over
 // rows); `query_shared` builds one set for the whole batch from the union of its rows' probes
 // (counted in parallel over ranges of neuron ids).
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <exception>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lsh_common.h"
@@ -44,9 +46,9 @@ struct Tables {
 };
 
 Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
-                      const at::Tensor& items, int64_t probes, int64_t budget, const at::Tensor& labels,
-                      const char* op) {
-  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, labels, op);
+                      const at::Tensor& items, int64_t probes, int64_t budget, int64_t tail,
+                      const at::Tensor& labels, const char* op) {
+  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, tail, labels, op);
   for (const at::Tensor* t : {&codes, &margins, &offsets, &items})
     TORCH_CHECK(t->device().is_cpu(), op, ": all inputs must be CPU tensors, got one on ", t->device());
   const int64_t batch = shape.batch, num_tables = shape.num_tables, n = shape.n, buckets = shape.buckets;
@@ -80,7 +82,7 @@ class ActiveSetBuilder {
   ActiveSetBuilder(const ActiveSetBuilder&) = delete;
   ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
 
-  void start(int64_t* out, int64_t budget) { out_ = out, budget_ = budget, filled_ = 0; }
+  void start(int64_t* out, int64_t budget, int64_t tail) { out_ = out, budget_ = budget, tail_ = tail, filled_ = 0; }
 
   void add_labels(int64_t row, int64_t set) {
     for (int64_t j = 0; j < t_.num_labels; ++j) {
@@ -125,13 +127,14 @@ class ActiveSetBuilder {
     if (error) std::rethrow_exception(error);
   }
 
-  // Takes the best candidates, fills up with seeded random neurons, and resets the counters.
-  // `set` names the random streams: the row for per-row sets, -1 for the batch-shared set.
-  void finish(int64_t seed, int64_t set) {
+  // Takes the best candidates (leaving `tail` entries), fills up with seeded uniform draws, and
+  // resets the counters. `set` names the random streams: the row for per-row sets, -1 for the
+  // batch-shared set. Returns the head: labels and candidates, the entries before the draws.
+  int64_t finish(int64_t seed, int64_t set) {
     // Only candidates with at least `floor` hits can be among the `room` best: a histogram of the
     // hit counts finds that floor, so the tie-break keys (a hash each) and the selection below
     // cover those few instead of every touched neuron (tens of thousands in a shared set).
-    const int64_t room = budget_ - filled_;
+    const int64_t room = std::max<int64_t>(0, budget_ - filled_ - tail_);
     Hits top = 0;
     for (int32_t id : touched_)
       if (hits_[id] != kChosen) top = std::max(top, hits_[id]);
@@ -151,6 +154,7 @@ class ActiveSetBuilder {
       std::nth_element(cand_.begin(), cand_.begin() + take, cand_.end(), better);
     std::sort(cand_.begin(), cand_.begin() + take, better);
     for (int64_t i = 0; i < take; ++i) choose(cand_[i].id);
+    const int64_t head = filled_;
     // Seeded draws, then (rarely, when the budget is close to N) a walk over a seeded
     // full-period arithmetic sequence, which is sure to finish.
     const uint64_t n = static_cast<uint64_t>(t_.n);
@@ -167,6 +171,7 @@ class ActiveSetBuilder {
         if (hits_[pos] != kChosen) choose(static_cast<int32_t>(pos));
     }
     reset();
+    return head;
   }
 
  private:
@@ -225,46 +230,52 @@ class ActiveSetBuilder {
   std::vector<int64_t> histogram_;  // touched neurons per hit count
   std::vector<uint32_t> flips_;
   int64_t* out_ = nullptr;
-  int64_t budget_ = 0, filled_ = 0;
+  int64_t budget_ = 0, tail_ = 0, filled_ = 0;
 };
 
-at::Tensor query_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
-                     const at::Tensor& items_in, int64_t probes, int64_t budget,
-                     const std::optional<at::Tensor>& labels_in, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in,
+                                             const at::Tensor& offsets_in, const at::Tensor& items_in, int64_t probes,
+                                             int64_t budget, const std::optional<at::Tensor>& labels_in, int64_t seed,
+                                             int64_t tail) {
   const auto codes = codes_in.contiguous(), margins = margins_in.contiguous();
   const auto offsets = offsets_in.contiguous(), items = items_in.contiguous();
   const at::Tensor labels = labels_in.has_value() && labels_in->defined() ? labels_in->contiguous() : at::Tensor();
-  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, labels, "query");
+  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, tail, labels, "query");
   auto active = at::empty({t.batch, budget}, codes.options().dtype(at::kLong));
-  if (t.batch == 0 || budget == 0) return active;
+  auto head = at::zeros({t.batch}, codes.options().dtype(at::kLong));
+  if (t.batch == 0 || budget == 0) return {active, head};
   int64_t* out = active.data_ptr<int64_t>();
+  int64_t* heads = head.data_ptr<int64_t>();
   at::parallel_for(0, t.batch, 1, [&](int64_t begin, int64_t end) {
     ActiveSetBuilder builder(t);
     for (int64_t b = begin; b < end; ++b) {
-      builder.start(out + b * budget, budget);
+      builder.start(out + b * budget, budget, tail);
       builder.add_labels(b, b);
       builder.probe(b);
-      builder.finish(seed, b);
+      heads[b] = builder.finish(seed, b);
     }
   });
-  return active;
+  return {active, head};
 }
 
-at::Tensor query_shared_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
-                            const at::Tensor& items_in, int64_t probes, int64_t budget,
-                            const std::optional<at::Tensor>& labels_in, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> query_shared_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in,
+                                                    const at::Tensor& offsets_in, const at::Tensor& items_in,
+                                                    int64_t probes, int64_t budget,
+                                                    const std::optional<at::Tensor>& labels_in, int64_t seed,
+                                                    int64_t tail) {
   const auto codes = codes_in.contiguous(), margins = margins_in.contiguous();
   const auto offsets = offsets_in.contiguous(), items = items_in.contiguous();
   const at::Tensor labels = labels_in.has_value() && labels_in->defined() ? labels_in->contiguous() : at::Tensor();
-  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, labels, "query_shared");
+  const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, tail, labels, "query_shared");
   auto indices = at::empty({budget}, codes.options().dtype(at::kLong));
-  if (budget == 0) return indices;
+  auto head = at::zeros({}, codes.options().dtype(at::kLong));
+  if (budget == 0) return {indices, head};
   ActiveSetBuilder builder(t);
-  builder.start(indices.data_ptr<int64_t>(), budget);
+  builder.start(indices.data_ptr<int64_t>(), budget, tail);
   for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
   builder.probe_all();
-  builder.finish(seed, -1);
-  return indices;
+  head.fill_(builder.finish(seed, -1));
+  return {indices, head};
 }
 
 }  // namespace

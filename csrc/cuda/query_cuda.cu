@@ -10,8 +10,9 @@
 //   3. labels:    one thread per row takes the row's labels in order, skipping padding and
 //                 repeats, and marks them chosen (counter = -1, the CPU's kChosen).
 //   4. levels:    one block per row histograms the counts (levels 1..L) and finds the level h*
-//                 where the budget runs out: every candidate above h* is taken, plus the m
-//                 candidates of level h* with the smallest seeded tie-break keys.
+//                 where the budget (less the labels and the `tail` reserved for draws) runs out: every candidate above h* is taken, plus the m
+//                 candidates of level h* with the smallest seeded tie-break keys; writes the
+//                 row's head (labels + candidates taken).
 //   5. threshold: one block per row radix-selects (8 bits a pass, from the top) the m-th smallest
 //                 key of level h*; skipped when the whole level fits. Keys are distinct within a
 //                 row (seeded_hash is a bijection of the neuron id for a fixed row), so "key <= T"
@@ -44,6 +45,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include "cuda_common.cuh"
 #include "lsh_common.h"
@@ -164,9 +166,10 @@ __global__ void labels_kernel(const int64_t* __restrict__ labels, int64_t num_la
   filled[r] = static_cast<int32_t>(f);
 }
 
-// 4. meta[r] = {take, h*, m, count of level h*}. One block per row.
+// 4. meta[r] = {take, h*, m, count of level h*}, head[row0 + r] = labels + take. One block per row.
 __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int num_tables, int64_t budget,
-                              const int32_t* __restrict__ filled, int32_t* __restrict__ meta) {
+                              int64_t tail, const int32_t* __restrict__ filled, int32_t* __restrict__ meta,
+                              int64_t row0, int64_t* __restrict__ head) {
   __shared__ int cnt[kMaxTables + 1];
   const int64_t r = blockIdx.x;
   for (int i = threadIdx.x; i <= num_tables; i += blockDim.x) cnt[i] = 0;
@@ -184,7 +187,7 @@ __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int n
   if (threadIdx.x == 0) {
     int64_t candidates = 0;
     for (int i = 1; i <= num_tables; ++i) candidates += cnt[i];
-    const int64_t take = std::min<int64_t>(budget - filled[r], candidates);
+    const int64_t take = std::min<int64_t>(std::max<int64_t>(0, budget - filled[r] - tail), candidates);
     int32_t hstar = 0, m = 0, level_count = 0;
     if (take > 0) {
       int64_t cum = 0;
@@ -202,6 +205,7 @@ __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int n
     meta[r * 4 + 1] = hstar;
     meta[r * 4 + 2] = m;
     meta[r * 4 + 3] = level_count;
+    head[row0 + r] = filled[r] + take;
   }
 }
 
@@ -457,12 +461,14 @@ __global__ void compact_all_kernel(const int32_t* __restrict__ hits, int64_t n, 
   }
 }
 
-// meta[0] = take = min(budget - labels, candidates); the other fields are unused here.
+// meta[0] = take = min(budget - labels - tail, candidates); the other fields are unused here.
+// head[0] = labels + take.
 __global__ void shared_meta_kernel(const int32_t* __restrict__ count, const int32_t* __restrict__ filled,
-                                   int64_t budget, int32_t* __restrict__ meta) {
-  const int64_t room = budget - filled[0];
+                                   int64_t budget, int64_t tail, int32_t* __restrict__ meta, int64_t* __restrict__ head) {
+  const int64_t room = budget - filled[0] - tail > 0 ? budget - filled[0] - tail : 0;
   meta[0] = static_cast<int32_t>(count[0] < room ? count[0] : room);
   meta[1] = meta[2] = meta[3] = 0;
+  head[0] = filled[0] + meta[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,9 +481,9 @@ struct QueryInputs {
 
 // The shared checks (op_checks.h), plus device checks.
 QueryInputs check_query(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
-                        const at::Tensor& items, int64_t probes, int64_t budget,
+                        const at::Tensor& items, int64_t probes, int64_t budget, int64_t tail,
                         const std::optional<at::Tensor>& labels_in, const char* op) {
-  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, labels_in, op);
+  const QueryShape shape = check_query_args(codes, margins, offsets, items, probes, budget, tail, labels_in, op);
   cuda::check_cuda(codes, "codes", op);
   const at::Device device = codes.device();
   cuda::check_same_device(margins, device, "margins", op);
@@ -556,20 +562,23 @@ at::Tensor order_candidates(const at::Tensor& sel_key, const at::Tensor& sel_lev
   return id_by_key.gather(1, by_level).contiguous();
 }
 
-at::Tensor query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
-                      const at::Tensor& items_in, int64_t probes, int64_t budget,
-                      const std::optional<at::Tensor>& labels_in, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in,
+                                              const at::Tensor& offsets_in, const at::Tensor& items_in, int64_t probes,
+                                              int64_t budget, const std::optional<at::Tensor>& labels_in, int64_t seed,
+                                              int64_t tail) {
   const char* op = "query";
-  const QueryInputs in = check_query(codes_in, margins_in, offsets_in, items_in, probes, budget, labels_in, op);
+  const QueryInputs in =
+      check_query(codes_in, margins_in, offsets_in, items_in, probes, budget, tail, labels_in, op);
   const int64_t batch = in.batch, num_tables = in.num_tables, n = in.n;
   const c10::cuda::CUDAGuard guard(in.codes.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto active = at::empty({batch, budget}, in.codes.options().dtype(at::kLong));
+  auto head = at::zeros({batch}, in.codes.options().dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
   check_labels_range(in, stream, flag.ptr());
   if (batch == 0 || budget == 0) {
     if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
-    return active;
+    return {active, head};
   }
 
   // Rows per chunk: an int32 counter per neuron, the selection scratch and its sorted copies.
@@ -603,7 +612,8 @@ at::Tensor query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in, 
         hits.data_ptr<int32_t>(), active.data_ptr<int64_t>(), filled.data_ptr<int32_t>(), flag.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     levels_kernel<<<rows, kRowThreads, 0, stream>>>(hits.data_ptr<int32_t>(), n, static_cast<int>(num_tables), budget,
-                                                    filled.data_ptr<int32_t>(), meta.data_ptr<int32_t>());
+                                                    tail, filled.data_ptr<int32_t>(), meta.data_ptr<int32_t>(), row0,
+                                                    head.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // Width of the selection scratch: the chunk's largest take (one synchronisation), or the
     // budget while a CUDA graph is being captured (padding sorts last, the result is the same).
@@ -633,24 +643,28 @@ at::Tensor query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in, 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   raise_if_flagged(flag, in, budget, op);
-  return active;
+  return {active, head};
 }
 
-at::Tensor query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in, const at::Tensor& offsets_in,
-                             const at::Tensor& items_in, int64_t probes, int64_t budget,
-                             const std::optional<at::Tensor>& labels_in, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in,
+                                                     const at::Tensor& offsets_in, const at::Tensor& items_in,
+                                                     int64_t probes, int64_t budget,
+                                                     const std::optional<at::Tensor>& labels_in, int64_t seed,
+                                                     int64_t tail) {
   const char* op = "query_shared";
-  const QueryInputs in = check_query(codes_in, margins_in, offsets_in, items_in, probes, budget, labels_in, op);
+  const QueryInputs in =
+      check_query(codes_in, margins_in, offsets_in, items_in, probes, budget, tail, labels_in, op);
   const int64_t batch = in.batch, num_tables = in.num_tables, n = in.n;
   const c10::cuda::CUDAGuard guard(in.codes.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto int_opts = in.codes.options();
   auto indices = at::empty({budget}, int_opts.dtype(at::kLong));
+  auto head = at::zeros({}, int_opts.dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
   check_labels_range(in, stream, flag.ptr());
   if (budget == 0) {
     if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
-    return indices;
+    return {indices, head};
   }
   auto hits = at::zeros({1, n}, int_opts);
   if (batch > 0 && num_tables > 0) {  // L = 0: no candidates, and an empty grid is a launch error
@@ -700,8 +714,8 @@ at::Tensor query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margi
   const auto [problem, found] = flag.read_with(count, /*when_capturing=*/n);
   raise_if(problem, in, budget, op);
   auto meta = at::empty({1, 4}, int_opts);
-  shared_meta_kernel<<<1, 1, 0, stream>>>(count.data_ptr<int32_t>(), filled.data_ptr<int32_t>(), budget,
-                                          meta.data_ptr<int32_t>());
+  shared_meta_kernel<<<1, 1, 0, stream>>>(count.data_ptr<int32_t>(), filled.data_ptr<int32_t>(), budget, tail,
+                                          meta.data_ptr<int32_t>(), head.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (found > 0) {
     const auto ordered = order_candidates(sel_key.narrow(1, 0, found), sel_level.narrow(1, 0, found),
@@ -716,7 +730,7 @@ at::Tensor query_shared_cuda(const at::Tensor& codes_in, const at::Tensor& margi
                                               filled.data_ptr<int32_t>(), hits.data_ptr<int32_t>(),
                                               indices.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return indices;
+  return {indices, head};
 }
 
 }  // namespace

@@ -1,0 +1,111 @@
+"""The sampled softmax's estimator: labels | hashed top set | uniform tail with corrected logits.
+
+The tail's correction log((N - head) / (A - head)) makes sum(exp(logit + log_weight)) over the
+active set an unbiased estimate of the full softmax's normaliser sum(exp(logit)) over all N
+neurons, whatever the head is (docs/estimator.md). These tests check that claim numerically, the
+layout the loss relies on, and that the loss applies it.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+from lsh_torch import LSHLinear, SparseOutput, ops, sparse_cross_entropy
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
+def test_tail_log_weights_match_reference(shape):
+    head = torch.randint(0, 20, shape)
+    torch.testing.assert_close(ops.tail_log_weights(head, 20, 300), ref.tail_log_weights(head, 20, 300))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_forward_sparse_layout_head_then_uniform_tail(mode):
+    n, budget, tail = 500, 40, 25
+    layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=8, probes=4)
+    x, labels = torch.randn(6, 16), torch.randint(0, n, (6,))
+    out = layer.forward_sparse(x, labels)
+    lw = out.log_weights if mode == "per_row" else out.log_weights.expand(6, -1)
+    idx = out.indices if mode == "per_row" else out.indices.expand(6, -1)
+    for row in range(6):
+        head = int((lw[row] == 0).sum())
+        assert head <= budget - tail or head == (1 if mode == "per_row" else labels.unique().numel())
+        assert (lw[row, :head] == 0).all()  # labels and hashed candidates: not corrected
+        assert torch.allclose(lw[row, head:], torch.full((budget - head,), math.log((n - head) / (budget - head))))
+        assert labels[row] in idx[row, :head].tolist()  # the label is in the head, never in the tail
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_corrected_normaliser_is_unbiased(mode):
+    # Over many seeds, the mean of sum(exp(z + log_weights)) over the active set equals the full
+    # sum(exp(z)); the uncorrected sum falls far short. Logits with a heavy head, as in a softmax.
+    torch.manual_seed(0)
+    n, budget, tail = 400, 40, 30
+    layer = LSHLinear(8, n, active=budget, tail=tail, mode=mode, num_tables=4, probes=2)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        z = layer.weight @ x.T * 3 + layer.bias[:, None]  # [n, 3]
+    full = torch.exp(z).sum(0)
+    estimates, uncorrected = [], []
+    for step in range(1500):
+        layer.step = step  # each training step draws a new tail
+        out = layer.forward_sparse(x)
+        idx = out.indices if mode == "per_row" else out.indices.expand(3, -1)
+        lw = out.log_weights if mode == "per_row" else out.log_weights.expand(3, -1)
+        zi = z.T.gather(1, idx)
+        estimates.append(torch.exp(zi + lw).sum(1))
+        uncorrected.append(torch.exp(zi).sum(1))
+    est = torch.stack(estimates).double()
+    stderr = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - full).abs() < 4 * stderr + 1e-9 * full).all(), (est.mean(0), full, stderr)
+    assert (torch.stack(uncorrected).mean(0) < 0.7 * full).all()
+
+
+def test_corrected_normaliser_with_labels_is_unbiased():
+    # Labels are in the head; the tail is drawn from the neurons outside labels and candidates.
+    torch.manual_seed(1)
+    n, budget = 200, 30
+    layer = LSHLinear(8, n, active=budget, tail=20, mode="per_row", num_tables=4, probes=2)
+    x, labels = torch.randn(4, 8), torch.tensor([[3, 7], [5, -1], [199, 0], [1, 2]])
+    z = torch.randn(4, n)
+    estimates = []
+    for step in range(1500):
+        layer.step = step
+        out = layer.forward_sparse(x, labels)
+        estimates.append(torch.exp(z.gather(1, out.indices) + out.log_weights).sum(1))
+    est = torch.stack(estimates).double()
+    stderr = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - torch.exp(z).sum(1)).abs() < 4 * stderr).all()
+
+
+def test_loss_adds_the_log_weights():
+    values, labels = torch.randn(4, 10, requires_grad=True), torch.tensor([0, 1, 2, 3])
+    indices = torch.arange(10).expand(4, -1).clone()
+    lw = torch.zeros(4, 10)
+    lw[:, 6:] = math.log(5.0)
+    loss = sparse_cross_entropy(SparseOutput(values, indices, lw), labels)
+    torch.testing.assert_close(loss, F.cross_entropy(values + lw, labels))
+    # Without log_weights (or a 2-field output) the plain softmax over the active logits.
+    torch.testing.assert_close(sparse_cross_entropy(SparseOutput(values, indices), labels), F.cross_entropy(values, labels))
+    torch.testing.assert_close(sparse_cross_entropy((values, indices), labels), F.cross_entropy(values, labels))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_every_neuron_active_gives_the_full_softmax(mode):
+    layer = LSHLinear(16, 50, active=50, tail=10, mode=mode)
+    x, labels = torch.randn(7, 16), torch.randint(0, 50, (7,))
+    out = layer.forward_sparse(x, labels)
+    assert (out.log_weights == 0).all()  # the tail holds the whole rest: log(rest / rest) = 0
+    full = F.cross_entropy(F.linear(x, layer.weight, layer.bias), labels)
+    torch.testing.assert_close(sparse_cross_entropy(out, labels), full)
+
+
+def test_tail_argument_errors():
+    with pytest.raises(ValueError, match="tail must be in"):
+        LSHLinear(4, 100, active=10, tail=11)
+    with pytest.raises(ValueError, match="tail as a fraction"):
+        LSHLinear(4, 100, active=10, tail=1.5)
+    with pytest.raises(TypeError, match="tail must be"):
+        LSHLinear(4, 100, active=10, tail="half")
