@@ -32,9 +32,31 @@ class SparseOutput(NamedTuple):
     log_weights: Optional[Tensor] = None
 
 
+WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
+
+
 def auto_bits(out_features: int) -> int:
-    """Bits per table giving about 16 neurons per bucket: 6 (the paper's K) at 1000 neurons, 15 at 670K."""
-    return min(20, max(6, round(math.log2(max(1, out_features) / 16))))
+    """Bits per table: about 16 neurons per bucket below :data:`WIDE` outputs (the paper's K=6 at
+    1000 neurons), about 200 from there (K=8 at 50K, 12 at 670K): there the tables must find the
+    largest logits of a softmax, whose rows have low cosine with the input, and small buckets
+    miss them (recall of the exact top 64 on the LM example's 50K-word head: 0.13 with K=12, 0.50
+    with K=8, after rescoring 256 candidates from L=40 tables)."""
+    per_bucket = 200 if out_features >= WIDE else 16
+    return min(20, max(1 if out_features >= WIDE else 6, round(math.log2(max(1, out_features) / per_bucket))))
+
+
+def auto_settings(out_features: int) -> dict:
+    """What ``"auto"`` means for a layer of this width; one rule, documented in the README.
+
+    Below :data:`WIDE` outputs (hidden layers): the paper's L=5 tables, 10 probes, the MIPS
+    transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): L=40 tables,
+    2 probes, direction-only hashing (``asymmetric=False``), 2,048 active neurons (half of them
+    the corrected uniform tail in :meth:`LSHLinear.forward_sparse`), measured on the LM example
+    (50K words: perplexity 177-178 against 180 dense) and the XMC demo (100K labels).
+    """
+    wide = out_features >= WIDE
+    return {"num_tables": 40 if wide else 5, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
+            "asymmetric": not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
 class LSHLinear(nn.Module):
@@ -47,20 +69,25 @@ class LSHLinear(nn.Module):
 
     Args:
         in_features, out_features, bias, device, dtype: as for :class:`torch.nn.Linear`.
-        num_tables: L, the number of hash tables (default 5, as in the paper).
-        bits: K, bits per table code; each table has ``2**K`` buckets. Default ``"auto"``: about
-            16 neurons per bucket, which is the paper's K=6 for 1000 neurons (see :func:`auto_bits`).
-        probes: buckets probed per table: the input's own plus its nearest by multi-probe (default 10).
+        num_tables, bits, probes, asymmetric, active: ``"auto"`` (each one's default) chooses them
+            from ``out_features`` by :func:`auto_settings`: the paper's hidden-layer settings below
+            8,192 outputs, output-layer settings from there.
+        num_tables: L, the number of hash tables (auto: 5, as in the paper, or 40).
+        bits: K, bits per table code; each table has ``2**K`` buckets (auto: :func:`auto_bits`).
+        probes: buckets probed per table: the input's own plus its nearest by multi-probe (auto: 10 or 2).
         tail: how much of the budget :meth:`forward_sparse` reserves for the uniform tail: an int
             count or a float fraction of the budget. The active set is the labels, then the
             tables' best candidates, then uniform draws from the remaining neurons (at least
             ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
             (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers).
+        rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
+            many hashed candidates (their outputs computed without gradient), not by bucket hits
+            alone; 1 ranks by bucket hits. Default 4.
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
-            a float fraction of ``out_features``. Default 0.25: in 3x1000 MLPs on MNIST the paper's
-            5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5 (docs/paper_reproduction.md).
-            For large output layers set a count (e.g. 2048 with ``forward_sparse``).
+            a float fraction of ``out_features``. Auto: 0.25 below 8,192 outputs (in 3x1000 MLPs
+            on MNIST the paper's 5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5,
+            docs/paper_reproduction.md), 2,048 from there.
         rebuild: when to re-hash the weights: a :class:`RebuildSchedule`, a callable
             ``step -> bool``, an int period, or None for manual :meth:`rebuild` calls only
             (default 10: every 10 steps). A rebuild re-hashes only the rows that changed since the
@@ -81,7 +108,7 @@ class LSHLinear(nn.Module):
             accuracy for large output layers (``benchmarks/bench_output_layer.py``, ``examples/xmc.py``).
         selection: ``"lsh"`` (default) or ``"random"``: uniformly random active neurons (labels
             still forced), the baseline that shows what the hashing is worth.
-        asymmetric: hash weight rows through the asymmetric MIPS transform (default), so that
+        asymmetric: hash weight rows through the asymmetric MIPS transform (auto: below 8,192 outputs), so that
             large inner products collide, norms included; ``False`` hashes their directions alone
             (cosine SimHash). Which is better depends on the layer. Where row norms carry the
             answer, the transform is essential: on the transformer LM example's 50K-word head
@@ -89,7 +116,8 @@ class LSHLinear(nn.Module):
             without. Where a few rows grow far beyond the rest, it crowds them into few buckets:
             on the XMC demo (100K labels, 18K of them ever trained) one bucket held 52,788 rows
             against 705 without it, and P@1 after 2 epochs was 0.670 against 0.681 at 30 against
-            21 ms per step, so the demo sets ``asymmetric=False``.
+            21 ms per step; with the corrected tail and rescored top set the LM head too does
+            better without it (perplexity 178.4 against 194.1), hence the output-layer default.
         center: hash the rows minus their mean row. For softmax output layers this changes no
             probability or ranking (every logit moves by the same ``mean·x``) and undoes the
             direction trained rows share (a 50K-word LM head: one bucket held 14K words; centering
@@ -109,10 +137,11 @@ class LSHLinear(nn.Module):
     __constants__ = ["in_features", "out_features"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 num_tables: int = 5, bits: int | str = "auto", probes: int = 10, active: int | float = 0.25,
+                 num_tables: int | str = "auto", bits: int | str = "auto", probes: int | str = "auto",
+                 active: int | float | str = "auto",
                  rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
-                 mode: str = "auto", selection: str = "lsh", asymmetric: bool = True, center: bool = False,
-                 warmup: int = 0, tail: int | float | str = "auto"):
+                 mode: str = "auto", selection: str = "lsh", asymmetric: bool | str = "auto", center: bool = False,
+                 warmup: int = 0, tail: int | float | str = "auto", rescore: int = 4):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
@@ -122,12 +151,15 @@ class LSHLinear(nn.Module):
             raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if bits == "auto":
-            bits = auto_bits(out_features)
+        auto = auto_settings(out_features)
+        num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
+            ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
+            ("active", active)))
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
         self.tail = _check_tail(tail, self.budget)
+        self.rescore = check_int("rescore", rescore, 1, 2 ** 20)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
         self.seed, self.sparse_grad, self.inference, self.mode = seed, bool(sparse_grad), inference, mode
         self.warmup = warmup
@@ -189,8 +221,36 @@ class LSHLinear(nn.Module):
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
-        return self.tables.query(x, self.budget, _as_label_matrix(labels, x.shape[0]), seed, shared=shared,
-                                 tail=self._tail_count(sparse))
+        labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
+        if self.rescore <= 1 or not tail or self.tables.selection == "random":
+            return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail)
+        return self._rescored_lookup(x, labels, shared, seed, tail)
+
+    @torch.no_grad()
+    def _rescored_lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, seed: int,
+                         tail: int) -> tuple[Tensor, Tensor]:
+        """The top set chosen by exact scores: ``rescore`` hashed candidates per slot are computed
+        and the best kept (bucket-hit counts rank the true top logits poorly); then the labels and
+        that top set are forced into a uniform query, which draws the tail from everything else."""
+        batch = x.shape[0]
+        if labels is None:
+            labels = torch.full((batch, 0), -1, dtype=torch.int64, device=x.device)
+        forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
+        top = max(0, self.budget - tail - forced)
+        pool = min(self.out_features, self.rescore * top)
+        if top:
+            candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
+            if shared:  # the candidates carrying the most of the batch's softmax mass
+                scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
+                best = candidates[scores.topk(top).indices]
+                extra = torch.full((batch, top), -1, dtype=torch.int64, device=x.device)
+                extra[-1] = best  # after every row's labels in the set's order
+            else:
+                scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
+                extra = candidates.gather(1, scores.topk(top, dim=1).indices)
+            labels = torch.cat([labels, extra], 1)
+        # Another seed for the tail: the pool's random fill must not steer its draws.
+        return LSHTables.query_uniform(x, self.out_features, self.budget, labels, seed ^ 2 ** 62, shared)
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":
