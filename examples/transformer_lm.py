@@ -221,13 +221,13 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (both models)")
-    p.add_argument("--active", type=int, default=8192,
+    p.add_argument("--active", type=int, default=128,
                    help="active words per token (per_row mode) or per batch (shared mode) in the LSH head")
-    p.add_argument("--mode", choices=["per_row", "shared"], default="shared",
+    p.add_argument("--mode", choices=["per_row", "shared"], default="per_row",
                    help="LSHLinear mode: one active set per token, or one for the whole batch")
-    p.add_argument("--tables", type=int, default=20, help="L, hash tables")
-    p.add_argument("--bits", type=str, default="auto", help="K, bits per hash code")
-    p.add_argument("--probes", type=int, default=2, help="buckets probed per table")
+    p.add_argument("--tables", default="auto", help="L, hash tables (auto: LSHLinear's default for the width)")
+    p.add_argument("--bits", default="auto", help="K, bits per hash code")
+    p.add_argument("--probes", default="auto", help="buckets probed per table")
     p.add_argument("--rebuild", type=int, default=10, help="rebuild the hash tables every this many steps")
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of the files held out")
     p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out words scored for perplexity")
@@ -250,9 +250,10 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     dense = TransformerLM(len(vocab), args.d_model, args.layers, args.heads, args.context)
-    bits = args.bits if args.bits == "auto" else int(args.bits)
+    auto = lambda value: value if value == "auto" else int(value)  # noqa: E731
     lsh = lsh_torch.convert(copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
-                            num_tables=args.tables, bits=bits, probes=args.probes, rebuild=args.rebuild,
+                            num_tables=auto(args.tables), bits=auto(args.bits), probes=auto(args.probes),
+                            rebuild=args.rebuild,
                             seed=args.seed)
     head = lsh.head
     runs = [("nn.Linear head, full softmax", dense), ("LSHLinear head, sparse softmax", lsh)]

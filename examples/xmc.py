@@ -89,10 +89,16 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
         warmup = round(args.warmup_epochs * math.ceil(len(data) / args.batch_size)) if kind == "lsh" else 0
         net.out = LSHLinear.from_linear(
             net.out, active=budget, mode=mode, selection="lsh" if kind == "lsh" else "random",
-            num_tables=args.tables, bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
-            rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed, asymmetric=args.asymmetric,
+            num_tables=auto_or_int(args.tables), bits=auto_or_int(args.bits), probes=auto_or_int(args.probes),
+            tail=auto_or_int(args.tail), rescore=args.rescore,
+            rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed,
+            asymmetric=True if args.asymmetric else "auto",
             warmup=warmup)
     return net
+
+
+def auto_or_int(value: str):
+    return value if value == "auto" else int(value)
 
 
 def to_device(batch, device: torch.device):
@@ -126,7 +132,7 @@ def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float) -> list[torch.o
     return opts
 
 
-def loss_fn(net: XMCNet, kind: str, batch) -> Tensor:
+def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False) -> Tensor:
     ids, offsets, values, labels = batch
     h = net.hidden(ids, offsets, values)
     if kind == "dense":
@@ -137,7 +143,8 @@ def loss_fn(net: XMCNet, kind: str, batch) -> Tensor:
         count = target.sum(1, keepdim=True)
         loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none")
         return loss.sum() / (count > 0).sum().clamp_min(1)
-    return sparse_cross_entropy(net.out.forward_sparse(h, labels), labels)
+    out = net.out.forward_sparse(h, labels)
+    return sparse_cross_entropy(out._replace(log_weights=None) if uncorrected else out, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +233,7 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
             batch = next(batches, None)
             if batch is None:
                 break
-            loss = loss_fn(net, run.kind, to_device(batch, args.device))
+            loss = loss_fn(net, run.kind, to_device(batch, args.device), args.uncorrected)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -420,15 +427,20 @@ def parse_args(argv=None):
     g.add_argument("--active", type=int, default=2048,
                    help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
     g.add_argument("--active-per-row", type=int, default=128, help="active outputs per point (per_row mode)")
-    g.add_argument("--tables", type=int, default=20, help="L, hash tables")
+    g.add_argument("--tables", default="auto", help="L, hash tables, or auto (LSHLinear's default)")
     g.add_argument("--bits", default="auto", help="K, bits per table, or auto")
-    g.add_argument("--probes", type=int, default=2, help="buckets probed per table")
+    g.add_argument("--probes", default="auto", help="buckets probed per table, or auto")
+    g.add_argument("--tail", default="auto", help="active outputs drawn uniformly, their logits corrected, or auto")
+    g.add_argument("--rescore", type=int, default=4, help="hashed candidates scored per top-set slot")
+    g.add_argument("--uncorrected", action="store_true",
+                   help="drop the tail's logit correction (the loss before the estimator; for comparison)")
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="epochs of the lsh runs that use random active sets before the hash tables take over "
                         "(hard negatives only help from the second epoch on; 0 for LSH from the first step)")
     g.add_argument("--asymmetric", action="store_true",
-                   help="hash rows through the MIPS transform (LSHLinear's default); off here: the 82%% of labels "
-                        "that training never sees keep small rows, and the transform crowds them into one bucket")
+                   help="hash rows through the MIPS transform (off by LSHLinear's default at this width: the 82%% "
+                        "of labels that training never sees keep small rows, and the transform crowds them into one "
+                        "bucket)")
     g.add_argument("--rebuild", default="10", help="table rebuild schedule: an int period in steps (the library "
                                                    "default, 10), growing, or growing:INITIAL:GROWTH:MAX")
     g = p.add_argument_group("output")

@@ -109,3 +109,30 @@ def test_tail_argument_errors():
         LSHLinear(4, 100, active=10, tail=1.5)
     with pytest.raises(TypeError, match="tail must be"):
         LSHLinear(4, 100, active=10, tail="half")
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode):
+    # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool.
+    n, budget, tail = 2000, 64, 32
+    layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
+    x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
+    out = layer.forward_sparse(x, labels)
+    seed = layer.seed * 2 ** 32 + 0  # the first training step's seed
+    shared = mode == "shared"
+    forced = 4 if shared else 1
+    top = budget - tail - forced
+    pool, _ = layer.tables.query(x, 4 * top, None, seed, shared=shared)
+    with torch.no_grad():
+        scores = F.linear(x, layer.weight, layer.bias)
+    if shared:
+        pool_scores = scores[:, pool].logsumexp(0)
+        expected = set(pool[pool_scores.topk(top).indices].tolist())
+        head = out.indices[: int((out.log_weights == 0).sum())].tolist()
+        assert set(head) == expected | {3, 10, 11, 12}
+    else:
+        for row in range(5):
+            best = pool[row][scores[row, pool[row]].topk(top).indices]
+            head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
+            assert set(head) == set(best.tolist()) | {labels[row].item()}
+            assert head[0] == labels[row]  # labels first

@@ -1,0 +1,73 @@
+"""How well do the hash tables find a softmax's largest logits? Recall of the exact top-k on the
+LM example's 50K-word head, by table settings, after rescoring a pool of hashed candidates.
+
+    python benchmarks/bench_lm_recall.py            # trains the LM densely for 150 steps first (about 2 min)
+
+For each (K, L, probes): the recall of the exact top ``--k`` logits of 1,024 held-out tokens by
+the best ``--k`` of a pool of ``--pool`` hashed candidates scored exactly (what
+``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time. This is
+the measurement behind ``auto_settings`` (docs/estimator.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+import transformer_lm as tl  # noqa: E402
+
+import lsh_torch  # noqa: E402
+from lsh_torch.diagnostics import topk_recall  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=150, help="dense training steps before measuring")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--pool", type=int, default=256)
+    p.add_argument("--json", default=os.path.join(HERE, "results", "lm_recall.json"))
+    args = p.parse_args(argv)
+    train, test, vocab = tl.load_corpus(50_000, 0.05, False)
+    torch.manual_seed(0)
+    model = tl.TransformerLM(len(vocab))
+    tl.train(model, train, argparse.Namespace(batch_size=16, context=64, steps=args.steps, seed=0, lr=2e-3,
+                                              no_progress=True), "dense")
+    model.eval()
+    inputs, _ = next(tl.batches(test, 16, 64, 1, 1))
+    with torch.no_grad():
+        h = model.features(inputs).reshape(-1, model.head.in_features)
+        logits = model.head(h)
+    probs = logits.softmax(1)
+    exact_mass = probs.topk(args.k, dim=1).values.sum(1).mean().item()
+    print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
+    print(f"{'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
+    rows = []
+    for bits in (12, 10, 8, 6):
+        for tables, probes in ((20, 2), (20, 4), (40, 2)):
+            layer = lsh_torch.LSHLinear.from_linear(model.head, num_tables=tables, bits=bits, probes=probes,
+                                                    asymmetric=False)
+            layer.rebuild()
+            start = time.perf_counter()
+            pool, _ = layer.tables.query(h, args.pool, None, 0)
+            ms = 1000 * (time.perf_counter() - start)
+            chosen = pool.gather(1, logits.gather(1, pool).topk(args.k, dim=1).indices)
+            recall = topk_recall(chosen, logits, args.k)["recall"]
+            mass = probs.gather(1, chosen).sum(1).mean().item()
+            rows.append({"bits": bits, "tables": tables, "probes": probes, "recall": recall, "mass": mass,
+                         "query_ms": ms})
+            print(f"{bits:>3} {tables:>3} {probes:>6} {recall:>7.3f} {mass:>6.3f} {ms:>9.0f}", flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"k": args.k, "pool": args.pool, "tokens": h.shape[0], "exact_mass": exact_mass, "rows": rows}, f,
+                  indent=1)
+    print(f"json: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
