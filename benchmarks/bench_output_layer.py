@@ -87,9 +87,9 @@ class DenseStep:
 class LSHStep:
     def __init__(self, n, hidden, h, labels, args, mode):
         budget = args.active if mode == "shared" else args.active_per_row
+        auto = lambda value: value if value == "auto" else int(value)  # noqa: E731
         self.layer = LSHLinear(hidden, n, active=budget, mode=mode, sparse_grad=True, rebuild=None,
-                               num_tables=args.tables, bits=args.bits if args.bits == "auto" else int(args.bits),
-                               probes=args.probes, asymmetric=False)  # as in the XMC demo
+                               num_tables=auto(args.tables), bits=auto(args.bits), probes=auto(args.probes))
         self.opt = sparse_optimizer(args)(list(self.layer.parameters()), lr=1e-3)
         self.h, self.labels = h.clone().requires_grad_(), labels
         self.layer.rebuild()
@@ -293,9 +293,9 @@ def main(argv=None) -> None:
     p.add_argument("--labels-per-row", type=int, default=5, help="labels per row (Amazon-670K has 5.45 on average)")
     p.add_argument("--active", type=int, default=2048, help="outputs per batch: lsh shared and sampled")
     p.add_argument("--active-per-row", type=int, default=128, help="outputs per row: lsh per_row")
-    p.add_argument("--tables", type=int, default=20, help="L (the XMC demo's setting)")
+    p.add_argument("--tables", default="auto", help="L (default: LSHLinear's for the width)")
     p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", type=int, default=2)
+    p.add_argument("--probes", default="auto")
     p.add_argument("--repeats", type=int, default=30, help="timed steps per sparse case")
     p.add_argument("--dense-repeats", type=int, default=7, help="timed steps of the dense case")
     p.add_argument("--min-repeats", type=int, default=5)

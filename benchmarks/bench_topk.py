@@ -4,17 +4,19 @@ nn.Linear + torch.topk, in speed and in recall of the exact top-k.
     python benchmarks/bench_topk.py                 # 670,091 outputs, 1,024 queries: about 2 minutes on 2 cores
     python benchmarks/bench_topk.py --sizes 100000  # other sizes, comma-separated
 
-Two kinds of queries against the same random weight rows (N(0, 1), hidden 128):
+Three kinds of queries and rows (hidden 128):
 
-  random   queries from N(0, 1) as well: no structure, the hardest case for any hashing (the best
-           row's cosine with the query is about 0.4)
-  planted  each query is a random row plus noise (cosine about 0.7 with it): the confident case of a
-           trained classifier, where one output clearly wins
+  random     rows and queries from N(0, 1): no structure, the hardest case for any hashing (the
+             best row's cosine with the query is about 0.4)
+  planted    the same rows; each query is a random row plus noise (cosine about 0.7 with it): the
+             confident case of a trained classifier, where one output clearly wins
+  clustered  rows around 1,000 cluster centres (centre + 0.5 x noise, as classes that share
+             structure), queries a random row plus noise: near neighbours crowd every query
 
 Recall@k: the fraction of the exact top k found in the LSH top k (ties aside, 1.0 is perfect). The
-layer uses the XMC demo's tables (L=20, K auto, ``asymmetric=False``); each query probes ``--probes`` buckets per table
-(a list: 2 is the demo's training setting, ``topk(..., probes=)`` raises it for inference); the
-candidate budget per query is ``--active``. Writes a table and ``benchmarks/results/topk.json``.
+layer has LSHLinear's defaults for the width; each query probes ``--probes`` buckets per table
+(a list; "default" is what ``topk(x, k)`` does); the candidate budget per query is the layer's
+budget. Writes a table and ``benchmarks/results/topk.json``.
 """
 from __future__ import annotations
 
@@ -41,17 +43,22 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 def bench(n: int, args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    layer = LSHLinear(args.hidden, n, active=args.active, num_tables=args.tables, rebuild=None,
-                      asymmetric=False)  # as in the XMC demo
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(n, args.hidden, generator=gen))
-        layer.bias.zero_()
+    layer = LSHLinear(args.hidden, n, rebuild=None)
     layer.eval()
-    start = time.perf_counter()
-    layer.rebuild()
-    build_s = time.perf_counter() - start
     rows = []
-    for kind in ("random", "planted"):
+    for kind in ("random", "planted", "clustered"):
+        if kind != "planted":  # planted queries use the random rows
+            with torch.no_grad():
+                if kind == "random":
+                    layer.weight.copy_(torch.randn(n, args.hidden, generator=gen))
+                else:
+                    centres = torch.randn(1000, args.hidden, generator=gen)
+                    which = torch.randint(0, 1000, (n,), generator=gen)
+                    layer.weight.copy_(centres[which] + 0.5 * torch.randn(n, args.hidden, generator=gen))
+                layer.bias.zero_()
+            start = time.perf_counter()
+            layer.rebuild()
+            build_s = time.perf_counter() - start
         if kind == "random":
             x = torch.randn(args.queries, args.hidden, generator=gen)
         else:
@@ -59,11 +66,12 @@ def bench(n: int, args) -> list[dict]:
             x = picked + torch.randn(picked.shape, generator=gen)
         exact_s = median_time(lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1), args.repeats)
         exact = layer.topk(x, args.k, exact=True)[1]
-        for probes in (int(p) for p in args.probes.split(",")):
+        for probes in (None if p == "default" else int(p) for p in args.probes.split(",")):
             lsh_s = median_time(lambda: layer.topk(x, args.k, probes=probes), args.repeats)
             found = layer.topk(x, args.k, probes=probes)[1]
             rows.append({"out_features": n, "queries": kind, "k": args.k, "active": layer.budget,
-                         "bits": layer.tables.bits, "tables": layer.tables.num_tables, "probes": probes,
+                         "bits": layer.tables.bits, "tables": layer.tables.num_tables,
+                         "probes": probes or layer.inference_probes,
                          "exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * lsh_s, "speedup": exact_s / lsh_s,
                          "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
                          "build_s": build_s})
@@ -76,14 +84,12 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--queries", type=int, default=1024)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--active", type=int, default=2048, help="candidates per query")
-    p.add_argument("--tables", type=int, default=20)
-    p.add_argument("--probes", default="2,16,64", help="buckets probed per table, comma-separated")
+    p.add_argument("--probes", default="2,default,64", help="buckets probed per table, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(RESULTS, "topk.json"))
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.queries} queries, hidden {args.hidden}, "
-          f"k={args.k}, {args.active} candidates per query")
+          f"k={args.k}")
     results = [r for n in args.sizes.split(",") for r in bench(int(n), args)]
     head = (f"{'outputs':>9}  {'queries':<8}{'K':>3}{'L':>4}{'P':>3}{'exact ms':>10}{'LSH ms':>9}{'speedup':>9}"
             f"{'recall@k':>10}{'top-1 found':>13}")

@@ -323,8 +323,8 @@ class LSHLinear(nn.Module):
 
         ``exact=False`` rescored LSH candidates (the layer's budget of them, per row);
         ``exact=True`` the dense computation, like ``torch.topk(linear(input), k)``.
-        ``probes`` (default: the layer's) buckets probed per table for this call: inference can
-        afford more than a training step. At 670K outputs with L=20, 2,048 candidates per row and
+        ``probes`` buckets probed per table for this call (default :attr:`inference_probes`):
+        inference can afford more than a training step. At 670K outputs with L=20, 2,048 candidates per row and
         queries near a row, the exact top-1 was found for 41% of queries with 2 probes, 72% with
         16 and 96% with 64, at 17x, 9x and 4x the speed of the dense top-k
         (``benchmarks/bench_topk.py``).
@@ -336,8 +336,9 @@ class LSHLinear(nn.Module):
             values, indices = F.linear(x, self.weight, self.bias).topk(k, dim=1)
         else:
             check_int("k", k, 1, self.budget)
-            if probes is not None:
-                check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
+            if probes is None:
+                probes = self.inference_probes
+            check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
             if self._stale:
                 self.rebuild()
             active, _ = self.tables.query(x, self.budget, None, self.seed, probes=probes)
@@ -346,6 +347,12 @@ class LSHLinear(nn.Module):
             indices = active.gather(1, best)
         shape = (*input.shape[:-1], k)
         return values.reshape(shape), indices.reshape(shape)
+
+    @property
+    def inference_probes(self) -> int:
+        """Buckets per table that :meth:`topk` probes by default: 8x the training probes (at
+        least 16), as many as the tables have."""
+        return min(MAX_PROBES, 2 ** self.tables.bits, max(16, 8 * self.tables.probes))
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
