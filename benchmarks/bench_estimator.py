@@ -87,6 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="LM training steps (default 300, 100 with --quick)")
     p.add_argument("--budgets", default="per_row:128,shared:2048", help="LM budgets, mode:count,...")
     p.add_argument("--before-seeds", type=int, default=1, help="seeds of the 'before' variants (the first ones)")
+    p.add_argument("--variants", nargs="+", default=list(LM_VARIANTS), choices=list(LM_VARIANTS),
+                   help="LM variants to train")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense LM runs (ratios then read 'n/a')")
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
     p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
     args = p.parse_args(argv)
@@ -99,10 +102,11 @@ def main(argv=None) -> None:
     if "lm" not in args.skip:
         data = tl.load_corpus(50_000, 0.05, False)
         for seed in seeds:
-            result["lm"].append(lm_run(data, None, "-", 0, seed, steps))
-            print(result["lm"][-1], flush=True)
+            if not args.no_dense:
+                result["lm"].append(lm_run(data, None, "-", 0, seed, steps))
+                print(result["lm"][-1], flush=True)
             for mode, budget in budgets:
-                for variant in LM_VARIANTS:
+                for variant in args.variants:
                     if "before" in variant and seeds.index(seed) >= args.before_seeds:
                         continue
                     result["lm"].append(lm_run(data, variant, mode, budget, seed, steps))
@@ -110,7 +114,7 @@ def main(argv=None) -> None:
         print(f"\nLM example, {steps} steps, seeds {seeds} (mean ± std over seeds; one seed where no ±)")
         print("| head | budget | held-out ppl | accuracy % | ms/step | vs dense |")
         print("|---|---|---:|---:|---:|---:|")
-        dense_ms = statistics.mean(r["ms_per_step"] for r in result["lm"] if r["variant"] == "dense")
+        dense_ms = statistics.mean([r["ms_per_step"] for r in result["lm"] if r["variant"] == "dense"] or [float("nan")])
         keys = [("dense", "-", 0)] + [(v, m, b) for m, b in budgets for v in LM_VARIANTS]
         for variant, mode, budget in keys:
             rows = [r for r in result["lm"] if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget)]
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
             ms = statistics.mean(r["ms_per_step"] for r in rows)
             pm = lambda sd, fmt: f" ± {sd:{fmt}}" if len(rows) > 1 else ""  # noqa: E731
             print(f"| {variant} | {mode} {budget or ''} | {ppl:.1f}{pm(ppl_sd, '.1f')} | {acc:.2f}{pm(acc_sd, '.2f')} "
-                  f"| {ms:.0f} | {dense_ms / ms:.1f}x |")
+                  f"| {ms:.0f} | {'n/a' if dense_ms != dense_ms else f'{dense_ms / ms:.1f}x'} |")
 
     if "xmc" not in args.skip:
         tag = "quick" if args.quick else "full"

@@ -367,7 +367,8 @@ class LSHLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
-                f"inference={self.inference!r}, mode={self.mode!r}" + (f", warmup={self.warmup}" if self.warmup else ""))
+                f"inference={self.inference!r}, mode={self.mode!r}, tail={self.tail!r}, rescore={self.rescore}"
+                + (f", warmup={self.warmup}" if self.warmup else ""))
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
