@@ -17,8 +17,9 @@ inside a network), one label per row (``--labels-per-row``):
   lsh shared lazy  mode="shared" (one active set of ``--active`` outputs for the batch, a gathered
                    GEMM) + sparse_grad=True + LazyAdam
 
-The hashing settings are the CPU output-layer benchmark's and the XMC demo's (L=20 tables, 2 probes,
-asymmetric=False, 2,048 outputs per batch or 128 per row). The LSH steps are timed without
+The hashing settings are LSHLinear's defaults for the width, as in the CPU output-layer benchmark
+and the XMC demo (L=40 tables, ~200 rows per bucket, 2 probes, asymmetric=False, half of the
+2,048 outputs per batch or 128 per row the corrected uniform tail, top set rescored). The LSH steps are timed without
 rebuilds (``rebuild=None``); rebuilds are timed on their own: a full one (every row hashed) and the
 incremental one that training runs under the default schedule (every 10 steps, re-hashing the rows
 the last 10 steps moved), whose cost divided by 10 is added in "+rebuild". Times are medians over
@@ -77,13 +78,16 @@ class DenseStep:
         self.opt.step()
 
 
+def auto(value: str):
+    return value if value == "auto" else int(value)
+
+
 class LSHStep:
     def __init__(self, n, h, labels, dtype, args, mode, lazy):
         budget = args.active if mode == "shared" else args.active_per_row
         self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=budget, mode=mode,
-                               sparse_grad=lazy, rebuild=None, num_tables=args.tables,
-                               bits=args.bits if args.bits == "auto" else int(args.bits), probes=args.probes,
-                               asymmetric=False)  # as bench_output_layer.py and the XMC demo
+                               sparse_grad=lazy, rebuild=None, num_tables=auto(args.tables), bits=auto(args.bits),
+                               probes=auto(args.probes))  # as bench_output_layer.py and the XMC demo
         self.layer.train()
         self.opt = (LazyAdam if lazy else torch.optim.Adam)(self.layer.parameters(), lr=1e-3)
         self.h, self.labels = h, labels
@@ -236,9 +240,9 @@ def main(argv=None) -> int:
                    help="active outputs per batch (shared cases): a count or a fraction of N")
     p.add_argument("--active-per-row", type=parse_active, default=128,
                    help="active outputs per row (per_row cases): a count or a fraction of N")
-    p.add_argument("--tables", type=int, default=20, help="L (the XMC demo's setting)")
+    p.add_argument("--tables", default="auto", help="L (default: LSHLinear's for the width)")
     p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", type=int, default=2)
+    p.add_argument("--probes", default="auto")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--max-seconds", type=float, default=60, help="stop timing a case after this long")
