@@ -222,7 +222,7 @@ class LSHLinear(nn.Module):
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
-        if self.rescore <= 1 or not tail or self.tables.selection == "random":
+        if self.rescore <= 1 or not tail or self.tables.selection == "random" or not x.shape[0]:
             return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail)
         return self._rescored_lookup(x, labels, shared, seed, tail)
 
@@ -232,25 +232,24 @@ class LSHLinear(nn.Module):
         """The top set chosen by exact scores: ``rescore`` hashed candidates per slot are computed
         and the best kept (bucket-hit counts rank the true top logits poorly); then the labels and
         that top set are forced into a uniform query, which draws the tail from everything else."""
-        batch = x.shape[0]
         if labels is None:
-            labels = torch.full((batch, 0), -1, dtype=torch.int64, device=x.device)
+            labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
         forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
         top = max(0, self.budget - tail - forced)
-        pool = min(self.out_features, self.rescore * top)
+        if shared:  # one row of forced labels: a uniform query reads no input codes
+            labels = labels.reshape(1, -1)
         if top:
-            candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
-            if shared:  # the candidates carrying the most of the batch's softmax mass
+            candidates, _ = self.tables.query(x, min(self.out_features, self.rescore * top), None, seed, shared=shared)
+            if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
-                best = candidates[scores.topk(top).indices]
-                extra = torch.full((batch, top), -1, dtype=torch.int64, device=x.device)
-                extra[-1] = best  # after every row's labels in the set's order
+                best = candidates[scores.topk(top).indices][None]
             else:
                 scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
-                extra = candidates.gather(1, scores.topk(top, dim=1).indices)
-            labels = torch.cat([labels, extra], 1)
+                best = candidates.gather(1, scores.topk(top, dim=1).indices)
+            labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws.
-        return LSHTables.query_uniform(x, self.out_features, self.budget, labels, seed ^ 2 ** 62, shared)
+        return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
+                                       shared)
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":

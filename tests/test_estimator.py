@@ -136,3 +136,11 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode):
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
             assert set(head) == set(best.tolist()) | {labels[row].item()}
             assert head[0] == labels[row]  # labels first
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_forward_sparse_on_an_empty_batch(mode):
+    layer = LSHLinear(8, 10_000, mode=mode)  # the output-layer defaults: a tail and a rescored top set
+    out = layer.forward_sparse(torch.randn(0, 8), torch.zeros(0, dtype=torch.int64))
+    assert out.values.shape == (0, 2048) and out.log_weights.shape == out.indices.shape
+    assert out.indices.shape == ((0, 2048) if mode == "per_row" else (2048,))
