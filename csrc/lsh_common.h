@@ -14,6 +14,10 @@ namespace lsh_torch {
 constexpr int64_t kMaxBits = 20;     // 2^K buckets per table; K = 20 is 4 MiB of offsets per table
 constexpr int64_t kMaxTables = 1024;
 constexpr int64_t kMaxProbes = 128;  // probed buckets per table
+constexpr int64_t kIgnoreIndex = -100;  // F.cross_entropy's and Hugging Face's ignored label
+
+// A label is a neuron id in [0, n) or padding: -1 or kIgnoreIndex.
+LSH_HD bool valid_label(int64_t label, int64_t n) { return (label >= -1 && label < n) || label == kIgnoreIndex; }
 
 // splitmix64's finaliser: a bijective 64-bit mixer.
 LSH_HD uint64_t mix64(uint64_t z) {

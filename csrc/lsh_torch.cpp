@@ -50,8 +50,8 @@ TORCH_LIBRARY(lsh_torch, m) {
       "-> (Tensor grad_weight, Tensor grad_bias)");
   // Batch-shared active set as one gathered GEMM: out[b, a] = weight[indices[a]] . x[b] + bias[indices[a]]
   m.def("shared_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
-  // Lazy Adam on the given (unique) rows only, in place, with SparseAdam's arithmetic:
-  // m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  param -= step_size * m / (sqrt(v) + eps).
+  // Lazy Adam on the given (unique) rows only, in place, with SparseAdam's arithmetic in its order:
+  // m += (g - m)(1-b1);  v += (g^2 - v)(1-b2);  param -= m / (sqrt(v) + eps) * step_size.
   m.def(
       "lazy_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad_rows, "
       "float step_size, float beta1, float beta2, float eps) -> ()");

@@ -3,11 +3,14 @@
 // each kernel (they differ in how they can read memory).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "lsh_common.h"
 
@@ -26,6 +29,12 @@ inline double check_mips_args(const at::Tensor& rows, bool query, const std::opt
               " of shape ", max_norm->sizes());
   const double m = max_norm->item<double>();
   TORCH_CHECK(std::isfinite(m) && m > 0, "mips_transform: max_norm must be positive and finite, got ", m);
+  // The kernels scale in the rows' compute type (float32 below float64): a larger M would round to
+  // inf there and turn every row into zeros.
+  const double limit = rows.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                         : std::numeric_limits<float>::max();
+  TORCH_CHECK(m <= limit, "mips_transform: max_norm must be at most ", limit, " for ", rows.scalar_type(),
+              " rows (their compute type's largest value), got ", m);
   return m;
 }
 
@@ -102,8 +111,8 @@ inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& ma
 // lazy_adam_: param, exp_avg, exp_avg_sq of one shape and dtype, rows [U] int64, grad_rows
 // [U, *param.shape[1:]]. Returns the number of elements per row.
 inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& rows, const at::Tensor& grad, double beta1, double beta2,
-                                    double eps, const char* op) {
+                                    const at::Tensor& rows, const at::Tensor& grad, double step_size, double beta1,
+                                    double beta2, double eps, const char* op) {
   TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
               ": param, exp_avg and exp_avg_sq must be contiguous");
   TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
@@ -115,11 +124,24 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, op, ": rows must be int64 [U], got ",
               rows.scalar_type(), " of shape ", rows.sizes());
   const int64_t num_rows = param.size(0), width = param.numel() / std::max<int64_t>(num_rows, 1);
-  TORCH_CHECK(grad.dim() == param.dim() && grad.size(0) == rows.size(0) && grad.numel() == rows.size(0) * width, op,
-              ": grad_rows must be [U, *param.shape[1:]] with U = ", rows.size(0), ", got ", grad.sizes());
+  std::vector<int64_t> grad_shape = param.sizes().vec();
+  grad_shape[0] = rows.size(0);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(grad_shape), op, ": grad_rows must be [U, *param.shape[1:]] = ",
+              at::IntArrayRef(grad_shape), ", got ", grad.sizes());
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
               ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  TORCH_CHECK(std::isfinite(step_size), op, ": step_size must be finite, got ", step_size);
+  // An update reads and writes param and the moments element by element: they must not overlap.
+  for (const auto& [a, b] : {std::pair{&param, &exp_avg}, {&param, &exp_avg_sq}, {&exp_avg, &exp_avg_sq}})
+    TORCH_CHECK(at::get_overlap_status(*a, *b) == at::MemOverlapStatus::No, op,
+                ": param, exp_avg and exp_avg_sq must not share memory");
   return width;
+}
+
+// sparse_linear_grad_weight: the kernels sort 32-bit row keys (int32 on CUDA).
+inline void check_grad_weight_rows(int64_t num_rows, const char* op) {
+  TORCH_CHECK(num_rows >= 0 && num_rows <= std::numeric_limits<int32_t>::max(), op, ": num_rows must be in [0, 2^31 - 1]"
+              " (row ids are sorted as 32-bit keys), got ", num_rows);
 }
 
 }  // namespace lsh_torch

@@ -104,9 +104,19 @@ def _linear(name, x, weight, bias, active, sparse_grad):
 
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only, so torch.compile and torch.export can trace the ops.
+# They also serve inputs on the meta device, so each checks that its inputs share one device: a
+# meta tensor among CPU ones would otherwise get shape-only outputs (uninitialised memory).
+
+def _one_device(op: str, **tensors) -> None:
+    given = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = set(given.values())
+    torch._check(len(devices) <= 1, lambda: f"{op}: all tensors must be on one device, got "
+                 + ", ".join(f"{name} on {device}" for name, device in given.items()))
+
 
 @torch.library.register_fake("lsh_torch::mips_transform")
 def _(rows, query, max_norm=None):
+    _one_device("mips_transform", rows=rows, max_norm=max_norm)
     torch._check(rows.dim() == 2, lambda: "mips_transform: rows must be 2-D")
     return rows.new_empty(rows.shape[0], rows.shape[1] + 1)
 
@@ -120,6 +130,7 @@ def _(projections, num_tables, bits):
 
 @torch.library.register_fake("lsh_torch::row_fingerprints")
 def _(rows, vector):
+    _one_device("row_fingerprints", rows=rows, vector=vector)
     torch._check(rows.dim() == 2, lambda: "row_fingerprints: rows must be 2-D")
     return rows.new_empty(rows.shape[0], dtype=torch.float32)
 
@@ -131,45 +142,54 @@ def _(codes, bits):
 
 @torch.library.register_fake("lsh_torch::query")
 def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
+    _one_device("query", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels)
     return (codes.new_empty(codes.shape[0], budget, dtype=torch.int64),
             codes.new_empty(codes.shape[0], dtype=torch.int64))
 
 
 @torch.library.register_fake("lsh_torch::query_shared")
 def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
+    _one_device("query_shared", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels)
     return codes.new_empty(budget, dtype=torch.int64), codes.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("lsh_torch::shared_linear")
 def _(x, weight, bias, indices):
+    _one_device("shared_linear", x=x, weight=weight, bias=bias, indices=indices)
     torch._check(x.shape[1] == weight.shape[1], lambda: "shared_linear: feature sizes differ")
     return x.new_empty(x.shape[0], indices.shape[0])
 
 
 @torch.library.register_fake("lsh_torch::lazy_adam_")
 def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
-    return None
+    _one_device("lazy_adam_", param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad_rows=grad_rows)
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear")
 def _(x, weight, bias, active):
+    _one_device("sparse_linear", x=x, weight=weight, bias=bias, active=active)
     torch._check(x.shape[1] == weight.shape[1], lambda: "sparse_linear: feature sizes differ")
     return x.new_empty(active.shape)
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_input")
 def _(grad_out, weight, active):
+    _one_device("sparse_linear_grad_input", grad_out=grad_out, weight=weight, active=active)
     return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_weight_rows")
 def _(grad_out, x, active):
+    _one_device("sparse_linear_grad_weight_rows", grad_out=grad_out, x=x, active=active)
     touched = torch.library.get_ctx().new_dynamic_size()
     return active.new_empty(touched), x.new_empty(touched, x.shape[1]), x.new_empty(touched)
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_weight")
 def _(grad_out, x, active, num_rows):
+    _one_device("sparse_linear_grad_weight", grad_out=grad_out, x=x, active=active)
+    torch._check(0 <= num_rows <= 2 ** 31 - 1, lambda: f"sparse_linear_grad_weight: num_rows must be in [0, 2^31 - 1], "
+                 f"got {num_rows}")
     return x.new_empty(num_rows, x.shape[1]), x.new_empty(num_rows)
 
 
@@ -189,16 +209,18 @@ def _needs(ctx):
     return need_x, need_w, need_b and ctx.has_bias
 
 
-def _row_grads(rows, grad_rows, grad_bias_rows, weight, need_w, need_b, sparse):
-    """Gradients of the weight and bias from those of their (unique) rows ``rows``."""
+def _row_grads(rows, grad_rows, grad_bias_rows, weight, need_w, need_b, sparse, coalesced):
+    """Gradients of the weight and bias from those of their rows ``rows``. ``coalesced``: the rows
+    are sorted and unique (sparse_linear_grad_weight_rows), so the COO tensors may say so; otherwise
+    (shared_linear's indices, unordered and possibly repeated) repeated rows are summed."""
     if sparse:
         index = rows.unsqueeze(0)
-        coo = lambda values, shape: torch.sparse_coo_tensor(index, values, shape, is_coalesced=True,
+        coo = lambda values, shape: torch.sparse_coo_tensor(index, values, shape, is_coalesced=coalesced,
                                                             check_invariants=False)
         return (coo(grad_rows, weight.shape) if need_w else None,
                 coo(grad_bias_rows, weight.shape[:1]) if need_b else None)
-    return (weight.new_zeros(weight.shape).index_copy_(0, rows, grad_rows) if need_w else None,
-            weight.new_zeros(weight.shape[:1]).index_copy_(0, rows, grad_bias_rows) if need_b else None)
+    return (weight.new_zeros(weight.shape).index_add_(0, rows, grad_rows) if need_w else None,
+            weight.new_zeros(weight.shape[:1]).index_add_(0, rows, grad_bias_rows) if need_b else None)
 
 
 def _sparse_linear_grads(ctx, grad_out, sparse):
@@ -209,7 +231,7 @@ def _sparse_linear_grads(ctx, grad_out, sparse):
     grad_w = grad_b = None
     if sparse and (need_w or need_b):
         grad_w, grad_b = _row_grads(*_ops.sparse_linear_grad_weight_rows(grad_out, x, active), weight, need_w, need_b,
-                                    sparse=True)
+                                    sparse=True, coalesced=True)
     elif need_w or need_b:
         grad_w, grad_b = _ops.sparse_linear_grad_weight(grad_out, x, active, weight.shape[0])
         grad_w, grad_b = (grad_w if need_w else None), (grad_b if need_b else None)
@@ -221,7 +243,7 @@ def _shared_linear_grads(ctx, grad_out, sparse):
     need_x, need_w, need_b = _needs(ctx)
     grad_x = grad_out @ weight.index_select(0, indices) if need_x else None
     grad_w, grad_b = _row_grads(indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None,
-                                weight, need_w, need_b, sparse)
+                                weight, need_w, need_b, sparse, coalesced=False)
     return grad_x, grad_w, grad_b, None
 
 

@@ -254,6 +254,20 @@ def test_shared_linear_gradcheck_and_sparse_grad():
     torch.testing.assert_close((w.grad.to_dense(), b.grad.to_dense()), (inputs[1].grad, inputs[2].grad))
 
 
+def test_shared_linear_sums_the_gradients_of_repeated_indices():
+    """index_copy_ kept one copy of a repeated row's gradient; the sparse path claimed to be coalesced."""
+    x, weight, bias, _ = sparse_problem(torch.float64)
+    indices = torch.tensor([7, 1, 7, 30, 1, 1])
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.shared_linear(x, w, b, indices), inputs)
+    ops.shared_linear(*inputs, indices).sum().backward()
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    sparse = torch.autograd.grad(ops.shared_linear(x, w, b, indices, sparse_grad=True).sum(), (w, b))
+    assert inputs[1].grad[1].allclose(3 * x.sum(0)) and inputs[2].grad[7].item() == 2 * x.shape[0]
+    torch.testing.assert_close((sparse[0].to_dense(), sparse[1].to_dense()), (inputs[1].grad, inputs[2].grad))
+    assert not sparse[0].is_coalesced() and sparse[0].coalesce()._indices().tolist() == [[1, 7, 30]]
+
+
 def test_sparse_linear_gradcheck_float64():
     x, weight, bias, active = sparse_problem(torch.float64)
     inputs = [t.requires_grad_() for t in (x, weight, bias)]
@@ -330,7 +344,7 @@ def test_op_input_errors():
         (lambda: ops.hash_codes(torch.randn(3, 21), 1, 21), "bits"),
         (lambda: ops.hash_codes(torch.randn(3, 0), 0, 6), "num_tables"),
         (lambda: ops.hash_codes(torch.ones(3, 4, dtype=torch.int64), 1, 4), "floating"),
-        (lambda: ops.build_tables(torch.full((4, 2), 40, dtype=torch.int32), 5), "outside"),
+        (lambda: ops.build_tables(torch.full((4, 2), 40, dtype=torch.int32), 5), "codes must be in"),
         (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.tensor(1.5)), "at most max_norm"),
         (lambda: ops.mips_transform(torch.ones(2, 4), True, torch.tensor(5.0)), "query=False"),
         (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.tensor(0.0)), "positive"),
@@ -363,7 +377,39 @@ def test_op_input_errors():
         (lambda: ops.sparse_linear(x, weight, bias, active.int()), "active"),
         (lambda: ops.sparse_linear(x, weight, bias[:3], active), "bias"),
         (lambda: ops.sparse_linear(x[:2], weight, bias, active), "batch"),
+        # Found by fuzzing (issue 13): these were accepted and returned garbage or did nothing.
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 0, LABELS), "more distinct labels than the budget 0"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 0, LABELS), "the batch has more distinct"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), -5)), "-1 / -100 for padding"),
+        (lambda: ops.mips_transform(torch.ones(2, 4), False, torch.tensor(1e39, dtype=torch.float64)), "at most"),
+        (lambda: ops.shared_linear(x.long(), weight.long(), None, torch.tensor([1])), "floating"),
+        (lambda: OPS.sparse_linear_grad_weight(x[:, :1], x, active[:, :1], 2 ** 32 + 2), "num_rows"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+
+
+def test_ops_refuse_inputs_on_another_device():
+    """A meta tensor among CPU ones used to run the shape-only kernel: uninitialised outputs."""
+    qcodes, qmargins, offsets, items = random_tables()
+    x, weight, bias, active = sparse_problem()
+    param = torch.zeros(5, 3)
+    cases = [
+        lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS.to("meta")),
+        lambda: ops.query(qcodes.to("meta"), qmargins, offsets, items, 4, 5),
+        lambda: ops.sparse_linear(x, weight.to("meta"), bias, active),
+        lambda: ops.shared_linear(x, weight, bias.to("meta"), torch.tensor([1])),
+        lambda: ops.lazy_adam_(param, param.clone(), param.clone(), torch.tensor([1]), torch.ones(1, 3, device="meta"),
+                               0.1, 0.9, 0.999, 1e-8),
+    ]
+    for fn in cases:
+        with pytest.raises(RuntimeError, match="device"):
+            fn()
+
+
+def test_query_takes_ignore_index_as_padding():
+    qcodes, qmargins, offsets, items = random_tables()
+    with_minus_one = ops.query(qcodes, qmargins, offsets, items, 4, 20, LABELS, seed=3)
+    ignored = ops.query(qcodes, qmargins, offsets, items, 4, 20, LABELS.masked_fill(LABELS < 0, -100), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(with_minus_one, ignored))

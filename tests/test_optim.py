@@ -66,3 +66,36 @@ def test_lazy_adam_errors():
     p.grad = torch.ones_like(param)
     with pytest.raises(RuntimeError, match="dense gradients"):
         LazyAdam([p]).step()
+
+
+def test_lazy_adam_arithmetic_is_sparse_adams():
+    """1 - beta2 was computed after rounding beta2 to float32: 1.3e-5 relative off SparseAdam's."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50, 8)) for _ in range(2)]
+    params[1].data.copy_(params[0].data)
+    opts = [torch.optim.SparseAdam([params[0]], lr=0.01, betas=(0.9, 0.999)),
+            LazyAdam([params[1]], lr=0.01, betas=(0.9, 0.999))]
+    for _ in range(20):
+        rows = torch.randperm(50)[:12].sort().values
+        grad = torch.sparse_coo_tensor(rows[None], torch.randn(12, 8), (50, 8), check_invariants=True)
+        for p, opt in zip(params, opts):
+            p.grad = grad.clone()
+            opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):  # bit for bit
+        assert torch.equal(opts[0].state[params[0]][key], opts[1].state[params[1]][key])
+    torch.testing.assert_close(params[0], params[1], rtol=1e-6, atol=1e-7)  # a few ulp: dense vs sparse adds
+
+
+def test_lazy_adam_refuses_what_it_used_to_accept_silently():
+    param, m, v, rows, grad = state()
+    wide = torch.zeros(30, 2, 2)
+    cases = [
+        (lambda: ops.lazy_adam_(param, m, v, rows, grad, float("nan"), 0.9, 0.999, 1e-8), "step_size must be finite"),
+        (lambda: ops.lazy_adam_(param, m, v, rows, grad, float("inf"), 0.9, 0.999, 1e-8), "step_size must be finite"),
+        (lambda: ops.lazy_adam_(param, param, v, rows, grad, 0.01, 0.9, 0.999, 1e-8), "must not share memory"),
+        (lambda: ops.lazy_adam_(wide, wide.clone(), wide.clone(), rows, torch.zeros(4, 4, 1), 0.01, 0.9, 0.999, 1e-8),
+         "grad_rows must be"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()

@@ -13,6 +13,7 @@ at::Tensor shared_linear(const at::Tensor& x, const at::Tensor& weight, const st
               " and ", weight.sizes());
   TORCH_CHECK(x.size(1) == weight.size(1), "shared_linear: x has ", x.size(1), " features but weight expects ",
               weight.size(1));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "shared_linear: x must be floating, got ", x.scalar_type());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "shared_linear: x and weight must have the same dtype, got ",
               x.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK(x.device() == weight.device() && indices.device() == weight.device(),

@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
       int32_t* o = off + l * (buckets + 1);
       const int32_t* cl = c + l * n;
       for (int64_t i = 0; i < n; ++i) {
-        TORCH_CHECK(cl[i] >= 0 && cl[i] < buckets, "build_tables: code ", cl[i], " is outside [0, 2^bits = ",
-                    buckets, ")");
+        TORCH_CHECK(cl[i] >= 0 && cl[i] < buckets, "build_tables: codes must be in [0, 2^bits = ",
+                    buckets, "), got ", cl[i]);
         ++o[cl[i] + 1];
       }
       for (int64_t k = 0; k < buckets; ++k) o[k + 1] += o[k];

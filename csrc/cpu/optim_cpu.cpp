@@ -16,7 +16,7 @@ namespace {
 void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
   const char* op = "lazy_adam_";
-  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, beta1, beta2, eps, op);
+  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, step_size, beta1, beta2, eps, op);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&param, &exp_avg, &exp_avg_sq, &rows_in, &grad_in})
     TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got one on ", t->device());
   const int64_t num_rows = param.size(0);
@@ -24,7 +24,7 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
   const auto grad = grad_in.contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows.numel(); ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows, op, ": row ", rp[i], " is outside [0, ", num_rows, ")");
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows, op, ": rows must be in [0, ", num_rows, "), got ", rp[i]);
     // Strictly increasing (as in a coalesced sparse gradient) means unique: no two updates race.
     TORCH_CHECK(i == 0 || rp[i] > rp[i - 1], op, ": rows must be strictly increasing (coalesce the gradient)");
   }
@@ -34,17 +34,20 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    const acc_t b1 = beta1, b2 = beta2, e = eps, lr = step_size;
+    // SparseAdam's operations in its order, 1 - beta computed in double as Python does.
+    const acc_t c1 = static_cast<acc_t>(1.0 - beta1), c2 = static_cast<acc_t>(1.0 - beta2);
+    const acc_t e = eps, lr = step_size;
     at::parallel_for(0, rows.numel(), 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t base = rp[i] * width;
         for (int64_t k = 0; k < width; ++k) {
           const acc_t gk = static_cast<acc_t>(g[i * width + k]);
-          const acc_t mk = b1 * static_cast<acc_t>(m[base + k]) + (1 - b1) * gk;
-          const acc_t vk = b2 * static_cast<acc_t>(v[base + k]) + (1 - b2) * gk * gk;
+          const acc_t mo = static_cast<acc_t>(m[base + k]), vo = static_cast<acc_t>(v[base + k]);
+          const acc_t mk = mo + (gk - mo) * c1;
+          const acc_t vk = vo + (gk * gk - vo) * c2;
           m[base + k] = static_cast<scalar_t>(mk);
           v[base + k] = static_cast<scalar_t>(vk);
-          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) - lr * mk / (std::sqrt(vk) + e));
+          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) - mk / (std::sqrt(vk) + e) * lr);
         }
       }
     });

@@ -65,9 +65,14 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
   if (labels.defined()) {
     TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
     const int64_t* lab = labels.data_ptr<int64_t>();
-    for (int64_t i = 0; i < labels.numel(); ++i)
-      TORCH_CHECK(lab[i] >= -1 && lab[i] < n, op, ": labels must be in [0, N = ", n, ") or -1 for padding, got ",
-                  lab[i]);
+    for (int64_t i = 0; i < labels.numel(); ++i) {
+      TORCH_CHECK(valid_label(lab[i], n), op, ": labels must be in [0, N = ", n, ") or -1 / ", kIgnoreIndex,
+                  " for padding, got ", lab[i]);
+      // A budget of 0 returns before the labels are placed: none may be dropped silently.
+      TORCH_CHECK(budget > 0 || lab[i] < 0, "query: ",
+                  std::string(op) == "query" ? "row " + std::to_string(i / labels.size(1)) : std::string("the batch"),
+                  " has more distinct labels than the budget 0; raise the active budget");
+    }
   }
   return {codes.data_ptr<int32_t>(), margins.data_ptr<float>(), offsets.data_ptr<int32_t>(),
           items.data_ptr<int32_t>(), num_labels ? labels.data_ptr<int64_t>() : nullptr,

@@ -9,6 +9,8 @@
 #include <limits>
 #include <vector>
 
+#include "op_checks.h"
+
 namespace lsh_torch {
 namespace {
 
@@ -189,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_grad_weight_rows_cp
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x,
                                                                  const at::Tensor& active, int64_t num_rows) {
-  TORCH_CHECK(num_rows >= 0, "sparse_linear_grad_weight: num_rows must be non-negative, got ", num_rows);
+  check_grad_weight_rows(num_rows, "sparse_linear_grad_weight");
   auto [rows, grad_w, grad_b] = weight_grad_impl(g, x, active, num_rows, true, "sparse_linear_grad_weight");
   return {grad_w, grad_b};
 }

@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
                                                                           buckets, flag.ptr());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto err = flag.read();
-  TORCH_CHECK(err[0] == 0, "build_tables: code ", err[1], " is outside [0, 2^bits = ", buckets, ")");
+  TORCH_CHECK(err[0] == 0, "build_tables: codes must be in [0, 2^bits = ", buckets, "), got ", err[1]);
   // [L, N] sorted along N; a stable sort keeps equal codes in ascending neuron id.
   auto [sorted, order] = at::sort(codes.t().contiguous(), /*stable=*/true, /*dim=*/1, /*descending=*/false);
   auto items = order.to(at::kInt);

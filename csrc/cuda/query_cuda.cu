@@ -89,11 +89,16 @@ __device__ __forceinline__ uint64_t gcd_u64(uint64_t a, uint64_t b) {
   return a;
 }
 
-__global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t count, int64_t n, int64_t* flag) {
+// Labels in range; with a budget of 0 (the kernels return before placing labels) none may be
+// dropped silently. `per_row`: the number of labels per row for query, 0 for query_shared.
+__global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t count, int64_t n, bool no_budget,
+                                    int64_t per_row, int64_t* flag) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t v = labels[i];
-    if (v < -1 || v >= n) cuda::report(flag, kLabelRange, v);
+    if (!valid_label(v, n)) cuda::report(flag, kLabelRange, v);
+    else if (no_budget && v >= 0)
+      cuda::report(flag, per_row ? kTooManyLabels : kTooManyLabelsShared, per_row ? i / per_row : 0);
   }
 }
 
@@ -507,11 +512,11 @@ QueryInputs check_query(const at::Tensor& codes, const at::Tensor& margins, cons
   return in;
 }
 
-void check_labels_range(const QueryInputs& in, cudaStream_t stream, int64_t* flag) {
+void check_labels_range(const QueryInputs& in, int64_t budget, bool shared, cudaStream_t stream, int64_t* flag) {
   const int64_t count = in.labels.defined() ? in.labels.numel() : 0;
   if (count == 0) return;
   check_labels_kernel<<<std::min<int64_t>(ceil_div(count, 256), 4096), 256, 0, stream>>>(
-      in.labels.data_ptr<int64_t>(), count, in.n, flag);
+      in.labels.data_ptr<int64_t>(), count, in.n, budget == 0, shared ? 0 : in.num_labels, flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -521,7 +526,7 @@ void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t bu
     case 0:
       return;
     case kLabelRange:
-      TORCH_CHECK(false, op, ": labels must be in [0, N = ", in.n, ") or -1 for padding, got ", e[1]);
+      TORCH_CHECK(false, op, ": labels must be in [0, N = ", in.n, ") or -1 / ", kIgnoreIndex, " for padding, got ", e[1]);
     case kCodeRange:
       TORCH_CHECK(false, op, ": codes must be in [0, 2^K = ", in.buckets, "), got ", e[1], " (table ", e[2], ")");
     case kBadOffsets:
@@ -575,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
   auto active = at::empty({batch, budget}, in.codes.options().dtype(at::kLong));
   auto head = at::zeros({batch}, in.codes.options().dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
-  check_labels_range(in, stream, flag.ptr());
+  check_labels_range(in, budget, /*shared=*/false, stream, flag.ptr());
   if (batch == 0 || budget == 0) {
     if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
     return {active, head};
@@ -661,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
   auto indices = at::empty({budget}, int_opts.dtype(at::kLong));
   auto head = at::zeros({}, int_opts.dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
-  check_labels_range(in, stream, flag.ptr());
+  check_labels_range(in, budget, /*shared=*/true, stream, flag.ptr());
   if (budget == 0) {
     if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
     return {indices, head};
