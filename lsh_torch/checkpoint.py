@@ -71,25 +71,17 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
         if name not in state:
             continue
         entry = state[name]
+        if not isinstance(entry, dict) or set(entry) != {"step", "tables"}:
+            raise ValueError(f"load_lsh_state: layer {name!r}: the entry must be a dict with 'step' and 'tables', got "
+                             f"{entry if not isinstance(entry, dict) else sorted(entry)!r}")
         step, tables = entry["step"], entry["tables"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"load_lsh_state: layer {name!r}: step must be a non-negative int, got {step!r}")
         if tables is not None:
-            offsets, items = tables["offsets"], tables["items"]
-            t = layer.tables
-            rows, cols = (1, 3) if t.selection == "random" else (t.num_tables, 2 ** t.bits + 1)
-            if (tuple(offsets.shape) != (rows, cols) or tuple(items.shape) != (rows, layer.out_features)
-                    or offsets.dtype != torch.int32 or items.dtype != torch.int32):
-                raise ValueError(f"load_lsh_state: layer {name!r}: saved tables (offsets {tuple(offsets.shape)}, "
-                                 f"items {tuple(items.shape)}) do not fit this layer (int32 offsets "
-                                 f"{[rows, cols]}, items {[rows, layer.out_features]})")
-            tables = {**tables, "offsets": offsets, "items": items}
-            codes, fingerprints = tables.get("codes"), tables.get("fingerprints")
-            if codes is not None and codes.numel() and (tuple(codes.shape) != (t.num_tables, layer.out_features)
-                                      or fingerprints is None or tuple(fingerprints.shape) != (layer.out_features,)):
-                raise ValueError(f"load_lsh_state: layer {name!r}: saved codes {tuple(codes.shape)} do not fit this "
-                                 f"layer ([{t.num_tables}, {layer.out_features}], with fingerprints "
-                                 f"[{layer.out_features}])")
+            problem = _tables_problem(layer, tables)
+            if problem:
+                raise ValueError(f"load_lsh_state: layer {name!r}: the saved tables do not fit this layer or are "
+                                 f"corrupt: {problem}")
         updates.append((layer, step, tables))
     for layer, step, tables in updates:
         if tables is None:
@@ -104,3 +96,44 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                     layer.tables.codes = layer.tables.codes.new_zeros(layer.tables.num_tables, 0)
             layer._stale = False
         layer.step = step
+
+
+def _tables_problem(layer: LSHLinear, tables) -> str:
+    """What is wrong with saved tables for ``layer`` ("" if nothing): a query or rebuild reads them
+    unchecked in places, so a corrupt checkpoint is refused here, not at some later step."""
+    t, n = layer.tables, layer.out_features
+    if not isinstance(tables, dict) or not {"offsets", "items"} <= set(tables):
+        return "tables must be a dict with at least 'offsets' and 'items'"
+    rows, buckets = (1, 2) if t.selection == "random" else (t.num_tables, 2 ** t.bits)
+    expected = {"offsets": (torch.int32, (rows, buckets + 1)), "items": (torch.int32, (rows, n)),
+                "codes": (torch.int32, (t.num_tables, n)), "fingerprints": (torch.float32, (n,)),
+                "max_norm": (None, ())}  # max_norm: a float of the weight's dtype, float32 or wider
+    for key, (dtype, shape) in expected.items():
+        value = tables.get(key)
+        if value is None or (key in ("codes", "fingerprints") and isinstance(value, torch.Tensor)
+                             and value.numel() == 0):  # none yet (random selection, or before a build)
+            continue
+        if (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape
+                or (value.dtype != dtype if dtype else not value.dtype.is_floating_point)):
+            got = (f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__)
+            return f"{key} must be {dtype or 'floating'} of shape {list(shape)}, got {got}"
+    offsets, items = tables["offsets"].cpu().long(), tables["items"].cpu().long()
+    sizes = offsets.diff(dim=1)
+    if (offsets[:, 0] != 0).any() or (offsets[:, -1] != n).any() or (sizes < 0).any():
+        return f"offsets must rise from 0 to out_features = {n} in every table"
+    if not torch.equal(items.sort(dim=1).values, torch.arange(n).expand(rows, n)):
+        return f"items must hold every neuron of [0, {n}) once per table"
+    codes = tables.get("codes")
+    if codes is not None and codes.numel():
+        codes = codes.cpu()
+        if tables.get("fingerprints") is None:
+            return "codes were saved without fingerprints"
+        if (codes < 0).any() or (codes >= buckets).any():
+            return f"codes must be in [0, 2^bits = {buckets})"
+        bucket_of_item = torch.repeat_interleave(torch.arange(buckets).repeat(rows), sizes.flatten()).reshape(rows, n)
+        if not torch.equal(codes.long().gather(1, items), bucket_of_item):
+            return "items are not bucketed by their codes"
+    max_norm = tables.get("max_norm")
+    if max_norm is not None and not (torch.isfinite(max_norm) and max_norm > 0):
+        return f"max_norm must be positive and finite, got {max_norm.item()}"
+    return ""

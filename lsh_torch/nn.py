@@ -151,6 +151,12 @@ class LSHLinear(nn.Module):
             raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        for name, value in (("sparse_grad", sparse_grad), ("center", center),
+                            ("asymmetric", True if asymmetric == "auto" else asymmetric)):
+            if not isinstance(value, bool):  # bool("no") is True: take no truthy stand-ins
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         auto = auto_settings(out_features)
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
@@ -268,8 +274,8 @@ class LSHLinear(nn.Module):
     def forward_sparse(self, input: Tensor, labels: Optional[Tensor] = None) -> SparseOutput:
         """The outputs of the active neurons only, never ``[B, out_features]``.
 
-        ``labels`` (int64 ``[*]``, or ``[*, M]`` padded with -1) are forced into the active set;
-        train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
+        ``labels`` (int64 ``[*]``, or ``[*, M]``; -1 and -100 are padding) are forced into the
+        active set; train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
         ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
         """
         self._check_input(input)

@@ -119,8 +119,15 @@ class LSHTables(nn.Module):
         # A new M for the asymmetric transform: the largest norm, raised by a few float32 roundings
         # (the op sums each norm in its own order and must find none above M), positive even for
         # all-zero rows. With ``center`` every build is full and the op finds its own M.
-        if self.asymmetric and not self.center and rows.shape[0]:
-            self.max_norm = (_norms(rows).max() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
+        norms = _norms(rows) if self.asymmetric and rows.shape[0] else None
+        if norms is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):
+            row = int((~torch.isfinite(norms)).nonzero()[0])
+            raise ValueError(f"weight row {row} is finite but its norm overflows {norms.dtype}: the asymmetric "
+                             "(MIPS) hashing scales rows by their norms and cannot hash it. The weights have probably "
+                             "diverged (lower the learning rate or clip gradients); asymmetric=False hashes "
+                             "directions only")
+        if norms is not None and not self.center:
+            self.max_norm = (norms.max() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
         else:
             self.max_norm = None
         self.codes = self._row_codes(rows)

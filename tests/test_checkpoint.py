@@ -146,6 +146,20 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     bad_codes = {**state["0"]["tables"], "codes": state["0"]["tables"]["codes"][:, :10]}
     with pytest.raises(ValueError, match="codes"):
         load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": bad_codes}})
+    corrupt = {  # each was accepted and failed at the next query or rebuild, if at all (issue 13)
+        "codes must be torch.int32": {"codes": state["0"]["tables"]["codes"].long()},
+        "codes must be in": {"codes": state["0"]["tables"]["codes"] + 32},
+        "offsets must rise": {"offsets": state["0"]["tables"]["offsets"].flip(1)},
+        "every neuron": {"items": state["0"]["tables"]["items"].clamp_max(10)},
+        "bucketed by their codes": {"items": state["0"]["tables"]["items"].flip(1)},
+        "max_norm must be positive": {"max_norm": torch.tensor(float("inf"))},
+        "fingerprints must be": {"fingerprints": torch.zeros(3)},
+    }
+    for pattern, change in corrupt.items():
+        with pytest.raises(ValueError, match=pattern):
+            load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": {**state["0"]["tables"], **change}}})
+    with pytest.raises(ValueError, match="'step' and 'tables'"):
+        load_lsh_state(fresh, {**state, "0": {"tables": None}})
     # A state saved before codes were kept (offsets and items only) still loads; the next rebuild is full.
     old = {k: v if v["tables"] is None else {**v, "tables": {n: v["tables"][n] for n in ("offsets", "items")}}
            for k, v in state.items()}

@@ -284,6 +284,11 @@ def test_budget_parsing():
     (dict(rebuild=0), ValueError, "period"),
     (dict(inference="fast"), ValueError, "inference"),
     (dict(seed=-1), ValueError, "seed"),
+    (dict(sparse_grad="no"), TypeError, "sparse_grad must be a bool"),  # bool("no") is True
+    (dict(center=1), TypeError, "center must be a bool"),
+    (dict(asymmetric="yes"), TypeError, "asymmetric must be a bool"),
+    (dict(dtype=torch.complex64), TypeError, "floating-point"),
+    (dict(dtype=torch.int64), TypeError, "floating-point"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -309,6 +314,18 @@ def test_forward_errors():
             bad.rebuild()
         with pytest.raises(ValueError, match="non-finite"):  # and on every rebuild until it is fixed
             bad.rebuild()
+
+
+def test_a_finite_row_whose_norm_overflows_gets_a_clear_error():
+    """It failed inside the op: "mips_transform: max_norm must be positive and finite, got inf"."""
+    layer = LSHLinear(16, 200, active=20, asymmetric=True)
+    with torch.no_grad():
+        layer.weight[7] = 1e20
+    with pytest.raises(ValueError, match="weight row 7 is finite but its norm overflows"):
+        layer.forward_sparse(torch.randn(2, 16))
+    directions = LSHLinear(16, 200, active=20, asymmetric=False)
+    directions.load_state_dict(layer.state_dict())
+    directions.forward_sparse(torch.randn(2, 16))  # hashes directions: no norm needed
 
 
 def test_asymmetric_false_hashes_directions_only():

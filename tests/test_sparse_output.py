@@ -61,18 +61,56 @@ def test_sparse_cross_entropy_equals_cross_entropy_over_active_logits():
 def test_sparse_cross_entropy_multi_label_and_shared_indices():
     values = torch.randn(2, 5, dtype=torch.float64)
     indices = torch.tensor([10, 11, 12, 13, 14])
-    labels = torch.tensor([[10, 12, -1], [14, 99, -1]])  # 99 is not active: no mass on it
+    labels = torch.tensor([[10, 12, -1], [14, -100, -1]])  # -1 and -100 are padding
     loss = sparse_cross_entropy((values, indices), labels, reduction="none")
     logp = values.log_softmax(1)
     torch.testing.assert_close(loss, torch.stack([-(logp[0, 0] + logp[0, 2]) / 2, -logp[1, 4]]))
-    none_active = sparse_cross_entropy((values, indices), torch.tensor([-1, 50]))
-    assert none_active.item() == 0.0
+    only_padding = sparse_cross_entropy((values, indices), torch.tensor([-1, -100]))
+    assert only_padding.item() == 0.0
     with pytest.raises(ValueError, match="labels"):
         sparse_cross_entropy((values, indices), torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="int64"):
         sparse_cross_entropy((values, indices), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="reduction"):
         sparse_cross_entropy((values, indices), torch.tensor([1, 2]), reduction="avg")
+
+
+def test_sparse_cross_entropy_refuses_labels_that_are_not_active():
+    """Out-of-range labels gave loss 0 and left their rows out of the mean; F.cross_entropy raises."""
+    values = torch.randn(2, 5)
+    for indices in (torch.tensor([10, 11, 12, 13, 14]), torch.tensor([[10, 11, 12, 13, 14]] * 2)):
+        for labels in (torch.tensor([10, -5]), torch.tensor([15, 11]), torch.tensor([[11, 99], [12, -1]])):
+            with pytest.raises(ValueError, match="not among the row's active outputs"):
+                sparse_cross_entropy((values, indices), labels)
+    layer = LSHLinear(4, 10, active=4)
+    with pytest.raises(ValueError, match="label 10 of row 0"):
+        sparse_cross_entropy(layer.forward_sparse(torch.randn(2, 4)), torch.tensor([10, -5]))
+    with pytest.raises(TypeError, match="ignore_index"):
+        sparse_cross_entropy((values, indices), torch.tensor([1, 2]), ignore_index=None)
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_ignore_index_matches_cross_entropy(mode):
+    """-100 labels (F.cross_entropy's and Hugging Face's padding) are left out, through forward_sparse too."""
+    layer = LSHLinear(8, 30, active=30, mode=mode, tail=0, dtype=torch.float64)
+    x, labels = torch.randn(6, 8, dtype=torch.float64), torch.tensor([3, -100, 29, -100, 0, 3])
+    loss = sparse_cross_entropy(layer.forward_sparse(x, labels), labels)
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(x, layer.weight, layer.bias), labels))
+    other = torch.tensor([3, 7, 29, 7, 0, 3])
+    loss7 = sparse_cross_entropy(layer.forward_sparse(x, other), other, ignore_index=7)
+    torch.testing.assert_close(loss7, F.cross_entropy(F.linear(x, layer.weight, layer.bias), other, ignore_index=7))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_empty_batches(mode):
+    layer = LSHLinear(4, 50, mode=mode, sparse_grad=True)
+    x, labels = torch.randn(0, 4), torch.zeros(0, dtype=torch.long)
+    loss = sparse_cross_entropy(layer.forward_sparse(x, labels), labels)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.requires_grad
+    out = layer.forward_sparse(torch.randn(3, 4))
+    no_labels = sparse_cross_entropy(out, torch.zeros(3, 0, dtype=torch.long), reduction="none")
+    assert no_labels.shape == (3,) and (no_labels == 0).all()
 
 
 @pytest.mark.parametrize("mode,optimizer", [("per_row", torch.optim.SparseAdam), ("shared", torch.optim.SparseAdam),
