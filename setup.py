@@ -3,6 +3,7 @@
 LSH_TORCH_SIMD=0 turns off the AVX2/FMA flags used when the building CPU has them.
 LSH_TORCH_CUDA=auto (default) builds the .cu files when torch has CUDA and nvcc is found;
 1 requires them; 0 leaves them out. LSH_TORCH_CUDA_ARCH overrides TORCH_CUDA_ARCH_LIST.
+LSH_TORCH_SANITIZE=1 builds the C++ operators with AddressSanitizer and UBSan (.ci/sanitize).
 """
 import glob
 import os
@@ -42,7 +43,13 @@ def extension():
     # -ffp-contract=off on every host (gcc fuses multiply-adds by default where the target has FMA,
     # e.g. aarch64): results stay bit-identical to the CUDA kernels'. The C++ standard is torch's own.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + simd_flags()
-    args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+    link = ["-fopenmp"]
+    if os.environ.get("LSH_TORCH_SANITIZE") == "1":
+        # Every UB report is fatal; frame pointers and -g give readable stacks; -O1 as ASan advises.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
+        link += sanitize
+    args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link, include_dirs=[os.path.join(ROOT, "csrc")])
     if want_cuda():
         # A100 and H100 by default; LSH_TORCH_CUDA_ARCH wins over TORCH_CUDA_ARCH_LIST.
         arch = os.environ.get("LSH_TORCH_CUDA_ARCH")

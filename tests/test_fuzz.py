@@ -1,0 +1,272 @@
+"""Property-based fuzzing of every op (hypothesis): valid inputs agree with tests/reference.py,
+invalid ones raise a Python exception that names the argument at fault.
+
+CI runs a fixed number of examples per test with a fixed seed (derandomized), so a run is
+repeatable and fast; LSH_TORCH_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py runs a
+longer search (README, "Reliability").
+"""
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+import torch.nn.functional as F
+
+from lsh_torch import LSHLinear, ops, sparse_cross_entropy
+
+EXAMPLES = int(os.environ.get("LSH_TORCH_FUZZ_EXAMPLES", "40"))
+fuzz = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+                suppress_health_check=list(HealthCheck))
+OPS = torch.ops.lsh_torch
+ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def tensor(draw, shape, dtype=torch.float32, scale=1.0):
+    """A seeded random tensor: hypothesis picks the seed, so failures shrink to a reproducible case."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def ints(draw, shape, low, high):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    return torch.randint(low, high, shape, generator=gen)
+
+
+# --- valid inputs ------------------------------------------------------------------------------
+
+@st.composite
+def tables_case(draw, shared):
+    """Tables over n neurons, query codes, and labels (padded with -1 and -100) that fit the budget."""
+    n, batch = draw(st.integers(1, 40)), draw(st.integers(0, 5))
+    num_tables, bits = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    probes = draw(st.integers(1, min(2 ** bits, 8)))
+    offsets, items = ops.build_tables(ints(draw, (n, num_tables), 0, 2 ** bits).int(), bits)
+    codes, margins = ops.hash_codes(tensor(draw, (batch, num_tables * bits)), num_tables, bits)
+    budget = draw(st.integers(0, n))
+    labels = None
+    if draw(st.booleans()) and batch:
+        width = draw(st.integers(0, 3))
+        labels = ints(draw, (batch, width), 0, n)
+        labels[ints(draw, (batch, width), 0, 3) == 0] = draw(st.sampled_from([-1, -100]))
+        distinct = [labels[labels >= 0].unique()] if shared else [row[row >= 0].unique() for row in labels]
+        budget = max(budget, *(d.numel() for d in distinct))
+    tail = draw(st.integers(0, budget))
+    seed = draw(st.integers(0, 2 ** 40))
+    return codes, margins, offsets, items, probes, budget, labels, seed, tail
+
+
+@pytest.mark.parametrize("name", ["query", "query_shared"])
+def test_query_agrees_with_reference(name):
+    @fuzz
+    @given(tables_case(shared=name == "query_shared"))
+    def check(case):
+        got = getattr(ops, name)(*case)
+        expected = getattr(ref, name)(*case)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    check()
+
+
+@fuzz
+@given(st.data())
+def test_hashing_ops_agree_with_reference(data):
+    draw = data.draw
+    n, d = draw(st.integers(0, 30)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    rows = tensor(draw, (n, d), dtype, scale=draw(st.sampled_from([1e-3, 1.0, 1e3])))
+    query = draw(st.booleans())
+    max_norm = None
+    if not query and n and draw(st.booleans()):
+        max_norm = rows.double().norm(dim=1).max().reshape(1) * draw(st.floats(1.0, 4.0)) + 1e-30
+    torch.testing.assert_close(ops.mips_transform(rows, query, max_norm), ref.mips_transform(rows, query, max_norm))
+    vector = tensor(draw, (d,))
+    torch.testing.assert_close(ops.row_fingerprints(rows, vector), ref.row_fingerprints(rows, vector))
+    num_tables, bits = draw(st.integers(1, 4)), draw(st.integers(1, 8))
+    projections = tensor(draw, (n, num_tables * bits), dtype)
+    for got, expected in zip(ops.hash_codes(projections, num_tables, bits), ref.hash_codes(projections, num_tables, bits)):
+        assert torch.equal(got, expected)
+    codes = ints(draw, (n, num_tables), 0, 2 ** bits).int()
+    for got, expected in zip(ops.build_tables(codes, bits), ref.build_tables(codes, bits)):
+        assert torch.equal(got, expected)
+
+
+@fuzz
+@given(st.data())
+def test_linear_ops_and_their_gradients_agree_with_reference(data):
+    """Forward and every gradient in float64, repeated and unordered indices included."""
+    draw = data.draw
+    batch, d, n, budget = draw(st.integers(0, 6)), draw(st.integers(1, 9)), draw(st.integers(1, 30)), draw(st.integers(0, 8))
+    x, weight = tensor(draw, (batch, d), torch.float64), tensor(draw, (n, d), torch.float64)
+    bias = tensor(draw, (n,), torch.float64) if draw(st.booleans()) else None
+    sparse_grad = draw(st.booleans())
+    shared = draw(st.booleans())
+    active = ints(draw, (budget,) if shared else (batch, budget), 0, n)
+    op, reference = (ops.shared_linear, ref.shared_linear) if shared else (ops.sparse_linear, ref.sparse_linear)
+    inputs = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    twins = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    out, expected = op(*inputs, active, sparse_grad=sparse_grad), reference(*twins, active)
+    torch.testing.assert_close(out, expected)
+    grad_out = tensor(draw, out.shape, torch.float64)
+    wanted = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
+    want = torch.autograd.grad(expected, [t for t in twins if t is not None], grad_out, allow_unused=True)
+    for g, w, t in zip(got, want, wanted):
+        g = torch.zeros_like(t) if g is None else g.to_dense()
+        torch.testing.assert_close(g, torch.zeros_like(t) if w is None else w)
+    if not shared:
+        rows, grad_rows, grad_bias_rows = OPS.sparse_linear_grad_weight_rows(grad_out, x, active)
+        ref_rows, ref_grad_rows, ref_bias_rows = ref.sparse_linear_grad_weight_rows(grad_out, x, active)
+        assert torch.equal(rows, ref_rows)
+        torch.testing.assert_close((grad_rows, grad_bias_rows), (ref_grad_rows, ref_bias_rows))
+
+
+@fuzz
+@given(st.data())
+def test_lazy_adam_agrees_with_reference(data):
+    draw = data.draw
+    num_rows, width = draw(st.integers(1, 20)), draw(st.integers(0, 6))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    param, m = tensor(draw, (num_rows, width), dtype), tensor(draw, (num_rows, width), dtype)
+    v = tensor(draw, (num_rows, width), dtype).abs()
+    rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    rows = rows[: draw(st.integers(0, num_rows))].sort().values
+    grad = tensor(draw, (rows.numel(), width), dtype)
+    args = (rows, grad, draw(st.floats(1e-6, 1.0)), draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.9999)),
+            draw(st.floats(1e-10, 1e-3)))
+    expected = [t.clone() for t in (param, m, v)]
+    ref.lazy_adam_(*expected, *args)
+    ops.lazy_adam_(param, m, v, *args)
+    torch.testing.assert_close((param, m, v), tuple(expected), rtol=1e-5, atol=1e-6)
+
+
+@fuzz
+@given(st.data())
+def test_layer_properties(data):
+    """LSHLinear end to end, any configuration: the computed outputs are the dense layer's at the
+    active indices, labels are active, no index repeats, and loss and gradients equal those of the
+    same sparse softmax computed from F.linear."""
+    draw = data.draw
+    d, n = draw(st.integers(1, 8)), draw(st.integers(1, 60))
+    batch_shape = draw(st.sampled_from([(0,), (1,), (5,), (2, 3)]))
+    mode = draw(st.sampled_from(["per_row", "shared"]))
+    rows = 1
+    for size in batch_shape:
+        rows *= size
+    width = draw(st.integers(0, 2))
+    labels = ints(draw, (*batch_shape, width) if width else batch_shape, 0, n)
+    labels[ints(draw, labels.shape, 0, 4) == 0] = draw(st.sampled_from([-1, -100]))
+    flat = labels.reshape(rows, max(width, 1))
+    needed = max([flat[flat >= 0].unique().numel()] if mode == "shared" else [1] + [(r >= 0).sum().item() for r in flat])
+    active = draw(st.integers(max(needed, 1), n)) if needed <= n else n
+    layer = LSHLinear(d, n, dtype=torch.float64, mode=mode, active=active, seed=draw(st.integers(0, 99)),
+                      tail=draw(st.sampled_from(["auto", 0, 0.5, 1.0])), rescore=draw(st.integers(1, 3)),
+                      selection=draw(st.sampled_from(["lsh", "random"])), sparse_grad=draw(st.booleans()),
+                      num_tables=draw(st.integers(1, 4)), bits=draw(st.integers(1, 5)), probes=1,
+                      bias=draw(st.booleans()))
+    x = tensor(draw, (*batch_shape, d), torch.float64)
+    out = layer.forward_sparse(x, labels)
+    dense = F.linear(x, layer.weight, layer.bias).reshape(rows, n)
+    budget = out.indices.shape[-1]
+    index = out.indices.reshape(rows, budget) if mode == "per_row" else out.indices.expand(rows, budget)
+    torch.testing.assert_close(out.values.reshape(rows, budget), dense.gather(1, index))
+    assert all(row.unique().numel() == row.numel() for row in index)
+    assert all(set(lab[lab >= 0].tolist()) <= set(row.tolist()) for lab, row in zip(flat, index))
+    assert torch.isfinite(out.log_weights).all() and (out.log_weights >= 0).all()
+    loss = sparse_cross_entropy(out, labels)
+    grads = torch.autograd.grad(loss, [p for p in layer.parameters()])
+    same = out._replace(values=dense.gather(1, index).reshape(out.values.shape))
+    expected = torch.autograd.grad(sparse_cross_entropy(same, labels), [p for p in layer.parameters()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.to_dense(), want)
+    torch.testing.assert_close(layer.eval()(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+# --- invalid inputs ---------------------------------------------------------------------------
+# Each case: a valid call with one argument broken. The op must raise a Python exception whose
+# message names that argument (never crash, hang, or return).
+
+def _valid_calls(draw):
+    n, d, batch, budget = 12, 5, 3, 4
+    x, weight, bias = tensor(draw, (batch, d)), tensor(draw, (n, d)), tensor(draw, (n,))
+    active = ints(draw, (batch, budget), 0, n)
+    codes, margins = ops.hash_codes(tensor(draw, (batch, 2 * 3)), 2, 3)
+    offsets, items = ops.build_tables(ints(draw, (n, 2), 0, 8).int(), 3)
+    labels = ints(draw, (batch, 1), 0, n)
+    state = [tensor(draw, (n, d)) for _ in range(2)] + [tensor(draw, (n, d)).abs()]
+    rows = torch.tensor([1, 4, 7])
+    return {
+        "sparse_linear": (OPS.sparse_linear, dict(x=x, weight=weight, bias=bias, active=active)),
+        "shared_linear": (OPS.shared_linear, dict(x=x, weight=weight, bias=bias, indices=active[0])),
+        "sparse_linear_grad_input": (OPS.sparse_linear_grad_input,
+                                     dict(grad_out=tensor(draw, (batch, budget)), weight=weight, active=active)),
+        "sparse_linear_grad_weight": (OPS.sparse_linear_grad_weight, dict(grad_out=tensor(draw, (batch, budget)), x=x,
+                                                                         active=active, num_rows=n)),
+        "query": (OPS.query, dict(codes=codes, margins=margins, offsets=offsets, items=items, probes=2, budget=budget,
+                                  labels=labels, seed=0, tail=1)),
+        "query_shared": (OPS.query_shared, dict(codes=codes, margins=margins, offsets=offsets, items=items, probes=2,
+                                                budget=budget, labels=labels, seed=0, tail=1)),
+        "mips_transform": (OPS.mips_transform, dict(rows=weight, query=False, max_norm=torch.tensor(1e3))),
+        "row_fingerprints": (OPS.row_fingerprints, dict(rows=weight, vector=tensor(draw, (d,)))),
+        "hash_codes": (OPS.hash_codes, dict(projections=tensor(draw, (n, 6)), num_tables=2, bits=3)),
+        "build_tables": (OPS.build_tables, dict(codes=ints(draw, (n, 2), 0, 8).int(), bits=3)),
+        "lazy_adam_": (OPS.lazy_adam_, dict(param=state[0], exp_avg=state[1], exp_avg_sq=state[2], rows=rows,
+                                           grad_rows=tensor(draw, (3, d)), step_size=0.01, beta1=0.9, beta2=0.999,
+                                           eps=1e-8)),
+    }
+
+
+def _corruptions(value):
+    """Ways to break one argument, each of which no op may accept."""
+    if isinstance(value, torch.Tensor):
+        yield "on the meta device", value.to("meta")
+        yield "with an extra dimension", value.unsqueeze(0)
+        if value.dim() >= 1:
+            yield "with a dimension dropped", value[0]
+        if value.dtype.is_floating_point:
+            yield "as complex", value.to(torch.complex64)
+        else:
+            yield "as float", value.float()
+            yield "out of range", value + 10 ** 6
+            yield "negative", value.clamp_max(-2) - 200
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        yield "negative", -value - 1
+        yield "huge", 2 ** 40
+    elif isinstance(value, float):
+        yield "NaN", float("nan")
+
+
+def _broken(op_name, args, arg):
+    """The corruptions of ``args[arg]`` that the op must refuse (some are legal for some arguments)."""
+    legal = {("mips_transform", "max_norm"): ("with an extra dimension", "with a dimension dropped")}  # any 1 element
+    if sum(isinstance(v, torch.Tensor) for v in args.values()) == 1:  # all inputs on meta: shape inference
+        legal[(op_name, arg)] = ("on the meta device",)
+    if arg == "seed":  # any int is a seed
+        return []
+    return [(how, v) for how, v in _corruptions(args[arg]) if how not in legal.get((op_name, arg), ())]
+
+
+def _fixed_draw(strategy):
+    return 0
+
+
+CASES = [(op, arg) for op, (_, args) in _valid_calls(_fixed_draw).items() for arg in args if _broken(op, args, arg)]
+
+
+@pytest.mark.parametrize("op_name,arg", CASES, ids=[f"{op}-{arg}" for op, arg in CASES])
+def test_invalid_inputs_raise_and_name_the_argument(op_name, arg):
+    @fuzz
+    @given(st.data())
+    def check(data):
+        fn, args = _valid_calls(data.draw)[op_name]
+        fn(**args)  # the valid call works
+        how, value = data.draw(st.sampled_from(_broken(op_name, args, arg)))
+        with pytest.raises(ERRORS) as info:
+            fn(**{**args, arg: value})
+        names = [arg] + (["device"] if how == "on the meta device" else []) + (["L\\*K"] if arg == "num_tables" else [])
+        assert any(re.search(rf"\b{name}\b", str(info.value)) for name in names), f"{op_name}({arg} {how}): {info.value}"
+    check()
