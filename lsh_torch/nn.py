@@ -172,7 +172,7 @@ class LSHLinear(nn.Module):
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
                                 asymmetric=asymmetric, center=center)
         self._stale = True
-        self.register_load_state_dict_post_hook(lambda module, _: module._mark_stale())
+        self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -368,6 +368,10 @@ class LSHLinear(nn.Module):
                 f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
                 f"inference={self.inference!r}, mode={self.mode!r}, tail={self.tail!r}, rescore={self.rescore}"
                 + (f", warmup={self.warmup}" if self.warmup else ""))
+
+
+def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
+    module._mark_stale()
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:

@@ -1,0 +1,49 @@
+"""LSHLinear where PyTorch users train: pickling, meta-device construction, inference mode,
+functional_call (issue 12)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lsh_torch import LSHLinear
+
+
+def trained_layer(**kwargs):
+    """A layer a few steps into training: its tables (built at step 0) no longer match a rebuild
+    from its current weights, so a copy that rebuilt would pick other active sets."""
+    layer = LSHLinear(16, 200, active=20, rebuild=None, seed=3, **kwargs)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(8, 16)).pow(2).sum().backward()
+        opt.step()
+    return layer
+
+
+def same_next_steps(a: LSHLinear, b: LSHLinear, steps=2):
+    for _ in range(steps):
+        x = torch.randn(6, 16)
+        assert torch.equal(a.active_set(x), b.active_set(x))
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_copies_keep_outputs_and_active_sets(how):
+    layer = trained_layer()
+    model = nn.Sequential(nn.ReLU(), layer)
+    if how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    assert copied[1].step == layer.step and not copied[1]._stale
+    same_next_steps(layer, copied[1])
+    copied[1].load_state_dict(layer.state_dict())  # the load hook survived the copy
+    assert copied[1]._stale
