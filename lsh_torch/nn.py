@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -171,6 +172,7 @@ class LSHLinear(nn.Module):
             self.register_parameter("bias", None)
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
                                 asymmetric=asymmetric, center=center)
+        self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
         self._stale = True
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
@@ -201,9 +203,36 @@ class LSHLinear(nn.Module):
     def _mark_stale(self) -> None:
         self._stale = True
 
+    @property
+    def _stale(self) -> bool:
+        """Do the tables need a rebuild: marked stale, or hashed from another tensor than ``weight``
+        (``torch.func.functional_call`` substitutes the weight for one call). Not while tracing:
+        ``torch.export`` substitutes fake weights, and prebuilt tables become the program's."""
+        return self._marked_stale or not (torch.compiler.is_compiling() or self._hashed_from_weight())
+
+    @_stale.setter
+    def _stale(self, stale: bool) -> None:
+        self._marked_stale = stale
+        if not stale:  # a weak reference: the tables never keep a substituted weight alive
+            self._hashed_from = weakref.ref(self.weight)
+
+    def _hashed_from_weight(self) -> bool:
+        return self._hashed_from is not None and self._hashed_from() is self.weight
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # a weak reference does not pickle: keep whether it was to weight
+        state["_hashed_from"] = self._hashed_from_weight()
+        return state
+
+    def __setstate__(self, state):
+        own = state.pop("_hashed_from")
+        super().__setstate__(state)
+        self._hashed_from = weakref.ref(self.weight) if own else None
+
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables (the schedule calls this during training)."""
-        self.tables.build(self.weight)
+        # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
+        self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,

@@ -47,3 +47,14 @@ def test_copies_keep_outputs_and_active_sets(how):
     same_next_steps(layer, copied[1])
     copied[1].load_state_dict(layer.state_dict())  # the load hook survived the copy
     assert copied[1]._stale
+
+
+def test_functional_call_tables_do_not_outlive_the_call():
+    layer = LSHLinear(16, 200, active=20, seed=3, rebuild=None, inference="lsh").eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(6, 16)
+    other = {"weight": torch.randn(200, 16), "bias": torch.zeros(200)}
+    substituted = torch.func.functional_call(layer, other, (x,))
+    assert not torch.equal(substituted, twin(x))
+    assert torch.equal(layer(x), twin(x))  # tables rebuilt from the layer's own weight
+    assert torch.equal(layer.active_set(x), twin.active_set(x))
