@@ -107,6 +107,8 @@ class LSHTables(nn.Module):
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
         if incremental:
             if changed.numel():
+                if self.codes.is_inference() and not torch.is_inference_mode_enabled():  # built under inference_mode
+                    self.codes = self.codes.clone()
                 self.codes[:, changed] = self._row_codes(moved)
             self.rehashed = changed.numel()
         else:

@@ -58,3 +58,21 @@ def test_functional_call_tables_do_not_outlive_the_call():
     assert not torch.equal(substituted, twin(x))
     assert torch.equal(layer(x), twin(x))  # tables rebuilt from the layer's own weight
     assert torch.equal(layer.active_set(x), twin.active_set(x))
+
+
+@pytest.mark.parametrize("first", ["topk", "lsh eval"])
+def test_tables_built_in_inference_mode_then_trained(first):
+    layer = LSHLinear(16, 200, active=20, seed=3, rebuild=1, inference="lsh")
+    layers, x = [layer, copy.deepcopy(layer)], torch.randn(6, 16)
+    for i, layer in enumerate(layers):
+        with torch.inference_mode(i == 0):
+            layer.eval()
+            layer.topk(x, 3) if first == "topk" else layer(x)
+        layer.train()
+        for _ in range(3):  # small steps: incremental rebuilds patch the codes in place
+            layer(x).pow(2).sum().backward()
+            with torch.no_grad():
+                layer.weight[:5] *= 0.9
+        assert 0 < layer.tables.rehashed < 200
+    assert torch.equal(layers[0].tables.codes, layers[1].tables.codes)
+    assert torch.equal(layers[0](x), layers[1](x))
