@@ -76,3 +76,15 @@ def test_tables_built_in_inference_mode_then_trained(first):
         assert 0 < layer.tables.rehashed < 200
     assert torch.equal(layers[0].tables.codes, layers[1].tables.codes)
     assert torch.equal(layers[0](x), layers[1](x))
+
+
+def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_layer():
+    normal = LSHLinear(16, 200, active=20, seed=3)
+    with torch.device("meta"):
+        lazy = LSHLinear(16, 200, active=20, seed=3)
+    assert lazy.tables.projection.is_meta
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(normal.state_dict())
+    assert torch.equal(lazy.tables.projection, normal.tables.projection)
+    assert torch.equal(lazy.tables.fingerprint_vector, normal.tables.fingerprint_vector)
+    same_next_steps(normal, lazy)
