@@ -1,5 +1,5 @@
-"""LSHLinear where PyTorch users train: pickling, meta-device construction, inference mode,
-functional_call (issue 12)."""
+"""LSHLinear where PyTorch users train: autocast, pickling, meta-device construction, inference
+mode, functional_call (issue 12)."""
 import copy
 import io
 import pickle
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lsh_torch import LSHLinear
+from lsh_torch import LSHLinear, SparseOutput, sparse_cross_entropy
 
 
 def trained_layer(**kwargs):
@@ -88,3 +88,56 @@ def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_la
     assert torch.equal(lazy.tables.projection, normal.tables.projection)
     assert torch.equal(lazy.tables.fingerprint_vector, normal.tables.fingerprint_vector)
     same_next_steps(normal, lazy)
+
+
+def autocast_pair(device, **kwargs):
+    layer = LSHLinear(16, 200, active=20, seed=3, device=device, **kwargs)
+    linear = nn.Linear(16, 200, device=device)
+    linear.load_state_dict(layer.state_dict())
+    return layer, linear
+
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_autocast_training_like_linear(mode, sparse_grad, low, device):
+    layer, linear = autocast_pair(device, mode=mode, sparse_grad=sparse_grad)
+    x, labels = torch.randn(6, 16, device=device), torch.randint(0, 200, (6,), device=device)
+    with torch.autocast(device, dtype=low):
+        expected = linear(x)
+        out = layer(x.to(low))  # what an autocast layer before it returns
+        sparse = layer.forward_sparse(x, labels)  # float32 input, cast like nn.Linear's
+    assert out.dtype == sparse.values.dtype == expected.dtype == low
+    mask = out != 0
+    torch.testing.assert_close(out[mask], expected[mask])
+    gathered = expected[:, sparse.indices] if sparse.indices.dim() == 1 else expected.gather(1, sparse.indices)
+    torch.testing.assert_close(sparse.values, gathered)
+    (out.float().sum() + sparse_cross_entropy(sparse, labels)).backward()
+    ((expected.float() * mask).sum() + sparse_cross_entropy(SparseOutput(gathered, *sparse[1:]), labels)).backward()
+    for ours, theirs in ((layer.weight, linear.weight), (layer.bias, linear.bias)):
+        assert ours.grad.dtype == torch.float32 and ours.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(ours.grad.to_dense(), theirs.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("inference", ["dense", "lsh"])
+def test_autocast_eval_and_topk_like_linear(inference, low, device):
+    layer, linear = autocast_pair(device, inference=inference)
+    layer.eval()
+    x = torch.randn(6, 16, device=device)
+    with torch.autocast(device, dtype=low):
+        expected = linear(x)
+        out = layer(x.to(low))
+        values, indices = layer.topk(x, 3)
+        exact, _ = layer.topk(x.to(low), 3, exact=True)
+    assert out.dtype == values.dtype == exact.dtype == expected.dtype == low
+    mask = out != 0
+    assert mask.all() == (inference == "dense")
+    torch.testing.assert_close(out[mask], expected[mask])
+    torch.testing.assert_close(values, expected.gather(1, indices))
+    torch.testing.assert_close(exact, expected.topk(3).values)
+    with torch.autocast(device, dtype=low):  # float64, like nn.Linear, is left alone
+        assert layer.double()(x.double()).dtype == torch.float64
