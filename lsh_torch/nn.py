@@ -322,6 +322,13 @@ class LSHLinear(nn.Module):
 
     def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,
                 sparse: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if not torch.compiler.is_compiling() and any(
+                t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight, bias)):
+            raise RuntimeError(
+                "LSHLinear's sparse path (training, inference='lsh') does not support torch.func transforms "
+                "(grad, vmap, jacrev, ...): its custom operators have no functorch rules, and its active sets "
+                "depend on the whole batch. Use torch.autograd (loss.backward(), torch.autograd.grad), or eval "
+                "with inference='dense', which is nn.Linear's computation.")
         if self.training:
             active, head = self._training_active_set(x, labels, shared, sparse)
         else:

@@ -141,3 +141,47 @@ def test_autocast_eval_and_topk_like_linear(inference, low, device):
     torch.testing.assert_close(exact, expected.topk(3).values)
     with torch.autocast(device, dtype=low):  # float64, like nn.Linear, is left alone
         assert layer.double()(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_gradient_penalty_matches_linear_on_the_active_set(mode):
+    layer = LSHLinear(16, 200, active=20, seed=3, mode=mode, dtype=torch.float64)
+    linear = nn.Linear(16, 200, dtype=torch.float64)
+    linear.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    penalties = []
+    for module in (layer, linear):
+        out = module(x)
+        if module is layer:
+            mask = out != 0
+        grad_x, = torch.autograd.grad((out * mask).pow(2).sum(), x, create_graph=True)
+        penalties.append(grad_x.pow(2).sum())
+        penalties[-1].backward()
+    torch.testing.assert_close(penalties[0], penalties[1])
+    assert linear.weight.grad.abs().max() > 1
+    torch.testing.assert_close((layer.weight.grad, layer.bias.grad), (linear.weight.grad, linear.bias.grad))
+
+
+def test_gradient_penalty_with_sparse_grad_raises():
+    layer = LSHLinear(16, 200, active=20, sparse_grad=True)
+    x = torch.randn(6, 16, requires_grad=True)
+    grad_x, = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_torch_func_on_the_sparse_path_raises_clearly(transform, sparse_grad):
+    layer = LSHLinear(16, 200, active=20, sparse_grad=sparse_grad)
+    params, x = dict(layer.named_parameters()), torch.randn(6, 16)
+    loss = lambda params, x: torch.func.functional_call(layer, params, (x,)).pow(2).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.grad(loss)(params, x) if transform == "grad" else torch.func.vmap(layer)(x[:, None])
+    layer.eval()  # dense eval is nn.Linear's computation, which torch.func supports
+    linear = nn.Linear(16, 200)
+    linear.load_state_dict(layer.state_dict())
+    ours = torch.func.grad(loss)(params, x)
+    theirs = torch.func.grad(lambda p, x: torch.func.functional_call(linear, p, (x,)).pow(2).sum())(
+        dict(linear.named_parameters()), x)
+    torch.testing.assert_close(ours, theirs)
