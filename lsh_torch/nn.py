@@ -399,8 +399,10 @@ class LSHLinear(nn.Module):
         (accumulating in float32), and the casts' backward returns the gradients in the
         parameters' own dtype."""
         weight, bias = self.weight, self.bias
-        if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
-            dtype = torch.get_autocast_dtype(input.device.type)
+        device_type = input.device.type if isinstance(input, Tensor) else None
+        if (device_type is not None and torch.amp.is_autocast_available(device_type)  # meta has no autocast
+                and torch.is_autocast_enabled(device_type)):
+            dtype = torch.get_autocast_dtype(device_type)
             input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
         self._check_input(input, weight)
         return input, weight, bias

@@ -83,7 +83,8 @@ def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_la
     with torch.device("meta"):
         lazy = LSHLinear(16, 200, active=20, seed=3)
     assert lazy.tables.projection.is_meta
-    lazy.to_empty(device="cpu")
+    assert lazy.eval()(torch.empty(2, 16, device="meta")).shape == (2, 200)  # shape inference on meta
+    lazy.train().to_empty(device="cpu")
     lazy.load_state_dict(normal.state_dict())
     assert torch.equal(lazy.tables.projection, normal.tables.projection)
     assert torch.equal(lazy.tables.fingerprint_vector, normal.tables.fingerprint_vector)
