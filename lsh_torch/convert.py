@@ -1,10 +1,12 @@
 """One-call conversion of a model's nn.Linear layers to LSHLinear, and back."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .nn import LSHLinear
 
@@ -20,7 +22,8 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
         model: any module; nested modules (``Sequential``, ``ModuleList``, a transformer's blocks
             and output head, ...) are searched recursively.
         min_out_features: the default filter: convert the layers of exact type ``nn.Linear``
-            with ``out_features >= min_out_features`` (wide layers are where hashing pays).
+            (parametrized or not) with ``out_features >= min_out_features`` (wide layers are where
+            hashing pays).
         filter: ``filter(name, linear) -> bool`` instead of the default, called with the
             qualified name and each ``nn.Linear`` (subclasses included) of the model.
         seed: seed of the first converted layer; the i-th converted layer (in ``named_modules``
@@ -38,10 +41,14 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     into the converted model and the reverse). The global random state is left untouched. Hooks
     registered on a replaced ``nn.Linear`` are not carried over. A module used at several places
     is replaced by one ``LSHLinear`` at all of them.
+
+    A layer whose weight is computed on every call (``weight_norm``, ``torch.nn.utils.parametrize``)
+    is left as it is, with a warning: hash tables follow a weight Parameter updated in place, not
+    one recomputed per call. Remove the parametrization first to convert it.
     """
     if filter is None:
         _check_positive("min_out_features", min_out_features)
-        filter = lambda name, m: type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
+        filter = lambda name, m: _unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
     counter = iter(range(seed, seed + 2 ** 31))
 
     def make(linear: nn.Linear) -> LSHLinear:
@@ -54,7 +61,17 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
         layer._mark_stale()
         return layer.train(linear.training)
 
-    return _replace(model, lambda name, m: isinstance(m, nn.Linear) and filter(name, m), make)
+    def select(name: str, m: nn.Module) -> bool:
+        if not (isinstance(m, nn.Linear) and filter(name, m)):
+            return False
+        if parametrize.is_parametrized(m) or not isinstance(m._parameters.get("weight"), nn.Parameter):
+            warnings.warn(f"convert: left {name or type(m).__name__!r} as an nn.Linear: its weight is computed on every "
+                          "call (weight_norm or torch.nn.utils.parametrize), and LSHLinear's hash tables need a "
+                          "weight Parameter; remove the parametrization to convert it", stacklevel=4)
+            return False
+        return True
+
+    return _replace(model, select, make)
 
 
 def unconvert(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
@@ -83,6 +100,11 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
             if id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     return model
+
+
+def _unparametrized_type(module: nn.Module) -> type:
+    """The class before ``torch.nn.utils.parametrize`` wrapped it in a subclass."""
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
 def _devices(tensor: torch.Tensor) -> list[int]:

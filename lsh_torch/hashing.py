@@ -17,7 +17,7 @@ from . import ops
 def make_projection(in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
     """Gaussian projection matrix ``[in_features + 1, L*K]`` (float32), the same on every device for a seed."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(in_features + 1, num_tables * bits, generator=gen).to(device)
+    return torch.randn(in_features + 1, num_tables * bits, generator=gen, device="cpu").to(device)
 
 
 def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True,

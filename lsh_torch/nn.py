@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -177,8 +178,9 @@ class LSHLinear(nn.Module):
             self.register_parameter("bias", None)
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
                                 asymmetric=asymmetric, center=center)
+        self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
         self._stale = True
-        self.register_load_state_dict_post_hook(lambda module, _: module._mark_stale())
+        self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -207,9 +209,36 @@ class LSHLinear(nn.Module):
     def _mark_stale(self) -> None:
         self._stale = True
 
+    @property
+    def _stale(self) -> bool:
+        """Do the tables need a rebuild: marked stale, or hashed from another tensor than ``weight``
+        (``torch.func.functional_call`` substitutes the weight for one call). Not while tracing:
+        ``torch.export`` substitutes fake weights, and prebuilt tables become the program's."""
+        return self._marked_stale or not (torch.compiler.is_compiling() or self._hashed_from_weight())
+
+    @_stale.setter
+    def _stale(self, stale: bool) -> None:
+        self._marked_stale = stale
+        if not stale:  # a weak reference: the tables never keep a substituted weight alive
+            self._hashed_from = weakref.ref(self.weight)
+
+    def _hashed_from_weight(self) -> bool:
+        return self._hashed_from is not None and self._hashed_from() is self.weight
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # a weak reference does not pickle: keep whether it was to weight
+        state["_hashed_from"] = self._hashed_from_weight()
+        return state
+
+    def __setstate__(self, state):
+        own = state.pop("_hashed_from")
+        super().__setstate__(state)
+        self._hashed_from = weakref.ref(self.weight) if own else None
+
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables (the schedule calls this during training)."""
-        self.tables.build(self.weight)
+        # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
+        self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
@@ -240,6 +269,7 @@ class LSHLinear(nn.Module):
         that top set are forced into a uniform query, which draws the tail from everything else."""
         if labels is None:
             labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
+        x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
         forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
         top = max(0, self.budget - tail - forced)
         if shared:  # one row of forced labels: a uniform query reads no input codes
@@ -263,10 +293,11 @@ class LSHLinear(nn.Module):
         return self.tail if isinstance(self.tail, int) else round(self.tail * self.budget)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
+        input, weight, bias = self._operands(input)
         if not self.training and self.inference == "dense":
-            return F.linear(input, self.weight, self.bias)
-        values, active, _ = self._sparse(input.reshape(-1, self.in_features), None, self.mode == "shared", False)
+            return F.linear(input, weight, bias)
+        values, active, _ = self._sparse(input.reshape(-1, self.in_features), weight, bias, None, self.mode == "shared",
+                                         False)
         out = values.new_zeros(values.shape[0], self.out_features)
         out = out.index_copy_(1, active, values) if active.dim() == 1 else out.scatter_(1, active, values)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -278,7 +309,7 @@ class LSHLinear(nn.Module):
         active set; train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
         ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
         """
-        self._check_input(input)
+        input, weight, bias = self._operands(input)
         batch_shape = input.shape[:-1]
         if labels is not None:
             if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
@@ -287,20 +318,29 @@ class LSHLinear(nn.Module):
                 raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                                  f"got {tuple(labels.shape)}")
             labels = labels.reshape(-1, 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
-        values, active, head = self._sparse(input.reshape(-1, self.in_features), labels, self.mode != "per_row", True)
+        values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
+                                            self.mode != "per_row", True)
         values = values.reshape(*batch_shape, values.shape[-1])
         if active.dim() > 1:
             active = active.reshape(*batch_shape, active.shape[-1])
         log_weights = ops.tail_log_weights(head, self.budget, self.out_features).reshape(active.shape)
         return SparseOutput(values, active, log_weights)
 
-    def _sparse(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,
+                sparse: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if not torch.compiler.is_compiling() and any(
+                t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight, bias)):
+            raise RuntimeError(
+                "LSHLinear's sparse path (training, inference='lsh') does not support torch.func transforms "
+                "(grad, vmap, jacrev, ...): its custom operators have no functorch rules, and its active sets "
+                "depend on the whole batch. Use torch.autograd (loss.backward(), torch.autograd.grad), or eval "
+                "with inference='dense', which is nn.Linear's computation.")
         if self.training:
             active, head = self._training_active_set(x, labels, shared, sparse)
         else:
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
-        values = linear(x, self.weight, self.bias, active, sparse_grad=self.sparse_grad)
+        values = linear(x, weight, bias, active, sparse_grad=self.sparse_grad)
         return values, active, head
 
     @torch.compiler.disable
@@ -334,11 +374,11 @@ class LSHLinear(nn.Module):
         2 probes, 0.90 with 8 and 0.97 with 16, at 7.5x, 5.1x and 3.6x the speed of the dense
         top-k (``benchmarks/bench_topk.py``).
         """
-        self._check_input(input)
+        input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if exact:
             check_int("k", k, 1, self.out_features)
-            values, indices = F.linear(x, self.weight, self.bias).topk(k, dim=1)
+            values, indices = F.linear(x, weight, bias).topk(k, dim=1)
         else:
             check_int("k", k, 1, self.budget)
             if probes is None:
@@ -347,7 +387,7 @@ class LSHLinear(nn.Module):
             if self._stale:
                 self.rebuild()
             active, _ = self.tables.query(x, self.budget, None, self.seed, probes=probes)
-            scores = ops.sparse_linear(x, self.weight, self.bias, active)
+            scores = ops.sparse_linear(x, weight, bias, active)
             values, best = scores.topk(k, dim=1)
             indices = active.gather(1, best)
         shape = (*input.shape[:-1], k)
@@ -359,13 +399,27 @@ class LSHLinear(nn.Module):
         least 16), as many as the tables have."""
         return min(MAX_PROBES, 2 ** self.tables.bits, max(16, 8 * self.tables.probes))
 
-    def _check_input(self, input: Tensor) -> None:
+    def _operands(self, input: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The checked input, weight and bias of a call. Under autocast all three are cast to its
+        dtype, as ``nn.Linear``'s matmul is (float64 stays): the sparse kernels then run in it
+        (accumulating in float32), and the casts' backward returns the gradients in the
+        parameters' own dtype."""
+        weight, bias = self.weight, self.bias
+        device_type = input.device.type if isinstance(input, Tensor) else None
+        if (device_type is not None and torch.amp.is_autocast_available(device_type)  # meta has no autocast
+                and torch.is_autocast_enabled(device_type)):
+            dtype = torch.get_autocast_dtype(device_type)
+            input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
+        self._check_input(input, weight)
+        return input, weight, bias
+
+    def _check_input(self, input: Tensor, weight: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
         if input.dim() == 0 or input.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [*, in_features={self.in_features}], got {tuple(input.shape)}")
-        if input.dtype != self.weight.dtype:
-            raise TypeError(f"input has dtype {input.dtype} but the layer's weight has {self.weight.dtype}")
+        if input.dtype != weight.dtype:
+            raise TypeError(f"input has dtype {input.dtype} but the layer's weight has {weight.dtype}")
         if input.device != self.weight.device:
             raise ValueError(f"input is on {input.device} but the layer's weight is on {self.weight.device}")
 
@@ -374,6 +428,32 @@ class LSHLinear(nn.Module):
                 f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
                 f"inference={self.inference!r}, mode={self.mode!r}, tail={self.tail!r}, rescore={self.rescore}"
                 + (f", warmup={self.warmup}" if self.warmup else ""))
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    eligible = t is not None and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+    return _Cast.apply(t, dtype) if eligible else t
+
+
+class _Cast(torch.autograd.Function):
+    """``t.to(dtype)`` whose backward also takes the sparse gradients of ``sparse_grad=True``
+    (``Tensor.to``'s backward refuses a sparse gradient for a strided input)."""
+
+    @staticmethod
+    def forward(t: Tensor, dtype: torch.dtype) -> Tensor:
+        return t.to(dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
+    module._mark_stale()
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:

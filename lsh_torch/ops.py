@@ -254,6 +254,40 @@ for _name, _grads_fn in _GRADS.items():
                                     setup_context=_setup_context)
 
 
+# Double backward (gradient penalties): the backward ops are bilinear in (grad_out, weight) and
+# (grad_out, x), so their own gradients are the forward and backward ops again.
+
+def _grad_input_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grad_input_grads(ctx, gg):
+    grad_out, weight, active = ctx.saved_tensors
+    need_g, need_w = ctx.needs_input_grad[:2]
+    return (_ops.sparse_linear(gg, weight, None, active) if need_g else None,
+            _ops.sparse_linear_grad_weight(grad_out, gg, active, weight.shape[0])[0] if need_w else None, None)
+
+
+def _grad_weight_setup_context(ctx, inputs, output):
+    grad_out, x, active, _ = inputs
+    ctx.save_for_backward(grad_out, x, active)
+
+
+def _grad_weight_grads(ctx, gg_weight, gg_bias):
+    grad_out, x, active = ctx.saved_tensors
+    need_g, need_x = ctx.needs_input_grad[:2]
+    if gg_weight is None:  # only the bias gradient was used
+        gg_weight = x.new_zeros(gg_bias.shape[0], x.shape[1])
+    return (_ops.sparse_linear(x, gg_weight, gg_bias, active) if need_g else None,
+            _ops.sparse_linear_grad_input(grad_out, gg_weight, active) if need_x else None, None, None)
+
+
+torch.library.register_autograd("lsh_torch::sparse_linear_grad_input", _grad_input_grads,
+                                setup_context=_grad_input_setup_context)
+torch.library.register_autograd("lsh_torch::sparse_linear_grad_weight", _grad_weight_grads,
+                                setup_context=_grad_weight_setup_context)
+
+
 class _SparseGrad(torch.autograd.Function):
     @staticmethod
     def forward(name, x, weight, bias, active):
@@ -265,5 +299,6 @@ class _SparseGrad(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # COO gradients of data-dependent rows: no double backward
     def backward(ctx, grad_out):
         return (None, *_GRADS[ctx.op_name](ctx, grad_out, True))

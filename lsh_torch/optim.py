@@ -12,6 +12,11 @@ class LazyAdam(torch.optim.Optimizer):
     """A drop-in for :class:`torch.optim.SparseAdam` (same arithmetic, same argument checks):
     moments and parameters of the rows a sparse gradient touches are updated, nothing else.
     Use it with ``LSHLinear(..., sparse_grad=True)``.
+
+    A dense gradient touches every row, and gets :class:`torch.optim.Adam`'s step (Adam adds
+    ``eps`` to the bias-corrected ``sqrt(v)``, SparseAdam to the uncorrected one). That is what a
+    head tied to a dense input embedding gets (its sparse gradient plus the embedding's dense one),
+    and what a model's other parameters get, so one LazyAdam can optimize them all.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -34,16 +39,25 @@ class LazyAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not p.grad.is_sparse:
-                    raise RuntimeError("LazyAdam does not support dense gradients, please consider Adam instead")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                grad = p.grad.coalesce()
-                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-                ops.lazy_adam_(p, state["exp_avg"], state["exp_avg_sq"], grad.indices()[0], grad.values(),
-                               step_size, beta1, beta2, group["eps"])
+                correction2 = math.sqrt(1 - beta2 ** state["step"])
+                step_size = group["lr"] * correction2 / (1 - beta1 ** state["step"])
+                if p.grad.is_sparse:
+                    grad = p.grad.coalesce()
+                    rows, values, eps = grad.indices()[0], grad.values(), group["eps"]
+                else:  # Adam's eps, in the op's terms
+                    values, eps = _rows(p.grad), group["eps"] * correction2
+                    rows = torch.arange(values.shape[0], device=p.device)
+                ops.lazy_adam_(_rows(p), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
+                               step_size, beta1, beta2, eps)
         return loss
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor as one row (the op wants rows); others as they are."""
+    return t.view(1) if t.dim() == 0 else t

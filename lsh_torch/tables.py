@@ -53,22 +53,37 @@ class LSHTables(nn.Module):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.num_tables, self.bits, self.probes, self.selection = num_tables, bits, probes, selection
         self.asymmetric, self.center = bool(asymmetric), bool(center)
-        self.register_buffer("projection", hashing.make_projection(in_features, num_tables, bits, seed, device),
-                             persistent=False)
+        self.in_features, self.seed = in_features, seed
+        projection, fingerprint_vector = self._seeded_buffers(device)
+        self.register_buffer("projection", projection, persistent=False)
         self.register_buffer("offsets", torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32, device=device),
                              persistent=False)
         self.register_buffer("items", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
         # Incremental rebuilds: each row's codes and a fingerprint (its dot product with a fixed
         # random vector) as of the last build; a row whose fingerprint moved is re-hashed, the
         # others keep their codes. Empty until the first build.
-        gen = torch.Generator().manual_seed(seed + 1)
-        self.register_buffer("fingerprint_vector", torch.randn(in_features, generator=gen).to(device),
-                             persistent=False)
+        self.register_buffer("fingerprint_vector", fingerprint_vector, persistent=False)
         self.register_buffer("codes", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
         self.rehashed = 0  # rows hashed by the last build (N for a full one)
         # The asymmetric transform's M since the last full build (a 0-dim tensor; None without one).
         self.register_buffer("max_norm", None, persistent=False)
+
+    def _seeded_buffers(self, device) -> tuple[Tensor, Tensor]:
+        """The projection and the fingerprint vector: functions of the seed alone, drawn on the CPU
+        (device None: the default device, which ``with torch.device(...)`` sets)."""
+        device = torch.get_default_device() if device is None else device
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return (hashing.make_projection(self.in_features, self.num_tables, self.bits, self.seed, device),
+                torch.randn(self.in_features, generator=gen, device="cpu").to(device))
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.projection.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.projection.is_meta:  # to_empty() after a meta-device construction
+            projection, vector = self._seeded_buffers(self.projection.device)
+            self.projection, self.fingerprint_vector = projection.to(self.projection), vector.to(self.fingerprint_vector)
+        return self
 
     @torch.no_grad()
     def build(self, weight: Tensor, full: bool = False) -> None:
@@ -107,6 +122,8 @@ class LSHTables(nn.Module):
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
         if incremental:
             if changed.numel():
+                if self.codes.is_inference() and not torch.is_inference_mode_enabled():  # built under inference_mode
+                    self.codes = self.codes.clone()
                 self.codes[:, changed] = self._row_codes(moved)
             self.rehashed = changed.numel()
         else:

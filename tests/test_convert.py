@@ -93,3 +93,15 @@ def test_plain_checkpoint_loads_into_converted_model_and_back():
 
 def test_exported_from_package():
     assert lsh_torch.convert is convert and lsh_torch.unconvert is unconvert
+
+
+def test_parametrized_linear_is_left_with_a_warning():
+    with pytest.warns(FutureWarning):
+        old_style = nn.utils.weight_norm(nn.Linear(8, 2000))  # the deprecated hook-based weight_norm
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 2000)), old_style, nn.Linear(8, 2000))
+    with pytest.warns(UserWarning) as record:
+        convert(model)
+    assert [str(w.message)[:48] for w in record] == [f"convert: left '{i}' as an nn.Linear: its weight is" for i in "01"]
+    assert type(model[0]).__name__ == "ParametrizedLinear" and type(model[1]) is nn.Linear
+    assert isinstance(model[2], LSHLinear)
+    assert all(layer(torch.randn(3, 8)).shape == (3, 2000) for layer in model)

@@ -413,3 +413,21 @@ def test_query_takes_ignore_index_as_padding():
     with_minus_one = ops.query(qcodes, qmargins, offsets, items, 4, 20, LABELS, seed=3)
     ignored = ops.query(qcodes, qmargins, offsets, items, 4, 20, LABELS.masked_fill(LABELS < 0, -100), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(with_minus_one, ignored))
+
+
+def test_double_backward_float64():
+    """Gradient penalties: the backward ops are differentiable too (gradgradcheck), and the
+    row-sparse (COO) gradient refuses a second backward instead of returning a wrong one."""
+    x, weight, bias, active = sparse_problem(torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradgradcheck(lambda x, w, b: ops.sparse_linear(x, w, b, active), inputs)
+    assert torch.autograd.gradgradcheck(lambda x, w: ops.sparse_linear(x, w, None, active), inputs[:2])
+    assert torch.autograd.gradgradcheck(lambda x, w, b: ops.shared_linear(x, w, b, active[0]), inputs)
+    g = torch.randn(active.shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda g, w: OPS.sparse_linear_grad_input(g, w, active), (g, inputs[1]))
+    assert torch.autograd.gradgradcheck(lambda g, x: OPS.sparse_linear_grad_weight(g, x, active, 40), (g, inputs[0]))
+    for linear, index in ((ops.sparse_linear, active), (ops.shared_linear, active[0])):
+        out = linear(*inputs, index, sparse_grad=True)
+        grad_x, = torch.autograd.grad(out.pow(2).sum(), inputs[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            grad_x.pow(2).sum().backward()

@@ -62,10 +62,6 @@ def test_lazy_adam_errors():
         ops.lazy_adam_(param, m.double(), v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match="learning rate"):
         LazyAdam([torch.nn.Parameter(param)], lr=-1)
-    p = torch.nn.Parameter(param)
-    p.grad = torch.ones_like(param)
-    with pytest.raises(RuntimeError, match="dense gradients"):
-        LazyAdam([p]).step()
 
 
 def test_lazy_adam_arithmetic_is_sparse_adams():
@@ -99,3 +95,49 @@ def test_lazy_adam_refuses_what_it_used_to_accept_silently():
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+
+
+def test_dense_gradients_take_adams_step_on_every_row():
+    params = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.tensor(2.0))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, adam = LazyAdam(params, lr=0.01, eps=1e-6), torch.optim.Adam(twins, lr=0.01, eps=1e-6)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for ps, opt in ((params, ours), (twins, adam)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(params, twins)
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_head_tied_to_a_dense_embedding_trains_like_adam(mode):
+    """The head's sparse gradient plus the embedding's dense one make a dense gradient."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(300, 16)
+            self.head = LSHLinear(16, 300, active=32, mode=mode, sparse_grad=True, seed=3)
+            self.head.weight = self.embedding.weight
+
+        def forward(self, tokens, labels):
+            return sparse_cross_entropy(self.head.forward_sparse(self.embedding(tokens), labels), labels)
+
+    model = Tied()
+    twin = Tied()
+    twin.load_state_dict(model.state_dict())
+    initial = model.embedding.weight.detach().clone()
+    ours = LazyAdam(model.parameters(), lr=0.01, eps=1e-6)
+    reference = [torch.optim.Adam([twin.embedding.weight], lr=0.01, eps=1e-6),
+                 torch.optim.SparseAdam([twin.head.bias], lr=0.01, eps=1e-6)]
+    for _ in range(4):
+        tokens, labels = torch.randint(0, 300, (8,)), torch.randint(0, 300, (8,))
+        model(tokens, labels).backward()
+        twin(tokens, labels).backward()
+        assert not model.head.weight.grad.is_sparse and model.head.bias.grad.is_sparse
+        for opt in (ours, *reference):
+            opt.step()
+            opt.zero_grad()
+    assert not torch.equal(model.embedding.weight, initial)
+    torch.testing.assert_close(model.state_dict(), twin.state_dict())

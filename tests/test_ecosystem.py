@@ -1,0 +1,188 @@
+"""LSHLinear where PyTorch users train: autocast, pickling, meta-device construction, inference
+mode, functional_call (issue 12)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lsh_torch import LSHLinear, SparseOutput, sparse_cross_entropy
+
+
+def trained_layer(**kwargs):
+    """A layer a few steps into training: its tables (built at step 0) no longer match a rebuild
+    from its current weights, so a copy that rebuilt would pick other active sets."""
+    layer = LSHLinear(16, 200, active=20, rebuild=None, seed=3, **kwargs)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(8, 16)).pow(2).sum().backward()
+        opt.step()
+    return layer
+
+
+def same_next_steps(a: LSHLinear, b: LSHLinear, steps=2):
+    for _ in range(steps):
+        x = torch.randn(6, 16)
+        assert torch.equal(a.active_set(x), b.active_set(x))
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_copies_keep_outputs_and_active_sets(how):
+    layer = trained_layer()
+    model = nn.Sequential(nn.ReLU(), layer)
+    if how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    assert copied[1].step == layer.step and not copied[1]._stale
+    same_next_steps(layer, copied[1])
+    copied[1].load_state_dict(layer.state_dict())  # the load hook survived the copy
+    assert copied[1]._stale
+
+
+def test_functional_call_tables_do_not_outlive_the_call():
+    layer = LSHLinear(16, 200, active=20, seed=3, rebuild=None, inference="lsh").eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(6, 16)
+    other = {"weight": torch.randn(200, 16), "bias": torch.zeros(200)}
+    substituted = torch.func.functional_call(layer, other, (x,))
+    assert not torch.equal(substituted, twin(x))
+    assert torch.equal(layer(x), twin(x))  # tables rebuilt from the layer's own weight
+    assert torch.equal(layer.active_set(x), twin.active_set(x))
+
+
+@pytest.mark.parametrize("first", ["topk", "lsh eval"])
+def test_tables_built_in_inference_mode_then_trained(first):
+    layer = LSHLinear(16, 200, active=20, seed=3, rebuild=1, inference="lsh")
+    layers, x = [layer, copy.deepcopy(layer)], torch.randn(6, 16)
+    for i, layer in enumerate(layers):
+        with torch.inference_mode(i == 0):
+            layer.eval()
+            layer.topk(x, 3) if first == "topk" else layer(x)
+        layer.train()
+        for _ in range(3):  # small steps: incremental rebuilds patch the codes in place
+            layer(x).pow(2).sum().backward()
+            with torch.no_grad():
+                layer.weight[:5] *= 0.9
+        assert 0 < layer.tables.rehashed < 200
+    assert torch.equal(layers[0].tables.codes, layers[1].tables.codes)
+    assert torch.equal(layers[0](x), layers[1](x))
+
+
+def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_layer():
+    normal = LSHLinear(16, 200, active=20, seed=3)
+    with torch.device("meta"):
+        lazy = LSHLinear(16, 200, active=20, seed=3)
+    assert lazy.tables.projection.is_meta
+    assert lazy.eval()(torch.empty(2, 16, device="meta")).shape == (2, 200)  # shape inference on meta
+    lazy.train().to_empty(device="cpu")
+    lazy.load_state_dict(normal.state_dict())
+    assert torch.equal(lazy.tables.projection, normal.tables.projection)
+    assert torch.equal(lazy.tables.fingerprint_vector, normal.tables.fingerprint_vector)
+    same_next_steps(normal, lazy)
+
+
+def autocast_pair(device, **kwargs):
+    layer = LSHLinear(16, 200, active=20, seed=3, device=device, **kwargs)
+    linear = nn.Linear(16, 200, device=device)
+    linear.load_state_dict(layer.state_dict())
+    return layer, linear
+
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_autocast_training_like_linear(mode, sparse_grad, low, device):
+    layer, linear = autocast_pair(device, mode=mode, sparse_grad=sparse_grad)
+    x, labels = torch.randn(6, 16, device=device), torch.randint(0, 200, (6,), device=device)
+    with torch.autocast(device, dtype=low):
+        expected = linear(x)
+        out = layer(x.to(low))  # what an autocast layer before it returns
+        sparse = layer.forward_sparse(x, labels)  # float32 input, cast like nn.Linear's
+    assert out.dtype == sparse.values.dtype == expected.dtype == low
+    mask = out != 0
+    torch.testing.assert_close(out[mask], expected[mask])
+    gathered = expected[:, sparse.indices] if sparse.indices.dim() == 1 else expected.gather(1, sparse.indices)
+    torch.testing.assert_close(sparse.values, gathered)
+    (out.float().sum() + sparse_cross_entropy(sparse, labels)).backward()
+    ((expected.float() * mask).sum() + sparse_cross_entropy(SparseOutput(gathered, *sparse[1:]), labels)).backward()
+    for ours, theirs in ((layer.weight, linear.weight), (layer.bias, linear.bias)):
+        assert ours.grad.dtype == torch.float32 and ours.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(ours.grad.to_dense(), theirs.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("inference", ["dense", "lsh"])
+def test_autocast_eval_and_topk_like_linear(inference, low, device):
+    layer, linear = autocast_pair(device, inference=inference)
+    layer.eval()
+    x = torch.randn(6, 16, device=device)
+    with torch.autocast(device, dtype=low):
+        expected = linear(x)
+        out = layer(x.to(low))
+        values, indices = layer.topk(x, 3)
+        exact, _ = layer.topk(x.to(low), 3, exact=True)
+    assert out.dtype == values.dtype == exact.dtype == expected.dtype == low
+    mask = out != 0
+    assert mask.all() == (inference == "dense")
+    torch.testing.assert_close(out[mask], expected[mask])
+    torch.testing.assert_close(values, expected.gather(1, indices))
+    torch.testing.assert_close(exact, expected.topk(3).values)
+    with torch.autocast(device, dtype=low):  # float64, like nn.Linear, is left alone
+        assert layer.double()(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_gradient_penalty_matches_linear_on_the_active_set(mode):
+    layer = LSHLinear(16, 200, active=20, seed=3, mode=mode, dtype=torch.float64)
+    linear = nn.Linear(16, 200, dtype=torch.float64)
+    linear.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    penalties = []
+    for module in (layer, linear):
+        out = module(x)
+        if module is layer:
+            mask = out != 0
+        grad_x, = torch.autograd.grad((out * mask).pow(2).sum(), x, create_graph=True)
+        penalties.append(grad_x.pow(2).sum())
+        penalties[-1].backward()
+    torch.testing.assert_close(penalties[0], penalties[1])
+    assert linear.weight.grad.abs().max() > 1
+    torch.testing.assert_close((layer.weight.grad, layer.bias.grad), (linear.weight.grad, linear.bias.grad))
+
+
+def test_gradient_penalty_with_sparse_grad_raises():
+    layer = LSHLinear(16, 200, active=20, sparse_grad=True)
+    x = torch.randn(6, 16, requires_grad=True)
+    grad_x, = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_torch_func_on_the_sparse_path_raises_clearly(transform, sparse_grad):
+    layer = LSHLinear(16, 200, active=20, sparse_grad=sparse_grad)
+    params, x = dict(layer.named_parameters()), torch.randn(6, 16)
+    loss = lambda params, x: torch.func.functional_call(layer, params, (x,)).pow(2).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.grad(loss)(params, x) if transform == "grad" else torch.func.vmap(layer)(x[:, None])
+    layer.eval()  # dense eval is nn.Linear's computation, which torch.func supports
+    linear = nn.Linear(16, 200)
+    linear.load_state_dict(layer.state_dict())
+    ours = torch.func.grad(loss)(params, x)
+    theirs = torch.func.grad(lambda p, x: torch.func.functional_call(linear, p, (x,)).pow(2).sum())(
+        dict(linear.named_parameters()), x)
+    torch.testing.assert_close(ours, theirs)
