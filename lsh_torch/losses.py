@@ -33,7 +33,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean") -> Ten
         raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                          f"got {tuple(labels.shape)}")
     logits = values.reshape(-1, values.shape[-1])
-    labels = labels.reshape(logits.shape[0], -1)
+    labels = labels.reshape(logits.shape[0], 1 if labels.dim() == len(batch_shape) else labels.shape[-1])  # 0 rows too
     target = _label_mask(indices, labels, logits.shape).to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
