@@ -1,10 +1,10 @@
 """lsh_torch.integrations.transformers.patch on tiny random transformers causal LMs."""
 import copy
+import inspect
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 lsh_hf = pytest.importorskip("lsh_torch.integrations.transformers")
@@ -14,7 +14,7 @@ import lsh_torch  # noqa: E402
 VOCAB = 3000
 
 
-def tiny(model_type: str = "gpt2", **overrides):
+def tiny(model_type: str = "gpt2"):
     """A random 2-layer model of the type; no dropout, so train-mode passes are deterministic."""
     if model_type == "gpt2":
         kwargs = dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -23,14 +23,14 @@ def tiny(model_type: str = "gpt2", **overrides):
         kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
     config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
-                                               pad_token_id=1, **kwargs, **overrides)
+                                               pad_token_id=1, **kwargs)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).train()
 
 
-def batch(seed: int = 0, shape=(3, 12)):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, shape, generator=gen)
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, VOCAB, (3, 12), generator=gen)
     labels = ids.clone()
     labels[0, :4] = -100  # a prompt left out of the loss
     labels[2, -3:] = -100  # padding
@@ -96,6 +96,17 @@ def test_training_never_builds_full_logits_and_counts_steps():
     model.eval()
     assert model(ids, labels=labels).logits.shape == (*ids.shape, VOCAB)
     assert full_calls == [1]
+
+
+def test_patched_forward_keeps_the_signature_and_copies_cleanly():
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    # Trainer (remove_unused_columns, loss kwargs) and generate() read the forward's signature.
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone and clone._lsh_torch_forward.__self__ is clone
+    ids, labels = batch()
+    clone(ids, labels=labels).loss.backward()
+    assert clone.lm_head.step == 1 and model.lm_head.step == 0
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -173,15 +184,22 @@ def test_converted_head_under_a_full_width_loss_warns_once():
     assert len(messages) == 1 and "patch(model)" in messages[0]
 
 
-def test_sparse_training_paths_do_not_warn():
-    hidden = lsh_torch.LSHLinear(16, 3000, active=0.1)  # a drop-in hidden layer under ReLU
+def test_patched_training_does_not_warn():
     model = lsh_hf.patch(tiny("gpt2"), active=128)
     ids, labels = batch()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        F.relu(hidden(torch.randn(8, 16))).sum().backward()
         model(ids, labels=labels).loss.backward()
+        model(ids).logits.logsumexp(-1).mean().backward()  # no labels: the dense head, exact
     assert not [w for w in caught if "forward_sparse" in str(w.message)]
+
+
+def test_a_converted_head_is_taken_as_it_is():
+    model = lsh_torch.convert(tiny("gpt2"), min_out_features=VOCAB, active=64)
+    with pytest.raises(ValueError, match="LSHLinear already"):
+        lsh_hf.patch(model, active=128)
+    head = model.lm_head
+    assert lsh_hf.patch(model).lm_head is head and head.budget == 64
 
 
 def test_bad_input_gets_clear_errors():
@@ -201,6 +219,6 @@ def test_bad_input_gets_clear_errors():
         lsh_hf.patch(model)
     ids, labels = batch()
     with pytest.raises(ValueError, match=r"labels must be -100 \(ignored\) or in \[0, vocab size = 3000\)"):
-        model(ids, labels=labels.masked_fill(labels == 7, VOCAB).index_fill(1, torch.tensor([5]), VOCAB))
+        model(ids, labels=labels.index_fill(1, torch.tensor([5]), VOCAB))
     with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
         model(ids, labels=labels[:, :5])
