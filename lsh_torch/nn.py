@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import NamedTuple, Optional
 
@@ -180,6 +181,7 @@ class LSHLinear(nn.Module):
                                 asymmetric=asymmetric, center=center)
         self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
         self._stale = True
+        self._loss_checked = False  # see _warn_if_full_width_loss
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
 
@@ -300,7 +302,28 @@ class LSHLinear(nn.Module):
                                          False)
         out = values.new_zeros(values.shape[0], self.out_features)
         out = out.index_copy_(1, active, values) if active.dim() == 1 else out.scatter_(1, active, values)
+        if not self._loss_checked and out.requires_grad and not torch.compiler.is_compiling():
+            self._loss_checked = True  # the first backward tells what the output feeds; later steps pay nothing
+            out.register_hook(lambda grad: self._warn_if_full_width_loss(grad, active))
         return out.reshape(*input.shape[:-1], self.out_features)
+
+    def _warn_if_full_width_loss(self, grad: Tensor, active: Tensor) -> None:
+        """Warn if the zero-filled training output feeds a softmax cross-entropy over all outputs: its
+        gradient (probabilities minus the target) sums to zero per row and is positive at every neuron
+        outside the active set but the target, which an un-forced target often is."""
+        grad = grad.detach().float()
+        outside = torch.ones_like(grad, dtype=torch.bool)
+        outside = outside.index_fill_(1, active, False) if active.dim() == 1 else outside.scatter_(1, active, False)
+        reached = (outside & grad.ne(0)).any(1)
+        softmax_like = (((outside & (grad <= 0)).sum(1) <= 1)
+                        & (grad.sum(1).abs() <= 1e-3 * grad.abs().sum(1)))
+        if reached.any() and (reached & softmax_like).sum() * 2 > reached.sum():
+            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}): the output of a training "
+                          "forward() feeds a loss over all outputs (a softmax cross-entropy?), but only the active "
+                          "neurons were computed and the rest are 0, so targets outside the active set are never "
+                          "scored and the model trains badly. Use forward_sparse(x, labels) with "
+                          "lsh_torch.sparse_cross_entropy, or for a transformers causal LM "
+                          "lsh_torch.integrations.transformers.patch(model).", stacklevel=2)
 
     def forward_sparse(self, input: Tensor, labels: Optional[Tensor] = None) -> SparseOutput:
         """The outputs of the active neurons only, never ``[B, out_features]``.

@@ -365,3 +365,26 @@ def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center):
     monkeypatch.setattr(hashing, "ROW_CHUNK", 7)
     assert torch.equal(hashing.row_codes(weight, projection, 3, 5, asymmetric, center), one_pass)
     assert hashing.row_codes(weight[:0], projection, 3, 5, asymmetric, center).shape == (0, 3)
+
+
+def _full_width_warnings(loss_of, steps=2):
+    import warnings
+    layer = LSHLinear(16, 3000, active=0.1)
+    x, y = torch.randn(8, 16), torch.randint(0, 3000, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            loss_of(layer(x), y).backward()
+    return [str(w.message) for w in caught if "forward_sparse" in str(w.message)]
+
+
+def test_training_forward_under_a_full_width_softmax_warns_once():
+    messages = _full_width_warnings(nn.functional.cross_entropy)
+    assert len(messages) == 1 and "out_features=3000" in messages[0] and "sparse_cross_entropy" in messages[0]
+
+
+@pytest.mark.parametrize("head", [nn.ReLU(), nn.GELU(), nn.LayerNorm(3000)])
+def test_training_forward_as_a_hidden_layer_does_not_warn(head):
+    torch.manual_seed(0)
+    out = nn.Linear(3000, 10)
+    assert not _full_width_warnings(lambda o, y: nn.functional.cross_entropy(out(head(o)), y % 10))

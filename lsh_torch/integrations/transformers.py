@@ -1,0 +1,158 @@
+"""Hugging Face transformers in one call: ``patch(model)`` trains a causal LM's output head sparsely.
+
+    import lsh_torch.integrations.transformers as lsh_hf
+
+    model = AutoModelForCausalLM.from_config(config)       # or from_pretrained(...)
+    lsh_hf.patch(model, active=2048)                        # any LSHLinear option
+    loss = model(input_ids, labels=labels).loss             # training: sparse head, no [tokens, V] logits
+    model.eval(); model.generate(input_ids)                 # eval and generate: exact, as before
+    model.save_pretrained(path)                             # a plain checkpoint of the unpatched class
+
+Like Liger-Kernel's ``apply_liger_kernel_to_*`` and Cut Cross-Entropy's ``cce_patch``, the patch
+changes what ``model(..., labels=...)`` computes in training and nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import types
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as error:  # transformers is the optional extra "hf"
+    raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
+
+from ..convert import convert
+from ..losses import sparse_cross_entropy
+from ..nn import LSHLinear
+
+# Model types whose causal-LM forward is exactly ``lm_head(base_model(...).last_hidden_state)``
+# followed by the shifted cross-entropy (read in their source; the tests run each one). Models that
+# transform the logits after the head (Gemma 2/3 soft-capping, Granite's logits_scaling, Cohere's
+# logit_scale) would be trained on the wrong logits, so they are refused rather than guessed at.
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+
+
+def patch(model: PreTrainedModel, **lsh_kwargs) -> PreTrainedModel:
+    """Make ``model(..., labels=labels)`` train the output head with LSH, in place; returns ``model``.
+
+    The output head (``model.get_output_embeddings()``) becomes an :class:`~lsh_torch.LSHLinear`
+    holding the same weight parameter (tied input embeddings stay tied; ``state_dict`` keys do not
+    change), built by :func:`lsh_torch.convert` with ``lsh_kwargs`` (``active=``, ``mode=``,
+    ``rebuild=``, ``seed=``, ...; the defaults are LSHLinear's for the vocabulary's width).
+
+    In training mode with ``labels``, the forward pass computes the base model's hidden states,
+    shifts the labels as the model does (``labels[..., 1:]`` against ``hidden[..., :-1, :]``, or a
+    ``shift_labels=`` tensor as given), drops the positions labelled -100 (``ignore_index=``), and
+    returns the loss of :meth:`LSHLinear.forward_sparse` with the targets forced into the active
+    set, through :func:`lsh_torch.sparse_cross_entropy`: the mean over the kept tokens, or their sum
+    divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). The
+    output's ``logits`` are None there: the ``[tokens, vocab]`` logits are never built. A batch
+    whose labels are all -100 gets loss 0 (plain cross-entropy gives NaN).
+
+    Everything else is the unpatched model: eval mode, calls without labels (also in training
+    mode: the head is then dense), ``generate()``, ``save_pretrained`` (a checkpoint that the
+    unpatched class loads). The head's hash tables are rebuilt by its own schedule (``rebuild=``,
+    counted in training forward passes, micro-batches included).
+
+    Raises:
+        TypeError: ``model`` is not a transformers model with a linear output head.
+        ValueError: its ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`, it is patched
+            already, or ``lsh_kwargs`` are given for a head that is an LSHLinear already.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model has model_type {model_type!r}; patch() supports {SUPPORTED_MODEL_TYPES}, whose "
+                         "logits are the output head's outputs unchanged")
+    if getattr(model, "_lsh_torch_patched", False):
+        raise ValueError("model is patched already")
+    head = model.get_output_embeddings()
+    if isinstance(head, LSHLinear):
+        if lsh_kwargs:
+            raise ValueError(f"model's output head is an LSHLinear already; lsh_kwargs {sorted(lsh_kwargs)} would "
+                             "be ignored")
+    elif isinstance(head, nn.Linear):
+        head = convert(head, filter=lambda name, module: True, **lsh_kwargs)
+        model.set_output_embeddings(head)
+    else:
+        raise TypeError(f"model must have an nn.Linear output head (model.get_output_embeddings()), got "
+                        f"{type(head).__name__}")
+
+    @functools.wraps(type(model).forward)  # keeps the signature, which Trainer and generate() inspect
+    def forward(self, *args, **kwargs):
+        return _forward(self, *args, **kwargs)
+
+    model._lsh_torch_forward = model.forward  # the bound original (or whatever wraps it, e.g. accelerate's hooks)
+    model.forward = types.MethodType(forward, model)
+    model._lsh_torch_patched = True
+    return model
+
+
+def _forward(model: PreTrainedModel, *args, **kwargs):
+    bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    labels = arguments.pop("labels", None)
+    if not model.training or labels is None:
+        with _dense(model.get_output_embeddings()):
+            return model._lsh_torch_forward(*args, **kwargs)
+    del arguments["self"]
+    arguments.pop("logits_to_keep", None)  # all positions are scored in training
+    for name, parameter in inspect.signature(type(model).forward).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    shift_labels = arguments.pop("shift_labels", None)
+    ignore_index = arguments.pop("ignore_index", -100)
+    return_dict = arguments.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+
+    outputs = model.base_model(**arguments, return_dict=True)
+    loss = _sparse_loss(model.get_output_embeddings(), outputs.last_hidden_state, labels, shift_labels,
+                        ignore_index, num_items_in_batch)
+    result = CausalLMOutputWithPast(loss=loss, logits=None, **{
+        name: value for name, value in outputs.items() if name in _OUTPUT_FIELDS})
+    return result if return_dict else result.to_tuple()
+
+
+def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, ignore_index: int,
+                 num_items_in_batch) -> Tensor:
+    if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts label t + 1
+        hidden, targets = hidden[..., :-1, :], labels[..., 1:]
+    else:
+        targets = shift_labels
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have the shape of input_ids, {tuple(hidden.shape[:-1])} after the shift, got "
+                         f"{tuple(targets.shape)}")
+    targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    keep = targets != ignore_index  # ignored positions never reach the lookup or the head
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    if targets.numel() and not 0 <= targets.min().item() <= targets.max().item() < head.out_features:
+        raise ValueError(f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features}), got "
+                         f"values in [{targets.min().item()}, {targets.max().item()}]")
+    loss = sparse_cross_entropy(head.forward_sparse(hidden, targets), targets, reduction="sum")
+    if num_items_in_batch is None:
+        return loss / max(1, targets.numel())
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+@contextlib.contextmanager
+def _dense(head: LSHLinear):
+    """The head's exact path for one call: in training mode too, calls without labels get the
+    unpatched model's logits (a training-mode LSHLinear.forward would be zero outside its active set)."""
+    training, head.training = head.training, False
+    try:
+        yield
+    finally:
+        head.training = training

@@ -1,0 +1,224 @@
+"""lsh_torch.integrations.transformers.patch on tiny random transformers causal LMs."""
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+lsh_hf = pytest.importorskip("lsh_torch.integrations.transformers")
+
+import lsh_torch  # noqa: E402
+
+VOCAB = 3000
+
+
+def tiny(model_type: str = "gpt2"):
+    """A random 2-layer model of the type; no dropout, so train-mode passes are deterministic."""
+    if model_type == "gpt2":
+        kwargs = dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0)
+    else:
+        kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
+                                               pad_token_id=1, **kwargs)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).train()
+
+
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, VOCAB, (3, 12), generator=gen)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt left out of the loss
+    labels[2, -3:] = -100  # padding
+    return ids, labels
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", lsh_hf.SUPPORTED_MODEL_TYPES)
+def test_full_budget_loss_and_gradients_equal_transformers(model_type):
+    """With every word active the sparse softmax is the full one: HF's loss and gradients."""
+    reference = tiny(model_type)
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    ids, labels = batch()
+    expected = reference(ids, labels=labels).loss
+    out = model(ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    expected.backward()
+    out.loss.backward()
+    got, want = grads(model), grads(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_num_items_in_batch_and_shift_labels_follow_transformers():
+    reference = tiny("llama")
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    ids, labels = batch()
+    for kwargs in ({"num_items_in_batch": torch.tensor(50)}, {"shift_labels": labels.roll(-1, 1)}):
+        torch.testing.assert_close(model(ids, labels=labels, **kwargs).loss,
+                                   reference(ids, labels=labels, **kwargs).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_ignored_positions_never_reach_the_head():
+    model = lsh_hf.patch(tiny("gpt2"), active=256)
+    ids, labels = batch()
+    calls = []
+    forward_sparse = model.lm_head.forward_sparse
+    model.lm_head.forward_sparse = lambda x, y: calls.append((x.shape[0], y)) or forward_sparse(x, y)
+    model(ids, labels=labels).loss.backward()
+    (rows, targets), = calls
+    kept = labels[:, 1:][labels[:, 1:] != -100]
+    assert rows == kept.numel() == 3 * 11 - 3 - 3 and torch.equal(targets, kept)
+    loss = model(ids, labels=torch.full_like(labels, -100)).loss
+    assert loss.item() == 0.0
+    loss.backward()  # still a graph: a Trainer step on a fully padded batch does not crash
+
+
+def test_training_never_builds_full_logits_and_counts_steps():
+    model = lsh_hf.patch(tiny("gpt2"), active=256, rebuild=2)
+    full_calls = []
+    model.lm_head.register_forward_hook(lambda *_: full_calls.append(1))
+    ids, labels = batch()
+    for _ in range(3):
+        out = model(ids, labels=labels)
+        out.loss.backward()
+    assert out.logits is None and not full_calls
+    assert model.lm_head.step == 3  # the head's rebuild schedule sees every training step
+    model.eval()
+    assert model(ids, labels=labels).logits.shape == (*ids.shape, VOCAB)
+    assert full_calls == [1]
+
+
+def test_patched_forward_keeps_the_signature_and_copies_cleanly():
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    # Trainer (remove_unused_columns, loss kwargs) and generate() read the forward's signature.
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone and clone._lsh_torch_forward.__self__ is clone
+    ids, labels = batch()
+    clone(ids, labels=labels).loss.backward()
+    assert clone.lm_head.step == 1 and model.lm_head.step == 0
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_eval_without_labels_and_generate_are_exact(model_type):
+    reference = tiny(model_type)
+    model = lsh_hf.patch(copy.deepcopy(reference), active=128)
+    ids, labels = batch()
+    model(ids, labels=labels).loss.backward()  # a sparse step first: the head is in use
+    with torch.no_grad():
+        # training mode without labels: the dense head, not zeros outside an active set
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+        model.eval()
+        reference.eval()
+        out, expected = model(ids, labels=labels), reference(ids, labels=labels)
+        assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+    prompt = ids[:2, :5]
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt))
+    expected = reference.generate(prompt, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert generated.shape == (2, 11) and torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_save_pretrained_loads_into_the_unpatched_class(model_type, tmp_path):
+    model = lsh_hf.patch(tiny(model_type), active=128)
+    tied = model.config.tie_word_embeddings
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids, labels = batch()
+    for _ in range(3):
+        model(ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert type(loaded.lm_head) is torch.nn.Linear
+    assert "forward" not in vars(loaded)  # the plain class, not patched
+    assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == tied
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_trainer_with_gradient_accumulation_lowers_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    model = lsh_hf.patch(tiny("gpt2"), active=256)
+    gen = torch.Generator().manual_seed(0)
+    # Arithmetic sequences of token ids: learnable in a few steps.
+    starts = torch.randint(0, 50, (32,), generator=gen).tolist()
+    data = [{"input_ids": (torch.arange(16) * 7 + s) % 50 + 2, "labels": (torch.arange(16) * 7 + s) % 50 + 2}
+            for s in starts]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, max_steps=12, learning_rate=1e-2,
+                                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    counts = []
+    sparse_loss = lsh_hf._sparse_loss
+    monkeypatch.setattr(lsh_hf, "_sparse_loss", lambda *a: counts.append(a[-1]) or sparse_loss(*a))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # The sparse path ran for every micro-batch, normalised by the step's token count as Trainer asks.
+    assert len(counts) == 24 and all(n is not None and n == counts[i - i % 2] for i, n in enumerate(counts))
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+
+
+def test_converted_head_under_a_full_width_loss_warns_once():
+    model = tiny("gpt2")
+    lsh_torch.convert(model, min_out_features=VOCAB, active=128)
+    ids, labels = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(ids, labels=labels).loss.backward()
+    messages = [str(w.message) for w in caught if "forward_sparse" in str(w.message)]
+    assert len(messages) == 1 and "patch(model)" in messages[0]
+
+
+def test_patched_training_does_not_warn():
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    ids, labels = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids, labels=labels).loss.backward()
+        model(ids).logits.logsumexp(-1).mean().backward()  # no labels: the dense head, exact
+    assert not [w for w in caught if "forward_sparse" in str(w.message)]
+
+
+def test_a_converted_head_is_taken_as_it_is():
+    model = lsh_torch.convert(tiny("gpt2"), min_out_features=VOCAB, active=64)
+    with pytest.raises(ValueError, match="LSHLinear already"):
+        lsh_hf.patch(model, active=128)
+    head = model.lm_head
+    assert lsh_hf.patch(model).lm_head is head and head.budget == 64
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+        lsh_hf.patch(torch.nn.Linear(4, 4))
+    gemma2 = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "gemma2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ValueError, match="model_type 'gemma2'"):  # soft-capped logits
+        lsh_hf.patch(gemma2)
+    model = tiny("gpt2")
+    model.lm_head = None
+    with pytest.raises(TypeError, match="output head"):
+        lsh_hf.patch(model)
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    with pytest.raises(ValueError, match="patched already"):
+        lsh_hf.patch(model)
+    ids, labels = batch()
+    with pytest.raises(ValueError, match=r"labels must be -100 \(ignored\) or in \[0, vocab size = 3000\)"):
+        model(ids, labels=labels.index_fill(1, torch.tensor([5]), VOCAB))
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        model(ids, labels=labels[:, :5])
