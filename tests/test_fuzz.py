@@ -81,9 +81,14 @@ def test_hashing_ops_agree_with_reference(data):
     max_norm = None
     if not query and n and draw(st.booleans()):
         max_norm = rows.double().norm(dim=1).max().reshape(1) * draw(st.floats(1.0, 4.0)) + 1e-30
-    torch.testing.assert_close(ops.mips_transform(rows, query, max_norm), ref.mips_transform(rows, query, max_norm))
+    got, expected = ops.mips_transform(rows, query, max_norm), ref.mips_transform(rows, query, max_norm)
+    torch.testing.assert_close(got[:, :-1], expected[:, :-1])
+    # sqrt(1 - |r|^2) for the largest row: |r| = 1 up to rounding, so sqrt(eps)-sized differences.
+    torch.testing.assert_close(got[:, -1], expected[:, -1], rtol=0, atol=4 * torch.finfo(dtype).eps ** 0.5)
     vector = tensor(draw, (d,))
-    torch.testing.assert_close(ops.row_fingerprints(rows, vector), ref.row_fingerprints(rows, vector))
+    # Summed in float32 for float32 rows: the error bound scales with the sum of |terms|, not the result.
+    error = (ops.row_fingerprints(rows, vector).double() - ref.row_fingerprints(rows, vector).double()).abs()
+    assert (error <= d * torch.finfo(torch.float32).eps * (rows.double().abs() @ vector.double().abs()) + 1e-30).all()
     num_tables, bits = draw(st.integers(1, 4)), draw(st.integers(1, 8))
     projections = tensor(draw, (n, num_tables * bits), dtype)
     for got, expected in zip(ops.hash_codes(projections, num_tables, bits), ref.hash_codes(projections, num_tables, bits)):
@@ -139,7 +144,11 @@ def test_lazy_adam_agrees_with_reference(data):
     expected = [t.clone() for t in (param, m, v)]
     ref.lazy_adam_(*expected, *args)
     ops.lazy_adam_(param, m, v, *args)
-    torch.testing.assert_close((param, m, v), tuple(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((m, v), tuple(expected[1:]), rtol=1e-5, atol=1e-6)
+    # SparseAdam's v + (g^2 - v)(1 - beta2) cancels when beta2 is near 0: in float32 the step's
+    # direction m / sqrt(v) is then good to about 1e-4, which the step size scales.
+    step_error = args[2] * 1e-3 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(param, expected[0], rtol=1e-5, atol=1e-6 + step_error)
 
 
 @fuzz
