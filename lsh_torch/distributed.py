@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .losses import _check_labels_found, _label_mask
 from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings
 
@@ -98,7 +99,9 @@ def unmanaged_parameters(module: nn.Module) -> set[nn.Parameter]:
     """The parameters of ``module`` that DDP / FSDP2 must leave alone: those with row-sparse
     gradients (``LSHLinear(sparse_grad=True)``, ``nn.Embedding``/``EmbeddingBag(sparse=True)``),
     which :func:`all_reduce_sparse_grads` averages, and those of :class:`ShardedLSHLinear` layers,
-    which differ by rank. For FSDP2: ``fully_shard(module, ignored_params=unmanaged_parameters(module))``."""
+    which differ by rank. For FSDP2: ``fully_shard(module, ignored_params=unmanaged_parameters(module))``
+    (FSDP2 broadcasts nothing: start the ranks from identical values, e.g. the same seed); the
+    head, not managed by FSDP2, then needs no ``register_fsdp_forward_method`` for ``forward_sparse``."""
     _, sharded = _lsh_layers(module)
     return set(_replicated_sparse_parameters(module)) | {p for m in sharded for p in m.parameters()}
 
@@ -144,7 +147,7 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
         grad = p.grad
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64, device=p.device),
-                                           p.new_empty(0, *p.shape[1:]), p.shape)
+                                           p.new_empty(0, *p.shape[1:]), p.shape, check_invariants=False)
         elif not grad.is_sparse:
             raise TypeError(f"all_reduce_sparse_grads: a parameter of shape {tuple(p.shape)} has a dense gradient; "
                             "its layer should produce sparse ones (sparse_grad=True / sparse=True)")
@@ -155,7 +158,8 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
         rows = torch.cat(_gather_rows(grad.indices()[0], sizes, process_group))
         values = torch.cat(_gather_rows(grad.values(), sizes, process_group))
         sent += max(sizes) * (8 + values.element_size() * math.prod(p.shape[1:]))
-        p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape).coalesce() / world
+        # Rows come from valid gradients: the invariant check would only cost time.
+        p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=False).coalesce() / world
     return sent
 
 
@@ -349,7 +353,7 @@ class ShardedLSHLinear(nn.Module):
                                           for r in range(self.world_size))]
         self.start, self.end = shard_range(out_features, self.rank, self.world_size)
         kwargs = _shard_kwargs(out_features, self.end - self.start, lsh_kwargs)
-        kwargs["seed"] = (kwargs.get("seed", 0) + self.rank) % 2 ** 31
+        kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
         self.shard = LSHLinear(in_features, self.end - self.start, bias, device, dtype, **kwargs)
         self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
         if self.world_size > 1:  # the mean over the ranks' losses (module docstring)
