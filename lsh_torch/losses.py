@@ -24,17 +24,24 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
             -100, the Hugging Face convention). :meth:`LSHLinear.forward_sparse` takes -1 and -100
             as padding; mask other values out before it.
 
+    A :class:`~lsh_torch.distributed.ShardedSparseOutput` (from ``ShardedLSHLinear.forward_sparse``)
+    gives this rank's loss over its own rows, the softmax taken over every shard's active set
+    (collective: every rank calls it).
+
     Differentiable through ``output.values`` only. Every label must be in its row's active set
     (:meth:`LSHLinear.forward_sparse` forces the labels it is given in): a label that is not, out
     of range or not passed to ``forward_sparse``, raises a ValueError rather than being dropped.
     """
-    values, indices, log_weights = output if len(output) == 3 else (*output, None)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
         raise TypeError("labels must be an int64 tensor")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    from .distributed import ShardedSparseOutput, sharded_cross_entropy  # imported here: it imports this module
+    if isinstance(output, ShardedSparseOutput):
+        return sharded_cross_entropy(output, labels, reduction, ignore_index)
+    values, indices, log_weights = output if len(output) == 3 else (*output, None)
     batch_shape = values.shape[:-1]
     if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
         raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "

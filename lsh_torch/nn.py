@@ -37,14 +37,16 @@ class SparseOutput(NamedTuple):
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
 
 
-def auto_bits(out_features: int) -> int:
+def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
     """Bits per table: about 16 neurons per bucket below :data:`WIDE` outputs (the paper's K=6 at
     1000 neurons), about 200 from there (K=8 at 50K, 12 at 670K): there the tables must find the
     largest logits of a softmax, whose rows have low cosine with the input, and small buckets
     miss them (recall of the exact top 64 on the LM example's 50K-word head: 0.13 with K=12, 0.50
-    with K=8, after rescoring 256 candidates from L=40 tables)."""
-    per_bucket = 200 if out_features >= WIDE else 16
-    return min(20, max(1 if out_features >= WIDE else 6, round(math.log2(max(1, out_features) / per_bucket))))
+    with K=8, after rescoring 256 candidates from L=40 tables). ``wide`` overrides the width's
+    kind: a shard of a wide output layer (``ShardedLSHLinear``) keeps the wide rule."""
+    wide = out_features >= WIDE if wide is None else wide
+    per_bucket = 200 if wide else 16
+    return min(20, max(1 if wide else 6, round(math.log2(max(1, out_features) / per_bucket))))
 
 
 def auto_settings(out_features: int) -> dict:

@@ -1,0 +1,479 @@
+"""LSHLinear on torch.distributed: data parallelism with row-sparse gradients, and a
+vocabulary-parallel output layer.
+
+Data parallel (every rank a full replica). DDP and FSDP2 cannot reduce sparse COO gradients (DDP
+copies every gradient into dense buckets; FSDP2 reduce-scatters dense shards), so the parameters
+with row-sparse gradients stay out of them and :func:`all_reduce_sparse_grads` averages those
+gradients by all-gathering the touched rows (indices + values), cost proportional to the rows
+touched, not to ``out_features``::
+
+    model = lsh_torch.distributed.data_parallel(net)    # DDP that leaves those parameters alone
+    loss = loss_fn(model(x), y); loss.backward()
+    lsh_torch.distributed.all_reduce_sparse_grads(model)  # average their sparse grads over the ranks
+    optimizer.step()
+
+With FSDP2, ``fully_shard(net, ignored_params=unmanaged_parameters(net))`` does the same.
+The ranks' LSH tables need no communication: they are rebuilt from the weights, which stay
+identical, and each rank's active sets then depend only on its own batch.
+
+Vocabulary parallel: :class:`ShardedLSHLinear` splits the rows of a wide output layer over the
+ranks (each its own LSHLinear, tables and optimizer state); :func:`lsh_torch.sparse_cross_entropy`
+computes the softmax over all shards (Megatron's vocab-parallel cross-entropy).
+
+Gradient convention (both cases): after ``loss.backward()`` on every rank, each rank's loss being
+the mean over its own labelled rows, every parameter's gradient is that of the mean of the ranks'
+losses, as DDP gives: :func:`all_reduce_sparse_grads` averages; a ShardedLSHLinear's shard gradient
+arrives summed over the ranks' losses and is divided by the world size by a hook; the gradient
+reaching each rank's input is that of its own loss, which DDP/FSDP2 then average over the trunk.
+With equal batch sizes this is single-process training on the concatenated global batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_int
+from .losses import _check_labels_found, _label_mask
+from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings
+
+__all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
+           "shard_range", "unmanaged_parameters"]
+
+
+def _check_initialised(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what} needs torch.distributed: call torch.distributed.init_process_group first")
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("process_group does not contain this process")
+    return rank, dist.get_world_size(group)
+
+
+def _gather_ints(values: list[int], group, device) -> Tensor:
+    """``[world, len(values)]``: every rank's ``values``."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return torch.stack(out).cpu()
+
+
+def _gather_padded(t: Tensor, group, fill=0, rows_only: bool = False) -> list[Tensor]:
+    """Every rank's ``t`` (shapes may differ by rank, dimensions may not): all-gather of copies
+    padded with ``fill`` to the largest shape (gloo gathers equal sizes only), cut back (in the
+    first dimension only if ``rows_only``, so that they can be concatenated)."""
+    shapes = _gather_ints(list(t.shape), group, t.device)
+    top = shapes.max(0).values.tolist()
+    padded = t.new_full(top, fill)
+    padded[tuple(slice(n) for n in t.shape)] = t
+    out = [torch.empty_like(padded) for _ in range(shapes.shape[0])]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    return [o[:shape[0]] if rows_only else o[tuple(slice(n) for n in shape)] for o, shape in zip(out, shapes.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel
+
+def _lsh_layers(module: nn.Module) -> tuple[list[LSHLinear], list[nn.Module]]:
+    """The replicated LSHLinear layers and the ShardedLSHLinear layers under ``module``."""
+    sharded = [m for m in module.modules() if isinstance(m, ShardedLSHLinear)]
+    inner = {id(m.shard) for m in sharded}
+    return [m for m in module.modules() if isinstance(m, LSHLinear) and id(m) not in inner], sharded
+
+
+def _replicated_sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    replicated, _ = _lsh_layers(module)
+    sparse = [m for m in replicated if m.sparse_grad]
+    sparse += [m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    return [p for m in sparse for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def unmanaged_parameters(module: nn.Module) -> set[nn.Parameter]:
+    """The parameters of ``module`` that DDP / FSDP2 must leave alone: those with row-sparse
+    gradients (``LSHLinear(sparse_grad=True)``, ``nn.Embedding``/``EmbeddingBag(sparse=True)``),
+    which :func:`all_reduce_sparse_grads` averages, and those of :class:`ShardedLSHLinear` layers,
+    which differ by rank. For FSDP2: ``fully_shard(module, ignored_params=unmanaged_parameters(module))``
+    (FSDP2 broadcasts nothing: start the ranks from identical values, e.g. the same seed); the
+    head, not managed by FSDP2, then needs no ``register_fsdp_forward_method`` for ``forward_sparse``."""
+    _, sharded = _lsh_layers(module)
+    return set(_replicated_sparse_parameters(module)) | {p for m in sharded for p in m.parameters()}
+
+
+def data_parallel(module: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(module, **ddp_kwargs)`` that leaves out :func:`unmanaged_parameters`
+    and the LSH tables' buffers (rebuilt on every rank from identical weights; DDP would broadcast
+    them every forward, and a ShardedLSHLinear's differ by rank). Like DDP, it copies rank 0's
+    values of the replicated sparse-gradient parameters to every rank. After each backward, call
+    :func:`all_reduce_sparse_grads` on the returned module."""
+    _check_initialised("data_parallel")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    group = ddp_kwargs.get("process_group")
+    replicated, sharded = _lsh_layers(module)
+    skip = {id(t) for t in unmanaged_parameters(module)} | {id(b) for m in [*replicated, *sharded] for b in m.buffers()}
+    names = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if id(t) in skip]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    with torch.no_grad():
+        for p in _replicated_sparse_parameters(module):
+            dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
+
+
+@torch.no_grad()
+def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
+    """Average the row-sparse gradients of ``module``'s replicated parameters (those of
+    ``LSHLinear(sparse_grad=True)`` and sparse embeddings, not ShardedLSHLinear's) over the ranks.
+
+    Each gradient's touched rows (indices and values) are all-gathered (padded to the largest
+    count among the ranks), summed per row and divided by the world size, as DDP averages; every
+    rank computes the same sum in the same order, so the ranks' parameters stay bit-identical.
+    A parameter without a gradient counts as no touched rows. Returns the bytes this rank
+    contributed to the all-gathers (rows x (8 + row bytes), padded), for measuring.
+    """
+    _check_initialised("all_reduce_sparse_grads")
+    params = _replicated_sparse_parameters(module)
+    if not params:
+        return 0
+    _, world = _rank_and_size(process_group)
+    grads = []
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64, device=p.device),
+                                           p.new_empty(0, *p.shape[1:]), p.shape, check_invariants=False)
+        elif not grad.is_sparse:
+            raise TypeError(f"all_reduce_sparse_grads: a parameter of shape {tuple(p.shape)} has a dense gradient; "
+                            "its layer should produce sparse ones (sparse_grad=True / sparse=True)")
+        grads.append(grad.coalesce())
+    counts = _gather_ints([g._nnz() for g in grads], process_group, params[0].device)  # one sync for all
+    sent = 0
+    for p, grad, sizes in zip(params, grads, counts.t().tolist()):
+        rows = torch.cat(_gather_rows(grad.indices()[0], sizes, process_group))
+        values = torch.cat(_gather_rows(grad.values(), sizes, process_group))
+        sent += max(sizes) * (8 + values.element_size() * math.prod(p.shape[1:]))
+        # Rows come from valid gradients: the invariant check would only cost time.
+        p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=False).coalesce() / world
+    return sent
+
+
+def _gather_rows(t: Tensor, sizes: list[int], group) -> list[Tensor]:
+    """Every rank's ``t`` [sizes[r], *rest] (``rest`` equal on all ranks), padded to the largest."""
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded, group=group)
+    return [o[:n] for o, n in zip(out, sizes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary parallel
+
+def shard_range(out_features: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of rank ``rank``: contiguous, the first ``out_features % world_size``
+    ranks one row more than the others."""
+    base, extra = divmod(out_features, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows ``[sum(sizes), d]`` from this rank's ``x [sizes[rank], d]``. Backward: the
+    gradient of this rank's rows summed over the ranks (every rank's loss may use them)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return torch.cat(_gather_rows(x.contiguous(), sizes, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]], None, None, None
+
+
+class _GatherColumns(torch.autograd.Function):
+    """This rank's rows of the full output ``[sizes[rank], sum(widths)]`` from every shard's
+    columns for all rows ``z [sum(sizes), widths[rank]]``. Backward: each shard's columns of
+    every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx, z, sizes, widths, rank, group):
+        ctx.sizes, ctx.widths, ctx.rank, ctx.group = sizes, widths, rank, group
+        start = sum(sizes[:rank])
+        columns = _gather_padded(z.contiguous(), group)
+        return torch.cat([c[start: start + sizes[rank]] for c in columns], 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = sum(ctx.widths[: ctx.rank])
+        rows = _gather_padded(grad.contiguous(), ctx.group)
+        return torch.cat([r[:, start: start + ctx.widths[ctx.rank]] for r in rows]), None, None, None, None
+
+
+class ShardedSparseOutput(NamedTuple):
+    """Output of :meth:`ShardedLSHLinear.forward_sparse`: this shard's part of the active set for
+    the rows of *every* rank (``values [sum(sizes), A]``; ``indices`` global neuron ids, ``[A]`` in
+    shared mode or ``[sum(sizes), A]``; ``log_weights`` from this shard's tail), and what
+    :func:`lsh_torch.sparse_cross_entropy` needs to combine the shards: the process group, every
+    rank's batch size (rows in rank order) and this rank's batch shape."""
+
+    values: Tensor
+    indices: Tensor
+    log_weights: Optional[Tensor]
+    process_group: object
+    sizes: tuple
+    batch_shape: torch.Size
+
+
+class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row loss ``log sum_all_shards exp(z) - sum(target * z)`` of this rank's rows, from this
+    shard's logits for every rank's rows: the max and the sums are all-reduced (Megatron's
+    vocab-parallel cross-entropy). Backward: every rank's upstream gradient is all-gathered, so that
+    this shard's logits get the gradient of every rank's loss (summed)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, labelled, sizes, rank, group):
+        top = logits.max(1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        exp = (logits - top[:, None]).exp()
+        sums = torch.stack([exp.sum(1), (target * logits).sum(1)], 1)
+        dist.all_reduce(sums, group=group)
+        loss = torch.where(labelled, top + sums[:, 0].log() - sums[:, 1], 0.0)
+        ctx.save_for_backward(exp / sums[:, :1], target, labelled)
+        ctx.sizes, ctx.group = sizes, group
+        start = sum(sizes[:rank])
+        return loss[start: start + sizes[rank]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, target, labelled = ctx.saved_tensors
+        upstream = torch.cat(_gather_rows(grad.contiguous(), list(ctx.sizes), ctx.group))
+        upstream = torch.where(labelled, upstream, 0.0)
+        return upstream[:, None] * (probs - target), None, None, None, None, None
+
+
+def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction: str, ignore_index: int) -> Tensor:
+    """:func:`lsh_torch.sparse_cross_entropy` of a :class:`ShardedSparseOutput` (it dispatches
+    here after checking its arguments): this rank's loss over its own rows, the softmax over every
+    shard's active set, each shard's tail correction applied (the sum of the shards' unbiased
+    normaliser estimates is an unbiased estimate of the full one)."""
+    group, sizes, batch_shape = output.process_group, list(output.sizes), output.batch_shape
+    rank, _ = _rank_and_size(group)
+    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.reshape(sizes[rank], labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
+    labels = labels.masked_fill((labels == -1) | (labels == ignore_index), -1)
+    every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
+    logits = output.values.float()
+    mask, found = _label_mask(output.indices, every, logits.shape)
+    counts = torch.cat([mask.sum(1, keepdim=True), found], 1).to(logits.dtype)
+    dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
+    _check_labels_found((counts[:, 1:] > 0) | (every < 0), every)
+    count = counts[:, 0]
+    target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
+    if output.log_weights is not None:
+        logits = logits + output.log_weights.expand_as(logits)
+    loss = _ShardedSoftmaxCrossEntropy.apply(logits, target, count > 0, tuple(sizes), rank, group)
+    loss = loss.to(output.values.dtype)
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    start = sum(sizes[:rank])
+    return loss.sum() / (count[start: start + sizes[rank]] > 0).sum().clamp_min(1)
+
+
+def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
+    """A shard's LSHLinear options: ``"auto"`` resolved for the full layer (a shard of a wide
+    output layer keeps the output-layer settings), except ``bits`` (from the shard's rows, the
+    bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width)."""
+    auto, wide = auto_settings(out_features), out_features >= WIDE
+    kwargs = dict(kwargs)
+    for name in ("num_tables", "probes", "asymmetric", "active", "bits"):
+        if kwargs.get(name, "auto") != "auto":
+            continue
+        if name == "bits":
+            kwargs[name] = auto_bits(width, wide=wide)
+        elif name == "active" and isinstance(auto["active"], int):
+            kwargs[name] = max(1, min(width, math.ceil(auto["active"] * width / out_features)))
+        else:
+            kwargs[name] = auto[name]
+    return kwargs
+
+
+class ShardedLSHLinear(nn.Module):
+    r"""A vocabulary-parallel LSH output layer: rank ``r`` of ``process_group`` owns the rows
+    :func:`shard_range` gives it, as its own :class:`~lsh_torch.LSHLinear` (``self.shard``: own
+    hash tables, own optimizer state, its ``weight``/``bias`` the only state_dict entries).
+
+    Every rank calls every method collectively with its own batch (sizes may differ; labels, if
+    any, on all ranks or none). :meth:`forward_sparse` all-gathers the hidden vectors (with
+    gradient), scores this shard's active set for the whole global batch with the labels forced
+    in on the shard that owns them, and :func:`lsh_torch.sparse_cross_entropy` of its output is
+    this rank's loss over its own rows with the softmax taken over every shard. Gradients follow
+    the module docstring's convention (those of the mean of the ranks' losses); keep this layer out
+    of DDP/FSDP2 (:func:`data_parallel`, :func:`unmanaged_parameters`) and do not all-reduce it.
+
+    Args:
+        in_features, out_features, bias, device, dtype: of the full layer, as for ``nn.Linear``.
+        process_group: the ranks sharing the rows (default: the default group); each needs at
+            least one row (``out_features >= world size``). Uneven widths are fine.
+        lsh_kwargs: options of each shard's LSHLinear (``active`` and ``tail`` are per shard).
+            ``"auto"`` is resolved for the full width (output-layer settings from 8,192 outputs)
+            except ``bits`` (the shard's width) and ``active`` (the full layer's budget split by
+            width). ``seed`` is offset by the rank, so the shards draw independent tails.
+
+    Initialisation draws each shard from ``nn.Linear``'s distribution with a generator seeded by
+    one draw of the global RNG plus the rank (ranks seeded alike get different rows; the values
+    depend on the world size). Use :meth:`from_linear` or :meth:`load_full_state_dict` to start
+    from given weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 process_group=None, **lsh_kwargs):
+        super().__init__()
+        _check_initialised("ShardedLSHLinear")
+        self.process_group = process_group
+        self.rank, self.world_size = _rank_and_size(process_group)
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < self.world_size:
+            raise ValueError(f"out_features must be an int >= the process group's size {self.world_size} "
+                             f"(every rank owns at least one row), got {out_features!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.widths = [b - a for a, b in (shard_range(out_features, r, self.world_size)
+                                          for r in range(self.world_size))]
+        self.start, self.end = shard_range(out_features, self.rank, self.world_size)
+        kwargs = _shard_kwargs(out_features, self.end - self.start, lsh_kwargs)
+        kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
+        self.shard = LSHLinear(in_features, self.end - self.start, bias, device, dtype, **kwargs)
+        self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
+        if self.world_size > 1:  # the mean over the ranks' losses (module docstring)
+            for p in self.shard.parameters():
+                p.register_hook(lambda grad: grad / self.world_size)
+        self.reset_parameters()
+
+    @property
+    def weight(self) -> Tensor:
+        """This rank's rows ``[end - start, in_features]``."""
+        return self.shard.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.shard.bias
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise like ``nn.Linear`` (uniform in ``±1/sqrt(in_features)``), each rank its own rows."""
+        seed = int(torch.randint(2 ** 62, ()))
+        gen = torch.Generator(device=self.weight.device).manual_seed(seed + self.rank)
+        bound = 1 / math.sqrt(self.in_features)
+        for p in self.shard.parameters():
+            p.uniform_(-bound, bound, generator=gen)
+        self.shard._mark_stale()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, process_group=None, **lsh_kwargs) -> "ShardedLSHLinear":
+        """A ShardedLSHLinear holding, on each rank, its rows of ``linear``'s weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, process_group=process_group, **lsh_kwargs)
+        layer.load_full_state_dict(linear.state_dict())
+        return layer
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The full layer's ``{"weight": [out_features, in_features], "bias": [out_features]}``
+        (``nn.Linear``'s keys), gathered on every rank (collective; it costs the full weight's
+        memory on each)."""
+        return {name: torch.cat(_gather_padded(p.detach(), self.process_group))
+                for name, p in self.shard.named_parameters()}
+
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's rows of a full ``nn.Linear``-style state dict (e.g. from
+        :meth:`full_state_dict` at any world size); the tables rebuild on next use."""
+        expected = {"weight": (self.out_features, self.in_features)}
+        if self.shard.bias is not None:
+            expected["bias"] = (self.out_features,)
+        if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
+            raise ValueError(f"state_dict must have exactly the keys {sorted(expected)}, "
+                             f"got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        for name, shape in expected.items():
+            if tuple(state_dict[name].shape) != shape:
+                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {tuple(state_dict[name].shape)}")
+        self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
+
+    def _gather_input(self, input: Tensor) -> tuple[Tensor, list[int]]:
+        self.shard._check_input(input)
+        x = input.reshape(-1, self.in_features)
+        sizes = _gather_ints([x.shape[0]], self.process_group, x.device)[:, 0].tolist()
+        return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Exact ``[*, out_features]`` outputs of this rank's batch, differentiable, in training too
+        (sparse training goes through :meth:`forward_sparse`). Each shard computes its columns for
+        the global batch, then an all-gather along the vocabulary: every rank briefly holds
+        ``global batch x out_features`` values (1,024 rows x 670K outputs: 2.7 GB in float32);
+        for retrieval use :meth:`topk`."""
+        x, sizes = self._gather_input(input)
+        z = F.linear(x, self.shard.weight, self.shard.bias)
+        out = _GatherColumns.apply(z, sizes, self.widths, self.rank, self.process_group)
+        return out.reshape(*input.shape[:-1], self.out_features)
+
+    def forward_sparse(self, input: Tensor, labels: Optional[Tensor] = None) -> ShardedSparseOutput:
+        """This shard's active outputs for every rank's rows (see :class:`ShardedSparseOutput`);
+        ``labels`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding) are forced in
+        on the shard that owns them. Train with :func:`lsh_torch.sparse_cross_entropy`."""
+        self.shard._check_input(input)
+        batch_shape = input.shape[:-1]
+        if labels is None:
+            labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+            raise TypeError("labels must be an int64 tensor")
+        if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+            raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                             f"got {tuple(labels.shape)}")
+        labels = labels.reshape(batch_shape.numel(), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
+        padding = (labels == -1) | (labels == -100)
+        if bool(((labels < 0) & ~padding).any() | (labels >= self.out_features).any()):
+            raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
+        x, sizes = self._gather_input(input)
+        every = torch.cat(_gather_padded(labels.masked_fill(padding, -1), self.process_group, fill=-1, rows_only=True))
+        mine = (every >= self.start) & (every < self.end)
+        local = torch.where(mine, every - self.start, -1)
+        values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
+        return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
+                                   batch_shape)
+
+    @torch.no_grad()
+    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest outputs of this rank's rows and their global ids, ``[*, k]`` each:
+        each shard's top ``min(k, its rows or budget)`` for the global batch
+        (:meth:`LSHLinear.topk`), all-gathered and merged. ``k`` is at most ``out_features``
+        (``exact``) or the shards' budgets together."""
+        limit = self.out_features if exact else sum(self.budgets)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+            raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
+        x, sizes = self._gather_input(input)
+        mine = min(k, self.shard.out_features if exact else self.shard.budget)
+        values, indices = self.shard.topk(x, mine, exact=exact, probes=probes)
+        start = sum(sizes[: self.rank])
+        rows = slice(start, start + sizes[self.rank])
+        every_values = torch.cat([v[rows] for v in _gather_padded(values, self.process_group)], 1)
+        every_indices = torch.cat([i[rows] for i in _gather_padded(indices + self.start, self.process_group)], 1)
+        values, best = every_values.topk(k, dim=1)
+        shape = (*input.shape[:-1], k)
+        return values.reshape(shape), every_indices.gather(1, best).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rows=[{self.start}, {self.end}), "
+                f"rank={self.rank}, world_size={self.world_size}")

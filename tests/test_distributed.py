@@ -1,0 +1,336 @@
+"""lsh_torch.distributed on 2 gloo processes (CPU): data parallelism with row-sparse gradients
+(DDP, FSDP2) and the vocabulary-parallel ShardedLSHLinear, against single-process references.
+
+Each test spawns its ranks; they write what they computed to files that the test compares."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from lsh_torch import LSHLinear, sparse_cross_entropy
+from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel, shard_range,
+                                   unmanaged_parameters)
+
+WORLD = 2
+IN, HIDDEN = 6, 8
+
+
+def _spawn(fn, tmp_path, *args):
+    mp.spawn(_worker, args=(fn, str(tmp_path), args), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def _worker(rank, fn, tmp, args):
+    torch.set_num_threads(1)  # two ranks on a small shared machine
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
+    try:
+        result = fn(rank, *args)
+        torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Net(nn.Module):
+    """A dense trunk (data parallel) and an output layer used through forward_sparse."""
+
+    def __init__(self, make_head):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU())  # first: the same init in every run
+        self.head = make_head()
+
+    def forward(self, x):
+        return self.trunk(x)
+
+
+def _batch(step, rows, out_features):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(rows, IN, generator=gen), torch.randint(out_features, (rows,), generator=gen)
+
+
+def _local(t, rank, sizes):
+    start = sum(sizes[:rank])
+    return t[start: start + sizes[rank]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel: a replicated LSHLinear(sparse_grad=True) head
+
+def _data_parallel_run(rank, wrapper, out_features, active, steps):
+    torch.manual_seed(0)
+    net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=active, sparse_grad=True, rebuild=2))
+    if rank == 1:  # a different start: data_parallel must copy rank 0's head (DDP the trunk)
+        torch.manual_seed(1)
+        net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=active, sparse_grad=True, rebuild=2))
+    if wrapper == "ddp":
+        model = data_parallel(net)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        with torch.no_grad():  # FSDP2 does not broadcast: start every rank from rank 0's values
+            for p in net.parameters():
+                dist.broadcast(p, 0)
+        model = fully_shard(net, ignored_params=unmanaged_parameters(net))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    sent = []
+    for step in range(steps):
+        x, y = _batch(step, 8, out_features)
+        x, y = _local(x, rank, [4, 4]), _local(y, rank, [4, 4])
+        loss = sparse_cross_entropy(net.head.forward_sparse(model(x), y), y)
+        opt.zero_grad()
+        loss.backward()
+        sent.append(all_reduce_sparse_grads(net))
+        opt.step()
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in net.state_dict().items()}
+    return {"state": state, "sent": sent}
+
+
+def _single_process_run(out_features, steps):
+    torch.manual_seed(0)
+    net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=out_features, sparse_grad=True, rebuild=2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step in range(steps):
+        x, y = _batch(step, 8, out_features)
+        loss = sparse_cross_entropy(net.head.forward_sparse(net(x), y), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper):
+    """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
+    only touched rows travel."""
+    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 64, 16, 4)
+    before = _single_process_run(64, 0)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+        assert not torch.equal(value, before[key]), f"{key} was not trained"
+    dense_bytes = 64 * (HIDDEN + 1) * 4
+    for sent in ranks[0]["sent"]:  # weight and bias rows: at most 16 + 4 labels... of 64
+        assert 0 < sent < dense_bytes
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_equals_single_process_on_the_global_batch(tmp_path, wrapper):
+    """Every neuron active (nothing random): the average of the ranks' gradients is the gradient
+    of the global batch's mean loss, so training matches one process on the global batch."""
+    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 12, 12, 5)
+    reference = _single_process_run(12, 5)
+    for key, value in reference.items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary parallel
+
+OUT = 13  # uneven shards: 7 and 6 rows
+SIZES = [5, 3]  # uneven local batches
+
+
+def _full_linear(out_features=OUT):
+    torch.manual_seed(3)
+    return nn.Linear(HIDDEN, out_features)
+
+
+def _sharded_data():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(SIZES), HIDDEN, generator=gen)
+    # Several labels per row (M differs by rank), padding, a row of rank 0 without any label.
+    labels = [torch.tensor([[0, 12], [7, -1], [-1, -100], [6, 7], [12, 3]]), torch.tensor([[1], [9], [12]])]
+    return x, labels
+
+
+def _soft_targets(labels):
+    target = torch.zeros(labels.shape[0], OUT)
+    for row, row_labels in enumerate(labels.tolist()):
+        valid = [label for label in row_labels if label >= 0]
+        target[row, valid] = 1.0 / len(valid) if valid else 0.0
+    return target
+
+
+def _reference_grads(loss_of_rank):
+    """Reference for the convention: the loss of rank q is ``loss_of_rank(q, logits)``; weight and
+    bias gradients are those of the mean over ranks, the input's those of its own rank's loss."""
+    lin = _full_linear()
+    x, _ = _sharded_data()
+    xs = [_local(x, r, SIZES).clone().requires_grad_() for r in range(WORLD)]
+    losses = [loss_of_rank(r, F.linear(xs[r], lin.weight, lin.bias)) for r in range(WORLD)]
+    (sum(losses) / WORLD).backward()
+    return ([loss.detach() for loss in losses], [WORLD * x.grad for x in xs], lin.weight.grad, lin.bias.grad)
+
+
+def _soft_loss(rank, logits):
+    target = _soft_targets(_sharded_data()[1][rank])
+    labelled = target.sum(1) > 0
+    return F.cross_entropy(logits[labelled], target[labelled])
+
+
+def _sharded_loss_run(rank, mode, sparse_grad):
+    layer = ShardedLSHLinear.from_linear(_full_linear(), active=1.0, tail=0, mode=mode, sparse_grad=sparse_grad)
+    x, labels = _sharded_data()
+    x = _local(x, rank, SIZES).clone().requires_grad_()
+    out = layer.forward_sparse(x, labels[rank])
+    loss = sparse_cross_entropy(out, labels[rank])
+    loss.backward()
+    dense = lambda g: g.to_dense() if g.is_sparse else g
+    return {"loss": loss.detach(), "x_grad": x.grad, "weight_grad": dense(layer.weight.grad),
+            "bias_grad": dense(layer.bias.grad), "rows": (layer.start, layer.end), "indices": out.indices}
+
+
+@pytest.mark.parametrize("mode,sparse_grad", [("shared", False), ("per_row", True)])
+def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, sparse_grad):
+    ranks = _spawn(_sharded_loss_run, tmp_path, mode, sparse_grad)
+    losses, x_grads, weight_grad, bias_grad = _reference_grads(_soft_loss)
+    assert [r["rows"] for r in ranks] == [(0, 7), (7, 13)]
+    for rank, result in enumerate(ranks):
+        start, end = result["rows"]
+        assert result["indices"].min() >= start and result["indices"].max() < end  # global ids of its own rows
+        torch.testing.assert_close(result["loss"], losses[rank])
+        torch.testing.assert_close(result["x_grad"], x_grads[rank])
+        torch.testing.assert_close(result["weight_grad"], weight_grad[start:end])
+        torch.testing.assert_close(result["bias_grad"], bias_grad[start:end])
+
+
+def _sharded_dense_run(rank):
+    layer = ShardedLSHLinear.from_linear(_full_linear(), active=4, rebuild=1)
+    x, labels = _sharded_data()
+    x = _local(x, rank, SIZES).clone().requires_grad_()
+    exact = layer.topk(x, 5, exact=True)
+    approximate = layer.topk(x, 6)  # the tables' candidates: 4 per shard
+    out = layer(x)
+    loss = F.cross_entropy(out, labels[rank][:, 0], ignore_index=-1)
+    loss.backward()
+    return {"exact": exact, "approximate": approximate, "out": out.detach(), "loss": loss.detach(),
+            "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
+            "rows": (layer.start, layer.end)}
+
+
+def test_sharded_topk_and_exact_forward(tmp_path):
+    ranks = _spawn(_sharded_dense_run, tmp_path)
+    lin = _full_linear()
+    x, labels = _sharded_data()
+    first = lambda rank, logits: F.cross_entropy(logits, labels[rank][:, 0], ignore_index=-1)
+    losses, x_grads, weight_grad, bias_grad = _reference_grads(first)
+    for rank, result in enumerate(ranks):
+        logits = F.linear(_local(x, rank, SIZES), lin.weight, lin.bias).detach()
+        torch.testing.assert_close(result["out"], logits)
+        values, indices = logits.topk(5, dim=1)
+        torch.testing.assert_close(result["exact"][0], values)
+        assert torch.equal(result["exact"][1], indices)
+        approx_values, approx_indices = result["approximate"]
+        assert approx_indices.shape == (SIZES[rank], 6)
+        torch.testing.assert_close(approx_values, logits.gather(1, approx_indices))  # true scores, global ids
+        assert (approx_values[:, :-1] >= approx_values[:, 1:]).all()
+        start, end = result["rows"]
+        torch.testing.assert_close(result["loss"], losses[rank])
+        torch.testing.assert_close(result["x_grad"], x_grads[rank])
+        torch.testing.assert_close(result["weight_grad"], weight_grad[start:end])
+        torch.testing.assert_close(result["bias_grad"], bias_grad[start:end])
+
+
+def _sharded_training_run(rank, steps):
+    linear = _full_linear()
+    torch.manual_seed(0)
+    net = _Net(lambda: ShardedLSHLinear.from_linear(linear, active=1.0, tail=0, sparse_grad=True))
+    model = data_parallel(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step in range(steps):
+        x, y = _batch(step, 8, OUT)
+        x, y = _local(x, rank, [4, 4]), _local(y, rank, [4, 4])
+        loss = sparse_cross_entropy(net.head.forward_sparse(model(x), y), y)
+        opt.zero_grad()
+        loss.backward()
+        all_reduce_sparse_grads(net)  # nothing to do: the sharded head is not replicated
+        opt.step()
+    return {"trunk": {k: v.clone() for k, v in net.trunk.state_dict().items()}, "head": net.head.full_state_dict()}
+
+
+def test_sharded_training_equals_single_process(tmp_path):
+    steps = 20
+    ranks = _spawn(_sharded_training_run, tmp_path, steps)
+    linear = _full_linear()
+    torch.manual_seed(0)
+    net = _Net(lambda: linear)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step in range(steps):
+        x, y = _batch(step, 8, OUT)
+        loss = F.cross_entropy(net.head(net(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for key, value in net.trunk.state_dict().items():
+        torch.testing.assert_close(ranks[0]["trunk"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        assert torch.equal(ranks[0]["trunk"][key], ranks[1]["trunk"][key])
+    for key, value in net.head.state_dict().items():
+        torch.testing.assert_close(ranks[0]["head"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        assert not torch.equal(ranks[0]["head"][key], _full_linear().state_dict()[key])
+
+
+def _checkpoint_run(rank):
+    with pytest.raises(ValueError, match="out_features"):
+        ShardedLSHLinear(HIDDEN, 1)  # fewer rows than ranks
+    torch.manual_seed(0)  # seeded alike: the shards must still differ
+    layer = ShardedLSHLinear(HIDDEN, OUT)
+    with pytest.raises(ValueError, match="labels"):
+        layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT]))
+    full = layer.full_state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['weight'\]"):
+        layer.load_full_state_dict({"weight": full["weight"][:-1], "bias": full["bias"]})
+    alone = dist.new_group([0])  # collective: every rank creates it
+    result = {"full": full, "keys": sorted(layer.state_dict())}
+    if rank == 0:
+        one = ShardedLSHLinear(HIDDEN, OUT, process_group=alone)
+        one.load_full_state_dict(full)
+        x = torch.randn(3, HIDDEN)
+        result["one"] = {"full": one.full_state_dict(), "x": x, "out": one(x).detach()}
+    two = ShardedLSHLinear(HIDDEN, OUT)
+    two.load_full_state_dict(full)
+    result["two"] = two.full_state_dict()
+    return result
+
+
+def test_full_state_dict_round_trip_onto_world_size_1_and_2(tmp_path):
+    ranks = _spawn(_checkpoint_run, tmp_path)
+    full = ranks[0]["full"]
+    assert full["weight"].shape == (OUT, HIDDEN) and full["bias"].shape == (OUT,)
+    assert ranks[0]["keys"] == ["shard.bias", "shard.weight"]
+    for key in full:
+        assert torch.equal(ranks[1]["full"][key], full[key])
+        assert torch.equal(ranks[0]["one"]["full"][key], full[key])
+        assert torch.equal(ranks[0]["two"][key], full[key])
+    assert not torch.equal(full["weight"][:6], full["weight"][7:])  # ranks seeded alike drew different rows
+    linear = nn.Linear(HIDDEN, OUT)
+    linear.load_state_dict(full)  # nn.Linear-compatible
+    torch.testing.assert_close(ranks[0]["one"]["out"], linear(ranks[0]["one"]["x"]).detach())
+
+
+def test_shard_range_covers_every_row_once():
+    for out_features, world in [(13, 2), (10, 4), (5, 5)]:
+        ranges = [shard_range(out_features, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == out_features
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def test_distributed_helpers_need_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedLSHLinear(HIDDEN, OUT)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        all_reduce_sparse_grads(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        data_parallel(nn.Linear(2, 2))
+
+
+def test_unmanaged_parameters_are_the_sparse_gradient_ones():
+    dense_head, sparse_head = LSHLinear(HIDDEN, 10), LSHLinear(HIDDEN, 10, sparse_grad=True)
+    embedding = nn.EmbeddingBag(5, IN, sparse=True)
+    model = nn.ModuleList([embedding, _Net(lambda: dense_head), _Net(lambda: sparse_head)])
+    ids = {id(p) for p in unmanaged_parameters(model)}
+    assert ids == {id(embedding.weight), id(sparse_head.weight), id(sparse_head.bias)}
