@@ -234,6 +234,16 @@ def min_budget(data: xmc_data.XMCData, batch_size: int, epochs: int, seed: int, 
     return need
 
 
+def active_budget(data: xmc_data.XMCData, args, mode: str, seed: int, shards: int = 1) -> int:
+    """The active outputs of an lsh or random layer trained on ``data`` in batches seeded from
+    ``seed`` (as :func:`min_budget`): ``--active`` (shared) or ``--active-per-row``, split evenly
+    over ``shards`` and raised to hold every batch's labels (a margin for the tables' picks), at most
+    the narrowest shard's width; the whole layer's count (per shard x shards)."""
+    want = args.active if mode == "shared" else args.active_per_row
+    need = min_budget(data, args.batch_size, args.epochs, seed, mode, shards)
+    return shards * min(data.num_labels // shards, max(-(-want // shards), need + 64 if mode == "shared" else need + 8))
+
+
 def train(run: Run, train_data, eval_data, test_data, args) -> Run:
     net = build(run.kind, run.mode, train_data, args, run.budget)
     rank, size = world()
@@ -551,10 +561,7 @@ def main(argv=None) -> dict:
         budget = 0
         if kind != "dense":
             want = args.active if mode == "shared" else args.active_per_row
-            need = min_budget(train_data, args.batch_size, args.epochs, args.seed, mode, shards=size)
-            # Per shard (the whole layer when size is 1): the narrowest shard's width at most.
-            shard = min(train_data.num_labels // size, max(-(-want // size), need + 64 if mode == "shared" else need + 8))
-            budget = shard * size
+            budget = active_budget(train_data, args, mode, args.seed, shards=size)
             if budget != want:
                 print(f"{spec}: active budget raised from {want} to {budget} to hold every batch's labels")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
