@@ -5,7 +5,15 @@
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
     python examples/xmc.py --device cuda        # the same comparison on a GPU
+    torchrun --nproc-per-node 2 examples/xmc.py # data parallel trunk, sharded head (gloo; NCCL with --device cuda)
     python examples/xmc.py --help
+
+Under torchrun (WORLD_SIZE and RANK set) each rank trains on its share of every global batch of
+``--batch-size`` (so the steps are the single-process run's), the trunk under DDP
+(``lsh_torch.distributed.data_parallel``; the sparse embedding's gradients averaged by
+``all_reduce_sparse_grads``), the lsh and random heads as a ``ShardedLSHLinear`` with the budget
+split over the shards, the dense head replicated under DDP; P@k from the sharded exact top-k
+(global ids); rank 0 prints and writes the files.
 
 The network is SLIDE's: sparse input features -> ``nn.EmbeddingBag`` (sum of feature embeddings
 weighted by the feature values) -> 128 hidden units (ReLU) -> one output per label. The same
