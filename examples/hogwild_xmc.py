@@ -95,7 +95,8 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True,
                                      epilog="Other options (data, --epochs, --lr, LSHLinear settings) are "
-                                            "examples/xmc.py's; --runs, --dense-epochs and --device do not apply.")
+                                            "examples/xmc.py's; the head is lsh in shared mode (--runs, --mode, --dense-epochs, "
+                                            "--threads, --plot and --json do not apply), on cpu.")
     parser.add_argument("--procs", default="1,2", help="process counts to compare, in order")
     own, rest = parser.parse_known_args(argv)
     try:
