@@ -10,7 +10,16 @@ row; after each backward the touched rows are averaged over the ranks. Reported 
 bytes each rank contributes to the all-gathers (rows x (8 + row bytes), padded to the largest
 count among the ranks), the dense gradients' bytes (out_features x (in_features + 1) x 4), and
 the median wall time of the sparse all-reduce and of a dense all_reduce of the same size (noisy
-on a shared machine). Writes benchmarks/results/distributed.json.
+on a shared machine).
+
+Then step times at world size 1 and 2 for the same global batch (``2 x --batch`` rows): one
+process with an LSHLinear head, against 2 processes (one thread each; the 1-process run gets
+``--threads``, default 2, the same cores) with the head replicated (data parallel,
+all_reduce_sparse_grads) or sharded (ShardedLSHLinear, half the rows and half the budget each).
+A step is forward_sparse, the loss, backward, the exchange and a LazyAdam step; reported: the
+median step time and the bytes each rank passes into collectives per step (all_gather and
+all_reduce inputs, counted by wrapping torch.distributed's functions; the small size exchanges
+included). Writes benchmarks/results/distributed.json.
 """
 from __future__ import annotations
 
@@ -28,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lsh_torch import LSHLinear, sparse_cross_entropy
-from lsh_torch.distributed import all_reduce_sparse_grads
+from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
+from lsh_torch.distributed import ShardedLSHLinear, all_reduce_sparse_grads
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -64,22 +73,85 @@ def run(rank: int, args, init: str, queue) -> None:
     dist.destroy_process_group()
 
 
+class _CountBytes:
+    """Counts the bytes of the tensors this process passes into all_gather / all_reduce."""
+
+    def __init__(self):
+        self.bytes = 0
+        for name in ("all_gather", "all_reduce"):
+            inner = getattr(dist, name)
+            setattr(dist, name, self._counting(inner, name))
+
+    def _counting(self, inner, name):
+        def counted(*args, **kwargs):
+            self.bytes += (args[1] if name == "all_gather" else args[0]).nbytes
+            return inner(*args, **kwargs)
+        return counted
+
+
+def step_times(rank: int, world: int, layout: str, args, init: str, queue) -> None:
+    """Median step time and bytes per step of one layout ("single", "replicated", "sharded")."""
+    torch.set_num_threads(args.threads if world == 1 else 1)
+    counter = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        counter = _CountBytes()
+    torch.manual_seed(0)
+    if layout == "sharded":
+        head = ShardedLSHLinear(args.hidden, args.out_features, sparse_grad=True)
+    else:
+        head = LSHLinear(args.hidden, args.out_features, sparse_grad=True)
+    opt = LazyAdam(head.parameters(), lr=1e-3)
+    rows = 2 * args.batch // world
+    gen = torch.Generator().manual_seed(rank)
+    seconds, sent = [], []
+    for step in range(args.steps):
+        x = torch.randn(rows, args.hidden, generator=gen).requires_grad_()  # as from a trunk: its gradient travels
+        y = torch.randint(args.out_features, (rows,), generator=gen)
+        if counter is not None:
+            dist.barrier()
+            counter.bytes = 0
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        sparse_cross_entropy(head.forward_sparse(x, y), y).backward()
+        if layout == "replicated":
+            all_reduce_sparse_grads(head)
+        opt.step()
+        seconds.append(time.perf_counter() - start)
+        sent.append(counter.bytes if counter is not None else 0)
+    if rank == 0:
+        queue.put({"layout": layout, "world": world, "rows_per_rank": rows, "step_ms_median":
+                   1e3 * statistics.median(seconds[2:]), "bytes_per_step_median": statistics.median(sent[2:])})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def spawn(target, world: int, *args):
+    """Runs ``target(rank, ...)`` on ``world`` spawned processes; what rank 0 puts in the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target, args=(rank, *args, f"file://{tmp}/init", queue)) for rank in range(world)]
+        for p in procs:
+            p.start()
+        result = queue.get()
+        for p in procs:
+            p.join()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-features", type=int, default=100_000)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=256, help="rows per rank")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--step-steps", type=int, default=22, help="steps of each step-time run (2 untimed)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process step-time run")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=run, args=(rank, args, f"file://{tmp}/init", queue)) for rank in range(2)]
-        for p in procs:
-            p.start()
-        result = queue.get()
-        for p in procs:
-            p.join()
+    if args.step_steps < 3:
+        parser.error(f"--step-steps must be at least 3 (the first 2 are not timed), got {args.step_steps}")
+    result = spawn(run, 2, args)
     sparse = statistics.median(result["sparse_bytes_per_step"])
     print(f"head {args.out_features} x {args.hidden}, {args.batch} rows per rank, active {result['active']}, 2 ranks")
     print(f"touched rows per step (rank 0): {result['touched_rows_rank0']}")
@@ -87,6 +159,17 @@ def main() -> None:
           f"({result['dense_bytes_per_step'] / sparse:.0f}x)")
     print(f"median ms: sparse all-gather {result['sparse_ms_median']:.1f}, dense all-reduce {result['dense_ms_median']:.1f}"
           " (noisy: shared machine)")
+    step_args = argparse.Namespace(**{**vars(args), "steps": args.step_steps})
+    layouts = [spawn(step_times, world, world, layout, step_args)
+               for world, layout in ((1, "single"), (2, "replicated"), (2, "sharded"))]
+    print(f"\nstep time, global batch {2 * args.batch} (forward_sparse, loss, backward, exchange, LazyAdam):")
+    print(f"{'layout':<12}{'world':>6}{'rows/rank':>10}{'step ms':>9}{'bytes/rank/step':>17}")
+    for r in layouts:
+        print(f"{r['layout']:<12}{r['world']:>6}{r['rows_per_rank']:>10}{r['step_ms_median']:>9.1f}"
+              f"{r['bytes_per_step_median'] / 1e6:>14.3f} MB")
+    print(f"(median of {args.step_steps - 2} steps; 1 process: {args.threads} threads, 2 processes: 1 thread each; "
+          "noisy: shared machine)")
+    result["step_times"] = layouts
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "distributed.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -5,7 +5,15 @@
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
     python examples/xmc.py --device cuda        # the same comparison on a GPU
+    torchrun --nproc-per-node 2 examples/xmc.py # data parallel trunk, sharded head (gloo; NCCL with --device cuda)
     python examples/xmc.py --help
+
+Under torchrun (WORLD_SIZE and RANK set) each rank trains on its share of every global batch of
+``--batch-size`` (so the steps are the single-process run's), the trunk under DDP
+(``lsh_torch.distributed.data_parallel``; the sparse embedding's gradients averaged by
+``all_reduce_sparse_grads``), the lsh and random heads as a ``ShardedLSHLinear`` with the budget
+split over the shards, the dense head replicated under DDP; P@k from the sharded exact top-k
+(global ids); rank 0 prints and writes the files.
 
 The network is SLIDE's: sparse input features -> ``nn.EmbeddingBag`` (sum of feature embeddings
 weighted by the feature values) -> 128 hidden units (ReLU) -> one output per label. The same
@@ -51,6 +59,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -60,6 +69,8 @@ import xmc_data  # noqa: E402
 
 import lsh_torch  # noqa: E402
 from lsh_torch import GrowingSchedule, LSHLinear, sparse_cross_entropy  # noqa: E402
+from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel,  # noqa: E402
+                                   shard_range)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "benchmarks", "results")
@@ -81,15 +92,25 @@ class XMCNet(nn.Module):
     def hidden(self, ids: Tensor, offsets: Tensor, values: Tensor) -> Tensor:
         return torch.relu(self.embed(ids, offsets, per_sample_weights=values) + self.hidden_bias)
 
+    forward = hidden  # the trunk, for DistributedDataParallel (which calls forward)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is initialised (under torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 
 def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XMCNet:
-    """The network with an output layer of ``kind`` ("dense", "lsh" or "random"); same init for all."""
+    """The network with an output layer of ``kind`` ("dense", "lsh" or "random"); same init for all.
+    Under torchrun the LSH and random layers are a ShardedLSHLinear with ``budget`` split evenly
+    over the shards (each rank holds the rows of the same single-process initial layer)."""
     torch.manual_seed(args.seed)
     net = XMCNet(data.num_features, data.num_labels, args.hidden).to(args.device)
     if kind != "dense":
+        _, size = world()
         warmup = round(args.warmup_epochs * math.ceil(len(data) / args.batch_size)) if kind == "lsh" else 0
-        net.out = LSHLinear.from_linear(
-            net.out, active=budget, mode=mode, selection="lsh" if kind == "lsh" else "random",
+        net.out = (ShardedLSHLinear if size > 1 else LSHLinear).from_linear(
+            net.out, active=budget // size, mode=mode, selection="lsh" if kind == "lsh" else "random",
             num_tables=auto_or_int(args.tables), bits=auto_or_int(args.bits), probes=auto_or_int(args.probes),
             tail=auto_or_int(args.tail), rescore=args.rescore,
             rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed,
@@ -133,9 +154,10 @@ def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float) -> list[torch.o
     return opts
 
 
-def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False) -> Tensor:
+def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False, trunk: nn.Module | None = None) -> Tensor:
+    """The training loss; ``trunk`` computes the hidden layer (the DDP wrapper of ``net`` under torchrun)."""
     ids, offsets, values, labels = batch
-    h = net.hidden(ids, offsets, values)
+    h = (trunk if trunk is not None else net)(ids, offsets, values)
     if kind == "dense":
         logits = net.out(h)
         target = torch.zeros_like(logits)
@@ -160,7 +182,10 @@ def precision_at(top: Tensor, labels: Tensor, ks=(1, 3, 5)) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 1024, exact: bool = True,
              k: int = 5) -> tuple[dict[str, float], float]:
-    """Precision@1,3,5 on ``data`` and the seconds the top-k took (hidden layer excluded)."""
+    """Precision@1,3,5 on ``data`` and the seconds the top-k took (hidden layer excluded).
+    Under torchrun every rank passes the whole split (the trunk is replicated): a ShardedLSHLinear's
+    top-k then scores the gathered copies, each shard half the rows for twice the points, the same
+    work as one process; no P@k merging is needed."""
     was_training = net.training
     net.eval()
     tops, seconds = [], 0.0
@@ -200,44 +225,65 @@ class Run:
     lsh_topk: dict = field(default_factory=dict)
 
 
-def min_budget(data: xmc_data.XMCData, batch_size: int, epochs: int, seed: int, mode: str) -> int:
-    """The fewest active outputs that hold every batch's labels (shared) or every point's (per row)."""
+def min_budget(data: xmc_data.XMCData, batch_size: int, epochs: int, seed: int, mode: str, shards: int = 1) -> int:
+    """The fewest active outputs that hold every batch's labels (shared) or every point's (per row),
+    in the shard of ``shards`` (``shard_range``) that needs the most."""
     counts = np.diff(data.label_offsets)
     if mode == "per_row":
         return int(counts.max(initial=1))
+    ends = [shard_range(data.num_labels, r, shards)[1] for r in range(shards)]
     need = 1
     for epoch in range(epochs):
         order = np.random.default_rng(seed + epoch).permutation(len(data))
         for start in range(0, len(data), batch_size):
             _, sel = xmc_data._gather_csr(data.label_offsets, order[start:start + batch_size])
-            need = max(need, len(np.unique(data.label_ids[sel])))
+            shard = np.searchsorted(ends, np.unique(data.label_ids[sel]), side="right")
+            need = max(need, int(np.bincount(shard, minlength=shards).max()))
     return need
+
+
+def active_budget(data: xmc_data.XMCData, args, mode: str, seed: int, shards: int = 1) -> int:
+    """The active outputs of an lsh or random layer trained on ``data`` in batches seeded from
+    ``seed`` (as :func:`min_budget`): ``--active`` (shared) or ``--active-per-row``, split evenly
+    over ``shards`` and raised to hold every batch's labels (a margin for the tables' picks), at most
+    the narrowest shard's width; the whole layer's count (per shard x shards)."""
+    want = args.active if mode == "shared" else args.active_per_row
+    need = min_budget(data, args.batch_size, args.epochs, seed, mode, shards)
+    return shards * min(data.num_labels // shards, max(-(-want // shards), need + 64 if mode == "shared" else need + 8))
 
 
 def train(run: Run, train_data, eval_data, test_data, args) -> Run:
     net = build(run.kind, run.mode, train_data, args, run.budget)
+    rank, size = world()
+    # Under torchrun: DDP for the dense parameters; the sparse embedding's gradients are averaged
+    # by all_reduce_sparse_grads, a ShardedLSHLinear head is left alone (lsh_torch.distributed).
+    trunk = data_parallel(net, **({"device_ids": [args.device]} if args.device.type == "cuda" else {})) \
+        if size > 1 else None
     out_lr = args.out_lr if args.out_lr is not None else args.lr
     opts = optimizers(net, run.kind, args.lr, out_lr)
     epochs = args.dense_epochs if run.kind == "dense" else args.epochs
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     eval_every = max(1, round(steps_per_epoch * args.eval_every))
-    rebuild_timer = _RebuildTimer(net.out, args.device) if run.kind != "dense" else None
+    rebuild_timer = (_RebuildTimer(net.out.shard if size > 1 else net.out, args.device)
+                     if run.kind != "dense" else None)
     run.curve.append((0.0, 0, 0.0, evaluate(net, run.kind, eval_data)[0]["P@1"]))
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"{run.name:>14}", unit="step", leave=True, dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
     net.train()
     for epoch in range(epochs):
         epoch_start = run.train_seconds
-        batches = train_data.batches(args.batch_size, seed=args.seed + epoch)
+        batches = train_data.batches(args.batch_size, seed=args.seed + epoch, part=(rank, size))
         while True:
             start = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
                 break
-            loss = loss_fn(net, run.kind, to_device(batch, args.device), args.uncorrected)
+            loss = loss_fn(net, run.kind, to_device(batch, args.device), args.uncorrected, trunk)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            if trunk is not None:
+                all_reduce_sparse_grads(trunk)
             for opt in opts:
                 opt.step()
             sync(args.device)
@@ -459,8 +505,23 @@ def parse_args(argv=None):
     return args
 
 
+def init_torchrun(args) -> None:
+    """Under torchrun (WORLD_SIZE and RANK in the environment): join the process group (NCCL on
+    GPUs, one per rank by LOCAL_RANK; gloo on CPU) and silence stdout on every rank but 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:  # the table, progress bars and files come from rank 0 only
+        sys.stdout = open(os.devnull, "w")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    init_torchrun(args)
+    rank, size = world()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -492,6 +553,11 @@ def main(argv=None) -> dict:
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__} on {where} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
           f"lsh_torch {lsh_torch.__version__}")
+    if size > 1:
+        where += f", torchrun {size} ranks"
+        print(f"torchrun: {size} ranks ({dist.get_backend()}), each {args.batch_size // size}-{-(-args.batch_size // size)} "
+              f"points of every batch of {args.batch_size}; lsh/random heads sharded (ShardedLSHLinear), "
+              "budgets split evenly over the shards")
 
     warm_up(train_data, args)
     runs = []
@@ -503,8 +569,7 @@ def main(argv=None) -> dict:
         budget = 0
         if kind != "dense":
             want = args.active if mode == "shared" else args.active_per_row
-            need = min_budget(train_data, args.batch_size, args.epochs, args.seed, mode)
-            budget = min(train_data.num_labels, max(want, need + 64 if mode == "shared" else need + 8))
+            budget = active_budget(train_data, args, mode, args.seed, shards=size)
             if budget != want:
                 print(f"{spec}: active budget raised from {want} to {budget} to hold every batch's labels")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
@@ -513,17 +578,19 @@ def main(argv=None) -> dict:
     summary = report(runs, popular, args)
     title = (f"{source}: {len(train_data):,} train points, {train_data.num_labels:,} labels, batch {args.batch_size}, "
              f"{where}")
-    if args.plot:
+    if args.plot and rank == 0:
         plot(runs, popular["P@1"], args.plot, title)
         print(f"plot: {args.plot}")
     result = {"args": {**vars(args), "device": str(args.device)}, "data": {"train": train_data.summary(), "test": test_data.summary()},
               "popular": popular, "summary": summary,
               "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}
-    if args.json:
+    if args.json and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"json: {args.json}")
+    if size > 1:
+        dist.destroy_process_group()
     return result
 
 

@@ -84,13 +84,18 @@ class XMCData:
         return (torch.from_numpy(self.feature_ids[f_sel]), torch.from_numpy(f_off[:-1].copy()),
                 torch.from_numpy(self.feature_values[f_sel]), torch.from_numpy(labels))
 
-    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Mini-batches of :meth:`batch`, in a seeded random order if ``shuffle``."""
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                part: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Mini-batches of :meth:`batch`, in a seeded random order if ``shuffle``. With
+        ``part=(rank, world)``, rank's contiguous share of each batch (``np.array_split``): the
+        world's shares, in rank order, make up the single-process batch (data parallelism)."""
+        rank, world = part
+        if not 0 <= rank < world:
+            raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part!r}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         stop = len(self) - (len(self) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size])
+            yield self.batch(np.array_split(order[start:start + batch_size], world)[rank])
 
     def summary(self) -> str:
         counts = np.diff(self.label_offsets)

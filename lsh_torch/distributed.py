@@ -413,7 +413,7 @@ class ShardedLSHLinear(nn.Module):
         self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
 
     def _gather_input(self, input: Tensor) -> tuple[Tensor, list[int]]:
-        self.shard._check_input(input, self.shard.weight)
+        self.shard._operands(input)  # checks the input as the shard will (autocast-aware)
         x = input.reshape(-1, self.in_features)
         sizes = _gather_ints([x.shape[0]], self.process_group, x.device)[:, 0].tolist()
         return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes
@@ -433,7 +433,7 @@ class ShardedLSHLinear(nn.Module):
         """This shard's active outputs for every rank's rows (see :class:`ShardedSparseOutput`);
         ``labels`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding) are forced in
         on the shard that owns them. Train with :func:`lsh_torch.sparse_cross_entropy`."""
-        self.shard._check_input(input, self.shard.weight)
+        self.shard._operands(input)  # checks the input as the shard will (autocast-aware)
         batch_shape = input.shape[:-1]
         if labels is None:
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)

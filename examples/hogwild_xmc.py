@@ -1,0 +1,134 @@
+"""Lock-free (Hogwild) training of the XMC network: processes update one shared model, no locks.
+
+    python examples/hogwild_xmc.py                       # 1 then 2 processes, same total examples
+    python examples/hogwild_xmc.py --procs 1,2,4 --epochs 3 --labels 200000
+    python examples/hogwild_xmc.py --help                # its options; every examples/xmc.py option works too
+
+The paper's other claim: with LSH, a step touches few rows of the wide layers, so processes that
+update shared weights without locks rarely collide and asynchronous SGD scales near-linearly.
+This is PyTorch's Hogwild example with examples/xmc.py's network (imported, not copied): sparse
+features -> EmbeddingBag (sparse gradients) -> 128 ReLU -> LSHLinear(sparse_grad=True) head in
+shared mode. ``net.share_memory()`` puts the weights in shared memory; each of P processes
+(``torch.multiprocessing``, spawn, one thread each) trains on its 1/P of the training points,
+``--epochs`` passes over its part, so every P trains on the same total examples; the wall time
+is what should shrink. The processes stop at the end of each epoch while the parent evaluates
+P@1 on the eval subset (not timed): P@1 against training wall time.
+
+Optimizer: xmc.py's (SparseAdam for the embedding and the head, which is LazyAdam's arithmetic;
+Adam for the hidden bias) with per-process state: the moments are private, the weights shared.
+Why not plain SGD: xmc.py's learning rate is tuned for Adam, and SGD would need its own search;
+why not shared moments: Adam's moment updates would race like the weights do, with no sparsity
+argument for them being harmless. The cost: each process keeps its own moments (2 x the head's
+size per process) and each moment sees only its process's gradients.
+
+Hash tables are per process: each process's LSHLinear rebuilds its tables from the shared weights
+on its own schedule (a rebuild replaces the table tensors, so they leave shared memory), and its
+step counter, warm-up and random tails are its own (seed offset by the process index).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xmc  # noqa: E402  (sets OMP_WAIT_POLICY=PASSIVE before torch starts its threads)
+import xmc_data  # noqa: E402
+
+
+def worker(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
+    # One thread per process: P processes already fill P cores, more threads oversubscribe them.
+    torch.set_num_threads(1)
+    net.out.seed = args.seed + rank  # independent tails (the same seed would draw the same ones)
+    out_lr = args.out_lr if args.out_lr is not None else args.lr
+    opts = xmc.optimizers(net, "lsh", args.lr, out_lr)  # this process's own moments
+    net.train()
+    barrier.wait()  # started: the parent's clock begins
+    for epoch in range(args.epochs):
+        for batch in part.batches(args.batch_size, seed=args.seed + 1000 * rank + epoch):
+            loss = xmc.loss_fn(net, "lsh", batch)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()  # in place on the shared weights, no lock
+        barrier.wait()  # epoch done everywhere: the parent evaluates
+        barrier.wait()  # evaluated: go on
+
+
+def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
+    """Train on ``procs`` processes; P@1 after each epoch against training wall time, final P@k."""
+    parts = [train_data.subset(np.arange(r, len(train_data), procs)) for r in range(procs)]
+    budget = max(xmc.active_budget(p, args, "shared", args.seed + 1000 * r) for r, p in enumerate(parts))
+    net = xmc.build("lsh", "shared", parts[0], args, budget)  # warm-up counted in a part's steps
+    net.share_memory()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs + 1)
+    workers = [ctx.Process(target=worker, args=(r, net, parts[r], args, barrier)) for r in range(procs)]
+    for w in workers:
+        w.start()
+    curve = [(0.0, 0, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"])]
+    seconds = 0.0
+    barrier.wait()
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        barrier.wait()
+        seconds += time.perf_counter() - start
+        curve.append((seconds, epoch + 1, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"]))
+        print(f"  {procs} process(es), epoch {epoch + 1}: {seconds:6.1f}s  P@1 {curve[-1][2]:.3f}", flush=True)
+        barrier.wait()
+    for w in workers:
+        w.join()
+        if w.exitcode:
+            raise SystemExit(f"a worker of the {procs}-process run failed (exit code {w.exitcode})")
+    steps = sum(math.ceil(len(p) / args.batch_size) for p in parts) * args.epochs
+    return {"procs": procs, "budget": budget, "steps": steps, "seconds": seconds, "curve": curve,
+            "final": xmc.evaluate(net, "lsh", test_data)[0]}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True,
+                                     epilog="Other options (data, --epochs, --lr, LSHLinear settings) are "
+                                            "examples/xmc.py's; the head is lsh in shared mode (--runs, --mode, --dense-epochs, "
+                                            "--threads, --plot and --json do not apply), on cpu.")
+    parser.add_argument("--procs", default="1,2", help="process counts to compare, in order")
+    own, rest = parser.parse_known_args(argv)
+    try:
+        counts = [int(c) for c in own.procs.split(",")]
+    except ValueError:
+        parser.error(f"--procs must be comma-separated ints, got {own.procs!r}")
+    if not counts or min(counts) < 1:
+        parser.error(f"--procs must be positive process counts, got {own.procs!r}")
+    args = xmc.parse_args(rest)
+    if args.device.type != "cpu":
+        parser.error("--device: Hogwild here is CPU processes sharing memory; use cpu")
+    if args.quick:
+        args.train_points, args.test_points, args.epochs = 8_000, 2_000, 2
+    train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed,
+                                                    num_features=args.features, num_labels=args.labels)
+    eval_data = test_data.subset(np.random.default_rng(args.seed).permutation(len(test_data))[:args.eval_points])
+    print(f"synthetic data: {train_data.summary()}\n{os.cpu_count()} cores; torch {torch.__version__}, "
+          f"one thread per process; {args.epochs} epochs over each process's part, batch {args.batch_size}")
+    results = []
+    for procs in counts:
+        results.append(hogwild(procs, train_data, eval_data, test_data, args))
+    base = results[0]
+    print(f"\n{'processes':>9}{'budget':>8}{'steps':>7}{'train s':>9}{'speed-up':>10}{'P@1':>8}{'P@3':>8}{'P@5':>8}"
+          f"   P@1 after each epoch (eval subset)")
+    for r in results:
+        print(f"{r['procs']:>9}{r['budget']:>8}{r['steps']:>7}{r['seconds']:>9.1f}{base['seconds'] / r['seconds']:>9.2f}x"
+              f"{r['final']['P@1']:>8.3f}{r['final']['P@3']:>8.3f}{r['final']['P@5']:>8.3f}   "
+              + " ".join(f"{p1:.3f}@{s:.0f}s" for s, _, p1 in r["curve"][1:]))
+    print("same total examples for every process count; train s = wall time of the training steps "
+          f"(evaluation excluded); speed-up against {base['procs']} process(es); P@k on the full test split")
+    return results
+
+
+if __name__ == "__main__":
+    main()
