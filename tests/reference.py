@@ -182,8 +182,14 @@ def sparse_linear_grad_weight_rows(grad_out, x, active):
 
 
 def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
-    m = beta1 * exp_avg[rows].double() + (1 - beta1) * grad_rows.double()
-    v = beta2 * exp_avg_sq[rows].double() + (1 - beta2) * grad_rows.double() ** 2
+    """SparseAdam's operations in its order (the op's contract), in the compute type: float32
+    below float64. In float32 they cancel when a beta is near 0, so the contract, not the exact
+    Adam formula, is what the kernel must reproduce."""
+    acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+    scalar = lambda value: torch.tensor(value, dtype=acc)  # rounded once, as the kernels do
+    m, v, g = exp_avg[rows].to(acc), exp_avg_sq[rows].to(acc), grad_rows.to(acc)
+    m = m + (g - m) * scalar(1 - beta1)
+    v = v + (g * g - v) * scalar(1 - beta2)
     exp_avg[rows] = m.to(exp_avg.dtype)
     exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
-    param[rows] = (param[rows].double() - step_size * m / (v.sqrt() + eps)).to(param.dtype)
+    param[rows] = (param[rows].to(acc) - m / (v.sqrt() + scalar(eps)) * scalar(step_size)).to(param.dtype)
