@@ -412,11 +412,25 @@ class ShardedLSHLinear(nn.Module):
                 raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {tuple(state_dict[name].shape)}")
         self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
 
-    def _gather_input(self, input: Tensor) -> tuple[Tensor, list[int]]:
-        self.shard._operands(input)  # checks the input as the shard will (autocast-aware)
+    def _gather_input(self, input: Tensor, check=lambda: None):
+        """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard
+        will check it, autocast-aware) and ``check`` are verified on every rank before the first
+        collective, and the outcome travels with the row counts: a bad argument on one rank raises
+        on every rank (the others name it) instead of leaving them waiting in a collective."""
+        try:
+            self.shard._operands(input)
+            checked, error = check(), None
+        except (TypeError, ValueError) as caught:
+            checked, error = None, caught
+        rows = -1 if error else input.reshape(-1, self.in_features).shape[0]
+        sizes = _gather_ints([rows], self.process_group, self.shard.weight.device)[:, 0].tolist()
+        if error is not None:
+            raise error
+        if -1 in sizes:
+            raise ValueError(f"rank {sizes.index(-1)} of the process group was given an invalid argument (its error says "
+                             "which); every rank stops")
         x = input.reshape(-1, self.in_features)
-        sizes = _gather_ints([x.shape[0]], self.process_group, x.device)[:, 0].tolist()
-        return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes
+        return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes, checked
 
     def forward(self, input: Tensor) -> Tensor:
         """Exact ``[*, out_features]`` outputs of this rank's batch, differentiable, in training too
@@ -424,7 +438,7 @@ class ShardedLSHLinear(nn.Module):
         the global batch, then an all-gather along the vocabulary: every rank briefly holds
         ``global batch x out_features`` values (1,024 rows x 670K outputs: 2.7 GB in float32);
         for retrieval use :meth:`topk`."""
-        x, sizes = self._gather_input(input)
+        x, sizes, _ = self._gather_input(input)
         z = F.linear(x, self.shard.weight, self.shard.bias)
         out = _GatherColumns.apply(z, sizes, self.widths, self.rank, self.process_group)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -433,7 +447,17 @@ class ShardedLSHLinear(nn.Module):
         """This shard's active outputs for every rank's rows (see :class:`ShardedSparseOutput`);
         ``labels`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding) are forced in
         on the shard that owns them. Train with :func:`lsh_torch.sparse_cross_entropy`."""
-        self.shard._operands(input)  # checks the input as the shard will (autocast-aware)
+        x, sizes, flat = self._gather_input(input, lambda: self._flat_labels(input, labels))
+        batch_shape = input.shape[:-1]
+        every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
+        mine = (every >= self.start) & (every < self.end)
+        local = torch.where(mine, every - self.start, -1)
+        values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
+        return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
+                                   batch_shape)
+
+    def _flat_labels(self, input: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """``labels`` as ``[rows, M]`` with all padding as -1, checked."""
         batch_shape = input.shape[:-1]
         if labels is None:
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
@@ -446,13 +470,7 @@ class ShardedLSHLinear(nn.Module):
         padding = (labels == -1) | (labels == -100)
         if bool(((labels < 0) & ~padding).any() | (labels >= self.out_features).any()):
             raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
-        x, sizes = self._gather_input(input)
-        every = torch.cat(_gather_padded(labels.masked_fill(padding, -1), self.process_group, fill=-1, rows_only=True))
-        mine = (every >= self.start) & (every < self.end)
-        local = torch.where(mine, every - self.start, -1)
-        values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
-        return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
-                                   batch_shape)
+        return labels.masked_fill(padding, -1)
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -461,9 +479,11 @@ class ShardedLSHLinear(nn.Module):
         (:meth:`LSHLinear.topk`), all-gathered and merged. ``k`` is at most ``out_features``
         (``exact``) or the shards' budgets together."""
         limit = self.out_features if exact else sum(self.budgets)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
-            raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
-        x, sizes = self._gather_input(input)
+
+        def check_k():
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+                raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
+        x, sizes, _ = self._gather_input(input, check_k)
         mine = min(k, self.shard.out_features if exact else self.shard.budget)
         values, indices = self.shard.topk(x, mine, exact=exact, probes=probes)
         start = sum(sizes[: self.rank])

@@ -279,6 +279,11 @@ def _checkpoint_run(rank):
     layer = ShardedLSHLinear(HIDDEN, OUT)
     with pytest.raises(ValueError, match="labels"):
         layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT]))
+    # A bad argument on one rank only raises on both (it used to leave the other in a collective).
+    with pytest.raises(ValueError, match="labels must be in" if rank == 1 else "rank 1 .* invalid argument"):
+        layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT if rank == 1 else 1]))
+    with pytest.raises((TypeError, ValueError), match="input" if rank == 0 else "rank 0 .* invalid argument"):
+        layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
     full = layer.full_state_dict()
     with pytest.raises(ValueError, match=r"state_dict\['weight'\]"):
         layer.load_full_state_dict({"weight": full["weight"][:-1], "bias": full["bias"]})
