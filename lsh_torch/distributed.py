@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_int
-from .losses import _check_labels_found, _label_mask
+from .losses import _check_labels_found, _label_mask, _label_rows
 from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
@@ -268,17 +268,13 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     normaliser estimates is an unbiased estimate of the full one)."""
     group, sizes, batch_shape = output.process_group, list(output.sizes), output.batch_shape
     rank, _ = _rank_and_size(group)
-    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
-                         f"got {tuple(labels.shape)}")
-    labels = labels.reshape(sizes[rank], labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
-    labels = labels.masked_fill((labels == -1) | (labels == ignore_index), -1)
+    labels = _label_rows(labels, batch_shape, ignore_index)
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
     logits = output.values.float()
     mask, found = _label_mask(output.indices, every, logits.shape)
     counts = torch.cat([mask.sum(1, keepdim=True), found], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
-    _check_labels_found((counts[:, 1:] > 0) | (every < 0), every)
+    _check_labels_found((counts[:, 1:] > 0) | (every == -1), every)
     count = counts[:, 0]
     target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
     if output.log_weights is not None:
@@ -463,14 +459,10 @@ class ShardedLSHLinear(nn.Module):
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
             raise TypeError("labels must be an int64 tensor")
-        if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-            raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
-                             f"got {tuple(labels.shape)}")
-        labels = labels.reshape(batch_shape.numel(), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
-        padding = (labels == -1) | (labels == -100)
-        if bool(((labels < 0) & ~padding).any() | (labels >= self.out_features).any()):
+        labels = _label_rows(labels, batch_shape, -100)
+        if bool(((labels < -1) | (labels >= self.out_features)).any()):
             raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
-        return labels.masked_fill(padding, -1)
+        return labels
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:

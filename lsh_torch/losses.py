@@ -43,15 +43,10 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         return sharded_cross_entropy(output, labels, reduction, ignore_index)
     values, indices, log_weights = output if len(output) == 3 else (*output, None)
     batch_shape = values.shape[:-1]
-    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
-                         f"got {tuple(labels.shape)}")
     logits = values.reshape(-1, values.shape[-1])
-    labels = labels.reshape(logits.shape[0], labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
-    padding = (labels == -1) | (labels == ignore_index)
-    labels = labels.masked_fill(padding, -1)
+    labels = _label_rows(labels, batch_shape, ignore_index)
     mask, found = _label_mask(indices, labels, logits.shape)
-    _check_labels_found(found | padding, labels)
+    _check_labels_found(found | (labels == -1), labels)
     target = mask.to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
@@ -64,6 +59,16 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (count > 0).sum().clamp_min(1)
+
+
+def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int) -> Tensor:
+    """``labels`` (``batch_shape`` or ``batch_shape + (M,)``) as ``[rows, M]``, every padding value -1."""
+    batch_shape = torch.Size(batch_shape)
+    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.reshape(batch_shape.numel(), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
+    return labels.masked_fill(labels == ignore_index, -1)
 
 
 def _check_labels_found(ok: Tensor, labels: Tensor) -> None:
