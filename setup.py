@@ -43,7 +43,11 @@ def extension():
     # -ffp-contract=off on every host (gcc fuses multiply-adds by default where the target has FMA,
     # e.g. aarch64): results stay bit-identical to the CUDA kernels'. The C++ standard is torch's own.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + simd_flags()
-    link = ["-fopenmp"]
+    # libstdc++ linked as a shared library, named explicitly: on the GPU machine's image the
+    # extension came out with a private static copy of it, whose number formatting crashed
+    # (segfault in every error message that prints a number); an explicit -lstdc++ wins over an
+    # implicit static one.
+    link = ["-fopenmp", "-lstdc++"]
     if os.environ.get("LSH_TORCH_SANITIZE") == "1":
         # Every UB report is fatal; frame pointers and -g give readable stacks; -O1 as ASan advises.
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
