@@ -43,11 +43,11 @@ def extension():
     # -ffp-contract=off on every host (gcc fuses multiply-adds by default where the target has FMA,
     # e.g. aarch64): results stay bit-identical to the CUDA kernels'. The C++ standard is torch's own.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + simd_flags()
-    # libstdc++ linked as a shared library, named explicitly: on the GPU machine's image the
-    # extension came out with a private static copy of it, whose number formatting crashed
-    # (segfault in every error message that prints a number); an explicit -lstdc++ wins over an
-    # implicit static one.
-    link = ["-fopenmp", "-lstdc++"]
+    # libstdc++ by its shared object's file name: on the GPU machine's image the extension came out
+    # with a private static copy of libstdc++ (no libstdc++.so.6 among its needed libraries, even
+    # with -lstdc++), whose number formatting segfaulted in every error message that prints a
+    # number. Likely cause: no libstdc++.so development link there, so -lstdc++ found only the .a.
+    link = ["-fopenmp", "-l:libstdc++.so.6"]
     if os.environ.get("LSH_TORCH_SANITIZE") == "1":
         # Every UB report is fatal; frame pointers and -g give readable stacks; -O1 as ASan advises.
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
