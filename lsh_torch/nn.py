@@ -49,17 +49,21 @@ def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
     return min(20, max(1 if wide else 6, round(math.log2(max(1, out_features) / per_bucket))))
 
 
-def auto_settings(out_features: int) -> dict:
-    """What ``"auto"`` means for a layer of this width; one rule, documented in the README.
+def auto_settings(out_features: int, mode: str = "auto") -> dict:
+    """What ``"auto"`` means for a layer of this width and mode; one rule, documented in the README.
 
     Below :data:`WIDE` outputs (hidden layers): the paper's L=5 tables, 10 probes, the MIPS
-    transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): L=40 tables,
-    2 probes, direction-only hashing (``asymmetric=False``), 2,048 active neurons (half of them
-    the corrected uniform tail in :meth:`LSHLinear.forward_sparse`), measured on the LM example
-    (50K words: perplexity 177-178 against 180 dense) and the XMC demo (100K labels).
+    transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): 2 probes,
+    direction-only hashing (``asymmetric=False``), 2,048 active neurons (half of them the
+    corrected uniform tail in :meth:`LSHLinear.forward_sparse`), and L=40 tables where each row
+    needs its own top set (``mode="per_row"``: LM example, 128 words per token, perplexity 178.4
+    with L=40 against 195.1 with L=20) but L=20 where the batch shares one (``"shared"``, and
+    ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
+    L=40, at half the query and rebuild cost).
     """
     wide = out_features >= WIDE
-    return {"num_tables": 40 if wide else 5, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
+    tables = (40 if mode == "per_row" else 20) if wide else 5
+    return {"num_tables": tables, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
             "asymmetric": not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
@@ -76,7 +80,8 @@ class LSHLinear(nn.Module):
         num_tables, bits, probes, asymmetric, active: ``"auto"`` (each one's default) chooses them
             from ``out_features`` by :func:`auto_settings`: the paper's hidden-layer settings below
             8,192 outputs, output-layer settings from there.
-        num_tables: L, the number of hash tables (auto: 5, as in the paper, or 40).
+        num_tables: L, the number of hash tables (auto: 5, as in the paper; 20 for wide layers, 40
+            with ``mode="per_row"``).
         bits: K, bits per table code; each table has ``2**K`` buckets (auto: :func:`auto_bits`).
         probes: buckets probed per table: the input's own plus its nearest by multi-probe (auto: 10 or 2).
         tail: how much of the budget :meth:`forward_sparse` reserves for the uniform tail: an int
@@ -161,7 +166,7 @@ class LSHLinear(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
-        auto = auto_settings(out_features)
+        auto = auto_settings(out_features, mode)
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
             ("active", active)))

@@ -209,7 +209,10 @@ def test_auto_settings_by_width():
     assert (hidden.tables.num_tables, hidden.tables.bits, hidden.tables.probes, hidden.tables.asymmetric,
             hidden.budget) == (5, 6, 10, True, 250)  # the paper's settings, 25% active
     assert (wide.tables.num_tables, wide.tables.bits, wide.tables.probes, wide.tables.asymmetric,
-            wide.budget) == (40, 12, 2, False, 2048)  # ~200 rows per bucket, 2,048 active
+            wide.budget) == (20, 12, 2, False, 2048)  # ~200 rows per bucket, 2,048 active
+    assert LSHLinear(8, 670_091, mode="shared").tables.num_tables == 20  # the batch shares one top set
+    assert LSHLinear(8, 670_091, mode="per_row").tables.num_tables == 40  # each row needs its own
+    assert LSHLinear(8, 1000, mode="per_row").tables.num_tables == 5
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win
