@@ -18,7 +18,7 @@ inside a network), one label per row (``--labels-per-row``):
                    GEMM) + sparse_grad=True + LazyAdam
 
 The hashing settings are LSHLinear's defaults for the width, as in the CPU output-layer benchmark
-and the XMC demo (L=40 tables, ~200 rows per bucket, 2 probes, asymmetric=False, half of the
+and the XMC demo (L=20 tables shared, 40 per row, ~200 rows per bucket, 2 probes, asymmetric=False, half of the
 2,048 outputs per batch or 128 per row the corrected uniform tail, top set rescored). The LSH steps are timed without
 rebuilds (``rebuild=None``); rebuilds are timed on their own: a full one (every row hashed) and the
 incremental one that training runs under the default schedule (every 10 steps, re-hashing the rows
