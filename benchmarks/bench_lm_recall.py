@@ -59,8 +59,12 @@ def main(argv=None) -> None:
     for family, bits, (tables, probes) in ((f, int(b), s) for f in families for b in args.bits.split(",")
                                            for s in settings):
         spec = lsh_torch.hashing.DWTA(int(family[5:])) if family.startswith("dwta:") else family
-        layer = lsh_torch.LSHLinear.from_linear(model.head, num_tables=tables, bits=bits, probes=probes,
-                                                asymmetric=False, hash=spec)
+        try:
+            layer = lsh_torch.LSHLinear.from_linear(model.head, num_tables=tables, bits=bits, probes=probes,
+                                                    asymmetric=False, hash=spec)
+        except ValueError as e:  # a bin size whose log2 does not divide K
+            print(f"{family:>18} {bits:>3} {tables:>3} {probes:>6}  skipped: {e}")
+            continue
         layer.rebuild()
         start = time.perf_counter()
         pool, _ = layer.tables.query(h, args.pool, None, 0)
