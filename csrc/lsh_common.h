@@ -2,6 +2,7 @@
 // choice of the query reproducible (and reproducible by tests/reference.py), and limits.
 #pragma once
 #include <cstdint>
+#include <limits>
 
 #ifdef __CUDACC__
 #define LSH_HD __host__ __device__ __forceinline__
@@ -28,13 +29,63 @@ LSH_HD uint64_t mix64(uint64_t z) {
 }
 
 // Random streams of the query; a value depends only on (seed, stream, row, counter).
-enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3 };
+enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3, kDensify = 4 };
 
 LSH_HD uint64_t seeded_hash(int64_t seed, uint64_t stream, int64_t row, uint64_t counter) {
   return mix64(mix64(mix64(static_cast<uint64_t>(seed)) ^ stream) + static_cast<uint64_t>(row)) ^
          mix64(counter);
 }
 
+// DWTA densification (Shrivastava, "Optimal Densification for Fast and Accurate Minwise Hashing",
+// ICML 2017, as Chen & Shrivastava's densified WTA uses it): an empty bin g (every entry 0) of a
+// row takes the hash of the first non-empty bin in a fixed pseudo-random sequence of the L*H bins,
+// j_t = seeded_hash(0, kDensify, g, t) mod L*H for t = 1..kDensifyAttempts, then the bins after g in
+// circular order. The sequence depends on g alone, never on the row, so two rows with the same
+// empty bins borrow from the same places (their codes can collide); it is fixed, not seeded, since
+// the bins themselves are a seeded draw. `hashes[j]` < 0 marks an empty bin. Returns the source
+// bin, or -1 if every bin of the row is empty.
+constexpr int kDensifyAttempts = 32;
+
+LSH_HD int64_t dwta_source(const int32_t* hashes, int64_t num_bins, int64_t g) {
+  for (int t = 1; t <= kDensifyAttempts; ++t) {
+    const int64_t j = static_cast<int64_t>(seeded_hash(0, kDensify, g, static_cast<uint64_t>(t)) %
+                                           static_cast<uint64_t>(num_bins));
+    if (hashes[j] >= 0) return j;
+  }
+  for (int64_t s = 1; s < num_bins; ++s) {
+    const int64_t j = (g + s) % num_bins;
+    if (hashes[j] >= 0) return j;
+  }
+  return -1;
+}
+
+// One DWTA hash: the position a of the largest of row[bin[0 .. size-1]] (the lowest position
+// among ties; NaN never wins; 0 if all are NaN) and, for each of its `bits` bits k, the margin
+// row[bin[a]] - row[bin[a ^ 2^k]] in acc_t, rounded to float32 (NaN -> inf). Returns -1 if the
+// bin is empty (every entry == 0; NaN is not 0), a to be replaced by densification. The caller
+// has checked 0 <= bin[j] < d.
+template <typename acc_t, typename scalar_t>
+LSH_HD int32_t dwta_hash(const scalar_t* row, const int64_t* bin, int64_t size, int bits, float* margins) {
+  int64_t best = -1;
+  acc_t best_value = acc_t(0);
+  bool empty = true;
+  for (int64_t j = 0; j < size; ++j) {
+    const acc_t v = static_cast<acc_t>(row[bin[j]]);
+    if (v != acc_t(0)) empty = false;
+    if (v == v && (best < 0 || v > best_value)) {
+      best = j;
+      best_value = v;
+    }
+  }
+  if (best < 0) best = 0;
+  const acc_t top = static_cast<acc_t>(row[bin[best]]);
+  for (int k = 0; k < bits; ++k) {
+    const acc_t other = static_cast<acc_t>(row[bin[best ^ (int64_t(1) << k)]]);
+    const float m = static_cast<float>(top - other);
+    margins[k] = m != m ? std::numeric_limits<float>::infinity() : m;
+  }
+  return empty ? -1 : static_cast<int32_t>(best);
+}
 
 // Multi-probe sequence of one table (Lv et al., VLDB 2007): the bucket itself, then the buckets
 // whose codes differ in the bit sets with the smallest sum of margins |projection|, i.e. the

@@ -14,6 +14,18 @@ TORCH_LIBRARY(lsh_torch, m) {
   // table l is projections[:, l*K + k] > 0) and margins [n, L*K] float32 = |projection|
   // (NaN -> inf), which order the bit flips of multi-probe.
   m.def("hash_codes(Tensor projections, int num_tables, int bits) -> (Tensor codes, Tensor margins)");
+  // Densified winner-take-all codes (Yagnik et al. 2011; Chen & Shrivastava, "Densified Winner Take
+  // All (WTA) Hashing for Sparse Datasets", UAI 2018), the hash family SLIDE uses for Amazon-670K.
+  // bins [L*H, bin_size] int64 (dimension indices, bin_size a power of two) -> codes [n, L] int32
+  // and margins [n, L*K] float32, K = H * log2(bin_size). Hash g of a row is the position of the
+  // largest of rows[:, bins[g]] (lowest position among ties; NaN never wins, an all-NaN bin gives
+  // 0); table l's code is hashes l*H .. l*H+H-1 concatenated, hash h in bits h*b .. h*b+b-1. A bin
+  // whose entries are all 0 is empty and takes the hash (and margins) of another bin of the row
+  // (densification, lsh_common.h: dwta_source); a row with every bin empty gets code 0 and margins
+  // 0. Margin of bit k of hash g with argmax a: rows[bins[g][a]] - rows[bins[g][a ^ 2^k]] >= 0,
+  // computed in the rows' opmath type (NaN -> inf): the cost of flipping that bit, for multi-probe.
+  // Integer outputs: no gradient.
+  m.def("dwta_codes(Tensor rows, Tensor bins, int num_tables) -> (Tensor codes, Tensor margins)");
   // One float32 per row, rows [n, d] . vector [d] (float32), accumulated in the rows' opmath type:
   // a cheap fingerprint that tells which rows changed since the last table build.
   m.def("row_fingerprints(Tensor rows, Tensor vector) -> Tensor");

@@ -56,6 +56,36 @@ inline void check_bits_tables(int64_t num_tables, int64_t bits) {
               "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
 }
 
+struct DwtaShape {
+  int64_t n, d, num_bins, bin_size, bin_bits, hashes_per_table, bits;
+};
+
+// dwta_codes: rows [n, d] floating, bins [L*H, bin_size] int64 with bin_size a power of two >= 2 and
+// K = H * log2(bin_size) <= kMaxBits. That bins hold indices in [0, d) is checked by each kernel.
+inline DwtaShape check_dwta_args(const at::Tensor& rows, const at::Tensor& bins, int64_t num_tables) {
+  TORCH_CHECK(rows.dim() == 2 && at::isFloatingType(rows.scalar_type()),
+              "dwta_codes: rows must be a floating [n, d] tensor, got ", rows.scalar_type(), " of shape ",
+              rows.sizes());
+  TORCH_CHECK(bins.dim() == 2 && bins.scalar_type() == at::kLong,
+              "dwta_codes: bins must be int64 [L*H, bin_size], got ", bins.scalar_type(), " of shape ", bins.sizes());
+  TORCH_CHECK(bins.device() == rows.device(), "dwta_codes: rows and bins must be on one device, got ",
+              rows.device(), " and ", bins.device());
+  TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
+              "dwta_codes: num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
+  const int64_t num_bins = bins.size(0), bin_size = bins.size(1);
+  TORCH_CHECK(bin_size >= 2 && bin_size <= (int64_t(1) << kMaxBits) && (bin_size & (bin_size - 1)) == 0,
+              "dwta_codes: bins must have a power-of-two bin_size in [2, 2^", kMaxBits, "] columns, got ", bin_size);
+  TORCH_CHECK(num_bins >= num_tables && num_bins % num_tables == 0,
+              "dwta_codes: bins must have L*H rows, a positive multiple of num_tables = ", num_tables, ", got ",
+              num_bins);
+  const int64_t bin_bits = __builtin_ctzll(static_cast<uint64_t>(bin_size)), hashes = num_bins / num_tables;
+  TORCH_CHECK(hashes * bin_bits <= kMaxBits, "dwta_codes: bins give K = H * log2(bin_size) = ", hashes, " * ",
+              bin_bits, " = ", hashes * bin_bits, " bits per table; at most ", kMaxBits, " fit a code");
+  TORCH_CHECK(rows.size(1) >= 1, "dwta_codes: rows must have at least one column (d >= 1)");
+  TORCH_CHECK(rows.size(0) < std::numeric_limits<int32_t>::max(), "dwta_codes: too many rows");
+  return {rows.size(0), rows.size(1), num_bins, bin_size, bin_bits, hashes, hashes * bin_bits};
+}
+
 // build_tables: codes [N, L] int32 of every neuron.
 inline void check_build_tables_args(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes.sizes());

@@ -69,6 +69,7 @@ import xmc_data  # noqa: E402
 
 import lsh_torch  # noqa: E402
 from lsh_torch import GrowingSchedule, LSHLinear, sparse_cross_entropy  # noqa: E402
+from lsh_torch import hashing  # noqa: E402
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel,  # noqa: E402
                                    shard_range)
 
@@ -115,6 +116,7 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
             tail=auto_or_int(args.tail), rescore=args.rescore,
             rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed,
             asymmetric=True if args.asymmetric else "auto",
+            hash=args.hash if args.bin_size is None else hashing.DWTA(args.bin_size),
             warmup=warmup)
     return net
 
@@ -488,6 +490,11 @@ def parse_args(argv=None):
                    help="hash rows through the MIPS transform (off by LSHLinear's default at this width: the 82%% "
                         "of labels that training never sees keep small rows, and the transform crowds them into one "
                         "bucket)")
+    g.add_argument("--hash", default="srp", choices=list(hashing.HASHES),
+                   help="hash family (LSHLinear(hash=)): srp, signed random projections (default), or dwta, "
+                        "densified winner-take-all")
+    g.add_argument("--bin-size", type=int, default=None,
+                   help="dwta: dimensions per bin, a power of two whose log2 divides --bits (default: LSHLinear's)")
     g.add_argument("--rebuild", default="10", help="table rebuild schedule: an int period in steps (the library "
                                                    "default, 10), growing, or growing:INITIAL:GROWTH:MAX")
     g = p.add_argument_group("output")

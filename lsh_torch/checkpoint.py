@@ -9,7 +9,9 @@ needs to continue *exactly* like one that never stopped:
   the time of the checkpoint, so rebuilding them from the loaded weights would give other active
   sets. They are saved as they are (int32; ``L * N`` entries plus offsets, small next to the weight),
   with what the next incremental rebuild starts from: each row's codes and fingerprint, and the
-  asymmetric transform's ``M``.
+  asymmetric transform's ``M``; and the hash family that built them (``"srp"``, or
+  ``"dwta(bin_size=8)"``), since tables hashed by another family fit the same shapes but not the
+  layer's queries.
 
 Save::
 
@@ -36,7 +38,7 @@ from .nn import LSHLinear
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "max_norm"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "max_norm", "hash"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
@@ -47,6 +49,8 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
                 name: None if value is None else value.detach().clone()
                 for name, value in (("offsets", t.offsets), ("items", t.items), ("codes", t.codes),
                                     ("fingerprints", t.fingerprints), ("max_norm", t.max_norm))}
+            if tables is not None:
+                tables["hash"] = str(t.hash)
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -105,6 +109,9 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
     if not isinstance(tables, dict) or not {"offsets", "items"} <= set(tables):
         return "tables must be a dict with at least 'offsets' and 'items'"
     rows, buckets = (1, 2) if t.selection == "random" else (t.num_tables, 2 ** t.bits)
+    family = tables.get("hash", "srp")  # states saved before DWTA existed were SimHash's
+    if t.selection != "random" and family != str(t.hash):
+        return f"they were hashed with hash={family!r}, this layer hashes with hash='{t.hash}'"
     expected = {"offsets": (torch.int32, (rows, buckets + 1)), "items": (torch.int32, (rows, n)),
                 "codes": (torch.int32, (t.num_tables, n)), "fingerprints": (torch.float32, (n,)),
                 "max_norm": (None, ())}  # max_norm: a float of the weight's dtype, float32 or wider

@@ -68,7 +68,8 @@ def multiply_add_fraction(layer, with_hashing: bool = True) -> float:
     """Multiply-adds of one sparse training forward row of ``layer``, as a fraction of ``nn.Linear``'s.
 
     The sparse step computes ``budget`` dot products of length ``in_features``; hashing the input
-    adds the ``L*K`` projections of the transformed input (length ``in_features + 1``). Table
+    adds the ``L*K`` projections of the transformed input (length ``in_features + 1``), or for
+    ``hash="dwta"`` the ``L*H*bin_size`` comparisons of its bins. Table
     rebuilds (``out_features * (in_features + 1) * L*K`` each, amortized over the rebuild period)
     are not included.
     """
@@ -84,7 +85,11 @@ def _hashing_macs(layer) -> int:
     """Multiply-adds of projecting one input row for the lookup (none for ``selection="random"``)."""
     if getattr(layer.tables, "selection", "lsh") == "random":
         return 0
-    return (layer.in_features + 1) * layer.tables.num_tables * layer.tables.bits
+    tables = layer.tables
+    family = getattr(tables, "hash", None)
+    if family is None:
+        return (layer.in_features + 1) * tables.num_tables * tables.bits
+    return family.macs(layer.in_features, tables.num_tables, tables.bits)
 
 
 @torch.no_grad()

@@ -293,7 +293,7 @@ def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
     """A shard's LSHLinear options: ``"auto"`` resolved for the full layer (a shard of a wide
     output layer keeps the output-layer settings), except ``bits`` (from the shard's rows, the
     bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width)."""
-    auto, wide = auto_settings(out_features, kwargs.get("mode", "auto")), out_features >= WIDE
+    auto, wide = auto_settings(out_features, kwargs.get("mode", "auto"), kwargs.get("hash", "srp")), out_features >= WIDE
     kwargs = dict(kwargs)
     for name in ("num_tables", "probes", "asymmetric", "active", "bits"):
         if kwargs.get(name, "auto") != "auto":

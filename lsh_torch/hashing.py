@@ -1,12 +1,26 @@
-"""Signed random projections (SimHash) with the asymmetric MIPS transform.
+"""Hash families: signed random projections (SimHash, ``"srp"``) with the asymmetric MIPS
+transform, and densified winner-take-all (``"dwta"``).
 
-A neuron's weight row ``w`` and an input ``x`` are hashed so that they collide more often the
+SRP: a neuron's weight row ``w`` and an input ``x`` are hashed so that they collide more often the
 larger ``w · x`` is: rows go through ``P(w) = [w / M, sqrt(1 - |w / M|^2)]`` and inputs through
 ``Q(x) = [x / |x|, 0]``; then ``K`` signs of random Gaussian projections make one table's code.
+
+DWTA (Yagnik et al., ICCV 2011; Chen & Shrivastava, UAI 2018; the family SLIDE and BOLT use for
+Amazon-670K): each of a table's ``H`` hashes is the position of the largest coordinate among a
+seeded bin of ``bin_size`` dimensions, ``log2(bin_size)`` bits; the ``H`` positions concatenated
+make the ``K = H * log2(bin_size)``-bit code. Rows and inputs collide when their coordinates rank
+alike (a rank-correlation similarity, blind to scale: no MIPS transform). Empty bins (all zeros,
+common after a ReLU) borrow another bin's hash (densification, see ``ops.dwta_codes``).
+
+A family is one object, :class:`SRP` or :class:`DWTA` (``hash_family("srp" | "dwta")``), that
+:class:`~lsh_torch.tables.LSHTables` holds: it owns its seeded buffer and turns rows and inputs
+into codes; the tables, the query and everything above them are the same for both.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -48,3 +62,104 @@ def input_codes(x: Tensor, projection: Tensor, num_tables: int, bits: int) -> tu
     """Codes ``[B, L]`` and bit margins ``[B, L*K]`` of a batch of inputs (query side)."""
     projected = ops.mips_transform(x.detach().float(), True) @ projection.float()
     return ops.hash_codes(projected, num_tables, bits)
+
+
+def make_bins(in_features: int, num_bins: int, bin_size: int, seed: int, device=None) -> Tensor:
+    """DWTA bins ``[num_bins, bin_size]`` int64: seeded random permutations of the ``in_features``
+    dimensions laid end to end (as in SLIDE), so every dimension is in about the same number of
+    bins; the same on every device for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    total = num_bins * bin_size
+    perms = [torch.randperm(in_features, generator=gen) for _ in range(-(-total // in_features))]
+    return torch.cat(perms)[:total].reshape(num_bins, bin_size).to(device)
+
+
+@dataclass(frozen=True)
+class SRP:
+    """Signed random projections (SimHash): a Gaussian projection ``[in_features + 1, L*K]``, with
+    or without the asymmetric MIPS transform (``LSHTables(asymmetric=)``)."""
+
+    name = "srp"
+    buffer = "projection"  # the LSHTables buffer this family draws from the seed
+
+    def make_buffer(self, in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
+        return make_projection(in_features, num_tables, bits, seed, device)
+
+    def row_codes(self, rows: Tensor, buffer: Tensor, num_tables: int, bits: int, asymmetric: bool, center: bool,
+                  max_norm: Optional[Tensor]) -> Tensor:
+        return row_codes(rows, buffer, num_tables, bits, asymmetric, center, max_norm)
+
+    def input_codes(self, x: Tensor, buffer: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
+        return input_codes(x, buffer, num_tables, bits)
+
+    def macs(self, in_features: int, num_tables: int, bits: int) -> int:
+        """Multiply-adds (or comparisons) of hashing one input row."""
+        return (in_features + 1) * num_tables * bits
+
+    def __str__(self) -> str:
+        return "srp"
+
+
+@dataclass(frozen=True)
+class DWTA:
+    """Densified winner-take-all: ``H = bits / log2(bin_size)`` bins of ``bin_size`` seeded
+    dimensions per table, each hashed to the position of its largest entry. ``bin_size`` (a power
+    of two, at least 2) whose ``log2`` divides ``bits``; None picks one for the tables' ``bits``
+    (:meth:`for_bits`). Hashes rows as they are (``asymmetric`` does not apply)."""
+
+    bin_size: Optional[int] = None
+    name = "dwta"
+    buffer = "bins"
+
+    def for_bits(self, bits: int) -> "DWTA":
+        """This family with its ``bin_size`` fixed for ``bits`` per table: the given one (checked),
+        or the power of two whose log2 divides ``bits`` nearest to 8 (3 bits per hash; 4 before 16)."""
+        if self.bin_size is None:
+            per_hash = min((b for b in range(1, min(bits, 5) + 1) if bits % b == 0), key=lambda b: (abs(b - 3), b))
+            return DWTA(2 ** per_hash)
+        size = self.bin_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size & (size - 1):
+            raise ValueError(f"DWTA bin_size must be a power of two >= 2, got {size!r}")
+        per_hash = size.bit_length() - 1
+        if bits % per_hash:
+            raise ValueError(f"bits (K = {bits}) must be a multiple of log2(bin_size) = {per_hash} for "
+                             f"DWTA(bin_size={size}): each of a table's hashes takes log2(bin_size) bits")
+        return self
+
+    @property
+    def bits_per_hash(self) -> int:
+        return self.bin_size.bit_length() - 1
+
+    def make_buffer(self, in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
+        return make_bins(in_features, num_tables * (bits // self.bits_per_hash), self.bin_size, seed, device)
+
+    def row_codes(self, rows: Tensor, buffer: Tensor, num_tables: int, bits: int, asymmetric: bool, center: bool,
+                  max_norm: Optional[Tensor]) -> Tensor:
+        rows = rows.detach()
+        if center:
+            rows = rows.float() - rows.float().mean(0)
+        codes = [ops.dwta_codes(part, buffer, num_tables)[0] for part in rows.split(ROW_CHUNK)]
+        return torch.cat(codes) if codes else rows.new_empty(0, num_tables, dtype=torch.int32)
+
+    def input_codes(self, x: Tensor, buffer: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
+        return ops.dwta_codes(x.detach(), buffer, num_tables)
+
+    def macs(self, in_features: int, num_tables: int, bits: int) -> int:
+        return num_tables * (bits // self.bits_per_hash) * self.bin_size
+
+    def __str__(self) -> str:
+        return f"dwta(bin_size={self.bin_size})" if self.bin_size else "dwta"
+
+
+HashFamily = Union[SRP, DWTA]
+HASHES = ("srp", "dwta")
+
+
+def hash_family(spec: Union[str, SRP, DWTA], bits: int) -> HashFamily:
+    """The family that ``LSHLinear(hash=)`` / ``LSHTables(hash=)`` names, resolved for ``bits``
+    per table: ``"srp"``, ``"dwta"``, or an :class:`SRP` / :class:`DWTA` instance."""
+    if isinstance(spec, str) and spec in HASHES:
+        spec = SRP() if spec == "srp" else DWTA()
+    if not isinstance(spec, (SRP, DWTA)):
+        raise ValueError(f"hash must be one of {HASHES} or an lsh_torch.hashing.SRP / DWTA instance, got {spec!r}")
+    return spec.for_bits(bits) if isinstance(spec, DWTA) else spec

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import hashing, ops
 from ._checks import MAX_PROBES, check_int
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
@@ -49,8 +49,8 @@ def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
     return min(20, max(1 if wide else 6, round(math.log2(max(1, out_features) / per_bucket))))
 
 
-def auto_settings(out_features: int, mode: str = "auto") -> dict:
-    """What ``"auto"`` means for a layer of this width and mode; one rule, documented in the README.
+def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
+    """What ``"auto"`` means for a layer of this width, mode and hash family; one rule, documented in the README.
 
     Below :data:`WIDE` outputs (hidden layers): the paper's L=5 tables, 10 probes, the MIPS
     transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): 2 probes,
@@ -60,18 +60,21 @@ def auto_settings(out_features: int, mode: str = "auto") -> dict:
     with L=40 against 195.1 with L=20) but L=20 where the batch shares one (``"shared"``, and
     ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
     L=40, at half the query and rebuild cost).
+    The MIPS transform is SimHash's: with ``hash="dwta"`` (or a DWTA instance) ``asymmetric`` is False.
     """
     wide = out_features >= WIDE
+    srp = isinstance(hash, hashing.SRP) or hash == "srp"
     tables = (40 if mode == "per_row" else 20) if wide else 5
     return {"num_tables": tables, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
-            "asymmetric": not wide, "active": min(out_features, 2048) if wide else 0.25}
+            "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
 class LSHLinear(nn.Module):
     r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
 
     Every output neuron's weight row is hashed into ``num_tables`` (L) tables with ``bits`` (K)
-    signed random projections after the asymmetric MIPS transform (or of the rows' directions). For each input row the layer
+    signed random projections after the asymmetric MIPS transform (or of the rows' directions; or
+    with densified winner-take-all hashes, ``hash="dwta"``). For each input row the layer
     probes ``probes`` buckets per table and takes the ``active`` neurons most often found (filling
     up with random ones), computes those outputs only, and sends gradients to those only.
 
@@ -132,6 +135,14 @@ class LSHLinear(nn.Module):
             direction trained rows share (a 50K-word LM head: one bucket held 14K words; centering
             raised top-10 recall from 0.4-2.4% to 11% in a quick check). Off by default: a ReLU
             hidden layer's outputs do depend on it.
+        hash: the hash family (:mod:`lsh_torch.hashing`): ``"srp"`` (default), signed random
+            projections (SimHash), with the MIPS transform if ``asymmetric``; or ``"dwta"``,
+            densified winner-take-all (as SLIDE uses for Amazon-670K): each table's ``bits`` are
+            ``bits / log2(bin_size)`` argmax positions of seeded bins of ``bin_size`` input
+            dimensions, an all-zero bin borrowing another's (bin_size 8 where 3 divides ``bits``;
+            ``lsh_torch.hashing.DWTA(bin_size=16)`` chooses it). DWTA ranks coordinates and is blind
+            to scale, so ``asymmetric`` does not apply (auto: False). Measured against srp in
+            ``docs/estimator.md`` ("Hash families").
         warmup: training steps that use uniformly random active neurons (labels still forced)
             before the hash tables are built and take over (default 0). Early in training hard
             negatives do not help: on the XMC demo even the exact top-scoring ones (an oracle)
@@ -150,7 +161,8 @@ class LSHLinear(nn.Module):
                  active: int | float | str = "auto",
                  rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
                  mode: str = "auto", selection: str = "lsh", asymmetric: bool | str = "auto", center: bool = False,
-                 warmup: int = 0, tail: int | float | str = "auto", rescore: int = 4):
+                 warmup: int = 0, tail: int | float | str = "auto", rescore: int = 4,
+                 hash: str | hashing.HashFamily = "srp"):
         super().__init__()
         check_int("in_features", in_features, 1, 2 ** 31 - 1)
         check_int("out_features", out_features, 1, 2 ** 31 - 1)
@@ -166,7 +178,7 @@ class LSHLinear(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
-        auto = auto_settings(out_features, mode)
+        auto = auto_settings(out_features, mode, hash)
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
             ("active", active)))
@@ -185,7 +197,7 @@ class LSHLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
-                                asymmetric=asymmetric, center=center)
+                                asymmetric=asymmetric, center=center, hash=hash)
         self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
         self._stale = True
         self._loss_checked = False  # see _warn_if_full_width_loss

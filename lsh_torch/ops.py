@@ -32,6 +32,21 @@ def hash_codes(projections: Tensor, num_tables: int, bits: int) -> tuple[Tensor,
     return _ops.hash_codes(projections, num_tables, bits)
 
 
+def dwta_codes(rows: Tensor, bins: Tensor, num_tables: int) -> tuple[Tensor, Tensor]:
+    """Densified winner-take-all codes ``[n, L]`` (int32) and per-bit margins ``[n, L*K]`` (float32).
+
+    ``bins [L*H, bin_size]`` int64 holds dimension indices of ``rows [n, d]`` (``bin_size`` a power
+    of two); ``K = H * log2(bin_size)``. Hash ``g`` is the position of the largest of
+    ``rows[:, bins[g]]`` (lowest position among ties), table ``l``'s code its ``H`` hashes
+    concatenated (hash ``h`` in bits ``h*b .. h*b+b-1``). An all-zero bin borrows the hash of
+    another bin of the row in a fixed pseudo-random order (densification); an all-zero row gets
+    code 0. The margin of bit ``k`` of a hash with winner ``a`` is ``x[a] - x[a ^ 2^k]`` (>= 0),
+    what that bit's flip costs, so :func:`query`'s multi-probe flips the cheapest bits first.
+    Integer outputs: no gradient flows through the codes.
+    """
+    return _ops.dwta_codes(rows, bins, num_tables)
+
+
 def row_fingerprints(rows: Tensor, vector: Tensor) -> Tensor:
     """``rows [n, d] @ vector [d]`` as float32 ``[n]``: tells which rows changed since a table build."""
     return _ops.row_fingerprints(rows, vector)
@@ -126,6 +141,22 @@ def _(projections, num_tables, bits):
     n = projections.shape[0]
     return (projections.new_empty(n, num_tables, dtype=torch.int32),
             projections.new_empty(n, num_tables * bits, dtype=torch.float32))
+
+
+@torch.library.register_fake("lsh_torch::dwta_codes")
+def _(rows, bins, num_tables):
+    _one_device("dwta_codes", rows=rows, bins=bins)
+    torch._check(rows.dim() == 2 and rows.dtype.is_floating_point, lambda: "dwta_codes: rows must be a floating [n, d] tensor")
+    torch._check(bins.dim() == 2 and bins.dtype == torch.int64, lambda: "dwta_codes: bins must be int64 [L*H, bin_size]")
+    bin_size = int(bins.shape[1])
+    torch._check(bin_size >= 2 and bin_size & (bin_size - 1) == 0,
+                 lambda: f"dwta_codes: bins must have a power-of-two bin_size >= 2 columns, got {bin_size}")
+    torch._check(1 <= num_tables <= 1024, lambda: f"dwta_codes: num_tables (L) must be in [1, 1024], got {num_tables}")
+    torch._check(bins.shape[0] % num_tables == 0 and bins.shape[0] > 0,
+                 lambda: f"dwta_codes: bins must have L*H rows, a multiple of num_tables = {num_tables}")
+    n = rows.shape[0]
+    return (rows.new_empty(n, num_tables, dtype=torch.int32),
+            rows.new_empty(n, bins.shape[0] * (bin_size.bit_length() - 1), dtype=torch.float32))
 
 
 @torch.library.register_fake("lsh_torch::row_fingerprints")

@@ -44,18 +44,25 @@ class LSHTables(nn.Module):
     """
 
     def __init__(self, in_features: int, num_tables: int, bits: int, probes: int, seed: int, device=None,
-                 selection: str = "lsh", asymmetric: bool = True, center: bool = False):
+                 selection: str = "lsh", asymmetric: bool = True, center: bool = False,
+                 hash: str | hashing.HashFamily = "srp"):
         super().__init__()
         check_int("num_tables", num_tables, 1, MAX_TABLES)
         check_int("bits", bits, 1, MAX_BITS)
         check_int("probes", probes, 1, min(MAX_PROBES, 2 ** bits))
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        # The hash family: its seeded buffer (``projection`` for srp, ``bins`` for dwta) and how
+        # rows and inputs become codes. Tables, query and rebuild bookkeeping are shared.
+        self.hash = hashing.hash_family(hash, bits)
+        if asymmetric and self.hash.name != "srp":
+            raise ValueError(f"asymmetric=True needs hash='srp' (the MIPS transform is for signed random projections); "
+                             f"hash={self.hash.name!r} ranks coordinates and is blind to scale: pass asymmetric=False")
         self.num_tables, self.bits, self.probes, self.selection = num_tables, bits, probes, selection
         self.asymmetric, self.center = bool(asymmetric), bool(center)
         self.in_features, self.seed = in_features, seed
-        projection, fingerprint_vector = self._seeded_buffers(device)
-        self.register_buffer("projection", projection, persistent=False)
+        hash_buffer, fingerprint_vector = self._seeded_buffers(device)
+        self.register_buffer(self.hash.buffer, hash_buffer, persistent=False)
         self.register_buffer("offsets", torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32, device=device),
                              persistent=False)
         self.register_buffer("items", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
@@ -70,19 +77,26 @@ class LSHTables(nn.Module):
         self.register_buffer("max_norm", None, persistent=False)
 
     def _seeded_buffers(self, device) -> tuple[Tensor, Tensor]:
-        """The projection and the fingerprint vector: functions of the seed alone, drawn on the CPU
-        (device None: the default device, which ``with torch.device(...)`` sets)."""
+        """The hash family's buffer (the projection or the bins) and the fingerprint vector:
+        functions of the seed alone, drawn on the CPU (device None: the default device, which
+        ``with torch.device(...)`` sets)."""
         device = torch.get_default_device() if device is None else device
         gen = torch.Generator().manual_seed(self.seed + 1)
-        return (hashing.make_projection(self.in_features, self.num_tables, self.bits, self.seed, device),
+        return (self.hash.make_buffer(self.in_features, self.num_tables, self.bits, self.seed, device),
                 torch.randn(self.in_features, generator=gen, device="cpu").to(device))
 
+    @property
+    def hash_buffer(self) -> Tensor:
+        """The family's seeded buffer: ``projection`` (srp) or ``bins`` (dwta)."""
+        return getattr(self, self.hash.buffer)
+
     def _apply(self, fn, recurse=True):
-        was_meta = self.projection.is_meta
+        was_meta = self.hash_buffer.is_meta
         super()._apply(fn, recurse)
-        if was_meta and not self.projection.is_meta:  # to_empty() after a meta-device construction
-            projection, vector = self._seeded_buffers(self.projection.device)
-            self.projection, self.fingerprint_vector = projection.to(self.projection), vector.to(self.fingerprint_vector)
+        if was_meta and not self.hash_buffer.is_meta:  # to_empty() after a meta-device construction
+            buffer, vector = self._seeded_buffers(self.hash_buffer.device)
+            setattr(self, self.hash.buffer, buffer.to(self.hash_buffer))
+            self.fingerprint_vector = vector.to(self.fingerprint_vector)
         return self
 
     @torch.no_grad()
@@ -151,8 +165,8 @@ class LSHTables(nn.Module):
 
     def _row_codes(self, rows: Tensor) -> Tensor:
         """Codes of ``rows``, table-major ``[L, n]``: the layout the table build reads (no transpose)."""
-        return hashing.row_codes(rows, self.projection, self.num_tables, self.bits, self.asymmetric,
-                                 self.center, self.max_norm).t().contiguous()
+        return self.hash.row_codes(rows, self.hash_buffer, self.num_tables, self.bits, self.asymmetric,
+                                   self.center, self.max_norm).t().contiguous()
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
@@ -163,7 +177,7 @@ class LSHTables(nn.Module):
         buckets probed per table for this call."""
         if self.selection == "random":
             return _query_uniform(x, self.offsets, self.items, budget, labels, seed, shared)
-        codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
+        codes, margins = self.hash.input_codes(x, self.hash_buffer, self.num_tables, self.bits)
         query = ops.query_shared if shared else ops.query
         return query(codes, margins, self.offsets, self.items, self.probes if probes is None else probes, budget,
                      labels, seed, tail)
@@ -176,4 +190,4 @@ class LSHTables(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "
-                f"asymmetric={self.asymmetric}, center={self.center}")
+                f"hash='{self.hash}', asymmetric={self.asymmetric}, center={self.center}")

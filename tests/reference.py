@@ -50,6 +50,50 @@ def hash_codes(projections, num_tables, bits):
     return codes, margins.reshape(projections.shape[0], num_tables * bits)
 
 
+DENSIFY, DENSIFY_ATTEMPTS = 4, 32
+
+
+def dwta_codes(rows, bins, num_tables):
+    """Densified WTA, one row and bin at a time (csrc/lsh_torch.cpp's contract)."""
+    n, num_bins, bin_size = rows.shape[0], bins.shape[0], bins.shape[1]
+    b = bin_size.bit_length() - 1
+    hashes_per_table = num_bins // num_tables
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32  # the kernels' opmath type
+    codes = torch.zeros(n, num_tables, dtype=torch.int32)
+    margins = torch.zeros(n, num_bins * b, dtype=torch.float32)
+    for i in range(n):
+        row = rows[i].to(acc)
+        hashes = []
+        for g in range(num_bins):
+            values = [row[j] for j in bins[g].tolist()]
+            finite_order = [j for j in range(bin_size) if not math.isnan(float(values[j]))]
+            best = max(finite_order, key=lambda j: (float(values[j]), -j)) if finite_order else 0
+            for k in range(b):
+                gap = float((values[best] - values[best ^ (1 << k)]).float())  # rounded once, in acc
+                margins[i, g * b + k] = math.inf if math.isnan(gap) else gap
+            hashes.append(best if any(float(v) != 0 for v in values) else -1)
+        sources = [g if hashes[g] >= 0 else _densify_source(hashes, g) for g in range(num_bins)]
+        for g, source in enumerate(sources):  # an empty bin takes its source's hash and margins
+            if source is not None and source != g:
+                margins[i, g * b:(g + 1) * b] = margins[i, source * b:(source + 1) * b]
+        for l in range(num_tables):
+            code = 0
+            for h in range(hashes_per_table):
+                g = l * hashes_per_table + h
+                code |= (0 if sources[g] is None else hashes[sources[g]]) << (h * b)  # an all-empty row: 0
+            codes[i, l] = code
+    return codes, margins
+
+
+def _densify_source(hashes, g):
+    """The bin whose hash empty bin g takes: the first non-empty one of a fixed pseudo-random
+    sequence of bins, then of the bins after g in circular order; None if all are empty."""
+    num_bins = len(hashes)
+    tries = [seeded_hash(0, DENSIFY, g, t) % num_bins for t in range(1, DENSIFY_ATTEMPTS + 1)]
+    tries += [(g + s) % num_bins for s in range(1, num_bins)]
+    return next((j for j in tries if hashes[j] >= 0), None)
+
+
 def build_tables(codes, bits):
     n, num_tables = codes.shape
     offsets = torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32)

@@ -96,6 +96,51 @@ def test_hash_codes_equal_cpu(num_tables, bits, dtype):
     assert torch.equal(codes.cpu(), ref_codes) and torch.equal(margins.cpu(), ref_margins)
 
 
+# --- dwta_codes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,d,num_tables,hashes,bin_size", [(33, 24, 3, 2, 8), (2000, 128, 40, 3, 8),
+                                                            (500, 7, 2, 5, 4), (300, 64, 8, 1, 16), (0, 5, 1, 1, 2)])
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_dwta_codes_equal_cpu(n, d, num_tables, hashes, bin_size, dtype):
+    """No BLAS in DWTA: codes and margins bit-identical to the CPU kernel (and its reference)."""
+    rows, bins = test_ops.dwta_problem(n=max(n, 7), d=d, num_tables=num_tables, hashes=hashes, bin_size=bin_size,
+                                       dtype=dtype)
+    rows = rows[:n]
+    codes, margins = ops.dwta_codes(rows.cuda(), bins.cuda(), num_tables)
+    cpu_codes, cpu_margins = ops.dwta_codes(rows, bins, num_tables)
+    assert codes.is_cuda and codes.dtype == torch.int32 and margins.dtype == torch.float32
+    assert torch.equal(codes.cpu(), cpu_codes) and torch.equal(margins.cpu(), cpu_margins)
+    if n <= 40:
+        ref_codes, ref_margins = ref.dwta_codes(rows, bins, num_tables)
+        assert torch.equal(codes.cpu(), ref_codes) and torch.equal(margins.cpu(), ref_margins)
+
+
+def test_dwta_codes_errors_on_cuda():
+    rows = torch.randn(4, 6, device="cuda")
+    with pytest.raises(RuntimeError, match="bins must hold dimension indices"):
+        ops.dwta_codes(rows, torch.tensor([[0, 6]], device="cuda"), 1)
+    with pytest.raises(RuntimeError, match="bins must hold dimension indices"):
+        ops.dwta_codes(rows, torch.tensor([[-3, 1]], device="cuda"), 1)
+    with pytest.raises(RuntimeError, match="one device"):
+        ops.dwta_codes(rows, torch.tensor([[0, 1]]), 1)
+    with pytest.raises(RuntimeError, match="power-of-two"):
+        ops.dwta_codes(rows, torch.zeros(1, 3, dtype=torch.long, device="cuda"), 1)
+    ops.dwta_codes(rows, torch.tensor([[0, 1]], device="cuda"), 1)  # still works after an error
+
+
+def test_dwta_tables_built_on_cuda_equal_cpu():
+    """A dwta layer's tables, hashed on each device, are identical (no BLAS), and so are its active sets."""
+    cpu_layer = LSHLinear(64, 3000, active=64, num_tables=8, bits=6, probes=4, rebuild=None, seed=2, hash="dwta")
+    gpu_layer = copy.deepcopy(cpu_layer).cuda()
+    cpu_layer.rebuild()
+    gpu_layer.rebuild()
+    assert gpu_layer.tables.bins.dtype == torch.int64
+    for name in ("codes", "offsets", "items"):
+        assert torch.equal(getattr(gpu_layer.tables, name).cpu(), getattr(cpu_layer.tables, name)), name
+    x = torch.randn(16, 64).relu()
+    assert torch.equal(gpu_layer.active_set(x.cuda()).cpu(), cpu_layer.active_set(x))
+
+
 # --- build_tables -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,bits", [(500, 1), (500, 4), (500, 10), (6000, 3), (6000, 16), (0, 4)])

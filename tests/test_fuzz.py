@@ -100,6 +100,26 @@ def test_hashing_ops_agree_with_reference(data):
 
 @fuzz
 @given(st.data())
+def test_dwta_codes_agree_with_reference(data):
+    """Rows with many zeros (empty bins, all-zero rows), ties from rounding, any bins."""
+    draw = data.draw
+    n, d = draw(st.integers(0, 12), label="n"), draw(st.integers(1, 20), label="d")
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    rows = tensor(draw, (n, d), torch.float64)
+    rows = rows.masked_fill(ints(draw, (n, d), 0, 4) < draw(st.integers(0, 4)), 0.0)  # 0 to all zero
+    if draw(st.booleans()):
+        rows = rows.round()  # ties
+    rows = rows.to(dtype)
+    num_tables, hashes = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    bin_size = draw(st.sampled_from([2, 4, 8, 16]))
+    bins = ints(draw, (num_tables * hashes, bin_size), 0, d)  # any indices, repeats included
+    codes, margins = ops.dwta_codes(rows, bins, num_tables)
+    expected = ref.dwta_codes(rows, bins, num_tables)
+    assert torch.equal(codes, expected[0]) and torch.equal(margins, expected[1])
+
+
+@fuzz
+@given(st.data())
 def test_linear_ops_and_their_gradients_agree_with_reference(data):
     """Forward and every gradient in float64, repeated and unordered indices included."""
     draw = data.draw
@@ -218,6 +238,7 @@ def _valid_calls(draw):
         "mips_transform": (OPS.mips_transform, dict(rows=weight, query=False, max_norm=torch.tensor(1e3))),
         "row_fingerprints": (OPS.row_fingerprints, dict(rows=weight, vector=tensor(draw, (d,)))),
         "hash_codes": (OPS.hash_codes, dict(projections=tensor(draw, (n, 6)), num_tables=2, bits=3)),
+        "dwta_codes": (OPS.dwta_codes, dict(rows=weight.relu(), bins=ints(draw, (4, 4), 0, d), num_tables=2)),
         "build_tables": (OPS.build_tables, dict(codes=ints(draw, (n, 2), 0, 8).int(), bits=3)),
         "lazy_adam_": (OPS.lazy_adam_, dict(param=state[0], exp_avg=state[1], exp_avg_sq=state[2], rows=rows,
                                            grad_rows=tensor(draw, (3, d)), step_size=0.01, beta1=0.9, beta2=0.999,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import reference as ref
-from lsh_torch import ConstantSchedule, GrowingSchedule, LSHLinear, ops
+from lsh_torch import ConstantSchedule, GrowingSchedule, LSHLinear, hashing, load_lsh_state, lsh_state, ops
 
 
 def pair(in_features=16, out_features=200, **kwargs):
@@ -90,15 +90,17 @@ def test_sparse_grad_with_sgd_and_sparse_adam():
 
 def full_build_of(layer):
     fresh = LSHLinear(layer.in_features, layer.out_features, active=layer.budget, rebuild=None, seed=layer.seed,
-                      asymmetric=layer.tables.asymmetric, center=layer.tables.center, device=layer.weight.device)
+                      asymmetric=layer.tables.asymmetric, center=layer.tables.center, device=layer.weight.device,
+                      hash=layer.tables.hash)
     fresh.load_state_dict(layer.state_dict())
     fresh.rebuild()
     return fresh.tables
 
 
-def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(device):
+@pytest.mark.parametrize("hash", ["srp", "dwta"])
+def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(device, hash):
     torch.manual_seed(0)
-    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False, device=device)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False, device=device, hash=hash)
     layer.rebuild()
     assert layer.tables.rehashed == 300
     layer.rebuild()  # nothing moved
@@ -289,6 +291,10 @@ def test_budget_parsing():
     (dict(asymmetric="yes"), TypeError, "asymmetric must be a bool"),
     (dict(dtype=torch.complex64), TypeError, "floating-point"),
     (dict(dtype=torch.int64), TypeError, "floating-point"),
+    (dict(hash="minhash"), ValueError, "hash must be one of"),
+    (dict(hash="dwta", asymmetric=True), ValueError, "asymmetric=True needs hash='srp'"),
+    (dict(hash=hashing.DWTA(bin_size=8), bits=8), ValueError, "multiple of log2"),
+    (dict(hash=hashing.DWTA(bin_size=6)), ValueError, "power of two"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -388,3 +394,70 @@ def test_training_forward_as_a_hidden_layer_does_not_warn(head):
     torch.manual_seed(0)
     out = nn.Linear(3000, 10)
     assert not _full_width_warnings(lambda o, y: nn.functional.cross_entropy(out(head(o)), y % 10))
+
+
+# --- hash="dwta" ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,bin_size", [(6, 8), (9, 8), (12, 8), (8, 4), (10, 4), (7, 2), (5, 2), (20, 4)])
+def test_dwta_bin_size_follows_bits(bits, bin_size):
+    layer = LSHLinear(32, 500, bits=bits, num_tables=3, hash="dwta")
+    hashes = bits // (bin_size.bit_length() - 1)
+    assert layer.tables.hash == hashing.DWTA(bin_size) and layer.tables.bins.shape == (3 * hashes, bin_size)
+    assert layer.tables.bins.dtype == torch.int64 and not hasattr(layer.tables, "projection")
+    assert not layer.tables.asymmetric and "hash='dwta(bin_size=" in repr(layer)
+    assert LSHLinear(32, 500, hash="dwta").tables.asymmetric is False  # auto: no MIPS transform
+    assert LSHLinear(32, 50_000, hash="dwta").tables.bits == 8  # the wide defaults otherwise unchanged
+
+
+def test_dwta_layer_trains_copies_and_resumes(tmp_path):
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    make = lambda: LSHLinear(16, 300, active=24, hash="dwta", bits=6, num_tables=4, rebuild=2, seed=1)
+    layer = make()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(8, 16).relu()  # a ReLU input: empty bins
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        opt.step()
+    active = layer.active_set(x)
+    for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert copied.tables.hash == layer.tables.hash and torch.equal(copied.active_set(x), active)
+    state = lsh_state(layer)
+    assert state[""]["tables"]["hash"] == "dwta(bin_size=8)"
+    torch.save(state, tmp_path / "lsh.pt")
+    fresh = make()
+    fresh.load_state_dict(layer.state_dict())
+    load_lsh_state(fresh, torch.load(tmp_path / "lsh.pt", weights_only=True))
+    assert torch.equal(fresh.active_set(x), active) and torch.equal(fresh(x), layer(x))
+    srp = LSHLinear(16, 300, active=24, bits=6, num_tables=4)
+    with pytest.raises(ValueError, match="hashed with hash='dwta\\(bin_size=8\\)'"):
+        load_lsh_state(srp, state)
+    old = {"": {"step": 0, "tables": {k: v for k, v in state[""]["tables"].items() if k != "hash"}}}
+    with pytest.raises(ValueError, match="hashed with hash='srp'"):  # states from before dwta are srp's
+        load_lsh_state(fresh, old)
+    layer.rebuild()  # from the current weights (the tables above predate the last step)
+    active = layer.active_set(x)
+    layer.to(torch.float64)  # bins stay int64; the same rows, cast, hash alike
+    assert layer.tables.bins.dtype == torch.int64
+    layer.rebuild()
+    assert torch.equal(layer.active_set(x.double()), active)
+    meta = LSHLinear(16, 300, active=24, hash="dwta", bits=6, num_tables=4, seed=1, device="meta").to_empty(device="cpu")
+    assert torch.equal(meta.tables.bins, make().tables.bins)
+
+
+def test_dwta_finds_large_inner_products_of_relu_inputs():
+    """On a trained-like head (rows near some inputs), dwta's candidates hold the true top outputs
+    far more often than a random active set of the same size."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(20, 64, generator=gen).relu()
+    weight = centers.repeat_interleave(50, 0) + 0.3 * torch.randn(1000, 64, generator=gen)
+    layer = LSHLinear(64, 1000, active=100, hash="dwta", bits=6, num_tables=8, probes=4, seed=0)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    x = centers[:10] + 0.1 * torch.randn(10, 64, generator=gen).relu()
+    top = (x @ weight.t()).topk(10, dim=1).indices
+    found = layer.eval().active_set(x)
+    recall = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(top, found)) / top.numel()
+    assert recall > 0.5  # random: 0.1

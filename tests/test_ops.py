@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import reference as ref
-from lsh_torch import ops
+from lsh_torch import hashing, ops
 
 OPS = torch.ops.lsh_torch
 
@@ -77,6 +77,68 @@ def test_hash_codes_match_reference(num_tables, bits):
     ref_codes, ref_margins = ref.hash_codes(proj, num_tables, bits)
     assert codes.dtype == torch.int32 and margins.dtype == torch.float32
     assert torch.equal(codes, ref_codes) and torch.equal(margins, ref_margins)
+
+
+# --- dwta_codes ------------------------------------------------------------------------------------
+
+def dwta_problem(n=33, d=24, num_tables=3, hashes=2, bin_size=8, dtype=torch.float32, seed=0):
+    """Rows with the cases the kernel must handle: ReLU zeros (empty bins), an all-zero row, ties,
+    NaN and infinities; and seeded bins."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, d, generator=gen, dtype=torch.float64).relu().to(dtype)  # about half zeros
+    rows[1] = 0  # every bin empty: code 0
+    rows[2, : d // 2] = 0  # some bins empty, densified
+    rows[3] = rows[3].round()  # ties: lowest position wins
+    if n > 6:
+        rows[4, 0], rows[5, 1], rows[6, 2] = float("nan"), float("inf"), -float("inf")
+    bins = hashing.make_bins(d, num_tables * hashes, bin_size, seed)
+    return rows, bins
+
+
+@pytest.mark.parametrize("num_tables,hashes,bin_size", [(1, 1, 2), (3, 2, 8), (2, 3, 4), (4, 1, 16), (1, 5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dwta_codes_match_reference(num_tables, hashes, bin_size, dtype):
+    rows, bins = dwta_problem(num_tables=num_tables, hashes=hashes, bin_size=bin_size, dtype=dtype)
+    codes, margins = ops.dwta_codes(rows, bins, num_tables)
+    ref_codes, ref_margins = ref.dwta_codes(rows, bins, num_tables)
+    bits = hashes * (bin_size.bit_length() - 1)
+    assert codes.dtype == torch.int32 and margins.dtype == torch.float32
+    assert codes.shape == (33, num_tables) and margins.shape == (33, num_tables * bits)
+    assert torch.equal(codes, ref_codes) and torch.equal(margins, ref_margins)
+    assert ((codes >= 0) & (codes < 2 ** bits)).all() and (margins >= 0).all()
+    assert (codes[1] == 0).all() and (margins[1] == 0).all()  # an all-zero row
+
+
+def test_dwta_codes_semantics():
+    """Hash = argmax position inside the bin; margin = gap to the entry that flipping the bit reaches;
+    an empty bin takes the hash of a non-empty one."""
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5, 0.1, 0.2, 0.3]])
+    bins = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])  # H = 2 hashes of 2 bits: K = 4
+    codes, margins = ops.dwta_codes(x, bins, 1)
+    assert codes.tolist() == [[1 | 0 << 2]]  # argmax 1 (3.0) in bin 0, argmax 0 (0.5) in bin 1
+    torch.testing.assert_close(margins, torch.tensor([[3.0 - 0.0, 3.0 - 2.0, 0.5 - 0.1, 0.5 - 0.2]]))
+    # Bin 1 empty: it borrows bin 0's hash (the only non-empty one) and its margins.
+    x[0, 4:] = 0
+    codes, margins = ops.dwta_codes(x, bins, 1)
+    assert codes.tolist() == [[1 | 1 << 2]] and torch.equal(margins[0, 2:], margins[0, :2])
+    # Scale-blind: a positive multiple hashes alike; ranks, not values, decide.
+    y = torch.randn(5, 8)
+    assert torch.equal(ops.dwta_codes(y, bins, 2)[0], ops.dwta_codes(3 * y, bins, 2)[0])
+    assert torch.equal(ops.dwta_codes(y, bins, 2)[0], ops.dwta_codes(y.pow(3), bins, 2)[0])
+    assert ops.dwta_codes(y[:0], bins, 2)[0].shape == (0, 2)
+
+
+def test_dwta_densification_is_the_same_for_every_row():
+    """Rows with the same empty bins borrow from the same bins (the order depends on the bin, not
+    the row), so rows that rank their non-empty bins alike get equal codes."""
+    d, bins = 64, hashing.make_bins(64, 40, 4, seed=5)
+    a = torch.randn(d).abs() + 0.1
+    empty = bins[:10].flatten()  # the first 10 bins: 40 distinct dimensions of one permutation
+    a[empty] = 0
+    rows = torch.stack([torch.ones(d), a, 2 * a])
+    codes = ops.dwta_codes(rows, bins, 10)[0]
+    assert torch.equal(codes[1], codes[2])
+    assert torch.equal(codes, ref.dwta_codes(rows, bins, 10)[0])
 
 
 @pytest.mark.parametrize("bits", [1, 4, 10])
@@ -308,6 +370,8 @@ def opcheck_cases():
         ("mips_transform", (torch.randn(20, 5), True)),
         ("mips_transform", (torch.randn(20, 5), False, torch.tensor(100.0))),
         ("hash_codes", (torch.randn(20, 12), 3, 4)),
+        ("dwta_codes", dwta_problem(n=20)[:2] + (3,)),
+        ("dwta_codes", dwta_problem(n=20, dtype=torch.float64, num_tables=2, hashes=1, bin_size=16)[:2] + (2,)),
         ("build_tables", (codes, 5)),
         ("build_tables", (codes.t().contiguous().t(), 5)),  # a table-major layout, as LSHTables keeps its codes
         ("row_fingerprints", (torch.randn(20, 5), torch.randn(5))),
@@ -354,6 +418,14 @@ def test_op_input_errors():
         (lambda: ops.row_fingerprints(torch.randn(12), torch.randn(3)), "rows"),
         (lambda: ops.row_fingerprints(torch.ones(4, 3, dtype=torch.int32), torch.randn(3)), "floating"),
         (lambda: ops.build_tables(torch.zeros(4, 2, dtype=torch.int64), 5), "int32"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.tensor([[0, 6]]), 1), "bins must hold dimension indices"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.tensor([[0, -1]]), 1), "bins must hold dimension indices"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(2, 3, dtype=torch.long), 1), "power-of-two bin_size"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(3, 2, dtype=torch.long), 2), "multiple of num_tables"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(7, 8, dtype=torch.long), 1), "at most 20"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(2, 2, dtype=torch.int32), 1), "bins must be int64"),
+        (lambda: ops.dwta_codes(torch.ones(4, 6, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), 1), "rows"),
+        (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(2, 2, dtype=torch.long), 0), "num_tables"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query(qcodes, qmargins[:, :3], offsets, items, 4, 5), "margins"),

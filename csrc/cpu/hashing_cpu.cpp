@@ -1,9 +1,11 @@
-// CPU kernels of hashing: the asymmetric MIPS transform, SRP fingerprints and the table build.
+// CPU kernels of hashing: the asymmetric MIPS transform, SRP and DWTA codes, row fingerprints and the
+// table build.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -87,6 +89,52 @@ std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int
   return {codes, margins};
 }
 
+std::tuple<at::Tensor, at::Tensor> dwta_codes_cpu(const at::Tensor& rows_in, const at::Tensor& bins_in,
+                                                  int64_t num_tables) {
+  const DwtaShape s = check_dwta_args(rows_in, bins_in, num_tables);
+  TORCH_CHECK(rows_in.device().is_cpu(), "dwta_codes: rows must be a CPU tensor, got one on ", rows_in.device());
+  const auto rows = rows_in.contiguous();
+  const auto bins = bins_in.contiguous();
+  const int64_t* bin = bins.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.num_bins * s.bin_size; ++i)
+    TORCH_CHECK(bin[i] >= 0 && bin[i] < s.d, "dwta_codes: bins must hold dimension indices in [0, d = ", s.d,
+                "), got ", bin[i]);
+  auto codes = at::empty({s.n, num_tables}, rows.options().dtype(at::kInt));
+  auto margins = at::empty({s.n, s.num_bins * s.bin_bits}, rows.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "dwta_codes", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    int32_t* c = codes.data_ptr<int32_t>();
+    float* m = margins.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, 65536 / (s.num_bins * s.bin_size));
+    at::parallel_for(0, s.n, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> hashes(s.num_bins);
+      for (int64_t i = begin; i < end; ++i) {
+        float* mi = m + i * s.num_bins * s.bin_bits;
+        for (int64_t g = 0; g < s.num_bins; ++g)
+          hashes[g] = dwta_hash<acc_t>(src + i * s.d, bin + g * s.bin_size, s.bin_size, static_cast<int>(s.bin_bits),
+                                       mi + g * s.bin_bits);
+        // Densify: empty bins take a non-empty bin's hash and margins (those are never overwritten).
+        for (int64_t l = 0; l < num_tables; ++l) {
+          int32_t code = 0;
+          for (int64_t h = 0; h < s.hashes_per_table; ++h) {
+            const int64_t g = l * s.hashes_per_table + h;
+            int32_t v = hashes[g];
+            if (v < 0) {
+              const int64_t j = dwta_source(hashes.data(), s.num_bins, g);
+              v = j < 0 ? 0 : hashes[j];
+              if (j >= 0) std::copy(mi + j * s.bin_bits, mi + (j + 1) * s.bin_bits, mi + g * s.bin_bits);
+            }
+            code |= v << (h * s.bin_bits);
+          }
+          c[i * num_tables + l] = code;
+        }
+      }
+    });
+  });
+  return {codes, margins};
+}
+
 at::Tensor row_fingerprints_cpu(const at::Tensor& rows_in, const at::Tensor& vector_in) {
   check_fingerprint_args(rows_in, vector_in);
   TORCH_CHECK(rows_in.device().is_cpu(), "row_fingerprints: rows must be a CPU tensor, got one on ", rows_in.device());
@@ -153,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
 TORCH_LIBRARY_IMPL(lsh_torch, CPU, m) {
   m.impl("mips_transform", &mips_transform_cpu);
   m.impl("hash_codes", &hash_codes_cpu);
+  m.impl("dwta_codes", &dwta_codes_cpu);
   m.impl("row_fingerprints", &row_fingerprints_cpu);
   m.impl("build_tables", &build_tables_cpu);
 }

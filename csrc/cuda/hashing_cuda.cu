@@ -1,4 +1,5 @@
-// CUDA kernels of hashing: the asymmetric MIPS transform, SRP fingerprints and the table build.
+// CUDA kernels of hashing: the asymmetric MIPS transform, SRP and DWTA codes, row fingerprints and the
+// table build.
 // Same contract and messages as csrc/cpu/hashing_cpu.cpp.
 //
 // Design
@@ -10,6 +11,12 @@
 //   (sqrt and division are IEEE-rounded in CUDA unless --use_fast_math, which setup.py never
 //   passes). A second, elementwise kernel writes the [n, d + 1] output.
 // - hash_codes: one thread per (row, table); elementwise, bit-identical to the CPU.
+// - dwta_codes: one thread per (row, bin) computes the bin's hash and margins (lsh_common.h:
+//   dwta_hash, the CPU's function) into a [n, L*H] scratch of hashes (-1: empty) and the margins;
+//   a second kernel, one thread per (row, table), densifies the table's empty bins (dwta_source,
+//   shared with the CPU too: it reads only non-empty bins, which no thread writes) and packs the
+//   code. Bin indices outside [0, d) are skipped and reported through the error flag, read once
+//   at the end: bit-identical codes and margins to the CPU.
 // - build_tables: codes are range-checked on the device (error flag, one synchronisation), the
 //   codes of each table are sorted with a stable sort (torch.sort(stable=True), which keeps equal
 //   codes in ascending neuron order: exactly the CPU's counting-sort order), and each offset is
@@ -194,6 +201,88 @@ std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// dwta_codes
+
+template <typename scalar_t>
+__global__ void dwta_hash_kernel(const scalar_t* __restrict__ rows, const int64_t* __restrict__ bins, int64_t n,
+                                 int64_t d, int64_t num_bins, int64_t bin_size, int bin_bits,
+                                 int32_t* __restrict__ hashes, float* __restrict__ margins, int64_t* flag) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = n * num_bins;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t / num_bins, g = t - i * num_bins;
+    const int64_t* bin = bins + g * bin_size;
+    bool ok = true;
+    for (int64_t j = 0; j < bin_size; ++j) {
+      if (bin[j] < 0 || bin[j] >= d) {
+        cuda::report(flag, 1, bin[j]);
+        ok = false;
+      }
+    }
+    if (!ok) {
+      hashes[t] = 0;
+      for (int k = 0; k < bin_bits; ++k) margins[t * bin_bits + k] = 0.0f;
+      continue;
+    }
+    hashes[t] = dwta_hash<acc_t>(rows + i * d, bin, bin_size, bin_bits, margins + t * bin_bits);
+  }
+}
+
+__global__ void dwta_pack_kernel(const int32_t* __restrict__ hashes, int64_t n, int64_t num_tables,
+                                 int64_t hashes_per_table, int bin_bits, float* __restrict__ margins,
+                                 int32_t* __restrict__ codes) {
+  const int64_t total = n * num_tables, num_bins = num_tables * hashes_per_table;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t / num_tables, l = t - i * num_tables;
+    const int32_t* h = hashes + i * num_bins;
+    float* m = margins + i * num_bins * bin_bits;
+    int32_t code = 0;
+    for (int64_t k = 0; k < hashes_per_table; ++k) {
+      const int64_t g = l * hashes_per_table + k;
+      int32_t v = h[g];
+      if (v < 0) {
+        const int64_t j = dwta_source(h, num_bins, g);
+        v = j < 0 ? 0 : h[j];
+        if (j >= 0)
+          for (int b = 0; b < bin_bits; ++b) m[g * bin_bits + b] = m[j * bin_bits + b];
+      }
+      code |= v << (k * bin_bits);
+    }
+    codes[t] = code;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dwta_codes_cuda(const at::Tensor& rows_in, const at::Tensor& bins_in,
+                                                   int64_t num_tables) {
+  const DwtaShape s = check_dwta_args(rows_in, bins_in, num_tables);
+  cuda::check_cuda(rows_in, "rows", "dwta_codes");
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const auto rows = rows_in.contiguous();
+  const auto bins = bins_in.contiguous();
+  auto codes = at::empty({s.n, num_tables}, rows.options().dtype(at::kInt));
+  auto margins = at::empty({s.n, s.num_bins * s.bin_bits}, rows.options().dtype(at::kFloat));
+  if (s.n == 0) return {codes, margins};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto hashes = at::empty({s.n, s.num_bins}, rows.options().dtype(at::kInt));
+  cuda::ErrorFlag flag(rows.device(), stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "dwta_codes_cuda", [&] {
+    dwta_hash_kernel<scalar_t><<<grid_for(s.n * s.num_bins, 256), 256, 0, stream>>>(
+        rows.data_ptr<scalar_t>(), bins.data_ptr<int64_t>(), s.n, s.d, s.num_bins, s.bin_size,
+        static_cast<int>(s.bin_bits), hashes.data_ptr<int32_t>(), margins.data_ptr<float>(), flag.ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  dwta_pack_kernel<<<grid_for(s.n * num_tables, 256), 256, 0, stream>>>(
+      hashes.data_ptr<int32_t>(), s.n, num_tables, s.hashes_per_table, static_cast<int>(s.bin_bits),
+      margins.data_ptr<float>(), codes.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto err = flag.read();
+  TORCH_CHECK(err[0] == 0, "dwta_codes: bins must hold dimension indices in [0, d = ", s.d, "), got ", err[1]);
+  return {codes, margins};
+}
+
+// ---------------------------------------------------------------------------------------------
 // build_tables
 
 __global__ void check_codes_kernel(const int32_t* __restrict__ codes, int64_t total, int64_t buckets, int64_t* flag) {
@@ -289,6 +378,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
 TORCH_LIBRARY_IMPL(lsh_torch, CUDA, m) {
   m.impl("mips_transform", &mips_transform_cuda);
   m.impl("hash_codes", &hash_codes_cuda);
+  m.impl("dwta_codes", &dwta_codes_cuda);
   m.impl("row_fingerprints", &row_fingerprints_cuda);
   m.impl("build_tables", &build_tables_cuda);
 }
