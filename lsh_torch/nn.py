@@ -414,7 +414,7 @@ class LSHLinear(nn.Module):
         candidates scored per row, ``k <= budget <= out_features`` (default :attr:`topk_budget`).
         Both are for this call only; inference can afford more probes than a training step.
         At 670K outputs with the defaults (L=40, K=12, 16 probes, 1,024 candidates) on rows in
-        clusters, the exact top 5 was recalled at 0.963, 4.2x faster than the dense top-k on 2
+        clusters, the exact top 5 was recalled at 0.963, 4.2-4.6x faster than the dense top-k on 2
         loaded cores (2,048 candidates: 0.981, 3.2x; 512: 0.932, 5.0x). On the trained XMC demo
         model (670K labels, direction-only tables) recall is far lower (0.26): see
         ``benchmarks/bench_topk.py`` and the README.
