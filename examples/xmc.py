@@ -305,7 +305,26 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
     if run.kind != "dense":
         lsh, lsh_s = evaluate(net, run.kind, test_data, exact=False)
         run.lsh_topk = {**lsh, "topk_s": lsh_s}
+    if args.save_head and run.kind == "lsh" and world()[1] == 1:
+        save_head(net, test_data, args.save_head)
     return run
+
+
+@torch.no_grad()
+def save_head(net: XMCNet, data: xmc_data.XMCData, path: str) -> None:
+    """The trained output layer (weights and LSHLinear options) and the hidden vectors of ``data``, for
+    ``benchmarks/bench_topk.py --model``: top-k speed and recall on a trained model."""
+    net.eval()
+    hidden = torch.cat([net.hidden(*to_device(batch, net.hidden_bias.device)[:3]).cpu()
+                        for batch in data.batches(1024, shuffle=False)])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = net.out
+    config = {"num_tables": out.tables.num_tables, "bits": out.tables.bits, "probes": out.tables.probes,
+              "active": out.budget, "mode": out.mode, "asymmetric": out.tables.asymmetric,
+              "center": out.tables.center, "seed": out.seed, "rescore": out.rescore}
+    torch.save({"state_dict": {k: v.cpu() for k, v in out.state_dict().items()}, "config": config,
+                "hidden": hidden}, path)
+    print(f"saved the output layer and {len(hidden):,} test hidden vectors: {path}")
 
 
 def warm_up(data, args, steps: int = 20) -> None:
@@ -500,6 +519,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--plot", default=os.path.join(RESULTS, "xmc_p1_vs_time.png"), help="PNG of P@1 against time")
     g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")
+    g.add_argument("--save-head", metavar="PATH", help="save the first lsh run's trained output layer and the test "
+                   "points' hidden vectors (for benchmarks/bench_topk.py --model)")
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
     args = p.parse_args(argv)

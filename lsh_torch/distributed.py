@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .losses import _check_labels_found, _label_mask, _label_rows
-from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings
+from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings, topk_budget
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
            "shard_range", "unmanaged_parameters"]
@@ -465,19 +465,25 @@ class ShardedLSHLinear(nn.Module):
         return labels
 
     @torch.no_grad()
-    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
+             budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs of this rank's rows and their global ids, ``[*, k]`` each:
-        each shard's top ``min(k, its rows or budget)`` for the global batch
-        (:meth:`LSHLinear.topk`), all-gathered and merged. ``k`` is at most ``out_features``
-        (``exact``) or the shards' budgets together."""
-        limit = self.out_features if exact else sum(self.budgets)
+        each shard's top ``min(k, its rows or candidates)`` for the global batch
+        (:meth:`LSHLinear.topk`; ``budget`` candidates per shard, at most its rows, default
+        :func:`~lsh_torch.nn.topk_budget` of its width), all-gathered and merged. ``k`` is at most
+        ``out_features`` (``exact``) or the shards' candidates together."""
+        good_budget = budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1)
+        budgets = [topk_budget(w) if budget is None or not good_budget else min(budget, w) for w in self.widths]
+        limit = self.out_features if exact else sum(budgets)
 
-        def check_k():
+        def check_k():  # on every rank before the first collective (_gather_input)
+            if budget is not None:
+                check_int("budget", budget, 1, max(self.widths))
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
                 raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
         x, sizes, _ = self._gather_input(input, check_k)
-        mine = min(k, self.shard.out_features if exact else self.shard.budget)
-        values, indices = self.shard.topk(x, mine, exact=exact, probes=probes)
+        mine = min(k, self.shard.out_features if exact else budgets[self.rank])
+        values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank])
         start = sum(sizes[: self.rank])
         rows = slice(start, start + sizes[self.rank])
         every_values = torch.cat([v[rows] for v in _gather_padded(values, self.process_group)], 1)

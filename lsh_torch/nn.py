@@ -69,6 +69,19 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
             "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
+TOPK_BUDGET = 1024  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
+
+
+def topk_budget(out_features: int) -> int:
+    """Candidates per row that :meth:`LSHLinear.topk` scores by default: :data:`TOPK_BUDGET`, at
+    most every output.
+    Measured at 670K outputs, 16 probes, rows in clusters (``benchmarks/bench_topk.py --budgets``):
+    recall of the exact top 5 0.80 / 0.93 / 0.96 / 0.98 with 256 / 512 / 1,024 / 2,048 candidates,
+    and scoring 2,048 took 1.3x the time of 1,024: 1,024 is the fewest that kept recall above 0.95.
+    Independent of the training budget ``active``: inference is another trade-off."""
+    return min(out_features, TOPK_BUDGET)
+
+
 class LSHLinear(nn.Module):
     r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
 
@@ -405,16 +418,23 @@ class LSHLinear(nn.Module):
         return found
 
     @torch.no_grad()
-    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
+             budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
 
-        ``exact=False`` rescored LSH candidates (the layer's budget of them, per row);
-        ``exact=True`` the dense computation, like ``torch.topk(linear(input), k)``.
-        ``probes`` buckets probed per table for this call (default :attr:`inference_probes`):
-        inference can afford more than a training step. At 670K outputs with the defaults (L=40,
-        2,048 candidates per row) and rows in clusters, the exact top 5 was recalled at 0.58 with
-        2 probes, 0.90 with 8 and 0.97 with 16, at 7.5x, 5.1x and 3.6x the speed of the dense
-        top-k (``benchmarks/bench_topk.py``).
+        ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
+        ``exact=False``: the ``budget`` neurons per row that the tables rank highest (most probed
+        buckets hit), scored exactly, and their top ``k``. Only real candidates are scored: where
+        the tables find fewer than ``budget`` neurons for a row, the row's top k comes from those it
+        found (completed with uniformly random neurons only when they are fewer than ``k``).
+        ``probes``: buckets probed per table (default :attr:`inference_probes`); ``budget``:
+        candidates scored per row, ``k <= budget <= out_features`` (default :attr:`topk_budget`).
+        Both are for this call only; inference can afford more probes than a training step.
+        At 670K outputs with the defaults (L=40, K=12, 16 probes, 1,024 candidates) on rows in
+        clusters, the exact top 5 was recalled at 0.963, 4.2-4.6x faster than the dense top-k on 2
+        loaded cores (2,048 candidates: 0.981, 3.2x; 512: 0.932, 5.0x). On the trained XMC demo
+        model (670K labels, direction-only tables) recall is far lower (0.26): see
+        ``benchmarks/bench_topk.py`` and the README.
         """
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
@@ -422,14 +442,27 @@ class LSHLinear(nn.Module):
             check_int("k", k, 1, self.out_features)
             values, indices = F.linear(x, weight, bias).topk(k, dim=1)
         else:
-            check_int("k", k, 1, self.budget)
+            if budget is None:
+                budget = self.topk_budget
+            check_int("budget", budget, 1, self.out_features)
+            check_int("k", k, 1, budget)
             if probes is None:
                 probes = self.inference_probes
             check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
             if self._stale:
                 self.rebuild()
-            active, _ = self.tables.query(x, self.budget, None, self.seed, probes=probes)
+            active, head = self.tables.query(x, budget, None, self.seed, probes=probes)
+            if self.tables.selection == "random" or budget == self.out_features:
+                head = torch.full_like(head, budget)  # no tables, or every output: score them all
+            # Past its head a row holds uniform draws (ops.query): score none of them beyond the
+            # first k, and none at all in columns past every row's head.
+            real = head.clamp_min(k)
+            width = int(real.max()) if real.numel() else k
+            active = active[:, :width]
             scores = ops.sparse_linear(x, weight, bias, active)
+            if width > k:
+                drawn = torch.arange(width, device=x.device) >= real.unsqueeze(1)
+                scores = scores.masked_fill(drawn, float("-inf"))
             values, best = scores.topk(k, dim=1)
             indices = active.gather(1, best)
         shape = (*input.shape[:-1], k)
@@ -440,6 +473,12 @@ class LSHLinear(nn.Module):
         """Buckets per table that :meth:`topk` probes by default: 8x the training probes (at
         least 16), as many as the tables have."""
         return min(MAX_PROBES, 2 ** self.tables.bits, max(16, 8 * self.tables.probes))
+
+    @property
+    def topk_budget(self) -> int:
+        """Candidates per row that :meth:`topk` scores by default: :func:`topk_budget` of the
+        layer's width (independent of the training budget ``active``)."""
+        return topk_budget(self.out_features)
 
     def _operands(self, input: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """The checked input, weight and bias of a call. Under autocast all three are cast to its

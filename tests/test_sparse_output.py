@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import reference as ref
 from lsh_torch import LSHLinear, sparse_cross_entropy
+from lsh_torch.nn import TOPK_BUDGET, topk_budget
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
@@ -158,13 +159,50 @@ def test_topk_exact_and_lsh():
     torch.testing.assert_close(lsh_values, expected.values)
     assert torch.equal(lsh_indices, expected.indices)
     small = LSHLinear(16, 300, active=20)
-    v, i = small.topk(x, 5)
+    v, i = small.topk(x, 5, budget=20)
     assert v.shape == i.shape == (2, 4, 5)
     torch.testing.assert_close(v, F.linear(x, small.weight, small.bias).gather(-1, i))
     with pytest.raises(ValueError, match="k"):
-        small.topk(x, 21)
+        small.topk(x, 21, budget=20)
     with pytest.raises(ValueError, match="probes"):
         small.topk(x, 5, probes=0)
+    for bad in (0, 301):
+        with pytest.raises(ValueError, match="budget"):
+            small.topk(x, 5, budget=bad)
+    with pytest.raises(TypeError, match="budget"):
+        small.topk(x, 5, budget=2.0)
+
+
+def test_topk_budget_default_and_covering_every_output():
+    wide = LSHLinear(8, 10_000, rebuild=None)
+    assert wide.topk_budget == topk_budget(10_000) == TOPK_BUDGET < 10_000
+    assert topk_budget(300) == 300
+    # A budget of every output scores every output: the exact top k, whatever the tables find.
+    layer = LSHLinear(16, 300, active=20, num_tables=1, bits=8, probes=1, rebuild=None)
+    x = torch.randn(32, 16)
+    expected = F.linear(x, layer.weight, layer.bias).topk(5, dim=1)
+    values, indices = layer.topk(x, 5, budget=300)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(values, expected.values)
+
+
+def test_topk_budget_scores_only_the_tables_candidates():
+    # One table of 1,024 buckets over 2,000 rows: a query's bucket holds about 2 of them, so most
+    # of a budget of 64 is uniform draws, which topk must not score (they are no candidates).
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, num_tables=1, bits=10, probes=1, active=64, rebuild=None)
+    x = torch.randn(200, 16)
+    k, budget = 2, 64
+    values, indices = layer.topk(x, k, probes=1, budget=budget)
+    active, head = layer.tables.query(x, budget, None, layer.seed, probes=1)
+    real = head.clamp_min(k)
+    assert (head < budget).all()  # the test's premise: draws after every row's candidates
+    for row in range(x.shape[0]):
+        assert set(indices[row].tolist()) <= set(active[row, : real[row]].tolist()), row
+    torch.testing.assert_close(values, F.linear(x, layer.weight, layer.bias).gather(1, indices))
+    # Scoring the draws too would have picked a draw in many rows: the check above can fail.
+    every = F.linear(x, layer.weight, layer.bias).gather(1, active).topk(k, dim=1).indices
+    assert ((every >= real.unsqueeze(1)).any(1)).float().mean() > 0.5
 
 
 def test_topk_with_more_probes_finds_more_of_the_exact_top():

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -21,15 +22,20 @@
 namespace lsh_torch {
 namespace {
 
-// Per-neuron hit counters: 16 bits keep N counters cache-friendly (1.3 MB at 670K neurons).
-// Counts saturate at kMaxHits, far above L * probes * B in practice; kChosen marks a neuron
-// already in the active set.
-using Hits = uint16_t;
-constexpr Hits kChosen = 0xFFFF;
-constexpr Hits kMaxHits = 0xFFFE;
+// Per-neuron hit counters of type Hits: uint16_t in general, uint8_t for per-row sets from fewer
+// than kMaxHits tables (a neuron sits in one bucket per table and a row probes distinct buckets,
+// so its hits never exceed L). One byte per neuron keeps the counters of 670K neurons (670 KB)
+// in a core's L2 cache, where the random increments of a query land (measured: see
+// ActiveSetBuilder::count). Counts saturate at kMaxHits; kChosen marks a neuron already in the
+// active set.
+template <typename Hits>
+constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
+template <typename Hits>
+constexpr Hits kMaxHitsOf = kChosenOf<Hits> - 1;
 
 // One zeroed counter array per thread, reused across calls: allocating and clearing N counters
 // per call would cost O(N) per step. Users restore the zeros (ActiveSetBuilder's destructor).
+template <typename Hits>
 std::vector<Hits>& thread_hits(int64_t n) {
   thread_local std::vector<Hits> hits;
   if (static_cast<int64_t>(hits.size()) < n) hits.assign(n, 0);
@@ -80,9 +86,12 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
 }
 
 // Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
+template <typename Hits>
 class ActiveSetBuilder {
+  static constexpr Hits kChosen = kChosenOf<Hits>, kMaxHits = kMaxHitsOf<Hits>;
+
  public:
-  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits(t.n)) {}
+  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits<Hits>(t.n)) {}
   ~ActiveSetBuilder() { reset(); }  // also after an exception, so the thread's counters stay zero
   ActiveSetBuilder(const ActiveSetBuilder&) = delete;
   ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
@@ -136,21 +145,33 @@ class ActiveSetBuilder {
   // resets the counters. `set` names the random streams: the row for per-row sets, -1 for the
   // batch-shared set. Returns the head: labels and candidates, the entries before the draws.
   int64_t finish(int64_t seed, int64_t set) {
-    // Only candidates with at least `floor` hits can be among the `room` best: a histogram of the
-    // hit counts finds that floor, so the tie-break keys (a hash each) and the selection below
-    // cover those few instead of every touched neuron (tens of thousands in a shared set).
+    // One pass over the touched neurons' counters (random reads: the cost of this step) copies
+    // their hits into a dense array and zeroes them; the labels, already chosen, are marked again
+    // below. Every later pass reads the dense array. Only candidates with at least `floor` hits can
+    // be among the `room` best: a histogram of the hit counts finds that floor, so the tie-break
+    // keys (a hash each) and the selection below cover those few instead of every touched neuron.
     const int64_t room = std::max<int64_t>(0, budget_ - filled_ - tail_);
+    const size_t touched = touched_.size();
+    touched_hits_.resize(touched);
     Hits top = 0;
-    for (int32_t id : touched_)
-      if (hits_[id] != kChosen) top = std::max(top, hits_[id]);
+    for (size_t i = 0; i < touched; ++i) {
+      Hits& h = hits_[touched_[i]];
+      const Hits hits = h == kChosen ? 0 : h;
+      touched_hits_[i] = hits;
+      top = std::max(top, hits);
+      h = 0;
+    }
+    for (int64_t i = 0; i < filled_; ++i) hits_[out_[i]] = kChosen;  // the labels stay chosen
     histogram_.assign(static_cast<size_t>(top) + 1, 0);
-    for (int32_t id : touched_)
-      if (hits_[id] != kChosen) ++histogram_[hits_[id]];
-    Hits floor = top;
-    for (int64_t above = histogram_[top]; floor > 1 && above < room; above += histogram_[--floor]) {}
+    for (size_t i = 0; i < touched; ++i) ++histogram_[touched_hits_[i]];
+    Hits floor = std::max<Hits>(top, 1);
+    for (int64_t above = histogram_[floor]; floor > 1 && above < room; above += histogram_[--floor]) {}
     cand_.clear();
-    for (int32_t id : touched_)
-      if (hits_[id] != kChosen && hits_[id] >= floor) cand_.push_back({hits_[id], seeded_hash(seed, kTieBreak, set, id), id});
+    if (top > 0)
+      for (size_t i = 0; i < touched; ++i)
+        if (touched_hits_[i] >= floor) cand_.push_back({touched_hits_[i], seeded_hash(seed, kTieBreak, set, touched_[i]), touched_[i]});
+    touched_.clear();
+    for (int64_t i = 0; i < filled_; ++i) touched_.push_back(static_cast<int32_t>(out_[i]));
     auto better = [](const Candidate& a, const Candidate& c) {
       return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
     };
@@ -203,16 +224,25 @@ class ActiveSetBuilder {
                   int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
       for (int64_t p = 0; p < t_.probes; ++p) {
         const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[l * t_.probes + p];
-        for (int32_t i = o[bucket]; i < o[bucket + 1]; ++i) {
+        // Branch-free on the counter: whether a neuron is new is a coin flip that a branch would
+        // mispredict, stalling the independent counter reads the core could otherwise overlap
+        // (they miss the L1: this loop is the query's time). Every id is written past the end of
+        // `touched`, which grows by one if it was new; a chosen neuron (kChosen) stays unchanged.
+        const int32_t begin = o[bucket], end = o[bucket + 1];
+        size_t size = touched.size();
+        touched.resize(size + std::max(0, end - begin));
+        int32_t* out = touched.data();
+        for (int32_t i = begin; i < end; ++i) {
           const int32_t id = items[i];
           TORCH_CHECK(static_cast<uint32_t>(id) < static_cast<uint32_t>(t_.n), "query: items hold neuron ", id,
                       ", outside [0, N = ", t_.n, ")");
           if (id < lo || id >= hi) continue;
           Hits& h = hits_[id];
-          if (h == kChosen) continue;
-          if (h == 0) touched.push_back(id);
+          out[size] = id;
+          size += h == 0;
           h += h < kMaxHits;
         }
+        touched.resize(size);
       }
     }
   }
@@ -233,6 +263,7 @@ class ActiveSetBuilder {
   std::vector<int32_t> touched_;  // neurons whose counter is non-zero
   std::vector<Candidate> cand_;
   std::vector<int64_t> histogram_;  // touched neurons per hit count
+  std::vector<Hits> touched_hits_;  // finish(): the hits of touched_[i]
   std::vector<uint32_t> flips_;
   int64_t* out_ = nullptr;
   int64_t budget_ = 0, tail_ = 0, filled_ = 0;
@@ -251,15 +282,22 @@ std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const a
   if (t.batch == 0 || budget == 0) return {active, head};
   int64_t* out = active.data_ptr<int64_t>();
   int64_t* heads = head.data_ptr<int64_t>();
-  at::parallel_for(0, t.batch, 1, [&](int64_t begin, int64_t end) {
-    ActiveSetBuilder builder(t);
-    for (int64_t b = begin; b < end; ++b) {
-      builder.start(out + b * budget, budget, tail);
-      builder.add_labels(b, b);
-      builder.probe(b);
-      heads[b] = builder.finish(seed, b);
-    }
-  });
+  auto build = [&](auto hits_type) {
+    at::parallel_for(0, t.batch, 1, [&](int64_t begin, int64_t end) {
+      ActiveSetBuilder<decltype(hits_type)> builder(t);
+      for (int64_t b = begin; b < end; ++b) {
+        builder.start(out + b * budget, budget, tail);
+        builder.add_labels(b, b);
+        builder.probe(b);
+        heads[b] = builder.finish(seed, b);
+      }
+    });
+  };
+  // A row's hits are at most L: one-byte counters below kMaxHits tables, the same counts.
+  if (t.num_tables < kMaxHitsOf<uint8_t>)
+    build(uint8_t{});
+  else
+    build(uint16_t{});
   return {active, head};
 }
 
@@ -275,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cpu(const at::Tensor& codes_in, 
   auto indices = at::empty({budget}, codes.options().dtype(at::kLong));
   auto head = at::zeros({}, codes.options().dtype(at::kLong));
   if (budget == 0) return {indices, head};
-  ActiveSetBuilder builder(t);
+  ActiveSetBuilder<uint16_t> builder(t);  // a batch's hits can exceed 255
   builder.start(indices.data_ptr<int64_t>(), budget, tail);
   for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
   builder.probe_all();
