@@ -81,7 +81,7 @@ def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args, build_s: float) 
 
 def bench(n: int, args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    layer = LSHLinear(args.hidden, n, rebuild=None)
+    layer = LSHLinear(args.hidden, n, rebuild=None, num_tables=args.tables)
     layer.eval()
     rows = []
     for kind in ("random", "planted", "clustered"):
@@ -128,6 +128,8 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--queries", type=int, default=1024)
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--tables", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="L of the synthetic layers (default: LSHLinear's)")
     p.add_argument("--probes", default="2,default,64", help="buckets probed per table, comma-separated")
     p.add_argument("--budgets", default="default", help="candidates rescored per query (topk's budget), comma-separated")
     p.add_argument("--kinds", default="random,planted,clustered", help="rows and queries to measure, comma-separated")

@@ -430,11 +430,11 @@ class LSHLinear(nn.Module):
         ``probes``: buckets probed per table (default :attr:`inference_probes`); ``budget``:
         candidates scored per row, ``k <= budget <= out_features`` (default :attr:`topk_budget`).
         Both are for this call only; inference can afford more probes than a training step.
-        At 670K outputs with the defaults (L=40, K=12, 16 probes, 1,024 candidates) on rows in
-        clusters, the exact top 5 was recalled at 0.963, 4.2-4.6x faster than the dense top-k on 2
-        loaded cores (2,048 candidates: 0.981, 3.2x; 512: 0.932, 5.0x). On the trained XMC demo
-        model (670K labels, direction-only tables) recall is far lower (0.26): see
-        ``benchmarks/bench_topk.py`` and the README.
+        At 670K outputs on rows in clusters (quiet 2 cores, 1,024 candidates), the exact top 5 was
+        recalled at 0.963, 5.1x faster than the dense top-k, with 40 tables and 16 probes
+        (``mode="per_row"``), and at 0.910, 5.7x faster, with the shared default's 20 tables and
+        32 probes. On the trained XMC demo model (670K labels, direction-only tables) recall is far
+        lower (0.26-0.28): see ``benchmarks/bench_topk.py`` and the README.
         """
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
@@ -471,8 +471,12 @@ class LSHLinear(nn.Module):
     @property
     def inference_probes(self) -> int:
         """Buckets per table that :meth:`topk` probes by default: 8x the training probes (at
-        least 16), as many as the tables have."""
-        return min(MAX_PROBES, 2 ** self.tables.bits, max(16, 8 * self.tables.probes))
+        least 16), times as many as the per-row default has tables for each table this layer has
+        (topk is a per-row query; a wide layer's shared tables are half as many: 32 probes at
+        L=20, 16 at L=40), at most as many as the tables have."""
+        per_row_tables = auto_settings(self.out_features, "per_row")["num_tables"]
+        probes = max(16, 8 * self.tables.probes) * max(1, per_row_tables // self.tables.num_tables)
+        return min(MAX_PROBES, 2 ** self.tables.bits, probes)
 
     @property
     def topk_budget(self) -> int:

@@ -251,6 +251,10 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 670_091, mode="shared").tables.num_tables == 20  # the batch shares one top set
     assert LSHLinear(8, 670_091, mode="per_row").tables.num_tables == 40  # each row needs its own
     assert LSHLinear(8, 1000, mode="per_row").tables.num_tables == 5
+    # topk is a per-row query: the shared default's half as many tables get twice the probes
+    assert (wide.inference_probes, LSHLinear(8, 670_091, mode="per_row").inference_probes) == (32, 16)
+    assert LSHLinear(8, 670_091, num_tables=10).inference_probes == 64
+    assert hidden.inference_probes == 64  # 8 x 10 probes, capped at the 2^6 buckets
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win
