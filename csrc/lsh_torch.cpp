@@ -32,6 +32,14 @@ TORCH_LIBRARY(lsh_torch, m) {
   // Counting sort of codes [N, L] into one CSR table per hash table:
   // offsets [L, 2^K + 1] int32 and items [L, N] int32 (ascending neuron id inside a bucket).
   m.def("build_tables(Tensor codes, int bits) -> (Tensor offsets, Tensor items)");
+  // The tables with some rows re-hashed, without re-sorting the others: rows [R] int64 (strictly
+  // increasing) leave the buckets of old_codes [R, L] and join those of new_codes [R, L], keeping
+  // ascending ids per bucket. Equal to build_tables of the codes with those rows replaced when
+  // (offsets, items) are build_tables of codes whose rows hold old_codes; a row missing from its
+  // old bucket is an error.
+  m.def(
+      "update_tables(Tensor offsets, Tensor items, Tensor rows, Tensor old_codes, Tensor new_codes) "
+      "-> (Tensor offsets, Tensor items)");
   // Multi-probe lookup -> active [B, budget] int64, no duplicates per row: forced labels
   // (-1 = padding) first, then LSH candidates ranked by how many probed buckets held them
   // (ties broken by a seeded hash), at most budget - labels - tail of them, then seeded uniform

@@ -94,6 +94,42 @@ inline void check_build_tables_args(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK(codes.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
 }
 
+struct UpdateTablesShape {
+  int64_t num_tables, buckets, n, moved;
+};
+
+// update_tables: tables offsets [L, 2^K + 1] int32 and items [L, N] int32 (as build_tables gives
+// them), rows [R] int64 and their codes before and after, old_codes / new_codes [R, L] int32.
+// Contents (rows strictly increasing in [0, N), codes in [0, 2^K), offsets and items a valid CSR
+// with ascending ids per bucket, each row in its old bucket) are checked by each kernel.
+inline UpdateTablesShape check_update_tables_args(const at::Tensor& offsets, const at::Tensor& items,
+                                                  const at::Tensor& rows, const at::Tensor& old_codes,
+                                                  const at::Tensor& new_codes) {
+  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kInt,
+              "update_tables: offsets must be int32 [L, 2^K + 1], got ", offsets.scalar_type(), " of shape ",
+              offsets.sizes());
+  TORCH_CHECK(items.dim() == 2 && items.scalar_type() == at::kInt, "update_tables: items must be int32 [L, N], got ",
+              items.scalar_type(), " of shape ", items.sizes());
+  const int64_t num_tables = offsets.size(0), buckets = offsets.size(1) - 1, n = items.size(1);
+  TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits),
+              "update_tables: offsets must have 2^K + 1 columns, 1 <= K <= ", kMaxBits, ", got ", buckets + 1);
+  check_bits_tables(num_tables, __builtin_ctzll(static_cast<uint64_t>(buckets)));
+  TORCH_CHECK(items.size(0) == num_tables, "update_tables: items must have one row per table (L = ", num_tables,
+              "), got ", items.size(0));
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "update_tables: too many items");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "update_tables: rows must be int64 [R], got ",
+              rows.scalar_type(), " of shape ", rows.sizes());
+  const int64_t moved = rows.size(0);
+  for (const auto& [codes, name] : {std::pair{&old_codes, "old_codes"}, std::pair{&new_codes, "new_codes"}}) {
+    TORCH_CHECK(codes->dim() == 2 && codes->scalar_type() == at::kInt && codes->size(0) == moved &&
+                    codes->size(1) == num_tables,
+                "update_tables: ", name, " must be int32 [R, L] = [", moved, ", ", num_tables, "], got ",
+                codes->scalar_type(), " of shape ", codes->sizes());
+  }
+  TORCH_CHECK(moved <= n, "update_tables: more rows (", moved, ") than items per table (", n, ")");
+  return {num_tables, buckets, n, moved};
+}
+
 struct QueryShape {
   int64_t batch, num_tables, n, buckets, bits, num_labels;
 };

@@ -57,6 +57,15 @@ def build_tables(codes: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return _ops.build_tables(codes, bits)
 
 
+def update_tables(offsets: Tensor, items: Tensor, rows: Tensor, old_codes: Tensor,
+                  new_codes: Tensor) -> tuple[Tensor, Tensor]:
+    """The tables ``(offsets, items)`` with ``rows`` ``[R]`` (int64, strictly increasing) moved from
+    the buckets of ``old_codes`` ``[R, L]`` to those of ``new_codes``, every other entry in place:
+    :func:`build_tables` of the updated codes, without re-sorting the rows that did not move.
+    A row that is not in its old bucket raises (the tables do not match ``old_codes``)."""
+    return _ops.update_tables(offsets, items, rows, old_codes, new_codes)
+
+
 def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
           labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0) -> tuple[Tensor, Tensor]:
     """Multi-probe lookup: ``active [B, budget]`` int64, no duplicates per row, and ``head [B]`` int64.
@@ -169,6 +178,12 @@ def _(rows, vector):
 @torch.library.register_fake("lsh_torch::build_tables")
 def _(codes, bits):
     return codes.new_empty(codes.shape[1], 2 ** bits + 1), codes.new_empty(codes.shape[1], codes.shape[0])
+
+
+@torch.library.register_fake("lsh_torch::update_tables")
+def _(offsets, items, rows, old_codes, new_codes):
+    _one_device("update_tables", offsets=offsets, items=items, rows=rows, old_codes=old_codes, new_codes=new_codes)
+    return offsets.new_empty(offsets.shape), items.new_empty(items.shape)
 
 
 @torch.library.register_fake("lsh_torch::query")

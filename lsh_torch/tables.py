@@ -138,13 +138,17 @@ class LSHTables(nn.Module):
             if changed.numel():
                 if self.codes.is_inference() and not torch.is_inference_mode_enabled():  # built under inference_mode
                     self.codes = self.codes.clone()
-                self.codes[:, changed] = self._row_codes(moved)
+                old_codes, new_codes = self.codes[:, changed], self._row_codes(moved)
+                self.codes[:, changed] = new_codes
+                # Only the moved rows change buckets: merging them in costs a fraction of a re-sort.
+                self.offsets, self.items = ops.update_tables(self.offsets, self.items, changed, old_codes.t(),
+                                                             new_codes.t())
             self.rehashed = changed.numel()
         else:
             self._hash_every_row(rows)
             self.rehashed = n
+            self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
         self.fingerprints = fingerprints
-        self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
 
     def _hash_every_row(self, rows: Tensor) -> None:
         # A new M for the asymmetric transform: the largest norm, raised by a few float32 roundings

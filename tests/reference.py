@@ -105,6 +105,23 @@ def build_tables(codes, bits):
     return offsets, items
 
 
+def update_tables(offsets, items, rows, old_codes, new_codes):
+    """Bucket by bucket: the old ids minus the rows leaving, plus the rows joining, ascending."""
+    num_tables, width = offsets.shape
+    new_offsets, new_items = torch.zeros_like(offsets), torch.empty_like(items)
+    for l in range(num_tables):
+        out = []
+        for k in range(width - 1):
+            bucket = items[l, offsets[l, k]:offsets[l, k + 1]].tolist()
+            leaving = {int(r) for r, c in zip(rows, old_codes[:, l]) if c == k}
+            assert leaving <= set(bucket), "a row is not in its old bucket"
+            joining = [int(r) for r, c in zip(rows, new_codes[:, l]) if c == k]
+            out += sorted([i for i in bucket if i not in leaving] + joining)
+            new_offsets[l, k + 1] = len(out)
+        new_items[l] = torch.tensor(out, dtype=torch.int32)
+    return new_offsets, new_items
+
+
 def probe_flips(margin, bits, probes):
     """Enumerate every subset of bits, order by (sum of margins, mask over margin-sorted positions)."""
     order = torch.sort(margin.float(), stable=True).indices.tolist()

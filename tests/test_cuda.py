@@ -155,6 +155,21 @@ def test_build_tables_equal_cpu(n, bits):
         assert torch.equal(offsets.cpu(), ref_offsets) and torch.equal(items.cpu(), ref_items)
 
 
+@pytest.mark.parametrize("n,bits,moved", [(500, 1, 40), (500, 10, 0), (6000, 3, 6000), (6000, 16, 300), (0, 4, 0)])
+def test_update_tables_equal_cpu(n, bits, moved):
+    codes = torch.randint(0, 2 ** bits, (n, 3), dtype=torch.int32)
+    rows = torch.randperm(n)[:moved].sort().values
+    new_codes = torch.randint(0, 2 ** bits, (moved, 3), dtype=torch.int32)
+    args = (*ops.build_tables(codes, bits), rows, codes[rows], new_codes)
+    got = ops.update_tables(*(a.cuda() for a in args))
+    assert all(g.is_cuda for g in got)
+    for g, expected in zip(got, ops.update_tables(*args)):
+        assert torch.equal(g.cpu(), expected)
+    if moved:  # rows said to leave buckets they are not in
+        with pytest.raises(RuntimeError, match="do not match old_codes"):
+            ops.update_tables(*(a.cuda() for a in args[:3]), ((codes[rows] + 1) % 2 ** bits).cuda(), new_codes.cuda())
+
+
 def test_tables_hashed_on_cuda_match_cpu():
     # The projection is a BLAS matmul on each device, so a code may differ only where a
     # projection is within rounding of zero; the rest of the pipeline is bit-identical.

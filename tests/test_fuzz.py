@@ -94,8 +94,17 @@ def test_hashing_ops_agree_with_reference(data):
     for got, expected in zip(ops.hash_codes(projections, num_tables, bits), ref.hash_codes(projections, num_tables, bits)):
         assert torch.equal(got, expected)
     codes = ints(draw, (n, num_tables), 0, 2 ** bits).int()
-    for got, expected in zip(ops.build_tables(codes, bits), ref.build_tables(codes, bits)):
+    tables = ops.build_tables(codes, bits)
+    for got, expected in zip(tables, ref.build_tables(codes, bits)):
         assert torch.equal(got, expected)
+    rows = torch.tensor(sorted(draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=n))), dtype=torch.long)
+    new_codes = ints(draw, (len(rows), num_tables), 0, 2 ** bits).int()
+    updated = codes.clone()
+    updated[rows] = new_codes
+    for got, built, expected in zip(ops.update_tables(*tables, rows, codes[rows], new_codes),
+                                    ops.build_tables(updated, bits),
+                                    ref.update_tables(*tables, rows, codes[rows], new_codes)):
+        assert torch.equal(got, built) and torch.equal(got, expected)
 
 
 @fuzz
@@ -220,7 +229,8 @@ def _valid_calls(draw):
     x, weight, bias = tensor(draw, (batch, d)), tensor(draw, (n, d)), tensor(draw, (n,))
     active = ints(draw, (batch, budget), 0, n)
     codes, margins = ops.hash_codes(tensor(draw, (batch, 2 * 3)), 2, 3)
-    offsets, items = ops.build_tables(ints(draw, (n, 2), 0, 8).int(), 3)
+    table_codes = ints(draw, (n, 2), 0, 8).int()
+    offsets, items = ops.build_tables(table_codes, 3)
     labels = ints(draw, (batch, 1), 0, n)
     state = [tensor(draw, (n, d)) for _ in range(2)] + [tensor(draw, (n, d)).abs()]
     rows = torch.tensor([1, 4, 7])
@@ -240,6 +250,8 @@ def _valid_calls(draw):
         "hash_codes": (OPS.hash_codes, dict(projections=tensor(draw, (n, 6)), num_tables=2, bits=3)),
         "dwta_codes": (OPS.dwta_codes, dict(rows=weight.relu(), bins=ints(draw, (4, 4), 0, d), num_tables=2)),
         "build_tables": (OPS.build_tables, dict(codes=ints(draw, (n, 2), 0, 8).int(), bits=3)),
+        "update_tables": (OPS.update_tables, dict(offsets=offsets, items=items, rows=rows, old_codes=table_codes[rows],
+                                                  new_codes=ints(draw, (3, 2), 0, 8).int())),
         "lazy_adam_": (OPS.lazy_adam_, dict(param=state[0], exp_avg=state[1], exp_avg_sq=state[2], rows=rows,
                                            grad_rows=tensor(draw, (3, d)), step_size=0.01, beta1=0.9, beta2=0.999,
                                            eps=1e-8)),

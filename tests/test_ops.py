@@ -151,6 +151,43 @@ def test_build_tables_match_reference(bits):
     assert torch.equal(table_major[0], ref_offsets) and torch.equal(table_major[1], ref_items)
 
 
+def moved_rows(n=400, num_tables=3, bits=5, moved=60, seed=0):
+    """Codes of n rows, their tables, and `moved` rows (sorted) with new codes."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, num_tables), dtype=torch.int32, generator=gen)
+    rows = torch.randperm(n, generator=gen)[:moved].sort().values
+    new_codes = torch.randint(0, 2 ** bits, (moved, num_tables), dtype=torch.int32, generator=gen)
+    return codes, rows, new_codes
+
+
+@pytest.mark.parametrize("bits,moved", [(1, 30), (5, 0), (5, 60), (5, 400), (10, 7)])
+def test_update_tables_equal_a_build_of_the_new_codes(bits, moved):
+    codes, rows, new_codes = moved_rows(bits=bits, moved=moved)
+    offsets, items = ops.build_tables(codes, bits)
+    updated_codes = codes.clone()
+    updated_codes[rows] = new_codes
+    got = ops.update_tables(offsets, items, rows, codes[rows], new_codes)
+    for value, built, slow in zip(got, ops.build_tables(updated_codes, bits),
+                                  ref.update_tables(offsets, items, rows, codes[rows], new_codes)):
+        assert torch.equal(value, built) and torch.equal(value, slow)
+    # Codes given as column views of table-major codes (what LSHTables passes) read the same.
+    table_major = updated_codes.t().contiguous()
+    again = ops.update_tables(offsets, items, rows, codes.t().contiguous()[:, rows].t(), table_major[:, rows].t())
+    assert all(torch.equal(a, b) for a, b in zip(again, got))
+
+
+def test_update_tables_refuse_tables_that_do_not_match_old_codes():
+    codes, rows, new_codes = moved_rows()
+    offsets, items = ops.build_tables(codes, 5)
+    wrong_old = (codes[rows] + 1) % 32
+    with pytest.raises(RuntimeError, match="do not match old_codes"):
+        ops.update_tables(offsets, items, rows, wrong_old, new_codes)
+    # One row said to leave bucket 0 of table 0 where it is not: caught before anything is written past its bucket.
+    with pytest.raises(RuntimeError, match="do not match old_codes"):
+        ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 1), torch.tensor([0]),
+                          torch.tensor([[0]], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32))
+
+
 # --- query --------------------------------------------------------------------------------------
 
 LABELS = torch.tensor([[3, -1], [5, 5], [-1, -1], [0, 1], [2, 7], [9, -1], [299, 298]])
@@ -358,6 +395,15 @@ def test_sparse_linear_empty_batch():
     assert out.shape == (0, 6)
 
 
+def ref_codes_of(offsets, items):
+    """The codes [N, L] that tables were built from (each item's bucket)."""
+    codes = torch.empty(items.shape[1], items.shape[0], dtype=torch.int32)
+    for l in range(items.shape[0]):
+        counts = offsets[l, 1:] - offsets[l, :-1]
+        codes[items[l].long(), l] = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), counts)
+    return codes
+
+
 # --- opcheck on every op ------------------------------------------------------------------------
 
 def opcheck_cases():
@@ -374,6 +420,8 @@ def opcheck_cases():
         ("dwta_codes", dwta_problem(n=20, dtype=torch.float64, num_tables=2, hashes=1, bin_size=16)[:2] + (2,)),
         ("build_tables", (codes, 5)),
         ("build_tables", (codes.t().contiguous().t(), 5)),  # a table-major layout, as LSHTables keeps its codes
+        ("update_tables", (*ops.build_tables(codes, 5), torch.tensor([2, 7, 50]), codes[[2, 7, 50]],
+                           torch.randint(0, 32, (3, 4), dtype=torch.int32))),
         ("row_fingerprints", (torch.randn(20, 5), torch.randn(5))),
         ("row_fingerprints", (torch.randn(20, 5, dtype=torch.float64), torch.randn(5))),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
@@ -401,6 +449,7 @@ def test_opcheck(name, args):
 
 def test_op_input_errors():
     qcodes, qmargins, offsets, items = random_tables()
+    ucodes = ref_codes_of(offsets, items)
     x, weight, bias, active = sparse_problem()
     cases = [
         (lambda: ops.hash_codes(torch.randn(3, 12), 3, 5), "L\\*K"),
@@ -418,6 +467,23 @@ def test_op_input_errors():
         (lambda: ops.row_fingerprints(torch.randn(12), torch.randn(3)), "rows"),
         (lambda: ops.row_fingerprints(torch.ones(4, 3, dtype=torch.int32), torch.randn(3)), "floating"),
         (lambda: ops.build_tables(torch.zeros(4, 2, dtype=torch.int64), 5), "int32"),
+        (lambda: ops.update_tables(offsets, items, torch.tensor([5, 3]), ucodes[[5, 3]], ucodes[[5, 3]]),
+         "rows must be strictly increasing"),
+        (lambda: ops.update_tables(offsets, items, torch.tensor([300]), ucodes[:1], ucodes[:1]), "rows must be in"),
+        (lambda: ops.update_tables(offsets, items, torch.tensor([3]), ucodes[3:4], ucodes[3:4] + 32),
+         "new_codes must be in"),
+        (lambda: ops.update_tables(offsets, items, torch.tensor([3], dtype=torch.int32), ucodes[3:4], ucodes[3:4]),
+         "rows must be int64"),
+        (lambda: ops.update_tables(offsets, items, torch.tensor([3]), ucodes[3:4], ucodes[3:4, :2]),
+         "new_codes must be int32 \\[R, L\\]"),
+        (lambda: ops.update_tables(offsets[:, :-1], items, torch.tensor([3]), ucodes[3:4], ucodes[3:4]),
+         "2\\^K \\+ 1 columns"),
+        (lambda: ops.update_tables(offsets, items[:, 1:], torch.tensor([3]), ucodes[3:4], ucodes[3:4]),
+         "offsets of table 0 must run from 0 to N"),
+        (lambda: ops.update_tables(torch.tensor([[0, 4, 4]], dtype=torch.int32),
+                                   torch.tensor([[3, 2, 1, 0]], dtype=torch.int32), torch.tensor([3]),
+                                   torch.tensor([[0]], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32)),
+         "ascending ids"),
         (lambda: ops.dwta_codes(torch.randn(4, 6), torch.tensor([[0, 6]]), 1), "bins must hold dimension indices"),
         (lambda: ops.dwta_codes(torch.randn(4, 6), torch.tensor([[0, -1]]), 1), "bins must hold dimension indices"),
         (lambda: ops.dwta_codes(torch.randn(4, 6), torch.zeros(2, 3, dtype=torch.long), 1), "power-of-two bin_size"),

@@ -21,6 +21,9 @@
 //   codes of each table are sorted with a stable sort (torch.sort(stable=True), which keeps equal
 //   codes in ascending neuron order: exactly the CPU's counting-sort order), and each offset is
 //   the lower bound of its bucket in the sorted codes (a binary search per bucket).
+// - update_tables: not the CPU's merge; each table's entries and the joining rows become keys
+//   code * N + id (leaving entries an out-of-range key), sorted per table (ids ascend inside a
+//   bucket, as from build_tables), then the offsets are found as above. One synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -293,21 +296,178 @@ __global__ void check_codes_kernel(const int32_t* __restrict__ codes, int64_t to
   }
 }
 
-// offsets[l, k] = number of codes of table l below k = lower bound of k in the sorted codes.
-__global__ void offsets_kernel(const int32_t* __restrict__ sorted, int64_t n, int64_t num_tables, int64_t buckets,
-                               int32_t* __restrict__ offsets) {
+// offsets[l, k] = number of keys of table l below k * scale = lower bound of k * scale in the
+// sorted keys (row l of `sorted`, `stride` apart): codes with scale 1 (build_tables) or
+// code * N + id (update_tables).
+template <typename key_t>
+__global__ void offsets_kernel(const key_t* __restrict__ sorted, int64_t n, int64_t stride, int64_t num_tables,
+                               int64_t buckets, int64_t scale, int32_t* __restrict__ offsets) {
   const int64_t total = num_tables * (buckets + 1);
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t l = t / (buckets + 1), k = t - l * (buckets + 1);
-    const int32_t* s = sorted + l * n;
+    const key_t* s = sorted + l * stride;
     int64_t lo = 0, hi = n;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (s[mid] < k) lo = mid + 1; else hi = mid;
+      if (static_cast<int64_t>(s[mid]) < k * scale) lo = mid + 1; else hi = mid;
     }
     offsets[t] = static_cast<int32_t>(lo);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// update_tables: every entry of the old tables and every joining row becomes a key code * N + id
+// (a leaving row's old entry becomes kEmptyKey), each table's keys are sorted, and the first N of
+// them are the new tables. A sort of L x (N + R) keys is a few milliseconds on a GPU, so unlike the
+// CPU's merge this path does not avoid the sort; it exists so that the op runs on every device.
+// Problems are recorded in the error flag (kernels skip what they cannot use) and read once.
+
+constexpr int64_t kEmptyKey = std::numeric_limits<int64_t>::max();
+enum UpdateProblem : int64_t { kRowRange = 1, kRowOrder, kOldCode, kNewCode, kOffsets, kItemOrder, kLeaving, kDuplicate };
+
+// One thread per moved row: range and order checks, and its joining keys (column N + r).
+__global__ void update_join_kernel(const int64_t* __restrict__ rows, const int32_t* __restrict__ old_codes,
+                                   const int32_t* __restrict__ new_codes, int64_t moved, int64_t num_tables, int64_t n,
+                                   int64_t buckets, int64_t* __restrict__ keys, int64_t* flag) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < moved;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = rows[r];
+    if (row < 0 || row >= n) cuda::report(flag, kRowRange, row);
+    if (r > 0 && rows[r - 1] >= row) cuda::report(flag, kRowOrder, rows[r - 1], row);
+    for (int64_t l = 0; l < num_tables; ++l) {
+      const int32_t before = old_codes[r * num_tables + l], after = new_codes[r * num_tables + l];
+      if (before < 0 || before >= buckets) cuda::report(flag, kOldCode, before);
+      const bool ok = after >= 0 && after < buckets && row >= 0 && row < n;
+      if (!ok) cuda::report(flag, kNewCode, after);
+      keys[l * (n + moved) + n + r] = ok ? after * n + row : kEmptyKey;
+    }
+  }
+}
+
+// One thread per (table, old entry): its bucket (a binary search of the offsets), the checks,
+// and its key, or kEmptyKey if its row leaves that bucket (counted per table).
+__global__ void update_keys_kernel(const int32_t* __restrict__ offsets, const int32_t* __restrict__ items,
+                                   const int64_t* __restrict__ rows, const int32_t* __restrict__ old_codes,
+                                   int64_t moved, int64_t num_tables, int64_t n, int64_t buckets,
+                                   int64_t* __restrict__ keys, int32_t* __restrict__ left, int64_t* flag) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tables * n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t l = t / n, p = t - l * n;
+    const int32_t* off = offsets + l * (buckets + 1);
+    if (p == 0 && (off[0] != 0 || off[buckets] != n)) cuda::report(flag, kOffsets, l, off[0], off[buckets]);
+    for (int64_t k = p; k < buckets; k += n) {
+      if (off[k] > off[k + 1]) cuda::report(flag, kOffsets, l, off[k], off[k + 1]);
+    }
+    int64_t lo = 0, hi = buckets;  // the last bucket k with off[k] <= p
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (off[mid] <= p) lo = mid; else hi = mid;
+    }
+    const int64_t k = lo, id = items[t];
+    int64_t key = kEmptyKey;
+    if (id < 0 || id >= n || (p > off[k] && p > 0 && items[t - 1] >= id)) {
+      cuda::report(flag, kItemOrder, l, k, id);
+    } else {
+      key = k * n + id;
+      int64_t a = 0, b = moved;  // is id a moved row, and does it leave this bucket?
+      while (a < b) {
+        const int64_t mid = a + (b - a) / 2;
+        if (rows[mid] < id) a = mid + 1; else b = mid;
+      }
+      if (a < moved && rows[a] == id && old_codes[a * num_tables + l] == k) {
+        key = kEmptyKey;
+        atomicAdd(left + l, 1);
+      }
+    }
+    keys[l * (n + moved) + p] = key;
+  }
+}
+
+__global__ void update_left_kernel(const int32_t* __restrict__ left, int64_t num_tables, int64_t moved, int64_t* flag) {
+  for (int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; l < num_tables;
+       l += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (left[l] != moved) cuda::report(flag, kLeaving, l, left[l], moved);
+  }
+}
+
+// One thread per (table, new entry): the id, and no (code, id) twice.
+__global__ void update_items_kernel(const int64_t* __restrict__ sorted, int64_t num_tables, int64_t n, int64_t stride,
+                                    int32_t* __restrict__ items, int64_t* flag) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tables * n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t l = t / n, p = t - l * n, key = sorted[l * stride + p];
+    if (key == kEmptyKey || (p > 0 && sorted[l * stride + p - 1] == key)) cuda::report(flag, kDuplicate, l, key);
+    items[t] = key == kEmptyKey ? 0 : static_cast<int32_t>(key % n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> update_tables_cuda(const at::Tensor& offsets_in, const at::Tensor& items_in,
+                                                      const at::Tensor& rows_in, const at::Tensor& old_codes_in,
+                                                      const at::Tensor& new_codes_in) {
+  const auto s = check_update_tables_args(offsets_in, items_in, rows_in, old_codes_in, new_codes_in);
+  cuda::check_cuda(offsets_in, "offsets", "update_tables");
+  const auto device = offsets_in.device();
+  cuda::check_same_device(items_in, device, "items", "update_tables");
+  cuda::check_same_device(rows_in, device, "rows", "update_tables");
+  cuda::check_same_device(old_codes_in, device, "old_codes", "update_tables");
+  cuda::check_same_device(new_codes_in, device, "new_codes", "update_tables");
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t num_tables = s.num_tables, buckets = s.buckets, n = s.n, moved = s.moved;
+  const auto offsets = offsets_in.contiguous();
+  const auto items = items_in.contiguous();
+  const auto rows = rows_in.contiguous();
+  const auto old_codes = old_codes_in.contiguous();
+  const auto new_codes = new_codes_in.contiguous();
+  if (n == 0) return {offsets.clone(), items.clone()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cuda::ErrorFlag flag(device, stream);
+  auto keys = at::empty({num_tables, n + moved}, items.options().dtype(at::kLong));
+  auto left = at::zeros({num_tables}, items.options());
+  if (moved > 0) {
+    update_join_kernel<<<grid_for(moved, 256), 256, 0, stream>>>(
+        rows.data_ptr<int64_t>(), old_codes.data_ptr<int32_t>(), new_codes.data_ptr<int32_t>(), moved, num_tables, n,
+        buckets, keys.data_ptr<int64_t>(), flag.ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  update_keys_kernel<<<grid_for(num_tables * n, 256), 256, 0, stream>>>(
+      offsets.data_ptr<int32_t>(), items.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), old_codes.data_ptr<int32_t>(),
+      moved, num_tables, n, buckets, keys.data_ptr<int64_t>(), left.data_ptr<int32_t>(), flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  update_left_kernel<<<grid_for(num_tables, 256), 256, 0, stream>>>(left.data_ptr<int32_t>(), num_tables, moved,
+                                                                     flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto sorted = std::get<0>(at::sort(keys, /*stable=*/false, /*dim=*/1, /*descending=*/false));
+  auto out_items = at::empty_like(items);
+  auto out_offsets = at::empty_like(offsets);
+  update_items_kernel<<<grid_for(num_tables * n, 256), 256, 0, stream>>>(
+      sorted.data_ptr<int64_t>(), num_tables, n, n + moved, out_items.data_ptr<int32_t>(), flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  offsets_kernel<int64_t><<<grid_for(num_tables * (buckets + 1), 256), 256, 0, stream>>>(
+      sorted.data_ptr<int64_t>(), n, n + moved, num_tables, buckets, n, out_offsets.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto err = flag.read();
+  switch (err[0]) {
+    case 0: break;
+    case kRowRange: TORCH_CHECK(false, "update_tables: rows must be in [0, N = ", n, "), got ", err[1]);
+    case kRowOrder:
+      TORCH_CHECK(false, "update_tables: rows must be strictly increasing, got ", err[1], " before ", err[2]);
+    case kOldCode: TORCH_CHECK(false, "update_tables: old_codes must be in [0, 2^K = ", buckets, "), got ", err[1]);
+    case kNewCode: TORCH_CHECK(false, "update_tables: new_codes must be in [0, 2^K = ", buckets, "), got ", err[1]);
+    case kOffsets:
+      TORCH_CHECK(false, "update_tables: offsets of table ", err[1], " must run from 0 to N = ", n,
+                  " and be nondecreasing, got ", err[2], " then ", err[3]);
+    case kItemOrder:
+      TORCH_CHECK(false, "update_tables: items of a bucket must be ascending ids in [0, N = ", n, "), got ", err[3],
+                  " in bucket ", err[2], " of table ", err[1]);
+    case kLeaving:
+      TORCH_CHECK(false, "update_tables: ", err[3] - err[2], " of the rows are not in their old buckets of table ",
+                  err[1], "; the tables do not match old_codes");
+    default:
+      TORCH_CHECK(false, "update_tables: a row joins a bucket of table ", err[1],
+                  " where it already is; the tables do not match old_codes");
+  }
+  return {out_offsets, out_items};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,8 +527,8 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
   auto [sorted, order] = at::sort(codes.t().contiguous(), /*stable=*/true, /*dim=*/1, /*descending=*/false);
   auto items = order.to(at::kInt);
   auto offsets = at::empty({num_tables, buckets + 1}, codes.options());
-  offsets_kernel<<<grid_for(num_tables * (buckets + 1), 256), 256, 0, stream>>>(
-      sorted.contiguous().data_ptr<int32_t>(), n, num_tables, buckets, offsets.data_ptr<int32_t>());
+  offsets_kernel<int32_t><<<grid_for(num_tables * (buckets + 1), 256), 256, 0, stream>>>(
+      sorted.contiguous().data_ptr<int32_t>(), n, n, num_tables, buckets, 1, offsets.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {offsets, items};
 }
@@ -381,6 +541,7 @@ TORCH_LIBRARY_IMPL(lsh_torch, CUDA, m) {
   m.impl("dwta_codes", &dwta_codes_cuda);
   m.impl("row_fingerprints", &row_fingerprints_cuda);
   m.impl("build_tables", &build_tables_cuda);
+  m.impl("update_tables", &update_tables_cuda);
 }
 
 }  // namespace lsh_torch
