@@ -1,22 +1,36 @@
 """Evidence for the sampled-softmax estimator: hashed top set + corrected uniform tail, against
 dense, a corrected uniform set of the same size, and the uncorrected sets of before, over seeds.
 
-    python benchmarks/bench_estimator.py            # LM example + XMC demo, 3 seeds (about 45 min on 2 cores)
-    python benchmarks/bench_estimator.py --quick    # 1 seed, 100 LM steps, the XMC demo's --quick (about 6 min)
+    python benchmarks/bench_estimator.py            # LM example + XMC demo, 3 seeds (about 55 min on 2 cores)
+    python benchmarks/bench_estimator.py --quick    # 1 seed, 100 LM steps, the XMC demo's --quick (about 9 min)
 
 LM (examples/transformer_lm.py, 50,001-word head): held-out perplexity and accuracy with the
-full softmax, ms per training step. Variants, each at a per-token budget (``mode="per_row"``)
-and a shared one (``mode="shared"``):
+full softmax (the first 20,000 held-out words), ms per training step. Variants, each at a per-token
+budget (``mode="per_row"``) and a shared one (``mode="shared"``):
 
   hashed+tail     LSHLinear's defaults: labels | top set rescored from hashed candidates | corrected uniform tail
   uniform+tail    selection="random": labels | corrected uniform draws (T only, the same total)
   hashed (before) the former output-layer settings (L=20, K=12, 2 probes, MIPS transform), no tail, no correction
   uniform (before) labels | uniform draws, no correction
 
+Each LM run also records a curve: before training and every ``--eval-every`` steps (default
+steps / 12: 25 at 300 steps, 8 with --quick) the exact full-softmax perplexity on a fixed subset of
+the held-out text (``--curve-windows`` windows of 64 words spread evenly over it: 32 x 64 = 2,048
+predicted words by default, the same for every variant and seed; about 2 s per evaluation on 2
+cores), against the cumulative training wall time, evaluations off the clock. The curves go into
+the JSON (``curve``: [seconds, step, perplexity] per evaluation), into estimator_lm.png (one panel
+per budget, perplexity against training seconds, mean over seeds as a line, mean +- std as a band,
+dense included: its slower steps stretch its curve further to the right) and into an equal-time
+table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all of the training time of
+the shorter of the two sparse runs (each seed's curve interpolated at that time, linearly in
+log-perplexity), with whether hashed+tail is lower beyond the seeds' spread (mean + std below the
+other's mean - std).
+
 XMC (examples/xmc.py, 100,000 labels): P@1/3/5 and P@1 against wall time of hashed+tail vs
 uniform+tail (and dense, trained until its P@1 plateaus; its curve is cached in
 benchmarks/results/ so that later runs reuse it). Writes benchmarks/results/estimator.json,
-a markdown table to stdout and estimator_xmc.png (mean P@1 against time, seed spread as a band).
+a markdown table to stdout and estimator_xmc.png (mean P@1 against time, seed spread (min to max)
+as a band).
 """
 from __future__ import annotations
 
@@ -27,9 +41,12 @@ import os
 import statistics
 import subprocess
 import sys
+import math
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,7 +66,8 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, drop the tail's correction)
 }
 
 
-def lm_run(data, variant: str | None, mode: str, budget: int, seed: int, steps: int) -> dict:
+def lm_run(data, variant: str | None, mode: str, budget: int, seed: int, steps: int,
+           curve_windows: torch.Tensor | None = None, eval_every: int = 0) -> dict:
     train_tokens, test_tokens, vocab = data
     args = argparse.Namespace(batch_size=16, context=64, steps=steps, seed=seed, lr=2e-3, no_progress=True)
     torch.manual_seed(seed)
@@ -61,10 +79,87 @@ def lm_run(data, variant: str | None, mode: str, budget: int, seed: int, steps: 
             head = model.head
             forward_sparse = head.forward_sparse
             head.forward_sparse = lambda x, y=None: forward_sparse(x, y)._replace(log_weights=None)
-    seconds, _ = tl.train(model, train_tokens, args, variant or "dense")
+    curve = []
+
+    def record(step: int, seconds: float) -> None:
+        curve.append([seconds, step, window_perplexity(model, curve_windows)])
+
+    seconds, _ = tl.train(model, train_tokens, args, variant or "dense", eval_every,
+                          None if curve_windows is None else record)
     ppl, acc = tl.evaluate(model, test_tokens, args.context, 20_000)
-    return {"variant": variant or "dense", "mode": mode, "budget": budget, "seed": seed, "steps": steps,
-            "ms_per_step": 1000 * seconds / steps, "perplexity": ppl, "accuracy": acc}
+    out = {"variant": variant or "dense", "mode": mode, "budget": budget, "seed": seed, "steps": steps,
+           "ms_per_step": 1000 * seconds / steps, "perplexity": ppl, "accuracy": acc}
+    if curve_windows is not None:
+        out["curve"] = curve
+    return out
+
+
+def held_out_windows(tokens: torch.Tensor, windows: int, context: int) -> torch.Tensor:
+    """``[windows, context + 1]``: windows of the held-out text whose starts are spread evenly over
+    it (first at 0, last at the end), each predicting its last ``context`` words. A fixed subset:
+    the same for every model that scores it."""
+    starts = torch.linspace(0, len(tokens) - context - 1, windows).round().long()
+    return tokens[starts[:, None] + torch.arange(context + 1)]
+
+
+@torch.no_grad()
+def window_perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """Exact perplexity (full softmax over the whole vocabulary) of ``model`` on ``windows``
+    (:func:`held_out_windows`); leaves the model in eval mode."""
+    model.eval()
+    nll = 0.0
+    for chunk in windows.split(batch_size):
+        nll += F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def curve_at(curve, times, log: bool = False) -> np.ndarray:
+    """A curve's values at ``times``: ``curve`` is ``[(seconds, value), ...]`` in increasing time,
+    interpolated linearly between its points (linearly in log(value) with ``log``, for perplexities:
+    a mean log-likelihood moves linearly between evaluations), held at its first and last value
+    outside them."""
+    t = np.array([c[0] for c in curve], dtype=float)
+    v = np.array([c[1] for c in curve], dtype=float)
+    if log:
+        return np.exp(np.interp(times, t, np.log(v)))
+    return np.interp(times, t, v)
+
+
+def beats(a: tuple[float, float], b: tuple[float, float], n: int) -> str:
+    """Is ``a`` = (mean, std) over ``n`` seeds lower than ``b`` beyond the seeds' spread (a's mean + std
+    below b's mean - std)? A short verdict for a table cell."""
+    if n < 2:
+        return f"{'lower' if a[0] < b[0] else 'not lower'} (one seed: no spread)"
+    if a[0] + a[1] < b[0] - b[1]:
+        return "yes, beyond the spread"
+    if b[0] + b[1] < a[0] - a[1]:
+        return "no: higher beyond the spread"
+    return "no: within the spread"
+
+
+def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> list[dict]:
+    """Per budget and per fraction of the training time of the shorter sparse run (hashed+tail and
+    uniform+tail, over seeds): the time, and mean and std over seeds of each seed's curve at that
+    time for hashed+tail, uniform+tail and dense (absent where a variant has no curve)."""
+    def curves(variant, mode, budget):
+        return [[(c[0], c[2]) for c in r["curve"]] for r in lm
+                if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")]
+
+    rows = []
+    for mode, budget in budgets:
+        runs = {name: curves(name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
+        if not all(runs.values()):
+            continue
+        end = min(c[-1][0] for cs in runs.values() for c in cs)  # the shorter sparse run's training time
+        runs["dense"] = curves("dense", "-", 0)
+        for f in fractions:
+            row = {"mode": mode, "budget": budget, "fraction": f, "seconds": f * end}
+            for name, cs in runs.items():
+                if cs:
+                    values = [float(curve_at(c, f * end, log=True)) for c in cs]
+                    row[name] = (*mean_spread(values), len(values))
+            rows.append(row)
+    return rows
 
 
 def xmc_run(seed: int, quick: bool, runs: str, tag: str) -> dict:
@@ -90,27 +185,41 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(LM_VARIANTS), choices=list(LM_VARIANTS),
                    help="LM variants to train")
     p.add_argument("--no-dense", action="store_true", help="skip the dense LM runs (ratios then read 'n/a')")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="LM curve: evaluate every this many steps (default steps / 12: 25 at 300; 0: no curves)")
+    p.add_argument("--curve-windows", type=int, default=32,
+                   help="LM curve: held-out windows of 64 words scored per evaluation, spread over the held-out text")
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
     p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
+    p.add_argument("--lm-plot", default=os.path.join(RESULTS, "estimator_lm.png"),
+                   help="PNG of the LM perplexity curves ('' for none)")
+    p.add_argument("--xmc-plot", default=os.path.join(RESULTS, "estimator_xmc.png"),
+                   help="PNG of the XMC P@1 curves ('' for none)")
     args = p.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (100 if args.quick else 300)
+    eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
     budgets = [(m, int(b)) for m, b in (spec.split(":") for spec in args.budgets.split(","))]
     os.makedirs(RESULTS, exist_ok=True)
     result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm": [], "xmc": {}}
 
     if "lm" not in args.skip:
         data = tl.load_corpus(50_000, 0.05, False)
+        windows = held_out_windows(data[1], args.curve_windows, 64) if eval_every > 0 else None
+        result["lm_curve"] = {"eval_every": eval_every, "windows": args.curve_windows, "context": 64}
+
+        def run(*spec) -> None:
+            result["lm"].append(lm_run(data, *spec, steps, windows, eval_every))
+            print({k: v for k, v in result["lm"][-1].items() if k != "curve"}, flush=True)
+
         for seed in seeds:
             if not args.no_dense:
-                result["lm"].append(lm_run(data, None, "-", 0, seed, steps))
-                print(result["lm"][-1], flush=True)
+                run(None, "-", 0, seed)
             for mode, budget in budgets:
                 for variant in args.variants:
                     if "before" in variant and seeds.index(seed) >= args.before_seeds:
                         continue
-                    result["lm"].append(lm_run(data, variant, mode, budget, seed, steps))
-                    print(result["lm"][-1], flush=True)
+                    run(variant, mode, budget, seed)
         print(f"\nLM example, {steps} steps, seeds {seeds} (mean ± std over seeds; one seed where no ±)")
         print("| head | budget | held-out ppl | accuracy % | ms/step | vs dense |")
         print("|---|---|---:|---:|---:|---:|")
@@ -126,6 +235,8 @@ def main(argv=None) -> None:
             pm = lambda sd, fmt: f" ± {sd:{fmt}}" if len(rows) > 1 else ""  # noqa: E731
             print(f"| {variant} | {mode} {budget or ''} | {ppl:.1f}{pm(ppl_sd, '.1f')} | {acc:.2f}{pm(acc_sd, '.2f')} "
                   f"| {ms:.0f} | {'n/a' if dense_ms != dense_ms else f'{dense_ms / ms:.1f}x'} |")
+        if windows is not None:
+            print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
         tag = "quick" if args.quick else "full"
@@ -137,13 +248,44 @@ def main(argv=None) -> None:
         with open(dense_cache) as f:
             result["xmc"]["dense"] = json.load(f)
         result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag) for seed in seeds}
-        print_xmc(result["xmc"])
+        print_xmc(result["xmc"], args.xmc_plot)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"json: {args.json}")
 
 
-def print_xmc(xmc: dict) -> None:
+def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -> None:
+    """The equal-time table of the LM curves, and their plot (``plot``: a PNG path, '' for none)."""
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    rows = equal_time_table(lm, budgets)
+    if rows:
+        print(f"\nLM at equal training time: perplexity on the fixed curve subset ({windows.shape[0]} held-out "
+              f"windows, {tokens:,} words; mean ± std over seeds, one seed where no ±), each seed's curve "
+              f"interpolated at the time; times are 1/3, 2/3 and all of the shorter sparse run")
+        print("| budget | train s | hashed+tail | uniform+tail | dense | hashed+tail lower than uniform+tail? |")
+        print("|---|---:|---:|---:|---:|---|")
+        cell = lambda v: "-" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[2] > 1 else "")  # noqa: E731
+        for r in rows:
+            h, u = r["hashed+tail"], r["uniform+tail"]
+            print(f"| {r['mode']} {r['budget']} | {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
+                  f"| {beats(h[:2], u[:2], min(h[2], u[2]))} |")
+    if not plot:
+        return
+    panels = []
+    for mode, budget in budgets:
+        runs = {}
+        for r in lm:
+            if r.get("curve") and ((r["mode"], r["budget"]) == (mode, budget) or r["variant"] == "dense"):
+                runs.setdefault(r["variant"], []).append([(c[0], c[2]) for c in r["curve"]])
+        if runs:
+            panels.append((f"{mode} {budget}", runs))
+    # A linear time axis: evaluations come every eval_every steps, and on a log axis the line from t=0
+    # to the first one would fill most of the width.
+    plot_seed_curves(panels, plot, f"held-out perplexity ({tokens:,}-word subset, full softmax)",
+                     band="std", ylog=True, xlog=False)
+
+
+def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png")) -> None:
     runs = {}
     for seed_result in xmc["seeds"].values():
         for run in seed_result["runs"]:
@@ -159,33 +301,52 @@ def print_xmc(xmc: dict) -> None:
             m, sd = mean_spread([r["final"][k] for r in rs])
             cols.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(rs) > 1 else ""))
         print(f"| {name} | {' | '.join(cols)} | {statistics.mean(r['train_seconds'] for r in rs):.1f} |")
-    plot_xmc(runs)
+    if plot:
+        curves = {name: [[(c[0], c[3]) for c in r["curve"]] for r in rs] for name, rs in runs.items()}
+        plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
 
 
-def plot_xmc(runs: dict) -> None:
+def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: bool = False,
+                     xlog: bool = True) -> None:
+    """Curves over seeds against training time, one panel per ``(title, {name: [curve, ...]})`` side
+    by side (a shared y axis), each curve ``[(seconds, value), ...]``: per name the mean over seeds
+    as a line, from 0 to the end of its shortest seed, and the seeds' spread as a band, ``"range"``
+    (min to max) or ``"std"`` (mean ± std). ``ylog``: a log y axis, curves interpolated linearly in
+    log(value) (:func:`curve_at`). ``xlog``: a log time axis (for curves evaluated often: on it the
+    line from t=0 to the first evaluation spans most of the width). Written to ``path``; nothing
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rs in runs.items():
-        end = min(r["curve"][-1][0] for r in rs)
-        grid = np.linspace(0, end, 60)
-        curves = np.array([np.interp(grid, [c[0] for c in r["curve"]], [c[3] for c in r["curve"]]) for r in rs])
-        ax.plot(grid, curves.mean(0), label=f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-        if len(rs) > 1:
-            ax.fill_between(grid, curves.min(0), curves.max(0), alpha=0.25)
-    ax.set_xlabel("training seconds (2 CPU cores)")
-    ax.set_ylabel("P@1 (eval subset)")
-    ax.set_xscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = os.path.join(RESULTS, "estimator_xmc.png")
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        for name, curves in runs.items():
+            end = min(c[-1][0] for c in curves)
+            grid = np.linspace(0, end, 200)
+            values = np.array([curve_at(c, grid, log=ylog) for c in curves])
+            mean = values.mean(0)
+            (line,) = ax.plot(grid, mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            if len(curves) > 1:
+                low, high = ((values.min(0), values.max(0)) if band == "range" else
+                             (mean - values.std(0, ddof=1), mean + values.std(0, ddof=1)))
+                ax.fill_between(grid, np.maximum(low, mean * 1e-3) if ylog else low, high, alpha=0.25,
+                                color=line.get_color())
+        ax.set_xlabel("training seconds (2 CPU cores)")
+        if xlog:
+            ax.set_xscale("log")
+        if ylog:
+            ax.set_yscale("log")
+        if title:
+            ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"plot: {path}")
 
 

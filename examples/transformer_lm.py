@@ -165,22 +165,37 @@ def loss_of(model: TransformerLM, inputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(model.head(h).flatten(0, 1), targets.flatten())
 
 
-def train(model: TransformerLM, data: Tensor, args, desc: str) -> tuple[float, list[float]]:
+def train(model: TransformerLM, data: Tensor, args, desc: str, every: int = 0,
+          callback=None) -> tuple[float, list[float]]:
+    """Train ``args.steps`` steps with Adam; the training wall time in seconds and the losses.
+
+    ``callback(step, seconds)``, if given, runs before the first step (step 0) and after every
+    ``every``-th step and the last, off the clock: ``seconds`` and the time returned count training
+    only. The model is put back in training mode after each call (an evaluation may leave it in eval).
+    """
     from tqdm import tqdm
 
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    losses, start = [], time.perf_counter()
+    if callback is not None:
+        callback(0, 0.0)
+        model.train()
+    losses, seconds, start = [], 0.0, time.perf_counter()
     bar = tqdm(batches(data, args.batch_size, args.context, args.steps, args.seed), total=args.steps, desc=desc,
                disable=args.no_progress, leave=False)
-    for inputs, targets in bar:
+    for step, (inputs, targets) in enumerate(bar, 1):
         loss = loss_of(model, inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return time.perf_counter() - start, losses
+        if callback is not None and ((every and step % every == 0) or step == args.steps):
+            seconds += time.perf_counter() - start
+            callback(step, seconds)
+            model.train()
+            start = time.perf_counter()
+    return seconds + time.perf_counter() - start, losses
 
 
 @torch.no_grad()

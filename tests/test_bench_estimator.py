@@ -1,0 +1,57 @@
+"""The pure helpers of benchmarks/bench_estimator.py: the LM curves' subset, interpolation and
+equal-time table (nothing here trains or times anything)."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_estimator as be  # noqa: E402
+
+
+def test_held_out_windows_spread_and_fixed():
+    tokens = torch.arange(1000)
+    w = be.held_out_windows(tokens, 5, 64)
+    assert w.shape == (5, 65)
+    assert w[0, 0] == 0 and w[-1, -1] == 999  # first window at the start, last one at the end
+    assert torch.equal(w[:, 1:] - w[:, :-1], torch.ones(5, 64, dtype=torch.long))  # contiguous windows
+    assert torch.equal(w, be.held_out_windows(tokens, 5, 64))
+
+
+def test_curve_at_linear_and_log():
+    curve = [(0.0, 1000.0), (10.0, 10.0), (20.0, 5.0)]
+    assert be.curve_at(curve, 5.0) == pytest.approx(505.0)
+    assert be.curve_at(curve, 5.0, log=True) == pytest.approx(100.0)  # geometric midpoint
+    np.testing.assert_allclose(be.curve_at(curve, [0.0, 10.0, 20.0], log=True), [1000.0, 10.0, 5.0])
+    assert be.curve_at(curve, 30.0) == pytest.approx(5.0)  # held at the last value after the end
+
+
+def test_beats():
+    assert be.beats((100.0, 5.0), (200.0, 10.0), 3) == "yes, beyond the spread"
+    assert be.beats((100.0, 30.0), (150.0, 30.0), 3) == "no: within the spread"
+    assert be.beats((200.0, 1.0), (100.0, 1.0), 3) == "no: higher beyond the spread"
+    assert be.beats((100.0, 0.0), (150.0, 0.0), 1).startswith("lower (one seed")
+
+
+def test_equal_time_table():
+    def run(variant, mode, budget, seed, end, final):
+        # perplexity falls geometrically from 1000 at t=0 to `final` at t=end
+        curve = [[t, i, 1000.0 * (final / 1000.0) ** (t / end)] for i, t in enumerate(np.linspace(0, end, 5))]
+        return {"variant": variant, "mode": mode, "budget": budget, "seed": seed, "curve": curve}
+
+    lm = [run("dense", "-", 0, s, 300.0, 100.0) for s in range(2)]
+    lm += [run("hashed+tail", "per_row", 128, s, 60.0, 100.0 + s) for s in range(2)]
+    lm += [run("uniform+tail", "per_row", 128, s, 30.0, 400.0 + s) for s in range(2)]
+    lm += [run("hashed (before)", "per_row", 128, 0, 30.0, 50.0)]
+    rows = be.equal_time_table(lm, [("per_row", 128), ("shared", 2048)])
+    assert [r["seconds"] for r in rows] == pytest.approx([10.0, 20.0, 30.0])  # the shorter sparse run: 30 s
+    last = rows[-1]
+    assert last["uniform+tail"][0] == pytest.approx(400.5) and last["uniform+tail"][2] == 2
+    assert last["hashed+tail"][0] == pytest.approx(
+        np.mean([1000.0 * ((100.0 + s) / 1000.0) ** 0.5 for s in range(2)]))
+    assert last["dense"][0] == pytest.approx(1000.0 * 0.1 ** 0.1)
+    assert last["dense"][1] == pytest.approx(0.0, abs=1e-9)
+    assert all(math.isfinite(r["hashed+tail"][1]) for r in rows)
