@@ -111,7 +111,8 @@ class LSHTables(nn.Module):
         perplexity 458 against 337: every row's collisions with its queries drop.)
         ``center`` subtracts the mean row, which every change moves: there every build is full.
         Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
-        the weight and the table build O(L x N), both far below a full hash (bench_output_layer).
+        the weight; the moved rows are merged into the tables (:func:`ops.update_tables`, one
+        sequential pass over the L x N entries) instead of a re-sort of all of them.
         """
         n = weight.shape[0]
         if self.selection == "random":
