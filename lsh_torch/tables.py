@@ -123,7 +123,7 @@ class LSHTables(nn.Module):
         finite, message = torch.isfinite(fingerprints).all(), _NON_FINITE
         if torch.compiler.is_compiling():  # a traced build: no data-dependent branch, every row hashed
             torch._assert_async(finite, message)
-            self._hash_every_row(rows)
+            self.codes, self.max_norm = self._every_row_codes(rows)
             self.fingerprints = fingerprints
             self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
             return
@@ -135,26 +135,28 @@ class LSHTables(nn.Module):
             moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
             if self.asymmetric and changed.numel():
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
+        # Codes, tables and fingerprints are assigned together, after every op that may fail
+        # (out of memory, an interrupt): an incremental build trusts that they agree.
         if incremental:
+            codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():
-                if self.codes.is_inference() and not torch.is_inference_mode_enabled():  # built under inference_mode
-                    self.codes = self.codes.clone()
-                old_codes, new_codes = self.codes[:, changed], self._row_codes(moved)
-                self.codes[:, changed] = new_codes
+                new_codes = self._row_codes(moved, self.max_norm)
                 # Only the moved rows change buckets: merging them in costs a fraction of a re-sort.
-                self.offsets, self.items = ops.update_tables(self.offsets, self.items, changed, old_codes.t(),
-                                                             new_codes.t())
+                tables = ops.update_tables(*tables, changed, codes[:, changed].t(), new_codes.t())
+                codes = codes.clone() if codes.is_inference() and not torch.is_inference_mode_enabled() else codes
+                codes[:, changed] = new_codes
             self.rehashed = changed.numel()
         else:
-            self._hash_every_row(rows)
-            self.rehashed = n
-            self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
-        self.fingerprints = fingerprints
+            codes, max_norm = self._every_row_codes(rows)
+            tables = ops.build_tables(codes.t(), self.bits)
+            self.max_norm, self.rehashed = max_norm, n
+        self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
 
-    def _hash_every_row(self, rows: Tensor) -> None:
-        # A new M for the asymmetric transform: the largest norm, raised by a few float32 roundings
-        # (the op sums each norm in its own order and must find none above M), positive even for
-        # all-zero rows. With ``center`` every build is full and the op finds its own M.
+    def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Codes of every row and the asymmetric transform's new M (None without one)."""
+        # M is the largest norm, raised by a few float32 roundings (the op sums each norm in its
+        # own order and must find none above M), positive even for all-zero rows. With ``center``
+        # every build is full and the op finds its own M.
         norms = _norms(rows) if self.asymmetric and rows.shape[0] else None
         if norms is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):
             row = int((~torch.isfinite(norms)).nonzero()[0])
@@ -162,16 +164,15 @@ class LSHTables(nn.Module):
                              "(MIPS) hashing scales rows by their norms and cannot hash it. The weights have probably "
                              "diverged (lower the learning rate or clip gradients); asymmetric=False hashes "
                              "directions only")
+        max_norm = None
         if norms is not None and not self.center:
-            self.max_norm = (norms.max() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
-        else:
-            self.max_norm = None
-        self.codes = self._row_codes(rows)
+            max_norm = (norms.max() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
+        return self._row_codes(rows, max_norm), max_norm
 
-    def _row_codes(self, rows: Tensor) -> Tensor:
+    def _row_codes(self, rows: Tensor, max_norm: Optional[Tensor]) -> Tensor:
         """Codes of ``rows``, table-major ``[L, n]``: the layout the table build reads (no transpose)."""
         return self.hash.row_codes(rows, self.hash_buffer, self.num_tables, self.bits, self.asymmetric,
-                                   self.center, self.max_norm).t().contiguous()
+                                   self.center, max_norm).t().contiguous()
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,

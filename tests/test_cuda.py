@@ -6,6 +6,7 @@ and hash_codes are designed to be bit-identical too; sums of products (sparse_li
 gradients) match to rounding, since the summation order differs.
 """
 import copy
+import itertools
 
 import pytest
 import torch
@@ -168,6 +169,21 @@ def test_update_tables_equal_cpu(n, bits, moved):
     if moved:  # rows said to leave buckets they are not in
         with pytest.raises(RuntimeError, match="do not match old_codes"):
             ops.update_tables(*(a.cuda() for a in args[:3]), ((codes[rows] + 1) % 2 ** bits).cuda(), new_codes.cuda())
+
+
+def test_update_tables_errors_on_cuda_as_on_cpu():
+    empty = torch.zeros(0, 1, dtype=torch.int32)
+    bad = (torch.tensor([[0, 1, 0]], dtype=torch.int32), torch.zeros(1, 0, dtype=torch.int32),
+           torch.zeros(0, dtype=torch.long), empty, empty)  # N = 0 with offsets that are not all 0
+    for device in ("cpu", "cuda"):
+        with pytest.raises(RuntimeError, match="offsets"):
+            ops.update_tables(*(a.to(device) for a in bad))
+    offsets, items = ops.build_tables(torch.tensor([[0], [0], [1]], dtype=torch.int32), 1)
+    for device, (rows, old) in itertools.product(("cpu", "cuda"), [([1, 0], [0, 0]), ([2], [0])]):
+        with pytest.raises(RuntimeError, match="strictly increasing|do not match old_codes"):
+            ops.update_tables(offsets.to(device), items.to(device), torch.tensor(rows, device=device),
+                              torch.tensor(old, dtype=torch.int32, device=device)[:, None],
+                              torch.ones(len(rows), 1, dtype=torch.int32, device=device))
 
 
 def test_tables_hashed_on_cuda_match_cpu():

@@ -115,6 +115,26 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+def test_a_rebuild_that_fails_midway_leaves_the_tables_as_they_were(monkeypatch):
+    from lsh_torch import ops
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
+    layer.rebuild()
+    with torch.no_grad():
+        layer.weight[[3, 17]] = torch.randn(2, 16)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ops, "update_tables", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer.rebuild()
+    monkeypatch.undo()
+    layer.rebuild()  # codes, tables and fingerprints still agree: the same rows move again
+    assert layer.tables.rehashed == 2
+    full = full_build_of(layer)
+    assert torch.equal(layer.tables.codes, full.codes) and torch.equal(layer.tables.items, full.items)
+
+
 def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm(device):
     from lsh_torch import hashing
     layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True, device=device)

@@ -198,7 +198,8 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
 
 // What went wrong merging one bucket (kind 0: nothing).
 struct MergeProblem {
-  int kind = 0;  // 1: ids not ascending or out of range, 2: a leaving row is not there, 3: a joining row already is
+  int kind = 0;  // 1: ids not ascending or out of range, 2: leaving row `id` is not there, 3: a joining row
+                 // already is, 4: more rows stay than may (some leaving row is missing)
   int32_t id = 0, previous = 0;
 };
 
@@ -226,7 +227,7 @@ MergeProblem merge_bucket(const int32_t* __restrict__ in, int32_t count, const i
       for (; next_join < id; next_join = ++b < num_joining ? joining[b] : kNone) out[w++] = next_join;
       if (next_join == id) return {3, id};
     }
-    if (w + (num_joining - b) >= room) return {2, next_leave};  // more stay than may: a leaving row is missing
+    if (w + (num_joining - b) >= room) return {4};
     out[w++] = id;
   }
   if (a < num_leaving) return {2, leaving[a]};
@@ -303,7 +304,9 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cpu(const at::Tensor& offsets_i
                     " (its old code there); the tables do not match old_codes");
         TORCH_CHECK(problem.kind != 3, "update_tables: row ", problem.id, " joins bucket ", k, " of table ", l,
                     " where it already is; the tables do not match old_codes");
-        new_off[k + 1] = new_off[k] + (off[k + 1] - off[k]) - num_leaving + num_joining;
+        TORCH_CHECK(problem.kind != 4, "update_tables: bucket ", k, " of table ", l,
+                    " lacks a row that old_codes put there; the tables do not match old_codes");
+        new_off[k + 1] = static_cast<int32_t>(int64_t(new_off[k]) + (off[k + 1] - off[k]) - num_leaving + num_joining);
       }
     }
   });

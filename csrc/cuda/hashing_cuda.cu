@@ -419,7 +419,10 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cuda(const at::Tensor& offsets_
   const auto rows = rows_in.contiguous();
   const auto old_codes = old_codes_in.contiguous();
   const auto new_codes = new_codes_in.contiguous();
-  if (n == 0) return {offsets.clone(), items.clone()};
+  if (n == 0) {  // no entries: every offset must be 0 (one synchronisation, in this corner only)
+    TORCH_CHECK(!offsets.ne(0).any().item<bool>(), "update_tables: offsets of every table must run from 0 to N = 0");
+    return {offsets.clone(), items.clone()};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cuda::ErrorFlag flag(device, stream);
   auto keys = at::empty({num_tables, n + moved}, items.options().dtype(at::kLong));
