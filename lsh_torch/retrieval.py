@@ -61,10 +61,11 @@ def topk_settings(out_features: int) -> dict:
     top 5; speed against ``F.linear`` + ``torch.topk`` in the same run; ``benchmarks/bench_topk.py``):
 
     * rows in clusters, L=60, K=13, 768 candidates: 8 / 12 / 16 probes 0.914 / 0.961 / 0.973 at
-      7.1x / 6.1x / 4.9x. Other indexes near recall 0.97 were slower or larger: L=40, K=14, 32
-      probes, 1,024 candidates 0.968 at 5.6x (113 MB); L=80, K=13, 8 probes 0.972 at 5.7x
-      (215 MB); L=40, K=13, 24 probes 0.971 at 4.7x. More, smaller buckets find more per row
-      scanned, but every probed bucket costs cache misses, so the time stays about the same;
+      7.1x / 6.1x / 4.9x. Other indexes near recall 0.97 were slower or larger (1,024
+      candidates): L=40, K=14, 32 probes 0.968 at 5.6x (113 MB); with ``N // 64`` norm rows, L=80,
+      K=13, 8 probes 0.972 at 5.7x (215 MB) and L=40, K=13, 24 probes 0.971 at 4.7x. More,
+      smaller buckets find more per row scanned, but every probed bucket costs cache misses, so
+      the time stays about the same;
     * the trained XMC head: the ``N // 128`` largest-norm rows with the tables 0.992-0.999 for
       every index above, ``N // 64`` 1.000 (about 50 ms more per 1,024 queries), none 0.21-0.52.
     """
