@@ -447,7 +447,7 @@ class LSHLinear(nn.Module):
         head, 5.4x and 6.4x faster than ``F.linear`` + ``torch.topk`` in the same runs (medians of
         three, 2 busy cores). Tables like the training ones (20, K=12, 32 probes, 1,024
         candidates, no norm rows) gave 0.910 and 0.241 at 5.0x and 5.3x. Harder: the default XMC
-        demo's head (100K labels, 18% trained; the top 5 at cosines 0.2-0.6), 0.595 at 2.6x.
+        demo's head (100K labels; the top 5 at cosines 0.2-0.6 with the input), 0.595 at 2.6x.
         """
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
