@@ -82,7 +82,8 @@ def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
             variants = [(p, a, h) for p in _options(args.probes) for a in _options(args.budgets)
                         for h in _options(args.norm_rows)]
             fns = [lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1)]
-            fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h) for p, a, h in variants]
+            fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h)
+                    for p, a, h in variants]
             exact_s, *lsh_s = interleaved_medians(fns, args.repeats)
             for (probes, budget, norm_rows), seconds in zip(variants, lsh_s):
                 found = layer.topk(x, args.k, probes=probes, budget=budget, norm_rows=norm_rows)[1]
@@ -163,11 +164,12 @@ def main(argv=None) -> None:
     print("-" * len(head))
     for r in results:
         print(f"{r['out_features']:>9,}  {r['queries']:<10}{r['bits']:>3}{r['tables']:>4}{r['probes']:>4}{r['budget']:>6}"
-              f"{r['norm_rows']:>7}{r['exact_ms']:>10.1f}{r['lsh_ms']:>9.1f}{r['speedup']:>8.1f}x{r['recall_at_k']:>10.3f}"
+              f"{r['norm_rows']:>7}{r['exact_ms']:>10.1f}{r['lsh_ms']:>9.1f}{r['speedup']:>8.1f}x"
+              f"{r['recall_at_k']:>10.3f}"
               f"{r['top1_found']:>13.3f}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}")
     print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
-          "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of the "
-          "exact top k in the LSH top k; build s, index MB: topk's index")
+          "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
+          "the exact top k in the LSH top k; build s, index MB: topk's index")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
