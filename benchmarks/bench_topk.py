@@ -14,8 +14,11 @@ Three kinds of queries and rows (hidden 128):
              structure), queries a random row plus noise: near neighbours crowd every query
 
 Recall@k: the fraction of the exact top k found in the LSH top k (ties aside, 1.0 is perfect). The
-layer has LSHLinear's defaults for the width; each query probes ``--probes`` buckets per table and
-rescores ``--budgets`` candidates (lists; "default" is what ``topk(x, k)`` does). ``--model PATH``
+layer has LSHLinear's defaults for the width. topk searches an index of its own
+(``lsh_torch.retrieval``): ``--index-tables`` tables of ``--index-bits`` bits (lists; each pair is
+built once, its build time reported), probed ``--probes`` buckets per table, ``--budgets``
+candidates rescored per query, and the ``--norm-rows`` largest-norm rows scored for every query
+(lists; "default" is what ``topk(x, k)`` does). ``--model PATH``
 adds a trained head: ``python examples/xmc.py --labels 670091 --runs lsh --save-head PATH`` saves
 one (670,091 labels, its test points' hidden vectors as queries). Every variant is timed in turn
 with the dense top-k in one process (medians), so a busy spell on a shared machine slows them
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lsh_torch import LSHLinear
+from lsh_torch.retrieval import topk_settings
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -58,24 +62,38 @@ def interleaved_medians(fns: list, reps: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args, build_s: float) -> list[dict]:
-    """Exact and LSH top-k of ``x`` (every --probes x --budgets variant), timed interleaved."""
+def _options(text: str) -> list:
+    return [None if v == "default" else int(v) for v in text.split(",")]
+
+
+def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
+    """Exact and LSH top-k of ``x``: for each index (--index-tables x --index-bits), the dense top-k
+    and every --probes x --budgets x --norm-rows variant, timed interleaved."""
     n = layer.out_features
     exact = layer.topk(x, args.k, exact=True)[1]
-    variants = [(None if p == "default" else int(p), None if a == "default" else int(a))
-                for p in args.probes.split(",") for a in args.budgets.split(",")]
-    fns = [lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1)]
-    fns += [lambda p=p, a=a: layer.topk(x, args.k, probes=p, budget=a) for p, a in variants]
-    exact_s, *lsh_s = interleaved_medians(fns, args.repeats)
     rows = []
-    for (probes, budget), seconds in zip(variants, lsh_s):
-        found = layer.topk(x, args.k, probes=probes, budget=budget)[1]
-        rows.append({"out_features": n, "queries": kind, "k": args.k, "active": layer.budget,
-                     "budget": budget or layer.topk_budget, "bits": layer.tables.bits,
-                     "tables": layer.tables.num_tables, "probes": probes or layer.inference_probes,
-                     "exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * seconds, "speedup": exact_s / seconds,
-                     "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
-                     "build_s": build_s})
+    for tables in _options(args.index_tables):
+        for bits in _options(args.index_bits):
+            layer.topk_tables = tables or topk_settings(n)["num_tables"]
+            layer.topk_bits = bits or topk_settings(n)["bits"]
+            start = time.perf_counter()
+            layer.topk(x[:1], 1)  # builds the index
+            build_s = time.perf_counter() - start
+            variants = [(p, a, h) for p in _options(args.probes) for a in _options(args.budgets)
+                        for h in _options(args.norm_rows)]
+            fns = [lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1)]
+            fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h)
+                    for p, a, h in variants]
+            exact_s, *lsh_s = interleaved_medians(fns, args.repeats)
+            for (probes, budget, norm_rows), seconds in zip(variants, lsh_s):
+                found = layer.topk(x, args.k, probes=probes, budget=budget, norm_rows=norm_rows)[1]
+                rows.append({"out_features": n, "queries": kind, "k": args.k, "budget": budget or layer.topk_budget,
+                             "bits": layer.topk_bits, "tables": layer.topk_tables,
+                             "probes": probes or layer.inference_probes,
+                             "norm_rows": layer.topk_norm_rows if norm_rows is None else norm_rows,
+                             "exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * seconds, "speedup": exact_s / seconds,
+                             "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
+                             "build_s": build_s, "index_mb": layer._topk_index.nbytes() / 2 ** 20})
     return rows
 
 
@@ -96,16 +114,12 @@ def bench(n: int, args) -> list[dict]:
                 layer.bias.zero_()
         if kind not in args.kinds.split(","):
             continue
-        if kind != "planted" or "random" not in args.kinds.split(","):
-            start = time.perf_counter()
-            layer.rebuild()
-            build_s = time.perf_counter() - start
         if kind == "random":
             x = torch.randn(args.queries, args.hidden, generator=gen)
         else:
             picked = layer.weight.detach()[torch.randint(0, n, (args.queries,), generator=gen)]
             x = picked + torch.randn(picked.shape, generator=gen)
-        rows += measure(layer, x, kind, args, build_s)
+        rows += measure(layer, x, kind, args)
     return rows
 
 
@@ -117,9 +131,7 @@ def bench_model(path: str, args) -> list[dict]:
     layer.load_state_dict(saved["state_dict"])
     layer.eval()
     x = saved["hidden"][: args.queries].contiguous()
-    start = time.perf_counter()
-    layer.rebuild()
-    return measure(layer, x, "xmc", args, time.perf_counter() - start)
+    return measure(layer, x, "xmc", args)
 
 
 def main(argv=None) -> None:
@@ -129,8 +141,11 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, default=1024)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--tables", type=lambda v: v if v == "auto" else int(v), default="auto",
-                   help="L of the synthetic layers (default: LSHLinear's)")
-    p.add_argument("--probes", default="2,default,64", help="buckets probed per table, comma-separated")
+                   help="L of the synthetic layers' training tables (default: LSHLinear's; topk does not use them)")
+    p.add_argument("--index-tables", default="default", help="tables of topk's index, comma-separated")
+    p.add_argument("--index-bits", default="default", help="bits per table of topk's index, comma-separated")
+    p.add_argument("--probes", default="default", help="buckets probed per table, comma-separated")
+    p.add_argument("--norm-rows", default="default", help="largest-norm rows scored for every query, comma-separated")
     p.add_argument("--budgets", default="default", help="candidates rescored per query (topk's budget), comma-separated")
     p.add_argument("--kinds", default="random,planted,clustered", help="rows and queries to measure, comma-separated")
     p.add_argument("--model", metavar="PATH",
@@ -143,16 +158,18 @@ def main(argv=None) -> None:
     results = [r for n in args.sizes.split(",") if n for r in bench(int(n), args)]
     if args.model:
         results += bench_model(args.model, args)
-    head = (f"{'outputs':>9}  {'queries':<10}{'K':>3}{'L':>4}{'P':>4}{'A':>6}{'exact ms':>10}{'LSH ms':>9}{'speedup':>9}"
-            f"{'recall@k':>10}{'top-1 found':>13}")
+    head = (f"{'outputs':>9}  {'queries':<10}{'K':>3}{'L':>4}{'P':>4}{'A':>6}{'norm':>7}{'exact ms':>10}{'LSH ms':>9}"
+            f"{'speedup':>9}{'recall@k':>10}{'top-1 found':>13}{'build s':>9}{'index MB':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r['out_features']:>9,}  {r['queries']:<10}{r['bits']:>3}{r['tables']:>4}{r['probes']:>4}{r['budget']:>6}"
-              f"{r['exact_ms']:>10.1f}{r['lsh_ms']:>9.1f}{r['speedup']:>8.1f}x{r['recall_at_k']:>10.3f}"
-              f"{r['top1_found']:>13.3f}")
-    print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (candidates from the tables, "
-          "rescored exactly); recall@k: share of the exact top k in the LSH top k")
+              f"{r['norm_rows']:>7}{r['exact_ms']:>10.1f}{r['lsh_ms']:>9.1f}{r['speedup']:>8.1f}x"
+              f"{r['recall_at_k']:>10.3f}"
+              f"{r['top1_found']:>13.3f}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}")
+    print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
+          "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
+          "the exact top k in the LSH top k; build s, index MB: topk's index")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import hashing, ops
 from ._checks import MAX_PROBES, check_int
+from .retrieval import TOPK_BUDGET, TopkIndex, topk_budget, topk_settings  # noqa: F401 (re-exported)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -67,19 +68,6 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     tables = (40 if mode == "per_row" else 20) if wide else 5
     return {"num_tables": tables, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
             "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
-
-
-TOPK_BUDGET = 1024  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
-
-
-def topk_budget(out_features: int) -> int:
-    """Candidates per row that :meth:`LSHLinear.topk` scores by default: :data:`TOPK_BUDGET`, at
-    most every output.
-    Measured at 670K outputs, 16 probes, rows in clusters (``benchmarks/bench_topk.py --budgets``):
-    recall of the exact top 5 0.80 / 0.93 / 0.96 / 0.98 with 256 / 512 / 1,024 / 2,048 candidates,
-    and scoring 2,048 took 1.3x the time of 1,024: 1,024 is the fewest that kept recall above 0.95.
-    Independent of the training budget ``active``: inference is another trade-off."""
-    return min(out_features, TOPK_BUDGET)
 
 
 class LSHLinear(nn.Module):
@@ -213,6 +201,9 @@ class LSHLinear(nn.Module):
                                 asymmetric=asymmetric, center=center, hash=hash)
         self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
         self._stale = True
+        topk = topk_settings(out_features)  # topk's own index (lsh_torch.retrieval), built when first needed
+        self.topk_tables, self.topk_bits = topk["num_tables"], topk["bits"]
+        self._topk_index: Optional[TopkIndex] = None
         self._loss_checked = False  # see _warn_if_full_width_loss
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
@@ -242,6 +233,7 @@ class LSHLinear(nn.Module):
 
     def _mark_stale(self) -> None:
         self._stale = True
+        self._topk_index = None  # rebuilt by the next topk, from the weight as it is then
 
     @property
     def _stale(self) -> bool:
@@ -262,10 +254,13 @@ class LSHLinear(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()  # a weak reference does not pickle: keep whether it was to weight
         state["_hashed_from"] = self._hashed_from_weight()
+        state["_topk_index"] = None  # a cache: the next topk rebuilds it
         return state
 
     def __setstate__(self, state):
         own = state.pop("_hashed_from")
+        topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
+        state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None, **state}
         super().__setstate__(state)
         self._hashed_from = weakref.ref(self.weight) if own else None
 
@@ -274,6 +269,7 @@ class LSHLinear(nn.Module):
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
+        self._topk_index = None  # also after writes through weight.data, which its version misses
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
                    sparse: bool = False) -> Tensor:
@@ -419,64 +415,84 @@ class LSHLinear(nn.Module):
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
-             budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
+             budget: Optional[int] = None, norm_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
 
         ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
-        ``exact=False``: the ``budget`` neurons per row that the tables rank highest (most probed
-        buckets hit), scored exactly, and their top ``k``. Only real candidates are scored: where
-        the tables find fewer than ``budget`` neurons for a row, the row's top k comes from those it
-        found (completed with uniformly random neurons only when they are fewer than ``k``).
-        ``probes``: buckets probed per table (default :attr:`inference_probes`); ``budget``:
-        candidates scored per row, ``k <= budget <= out_features`` (default :attr:`topk_budget`).
-        Both are for this call only; inference can afford more probes than a training step.
-        At 670K outputs on rows in clusters (quiet 2 cores, 1,024 candidates), the exact top 5 was
-        recalled at 0.963, 5.1x faster than the dense top-k, with 40 tables and 16 probes
-        (``mode="per_row"``), and at 0.910, 5.7x faster, with the shared default's 20 tables and
-        32 probes. On the trained XMC demo model (670K labels, direction-only tables) recall is far
-        lower (0.26-0.28): see ``benchmarks/bench_topk.py`` and the README.
+        ``exact=False``: the best ``k`` by exact score among two sets of candidates per row, from an
+        index that topk keeps for itself (:class:`lsh_torch.retrieval.TopkIndex`; built at the first
+        call, and again after the weight changes, e.g. an optimizer step or ``load_state_dict``):
+
+        * ``budget`` neurons that its hash tables rank highest (most probed buckets hit;
+          ``probes`` per table). Only real candidates are scored: where the tables find fewer
+          than ``budget`` for a row, the row's top k comes from those it found (completed with
+          uniformly random neurons only when they are fewer than ``k``);
+        * the ``norm_rows`` neurons whose weight rows have the largest norms, for every row (one
+          matrix product): the likeliest winners, which tables of directions rank like any other.
+
+        Defaults (:func:`lsh_torch.retrieval.topk_settings`): ``probes`` :attr:`inference_probes`
+        (12), ``budget`` :attr:`topk_budget` (768, at most ``out_features``), ``norm_rows``
+        :attr:`topk_norm_rows` (``out_features // 128``); 60 tables (:attr:`topk_tables`) of about
+        80 rows per bucket (:attr:`topk_bits`: 13 at 670K), hashing directions, independent of the
+        training tables; set those two attributes to index otherwise. ``k <= budget <=
+        out_features`` and ``0 <= norm_rows <= out_features``; a budget or ``norm_rows`` of every
+        output is the exact computation. A ``selection="random"`` layer scores ``budget``
+        uniformly random neurons (the baseline) and builds no index. The index holds about ``4 *
+        topk_tables * out_features`` bytes (163 MB at 670K outputs, whose weight is 343 MB) and
+        takes seconds to build at that width (5-9 s on 2 cores: every row hashed 780 times).
+        Weight changes made through ``weight.data`` go unseen: call :meth:`rebuild` after them.
+
+        Measured at 670,091 outputs (1,024 queries, k=5, ``benchmarks/bench_topk.py``, README):
+        recall of the exact top 5 0.961 on rows in clusters and 0.996 on the trained XMC demo
+        head, 5.4x and 6.4x faster than ``F.linear`` + ``torch.topk`` in the same runs (medians of
+        three, 2 busy cores). Tables like the training ones (20, K=12, 32 probes, 1,024
+        candidates, no norm rows) gave 0.910 and 0.241 at 5.0x and 5.3x. Harder: the default XMC
+        demo's head (100K labels; the top 5 at cosines 0.2-0.6 with the input), 0.595 at 2.6x.
         """
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
-        if exact:
-            check_int("k", k, 1, self.out_features)
-            values, indices = F.linear(x, weight, bias).topk(k, dim=1)
-        else:
-            if budget is None:
-                budget = self.topk_budget
+        if not exact:
+            budget = self.topk_budget if budget is None else budget
             check_int("budget", budget, 1, self.out_features)
             check_int("k", k, 1, budget)
-            if probes is None:
-                probes = self.inference_probes
-            check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.tables.bits))
-            if self._stale:
-                self.rebuild()
-            active, head = self.tables.query(x, budget, None, self.seed, probes=probes)
-            if self.tables.selection == "random" or budget == self.out_features:
-                head = torch.full_like(head, budget)  # no tables, or every output: score them all
-            # Past its head a row holds uniform draws (ops.query): score none of them beyond the
-            # first k, and none at all in columns past every row's head.
-            real = head.clamp_min(k)
-            width = int(real.max()) if real.numel() else k
-            active = active[:, :width]
-            scores = ops.sparse_linear(x, weight, bias, active)
-            if width > k:
-                drawn = torch.arange(width, device=x.device) >= real.unsqueeze(1)
-                scores = scores.masked_fill(drawn, float("-inf"))
-            values, best = scores.topk(k, dim=1)
+            probes = self.inference_probes if probes is None else probes
+            check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
+            norm_rows = self.topk_norm_rows if norm_rows is None else norm_rows
+            check_int("norm_rows", norm_rows, 0, self.out_features)
+            exact = max(budget, norm_rows) == self.out_features and self.tables.selection != "random"
+        if exact:  # also the approximation's answer when its candidates are every output
+            check_int("k", k, 1, self.out_features)
+            values, indices = F.linear(x, weight, bias).topk(k, dim=1)
+        elif self.tables.selection == "random":
+            active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed)[0]
+            values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)
             indices = active.gather(1, best)
+        else:
+            index = self._topk_index_of(self.weight)
+            values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed)
         shape = (*input.shape[:-1], k)
         return values.reshape(shape), indices.reshape(shape)
 
+    @torch.compiler.disable
+    def _topk_index_of(self, weight: Tensor) -> TopkIndex:
+        """topk's index, rebuilt if ``weight`` (the layer's, not an autocast copy) changed since."""
+        seed = self.seed + 2 ** 32  # projections of their own, unlike the training tables'
+        index = self._topk_index
+        if index is None or not index.matches(weight, self.topk_tables, self.topk_bits, seed):
+            self._topk_index = None  # the old index goes first: two at once would double the memory
+            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, seed)
+        return index
+
     @property
     def inference_probes(self) -> int:
-        """Buckets per table that :meth:`topk` probes by default: 8x the training probes (at
-        least 16), times as many as the per-row default has tables for each table this layer has
-        (topk is a per-row query; a wide layer's shared tables are half as many: 32 probes at
-        L=20, 16 at L=40), at most as many as the tables have."""
-        per_row_tables = auto_settings(self.out_features, "per_row")["num_tables"]
-        probes = max(16, 8 * self.tables.probes) * max(1, per_row_tables // self.tables.num_tables)
-        return min(MAX_PROBES, 2 ** self.tables.bits, probes)
+        """Buckets per table that :meth:`topk` probes by default: 32 (:func:`lsh_torch.retrieval.topk_settings`),
+        at most as many as its tables have (``2 ** topk_bits``)."""
+        return min(MAX_PROBES, topk_settings(self.out_features)["probes"], 2 ** self.topk_bits)
+
+    @property
+    def topk_norm_rows(self) -> int:
+        """Largest-norm neurons that :meth:`topk` scores for every row by default: ``out_features // 64``."""
+        return topk_settings(self.out_features)["norm_rows"]
 
     @property
     def topk_budget(self) -> int:

@@ -116,8 +116,16 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Te
 
 def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_rows: Tensor,
                step_size: float, beta1: float, beta2: float, eps: float) -> None:
-    """In-place Adam update of ``param``'s (unique) ``rows`` and their moments; see :class:`lsh_torch.optim.LazyAdam`."""
+    """In-place Adam update of ``param``'s (unique) ``rows`` and their moments; see :class:`lsh_torch.optim.LazyAdam`.
+
+    Bumps the version counters of the three updated tensors, as PyTorch's in-place ops do (a custom
+    op's dispatch does not): autograd then refuses a backward through values the step changed, and
+    caches keyed on a parameter's version (``LSHLinear.topk``'s index) see the step."""
     _ops.lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps)
+    if not torch.compiler.is_compiling():
+        for t in (param, exp_avg, exp_avg_sq):
+            if not t.is_inference():
+                torch.autograd.graph.increment_version(t)
 
 
 def _linear(name, x, weight, bias, active, sparse_grad):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
-from lsh_torch import LSHLinear, sparse_cross_entropy
+from lsh_torch import LSHLinear, hashing, ops, sparse_cross_entropy
 from lsh_torch.nn import TOPK_BUDGET, topk_budget
 
 
@@ -187,14 +187,17 @@ def test_topk_budget_default_and_covering_every_output():
 
 
 def test_topk_budget_scores_only_the_tables_candidates():
-    # One table of 1,024 buckets over 2,000 rows: a query's bucket holds about 2 of them, so most
-    # of a budget of 64 is uniform draws, which topk must not score (they are no candidates).
+    # One index table of 1,024 buckets over 2,000 rows: a query's bucket holds about 2 of them, so
+    # most of a budget of 64 is uniform draws, which topk must not score (they are no candidates).
     torch.manual_seed(0)
-    layer = LSHLinear(16, 2000, num_tables=1, bits=10, probes=1, active=64, rebuild=None)
+    layer = LSHLinear(16, 2000, active=64, rebuild=None)
+    layer.topk_tables, layer.topk_bits = 1, 10
     x = torch.randn(200, 16)
     k, budget = 2, 64
-    values, indices = layer.topk(x, k, probes=1, budget=budget)
-    active, head = layer.tables.query(x, budget, None, layer.seed, probes=1)
+    values, indices = layer.topk(x, k, probes=1, budget=budget, norm_rows=0)
+    index = layer._topk_index
+    codes, margins = hashing.input_codes(x, index.projection, 1, 10)
+    active, head = ops.query(codes, margins, index.offsets, index.items, 1, budget, None, layer.seed)
     real = head.clamp_min(k)
     assert (head < budget).all()  # the test's premise: draws after every row's candidates
     for row in range(x.shape[0]):
@@ -208,9 +211,10 @@ def test_topk_budget_scores_only_the_tables_candidates():
 def test_topk_with_more_probes_finds_more_of_the_exact_top():
     torch.manual_seed(0)
     layer = LSHLinear(16, 4000, active=100, num_tables=4, bits=10, probes=1, rebuild=None)
+    layer.topk_tables, layer.topk_bits = 4, 10
     x = layer.weight.detach()[:200] + 0.5 * torch.randn(200, 16)  # queries near a row
     exact = layer.topk(x, 1, exact=True)[1]
-    found = [(layer.topk(x, 1, probes=p)[1] == exact).float().mean() for p in (1, 32)]
+    found = [(layer.topk(x, 1, probes=p, norm_rows=0)[1] == exact).float().mean() for p in (1, 32)]
     assert found[1] > found[0] + 0.2, found
     assert layer.tables.probes == 1  # the override holds for the call only
 
@@ -251,10 +255,12 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 670_091, mode="shared").tables.num_tables == 20  # the batch shares one top set
     assert LSHLinear(8, 670_091, mode="per_row").tables.num_tables == 40  # each row needs its own
     assert LSHLinear(8, 1000, mode="per_row").tables.num_tables == 5
-    # topk is a per-row query: the shared default's half as many tables get twice the probes
-    assert (wide.inference_probes, LSHLinear(8, 670_091, mode="per_row").inference_probes) == (32, 16)
-    assert LSHLinear(8, 670_091, num_tables=10).inference_probes == 64
-    assert hidden.inference_probes == 64  # 8 x 10 probes, capped at the 2^6 buckets
+    # topk searches an index of its own, the same for every mode (lsh_torch.retrieval.topk_settings)
+    assert (wide.topk_tables, wide.topk_bits, wide.inference_probes, wide.topk_budget, wide.topk_norm_rows) == (
+        60, 13, 12, 768, 5235)
+    assert LSHLinear(8, 670_091, mode="per_row", num_tables=10).inference_probes == 12
+    assert (hidden.topk_bits, hidden.inference_probes) == (4, 12)  # ~80 rows per bucket: 16 buckets
+    assert (LSHLinear(8, 200).topk_bits, LSHLinear(8, 200).inference_probes) == (1, 2)  # capped at the buckets
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win

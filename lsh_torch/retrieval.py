@@ -1,0 +1,154 @@
+"""What :meth:`LSHLinear.topk <lsh_torch.nn.LSHLinear.topk>` searches: an index of its own, built
+from the weight when topk first needs it and kept until the weight changes.
+
+The index has two parts, one per kind of row that a top-k over direction-hashing tables misses:
+
+* **hash tables of its own**: ``num_tables`` tables of ``bits``-bit signed random projections of
+  the rows' directions, more and finer than a wide layer's training tables. A training step needs
+  the batch's few thousand best outputs, which 20 coarse tables find; a top-k query needs each
+  row's own best 5. At 670K outputs on rows in clusters, recall of the exact top 5 was 0.910 from
+  tables like the training ones (L=20, K=12, 32 probes, 1,024 candidates rescored: 105K rows
+  scanned per query) and 0.961 from 60 tables of K=13 probed 12 times each, 768 candidates
+  rescored (59K rows scanned), in less time;
+* **the largest-norm rows**, scored exactly for every input (one matrix product). A row's output
+  is at most its norm times the input's, so the rows with the largest norms are the likeliest
+  winners, and tables of directions rank them no higher than any other row of their direction.
+  On the XMC demo's trained 670K-label head (row norms: median 0.59, 99th percentile 1.39,
+  largest 3.70) all of the exact top 5 were among the 7,700 largest-norm rows, while the tables
+  alone recalled 0.21-0.52 of them. This is Norm-Ranging LSH (Yan et al., NeurIPS 2018)
+  with two ranges, the top one small enough to score whole.
+
+Also measured, at 670K outputs (L=40, K=14, 32 probes, tables alone): the asymmetric MIPS transform
+(one ``M`` for every row) recalled 0.750 against 0.966 by direction on clustered rows, 0.167
+against 0.327 on the trained head, whose small rows it crowds into few buckets; centering the
+rows, 0.291 against 0.321 on the trained head. Details: ``benchmarks/bench_topk.py``, README.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import hashing, ops
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int
+
+TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
+TOPK_TABLES = 60
+TOPK_ROWS_PER_BUCKET = 80
+TOPK_PROBES = 12
+TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
+
+
+def topk_budget(out_features: int) -> int:
+    """Candidates per row that :meth:`LSHLinear.topk` scores by default: :data:`TOPK_BUDGET`, at
+    most every output. Measured at 670K outputs on rows in clusters with the default index and 12
+    probes (``benchmarks/bench_topk.py --budgets``): recall of the exact top 5 0.930 / 0.961 / 0.967
+    / 0.971 with 512 / 768 / 1,024 / 2,048 candidates, in 1.03 / 1 / 1.14 / 1.46 the time of 768.
+    Independent of the training budget ``active``: inference is another trade-off."""
+    return min(out_features, TOPK_BUDGET)
+
+
+def topk_settings(out_features: int) -> dict:
+    """The defaults of :meth:`LSHLinear.topk` for a layer of this width; one rule for every width.
+
+    ``num_tables`` (L) 60 and ``bits`` (K) ``log2(N / 80)`` (about 80 rows per bucket; 13 at 670K),
+    ``probes`` 12 per table, ``budget`` :func:`topk_budget` (768), ``norm_rows`` ``N // 128``
+    (5,235 at 670K). Measured at 670,091 outputs, 1,024 queries, 2 busy cores (recall of the exact
+    top 5; speed against ``F.linear`` + ``torch.topk`` in the same run; ``benchmarks/bench_topk.py``):
+
+    * rows in clusters, L=60, K=13, 768 candidates: 8 / 12 / 16 probes 0.914 / 0.961 / 0.973 at
+      7.1x / 6.1x / 4.9x. Other indexes near recall 0.97 were slower or larger (1,024
+      candidates): L=40, K=14, 32 probes 0.968 at 5.6x (113 MB); with ``N // 64`` norm rows, L=80,
+      K=13, 8 probes 0.972 at 5.7x (215 MB) and L=40, K=13, 24 probes 0.971 at 4.7x. More,
+      smaller buckets find more per row scanned, but every probed bucket costs cache misses, so
+      the time stays about the same;
+    * the trained XMC head: the ``N // 128`` largest-norm rows with the tables 0.992-0.999 for
+      every index above, ``N // 64`` 1.000 (about 50 ms more per 1,024 queries), none 0.21-0.52.
+    """
+    check_int("out_features", out_features, 1, 2 ** 31 - 1)
+    bits = min(MAX_BITS, max(1, round(math.log2(max(1, out_features) / TOPK_ROWS_PER_BUCKET))))
+    return {"num_tables": TOPK_TABLES, "bits": bits, "probes": min(MAX_PROBES, TOPK_PROBES, 2 ** bits),
+            "budget": topk_budget(out_features), "norm_rows": out_features // TOPK_NORM_SHARE}
+
+
+def weight_version(weight: Tensor):
+    """What tells, with the tensor's identity, whether ``weight`` changed since an index was built
+    from it: its storage, shape, dtype, device and version counter (every in-place change bumps it:
+    optimizer steps, ``copy_``, ``load_state_dict``; not writes through ``.data``). An inference
+    tensor has no version counter: then the rest only."""
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, version)
+
+
+class TopkIndex:
+    """Hash tables over the directions of a weight's rows plus its rows in order of norm.
+
+    ``num_tables`` (L) tables of ``bits`` (K) signed random projections, seeded by ``seed``; the
+    rows by decreasing norm (``order``) and each row's place in that order (``rank``). Memory at
+    N rows: ``4 L N`` bytes of tables (161 MB at L=60, N=670K), ``4 L 2^K`` of offsets and
+    ``12 N`` of order and rank. Built from ``weight`` as it is; :meth:`matches` tells whether it
+    still describes a weight (see :func:`weight_version`).
+    """
+
+    def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int):
+        check_int("topk_tables", num_tables, 1, MAX_TABLES)
+        check_int("topk_bits", bits, 1, MAX_BITS)
+        rows = weight.detach()
+        self.num_tables, self.bits, self.seed = num_tables, bits, seed
+        self._weight = weakref.ref(weight)  # never keeps a weight alive
+        self.key = (weight_version(weight), num_tables, bits, seed)
+        wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("weight has non-finite values (NaN or inf) or rows whose norm overflows: "
+                             "topk cannot index it")
+        self.order = norms.argsort(descending=True)
+        self.rank = torch.empty_like(self.order, dtype=torch.int32).scatter_(
+            0, self.order, torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device))
+        self.projection = hashing.make_projection(rows.shape[1], num_tables, bits, seed, rows.device)
+        codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
+        self.offsets, self.items = ops.build_tables(codes, bits)
+
+    def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
+        """Was this index built from ``weight`` as it is now, with these settings?"""
+        return self._weight() is weight and self.key == (weight_version(weight), num_tables, bits, seed)
+
+    def nbytes(self) -> int:
+        """Bytes the index holds (tables, offsets, order, rank, projection)."""
+        return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
+                                                         self.projection))
+
+    def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
+             norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
+        tables rank highest (most probed buckets hit; ``probes`` per table) and the ``norm_rows``
+        largest-norm rows. Only the tables' real candidates are scored: where they find fewer
+        than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills)."""
+        codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
+        active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0)
+        # Past its head a row holds uniform draws: score none of them beyond the first k, and none
+        # at all in columns past every row's head. The norm rows are scored below, not here.
+        real = head.clamp_min(k)
+        width = int(real.max()) if real.numel() else k
+        active = active[:, :width]
+        skip = self.rank[active] < norm_rows
+        if width > k:
+            skip |= torch.arange(width, device=x.device) >= real.unsqueeze(1)
+        scores = ops.sparse_linear(x, weight, bias, active).masked_fill(skip, float("-inf"))
+        values, best = scores.topk(k, dim=1)
+        indices = active.gather(1, best)
+        if norm_rows:
+            # Every row's k best: k finite among the candidates left and the norm rows together
+            # (the candidates skipped for being norm rows are scored here), never an id twice.
+            rows = self.order[:norm_rows]
+            top = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+            top_values, top_best = top.topk(min(k, norm_rows), dim=1)
+            values = torch.cat([values, top_values], 1)
+            indices = torch.cat([indices, rows[top_best]], 1)
+            values, best = values.topk(k, dim=1)
+            indices = indices.gather(1, best)
+        return values, indices

@@ -1,0 +1,202 @@
+"""LSHLinear.topk's index (lsh_torch.retrieval): recall of planted top sets, the largest-norm rows,
+when the index is rebuilt, and argument errors. Correctness only: speed is benchmarks/bench_topk.py's."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsh_torch
+from lsh_torch import LSHLinear
+from lsh_torch.retrieval import TopkIndex, topk_settings
+
+
+def recall(found, exact):
+    return (found.unsqueeze(-1) == exact.unsqueeze(-2)).any(-2).float().mean().item()
+
+
+def check_scores(layer, x, values, indices):
+    """Best first, no id twice per row, each value the exact output of its neuron."""
+    assert (values[..., :-1] >= values[..., 1:]).all()
+    assert (indices.sort(-1).values.diff(dim=-1) != 0).all()
+    torch.testing.assert_close(values, F.linear(x, layer.weight, layer.bias).gather(-1, indices))
+
+
+def test_settings_by_width():
+    assert topk_settings(670_091) == {"num_tables": 60, "bits": 13, "probes": 12, "budget": 768, "norm_rows": 5235}
+    assert topk_settings(100_000)["bits"] == 10
+    assert topk_settings(10) == {"num_tables": 60, "bits": 1, "probes": 2, "budget": 10, "norm_rows": 0}
+    with pytest.raises(ValueError, match="out_features"):
+        topk_settings(0)
+
+
+def test_planted_top_sets_are_found():
+    # Each query has 5 rows planted near it (cosine ~0.9) among 20,000 random rows: they are its
+    # exact top 5, and the tables must find them.
+    torch.manual_seed(0)
+    n, d, queries = 20_000, 32, 64
+    layer = LSHLinear(d, n, rebuild=None).eval()
+    x = torch.randn(queries, d)
+    planted = torch.randperm(n)[: 5 * queries].reshape(queries, 5)
+    with torch.no_grad():
+        layer.bias.zero_()
+        layer.weight[planted.flatten()] = (x.repeat_interleave(5, 0) + 0.5 * torch.randn(5 * queries, d))
+        layer.weight[planted.flatten()] *= layer.weight.norm(dim=1).median() / layer.weight[planted.flatten()].norm(
+            dim=1, keepdim=True)  # norms like the others': found by direction, not by norm
+    values, indices = layer.topk(x, 5)
+    exact = layer.topk(x, 5, exact=True)[1]
+    assert set(exact.flatten().tolist()) == set(planted.flatten().tolist())  # the premise
+    assert recall(indices, exact) >= 0.95
+    check_scores(layer, x, values, indices)
+
+
+def test_largest_norm_rows_are_scored_for_every_row():
+    # 128 rows of 5x the norm of the rest, at random directions: every query's exact top 5 are
+    # among them, which tables of directions rank no higher than any other row.
+    torch.manual_seed(0)
+    n, d = 16_384, 32
+    layer = LSHLinear(d, n, rebuild=None).eval()
+    large = torch.randperm(n)[: n // 128]
+    with torch.no_grad():
+        layer.weight[large] *= 5
+    x = torch.randn(256, d)
+    exact = layer.topk(x, 5, exact=True)[1]
+    assert torch.isin(exact, large).all()  # the premise
+    assert layer.topk_norm_rows == n // 128
+    values, indices = layer.topk(x, 5)
+    assert recall(indices, exact) == 1.0
+    check_scores(layer, x, values, indices)
+    assert recall(layer.topk(x, 5, norm_rows=0)[1], exact) < 0.8  # the tables alone miss many
+    index = layer._topk_index
+    assert set(index.order[: n // 128].tolist()) == set(large.tolist())
+    assert torch.equal(index.order[index.rank.long()], torch.arange(n))  # rank is order's inverse
+
+
+@pytest.mark.parametrize("budget, norm_rows", [(20, 0), (20, 3), (20, 400), (5, 2), (400, 0), (20, 399)])
+def test_any_budget_and_norm_rows_give_distinct_exact_scores(budget, norm_rows):
+    torch.manual_seed(1)
+    layer = LSHLinear(16, 400, rebuild=None).eval()
+    x = torch.randn(3, 7, 16)  # any leading shape
+    values, indices = layer.topk(x, 5, budget=budget, norm_rows=norm_rows)
+    assert values.shape == indices.shape == (3, 7, 5)
+    check_scores(layer, x, values, indices)
+    if norm_rows == 400 or budget == 400:  # every output a candidate: the exact top 5
+        exact = layer.topk(x, 5, exact=True)
+        assert torch.equal(indices, exact[1]) and torch.equal(values, exact[0])
+
+
+def test_index_is_cached_until_the_weight_changes():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 3000, rebuild=None, sparse_grad=True).eval()
+    x = torch.randn(8, 16)
+    layer.topk(x, 3)
+    index = layer._topk_index
+    layer.topk(x, 3)
+    layer.topk(torch.randn(4, 16), 2, probes=1, budget=50, norm_rows=7)  # per-call options reuse it
+    assert layer._topk_index is index
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # the bias is read at every call, never indexed
+    check_scores(layer, x, *layer.topk(x, 3))
+    assert layer._topk_index is index
+
+    def changes_rebuild(change):
+        before = layer._topk_index
+        change()
+        values, indices = layer.topk(x, 3)
+        assert layer._topk_index is not before
+        check_scores(layer, x, values, indices)
+        return indices
+
+    def plant():  # a new winner for every query: a huge row along their mean
+        with torch.no_grad():
+            layer.weight[123] = 100 * x.mean(0) / x.mean(0).norm()
+    indices = changes_rebuild(plant)
+    assert (indices[:, 0] == 123).float().mean() > 0.5
+    state = copy.deepcopy(layer.state_dict())
+    for change in (lambda: layer.load_state_dict(state), lambda: layer.reset_parameters(), layer.rebuild):
+        changes_rebuild(change)
+
+    def step(opt):
+        def run():
+            labels = torch.randint(0, 3000, (8,))
+            lsh_torch.sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
+            opt.step()
+            opt.zero_grad()
+        return run
+    layer.train()
+    changes_rebuild(step(lsh_torch.LazyAdam(layer.parameters(), lr=1e-2)))
+    changes_rebuild(step(torch.optim.SparseAdam(list(layer.parameters()), lr=1e-2)))
+    # Writes through .data bypass the version counter: rebuild() is the way to tell the layer.
+    index = layer._topk_index
+    layer.weight.data.mul_(2)
+    layer.topk(x, 3)
+    assert layer._topk_index is index
+    layer.rebuild()
+    layer.topk(x, 3)
+    assert layer._topk_index is not index
+
+
+def test_index_changes_with_its_settings_and_leaves_copies():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 3000, rebuild=None).eval()
+    x = torch.randn(8, 16)
+    expected = layer.topk(x, 3)
+    layer.topk_tables, layer.topk_bits = 7, 5
+    layer.topk(x, 3)
+    index = layer._topk_index
+    assert (index.num_tables, index.bits, index.items.shape) == (7, 5, (7, 3000))
+    layer.topk_tables, layer.topk_bits = 60, topk_settings(3000)["bits"]
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin._topk_index is None  # a cache, never copied
+        got = twin.topk(x, 3)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # same seed, same answer
+
+
+def test_autocast_reuses_the_index_of_the_parameter():
+    layer = LSHLinear(16, 3000, rebuild=None).eval()
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, _ = layer.topk(x, 3)
+        index = layer._topk_index
+        layer.topk(x, 3)
+    assert values.dtype == torch.bfloat16 and layer._topk_index is index
+
+
+def test_random_selection_scores_random_neurons_without_an_index():
+    layer = LSHLinear(16, 3000, selection="random", rebuild=None).eval()
+    x = torch.randn(8, 16)
+    values, indices = layer.topk(x, 3, budget=100)
+    check_scores(layer, x, values, indices)
+    assert layer._topk_index is None
+
+
+def test_topk_argument_errors():
+    layer = LSHLinear(16, 300, rebuild=None)
+    x = torch.randn(4, 16)
+    for bad in (-1, 301):
+        with pytest.raises(ValueError, match="norm_rows"):
+            layer.topk(x, 3, norm_rows=bad)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match="norm_rows"):
+            layer.topk(x, 3, norm_rows=bad)
+    with pytest.raises(ValueError, match="probes"):
+        layer.topk(x, 3, probes=2 ** layer.topk_bits + 1)
+    with pytest.raises(ValueError, match="k"):
+        layer.topk(x, 51, budget=50)
+    for name, bad, error in (("topk_tables", 0, ValueError), ("topk_bits", 21, ValueError),
+                             ("topk_tables", 2.5, TypeError)):
+        broken = copy.deepcopy(layer)
+        setattr(broken, name, bad)
+        with pytest.raises(error, match=name):
+            broken.topk(x, 3, budget=50)
+    with torch.no_grad():
+        layer.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.topk(x, 3, budget=50)
+
+
+def test_index_memory_is_what_the_docstring_says():
+    weight = torch.randn(5000, 8)
+    index = TopkIndex(weight, 10, 6, seed=0)
+    assert index.nbytes() == 4 * 10 * 5000 + 4 * 10 * (2 ** 6 + 1) + 12 * 5000 + 4 * 9 * 60
