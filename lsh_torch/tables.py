@@ -120,17 +120,14 @@ class LSHTables(nn.Module):
             return
         rows = weight.detach()
         fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
-        if torch.compiler.is_compiling():  # a traced build: no data-dependent branch, every row hashed
+        compiling = torch.compiler.is_compiling()  # a traced build: no data-dependent branch, every row hashed
+        if compiling:
             torch._assert_async(torch.isfinite(fingerprints).all(), _NON_FINITE)
-            self.codes, self.max_norm = self._every_row_codes(rows)
-            self.fingerprints = fingerprints
-            self.offsets, self.items = ops.build_tables(self.codes.t(), self.bits)
-            return
         # One pass over the fingerprints: their sum is finite unless one is not (or finite ones
         # overflow it: then the exact check decides).
-        if not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
+        elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
             raise ValueError(_NON_FINITE)
-        incremental = not full and not self.center and self.codes.shape[1] == n
+        incremental = not compiling and not full and not self.center and self.codes.shape[1] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
             moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
