@@ -33,13 +33,32 @@ constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
 template <typename Hits>
 constexpr Hits kMaxHitsOf = kChosenOf<Hits> - 1;
 
-// One zeroed counter array per thread, reused across calls: allocating and clearing N counters
-// per call would cost O(N) per step. Users restore the zeros (ActiveSetBuilder's destructor).
+// The neurons one part of a query counted (each once, in the order first hit) and, once collected,
+// their hits and how many have each hit count.
 template <typename Hits>
-std::vector<Hits>& thread_hits(int64_t n) {
-  thread_local std::vector<Hits> hits;
-  if (static_cast<int64_t>(hits.size()) < n) hits.assign(n, 0);
-  return hits;
+struct Counted {
+  std::vector<int32_t> ids;
+  std::vector<Hits> hits;
+  std::vector<int64_t> histogram;
+};
+
+// Per-thread state, reused across calls: a zeroed counter per neuron (allocating and clearing N
+// counters per call would cost O(N) per step; users restore the zeros, see ActiveSetBuilder's
+// destructor), and the builder's lists, whose pages a fresh allocation per call would fault in
+// again (a shared query at 670K outputs counts ~500K neurons: megabytes per call).
+template <typename Hits>
+struct Scratch {
+  std::vector<Hits> hits;
+  std::vector<Counted<Hits>> parts;
+  std::vector<int32_t> chosen;
+  std::vector<uint32_t> flips;
+};
+
+template <typename Hits>
+Scratch<Hits>& thread_scratch(int64_t n) {
+  thread_local Scratch<Hits> scratch;
+  if (static_cast<int64_t>(scratch.hits.size()) < n) scratch.hits.assign(n, 0);
+  return scratch;
 }
 
 struct Tables {
@@ -91,12 +110,18 @@ class ActiveSetBuilder {
   static constexpr Hits kChosen = kChosenOf<Hits>, kMaxHits = kMaxHitsOf<Hits>;
 
  public:
-  explicit ActiveSetBuilder(const Tables& t) : t_(t), hits_(thread_hits<Hits>(t.n)) {}
+  explicit ActiveSetBuilder(const Tables& t) : t_(t), scratch_(thread_scratch<Hits>(t.n)), hits_(scratch_.hits) {
+    scratch_.chosen.clear();
+    if (scratch_.parts.empty()) scratch_.parts.resize(1);
+    scratch_.parts[0].ids.clear();
+  }
   ~ActiveSetBuilder() { reset(); }  // also after an exception, so the thread's counters stay zero
   ActiveSetBuilder(const ActiveSetBuilder&) = delete;
   ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
 
-  void start(int64_t* out, int64_t budget, int64_t tail) { out_ = out, budget_ = budget, tail_ = tail, filled_ = 0; }
+  void start(int64_t* out, int64_t budget, int64_t tail) {
+    out_ = out, budget_ = budget, tail_ = tail, filled_ = 0, num_parts_ = 1, collected_ = false;
+  }
 
   void add_labels(int64_t row, int64_t set) {
     for (int64_t j = 0; j < t_.num_labels; ++j) {
@@ -111,67 +136,63 @@ class ActiveSetBuilder {
   // Counts the probed buckets of input `row` for one set.
   void probe(int64_t row) {
     const int64_t per_row = t_.num_tables * t_.probes;
-    flips_.resize(per_row);
-    row_flips(row, flips_.data());
-    count(row, flips_.data(), 0, static_cast<int32_t>(t_.n), touched_);
+    spans_.resize(per_row);
+    row_spans(row, spans_.data());
+    count(spans_.data(), per_row, 0, static_cast<int32_t>(t_.n), scratch_.parts[0].ids);
   }
 
   // The same for every input row into one set (query_shared), in parallel: part p of P counts the
   // neurons in [N p / P, N (p + 1) / P) of every probed bucket, so the parts write disjoint counters
-  // (no races, no merge) and the counts equal those of probe() row after row.
+  // (no races, no merge) and the counts equal those of probe() row after row. Each part then
+  // collects its counts (finish()'s pass over the counted neurons, done here in parallel).
   void probe_all() {
     const int64_t per_row = t_.num_tables * t_.probes;
-    flips_.resize(t_.batch * per_row);
-    for (int64_t row = 0; row < t_.batch; ++row) row_flips(row, flips_.data() + row * per_row);
+    spans_.resize(t_.batch * per_row);
+    for (int64_t row = 0; row < t_.batch; ++row) row_spans(row, spans_.data() + row * per_row);
     // One part for small batches: starting the threads would cost more than the counting.
     const int64_t parts = t_.batch * per_row >= 256 ? std::max(1, at::get_num_threads()) : 1;
-    std::vector<std::vector<int32_t>> touched(parts);
+    if (static_cast<int64_t>(scratch_.parts.size()) < parts) scratch_.parts.resize(parts);
+    num_parts_ = parts;  // from here on reset() clears every part's counters
+    for (int64_t p = 1; p < parts; ++p) scratch_.parts[p].ids.clear();
     std::exception_ptr error;
     try {
       at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t part = begin; part < end; ++part) {
-          const auto lo = static_cast<int32_t>(t_.n * part / parts), hi = static_cast<int32_t>(t_.n * (part + 1) / parts);
-          for (int64_t row = 0; row < t_.batch; ++row) count(row, flips_.data() + row * per_row, lo, hi, touched[part]);
+        for (int64_t p = begin; p < end; ++p) {
+          const auto lo = static_cast<int32_t>(t_.n * p / parts), hi = static_cast<int32_t>(t_.n * (p + 1) / parts);
+          count(spans_.data(), t_.batch * per_row, lo, hi, scratch_.parts[p].ids);
+          collect(scratch_.parts[p]);
         }
       });
     } catch (...) {
       error = std::current_exception();
     }
-    for (const auto& part : touched) touched_.insert(touched_.end(), part.begin(), part.end());  // reset() clears them
     if (error) std::rethrow_exception(error);
+    collected_ = true;
   }
 
   // Takes the best candidates (leaving `tail` entries), fills up with seeded uniform draws, and
   // resets the counters. `set` names the random streams: the row for per-row sets, -1 for the
   // batch-shared set. Returns the head: labels and candidates, the entries before the draws.
   int64_t finish(int64_t seed, int64_t set) {
-    // One pass over the touched neurons' counters (random reads: the cost of this step) copies
-    // their hits into a dense array and zeroes them; the labels, already chosen, are marked again
-    // below. Every later pass reads the dense array. Only candidates with at least `floor` hits can
-    // be among the `room` best: a histogram of the hit counts finds that floor, so the tie-break
-    // keys (a hash each) and the selection below cover those few instead of every touched neuron.
+    // Only candidates with at least `floor` hits can be among the `room` best: the parts' hit-count
+    // histograms find that floor, so the tie-break keys (a hash each) and the selection below
+    // cover those few instead of every counted neuron.
     const int64_t room = std::max<int64_t>(0, budget_ - filled_ - tail_);
-    const size_t touched = touched_.size();
-    touched_hits_.resize(touched);
-    Hits top = 0;
-    for (size_t i = 0; i < touched; ++i) {
-      Hits& h = hits_[touched_[i]];
-      const Hits hits = h == kChosen ? 0 : h;
-      touched_hits_[i] = hits;
-      top = std::max(top, hits);
-      h = 0;
-    }
-    for (int64_t i = 0; i < filled_; ++i) hits_[out_[i]] = kChosen;  // the labels stay chosen
-    histogram_.assign(static_cast<size_t>(top) + 1, 0);
-    for (size_t i = 0; i < touched; ++i) ++histogram_[touched_hits_[i]];
-    Hits floor = std::max<Hits>(top, 1);
+    if (!collected_) collect(scratch_.parts[0]);
+    size_t top = 0;
+    for (int64_t p = 0; p < num_parts_; ++p) top = std::max(top, scratch_.parts[p].histogram.size() - 1);
+    histogram_.assign(std::max<size_t>(top, 1) + 1, 0);
+    for (int64_t p = 0; p < num_parts_; ++p)
+      for (size_t h = 0; h < scratch_.parts[p].histogram.size(); ++h) histogram_[h] += scratch_.parts[p].histogram[h];
+    size_t floor = std::max<size_t>(top, 1);
     for (int64_t above = histogram_[floor]; floor > 1 && above < room; above += histogram_[--floor]) {}
     cand_.clear();
-    if (top > 0)
-      for (size_t i = 0; i < touched; ++i)
-        if (touched_hits_[i] >= floor) cand_.push_back({touched_hits_[i], seeded_hash(seed, kTieBreak, set, touched_[i]), touched_[i]});
-    touched_.clear();
-    for (int64_t i = 0; i < filled_; ++i) touched_.push_back(static_cast<int32_t>(out_[i]));
+    for (int64_t p = 0; p < num_parts_; ++p) {
+      Counted<Hits>& part = scratch_.parts[p];
+      for (size_t i = 0; i < part.ids.size(); ++i)
+        if (part.hits[i] >= floor) cand_.push_back({part.hits[i], seeded_hash(seed, kTieBreak, set, part.ids[i]), part.ids[i]});
+      part.ids.clear();  // their counters are zero since collect()
+    }
     auto better = [](const Candidate& a, const Candidate& c) {
       return a.hits > c.hits || (a.hits == c.hits && a.key < c.key);
     };
@@ -207,66 +228,142 @@ class ActiveSetBuilder {
     int32_t id;
   };
 
-  void row_flips(int64_t row, uint32_t* flips) const {  // [L, probes]
-    for (int64_t l = 0; l < t_.num_tables; ++l)
-      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
-                  static_cast<int>(t_.probes), flips + l * t_.probes);
-  }
+  // A probed bucket: positions [begin, end) of t_.items (the table's offset included).
+  struct Span {
+    int64_t begin, end;
+  };
 
-  // Adds one hit per probed bucket of `row` to the neurons in [lo, hi) that hold it.
-  void count(int64_t row, const uint32_t* flips, int32_t lo, int32_t hi, std::vector<int32_t>& touched) {
+  // The buckets input `row` probes, [L, probes].
+  void row_spans(int64_t row, Span* spans) {
+    std::vector<uint32_t>& flips = scratch_.flips;
+    flips.resize(t_.probes);
     for (int64_t l = 0; l < t_.num_tables; ++l) {
+      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
+                  static_cast<int>(t_.probes), flips.data());
       const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
-      const int32_t* items = t_.items + l * t_.n;
       const int32_t code = t_.code[row * t_.num_tables + l];
       // The bucket indexes offsets: an out-of-range code would read past them.
       TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
                   int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
       for (int64_t p = 0; p < t_.probes; ++p) {
-        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[l * t_.probes + p];
-        // Branch-free on the counter: whether a neuron is new is a coin flip that a branch would
-        // mispredict, stalling the independent counter reads the core could otherwise overlap
-        // (they miss the L1: this loop is the query's time). Every id is written past the end of
-        // `touched`, which grows by one if it was new; a chosen neuron (kChosen) stays unchanged.
-        const int32_t begin = o[bucket], end = o[bucket + 1];
-        size_t size = touched.size();
-        touched.resize(size + std::max(0, end - begin));
-        int32_t* out = touched.data();
-        for (int32_t i = begin; i < end; ++i) {
-          const int32_t id = items[i];
-          TORCH_CHECK(static_cast<uint32_t>(id) < static_cast<uint32_t>(t_.n), "query: items hold neuron ", id,
-                      ", outside [0, N = ", t_.n, ")");
-          if (id < lo || id >= hi) continue;
-          Hits& h = hits_[id];
-          out[size] = id;
-          size += h == 0;
-          h += h < kMaxHits;
-        }
-        touched.resize(size);
+        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[p];
+        spans[l * t_.probes + p] = {l * t_.n + o[bucket], l * t_.n + o[bucket + 1]};
       }
     }
   }
 
+  // Adds one hit per span to the neurons in [lo, hi) that it holds; appends the newly hit ones to `ids`.
+  void count(const Span* spans, int64_t num_spans, int32_t lo, int32_t hi, std::vector<int32_t>& ids) {
+    // Every id is written past the end of `ids`, which grows by one if it was new: room for every
+    // id the spans hold, or for the hi - lo neurons of the range (each added once) and the write
+    // past them; trimmed at the end.
+    size_t size = ids.size();
+    ids.resize(size + std::min<int64_t>(span_entries(spans, num_spans), int64_t(hi) - lo + 1));
+    int32_t* out = ids.data();
+    // Branch-free on the counter: whether a neuron is new is a coin flip that a branch would
+    // mispredict, stalling the independent counter reads the core could otherwise overlap
+    // (they miss the L1: this loop is the query's time). A chosen neuron (kChosen) stays unchanged.
+    for_each_id(spans, num_spans, lo, hi, [&](int32_t id) {
+      Hits& h = hits_[id];
+      out[size] = id;
+      size += h == 0;
+      h += h < kMaxHits;
+    });
+    ids.resize(size);
+  }
+
+  static int64_t span_entries(const Span* spans, int64_t num_spans) {
+    int64_t entries = 0;
+    for (int64_t s = 0; s < num_spans; ++s) entries += spans[s].end - spans[s].begin;
+    return entries;
+  }
+
+  // Calls f(id) for every id in [lo, hi) of every span.
+  template <typename F>
+  void for_each_id(const Span* spans, int64_t num_spans, int32_t lo, int32_t hi, F&& f) const {
+    for (int64_t s = 0; s < num_spans; ++s) {
+      // The part of a bucket a few spans ahead: cache misses (a random place in the L x N items,
+      // too short a run for the hardware prefetcher) that the prefetches overlap with this
+      // bucket's counting.
+      if (s + kPrefetchAhead < num_spans) {
+        const Span& ahead = spans[s + kPrefetchAhead];
+        const int32_t* first = t_.items + guess(ahead, lo);
+        const int32_t* last = t_.items + guess(ahead, hi);
+        for (const int32_t* line = first; line <= last; line += kIdsPerLine) __builtin_prefetch(line);
+      }
+      int64_t begin = spans[s].begin, end = spans[s].end;
+      // A bucket's ids ascend (build_tables and update_tables keep them so): a part's [lo, hi)
+      // is one sub-range, so each part reads only its share and the range test below never
+      // mispredicts (it stays, so that a table whose ids do not ascend can miscount but never
+      // lets two parts write one counter).
+      if (lo > 0) begin = first_at_least({begin, end}, lo);
+      if (hi < t_.n) end = first_at_least({begin, end}, hi);
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t id = t_.items[i];
+        TORCH_CHECK(static_cast<uint32_t>(id) < static_cast<uint32_t>(t_.n), "query: items hold neuron ", id,
+                    ", outside [0, N = ", t_.n, ")");
+        if (id < lo || id >= hi) continue;
+        f(id);
+      }
+    }
+  }
+
+  static constexpr int64_t kPrefetchAhead = 16;
+  static constexpr int64_t kIdsPerLine = 64 / sizeof(int32_t);
+
+  // Where in `span` the ids >= v begin if the ids spread evenly over [0, N), as a bucket's do.
+  int64_t guess(Span span, int32_t v) const { return span.begin + (span.end - span.begin) * v / t_.n; }
+
+  // The first position in `span` holding an id >= v, if the ids ascend: the guess and a short
+  // walk read a cache line or two, where bisection would miss the cache at every step.
+  int64_t first_at_least(Span span, int32_t v) const {
+    int64_t pos = guess(span, v);
+    while (pos > span.begin && t_.items[pos - 1] >= v) --pos;
+    while (pos < span.end && t_.items[pos] < v) ++pos;
+    return pos;
+  }
+
+  // Moves the counters of `part`'s neurons into it (their hits and a histogram of them) and zeroes
+  // them: one pass of random reads, the cost of finishing a set. Counted neurons were not chosen
+  // when first hit, so their hits are in [1, kMaxHits].
+  void collect(Counted<Hits>& part) {
+    part.hits.resize(part.ids.size());
+    Hits top = 0;
+    for (size_t i = 0; i < part.ids.size(); ++i) {
+      Hits& h = hits_[part.ids[i]];
+      part.hits[i] = h;
+      top = std::max(top, h);
+      h = 0;
+    }
+    part.histogram.assign(static_cast<size_t>(top) + 1, 0);
+    for (Hits h : part.hits) ++part.histogram[h];
+  }
+
   void reset() {
-    for (int32_t id : touched_) hits_[id] = 0;
-    touched_.clear();
+    for (int32_t id : scratch_.chosen) hits_[id] = 0;
+    scratch_.chosen.clear();
+    for (int64_t p = 0; p < num_parts_; ++p) {  // only after an error: finish() clears them
+      for (int32_t id : scratch_.parts[p].ids) hits_[id] = 0;
+      scratch_.parts[p].ids.clear();
+    }
   }
 
   void choose(int32_t id) {
-    if (hits_[id] == 0) touched_.push_back(id);
+    if (hits_[id] == 0) scratch_.chosen.push_back(id);
     hits_[id] = kChosen;
     out_[filled_++] = id;
   }
 
   const Tables& t_;
-  std::vector<Hits>& hits_;       // bucket hits per neuron, kChosen once selected
-  std::vector<int32_t> touched_;  // neurons whose counter is non-zero
+  Scratch<Hits>& scratch_;  // this thread's counters and lists
+  std::vector<Hits>& hits_;  // bucket hits per neuron, kChosen once selected
   std::vector<Candidate> cand_;
-  std::vector<int64_t> histogram_;  // touched neurons per hit count
-  std::vector<Hits> touched_hits_;  // finish(): the hits of touched_[i]
-  std::vector<uint32_t> flips_;
+  std::vector<int64_t> histogram_;  // counted neurons per hit count, over the parts
+  std::vector<Span> spans_;
   int64_t* out_ = nullptr;
   int64_t budget_ = 0, tail_ = 0, filled_ = 0;
+  int64_t num_parts_ = 1;  // parts of scratch_ in use
+  bool collected_ = false;  // probe_all() collected the parts
 };
 
 std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in,
