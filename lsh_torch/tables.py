@@ -1,6 +1,7 @@
 """The L hash tables of one layer: built from its weight rows, queried with its inputs."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,6 +20,15 @@ def _uniform_tables(n: int, device) -> tuple[Tensor, Tensor]:
     neuron: the query op then returns the labels plus seeded uniformly random neurons."""
     offsets = torch.tensor([[0, 0, n]], dtype=torch.int32, device=device)
     return offsets, torch.arange(n, dtype=torch.int32, device=device)[None]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_uniform_tables(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_uniform_tables`, kept for the uniform queries of every training step (building the
+    N ids cost 0.3 ms a step at 670K outputs). Never handed out as a module's buffers, which may
+    be changed in place."""
+    with torch.inference_mode(False):
+        return _uniform_tables(n, device)
 
 
 def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, labels: Optional[Tensor], seed: int,
@@ -140,9 +150,11 @@ class LSHTables(nn.Module):
             if changed.numel():
                 new_codes = self._row_codes(moved, self.max_norm)
                 # Only the moved rows change buckets: merging them in costs a fraction of a re-sort.
-                tables = ops.update_tables(*tables, changed, codes.index_select(1, changed).t(), new_codes.t())
+                # (gather and scatter_ along the rows: 3x and 1.4x faster than index_select and index_copy_.)
+                columns = changed.expand(codes.shape[0], -1)
+                tables = ops.update_tables(*tables, changed, codes.gather(1, columns).t(), new_codes.t())
                 codes = codes.clone() if codes.is_inference() and not torch.is_inference_mode_enabled() else codes
-                codes.index_copy_(1, changed, new_codes)  # 1.7x faster than codes[:, changed] = new_codes
+                codes.scatter_(1, columns, new_codes)
             self.rehashed = changed.numel()
         else:
             codes, max_norm = self._every_row_codes(rows)
@@ -190,7 +202,8 @@ class LSHTables(nn.Module):
     def query_uniform(x: Tensor, n: int, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
                       shared: bool = False) -> tuple[Tensor, Tensor]:
         """The labels plus uniformly random neurons of ``n``, without built tables (a warm-up)."""
-        return _query_uniform(x, *_uniform_tables(n, x.device), budget, labels, seed, shared)
+        tables = _uniform_tables if torch.compiler.is_compiling() else _cached_uniform_tables
+        return _query_uniform(x, *tables(n, x.device), budget, labels, seed, shared)
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "
