@@ -186,6 +186,12 @@ def test_update_tables_refuse_tables_that_do_not_match_old_codes():
     with pytest.raises(RuntimeError, match="do not match old_codes"):
         ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 1), torch.tensor([0]),
                           torch.tensor([[0]], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32))
+    # Row 2 said to leave the last bucket, above every id there: the bucket's copies must stop at its
+    # room (the end of the items) instead of running past it before the row is missed.
+    with pytest.raises(RuntimeError, match="do not match old_codes"):
+        ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 1),
+                          torch.tensor([0, 2]), torch.tensor([[1], [1]], dtype=torch.int32),
+                          torch.tensor([[1], [1]], dtype=torch.int32))
 
 
 # --- query --------------------------------------------------------------------------------------
@@ -236,6 +242,22 @@ def test_query_shared_matches_reference(probes, budget, labels, tail):
     if labels is not None:
         distinct = list(dict.fromkeys(l for l in labels.flatten().tolist() if l >= 0))
         assert indices[: len(distinct)].tolist() == distinct
+
+
+def test_query_shared_over_buckets_whose_ids_do_not_ascend_stays_valid():
+    # A shared query's parts read their own id range of each bucket, found as if the ids ascend (as
+    # every build and update leaves them). Reversed buckets may be miscounted but must still give a
+    # valid set, with no part writing another's counters (280 probed buckets: two parts on two threads).
+    qcodes, qmargins, offsets, items = random_tables()
+    reversed_items = items.clone()
+    for table, bounds in enumerate(offsets.tolist()):
+        for begin, end in zip(bounds[:-1], bounds[1:]):
+            reversed_items[table, begin:end] = items[table, begin:end].flip(0)
+    indices, head = ops.query_shared(qcodes, qmargins, offsets, reversed_items, 10, 250, LABELS, 77, 0)
+    assert indices.shape == (250,) and len(set(indices.tolist())) == 250
+    assert all(0 <= i < items.shape[1] for i in indices.tolist())
+    distinct = list(dict.fromkeys(l for l in LABELS.flatten().tolist() if l >= 0))
+    assert indices[: len(distinct)].tolist() == distinct
 
 
 def no_tables(batch=7, n=300, bits=5):
