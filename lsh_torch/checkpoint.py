@@ -130,14 +130,19 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
         return f"offsets must rise from 0 to out_features = {n} in every table"
     if not torch.equal(items.sort(dim=1).values, torch.arange(n).expand(rows, n)):
         return f"items must hold every neuron of [0, {n}) once per table"
+    # Queries and incremental rebuilds rely on each bucket's ids ascending (as every build leaves them).
+    bucket_of_item = torch.repeat_interleave(torch.arange(buckets).repeat(rows), sizes.flatten()).reshape(rows, n)
+    same_bucket = bucket_of_item[:, 1:] == bucket_of_item[:, :-1]
+    if (same_bucket & (items[:, 1:] <= items[:, :-1])).any():
+        return "the ids in each bucket must ascend"
     codes = tables.get("codes")
     if codes is not None and codes.numel():
         codes = codes.cpu()
-        if tables.get("fingerprints") is None:
+        fingerprints = tables.get("fingerprints")
+        if fingerprints is None or fingerprints.numel() == 0:
             return "codes were saved without fingerprints"
         if (codes < 0).any() or (codes >= buckets).any():
             return f"codes must be in [0, 2^bits = {buckets})"
-        bucket_of_item = torch.repeat_interleave(torch.arange(buckets).repeat(rows), sizes.flatten()).reshape(rows, n)
         if not torch.equal(codes.long().gather(1, items), bucket_of_item):
             return "items are not bucketed by their codes"
     max_norm = tables.get("max_norm")

@@ -151,7 +151,9 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
         "codes must be in": {"codes": state["0"]["tables"]["codes"] + 32},
         "offsets must rise": {"offsets": state["0"]["tables"]["offsets"].flip(1)},
         "every neuron": {"items": state["0"]["tables"]["items"].clamp_max(10)},
-        "bucketed by their codes": {"items": state["0"]["tables"]["items"].flip(1)},
+        "ids in each bucket must ascend": {"items": state["0"]["tables"]["items"].flip(1)},
+        "bucketed by their codes": {"items": state["0"]["tables"]["items"].sort(dim=1).values},
+        "without fingerprints": {"fingerprints": torch.zeros(0)},
         "max_norm must be positive": {"max_norm": torch.tensor(float("inf"))},
         "fingerprints must be": {"fingerprints": torch.zeros(3)},
     }
