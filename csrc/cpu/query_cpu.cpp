@@ -291,24 +291,26 @@ class ActiveSetBuilder {
         const int32_t* last = t_.items + guess(ahead, hi);
         for (const int32_t* line = first; line <= last; line += kIdsPerLine) __builtin_prefetch(line);
       }
-      int64_t begin = spans[s].begin, end = spans[s].end;
-      // A bucket's ids ascend (build_tables and update_tables keep them so): a part's [lo, hi)
-      // is one sub-range, so each part reads only its share and the range test below never
-      // mispredicts (it stays, so that a table whose ids do not ascend can miscount but never
-      // lets two parts write one counter).
-      if (lo > 0) begin = first_at_least({begin, end}, lo);
-      if (hi < t_.n) end = first_at_least({begin, end}, hi);
+      // A bucket's ids ascend (build_tables and update_tables leave them so): a part's [lo, hi) is
+      // one sub-range, so each part reads only its share. The parts' sub-ranges come from the same
+      // computation and so tile the bucket; each part checks that its ids ascend within [lo, hi), so
+      // a corrupt bucket raises instead of being miscounted (or written by two parts).
+      const Span span = spans[s];
+      const int64_t begin = lo > 0 ? first_at_least(span, lo) : span.begin;
+      const int64_t end = hi < t_.n ? first_at_least(span, hi) : span.end;
+      TORCH_CHECK(begin <= end, kNotAscending, t_.n, ")");
+      int32_t previous = lo - 1;
       for (int64_t i = begin; i < end; ++i) {
         const int32_t id = t_.items[i];
-        TORCH_CHECK(static_cast<uint32_t>(id) < static_cast<uint32_t>(t_.n), "query: items hold neuron ", id,
-                    ", outside [0, N = ", t_.n, ")");
-        if (id < lo || id >= hi) continue;
+        TORCH_CHECK(id > previous && id < hi, kNotAscending, t_.n, "), got ", id, " after ", previous);
+        previous = id;
         f(id);
       }
     }
   }
 
   static constexpr int64_t kPrefetchAhead = 16;
+  static constexpr const char* kNotAscending = "query: the ids in each bucket of items must ascend, within [0, N = ";
   static constexpr int64_t kIdsPerLine = 64 / sizeof(int32_t);
 
   // Where in `span` the ids >= v begin if the ids spread evenly over [0, N), as a bucket's do.
