@@ -73,6 +73,8 @@ def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes
     Row ``b`` holds its labels, then at most ``budget - labels - tail`` LSH candidates (most
     probed-bucket hits first): its first ``head[b]`` entries; then the tail, seeded uniform draws
     without replacement from the ``N - head[b]`` other neurons (see :func:`tail_log_weights`).
+    The tables are as :func:`build_tables` and :func:`update_tables` give them: each bucket's ids
+    ascend (checked as the probes read them).
     """
     return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed, tail)
 
