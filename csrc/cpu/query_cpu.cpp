@@ -51,7 +51,6 @@ struct Scratch {
   std::vector<Hits> hits;
   std::vector<Counted<Hits>> parts;
   std::vector<int32_t> chosen;
-  std::vector<uint32_t> flips;
 };
 
 template <typename Hits>
@@ -235,18 +234,17 @@ class ActiveSetBuilder {
 
   // The buckets input `row` probes, [L, probes].
   void row_spans(int64_t row, Span* spans) {
-    std::vector<uint32_t>& flips = scratch_.flips;
-    flips.resize(t_.probes);
+    flips_.resize(t_.probes);
     for (int64_t l = 0; l < t_.num_tables; ++l) {
       probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
-                  static_cast<int>(t_.probes), flips.data());
+                  static_cast<int>(t_.probes), flips_.data());
       const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
       const int32_t code = t_.code[row * t_.num_tables + l];
       // The bucket indexes offsets: an out-of-range code would read past them.
       TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
                   int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
       for (int64_t p = 0; p < t_.probes; ++p) {
-        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[p];
+        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips_[p];
         spans[l * t_.probes + p] = {l * t_.n + o[bucket], l * t_.n + o[bucket + 1]};
       }
     }
@@ -362,6 +360,7 @@ class ActiveSetBuilder {
   std::vector<Candidate> cand_;
   std::vector<int64_t> histogram_;  // counted neurons per hit count, over the parts
   std::vector<Span> spans_;
+  std::vector<uint32_t> flips_;  // one table's probe sequence
   int64_t* out_ = nullptr;
   int64_t budget_ = 0, tail_ = 0, filled_ = 0;
   int64_t num_parts_ = 1;  // parts of scratch_ in use
