@@ -486,13 +486,13 @@ class LSHLinear(nn.Module):
 
     @property
     def inference_probes(self) -> int:
-        """Buckets per table that :meth:`topk` probes by default: 32 (:func:`lsh_torch.retrieval.topk_settings`),
+        """Buckets per table that :meth:`topk` probes by default: 12 (:func:`lsh_torch.retrieval.topk_settings`),
         at most as many as its tables have (``2 ** topk_bits``)."""
         return min(MAX_PROBES, topk_settings(self.out_features)["probes"], 2 ** self.topk_bits)
 
     @property
     def topk_norm_rows(self) -> int:
-        """Largest-norm neurons that :meth:`topk` scores for every row by default: ``out_features // 64``."""
+        """Largest-norm neurons that :meth:`topk` scores for every row by default: ``out_features // 128``."""
         return topk_settings(self.out_features)["norm_rows"]
 
     @property

