@@ -24,10 +24,10 @@ namespace {
 
 // Per-neuron hit counters of type Hits: uint16_t in general, uint8_t for per-row sets from fewer
 // than kMaxHits tables (a neuron sits in one bucket per table and a row probes distinct buckets,
-// so its hits never exceed L). One byte per neuron keeps the counters of 670K neurons (670 KB)
-// in a core's L2 cache, where the random increments of a query land (measured: see
-// ActiveSetBuilder::count). Counts saturate at kMaxHits; kChosen marks a neuron already in the
-// active set.
+// so its hits never exceed L). One byte per neuron halves the footprint of the random increments
+// of a query; still, 670K neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so
+// wide a layer counts only its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at
+// kMaxHits; kChosen marks a neuron already in the active set.
 template <typename Hits>
 constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
 template <typename Hits>
