@@ -13,8 +13,10 @@ budget (``mode="per_row"``) and a shared one (``mode="shared"``):
   hashed (before) the former output-layer settings (L=20, K=12, 2 probes, MIPS transform), no tail, no correction
   uniform (before) labels | uniform draws, no correction
 
-Each LM run also records a curve: before training and every ``--eval-every`` steps (default
-steps / 12: 25 at 300 steps, 8 with --quick) the exact full-softmax perplexity on a fixed subset of
+A seed's LM runs train in lockstep (the same batches, one step of each in turn, each on its own
+clock), so that the machine's drifting load falls on all of them alike. Each LM run also records a
+curve: before training and every ``--eval-every`` steps (default steps / 12: 25 at 300 steps, 8
+with --quick) the exact full-softmax perplexity on a fixed subset of
 the held-out text (``--curve-windows`` windows of 64 words spread evenly over it: 32 x 64 = 2,048
 predicted words by default, the same for every variant and seed; about 2 s per evaluation on 2
 cores), against the cumulative training wall time, evaluations off the clock. The curves go into
@@ -66,32 +68,61 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, drop the tail's correction)
 }
 
 
-def lm_run(data, variant: str | None, mode: str, budget: int, seed: int, steps: int,
-           curve_windows: torch.Tensor | None = None, eval_every: int = 0) -> dict:
-    train_tokens, test_tokens, vocab = data
-    args = argparse.Namespace(batch_size=16, context=64, steps=steps, seed=seed, lr=2e-3, no_progress=True)
+def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed: int) -> torch.nn.Module:
+    """The LM of ``seed`` with a dense head (``variant`` None) or a converted one."""
     torch.manual_seed(seed)
-    model = tl.TransformerLM(len(vocab))
+    model = tl.TransformerLM(vocab_size)
     if variant is not None:
         kwargs, uncorrected = LM_VARIANTS[variant]
-        model = lsh_torch.convert(model, min_out_features=len(vocab), seed=seed, mode=mode, active=budget, **kwargs)
+        model = lsh_torch.convert(model, min_out_features=vocab_size, seed=seed, mode=mode, active=budget, **kwargs)
         if uncorrected:
             head = model.head
             forward_sparse = head.forward_sparse
             head.forward_sparse = lambda x, y=None: forward_sparse(x, y)._replace(log_weights=None)
-    curve = []
+    return model
 
-    def record(step: int, seconds: float) -> None:
-        curve.append([seconds, step, window_perplexity(model, curve_windows)])
 
-    seconds, _ = tl.train(model, train_tokens, args, variant or "dense", eval_every,
-                          None if curve_windows is None else record)
-    ppl, acc = tl.evaluate(model, test_tokens, args.context, 20_000)
-    out = {"variant": variant or "dense", "mode": mode, "budget": budget, "seed": seed, "steps": steps,
-           "ms_per_step": 1000 * seconds / steps, "perplexity": ppl, "accuracy": acc}
-    if curve_windows is not None:
-        out["curve"] = curve
-    return out
+def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torch.Tensor | None = None,
+            eval_every: int = 0):
+    """Train one LM per ``(variant, mode, budget)`` of ``specs`` in lockstep: the same batches, one
+    step of each in turn (who goes first rotates every step), each on its own clock. A shared
+    machine's load drifts over minutes; in lockstep it falls on every variant alike, so their
+    times compare (run one after another, hashed+tail's step took 0.95x to 1.20x uniform+tail's over
+    three seeds, the same code). Yields each run's result as it finishes (all after the last step); curves are
+    evaluated off the clock before the first step, every ``eval_every`` steps and after the last."""
+    train_tokens, test_tokens, vocab = data
+    models = [lm_model(len(vocab), *spec, seed) for spec in specs]
+    opts = [torch.optim.Adam(m.parameters(), lr=2e-3) for m in models]
+    seconds, curves = [0.0] * len(models), [[] for _ in models]
+
+    def record(step: int) -> None:
+        if curve_windows is not None:
+            for i, model in enumerate(models):
+                curves[i].append([seconds[i], step, window_perplexity(model, curve_windows)])
+                model.train()
+
+    for model in models:
+        model.train()
+    record(0)
+    for step, (inputs, targets) in enumerate(tl.batches(train_tokens, 16, 64, steps, seed), 1):
+        for i in (step + j for j in range(len(models))):
+            i %= len(models)
+            start = time.perf_counter()
+            loss = tl.loss_of(models[i], inputs, targets)
+            opts[i].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[i].step()
+            loss.item()  # as tl.train does
+            seconds[i] += time.perf_counter() - start
+        if (eval_every and step % eval_every == 0) or step == steps:
+            record(step)
+    for i, ((variant, mode, budget), model) in enumerate(zip(specs, models)):
+        ppl, acc = tl.evaluate(model, test_tokens, 64, 20_000)
+        out = {"variant": variant or "dense", "mode": mode, "budget": budget, "seed": seed, "steps": steps,
+               "ms_per_step": 1000 * seconds[i] / steps, "perplexity": ppl, "accuracy": acc}
+        if curve_windows is not None:
+            out["curve"] = curves[i]
+        yield out
 
 
 def held_out_windows(tokens: torch.Tensor, windows: int, context: int) -> torch.Tensor:
@@ -208,18 +239,13 @@ def main(argv=None) -> None:
         windows = held_out_windows(data[1], args.curve_windows, 64) if eval_every > 0 else None
         result["lm_curve"] = {"eval_every": eval_every, "windows": args.curve_windows, "context": 64}
 
-        def run(*spec) -> None:
-            result["lm"].append(lm_run(data, *spec, steps, windows, eval_every))
-            print({k: v for k, v in result["lm"][-1].items() if k != "curve"}, flush=True)
-
         for seed in seeds:
-            if not args.no_dense:
-                run(None, "-", 0, seed)
-            for mode, budget in budgets:
-                for variant in args.variants:
-                    if "before" in variant and seeds.index(seed) >= args.before_seeds:
-                        continue
-                    run(variant, mode, budget, seed)
+            specs = [] if args.no_dense else [(None, "-", 0)]
+            specs += [(variant, mode, budget) for mode, budget in budgets for variant in args.variants
+                      if "before" not in variant or seeds.index(seed) < args.before_seeds]
+            for run in lm_runs(data, specs, seed, steps, windows, eval_every):
+                result["lm"].append(run)
+                print({k: v for k, v in run.items() if k != "curve"}, flush=True)
         print(f"\nLM example, {steps} steps, seeds {seeds} (mean ± std over seeds; one seed where no ±)")
         print("| head | budget | held-out ppl | accuracy % | ms/step | vs dense |")
         print("|---|---|---:|---:|---:|---:|")

@@ -8,6 +8,12 @@ For each (K, L, probes): the recall of the exact top ``--k`` logits of 1,024 hel
 the best ``--k`` of a pool of ``--pool`` hashed candidates scored exactly (what
 ``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time. This is
 the measurement behind ``auto_settings`` (docs/estimator.md).
+
+``--shared``: instead, the batch-shared set of the default output layer (2,048 words for the 1,024
+tokens: their labels, the rescored top set, the corrected tail) with its top set found and scored
+for ``LSHLinear.top_set_rows`` = 1,024, 512, 256, 128 and 64 of the tokens: the softmax mass that
+labels + top set hold (mean over all 1,024 tokens) and forward_sparse's time (the lookup and
+the 2,048 words' outputs), medians of 5.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ def main(argv=None) -> None:
                                                   "(LSHLinear(hash=)), dwta:BIN_SIZE (hashing.DWTA(bin_size=))")
     p.add_argument("--bits", default="12,10,8,6", help="K values, comma-separated")
     p.add_argument("--tables", default="20:2,20:4,40:2", help="L:probes pairs, comma-separated")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "lm_recall.json"))
+    p.add_argument("--shared", action="store_true", help="the shared top set's coverage by rows sampled")
+    p.add_argument("--json", default=None, help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
     args = p.parse_args(argv)
+    args.json = args.json or os.path.join(HERE, "results", "lm_shared_rows.json" if args.shared else "lm_recall.json")
     families = args.hash.split(",")
     settings = [tuple(int(v) for v in pair.split(":")) for pair in args.tables.split(",")]
     train, test, vocab = tl.load_corpus(50_000, 0.05, False)
@@ -47,11 +55,13 @@ def main(argv=None) -> None:
     tl.train(model, train, argparse.Namespace(batch_size=16, context=64, steps=args.steps, seed=0, lr=2e-3,
                                               no_progress=True), "dense")
     model.eval()
-    inputs, _ = next(tl.batches(test, 16, 64, 1, 1))
+    inputs, targets = next(tl.batches(test, 16, 64, 1, 1))
     with torch.no_grad():
         h = model.features(inputs).reshape(-1, model.head.in_features)
         logits = model.head(h)
     probs = logits.softmax(1)
+    if args.shared:
+        return shared_rows(model.head, h, targets.reshape(-1), probs, args.json)
     exact_mass = probs.topk(args.k, dim=1).values.sum(1).mean().item()
     print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
     print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
@@ -80,6 +90,31 @@ def main(argv=None) -> None:
         json.dump({"k": args.k, "pool": args.pool, "tokens": h.shape[0], "exact_mass": exact_mass, "rows": rows}, f,
                   indent=1)
     print(f"json: {args.json}")
+
+
+@torch.no_grad()
+def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str) -> None:
+    layer = lsh_torch.LSHLinear.from_linear(head, mode="shared", inference="lsh").eval()  # eval: the seed stays
+    layer.rebuild()
+    label_mass = probs[:, labels.unique()].sum(1).mean().item()
+    print(f"{len(probs[0]):,} words, {h.shape[0]} tokens, {labels.unique().numel()} distinct labels holding "
+          f"{label_mass:.3f} of the softmax mass; 2,048 shared words")
+    print(f"{'top set rows':>12} {'labels + top set mass':>22} {'forward ms':>10}")
+    rows = []
+    for sample in (1024, 512, 256, 128, 64):
+        layer.top_set_rows = sample
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            out = layer.forward_sparse(h, labels)
+            times.append(1000 * (time.perf_counter() - start))
+        head_set = out.indices[out.log_weights == 0]
+        rows.append({"top_set_rows": sample, "mass": probs[:, head_set].sum(1).mean().item(),
+                     "ms": sorted(times)[2]})
+        print(f"{sample:>12} {rows[-1]['mass']:>22.3f} {rows[-1]['ms']:>10.1f}", flush=True)
+    with open(path, "w") as f:
+        json.dump({"tokens": h.shape[0], "label_mass": label_mass, "rows": rows}, f, indent=1)
+    print(f"json: {path}")
 
 
 if __name__ == "__main__":

@@ -111,20 +111,25 @@ def test_tail_argument_errors():
         LSHLinear(4, 100, active=10, tail="half")
 
 
-@pytest.mark.parametrize("mode", ["per_row", "shared"])
-def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode):
-    # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool.
+@pytest.mark.parametrize("mode, top_set_rows, step", [("per_row", 256, 0), ("shared", 256, 0), ("shared", 2, 0),
+                                                       ("shared", 2, 4)])
+def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, top_set_rows, step):
+    # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool. In shared
+    # mode the pool is found and scored for every stride-th row from (seed % stride), stride =
+    # ceil(rows / top_set_rows): rows 0 and 3 of 5 at step 0, rows 1 and 4 at step 4.
     n, budget, tail = 2000, 64, 32
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
+    layer.top_set_rows, layer.step = top_set_rows, step
     x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
     out = layer.forward_sparse(x, labels)
-    seed = layer.seed * 2 ** 32 + 0  # the first training step's seed
+    seed = layer.seed * 2 ** 32 + step
     shared = mode == "shared"
     forced = 4 if shared else 1
     top = budget - tail - forced
-    pool, _ = layer.tables.query(x, 4 * top, None, seed, shared=shared)
+    rows = {256: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3]}[top_set_rows]
+    pool, _ = layer.tables.query(x[rows], 4 * top, None, seed, shared=shared)
     with torch.no_grad():
-        scores = F.linear(x, layer.weight, layer.bias)
+        scores = F.linear(x[rows], layer.weight, layer.bias)
     if shared:
         pool_scores = scores[:, pool].logsumexp(0)
         expected = set(pool[pool_scores.topk(top).indices].tolist())
