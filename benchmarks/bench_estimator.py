@@ -26,7 +26,8 @@ dense included: its slower steps stretch its curve further to the right) and int
 table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all of the training time of
 the shorter of the two sparse runs (each seed's curve interpolated at that time, linearly in
 log-perplexity), with whether hashed+tail is lower beyond the seeds' spread (mean + std below the
-other's mean - std).
+other's mean - std), and the same for the difference paired by seed (hashed+tail's minus
+uniform+tail's perplexity in each seed: mean + std below 0).
 
 XMC (examples/xmc.py, 100,000 labels): P@1/3/5 and P@1 against wall time of hashed+tail vs
 uniform+tail (and dense, trained until its P@1 plateaus; its curve is cached in
@@ -171,24 +172,30 @@ def beats(a: tuple[float, float], b: tuple[float, float], n: int) -> str:
 def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> list[dict]:
     """Per budget and per fraction of the training time of the shorter sparse run (hashed+tail and
     uniform+tail, over seeds): the time, and mean and std over seeds of each seed's curve at that
-    time for hashed+tail, uniform+tail and dense (absent where a variant has no curve)."""
-    def curves(variant, mode, budget):
-        return [[(c[0], c[2]) for c in r["curve"]] for r in lm
-                if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")]
+    time for hashed+tail, uniform+tail and dense (absent where a variant has no curve), and of
+    hashed+tail's minus uniform+tail's in each seed that has both (``difference``: the two share
+    the seed's initial weights and batches, so the seeds' common ups and downs cancel)."""
+    def curves(variant, mode, budget):  # seed -> curve
+        return {r["seed"]: [(c[0], c[2]) for c in r["curve"]] for r in lm
+                if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")}
 
     rows = []
     for mode, budget in budgets:
         runs = {name: curves(name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
         if not all(runs.values()):
             continue
-        end = min(c[-1][0] for cs in runs.values() for c in cs)  # the shorter sparse run's training time
+        end = min(c[-1][0] for cs in runs.values() for c in cs.values())  # the shorter sparse run's time
         runs["dense"] = curves("dense", "-", 0)
         for f in fractions:
             row = {"mode": mode, "budget": budget, "fraction": f, "seconds": f * end}
-            for name, cs in runs.items():
-                if cs:
-                    values = [float(curve_at(c, f * end, log=True)) for c in cs]
-                    row[name] = (*mean_spread(values), len(values))
+            at = {name: {seed: float(curve_at(c, f * end, log=True)) for seed, c in cs.items()}
+                  for name, cs in runs.items()}
+            for name, values in at.items():
+                if values:
+                    row[name] = (*mean_spread(list(values.values())), len(values))
+            paired = [at["hashed+tail"][seed] - at["uniform+tail"][seed] for seed in at["hashed+tail"]
+                      if seed in at["uniform+tail"]]
+            row["difference"] = (*mean_spread(paired), len(paired))
             rows.append(row)
     return rows
 
@@ -288,13 +295,14 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
         print(f"\nLM at equal training time: perplexity on the fixed curve subset ({windows.shape[0]} held-out "
               f"windows, {tokens:,} words; mean ± std over seeds, one seed where no ±), each seed's curve "
               f"interpolated at the time; times are 1/3, 2/3 and all of the shorter sparse run")
-        print("| budget | train s | hashed+tail | uniform+tail | dense | hashed+tail lower than uniform+tail? |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("| budget | train s | hashed+tail | uniform+tail | dense | hashed+tail lower than uniform+tail? "
+              "| hashed+tail − uniform+tail, per seed | lower, paired by seed? |")
+        print("|---|---:|---:|---:|---:|---|---:|---|")
         cell = lambda v: "-" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[2] > 1 else "")  # noqa: E731
         for r in rows:
-            h, u = r["hashed+tail"], r["uniform+tail"]
+            h, u, d = r["hashed+tail"], r["uniform+tail"], r["difference"]
             print(f"| {r['mode']} {r['budget']} | {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
-                  f"| {beats(h[:2], u[:2], min(h[2], u[2]))} |")
+                  f"| {beats(h[:2], u[:2], min(h[2], u[2]))} | {cell(d)} | {beats(d[:2], (0.0, 0.0), d[2])} |")
     if not plot:
         return
     panels = []

@@ -112,8 +112,15 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
         rows.append({"top_set_rows": sample, "mass": probs[:, head_set].sum(1).mean().item(),
                      "ms": sorted(times)[2]})
         print(f"{sample:>12} {rows[-1]['mass']:>22.3f} {rows[-1]['ms']:>10.1f}", flush=True)
+    # As many uniformly random words as the top set holds, instead of it (what selection="random" adds).
+    rest = torch.ones(probs.shape[1], dtype=torch.bool).index_fill_(0, labels.unique(), False).nonzero()[:, 0]
+    order = torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(0))
+    drawn = rest[order[:len(head_set) - labels.unique().numel()]]
+    random_mass = probs[:, torch.cat([labels.unique(), drawn]).unique()].sum(1).mean().item()
+    print(f"labels + as many uniformly random words: {random_mass:.3f}")
     with open(path, "w") as f:
-        json.dump({"tokens": h.shape[0], "label_mass": label_mass, "rows": rows}, f, indent=1)
+        json.dump({"tokens": h.shape[0], "label_mass": label_mass, "random_mass": random_mass, "rows": rows}, f,
+                  indent=1)
     print(f"json: {path}")
 
 

@@ -100,7 +100,7 @@ class LSHLinear(nn.Module):
             scored for at most :attr:`top_set_rows` (256) of the batch's rows, an evenly spaced
             sample: a batch's rows share their likely outputs (LM example, 1,024 tokens: labels
             and the top set from 256 rows held 79.7% of the softmax mass, from all 1,024 79.6%,
-            and ``forward_sparse`` took 21 ms against 47; ``docs/estimator.md``).
+            and ``forward_sparse`` took 13.6 ms against 35.2; ``docs/estimator.md``).
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
             a float fraction of ``out_features``. Auto: 0.25 below 8,192 outputs (in 3x1000 MLPs
             on MNIST the paper's 5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5,

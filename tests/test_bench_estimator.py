@@ -55,3 +55,7 @@ def test_equal_time_table():
     assert last["dense"][0] == pytest.approx(1000.0 * 0.1 ** 0.1)
     assert last["dense"][1] == pytest.approx(0.0, abs=1e-9)
     assert all(math.isfinite(r["hashed+tail"][1]) for r in rows)
+    # Paired by seed: hashed+tail's minus uniform+tail's value in each seed.
+    diffs = [1000.0 * ((100.0 + s) / 1000.0) ** 0.5 - (400.0 + s) for s in range(2)]
+    assert last["difference"][0] == pytest.approx(np.mean(diffs)) and last["difference"][2] == 2
+    assert last["difference"][1] == pytest.approx(np.std(diffs, ddof=1))
