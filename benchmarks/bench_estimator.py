@@ -22,8 +22,9 @@ predicted words by default, the same for every variant and seed; about 2 s per e
 cores), against the cumulative training wall time, evaluations off the clock. The curves go into
 the JSON (``curve``: [seconds, step, perplexity] per evaluation), into estimator_lm.png (one panel
 per budget, perplexity against training seconds, mean over seeds as a line, mean +- std as a band,
-dense included: its slower steps stretch its curve further to the right) and into an equal-time
-table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all of the training time of
+dense included: its slower steps stretch its curve further to the right), into
+estimator_lm_paired.png (hashed+tail's minus uniform+tail's perplexity at equal time, per seed)
+and into an equal-time table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all of the training time of
 the shorter of the two sparse runs (each seed's curve interpolated at that time, linearly in
 log-perplexity), with whether hashed+tail is lower beyond the seeds' spread (mean + std below the
 other's mean - std), and the same for the difference paired by seed (hashed+tail's minus
@@ -318,6 +319,24 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     # log axis reached perplexities below 1 where one seed lagged.
     plot_seed_curves(panels, plot, f"held-out perplexity ({tokens:,}-word subset, full softmax)",
                      band="range", ylog=True, xlog=False)
+    # The paired difference at equal time, per seed, from the first evaluation after step 0 (before
+    # it the curves fall from ~60,000 and their difference says nothing).
+    panels = []
+    for mode, budget in budgets:
+        seeds = {}
+        for r in lm:
+            if r.get("curve") and (r["mode"], r["budget"]) == (mode, budget):
+                seeds.setdefault(r["seed"], {})[r["variant"]] = [(c[0], c[2]) for c in r["curve"]]
+        pairs = [v for v in seeds.values() if "hashed+tail" in v and "uniform+tail" in v]
+        if pairs:
+            start = max(c[1][0] for v in pairs for c in v.values())
+            end = min(c[-1][0] for v in pairs for c in v.values())
+            grid = np.linspace(start, end, 100)
+            panels.append((f"{mode} {budget}", {"hashed+tail − uniform+tail": [list(zip(grid, curve_at(
+                v["hashed+tail"], grid, log=True) - curve_at(v["uniform+tail"], grid, log=True))) for v in pairs]}))
+    if panels:
+        plot_seed_curves(panels, plot.replace(".png", "_paired.png"), "perplexity difference at equal time (seeds' range)",
+                         band="range", xlog=False, reference=0.0)
 
 
 def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png")) -> None:
@@ -342,14 +361,14 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
 
 
 def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: bool = False,
-                     xlog: bool = True) -> None:
+                     xlog: bool = True, reference: float | None = None) -> None:
     """Curves over seeds against training time, one panel per ``(title, {name: [curve, ...]})`` side
     by side (a shared y axis), each curve ``[(seconds, value), ...]``: per name the mean over seeds
-    as a line, from 0 to the end of its shortest seed, and the seeds' spread as a band, ``"range"``
+    as a line, over the times all its seeds cover, and the seeds' spread as a band, ``"range"``
     (min to max) or ``"std"`` (mean ± std). ``ylog``: a log y axis, curves interpolated linearly in
     log(value) (:func:`curve_at`). ``xlog``: a log time axis (for curves evaluated often: on it the
-    line from t=0 to the first evaluation spans most of the width). Written to ``path``; nothing
-    without matplotlib."""
+    line from t=0 to the first evaluation spans most of the width). ``reference``: a horizontal
+    line at that value. Written to ``path``; nothing without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -359,8 +378,8 @@ def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: 
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels):
         for name, curves in runs.items():
-            end = min(c[-1][0] for c in curves)
-            grid = np.linspace(0, end, 200)
+            start, end = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+            grid = np.linspace(start, end, 200)
             values = np.array([curve_at(c, grid, log=ylog) for c in curves])
             mean = values.mean(0)
             (line,) = ax.plot(grid, mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
@@ -370,6 +389,8 @@ def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: 
                 ax.fill_between(grid, np.maximum(low, mean * 1e-3) if ylog else low, high, alpha=0.25,
                                 color=line.get_color())
         ax.set_xlabel("training seconds (2 CPU cores)")
+        if reference is not None:
+            ax.axhline(reference, color="gray", linewidth=0.8)
         if xlog:
             ax.set_xscale("log")
         if ylog:
