@@ -24,8 +24,8 @@ the JSON (``curve``: [seconds, step, perplexity] per evaluation), into estimator
 per budget, perplexity against training seconds, mean over seeds as a line, mean +- std as a band,
 dense included: its slower steps stretch its curve further to the right), into
 estimator_lm_paired.png (hashed+tail's minus uniform+tail's perplexity at equal time, per seed)
-and into an equal-time table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all of the training time of
-the shorter of the two sparse runs (each seed's curve interpolated at that time, linearly in
+and into an equal-time table: per budget, hashed+tail, uniform+tail and dense at 1/3, 2/3 and all
+of the training time of the shorter of the two sparse runs (each seed's curve interpolated at that time, linearly in
 log-perplexity), with whether hashed+tail is lower beyond the seeds' spread (mean + std below the
 other's mean - std), and the same for the difference paired by seed (hashed+tail's minus
 uniform+tail's perplexity in each seed: mean + std below 0).
@@ -90,8 +90,8 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
     step of each in turn (who goes first rotates every step), each on its own clock. A shared
     machine's load drifts over minutes; in lockstep it falls on every variant alike, so their
     times compare (run one after another, hashed+tail's step took 0.95x to 1.20x uniform+tail's over
-    three seeds, the same code). Yields each run's result as it finishes (all after the last step); curves are
-    evaluated off the clock before the first step, every ``eval_every`` steps and after the last."""
+    three seeds, the same code). Yields each run's result after the last step; curves are evaluated
+    off the clock before the first step, every ``eval_every`` steps and after the last."""
     train_tokens, test_tokens, vocab = data
     models = [lm_model(len(vocab), *spec, seed) for spec in specs]
     opts = [torch.optim.Adam(m.parameters(), lr=2e-3) for m in models]
@@ -110,11 +110,7 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
         for i in (step + j for j in range(len(models))):
             i %= len(models)
             start = time.perf_counter()
-            loss = tl.loss_of(models[i], inputs, targets)
-            opts[i].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[i].step()
-            loss.item()  # as tl.train does
+            tl.train_step(models[i], opts[i], inputs, targets)
             seconds[i] += time.perf_counter() - start
         if (eval_every and step % eval_every == 0) or step == steps:
             record(step)
@@ -170,23 +166,25 @@ def beats(a: tuple[float, float], b: tuple[float, float], n: int) -> str:
     return "no: within the spread"
 
 
+def seed_curves(lm: list[dict], variant: str, mode: str, budget: int) -> dict:
+    """seed -> ``[(seconds, perplexity), ...]`` of the runs of ``variant`` at ``mode`` and ``budget``."""
+    return {r["seed"]: [(c[0], c[2]) for c in r["curve"]] for r in lm
+            if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")}
+
+
 def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> list[dict]:
     """Per budget and per fraction of the training time of the shorter sparse run (hashed+tail and
     uniform+tail, over seeds): the time, and mean and std over seeds of each seed's curve at that
     time for hashed+tail, uniform+tail and dense (absent where a variant has no curve), and of
     hashed+tail's minus uniform+tail's in each seed that has both (``difference``: the two share
     the seed's initial weights and batches, so the seeds' common ups and downs cancel)."""
-    def curves(variant, mode, budget):  # seed -> curve
-        return {r["seed"]: [(c[0], c[2]) for c in r["curve"]] for r in lm
-                if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")}
-
     rows = []
     for mode, budget in budgets:
-        runs = {name: curves(name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
+        runs = {name: seed_curves(lm, name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
         if not all(runs.values()):
             continue
         end = min(c[-1][0] for cs in runs.values() for c in cs.values())  # the shorter sparse run's time
-        runs["dense"] = curves("dense", "-", 0)
+        runs["dense"] = seed_curves(lm, "dense", "-", 0)
         for f in fractions:
             row = {"mode": mode, "budget": budget, "fraction": f, "seconds": f * end}
             at = {name: {seed: float(curve_at(c, f * end, log=True)) for seed, c in cs.items()}
@@ -323,20 +321,17 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     # it the curves fall from ~60,000 and their difference says nothing).
     panels = []
     for mode, budget in budgets:
-        seeds = {}
-        for r in lm:
-            if r.get("curve") and (r["mode"], r["budget"]) == (mode, budget):
-                seeds.setdefault(r["seed"], {})[r["variant"]] = [(c[0], c[2]) for c in r["curve"]]
-        pairs = [v for v in seeds.values() if "hashed+tail" in v and "uniform+tail" in v]
+        hashed, uniform = (seed_curves(lm, name, mode, budget) for name in ("hashed+tail", "uniform+tail"))
+        pairs = [(hashed[seed], uniform[seed]) for seed in hashed if seed in uniform]
         if pairs:
-            start = max(c[1][0] for v in pairs for c in v.values())
-            end = min(c[-1][0] for v in pairs for c in v.values())
+            start = max(c[1][0] for pair in pairs for c in pair)
+            end = min(c[-1][0] for pair in pairs for c in pair)
             grid = np.linspace(start, end, 100)
-            panels.append((f"{mode} {budget}", {"hashed+tail − uniform+tail": [list(zip(grid, curve_at(
-                v["hashed+tail"], grid, log=True) - curve_at(v["uniform+tail"], grid, log=True))) for v in pairs]}))
+            panels.append((f"{mode} {budget}", {"hashed+tail − uniform+tail": [
+                list(zip(grid, curve_at(h, grid, log=True) - curve_at(u, grid, log=True))) for h, u in pairs]}))
     if panels:
-        plot_seed_curves(panels, plot.replace(".png", "_paired.png"), "perplexity difference at equal time (seeds' range)",
-                         band="range", xlog=False, reference=0.0)
+        plot_seed_curves(panels, plot.replace(".png", "_paired.png"),
+                         "perplexity difference at equal time (seeds' range)", band="range", xlog=False, reference=0.0)
 
 
 def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png")) -> None:

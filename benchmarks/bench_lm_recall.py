@@ -96,8 +96,9 @@ def main(argv=None) -> None:
 def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str) -> None:
     layer = lsh_torch.LSHLinear.from_linear(head, mode="shared", inference="lsh").eval()  # eval: the seed stays
     layer.rebuild()
-    label_mass = probs[:, labels.unique()].sum(1).mean().item()
-    print(f"{len(probs[0]):,} words, {h.shape[0]} tokens, {labels.unique().numel()} distinct labels holding "
+    distinct = labels.unique()
+    label_mass = probs[:, distinct].sum(1).mean().item()
+    print(f"{len(probs[0]):,} words, {h.shape[0]} tokens, {distinct.numel()} distinct labels holding "
           f"{label_mass:.3f} of the softmax mass; 2,048 shared words")
     print(f"{'top set rows':>12} {'labels + top set mass':>22} {'forward ms':>10}")
     rows = []
@@ -113,10 +114,9 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
                      "ms": sorted(times)[2]})
         print(f"{sample:>12} {rows[-1]['mass']:>22.3f} {rows[-1]['ms']:>10.1f}", flush=True)
     # As many uniformly random words as the top set holds, instead of it (what selection="random" adds).
-    rest = torch.ones(probs.shape[1], dtype=torch.bool).index_fill_(0, labels.unique(), False).nonzero()[:, 0]
+    rest = torch.ones(probs.shape[1], dtype=torch.bool).index_fill_(0, distinct, False).nonzero()[:, 0]
     order = torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(0))
-    drawn = rest[order[:len(head_set) - labels.unique().numel()]]
-    random_mass = probs[:, torch.cat([labels.unique(), drawn]).unique()].sum(1).mean().item()
+    random_mass = probs[:, torch.cat([distinct, rest[order[:len(head_set) - distinct.numel()]]])].sum(1).mean().item()
     print(f"labels + as many uniformly random words: {random_mass:.3f}")
     with open(path, "w") as f:
         json.dump({"tokens": h.shape[0], "label_mass": label_mass, "random_mass": random_mass, "rows": rows}, f,

@@ -165,6 +165,15 @@ def loss_of(model: TransformerLM, inputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(model.head(h).flatten(0, 1), targets.flatten())
 
 
+def train_step(model: TransformerLM, opt: torch.optim.Optimizer, inputs: Tensor, targets: Tensor) -> float:
+    """One optimizer step on a batch; its loss."""
+    loss = loss_of(model, inputs, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def train(model: TransformerLM, data: Tensor, args, desc: str, every: int = 0,
           callback=None) -> tuple[float, list[float]]:
     """Train ``args.steps`` steps with Adam; the training wall time in seconds and the losses.
@@ -184,11 +193,7 @@ def train(model: TransformerLM, data: Tensor, args, desc: str, every: int = 0,
     bar = tqdm(batches(data, args.batch_size, args.context, args.steps, args.seed), total=args.steps, desc=desc,
                disable=args.no_progress, leave=False)
     for step, (inputs, targets) in enumerate(bar, 1):
-        loss = loss_of(model, inputs, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, opt, inputs, targets))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if callback is not None and ((every and step % every == 0) or step == args.steps):
             seconds += time.perf_counter() - start
