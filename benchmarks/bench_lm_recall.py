@@ -9,11 +9,12 @@ the best ``--k`` of a pool of ``--pool`` hashed candidates scored exactly (what
 ``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time. This is
 the measurement behind ``auto_settings`` (docs/estimator.md).
 
-``--shared``: instead, the batch-shared set of the default output layer (2,048 words for the 1,024
-tokens: their labels, the rescored top set, the corrected tail) with its top set found and scored
-for ``LSHLinear.top_set_rows`` = 1,024, 512, 256, 128 and 64 of the tokens: the softmax mass that
-labels + top set hold (mean over all 1,024 tokens) and forward_sparse's time (the lookup and
-the 2,048 words' outputs), medians of 5.
+``--shared``: instead, the batch-shared set of the output layer (``--active``, default 2,048 words
+for the 1,024 tokens: their labels, the rescored top set, the corrected tail) with its top set
+found and scored for 1,024, 512, 256, 128, 64 and 32 of the tokens and for the default's sample
+(``LSHLinear.top_set_scores`` = that many rows x the rescored pool): the softmax mass that
+labels + top set hold (mean over all 1,024 tokens) and forward_sparse's time (the lookup and the
+set's outputs), medians of 5.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--bits", default="12,10,8,6", help="K values, comma-separated")
     p.add_argument("--tables", default="20:2,20:4,40:2", help="L:probes pairs, comma-separated")
     p.add_argument("--shared", action="store_true", help="the shared top set's coverage by rows sampled")
+    p.add_argument("--active", type=int, default=2048, help="with --shared: the shared set's size")
     p.add_argument("--json", default=None, help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
     args = p.parse_args(argv)
     args.json = args.json or os.path.join(HERE, "results", "lm_shared_rows.json" if args.shared else "lm_recall.json")
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
         logits = model.head(h)
     probs = logits.softmax(1)
     if args.shared:
-        return shared_rows(model.head, h, targets.reshape(-1), probs, args.json)
+        return shared_rows(model.head, h, targets.reshape(-1), probs, args.active, args.json)
     exact_mass = probs.topk(args.k, dim=1).values.sum(1).mean().item()
     print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
     print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
@@ -93,17 +95,20 @@ def main(argv=None) -> None:
 
 
 @torch.no_grad()
-def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str) -> None:
-    layer = lsh_torch.LSHLinear.from_linear(head, mode="shared", inference="lsh").eval()  # eval: the seed stays
+def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, active: int,
+                path: str) -> None:
+    layer = lsh_torch.LSHLinear.from_linear(head, mode="shared", inference="lsh", active=active).eval()  # seed stays
     layer.rebuild()
     distinct = labels.unique()
     label_mass = probs[:, distinct].sum(1).mean().item()
+    pool = layer.rescore * (active - layer._tail_count(True) - distinct.numel())
+    default_rows = -(-h.shape[0] // -(-h.shape[0] // (layer.top_set_scores // pool)))  # every stride-th row
     print(f"{len(probs[0]):,} words, {h.shape[0]} tokens, {distinct.numel()} distinct labels holding "
-          f"{label_mass:.3f} of the softmax mass; 2,048 shared words")
+          f"{label_mass:.3f} of the softmax mass; {active:,} shared words, a rescored pool of {pool:,}")
     print(f"{'top set rows':>12} {'labels + top set mass':>22} {'forward ms':>10}")
     rows = []
-    for sample in (1024, 512, 256, 128, 64):
-        layer.top_set_rows = sample
+    for sample in sorted({1024, 512, 256, 128, 64, 32, default_rows}, reverse=True):
+        layer.top_set_scores = sample * pool
         times = []
         for _ in range(5):
             start = time.perf_counter()
@@ -112,15 +117,16 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
         head_set = out.indices[out.log_weights == 0]
         rows.append({"top_set_rows": sample, "mass": probs[:, head_set].sum(1).mean().item(),
                      "ms": sorted(times)[2]})
-        print(f"{sample:>12} {rows[-1]['mass']:>22.3f} {rows[-1]['ms']:>10.1f}", flush=True)
+        default = " (default)" if sample == default_rows else ""
+        print(f"{sample:>12} {rows[-1]['mass']:>22.3f} {rows[-1]['ms']:>10.1f}{default}", flush=True)
     # As many uniformly random words as the top set holds, instead of it (what selection="random" adds).
     rest = torch.ones(probs.shape[1], dtype=torch.bool).index_fill_(0, distinct, False).nonzero()[:, 0]
     order = torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(0))
     random_mass = probs[:, torch.cat([distinct, rest[order[:len(head_set) - distinct.numel()]]])].sum(1).mean().item()
     print(f"labels + as many uniformly random words: {random_mass:.3f}")
     with open(path, "w") as f:
-        json.dump({"tokens": h.shape[0], "label_mass": label_mass, "random_mass": random_mass, "rows": rows}, f,
-                  indent=1)
+        json.dump({"tokens": h.shape[0], "active": active, "pool": pool, "default_rows": default_rows,
+                   "label_mass": label_mass, "random_mass": random_mass, "rows": rows}, f, indent=1)
     print(f"json: {path}")
 
 

@@ -97,10 +97,12 @@ class LSHLinear(nn.Module):
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
-            scored for at most :attr:`top_set_rows` (256) of the batch's rows, an evenly spaced
-            sample: a batch's rows share their likely outputs (LM example, 1,024 tokens: labels
-            and the top set from 256 rows held 79.7% of the softmax mass, from all 1,024 79.6%,
-            and ``forward_sparse`` took 13.6 ms against 35.2; ``docs/estimator.md``).
+            scored for an evenly spaced sample of the batch's rows, as many as keep the exact scores
+            within :attr:`top_set_scores` (256 rows x 3,072 candidates): a batch's rows share their
+            likely outputs (LM example, 1,024 tokens: labels and the top set of a 2,048 set from
+            256 rows held 79.7% of the softmax mass, from all 1,024 79.6%, and ``forward_sparse``
+            took 13.6 ms against 35.2; an 8,192 set's pool is 5x larger, so 49 rows: 87.0% against
+            88.1% from 256; ``docs/estimator.md``).
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
             a float fraction of ``out_features``. Auto: 0.25 below 8,192 outputs (in 3x1000 MLPs
             on MNIST the paper's 5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5,
@@ -160,7 +162,7 @@ class LSHLinear(nn.Module):
     """
 
     __constants__ = ["in_features", "out_features"]
-    top_set_rows = 256  # rows of a batch that choose the shared top set (see ``rescore``)
+    top_set_scores = 256 * 3_072  # exact scores (sampled rows x rescored pool) for a shared top set, see rescore
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int | str = "auto", bits: int | str = "auto", probes: int | str = "auto",
@@ -307,12 +309,13 @@ class LSHLinear(nn.Module):
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
         forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
         top = max(0, self.budget - tail - forced)
+        pool = min(self.out_features, self.rescore * top)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
-            stride = -(-x.shape[0] // self.top_set_rows)
+            stride = -(-x.shape[0] // max(1, self.top_set_scores // max(1, pool)))
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
-            candidates, _ = self.tables.query(x, min(self.out_features, self.rescore * top), None, seed, shared=shared)
+            candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
             if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
                 best = candidates[scores.topk(top).indices][None]

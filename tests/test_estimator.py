@@ -111,22 +111,23 @@ def test_tail_argument_errors():
         LSHLinear(4, 100, active=10, tail="half")
 
 
-@pytest.mark.parametrize("mode, top_set_rows, step", [("per_row", 256, 0), ("shared", 256, 0), ("shared", 2, 0),
-                                                       ("shared", 2, 4)])
-def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, top_set_rows, step):
+@pytest.mark.parametrize("mode, sampled, step", [("per_row", 5, 0), ("shared", 5, 0), ("shared", 2, 0),
+                                                  ("shared", 2, 4), ("shared", 1, 3)])
+def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool. In shared
     # mode the pool is found and scored for every stride-th row from (seed % stride), stride =
-    # ceil(rows / top_set_rows): rows 0 and 3 of 5 at step 0, rows 1 and 4 at step 4.
+    # ceil(rows / (top_set_scores // pool)): with room for 2 rows' scores, rows 0 and 3 of 5 at
+    # step 0, rows 1 and 4 at step 4; for 1 row's, row 3 at step 3.
     n, budget, tail = 2000, 64, 32
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
-    layer.top_set_rows, layer.step = top_set_rows, step
-    x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
-    out = layer.forward_sparse(x, labels)
-    seed = layer.seed * 2 ** 32 + step
     shared = mode == "shared"
     forced = 4 if shared else 1
     top = budget - tail - forced
-    rows = {256: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3]}[top_set_rows]
+    layer.top_set_scores, layer.step = sampled * 4 * top + 3, step  # + 3: the row count rounds down
+    x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
+    out = layer.forward_sparse(x, labels)
+    seed = layer.seed * 2 ** 32 + step
+    rows = {5: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3], 1: [step % 5]}[sampled]
     pool, _ = layer.tables.query(x[rows], 4 * top, None, seed, shared=shared)
     with torch.no_grad():
         scores = F.linear(x[rows], layer.weight, layer.bias)
