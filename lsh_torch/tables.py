@@ -114,7 +114,7 @@ class LSHTables(nn.Module):
         """Hash the rows of ``weight`` [N, in_features] into the L tables (every row if ``full``).
 
         Only rows that changed since the last build are re-hashed (their fingerprint moved), when
-        the codes of the others are still valid. The asymmetric transform scales every row by one
+        the codes of the others are still valid and at most 60% of the rows moved. The asymmetric transform scales every row by one
         ``M``: a full build sets it to the largest row norm and later builds keep it, until a
         changed row outgrows it (then every row is re-hashed with a new ``M``). (An ``M`` with room
         to grow, 1.1x the largest norm, made fewer builds full but cost the transformer LM example
@@ -140,6 +140,11 @@ class LSHTables(nn.Module):
         incremental = not compiling and not full and not self.center and self.codes.shape[1] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+            # Past ~60% of the rows moved (every row, under a dense optimizer's momentum), a re-sort
+            # is faster than the merge: 35 against 48 ms with all of 50K rows moved, 27 against 31
+            # with half, at L=20, K=8 on 2 cores.
+            incremental = changed.numel() * 5 <= n * 3
+        if incremental:
             moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
             if self.asymmetric and changed.numel():
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)

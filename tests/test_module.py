@@ -115,6 +115,23 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+@pytest.mark.parametrize("moved, merged", [(180, True), (181, False)])
+def test_a_rebuild_re_sorts_once_most_rows_moved(monkeypatch, moved, merged):
+    # Up to 60% of the rows moved (180 of 300) are merged into the tables; past that they are re-sorted.
+    from lsh_torch import ops
+    merges = []
+    monkeypatch.setattr(ops, "update_tables", lambda *args, merge=ops.update_tables: merges.append(1) or merge(*args))
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
+    layer.rebuild()
+    with torch.no_grad():
+        layer.weight[:moved] = torch.randn(moved, 16)
+    layer.rebuild()
+    assert bool(merges) == merged and layer.tables.rehashed == (moved if merged else 300)
+    full = full_build_of(layer)
+    assert torch.equal(layer.tables.codes, full.codes) and torch.equal(layer.tables.items, full.items)
+
+
 def test_a_rebuild_that_fails_midway_leaves_the_tables_as_they_were(monkeypatch):
     from lsh_torch import ops
     layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
