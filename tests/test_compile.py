@@ -106,6 +106,7 @@ def train(model, steps, sparse, compile_backend=None):
 
 
 @pytest.mark.parametrize("mode,sparse", [("per_row", True), ("shared", False)])
+@pytest.mark.filterwarnings("ignore:.*feeds a loss over all outputs")  # sparse=False: forward() + F.cross_entropy, on purpose
 def test_compiled_training_equals_eager(mode, sparse):
     steps = 9  # rebuilds before steps 3 and 6 (hidden) and 4 and 8 (head)
     eager, _ = train(Net(mode), steps, sparse)
