@@ -98,7 +98,8 @@ class LSHLinear(nn.Module):
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
             scored for an evenly spaced sample of the batch's rows, as many as keep the exact scores
-            within :attr:`top_set_scores` (256 rows x 3,072 candidates): a batch's rows share their
+            within :attr:`top_set_scores` (256 rows x 3,072 candidates; the pool, and so the sample,
+            moves with the batch's count of distinct labels): a batch's rows share their
             likely outputs (LM example, 1,024 tokens: labels and the top set of a 2,048 set from
             256 rows held 79.7% of the softmax mass, from all 1,024 79.6%, and ``forward_sparse``
             took 13.6 ms against 35.2; an 8,192 set's pool is 5x larger, so 49 rows: 87.0% against
@@ -312,7 +313,7 @@ class LSHLinear(nn.Module):
         pool = min(self.out_features, self.rescore * top)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
-            stride = -(-x.shape[0] // max(1, self.top_set_scores // max(1, pool)))
+            stride = self._top_set_stride(x.shape[0], pool)
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
@@ -326,6 +327,11 @@ class LSHLinear(nn.Module):
         # Another seed for the tail: the pool's random fill must not steer its draws.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
                                        shared)
+
+    def _top_set_stride(self, rows: int, pool: int) -> int:
+        """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows
+        as keep the scores within :attr:`top_set_scores`, at least one."""
+        return -(-rows // max(1, self.top_set_scores // max(1, pool)))
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":

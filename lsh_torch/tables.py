@@ -114,15 +114,16 @@ class LSHTables(nn.Module):
         """Hash the rows of ``weight`` [N, in_features] into the L tables (every row if ``full``).
 
         Only rows that changed since the last build are re-hashed (their fingerprint moved), when
-        the codes of the others are still valid and at most 60% of the rows moved. The asymmetric transform scales every row by one
+        the codes of the others are still valid. The asymmetric transform scales every row by one
         ``M``: a full build sets it to the largest row norm and later builds keep it, until a
         changed row outgrows it (then every row is re-hashed with a new ``M``). (An ``M`` with room
         to grow, 1.1x the largest norm, made fewer builds full but cost the transformer LM example
         perplexity 458 against 337: every row's collisions with its queries drop.)
         ``center`` subtracts the mean row, which every change moves: there every build is full.
         Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
-        the weight; the moved rows are merged into the tables (:func:`ops.update_tables`, one
-        sequential pass over the L x N entries) instead of a re-sort of all of them.
+        the weight; up to 60% of the rows moved are merged into the tables (:func:`ops.update_tables`,
+        one sequential pass over the L x N entries), more are re-hashed and re-sorted with the same
+        ``M`` (faster than the merge there; the same tables).
         """
         n = weight.shape[0]
         if self.selection == "random":
@@ -140,17 +141,20 @@ class LSHTables(nn.Module):
         incremental = not compiling and not full and not self.center and self.codes.shape[1] == n
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
-            # Past ~60% of the rows moved (every row, under a dense optimizer's momentum), a re-sort
-            # is faster than the merge: 35 against 48 ms with all of 50K rows moved, 27 against 31
-            # with half, at L=20, K=8 on 2 cores.
-            incremental = changed.numel() * 5 <= n * 3
-        if incremental:
-            moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
+            # Past ~60% of the rows moved (every row, under a dense optimizer's momentum), re-hashing
+            # all and re-sorting beats the merge: with all of 50K rows moved 35 ms against 48 (merge),
+            # with half 31 against 27, at L=20, K=8 on 2 cores.
+            resort = changed.numel() * 5 > n * 3
+            moved = rows if resort else rows.index_select(0, changed)  # 3x faster than rows[changed]
             if self.asymmetric and changed.numel():
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
         # Codes, tables and fingerprints are assigned together, after every op that may fail
         # (out of memory, an interrupt): an incremental build trusts that they agree.
-        if incremental:
+        if incremental and resort:  # M kept: the codes and tables a merge would give
+            codes = self._row_codes(rows, self.max_norm)
+            tables = ops.build_tables(codes.t(), self.bits)
+            self.rehashed = n
+        elif incremental:
             codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():
                 new_codes = self._row_codes(moved, self.max_norm)

@@ -115,21 +115,38 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("moved, merged", [(180, True), (181, False)])
-def test_a_rebuild_re_sorts_once_most_rows_moved(monkeypatch, moved, merged):
-    # Up to 60% of the rows moved (180 of 300) are merged into the tables; past that they are re-sorted.
+def test_a_rebuild_re_sorts_once_most_rows_moved(monkeypatch, moved, merged, asymmetric):
+    # Up to 60% of the rows moved (180 of 300) are merged into the tables; past that all are
+    # re-hashed and re-sorted. Either way the tables are what merges give (the reference: the same
+    # rows moved in two rebuilds, each a merge), the asymmetric M kept.
     from lsh_torch import ops
     merges = []
     monkeypatch.setattr(ops, "update_tables", lambda *args, merge=ops.update_tables: merges.append(1) or merge(*args))
-    torch.manual_seed(0)
-    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
-    layer.rebuild()
+
+    def layer():
+        torch.manual_seed(0)
+        built = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=asymmetric)
+        built.rebuild()
+        return built
+
+    at_once, in_two = layer(), layer()
+    before = at_once.tables.max_norm
     with torch.no_grad():
-        layer.weight[:moved] = torch.randn(moved, 16)
-    layer.rebuild()
-    assert bool(merges) == merged and layer.tables.rehashed == (moved if merged else 300)
-    full = full_build_of(layer)
-    assert torch.equal(layer.tables.codes, full.codes) and torch.equal(layer.tables.items, full.items)
+        at_once.weight[:moved] *= -0.5  # every norm shrinks: M stays valid
+    at_once.rebuild()
+    assert bool(merges) == merged and at_once.tables.rehashed == (moved if merged else 300)
+    merges.clear()
+    for part in (slice(0, 90), slice(90, moved)):
+        with torch.no_grad():
+            in_two.weight[part] *= -0.5
+        in_two.rebuild()
+    assert len(merges) == 2 and torch.equal(at_once.weight, in_two.weight)
+    assert (before is None) != asymmetric and (not asymmetric or torch.equal(at_once.tables.max_norm, before))
+    for name in ("codes", "offsets", "items", "fingerprints", "max_norm"):
+        a, b = getattr(at_once.tables, name), getattr(in_two.tables, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
 
 
 def test_a_rebuild_that_fails_midway_leaves_the_tables_as_they_were(monkeypatch):
