@@ -309,8 +309,7 @@ class LSHLinear(nn.Module):
             labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
         forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
-        top = max(0, self.budget - tail - forced)
-        pool = min(self.out_features, self.rescore * top)
+        top, pool = self._top_set_sizes(forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
             stride = self._top_set_stride(x.shape[0], pool)
@@ -327,6 +326,11 @@ class LSHLinear(nn.Module):
         # Another seed for the tail: the pool's random fill must not steer its draws.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
                                        shared)
+
+    def _top_set_sizes(self, forced: int, tail: int) -> tuple[int, int]:
+        """The top set's size beside ``forced`` labels and the ``tail``, and its rescored pool's."""
+        top = max(0, self.budget - tail - forced)
+        return top, min(self.out_features, self.rescore * top)
 
     def _top_set_stride(self, rows: int, pool: int) -> int:
         """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows

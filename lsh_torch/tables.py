@@ -150,11 +150,7 @@ class LSHTables(nn.Module):
                 incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
         # Codes, tables and fingerprints are assigned together, after every op that may fail
         # (out of memory, an interrupt): an incremental build trusts that they agree.
-        if incremental and resort:  # M kept: the codes and tables a merge would give
-            codes = self._row_codes(rows, self.max_norm)
-            tables = ops.build_tables(codes.t(), self.bits)
-            self.rehashed = n
-        elif incremental:
+        if incremental and not resort:
             codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():
                 new_codes = self._row_codes(moved, self.max_norm)
@@ -165,8 +161,11 @@ class LSHTables(nn.Module):
                 codes = codes.clone() if codes.is_inference() and not torch.is_inference_mode_enabled() else codes
                 codes.scatter_(1, columns, new_codes)
             self.rehashed = changed.numel()
-        else:
-            codes, max_norm = self._every_row_codes(rows)
+        else:  # every row re-hashed and re-sorted; M kept where still valid (the tables a merge would give)
+            if incremental:
+                codes, max_norm = self._row_codes(rows, self.max_norm), self.max_norm
+            else:
+                codes, max_norm = self._every_row_codes(rows)
             tables = ops.build_tables(codes.t(), self.bits)
             self.max_norm, self.rehashed = max_norm, n
         self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
