@@ -316,11 +316,15 @@ class LSHLinear(nn.Module):
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
+            # Labels are forced in already: a pool entry that is one must not take a top-set slot.
             if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
+                is_label = torch.zeros(self.out_features, dtype=torch.bool, device=x.device)
+                scores.masked_fill_(is_label.index_fill_(0, labels[labels >= 0], True)[candidates], -math.inf)
                 best = candidates[scores.topk(top).indices][None]
             else:
                 scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
+                scores.masked_fill_((candidates[:, :, None] == labels[:, None, :]).any(2), -math.inf)
                 best = candidates.gather(1, scores.topk(top, dim=1).indices)
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws.

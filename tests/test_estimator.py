@@ -125,6 +125,9 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     top = budget - tail - forced
     layer.top_set_scores, layer.step = sampled * 4 * top + 3, step  # + 3: the row count rounds down
     x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
+    with torch.no_grad():  # each row's label is its best-scoring output: in the pool, and forced in already
+        layer.weight[labels] = 3 * x
+    layer.rebuild()
     out = layer.forward_sparse(x, labels)
     seed = layer.seed * 2 ** 32 + step
     rows = {5: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3], 1: [step % 5]}[sampled]
@@ -132,15 +135,16 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     with torch.no_grad():
         scores = F.linear(x[rows], layer.weight, layer.bias)
     if shared:
-        pool_scores = scores[:, pool].logsumexp(0)
+        pool_scores = scores[:, pool].logsumexp(0).masked_fill(torch.isin(pool, labels), -math.inf)
         expected = set(pool[pool_scores.topk(top).indices].tolist())
         head = out.indices[: int((out.log_weights == 0).sum())].tolist()
-        assert set(head) == expected | {3, 10, 11, 12}
+        assert len(head) == forced + top and set(head) == expected | {3, 10, 11, 12}
     else:
         for row in range(5):
-            best = pool[row][scores[row, pool[row]].topk(top).indices]
+            row_scores = scores[row, pool[row]].masked_fill(pool[row] == labels[row], -math.inf)
+            best = pool[row][row_scores.topk(top).indices]
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
-            assert set(head) == set(best.tolist()) | {labels[row].item()}
+            assert len(head) == forced + top and set(head) == set(best.tolist()) | {labels[row].item()}
             assert head[0] == labels[row]  # labels first
 
 
