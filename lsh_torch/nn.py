@@ -319,12 +319,11 @@ class LSHLinear(nn.Module):
             # Labels are forced in already: a pool entry that is one must not take a top-set slot.
             if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
-                is_label = torch.zeros(self.out_features, dtype=torch.bool, device=x.device)
-                scores.masked_fill_(is_label.index_fill_(0, labels[labels >= 0], True)[candidates], -math.inf)
+                scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
                 best = candidates[scores.topk(top).indices][None]
             else:
                 scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
-                scores.masked_fill_((candidates[:, :, None] == labels[:, None, :]).any(2), -math.inf)
+                scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
                 best = candidates.gather(1, scores.topk(top, dim=1).indices)
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws.
@@ -587,6 +586,16 @@ def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
         return None
     labels = labels.reshape(batch, -1) if labels.dim() <= 1 else labels
     return labels.to(torch.int64).contiguous()
+
+
+def _among_labels(candidates: Tensor, labels: Tensor) -> Tensor:
+    """Which of ``candidates`` (``[B, P]``; or ``[P]`` beside one row of ``labels``) are among their
+    row's ``labels`` (``[B, M]``, padded with -1): a binary search, memory O(B x P) whatever M."""
+    if not labels.shape[1]:
+        return torch.zeros_like(candidates, dtype=torch.bool)
+    ordered = labels.sort(1).values.reshape(labels.shape if candidates.dim() == 2 else -1)
+    at = torch.searchsorted(ordered, candidates).clamp_max_(ordered.shape[-1] - 1)
+    return ordered.gather(-1, at) == candidates  # the -1 padding sorts first and equals no candidate
 
 
 def _check_tail(tail, budget: int):

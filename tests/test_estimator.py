@@ -149,6 +149,31 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
+    # Several labels per row, padded with -1, each scoring high for its row: the head is the labels
+    # and `top` other outputs, none of them twice, and only the rest is the tail.
+    n, budget, tail = 3000, 80, 40
+    layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
+    x = torch.randn(6, 16)
+    labels = torch.tensor([[5, 9, -1], [9, 17, 30], [41, -1, -1], [5, 50, 51], [60, 61, 62], [70, -1, -1]])
+    with torch.no_grad():
+        for row, row_labels in enumerate(labels):
+            layer.weight[row_labels[row_labels >= 0]] = 3 * x[row]
+    layer.rebuild()
+    out = layer.forward_sparse(x, labels)
+    if mode == "shared":
+        forced = set(labels[labels >= 0].tolist())
+        head = out.indices[: int((out.log_weights == 0).sum())].tolist()
+        assert len(head) == len(set(head)) == budget - tail and forced <= set(head)
+    else:
+        for row in range(6):
+            forced = labels[row][labels[row] >= 0].tolist()
+            head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
+            top = budget - tail - labels.shape[1]  # the top set's size is fixed by the widest row
+            assert head[: len(forced)] == forced and len(head) == len(set(head)) == len(forced) + top
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_forward_sparse_on_an_empty_batch(mode):
     layer = LSHLinear(8, 10_000, mode=mode)  # the output-layer defaults: a tail and a rescored top set
     out = layer.forward_sparse(torch.randn(0, 8), torch.zeros(0, dtype=torch.int64))
