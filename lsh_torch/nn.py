@@ -303,8 +303,9 @@ class LSHLinear(nn.Module):
     def _rescored_lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, seed: int,
                          tail: int) -> tuple[Tensor, Tensor]:
         """The top set chosen by exact scores: ``rescore`` hashed candidates per slot are computed
-        and the best kept (bucket-hit counts rank the true top logits poorly); then the labels and
-        that top set are forced into a uniform query, which draws the tail from everything else."""
+        and the best that are not labels kept (bucket-hit counts rank the true top logits poorly);
+        then the labels and that top set are forced into a uniform query, which draws the tail from
+        everything else."""
         if labels is None:
             labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
@@ -316,7 +317,7 @@ class LSHLinear(nn.Module):
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
-            # Labels are forced in already: a pool entry that is one must not take a top-set slot.
+            # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
             if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
                 scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
@@ -589,13 +590,14 @@ def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
 
 
 def _among_labels(candidates: Tensor, labels: Tensor) -> Tensor:
-    """Which of ``candidates`` (``[B, P]``; or ``[P]`` beside one row of ``labels``) are among their
-    row's ``labels`` (``[B, M]``, padded with -1): a binary search, memory O(B x P) whatever M."""
+    """Which of ``candidates`` are among their row's ``labels`` (``[B, M]``, negative entries are
+    padding): ``[B, P]`` candidates row by row, ``[P]`` against all labels. A binary search: memory
+    O(B x P) whatever M."""
     if not labels.shape[1]:
         return torch.zeros_like(candidates, dtype=torch.bool)
-    ordered = labels.sort(1).values.reshape(labels.shape if candidates.dim() == 2 else -1)
+    ordered = (labels.sort(1) if candidates.dim() == 2 else labels.reshape(-1).sort()).values
     at = torch.searchsorted(ordered, candidates).clamp_max_(ordered.shape[-1] - 1)
-    return ordered.gather(-1, at) == candidates  # the -1 padding sorts first and equals no candidate
+    return ordered.gather(-1, at) == candidates  # padding sorts first and equals no candidate
 
 
 def _check_tail(tail, budget: int):

@@ -125,7 +125,7 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     top = budget - tail - forced
     layer.top_set_scores, layer.step = sampled * 4 * top + 3, step  # + 3: the row count rounds down
     x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
-    with torch.no_grad():  # each row's label is its best-scoring output: in the pool, and forced in already
+    with torch.no_grad():  # labels score high for a row they label (3 for row 1): in the pool, and forced in
         layer.weight[labels] = 3 * x
     layer.rebuild()
     out = layer.forward_sparse(x, labels)
@@ -150,8 +150,9 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
-    # Several labels per row, padded with -1, each scoring high for its row: the head is the labels
-    # and `top` other outputs, none of them twice, and only the rest is the tail.
+    # Several labels per row, padded with -1, each scoring high for a row it labels (the last of
+    # them where two share it): the head is the labels and `top` other outputs, none of them
+    # twice, and only the rest is the tail.
     n, budget, tail = 3000, 80, 40
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
     x = torch.randn(6, 16)
