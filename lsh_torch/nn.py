@@ -317,15 +317,13 @@ class LSHLinear(nn.Module):
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
-            # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
-            if shared:  # the candidates carrying the most of the batch's softmax mass, after all labels
+            if shared:  # the candidates carrying the most of the batch's softmax mass
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
-                scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
-                best = candidates[scores.topk(top).indices][None]
             else:
                 scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
-                scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
-                best = candidates.gather(1, scores.topk(top, dim=1).indices)
+            # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
+            scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
+            best = candidates.gather(-1, scores.topk(top).indices).reshape(labels.shape[0], -1)
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
