@@ -161,15 +161,18 @@ def curve_at(curve, times, log: bool = False) -> np.ndarray:
     return np.interp(times, t, v)
 
 
-def beats(a: tuple[float, float], b: tuple[float, float], n: int) -> str:
-    """Is ``a`` = (mean, std) over ``n`` seeds lower than ``b`` beyond the seeds' spread (a's mean + std
-    below b's mean - std)? A short verdict for a table cell."""
+def beats(a: tuple[float, float], b: tuple[float, float], n: int, higher: bool = False) -> str:
+    """Is ``a`` = (mean, std) over ``n`` seeds lower (``higher``: higher) than ``b`` beyond the seeds'
+    spread (a's mean + std below b's mean - std)? A short verdict for a table cell."""
+    better, worse = ("higher", "lower") if higher else ("lower", "higher")
+    if higher:
+        a, b = (-a[0], a[1]), (-b[0], b[1])
     if n < 2:
-        return f"{'lower' if a[0] < b[0] else 'not lower'} (one seed: no spread)"
+        return f"{better if a[0] < b[0] else 'not ' + better} (one seed: no spread)"
     if a[0] + a[1] < b[0] - b[1]:
         return "yes, beyond the spread"
     if b[0] + b[1] < a[0] - a[1]:
-        return "no: higher beyond the spread"
+        return f"no: {worse} beyond the spread"
     return "no: within the spread"
 
 
@@ -181,10 +184,8 @@ def seed_curves(lm: list[dict], variant: str, mode: str, budget: int) -> dict:
 
 def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> list[dict]:
     """Per budget and per fraction of the training time of the shorter sparse run (hashed+tail and
-    uniform+tail, over seeds): the time, and mean and std over seeds of each seed's curve at that
-    time for hashed+tail, uniform+tail and dense (absent where a variant has no curve), and of
-    hashed+tail's minus uniform+tail's in each seed that has both (``difference``: the two share
-    the seed's initial weights and batches, so the seeds' common ups and downs cancel)."""
+    uniform+tail, over seeds): the time and :func:`values_at` it of hashed+tail, uniform+tail and
+    dense (absent where a variant has no curve)."""
     rows = []
     for mode, budget in budgets:
         runs = {name: seed_curves(lm, name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
@@ -192,24 +193,33 @@ def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> 
             continue
         end = min(c[-1][0] for cs in runs.values() for c in cs.values())  # the shorter sparse run's time
         runs["dense"] = seed_curves(lm, "dense", "-", 0)
-        for f in fractions:
-            row = {"mode": mode, "budget": budget, "fraction": f, "seconds": f * end}
-            at = {name: {seed: float(curve_at(c, f * end, log=True)) for seed, c in cs.items()}
-                  for name, cs in runs.items()}
-            for name, values in at.items():
-                if values:
-                    row[name] = (*mean_spread(list(values.values())), len(values))
-            paired = [at["hashed+tail"][seed] - at["uniform+tail"][seed] for seed in at["hashed+tail"]
-                      if seed in at["uniform+tail"]]
-            row["difference"] = (*mean_spread(paired), len(paired))
-            rows.append(row)
+        rows += [{"mode": mode, "budget": budget, "fraction": f, "seconds": f * end,
+                  **values_at(runs, "hashed+tail", "uniform+tail", f * end, log=True)} for f in fractions]
     return rows
 
 
-def xmc_run(seed: int, quick: bool, runs: str, tag: str) -> dict:
-    path = os.path.join(RESULTS, f"estimator_xmc_{tag}_seed{seed}.json")
+def values_at(runs: dict, a: str, b: str, seconds: float, log: bool = False) -> dict:
+    """At ``seconds``: (mean, std, count) over seeds of each run's curve (``runs``: name -> {seed:
+    curve}, interpolated by :func:`curve_at`), and of a's minus b's value in each seed that has both
+    (``difference``: the two share the seed's initial weights and batches, so the seeds' common ups
+    and downs cancel)."""
+    at = {name: {seed: float(curve_at(c, seconds, log=log)) for seed, c in cs.items()} for name, cs in runs.items()}
+    row = {name: (*mean_spread(list(values.values())), len(values)) for name, values in at.items() if values}
+    paired = [at[a][seed] - at[b][seed] for seed in at[a] if seed in at[b]]
+    row["difference"] = (*mean_spread(paired), len(paired))
+    return row
+
+
+def xmc_files(structure: str) -> str:
+    """The stem of the XMC result files of a synthetic label structure (the clusters' names predate the tree)."""
+    return "estimator_xmc" if structure == "clusters" else f"estimator_xmc_{structure}"
+
+
+def xmc_run(seed: int, quick: bool, runs: str, tag: str, structure: str) -> dict:
+    path = os.path.join(RESULTS, f"{xmc_files(structure)}_{tag}_seed{seed}.json")
     cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
-           "--json", path, "--plot", "", *(["--quick"] if quick else ["--dense-epochs", "4"])]
+           "--structure", structure, "--json", path, "--plot", "",
+           *(["--quick"] if quick else ["--dense-epochs", "4"])]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:
         return json.load(f)
@@ -235,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--curve-windows", type=int, default=32,
                    help="LM curve: held-out windows of 64 words scored per evaluation, spread over the held-out text")
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
+    p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
+                   help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
     p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
     p.add_argument("--lm-plot", default=os.path.join(RESULTS, "estimator_lm.png"),
                    help="PNG of the LM perplexity curves ('' for none)")
@@ -280,14 +292,16 @@ def main(argv=None) -> None:
 
     if "xmc" not in args.skip:
         tag = "quick" if args.quick else "full"
-        dense_cache = os.path.join(RESULTS, f"estimator_xmc_dense_{tag}.json")
+        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{tag}.json")
         if not os.path.exists(dense_cache):
-            dense = xmc_run(seeds[0], args.quick, "dense", "dense")
+            dense = xmc_run(seeds[0], args.quick, "dense", "dense", args.xmc_structure)
             with open(dense_cache, "w") as f:
                 json.dump(dense, f)
         with open(dense_cache) as f:
             result["xmc"]["dense"] = json.load(f)
-        result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag) for seed in seeds}
+        result["xmc"]["structure"] = args.xmc_structure
+        result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag, args.xmc_structure)
+                                  for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -349,7 +363,7 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
             runs.setdefault(run["name"], []).append(run)
     for run in xmc["dense"]["runs"]:
         runs.setdefault(run["name"], []).append(run)
-    print(f"\nXMC demo, seeds {list(xmc['seeds'])} (dense: one cached run)")
+    print(f"\nXMC demo ({xmc.get('structure', 'clusters')}), seeds {list(xmc['seeds'])} (dense: one cached run)")
     print("| output layer | P@1 | P@3 | P@5 | train s |")
     print("|---|---:|---:|---:|---:|")
     for name, rs in runs.items():
@@ -358,9 +372,51 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
             m, sd = mean_spread([r["final"][k] for r in rs])
             cols.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(rs) > 1 else ""))
         print(f"| {name} | {' | '.join(cols)} | {statistics.mean(r['train_seconds'] for r in rs):.1f} |")
+    rows, reach = xmc_equal_time(xmc)
+    if rows:
+        print("\nXMC at equal training time: P@1 on the eval subset (mean ± std over seeds), each seed's curve "
+              "interpolated at the time; times are fractions of the shorter sparse run")
+        print("| train s | lsh | random | dense | lsh higher than random? | lsh − random, per seed "
+              "| higher, paired by seed? |")
+        print("|---:|---:|---:|---:|---|---:|---|")
+        cell = lambda v: "-" if v is None else f"{v[0]:.3f}" + (f" ± {v[1]:.3f}" if v[2] > 1 else "")  # noqa: E731
+        for r in rows:
+            h, u, d = r["lsh"], r["random"], r["difference"]
+            print(f"| {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
+                  f"| {beats(h[:2], u[:2], min(h[2], u[2]), higher=True)} | {cell(d)} "
+                  f"| {beats(d[:2], (0.0, 0.0), d[2], higher=True)} |")
+    if reach:
+        times = " / ".join("never" if t is None else f"{t:.1f}" for t in reach["lsh"])
+        ratios = " / ".join("-" if t is None else f"{t / reach['dense']:.3f}" for t in reach["lsh"])
+        print(f"dense's best P@1 {reach['best']:.3f} (eval subset), its best - 0.005 first at {reach['dense']:.1f} s; "
+              f"lsh first there at {times} s per seed = {ratios} of dense's time")
     if plot:
         curves = {name: [[(c[0], c[3]) for c in r["curve"]] for r in rs] for name, rs in runs.items()}
         plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
+
+
+def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0)) -> tuple[list[dict], dict]:
+    """The XMC curves (P@1 on the eval subset against training seconds) compared: per fraction of the
+    shorter sparse run's time, :func:`values_at` of lsh, random and dense, lsh minus random paired;
+    and how soon each lsh seed first reaches dense's best P@1 - 0.005 (``reach``: dense's best, the
+    time dense first reaches that, and each lsh seed's time, None where never)."""
+    runs = {"lsh": {}, "random": {}, "dense": {}}
+    for seed, seed_result in xmc["seeds"].items():
+        for run in seed_result["runs"]:
+            runs[run["kind"]][seed] = [(c[0], c[3]) for c in run["curve"]]
+    for run in xmc["dense"]["runs"]:
+        runs["dense"]["dense"] = [(c[0], c[3]) for c in run["curve"]]
+    if not (runs["lsh"] and runs["random"]):
+        return [], {}
+    end = min(c[-1][0] for name in ("lsh", "random") for c in runs[name].values())
+    rows = [{"seconds": f * end, **values_at(runs, "lsh", "random", f * end)} for f in fractions]
+    reach = {}
+    if runs["dense"]:
+        dense = runs["dense"]["dense"]
+        best = max(v for _, v in dense)
+        first = lambda curve: next((t for t, v in curve if v >= best - 0.005), None)  # noqa: E731
+        reach = {"best": best, "dense": first(dense), "lsh": [first(c) for c in runs["lsh"].values()]}
+    return rows, reach
 
 
 def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: bool = False,

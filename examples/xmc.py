@@ -4,6 +4,7 @@
     python examples/xmc.py --quick              # a smaller run (about a minute)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
+    python examples/xmc.py --structure tree     # synthetic labels in a hierarchy (confusable siblings)
     python examples/xmc.py --device cuda        # the same comparison on a GPU
     torchrun --nproc-per-node 2 examples/xmc.py # data parallel trunk, sharded head (gloo; NCCL with --device cuda)
     python examples/xmc.py --help
@@ -474,6 +475,9 @@ def parse_args(argv=None):
     g.add_argument("--test-points", type=int, default=5_000, help="synthetic test points")
     g.add_argument("--features", type=int, default=100_000, help="synthetic feature ids")
     g.add_argument("--labels", type=int, default=100_000, help="synthetic labels")
+    g.add_argument("--structure", default="clusters", choices=["clusters", "tree"],
+                   help="synthetic label structure: flat clusters of labels drawn independently, or a label "
+                        "hierarchy with confusable siblings that co-occur (xmc_data.generate)")
     g.add_argument("--eval-points", type=int, default=1000, help="test points for the P@1-vs-time curve")
     g = p.add_argument_group("training")
     g.add_argument("--runs", default="lsh,random,dense",
@@ -554,7 +558,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.train_points, args.test_points, args.epochs, args.dense_epochs = 8_000, 2_000, 2, 1
-    gen = dict(num_features=args.features, num_labels=args.labels)
+    gen = dict(num_features=args.features, num_labels=args.labels, structure=args.structure)
     if args.generate:
         train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
         for name, d in (("train", train_data), ("test", test_data)):
@@ -572,7 +576,7 @@ def main(argv=None) -> dict:
         source = os.path.basename(args.data)
     else:
         train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
-        source = "synthetic"
+        source = f"synthetic, {args.structure}"
     print(f"data ({source}, {time.perf_counter() - start:.1f}s to load):\n  train: {train_data.summary()}\n"
           f"  test:  {test_data.summary()}")
     eval_data = test_data.subset(np.random.default_rng(args.seed).permutation(len(test_data))[:args.eval_points])

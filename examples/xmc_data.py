@@ -243,7 +243,8 @@ def write_xmc(path: str, data: XMCData) -> None:
 def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: int = 100_000, *,
              alpha: float = 1.0, rank_offset: float = 10.0, mean_labels: float = 2.5, max_labels: int = 10,
              label_features: int = 4, keep: float = 0.75, cluster_size: int = 20, cluster_features: int = 6,
-             cluster_draws: int = 3, noise_features: float = 8.0, seed: int = 0) -> XMCData:
+             cluster_draws: int = 3, noise_features: float = 8.0, structure: str = "clusters", depth: int = 3,
+             fanout: int = 10, near_labels: float = 0.5, seed: int = 0) -> XMCData:
     """Synthetic extreme multi-label data with power-law labels and label-informative sparse features.
 
     The model, all draws from ``numpy.random.default_rng(seed)``:
@@ -253,13 +254,24 @@ def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: 
       ids through a random permutation. A point has ``1 + Poisson(mean_labels - 1)`` labels (at most
       ``max_labels``), drawn by popularity (duplicates merged), so a few labels are on many points
       and most labels on few or none, as in Amazon-670K.
-    * **Label structure.** Labels fall into random clusters of about ``cluster_size`` ("topics");
-      each cluster owns ``cluster_features`` feature ids and each label ``label_features`` of its
-      own. Labels of one cluster share the cluster's features, so they are each other's hard
-      negatives: a model must use the label's own features to tell them apart.
+    * **Label structure** (``structure="clusters"``). Labels fall into random clusters of about
+      ``cluster_size`` ("topics"); each cluster owns ``cluster_features`` feature ids and each label
+      ``label_features`` of its own. Labels of one cluster share the cluster's features, so they are
+      each other's hard negatives: a model must use the label's own features to tell them apart.
+      A point's labels are drawn independently.
+    * **A label hierarchy** (``structure="tree"``). Labels are the leaves of a tree: siblings come
+      in groups of ``cluster_size`` under a parent, ``fanout`` parents under a grandparent, and so
+      on for ``depth`` levels of ancestors (Amazon's category tree, in miniature). Every ancestor
+      owns ``cluster_features`` feature ids, and a label brings ``cluster_draws`` of them from each
+      of its ancestors beside its own ``label_features``: siblings share everything but their own
+      features, so they are the confusable, hard negatives, and a label's cousins are the next
+      hardest. A point's first label is drawn by popularity; each further label is, with
+      probability ``near_labels``, a uniformly drawn sibling of the first, else with probability
+      ``near_labels`` of the rest a cousin (the same grandparent), else drawn by popularity: labels
+      that co-occur are near in the tree, unlike with ``"clusters"``.
     * **Features.** For each of its labels a point gets each of the label's own features with
-      probability ``keep`` (value ``U(1, 2)``) and ``cluster_draws`` of its cluster's features
-      (value ``U(0.5, 1.5)``), plus ``Poisson(noise_features)`` noise features drawn from a
+      probability ``keep`` (value ``U(1, 2)``) and ``cluster_draws`` of its cluster's (each
+      ancestor's) features (value ``U(0.5, 1.5)``), plus ``Poisson(noise_features)`` noise features drawn from a
       power law over all feature ids (common words; value ``U(0, 1)``). Repeated ids are summed;
       values are L2-normalized per point, like tf-idf vectors.
 
@@ -268,8 +280,12 @@ def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: 
     """
     rng = np.random.default_rng(seed)
     L, F = num_labels, num_features
-    if min(num_points, F, L, label_features, cluster_size) < 1 or mean_labels < 1 or not 0 < keep <= 1:
+    if min(num_points, F, L, label_features, cluster_size, depth, fanout) < 1 or mean_labels < 1 or not 0 < keep <= 1:
         raise ValueError("generate: sizes must be positive, mean_labels >= 1 and 0 < keep <= 1")
+    if structure not in ("clusters", "tree"):
+        raise ValueError(f"generate: structure must be 'clusters' or 'tree', got {structure!r}")
+    if not 0 <= near_labels <= 1:
+        raise ValueError(f"generate: near_labels must be in [0, 1], got {near_labels}")
     # Labels: power-law popularity over a random ranking.
     popularity = (np.arange(L) + rank_offset) ** -alpha
     popularity /= popularity.sum()
@@ -277,16 +293,35 @@ def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: 
     counts = np.minimum(1 + rng.poisson(mean_labels - 1, size=num_points), min(max_labels, L))
     rank = np.minimum(np.searchsorted(np.cumsum(popularity), rng.random(counts.sum()), side="right"), L - 1)
     point = np.repeat(np.arange(num_points), counts)
-    key = np.unique(point * L + label_of_rank[rank])  # merge duplicates, sort labels within a point
+    drawn = label_of_rank[rank]
+    if structure == "tree":  # leaves in tree order: the labels at positions [k * size, (k + 1) * size) share a node
+        position = rng.permutation(L)
+        label_at = np.argsort(position)
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # each label's point's first draw
+        further = np.arange(len(drawn)) != first
+        u = rng.random(len(drawn))
+        for size, chosen in ((cluster_size, u < near_labels),
+                             (cluster_size * fanout, (u >= near_labels) & (u < near_labels * (2 - near_labels)))):
+            chosen &= further
+            start = position[drawn[first[chosen]]] // size * size
+            offset = (rng.random(chosen.sum()) * np.minimum(size, L - start)).astype(np.int64)
+            drawn[chosen] = label_at[start + offset]
+    key = np.unique(point * L + drawn)  # merge duplicates, sort labels within a point
     point, labels = key // L, key % L
     label_offsets = np.zeros(num_points + 1, dtype=np.int64)
     np.cumsum(np.bincount(point, minlength=num_points), out=label_offsets[1:])
 
-    # Label structure: clusters with shared features, labels with their own.
-    num_clusters = max(1, L // cluster_size)
-    cluster = rng.integers(num_clusters, size=L)
-    own = rng.integers(F, size=(L, label_features))
-    shared = rng.integers(F, size=(num_clusters, cluster_features))
+    # Label structure: groups of labels with shared features (one level of clusters, or a tree's
+    # ancestors: (each label's node, each node's feature ids) per level), labels with their own.
+    if structure == "clusters":
+        num_clusters = max(1, L // cluster_size)
+        cluster = rng.integers(num_clusters, size=L)
+        own = rng.integers(F, size=(L, label_features))
+        levels = [(cluster, rng.integers(F, size=(num_clusters, cluster_features)))]
+    else:
+        own = rng.integers(F, size=(L, label_features))
+        sizes = [cluster_size * fanout ** d for d in range(depth)]
+        levels = [(position // size, rng.integers(F, size=(-(-L // size), cluster_features))) for size in sizes]
 
     # Features of each (point, label) pair, then noise per point.
     parts_point, parts_id, parts_val = [], [], []
@@ -294,10 +329,11 @@ def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: 
     parts_point.append(np.repeat(point, label_features)[keep_mask.ravel()])
     parts_id.append(own[labels].ravel()[keep_mask.ravel()])
     parts_val.append(rng.uniform(1.0, 2.0, size=parts_id[-1].shape))
-    pick = rng.integers(cluster_features, size=(len(labels), cluster_draws))
-    parts_point.append(np.repeat(point, cluster_draws))
-    parts_id.append(shared[cluster[labels][:, None], pick].ravel())
-    parts_val.append(rng.uniform(0.5, 1.5, size=parts_id[-1].shape))
+    for node, node_features in levels:
+        pick = rng.integers(cluster_features, size=(len(labels), cluster_draws))
+        parts_point.append(np.repeat(point, cluster_draws))
+        parts_id.append(node_features[node[labels][:, None], pick].ravel())
+        parts_val.append(rng.uniform(0.5, 1.5, size=parts_id[-1].shape))
     noise = rng.poisson(noise_features, size=num_points)
     word_popularity = (np.arange(F) + 10.0) ** -1.0
     word_of_rank = rng.permutation(F)

@@ -59,3 +59,28 @@ def test_equal_time_table():
     diffs = [1000.0 * ((100.0 + s) / 1000.0) ** 0.5 - (400.0 + s) for s in range(2)]
     assert last["difference"][0] == pytest.approx(np.mean(diffs)) and last["difference"][2] == 2
     assert last["difference"][1] == pytest.approx(np.std(diffs, ddof=1))
+
+
+def test_beats_higher():
+    assert be.beats((0.7, 0.01), (0.6, 0.01), 3, higher=True) == "yes, beyond the spread"
+    assert be.beats((0.6, 0.01), (0.7, 0.01), 3, higher=True) == "no: lower beyond the spread"
+    assert be.beats((0.7, 0.1), (0.6, 0.1), 3, higher=True) == "no: within the spread"
+    assert be.beats((0.7, 0.0), (0.6, 0.0), 1, higher=True).startswith("higher (one seed")
+
+
+def test_xmc_equal_time_and_reach():
+    def run(kind, slope, end, seed=0):
+        # P@1 rises linearly at `slope` per second, evaluated every second up to `end`
+        return {"kind": kind, "name": kind, "curve": [[t, 0, 0.0, slope * t + 0.01 * seed] for t in range(end + 1)]}
+
+    xmc = {"seeds": {s: {"runs": [run("lsh", 0.02, 20, s), run("random", 0.01, 10, s)]} for s in range(3)},
+           "dense": {"runs": [run("dense", 0.001, 400)]}}
+    rows, reach = be.xmc_equal_time(xmc, fractions=(0.5, 1.0))
+    assert [r["seconds"] for r in rows] == [5.0, 10.0]  # fractions of the shorter sparse run (random: 10 s)
+    last = rows[-1]
+    assert last["lsh"][0] == pytest.approx(0.21) and last["random"][0] == pytest.approx(0.11)
+    assert last["lsh"][2] == 3 and last["dense"] == pytest.approx((0.01, 0.0, 1))
+    assert last["difference"][:2] == pytest.approx((0.1, 0.0), abs=1e-12)  # the seeds' offsets cancel in pairs
+    # dense: best 0.4 at 400 s, 0.395 first at 395 s; lsh seeds (+0.01 each) first at or above 0.395 at 20, 20, 19 s
+    assert reach["best"] == pytest.approx(0.4) and reach["dense"] == 395
+    assert reach["lsh"] == [20, 20, 19]

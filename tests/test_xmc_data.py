@@ -23,8 +23,10 @@ def small(**kw):
     return generate(300, num_features=500, num_labels=1000, seed=3, **kw)
 
 
-def test_generate_is_seeded_and_well_formed():
-    a, b, c = small(), small(), generate(300, num_features=500, num_labels=1000, seed=4)
+@pytest.mark.parametrize("structure", ["clusters", "tree"])
+def test_generate_is_seeded_and_well_formed(structure):
+    a, b = small(structure=structure), small(structure=structure)
+    c = generate(300, num_features=500, num_labels=1000, seed=4, structure=structure)
     assert_same(a, b)
     assert not np.array_equal(a.label_ids, c.label_ids)
     assert a.feature_ids.dtype == np.int64 and a.feature_values.dtype == np.float32
@@ -85,6 +87,43 @@ def test_malformed_files_name_the_line(tmp_path, text, match):
     assert issubclass(XMCFormatError, ValueError)
 
 
+def co_occurring_labels_similarity(structure: str) -> float:
+    """Mean cosine similarity of the feature centroids of two labels that share a point, each
+    centroid over the label's other points (the shared ones left out, so that the pair's own point
+    does not make them alike)."""
+    d = generate(3000, num_features=3000, num_labels=2000, structure=structure, seed=0)
+    x, y = np.zeros((len(d), d.num_features)), np.zeros((len(d), d.num_labels), dtype=bool)
+    for i in range(len(d)):
+        ids, values = d.features_of(i)
+        x[i, ids], y[i, d.labels_of(i)] = values, True
+    centroid = y.T.astype(float) @ x
+    cos = []
+    for i in range(len(d)):
+        if len(d.labels_of(i)) >= 2:
+            a, b = d.labels_of(i)[:2]
+            shared = x[y[:, a] & y[:, b]].sum(0)
+            ca, cb = centroid[a] - shared, centroid[b] - shared
+            if ca.any() and cb.any():
+                cos.append(ca @ cb / (np.linalg.norm(ca) * np.linalg.norm(cb)))
+    assert len(cos) > 500
+    return float(np.mean(cos))
+
+
+def test_tree_labels_that_co_occur_are_confusable_siblings():
+    # In the hierarchy a point's labels are mostly siblings or cousins, whose features come from the
+    # same ancestors: alike even on points they do not share. The clusters draw labels independently.
+    tree, clusters = co_occurring_labels_similarity("tree"), co_occurring_labels_similarity("clusters")
+    assert tree > 0.4 and clusters < 0.1, (tree, clusters)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"structure": "forest"}, "structure must be"),
+                                           ({"near_labels": 1.5}, "near_labels"),
+                                           ({"depth": 0}, "sizes must be positive")])
+def test_generate_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small(**kwargs)
+
+
 def test_label_frequencies_follow_a_power_law():
     data = generate(20_000, num_features=20_000, num_labels=20_000, alpha=1.0, seed=0)
     counts = np.sort(data.label_counts())[::-1].astype(float)
@@ -95,14 +134,17 @@ def test_label_frequencies_follow_a_power_law():
     assert counts[0] > 50 * np.median(counts)  # a few labels on many points, most on few
 
 
-def test_features_are_informative_of_labels():
-    # A nearest-centroid rule on the raw features beats predicting the most popular label by far.
-    train, test = xmc_data.generate_split(4000, 1000, num_features=5000, num_labels=2000, seed=1)
+@pytest.mark.parametrize("structure", ["clusters", "tree"])
+def test_features_are_informative_of_labels(structure):
+    # A nearest-centroid rule (cosine: in the tree every label's centroid holds its ancestors'
+    # features, and the raw sums of popular labels would win) beats predicting the most popular label by far.
+    train, test = xmc_data.generate_split(4000, 1000, num_features=5000, num_labels=2000, seed=1, structure=structure)
     w = np.zeros((train.num_labels, train.num_features))
     for i in range(len(train)):
         ids, values = train.features_of(i)
         for label in train.labels_of(i):
             w[label, ids] += values
+    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
     hits = popular_hits = 0
     popular = np.argmax(train.label_counts())
     for i in range(len(test)):
