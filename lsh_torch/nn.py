@@ -337,7 +337,11 @@ class LSHLinear(nn.Module):
     def _top_set_stride(self, rows: int, pool: int) -> int:
         """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows
         as keep the scores within :attr:`top_set_scores`, at least one."""
-        return -(-rows // max(1, self.top_set_scores // max(1, pool)))
+        cap = self.top_set_scores
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"LSHLinear.top_set_scores must be a positive int (exact scores per shared top set), "
+                             f"got {cap!r}")
+        return -(-rows // max(1, cap // max(1, pool)))
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":

@@ -174,6 +174,14 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
             assert head[: len(forced)] == forced and len(head) == len(set(head)) == len(forced) + top
 
 
+@pytest.mark.parametrize("cap", [0, 1e5, "256", True])
+def test_top_set_scores_must_be_a_positive_int(cap):
+    layer = LSHLinear(8, 1000, active=64, mode="shared")
+    layer.top_set_scores = cap
+    with pytest.raises(ValueError, match="top_set_scores must be a positive int"):
+        layer.forward_sparse(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+
+
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_forward_sparse_on_an_empty_batch(mode):
     layer = LSHLinear(8, 10_000, mode=mode)  # the output-layer defaults: a tail and a rescored top set
