@@ -215,11 +215,11 @@ def xmc_files(structure: str) -> str:
     return "estimator_xmc" if structure == "clusters" else f"estimator_xmc_{structure}"
 
 
-def xmc_run(seed: int, quick: bool, runs: str, tag: str, structure: str) -> dict:
+def xmc_run(seed: int, quick: bool, runs: str, tag: str, structure: str, epochs: int | None = None) -> dict:
     path = os.path.join(RESULTS, f"{xmc_files(structure)}_{tag}_seed{seed}.json")
     cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
            "--structure", structure, "--json", path, "--plot", "",
-           *(["--quick"] if quick else ["--dense-epochs", "4"])]
+           *(["--quick"] if quick else ["--dense-epochs", "4"]), *(["--epochs", str(epochs)] if epochs else [])]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:
         return json.load(f)
@@ -245,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--curve-windows", type=int, default=32,
                    help="LM curve: held-out windows of 64 words scored per evaluation, spread over the held-out text")
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
+    p.add_argument("--xmc-epochs", type=int, default=None,
+                   help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
     p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
                    help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
     p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
@@ -291,8 +293,8 @@ def main(argv=None) -> None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
-        tag = "quick" if args.quick else "full"
-        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{tag}.json")
+        tag = ("quick" if args.quick else "full") + (f"_e{args.xmc_epochs}" if args.xmc_epochs else "")
+        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{'quick' if args.quick else 'full'}.json")
         if not os.path.exists(dense_cache):
             dense = xmc_run(seeds[0], args.quick, "dense", "dense", args.xmc_structure)
             with open(dense_cache, "w") as f:
@@ -300,8 +302,8 @@ def main(argv=None) -> None:
         with open(dense_cache) as f:
             result["xmc"]["dense"] = json.load(f)
         result["xmc"]["structure"] = args.xmc_structure
-        result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag, args.xmc_structure)
-                                  for seed in seeds}
+        result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag, args.xmc_structure,
+                                                args.xmc_epochs) for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -364,13 +366,17 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
     for run in xmc["dense"]["runs"]:
         runs.setdefault(run["name"], []).append(run)
     print(f"\nXMC demo ({xmc.get('structure', 'clusters')}), seeds {list(xmc['seeds'])} (dense: one cached run)")
-    print("| output layer | P@1 | P@3 | P@5 | train s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| output layer | P@1 | P@3 | P@5 | held-out loss (full softmax) | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, rs in runs.items():
         cols = []
-        for k in ("P@1", "P@3", "P@5"):
-            m, sd = mean_spread([r["final"][k] for r in rs])
-            cols.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(rs) > 1 else ""))
+        for k, digits in (("P@1", 3), ("P@3", 3), ("P@5", 3), ("loss", 2)):
+            values = [r["final"].get(k) for r in rs]
+            if None in values:  # a result from before the loss was recorded
+                cols.append("-")
+                continue
+            m, sd = mean_spread(values)
+            cols.append(f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(rs) > 1 else ""))
         print(f"| {name} | {' | '.join(cols)} | {statistics.mean(r['train_seconds'] for r in rs):.1f} |")
     rows, reach = xmc_equal_time(xmc)
     if rows:

@@ -34,7 +34,9 @@ Optimizers: the input embedding is sparse (``sparse=True``) in all three and use
 layers have row-sparse gradients (``sparse_grad=True``) and use SparseAdam too; the dense output
 layer and the hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
 with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
-layer's); the LSH top-k (``exact=False``, candidates from the tables only) is reported too.
+layer's); the LSH top-k (``exact=False``, candidates from the tables only) is reported too, and
+the held-out loss: the full softmax's cross-entropy, every output computed (what the sampled losses
+estimate; P@k reads only the top of the softmax).
 
 Wall time counts training steps only (evaluation excluded); on a GPU each step ends with
 ``torch.cuda.synchronize()`` so that it counts the step's kernels, and includes copying the batch
@@ -162,15 +164,22 @@ def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False, trunk: nn.
     ids, offsets, values, labels = batch
     h = (trunk if trunk is not None else net)(ids, offsets, values)
     if kind == "dense":
-        logits = net.out(h)
-        target = torch.zeros_like(logits)
-        valid = labels >= 0
-        target.scatter_(1, labels.clamp_min(0), valid.to(logits.dtype))
-        count = target.sum(1, keepdim=True)
-        loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none")
-        return loss.sum() / (count > 0).sum().clamp_min(1)
+        return full_softmax_loss(net.out(h), labels)
     out = net.out.forward_sparse(h, labels)
     return sparse_cross_entropy(out._replace(log_weights=None) if uncorrected else out, labels)
+
+
+def full_softmax_loss(logits: Tensor, labels: Tensor, reduce: bool = True) -> Tensor:
+    """Cross-entropy of the softmax over every label, the target mass spread evenly over a point's
+    labels (``labels`` padded with -1): the dense layer's loss, which the sampled ones estimate. The
+    mean over points with labels, or (``reduce=False``) the sum and that count."""
+    target = torch.zeros_like(logits)
+    valid = labels >= 0
+    target.scatter_(1, labels.clamp_min(0), valid.to(logits.dtype))
+    count = target.sum(1, keepdim=True)
+    loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none").sum()
+    points = (count > 0).sum()
+    return loss / points.clamp_min(1) if reduce else torch.stack([loss, points.to(loss.dtype)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +216,26 @@ def evaluate(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 1
         tops.append(top.cpu())
     net.train(was_training)
     return precision_at(torch.cat(tops), data.batch(np.arange(len(data)))[3]), seconds
+
+
+@torch.no_grad()
+def held_out_loss(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 256) -> float | None:
+    """:func:`full_softmax_loss` on ``data`` with every output computed exactly, whatever the head:
+    how well the full softmax is fitted (P@k reads only the top of it; a sampled estimator that
+    ranks well can still be badly calibrated). None for a sharded head (a rank holds part of the rows)."""
+    if kind != "dense" and world()[1] > 1:
+        return None
+    was_training = net.training
+    net.eval()
+    device = net.hidden_bias.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in data.batches(batch_size, shuffle=False):
+        ids, offsets, values, labels = to_device(batch, device)
+        h = net.hidden(ids, offsets, values)
+        logits = net.out(h) if kind == "dense" else F.linear(h, net.out.weight, net.out.bias)
+        total += full_softmax_loss(logits.float(), labels, reduce=False).double()
+    net.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +332,7 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
         run.rebuilds, run.rebuild_seconds = rebuild_timer.count, rebuild_timer.seconds
     run.final, exact_s = evaluate(net, run.kind, test_data)
     run.final["topk_s"] = exact_s
+    run.final["loss"] = held_out_loss(net, run.kind, test_data)
     if run.kind != "dense":
         lsh, lsh_s = evaluate(net, run.kind, test_data, exact=False)
         run.lsh_topk = {**lsh, "topk_s": lsh_s}
@@ -378,7 +408,7 @@ def p1_at(curve, seconds: float) -> float:
 
 def report(runs: list[Run], popular: dict, args) -> dict:
     print()
-    head = (f"{'output layer':<16}{'budget':>8}{'P@1':>8}{'P@3':>8}{'P@5':>8}{'train s':>9}{'s/epoch':>9}"
+    head = (f"{'output layer':<16}{'budget':>8}{'P@1':>8}{'P@3':>8}{'P@5':>8}{'loss':>7}{'train s':>9}{'s/epoch':>9}"
             f"{'steps':>7}{'rebuilds':>12}{'LSH top-k P@1/3/5':>20}{'top-k ms':>20}")
     print(head)
     print("-" * len(head))
@@ -387,10 +417,12 @@ def report(runs: list[Run], popular: dict, args) -> dict:
         lsh = (f"{r.lsh_topk['P@1']:.3f}/{r.lsh_topk['P@3']:.3f}/{r.lsh_topk['P@5']:.3f}" if r.lsh_topk else "")
         ms = (f"{1e3 * r.final['topk_s']:.0f}" + (f" (LSH {1e3 * r.lsh_topk['topk_s']:.0f})" if r.lsh_topk else ""))
         rebuilds = f"{r.rebuilds} ({r.rebuild_seconds:.1f}s)" if r.kind != "dense" else ""
+        loss = "n/a" if r.final["loss"] is None else f"{r.final['loss']:.2f}"
         print(f"{r.name:<16}{(r.budget if r.kind != 'dense' else ''):>8}{r.final['P@1']:>8.3f}{r.final['P@3']:>8.3f}"
-              f"{r.final['P@5']:>8.3f}{r.train_seconds:>9.1f}{float(np.median(r.epoch_seconds)):>9.1f}{r.steps:>7}"
+              f"{r.final['P@5']:>8.3f}{loss:>7}{r.train_seconds:>9.1f}{float(np.median(r.epoch_seconds)):>9.1f}{r.steps:>7}"
               f"{rebuilds:>12}{lsh:>20}{ms:>20}")
-    print("P@k on the full test split with exact scores; train s = training steps only (no evaluation); "
+    print("P@k on the full test split with exact scores; loss = the full-softmax cross-entropy on it (dense's "
+          "training loss, every output computed); train s = training steps only (no evaluation); "
           "s/epoch = median; top-k ms = time of the test split's top-5 (exact; LSH candidates)")
     summary = {}
     dense = next((r for r in runs if r.kind == "dense"), None)

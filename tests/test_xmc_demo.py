@@ -1,0 +1,42 @@
+"""The XMC demo's losses (examples/xmc.py): the full-softmax loss dense trains with and the held-out
+loss every head is scored by."""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import xmc  # noqa: E402
+import xmc_data  # noqa: E402
+
+from lsh_torch import LSHLinear  # noqa: E402
+
+
+def test_full_softmax_loss_spreads_the_target_over_labels():
+    logits = torch.randn(3, 6, dtype=torch.float64)
+    labels = torch.tensor([[1, 4], [2, -1], [-1, -1]])  # the last point has no label: not counted
+    logp = logits.log_softmax(1)
+    want = (-(logp[0, 1] + logp[0, 4]) / 2 - logp[1, 2]) / 2
+    torch.testing.assert_close(xmc.full_softmax_loss(logits, labels), want)
+    total, points = xmc.full_softmax_loss(logits, labels, reduce=False)
+    torch.testing.assert_close(total / points, want)
+    assert points == 2
+
+
+def test_held_out_loss_scores_every_output_of_a_sparse_head():
+    data = xmc_data.generate(40, num_features=300, num_labels=500, seed=0)
+    torch.manual_seed(0)
+    dense = xmc.XMCNet(data.num_features, data.num_labels, hidden=16)
+    sparse = xmc.XMCNet(data.num_features, data.num_labels, hidden=16)
+    sparse.load_state_dict(dense.state_dict())
+    sparse.out = LSHLinear.from_linear(dense.out, active=64, mode="shared")
+    sparse.train()
+    ids, offsets, values, labels = data.batch(np.arange(40))
+    with torch.no_grad():
+        want = xmc.full_softmax_loss(dense.out(dense.hidden(ids, offsets, values)), labels)
+    for net, kind in ((dense, "dense"), (sparse, "lsh")):
+        got = xmc.held_out_loss(net, kind, data, batch_size=16)  # three batches, summed before the mean
+        assert abs(got - float(want)) < 1e-4, kind
+    assert sparse.training  # restored
+    assert want > 0.9 * np.log(data.num_labels)  # untrained: about log(labels), so every output was scored
