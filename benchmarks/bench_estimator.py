@@ -318,14 +318,7 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
         print(f"\nLM at equal training time: perplexity on the fixed curve subset ({windows.shape[0]} held-out "
               f"windows, {tokens:,} words; mean ± std over seeds, one seed where no ±), each seed's curve "
               f"interpolated at the time; times are 1/3, 2/3 and all of the shorter sparse run")
-        print("| budget | train s | hashed+tail | uniform+tail | dense | hashed+tail lower than uniform+tail? "
-              "| hashed+tail − uniform+tail, per seed | lower, paired by seed? |")
-        print("|---|---:|---:|---:|---:|---|---:|---|")
-        cell = lambda v: "-" if v is None else f"{v[0]:.1f}" + (f" ± {v[1]:.1f}" if v[2] > 1 else "")  # noqa: E731
-        for r in rows:
-            h, u, d = r["hashed+tail"], r["uniform+tail"], r["difference"]
-            print(f"| {r['mode']} {r['budget']} | {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
-                  f"| {beats(h[:2], u[:2], min(h[2], u[2]))} | {cell(d)} | {beats(d[:2], (0.0, 0.0), d[2])} |")
+        print_equal_time(rows, "hashed+tail", "uniform+tail", digits=1)
     if not plot:
         return
     panels = []
@@ -382,15 +375,7 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
     if rows:
         print("\nXMC at equal training time: P@1 on the eval subset (mean ± std over seeds), each seed's curve "
               "interpolated at the time; times are fractions of the shorter sparse run")
-        print("| train s | lsh | random | dense | lsh higher than random? | lsh − random, per seed "
-              "| higher, paired by seed? |")
-        print("|---:|---:|---:|---:|---|---:|---|")
-        cell = lambda v: "-" if v is None else f"{v[0]:.3f}" + (f" ± {v[1]:.3f}" if v[2] > 1 else "")  # noqa: E731
-        for r in rows:
-            h, u, d = r["lsh"], r["random"], r["difference"]
-            print(f"| {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
-                  f"| {beats(h[:2], u[:2], min(h[2], u[2]), higher=True)} | {cell(d)} "
-                  f"| {beats(d[:2], (0.0, 0.0), d[2], higher=True)} |")
+        print_equal_time(rows, "lsh", "random", digits=3, higher=True)
     if reach:
         times = " / ".join("never" if t is None else f"{t:.1f}" for t in reach["lsh"])
         ratios = " / ".join("-" if t is None else f"{t / reach['dense']:.3f}" for t in reach["lsh"])
@@ -401,21 +386,39 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
         plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
 
 
+def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool = False) -> None:
+    """A markdown table of equal-time rows (:func:`values_at`, with ``mode`` and ``budget``): a, b and
+    dense, mean ± std over seeds, and whether a is better than b beyond the spread, unpaired and
+    paired by seed (better: ``higher`` or lower)."""
+    word = "higher" if higher else "lower"
+    print(f"| set | train s | {a} | {b} | dense | {a} {word} than {b}? | {a} − {b}, per seed "
+          f"| {word}, paired by seed? |")
+    print("|---|---:|---:|---:|---:|---|---:|---|")
+    cell = lambda v: "-" if v is None else f"{v[0]:.{digits}f}" + (f" ± {v[1]:.{digits}f}" if v[2] > 1 else "")  # noqa: E731
+    for r in rows:
+        h, u, d = r[a], r[b], r["difference"]
+        print(f"| {r['mode']} {r['budget']} | {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
+              f"| {beats(h[:2], u[:2], min(h[2], u[2]), higher)} | {cell(d)} | {beats(d[:2], (0.0, 0.0), d[2], higher)} |")
+
+
 def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0)) -> tuple[list[dict], dict]:
     """The XMC curves (P@1 on the eval subset against training seconds) compared: per fraction of the
     shorter sparse run's time, :func:`values_at` of lsh, random and dense, lsh minus random paired;
     and how soon each lsh seed first reaches dense's best P@1 - 0.005 (``reach``: dense's best, the
     time dense first reaches that, and each lsh seed's time, None where never)."""
-    runs = {"lsh": {}, "random": {}, "dense": {}}
+    runs, sets = {"lsh": {}, "random": {}, "dense": {}}, set()
     for seed, seed_result in xmc["seeds"].items():
         for run in seed_result["runs"]:
             runs[run["kind"]][seed] = [(c[0], c[3]) for c in run["curve"]]
+            sets.add((run["mode"], run["budget"]))
     for run in xmc["dense"]["runs"]:
         runs["dense"]["dense"] = [(c[0], c[3]) for c in run["curve"]]
     if not (runs["lsh"] and runs["random"]):
         return [], {}
     end = min(c[-1][0] for name in ("lsh", "random") for c in runs[name].values())
-    rows = [{"seconds": f * end, **values_at(runs, "lsh", "random", f * end)} for f in fractions]
+    (mode, budget), = sets  # one lsh and one random run per seed, the same set
+    rows = [{"mode": mode, "budget": budget, "seconds": f * end, **values_at(runs, "lsh", "random", f * end)}
+            for f in fractions]
     reach = {}
     if runs["dense"]:
         dense = runs["dense"]["dense"]

@@ -71,7 +71,8 @@ def test_beats_higher():
 def test_xmc_equal_time_and_reach():
     def run(kind, slope, end, seed=0):
         # P@1 rises linearly at `slope` per second, evaluated every second up to `end`
-        return {"kind": kind, "name": kind, "curve": [[t, 0, 0.0, slope * t + 0.01 * seed] for t in range(end + 1)]}
+        return {"kind": kind, "name": kind, "mode": "shared", "budget": 2048,
+                "curve": [[t, 0, 0.0, slope * t + 0.01 * seed] for t in range(end + 1)]}
 
     xmc = {"seeds": {s: {"runs": [run("lsh", 0.02, 20, s), run("random", 0.01, 10, s)]} for s in range(3)},
            "dense": {"runs": [run("dense", 0.001, 400)]}}
