@@ -377,10 +377,17 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
               "interpolated at the time; times are fractions of the shorter sparse run")
         print_equal_time(rows, "lsh", "random", digits=3, higher=True)
     if reach:
-        times = " / ".join("never" if t is None else f"{t:.1f}" for t in reach["lsh"])
-        ratios = " / ".join("-" if t is None else f"{t / reach['dense']:.3f}" for t in reach["lsh"])
         print(f"dense's best P@1 {reach['best']:.3f} (eval subset), its best - 0.005 first at {reach['dense']:.1f} s; "
-              f"lsh first there at {times} s per seed = {ratios} of dense's time")
+              "first there, per seed:")
+        for kind in ("lsh", "random"):
+            times = " / ".join("never" if t is None else f"{t:.1f}" for t in reach[kind])
+            ratios = " / ".join("-" if t is None else f"{t / reach['dense']:.3f}" for t in reach[kind])
+            print(f"  {kind} at {times} s = {ratios} of dense's time")
+    rows, _ = xmc_equal_time(xmc, column=4)
+    if rows:
+        print("\nXMC at equal training time: held-out loss (the full softmax's cross-entropy) on the eval subset, "
+              "as above")
+        print_equal_time(rows, "lsh", "random", digits=2)
     if plot:
         curves = {name: [[(c[0], c[3]) for c in r["curve"]] for r in rs] for name, rs in runs.items()}
         plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
@@ -401,18 +408,19 @@ def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool
               f"| {beats(h[:2], u[:2], min(h[2], u[2]), higher)} | {cell(d)} | {beats(d[:2], (0.0, 0.0), d[2], higher)} |")
 
 
-def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0)) -> tuple[list[dict], dict]:
-    """The XMC curves (P@1 on the eval subset against training seconds) compared: per fraction of the
-    shorter sparse run's time, :func:`values_at` of lsh, random and dense, lsh minus random paired;
-    and how soon each lsh seed first reaches dense's best P@1 - 0.005 (``reach``: dense's best, the
-    time dense first reaches that, and each lsh seed's time, None where never)."""
+def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0), column: int = 3) -> tuple[list[dict], dict]:
+    """The XMC curves compared: P@1 on the eval subset against training seconds (``column=4``: the
+    held-out loss; curves recorded without it are left out). Per fraction of the shorter sparse
+    run's time, :func:`values_at` of lsh, random and dense, lsh minus random paired; and how soon
+    each lsh and random seed first reaches dense's best - 0.005 (``reach``: dense's best, the time
+    dense first reaches that, each seed's time per kind, None where never; P@1 only)."""
     runs, sets = {"lsh": {}, "random": {}, "dense": {}}, set()
-    for seed, seed_result in xmc["seeds"].items():
-        for run in seed_result["runs"]:
-            runs[run["kind"]][seed] = [(c[0], c[3]) for c in run["curve"]]
-            sets.add((run["mode"], run["budget"]))
-    for run in xmc["dense"]["runs"]:
-        runs["dense"]["dense"] = [(c[0], c[3]) for c in run["curve"]]
+    for seed, run in [(s, r) for s, sr in xmc["seeds"].items() for r in sr["runs"]] + \
+            [("dense", r) for r in xmc["dense"]["runs"]]:
+        if all(len(c) > column and c[column] is not None for c in run["curve"]):
+            runs[run["kind"]][seed] = [(c[0], c[column]) for c in run["curve"]]
+            if run["kind"] != "dense":
+                sets.add((run["mode"], run["budget"]))
     if not (runs["lsh"] and runs["random"]):
         return [], {}
     end = min(c[-1][0] for name in ("lsh", "random") for c in runs[name].values())
@@ -420,11 +428,12 @@ def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0)) -> tuple[list[di
     rows = [{"mode": mode, "budget": budget, "seconds": f * end, **values_at(runs, "lsh", "random", f * end)}
             for f in fractions]
     reach = {}
-    if runs["dense"]:
+    if runs["dense"] and column == 3:
         dense = runs["dense"]["dense"]
         best = max(v for _, v in dense)
         first = lambda curve: next((t for t, v in curve if v >= best - 0.005), None)  # noqa: E731
-        reach = {"best": best, "dense": first(dense), "lsh": [first(c) for c in runs["lsh"].values()]}
+        reach = {"best": best, "dense": first(dense),
+                 **{kind: [first(c) for c in runs[kind].values()] for kind in ("lsh", "random")}}
     return rows, reach
 
 

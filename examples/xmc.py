@@ -238,6 +238,11 @@ def held_out_loss(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: in
     return float(total[0] / total[1].clamp_min(1))
 
 
+def curve_point(net: XMCNet, kind: str, eval_data: xmc_data.XMCData) -> tuple[float, float | None]:
+    """P@1 and :func:`held_out_loss` on the eval subset: one point of a run's curve."""
+    return evaluate(net, kind, eval_data)[0]["P@1"], held_out_loss(net, kind, eval_data)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -247,7 +252,7 @@ class Run:
     kind: str
     mode: str
     budget: int
-    curve: list = field(default_factory=list)  # (train seconds, step, epoch, P@1 on the eval subset)
+    curve: list = field(default_factory=list)  # (train seconds, step, epoch, P@1, held-out loss), eval subset
     epoch_seconds: list = field(default_factory=list)
     train_seconds: float = 0.0
     rebuilds: int = 0
@@ -298,7 +303,7 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
     eval_every = max(1, round(steps_per_epoch * args.eval_every))
     rebuild_timer = (_RebuildTimer(net.out.shard if size > 1 else net.out, args.device)
                      if run.kind != "dense" else None)
-    run.curve.append((0.0, 0, 0.0, evaluate(net, run.kind, eval_data)[0]["P@1"]))
+    run.curve.append((0.0, 0, 0.0, *curve_point(net, run.kind, eval_data)))
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"{run.name:>14}", unit="step", leave=True, dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
     net.train()
@@ -323,8 +328,8 @@ def train(run: Run, train_data, eval_data, test_data, args) -> Run:
             run.steps += 1
             bar.update(1)
             if run.steps % eval_every == 0 or run.steps == epochs * steps_per_epoch:
-                p1 = evaluate(net, run.kind, eval_data)[0]["P@1"]
-                run.curve.append((run.train_seconds, run.steps, run.steps / steps_per_epoch, p1))
+                p1, _ = point = curve_point(net, run.kind, eval_data)
+                run.curve.append((run.train_seconds, run.steps, run.steps / steps_per_epoch, *point))
                 bar.set_postfix(loss=f"{loss.item():.3f}", P1=f"{p1:.3f}", t=f"{run.train_seconds:.0f}s")
         run.epoch_seconds.append(run.train_seconds - epoch_start)
     bar.close()
@@ -393,7 +398,7 @@ class _RebuildTimer:
 # Report
 
 def time_to_reach(curve, target: float) -> float | None:
-    for seconds, _, _, p1 in curve:
+    for seconds, _, _, p1, _ in curve:
         if p1 >= target:
             return seconds
     return None
@@ -427,7 +432,7 @@ def report(runs: list[Run], popular: dict, args) -> dict:
     summary = {}
     dense = next((r for r in runs if r.kind == "dense"), None)
     if dense is not None:
-        best = max(p for *_, p in dense.curve)
+        best = max(c[3] for c in dense.curve)
         print(f"\ndense: best P@1 {best:.3f} (eval subset) in {dense.train_seconds:.1f}s of training")
         summary["dense_best_p1"] = best
         for r in runs:
@@ -454,7 +459,7 @@ def report(runs: list[Run], popular: dict, args) -> dict:
         print("  " + "  ".join(f"{p1_at(rnd.curve, t):>6.3f}" for t in points) + f"  {rnd.name}")
         print(f"  {r.name} ahead at {sum(d > 0 for d in lead)} of 10 times, by {100 * max(lead):+.1f} points at "
               f"best and {100 * min(lead):+.1f} at worst")
-        best = max(p for *_, p in r.curve + rnd.curve)
+        best = max(c[3] for c in r.curve + rnd.curve)
         levels = [round(f * best, 3) for f in (0.5, 0.75, 0.9, 0.95)]  # fractions of the best P@1 of the two
         cells = [(lv, time_to_reach(r.curve, lv), time_to_reach(rnd.curve, lv)) for lv in levels]
         print(f"  seconds to reach P@1 ({r.name} vs {rnd.name}) " + ", ".join(

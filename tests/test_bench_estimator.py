@@ -71,8 +71,8 @@ def test_beats_higher():
 def test_xmc_equal_time_and_reach():
     def run(kind, slope, end, seed=0):
         # P@1 rises linearly at `slope` per second, evaluated every second up to `end`
-        return {"kind": kind, "name": kind, "mode": "shared", "budget": 2048,
-                "curve": [[t, 0, 0.0, slope * t + 0.01 * seed] for t in range(end + 1)]}
+        return {"kind": kind, "name": kind, "mode": "shared", "budget": 2048,  # P@1 and loss rise and fall at `slope`
+                "curve": [[t, 0, 0.0, slope * t + 0.01 * seed, 10 - slope * t] for t in range(end + 1)]}
 
     xmc = {"seeds": {s: {"runs": [run("lsh", 0.02, 20, s), run("random", 0.01, 10, s)]} for s in range(3)},
            "dense": {"runs": [run("dense", 0.001, 400)]}}
@@ -84,4 +84,9 @@ def test_xmc_equal_time_and_reach():
     assert last["difference"][:2] == pytest.approx((0.1, 0.0), abs=1e-12)  # the seeds' offsets cancel in pairs
     # dense: best 0.4 at 400 s, 0.395 first at 395 s; lsh seeds (+0.01 each) first at or above 0.395 at 20, 20, 19 s
     assert reach["best"] == pytest.approx(0.4) and reach["dense"] == 395
-    assert reach["lsh"] == [20, 20, 19]
+    assert reach["lsh"] == [20, 20, 19] and reach["random"] == [None] * 3  # random stops at 0.1-0.12
+    loss, no_reach = be.xmc_equal_time(xmc, fractions=(1.0,), column=4)
+    assert loss[0]["lsh"][0] == pytest.approx(9.8) and loss[0]["random"][0] == pytest.approx(9.9)
+    assert loss[0]["dense"][0] == pytest.approx(9.99) and no_reach == {}
+    xmc["dense"]["runs"][0]["curve"] = [c[:4] for c in xmc["dense"]["runs"][0]["curve"]]  # recorded without loss
+    assert "dense" not in be.xmc_equal_time(xmc, fractions=(1.0,), column=4)[0][0]
