@@ -296,7 +296,7 @@ def main(argv=None) -> None:
         tag = ("quick" if args.quick else "full") + (f"_e{args.xmc_epochs}" if args.xmc_epochs else "")
         dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{'quick' if args.quick else 'full'}.json")
         if not os.path.exists(dense_cache):
-            dense = xmc_run(seeds[0], args.quick, "dense", "dense", args.xmc_structure)
+            dense = xmc_run(seeds[0], args.quick, "dense", f"dense_{'quick' if args.quick else 'full'}", args.xmc_structure)
             with open(dense_cache, "w") as f:
                 json.dump(dense, f)
         with open(dense_cache) as f:
