@@ -1,6 +1,6 @@
 """Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU or GPU.
 
-    python examples/xmc.py                      # synthetic data, 100,000 labels: 4 min 22 s on 2 cores
+    python examples/xmc.py                      # synthetic data, 100,000 labels: 3 min 45 s on 2 cores
     python examples/xmc.py --quick              # a smaller run (about a minute)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
