@@ -108,7 +108,7 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
     print(f"{'top set rows':>12} {'labels + top set mass':>22} {'forward ms':>10}")
     rows = []
     for sample in sorted({1024, 512, 256, 128, 64, 32, default_rows}, reverse=True):
-        layer.top_set_scores = sample * pool
+        layer.top_set_scores = sample * max(1, pool)  # no pool (no room for a top set): any positive cap
         times = []
         for _ in range(5):
             start = time.perf_counter()
