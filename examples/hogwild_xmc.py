@@ -111,7 +111,8 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         args.train_points, args.test_points, args.epochs = 8_000, 2_000, 2
     train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed,
-                                                    num_features=args.features, num_labels=args.labels)
+                                                    num_features=args.features, num_labels=args.labels,
+                                                    structure=args.structure)
     eval_data = test_data.subset(np.random.default_rng(args.seed).permutation(len(test_data))[:args.eval_points])
     print(f"synthetic data: {train_data.summary()}\n{os.cpu_count()} cores; torch {torch.__version__}, "
           f"one thread per process; {args.epochs} epochs over each process's part, batch {args.batch_size}")

@@ -173,9 +173,10 @@ def full_softmax_loss(logits: Tensor, labels: Tensor, reduce: bool = True) -> Te
     """Cross-entropy of the softmax over every label, the target mass spread evenly over a point's
     labels (``labels`` padded with -1): the dense layer's loss, which the sampled ones estimate. The
     mean over points with labels, or (``reduce=False``) the sum and that count."""
-    target = torch.zeros_like(logits)
-    valid = labels >= 0
-    target.scatter_(1, labels.clamp_min(0), valid.to(logits.dtype))
+    # Padding scatters into a spare last column, dropped after (into column 0 it would overwrite label 0).
+    target = logits.new_zeros(logits.shape[0], logits.shape[1] + 1)
+    target.scatter_(1, torch.where(labels >= 0, labels, logits.shape[1]), 1.0)
+    target = target[:, :-1]
     count = target.sum(1, keepdim=True)
     loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none").sum()
     points = (count > 0).sum()

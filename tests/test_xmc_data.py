@@ -87,11 +87,11 @@ def test_malformed_files_name_the_line(tmp_path, text, match):
     assert issubclass(XMCFormatError, ValueError)
 
 
-def co_occurring_labels_similarity(structure: str) -> float:
+def co_occurring_labels_similarity(**kwargs) -> float:
     """Mean cosine similarity of the feature centroids of two labels that share a point, each
     centroid over the label's other points (the shared ones left out, so that the pair's own point
     does not make them alike)."""
-    d = generate(3000, num_features=3000, num_labels=2000, structure=structure, seed=0)
+    d = generate(3000, num_features=3000, num_labels=2000, seed=0, **kwargs)
     x, y = np.zeros((len(d), d.num_features)), np.zeros((len(d), d.num_labels), dtype=bool)
     for i in range(len(d)):
         ids, values = d.features_of(i)
@@ -111,9 +111,21 @@ def co_occurring_labels_similarity(structure: str) -> float:
 
 def test_tree_labels_that_co_occur_are_confusable_siblings():
     # In the hierarchy a point's labels are mostly siblings or cousins, whose features come from the
-    # same ancestors: alike even on points they do not share. The clusters draw labels independently.
-    tree, clusters = co_occurring_labels_similarity("tree"), co_occurring_labels_similarity("clusters")
-    assert tree > 0.4 and clusters < 0.1, (tree, clusters)
+    # same ancestors: alike even on points they do not share. Drawn independently (near_labels=0, or
+    # the clusters) they are not. Depth 2: 10 grandparents of 200 labels (at depth 3 one root would
+    # hold all 2,000 and make every pair alike).
+    near = co_occurring_labels_similarity(structure="tree", depth=2)
+    independent = co_occurring_labels_similarity(structure="tree", depth=2, near_labels=0.0)
+    clusters = co_occurring_labels_similarity(structure="clusters")
+    assert near > 0.2 and near > 2 * independent and clusters < 0.1, (near, independent, clusters)
+
+
+@pytest.mark.parametrize("num_labels", [7, 19, 1013])  # fewer than a sibling group, and not a multiple of one
+def test_tree_with_partial_groups_is_well_formed(num_labels):
+    d = generate(400, num_features=300, num_labels=num_labels, cluster_size=20, fanout=3, structure="tree", seed=1)
+    assert d.label_ids.min() >= 0 and d.label_ids.max() < num_labels
+    assert d.feature_ids.min() >= 0 and d.feature_ids.max() < 300
+    assert all(len(d.labels_of(i)) >= 1 and np.all(np.diff(d.labels_of(i)) > 0) for i in range(len(d)))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"structure": "forest"}, "structure must be"),

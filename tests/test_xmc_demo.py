@@ -14,14 +14,15 @@ from lsh_torch import LSHLinear  # noqa: E402
 
 
 def test_full_softmax_loss_spreads_the_target_over_labels():
-    logits = torch.randn(3, 6, dtype=torch.float64)
-    labels = torch.tensor([[1, 4], [2, -1], [-1, -1]])  # the last point has no label: not counted
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    # The last point has no label: not counted. Label 0 beside padding keeps its share.
+    labels = torch.tensor([[1, 4], [2, -1], [0, -1], [-1, -1]])
     logp = logits.log_softmax(1)
-    want = (-(logp[0, 1] + logp[0, 4]) / 2 - logp[1, 2]) / 2
+    want = (-(logp[0, 1] + logp[0, 4]) / 2 - logp[1, 2] - logp[2, 0]) / 3
     torch.testing.assert_close(xmc.full_softmax_loss(logits, labels), want)
     total, points = xmc.full_softmax_loss(logits, labels, reduce=False)
     torch.testing.assert_close(total / points, want)
-    assert points == 2
+    assert points == 3
 
 
 def test_held_out_loss_scores_every_output_of_a_sparse_head():
