@@ -394,6 +394,11 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
     if plot:
         curves = {name: [[(c[0], c[3]) for c in r["curve"]] for r in rs] for name, rs in runs.items()}
         plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
+        losses = {name: [[(c[0], c[4]) for c in r["curve"]] for r in rs] for name, rs in runs.items()
+                  if all(len(c) > 4 and c[4] is not None for r in rs for c in r["curve"])}
+        if losses:  # runs recorded with their held-out loss
+            plot_seed_curves([("", losses)], plot.replace(".png", "_loss.png"),
+                             "held-out loss, full softmax (eval subset)", band="range")
 
 
 def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool = False) -> None:
