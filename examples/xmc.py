@@ -220,12 +220,14 @@ def evaluate(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 1
 
 
 @torch.no_grad()
-def held_out_loss(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int = 256) -> float | None:
+def held_out_loss(net: XMCNet, kind: str, data: xmc_data.XMCData, batch_size: int | None = None) -> float | None:
     """:func:`full_softmax_loss` on ``data`` with every output computed exactly, whatever the head:
     how well the full softmax is fitted (P@k reads only the top of it; a sampled estimator that
-    ranks well can still be badly calibrated). None for a sharded head (a rank holds part of the rows)."""
+    ranks well can still be badly calibrated). None for a sharded head (a rank holds part of the rows).
+    Default batches hold at most 2**25 logits (128 MB in float32; 50 points at 670,091 labels)."""
     if kind != "dense" and world()[1] > 1:
         return None
+    batch_size = batch_size or max(1, min(256, 2 ** 25 // data.num_labels))
     was_training = net.training
     net.eval()
     device = net.hidden_bias.device
