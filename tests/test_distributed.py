@@ -3,6 +3,7 @@
 
 Each test spawns its ranks; they write what they computed to files that the test compares."""
 import os
+import sys
 
 import pytest
 import torch
@@ -30,8 +31,16 @@ def _worker(rank, fn, tmp, args):
     try:
         result = fn(rank, *args)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
+    # Results saved and the group destroyed: skip interpreter finalization, where gloo's worker
+    # threads can still hold tensors of FSDP2's collectives and abort the process ("terminate called
+    # without an active exception", SIGABRT; seen twice in full runs after the ranks had finished,
+    # never alone). An exception above still reaches the parent through mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _Net(nn.Module):
