@@ -295,10 +295,11 @@ def main(argv=None) -> None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
-        tag = ("quick" if args.quick else "full") + (f"_e{args.xmc_epochs}" if args.xmc_epochs else "")
-        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{'quick' if args.quick else 'full'}.json")
+        length = "quick" if args.quick else "full"
+        tag = length + (f"_e{args.xmc_epochs}" if args.xmc_epochs else "")
+        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{length}.json")
         if not os.path.exists(dense_cache):
-            dense = xmc_run(seeds[0], args.quick, "dense", f"dense_{'quick' if args.quick else 'full'}", args.xmc_structure)
+            dense = xmc_run(seeds[0], args.quick, "dense", f"dense_{length}", args.xmc_structure)
             with open(dense_cache, "w") as f:
                 json.dump(dense, f)
         with open(dense_cache) as f:
@@ -392,13 +393,20 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
               "as above")
         print_equal_time(rows, "lsh", "random", digits=2)
     if plot:
-        curves = {name: [[(c[0], c[3]) for c in r["curve"]] for r in rs] for name, rs in runs.items()}
-        plot_seed_curves([("", curves)], plot, "P@1 (eval subset)", band="range")
-        losses = {name: [[(c[0], c[4]) for c in r["curve"]] for r in rs] for name, rs in runs.items()
-                  if all(len(c) > 4 and c[4] is not None for r in rs for c in r["curve"])}
-        if losses:  # runs recorded with their held-out loss
-            plot_seed_curves([("", losses)], plot.replace(".png", "_loss.png"),
-                             "held-out loss, full softmax (eval subset)", band="range")
+        for column, path, ylabel in ((3, plot, "P@1 (eval subset)"),
+                                     (4, plot.replace(".png", "_loss.png"), "held-out loss, full softmax (eval subset)")):
+            curves = {name: [xmc_curve(r, column) for r in rs] for name, rs in runs.items()}
+            curves = {name: cs for name, cs in curves.items() if None not in cs}
+            if curves:
+                plot_seed_curves([("", curves)], path, ylabel, band="range")
+
+
+def xmc_curve(run: dict, column: int) -> list | None:
+    """An XMC run's ``[(seconds, value), ...]``: P@1 (``column=3``) or the held-out loss (4); None
+    where the run was recorded without that value (the loss came later)."""
+    if all(len(c) > column and c[column] is not None for c in run["curve"]):
+        return [(c[0], c[column]) for c in run["curve"]]
+    return None
 
 
 def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool = False) -> None:
@@ -425,8 +433,9 @@ def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0), column: int = 3)
     runs, sets = {"lsh": {}, "random": {}, "dense": {}}, set()
     for seed, run in [(s, r) for s, sr in xmc["seeds"].items() for r in sr["runs"]] + \
             [("dense", r) for r in xmc["dense"]["runs"]]:
-        if all(len(c) > column and c[column] is not None for c in run["curve"]):
-            runs[run["kind"]][seed] = [(c[0], c[column]) for c in run["curve"]]
+        curve = xmc_curve(run, column)
+        if curve is not None:
+            runs[run["kind"]][seed] = curve
             if run["kind"] != "dense":
                 sets.add((run["mode"], run["budget"]))
     if not (runs["lsh"] and runs["random"]):

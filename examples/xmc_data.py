@@ -313,7 +313,7 @@ def generate(num_points: int = 25_000, num_features: int = 100_000, num_labels: 
 
     # Label structure: groups of labels with shared features (one level of clusters, or a tree's
     # ancestors: (each label's node, each node's feature ids) per level), labels with their own.
-    if structure == "clusters":
+    if structure == "clusters":  # draws in the order they always had: the same data for a seed as before the tree
         num_clusters = max(1, L // cluster_size)
         cluster = rng.integers(num_clusters, size=L)
         own = rng.integers(F, size=(L, label_features))
