@@ -210,17 +210,16 @@ def values_at(runs: dict, a: str, b: str, seconds: float, log: bool = False) -> 
     return row
 
 
-def xmc_files(structure: str) -> str:
-    """The stem of the XMC result files of a synthetic label structure (the clusters' names predate the tree)."""
-    return "estimator_xmc" if structure == "clusters" else f"estimator_xmc_{structure}"
-
-
-def xmc_run(seed: int, quick: bool, runs: str, tag: str, structure: str, epochs: int | None = None) -> dict:
-    path = os.path.join(RESULTS, f"{xmc_files(structure)}_{tag}_seed{seed}.json")
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
-           "--structure", structure, "--json", path, "--plot", "",
-           *(["--quick"] if quick else ["--dense-epochs", "4"]), *(["--epochs", str(epochs)] if epochs else [])]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+def xmc_run(seed: int, runs: str, stem: str, demo_args: list[str], reuse: bool = False) -> dict:
+    """One ``examples/xmc.py --runs runs --seed seed *demo_args`` on ``seed``'s data (the data seed
+    is the run seed), saved to ``benchmarks/results/{stem}_seed{seed}.json``; ``reuse``: read that
+    file instead where it exists (dense's runs, minutes each, are trained once per seed and data
+    and kept)."""
+    path = os.path.join(RESULTS, f"{stem}_seed{seed}.json")
+    if not (reuse and os.path.exists(path)):
+        cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
+               "--json", path, "--plot", "", *demo_args]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:
         return json.load(f)
 
@@ -249,14 +248,16 @@ def main(argv=None) -> None:
                    help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
     p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
                    help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
+    p.add_argument("--xmc-train-points", type=int, default=None,
+                   help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
     p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
     p.add_argument("--lm-plot", default=os.path.join(RESULTS, "estimator_lm.png"),
                    help="PNG of the LM perplexity curves ('' for none)")
     p.add_argument("--xmc-plot", default=os.path.join(RESULTS, "estimator_xmc.png"),
                    help="PNG of the XMC P@1 curves ('' for none)")
     args = p.parse_args(argv)
-    if args.quick and args.xmc_epochs:
-        p.error("--xmc-epochs with --quick: the XMC demo's --quick sets its own epochs (2)")
+    if args.quick and (args.xmc_epochs or args.xmc_train_points):
+        p.error("--xmc-epochs or --xmc-train-points with --quick: the XMC demo's --quick sets its own")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (100 if args.quick else 300)
     eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
@@ -295,18 +296,21 @@ def main(argv=None) -> None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
+        # File names: estimator_xmc[_STRUCTURE][_nPOINTS]_{dense,RUNLENGTH}_seedS.json (the clusters' predate the tree).
+        data = ["--structure", args.xmc_structure]
+        stem = "estimator_xmc" + ("" if args.xmc_structure == "clusters" else f"_{args.xmc_structure}")
+        if args.xmc_train_points:
+            data += ["--train-points", str(args.xmc_train_points)]
+            stem += f"_n{args.xmc_train_points}"
         length = "quick" if args.quick else "full"
-        tag = length + (f"_e{args.xmc_epochs}" if args.xmc_epochs else "")
-        dense_cache = os.path.join(RESULTS, f"{xmc_files(args.xmc_structure)}_dense_{length}.json")
-        if not os.path.exists(dense_cache):
-            dense = xmc_run(seeds[0], args.quick, "dense", f"dense_{length}", args.xmc_structure)
-            with open(dense_cache, "w") as f:
-                json.dump(dense, f)
-        with open(dense_cache) as f:
-            result["xmc"]["dense"] = json.load(f)
+        data += ["--quick"] if args.quick else ["--dense-epochs", "4"]
+        result["xmc"]["dense"] = {seed: xmc_run(seed, "dense", f"{stem}_dense_{length}", data, reuse=True)
+                                  for seed in seeds}
         result["xmc"]["structure"] = args.xmc_structure
-        result["xmc"]["seeds"] = {seed: xmc_run(seed, args.quick, "lsh,random", tag, args.xmc_structure,
-                                                args.xmc_epochs) for seed in seeds}
+        epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
+            else ([], length)
+        result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs)
+                                  for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -359,9 +363,11 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
     for seed_result in xmc["seeds"].values():
         for run in seed_result["runs"]:
             runs.setdefault(run["name"], []).append(run)
-    for run in xmc["dense"]["runs"]:
-        runs.setdefault(run["name"], []).append(run)
-    print(f"\nXMC demo ({xmc.get('structure', 'clusters')}), seeds {list(xmc['seeds'])} (dense: one cached run)")
+    for seed_result in xmc["dense"].values():
+        for run in seed_result["runs"]:
+            runs.setdefault(run["name"], []).append(run)
+    print(f"\nXMC demo ({xmc.get('structure', 'clusters')}), seeds {list(xmc['seeds'])} "
+          f"(dense: seeds {list(xmc['dense'])}, one run per seed's data, kept)")
     print("| output layer | P@1 | P@3 | P@5 | held-out loss (full softmax) | train s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, rs in runs.items():
@@ -380,13 +386,14 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
               "interpolated at the time; times are fractions of the shorter sparse run")
         print_equal_time(rows, "lsh", "random", digits=3, higher=True)
     if reach:
-        print(f"dense's best P@1 {reach['best']:.3f} (eval subset), its best - 0.005 first at {reach['dense']:.1f} s; "
-              "first there, per seed:")
-        for kind in ("lsh", "random"):
-            times = " / ".join("never" if t is None else f"{t:.1f}" for t in reach[kind])
-            ratios = " / ".join("-" if t is None or not reach["dense"] else f"{t / reach['dense']:.3f}"
-                                for t in reach[kind])
-            print(f"  {kind} at {times} s = {ratios} of dense's time")
+        print("first within 0.005 of dense's best P@1 (eval subset) on the same seed's data, seconds and the fraction "
+              "of the time dense took to get there:")
+        print("| seed | dense's best | dense | lsh | random |")
+        print("|---|---:|---:|---:|---:|")
+        at = lambda t, dense: "never" if t is None else f"{t:.1f} s" + (f" = {t / dense:.3f}" if dense else "")  # noqa: E731
+        for seed, r in reach.items():
+            print(f"| {seed} | {r['best']:.3f} | {r['dense']:.1f} s | {at(r['lsh'], r['dense'])} "
+                  f"| {at(r['random'], r['dense'])} |")
     rows, _ = xmc_equal_time(xmc, column=4)
     if rows:
         print("\nXMC at equal training time: held-out loss (the full softmax's cross-entropy) on the eval subset, "
@@ -427,17 +434,19 @@ def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool
 def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0), column: int = 3) -> tuple[list[dict], dict]:
     """The XMC curves compared: P@1 on the eval subset against training seconds (``column=4``: the
     held-out loss; curves recorded without it are left out). Per fraction of the shorter sparse
-    run's time, :func:`values_at` of lsh, random and dense, lsh minus random paired; and how soon
-    each lsh and random seed first reaches dense's best - 0.005 (``reach``: dense's best, the time
-    dense first reaches that, each seed's time per kind, None where never; P@1 only)."""
+    run's time, :func:`values_at` of lsh, random and dense (over the seeds' dense runs), lsh minus
+    random paired; and, per seed with a dense run, how soon its lsh and random runs first reach that
+    dense run's best - 0.005 (``reach``: seed -> {"best", "dense": dense's own time to get there,
+    "lsh", "random": None where never}; P@1 only)."""
     runs, sets = {"lsh": {}, "random": {}, "dense": {}}, set()
-    for seed, run in [(s, r) for s, sr in xmc["seeds"].items() for r in sr["runs"]] + \
-            [("dense", r) for r in xmc["dense"]["runs"]]:
-        curve = xmc_curve(run, column)
-        if curve is not None:
-            runs[run["kind"]][seed] = curve
-            if run["kind"] != "dense":
-                sets.add((run["mode"], run["budget"]))
+    for results in (xmc["seeds"], xmc["dense"]):
+        for seed, seed_result in results.items():
+            for run in seed_result["runs"]:
+                curve = xmc_curve(run, column)
+                if curve is not None:
+                    runs[run["kind"]][seed] = curve
+                    if run["kind"] != "dense":
+                        sets.add((run["mode"], run["budget"]))
     if not (runs["lsh"] and runs["random"]):
         return [], {}
     end = min(c[-1][0] for name in ("lsh", "random") for c in runs[name].values())
@@ -446,12 +455,11 @@ def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0), column: int = 3)
     rows = [{"mode": mode, "budget": budget, "seconds": f * end, **values_at(runs, "lsh", "random", f * end)}
             for f in fractions]
     reach = {}
-    if runs["dense"] and column == 3:
-        dense = runs["dense"]["dense"]
+    for seed, dense in runs["dense"].items() if column == 3 else ():
         best = max(v for _, v in dense)
-        first = lambda curve: next((t for t, v in curve if v >= best - 0.005), None)  # noqa: E731
-        reach = {"best": best, "dense": first(dense),
-                 **{kind: [first(c) for c in runs[kind].values()] for kind in ("lsh", "random")}}
+        first = lambda curve: None if curve is None else next((t for t, v in curve if v >= best - 0.005), None)  # noqa: E731
+        reach[seed] = {"best": best, "dense": first(dense),
+                       **{kind: first(runs[kind].get(seed)) for kind in ("lsh", "random")}}
     return rows, reach
 
 

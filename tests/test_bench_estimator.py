@@ -68,25 +68,36 @@ def test_beats_higher():
     assert be.beats((0.7, 0.0), (0.6, 0.0), 1, higher=True).startswith("higher (one seed")
 
 
-def test_xmc_equal_time_and_reach():
+def test_xmc_equal_time_and_reach(capsys):
     def run(kind, slope, end, seed=0):
         # P@1 rises linearly at `slope` per second, evaluated every second up to `end`
         return {"kind": kind, "name": kind, "mode": "shared", "budget": 2048,  # P@1 and loss rise and fall at `slope`
-                "curve": [[t, 0, 0.0, slope * t + 0.01 * seed, 10 - slope * t] for t in range(end + 1)]}
+                "curve": [[t, 0, 0.0, slope * t + 0.01 * seed, 10 - slope * t] for t in range(end + 1)],
+                "train_seconds": end, "final": {"P@1": slope * end, "P@3": 0.1, "P@5": 0.1, "loss": 10 - slope * end}}
 
     xmc = {"seeds": {s: {"runs": [run("lsh", 0.02, 20, s), run("random", 0.01, 10, s)]} for s in range(3)},
-           "dense": {"runs": [run("dense", 0.001, 400)]}}
+           "dense": {s: {"runs": [run("dense", 0.001, 400, 10 * s)]} for s in range(2)}}  # seed 1's data: +0.1
     rows, reach = be.xmc_equal_time(xmc, fractions=(0.5, 1.0))
     assert [r["seconds"] for r in rows] == [5.0, 10.0]  # fractions of the shorter sparse run (random: 10 s)
     last = rows[-1]
     assert last["lsh"][0] == pytest.approx(0.21) and last["random"][0] == pytest.approx(0.11)
-    assert last["lsh"][2] == 3 and last["dense"] == pytest.approx((0.01, 0.0, 1))
+    assert last["lsh"][2] == 3 and last["dense"][0] == pytest.approx(0.06) and last["dense"][2] == 2
     assert last["difference"][:2] == pytest.approx((0.1, 0.0), abs=1e-12)  # the seeds' offsets cancel in pairs
-    # dense: best 0.4 at 400 s, 0.395 first at 395 s; lsh seeds (+0.01 each) first at or above 0.395 at 20, 20, 19 s
-    assert reach["best"] == pytest.approx(0.4) and reach["dense"] == 395
-    assert reach["lsh"] == [20, 20, 19] and reach["random"] == [None] * 3  # random stops at 0.1-0.12
+    # Each seed against the dense run on its own data; seed 2 has none.
+    # Seed 0: dense's best 0.4 at 400 s, 0.395 first at 395 s; lsh (0.02 t) first at or above it at 20 s.
+    # Seed 1: dense's best 0.5, 0.495 first at 395 s; lsh (0.02 t + 0.01) tops out at 0.41: never.
+    assert list(reach) == [0, 1]
+    assert reach[0]["best"] == pytest.approx(0.4) and reach[0]["dense"] == 395 and reach[0]["lsh"] == 20
+    assert reach[1]["best"] == pytest.approx(0.5) and reach[1]["dense"] == 395 and reach[1]["lsh"] is None
+    assert reach[0]["random"] is None  # random stops at 0.1
     loss, no_reach = be.xmc_equal_time(xmc, fractions=(1.0,), column=4)
     assert loss[0]["lsh"][0] == pytest.approx(9.8) and loss[0]["random"][0] == pytest.approx(9.9)
     assert loss[0]["dense"][0] == pytest.approx(9.99) and no_reach == {}
-    xmc["dense"]["runs"][0]["curve"] = [c[:4] for c in xmc["dense"]["runs"][0]["curve"]]  # recorded without loss
+    be.print_xmc(xmc, plot="")
+    printed = capsys.readouterr().out
+    assert "| 0 | 0.400 | 395.0 s | 20.0 s = 0.051 | never |" in printed
+    assert "| 1 | 0.500 | 395.0 s | never | never |" in printed
+    assert "| dense | 0.400 ± 0.000 |" in printed  # the final table: both seeds' dense runs
+    for s in range(2):  # recorded without the loss
+        xmc["dense"][s]["runs"][0]["curve"] = [c[:4] for c in xmc["dense"][s]["runs"][0]["curve"]]
     assert "dense" not in be.xmc_equal_time(xmc, fractions=(1.0,), column=4)[0][0]
