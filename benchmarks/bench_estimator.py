@@ -404,7 +404,7 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
                                      (4, plot.replace(".png", "_loss.png"), "held-out loss, full softmax (eval subset)")):
             curves = {name: [xmc_curve(r, column) for r in rs] for name, rs in runs.items()}
             curves = {name: cs for name, cs in curves.items() if None not in cs}
-            if curves:
+            if len(curves) > 1:  # a comparison: not dense alone (sparse runs recorded before the loss)
                 plot_seed_curves([("", curves)], path, ylabel, band="range")
 
 
