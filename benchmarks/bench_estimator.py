@@ -16,6 +16,8 @@ budget (``mode="per_row"``) and a shared one (``mode="shared"``):
                   10 (not run unless named in --variants)
   hashed+tail, tail 1/4   hashed+tail with a quarter of the budget in the tail instead of half: a larger
                   top set (not run unless named in --variants)
+  exact top set+tail, oracle   hashed+tail with the exact best outputs as its top set (dense logits computed
+                  to choose them; compare at equal steps, not time; not run unless named in --variants)
 
 A seed's LM runs train in lockstep (the same batches, one step of each in turn, each on its own
 clock), so that the machine's drifting load falls on all of them alike. Each LM run also records a
@@ -66,14 +68,36 @@ import transformer_lm as tl  # noqa: E402
 import lsh_torch  # noqa: E402
 
 BEFORE = dict(num_tables=20, bits=12, probes=2, asymmetric=True, tail=0, rescore=1)
-LM_VARIANTS = {  # name -> (LSHLinear kwargs, drop the tail's correction)
-    "hashed+tail": ({}, False),
-    "uniform+tail": ({"selection": "random"}, False),
-    "hashed (before)": (BEFORE, True),
-    "uniform (before)": ({"selection": "random", "tail": 0}, True),
+
+
+def drop_correction(head) -> None:
+    """The set used as if it were the whole softmax: no log-weights on the tail."""
+    forward_sparse = head.forward_sparse
+    head.forward_sparse = lambda x, y=None: forward_sparse(x, y)._replace(log_weights=None)
+
+
+def exact_top_set(head) -> None:
+    """The oracle: the pool the top set is rescored from is the exact best outputs (every output
+    scored for every row, by logsumexp over the batch's rows in shared mode), so the top set is the
+    exact best; the tail as in hashed+tail. Its time is not comparable: it computes dense logits."""
+    head.top_set_scores = 2 ** 62  # every row of the batch chooses a shared top set
+
+    def pool(x, budget, labels=None, seed=0, shared=False):
+        scores = F.linear(x, head.weight, head.bias).float()
+        return (scores.logsumexp(0) if shared else scores).topk(budget, dim=-1).indices, None
+
+    head.tables.query = pool
+
+
+LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or None)
+    "hashed+tail": ({}, None),
+    "uniform+tail": ({"selection": "random"}, None),
+    "hashed (before)": (BEFORE, drop_correction),
+    "uniform (before)": ({"selection": "random", "tail": 0}, drop_correction),
     # Settings beside the defaults (rebuilds every 10 steps, half the budget in the tail); only when asked for.
-    **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, False) for period in (3, 30, 100)},
-    "hashed+tail, tail 1/4": ({"tail": 0.25}, False),
+    **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, None) for period in (3, 30, 100)},
+    "hashed+tail, tail 1/4": ({"tail": 0.25}, None),
+    "exact top set+tail, oracle": ({}, exact_top_set),
 }
 
 
@@ -82,12 +106,10 @@ def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed:
     torch.manual_seed(seed)
     model = tl.TransformerLM(vocab_size)
     if variant is not None:
-        kwargs, uncorrected = LM_VARIANTS[variant]
+        kwargs, change = LM_VARIANTS[variant]
         model = lsh_torch.convert(model, min_out_features=vocab_size, seed=seed, mode=mode, active=budget, **kwargs)
-        if uncorrected:
-            head = model.head
-            forward_sparse = head.forward_sparse
-            head.forward_sparse = lambda x, y=None: forward_sparse(x, y)._replace(log_weights=None)
+        if change is not None:
+            change(model.head)
     return model
 
 

@@ -1,5 +1,5 @@
 """The pure helpers of benchmarks/bench_estimator.py: the LM curves' subset, interpolation and
-equal-time table (nothing here trains or times anything)."""
+equal-time table, and the oracle head (nothing here trains or times anything)."""
 import math
 import os
 import sys
@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+import lsh_torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_estimator as be  # noqa: E402
@@ -101,3 +103,24 @@ def test_xmc_equal_time_and_reach(capsys):
     for s in range(2):  # recorded without the loss
         xmc["dense"][s]["runs"][0]["curve"] = [c[:4] for c in xmc["dense"][s]["runs"][0]["curve"]]
     assert "dense" not in be.xmc_equal_time(xmc, fractions=(1.0,), column=4)[0][0]
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_exact_top_set_oracle_is_the_exact_best(mode):
+    torch.manual_seed(0)
+    head = lsh_torch.LSHLinear(16, 500, active=64, mode=mode, sparse_grad=True, seed=0)
+    be.exact_top_set(head)
+    x, labels = torch.randn(8, 16), torch.tensor([3, 3, 7, 11, 3, 7, 400, 499])
+    out = head.forward_sparse(x, labels)
+    scores = torch.nn.functional.linear(x, head.weight, head.bias).detach()
+    if mode == "shared":
+        scores, labels = scores.logsumexp(0, keepdim=True), labels.unique()[None]
+        indices, log_weights = out.indices[None], out.log_weights[None]
+    else:
+        labels, indices, log_weights = labels[:, None], out.indices, out.log_weights
+    for row, row_labels, row_indices, row_weights in zip(scores, labels, indices, log_weights):
+        head_entries = set(row_indices[row_weights == 0].tolist())  # labels and top set: not corrected
+        assert set(row_labels.tolist()) <= head_entries
+        top = row.index_fill(0, row_labels, -float("inf")).topk(len(head_entries) - len(row_labels)).indices
+        assert head_entries - set(row_labels.tolist()) == set(top.tolist())
+        assert (row_weights > 0).sum() >= 32  # the tail: half the budget, corrected
