@@ -349,12 +349,15 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
               f"windows, {tokens:,} words; mean ± std over seeds, one seed where no ±), each seed's curve "
               f"interpolated at the time; times are 1/3, 2/3 and all of the shorter sparse run")
         print_equal_time(rows, "hashed+tail", "uniform+tail", digits=1)
+    print_equal_steps(lm, budgets)
     if not plot:
         return
     panels = []
     for mode, budget in budgets:
         runs = {}
         for r in lm:
+            if r["variant"] != "dense" and LM_VARIANTS[r["variant"]][1] is exact_top_set:
+                continue  # its time holds dense logits: only its steps compare
             if r.get("curve") and ((r["mode"], r["budget"]) == (mode, budget) or r["variant"] == "dense"):
                 runs.setdefault(r["variant"], []).append([(c[0], c[2]) for c in r["curve"]])
         if runs:
@@ -379,6 +382,32 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     if panels:
         plot_seed_curves(panels, plot.replace(".png", "_paired.png"),
                          "perplexity difference at equal time (seeds' range)", band="range", xlog=False, reference=0.0)
+
+
+def print_equal_steps(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> None:
+    """Where the oracle ran: perplexity on the curve subset after the same number of steps (1/3, 2/3
+    and all of them), every variant, and each one's difference from uniform+tail paired by seed."""
+    cell = lambda values: f"{statistics.mean(values):.1f}" + (  # noqa: E731
+        f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    for mode, budget in budgets:
+        runs = {}
+        for r in lm:
+            if (r["mode"], r["budget"]) == (mode, budget) and r.get("curve"):
+                runs.setdefault(r["variant"], {})[r["seed"]] = {c[1]: c[2] for c in r["curve"]}
+        if not any(LM_VARIANTS[v][1] is exact_top_set for v in runs) or "uniform+tail" not in runs:
+            continue
+        steps = max(c for curves in runs.values() for curve in curves.values() for c in curve)
+        others = [v for v in runs if v != "uniform+tail"]
+        print(f"\nLM {mode} {budget} at equal steps (the oracle's time is not comparable): perplexity on the "
+              "curve subset, mean ± std over seeds; minus uniform+tail's, paired by seed")
+        print(f"| step | {' | '.join(runs)} | {' | '.join(f'{v} − uniform+tail' for v in others)} |")
+        print("|---:|" + "---:|" * (len(runs) + len(others)))
+        for f in fractions:
+            step = min((c for c in next(iter(runs["uniform+tail"].values()))), key=lambda c: abs(c - f * steps))
+            values = [cell([curve[step] for curve in curves.values()]) for curves in runs.values()]
+            diffs = [cell([runs[v][seed][step] - runs["uniform+tail"][seed][step]
+                           for seed in runs[v] if seed in runs["uniform+tail"]]) for v in others]
+            print(f"| {step} | {' | '.join(values)} | {' | '.join(diffs)} |")
 
 
 def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png")) -> None:

@@ -124,3 +124,20 @@ def test_exact_top_set_oracle_is_the_exact_best(mode):
         top = row.index_fill(0, row_labels, -float("inf")).topk(len(head_entries) - len(row_labels)).indices
         assert head_entries - set(row_labels.tolist()) == set(top.tolist())
         assert (row_weights > 0).sum() >= 32  # the tail: half the budget, corrected
+
+
+def test_equal_steps_table_only_where_the_oracle_ran(capsys):
+    def run(variant, seed, offset):  # perplexity 1000 / (step + 1) + offset + seed, evaluated every 25 steps
+        return {"variant": variant, "mode": "shared", "budget": 2048, "seed": seed,
+                "curve": [[0.1 * s, s, 1000 / (s + 1) + offset + seed] for s in range(0, 301, 25)]}
+
+    lm = [run("hashed+tail", s, -5) for s in range(2)] + [run("uniform+tail", s, 0) for s in range(2)]
+    be.print_equal_steps(lm, [("shared", 2048)])
+    assert capsys.readouterr().out == ""
+    lm += [run("exact top set+tail, oracle", s, -10) for s in range(2)]
+    be.print_equal_steps(lm, [("shared", 2048)])
+    out = capsys.readouterr().out
+    # step 300: hashed 1000/301 - 5 + {0, 1}, uniform + 5, oracle - 5; paired: -5 and -10 in both seeds
+    assert f"| 300 | {1000 / 301 - 4.5:.1f} ± 0.7 | {1000 / 301 + 0.5:.1f} ± 0.7 | {1000 / 301 - 9.5:.1f} ± 0.7 " \
+           "| -5.0 ± 0.0 | -10.0 ± 0.0 |" in out
+    assert "| 100 |" in out and "| 200 |" in out
