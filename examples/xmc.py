@@ -653,7 +653,8 @@ def main(argv=None) -> dict:
     if args.plot and rank == 0:
         plot(runs, popular["P@1"], args.plot, title)
         print(f"plot: {args.plot}")
-    result = {"args": {**vars(args), "device": str(args.device)}, "data": {"train": train_data.summary(), "test": test_data.summary()},
+    result = {"args": {**vars(args), "device": str(args.device)}, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "data": {"train": train_data.summary(), "test": test_data.summary()},
               "popular": popular, "summary": summary,
               "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}
     if args.json and rank == 0:

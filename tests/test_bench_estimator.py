@@ -78,7 +78,7 @@ def test_xmc_equal_time_and_reach(capsys):
                 "train_seconds": end, "final": {"P@1": slope * end, "P@3": 0.1, "P@5": 0.1, "loss": 10 - slope * end}}
 
     xmc = {"seeds": {s: {"runs": [run("lsh", 0.02, 20, s), run("random", 0.01, 10, s)]} for s in range(3)},
-           "dense": {s: {"runs": [run("dense", 0.001, 400, 10 * s)]} for s in range(2)}}  # seed 1's data: +0.1
+           "dense": {s: {"runs": [run("dense", 0.001, 400, 10 * s)]} for s in (1, 0)}}  # seed 1's data: +0.1
     rows, reach = be.xmc_equal_time(xmc, fractions=(0.5, 1.0))
     assert [r["seconds"] for r in rows] == [5.0, 10.0]  # fractions of the shorter sparse run (random: 10 s)
     last = rows[-1]
@@ -88,7 +88,7 @@ def test_xmc_equal_time_and_reach(capsys):
     # Each seed against the dense run on its own data; seed 2 has none.
     # Seed 0: dense's best 0.4 at 400 s, 0.395 first at 395 s; lsh (0.02 t) first at or above it at 20 s.
     # Seed 1: dense's best 0.5, 0.495 first at 395 s; lsh (0.02 t + 0.01) tops out at 0.41: never.
-    assert list(reach) == [0, 1]
+    assert sorted(reach) == [0, 1]
     assert reach[0]["best"] == pytest.approx(0.4) and reach[0]["dense"] == 395 and reach[0]["lsh"] == 20
     assert reach[1]["best"] == pytest.approx(0.5) and reach[1]["dense"] == 395 and reach[1]["lsh"] is None
     assert reach[0]["random"] is None  # random stops at 0.1
@@ -100,6 +100,10 @@ def test_xmc_equal_time_and_reach(capsys):
     assert "| 0 | 0.400 | 395.0 s | 20.0 s = 0.051 | never |" in printed
     assert "| 1 | 0.500 | 395.0 s | never | never |" in printed
     assert "| dense | 0.400 ± 0.000 |" in printed  # the final table: both seeds' dense runs
+    assert "dense finished not recorded, the sparse runs not recorded" in printed
+    del xmc["seeds"][1]  # a seed with a dense run and no sparse ones is left out, not "never"
+    assert sorted(be.xmc_equal_time(xmc)[1]) == [0]
+    xmc["seeds"][1] = {"runs": [run("lsh", 0.02, 20, 1), run("random", 0.01, 10, 1)]}
     for s in range(2):  # recorded without the loss
         xmc["dense"][s]["runs"][0]["curve"] = [c[:4] for c in xmc["dense"][s]["runs"][0]["curve"]]
     assert "dense" not in be.xmc_equal_time(xmc, fractions=(1.0,), column=4)[0][0]
@@ -110,17 +114,23 @@ def test_exact_top_set_oracle_is_the_exact_best(mode):
     torch.manual_seed(0)
     head = lsh_torch.LSHLinear(16, 500, active=64, mode=mode, sparse_grad=True, seed=0)
     be.exact_top_set(head)
+    assert head._top_set_stride(10 ** 6, head.out_features) == 1  # every row scores the shared top set
     x, labels = torch.randn(8, 16), torch.tensor([3, 3, 7, 11, 3, 7, 400, 499])
+    if mode == "shared":  # 28 labels that outscore everything: more than the rescored pool (4 x 4 top-set places)
+        labels = torch.arange(100, 128).reshape(7, 4)
+        x = x[:7]
+        with torch.no_grad():
+            head.weight[labels.flatten()] = 5 * x.mean(0)
     out = head.forward_sparse(x, labels)
     scores = torch.nn.functional.linear(x, head.weight, head.bias).detach()
     if mode == "shared":
-        scores, labels = scores.logsumexp(0, keepdim=True), labels.unique()[None]
+        scores, labels = scores.logsumexp(0, keepdim=True), labels.flatten()[None]
         indices, log_weights = out.indices[None], out.log_weights[None]
     else:
         labels, indices, log_weights = labels[:, None], out.indices, out.log_weights
     for row, row_labels, row_indices, row_weights in zip(scores, labels, indices, log_weights):
         head_entries = set(row_indices[row_weights == 0].tolist())  # labels and top set: not corrected
-        assert set(row_labels.tolist()) <= head_entries
+        assert set(row_labels.tolist()) <= head_entries and len(head_entries) == 32  # the budget less the tail
         top = row.index_fill(0, row_labels, -float("inf")).topk(len(head_entries) - len(row_labels)).indices
         assert head_entries - set(row_labels.tolist()) == set(top.tolist())
         assert (row_weights > 0).sum() >= 32  # the tail: half the budget, corrected
@@ -135,9 +145,12 @@ def test_equal_steps_table_only_where_the_oracle_ran(capsys):
     be.print_equal_steps(lm, [("shared", 2048)])
     assert capsys.readouterr().out == ""
     lm += [run("exact top set+tail, oracle", s, -10) for s in range(2)]
+    lm += [{**run("dense", s, 20), "mode": "-", "budget": 0} for s in range(2)]
     be.print_equal_steps(lm, [("shared", 2048)])
     out = capsys.readouterr().out
-    # step 300: hashed 1000/301 - 5 + {0, 1}, uniform + 5, oracle - 5; paired: -5 and -10 in both seeds
+    # step 300: hashed 1000/301 - 5 + {0, 1}, uniform + 5, oracle - 5, dense + 20; paired: -5 and -10 in both seeds
     assert f"| 300 | {1000 / 301 - 4.5:.1f} ± 0.7 | {1000 / 301 + 0.5:.1f} ± 0.7 | {1000 / 301 - 9.5:.1f} ± 0.7 " \
-           "| -5.0 ± 0.0 | -10.0 ± 0.0 |" in out
+           f"| {1000 / 301 + 20.5:.1f} ± 0.7 | -5.0 ± 0.0 | -10.0 ± 0.0 |" in out
     assert "| 100 |" in out and "| 200 |" in out
+    be.print_equal_steps([r for r in lm if r["variant"] != "uniform+tail"], [("shared", 2048)])
+    assert "| -5.0 ± 0.0 |" in capsys.readouterr().out  # without uniform+tail: the oracle against hashed+tail
