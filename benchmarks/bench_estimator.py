@@ -282,12 +282,19 @@ def main(argv=None) -> None:
                    help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
     p.add_argument("--xmc-train-points", type=int, default=None,
                    help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
-    p.add_argument("--json", default=os.path.join(RESULTS, "estimator.json"))
-    p.add_argument("--lm-plot", default=os.path.join(RESULTS, "estimator_lm.png"),
-                   help="PNG of the LM perplexity curves ('' for none)")
-    p.add_argument("--xmc-plot", default=os.path.join(RESULTS, "estimator_xmc.png"),
-                   help="PNG of the XMC P@1 curves ('' for none)")
+    # The defaults are the committed results' files; a --quick run writes beside them (estimator_quick.json, ...).
+    p.add_argument("--json", default=None, help="default: benchmarks/results/estimator.json")
+    p.add_argument("--lm-plot", default=None,
+                   help="PNG of the LM perplexity curves ('' for none; default: benchmarks/results/estimator_lm.png)")
+    p.add_argument("--xmc-plot", default=None,
+                   help="PNG of the XMC P@1 curves and, beside it, *_loss.png of the held-out loss ('' for none; "
+                        "default: benchmarks/results/estimator_xmc.png)")
     args = p.parse_args(argv)
+    quick = "_quick" if args.quick else ""
+    for name, default in (("json", f"estimator{quick}.json"), ("lm_plot", f"estimator_lm{quick}.png"),
+                          ("xmc_plot", f"estimator_xmc{quick}.png")):
+        if getattr(args, name) is None:
+            setattr(args, name, os.path.join(RESULTS, default))
     if args.quick and (args.xmc_epochs or args.xmc_train_points):
         p.error("--xmc-epochs or --xmc-train-points with --quick: the XMC demo's --quick sets its own")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
