@@ -248,10 +248,21 @@ def xmc_run(seed: int, runs: str, stem: str, demo_args: list[str], reuse: bool =
     file instead where it exists (dense's runs, minutes each, are trained once per seed and data
     and kept)."""
     path = os.path.join(RESULTS, f"{stem}_seed{seed}.json")
-    if not (reuse and os.path.exists(path)):
-        cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
-               "--json", path, "--plot", "", *demo_args]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if reuse and os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        # The file's name says which data and run length it holds; its arguments must agree.
+        wanted = {"runs": runs, "seed": seed, "quick": "--quick" in demo_args,
+                  **{flag[2:].replace("-", "_"): value for flag, value in zip(demo_args, demo_args[1:])
+                     if flag.startswith("--") and not value.startswith("--")}}
+        differ = {k: (result["args"].get(k), v) for k, v in wanted.items() if str(result["args"].get(k)) != str(v)}
+        if differ:
+            raise ValueError(f"{path} was trained with other arguments (file, wanted): {differ}; delete it to "
+                             "train it again")
+        return result
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "xmc.py"), "--runs", runs, "--seed", str(seed),
+           "--json", path, "--plot", "", *demo_args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:
         return json.load(f)
 

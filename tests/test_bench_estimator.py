@@ -154,3 +154,17 @@ def test_equal_steps_table_only_where_the_oracle_ran(capsys):
     assert "| 100 |" in out and "| 200 |" in out
     be.print_equal_steps([r for r in lm if r["variant"] != "uniform+tail"], [("shared", 2048)])
     assert "| -5.0 ± 0.0 |" in capsys.readouterr().out  # without uniform+tail: the oracle against hashed+tail
+
+
+def test_kept_xmc_run_is_reused_only_with_its_arguments(tmp_path, monkeypatch):
+    monkeypatch.setattr(be, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(be.subprocess, "run", lambda *a, **k: pytest.fail("a kept run was trained again"))
+    kept = {"args": {"runs": "dense", "seed": 1, "quick": False, "structure": "tree", "dense_epochs": 4,
+                     "train_points": 20000}, "runs": []}
+    (tmp_path / "estimator_xmc_tree_dense_full_seed1.json").write_text(be.json.dumps(kept))
+    args = ["--structure", "tree", "--dense-epochs", "4"]
+    assert be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args, reuse=True) == kept
+    with pytest.raises(ValueError, match="'train_points': \\(20000, '100000'\\)"):
+        be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args + ["--train-points", "100000"], reuse=True)
+    with pytest.raises(ValueError, match="'quick'"):
+        be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", ["--structure", "tree", "--quick"], reuse=True)
