@@ -17,6 +17,8 @@ budget (``mode="per_row"``) and a shared one (``mode="shared"``):
                   10 (not run unless named in --variants)
   hashed+tail, tail 1/4   hashed+tail with a quarter of the budget in the tail instead of half: a larger
                   top set (not run unless named in --variants)
+  hashed+tail, half the scoring rows   hashed+tail with LSHLinear.top_set_scores halved: a shared top set chosen
+                  from half as many of the batch's rows (not run unless named in --variants)
   exact top set+tail, oracle   hashed+tail with the exact best outputs as its top set (dense logits computed
                   to choose them; compare at equal steps, not time; not run unless named in --variants)
 
@@ -107,6 +109,7 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     # Settings beside the defaults (rebuilds every 10 steps, half the budget in the tail); only when asked for.
     **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, None) for period in (3, 30, 100)},
     "hashed+tail, tail 1/4": ({"tail": 0.25}, None),
+    "hashed+tail, half the scoring rows": ({}, lambda head: setattr(head, "top_set_scores", head.top_set_scores // 2)),
     "exact top set+tail, oracle": ({}, exact_top_set),
 }
 
