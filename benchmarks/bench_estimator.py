@@ -274,6 +274,15 @@ def mean_spread(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def spread_cell(mean: float, sd: float, n: int, digits: int = 1) -> str:
+    """A table cell: ``mean ± sd`` over ``n`` seeds, the mean alone for one seed."""
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 else "")
+
+
+def values_cell(values: list[float], digits: int = 1) -> str:
+    return spread_cell(*mean_spread(values), len(values), digits)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, 100 LM steps, the XMC demo's --quick")
@@ -340,14 +349,11 @@ def main(argv=None) -> None:
             rows = [r for r in result["lm"] if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget)]
             if not rows:
                 continue
-            ppl, ppl_sd = mean_spread([r["perplexity"] for r in rows])
-            acc, acc_sd = mean_spread([r["accuracy"] for r in rows])
             ms = statistics.mean(r["ms_per_step"] for r in rows)
-            pm = lambda sd, fmt: f" ± {sd:{fmt}}" if len(rows) > 1 else ""  # noqa: E731
             speed = f"| {ms:.0f} | {'n/a' if dense_ms != dense_ms else f'{dense_ms / ms:.1f}x'} |" \
                 if not is_oracle(variant) else "| n/a (dense logits) | |"
-            print(f"| {variant} | {mode} {budget or ''} | {ppl:.1f}{pm(ppl_sd, '.1f')} | {acc:.2f}{pm(acc_sd, '.2f')} "
-                  + speed)
+            print(f"| {variant} | {mode} {budget or ''} | {values_cell([r['perplexity'] for r in rows])} "
+                  f"| {values_cell([r['accuracy'] for r in rows], 2)} " + speed)
         if windows is not None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
@@ -422,8 +428,6 @@ def print_equal_steps(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) ->
     """Where the oracle ran: perplexity on the curve subset after the same number of steps (1/3, 2/3
     and all of them) of each variant at the budget and of dense (where it ran), and each variant's
     difference from uniform+tail's (or, without it, hashed+tail's) paired by seed."""
-    cell = lambda values: f"{statistics.mean(values):.1f}" + (  # noqa: E731
-        f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
     for mode, budget in budgets:
         runs = {}
         for r in lm:
@@ -440,8 +444,8 @@ def print_equal_steps(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) ->
         print("|---:|" + "---:|" * (len(runs) + len(others)))
         for f in fractions:
             step = min(steps, key=lambda c: abs(c - f * steps[-1]))
-            values = [cell([curve[step] for curve in curves.values()]) for curves in runs.values()]
-            diffs = [cell([runs[v][seed][step] - runs[base][seed][step] for seed in runs[v] if seed in runs[base]])
+            values = [values_cell([curve[step] for curve in curves.values()]) for curves in runs.values()]
+            diffs = [values_cell([runs[v][seed][step] - runs[base][seed][step] for seed in runs[v] if seed in runs[base]])
                      for v in others]
             print(f"| {step} | {' | '.join(values + diffs)} |")
 
@@ -465,8 +469,7 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
             if None in values:  # a result from before the loss was recorded
                 cols.append("-")
                 continue
-            m, sd = mean_spread(values)
-            cols.append(f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(rs) > 1 else ""))
+            cols.append(values_cell(values, digits))
         print(f"| {name} | {' | '.join(cols)} | {statistics.mean(r['train_seconds'] for r in rs):.1f} |")
     rows, reach = xmc_equal_time(xmc)
     if rows:
@@ -515,7 +518,7 @@ def print_equal_time(rows: list[dict], a: str, b: str, digits: int, higher: bool
     print(f"| set | train s | {a} | {b} | dense | {a} {word} than {b}? | {a} − {b}, per seed "
           f"| {word}, paired by seed? |")
     print("|---|---:|---:|---:|---:|---|---:|---|")
-    cell = lambda v: "-" if v is None else f"{v[0]:.{digits}f}" + (f" ± {v[1]:.{digits}f}" if v[2] > 1 else "")  # noqa: E731
+    cell = lambda v: "-" if v is None else spread_cell(*v, digits)  # noqa: E731
     for r in rows:
         h, u, d = r[a], r[b], r["difference"]
         print(f"| {r['mode']} {r['budget']} | {r['seconds']:.1f} | {cell(h)} | {cell(u)} | {cell(r.get('dense'))} "
