@@ -244,6 +244,26 @@ def test_query_shared_matches_reference(probes, budget, labels, tail):
         assert indices[: len(distinct)].tolist() == distinct
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_query_shared_counts_a_bucket_probed_by_many_rows_once_per_probe(threads):
+    # The kernel reads a bucket that several rows probe once, adding as many hits: 60 rows, 3
+    # distinct ones repeated 30, 20 and 10 times, so that the buckets' weights differ; 60
+    # neurons over 2^8 buckets leave most buckets empty, and an empty bucket begins where the next
+    # one does (a merge by start alone would add an empty bucket's probes to its neighbour).
+    qcodes, qmargins, offsets, items = random_tables(n=60, bits=8, batch=3, seed=4)
+    order = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+    qcodes, qmargins, labels = qcodes[order], qmargins[order], LABELS[:3][order]
+    assert ((offsets[:, 1:] - offsets[:, :-1]) == 0).float().mean() > 0.5
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for probes, budget, tail in [(1, 20, 0), (3, 30, 10), (8, 45, 5)]:
+            assert_same(ops.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 5, tail),
+                        ref.query_shared(qcodes, qmargins, offsets, items, probes, budget, labels, 5, tail))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_query_refuses_buckets_whose_ids_do_not_ascend():
     # A shared query's parts read their own id range of each bucket, found as if the ids ascend (as
     # every build and update leaves them): reversed buckets would be miscounted, differently for each
