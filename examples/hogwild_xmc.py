@@ -14,7 +14,7 @@ shared mode. ``net.share_memory()`` puts the weights in shared memory; each of P
 is what should shrink. The processes stop at the end of each epoch while the parent evaluates
 P@1 on the eval subset (not timed): P@1 against training wall time.
 
-Optimizer: xmc.py's (SparseAdam for the embedding and the head, which is LazyAdam's arithmetic;
+Optimizer: xmc.py's (LazyAdam for the embedding and the head, SparseAdam's arithmetic;
 Adam for the hidden bias) with per-process state: the moments are private, the weights shared.
 Why not plain SGD: xmc.py's learning rate is tuned for Adam, and SGD would need its own search;
 why not shared moments: Adam's moment updates would race like the weights do, with no sparsity

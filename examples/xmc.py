@@ -1,6 +1,6 @@
 """Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU or GPU.
 
-    python examples/xmc.py                      # synthetic data, 100,000 labels: 3 min 45 s on 2 cores
+    python examples/xmc.py                      # synthetic data, 100,000 labels: about 4 min on 2 cores
     python examples/xmc.py --quick              # a smaller run (about a minute)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
@@ -30,9 +30,10 @@ network, from the same initial weights, on the same batches, is trained with thr
           evenly over a point's labels)
 
 Optimizers: the input embedding is sparse (``sparse=True``) in all three and uses
-``torch.optim.SparseAdam``, so the output layer is the only difference; the LSH and random output
-layers have row-sparse gradients (``sparse_grad=True``) and use SparseAdam too; the dense output
-layer and the hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
+``lsh_torch.LazyAdam`` (``torch.optim.SparseAdam``'s arithmetic in one fused pass: 3-4 ms less per
+step here), so the output layer is the only difference; the LSH and random output layers have
+row-sparse gradients (``sparse_grad=True``) and use LazyAdam too; the dense output layer and the
+hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
 with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
 layer's); the LSH top-k (``exact=False``, candidates from the tables only) is reported too, and
 the held-out loss: the full softmax's cross-entropy, every output computed (what the sampled losses
@@ -149,13 +150,13 @@ def rebuild_schedule(spec: str):
 
 
 def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float) -> list[torch.optim.Optimizer]:
-    opts = [torch.optim.SparseAdam([net.embed.weight], lr=lr)]
+    opts = [lsh_torch.LazyAdam([net.embed.weight], lr=lr)]
     if kind == "dense":
         opts.append(torch.optim.Adam([{"params": [net.hidden_bias], "lr": lr},
                                       {"params": net.out.parameters(), "lr": out_lr}]))
     else:
         opts.append(torch.optim.Adam([net.hidden_bias], lr=lr))
-        opts.append(torch.optim.SparseAdam(list(net.out.parameters()), lr=out_lr))
+        opts.append(lsh_torch.LazyAdam(net.out.parameters(), lr=out_lr))
     return opts
 
 
@@ -529,7 +530,7 @@ def parse_args(argv=None):
     g.add_argument("--dense-epochs", type=int, default=2, help="epochs of the dense run (its steps cost ~20x more)")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--hidden", type=int, default=128)
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam / SparseAdam learning rate")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam / LazyAdam learning rate")
     g.add_argument("--out-lr", type=float, default=None, help="learning rate of the output layer (default: --lr)")
     g.add_argument("--eval-every", type=float, default=0.25, help="evaluate every this many epochs")
     g.add_argument("--seed", type=int, default=0)
