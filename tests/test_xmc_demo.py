@@ -41,3 +41,20 @@ def test_held_out_loss_scores_every_output_of_a_sparse_head():
         assert abs(got - float(want)) < 1e-4, kind
     assert sparse.training  # restored
     assert want > 0.9 * np.log(data.num_labels)  # untrained: about log(labels), so every output was scored
+
+
+def test_runs_in_lockstep_train_as_they_would_alone():
+    # Interleaving the runs' steps must change their clocks only: a run that drew on another's
+    # state (the global RNG, a shared table) would end elsewhere trained beside it than alone.
+    def results(runs):
+        out = xmc.main(["--train-points", "300", "--test-points", "100", "--features", "2000",
+                        "--labels", "3000", "--epochs", "2", "--dense-epochs", "1", "--active", "512",
+                        "--eval-points", "50", "--eval-every", "0.5", "--runs", runs, "--json", "", "--plot", ""])
+        return {r["name"]: ([c[1:] for c in r["curve"]], r["final"]["P@1"], r["final"]["loss"], r["steps"])
+                for r in out["runs"]}
+    together = results("lsh,random,dense")
+    assert list(together) == ["lsh-shared", "random-shared", "dense"]
+    alone = {**results("lsh"), **results("random"), **results("dense")}
+    for name, (curve, p1, loss, steps) in alone.items():
+        assert together[name] == (curve, p1, loss, steps), name
+    assert together["lsh-shared"][3] == 2 * together["dense"][3]  # 2 epochs beside 1: dense left the turn first
