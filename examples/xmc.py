@@ -39,9 +39,9 @@ layer's); the LSH top-k (``exact=False``, candidates from the tables only) is re
 the held-out loss: the full softmax's cross-entropy, every output computed (what the sampled losses
 estimate; P@k reads only the top of the softmax).
 
-The runs train in lockstep: one step of each in turn, each on its own clock, so that a shared
-machine's changing speed falls on all of them alike (the dense run, with fewer epochs, leaves the
-turn first). Wall time counts training steps only (evaluation excluded); on a GPU each step ends with
+The runs take turns: a quarter epoch (``--eval-every``) of each in turn, each on its own clock, so
+that a shared machine's changing speed falls on all of them alike (the dense run, with fewer
+epochs, leaves the turn first). Wall time counts training steps only (evaluation excluded); on a GPU each step ends with
 ``torch.cuda.synchronize()`` so that it counts the step's kernels, and includes copying the batch
 to the device. Results: a table on stdout, a PNG
 of P@1 against training wall time (``--plot``) and a JSON of every curve (``--json``).
@@ -295,11 +295,14 @@ def active_budget(data: xmc_data.XMCData, args, mode: str, seed: int, shards: in
     return shards * min(data.num_labels // shards, max(-(-want // shards), need + 64 if mode == "shared" else need + 8))
 
 
-def train_in_lockstep(runs: list[Run], train_data, eval_data, test_data, args) -> list[Run]:
-    """Trains every run, one step of each in turn (who goes first rotates every step), each on its
-    own clock. A shared machine's speed drifts over minutes (measured: the same uniform run's 5
-    epochs took 10.1 s in one process and 12.6 s in another 20 minutes later); in lockstep the
-    drift falls on every run alike, so their times compare. A run that finishes leaves the turn."""
+def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> list[Run]:
+    """Trains every run, one evaluation interval (``--eval-every``) of each in turn (who goes first
+    rotates), each on its own clock. A shared machine's speed drifts over minutes (measured: the
+    same uniform run's 5 epochs took 10.1 s in one process and 12.6 s in another 20 minutes later);
+    taking turns, the drift falls on every run alike, so their times compare. Turns of one step
+    were unfair to the sparse runs: a dense step evicts their tables and rows from the caches (the
+    demo's LSH and uniform runs took 20.8 and 13.0 s beside dense against 16.0 and 10.5 s alone).
+    A run that finishes leaves the turn."""
     active = [train(run, train_data, eval_data, test_data, args, position=i) for i, run in enumerate(runs)]
     turn, finished = 0, object()
     while active:
@@ -312,8 +315,8 @@ def train_in_lockstep(runs: list[Run], train_data, eval_data, test_data, args) -
 
 
 def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
-    """Trains ``run`` (filling in its curve, times and results), yielding after every step;
-    :func:`train_in_lockstep` interleaves the runs. Evaluation is off the clock."""
+    """Trains ``run`` (filling in its curve, times and results), yielding after every evaluation;
+    :func:`train_in_turns` interleaves the runs. Evaluation is off the clock."""
     net = build(run.kind, run.mode, train_data, args, run.budget)
     rank, size = world()
     # Under torchrun: DDP for the dense parameters; the sparse embedding's gradients are averaged
@@ -355,7 +358,7 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
                 p1, _ = point = curve_point(net, run.kind, eval_data)
                 run.curve.append((run.train_seconds, run.steps, run.steps / steps_per_epoch, *point))
                 bar.set_postfix(loss=f"{loss.item():.3f}", P1=f"{p1:.3f}", t=f"{run.train_seconds:.0f}s")
-            yield
+                yield
         run.epoch_seconds.append(run.train_seconds - epoch_start)
     bar.close()
     if rebuild_timer is not None:
@@ -667,7 +670,7 @@ def main(argv=None) -> dict:
                 print(f"{spec}: active budget raised from {want} to {budget} to hold every batch's labels")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
         runs.append(Run(name, kind, mode, budget))
-    train_in_lockstep(runs, train_data, eval_data, test_data, args)
+    train_in_turns(runs, train_data, eval_data, test_data, args)
 
     summary = report(runs, popular, args)
     title = (f"{source}: {len(train_data):,} train points, {train_data.num_labels:,} labels, batch {args.batch_size}, "

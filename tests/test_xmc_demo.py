@@ -43,8 +43,8 @@ def test_held_out_loss_scores_every_output_of_a_sparse_head():
     assert want > 0.9 * np.log(data.num_labels)  # untrained: about log(labels), so every output was scored
 
 
-def test_runs_in_lockstep_train_as_they_would_alone():
-    # Interleaving the runs' steps must change their clocks only: a run that drew on another's
+def test_runs_taking_turns_train_as_they_would_alone():
+    # Taking turns must change the runs' clocks only: a run that drew on another's
     # state (the global RNG, a shared table) would end elsewhere trained beside it than alone.
     def results(runs):
         out = xmc.main(["--train-points", "300", "--test-points", "100", "--features", "2000",
