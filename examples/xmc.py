@@ -41,10 +41,10 @@ estimate; P@k reads only the top of the softmax).
 
 The runs take turns: a quarter epoch (``--eval-every``) of each in turn, each on its own clock, so
 that a shared machine's changing speed falls on all of them alike (the dense run, with fewer
-epochs, leaves the turn first). Wall time counts training steps only (evaluation excluded); on a GPU each step ends with
-``torch.cuda.synchronize()`` so that it counts the step's kernels, and includes copying the batch
-to the device. Results: a table on stdout, a PNG
-of P@1 against training wall time (``--plot``) and a JSON of every curve (``--json``).
+epochs, leaves the turn first). Wall time counts training steps only (evaluation excluded); on a
+GPU each step ends with ``torch.cuda.synchronize()`` so that it counts the step's kernels, and
+includes copying the batch to the device. Results: a table on stdout, a PNG of P@1 against
+training wall time (``--plot``) and a JSON of every curve (``--json``).
 """
 from __future__ import annotations
 
@@ -301,8 +301,8 @@ def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> l
     same uniform run's 5 epochs took 10.1 s in one process and 12.6 s in another 20 minutes later);
     taking turns, the drift falls on every run alike, so their times compare. Turns of one step
     were unfair to the sparse runs: a dense step evicts their tables and rows from the caches (the
-    demo's LSH and uniform runs took 20.8 and 13.0 s beside dense against 16.0 and 10.5 s alone).
-    A run that finishes leaves the turn."""
+    demo's LSH and uniform runs took 20.8 and 13.0 s beside dense against 16.0 and 10.5 s one after
+    another; 16.6 and 10.0 s in turns of a quarter epoch). A run that finishes leaves the turn."""
     active = [train(run, train_data, eval_data, test_data, args, position=i) for i, run in enumerate(runs)]
     turn, finished = 0, object()
     while active:
