@@ -298,7 +298,7 @@ def active_budget(data: xmc_data.XMCData, args, mode: str, seed: int, shards: in
 def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> list[Run]:
     """Trains every run, one evaluation interval (``--eval-every``) of each in turn (who goes first
     rotates), each on its own clock. A shared machine's speed drifts over minutes (measured: the
-    same uniform run's 5 epochs took 10.1 s in one process and 12.6 s in another 20 minutes later);
+    hierarchy's uniform runs, 5 epochs, 3 seeds, 10.1 s on average, and 12.6 s 20 minutes later);
     taking turns, the drift falls on every run alike, so their times compare. Turns of one step
     were unfair to the sparse runs: a dense step evicts their tables and rows from the caches (the
     demo's LSH and uniform runs took 20.8 and 13.0 s beside dense against 16.0 and 10.5 s one after
