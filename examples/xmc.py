@@ -295,7 +295,7 @@ def active_budget(data: xmc_data.XMCData, args, mode: str, seed: int, shards: in
     return shards * min(data.num_labels // shards, max(-(-want // shards), need + 64 if mode == "shared" else need + 8))
 
 
-def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> list[Run]:
+def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> None:
     """Trains every run, one evaluation interval (``--eval-every``) of each in turn (who goes first
     rotates), each on its own clock. A shared machine's speed drifts over minutes (measured: the
     hierarchy's uniform runs, 5 epochs, 3 seeds, 10.1 s on average, and 12.6 s 20 minutes later);
@@ -311,7 +311,6 @@ def train_in_turns(runs: list[Run], train_data, eval_data, test_data, args) -> l
             if next(steps, finished) is finished:
                 active.remove(steps)
         turn += 1
-    return runs
 
 
 def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
