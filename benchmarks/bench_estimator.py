@@ -7,7 +7,9 @@ dense, a corrected uniform set of the same size, and the uncorrected sets of bef
 
 LM (examples/transformer_lm.py, 50,001-word head): held-out perplexity and accuracy with the
 full softmax (the first 20,000 held-out words), ms per training step. Variants, each at a per-token
-budget (``mode="per_row"``) and a shared one (``mode="shared"``):
+budget (``mode="per_row"``) and a shared one (``mode="shared"``), their heads taking sparse gradients
+(``sparse_grad=True``) and every model trained by ``transformer_lm.optimizer`` (lsh_torch.LazyAdam for a
+sparse head, torch.optim.Adam for dense):
 
   hashed+tail     LSHLinear's defaults: labels | top set rescored from hashed candidates | corrected uniform tail
   uniform+tail    selection="random": labels | corrected uniform draws (T only, the same total)
@@ -19,6 +21,9 @@ budget (``mode="per_row"``) and a shared one (``mode="shared"``):
                   top set (not run unless named in --variants)
   hashed+tail, half the scoring rows   hashed+tail with LSHLinear.top_set_scores halved: a shared top set chosen
                   from half as many of the batch's rows (not run unless named in --variants)
+  hashed+tail, dense grad / uniform+tail, dense grad   the head's gradients dense and the model trained by
+                  torch.optim.Adam (every word's moments decay every step), as before the converted heads took
+                  sparse gradients and lsh_torch.LazyAdam (not run unless named in --variants)
   exact top set+tail, oracle   hashed+tail with the exact best outputs as its top set (dense logits computed
                   to choose them; compare at equal steps, not time; not run unless named in --variants)
 
@@ -109,6 +114,8 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     # Settings beside the defaults (rebuilds every 10 steps, half the budget in the tail); only when asked for.
     **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, None) for period in (3, 30, 100)},
     "hashed+tail, tail 1/4": ({"tail": 0.25}, None),
+    "hashed+tail, dense grad": ({"sparse_grad": False}, None),
+    "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, lambda head: setattr(head, "top_set_scores", head.top_set_scores // 2)),
     "exact top set+tail, oracle": ({}, exact_top_set),
 }
@@ -120,7 +127,8 @@ def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed:
     model = tl.TransformerLM(vocab_size)
     if variant is not None:
         kwargs, change = LM_VARIANTS[variant]
-        model = lsh_torch.convert(model, min_out_features=vocab_size, seed=seed, mode=mode, active=budget, **kwargs)
+        model = lsh_torch.convert(model, min_out_features=vocab_size, seed=seed, mode=mode, active=budget,
+                                  **{"sparse_grad": True, **kwargs})
         if change is not None:
             change(model.head)
     return model
@@ -136,7 +144,7 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
     off the clock before the first step, every ``eval_every`` steps and after the last."""
     train_tokens, test_tokens, vocab = data
     models = [lm_model(len(vocab), *spec, seed) for spec in specs]
-    opts = [torch.optim.Adam(m.parameters(), lr=2e-3) for m in models]
+    opts = [tl.optimizer(m, lr=2e-3) for m in models]
     seconds, curves = [0.0] * len(models), [[] for _ in models]
 
     def record(step: int) -> None:
@@ -217,19 +225,19 @@ def seed_curves(lm: list[dict], variant: str, mode: str, budget: int) -> dict:
             if (r["variant"], r["mode"], r["budget"]) == (variant, mode, budget) and r.get("curve")}
 
 
-def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0)) -> list[dict]:
-    """Per budget and per fraction of the training time of the shorter sparse run (hashed+tail and
-    uniform+tail, over seeds): the time and :func:`values_at` it of hashed+tail, uniform+tail and
-    dense (absent where a variant has no curve)."""
+def equal_time_table(lm: list[dict], budgets, fractions=(1 / 3, 2 / 3, 1.0),
+                     a: str = "hashed+tail", b: str = "uniform+tail") -> list[dict]:
+    """Per budget and per fraction of the training time of the shorter of runs ``a`` and ``b`` (over
+    seeds): the time and :func:`values_at` it of a, b and dense (absent where a variant has no curve)."""
     rows = []
     for mode, budget in budgets:
-        runs = {name: seed_curves(lm, name, mode, budget) for name in ("hashed+tail", "uniform+tail")}
+        runs = {name: seed_curves(lm, name, mode, budget) for name in (a, b)}
         if not all(runs.values()):
             continue
-        end = min(c[-1][0] for cs in runs.values() for c in cs.values())  # the shorter sparse run's time
+        end = min(c[-1][0] for cs in runs.values() for c in cs.values())  # the shorter run's time
         runs["dense"] = seed_curves(lm, "dense", "-", 0)
         rows += [{"mode": mode, "budget": budget, "fraction": f, "seconds": f * end,
-                  **values_at(runs, "hashed+tail", "uniform+tail", f * end, log=True)} for f in fractions]
+                  **values_at(runs, a, b, f * end, log=True)} for f in fractions]
     return rows
 
 
@@ -383,12 +391,16 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     """The equal-time table of the LM curves, the equal-steps one where the oracle ran, and their
     plot (``plot``: a PNG path, '' for none)."""
     tokens = windows.shape[0] * (windows.shape[1] - 1)
-    rows = equal_time_table(lm, budgets)
-    if rows:
-        print(f"\nLM at equal training time: perplexity on the fixed curve subset ({windows.shape[0]} held-out "
-              f"windows, {tokens:,} words; mean ± std over seeds, one seed where no ±), each seed's curve "
-              f"interpolated at the time; times are 1/3, 2/3 and all of the shorter sparse run")
-        print_equal_time(rows, "hashed+tail", "uniform+tail", digits=1)
+    # hashed against uniform; where the dense-gradient variants ran, each head against its dense-gradient self
+    # and the dense-gradient pair against each other.
+    for a, b in (("hashed+tail", "uniform+tail"), ("hashed+tail", "hashed+tail, dense grad"),
+                 ("uniform+tail", "uniform+tail, dense grad"), ("hashed+tail, dense grad", "uniform+tail, dense grad")):
+        rows = equal_time_table(lm, budgets, a=a, b=b)
+        if rows:
+            print(f"\nLM at equal training time, {a} against {b}: perplexity on the fixed curve subset "
+                  f"({windows.shape[0]} held-out windows, {tokens:,} words; mean ± std over seeds, one seed where "
+                  f"no ±), each seed's curve interpolated at the time; times are 1/3, 2/3 and all of the shorter run")
+            print_equal_time(rows, a, b, digits=1)
     print_equal_steps(lm, budgets)
     if not plot:
         return

@@ -11,8 +11,10 @@ files plus ``<unk>``.
 
 Model: a GPT-style decoder written with plain ``nn.Linear`` (attention projections, MLPs and the
 output head over the whole vocabulary). ``lsh_torch.convert`` turns the copy's wide layers, here
-only the head, into ``LSHLinear`` in one call; both models start from the same weights, see the same
-batches and use the same optimizer. The original trains with the full softmax
+only the head, into ``LSHLinear`` in one call; both models start from the same weights and see the same
+batches. The original trains with ``torch.optim.Adam``; the converted head's gradients are sparse rows
+(``sparse_grad=True``), trained by ``lsh_torch.LazyAdam``, which gives its other parameters Adam's step and
+moves only the head's active rows (SparseAdam's rule: a word no batch touched keeps its moments). The original trains with the full softmax
 (``F.cross_entropy`` over all words); the converted one with ``head.forward_sparse`` and
 ``lsh_torch.sparse_cross_entropy`` over the active words only (each target word forced in, plus the
 words the hash tables find for the token's context). Held-out perplexity is computed exactly, with
@@ -165,6 +167,15 @@ def loss_of(model: TransformerLM, inputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(model.head(h).flatten(0, 1), targets.flatten())
 
 
+def optimizer(model: TransformerLM, lr: float) -> torch.optim.Optimizer:
+    """``lsh_torch.LazyAdam`` where the head takes sparse gradients (it moves the touched rows only and
+    gives every dense gradient Adam's step), else ``torch.optim.Adam``."""
+    head = model.head
+    if isinstance(head, lsh_torch.LSHLinear) and head.sparse_grad:
+        return lsh_torch.LazyAdam(model.parameters(), lr=lr)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 def train_step(model: TransformerLM, opt: torch.optim.Optimizer, inputs: Tensor, targets: Tensor) -> float:
     """One optimizer step on a batch; its loss."""
     loss = loss_of(model, inputs, targets)
@@ -176,7 +187,7 @@ def train_step(model: TransformerLM, opt: torch.optim.Optimizer, inputs: Tensor,
 
 def train(model: TransformerLM, data: Tensor, args, desc: str, every: int = 0,
           callback=None) -> tuple[float, list[float]]:
-    """Train ``args.steps`` steps with Adam; the training wall time in seconds and the losses.
+    """Train ``args.steps`` steps with :func:`optimizer`; the training wall time in seconds and the losses.
 
     ``callback(step, seconds)``, if given, runs before the first step (step 0) and after every
     ``every``-th step and the last, off the clock: ``seconds`` and the time returned count training
@@ -185,7 +196,7 @@ def train(model: TransformerLM, data: Tensor, args, desc: str, every: int = 0,
     from tqdm import tqdm
 
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = optimizer(model, args.lr)
     if callback is not None:
         callback(0, 0.0)
         model.train()
@@ -235,7 +246,7 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (both models)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam / LazyAdam learning rate (both models)")
     p.add_argument("--active", type=int, default=128,
                    help="active words per token (per_row mode) or per batch (shared mode) in the LSH head")
     p.add_argument("--mode", choices=["per_row", "shared"], default="per_row",
@@ -268,14 +279,13 @@ def main(argv=None) -> None:
     auto = lambda value: value if value == "auto" else int(value)  # noqa: E731
     lsh = lsh_torch.convert(copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
                             num_tables=auto(args.tables), bits=auto(args.bits), probes=auto(args.probes),
-                            rebuild=args.rebuild,
-                            seed=args.seed)
+                            rebuild=args.rebuild, sparse_grad=True, seed=args.seed)
     head = lsh.head
     runs = [("nn.Linear head, full softmax", dense), ("LSHLinear head, sparse softmax", lsh)]
     if args.random_baseline:
         runs.append(("random active words, sparse", lsh_torch.convert(
             copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
-            selection="random", seed=args.seed)))
+            selection="random", sparse_grad=True, seed=args.seed)))
     print(f"model: {sum(p.numel() for p in dense.parameters()):,} parameters; converted: "
           f"{[n for n, m in lsh.named_modules() if isinstance(m, lsh_torch.LSHLinear)]} -> {head}")
 

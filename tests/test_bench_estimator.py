@@ -168,3 +168,19 @@ def test_kept_xmc_run_is_reused_only_with_its_arguments(tmp_path, monkeypatch):
         be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args + ["--train-points", "100000"], reuse=True)
     with pytest.raises(ValueError, match="'quick'"):
         be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", ["--structure", "tree", "--quick"], reuse=True)
+
+
+def test_lm_heads_take_sparse_gradients_and_lazy_adam_unless_a_variant_says_dense():
+    """The converted heads train as the LM example's: sparse row gradients and LazyAdam; the dense
+    model and the "dense grad" variants with torch.optim.Adam, the head's gradient dense."""
+    tokens = torch.randint(0, 300, (2, 9))
+    for variant, sparse, optimizer in ((None, False, torch.optim.Adam), ("hashed+tail", True, lsh_torch.LazyAdam),
+                                       ("uniform+tail", True, lsh_torch.LazyAdam),
+                                       ("hashed+tail, dense grad", False, torch.optim.Adam),
+                                       ("uniform+tail, dense grad", False, torch.optim.Adam)):
+        model = be.lm_model(300, variant, "shared", 64, seed=0)
+        assert (variant is not None) == isinstance(model.head, lsh_torch.LSHLinear)
+        opt = be.tl.optimizer(model, lr=1e-3)
+        assert type(opt) is optimizer, variant
+        be.tl.train_step(model, opt, tokens[:, :-1], tokens[:, 1:])
+        assert model.head.weight.grad.is_sparse == sparse, variant
