@@ -586,8 +586,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--plot", default=os.path.join(RESULTS, "xmc_p1_vs_time.png"), help="PNG of P@1 against time")
     g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")
-    g.add_argument("--save-head", metavar="PATH", help="save the first lsh run's trained output layer and the test "
-                   "points' hidden vectors (for benchmarks/bench_topk.py --model)")
+    g.add_argument("--save-head", metavar="PATH", help="save the lsh run's trained output layer (where --runs names "
+                   "several lsh runs, the last to finish) and the test points' hidden vectors (for "
+                   "benchmarks/bench_topk.py --model)")
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
     args = p.parse_args(argv)
