@@ -71,10 +71,11 @@ TORCH_LIBRARY(lsh_torch, m) {
   // Batch-shared active set as one gathered GEMM: out[b, a] = weight[indices[a]] . x[b] + bias[indices[a]]
   m.def("shared_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
   // Lazy Adam on the given (unique) rows only, in place, with SparseAdam's arithmetic in its order:
-  // m += (g - m)(1-b1);  v += (g^2 - v)(1-b2);  param -= m / (sqrt(v) + eps) * step_size.
+  // m += (g - m)(1-b1);  v += (g^2 - v)(1-b2);  param = param (1 - decay) - m / (sqrt(v) + eps) * step_size
+  // (decay: AdamW's decoupled weight decay, lr * weight_decay; 0 is SparseAdam's step exactly).
   m.def(
       "lazy_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad_rows, "
-      "float step_size, float beta1, float beta2, float eps) -> ()");
+      "float step_size, float beta1, float beta2, float eps, float decay=0.) -> ()");
 }
 
 // Importing lsh_torch._C loads this library, which runs the registrations above.

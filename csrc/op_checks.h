@@ -178,7 +178,7 @@ inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& ma
 // [U, *param.shape[1:]]. Returns the number of elements per row.
 inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                     const at::Tensor& rows, const at::Tensor& grad, double step_size, double beta1,
-                                    double beta2, double eps, const char* op) {
+                                    double beta2, double eps, double decay, const char* op) {
   TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
               ": param, exp_avg and exp_avg_sq must be contiguous");
   TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
@@ -197,6 +197,7 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
               ": need 0 <= beta1, beta2 < 1 and eps >= 0");
   TORCH_CHECK(std::isfinite(step_size), op, ": step_size must be finite, got ", step_size);
+  TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay (lr * weight_decay) must be in [0, 1], got ", decay);
   // An update reads and writes param and the moments element by element: they must not overlap.
   for (const auto& [a, b] : {std::pair{&param, &exp_avg}, {&param, &exp_avg_sq}, {&exp_avg, &exp_avg_sq}})
     TORCH_CHECK(at::get_overlap_status(*a, *b) == at::MemOverlapStatus::No, op,

@@ -117,13 +117,14 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Te
 
 
 def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_rows: Tensor,
-               step_size: float, beta1: float, beta2: float, eps: float) -> None:
+               step_size: float, beta1: float, beta2: float, eps: float, decay: float = 0.0) -> None:
     """In-place Adam update of ``param``'s (unique) ``rows`` and their moments; see :class:`lsh_torch.optim.LazyAdam`.
+    ``decay`` (``lr * weight_decay``, in [0, 1]) scales those rows by ``1 - decay`` first, as AdamW does.
 
     Bumps the version counters of the three updated tensors, as PyTorch's in-place ops do (a custom
     op's dispatch does not): autograd then refuses a backward through values the step changed, and
     caches keyed on a parameter's version (``LSHLinear.topk``'s index) see the step."""
-    _ops.lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps)
+    _ops.lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay)
     if not torch.compiler.is_compiling():
         for t in (param, exp_avg, exp_avg_sq):
             if not t.is_inference():
@@ -217,7 +218,7 @@ def _(x, weight, bias, indices):
 
 
 @torch.library.register_fake("lsh_torch::lazy_adam_")
-def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
+def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay=0.0):
     _one_device("lazy_adam_", param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad_rows=grad_rows)
 
 

@@ -17,16 +17,28 @@ class LazyAdam(torch.optim.Optimizer):
     ``eps`` to the bias-corrected ``sqrt(v)``, SparseAdam to the uncorrected one). That is what a
     head tied to a dense input embedding gets (its sparse gradient plus the embedding's dense one),
     and what a model's other parameters get, so one LazyAdam can optimize them all.
+
+    ``weight_decay`` is :class:`torch.optim.AdamW`'s, decoupled: a row is scaled by
+    ``1 - lr * weight_decay`` before its Adam step. It decays lazily, like the moments: the rows a
+    sparse gradient touches, every row of a dense one. (A row a sparse gradient leaves alone keeps
+    its weights.) Parameter groups may set their own, as with AdamW (e.g. 0 for biases and norms).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         if not 0.0 < lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 < eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid beta parameters: {betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state saved before weight_decay existed
+            group.setdefault("weight_decay", 0.0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,7 +66,7 @@ class LazyAdam(torch.optim.Optimizer):
                     values, eps = _rows(p.grad), group["eps"] * correction2
                     rows = torch.arange(values.shape[0], device=p.device)
                 ops.lazy_adam_(_rows(p), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
-                               step_size, beta1, beta2, eps)
+                               step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
         return loss
 
 

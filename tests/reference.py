@@ -242,10 +242,11 @@ def sparse_linear_grad_weight_rows(grad_out, x, active):
     return rows, gw[rows], gb[rows]
 
 
-def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps):
+def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay=0.0):
     """SparseAdam's operations in its order (the op's contract), in the compute type: float32
-    below float64. In float32 they cancel when a beta is near 0, so the contract, not the exact
-    Adam formula, is what the kernel must reproduce."""
+    below float64, after AdamW's decay of the rows (``param * (1 - decay)``). In float32 they
+    cancel when a beta is near 0, so the contract, not the exact Adam formula, is what the kernel
+    must reproduce."""
     acc = torch.float64 if param.dtype == torch.float64 else torch.float32
     scalar = lambda value: torch.tensor(value, dtype=acc)  # rounded once, as the kernels do
     m, v, g = exp_avg[rows].to(acc), exp_avg_sq[rows].to(acc), grad_rows.to(acc)
@@ -253,4 +254,5 @@ def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, be
     v = v + (g * g - v) * scalar(1 - beta2)
     exp_avg[rows] = m.to(exp_avg.dtype)
     exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
-    param[rows] = (param[rows].to(acc) - m / (v.sqrt() + scalar(eps)) * scalar(step_size)).to(param.dtype)
+    param[rows] = (param[rows].to(acc) * scalar(1 - decay) - m / (v.sqrt() + scalar(eps)) * scalar(step_size)).to(
+        param.dtype)

@@ -418,14 +418,15 @@ def adam_state(dtype=torch.float32):
     return param, m, v, rows, torch.randn(70, 33, generator=gen).to(dtype)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.01])
 @pytest.mark.parametrize("dtype", ALL_FLOATS)
-def test_lazy_adam_equals_cpu(dtype):
+def test_lazy_adam_equals_cpu(dtype, decay):
     cpu = list(adam_state(dtype))
     gpu = [t.cuda() for t in cpu]
     expected = [t.clone() for t in cpu[:3]]
-    ref.lazy_adam_(*expected, cpu[3], cpu[4], 0.01, 0.9, 0.999, 1e-8)
-    ops.lazy_adam_(*cpu, 0.01, 0.9, 0.999, 1e-8)
-    ops.lazy_adam_(*gpu, 0.01, 0.9, 0.999, 1e-8)
+    ref.lazy_adam_(*expected, cpu[3], cpu[4], 0.01, 0.9, 0.999, 1e-8, decay)
+    ops.lazy_adam_(*cpu, 0.01, 0.9, 0.999, 1e-8, decay)
+    ops.lazy_adam_(*gpu, 0.01, 0.9, 0.999, 1e-8, decay)
     for got, want, exact in zip(gpu[:3], cpu[:3], expected):
         assert torch.equal(got.cpu(), want)  # the CPU's operation order, no fused multiply-adds
         torch.testing.assert_close(got.cpu(), exact, **tolerance(dtype))

@@ -169,7 +169,7 @@ def test_lazy_adam_agrees_with_reference(data):
     rows = rows[: draw(st.integers(0, num_rows))].sort().values
     grad = tensor(draw, (rows.numel(), width), dtype)
     args = (rows, grad, draw(st.floats(1e-6, 1.0)), draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.9999)),
-            draw(st.floats(1e-10, 1e-3)))
+            draw(st.floats(1e-10, 1e-3)), draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)))
     expected = [t.clone() for t in (param, m, v)]
     ref.lazy_adam_(*expected, *args)
     ops.lazy_adam_(param, m, v, *args)

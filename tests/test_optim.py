@@ -11,12 +11,13 @@ def state(dtype=torch.float32):
     return param, m, v, torch.tensor([0, 3, 7, 29]), torch.randn(4, 4, dtype=dtype)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.05])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lazy_adam_op_matches_reference(dtype):
+def test_lazy_adam_op_matches_reference(dtype, decay):
     param, m, v, rows, grad = state(dtype)
     expected = [t.clone() for t in (param, m, v)]
-    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, 1e-8)
-    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
+    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
     torch.testing.assert_close((param, m, v), tuple(expected))
 
 
@@ -32,6 +33,7 @@ def test_lazy_adam_touches_only_given_rows():
 
 def test_lazy_adam_opcheck():
     torch.library.opcheck(torch.ops.lsh_torch.lazy_adam_, (*state(), 0.01, 0.9, 0.999, 1e-8))
+    torch.library.opcheck(torch.ops.lsh_torch.lazy_adam_, (*state(), 0.01, 0.9, 0.999, 1e-8, 0.01))
 
 
 def test_lazy_adam_equals_sparse_adam_on_an_lsh_layer():
@@ -62,6 +64,15 @@ def test_lazy_adam_errors():
         ops.lazy_adam_(param, m.double(), v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match="learning rate"):
         LazyAdam([torch.nn.Parameter(param)], lr=-1)
+    for decay in (-0.1, 1.5, float("nan")):
+        with pytest.raises(RuntimeError, match=r"decay \(lr \* weight_decay\) must be in \[0, 1\]"):
+            ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
+    with pytest.raises(ValueError, match="weight_decay"):
+        LazyAdam([torch.nn.Parameter(param)], weight_decay=-0.1)
+    opt = LazyAdam([torch.nn.Parameter(param)], lr=0.1, weight_decay=20.0)  # lr * weight_decay > 1
+    opt.param_groups[0]["params"][0].grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match="decay"):
+        opt.step()
 
 
 def test_lazy_adam_arithmetic_is_sparse_adams():
@@ -141,3 +152,59 @@ def test_head_tied_to_a_dense_embedding_trains_like_adam(mode):
             opt.zero_grad()
     assert not torch.equal(model.embedding.weight, initial)
     torch.testing.assert_close(model.state_dict(), twin.state_dict())
+
+
+def test_weight_decay_on_dense_gradients_is_adamws_with_its_parameter_groups():
+    params = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.tensor(2.0))]
+    twins, plain = ([torch.nn.Parameter(p.detach().clone()) for p in params] for _ in range(2))
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
+    ours = LazyAdam(groups(params), lr=0.01, eps=1e-6, weight_decay=0.5)
+    adamw = torch.optim.AdamW(groups(twins), lr=0.01, eps=1e-6, weight_decay=0.5)
+    undecayed = LazyAdam(plain, lr=0.01, eps=1e-6)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for ps, opt in ((params, ours), (twins, adamw), (plain, undecayed)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(params, twins)
+    # the decay is what made them agree: without it the decayed group differs, the other does not
+    assert not torch.allclose(params[0], plain[0]) and torch.equal(params[2], plain[2])
+
+
+def test_weight_decay_on_sparse_gradients_decays_the_touched_rows_only():
+    layer = LSHLinear(16, 300, active=32, mode="shared", sparse_grad=True, seed=3)
+    x, labels = torch.randn(8, 16), torch.randint(0, 300, (8,))
+    sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
+    grad = layer.weight.grad.coalesce()
+    rows, before = grad.indices()[0], layer.weight.detach().clone()
+    expected = [before.clone(), torch.zeros_like(before), torch.zeros_like(before)]
+    lr, decay = 0.01, 0.3
+    step_size = lr * (1 - 0.999) ** 0.5 / (1 - 0.9)
+    ref.lazy_adam_(*expected, rows, grad.values(), step_size, 0.9, 0.999, 1e-8, lr * decay)
+    LazyAdam(layer.parameters(), lr=lr, weight_decay=decay).step()
+    torch.testing.assert_close(layer.weight.detach(), expected[0])
+    untouched = torch.ones(300, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(layer.weight.detach()[untouched], before[untouched])
+    # the decay is in the step: the same step without it leaves the touched rows elsewhere
+    assert not torch.allclose(layer.weight.detach()[rows], ref_step_without_decay(before, rows, grad, step_size))
+
+
+def ref_step_without_decay(before, rows, grad, step_size):
+    state = [before.clone(), torch.zeros_like(before), torch.zeros_like(before)]
+    ref.lazy_adam_(*state, rows, grad.values(), step_size, 0.9, 0.999, 1e-8)
+    return state[0][rows]
+
+
+def test_a_state_saved_before_weight_decay_loads_without_it():
+    param = torch.nn.Parameter(torch.randn(6, 3))
+    opt = LazyAdam([param], lr=0.01)
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["weight_decay"]
+    fresh = LazyAdam([param], lr=0.01)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["weight_decay"] == 0.0
+    param.grad = torch.ones_like(param)
+    fresh.step()

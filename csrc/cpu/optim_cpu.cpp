@@ -14,9 +14,10 @@ namespace lsh_torch {
 namespace {
 
 void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
-                   const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
+                   const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps, double decay) {
   const char* op = "lazy_adam_";
-  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, step_size, beta1, beta2, eps, op);
+  const int64_t width =
+      check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, step_size, beta1, beta2, eps, decay, op);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&param, &exp_avg, &exp_avg_sq, &rows_in, &grad_in})
     TORCH_CHECK(t->device().is_cpu(), op, ": all tensors must be on the CPU, got one on ", t->device());
   const int64_t num_rows = param.size(0);
@@ -34,9 +35,10 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    // SparseAdam's operations in its order, 1 - beta computed in double as Python does.
+    // SparseAdam's operations in its order, 1 - beta computed in double as Python does; AdamW's
+    // decay first (param * (1 - decay), rounded to acc_t as its mul_ rounds).
     const acc_t c1 = static_cast<acc_t>(1.0 - beta1), c2 = static_cast<acc_t>(1.0 - beta2);
-    const acc_t e = eps, lr = step_size;
+    const acc_t e = eps, lr = step_size, keep = static_cast<acc_t>(1.0 - decay);
     at::parallel_for(0, rows.numel(), 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t base = rp[i] * width;
@@ -47,7 +49,7 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
           const acc_t vk = vo + (gk * gk - vo) * c2;
           m[base + k] = static_cast<scalar_t>(mk);
           v[base + k] = static_cast<scalar_t>(vk);
-          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) - mk / (std::sqrt(vk) + e) * lr);
+          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) * keep - mk / (std::sqrt(vk) + e) * lr);
         }
       }
     });

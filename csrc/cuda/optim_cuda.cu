@@ -37,7 +37,8 @@ __global__ void check_rows_kernel(const int64_t* __restrict__ rows, int64_t coun
 template <typename scalar_t, typename acc_t>
 __global__ void lazy_adam_kernel(scalar_t* __restrict__ p, scalar_t* __restrict__ m, scalar_t* __restrict__ v,
                                  const int64_t* __restrict__ rows, const scalar_t* __restrict__ g, int64_t count,
-                                 int64_t width, int64_t num_rows, acc_t lr, acc_t c1, acc_t c2, acc_t e) {
+                                 int64_t width, int64_t num_rows, acc_t lr, acc_t c1, acc_t c2, acc_t e,
+                                 acc_t keep) {
   const int64_t total = count * width;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -47,20 +48,22 @@ __global__ void lazy_adam_kernel(scalar_t* __restrict__ p, scalar_t* __restrict_
     const int64_t at = row * width + k;
     const acc_t gk = static_cast<acc_t>(g[idx]);
     // SparseAdam's operations in its order (as the CPU kernel):
-    // mk = m + (gk - m) * c1;  vk = v + (gk * gk - v) * c2;  p -= mk / (sqrt(vk) + e) * lr
+    // mk = m + (gk - m) * c1;  vk = v + (gk * gk - v) * c2;  p = p * keep - mk / (sqrt(vk) + e) * lr
     const acc_t mo = static_cast<acc_t>(m[at]), vo = static_cast<acc_t>(v[at]);
     const acc_t mk = mo + mul_rn(gk - mo, c1);
     const acc_t vk = vo + mul_rn(mul_rn(gk, gk) - vo, c2);
     m[at] = static_cast<scalar_t>(mk);
     v[at] = static_cast<scalar_t>(vk);
-    p[at] = static_cast<scalar_t>(static_cast<acc_t>(p[at]) - mul_rn(mk / (std::sqrt(vk) + e), lr));
+    p[at] = static_cast<scalar_t>(mul_rn(static_cast<acc_t>(p[at]), keep) - mul_rn(mk / (std::sqrt(vk) + e), lr));
   }
 }
 
 void lazy_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
-                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps) {
+                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps,
+                    double decay) {
   const char* op = "lazy_adam_";
-  const int64_t width = check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, step_size, beta1, beta2, eps, op);
+  const int64_t width =
+      check_lazy_adam_args(param, exp_avg, exp_avg_sq, rows_in, grad_in, step_size, beta1, beta2, eps, decay, op);
   cuda::check_cuda(param, "param", op);
   const at::Device device = param.device();
   cuda::check_same_device(exp_avg, device, "exp_avg", op);
@@ -88,7 +91,8 @@ void lazy_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
     lazy_adam_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(
         param.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
         rows.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), count, width, num_rows, static_cast<acc_t>(step_size),
-        static_cast<acc_t>(1.0 - beta1), static_cast<acc_t>(1.0 - beta2), static_cast<acc_t>(eps));
+        static_cast<acc_t>(1.0 - beta1), static_cast<acc_t>(1.0 - beta2), static_cast<acc_t>(eps),
+        static_cast<acc_t>(1.0 - decay));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
