@@ -12,10 +12,10 @@ files plus ``<unk>``.
 Model: a GPT-style decoder written with plain ``nn.Linear`` (attention projections, MLPs and the
 output head over the whole vocabulary). ``lsh_torch.convert`` turns the copy's wide layers, here
 only the head, into ``LSHLinear`` in one call; both models start from the same weights and see the same
-batches. The original trains with ``torch.optim.Adam``; the converted head's gradients are sparse rows
-(``sparse_grad=True``), trained by ``lsh_torch.LazyAdam``, which gives its other parameters Adam's step and
-moves only the head's active rows (SparseAdam's rule: a word no batch touched keeps its moments). The original trains with the full softmax
-(``F.cross_entropy`` over all words); the converted one with ``head.forward_sparse`` and
+batches. The original trains with ``torch.optim.Adam`` and the full softmax (``F.cross_entropy``
+over all words). The converted head's gradients are sparse rows (``sparse_grad=True``), trained by
+``lsh_torch.LazyAdam``, which gives the other parameters Adam's step and moves only the head's active
+rows (SparseAdam's rule: a word no batch touched keeps its moments); its loss is ``head.forward_sparse`` and
 ``lsh_torch.sparse_cross_entropy`` over the active words only (each target word forced in, plus the
 words the hash tables find for the token's context). Held-out perplexity is computed exactly, with
 the full softmax over the whole vocabulary, for both (an LSHLinear in eval mode is exact).
@@ -172,10 +172,9 @@ def loss_of(model: TransformerLM, inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def optimizer(model: TransformerLM, lr: float) -> torch.optim.Optimizer:
-    """``lsh_torch.LazyAdam`` where the head takes sparse gradients (it moves the touched rows only and
+    """``lsh_torch.LazyAdam`` where a converted layer takes sparse gradients (it moves the touched rows only and
     gives every dense gradient Adam's step), else ``torch.optim.Adam``."""
-    head = model.head
-    if isinstance(head, lsh_torch.LSHLinear) and head.sparse_grad:
+    if any(isinstance(m, lsh_torch.LSHLinear) and m.sparse_grad for m in model.modules()):
         return lsh_torch.LazyAdam(model.parameters(), lr=lr)
     return torch.optim.Adam(model.parameters(), lr=lr)
 

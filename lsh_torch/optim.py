@@ -22,6 +22,9 @@ class LazyAdam(torch.optim.Optimizer):
     ``1 - lr * weight_decay`` before its Adam step. It decays lazily, like the moments: the rows a
     sparse gradient touches, every row of a dense one. (A row a sparse gradient leaves alone keeps
     its weights.) Parameter groups may set their own, as with AdamW (e.g. 0 for biases and norms).
+    The default is 0 (AdamW's is 0.01): say it when replacing AdamW. ``lr * weight_decay`` must be
+    at most 1 (a larger decay would flip the weights' signs); a step checks every group before it
+    updates any.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -31,13 +34,13 @@ class LazyAdam(torch.optim.Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid beta parameters: {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_decay(lr, weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # a state saved before weight_decay existed
+        self.defaults.setdefault("weight_decay", 0.0)  # an optimizer saved before weight_decay existed
+        for group in self.param_groups:
             group.setdefault("weight_decay", 0.0)
 
     @torch.no_grad()
@@ -46,6 +49,8 @@ class LazyAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # before any update: a refused step leaves every state as it was
+            _check_decay(group["lr"], group["weight_decay"])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -68,6 +73,12 @@ class LazyAdam(torch.optim.Optimizer):
                 ops.lazy_adam_(_rows(p), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
                                step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
         return loss
+
+
+def _check_decay(lr: float, weight_decay: float) -> None:
+    if not 0.0 <= weight_decay or not lr * weight_decay <= 1.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (need weight_decay >= 0 and lr * weight_decay "
+                         f"<= 1, lr is {lr})")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -454,7 +454,8 @@ def cuda_opcheck_cases():
         if not isinstance(t, torch.Tensor):
             return t
         return t.detach().cuda().requires_grad_(t.requires_grad)
-    cases = test_ops.opcheck_cases() + [("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8))]
+    cases = test_ops.opcheck_cases() + [("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8)),
+                                        ("lazy_adam_", (*adam_state(), 0.01, 0.9, 0.999, 1e-8, 0.01))]
     return [(name, tuple(move(t) for t in args)) for name, args in cases] if torch.cuda.is_available() else cases
 
 

@@ -254,7 +254,7 @@ def _valid_calls(draw):
                                                   new_codes=ints(draw, (3, 2), 0, 8).int())),
         "lazy_adam_": (OPS.lazy_adam_, dict(param=state[0], exp_avg=state[1], exp_avg_sq=state[2], rows=rows,
                                            grad_rows=tensor(draw, (3, d)), step_size=0.01, beta1=0.9, beta2=0.999,
-                                           eps=1e-8)),
+                                           eps=1e-8, decay=0.01)),
     }
 
 

@@ -67,12 +67,23 @@ def test_lazy_adam_errors():
     for decay in (-0.1, 1.5, float("nan")):
         with pytest.raises(RuntimeError, match=r"decay \(lr \* weight_decay\) must be in \[0, 1\]"):
             ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
-    with pytest.raises(ValueError, match="weight_decay"):
-        LazyAdam([torch.nn.Parameter(param)], weight_decay=-0.1)
-    opt = LazyAdam([torch.nn.Parameter(param)], lr=0.1, weight_decay=20.0)  # lr * weight_decay > 1
-    opt.param_groups[0]["params"][0].grad = torch.ones_like(param)
-    with pytest.raises(RuntimeError, match="decay"):
+    for weight_decay in (-0.1, float("inf"), float("nan"), 20.0):  # 20: lr * weight_decay = 2 > 1
+        with pytest.raises(ValueError, match="weight_decay"):
+            LazyAdam([torch.nn.Parameter(param)], lr=0.1, weight_decay=weight_decay)
+
+
+def test_a_step_refused_for_its_weight_decay_updates_nothing():
+    """Every group's decay is checked before any update: no parameter half-stepped, no step counted."""
+    first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    opt = LazyAdam([{"params": [first]}, {"params": [second]}], lr=0.1, weight_decay=1.0)
+    first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
+    opt.step()
+    before = [first.detach().clone(), second.detach().clone(), {k: v["step"] for k, v in opt.state.items()}]
+    opt.param_groups[1]["weight_decay"] = 20.0  # set after construction: lr * weight_decay = 2
+    with pytest.raises(ValueError, match=r"lr \* weight_decay <= 1"):
         opt.step()
+    assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+    assert {k: v["step"] for k, v in opt.state.items()} == before[2]
 
 
 def test_lazy_adam_arithmetic_is_sparse_adams():
@@ -208,3 +219,25 @@ def test_a_state_saved_before_weight_decay_loads_without_it():
     assert fresh.param_groups[0]["weight_decay"] == 0.0
     param.grad = torch.ones_like(param)
     fresh.step()
+    # unpickled (``__setstate__`` with the old defaults): a group added later gets no decay too
+    state = dict(fresh.__getstate__())
+    state["defaults"] = {k: v for k, v in state["defaults"].items() if k != "weight_decay"}
+    for group in state["param_groups"]:
+        group.pop("weight_decay")
+    old = LazyAdam.__new__(LazyAdam)
+    old.__setstate__(state)
+    other = torch.nn.Parameter(torch.randn(2))
+    old.add_param_group({"params": [other]})
+    other.grad = torch.ones_like(other)
+    old.step()
+    assert [g["weight_decay"] for g in old.param_groups] == [0.0, 0.0]
+
+
+def test_weight_decay_of_a_0_dim_parameter_is_adamws():
+    ours, theirs = torch.nn.Parameter(torch.tensor(2.0)), torch.nn.Parameter(torch.tensor(2.0))
+    opts = LazyAdam([ours], lr=0.1, weight_decay=0.5), torch.optim.AdamW([theirs], lr=0.1, weight_decay=0.5)
+    for g in (1.0, -0.5, 0.25):
+        for p, opt in zip((ours, theirs), opts):
+            p.grad = torch.tensor(g)
+            opt.step()
+    torch.testing.assert_close(ours, theirs)

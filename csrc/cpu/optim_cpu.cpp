@@ -36,7 +36,8 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     // SparseAdam's operations in its order, 1 - beta computed in double as Python does; AdamW's
-    // decay first (param * (1 - decay), rounded to acc_t as its mul_ rounds).
+    // decay first, param * (1 - decay) in acc_t (float32 AdamW rounds the same; for half and
+    // bfloat16 it would round the product to the parameter's dtype, this keeps it in float).
     const acc_t c1 = static_cast<acc_t>(1.0 - beta1), c2 = static_cast<acc_t>(1.0 - beta2);
     const acc_t e = eps, lr = step_size, keep = static_cast<acc_t>(1.0 - decay);
     at::parallel_for(0, rows.numel(), 64, [&](int64_t begin, int64_t end) {
