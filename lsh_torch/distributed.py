@@ -30,6 +30,7 @@ With equal batch sizes this is single-process training on the concatenated globa
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_int
-from .losses import _check_labels_found, _label_mask, _label_rows
+from .losses import _check_labels_found, _label_mask, _label_rows, smoothed_target
 from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings, topk_budget
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
@@ -261,7 +262,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         return upstream[:, None] * (probs - target), None, None, None, None, None
 
 
-def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction: str, ignore_index: int) -> Tensor:
+def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction: str, ignore_index: int,
+                          label_smoothing: float = 0.0) -> Tensor:
     """:func:`lsh_torch.sparse_cross_entropy` of a :class:`ShardedSparseOutput` (it dispatches
     here after checking its arguments): this rank's loss over its own rows, the softmax over every
     shard's active set, each shard's tail correction applied (the sum of the shards' unbiased
@@ -277,15 +279,21 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     _check_labels_found((counts[:, 1:] > 0) | (every == -1), every)
     count = counts[:, 0]
     target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
-    if output.log_weights is not None:
-        logits = logits + output.log_weights.expand_as(logits)
+    log_weights = None if output.log_weights is None else output.log_weights.expand_as(logits)
+    if log_weights is not None:
+        logits = logits + log_weights
+    shift = None
+    if label_smoothing:  # the spread over every shard's outputs: the weights' sums all-reduced
+        target, shift = smoothed_target(target, log_weights, label_smoothing, partial(dist.all_reduce, group=group))
     loss = _ShardedSoftmaxCrossEntropy.apply(logits, target, count > 0, tuple(sizes), rank, group)
+    start = sum(sizes[:rank])
+    if shift is not None:
+        loss = loss + torch.where(count > 0, shift, 0.0)[start: start + sizes[rank]]
     loss = loss.to(output.values.dtype)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":
         return loss.sum()
-    start = sum(sizes[:rank])
     return loss.sum() / (count[start: start + sizes[rank]] > 0).sum().clamp_min(1)
 
 

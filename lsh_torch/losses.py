@@ -1,11 +1,14 @@
 """Losses over the active outputs of a sparse forward (SparseOutput)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 
-def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
+                         label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy over the active logits, the target mass spread evenly over each
     row's true labels (as SLIDE does).
 
@@ -23,6 +26,11 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         ignore_index: a label value that counts as padding, like ``F.cross_entropy``'s (default
             -100, the Hugging Face convention). :meth:`LSHLinear.forward_sparse` takes -1 and -100
             as padding; mask other values out before it.
+        label_smoothing: as ``F.cross_entropy``'s, in [0, 1]: the target is ``1 - label_smoothing``
+            of the labels' mass plus ``label_smoothing`` spread evenly over *all* outputs, the
+            part of it on the outputs outside the active set estimated from the set: each active
+            output stands for ``exp(log_weight)`` outputs (the tail for the rest it was drawn from).
+            Without log_weights it is spread over the active outputs alone.
 
     A :class:`~lsh_torch.distributed.ShardedSparseOutput` (from ``ShardedLSHLinear.forward_sparse``)
     gives this rank's loss over its own rows, the softmax taken over every shard's active set
@@ -38,9 +46,10 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         raise TypeError("labels must be an int64 tensor")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_label_smoothing(label_smoothing)
     from .distributed import ShardedSparseOutput, sharded_cross_entropy  # imported here: it imports this module
     if isinstance(output, ShardedSparseOutput):
-        return sharded_cross_entropy(output, labels, reduction, ignore_index)
+        return sharded_cross_entropy(output, labels, reduction, ignore_index, label_smoothing)
     values, indices, log_weights = output if len(output) == 3 else (*output, None)
     batch_shape = values.shape[:-1]
     logits = values.reshape(-1, values.shape[-1])
@@ -50,15 +59,45 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     target = mask.to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
-    logits32 = logits.float()
+    corrected = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if log_weights is not None:
-        logits32 = logits32 + log_weights.reshape(-1, logits.shape[-1])
-    loss = -(target * torch.log_softmax(logits32, dim=1).to(logits.dtype)).sum(1)
+        log_weights = log_weights.reshape(-1, logits.shape[-1]).expand_as(corrected)
+        corrected = corrected + log_weights
+    log_probs = torch.log_softmax(corrected, dim=1)
+    if label_smoothing:
+        target, shift = smoothed_target(target.to(log_probs.dtype), log_weights, label_smoothing)
+        loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0).to(logits.dtype)
+    else:
+        loss = -(target * log_probs.to(logits.dtype)).sum(1)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (count > 0).sum().clamp_min(1)
+
+
+def check_label_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float between 0.0 and 1.0, got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def smoothed_target(target: Tensor, log_weights: Optional[Tensor], label_smoothing: float,
+                    all_reduce=None) -> tuple[Tensor, Tensor]:
+    """``label_smoothing`` of each row's target moved onto all outputs, as estimated by the active
+    set: active output ``a`` stands for ``w_a = exp(log_weights[a])`` outputs (1 without
+    log_weights), so it gets ``w_a / sum(w)`` of the spread mass. Also returns, per row, what to
+    add to ``-sum(target * log_softmax(logits + log_weights))``: the spread part must score the
+    logits themselves, not the corrected ones (``label_smoothing * sum(w * log_weights) / sum(w)``).
+    ``all_reduce`` sums the per-row sums over the shards of a sharded output."""
+    weights = torch.ones_like(target) if log_weights is None else log_weights.exp()
+    sums = torch.stack([weights.sum(1), (weights * log_weights).sum(1) if log_weights is not None
+                        else torch.zeros_like(target[:, 0])], 1)
+    if all_reduce is not None:
+        all_reduce(sums)
+    spread = weights / sums[:, :1]
+    return (1 - label_smoothing) * target + label_smoothing * spread, label_smoothing * sums[:, 1] / sums[:, 0]
 
 
 def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int) -> Tensor:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from lsh_torch import LSHLinear, sparse_cross_entropy
+from lsh_torch import LSHLinear, SparseOutput, sparse_cross_entropy
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel, shard_range,
                                    unmanaged_parameters)
 
@@ -174,28 +174,28 @@ def _reference_grads(loss_of_rank):
     return ([loss.detach() for loss in losses], [WORLD * x.grad for x in xs], lin.weight.grad, lin.bias.grad)
 
 
-def _soft_loss(rank, logits):
+def _soft_loss(rank, logits, label_smoothing=0.0):
     target = _soft_targets(_sharded_data()[1][rank])
     labelled = target.sum(1) > 0
-    return F.cross_entropy(logits[labelled], target[labelled])
+    return F.cross_entropy(logits[labelled], target[labelled], label_smoothing=label_smoothing)
 
 
-def _sharded_loss_run(rank, mode, sparse_grad):
+def _sharded_loss_run(rank, mode, sparse_grad, label_smoothing):
     layer = ShardedLSHLinear.from_linear(_full_linear(), active=1.0, tail=0, mode=mode, sparse_grad=sparse_grad)
     x, labels = _sharded_data()
     x = _local(x, rank, SIZES).clone().requires_grad_()
     out = layer.forward_sparse(x, labels[rank])
-    loss = sparse_cross_entropy(out, labels[rank])
+    loss = sparse_cross_entropy(out, labels[rank], label_smoothing=label_smoothing)
     loss.backward()
     dense = lambda g: g.to_dense() if g.is_sparse else g
     return {"loss": loss.detach(), "x_grad": x.grad, "weight_grad": dense(layer.weight.grad),
             "bias_grad": dense(layer.bias.grad), "rows": (layer.start, layer.end), "indices": out.indices}
 
 
-@pytest.mark.parametrize("mode,sparse_grad", [("shared", False), ("per_row", True)])
-def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, sparse_grad):
-    ranks = _spawn(_sharded_loss_run, tmp_path, mode, sparse_grad)
-    losses, x_grads, weight_grad, bias_grad = _reference_grads(_soft_loss)
+@pytest.mark.parametrize("mode,sparse_grad,label_smoothing", [("shared", False, 0.0), ("per_row", True, 0.25)])
+def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, sparse_grad, label_smoothing):
+    ranks = _spawn(_sharded_loss_run, tmp_path, mode, sparse_grad, label_smoothing)
+    losses, x_grads, weight_grad, bias_grad = _reference_grads(lambda r, z: _soft_loss(r, z, label_smoothing))
     assert [r["rows"] for r in ranks] == [(0, 7), (7, 13)]
     for rank, result in enumerate(ranks):
         start, end = result["rows"]
@@ -204,6 +204,27 @@ def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, spars
         torch.testing.assert_close(result["x_grad"], x_grads[rank])
         torch.testing.assert_close(result["weight_grad"], weight_grad[start:end])
         torch.testing.assert_close(result["bias_grad"], bias_grad[start:end])
+
+
+def _sharded_tail_run(rank):
+    layer = ShardedLSHLinear.from_linear(_full_linear(60), active=24, tail=6, mode="shared")
+    x, labels = _sharded_data()
+    out = layer.forward_sparse(_local(x, rank, SIZES), labels[rank])
+    return {"out": tuple(out[:3]), "loss": sparse_cross_entropy(out, labels[rank], "none"),
+            "smoothed": sparse_cross_entropy(out, labels[rank], "none", label_smoothing=0.3)}
+
+
+def test_sharded_smoothed_loss_with_tails_is_the_loss_of_the_shards_joined(tmp_path):
+    # Each shard's tail stands for its own rest: joined into one active set (the shards' log_weights
+    # kept), the single-process loss is each rank's, with and without label smoothing.
+    ranks = _spawn(_sharded_tail_run, tmp_path)
+    values, indices, log_weights = (torch.cat(parts, -1) for parts in zip(*(r["out"] for r in ranks)))
+    assert (log_weights > 0).sum() == 12  # both shards drew a corrected tail
+    labels = torch.cat([F.pad(rows, (0, 2 - rows.shape[1]), value=-1) for rows in _sharded_data()[1]])
+    joined = SparseOutput(values, indices, log_weights)
+    for key, smoothing in (("loss", 0.0), ("smoothed", 0.3)):
+        want = sparse_cross_entropy(joined, labels, "none", label_smoothing=smoothing)
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), want)
 
 
 def _sharded_dense_run(rank):

@@ -93,13 +93,75 @@ def test_loss_adds_the_log_weights():
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
-def test_every_neuron_active_gives_the_full_softmax(mode):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_every_neuron_active_gives_the_full_softmax(mode, label_smoothing):
     layer = LSHLinear(16, 50, active=50, tail=10, mode=mode)
     x, labels = torch.randn(7, 16), torch.randint(0, 50, (7,))
     out = layer.forward_sparse(x, labels)
     assert (out.log_weights == 0).all()  # the tail holds the whole rest: log(rest / rest) = 0
-    full = F.cross_entropy(F.linear(x, layer.weight, layer.bias), labels)
-    torch.testing.assert_close(sparse_cross_entropy(out, labels), full)
+    full = F.cross_entropy(F.linear(x, layer.weight, layer.bias), labels, label_smoothing=label_smoothing)
+    torch.testing.assert_close(sparse_cross_entropy(out, labels, label_smoothing=label_smoothing), full)
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_with_every_output_active_is_cross_entropys(mode, reduction):
+    # No tail to correct for: exactly F.cross_entropy's label_smoothing, ignored rows included.
+    n, labels = 12, torch.tensor([3, -100, 0, 11, 5])
+    values = torch.randn(5, n, requires_grad=True)
+    indices = torch.arange(n) if mode == "shared" else torch.arange(n).expand(5, -1)
+    for output in ((values, indices), SparseOutput(values, indices, torch.zeros(indices.shape))):
+        loss = sparse_cross_entropy(output, labels, reduction, label_smoothing=0.3)
+        torch.testing.assert_close(loss, F.cross_entropy(values, labels, reduction=reduction, label_smoothing=0.3))
+    grad, = torch.autograd.grad(loss.sum(), values)
+    want, = torch.autograd.grad(F.cross_entropy(values, labels, reduction=reduction, label_smoothing=0.3).sum(), values)
+    torch.testing.assert_close(grad, want)
+
+
+def test_label_smoothing_spread_is_unbiased_over_the_tails_draws():
+    # smoothing=1 minus smoothing=0 is, per row, z_label - sum(w z) / sum(w) over the active set,
+    # an unbiased estimate of z_label - mean(z) over all n outputs; without the weights (spread
+    # over the active outputs alone) it is biased towards the head's high logits.
+    torch.manual_seed(2)
+    n, budget = 300, 40
+    layer = LSHLinear(8, n, active=budget, tail=25, mode="shared", num_tables=4, probes=2)
+    x, labels = torch.randn(3, 8), torch.tensor([4, 77, 250])
+    with torch.no_grad():
+        layer.weight[:30] += 2 * x.mean(0)  # a head of high logits for the tables to find
+    layer.rebuild()
+    z = F.linear(x, layer.weight, layer.bias).detach()
+    estimates, unweighted = [], []
+    for step in range(800):
+        layer.step = step
+        out = layer.forward_sparse(x, labels)
+        out = out._replace(values=z[:, out.indices])
+        difference = lambda o: (sparse_cross_entropy(o, labels, "none", label_smoothing=1.0)
+                                - sparse_cross_entropy(o, labels, "none"))
+        estimates.append(difference(out))
+        unweighted.append(difference(out._replace(log_weights=None)))
+    est = torch.stack(estimates).double()
+    want = z.gather(1, labels[:, None]).squeeze(1) - z.mean(1)
+    stderr = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - want).abs() < 4 * stderr + 1e-5).all(), (est.mean(0), want, stderr)
+    assert ((torch.stack(unweighted).mean(0) - want).abs() > 10 * stderr + 0.05).all()
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_label_smoothing_gradients_float64(mode):
+    values = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    indices = torch.arange(9) if mode == "shared" else torch.randperm(40)[:36].reshape(4, 9)
+    lw = torch.where(torch.arange(9) >= 5, math.log(6.0), 0.0).expand(indices.shape)
+    labels = indices[..., 1].expand(4).clone() if mode == "shared" else indices[:, 1].clone()
+    labels[2] = -1
+    torch.autograd.gradcheck(
+        lambda v: sparse_cross_entropy(SparseOutput(v, indices, lw), labels, "none", label_smoothing=0.2), (values,))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "0.1", None, float("nan")])
+def test_label_smoothing_errors(bad):
+    values, labels = torch.randn(2, 5), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="label_smoothing must be a float between 0.0 and 1.0"):
+        sparse_cross_entropy((values, torch.arange(5)), labels, label_smoothing=bad)
 
 
 def test_tail_argument_errors():

@@ -68,6 +68,18 @@ def test_num_items_in_batch_and_shift_labels_follow_transformers():
                                    reference(ids, labels=labels, **kwargs).loss, rtol=1e-5, atol=1e-5)
 
 
+def test_label_smoothing_with_every_word_active_is_cross_entropys():
+    reference = tiny("qwen2")
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB, label_smoothing=0.2)
+    ids, labels = batch()
+    logits = reference(ids).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                 label_smoothing=0.2)
+    torch.testing.assert_close(model(ids, labels=labels).loss, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing must be a float between 0.0 and 1.0"):
+        lsh_hf.patch(tiny("gpt2"), label_smoothing=2.0)
+
+
 def test_ignored_positions_never_reach_the_head():
     model = lsh_hf.patch(tiny("gpt2"), active=256)
     ids, labels = batch()
@@ -163,7 +175,7 @@ def test_trainer_with_gradient_accumulation_lowers_the_loss(tmp_path, monkeypatc
                                           disable_tqdm=True)
     counts = []
     sparse_loss = lsh_hf._sparse_loss
-    monkeypatch.setattr(lsh_hf, "_sparse_loss", lambda *a: counts.append(a[-1]) or sparse_loss(*a))
+    monkeypatch.setattr(lsh_hf, "_sparse_loss", lambda *a: counts.append(a[5]) or sparse_loss(*a))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

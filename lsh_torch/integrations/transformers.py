@@ -29,7 +29,7 @@ except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
 from ..convert import convert
-from ..losses import sparse_cross_entropy
+from ..losses import check_label_smoothing, sparse_cross_entropy
 from ..nn import LSHLinear
 
 # Model types whose causal-LM forward is exactly ``lm_head(base_model(...).last_hidden_state)``
@@ -40,7 +40,7 @@ SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
 
 
-def patch(model: PreTrainedModel, **lsh_kwargs) -> PreTrainedModel:
+def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs) -> PreTrainedModel:
     """Make ``model(..., labels=labels)`` train the output head with LSH, in place; returns ``model``.
 
     The output head (``model.get_output_embeddings()``) becomes an :class:`~lsh_torch.LSHLinear`
@@ -55,7 +55,11 @@ def patch(model: PreTrainedModel, **lsh_kwargs) -> PreTrainedModel:
     set, through :func:`lsh_torch.sparse_cross_entropy`: the mean over the kept tokens, or their sum
     divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). The
     output's ``logits`` are None there: the ``[tokens, vocab]`` logits are never built. A batch
-    whose labels are all -100 gets loss 0 (plain cross-entropy gives NaN).
+    whose labels are all -100 gets loss 0 (plain cross-entropy gives NaN). ``label_smoothing`` is
+    ``F.cross_entropy``'s, the spread over the whole vocabulary estimated from the active set
+    (:func:`~lsh_torch.sparse_cross_entropy`). Give it here rather than as the Trainer's
+    ``label_smoothing_factor``: with that, the Trainer takes the labels out of the model's inputs
+    and smooths the logits it gets back, the dense head's (exact, at the dense cost).
 
     Everything else is the unpatched model: eval mode, calls without labels (also in training
     mode: the head is then dense), ``generate()``, ``save_pretrained`` (a checkpoint that the
@@ -75,6 +79,7 @@ def patch(model: PreTrainedModel, **lsh_kwargs) -> PreTrainedModel:
                          "logits are the output head's outputs unchanged")
     if getattr(model, "_lsh_torch_patched", False):
         raise ValueError("model is patched already")
+    label_smoothing = check_label_smoothing(label_smoothing)
     head = model.get_output_embeddings()
     if isinstance(head, LSHLinear):
         if lsh_kwargs:
@@ -94,6 +99,7 @@ def patch(model: PreTrainedModel, **lsh_kwargs) -> PreTrainedModel:
     model._lsh_torch_forward = model.forward  # the bound original (or whatever wraps it, e.g. accelerate's hooks)
     model.forward = types.MethodType(forward, model)
     model._lsh_torch_patched = True
+    model._lsh_torch_label_smoothing = label_smoothing
     return model
 
 
@@ -118,14 +124,14 @@ def _forward(model: PreTrainedModel, *args, **kwargs):
 
     outputs = model.base_model(**arguments, return_dict=True)
     loss = _sparse_loss(model.get_output_embeddings(), outputs.last_hidden_state, labels, shift_labels,
-                        ignore_index, num_items_in_batch)
+                        ignore_index, num_items_in_batch, model._lsh_torch_label_smoothing)
     result = CausalLMOutputWithPast(loss=loss, logits=None, **{
         name: value for name, value in outputs.items() if name in _OUTPUT_FIELDS})
     return result if return_dict else result.to_tuple()
 
 
 def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, ignore_index: int,
-                 num_items_in_batch) -> Tensor:
+                 num_items_in_batch, label_smoothing: float = 0.0) -> Tensor:
     if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts label t + 1
         hidden, targets = hidden[..., :-1, :], labels[..., 1:]
     else:
@@ -139,7 +145,8 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
     if targets.numel() and not 0 <= targets.min().item() <= targets.max().item() < head.out_features:
         raise ValueError(f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features}), got "
                          f"values in [{targets.min().item()}, {targets.max().item()}]")
-    loss = sparse_cross_entropy(head.forward_sparse(hidden, targets), targets, reduction="sum")
+    loss = sparse_cross_entropy(head.forward_sparse(hidden, targets), targets, reduction="sum",
+                                label_smoothing=label_smoothing)
     if num_items_in_batch is None:
         return loss / max(1, targets.numel())
     if isinstance(num_items_in_batch, Tensor):
