@@ -134,6 +134,8 @@ def _label_mask(indices: Tensor, labels: Tensor, shape) -> tuple[Tensor, Tensor]
     sorted_indices = indices[order]
     pos = torch.searchsorted(sorted_indices, labels).clamp_max(max(indices.shape[0] - 1, 0))
     found = (labels >= 0) & (sorted_indices[pos] == labels) if indices.shape[0] else torch.zeros_like(labels, dtype=torch.bool)
-    mask = torch.zeros(shape, dtype=torch.bool, device=labels.device)
-    rows = torch.arange(shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
-    return mask.index_put_((rows[found], order[pos[found]]), torch.ones((), dtype=torch.bool, device=labels.device)), found
+    # Labels not found mark a spare last column, dropped after: selecting the found ones would make
+    # the output's size data-dependent, a host sync on a GPU.
+    mask = torch.zeros(shape[0], shape[1] + 1, dtype=torch.bool, device=labels.device)
+    column = torch.where(found, order[pos] if indices.shape[0] else pos, shape[1])
+    return mask.scatter_(1, column, True)[:, :-1], found

@@ -309,7 +309,7 @@ class LSHLinear(nn.Module):
         if labels is None:
             labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
-        forced = labels[labels >= 0].unique().numel() if shared else labels.shape[1]
+        forced = _distinct_labels(labels) if shared else labels.shape[1]
         top, pool = self._top_set_sizes(forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
@@ -612,6 +612,15 @@ def _check_tail(tail, budget: int):
     if isinstance(tail, int) and not 0 <= tail <= budget:
         raise ValueError(f"tail must be in [0, active budget={budget}], got {tail}")
     return tail
+
+
+def _distinct_labels(labels: Tensor) -> int:
+    """How many distinct labels (values >= 0) ``labels`` holds, with one host sync (selecting the
+    labels first, then ``unique``, would take two on a GPU)."""
+    if not labels.numel():
+        return 0
+    ordered = labels.flatten().sort().values
+    return int((ordered[0] >= 0) + ((ordered[1:] != ordered[:-1]) & (ordered[1:] >= 0)).sum())
 
 
 def _budget(active, out_features: int) -> int:

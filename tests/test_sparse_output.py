@@ -280,3 +280,32 @@ def test_forward_sparse_errors():
         LSHLinear(16, 100, mode="batch")
     with pytest.raises(ValueError, match="selection"):
         LSHLinear(16, 100, selection="best")
+
+
+def test_a_shared_training_step_has_no_data_dependent_shapes():
+    # On a GPU each data-dependent shape (nonzero, boolean indexing, unique) or scalar read is a host
+    # sync. Between rebuilds a shared step reads one scalar (the batch's distinct label count, which
+    # sizes the top set) and, on the CPU only, the loss's label check; nothing else.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if boolean_index or func in (torch.ops.aten.nonzero.default, torch.ops.aten._unique2.default,
+                                         torch.ops.aten.masked_select.default,
+                                         torch.ops.aten._local_scalar_dense.default):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = LSHLinear(16, 3000, active=256, mode="shared", sparse_grad=True)
+    x, labels = torch.randn(32, 16), torch.randint(0, 3000, (32, 2))
+    labels[0, 1] = -1
+    layer.forward_sparse(x, labels)  # the first step builds the tables
+    with Syncs() as syncs:
+        sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
+    assert syncs.ops == ["aten._local_scalar_dense.default"] * 2, syncs.ops
