@@ -312,6 +312,8 @@ def main(argv=None) -> None:
                    help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
     p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
                    help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
+    p.add_argument("--xmc-label-smoothing", type=float, default=None,
+                   help="the XMC lsh and random runs' label smoothing (examples/xmc.py --label-smoothing; dense: none)")
     p.add_argument("--xmc-train-points", type=int, default=None,
                    help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
     # The defaults are the committed results' files; a --quick run writes beside them (estimator_quick.json, ...).
@@ -379,6 +381,9 @@ def main(argv=None) -> None:
         result["xmc"]["structure"] = args.xmc_structure
         epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
             else ([], length)
+        if args.xmc_label_smoothing:
+            epochs, run_length = epochs + ["--label-smoothing", str(args.xmc_label_smoothing)], \
+                f"{run_length}_ls{args.xmc_label_smoothing}"
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs)
                                   for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)

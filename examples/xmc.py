@@ -151,37 +151,43 @@ def rebuild_schedule(spec: str):
     return int(spec)
 
 
-def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float) -> list[torch.optim.Optimizer]:
-    opts = [lsh_torch.LazyAdam([net.embed.weight], lr=lr)]
+def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """LazyAdam for the sparse embedding (and a sparse output layer), Adam for the dense rest;
+    ``weight_decay`` (AdamW's, decoupled) on the two weight matrices, not on the biases."""
+    out = [{"params": [net.out.weight], "weight_decay": weight_decay}, {"params": [net.out.bias]}]
+    opts = [lsh_torch.LazyAdam([net.embed.weight], lr=lr, weight_decay=weight_decay)]
     if kind == "dense":
-        opts.append(torch.optim.Adam([{"params": [net.hidden_bias], "lr": lr},
-                                      {"params": net.out.parameters(), "lr": out_lr}]))
+        opts.append(torch.optim.AdamW([{"params": [net.hidden_bias], "lr": lr}] + out, lr=out_lr, weight_decay=0.0))
     else:
         opts.append(torch.optim.Adam([net.hidden_bias], lr=lr))
-        opts.append(lsh_torch.LazyAdam(net.out.parameters(), lr=out_lr))
+        opts.append(lsh_torch.LazyAdam(out, lr=out_lr))
     return opts
 
 
-def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False, trunk: nn.Module | None = None) -> Tensor:
+def loss_fn(net: XMCNet, kind: str, batch, uncorrected: bool = False, trunk: nn.Module | None = None,
+            label_smoothing: float = 0.0) -> Tensor:
     """The training loss; ``trunk`` computes the hidden layer (the DDP wrapper of ``net`` under torchrun)."""
     ids, offsets, values, labels = batch
     h = (trunk if trunk is not None else net)(ids, offsets, values)
     if kind == "dense":
-        return full_softmax_loss(net.out(h), labels)
+        return full_softmax_loss(net.out(h), labels, label_smoothing=label_smoothing)
     out = net.out.forward_sparse(h, labels)
-    return sparse_cross_entropy(out._replace(log_weights=None) if uncorrected else out, labels)
+    return sparse_cross_entropy(out._replace(log_weights=None) if uncorrected else out, labels,
+                                label_smoothing=label_smoothing)
 
 
-def full_softmax_loss(logits: Tensor, labels: Tensor, reduce: bool = True) -> Tensor:
+def full_softmax_loss(logits: Tensor, labels: Tensor, reduce: bool = True, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of the softmax over every label, the target mass spread evenly over a point's
-    labels (``labels`` padded with -1): the dense layer's loss, which the sampled ones estimate. The
-    mean over points with labels, or (``reduce=False``) the sum and that count."""
+    labels (``labels`` padded with -1; ``label_smoothing`` as ``F.cross_entropy``'s): the dense
+    layer's loss, which the sampled ones estimate. The mean over points with labels, or
+    (``reduce=False``) the sum and that count."""
     # Padding scatters into a spare last column, dropped after (into column 0 it would overwrite label 0).
     target = logits.new_zeros(logits.shape[0], logits.shape[1] + 1)
     target.scatter_(1, torch.where(labels >= 0, labels, logits.shape[1]), 1.0)
     target = target[:, :-1]
     count = target.sum(1, keepdim=True)
-    loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none").sum()
+    loss = F.cross_entropy(logits, target / count.clamp_min(1), reduction="none", label_smoothing=label_smoothing)
+    loss = torch.where(count.squeeze(1) > 0, loss, 0.0).sum()  # no labels, no loss (smoothing would give one)
     points = (count > 0).sum()
     return loss / points.clamp_min(1) if reduce else torch.stack([loss, points.to(loss.dtype)])
 
@@ -323,7 +329,7 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
     trunk = data_parallel(net, **({"device_ids": [args.device]} if args.device.type == "cuda" else {})) \
         if size > 1 else None
     out_lr = args.out_lr if args.out_lr is not None else args.lr
-    opts = optimizers(net, run.kind, args.lr, out_lr)
+    opts = optimizers(net, run.kind, args.lr, out_lr, args.weight_decay)
     epochs = args.dense_epochs if run.kind == "dense" else args.epochs
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     eval_every = max(1, round(steps_per_epoch * args.eval_every))
@@ -341,7 +347,7 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
             batch = next(batches, None)
             if batch is None:
                 break
-            loss = loss_fn(net, run.kind, to_device(batch, args.device), args.uncorrected, trunk)
+            loss = loss_fn(net, run.kind, to_device(batch, args.device), args.uncorrected, trunk, args.label_smoothing)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -554,6 +560,10 @@ def parse_args(argv=None):
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3, help="Adam / LazyAdam learning rate")
     g.add_argument("--out-lr", type=float, default=None, help="learning rate of the output layer (default: --lr)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="as F.cross_entropy's, for every run (lsh_torch.sparse_cross_entropy estimates the spread part)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay on the embedding and output weights (LazyAdam: the touched rows)")
     g.add_argument("--eval-every", type=float, default=0.25, help="evaluate every this many epochs")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

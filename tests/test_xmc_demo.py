@@ -25,6 +25,24 @@ def test_full_softmax_loss_spreads_the_target_over_labels():
     assert points == 3
 
 
+def test_full_softmax_loss_label_smoothing_is_cross_entropys_on_labelled_points():
+    logits, labels = torch.randn(3, 6, dtype=torch.float64), torch.tensor([[1], [-1], [5]])
+    want = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2], 0], label_smoothing=0.2)
+    torch.testing.assert_close(xmc.full_softmax_loss(logits, labels, label_smoothing=0.2), want)
+
+
+def test_weight_decay_reaches_the_weights_not_the_biases():
+    data = xmc_data.generate(20, num_features=50, num_labels=300, seed=0)
+    for kind in ("dense", "lsh"):
+        net = xmc.XMCNet(data.num_features, data.num_labels, hidden=8)
+        if kind == "lsh":
+            net.out = LSHLinear.from_linear(net.out, active=32, sparse_grad=True)
+        decay = {id(p): group["weight_decay"] for opt in xmc.optimizers(net, kind, 1e-3, 2e-3, 0.1)
+                 for group in opt.param_groups for p in group["params"]}
+        assert decay == {id(net.embed.weight): 0.1, id(net.hidden_bias): 0.0, id(net.out.weight): 0.1,
+                         id(net.out.bias): 0.0}, kind
+
+
 def test_held_out_loss_scores_every_output_of_a_sparse_head():
     data = xmc_data.generate(40, num_features=300, num_labels=500, seed=0)
     torch.manual_seed(0)
