@@ -272,7 +272,7 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     rank, _ = _rank_and_size(group)
     labels = _label_rows(labels, batch_shape, ignore_index)
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
-    logits = output.values.float()
+    logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
     mask, found = _label_mask(output.indices, every, logits.shape)
     counts = torch.cat([mask.sum(1, keepdim=True), found], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it

@@ -1,6 +1,7 @@
 """Losses over the active outputs of a sparse forward (SparseOutput)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -30,7 +31,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
             of the labels' mass plus ``label_smoothing`` spread evenly over *all* outputs, the
             part of it on the outputs outside the active set estimated from the set: each active
             output stands for ``exp(log_weight)`` outputs (the tail for the rest it was drawn from).
-            Without log_weights it is spread over the active outputs alone.
+            Without log_weights (or with all of them 0: a set without a tail) it is spread over
+            the active outputs alone. Sharded: every rank passes the same value.
 
     A :class:`~lsh_torch.distributed.ShardedSparseOutput` (from ``ShardedLSHLinear.forward_sparse``)
     gives this rank's loss over its own rows, the softmax taken over every shard's active set
@@ -65,7 +67,9 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         corrected = corrected + log_weights
     log_probs = torch.log_softmax(corrected, dim=1)
     if label_smoothing:
-        target, shift = smoothed_target(target.to(log_probs.dtype), log_weights, label_smoothing)
+        # The labels' mass in the wider dtype too (a bfloat16 third is not one).
+        target = mask.to(log_probs.dtype) / count.clamp_min(1).to(log_probs.dtype).unsqueeze(1)
+        target, shift = smoothed_target(target, log_weights, label_smoothing)
         loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0).to(logits.dtype)
     else:
         loss = -(target * log_probs.to(logits.dtype)).sum(1)
@@ -77,9 +81,10 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
 
 
 def check_label_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a float between 0.0 and 1.0, got {label_smoothing!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}")
     return float(label_smoothing)
 
 
@@ -91,7 +96,7 @@ def smoothed_target(target: Tensor, log_weights: Optional[Tensor], label_smoothi
     add to ``-sum(target * log_softmax(logits + log_weights))``: the spread part must score the
     logits themselves, not the corrected ones (``label_smoothing * sum(w * log_weights) / sum(w)``).
     ``all_reduce`` sums the per-row sums over the shards of a sharded output."""
-    weights = torch.ones_like(target) if log_weights is None else log_weights.exp()
+    weights = torch.ones_like(target) if log_weights is None else log_weights.to(target.dtype).exp()
     sums = torch.stack([weights.sum(1), (weights * log_weights).sum(1) if log_weights is not None
                         else torch.zeros_like(target[:, 0])], 1)
     if all_reduce is not None:
