@@ -49,10 +49,10 @@ class Net(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))
 
-    def loss(self, x, y, sparse):
+    def loss(self, x, y, sparse, label_smoothing=0.0):
         h = self.features(x)
         if sparse:
-            return lsh_torch.sparse_cross_entropy(self.head.forward_sparse(h, y), y)
+            return lsh_torch.sparse_cross_entropy(self.head.forward_sparse(h, y), y, label_smoothing=label_smoothing)
         return F.cross_entropy(self.head(h), y)
 
 
@@ -91,12 +91,12 @@ def test_compile_eval_fullgraph_inductor():
     check_eval("inductor")
 
 
-def train(model, steps, sparse, compile_backend=None):
+def train(model, steps, sparse, compile_backend=None, label_smoothing=0.0):
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     loss_fn = torch.compile(model.loss, backend=compile_backend) if compile_backend else model.loss
     losses, graphs = [], []
     for step in range(steps):
-        loss = loss_fn(*batch(step), sparse=sparse)
+        loss = loss_fn(*batch(step), sparse=sparse, label_smoothing=label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -105,13 +105,14 @@ def train(model, steps, sparse, compile_backend=None):
     return losses, graphs
 
 
-@pytest.mark.parametrize("mode,sparse", [("per_row", True), ("shared", False)])
+@pytest.mark.parametrize("mode,sparse,label_smoothing", [("per_row", True, 0.0), ("shared", False, 0.0),
+                                                         ("shared", True, 0.1)])
 @pytest.mark.filterwarnings("ignore:.*feeds a loss over all outputs")  # sparse=False: forward() + F.cross_entropy, on purpose
-def test_compiled_training_equals_eager(mode, sparse):
+def test_compiled_training_equals_eager(mode, sparse, label_smoothing):
     steps = 9  # rebuilds before steps 3 and 6 (hidden) and 4 and 8 (head)
-    eager, _ = train(Net(mode), steps, sparse)
+    eager, _ = train(Net(mode), steps, sparse, label_smoothing=label_smoothing)
     model = Net(mode)
-    compiled, graphs = train(model, steps, sparse, compile_backend="aot_eager")
+    compiled, graphs = train(model, steps, sparse, compile_backend="aot_eager", label_smoothing=label_smoothing)
     assert compiled == eager
     assert model.hidden.step == model.head.step == steps
     # The only graph breaks: LSHLinear's training bookkeeping and lookup (one per layer and step).
