@@ -6,7 +6,7 @@
 //   1. flips:     one thread per (row, table) runs probe_flips (lsh_common.h, shared with the CPU).
 //   2. count:     one block per (row, table, probe) walks the probed bucket and atomically adds 1
 //                 to the neuron's counter. Within a table the probed buckets are distinct, so a
-//                 neuron gets at most one hit per table (counts <= L).
+//                 neuron gets at most one hit per table (counts <= L). (query_shared: below.)
 //   3. labels:    one thread per row takes the row's labels in order, skipping padding and
 //                 repeats, and marks them chosen (counter = -1, the CPU's kChosen).
 //   4. levels:    one block per row histograms the counts (levels 1..L) and finds the level h*
@@ -32,7 +32,10 @@
 // many labels for the budget, malformed tables).
 //
 // query_shared (one set for the batch, seeded as set -1) reuses the kernels: every row's probes
-// count into one counter row (counts saturate at 0xFFFE like the CPU's 16-bit counters), the
+// count into one counter row (counts saturate at 0xFFFE like the CPU's 16-bit counters), each
+// distinct probed bucket once with the number of times it was probed (count_distinct_buckets: the
+// rows of a batch probe many of the same buckets, and counting each probe would repeat the reads and
+// make their atomics contend on the same counters), the
 // labels of all rows are de-duplicated in parallel (first occurrence in row-major order, by an
 // atomicMin of the position), and all candidates are compacted and sorted (key, then stable by
 // -hits), which for a single set keeps the whole GPU busy; then emit and fill as above. Its one
@@ -111,13 +114,12 @@ __global__ void flips_kernel(const float* __restrict__ margins, int64_t row0, in
   probe_flips(margins + ((row0 + r) * num_tables + l) * bits, bits, probes, flips + t * probes);
 }
 
-// 2. hits[r, id] += 1 for every neuron of every probed bucket. One block per (r, l, p).
-// hits_stride = n gives each row its own counters (query), 0 one shared row (query_shared);
-// max_count > 0 reports a count above it (per row, valid tables never exceed L).
+// 2. query: hits[r, id] += 1 for every neuron of every probed bucket. One block per (r, l, p).
+// A count above L is reported (valid tables never give one).
 __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* __restrict__ offsets,
                              const int32_t* __restrict__ items, const uint32_t* __restrict__ flips, int64_t row0,
                              int64_t num_tables, int64_t buckets, int64_t n, int probes, int32_t* __restrict__ hits,
-                             int64_t hits_stride, int64_t max_count, int64_t* flag) {
+                             int64_t* flag) {
   const int64_t blk = blockIdx.x;
   const int64_t rl = blk / probes, p = blk - rl * probes;
   const int64_t r = rl / num_tables, l = rl - r * num_tables;
@@ -134,7 +136,7 @@ __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* _
     return;
   }
   const int32_t* it = items + l * n;
-  int32_t* h = hits + r * hits_stride;
+  int32_t* h = hits + r * n;
   for (int64_t i = lo + static_cast<int64_t>(threadIdx.x); i < hi; i += blockDim.x) {
     const int32_t id = it[i];
     if (id < 0 || id >= n) {
@@ -144,7 +146,58 @@ __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* _
     // A neuron sits in one bucket per table and the probed buckets of a table are distinct, so
     // valid tables never count a neuron more than L times per row.
     const int32_t before = atomicAdd(h + id, 1);
-    if (max_count > 0 && before >= max_count) cuda::report(flag, kRepeatedItem, id, l);
+    if (before >= num_tables) cuda::report(flag, kRepeatedItem, id, l);
+  }
+}
+
+constexpr int64_t kNoSpan = std::numeric_limits<int64_t>::max();  // an empty or invalid bucket: sorts last
+
+// 2'. query_shared: the probed buckets as spans [begin, end) of the flat items (table l's offset l * n
+// included), one thread per (row, table, probe), checked as count_kernel checks them. A bucket's
+// begin identifies it (empty buckets are kNoSpan): equal begins are repeated probes.
+__global__ void span_kernel(const int32_t* __restrict__ codes, const int32_t* __restrict__ offsets,
+                            const uint32_t* __restrict__ flips, int64_t spans, int64_t num_tables, int64_t buckets,
+                            int64_t n, int probes, int64_t* __restrict__ begin, int64_t* __restrict__ end,
+                            int64_t* flag) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= spans) return;
+  const int64_t rl = s / probes, p = s - rl * probes;
+  const int64_t l = rl % num_tables;
+  begin[s] = end[s] = kNoSpan;
+  const int32_t code = codes[rl];  // codes are [B, L]: (row, table) = rl
+  if (code < 0 || code >= buckets) {
+    if (p == 0) cuda::report(flag, kCodeRange, code, l);
+    return;
+  }
+  const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[rl * probes + p];  // flips only set bits < K
+  const int32_t* o = offsets + l * (buckets + 1);
+  const int32_t lo = o[bucket], hi = o[bucket + 1];
+  if (lo < 0 || hi < lo || hi > n) {
+    cuda::report(flag, kBadOffsets, l, bucket);
+    return;
+  }
+  if (lo < hi) begin[s] = l * n + lo, end[s] = l * n + hi;
+}
+
+// 2''. query_shared: hits[id] += weight for every neuron of each distinct probed bucket, from the
+// spans sorted by begin: block s counts its span if it is the first of its run of equal begins,
+// weight = the run's length. One block per span (the repeats return at once).
+__global__ void count_spans_kernel(const int64_t* __restrict__ sorted_begin, const int64_t* __restrict__ sorted_end,
+                                   const bool* __restrict__ first, const int32_t* __restrict__ run,
+                                   const int32_t* __restrict__ run_length, const int32_t* __restrict__ items,
+                                   int64_t n, int32_t* __restrict__ hits, int64_t* flag) {
+  const int64_t s = blockIdx.x;
+  const int64_t lo = sorted_begin[s];
+  if (!first[s] || lo == kNoSpan) return;
+  const int32_t weight = run_length[run[s]];
+  const int64_t hi = sorted_end[s], l = lo / n;
+  for (int64_t i = lo + static_cast<int64_t>(threadIdx.x); i < hi; i += blockDim.x) {
+    const int32_t id = items[i];
+    if (id < 0 || id >= n) {
+      cuda::report(flag, kBadItem, id, l);
+      continue;
+    }
+    atomicAdd(hits + id, weight);
   }
 }
 
@@ -567,6 +620,36 @@ at::Tensor order_candidates(const at::Tensor& sel_key, const at::Tensor& sel_lev
   return id_by_key.gather(1, by_level).contiguous();
 }
 
+// query_shared's counting (2' and 2''): the spans sorted by begin, each run of equal begins (one
+// bucket probed that many times) counted once with its length as the weight, as the CPU's
+// merge_repeated_spans does. No synchronisation: the runs are marked, numbered and measured on the device
+// (scratch: ~80 bytes per probe, 3 MB for 1,024 rows x 20 tables x 2 probes).
+void count_distinct_buckets(const QueryInputs& in, const at::Tensor& flips, int64_t probes, at::Tensor& hits,
+                            int64_t* flag, cudaStream_t stream) {
+  const int64_t spans = in.batch * in.num_tables * probes;
+  const auto long_opts = in.codes.options().dtype(at::kLong);
+  auto begin = at::empty({spans}, long_opts), end = at::empty({spans}, long_opts);
+  span_kernel<<<ceil_div(spans, 256), 256, 0, stream>>>(
+      in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(),
+      reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()),
+      spans, in.num_tables, in.buckets, in.n, static_cast<int>(probes), begin.data_ptr<int64_t>(),
+      end.data_ptr<int64_t>(), flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto [sorted_begin, order] = at::sort(begin);
+  const auto sorted_end = end.index_select(0, order);
+  auto first = at::ones({spans}, long_opts.dtype(at::kBool));
+  if (spans > 1)  // a run starts where the begin changes
+    first.narrow(0, 1, spans - 1).copy_(sorted_begin.narrow(0, 1, spans - 1).ne(sorted_begin.narrow(0, 0, spans - 1)));
+  const auto run = at::cumsum(first, 0, at::kInt).sub_(1);
+  const auto ones = at::ones({spans}, in.codes.options());
+  const auto run_length = at::zeros({spans}, in.codes.options()).index_add_(0, run, ones);
+  count_spans_kernel<<<spans, count_threads_for(in), 0, stream>>>(
+      sorted_begin.data_ptr<int64_t>(), sorted_end.data_ptr<int64_t>(), first.data_ptr<bool>(),
+      run.data_ptr<int32_t>(), run_length.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(), in.n,
+      hits.data_ptr<int32_t>(), flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in,
                                               const at::Tensor& offsets_in, const at::Tensor& items_in, int64_t probes,
                                               int64_t budget, const std::optional<at::Tensor>& labels_in, int64_t seed,
@@ -609,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
       count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
           in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
           reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()), row0, num_tables, in.buckets, n,
-          static_cast<int>(probes), hits.data_ptr<int32_t>(), /*hits_stride=*/n, /*max_count=*/num_tables, flag.ptr());
+          static_cast<int>(probes), hits.data_ptr<int32_t>(), flag.ptr());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     labels_kernel<<<ceil_div(rows, 128), 128, 0, stream>>>(
@@ -679,11 +762,7 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
         in.margins.data_ptr<float>(), 0, batch, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
         reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    count_kernel<<<batch * num_tables * probes, count_threads_for(in), 0, stream>>>(
-        in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
-        reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()), 0, num_tables, in.buckets, n,
-        static_cast<int>(probes), hits.data_ptr<int32_t>(), /*hits_stride=*/0, /*max_count=*/0, flag.ptr());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    count_distinct_buckets(in, flips, probes, hits, flag.ptr(), stream);
   }
   auto filled = at::zeros({1}, int_opts);
   const int64_t num_flat = in.labels.defined() ? in.labels.numel() : 0;
