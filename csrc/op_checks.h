@@ -181,7 +181,8 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
                                     double beta2, double eps, double decay, const char* op) {
   TORCH_CHECK(param.is_contiguous() && exp_avg.is_contiguous() && exp_avg_sq.is_contiguous(), op,
               ": param, exp_avg and exp_avg_sq must be contiguous");
-  TORCH_CHECK(param.dim() >= 1 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
+  TORCH_CHECK(param.dim() >= 1, op, ": param must have at least one dimension (its rows), got a 0-dim tensor");
+  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), op,
               ": exp_avg and exp_avg_sq must have param's shape ", param.sizes());
   TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
                   grad.scalar_type() == param.scalar_type(),
@@ -194,14 +195,20 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
   grad_shape[0] = rows.size(0);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(grad_shape), op, ": grad_rows must be [U, *param.shape[1:]] = ",
               at::IntArrayRef(grad_shape), ", got ", grad.sizes());
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps >= 0, op,
-              ": need 0 <= beta1, beta2 < 1 and eps >= 0");
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   TORCH_CHECK(std::isfinite(step_size), op, ": step_size must be finite, got ", step_size);
   TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay (lr * weight_decay) must be in [0, 1], got ", decay);
-  // An update reads and writes param and the moments element by element: they must not overlap.
+  // An update reads and writes param and the moments element by element: they must not overlap,
+  // nor may what it reads (a row's gradient read after an earlier row's update wrote it).
   for (const auto& [a, b] : {std::pair{&param, &exp_avg}, {&param, &exp_avg_sq}, {&exp_avg, &exp_avg_sq}})
     TORCH_CHECK(at::get_overlap_status(*a, *b) == at::MemOverlapStatus::No, op,
                 ": param, exp_avg and exp_avg_sq must not share memory");
+  for (const auto* written : {&param, &exp_avg, &exp_avg_sq})
+    for (const auto& [read, name] : {std::pair{&grad, "grad_rows"}, {&rows, "rows"}})
+      TORCH_CHECK(at::get_overlap_status(*written, *read) == at::MemOverlapStatus::No, op, ": ", name,
+                  " must not share memory with param, exp_avg or exp_avg_sq");
   return width;
 }
 

@@ -287,6 +287,8 @@ def test_query_errors_on_cuda():
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query(qcodes, qmargins, offsets, torch.full_like(items, 999), 4, 5), "items of table"),
         (lambda: ops.query(qcodes + 64, qmargins, offsets, items, 4, 5), "codes must be in"),
+        (lambda: ops.query(qcodes, -qmargins - 1, offsets, items, 4, 5), "query: margins must be >= 0"),
+        (lambda: ops.query_shared(qcodes, -qmargins - 1, offsets, items, 4, 5), "query_shared: margins must be >= 0"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail must be in"),
     ]
     for fn, pattern in cases:

@@ -111,6 +111,12 @@ def test_lazy_adam_refuses_what_it_used_to_accept_silently():
         (lambda: ops.lazy_adam_(param, m, v, rows, grad, float("nan"), 0.9, 0.999, 1e-8), "step_size must be finite"),
         (lambda: ops.lazy_adam_(param, m, v, rows, grad, float("inf"), 0.9, 0.999, 1e-8), "step_size must be finite"),
         (lambda: ops.lazy_adam_(param, param, v, rows, grad, 0.01, 0.9, 0.999, 1e-8), "must not share memory"),
+        # A gradient that is a view of param: row 3's gradient would be read after row 0's update wrote it.
+        (lambda: ops.lazy_adam_(param, m, v, rows, param[:4], 0.01, 0.9, 0.999, 1e-8),
+         "grad_rows must not share memory with param"),
+        (lambda: ops.lazy_adam_(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), rows[:0], torch.zeros(0),
+                                0.01, 0.9, 0.999, 1e-8), "at least one dimension"),
+        (lambda: ops.lazy_adam_(param, m, v, rows, grad, 0.01, 1.5, 0.999, 1e-8), "beta1 must be in \\[0, 1\\), got 1.5"),
         (lambda: ops.lazy_adam_(wide, wide.clone(), wide.clone(), rows, torch.zeros(4, 4, 1), 0.01, 0.9, 0.999, 1e-8),
          "grad_rows must be"),
     ]

@@ -69,6 +69,7 @@ struct Tables {
   const int32_t* items;    // [L, N]
   const int64_t* labels;   // [B, M] or nullptr
   int64_t batch, num_tables, bits, n, probes, num_labels;
+  const char* op;          // "query" or "query_shared", for messages
 };
 
 Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const at::Tensor& offsets,
@@ -88,6 +89,12 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
     for (int64_t k = 0; k < buckets; ++k)
       TORCH_CHECK(o[k] <= o[k + 1], op, ": offsets of table ", l, " must be non-decreasing");
   }
+  // Margins are distances to the hyperplanes (hash_codes gives |projection|): probe_flips' order of
+  // the probes assumes none is negative.
+  const float* margin = margins.data_ptr<float>();
+  for (int64_t i = 0; i < margins.numel(); ++i)
+    TORCH_CHECK(!(margin[i] < 0), op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives "
+                "them), got ", margin[i], " at row ", i / (num_tables * bits), ", table ", i / bits % num_tables);
   if (labels.defined()) {
     TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
     const int64_t* lab = labels.data_ptr<int64_t>();
@@ -95,14 +102,14 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
       TORCH_CHECK(valid_label(lab[i], n), op, ": labels must be in [0, N = ", n, ") or -1 / ", kIgnoreIndex,
                   " for padding, got ", lab[i]);
       // A budget of 0 returns before the labels are placed: none may be dropped silently.
-      TORCH_CHECK(budget > 0 || lab[i] < 0, "query: ",
+      TORCH_CHECK(budget > 0 || lab[i] < 0, op, ": ",
                   std::string(op) == "query" ? "row " + std::to_string(i / labels.size(1)) : std::string("the batch"),
                   " has more distinct labels than the budget 0; raise the active budget");
     }
   }
   return {codes.data_ptr<int32_t>(), margins.data_ptr<float>(), offsets.data_ptr<int32_t>(),
           items.data_ptr<int32_t>(), num_labels ? labels.data_ptr<int64_t>() : nullptr,
-          batch, num_tables, bits, n, probes, num_labels};
+          batch, num_tables, bits, n, probes, num_labels, op};
 }
 
 // Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
@@ -128,7 +135,7 @@ class ActiveSetBuilder {
     for (int64_t j = 0; j < t_.num_labels; ++j) {
       const int64_t id = t_.labels[row * t_.num_labels + j];
       if (id < 0 || hits_[id] == kChosen) continue;
-      TORCH_CHECK(filled_ < budget_, "query: ", set < 0 ? std::string("the batch") : "row " + std::to_string(set),
+      TORCH_CHECK(filled_ < budget_, t_.op, ": ", set < 0 ? std::string("the batch") : "row " + std::to_string(set),
                   " has more distinct labels than the budget ", budget_, "; raise the active budget");
       choose(static_cast<int32_t>(id));
     }
@@ -267,7 +274,7 @@ class ActiveSetBuilder {
       const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
       const int32_t code = t_.code[row * t_.num_tables + l];
       // The bucket indexes offsets: an out-of-range code would read past them.
-      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), "query: codes must be in [0, 2^K = ",
+      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), t_.op, ": codes must be in [0, 2^K = ",
                   int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
       for (int64_t p = 0; p < t_.probes; ++p) {
         const uint32_t bucket = static_cast<uint32_t>(code) ^ flips_[p];
@@ -370,11 +377,11 @@ class ActiveSetBuilder {
       const Span span = spans[s];
       const int64_t begin = lo > 0 ? first_at_least(span, lo) : span.begin;
       const int64_t end = hi < t_.n ? first_at_least(span, hi) : span.end;
-      TORCH_CHECK(begin <= end, kNotAscending, t_.n, ")");
+      TORCH_CHECK(begin <= end, t_.op, kNotAscending, t_.n, ")");
       int32_t previous = lo - 1;
       for (int64_t i = begin; i < end; ++i) {
         const int32_t id = t_.items[i];
-        TORCH_CHECK(id > previous && id < hi, kNotAscending, t_.n, "), got ", id, " after ", previous);
+        TORCH_CHECK(id > previous && id < hi, t_.op, kNotAscending, t_.n, "), got ", id, " after ", previous);
         previous = id;
         f(id, span.weight);
       }
@@ -384,7 +391,7 @@ class ActiveSetBuilder {
   static constexpr int64_t kPrefetchAhead = 16;
   // count_repeats() is used where the counters of every neuron exceed this (half a core's L2).
   static constexpr int64_t kCachedCounterBytes = 256 * 1024;
-  static constexpr const char* kNotAscending = "query: the ids in each bucket of items must ascend, within [0, N = ";
+  static constexpr const char* kNotAscending = ": the ids in each bucket of items must ascend, within [0, N = ";
   static constexpr int64_t kIdsPerLine = 64 / sizeof(int32_t);
 
   // Where in `span` the ids >= v begin if the ids spread evenly over [0, N), as a bucket's do.

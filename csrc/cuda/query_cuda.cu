@@ -74,6 +74,7 @@ enum QueryError : int64_t {
   kTooManyLabels = 6,
   kTooManyLabelsShared = 7,
   kInternal = 8,
+  kNegativeMargin = 9,
 };
 
 constexpr int32_t kMaxSharedHits = 0xFFFE;  // the CPU's saturation of query_shared's counters
@@ -105,13 +106,16 @@ __global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t 
   }
 }
 
-// 1. flips[(r * L + l) * probes + p]
+// 1. flips[(r * L + l) * probes + p]. Margins are distances (>= 0): probe_flips' order assumes it.
 __global__ void flips_kernel(const float* __restrict__ margins, int64_t row0, int64_t rows, int64_t num_tables,
-                             int bits, int probes, uint32_t* __restrict__ flips) {
+                             int bits, int probes, uint32_t* __restrict__ flips, int64_t* flag) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= rows * num_tables) return;
   const int64_t r = t / num_tables, l = t - r * num_tables;
-  probe_flips(margins + ((row0 + r) * num_tables + l) * bits, bits, probes, flips + t * probes);
+  const float* margin = margins + ((row0 + r) * num_tables + l) * bits;
+  for (int i = 0; i < bits; ++i)
+    if (margin[i] < 0) cuda::report(flag, kNegativeMargin, row0 + r, l);
+  probe_flips(margin, bits, probes, flips + t * probes);
 }
 
 // 2. query: hits[r, id] += 1 for every neuron of every probed bucket. One block per (r, l, p).
@@ -591,12 +595,15 @@ void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t bu
     case kRepeatedItem:
       TORCH_CHECK(false, op, ": neuron ", e[1], " was found more than once in table ", e[2],
                   "; tables must come from build_tables");
-    case kTooManyLabels:  // the CPU names the op "query" in both modes
-      TORCH_CHECK(false, "query: row ", e[1], " has more distinct labels than the budget ", budget,
+    case kTooManyLabels:
+      TORCH_CHECK(false, op, ": row ", e[1], " has more distinct labels than the budget ", budget,
                   "; raise the active budget");
     case kTooManyLabelsShared:
-      TORCH_CHECK(false, "query: the batch has more distinct labels than the budget ", budget,
+      TORCH_CHECK(false, op, ": the batch has more distinct labels than the budget ", budget,
                   "; raise the active budget");
+    case kNegativeMargin:
+      TORCH_CHECK(false, op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives them), got a "
+                  "negative one at row ", e[1], ", table ", e[2]);
     default:
       TORCH_CHECK(false, op, ": internal error ", e[0], " (", e[1], ", ", e[2], ", ", e[3],
                   "); please report it with the inputs");
@@ -687,7 +694,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
     if (num_tables > 0) {  // L = 0 is valid (no candidates, fill only) but would be an empty grid
       flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
           in.margins.data_ptr<float>(), row0, rows, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
-          reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
+          reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()), flag.ptr());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
           in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
@@ -760,7 +767,7 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
     auto flips = at::empty({batch * num_tables * probes}, int_opts);
     flips_kernel<<<ceil_div(batch * num_tables, 128), 128, 0, stream>>>(
         in.margins.data_ptr<float>(), 0, batch, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
-        reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
+        reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()), flag.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     count_distinct_buckets(in, flips, probes, hits, flag.ptr(), stream);
   }
