@@ -5,12 +5,14 @@ slow pure-PyTorch references in ``tests/reference.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES
 
 _ops = torch.ops.lsh_torch
 
@@ -149,15 +151,83 @@ def _one_device(op: str, **tensors) -> None:
                  + ", ".join(f"{name} on {device}" for name, device in given.items()))
 
 
+def _expect(op: str, name: str, t: Tensor, dtype=None, dim: Optional[int] = None) -> None:
+    """The kernels' dtype and rank checks (csrc/op_checks.h), so that a traced or meta call raises
+    where a real one would. ``dtype``: a torch.dtype, or "floating"."""
+    if dtype == "floating":
+        torch._check(t.dtype.is_floating_point, lambda: f"{op}: {name} must be floating, got {t.dtype}")
+    elif dtype is not None:
+        torch._check(t.dtype == dtype, lambda: f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if dim is not None:
+        torch._check(t.dim() == dim, lambda: f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _expect_tables(op: str, num_tables: int, bits: int) -> None:
+    torch._check(1 <= bits <= MAX_BITS, lambda: f"{op}: bits (K) must be in [1, {MAX_BITS}], got {bits}")
+    torch._check(1 <= num_tables <= MAX_TABLES,
+                 lambda: f"{op}: num_tables (L) must be in [1, {MAX_TABLES}], got {num_tables}")
+
+
+def _expect_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    _expect(op, "x", x, "floating", 2)
+    _expect(op, "weight", weight, x.dtype, 2)
+    torch._check(x.shape[1] == weight.shape[1],
+                 lambda: f"{op}: x has {x.shape[1]} features but weight expects {weight.shape[1]}")
+    if bias is not None:
+        _expect(op, "bias", bias, x.dtype, 1)
+        torch._check(bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must be [{weight.shape[0]}]")
+
+
+def _expect_query(op, codes, margins, offsets, items, probes, budget, labels, tail) -> None:
+    for name, t in (("codes", codes), ("offsets", offsets), ("items", items)):
+        _expect(op, name, t, torch.int32, 2)
+    _expect(op, "margins", margins, torch.float32, 2)
+    buckets, num_tables, n = offsets.shape[1] - 1, codes.shape[1], items.shape[1]
+    torch._check(offsets.shape[0] == num_tables and items.shape[0] == num_tables,
+                 lambda: f"{op}: codes, offsets and items must agree on the number of tables L")
+    torch._check(margins.shape[0] == codes.shape[0], lambda: f"{op}: margins must be float32 [B, L*K]")
+    if isinstance(buckets, int):  # the tables' shape, static in practice; K follows from it
+        torch._check(2 <= buckets <= 2 ** MAX_BITS and buckets & (buckets - 1) == 0,
+                     lambda: f"{op}: offsets must have 2^K + 1 columns with 1 <= K <= {MAX_BITS}")
+        torch._check(margins.shape[1] == num_tables * (buckets.bit_length() - 1),
+                     lambda: f"{op}: margins must be float32 [B, L*K]")
+        torch._check(1 <= probes <= min(MAX_PROBES, buckets),
+                     lambda: f"{op}: probes must be in [1, min({MAX_PROBES}, 2^K = {buckets})], got {probes}")
+    torch._check(budget >= 0, lambda: f"{op}: budget must be in [0, N], got {budget}")
+    torch._check(budget <= n, lambda: f"{op}: budget must be in [0, N = {n}], got {budget}")
+    torch._check(0 <= tail <= budget, lambda: f"{op}: tail must be in [0, budget = {budget}], got {tail}")
+    if labels is not None:
+        _expect(op, "labels", labels, torch.int64, 2)
+        torch._check(labels.shape[0] == codes.shape[0], lambda: f"{op}: labels must be int64 [B, M]")
+
+
+def _expect_active(op: str, active: Tensor, batch, width=None) -> None:
+    _expect(op, "active", active, torch.int64, 2)
+    torch._check(active.shape[0] == batch, lambda: f"{op}: active has {active.shape[0]} rows but the batch has {batch}")
+    if width is not None:
+        torch._check(active.shape[1] == width, lambda: f"{op}: grad_out must be [B, A] like active")
+
+
+def _expect_grad_weight(op: str, grad_out: Tensor, x: Tensor, active: Tensor) -> None:
+    _expect(op, "x", x, "floating", 2)
+    _expect(op, "grad_out", grad_out, x.dtype, 2)
+    torch._check(grad_out.shape[0] == x.shape[0], lambda: f"{op}: grad_out and x must have the same batch size")
+    _expect_active(op, active, x.shape[0], grad_out.shape[1])
+
+
 @torch.library.register_fake("lsh_torch::mips_transform")
 def _(rows, query, max_norm=None):
     _one_device("mips_transform", rows=rows, max_norm=max_norm)
-    torch._check(rows.dim() == 2, lambda: "mips_transform: rows must be 2-D")
+    _expect("mips_transform", "rows", rows, "floating", 2)
     return rows.new_empty(rows.shape[0], rows.shape[1] + 1)
 
 
 @torch.library.register_fake("lsh_torch::hash_codes")
 def _(projections, num_tables, bits):
+    _expect("hash_codes", "projections", projections, "floating", 2)
+    _expect_tables("hash_codes", num_tables, bits)
+    torch._check(projections.shape[1] == num_tables * bits,
+                 lambda: f"hash_codes: projections must have L*K = {num_tables * bits} columns")
     n = projections.shape[0]
     return (projections.new_empty(n, num_tables, dtype=torch.int32),
             projections.new_empty(n, num_tables * bits, dtype=torch.float32))
@@ -182,24 +252,37 @@ def _(rows, bins, num_tables):
 @torch.library.register_fake("lsh_torch::row_fingerprints")
 def _(rows, vector):
     _one_device("row_fingerprints", rows=rows, vector=vector)
-    torch._check(rows.dim() == 2, lambda: "row_fingerprints: rows must be 2-D")
+    _expect("row_fingerprints", "rows", rows, "floating", 2)
+    _expect("row_fingerprints", "vector", vector, torch.float32, 1)
+    torch._check(vector.shape[0] == rows.shape[1], lambda: f"row_fingerprints: vector must be [d = {rows.shape[1]}]")
     return rows.new_empty(rows.shape[0], dtype=torch.float32)
 
 
 @torch.library.register_fake("lsh_torch::build_tables")
 def _(codes, bits):
+    _expect("build_tables", "codes", codes, torch.int32, 2)
+    _expect_tables("build_tables", codes.shape[1], bits)
     return codes.new_empty(codes.shape[1], 2 ** bits + 1), codes.new_empty(codes.shape[1], codes.shape[0])
 
 
 @torch.library.register_fake("lsh_torch::update_tables")
 def _(offsets, items, rows, old_codes, new_codes):
-    _one_device("update_tables", offsets=offsets, items=items, rows=rows, old_codes=old_codes, new_codes=new_codes)
+    op = "update_tables"
+    _one_device(op, offsets=offsets, items=items, rows=rows, old_codes=old_codes, new_codes=new_codes)
+    for name, t in (("offsets", offsets), ("items", items), ("old_codes", old_codes), ("new_codes", new_codes)):
+        _expect(op, name, t, torch.int32, 2)
+    _expect(op, "rows", rows, torch.int64, 1)
+    torch._check(items.shape[0] == offsets.shape[0], lambda: f"{op}: items must have one row per table")
+    for name, t in (("old_codes", old_codes), ("new_codes", new_codes)):
+        torch._check(t.shape[0] == rows.shape[0] and t.shape[1] == offsets.shape[0],
+                     lambda: f"{op}: {name} must be int32 [R, L] = [{rows.shape[0]}, {offsets.shape[0]}]")
     return offsets.new_empty(offsets.shape), items.new_empty(items.shape)
 
 
 @torch.library.register_fake("lsh_torch::query")
 def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
     _one_device("query", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels)
+    _expect_query("query", codes, margins, offsets, items, probes, budget, labels, tail)
     return (codes.new_empty(codes.shape[0], budget, dtype=torch.int64),
             codes.new_empty(codes.shape[0], dtype=torch.int64))
 
@@ -207,37 +290,57 @@ def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
 @torch.library.register_fake("lsh_torch::query_shared")
 def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
     _one_device("query_shared", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels)
+    _expect_query("query_shared", codes, margins, offsets, items, probes, budget, labels, tail)
     return codes.new_empty(budget, dtype=torch.int64), codes.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("lsh_torch::shared_linear")
 def _(x, weight, bias, indices):
     _one_device("shared_linear", x=x, weight=weight, bias=bias, indices=indices)
-    torch._check(x.shape[1] == weight.shape[1], lambda: "shared_linear: feature sizes differ")
+    _expect_linear("shared_linear", x, weight, bias)
+    _expect("shared_linear", "indices", indices, torch.int64, 1)
     return x.new_empty(x.shape[0], indices.shape[0])
 
 
 @torch.library.register_fake("lsh_torch::lazy_adam_")
 def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay=0.0):
-    _one_device("lazy_adam_", param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad_rows=grad_rows)
+    op = "lazy_adam_"
+    _one_device(op, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad_rows=grad_rows)
+    _expect(op, "param", param, "floating")
+    torch._check(param.dim() >= 1, lambda: f"{op}: param must have at least one dimension (its rows)")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _expect(op, name, t, param.dtype, param.dim())
+        torch._check(t.shape == param.shape, lambda: f"{op}: {name} must have param's shape {tuple(param.shape)}")
+    _expect(op, "rows", rows, torch.int64, 1)
+    _expect(op, "grad_rows", grad_rows, param.dtype, param.dim())
+    torch._check(grad_rows.shape[0] == rows.shape[0] and grad_rows.shape[1:] == param.shape[1:],
+                 lambda: f"{op}: grad_rows must be [U, *param.shape[1:]]")
+    torch._check(0 <= beta1 < 1 and 0 <= beta2 < 1 and eps >= 0 and math.isfinite(step_size) and 0 <= decay <= 1,
+                 lambda: f"{op}: need beta1, beta2 in [0, 1), eps >= 0, a finite step_size and decay in [0, 1]")
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear")
 def _(x, weight, bias, active):
     _one_device("sparse_linear", x=x, weight=weight, bias=bias, active=active)
-    torch._check(x.shape[1] == weight.shape[1], lambda: "sparse_linear: feature sizes differ")
+    _expect_linear("sparse_linear", x, weight, bias)
+    _expect_active("sparse_linear", active, x.shape[0])
     return x.new_empty(active.shape)
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_input")
 def _(grad_out, weight, active):
-    _one_device("sparse_linear_grad_input", grad_out=grad_out, weight=weight, active=active)
+    op = "sparse_linear_grad_input"
+    _one_device(op, grad_out=grad_out, weight=weight, active=active)
+    _expect(op, "weight", weight, "floating", 2)
+    _expect(op, "grad_out", grad_out, weight.dtype, 2)
+    _expect_active(op, active, grad_out.shape[0], grad_out.shape[1])
     return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
 
 
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_weight_rows")
 def _(grad_out, x, active):
     _one_device("sparse_linear_grad_weight_rows", grad_out=grad_out, x=x, active=active)
+    _expect_grad_weight("sparse_linear_grad_weight_rows", grad_out, x, active)
     touched = torch.library.get_ctx().new_dynamic_size()
     return active.new_empty(touched), x.new_empty(touched, x.shape[1]), x.new_empty(touched)
 
@@ -245,6 +348,7 @@ def _(grad_out, x, active):
 @torch.library.register_fake("lsh_torch::sparse_linear_grad_weight")
 def _(grad_out, x, active, num_rows):
     _one_device("sparse_linear_grad_weight", grad_out=grad_out, x=x, active=active)
+    _expect_grad_weight("sparse_linear_grad_weight", grad_out, x, active)
     torch._check(0 <= num_rows <= 2 ** 31 - 1, lambda: f"sparse_linear_grad_weight: num_rows must be in [0, 2^31 - 1], "
                  f"got {num_rows}")
     return x.new_empty(num_rows, x.shape[1]), x.new_empty(num_rows)

@@ -611,6 +611,38 @@ def test_op_input_errors():
             fn()
 
 
+def test_fake_kernels_refuse_what_the_kernels_refuse():
+    # On the meta device (and so under torch.compile / torch.export) the fake kernels run instead of
+    # the kernels: shapes, dtypes and limits must be refused there too, not given an output shape.
+    qcodes, qmargins, offsets, items = (t.to("meta") for t in random_tables())
+    x, weight, bias, active = (t.to("meta") for t in sparse_problem())
+    param, rows = torch.zeros(30, 4, device="meta"), torch.zeros(4, dtype=torch.int64, device="meta")
+    cases = [
+        (lambda: ops.hash_codes(torch.empty(5, 13, device="meta"), 3, 4), "L\\*K"),
+        (lambda: ops.hash_codes(torch.empty(5, 0, device="meta"), 0, 4), "num_tables"),
+        (lambda: ops.build_tables(torch.zeros(5, 2, device="meta"), 5), "codes must be torch.int32"),
+        (lambda: ops.build_tables(torch.zeros(5, 2, dtype=torch.int32, device="meta"), 30), "bits"),
+        (lambda: ops.row_fingerprints(torch.zeros(4, 3, device="meta"), torch.zeros(4, device="meta")), "vector"),
+        (lambda: ops.update_tables(offsets, items, rows.int(), qcodes[:4], qcodes[:4]), "rows must be torch.int64"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
+        (lambda: ops.query_shared(qcodes.float(), qmargins, offsets, items, 4, 5), "codes must be torch.int32"),
+        (lambda: ops.query(qcodes, qmargins[:, :3], offsets, items, 4, 5), "margins"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail"),
+        (lambda: ops.sparse_linear(x, weight, bias, active.float()), "active must be torch.int64"),
+        (lambda: ops.sparse_linear(x[:2], weight, bias, active), "batch"),
+        (lambda: ops.shared_linear(x, weight, bias[:3], active[0]), "bias"),
+        (lambda: ops.shared_linear(x, weight, bias, active[0].float()), "indices"),
+        (lambda: ops.lazy_adam_(param, param.clone(), param.clone(), rows, torch.zeros(4, 4, device="meta"),
+                                0.1, 2.0, 0.99, 1e-8), "beta1"),
+        (lambda: ops.lazy_adam_(param, param.clone(), param.clone(), rows, torch.zeros(3, 4, device="meta"),
+                                0.1, 0.9, 0.99, 1e-8), "grad_rows"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+
+
 def test_ops_refuse_inputs_on_another_device():
     """A meta tensor among CPU ones used to run the shape-only kernel: uninitialised outputs."""
     qcodes, qmargins, offsets, items = random_tables()
