@@ -96,8 +96,8 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
     if id(model) in new:
         return new[id(model)]
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in new:
+        for child_name, child in list(parent._modules.items()):  # named_children() skips a repeated child
+            if child is not None and id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     return model
 

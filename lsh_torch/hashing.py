@@ -89,6 +89,9 @@ class SRP:
     def make_buffer(self, in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
         return make_projection(in_features, num_tables, bits, seed, device)
 
+    def buffer_bytes(self, in_features: int, num_tables: int, bits: int) -> int:
+        return (in_features + 1) * num_tables * bits * 4
+
     def row_codes(self, rows: Tensor, buffer: Tensor, num_tables: int, bits: int, asymmetric: bool, center: bool,
                   max_norm: Optional[Tensor]) -> Tensor:
         return row_codes(rows, buffer, num_tables, bits, asymmetric, center, max_norm)
@@ -136,6 +139,9 @@ class DWTA:
 
     def make_buffer(self, in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
         return make_bins(in_features, num_tables * (bits // self.bits_per_hash), self.bin_size, seed, device)
+
+    def buffer_bytes(self, in_features: int, num_tables: int, bits: int) -> int:
+        return num_tables * (bits // self.bits_per_hash) * self.bin_size * 8
 
     def row_codes(self, rows: Tensor, buffer: Tensor, num_tables: int, bits: int, asymmetric: bool, center: bool,
                   max_norm: Optional[Tensor]) -> Tensor:

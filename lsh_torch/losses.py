@@ -52,7 +52,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     from .distributed import ShardedSparseOutput, sharded_cross_entropy  # imported here: it imports this module
     if isinstance(output, ShardedSparseOutput):
         return sharded_cross_entropy(output, labels, reduction, ignore_index, label_smoothing)
-    values, indices, log_weights = output if len(output) == 3 else (*output, None)
+    values, indices, log_weights = _checked_output(output)
     batch_shape = values.shape[:-1]
     logits = values.reshape(-1, values.shape[-1])
     labels = _label_rows(labels, batch_shape, ignore_index)
@@ -71,13 +71,33 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         target = mask.to(log_probs.dtype) / count.clamp_min(1).to(log_probs.dtype).unsqueeze(1)
         target, shift = smoothed_target(target, log_weights, label_smoothing)
         loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0).to(logits.dtype)
-    else:
-        loss = -(target * log_probs.to(logits.dtype)).sum(1)
+    else:  # only the labels' entries: another output's -inf logit would make 0 * -inf = nan
+        loss = -torch.where(target > 0, target * log_probs.to(logits.dtype), 0.0).sum(1)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (count > 0).sum().clamp_min(1)
+
+
+def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(values [*, A], indices [A] or [*, A], log_weights of indices' shape or None)``, checked."""
+    if isinstance(output, Tensor) or not isinstance(output, tuple) or len(output) not in (2, 3):
+        raise TypeError("output must be a SparseOutput (values, indices[, log_weights]), as LSHLinear.forward_sparse "
+                        f"returns, got {type(output).__name__} (for dense logits use F.cross_entropy)")
+    values, indices, log_weights = output if len(output) == 3 else (*output, None)
+    if not isinstance(values, Tensor) or not values.dtype.is_floating_point or values.dim() == 0:
+        raise TypeError(f"output.values must be a floating tensor [*, A], got "
+                        f"{values.dtype if isinstance(values, Tensor) else type(values).__name__}")
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
+        raise TypeError("output.indices must be an int64 tensor")
+    if indices.shape != values.shape and indices.shape != values.shape[-1:]:
+        raise ValueError(f"output.indices must have values' shape {tuple(values.shape)} (per row) or "
+                         f"{tuple(values.shape[-1:])} (shared), got {tuple(indices.shape)}")
+    if log_weights is not None and (not isinstance(log_weights, Tensor) or log_weights.shape != indices.shape):
+        given = tuple(log_weights.shape) if isinstance(log_weights, Tensor) else type(log_weights).__name__
+        raise ValueError(f"output.log_weights must be None or have indices' shape {tuple(indices.shape)}, got {given}")
+    return values, indices, log_weights
 
 
 def check_label_smoothing(label_smoothing) -> float:

@@ -287,6 +287,10 @@ class LSHLinear(nn.Module):
         defaults to ``mode == "shared"``; ``sparse`` chooses the tail of :meth:`forward_sparse`
         (True) or of :meth:`forward`.
         """
+        x, _, _ = self._operands(x)
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
+        labels = _label_matrix(labels, x.shape[:1])
         return self._lookup(x, labels, self.mode == "shared" if shared is None else shared, sparse)[0]
 
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
@@ -388,13 +392,7 @@ class LSHLinear(nn.Module):
         """
         input, weight, bias = self._operands(input)
         batch_shape = input.shape[:-1]
-        if labels is not None:
-            if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
-                raise TypeError("labels must be an int64 tensor")
-            if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-                raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
-                                 f"got {tuple(labels.shape)}")
-            labels = labels.reshape(-1, 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
+        labels = _label_matrix(labels, batch_shape)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
         values = values.reshape(*batch_shape, values.shape[-1])
@@ -582,6 +580,19 @@ class _Cast(torch.autograd.Function):
 
 def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
     module._mark_stale()
+
+
+def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional[Tensor]:
+    """Checked ``labels`` (int64 ``batch_shape`` or ``batch_shape + (M,)``) as ``[rows, M]``."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        given = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an int64 tensor, got {given}")
+    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
+        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+                         f"got {tuple(labels.shape)}")
+    return labels.reshape(batch_shape.numel(), 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:

@@ -57,10 +57,10 @@ class LazyAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
+                if not state:  # contiguous moments: the fused op walks rows of contiguous memory
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 correction2 = math.sqrt(1 - beta2 ** state["step"])
                 step_size = group["lr"] * correction2 / (1 - beta1 ** state["step"])
@@ -70,8 +70,15 @@ class LazyAdam(torch.optim.Optimizer):
                 else:  # Adam's eps, in the op's terms
                     values, eps = _rows(p.grad), group["eps"] * correction2
                     rows = torch.arange(values.shape[0], device=p.device)
-                ops.lazy_adam_(_rows(p), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
+                # A non-contiguous parameter (channels_last, a transposed view) is updated through a
+                # contiguous copy, as are moments loaded in another layout.
+                param = p if p.is_contiguous() else p.contiguous()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = state[key].contiguous()
+                ops.lazy_adam_(_rows(param), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
                                step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
+                if param is not p:
+                    p.copy_(param)
         return loss
 
 

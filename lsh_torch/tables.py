@@ -12,6 +12,7 @@ from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int
 
 
 SELECTIONS = ("lsh", "random")
+_MAX_BUFFER_BYTES = 2 ** 30  # per table buffer: far above any measured setting (670K outputs, L=50, K=12: 0.8 MB)
 _NON_FINITE = "weight has non-finite values (NaN or inf): the hash tables cannot be rebuilt from them"
 
 
@@ -65,6 +66,14 @@ class LSHTables(nn.Module):
         # The hash family: its seeded buffer (``projection`` for srp, ``bins`` for dwta) and how
         # rows and inputs become codes. Tables, query and rebuild bookkeeping are shared.
         self.hash = hashing.hash_family(hash, bits)
+        # Settings in range can still ask for gigabytes (L = 1024 tables of 2^20 buckets: 4 GiB of
+        # offsets whatever the width; DWTA bins of 2^20 dimensions): refused before allocating.
+        buffer = f"the {self.hash.name} hash's {self.hash.buffer}"
+        for what, size in (("the tables' bucket offsets", num_tables * (2 ** bits + 1) * 4),
+                           (buffer, self.hash.buffer_bytes(in_features, num_tables, bits))):
+            if size > _MAX_BUFFER_BYTES:
+                raise ValueError(f"num_tables={num_tables} and bits={bits} need {size / 2 ** 30:.1f} GiB for {what} "
+                                 f"(at most {_MAX_BUFFER_BYTES // 2 ** 30} GiB): lower bits (K) or num_tables (L)")
         if asymmetric and self.hash.name != "srp":
             raise ValueError(f"asymmetric=True needs hash='srp' (the MIPS transform is for signed random projections); "
                              f"hash={self.hash.name!r} ranks coordinates and is blind to scale: pass asymmetric=False")

@@ -55,6 +55,15 @@ def test_convert_wide_layers_in_place_and_back():
     assert torch.equal(model.eval()(tokens), expected)
 
 
+def test_a_module_registered_twice_under_one_parent_is_replaced_at_both():
+    wide = nn.Linear(4, 2000)
+    model = nn.ModuleList([wide, nn.ReLU(), wide])
+    convert(model, active=8)
+    assert isinstance(model[0], LSHLinear) and model[2] is model[0]
+    unconvert(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+
+
 def test_filter_threshold_options_and_errors():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     convert(model, min_out_features=64, active=8, seed=7, rebuild=5)

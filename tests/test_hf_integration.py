@@ -80,6 +80,17 @@ def test_label_smoothing_with_every_word_active_is_cross_entropys():
         lsh_hf.patch(tiny("gpt2"), label_smoothing=2.0)
 
 
+def test_float_labels_are_refused_and_tuples_keep_the_logits_place():
+    reference = tiny("gpt2")
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    ids, labels = batch()
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(ids, labels=labels.float())
+    got, want = model(ids, labels=labels, return_dict=False), reference(ids, labels=labels, return_dict=False)
+    assert len(got) == len(want) and got[1] is None and want[1].shape[-1] == VOCAB  # out[1] is the logits' place
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
 def test_ignored_positions_never_reach_the_head():
     model = lsh_hf.patch(tiny("gpt2"), active=256)
     ids, labels = batch()

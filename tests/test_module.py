@@ -349,6 +349,9 @@ def test_budget_parsing():
     (dict(hash="dwta", asymmetric=True), ValueError, "asymmetric=True needs hash='srp'"),
     (dict(hash=hashing.DWTA(bin_size=8), bits=8), ValueError, "multiple of log2"),
     (dict(hash=hashing.DWTA(bin_size=6)), ValueError, "power of two"),
+    # In range but gigabytes: refused before allocating, whatever the width
+    (dict(bits=20, num_tables=1024), ValueError, "need 4.0 GiB for the tables' bucket offsets"),
+    (dict(hash=hashing.DWTA(bin_size=2 ** 20), bits=20, num_tables=200), ValueError, "the dwta hash's bins"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

@@ -126,8 +126,11 @@ def test_lazy_adam_refuses_what_it_used_to_accept_silently():
 
 
 def test_dense_gradients_take_adams_step_on_every_row():
+    # A transposed view and a channels_last conv weight too: updated through contiguous copies.
     params = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(5)),
-              torch.nn.Parameter(torch.tensor(2.0))]
+              torch.nn.Parameter(torch.tensor(2.0)), torch.nn.Parameter(torch.randn(4, 6).t()),
+              torch.nn.Parameter(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))]
+    assert not params[3].is_contiguous() and not params[4].is_contiguous()
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours, adam = LazyAdam(params, lr=0.01, eps=1e-6), torch.optim.Adam(twins, lr=0.01, eps=1e-6)
     for _ in range(3):

@@ -59,6 +59,46 @@ def test_sparse_cross_entropy_equals_cross_entropy_over_active_logits():
     assert values.grad.abs().sum() > 0
 
 
+def test_sparse_cross_entropy_refuses_outputs_it_cannot_read():
+    values, labels = torch.randn(6, 8), torch.arange(6)
+    cases = [
+        ((values, torch.arange(10)), ValueError, "indices must have values' shape"),
+        ((values, torch.arange(8)[None].expand(5, -1)), ValueError, "indices must have values' shape"),
+        ((values, torch.arange(8), torch.zeros(5)), ValueError, "log_weights must be None or have indices' shape"),
+        ((values.long(), torch.arange(8)), TypeError, "values must be a floating tensor"),
+        ((values, torch.arange(8).float()), TypeError, "indices must be an int64 tensor"),
+        (values, TypeError, "output must be a SparseOutput"),
+    ]
+    for output, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            sparse_cross_entropy(output, labels)
+
+
+def test_sparse_cross_entropy_with_a_minus_inf_logit_is_cross_entropys():
+    values = torch.zeros(2, 4, requires_grad=True)
+    masked = values.detach().clone()
+    masked[0, 2] = -float("inf")  # an output masked out, as F.cross_entropy allows
+    got = sparse_cross_entropy((masked.requires_grad_(), torch.arange(4)), torch.tensor([0, 1]))
+    want = F.cross_entropy(masked.detach().requires_grad_(), torch.tensor([0, 1]))
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.isfinite(masked.grad).all()
+
+
+def test_labels_with_no_columns_are_no_labels():
+    layer = LSHLinear(8, 500, active=32, mode="per_row")
+    x = torch.randn(4, 8)
+    out = layer.forward_sparse(x, torch.zeros(4, 0, dtype=torch.int64))
+    layer.step = 0  # the same draws
+    assert torch.equal(out.indices, layer.forward_sparse(x).indices)
+    with pytest.raises(ValueError, match="x must have shape \\[B, in_features=8\\]"):
+        layer.active_set(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="input must have shape"):
+        layer.active_set(torch.randn(4, 9))
+    with pytest.raises(TypeError, match="labels must be an int64 tensor, got torch.float32"):
+        layer.active_set(x, torch.zeros(4))
+
+
 def test_sparse_cross_entropy_multi_label_and_shared_indices():
     values = torch.randn(2, 5, dtype=torch.float64)
     indices = torch.tensor([10, 11, 12, 13, 14])

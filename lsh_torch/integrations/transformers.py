@@ -127,7 +127,8 @@ def _forward(model: PreTrainedModel, *args, **kwargs):
                         ignore_index, num_items_in_batch, model._lsh_torch_label_smoothing)
     result = CausalLMOutputWithPast(loss=loss, logits=None, **{
         name: value for name, value in outputs.items() if name in _OUTPUT_FIELDS})
-    return result if return_dict else result.to_tuple()
+    # As a tuple, logits keep their place (None) after the loss, as in the unpatched model's tuple.
+    return result if return_dict else (loss, None) + tuple(v for k, v in result.items() if k != "loss")
 
 
 def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, ignore_index: int,
@@ -136,6 +137,8 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
         hidden, targets = hidden[..., :-1, :], labels[..., 1:]
     else:
         targets = shift_labels
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have the shape of input_ids, {tuple(hidden.shape[:-1])} after the shift, got "
                          f"{tuple(targets.shape)}")
