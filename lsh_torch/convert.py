@@ -89,6 +89,8 @@ def unconvert(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
 
 
 def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     new = {}  # id(old module) -> its replacement, so a shared module stays shared
     for name, module in model.named_modules():
         if select(name, module):

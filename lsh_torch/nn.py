@@ -474,6 +474,8 @@ class LSHLinear(nn.Module):
         the query's speed-ups). Harder: the default XMC
         demo's head (100K labels; the top 5 at cosines 0.2-0.6 with the input), 0.595 at 2.6x.
         """
+        if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
+            raise TypeError(f"exact must be a bool, got {exact!r}")
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if not exact:

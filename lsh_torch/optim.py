@@ -50,6 +50,8 @@ class LazyAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # before any update: a refused step leaves every state as it was
+            if not group["lr"] > 0:  # a group's lr set after construction (NaN would be blamed on the decay)
+                raise ValueError(f"Invalid learning rate: {group['lr']}")
             _check_decay(group["lr"], group["weight_decay"])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

@@ -62,6 +62,9 @@ def test_a_module_registered_twice_under_one_parent_is_replaced_at_both():
     assert isinstance(model[0], LSHLinear) and model[2] is model[0]
     unconvert(model)
     assert type(model[0]) is nn.Linear and model[2] is model[0]
+    for fn in (convert, unconvert):
+        with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
+            fn(None)
 
 
 def test_filter_threshold_options_and_errors():

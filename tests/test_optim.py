@@ -64,6 +64,11 @@ def test_lazy_adam_errors():
         ops.lazy_adam_(param, m.double(), v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match="learning rate"):
         LazyAdam([torch.nn.Parameter(param)], lr=-1)
+    later = LazyAdam([torch.nn.Parameter(param)], lr=0.1)
+    later.param_groups[0]["lr"] = float("nan")  # set after construction, as schedulers do
+    later.param_groups[0]["params"][0].grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
+        later.step()
     for decay in (-0.1, 1.5, float("nan")):
         with pytest.raises(RuntimeError, match=r"decay \(lr \* weight_decay\) must be in \[0, 1\]"):
             ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)

@@ -184,6 +184,8 @@ def test_topk_argument_errors():
         layer.topk(x, 3, probes=2 ** layer.topk_bits + 1)
     with pytest.raises(ValueError, match="k"):
         layer.topk(x, 51, budget=50)
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        layer.topk(x, 3, exact="no")  # bool("no") is True
     for name, bad, error in (("topk_tables", 0, ValueError), ("topk_bits", 21, ValueError),
                              ("topk_tables", 2.5, TypeError)):
         broken = copy.deepcopy(layer)
