@@ -274,6 +274,7 @@ class LSHLinear(nn.Module):
 
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables (the schedule calls this during training)."""
+        _check_not_meta(self.weight)
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
@@ -295,6 +296,7 @@ class LSHLinear(nn.Module):
 
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """The active set and its head (see :func:`ops.query`)."""
+        _check_not_meta(self.weight)
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
@@ -582,6 +584,13 @@ class _Cast(torch.autograd.Function):
 
 def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
     module._mark_stale()
+
+
+def _check_not_meta(weight: Tensor) -> None:
+    if weight.is_meta:  # the tables and their lookup read data; a meta tensor has none
+        raise RuntimeError("LSHLinear on the meta device has no data to hash or look up: only eval-mode forward with "
+                           "inference='dense' (nn.Linear's computation) works there; materialise the weights first "
+                           "(e.g. module.to_empty(device=...) and load_state_dict)")
 
 
 def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional[Tensor]:

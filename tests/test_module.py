@@ -518,3 +518,13 @@ def test_dwta_finds_large_inner_products_of_relu_inputs():
     found = layer.eval().active_set(x)
     recall = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(top, found)) / top.numel()
     assert recall > 0.5  # random: 0.1
+
+
+def test_meta_device_runs_the_dense_eval_path_and_names_what_it_cannot():
+    layer = LSHLinear(8, 300, active=16).to("meta")
+    assert layer.eval()(torch.randn(2, 8, device="meta")).shape == (2, 300)  # nn.Linear's computation
+    layer.train()
+    for call in (lambda: layer(torch.randn(2, 8, device="meta")), layer.rebuild,
+                 lambda: layer.forward_sparse(torch.randn(2, 8, device="meta"))):
+        with pytest.raises(RuntimeError, match="LSHLinear on the meta device has no data"):
+            call()
