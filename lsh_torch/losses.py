@@ -58,6 +58,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     labels = _label_rows(labels, batch_shape, ignore_index)
     mask, found = _label_mask(indices, labels, logits.shape)
     _check_labels_found(found | (labels == -1), labels)
+    _check_distinct(indices)
     target = mask.to(logits.dtype)
     count = target.sum(1)
     target = target / count.clamp_min(1).unsqueeze(1)
@@ -145,6 +146,18 @@ def _check_labels_found(ok: Tensor, labels: Tensor) -> None:
         row, col = (~ok).nonzero()[0].tolist()
         raise ValueError(f"sparse_cross_entropy: label {labels[row, col].item()} of row {row} is not among the row's "
                          f"active outputs: {hint}")
+
+
+def _check_distinct(indices: Tensor) -> None:
+    """A neuron twice in a row's active set would count twice in the normaliser (forward_sparse's
+    never repeat one; a hand-built output might)."""
+    ordered = indices.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
+    message = "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once"
+    if torch.compiler.is_compiling() or indices.device.type != "cpu":  # no host sync: checked on the device
+        torch._assert_async(~repeated, message)
+    elif bool(repeated):
+        raise ValueError(message)
 
 
 def _label_mask(indices: Tensor, labels: Tensor, shape) -> tuple[Tensor, Tensor]:

@@ -68,6 +68,8 @@ def test_sparse_cross_entropy_refuses_outputs_it_cannot_read():
         ((values.long(), torch.arange(8)), TypeError, "values must be a floating tensor"),
         ((values, torch.arange(8).float()), TypeError, "indices must be an int64 tensor"),
         (values, TypeError, "output must be a SparseOutput"),
+        ((values, torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])), ValueError, "repeat a neuron"),
+        ((values, torch.arange(8).repeat(6, 1).index_fill(1, torch.tensor([7]), 3)), ValueError, "repeat a neuron"),
     ]
     for output, error, pattern in cases:
         with pytest.raises(error, match=pattern):
@@ -325,7 +327,8 @@ def test_forward_sparse_errors():
 def test_a_shared_training_step_has_no_data_dependent_shapes():
     # On a GPU each data-dependent shape (nonzero, boolean indexing, unique) or scalar read is a host
     # sync. Between rebuilds a shared step reads one scalar (the batch's distinct label count, which
-    # sizes the top set) and, on the CPU only, the loss's label check; nothing else.
+    # sizes the top set) and, on the CPU only, the loss's two checks (labels found, no neuron twice;
+    # asserted on the device elsewhere); nothing else.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
@@ -348,4 +351,4 @@ def test_a_shared_training_step_has_no_data_dependent_shapes():
     layer.forward_sparse(x, labels)  # the first step builds the tables
     with Syncs() as syncs:
         sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
-    assert syncs.ops == ["aten._local_scalar_dense.default"] * 2, syncs.ops
+    assert syncs.ops == ["aten._local_scalar_dense.default"] * 3, syncs.ops
