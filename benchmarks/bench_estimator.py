@@ -17,8 +17,8 @@ sparse head, torch.optim.Adam for dense):
   uniform (before) labels | uniform draws, no correction
   hashed+tail, rebuild 3 / 30 / 100   hashed+tail re-hashing the weights every 3, 30 or 100 steps instead of
                   10 (not run unless named in --variants)
-  hashed+tail, tail 1/4   hashed+tail with a quarter of the budget in the tail instead of half: a larger
-                  top set (not run unless named in --variants)
+  hashed+tail, tail 1/4 / tail 3/4   hashed+tail with a quarter (three quarters) of the budget in the tail
+                  instead of half: a larger (smaller) top set (not run unless named in --variants)
   hashed+tail, half the scoring rows   hashed+tail with LSHLinear.top_set_scores halved: a shared top set chosen
                   from half as many of the batch's rows (not run unless named in --variants)
   hashed+tail, dense grad / uniform+tail, dense grad   the head's gradients dense and the model trained by
@@ -114,6 +114,7 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     # Settings beside the defaults (rebuilds every 10 steps, half the budget in the tail); only when asked for.
     **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, None) for period in (3, 30, 100)},
     "hashed+tail, tail 1/4": ({"tail": 0.25}, None),
+    "hashed+tail, tail 3/4": ({"tail": 0.75}, None),
     "hashed+tail, dense grad": ({"sparse_grad": False}, None),
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, lambda head: setattr(head, "top_set_scores", head.top_set_scores // 2)),
