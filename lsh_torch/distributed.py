@@ -30,6 +30,7 @@ With equal batch sizes this is single-process training on the concatenated globa
 from __future__ import annotations
 
 import math
+import zlib
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -64,6 +65,26 @@ def _gather_ints(values: list[int], group, device) -> Tensor:
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, mine, group=group)
     return torch.stack(out).cpu()
+
+
+def _stop_everywhere(error: Optional[Exception], group, device, agreed=(), names: str = "") -> None:
+    """One all-gather after a step that may fail on some ranks only (an argument check, a shard's
+    kernel): a rank's ``error`` raises there and stops the others too, instead of leaving them
+    waiting in the next collective. ``agreed``: numbers every rank must pass alike (``names``
+    says which; as many on every rank, failed or not), checked in the same all-gather."""
+    flag = [1.0 if error is not None else 0.0, *([0.0] * len(agreed) if error is not None else agreed)]  # equal lengths
+    mine = torch.tensor(flag, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    every = torch.stack(out).cpu()
+    if error is not None:
+        raise error
+    failed = every[:, 0].nonzero()
+    if failed.numel():
+        raise ValueError(f"rank {int(failed[0])} of the process group raised an error (an invalid argument or a failed "
+                         "step; its error says which); every rank stops")
+    if agreed and not bool((every[:, 1:] == every[:1, 1:]).all()):
+        raise ValueError(f"{names} must be the same on every rank, got {every[:, 1:].tolist()} by rank")
 
 
 def _gather_padded(t: Tensor, group, fill=0, rows_only: bool = False) -> list[Tensor]:
@@ -143,16 +164,20 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
     if not params:
         return 0
     _, world = _rank_and_size(process_group)
-    grads = []
+    grads, error = [], None
     for p in params:
         grad = p.grad
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64, device=p.device),
                                            p.new_empty(0, *p.shape[1:]), p.shape, check_invariants=False)
         elif not grad.is_sparse:
-            raise TypeError(f"all_reduce_sparse_grads: a parameter of shape {tuple(p.shape)} has a dense gradient; "
-                            "its layer should produce sparse ones (sparse_grad=True / sparse=True)")
-        grads.append(grad.coalesce())
+            error = TypeError(f"all_reduce_sparse_grads: a parameter of shape {tuple(p.shape)} has a dense gradient; "
+                              "its layer should produce sparse ones (sparse_grad=True / sparse=True)")
+        grads.append(grad.coalesce() if grad.is_sparse else grad)
+    # The ranks' parameters must match (rows gathered from a wider replica would index past this one's).
+    shapes = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())
+    _stop_everywhere(error, process_group, params[0].device, agreed=(len(params), shapes),
+                     names="the replicated sparse parameters (count, shapes and dtypes; a CRC of them)")
     counts = _gather_ints([g._nnz() for g in grads], process_group, params[0].device)  # one sync for all
     sent = 0
     for p, grad, sizes in zip(params, grads, counts.t().tolist()):
@@ -263,13 +288,20 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
 
 
 def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction: str, ignore_index: int,
-                          label_smoothing: float = 0.0) -> Tensor:
+                          label_smoothing: float = 0.0, check=lambda: None) -> Tensor:
     """:func:`lsh_torch.sparse_cross_entropy` of a :class:`ShardedSparseOutput` (it dispatches
     here after checking its arguments): this rank's loss over its own rows, the softmax over every
     shard's active set, each shard's tail correction applied (the sum of the shards' unbiased
     normaliser estimates is an unbiased estimate of the full one)."""
     group, sizes, batch_shape = output.process_group, list(output.sizes), output.batch_shape
     rank, _ = _rank_and_size(group)
+    try:  # ``check``: sparse_cross_entropy's argument checks, run here so that one rank's bad argument stops all
+        check()
+        error = None
+    except (TypeError, ValueError) as caught:
+        error = caught
+    agreed = (0, 0, 0) if error else (label_smoothing, ("mean", "sum", "none").index(reduction), ignore_index)
+    _stop_everywhere(error, group, output.values.device, agreed, "label_smoothing, reduction and ignore_index")
     labels = _label_rows(labels, batch_shape, ignore_index)
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
     logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
@@ -456,7 +488,12 @@ class ShardedLSHLinear(nn.Module):
         every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
         mine = (every >= self.start) & (every < self.end)
         local = torch.where(mine, every - self.start, -1)
-        values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
+        try:  # a shard's lookup can fail for its own labels (more than its budget): all ranks stop
+            values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
+            error = None
+        except (RuntimeError, ValueError) as caught:
+            error = caught
+        _stop_everywhere(error, self.process_group, self.shard.weight.device)
         return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
                                    batch_shape)
 

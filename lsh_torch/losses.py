@@ -42,16 +42,19 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     (:meth:`LSHLinear.forward_sparse` forces the labels it is given in): a label that is not, out
     of range or not passed to ``forward_sparse``, raises a ValueError rather than being dropped.
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
-        raise TypeError("labels must be an int64 tensor")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_label_smoothing(label_smoothing)
+    def check():
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+            raise TypeError("labels must be an int64 tensor")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        check_label_smoothing(label_smoothing)
+
     from .distributed import ShardedSparseOutput, sharded_cross_entropy  # imported here: it imports this module
-    if isinstance(output, ShardedSparseOutput):
-        return sharded_cross_entropy(output, labels, reduction, ignore_index, label_smoothing)
+    if isinstance(output, ShardedSparseOutput):  # collective: a bad argument on one rank must stop every rank
+        return sharded_cross_entropy(output, labels, reduction, ignore_index, label_smoothing, check)
+    check()
     values, indices, log_weights = _checked_output(output)
     batch_shape = values.shape[:-1]
     logits = values.reshape(-1, values.shape[-1])

@@ -314,6 +314,21 @@ def _checkpoint_run(rank):
         layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT if rank == 1 else 1]))
     with pytest.raises((TypeError, ValueError), match="input" if rank == 0 else "rank 0 .* invalid argument"):
         layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
+    # The sharded loss, a shard's failed lookup and the sparse-gradient all-reduce stop every rank too,
+    # and what the ranks must agree on is checked.
+    y = torch.tensor([0, 1])
+    out = layer.forward_sparse(torch.randn(2, HIDDEN), y)
+    with pytest.raises(ValueError, match="label_smoothing must be between" if rank == 1 else "rank 1 .* raised"):
+        sparse_cross_entropy(out, y, label_smoothing=1.5 if rank == 1 else 0.0)
+    with pytest.raises(ValueError, match="label_smoothing, reduction and ignore_index must be the same on every rank"):
+        sparse_cross_entropy(out, y, label_smoothing=0.1 * rank)
+    narrow = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")  # shard 0 (rows 0-6) has a budget of 2
+    with pytest.raises((RuntimeError, ValueError), match="more distinct labels" if rank == 0 else "rank 0 .* raised"):
+        narrow.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]))
+    replica = LSHLinear(HIDDEN, 40 + 8 * rank, active=4, sparse_grad=True)  # not the same layer on both ranks
+    sparse_cross_entropy(replica.forward_sparse(torch.randn(2, HIDDEN), y), y).backward()
+    with pytest.raises(ValueError, match="replicated sparse parameters .* must be the same on every rank"):
+        all_reduce_sparse_grads(replica)
     full = layer.full_state_dict()
     with pytest.raises(ValueError, match=r"state_dict\['weight'\]"):
         layer.load_full_state_dict({"weight": full["weight"][:-1], "bias": full["bias"]})
