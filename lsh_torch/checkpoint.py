@@ -38,7 +38,7 @@ from .nn import LSHLinear
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "max_norm", "hash"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
@@ -51,6 +51,7 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
                                     ("fingerprints", t.fingerprints), ("max_norm", t.max_norm))}
             if tables is not None:
                 tables["hash"] = str(t.hash)
+                tables["hashed_with"] = _hashed_with(t)
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -102,6 +103,11 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
         layer.step = step
 
 
+def _hashed_with(t) -> dict:
+    """What, beside the shapes and the family, decides a row's codes: tables hashed otherwise are not this layer's."""
+    return {"seed": t.seed, "in_features": t.in_features, "asymmetric": t.asymmetric, "center": t.center}
+
+
 def _tables_problem(layer: LSHLinear, tables) -> str:
     """What is wrong with saved tables for ``layer`` ("" if nothing): a query or rebuild reads them
     unchecked in places, so a corrupt checkpoint is refused here, not at some later step."""
@@ -112,6 +118,11 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
     family = tables.get("hash", "srp")  # states saved before DWTA existed were SimHash's
     if t.selection != "random" and family != str(t.hash):
         return f"they were hashed with hash={family!r}, this layer hashes with hash='{t.hash}'"
+    saved = tables.get("hashed_with", {})  # absent from states saved before it was
+    if t.selection != "random" and isinstance(saved, dict):
+        for key, value in _hashed_with(t).items():
+            if key in saved and saved[key] != value:
+                return f"they were hashed with {key}={saved[key]!r}, this layer hashes with {key}={value!r}"
     expected = {"offsets": (torch.int32, (rows, buckets + 1)), "items": (torch.int32, (rows, n)),
                 "codes": (torch.int32, (t.num_tables, n)), "fingerprints": (torch.float32, (n,)),
                 "max_norm": (None, ())}  # max_norm: a float of the weight's dtype, float32 or wider

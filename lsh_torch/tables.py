@@ -116,6 +116,9 @@ class LSHTables(nn.Module):
             buffer, vector = self._seeded_buffers(self.hash_buffer.device)
             setattr(self, self.hash.buffer, buffer.to(self.hash_buffer))
             self.fingerprint_vector = vector.to(self.fingerprint_vector)
+        # Fingerprints are float32 whatever the weight's dtype (row_fingerprints computes them so):
+        # .to(dtype) moves them, it does not cast them.
+        self.fingerprints, self.fingerprint_vector = self.fingerprints.float(), self.fingerprint_vector.float()
         return self
 
     @torch.no_grad()

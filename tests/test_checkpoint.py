@@ -1,4 +1,5 @@
 """Checkpoints: nn.Linear state_dicts load into LSHLinear, and a saved run resumes exactly in a fresh process."""
+import copy
 import json
 import subprocess
 import sys
@@ -143,6 +144,16 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     assert wrong[0].step == 0 and wrong[2].step == 0  # nothing changed on error
     with pytest.raises(ValueError, match="step"):
         load_lsh_state(fresh, {**state, "3": {"step": -1, "tables": None}})
+    # Tables of the same shapes hashed otherwise (another seed or transform) are not this layer's.
+    for option, value in (("seed", 7), ("asymmetric", False)):
+        other = nn.Sequential(LSHLinear(8, 64, active=8, **{option: value}), nn.ReLU(),
+                              LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
+        with pytest.raises(ValueError, match=f"hashed with {option}="):
+            load_lsh_state(other, state)
+    # .to(dtype) casts the weights, not the fingerprints: the state still saves and loads.
+    wide = copy.deepcopy(model).double()
+    assert wide[0].tables.fingerprints.dtype == torch.float32
+    load_lsh_state(wide, lsh_state(wide))
     bad_codes = {**state["0"]["tables"], "codes": state["0"]["tables"]["codes"][:, :10]}
     with pytest.raises(ValueError, match="codes"):
         load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": bad_codes}})
