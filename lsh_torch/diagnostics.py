@@ -211,10 +211,13 @@ class RecallMonitor:
         return record
 
     def maybe_probe(self, x: Tensor) -> Optional[dict]:
-        """Probe if ``layer.step`` is a positive multiple of ``every`` (and not yet probed at it)."""
+        """Probe if ``layer.step`` is a positive multiple of ``every`` (and not yet probed at it),
+        not during the layer's warm-up: there training draws uniformly and builds no tables, and a
+        probe's build would change the full build that ends the warm-up into an incremental one."""
         self._note_tables()
         step = int(self.layer.step)
-        if step <= 0 or step % self.every or (self.history and self.history[-1]["step"] == step):
+        if (step <= 0 or step % self.every or (self.history and self.history[-1]["step"] == step)
+                or step <= getattr(self.layer, "warmup", 0)):  # the build ending it runs at step == warmup
             return None
         return self.probe(x)
 

@@ -39,8 +39,10 @@ class GrowingSchedule(RebuildSchedule):
     def __init__(self, initial: int = 50, growth: float = 1.1, max_period: int = 1000):
         if not isinstance(initial, int) or initial < 1:
             raise ValueError(f"initial must be a positive int, got {initial!r}")
-        if not growth >= 1.0:
-            raise ValueError(f"growth must be >= 1, got {growth!r}")
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)):
+            raise TypeError(f"growth must be a float, got {type(growth).__name__}")
+        if not 1.0 <= growth < float("inf"):
+            raise ValueError(f"growth must be a finite float >= 1, got {growth!r}")
         if not isinstance(max_period, int) or max_period < initial:
             raise ValueError(f"max_period must be an int >= initial ({initial}), got {max_period!r}")
         self.initial, self.growth, self.max_period = initial, growth, max_period
@@ -48,6 +50,8 @@ class GrowingSchedule(RebuildSchedule):
     def __call__(self, step: int) -> bool:
         if step <= 0:
             return False
+        if self.growth == 1.0:  # a constant gap: no walk over the gaps (it would cost O(step) a call)
+            return step % min(self.initial, self.max_period) == 0
         at, gap = 0, float(self.initial)
         while True:
             period = min(self.max_period, max(1, round(gap)))

@@ -136,17 +136,22 @@ def test_manual_probe_and_manual_rebuild_detected():
     assert r["step"] == 6 and len(monitor.history) == 4
 
 
-def test_monitor_does_not_change_training():
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_monitor_does_not_change_training(warmup):
+    # With a warm-up, a probe during it used to build tables that training never builds there, making
+    # the build that ends the warm-up incremental instead of full.
     torch.manual_seed(3)
-    a = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3))
-    b = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3))
+    a = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3), warmup=warmup)
+    b = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(3), warmup=warmup)
     b.load_state_dict(a.state_dict())
-    with RecallMonitor(b, every=1):
+    with RecallMonitor(b, every=1) as monitor:
         torch.manual_seed(4)
-        _train(a, 7)
+        _train(a, 9)
         torch.manual_seed(4)
-        _train(b, 7)
+        _train(b, 9)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert torch.equal(a.tables.codes, b.tables.codes)
+    assert min(h["step"] for h in monitor.history) == warmup + 1
 
 
 def test_monitor_plot_and_to_dict(tmp_path):

@@ -368,6 +368,13 @@ def test_shard_range_covers_every_row_once():
         assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
 
 
+def test_shard_range_checks_its_arguments():
+    for args, error in (((10, 5, 2), ValueError), ((10, -1, 2), ValueError), ((10, 0.5, 2), TypeError),
+                        ((-10, 0, 3), ValueError), ((10, 0, 0), ValueError)):
+        with pytest.raises(error):
+            shard_range(*args)
+
+
 def test_distributed_helpers_need_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):

@@ -256,6 +256,12 @@ def test_schedules():
         ConstantSchedule(0)
     with pytest.raises(ValueError, match="growth"):
         GrowingSchedule(growth=0.5)
+    with pytest.raises(ValueError, match="growth must be a finite float"):
+        GrowingSchedule(growth=float("inf"))  # was accepted, then overflowed mid-training
+    with pytest.raises(TypeError, match="growth must be a float"):
+        GrowingSchedule(growth="2")
+    flat = GrowingSchedule(initial=7, growth=1.0, max_period=10 ** 9)  # a constant gap, O(1) a call
+    assert [s for s in range(1, 30) if flat(s)] == [7, 14, 21, 28] and flat(7 * 10 ** 12)
 
 
 def test_determinism_under_seed():
