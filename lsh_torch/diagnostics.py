@@ -47,6 +47,13 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
         raise ValueError(f"active must be [B, A] and scores [B, N] with the same B, got "
                          f"{tuple(active.shape)} and {tuple(scores.shape)}")
     n = scores.shape[1]
+    if active.dtype not in (torch.int32, torch.int64) or not scores.dtype.is_floating_point:
+        raise TypeError(f"active must be an integer tensor and scores a floating one, got {active.dtype} and "
+                        f"{scores.dtype}")
+    if not 1 <= active.shape[1] <= n:
+        raise ValueError(f"active must hold between 1 and N = {n} outputs per row, got {active.shape[1]}")
+    if bool(scores.isnan().any()):
+        raise ValueError("scores hold NaN: their top-k is undefined")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     active = active.long()

@@ -49,7 +49,7 @@ def topk_budget(out_features: int) -> int:
     probes (``benchmarks/bench_topk.py --budgets``): recall of the exact top 5 0.930 / 0.961 / 0.967
     / 0.971 with 512 / 768 / 1,024 / 2,048 candidates, in 1.03 / 1 / 1.14 / 1.46 the time of 768.
     Independent of the training budget ``active``: inference is another trade-off."""
-    return min(out_features, TOPK_BUDGET)
+    return min(check_int("out_features", out_features, 1, 2 ** 62), TOPK_BUDGET)
 
 
 def topk_settings(out_features: int) -> dict:
@@ -128,6 +128,12 @@ class TopkIndex:
         tables rank highest (most probed buckets hit; ``probes`` per table) and the ``norm_rows``
         largest-norm rows. Only the tables' real candidates are scored: where they find fewer
         than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills)."""
+        n = self.items.shape[1]
+        if weight.dim() != 2 or weight.shape[0] != n:
+            raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
+        check_int("budget", budget, 1, n)
+        check_int("k", k, 1, budget)
+        check_int("norm_rows", norm_rows, 0, n)
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0)
         # Past its head a row holds uniform draws: score none of them beyond the first k, and none

@@ -28,6 +28,13 @@ def test_topk_recall_rejects_bad_arguments():
         topk_recall(torch.full((3, 2), 10), scores, k=2)
     with pytest.raises(ValueError, match="same B"):
         topk_recall(torch.zeros(2, 2, dtype=torch.long), scores, k=2)
+    # Each gave a plausible number: truncated float ids, an empty set's mass recall 1.0, NaN scores.
+    with pytest.raises(TypeError, match="active must be an integer tensor"):
+        topk_recall(torch.full((3, 2), 1.9), scores, k=2)
+    with pytest.raises(ValueError, match="between 1 and N = 10 outputs"):
+        topk_recall(torch.zeros(3, 0, dtype=torch.long), scores, k=2)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_recall(torch.zeros(3, 2, dtype=torch.long), torch.full((3, 10), float("nan")), k=2)
 
 
 def test_recall_is_one_when_budget_is_everything():

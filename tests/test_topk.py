@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lsh_torch
 from lsh_torch import LSHLinear
-from lsh_torch.retrieval import TopkIndex, topk_settings
+from lsh_torch.retrieval import TopkIndex, topk_budget, topk_settings
 
 
 def recall(found, exact):
@@ -186,6 +185,11 @@ def test_topk_argument_errors():
         layer.topk(x, 51, budget=50)
     with pytest.raises(TypeError, match="exact must be a bool"):
         layer.topk(x, 3, exact="no")  # bool("no") is True
+    index = layer._topk_index_of(layer.weight)  # the public index: a weight it was not built from is refused
+    with pytest.raises(ValueError, match="weight the index was built from"):
+        index.topk(x, torch.randn(301, 16), None, 3, 4, 50, 0, 0)
+    with pytest.raises(ValueError, match="out_features"):
+        topk_budget(-5)
     for name, bad, error in (("topk_tables", 0, ValueError), ("topk_bits", 21, ValueError),
                              ("topk_tables", 2.5, TypeError)):
         broken = copy.deepcopy(layer)
