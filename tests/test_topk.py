@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lsh_torch
 from lsh_torch import LSHLinear
 from lsh_torch.retrieval import TopkIndex, topk_budget, topk_settings
 
