@@ -182,6 +182,8 @@ class RecallMonitor:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layer.out_features):
+            raise ValueError(f"k must be None or an int in [1, out_features = {layer.out_features}], got {k!r}")
         self.layer, self.every, self.k, self.max_rows = layer, every, k, max_rows
         self.name = name or type(layer).__name__
         self.include_bias, self.probe_eval = include_bias, probe_eval

@@ -433,7 +433,7 @@ class LSHLinear(nn.Module):
             found = self.tables.query_uniform(x, self.out_features, self.budget,
                                               _as_label_matrix(labels, x.shape[0]), seed, shared)
         else:
-            if (self.schedule is not None and self.schedule(self.step)) or self.step == self.warmup > 0:
+            if (self.schedule is not None and _rebuild_now(self.schedule, self.step)) or self.step == self.warmup > 0:
                 self._mark_stale()
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1
@@ -584,6 +584,13 @@ class _Cast(torch.autograd.Function):
 
 def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
     module._mark_stale()
+
+
+def _rebuild_now(schedule, step: int) -> bool:
+    answer = schedule(step)
+    if not isinstance(answer, bool):  # a truthy "no" would rebuild every step
+        raise TypeError(f"rebuild schedule {schedule!r} must return a bool for step {step}, got {answer!r}")
+    return answer
 
 
 def _check_not_meta(weight: Tensor) -> None:

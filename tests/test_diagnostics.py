@@ -179,6 +179,9 @@ def test_monitor_rejects_bad_arguments():
         RecallMonitor(layer, every=0)
     with pytest.raises(TypeError, match="LSHLinear"):
         RecallMonitor(nn.Linear(4, 4))
+    for k in (0, 101, True, "a"):  # was checked only at the first probe, inside a training forward
+        with pytest.raises(ValueError, match="k must be None or an int"):
+            RecallMonitor(layer, k=k)
 
 
 def _layer_or_skip(**kwargs):

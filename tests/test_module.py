@@ -233,6 +233,9 @@ def test_rebuild_schedule_fires_when_it_should():
     layer.eval()
     layer(x)
     assert len(calls) == 4  # dense eval never rebuilds
+    truthy = LSHLinear(16, 200, active=20, rebuild=lambda step: "no")  # truthy: it rebuilt every step
+    with pytest.raises(TypeError, match="must return a bool"):
+        truthy(x)
 
 
 def test_rebuild_follows_weights():
