@@ -588,9 +588,10 @@ def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
 
 def _rebuild_now(schedule, step: int) -> bool:
     answer = schedule(step)
-    if not isinstance(answer, bool):  # a truthy "no" would rebuild every step
+    scalar_bool = str(getattr(answer, "dtype", "")) in ("bool", "torch.bool") and getattr(answer, "ndim", 1) == 0
+    if not (isinstance(answer, bool) or scalar_bool):  # a truthy "no" would rebuild every step
         raise TypeError(f"rebuild schedule {schedule!r} must return a bool for step {step}, got {answer!r}")
-    return answer
+    return bool(answer)
 
 
 def _check_not_meta(weight: Tensor) -> None:
