@@ -525,11 +525,19 @@ class ShardedLSHLinear(nn.Module):
         limit = self.out_features if exact else sum(budgets)
 
         def check_k():  # on every rank before the first collective (_gather_input)
+            if not isinstance(exact, bool):
+                raise TypeError(f"exact must be a bool, got {exact!r}")
             if budget is not None:
                 check_int("budget", budget, 1, max(self.widths))
+            if probes is not None:
+                check_int("probes", probes, 1, 2 ** 31 - 1)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
                 raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
         x, sizes, _ = self._gather_input(input, check_k)
+        # Each shard answers every rank's rows with the same k and method: a rank asking otherwise would
+        # get padding among the merged candidates (or exact and approximate shards mixed).
+        _stop_everywhere(None, self.process_group, self.shard.weight.device,
+                         (k, exact, budget or 0, probes or 0), "k, exact, budget and probes")
         mine = min(k, self.shard.out_features if exact else budgets[self.rank])
         values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank])
         start = sum(sizes[: self.rank])

@@ -314,6 +314,8 @@ def _checkpoint_run(rank):
         layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT if rank == 1 else 1]))
     with pytest.raises((TypeError, ValueError), match="input" if rank == 0 else "rank 0 .* invalid argument"):
         layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
+    with pytest.raises(ValueError, match="k, exact, budget and probes must be the same on every rank"):
+        layer.topk(torch.randn(2, HIDDEN), 2, exact=rank == 0)  # mixed exact and approximate shards
     # The sharded loss, a shard's failed lookup and the sparse-gradient all-reduce stop every rank too,
     # and what the ranks must agree on is checked.
     y = torch.tensor([0, 1])
