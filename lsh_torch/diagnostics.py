@@ -269,13 +269,10 @@ class RecallMonitor:
         Writes a PNG (or whatever the extension says) to ``path`` unless ``path`` is None; draws
         into ``ax`` if given. Needs matplotlib. Returns the matplotlib figure.
         """
-        import matplotlib
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
+        from matplotlib.figure import Figure
+        if ax is None:  # a figure pyplot does not track: plots in a loop leave nothing open
+            fig = Figure(figsize=(7, 3.5))
+            ax = fig.subplots()
         else:
             fig = ax.figure
         steps = [h["step"] for h in self.history]

@@ -241,6 +241,7 @@ class LSHLinear(nn.Module):
 
     def _mark_stale(self) -> None:
         self._stale = True
+        self._tables_from_checkpoint = False
         self._topk_index = None  # rebuilt by the next topk, from the weight as it is then
 
     @property
@@ -297,6 +298,7 @@ class LSHLinear(nn.Module):
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """The active set and its head (see :func:`ops.query`)."""
         _check_not_meta(self.weight)
+        self._tables_from_checkpoint = False  # in use: a later load_state_dict is a deliberate reload
         if self._stale:
             self.rebuild()
         seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
@@ -583,6 +585,10 @@ class _Cast(torch.autograd.Function):
 
 
 def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
+    if getattr(module, "_tables_from_checkpoint", False):  # load_lsh_state came first: its tables are lost
+        warnings.warn("load_state_dict after load_lsh_state discards the tables load_lsh_state restored (they are "
+                      "rebuilt from the loaded weights, not the saved run's): call load_lsh_state after "
+                      "load_state_dict to resume exactly", stacklevel=3)
     module._mark_stale()
 
 

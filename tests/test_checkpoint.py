@@ -1,6 +1,7 @@
 """Checkpoints: nn.Linear state_dicts load into LSHLinear, and a saved run resumes exactly in a fresh process."""
 import copy
 import json
+import warnings
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,17 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
                               LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
         with pytest.raises(ValueError, match=f"hashed with {option}="):
             load_lsh_state(other, state)
+    # The documented order is load_state_dict, then load_lsh_state; the other way round loses the tables.
+    with pytest.warns(UserWarning, match="load_state_dict after load_lsh_state discards the tables"):
+        reordered = copy.deepcopy(fresh)
+        load_lsh_state(reordered, state)
+        reordered.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reordered.load_state_dict(model.state_dict())
+        load_lsh_state(reordered, state)
+        reordered[:3](x)
+        reordered.load_state_dict(model.state_dict())  # the tables were used since: a deliberate reload
     # .to(dtype) casts the weights, not the fingerprints: the state still saves and loads.
     wide = copy.deepcopy(model).double()
     assert wide[0].tables.fingerprints.dtype == torch.float32

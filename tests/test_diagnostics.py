@@ -167,8 +167,12 @@ def test_monitor_plot_and_to_dict(tmp_path):
     monitor = RecallMonitor(layer, every=2, name="hidden").attach()
     _train(layer, 8)
     path = tmp_path / "recall.png"
-    monitor.plot(path)
-    assert path.stat().st_size > 1000
+    import matplotlib.pyplot as plt
+    open_before = len(plt.get_fignums())
+    for _ in range(3):
+        fig = monitor.plot(path)
+    assert path.stat().st_size > 1000 and fig.axes[0].get_ylabel() == "recall"
+    assert len(plt.get_fignums()) == open_before  # pyplot holds none of them (they piled up)
     d = monitor.to_dict()
     assert d["name"] == "hidden" and len(d["history"]) == 4 and d["rebuild_steps"] == monitor.rebuild_steps
 
