@@ -1,6 +1,7 @@
 """One-call conversion of a model's nn.Linear layers to LSHLinear, and back."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Optional
 
@@ -50,6 +51,10 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
         _check_positive("min_out_features", min_out_features)
         filter = lambda name, m: _unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
     counter = iter(range(seed, seed + 2 ** 31))
+    options = inspect.signature(LSHLinear.__init__).parameters
+    unknown = sorted(set(lsh_kwargs) - {name for name, p in options.items() if p.kind is p.KEYWORD_ONLY})
+    if unknown:  # checked here, not by the first layer made: with no layer converted a typo passed unseen
+        raise TypeError(f"convert: unknown LSHLinear option(s) {unknown}")
 
     def make(linear: nn.Linear) -> LSHLinear:
         with torch.random.fork_rng(devices=_devices(linear.weight)):  # the unused init draws no numbers

@@ -76,7 +76,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         target, shift = smoothed_target(target, log_weights, label_smoothing)
         loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0).to(logits.dtype)
     else:  # only the labels' entries: another output's -inf logit would make 0 * -inf = nan
-        loss = -torch.where(target > 0, target * log_probs.to(logits.dtype), 0.0).sum(1)
+        loss = torch.where(count > 0, -torch.where(target > 0, target * log_probs.to(logits.dtype), 0.0).sum(1), 0.0)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":

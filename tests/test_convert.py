@@ -65,6 +65,8 @@ def test_a_module_registered_twice_under_one_parent_is_replaced_at_both():
     for fn in (convert, unconvert):
         with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
             fn(None)
+    with pytest.raises(TypeError, match=r"unknown LSHLinear option\(s\) \['actve'\]"):
+        convert(nn.Linear(4, 10), actve=8)  # no layer wide enough: the typo used to pass unseen
 
 
 def test_filter_threshold_options_and_errors():

@@ -110,6 +110,8 @@ def test_sparse_cross_entropy_multi_label_and_shared_indices():
     torch.testing.assert_close(loss, torch.stack([-(logp[0, 0] + logp[0, 2]) / 2, -logp[1, 4]]))
     only_padding = sparse_cross_entropy((values, indices), torch.tensor([-1, -100]))
     assert only_padding.item() == 0.0
+    per_row = sparse_cross_entropy((values, indices), torch.tensor([-1, 10]), reduction="none")
+    assert not torch.signbit(per_row[0])  # 0, not -0.
     empty = sparse_cross_entropy((values[:0], indices), torch.tensor([], dtype=torch.int64))  # a fully padded batch
     assert empty.item() == 0.0
     with pytest.raises(ValueError, match="labels"):
