@@ -161,8 +161,6 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
     """
     _check_initialised("all_reduce_sparse_grads")
     params = _replicated_sparse_parameters(module)
-    if not params:
-        return 0
     _, world = _rank_and_size(process_group)
     grads, error = [], None
     for p in params:
@@ -175,9 +173,13 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
                               "its layer should produce sparse ones (sparse_grad=True / sparse=True)")
         grads.append(grad.coalesce() if grad.is_sparse else grad)
     # The ranks' parameters must match (rows gathered from a wider replica would index past this one's).
+    # A rank without such parameters takes part too (a frozen replica would otherwise leave the rest waiting).
     shapes = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())
-    _stop_everywhere(error, process_group, params[0].device, agreed=(len(params), shapes),
+    device = next(iter(params), next(module.parameters(), torch.empty(0))).device
+    _stop_everywhere(error, process_group, device, agreed=(len(params), shapes),
                      names="the replicated sparse parameters (count, shapes and dtypes; a CRC of them)")
+    if not params:
+        return 0
     counts = _gather_ints([g._nnz() for g in grads], process_group, params[0].device)  # one sync for all
     sent = 0
     for p, grad, sizes in zip(params, grads, counts.t().tolist()):
@@ -300,12 +302,14 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     rank, _ = _rank_and_size(group)
     try:  # ``check``: sparse_cross_entropy's argument checks, run here so that one rank's bad argument stops all
         check()
+        if labels.device != output.values.device:
+            raise ValueError(f"labels are on {labels.device} but the output is on {output.values.device}")
+        labels = _label_rows(labels, batch_shape, ignore_index)
         error = None
     except (TypeError, ValueError) as caught:
         error = caught
     agreed = (0, 0, 0) if error else (label_smoothing, ("mean", "sum", "none").index(reduction), ignore_index)
     _stop_everywhere(error, group, output.values.device, agreed, "label_smoothing, reduction and ignore_index")
-    labels = _label_rows(labels, batch_shape, ignore_index)
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
     logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
     mask, found = _label_mask(output.indices, every, logits.shape)
@@ -534,12 +538,16 @@ class ShardedLSHLinear(nn.Module):
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
                 raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
         x, sizes, _ = self._gather_input(input, check_k)
+        mine = min(k, self.shard.out_features if exact else budgets[self.rank])
+        try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
+            values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank])
+            error = None
+        except (RuntimeError, ValueError) as caught:
+            error = caught
         # Each shard answers every rank's rows with the same k and method: a rank asking otherwise would
         # get padding among the merged candidates (or exact and approximate shards mixed).
-        _stop_everywhere(None, self.process_group, self.shard.weight.device,
+        _stop_everywhere(error, self.process_group, self.shard.weight.device,
                          (k, exact, budget or 0, probes or 0), "k, exact, budget and probes")
-        mine = min(k, self.shard.out_features if exact else budgets[self.rank])
-        values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank])
         start = sum(sizes[: self.rank])
         rows = slice(start, start + sizes[self.rank])
         every_values = torch.cat([v[rows] for v in _gather_padded(values, self.process_group)], 1)

@@ -331,6 +331,14 @@ def _checkpoint_run(rank):
     sparse_cross_entropy(replica.forward_sparse(torch.randn(2, HIDDEN), y), y).backward()
     with pytest.raises(ValueError, match="replicated sparse parameters .* must be the same on every rank"):
         all_reduce_sparse_grads(replica)
+    frozen = LSHLinear(HIDDEN, 40, active=4, sparse_grad=True).requires_grad_(rank == 0)  # none on rank 1
+    with pytest.raises(ValueError, match="replicated sparse parameters .* must be the same on every rank"):
+        all_reduce_sparse_grads(frozen)
+    with pytest.raises(ValueError, match="labels must have shape" if rank == 1 else "rank 1 .* raised"):
+        sparse_cross_entropy(out, y if rank == 0 else torch.tensor([0, 1, 2]))  # labels' shape: after the check
+    uneven = ShardedLSHLinear(HIDDEN, 453)  # shards of 227 and 226 rows: topk tables of 2 and 1 bits
+    with pytest.raises(ValueError, match="probes must be in" if rank == 1 else "rank 1 .* raised"):
+        uneven.topk(torch.randn(2, HIDDEN), 2, probes=3, budget=100)  # within rank 0's limit, not rank 1's
     full = layer.full_state_dict()
     with pytest.raises(ValueError, match=r"state_dict\['weight'\]"):
         layer.load_full_state_dict({"weight": full["weight"][:-1], "bias": full["bias"]})
