@@ -337,6 +337,7 @@ def main(argv=None) -> None:
     eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
     budgets = [(m, int(b)) for m, b in (spec.split(":") for spec in args.budgets.split(","))]
     os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # now, not after the runs
     result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm": [], "xmc": {}}
 
     if "lm" not in args.skip:

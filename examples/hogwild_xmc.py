@@ -31,6 +31,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -43,6 +44,14 @@ import xmc_data  # noqa: E402
 
 
 def worker(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
+    try:
+        train_part(rank, net, part, args, barrier)
+    except BaseException:
+        barrier.abort()  # the parent and the other workers stop waiting for this one (they hung)
+        raise
+
+
+def train_part(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
     # One thread per process: P processes already fill P cores, more threads oversubscribe them.
     torch.set_num_threads(1)
     net.out.seed = args.seed + rank  # independent tails (the same seed would draw the same ones)
@@ -75,14 +84,17 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
         w.start()
     curve = [(0.0, 0, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"])]
     seconds = 0.0
-    barrier.wait()
-    for epoch in range(args.epochs):
-        start = time.perf_counter()
+    try:
         barrier.wait()
-        seconds += time.perf_counter() - start
-        curve.append((seconds, epoch + 1, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"]))
-        print(f"  {procs} process(es), epoch {epoch + 1}: {seconds:6.1f}s  P@1 {curve[-1][2]:.3f}", flush=True)
-        barrier.wait()
+        for epoch in range(args.epochs):
+            start = time.perf_counter()
+            barrier.wait()
+            seconds += time.perf_counter() - start
+            curve.append((seconds, epoch + 1, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"]))
+            print(f"  {procs} process(es), epoch {epoch + 1}: {seconds:6.1f}s  P@1 {curve[-1][2]:.3f}", flush=True)
+            barrier.wait()
+    except threading.BrokenBarrierError:  # a worker failed (its traceback is above): the others stop too
+        barrier.abort()
     for w in workers:
         w.join()
         if w.exitcode:

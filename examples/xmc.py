@@ -602,6 +602,23 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
     args = p.parse_args(argv)
+    # Checked here, not at the first use: 0 epochs reported a table of untrained runs, and an output
+    # path under a file failed only after training.
+    for name in ("epochs", "dense_epochs", "batch_size", "train_points", "test_points", "eval_points", "hidden",
+                 "features", "labels", "active", "active_per_row"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, ok in (("test_fraction", 0 < args.test_fraction < 1), ("eval_every", args.eval_every > 0),
+                     ("lr", args.lr > 0), ("seed", args.seed >= 0), ("weight_decay", args.weight_decay >= 0),
+                     ("label_smoothing", 0 <= args.label_smoothing <= 1), ("warmup_epochs", args.warmup_epochs >= 0)):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
+    for path in (args.json, args.plot, args.save_head):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            p.error(f"cannot write {path}: {parent} is a file")
     try:
         args.device = torch.device(args.device)
     except RuntimeError as exc:
