@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -76,3 +77,15 @@ def test_runs_taking_turns_train_as_they_would_alone():
     for name, (curve, p1, loss, steps) in alone.items():
         assert together[name] == (curve, p1, loss, steps), name
     assert together["lsh-shared"][3] == 2 * together["dense"][3]  # 2 epochs beside 1: dense left the turn first
+
+
+def test_arguments_are_checked_before_any_run(tmp_path, capsys):
+    # 0 epochs reported a table of untrained runs; an output path under a file failed after training.
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    for argv, message in ((["--epochs", "0"], "--epochs must be at least 1"),
+                          (["--test-fraction", "2"], "--test-fraction is out of range"),
+                          (["--json", str(afile / "x.json")], "is a file")):
+        with pytest.raises(SystemExit):
+            xmc.parse_args(argv)
+        assert message in capsys.readouterr().err
