@@ -330,6 +330,9 @@ def main(argv=None) -> None:
                           ("xmc_plot", f"estimator_xmc{quick}.png")):
         if getattr(args, name) is None:
             setattr(args, name, os.path.join(RESULTS, default))
+    for name in ("steps", "xmc_epochs", "xmc_train_points", "curve_windows"):  # 0 silently meant the default
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick and (args.xmc_epochs or args.xmc_train_points):
         p.error("--xmc-epochs or --xmc-train-points with --quick: the XMC demo's --quick sets its own")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
