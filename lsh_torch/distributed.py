@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .losses import _check_labels_found, _label_mask, _label_rows, smoothed_target
-from .nn import WIDE, LSHLinear, _budget, auto_bits, auto_settings, topk_budget
+from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, topk_budget
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
            "shard_range", "unmanaged_parameters"]
@@ -509,9 +509,7 @@ class ShardedLSHLinear(nn.Module):
         batch_shape = input.shape[:-1]
         if labels is None:
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
-            raise TypeError("labels must be an int64 tensor")
-        labels = _label_rows(labels, batch_shape, -100)
+        labels = _label_matrix(labels, batch_shape)
         if bool(((labels < -1) | (labels >= self.out_features)).any()):
             raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
         return labels

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import hashing, ops
 from ._checks import MAX_PROBES, check_int
+from .losses import _label_rows
 from .retrieval import TOPK_BUDGET, TopkIndex, topk_budget, topk_settings  # noqa: F401 (re-exported)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
@@ -614,10 +615,7 @@ def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
         given = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"labels must be an int64 tensor, got {given}")
-    if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
-                         f"got {tuple(labels.shape)}")
-    return labels.reshape(batch_shape.numel(), 1 if labels.dim() == len(batch_shape) else labels.shape[-1])
+    return _label_rows(labels, batch_shape, -100)  # the loss's reshape; -100 becomes -1, padding as well
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
