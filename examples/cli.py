@@ -1,0 +1,82 @@
+"""argparse types shared by the examples and the benchmarks.
+
+Each checks its value when the command line is parsed, so a bad value stops the script before any
+work with argparse's usual message, which names the option (``argument --steps: must be an int of at
+least 1, got '0'``), instead of a traceback from deep in a run or a table of nonsense after it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+
+def integer(low: int = 1, high: int | None = None):
+    """An int in ``[low, high]``: ``type=integer()`` for a count of at least one, ``integer(0)`` for a seed."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an int {_bounds(low, high)}, got {text!r}")
+        return value
+    return parse
+
+
+def real(low: float = -math.inf, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+    """A finite float in the interval from ``low`` to ``high`` (each end closed unless ``open_*``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+        if not (inside and math.isfinite(value)):
+            ends = ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
+            raise argparse.ArgumentTypeError(f"must be a finite number in {ends}, got {text!r}")
+        return value
+    return parse
+
+
+positive = real(0.0, open_low=True)  # a learning rate, a time in seconds
+fraction = real(0.0, 1.0, open_low=True, open_high=True)  # a held-out share
+
+
+def auto_or(parse):
+    """``"auto"`` (the library chooses), or what ``parse`` accepts."""
+    def parse_auto(text: str):
+        return text if text == "auto" else parse(text)
+    return parse_auto
+
+
+def integers(low: int = 1, high: int | None = None):
+    """Comma-separated ints, each in ``[low, high]``, at least one."""
+    one = integer(low, high)
+
+    def parse(text: str) -> list[int]:
+        parts = text.split(",")
+        if not all(p.strip() for p in parts):
+            raise argparse.ArgumentTypeError(f"must be comma-separated ints {_bounds(low, high)}, got {text!r}")
+        return [one(p.strip()) for p in parts]
+    return parse
+
+
+def output_path(text: str) -> str:
+    """A file to write at the end of a run: refused now if it cannot be created (a folder on the way
+    is a file), rather than after the run. Missing folders are created when it is written; ``""``
+    means none."""
+    if not text:
+        return text
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {parent} is a file")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
+    return text
+
+
+def _bounds(low: int, high: int | None) -> str:
+    return f"of at least {low}" if high is None else f"in [{low}, {high}]"
