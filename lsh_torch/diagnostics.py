@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_int
+
 __all__ = ["topk_recall", "active_set_recall", "multiply_add_fraction", "RecallMonitor"]
 
 
@@ -136,8 +138,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
         raise ValueError(f"active must be [B={x2.shape[0]}, A] or [A], got {tuple(active.shape)}")
     budget = active.shape[1]
     k = budget if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int in [1, out_features={n}], got {k!r}")
+    k = check_int("k", k, 1, n)
     bias = layer.bias if include_bias else None
     scores = F.linear(x2, layer.weight.detach(), None if bias is None else bias.detach())
     out = topk_recall(active, scores, k)
@@ -178,12 +179,9 @@ class RecallMonitor:
     def __init__(self, layer, every: int = 100, k: Optional[int] = None, max_rows: int = 256,
                  name: Optional[str] = None, include_bias: bool = True, probe_eval: bool = False):
         _check_layer(layer)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layer.out_features):
-            raise ValueError(f"k must be None or an int in [1, out_features = {layer.out_features}], got {k!r}")
+        every, max_rows = check_int("every", every, 1, 2 ** 62), check_int("max_rows", max_rows, 1, 2 ** 62)
+        if k is not None:
+            k = check_int("k", k, 1, layer.out_features)
         self.layer, self.every, self.k, self.max_rows = layer, every, k, max_rows
         self.name = name or type(layer).__name__
         self.include_bias, self.probe_eval = include_bias, probe_eval

@@ -206,9 +206,9 @@ def _gather_rows(t: Tensor, sizes: list[int], group) -> list[Tensor]:
 def shard_range(out_features: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rows ``[start, end)`` of rank ``rank``: contiguous, the first ``out_features % world_size``
     ranks one row more than the others."""
-    check_int("world_size", world_size, 1, 2 ** 31 - 1)
-    check_int("out_features", out_features, 0, 2 ** 62)
-    check_int("rank", rank, 0, world_size - 1)
+    world_size = check_int("world_size", world_size, 1, 2 ** 31 - 1)
+    out_features = check_int("out_features", out_features, 0, 2 ** 62)
+    rank = check_int("rank", rank, 0, world_size - 1)
     base, extra = divmod(out_features, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)

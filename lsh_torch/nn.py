@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hashing, ops
-from ._checks import MAX_PROBES, check_int
+from ._checks import MAX_PROBES, check_int, int_or_float
 from .losses import _label_rows
 from .retrieval import TOPK_BUDGET, TopkIndex, topk_budget, topk_settings  # noqa: F401 (re-exported)
 from .schedules import RebuildSchedule, as_schedule
@@ -174,10 +174,10 @@ class LSHLinear(nn.Module):
                  warmup: int = 0, tail: int | float | str = "auto", rescore: int = 4,
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
-        check_int("in_features", in_features, 1, 2 ** 31 - 1)
-        check_int("out_features", out_features, 1, 2 ** 31 - 1)
-        check_int("seed", seed, 0, 2 ** 31 - 1)
-        check_int("warmup", warmup, 0, 2 ** 62)
+        in_features = check_int("in_features", in_features, 1, 2 ** 31 - 1)
+        out_features = check_int("out_features", out_features, 1, 2 ** 31 - 1)
+        seed = check_int("seed", seed, 0, 2 ** 31 - 1)
+        warmup = check_int("warmup", warmup, 0, 2 ** 62)
         if inference not in _INFERENCE_MODES:
             raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
         if mode not in _MODES:
@@ -302,7 +302,7 @@ class LSHLinear(nn.Module):
         self._tables_from_checkpoint = False  # in use: a later load_state_dict is a deliberate reload
         if self._stale:
             self.rebuild()
-        seed = self.seed * 2 ** 32 + self.step if self.training else self.seed
+        seed = self._step_seed() if self.training else self.seed
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
         if self.rescore <= 1 or not tail or self.tables.selection == "random" or not x.shape[0]:
             return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail)
@@ -337,6 +337,10 @@ class LSHLinear(nn.Module):
         # Another seed for the tail: the pool's random fill must not steer its draws.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
                                        shared)
+
+    def _step_seed(self) -> int:
+        """The training step's draws: another seed each step, within int64 however long the run."""
+        return (self.seed * 2 ** 32 + self.step) % 2 ** 63
 
     def _top_set_sizes(self, forced: int, tail: int) -> tuple[int, int]:
         """The top set's size beside ``forced`` labels and the ``tail``, and its rescored pool's."""
@@ -432,7 +436,7 @@ class LSHLinear(nn.Module):
         would otherwise recompile every step, and a rebuild reads every weight row); the lookup
         carries no gradient, so the differentiable part around it is compiled in full."""
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
-            seed = self.seed * 2 ** 32 + self.step
+            seed = self._step_seed()
             found = self.tables.query_uniform(x, self.out_features, self.budget,
                                               _as_label_matrix(labels, x.shape[0]), seed, shared)
         else:
@@ -485,15 +489,15 @@ class LSHLinear(nn.Module):
         x = input.reshape(-1, self.in_features)
         if not exact:
             budget = self.topk_budget if budget is None else budget
-            check_int("budget", budget, 1, self.out_features)
-            check_int("k", k, 1, budget)
+            budget = check_int("budget", budget, 1, self.out_features)
+            k = check_int("k", k, 1, budget)
             probes = self.inference_probes if probes is None else probes
-            check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
+            probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
             norm_rows = self.topk_norm_rows if norm_rows is None else norm_rows
-            check_int("norm_rows", norm_rows, 0, self.out_features)
+            norm_rows = check_int("norm_rows", norm_rows, 0, self.out_features)
             exact = max(budget, norm_rows) == self.out_features and self.tables.selection != "random"
         if exact:  # also the approximation's answer when its candidates are every output
-            check_int("k", k, 1, self.out_features)
+            k = check_int("k", k, 1, self.out_features)
             values, indices = F.linear(x, weight, bias).topk(k, dim=1)
         elif self.tables.selection == "random":
             active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed)[0]
@@ -639,8 +643,7 @@ def _among_labels(candidates: Tensor, labels: Tensor) -> Tensor:
 def _check_tail(tail, budget: int):
     if tail == "auto":
         return tail
-    if isinstance(tail, bool) or not isinstance(tail, (int, float)):
-        raise TypeError(f"tail must be an int count, a float fraction of the budget or 'auto', got {tail!r}")
+    tail = int_or_float("tail", tail, "an int count, a float fraction of the budget or 'auto'")
     if isinstance(tail, float) and not 0.0 <= tail <= 1.0:
         raise ValueError(f"tail as a fraction of the budget must be in [0, 1], got {tail}")
     if isinstance(tail, int) and not 0 <= tail <= budget:
@@ -658,8 +661,7 @@ def _distinct_labels(labels: Tensor) -> int:
 
 
 def _budget(active, out_features: int) -> int:
-    if isinstance(active, bool) or not isinstance(active, (int, float)):
-        raise TypeError(f"active must be an int count or a float fraction, got {type(active).__name__}")
+    active = int_or_float("active", active, "an int count or a float fraction")
     if isinstance(active, float):
         if not 0.0 < active <= 1.0:
             raise ValueError(f"active as a fraction must be in (0, 1], got {active}")

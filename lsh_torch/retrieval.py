@@ -69,7 +69,7 @@ def topk_settings(out_features: int) -> dict:
     * the trained XMC head: the ``N // 128`` largest-norm rows with the tables 0.992-0.999 for
       every index above, ``N // 64`` 1.000 (about 50 ms more per 1,024 queries), none 0.21-0.52.
     """
-    check_int("out_features", out_features, 1, 2 ** 31 - 1)
+    out_features = check_int("out_features", out_features, 1, 2 ** 31 - 1)
     bits = min(MAX_BITS, max(1, round(math.log2(max(1, out_features) / TOPK_ROWS_PER_BUCKET))))
     return {"num_tables": TOPK_TABLES, "bits": bits, "probes": min(MAX_PROBES, TOPK_PROBES, 2 ** bits),
             "budget": topk_budget(out_features), "norm_rows": out_features // TOPK_NORM_SHARE}
@@ -95,8 +95,8 @@ class TopkIndex:
     """
 
     def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int):
-        check_int("topk_tables", num_tables, 1, MAX_TABLES)
-        check_int("topk_bits", bits, 1, MAX_BITS)
+        num_tables = check_int("topk_tables", num_tables, 1, MAX_TABLES)
+        bits = check_int("topk_bits", bits, 1, MAX_BITS)
         rows = weight.detach()
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = weakref.ref(weight)  # never keeps a weight alive
@@ -131,9 +131,9 @@ class TopkIndex:
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
-        check_int("budget", budget, 1, n)
-        check_int("k", k, 1, budget)
-        check_int("norm_rows", norm_rows, 0, n)
+        budget = check_int("budget", budget, 1, n)
+        k = check_int("k", k, 1, budget)
+        norm_rows = check_int("norm_rows", norm_rows, 0, n)
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0)
         # Past its head a row holds uniform draws: score none of them beyond the first k, and none

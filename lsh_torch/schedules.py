@@ -1,6 +1,10 @@
 """When to rebuild the hash tables, counted in training steps (forward passes in training mode)."""
 from __future__ import annotations
 
+import numbers
+
+from ._checks import check_int
+
 
 class RebuildSchedule:
     """Base class: ``schedule(step)`` is True when the tables are rebuilt before training step ``step``.
@@ -18,9 +22,7 @@ class ConstantSchedule(RebuildSchedule):
     """Rebuild every ``period`` steps."""
 
     def __init__(self, period: int):
-        if not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be a positive int, got {period!r}")
-        self.period = period
+        self.period = check_int("period", period, 1, 2 ** 62)
 
     def __call__(self, step: int) -> bool:
         return step > 0 and step % self.period == 0
@@ -37,14 +39,12 @@ class GrowingSchedule(RebuildSchedule):
     """
 
     def __init__(self, initial: int = 50, growth: float = 1.1, max_period: int = 1000):
-        if not isinstance(initial, int) or initial < 1:
-            raise ValueError(f"initial must be a positive int, got {initial!r}")
+        initial = check_int("initial", initial, 1, 2 ** 62)
         if isinstance(growth, bool) or not isinstance(growth, (int, float)):
             raise TypeError(f"growth must be a float, got {type(growth).__name__}")
         if not 1.0 <= growth < float("inf"):
             raise ValueError(f"growth must be a finite float >= 1, got {growth!r}")
-        if not isinstance(max_period, int) or max_period < initial:
-            raise ValueError(f"max_period must be an int >= initial ({initial}), got {max_period!r}")
+        max_period = check_int("max_period", max_period, initial, 2 ** 62)
         self.initial, self.growth, self.max_period = initial, growth, max_period
 
     def __call__(self, step: int) -> bool:
@@ -72,7 +72,7 @@ def as_schedule(rebuild) -> RebuildSchedule | None:
         return rebuild
     if isinstance(rebuild, bool):
         raise TypeError("rebuild must be a schedule, a callable, an int period or None, got a bool")
-    if isinstance(rebuild, int):
+    if isinstance(rebuild, numbers.Integral):  # numpy ints too
         return ConstantSchedule(rebuild)
     if callable(rebuild):
         return rebuild

@@ -58,9 +58,9 @@ class LSHTables(nn.Module):
                  selection: str = "lsh", asymmetric: bool = True, center: bool = False,
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
-        check_int("num_tables", num_tables, 1, MAX_TABLES)
-        check_int("bits", bits, 1, MAX_BITS)
-        check_int("probes", probes, 1, min(MAX_PROBES, 2 ** bits))
+        num_tables = check_int("num_tables", num_tables, 1, MAX_TABLES)
+        bits = check_int("bits", bits, 1, MAX_BITS)
+        probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** bits))
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         # The hash family: its seeded buffer (``projection`` for srp, ``bins`` for dwta) and how

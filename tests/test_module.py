@@ -1,4 +1,5 @@
 """LSHLinear as a drop-in for nn.Linear."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -332,6 +333,30 @@ def test_budget_parsing():
     assert LSHLinear(4, 1000, active=0.1).budget == 100
     assert LSHLinear(4, 10, active=0.01).budget == 1
     assert LSHLinear(4, 10, active=10).budget == 10
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    """Sizes read from numpy arrays or configs were refused ("must be an int, got int64")."""
+    i = np.int64
+    layer = LSHLinear(i(16), i(1000), active=i(64), num_tables=i(4), bits=i(6), probes=i(2), tail=i(8), warmup=i(0),
+                      rescore=i(2), seed=i(3), sparse_grad=True)
+    assert (layer.in_features, layer.budget, layer.tail, layer.tables.num_tables) == (16, 64, 8, 4)
+    assert all(type(v) is int for v in (layer.in_features, layer.out_features, layer.budget, layer.tail))
+    assert LSHLinear(4, 1000, active=np.float64(0.1)).budget == 100
+    x = torch.randn(8, 16)
+    layer.forward_sparse(x, torch.randint(0, 1000, (8,)))
+    assert layer.topk(x, i(5), budget=i(100), probes=i(2), norm_rows=i(3))[1].shape == (8, 5)
+    for bad in (np.bool_(True), np.float64(4.0)):
+        with pytest.raises(TypeError, match="num_tables must be an int"):
+            LSHLinear(16, 1000, num_tables=bad)
+
+
+def test_the_step_seed_stays_within_int64():
+    """A seed of ``seed * 2**32 + step`` overflowed the op's int64 argument late in a long run."""
+    layer = LSHLinear(16, 1000, active=64, seed=2 ** 31 - 1, warmup=0, sparse_grad=True)
+    layer.step = 2 ** 40
+    out = layer.forward_sparse(torch.randn(4, 16), torch.randint(0, 1000, (4,)))
+    assert out.indices.shape[-1] == 64
 
 
 @pytest.mark.parametrize("kwargs,exc,pattern", [
