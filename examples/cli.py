@@ -52,13 +52,25 @@ def auto_or(parse):
 
 def integers(low: int = 1, high: int | None = None):
     """Comma-separated ints, each in ``[low, high]``, at least one."""
-    one = integer(low, high)
+    return listing(integer(low, high), f"ints {_bounds(low, high)}")
 
-    def parse(text: str) -> list[int]:
-        parts = text.split(",")
-        if not all(p.strip() for p in parts):
-            raise argparse.ArgumentTypeError(f"must be comma-separated ints {_bounds(low, high)}, got {text!r}")
-        return [one(p.strip()) for p in parts]
+
+def listing(parse, what: str = "values"):
+    """Comma-separated items, each what ``parse`` accepts, at least one and none empty: a list."""
+    def parse_all(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
+        return [parse(part) for part in parts]
+    return parse_all
+
+
+def choice(*names: str):
+    """One of ``names``, for the items of a :func:`listing` (a single name has ``choices=``)."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {text!r}")
+        return text
     return parse
 
 
@@ -68,14 +80,30 @@ def output_path(text: str) -> str:
     means none."""
     if not text:
         return text
-    parent = os.path.dirname(os.path.abspath(text))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {parent} is a file")
+    _check_folder(os.path.dirname(os.path.abspath(text)), text)
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
     return text
+
+
+def output_dir(text: str) -> str:
+    """A folder to write files into: refused now if it or a folder on the way is a file."""
+    _check_folder(os.path.abspath(text), text)
+    return text
+
+
+def _check_folder(folder: str, text: str) -> None:
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {folder} is a file")
+
+
+def given(parser: argparse.ArgumentParser, argv, dests) -> list[str]:
+    """Which of the options ``dests`` the command line ``argv`` sets itself (not by default): for
+    a switch such as ``--quick`` that sets them, so that it can refuse to override them silently."""
+    seen = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests)))  # None: left to its default
+    return [dest for dest in dests if getattr(seen, dest) is not None]
 
 
 def _bounds(low: int, high: int | None) -> str:
