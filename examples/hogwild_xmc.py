@@ -2,7 +2,7 @@
 
     python examples/hogwild_xmc.py                       # 1 then 2 processes, same total examples
     python examples/hogwild_xmc.py --procs 1,2,4 --epochs 3 --labels 200000
-    python examples/hogwild_xmc.py --help                # its options; every examples/xmc.py option works too
+    python examples/hogwild_xmc.py --help                # its options; most of examples/xmc.py's work too
 
 The paper's other claim: with LSH, a step touches few rows of the wide layers, so processes that
 update shared weights without locks rarely collide and asynchronous SGD scales near-linearly.
@@ -39,6 +39,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # noqa: E402
 import xmc  # noqa: E402  (sets OMP_WAIT_POLICY=PASSIVE before torch starts its threads)
 import xmc_data  # noqa: E402
 
@@ -56,12 +57,12 @@ def train_part(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier
     torch.set_num_threads(1)
     net.out.seed = args.seed + rank  # independent tails (the same seed would draw the same ones)
     out_lr = args.out_lr if args.out_lr is not None else args.lr
-    opts = xmc.optimizers(net, "lsh", args.lr, out_lr)  # this process's own moments
+    opts = xmc.optimizers(net, "lsh", args.lr, out_lr, args.weight_decay)  # this process's own moments
     net.train()
     barrier.wait()  # started: the parent's clock begins
     for epoch in range(args.epochs):
         for batch in part.batches(args.batch_size, seed=args.seed + 1000 * rank + epoch):
-            loss = xmc.loss_fn(net, "lsh", batch)
+            loss = xmc.loss_fn(net, "lsh", batch, args.uncorrected, label_smoothing=args.label_smoothing)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,24 +105,29 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
             "final": xmc.evaluate(net, "lsh", test_data)[0]}
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True,
-                                     epilog="Other options (data, --epochs, --lr, LSHLinear settings) are "
-                                            "examples/xmc.py's; the head is lsh in shared mode (--runs, --mode, --dense-epochs, "
-                                            "--threads, --plot and --json do not apply), on cpu.")
-    parser.add_argument("--procs", default="1,2", help="process counts to compare, in order")
+def parse_args(argv=None):
+    """examples/xmc.py's arguments, with ``procs`` (the process counts) added."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], add_help=True,
+        epilog="Other options (synthetic data, --epochs, --lr, LSHLinear settings) are examples/xmc.py's; the head is "
+               "lsh in shared mode (--runs, --mode, --dense-epochs, --threads, --plot and --json do not apply; --data, "
+               "--test-data, --max-points, --generate and --save-head are refused), on cpu.")
+    parser.add_argument("--procs", type=cli.integers(), default="1,2", help="process counts to compare, in order")
     own, rest = parser.parse_known_args(argv)
-    try:
-        counts = [int(c) for c in own.procs.split(",")]
-    except ValueError:
-        parser.error(f"--procs must be comma-separated ints, got {own.procs!r}")
-    if not counts or min(counts) < 1:
-        parser.error(f"--procs must be positive process counts, got {own.procs!r}")
     args = xmc.parse_args(rest)
     if args.device.type != "cpu":
         parser.error("--device: Hogwild here is CPU processes sharing memory; use cpu")
-    if args.quick:
-        args.train_points, args.test_points, args.epochs = 8_000, 2_000, 2
+    for name in ("data", "test_data", "max_points", "generate", "save_head"):
+        if getattr(args, name) is not None:
+            parser.error(f"--{name.replace('_', '-')}: examples/xmc.py's only; here the data is synthetic and "
+                         "nothing is saved")
+    args.procs = own.procs
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    counts = args.procs
     train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed,
                                                     num_features=args.features, num_labels=args.labels,
                                                     structure=args.structure)

@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # xmc_data next to this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # xmc_data and cli next to this file
+import cli  # noqa: E402
 import xmc_data  # noqa: E402
 
 import lsh_torch  # noqa: E402
@@ -118,17 +119,12 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
         warmup = round(args.warmup_epochs * math.ceil(len(data) / args.batch_size)) if kind == "lsh" else 0
         net.out = (ShardedLSHLinear if size > 1 else LSHLinear).from_linear(
             net.out, active=budget // size, mode=mode, selection="lsh" if kind == "lsh" else "random",
-            num_tables=auto_or_int(args.tables), bits=auto_or_int(args.bits), probes=auto_or_int(args.probes),
-            tail=auto_or_int(args.tail), rescore=args.rescore,
+            num_tables=args.tables, bits=args.bits, probes=args.probes, tail=args.tail, rescore=args.rescore,
             rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed,
             asymmetric=True if args.asymmetric else "auto",
             hash=args.hash if args.bin_size is None else hashing.DWTA(args.bin_size),
             warmup=warmup)
     return net
-
-
-def auto_or_int(value: str):
-    return value if value == "auto" else int(value)
 
 
 def to_device(batch, device: torch.device):
@@ -149,6 +145,26 @@ def rebuild_schedule(spec: str):
             return GrowingSchedule()
         return GrowingSchedule(int(parts[0]), float(parts[1]), int(parts[2]))
     return int(spec)
+
+
+def rebuild_spec(text: str) -> str:
+    """--rebuild's type: the schedule is checked now, the text kept (the JSON records it)."""
+    try:
+        if isinstance(rebuild_schedule(text), int) and int(text) < 1:
+            raise ValueError("a period is at least 1")
+    except (ValueError, IndexError) as exc:
+        raise argparse.ArgumentTypeError(f"must be an int period of at least 1, growing or "
+                                         f"growing:INITIAL:GROWTH:MAX, got {text!r} ({exc})") from None
+    return text
+
+
+RUNS = ("lsh", "random", "dense", "lsh-shared", "lsh-per_row", "random-shared", "random-per_row")
+
+
+def runs_spec(text: str) -> str:
+    """--runs' type: each run is checked now, the text kept (the JSON records it)."""
+    cli.listing(cli.choice(*RUNS), "runs")(text)
+    return text
 
 
 def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
@@ -531,55 +547,66 @@ def popular_baseline(train_data, test_data) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+QUICK = {"train_points": 8_000, "test_points": 2_000, "epochs": 2, "dense_epochs": 1}  # what --quick sets
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training file in the Extreme Classification Repository format "
                                   "(default: synthetic data, see examples/xmc_data.py)")
     g.add_argument("--test-data", help="test file in the same format (default with --data: hold out --test-fraction)")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data has no --test-data")
-    g.add_argument("--max-points", type=int, help="read only the first points of --data (a quick look at a big file)")
-    g.add_argument("--generate", metavar="DIR", help="write synthetic train.txt and test.txt to DIR and exit")
-    g.add_argument("--train-points", type=int, default=20_000, help="synthetic training points")
-    g.add_argument("--test-points", type=int, default=5_000, help="synthetic test points")
-    g.add_argument("--features", type=int, default=100_000, help="synthetic feature ids")
-    g.add_argument("--labels", type=int, default=100_000, help="synthetic labels")
+    g.add_argument("--test-fraction", type=cli.fraction, default=0.2,
+                   help="held-out share when --data has no --test-data")
+    g.add_argument("--max-points", type=cli.integer(),
+                   help="read only the first points of --data (a quick look at a big file)")
+    g.add_argument("--generate", metavar="DIR", type=cli.output_dir,
+                   help="write synthetic train.txt and test.txt to DIR and exit")
+    g.add_argument("--train-points", type=cli.integer(), default=20_000, help="synthetic training points")
+    g.add_argument("--test-points", type=cli.integer(), default=5_000, help="synthetic test points")
+    g.add_argument("--features", type=cli.integer(), default=100_000, help="synthetic feature ids")
+    g.add_argument("--labels", type=cli.integer(), default=100_000, help="synthetic labels")
     g.add_argument("--structure", default="clusters", choices=["clusters", "tree"],
                    help="synthetic label structure: flat clusters of labels drawn independently, or a label "
                         "hierarchy with confusable siblings that co-occur (xmc_data.generate)")
-    g.add_argument("--eval-points", type=int, default=1000, help="test points for the P@1-vs-time curve")
+    g.add_argument("--eval-points", type=cli.integer(), default=1000, help="test points for the P@1-vs-time curve")
     g = p.add_argument_group("training")
-    g.add_argument("--runs", default="lsh,random,dense",
+    g.add_argument("--runs", type=runs_spec, default="lsh,random,dense",
                    help="output layers to train, in order: lsh, random, dense, or lsh/random with a mode "
                         "suffix (lsh-per_row, random-shared, ...)")
     g.add_argument("--mode", default="shared", choices=["shared", "per_row"],
                    help="LSHLinear mode for the lsh and random runs without a suffix")
-    g.add_argument("--epochs", type=int, default=5, help="epochs of the lsh and random runs")
-    g.add_argument("--dense-epochs", type=int, default=2, help="epochs of the dense run (its steps cost ~20x more)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--hidden", type=int, default=128)
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam / LazyAdam learning rate")
-    g.add_argument("--out-lr", type=float, default=None, help="learning rate of the output layer (default: --lr)")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
+    g.add_argument("--epochs", type=cli.integer(), default=5, help="epochs of the lsh and random runs")
+    g.add_argument("--dense-epochs", type=cli.integer(), default=2,
+                   help="epochs of the dense run (its steps cost ~20x more)")
+    g.add_argument("--batch-size", type=cli.integer(), default=128)
+    g.add_argument("--hidden", type=cli.integer(), default=128)
+    g.add_argument("--lr", type=cli.positive, default=3e-3, help="Adam / LazyAdam learning rate")
+    g.add_argument("--out-lr", type=cli.positive, default=None,
+                   help="learning rate of the output layer (default: --lr)")
+    g.add_argument("--label-smoothing", type=cli.real(0, 1), default=0.0,
                    help="as F.cross_entropy's, for every run (lsh_torch.sparse_cross_entropy estimates the spread part)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
+    g.add_argument("--weight-decay", type=cli.real(0), default=0.0,
                    help="AdamW's decoupled weight decay on the embedding and output weights (LazyAdam: the touched rows)")
-    g.add_argument("--eval-every", type=float, default=0.25, help="evaluate every this many epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--eval-every", type=cli.positive, default=0.25, help="evaluate every this many epochs")
+    g.add_argument("--seed", type=cli.integer(0), default=0)
+    g.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
     g.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("LSHLinear (lsh and random runs)")
-    g.add_argument("--active", type=int, default=2048,
+    g.add_argument("--active", type=cli.integer(), default=2048,
                    help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
-    g.add_argument("--active-per-row", type=int, default=128, help="active outputs per point (per_row mode)")
-    g.add_argument("--tables", default="auto", help="L, hash tables, or auto (LSHLinear's default)")
-    g.add_argument("--bits", default="auto", help="K, bits per table, or auto")
-    g.add_argument("--probes", default="auto", help="buckets probed per table, or auto")
-    g.add_argument("--tail", default="auto", help="active outputs drawn uniformly, their logits corrected, or auto")
-    g.add_argument("--rescore", type=int, default=4, help="hashed candidates scored per top-set slot")
+    g.add_argument("--active-per-row", type=cli.integer(), default=128, help="active outputs per point (per_row mode)")
+    g.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
+                   help="L, hash tables, or auto (LSHLinear's default)")
+    g.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto", help="K, bits per table, or auto")
+    g.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto",
+                   help="buckets probed per table, or auto")
+    g.add_argument("--tail", type=cli.auto_or(cli.integer(0)), default="auto",
+                   help="active outputs drawn uniformly, their logits corrected, or auto")
+    g.add_argument("--rescore", type=cli.integer(), default=4, help="hashed candidates scored per top-set slot")
     g.add_argument("--uncorrected", action="store_true",
                    help="drop the tail's logit correction (the loss before the estimator; for comparison)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0,
+    g.add_argument("--warmup-epochs", type=cli.real(0), default=1.0,
                    help="epochs of the lsh runs that use random active sets before the hash tables take over "
                         "(hard negatives only help from the second epoch on; 0 for LSH from the first step)")
     g.add_argument("--asymmetric", action="store_true",
@@ -589,36 +616,29 @@ def parse_args(argv=None):
     g.add_argument("--hash", default="srp", choices=list(hashing.HASHES),
                    help="hash family (LSHLinear(hash=)): srp, signed random projections (default), or dwta, "
                         "densified winner-take-all")
-    g.add_argument("--bin-size", type=int, default=None,
+    g.add_argument("--bin-size", type=cli.integer(), default=None,
                    help="dwta: dimensions per bin, a power of two whose log2 divides --bits (default: LSHLinear's)")
-    g.add_argument("--rebuild", default="10", help="table rebuild schedule: an int period in steps (the library "
-                                                   "default, 10), growing, or growing:INITIAL:GROWTH:MAX")
+    g.add_argument("--rebuild", type=rebuild_spec, default="10", help="table rebuild schedule: an int period in steps "
+                   "(the library default, 10), growing, or growing:INITIAL:GROWTH:MAX")
     g = p.add_argument_group("output")
-    g.add_argument("--plot", default=os.path.join(RESULTS, "xmc_p1_vs_time.png"), help="PNG of P@1 against time")
-    g.add_argument("--json", default=os.path.join(RESULTS, "xmc.json"), help="JSON of the results ('' for none)")
-    g.add_argument("--save-head", metavar="PATH", help="save the lsh run's trained output layer (where --runs names "
-                   "several lsh runs, the last to finish) and the test points' hidden vectors (for "
-                   "benchmarks/bench_topk.py --model)")
+    g.add_argument("--plot", type=cli.output_path, default=os.path.join(RESULTS, "xmc_p1_vs_time.png"),
+                   help="PNG of P@1 against time")
+    g.add_argument("--json", type=cli.output_path, default=os.path.join(RESULTS, "xmc.json"),
+                   help="JSON of the results ('' for none)")
+    g.add_argument("--save-head", metavar="PATH", type=cli.output_path, help="save the lsh run's trained output layer "
+                   "(where --runs names several lsh runs, the last to finish) and the test points' hidden vectors "
+                   "(for benchmarks/bench_topk.py --model)")
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
     args = p.parse_args(argv)
-    # Checked here, not at the first use: 0 epochs reported a table of untrained runs, and an output
-    # path under a file failed only after training.
-    for name in ("epochs", "dense_epochs", "batch_size", "train_points", "test_points", "eval_points", "hidden",
-                 "features", "labels", "active", "active_per_row"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name, ok in (("test_fraction", 0 < args.test_fraction < 1), ("eval_every", args.eval_every > 0),
-                     ("lr", args.lr > 0), ("seed", args.seed >= 0), ("weight_decay", args.weight_decay >= 0),
-                     ("label_smoothing", 0 <= args.label_smoothing <= 1), ("warmup_epochs", args.warmup_epochs >= 0)):
-        if not ok:
-            p.error(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
-    for path in (args.json, args.plot, args.save_head):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if parent and not os.path.isdir(parent):
-            p.error(f"cannot write {path}: {parent} is a file")
+    if args.bin_size is not None and args.hash != "dwta":
+        p.error(f"--bin-size is dwta's: it needs --hash dwta, got --hash {args.hash}")
+    if args.quick:
+        clash = cli.given(p, argv, QUICK)
+        if clash:
+            names = ", ".join("--" + d.replace("_", "-") for d in clash)
+            p.error(f"--quick sets {names} itself: give one or the other, not both")
+        vars(args).update(QUICK)
     try:
         args.device = torch.device(args.device)
     except RuntimeError as exc:
@@ -647,8 +667,6 @@ def main(argv=None) -> dict:
     rank, size = world()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.train_points, args.test_points, args.epochs, args.dense_epochs = 8_000, 2_000, 2, 1
     gen = dict(num_features=args.features, num_labels=args.labels, structure=args.structure)
     if args.generate:
         train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
@@ -684,10 +702,8 @@ def main(argv=None) -> dict:
 
     warm_up(train_data, args)
     runs = []
-    for spec in [s.strip() for s in args.runs.split(",") if s.strip()]:
+    for spec in [s.strip() for s in args.runs.split(",")]:  # checked by runs_spec
         kind, _, mode = spec.partition("-")
-        if kind not in ("lsh", "random", "dense") or (mode and mode not in ("shared", "per_row")):
-            raise SystemExit(f"--runs: unknown run {spec!r}")
         mode = mode or args.mode
         budget = 0
         if kind != "dense":

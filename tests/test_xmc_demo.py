@@ -83,8 +83,8 @@ def test_arguments_are_checked_before_any_run(tmp_path, capsys):
     # 0 epochs reported a table of untrained runs; an output path under a file failed after training.
     afile = tmp_path / "a_file"
     afile.write_text("")
-    for argv, message in ((["--epochs", "0"], "--epochs must be at least 1"),
-                          (["--test-fraction", "2"], "--test-fraction is out of range"),
+    for argv, message in ((["--epochs", "0"], "argument --epochs: must be an int of at least 1"),
+                          (["--test-fraction", "2"], "argument --test-fraction: must be a finite number in (0, 1)"),
                           (["--json", str(afile / "x.json")], "is a file")):
         with pytest.raises(SystemExit):
             xmc.parse_args(argv)
