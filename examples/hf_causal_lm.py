@@ -31,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # noqa: E402
 from transformer_lm import batches, load_corpus  # noqa: E402  (the data of the plain-PyTorch LM example)
 
 import lsh_torch.integrations.transformers as lsh_hf  # noqa: E402
@@ -78,25 +79,35 @@ def train_for(model, data, test, args, name: str) -> list[tuple[float, int, floa
                 return points
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seconds", type=float, default=100.0, help="training wall time for each model")
-    p.add_argument("--evals", type=int, default=5, help="held-out evaluations during training")
-    p.add_argument("--vocab", type=int, default=50_000, help="words in the vocabulary (plus <unk>)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=64, help="words per training window")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (both models)")
-    p.add_argument("--active", default="auto",
+    p.add_argument("--seconds", type=cli.positive, default=100.0, help="training wall time for each model")
+    p.add_argument("--evals", type=cli.integer(), default=5, help="held-out evaluations during training")
+    p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")
+    p.add_argument("--batch-size", type=cli.integer(), default=16)
+    # 2 at least: a held-out window of ``context`` words scores its last context - 1
+    p.add_argument("--context", type=cli.integer(2), default=64, help="words per training window")
+    p.add_argument("--d-model", type=cli.integer(), default=128)
+    p.add_argument("--layers", type=cli.integer(), default=2)
+    p.add_argument("--heads", type=cli.integer(), default=4)
+    p.add_argument("--lr", type=cli.positive, default=2e-3, help="AdamW learning rate (both models)")
+    p.add_argument("--active", type=cli.auto_or(cli.integer()), default="auto",
                    help="active words per batch (LSHLinear's default for the width: 2,048, half a corrected tail)")
-    p.add_argument("--eval-tokens", type=int, default=8_192, help="held-out words scored at each evaluation")
-    p.add_argument("--held-out", type=float, default=0.05, help="fraction of the files held out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--eval-tokens", type=cli.integer(), default=8_192, help="held-out words scored at each evaluation")
+    p.add_argument("--held-out", type=cli.fraction, default=0.05, help="fraction of the files held out")
+    p.add_argument("--seed", type=cli.integer(0), default=0)
+    p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.eval_tokens < args.context:
+        p.error(f"--eval-tokens {args.eval_tokens} must be at least --context {args.context} (one window)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -111,8 +122,7 @@ def main(argv=None) -> None:
                         bos_token_id=0, eos_token_id=0)
     torch.manual_seed(args.seed)
     plain = GPT2LMHeadModel(config)
-    active = args.active if args.active == "auto" else int(args.active)
-    patched = lsh_hf.patch(copy.deepcopy(plain), active=active, seed=args.seed)
+    patched = lsh_hf.patch(copy.deepcopy(plain), active=args.active, seed=args.seed)
     head = patched.lm_head
     print(f"model: GPT2LMHeadModel, {sum(p.numel() for p in plain.parameters()):,} parameters; patched head: "
           f"{head.budget} active words per batch ({head.mode} mode), L={head.tables.num_tables}, "

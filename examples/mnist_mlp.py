@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import cli
 import lsh_torch
 
 
@@ -104,29 +105,36 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training digits")
-    p.add_argument("--batch-size", type=int, default=64, help="digits per step")
-    p.add_argument("--hidden", type=int, default=1000, help="width of each hidden layer")
-    p.add_argument("--depth", type=int, default=2, help="number of hidden layers")
-    p.add_argument("--active", type=float, default=0.2, help="fraction of each LSH layer's neurons active per sample")
-    p.add_argument("--tables", type=int, default=20, help="L, hash tables per LSH layer")
-    p.add_argument("--bits", type=int, default=6, help="K, bits per hash code")
-    p.add_argument("--probes", type=int, default=10, help="buckets probed per table")
+    p.add_argument("--epochs", type=cli.integer(), default=10, help="passes over the training digits")
+    p.add_argument("--batch-size", type=cli.integer(), default=64, help="digits per step")
+    p.add_argument("--hidden", type=cli.integer(), default=1000, help="width of each hidden layer")
+    p.add_argument("--depth", type=cli.integer(), default=2, help="number of hidden layers")
+    p.add_argument("--active", type=cli.real(0, 1, open_low=True), default=0.2,
+                   help="fraction of each LSH layer's neurons active per sample")
+    p.add_argument("--tables", type=cli.integer(), default=20, help="L, hash tables per LSH layer")
+    p.add_argument("--bits", type=cli.integer(), default=6, help="K, bits per hash code")
+    p.add_argument("--probes", type=cli.integer(), default=10, help="buckets probed per table")
     p.add_argument("--mode", choices=("per_row", "shared"), default="per_row",
                    help="each sample its own active neurons (the paper), or one set for the whole batch")
     p.add_argument("--selection", choices=("lsh", "random"), default="lsh",
                    help="how LSH layers pick active neurons; 'random' is the baseline that shows what hashing is worth")
     p.add_argument("--inference", choices=("lsh", "dense"), default="lsh",
                    help="LSH layers at test time: the active set only, as in training, or all neurons (exact nn.Linear)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (both models)")
-    p.add_argument("--num-train", type=int, default=4000, help="training digits; the rest of the 5,000 are the test set")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, the weights, the batches and the hashes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's choice)")
+    p.add_argument("--lr", type=cli.positive, default=1e-3, help="Adam learning rate (both models)")
+    p.add_argument("--num-train", type=cli.integer(1, 4999), default=4000,
+                   help="training digits; the rest of the 5,000 are the test set")
+    p.add_argument("--seed", type=cli.integer(0), default=0,
+                   help="seeds the split, the weights, the batches and the hashes")
+    p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (None: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import cli
 import lsh_torch
 
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[^\sA-Za-z0-9_]")
@@ -239,34 +240,44 @@ def evaluate(model: TransformerLM, tokens: Tensor, context: int, max_tokens: int
     return math.exp(nll / count), 100 * correct / count
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vocab", type=int, default=50_000, help="words in the vocabulary (plus <unk>)")
-    p.add_argument("--steps", type=int, default=300, help="training steps for each model")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=64, help="words per training window")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam / LazyAdam learning rate (both models)")
-    p.add_argument("--active", type=int, default=128,
+    p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")
+    p.add_argument("--steps", type=cli.integer(), default=300, help="training steps for each model")
+    p.add_argument("--batch-size", type=cli.integer(), default=16)
+    p.add_argument("--context", type=cli.integer(), default=64, help="words per training window")
+    p.add_argument("--d-model", type=cli.integer(), default=128)
+    p.add_argument("--layers", type=cli.integer(), default=2)
+    p.add_argument("--heads", type=cli.integer(), default=4)
+    p.add_argument("--lr", type=cli.positive, default=2e-3, help="Adam / LazyAdam learning rate (both models)")
+    p.add_argument("--active", type=cli.integer(), default=128,
                    help="active words per token (per_row mode) or per batch (shared mode) in the LSH head")
     p.add_argument("--mode", choices=["per_row", "shared"], default="per_row",
                    help="LSHLinear mode: one active set per token, or one for the whole batch")
-    p.add_argument("--tables", default="auto", help="L, hash tables (auto: LSHLinear's default for the width)")
-    p.add_argument("--bits", default="auto", help="K, bits per hash code")
-    p.add_argument("--probes", default="auto", help="buckets probed per table")
-    p.add_argument("--rebuild", type=int, default=10, help="rebuild the hash tables every this many steps")
-    p.add_argument("--held-out", type=float, default=0.05, help="fraction of the files held out")
-    p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out words scored for perplexity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
+                   help="L, hash tables (auto: LSHLinear's default for the width)")
+    p.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto", help="K, bits per hash code")
+    p.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto", help="buckets probed per table")
+    p.add_argument("--rebuild", type=cli.integer(), default=10, help="rebuild the hash tables every this many steps")
+    p.add_argument("--held-out", type=cli.fraction, default=0.05, help="fraction of the files held out")
+    p.add_argument("--eval-tokens", type=cli.integer(), default=20_000, help="held-out words scored for perplexity")
+    p.add_argument("--seed", type=cli.integer(0), default=0)
+    p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--random-baseline", action="store_true",
                    help="also train a third copy whose head picks its active words at random (selection='random'): "
                         "what the hashing is worth")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    if args.eval_tokens < args.context:
+        p.error(f"--eval-tokens {args.eval_tokens} must be at least --context {args.context} (one window)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -279,9 +290,8 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     dense = TransformerLM(len(vocab), args.d_model, args.layers, args.heads, args.context)
-    auto = lambda value: value if value == "auto" else int(value)  # noqa: E731
     lsh = lsh_torch.convert(copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
-                            num_tables=auto(args.tables), bits=auto(args.bits), probes=auto(args.probes),
+                            num_tables=args.tables, bits=args.bits, probes=args.probes,
                             rebuild=args.rebuild, sparse_grad=True, seed=args.seed)
     head = lsh.head
     runs = [("nn.Linear head, full softmax", dense), ("LSHLinear head, sparse softmax", lsh)]

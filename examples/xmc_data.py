@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import cli  # examples/cli.py, beside this file
+
 __all__ = ["XMCData", "read_xmc", "write_xmc", "generate", "generate_split"]
 
 
@@ -358,16 +360,21 @@ def generate_split(num_train: int = 20_000, num_test: int = 5_000, seed: int = 0
     return data.subset(np.arange(num_train)), data.subset(np.arange(num_train, num_train + num_test))
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic XMC train/test files in the Extreme "
                                                  "Classification Repository text format.")
-    parser.add_argument("--out-dir", default="data/xmc_synthetic", help="folder for train.txt and test.txt")
-    parser.add_argument("--train-points", type=int, default=20_000)
-    parser.add_argument("--test-points", type=int, default=5_000)
-    parser.add_argument("--features", type=int, default=100_000)
-    parser.add_argument("--labels", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out-dir", type=cli.output_dir, default="data/xmc_synthetic",
+                        help="folder for train.txt and test.txt")
+    parser.add_argument("--train-points", type=cli.integer(), default=20_000)
+    parser.add_argument("--test-points", type=cli.integer(), default=5_000)
+    parser.add_argument("--features", type=cli.integer(), default=100_000)
+    parser.add_argument("--labels", type=cli.integer(), default=100_000)
+    parser.add_argument("--seed", type=cli.integer(0), default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     train, test = generate_split(args.train_points, args.test_points, seed=args.seed, num_features=args.features,
                                  num_labels=args.labels)
     for name, data in (("train", train), ("test", test)):
