@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 
@@ -39,6 +40,9 @@ import torch.multiprocessing as mp
 
 from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
 from lsh_torch.distributed import ShardedLSHLinear, all_reduce_sparse_grads
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -140,17 +144,20 @@ def spawn(target, world: int, *args):
     return result
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-features", type=int, default=100_000)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=256, help="rows per rank")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--step-steps", type=int, default=22, help="steps of each step-time run (2 untimed)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process step-time run")
-    args = parser.parse_args()
-    if args.step_steps < 3:
-        parser.error(f"--step-steps must be at least 3 (the first 2 are not timed), got {args.step_steps}")
+    parser.add_argument("--out-features", type=cli.integer(), default=100_000)
+    parser.add_argument("--hidden", type=cli.integer(), default=128)
+    parser.add_argument("--batch", type=cli.integer(), default=256, help="rows per rank")
+    # A worker that fails leaves the parent waiting on its queue: the untimed first steps need others beside them.
+    parser.add_argument("--steps", type=cli.integer(2), default=6, help="steps of the all-reduce run (1 untimed)")
+    parser.add_argument("--step-steps", type=cli.integer(3), default=22, help="steps of each step-time run (2 untimed)")
+    parser.add_argument("--threads", type=cli.integer(), default=2, help="torch threads of the 1-process step-time run")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     result = spawn(run, 2, args)
     sparse = statistics.median(result["sparse_bytes_per_step"])
     print(f"head {args.out_features} x {args.hidden}, {args.batch} rows per rank, active {result['active']}, 2 ranks")

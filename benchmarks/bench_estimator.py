@@ -72,6 +72,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
+import cli  # noqa: E402
 import transformer_lm as tl  # noqa: E402
 
 import lsh_torch  # noqa: E402
@@ -292,36 +293,48 @@ def values_cell(values: list[float], digits: int = 1) -> str:
     return spread_cell(*mean_spread(values), len(values), digits)
 
 
-def main(argv=None) -> None:
+def budget_spec(text: str) -> tuple[str, int]:
+    """An item of --budgets: MODE:COUNT."""
+    mode, colon, count = text.partition(":")
+    if not colon or mode not in ("per_row", "shared"):
+        raise argparse.ArgumentTypeError(f"must be per_row:COUNT or shared:COUNT, got {text!r}")
+    return mode, cli.integer()(count)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, 100 LM steps, the XMC demo's --quick")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="LM training steps (default 300, 100 with --quick)")
-    p.add_argument("--budgets", default="per_row:128,shared:2048", help="LM budgets, mode:count,...")
-    p.add_argument("--before-seeds", type=int, default=1, help="seeds of the 'before' variants (the first ones)")
+    p.add_argument("--seeds", type=cli.integer(0), nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
+    p.add_argument("--steps", type=cli.integer(), default=None,
+                   help="LM training steps (default 300, 100 with --quick)")
+    p.add_argument("--budgets", type=cli.listing(budget_spec, "mode:count pairs"), default="per_row:128,shared:2048",
+                   help="LM budgets, mode:count,...")
+    p.add_argument("--before-seeds", type=cli.integer(0), default=1,
+                   help="seeds of the 'before' variants (the first ones)")
     p.add_argument("--variants", nargs="+", default=[v for v in LM_VARIANTS if ", " not in v],
                    choices=list(LM_VARIANTS),
                    help="LM variants to train")
     p.add_argument("--no-dense", action="store_true",
                    help="skip the dense runs (LM: its ratios read 'n/a'; XMC: no dense row or time to its plateau)")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--eval-every", type=cli.integer(0), default=None,
                    help="LM curve: evaluate every this many steps (default steps / 12: 25 at 300; 0: no curves)")
-    p.add_argument("--curve-windows", type=int, default=32,
+    p.add_argument("--curve-windows", type=cli.integer(), default=32,
                    help="LM curve: held-out windows of 64 words scored per evaluation, spread over the held-out text")
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
-    p.add_argument("--xmc-epochs", type=int, default=None,
+    p.add_argument("--xmc-epochs", type=cli.integer(), default=None,
                    help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
     p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
                    help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
-    p.add_argument("--xmc-label-smoothing", type=float, default=None,
+    p.add_argument("--xmc-label-smoothing", type=cli.real(0, 1), default=None,
                    help="the XMC lsh and random runs' label smoothing (examples/xmc.py --label-smoothing; dense: none)")
-    p.add_argument("--xmc-train-points", type=int, default=None,
+    p.add_argument("--xmc-train-points", type=cli.integer(), default=None,
                    help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
     # The defaults are the committed results' files; a --quick run writes beside them (estimator_quick.json, ...).
-    p.add_argument("--json", default=None, help="default: benchmarks/results/estimator.json")
-    p.add_argument("--lm-plot", default=None,
+    p.add_argument("--json", type=cli.output_path, default=None,
+                   help="'' for none; default: benchmarks/results/estimator.json")
+    p.add_argument("--lm-plot", type=cli.output_path, default=None,
                    help="PNG of the LM perplexity curves ('' for none; default: benchmarks/results/estimator_lm.png)")
-    p.add_argument("--xmc-plot", default=None,
+    p.add_argument("--xmc-plot", type=cli.output_path, default=None,
                    help="PNG of the XMC P@1 curves and, beside it, *_loss.png of the held-out loss ('' for none; "
                         "default: benchmarks/results/estimator_xmc.png)")
     args = p.parse_args(argv)
@@ -330,17 +343,20 @@ def main(argv=None) -> None:
                           ("xmc_plot", f"estimator_xmc{quick}.png")):
         if getattr(args, name) is None:
             setattr(args, name, os.path.join(RESULTS, default))
-    for name in ("steps", "xmc_epochs", "xmc_train_points", "curve_windows"):  # 0 silently meant the default
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick and (args.xmc_epochs or args.xmc_train_points):
         p.error("--xmc-epochs or --xmc-train-points with --quick: the XMC demo's --quick sets its own")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (100 if args.quick else 300)
     eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
-    budgets = [(m, int(b)) for m, b in (spec.split(":") for spec in args.budgets.split(","))]
+    budgets = args.budgets
     os.makedirs(RESULTS, exist_ok=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # now, not after the runs
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # now, not after the runs
     result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm": [], "xmc": {}}
 
     if "lm" not in args.skip:
@@ -392,9 +408,10 @@ def main(argv=None) -> None:
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs)
                                   for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"json: {args.json}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"json: {args.json}")
 
 
 def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -> None:

@@ -49,6 +49,9 @@ import lsh_torch
 from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
 from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("dense", "lsh per_row", "lsh per_row lazy", "lsh shared lazy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,16 +81,12 @@ class DenseStep:
         self.opt.step()
 
 
-def auto(value: str):
-    return value if value == "auto" else int(value)
-
-
 class LSHStep:
     def __init__(self, n, h, labels, dtype, args, mode, lazy):
         budget = args.active if mode == "shared" else args.active_per_row
         self.layer = LSHLinear(h.shape[1], n, device=h.device, dtype=dtype, active=budget, mode=mode,
-                               sparse_grad=lazy, rebuild=None, num_tables=auto(args.tables), bits=auto(args.bits),
-                               probes=auto(args.probes))  # as bench_output_layer.py and the XMC demo
+                               sparse_grad=lazy, rebuild=None, num_tables=args.tables, bits=args.bits,
+                               probes=args.probes)  # as bench_output_layer.py and the XMC demo
         self.layer.train()
         self.opt = (LazyAdam if lazy else torch.optim.Adam)(self.layer.parameters(), lr=1e-3)
         self.h, self.labels = h, labels
@@ -225,47 +224,47 @@ def git_commit() -> str | None:
 
 
 def parse_active(text: str):
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    """A count (an int of at least 1) or a fraction of N (a float in (0, 1])."""
+    return cli.real(0, 1, open_low=True)(text) if any(c in text for c in ".eE") else cli.integer()(text)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", default="670091,4000000", help="output sizes, comma-separated")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--labels-per-row", type=int, default=1)
+    p.add_argument("--sizes", type=cli.integers(), default="670091,4000000", help="output sizes, comma-separated")
+    p.add_argument("--dtypes", type=cli.listing(cli.choice(*DTYPES), "dtypes"), default="fp32,bf16",
+                   help="comma-separated: fp32, bf16")
+    p.add_argument("--cases", type=cli.listing(cli.choice(*CASES), "cases"), default=",".join(CASES),
+                   help="comma-separated subset of: " + ", ".join(CASES))
+    p.add_argument("--batch", type=cli.integer(), default=256)
+    p.add_argument("--hidden", type=cli.integer(), default=128)
+    p.add_argument("--labels-per-row", type=cli.integer(), default=1)
     p.add_argument("--active", type=parse_active, default=2048,
                    help="active outputs per batch (shared cases): a count or a fraction of N")
     p.add_argument("--active-per-row", type=parse_active, default=128,
                    help="active outputs per row (per_row cases): a count or a fraction of N")
-    p.add_argument("--tables", default="auto", help="L (default: LSHLinear's for the width)")
-    p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", default="auto")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
-    p.add_argument("--max-seconds", type=float, default=60, help="stop timing a case after this long")
+    p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
+                   help="L (default: LSHLinear's for the width)")
+    p.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto")
+    p.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto")
+    p.add_argument("--warmup", type=cli.integer(0), default=5)
+    p.add_argument("--steps", type=cli.integer(), default=20, help="timed steps per case")
+    p.add_argument("--max-seconds", type=cli.positive, default=60, help="stop timing a case after this long")
     p.add_argument("--quick", action="store_true", help="100,000 outputs, 3 warm-up and 5 timed steps")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu[_quick].json)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=cli.output_path, default=None,
+                   help="JSON path (default benchmarks/results/gpu[_quick].json)")
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device available (torch.cuda.is_available() is False); nothing to measure.")
         return 0
     if args.quick:
-        args.sizes, args.warmup, args.steps = "100000", 3, 5
-    sizes = [int(s) for s in args.sizes.split(",")]
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    cases = [c.strip() for c in args.cases.split(",")]
-    for d in dtypes:
-        if d not in DTYPES:
-            p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    for c in cases:
-        if c not in CASES:
-            p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+        args.sizes, args.warmup, args.steps = [100_000], 3, 5
+    sizes, dtypes, cases = args.sizes, args.dtypes, args.cases
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both sides
         name = torch.cuda.get_device_name(device)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -27,6 +28,9 @@ from torch import nn
 
 import lsh_torch
 from lsh_torch import ops
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
 
 
 def _sync(device):
@@ -77,20 +81,27 @@ def bench_width(n: int, batch: int, d: int, budget: int, device, min_run_time: f
     return {"out_features": n, "times_s": times, "ratio_vs_linear": {k: v / base for k, v in times.items()}}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--in-features", type=int, default=128)
-    p.add_argument("--out", type=int, nargs="+", default=[4096, 65536, 262144], help="output widths N")
-    p.add_argument("--budget", type=int, default=128, help="active neurons per row (A)")
+    p.add_argument("--batch", type=cli.integer(), default=128)
+    p.add_argument("--in-features", type=cli.integer(), default=128)
+    p.add_argument("--out", type=cli.integer(), nargs="+", default=[4096, 65536, 262144], help="output widths N")
+    p.add_argument("--budget", type=cli.integer(), default=128, help="active neurons per row (A)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's choice)")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per case")
+    p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (None: torch's choice)")
+    p.add_argument("--min-run-time", type=cli.positive, default=1.0, help="seconds of timing per case")
     p.add_argument("--quick", action="store_true", help="short run: widths 4096 and 65536, 0.2 s per case")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "bench_layer.json"))
+    p.add_argument("--json", type=cli.output_path, help="'' for none",
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_layer.json"))
     args = p.parse_args(argv)
+    if args.budget > min(args.out):
+        p.error(f"--budget {args.budget} must be at most the narrowest --out width, {min(args.out)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -113,6 +124,8 @@ def main(argv=None) -> None:
         cells = [f"{r['times_s'][name] * 1e3:.3f} ms ({r['ratio_vs_linear'][name]:.2f}x)" for r in rows]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
+    if not args.json:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     meta = {"batch": args.batch, "in_features": args.in_features, "budget": args.budget, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

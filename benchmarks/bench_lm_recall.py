@@ -29,28 +29,56 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
+import cli  # noqa: E402
 import transformer_lm as tl  # noqa: E402
 
 import lsh_torch  # noqa: E402
 from lsh_torch.diagnostics import topk_recall  # noqa: E402
 
 
-def main(argv=None) -> None:
+def hash_spec(text: str) -> str:
+    """An item of --hash: srp, dwta or dwta:BIN_SIZE."""
+    family, colon, bin_size = text.partition(":")
+    if text not in ("srp", "dwta") and family != "dwta":
+        raise argparse.ArgumentTypeError(f"must be srp, dwta or dwta:BIN_SIZE, got {text!r}")
+    if colon:
+        cli.integer()(bin_size)
+    return text
+
+
+def tables_spec(text: str) -> tuple[int, int]:
+    """An item of --tables: L:PROBES."""
+    tables, colon, probes = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"must be L:PROBES, got {text!r}")
+    return cli.integer()(tables), cli.integer()(probes)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=150, help="dense training steps before measuring")
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--pool", type=int, default=256)
-    p.add_argument("--hash", default="srp", help="hash families to compare, comma-separated: srp, dwta "
-                                                  "(LSHLinear(hash=)), dwta:BIN_SIZE (hashing.DWTA(bin_size=))")
-    p.add_argument("--bits", default="12,10,8,6", help="K values, comma-separated")
-    p.add_argument("--tables", default="20:2,20:4,40:2", help="L:probes pairs, comma-separated")
+    p.add_argument("--steps", type=cli.integer(), default=150, help="dense training steps before measuring")
+    p.add_argument("--k", type=cli.integer(), default=64)
+    p.add_argument("--pool", type=cli.integer(), default=256)
+    p.add_argument("--hash", type=cli.listing(hash_spec, "hash families"), default="srp",
+                   help="hash families to compare, comma-separated: srp, dwta (LSHLinear(hash=)), dwta:BIN_SIZE "
+                        "(hashing.DWTA(bin_size=))")
+    p.add_argument("--bits", type=cli.integers(), default="12,10,8,6", help="K values, comma-separated")
+    p.add_argument("--tables", type=cli.listing(tables_spec, "L:probes pairs"), default="20:2,20:4,40:2",
+                   help="L:probes pairs, comma-separated")
     p.add_argument("--shared", action="store_true", help="the shared top set's coverage by rows sampled")
-    p.add_argument("--active", type=int, default=2048, help="with --shared: the shared set's size")
-    p.add_argument("--json", default=None, help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
+    p.add_argument("--active", type=cli.integer(), default=2048, help="with --shared: the shared set's size")
+    p.add_argument("--json", type=cli.output_path, default=None,
+                   help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
     args = p.parse_args(argv)
+    if args.k > args.pool and not args.shared:
+        p.error(f"--k {args.k} must be at most --pool {args.pool} (the top k is chosen from the pool)")
     args.json = args.json or os.path.join(HERE, "results", "lm_shared_rows.json" if args.shared else "lm_recall.json")
-    families = args.hash.split(",")
-    settings = [tuple(int(v) for v in pair.split(":")) for pair in args.tables.split(",")]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    families, settings = args.hash, args.tables
     train, test, vocab = tl.load_corpus(50_000, 0.05, False)
     torch.manual_seed(0)
     model = tl.TransformerLM(len(vocab))
@@ -68,8 +96,7 @@ def main(argv=None) -> None:
     print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
     print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
     rows = []
-    for family, bits, (tables, probes) in ((f, int(b), s) for f in families for b in args.bits.split(",")
-                                           for s in settings):
+    for family, bits, (tables, probes) in ((f, b, s) for f in families for b in args.bits for s in settings):
         spec = lsh_torch.hashing.DWTA(int(family[5:])) if family.startswith("dwta:") else family
         try:
             layer = lsh_torch.LSHLinear.from_linear(model.head, num_tables=tables, bits=bits, probes=probes,

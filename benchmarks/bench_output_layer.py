@@ -57,8 +57,12 @@ from torch import Tensor, nn
 import lsh_torch
 from lsh_torch import LSHLinear, sparse_cross_entropy
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("dense", "lsh shared", "lsh per_row", "sampled")
+QUICK = {"sizes": [100_000], "repeats": 10, "dense_repeats": 3, "max_seconds": 30}  # what --quick sets
 
 
 def make_inputs(n: int, batch: int, hidden: int, labels_per_row: int, seed: int = 0):
@@ -87,9 +91,8 @@ class DenseStep:
 class LSHStep:
     def __init__(self, n, hidden, h, labels, args, mode):
         budget = args.active if mode == "shared" else args.active_per_row
-        auto = lambda value: value if value == "auto" else int(value)  # noqa: E731
         self.layer = LSHLinear(hidden, n, active=budget, mode=mode, sparse_grad=True, rebuild=None,
-                               num_tables=auto(args.tables), bits=auto(args.bits), probes=auto(args.probes))
+                               num_tables=args.tables, bits=args.bits, probes=args.probes)
         self.opt = sparse_optimizer(args)(list(self.layer.parameters()), lr=1e-3)
         self.h, self.labels = h.clone().requires_grad_(), labels
         self.layer.rebuild()
@@ -285,40 +288,53 @@ def print_table(results: list[dict], args) -> None:
           "sampled softmax; peak MB: peak RSS growth over the steps in a fresh process; n: timed steps")
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", default="100000,670091", help="output sizes, comma-separated")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--labels-per-row", type=int, default=5, help="labels per row (Amazon-670K has 5.45 on average)")
-    p.add_argument("--active", type=int, default=2048, help="outputs per batch: lsh shared and sampled")
-    p.add_argument("--active-per-row", type=int, default=128, help="outputs per row: lsh per_row")
-    p.add_argument("--tables", default="auto", help="L (default: LSHLinear's for the width)")
-    p.add_argument("--bits", default="auto")
-    p.add_argument("--probes", default="auto")
-    p.add_argument("--repeats", type=int, default=30, help="timed steps per sparse case")
-    p.add_argument("--dense-repeats", type=int, default=7, help="timed steps of the dense case")
-    p.add_argument("--min-repeats", type=int, default=5)
-    p.add_argument("--max-seconds", type=float, default=120, help="stop repeating after this long per size")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sizes", type=cli.integers(), default="100000,670091", help="output sizes, comma-separated")
+    p.add_argument("--batch", type=cli.integer(), default=128)
+    p.add_argument("--hidden", type=cli.integer(), default=128)
+    p.add_argument("--labels-per-row", type=cli.integer(), default=5,
+                   help="labels per row (Amazon-670K has 5.45 on average)")
+    p.add_argument("--active", type=cli.integer(), default=2048, help="outputs per batch: lsh shared and sampled")
+    p.add_argument("--active-per-row", type=cli.integer(), default=128, help="outputs per row: lsh per_row")
+    p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
+                   help="L (default: LSHLinear's for the width)")
+    p.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto")
+    p.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto")
+    p.add_argument("--repeats", type=cli.integer(), default=30, help="timed steps per sparse case")
+    p.add_argument("--dense-repeats", type=cli.integer(), default=7, help="timed steps of the dense case")
+    p.add_argument("--min-repeats", type=cli.integer(), default=5)
+    p.add_argument("--max-seconds", type=cli.positive, default=120, help="stop repeating after this long per size")
+    p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
     p.add_argument("--optimizer", default="sparseadam", choices=["sparseadam", "lazyadam"],
                    help="optimizer of the sparse cases: torch.optim.SparseAdam or lsh_torch.LazyAdam")
-    p.add_argument("--quick", action="store_true", help="100,000 outputs only, fewer repeats")
+    p.add_argument("--quick", action="store_true",
+                   help="100,000 outputs only, fewer repeats (10, dense 3) and 30 seconds at most")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the sparse steps")
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurement")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/output_layer[_quick].json)")
-    p.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
-    p.add_argument("--_memory-n", dest="memory_n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--_memory-steps", dest="memory_steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=cli.output_path, default=None,
+                   help="JSON path (default benchmarks/results/output_layer[_quick].json)")
+    p.add_argument("--_memory-case", dest="memory_case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--_memory-n", dest="memory_n", type=cli.integer(), help=argparse.SUPPRESS)
+    p.add_argument("--_memory-steps", dest="memory_steps", type=cli.integer(), default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        clash = cli.given(p, argv, QUICK)
+        if clash:
+            names = ", ".join("--" + d.replace("_", "-") for d in clash)
+            p.error(f"--quick sets {names} itself: give one or the other, not both")
+        vars(args).update(QUICK)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_case:
         memory_child(args)
         return
-    if args.quick:
-        args.sizes, args.repeats, args.dense_repeats, args.max_seconds = "100000", 10, 3, 30
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     print(f"sparse cases use {sparse_optimizer(args).__name__}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
           f"{platform.processor() or platform.machine()}; "

@@ -54,9 +54,13 @@ import lsh_torch
 from lsh_torch import LSHLinear
 from lsh_torch.diagnostics import RecallMonitor, active_set_recall
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BUILD: dict = {}
 METHODS = ("lsh", "dropout", "adaptive", "wta", "random")
+DATASETS = ("mnist", "digits", "mnist1d")
 LABELS = {"dense": "dense", "lsh": "LSH (ours)", "lsh_dense_eval": "LSH, dense eval",
           "lsh_topk_eval": "LSH, exact top-k eval", "dropout": "dropout",
           "adaptive": "adaptive dropout", "wta": "winner-take-all", "random": "random set"}
@@ -409,7 +413,9 @@ def replot(path: Path) -> int:
     with open(path) as fh:
         saved = json.load(fh)
     runs, meta = saved["runs"], saved["meta"]
-    fracs = [float(f) for f in meta["args"]["fractions"].split(",") if f]
+    fracs = meta["args"]["fractions"]
+    if isinstance(fracs, str):  # a run from before --fractions was parsed into a list
+        fracs = [float(f) for f in fracs.split(",") if f]
     summary = summarize(runs)
     stem = path.with_suffix("")
     table = markdown_table(summary, fracs)
@@ -424,49 +430,67 @@ def replot(path: Path) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def dataset_epochs(text: str) -> tuple[str, int]:
+    """An item of --epochs: DATASET=EPOCHS."""
+    name, equals, epochs = text.partition("=")
+    if not equals or name not in DATASETS:
+        raise argparse.ArgumentTypeError(f"must be one int or DATASET=EPOCHS pairs ({', '.join(DATASETS)}), "
+                                         f"got {text!r}")
+    return name, cli.integer()(epochs)
+
+
+def epochs_spec(text: str):
+    """--epochs: one int for every dataset, or a dict of DATASET=EPOCHS pairs."""
+    return dict(cli.listing(dataset_epochs, "DATASET=EPOCHS pairs")(text)) if "=" in text else cli.integer()(text)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="mnist,digits,mnist1d", help="comma-separated: mnist, digits, mnist1d")
-    p.add_argument("--fractions", default="0.05,0.1,0.25,0.5", help="active fractions of each hidden layer")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", default="mnist=3,digits=6,mnist1d=4",
+    p.add_argument("--datasets", type=cli.listing(cli.choice(*DATASETS), "datasets"), default="mnist,digits,mnist1d",
+                   help="comma-separated: mnist, digits, mnist1d")
+    p.add_argument("--fractions", type=cli.listing(cli.real(0, 1, open_low=True), "fractions"),
+                   default="0.05,0.1,0.25,0.5", help="active fractions of each hidden layer")
+    p.add_argument("--methods", type=cli.listing(cli.choice(*METHODS), "methods"), default=",".join(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--seeds", type=cli.integer(), default=3)
+    p.add_argument("--epochs", type=epochs_spec, default="mnist=3,digits=6,mnist1d=4",
                    help="epochs per dataset (name=epochs,...) or one int for all")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", type=int, default=1000)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--bits", type=int, default=6, help="K")
-    p.add_argument("--tables", type=int, default=5, help="L")
-    p.add_argument("--probes", type=int, default=10, help="buckets probed per table")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine has 2 shared cores)")
-    p.add_argument("--monitor-every", type=int, default=10, help="recall probe period (steps) in LSH runs")
+    p.add_argument("--batch-size", type=cli.integer(), default=128)
+    p.add_argument("--lr", type=cli.positive, default=1e-3)
+    p.add_argument("--hidden", type=cli.integer(), default=1000)
+    p.add_argument("--depth", type=cli.integer(), default=3)
+    p.add_argument("--bits", type=cli.integer(), default=6, help="K")
+    p.add_argument("--tables", type=cli.integer(), default=5, help="L")
+    p.add_argument("--probes", type=cli.integer(), default=10, help="buckets probed per table")
+    p.add_argument("--threads", type=cli.integer(), default=1, help="torch threads (the CI machine has 2 shared cores)")
+    p.add_argument("--monitor-every", type=cli.integer(), default=10, help="recall probe period (steps) in LSH runs")
     p.add_argument("--quick", action="store_true", help="smoke run: digits only, 1 seed, 1 epoch, 256 units")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/paper[_quick])")
+    p.add_argument("--out", type=cli.output_path, default=None,
+                   help="output stem (default benchmarks/results/paper[_quick])")
     p.add_argument("--replot", default=None, metavar="JSON",
                    help="no training: rewrite the table and plots of an earlier run's JSON (next to it)")
     args = p.parse_args(argv)
+    missing = [d for d in args.datasets if isinstance(args.epochs, dict) and d not in args.epochs]
+    if missing and not args.quick:
+        p.error(f"--epochs gives no epochs for {', '.join(missing)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.replot:
         return replot(Path(args.replot))
     if args.quick:
-        args.datasets, args.seeds, args.epochs, args.hidden = "digits", 1, "1", 256
-        args.fractions = "0.05,0.5"
+        args.datasets, args.seeds, args.epochs, args.hidden = ["digits"], 1, 1, 256
+        args.fractions = [0.05, 0.5]
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     global BUILD
     BUILD = build_id()  # read before the runs: the library may be rebuilt in place while they go
     from tqdm import tqdm
 
-    datasets = [d for d in args.datasets.split(",") if d]
-    fracs = [float(f) for f in args.fractions.split(",") if f]
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}")
-    if "=" in args.epochs:
-        epochs = {k: int(v) for k, v in (kv.split("=") for kv in args.epochs.split(","))}
-    else:
-        epochs = {d: int(args.epochs) for d in datasets}
+    datasets, fracs, methods = args.datasets, args.fractions, args.methods
+    epochs = args.epochs if isinstance(args.epochs, dict) else {d: args.epochs for d in datasets}
     stem = Path(args.out) if args.out else RESULTS / ("paper_quick" if args.quick else "paper")
     stem.parent.mkdir(parents=True, exist_ok=True)
 

@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_paper import SparseMLP, accuracy, build_id, load_dataset  # noqa: E402
 from timing import median_time  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
+
 import lsh_torch  # noqa: E402
 from lsh_torch import LSHLinear  # noqa: E402
 from lsh_torch.diagnostics import active_set_recall  # noqa: E402
@@ -248,26 +251,31 @@ def ceiling_md(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    p.add_argument("--K", type=ints, default=[4, 6, 8, 10])
-    p.add_argument("--L", type=ints, default=[5, 10, 20, 50])
-    p.add_argument("--probes", type=ints, default=[1, 2, 5, 10, 20, 50])
-    p.add_argument("--base-probes", type=int, default=10, help="probes for the (K, L) accuracy grid")
-    p.add_argument("--active", type=float, default=0.05)
-    p.add_argument("--hidden", type=int, default=1000)
-    p.add_argument("--rows", type=int, default=512, help="test rows for the recall grid")
-    p.add_argument("--reps", type=int, default=9, help="timing repetitions (median)")
-    p.add_argument("--dense-epochs", type=int, default=3, help="epochs of the dense net whose layer is probed")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per accuracy run")
+    p.add_argument("--K", type=cli.integers(), default=[4, 6, 8, 10])
+    p.add_argument("--L", type=cli.integers(), default=[5, 10, 20, 50])
+    p.add_argument("--probes", type=cli.integers(), default=[1, 2, 5, 10, 20, 50])
+    p.add_argument("--base-probes", type=cli.integer(), default=10, help="probes for the (K, L) accuracy grid")
+    p.add_argument("--active", type=cli.real(0, 1, open_low=True), default=0.05)
+    p.add_argument("--hidden", type=cli.integer(), default=1000)
+    p.add_argument("--rows", type=cli.integer(), default=512, help="test rows for the recall grid")
+    p.add_argument("--reps", type=cli.integer(), default=9, help="timing repetitions (median)")
+    p.add_argument("--dense-epochs", type=cli.integer(), default=3,
+                   help="epochs of the dense net whose layer is probed")
+    p.add_argument("--epochs", type=cli.integer(), default=2, help="epochs per accuracy run")
     p.add_argument("--skip-accuracy", action="store_true", help="no training runs (part B)")
     p.add_argument("--only-ceiling", action="store_true",
                    help="only the recall-ceiling check (full-scan bit agreement, angular gap)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=cli.integer(), default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: small grid, 256 units, 1 epoch")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/sweep[_quick])")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=cli.output_path, default=None,
+                   help="output stem (default benchmarks/results/sweep[_quick])")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.quick:
         args.K, args.L, args.probes, args.hidden = [4, 6], [5, 10], [1, 10], 256
         args.rows, args.reps, args.dense_epochs, args.epochs = 128, 3, 1, 1

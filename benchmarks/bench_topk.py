@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -40,6 +41,9 @@ import torch.nn.functional as F
 
 from lsh_torch import LSHLinear
 from lsh_torch.retrieval import topk_settings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import cli  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -62,8 +66,10 @@ def interleaved_medians(fns: list, reps: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def _options(text: str) -> list:
-    return [None if v == "default" else int(v) for v in text.split(",")]
+def options(low: int = 1):
+    """Comma-separated ints of at least ``low`` or "default" (topk's own): a list, None for default."""
+    one = cli.integer(low)
+    return cli.listing(lambda text: None if text == "default" else one(text), "ints or default")
 
 
 def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
@@ -72,15 +78,14 @@ def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
     n = layer.out_features
     exact = layer.topk(x, args.k, exact=True)[1]
     rows = []
-    for tables in _options(args.index_tables):
-        for bits in _options(args.index_bits):
+    for tables in args.index_tables:
+        for bits in args.index_bits:
             layer.topk_tables = tables or topk_settings(n)["num_tables"]
             layer.topk_bits = bits or topk_settings(n)["bits"]
             start = time.perf_counter()
             layer.topk(x[:1], 1)  # builds the index
             build_s = time.perf_counter() - start
-            variants = [(p, a, h) for p in _options(args.probes) for a in _options(args.budgets)
-                        for h in _options(args.norm_rows)]
+            variants = [(p, a, h) for p in args.probes for a in args.budgets for h in args.norm_rows]
             fns = [lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1)]
             fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h)
                     for p, a, h in variants]
@@ -112,7 +117,7 @@ def bench(n: int, args) -> list[dict]:
                     which = torch.randint(0, 1000, (n,), generator=gen)
                     layer.weight.copy_(centres[which] + 0.5 * torch.randn(n, args.hidden, generator=gen))
                 layer.bias.zero_()
-        if kind not in args.kinds.split(","):
+        if kind not in args.kinds:
             continue
         if kind == "random":
             x = torch.randn(args.queries, args.hidden, generator=gen)
@@ -134,28 +139,36 @@ def bench_model(path: str, args) -> list[dict]:
     return measure(layer, x, "xmc", args)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="670091")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--queries", type=int, default=1024)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--tables", type=lambda v: v if v == "auto" else int(v), default="auto",
+    p.add_argument("--sizes", type=cli.integers(), default="670091")
+    p.add_argument("--hidden", type=cli.integer(), default=128)
+    p.add_argument("--queries", type=cli.integer(), default=1024)
+    p.add_argument("--k", type=cli.integer(), default=5)
+    p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
                    help="L of the synthetic layers' training tables (default: LSHLinear's; topk does not use them)")
-    p.add_argument("--index-tables", default="default", help="tables of topk's index, comma-separated")
-    p.add_argument("--index-bits", default="default", help="bits per table of topk's index, comma-separated")
-    p.add_argument("--probes", default="default", help="buckets probed per table, comma-separated")
-    p.add_argument("--norm-rows", default="default", help="largest-norm rows scored for every query, comma-separated")
-    p.add_argument("--budgets", default="default", help="candidates rescored per query (topk's budget), comma-separated")
-    p.add_argument("--kinds", default="random,planted,clustered", help="rows and queries to measure, comma-separated")
+    p.add_argument("--index-tables", type=options(), default="default", help="tables of topk's index, comma-separated")
+    p.add_argument("--index-bits", type=options(), default="default",
+                   help="bits per table of topk's index, comma-separated")
+    p.add_argument("--probes", type=options(), default="default", help="buckets probed per table, comma-separated")
+    p.add_argument("--norm-rows", type=options(0), default="default",
+                   help="largest-norm rows scored for every query, comma-separated")
+    p.add_argument("--budgets", type=options(), default="default",
+                   help="candidates rescored per query (topk's budget), comma-separated")
+    p.add_argument("--kinds", type=cli.listing(cli.choice("random", "planted", "clustered"), "kinds"),
+                   default="random,planted,clustered", help="rows and queries to measure, comma-separated")
     p.add_argument("--model", metavar="PATH",
                    help="also measure a trained output layer saved by examples/xmc.py --save-head PATH")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(RESULTS, "topk.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--repeats", type=cli.integer(), default=3)
+    p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk.json"), help="'' for none")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.queries} queries, hidden {args.hidden}, "
           f"k={args.k}")
-    results = [r for n in args.sizes.split(",") if n for r in bench(int(n), args)]
+    results = [r for n in args.sizes for r in bench(n, args)]
     if args.model:
         results += bench_model(args.model, args)
     head = (f"{'outputs':>9}  {'queries':<10}{'K':>3}{'L':>4}{'P':>4}{'A':>6}{'norm':>7}{'exact ms':>10}{'LSH ms':>9}"
@@ -170,10 +183,11 @@ def main(argv=None) -> None:
     print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
           "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
           "the exact top k in the LSH top k; build s, index MB: topk's index")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    print(f"json: {args.out}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+        print(f"json: {args.out}")
 
 
 if __name__ == "__main__":
