@@ -1,0 +1,246 @@
+"""examples/cli.py's argument types, and the command lines of every example and benchmark: a bad
+value stops the script at parse time with argparse's error (exit status 2, the option named),
+before any work. Nothing here trains or measures anything."""
+import argparse
+import importlib
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import cli  # noqa: E402
+
+EXAMPLES = ["xmc", "hogwild_xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm", "xmc_data"]
+BENCHMARKS = ["bench_estimator", "bench_topk", "bench_layer", "bench_output_layer", "bench_lm_recall",
+              "bench_distributed", "bench_gpu", "bench_paper", "bench_sweep"]
+
+
+def script(name: str):
+    if name == "hf_causal_lm":  # imports lsh_torch.integrations.transformers (the optional extra "hf")
+        pytest.importorskip("transformers")
+    return importlib.import_module(name)
+
+
+def refused(parse, text: str) -> bool:
+    try:
+        parse(text)
+    except argparse.ArgumentTypeError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The types
+
+def test_integer():
+    assert cli.integer()("7") == 7 and cli.integer(0)("0") == 0 and cli.integer(1, 3)("3") == 3
+    for text in ("0", "-1", "abc", "1.5", "nan", "inf", "", "1e3"):
+        assert refused(cli.integer(), text), text
+    assert refused(cli.integer(1, 3), "4") and refused(cli.integer(0), "-1")
+
+
+def test_real_positive_and_fraction():
+    assert cli.positive("0.5") == 0.5 and cli.positive("1e-3") == 1e-3
+    for text in ("0", "-1", "nan", "inf", "-inf", "abc", ""):
+        assert refused(cli.positive, text), text
+    assert cli.fraction("0.2") == 0.2
+    for text in ("0", "1", "1.5", "-0.1", "nan"):
+        assert refused(cli.fraction, text), text
+    closed = cli.real(0, 1)
+    assert closed("0") == 0.0 and closed("1") == 1.0 and refused(closed, "1.01") and refused(closed, "nan")
+    assert cli.real(0)("1e9") == 1e9 and refused(cli.real(0), "inf")
+
+
+def test_auto_or():
+    parse = cli.auto_or(cli.integer())
+    assert parse("auto") == "auto" and parse("3") == 3
+    for text in ("0", "Auto", "", "2.5"):
+        assert refused(parse, text), text
+
+
+def test_integers_listing_and_choice():
+    assert cli.integers()("1,2, 30") == [1, 2, 30]
+    for text in ("", ",", "1,,2", "1,", "1,0", "1,x"):
+        assert refused(cli.integers(), text), text
+    names = cli.listing(cli.choice("fp32", "bf16"))
+    assert names("bf16,fp32") == ["bf16", "fp32"]
+    assert refused(names, "fp16") and refused(names, "fp32,")
+
+
+def test_output_path_and_output_dir(tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    assert cli.output_path("") == ""  # none
+    for ok in (tmp_path / "new" / "deeper" / "x.json", tmp_path / "x.json", afile):
+        assert cli.output_path(str(ok)) == str(ok)
+    for bad in (afile / "x.json", afile / "sub" / "x.json", tmp_path):  # under a file; a folder
+        assert refused(cli.output_path, str(bad)), bad
+    assert cli.output_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+    assert cli.output_dir(str(tmp_path)) == str(tmp_path)
+    assert refused(cli.output_dir, str(afile)) and refused(cli.output_dir, str(afile / "dir"))
+
+
+def test_given_tells_the_options_a_command_line_sets():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    assert cli.given(p, ["--quick"], ["size", "steps"]) == []
+    assert cli.given(p, ["--size", "5", "--quick"], ["size", "steps"]) == ["size"]  # the default's value, but given
+    assert cli.given(p, ["--steps=1", "--size", "2"], ["size", "steps"]) == ["size", "steps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts
+
+@pytest.mark.parametrize("name", EXAMPLES + BENCHMARKS)
+def test_defaults_parse(name):
+    args = script(name).parse_args([])
+    assert isinstance(args, argparse.Namespace)
+
+
+BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a folder
+    ("xmc", ["--epochs", "0"], "--epochs"),
+    ("xmc", ["--lr", "nan"], "--lr"),
+    ("xmc", ["--tables", "0"], "--tables"),
+    ("xmc", ["--label-smoothing", "1.5"], "--label-smoothing"),
+    ("xmc", ["--weight-decay", "-0.1"], "--weight-decay"),
+    ("xmc", ["--rebuild", "0"], "--rebuild"),
+    ("xmc", ["--runs", "lsh,bogus"], "--runs"),
+    ("xmc", ["--json", "{file}/x.json"], "--json"),
+    ("xmc", ["--generate", "{file}"], "--generate"),
+    ("hogwild_xmc", ["--procs", "0"], "--procs"),
+    ("hogwild_xmc", ["--procs", "1,,2"], "--procs"),
+    ("hogwild_xmc", ["--batch-size", "0"], "--batch-size"),
+    ("transformer_lm", ["--steps", "0"], "--steps"),
+    ("transformer_lm", ["--held-out", "1"], "--held-out"),
+    ("transformer_lm", ["--heads", "3"], "--heads"),  # 128 is not a multiple of 3
+    ("transformer_lm", ["--eval-tokens", "10"], "--eval-tokens"),  # less than one --context window
+    ("mnist_mlp", ["--active", "0"], "--active"),
+    ("mnist_mlp", ["--num-train", "5000"], "--num-train"),  # no test digits left
+    ("hf_causal_lm", ["--seconds", "0"], "--seconds"),
+    ("hf_causal_lm", ["--active", "-5"], "--active"),
+    ("hf_causal_lm", ["--context", "1"], "--context"),
+    ("xmc_data", ["--train-points", "0"], "--train-points"),
+    ("xmc_data", ["--out-dir", "{file}"], "--out-dir"),
+    ("bench_estimator", ["--steps", "0"], "--steps"),
+    ("bench_estimator", ["--budgets", "shared:0"], "--budgets"),
+    ("bench_estimator", ["--seeds", "0", "-1"], "--seeds"),
+    ("bench_estimator", ["--json", "{dir}"], "--json"),
+    ("bench_topk", ["--queries", "0"], "--queries"),
+    ("bench_topk", ["--probes", "default,0"], "--probes"),
+    ("bench_topk", ["--kinds", "random,nope"], "--kinds"),
+    ("bench_layer", ["--out", "4096", "0"], "--out"),
+    ("bench_layer", ["--min-run-time", "0"], "--min-run-time"),
+    ("bench_layer", ["--budget", "5000", "--out", "4096"], "--budget"),
+    ("bench_output_layer", ["--repeats", "0"], "--repeats"),
+    ("bench_output_layer", ["--sizes", "100,,5"], "--sizes"),
+    ("bench_output_layer", ["--out", "{file}/x.json"], "--out"),
+    ("bench_lm_recall", ["--k", "0"], "--k"),
+    ("bench_lm_recall", ["--tables", "20"], "--tables"),
+    ("bench_lm_recall", ["--hash", "srp,md5"], "--hash"),
+    ("bench_lm_recall", ["--k", "300"], "--pool"),
+    ("bench_distributed", ["--steps", "1"], "--steps"),  # the first step is not timed
+    ("bench_distributed", ["--step-steps", "2"], "--step-steps"),
+    ("bench_gpu", ["--batch", "0"], "--batch"),
+    ("bench_gpu", ["--dtypes", "fp16"], "--dtypes"),
+    ("bench_gpu", ["--active", "1.5"], "--active"),
+    ("bench_paper", ["--fractions", "0.1,nan"], "--fractions"),
+    ("bench_paper", ["--methods", "lsh,magic"], "--methods"),
+    ("bench_paper", ["--epochs", "mnist=0"], "--epochs"),
+    ("bench_paper", ["--epochs", "mnist=2"], "--epochs"),  # digits and mnist1d have none
+    ("bench_sweep", ["--K", "4,,6"], "--K"),
+    ("bench_sweep", ["--active", "0"], "--active"),
+] + [(name, ["--threads", value], "--threads") for name in ("xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm",
+                                                              "bench_layer", "bench_output_layer", "bench_distributed",
+                                                              "bench_paper", "bench_sweep")
+     for value in ("0", "-1")]  # torch.set_num_threads raised a RuntimeError after the parse
+
+
+def refuses(module, argv, *names, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err, err
+    return err
+
+
+@pytest.mark.parametrize("name, argv, option", BAD, ids=[f"{n}{' '.join(a)}" for n, a, _ in BAD])
+def test_bad_value_is_refused_at_parse_time(name, argv, option, tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    argv = [a.format(file=afile, dir=tmp_path) for a in argv]
+    refuses(script(name), argv, option, capsys=capsys)
+
+
+def test_xmc_bin_size_needs_dwta(capsys):
+    xmc = script("xmc")
+    refuses(xmc, ["--bin-size", "4"], "--bin-size", "--hash dwta", capsys=capsys)  # srp switched to DWTA silently
+    refuses(xmc, ["--bin-size", "4", "--hash", "srp"], "--bin-size", capsys=capsys)
+    assert xmc.parse_args(["--bin-size", "4", "--hash", "dwta"]).bin_size == 4
+
+
+@pytest.mark.parametrize("name, argv, option", [
+    ("xmc", ["--epochs", "3"], "--epochs"), ("xmc", ["--dense-epochs", "3"], "--dense-epochs"),
+    ("xmc", ["--train-points", "100"], "--train-points"), ("xmc", ["--test-points=100"], "--test-points"),
+    ("hogwild_xmc", ["--epochs", "3"], "--epochs"),
+    ("bench_output_layer", ["--sizes", "1000"], "--sizes"), ("bench_output_layer", ["--repeats", "3"], "--repeats"),
+    ("bench_output_layer", ["--max-seconds", "5"], "--max-seconds"),
+])
+def test_quick_refuses_the_sizes_it_sets(name, argv, option, capsys):
+    # --quick overrode them silently; now given alongside it they are refused, alone they stand.
+    module = script(name)
+    for order in (["--quick"] + argv, argv + ["--quick"]):
+        refuses(module, order, "--quick", option, capsys=capsys)
+    assert not module.parse_args(argv).quick
+
+
+def test_quick_sets_its_sizes_and_help_shows_the_real_defaults(capsys):
+    xmc, bol = script("xmc"), script("bench_output_layer")
+    args = xmc.parse_args(["--quick", "--labels", "500"])
+    assert (args.train_points, args.test_points, args.epochs, args.dense_epochs, args.labels) == (8000, 2000, 2, 1, 500)
+    assert xmc.parse_args([]).train_points == 20_000
+    args = bol.parse_args(["--quick", "--batch", "64"])
+    assert (args.sizes, args.repeats, args.dense_repeats, args.max_seconds, args.batch) == ([100_000], 10, 3, 30, 64)
+    with pytest.raises(SystemExit):
+        xmc.parse_args(["--help"])
+    assert "(default: 20000)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("--data", "train.txt"), ("--test-data", "test.txt"),
+                                           ("--max-points", "10"), ("--generate", "data"), ("--save-head", "head.pt")])
+def test_hogwild_refuses_what_it_would_ignore(option, value, capsys):
+    refuses(script("hogwild_xmc"), [option, value], option, capsys=capsys)
+
+
+def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(monkeypatch):
+    hogwild = script("hogwild_xmc")
+    args = hogwild.parse_args(["--label-smoothing", "0.1", "--weight-decay", "0.01", "--uncorrected", "--epochs", "1"])
+    seen = {}
+
+    def optimizers(net, kind, lr, out_lr, weight_decay=0.0):
+        seen["weight_decay"] = weight_decay
+        return []
+
+    def loss_fn(net, kind, batch, uncorrected=False, trunk=None, label_smoothing=0.0):
+        seen["loss"] = (uncorrected, label_smoothing)
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(hogwild.xmc, "optimizers", optimizers)
+    monkeypatch.setattr(hogwild.xmc, "loss_fn", loss_fn)
+    net = torch.nn.Module()
+    net.out = torch.nn.Linear(1, 1)
+    part = SimpleNamespace(batches=lambda batch_size, seed: [None])
+    threads = torch.get_num_threads()
+    try:
+        hogwild.train_part(0, net, part, args, SimpleNamespace(wait=lambda: None))
+    finally:
+        torch.set_num_threads(threads)  # a worker runs on one thread
+    assert seen == {"weight_decay": 0.01, "loss": (True, 0.1)}
