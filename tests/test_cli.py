@@ -244,3 +244,46 @@ def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(mon
     finally:
         torch.set_num_threads(threads)  # a worker runs on one thread
     assert seen == {"weight_decay": 0.01, "loss": (True, 0.1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command lines the README and docs/ give
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(file, script, argv)`` of every ``python examples/X.py ...`` or ``python benchmarks/X.py ...``
+    in README.md and docs/*.md: code lines and inline code spans (which may wrap across lines).
+    Command lines with placeholders (``[--bits 8]``, ``{srp,dwta}``, ``--seed S``) are left out."""
+    import glob
+    import re
+    import shlex
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        parts = open(path).read().split("```")
+        code = [line for block in parts[1::2] for line in block.splitlines()]  # fenced blocks' lines
+        spans = [span for prose in parts[0::2] for span in re.findall(r"`([^`]*)`", prose)]  # may wrap lines
+        for candidate in code + spans:
+            candidate = " ".join(candidate.split()).split(" #")[0]  # unwrapped; a trailing comment dropped
+            for match in re.finditer(r"python (examples|benchmarks)/(\w+)\.py((?: [^`|;&]*)?)", candidate):
+                rest = match.group(3).strip()
+                if re.search(r"[\[\]{}<>]|\.\.\.| [A-Z]( |$)", rest):
+                    continue
+                found.append((os.path.relpath(path, ROOT), match.group(2), shlex.split(rest)))
+    return sorted({(f, s, tuple(a)) for f, s, a in found})
+
+
+def test_every_documented_command_line_parses(monkeypatch):
+    """A command the README or docs give keeps working as the scripts' options are tightened."""
+    commands = documented_commands()
+    assert len(commands) > 40  # the extraction found them
+    monkeypatch.chdir(ROOT)
+    failed = []
+    for path, name, argv in commands:
+        if (name == "hf_causal_lm" and importlib.util.find_spec("transformers") is None) or (
+                "cuda" in argv and not torch.cuda.is_available()):  # refused at parse time without a GPU
+            continue
+        module = script(name)
+        try:
+            module.parse_args(list(argv))
+        except SystemExit as exc:
+            failed.append(f"{path}: python {name}.py {' '.join(argv)} (exit {exc.code})")
+    assert not failed, "\n".join(failed)
