@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import cli  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUICK = {"sizes": [100_000], "warmup": 3, "steps": 5}  # what --quick sets
 CASES = ("dense", "lsh per_row", "lsh per_row lazy", "lsh shared lazy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -253,7 +254,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
     p.add_argument("--out", type=cli.output_path, default=None,
                    help="JSON path (default benchmarks/results/gpu[_quick].json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.apply_quick(p, argv, args, QUICK)
+    return args
 
 
 def main(argv=None) -> int:
@@ -262,8 +265,6 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device available (torch.cuda.is_available() is False); nothing to measure.")
         return 0
-    if args.quick:
-        args.sizes, args.warmup, args.steps = [100_000], 3, 5
     sizes, dtypes, cases = args.sizes, args.dtypes, args.cases
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both sides

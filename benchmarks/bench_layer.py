@@ -95,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=cli.output_path, help="'' for none",
                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_layer.json"))
     args = p.parse_args(argv)
+    cli.apply_quick(p, argv, args, {"out": [4096, 65536], "min_run_time": 0.2})
     if args.budget > min(args.out):
         p.error(f"--budget {args.budget} must be at most the narrowest --out width, {min(args.out)}")
     return args
@@ -104,8 +105,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.out, args.min_run_time = [n for n in args.out if n <= 65536] or args.out[:1], 0.2
     device = torch.device(args.device)
 
     rows = []

@@ -318,12 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--_memory-n", dest="memory_n", type=cli.integer(), help=argparse.SUPPRESS)
     p.add_argument("--_memory-steps", dest="memory_steps", type=cli.integer(), default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        clash = cli.given(p, argv, QUICK)
-        if clash:
-            names = ", ".join("--" + d.replace("_", "-") for d in clash)
-            p.error(f"--quick sets {names} itself: give one or the other, not both")
-        vars(args).update(QUICK)
+    cli.apply_quick(p, argv, args, QUICK)
     return args
 
 

@@ -59,6 +59,7 @@ import cli  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUILD: dict = {}
+QUICK = {"datasets": ["digits"], "seeds": 1, "epochs": 1, "hidden": 256, "fractions": [0.05, 0.5]}  # what --quick sets
 METHODS = ("lsh", "dropout", "adaptive", "wta", "random")
 DATASETS = ("mnist", "digits", "mnist1d")
 LABELS = {"dense": "dense", "lsh": "LSH (ours)", "lsh_dense_eval": "LSH, dense eval",
@@ -470,8 +471,9 @@ def parse_args(argv=None):
     p.add_argument("--replot", default=None, metavar="JSON",
                    help="no training: rewrite the table and plots of an earlier run's JSON (next to it)")
     args = p.parse_args(argv)
+    cli.apply_quick(p, argv, args, QUICK)
     missing = [d for d in args.datasets if isinstance(args.epochs, dict) and d not in args.epochs]
-    if missing and not args.quick:
+    if missing:
         p.error(f"--epochs gives no epochs for {', '.join(missing)}")
     return args
 
@@ -480,9 +482,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
         return replot(Path(args.replot))
-    if args.quick:
-        args.datasets, args.seeds, args.epochs, args.hidden = ["digits"], 1, 1, 256
-        args.fractions = [0.05, 0.5]
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     global BUILD

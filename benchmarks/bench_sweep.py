@@ -47,6 +47,8 @@ from lsh_torch import LSHLinear  # noqa: E402
 from lsh_torch.diagnostics import active_set_recall  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUICK = {"K": [4, 6], "L": [5, 10], "probes": [1, 10], "hidden": 256, "rows": 128, "reps": 3, "dense_epochs": 1,
+         "epochs": 1}  # what --quick sets
 
 
 
@@ -271,14 +273,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: small grid, 256 units, 1 epoch")
     p.add_argument("--out", type=cli.output_path, default=None,
                    help="output stem (default benchmarks/results/sweep[_quick])")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.apply_quick(p, argv, args, QUICK)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.quick:
-        args.K, args.L, args.probes, args.hidden = [4, 6], [5, 10], [1, 10], 256
-        args.rows, args.reps, args.dense_epochs, args.epochs = 128, 3, 1, 1
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     stem = Path(args.out) if args.out else RESULTS / ("sweep_quick" if args.quick else "sweep")

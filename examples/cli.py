@@ -99,6 +99,18 @@ def _check_folder(folder: str, text: str) -> None:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {folder} is a file")
 
 
+def apply_quick(parser: argparse.ArgumentParser, argv, args: argparse.Namespace, settings: dict) -> None:
+    """With ``args.quick``: ``settings`` (dest -> value, a smaller run's) replace the defaults; one
+    of them also given on the command line is refused rather than silently overridden."""
+    if not args.quick:
+        return
+    clash = given(parser, argv, settings)
+    if clash:
+        names = ", ".join("--" + dest.replace("_", "-") for dest in clash)
+        parser.error(f"--quick sets {names} itself: give one or the other, not both")
+    vars(args).update(settings)
+
+
 def given(parser: argparse.ArgumentParser, argv, dests) -> list[str]:
     """Which of the options ``dests`` the command line ``argv`` sets itself (not by default): for
     a switch such as ``--quick`` that sets them, so that it can refuse to override them silently."""

@@ -633,12 +633,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.bin_size is not None and args.hash != "dwta":
         p.error(f"--bin-size is dwta's: it needs --hash dwta, got --hash {args.hash}")
-    if args.quick:
-        clash = cli.given(p, argv, QUICK)
-        if clash:
-            names = ", ".join("--" + d.replace("_", "-") for d in clash)
-            p.error(f"--quick sets {names} itself: give one or the other, not both")
-        vars(args).update(QUICK)
+    cli.apply_quick(p, argv, args, QUICK)
     try:
         args.device = torch.device(args.device)
     except RuntimeError as exc:

@@ -193,6 +193,8 @@ def test_xmc_bin_size_needs_dwta(capsys):
     ("hogwild_xmc", ["--epochs", "3"], "--epochs"),
     ("bench_output_layer", ["--sizes", "1000"], "--sizes"), ("bench_output_layer", ["--repeats", "3"], "--repeats"),
     ("bench_output_layer", ["--max-seconds", "5"], "--max-seconds"),
+    ("bench_gpu", ["--steps", "9"], "--steps"), ("bench_paper", ["--seeds", "2"], "--seeds"),
+    ("bench_sweep", ["--epochs", "3"], "--epochs"), ("bench_layer", ["--min-run-time", "2"], "--min-run-time"),
 ])
 def test_quick_refuses_the_sizes_it_sets(name, argv, option, capsys):
     # --quick overrode them silently; now given alongside it they are refused, alone they stand.
@@ -209,6 +211,9 @@ def test_quick_sets_its_sizes_and_help_shows_the_real_defaults(capsys):
     assert xmc.parse_args([]).train_points == 20_000
     args = bol.parse_args(["--quick", "--batch", "64"])
     assert (args.sizes, args.repeats, args.dense_repeats, args.max_seconds, args.batch) == ([100_000], 10, 3, 30, 64)
+    args = script("bench_paper").parse_args(["--quick", "--lr", "0.01"])
+    assert (args.datasets, args.seeds, args.epochs, args.lr) == (["digits"], 1, 1, 0.01)
+    assert script("bench_layer").parse_args(["--quick", "--budget", "64"]).out == [4096, 65536]
     with pytest.raises(SystemExit):
         xmc.parse_args(["--help"])
     assert "(default: 20000)" in capsys.readouterr().out
