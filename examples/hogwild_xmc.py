@@ -110,7 +110,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], add_help=True,
         epilog="Other options (synthetic data, --epochs, --lr, LSHLinear settings) are examples/xmc.py's; the head is "
-               "lsh in shared mode (--runs, --mode, --dense-epochs, --threads, --plot and --json do not apply; --data, "
+               "lsh in shared mode (--runs, --mode, --active-per-row, --dense-epochs, --eval-every (it evaluates after "
+               "every epoch), --test-fraction, --threads, --plot and --json do not apply; --data, "
                "--test-data, --max-points, --generate and --save-head are refused), on cpu.")
     parser.add_argument("--procs", type=cli.integers(), default="1,2", help="process counts to compare, in order")
     own, rest = parser.parse_known_args(argv)
