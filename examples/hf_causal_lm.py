@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
-from transformer_lm import batches, load_corpus  # noqa: E402  (the data of the plain-PyTorch LM example)
+from transformer_lm import batches, check_model_args, load_corpus  # noqa: E402  (the data of the plain-PyTorch LM example)
 
 import lsh_torch.integrations.transformers as lsh_hf  # noqa: E402
 
@@ -99,10 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.integer(0), default=0)
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.d_model % args.heads:
-        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    if args.eval_tokens < args.context:
-        p.error(f"--eval-tokens {args.eval_tokens} must be at least --context {args.context} (one window)")
+    check_model_args(p, args)
     return args
 
 

@@ -269,11 +269,16 @@ def parse_args(argv=None):
                         "what the hashing is worth")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    check_model_args(p, args)
+    return args
+
+
+def check_model_args(p: argparse.ArgumentParser, args) -> None:
+    """What the model's options must agree on (also hf_causal_lm.py's), before the corpus loads."""
     if args.d_model % args.heads:
         p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     if args.eval_tokens < args.context:
         p.error(f"--eval-tokens {args.eval_tokens} must be at least --context {args.context} (one window)")
-    return args
 
 
 def main(argv=None) -> None:
