@@ -252,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=cli.positive, default=60, help="stop timing a case after this long")
     p.add_argument("--quick", action="store_true", help="100,000 outputs, 3 warm-up and 5 timed steps")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
-    p.add_argument("--out", type=cli.output_path, default=None,
+    p.add_argument("--out", type=cli.results_path, default=None,
                    help="JSON path (default benchmarks/results/gpu[_quick].json)")
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, QUICK)

@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="L:probes pairs, comma-separated")
     p.add_argument("--shared", action="store_true", help="the shared top set's coverage by rows sampled")
     p.add_argument("--active", type=cli.integer(), default=2048, help="with --shared: the shared set's size")
-    p.add_argument("--json", type=cli.output_path, default=None,
+    p.add_argument("--json", type=cli.results_path, default=None,
                    help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
     args = p.parse_args(argv)
     if args.k > args.pool and not args.shared:

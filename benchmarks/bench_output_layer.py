@@ -312,7 +312,7 @@ def parse_args(argv=None):
                    help="100,000 outputs only, fewer repeats (10, dense 3) and 30 seconds at most")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the sparse steps")
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurement")
-    p.add_argument("--out", type=cli.output_path, default=None,
+    p.add_argument("--out", type=cli.results_path, default=None,
                    help="JSON path (default benchmarks/results/output_layer[_quick].json)")
     p.add_argument("--_memory-case", dest="memory_case", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--_memory-n", dest="memory_n", type=cli.integer(), help=argparse.SUPPRESS)

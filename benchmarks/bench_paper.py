@@ -466,7 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=cli.integer(), default=1, help="torch threads (the CI machine has 2 shared cores)")
     p.add_argument("--monitor-every", type=cli.integer(), default=10, help="recall probe period (steps) in LSH runs")
     p.add_argument("--quick", action="store_true", help="smoke run: digits only, 1 seed, 1 epoch, 256 units")
-    p.add_argument("--out", type=cli.output_path, default=None,
+    p.add_argument("--out", type=cli.results_path, default=None,
                    help="output stem (default benchmarks/results/paper[_quick])")
     p.add_argument("--replot", default=None, metavar="JSON",
                    help="no training: rewrite the table and plots of an earlier run's JSON (next to it)")

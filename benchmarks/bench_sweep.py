@@ -271,7 +271,7 @@ def parse_args(argv=None):
                    help="only the recall-ceiling check (full-scan bit agreement, angular gap)")
     p.add_argument("--threads", type=cli.integer(), default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: small grid, 256 units, 1 epoch")
-    p.add_argument("--out", type=cli.output_path, default=None,
+    p.add_argument("--out", type=cli.results_path, default=None,
                    help="output stem (default benchmarks/results/sweep[_quick])")
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, QUICK)

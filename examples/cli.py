@@ -86,6 +86,14 @@ def output_path(text: str) -> str:
     return text
 
 
+def results_path(text: str) -> str:
+    """:func:`output_path` for a script whose results are what it is run for: ``""`` is refused (it
+    wrote the default file)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a file (leave the option out for the default)")
+    return output_path(text)
+
+
 def output_dir(text: str) -> str:
     """A folder to write files into: refused now if it or a folder on the way is a file."""
     _check_folder(os.path.abspath(text), text)

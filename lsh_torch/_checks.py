@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-import operator
 
 MAX_BITS = 20  # the limits of csrc/lsh_common.h
 MAX_TABLES = 1024
@@ -10,15 +9,15 @@ MAX_PROBES = 128
 
 
 def check_int(name: str, value, low: int, high: int) -> int:
-    """``value`` as a Python int: an int, or an integer scalar such as ``numpy.int64`` (not a bool)."""
-    try:
-        if isinstance(value, bool) or type(value).__name__ == "bool_":
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    """``value`` as a Python int: an int, or an integer scalar such as ``numpy.int64`` (not a bool, not
+    a tensor). An int is returned as it is: under ``torch.compile`` a symbolic size stays symbolic."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not isinstance(value, int):
+        value = int(value)
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        bounds = f"at least {low}" if high >= 2 ** 62 else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import check_int
 from .nn import LSHLinear
 
 Filter = Callable[[str, nn.Module], bool]
@@ -48,7 +49,7 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     one recomputed per call. Remove the parametrization first to convert it.
     """
     if filter is None:
-        _check_positive("min_out_features", min_out_features)
+        min_out_features = check_int("min_out_features", min_out_features, 1, 2 ** 62)
         filter = lambda name, m: _unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
     counter = iter(range(seed, seed + 2 ** 31))
     options = inspect.signature(LSHLinear.__init__).parameters
@@ -118,8 +119,3 @@ def _devices(tensor: torch.Tensor) -> list[int]:
     if tensor.device.type == "cuda":
         return [tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()]
     return []
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -30,6 +30,7 @@ With equal batch sizes this is single-process training on the concatenated globa
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 from functools import partial
 from typing import NamedTuple, Optional
@@ -388,9 +389,10 @@ class ShardedLSHLinear(nn.Module):
         _check_initialised("ShardedLSHLinear")
         self.process_group = process_group
         self.rank, self.world_size = _rank_and_size(process_group)
-        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < self.world_size:
-            raise ValueError(f"out_features must be an int >= the process group's size {self.world_size} "
-                             f"(every rank owns at least one row), got {out_features!r}")
+        # At least one row per rank: every rank owns a shard.
+        out_features = check_int("out_features (at least the process group's size)", out_features, self.world_size,
+                                 2 ** 31 - 1)
+        in_features = check_int("in_features", in_features, 1, 2 ** 31 - 1)
         self.in_features, self.out_features = in_features, out_features
         self.widths = [b - a for a, b in (shard_range(out_features, r, self.world_size)
                                           for r in range(self.world_size))]
@@ -522,6 +524,8 @@ class ShardedLSHLinear(nn.Module):
         (:meth:`LSHLinear.topk`; ``budget`` candidates per shard, at most its rows, default
         :func:`~lsh_torch.nn.topk_budget` of its width), all-gathered and merged. ``k`` is at most
         ``out_features`` (``exact``) or the shards' candidates together."""
+        k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+                             for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
         good_budget = budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1)
         budgets = [topk_budget(w) if budget is None or not good_budget else min(budget, w) for w in self.widths]
         limit = self.out_features if exact else sum(budgets)
@@ -533,8 +537,7 @@ class ShardedLSHLinear(nn.Module):
                 check_int("budget", budget, 1, max(self.widths))
             if probes is not None:
                 check_int("probes", probes, 1, 2 ** 31 - 1)
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
-                raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
+            check_int("k", k, 1, limit)
         x, sizes, _ = self._gather_input(input, check_k)
         mine = min(k, self.shard.out_features if exact else budgets[self.rank])
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._checks import check_int
 
 
 def make_projection(in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
@@ -124,14 +125,14 @@ class DWTA:
         if self.bin_size is None:
             per_hash = min((b for b in range(1, min(bits, 5) + 1) if bits % b == 0), key=lambda b: (abs(b - 3), b))
             return DWTA(2 ** per_hash)
-        size = self.bin_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size & (size - 1):
+        size = check_int("DWTA bin_size", self.bin_size, 2, 2 ** 62)
+        if size & (size - 1):
             raise ValueError(f"DWTA bin_size must be a power of two >= 2, got {size!r}")
         per_hash = size.bit_length() - 1
         if bits % per_hash:
             raise ValueError(f"bits (K = {bits}) must be a multiple of log2(bin_size) = {per_hash} for "
                              f"DWTA(bin_size={size}): each of a table's hashes takes log2(bin_size) bits")
-        return self
+        return DWTA(size)  # a numpy int given becomes a Python int
 
     @property
     def bits_per_hash(self) -> int:

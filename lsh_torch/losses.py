@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+
 
 def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
                          label_smoothing: float = 0.0) -> Tensor:
@@ -47,8 +49,7 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
             raise TypeError("labels must be an int64 tensor")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        check_int("ignore_index", ignore_index, -2 ** 63, 2 ** 63 - 1)
         check_label_smoothing(label_smoothing)
 
     from .distributed import ShardedSparseOutput, sharded_cross_entropy  # imported here: it imports this module

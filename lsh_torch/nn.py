@@ -351,9 +351,7 @@ class LSHLinear(nn.Module):
         """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows
         as keep the scores within :attr:`top_set_scores`, at least one."""
         cap = self.top_set_scores
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ValueError(f"LSHLinear.top_set_scores must be a positive int (exact scores per shared top set), "
-                             f"got {cap!r}")
+        cap = check_int("LSHLinear.top_set_scores (exact scores per shared top set)", cap, 1, 2 ** 62)
         return -(-rows // max(1, cap // max(1, pool)))
 
     def _tail_count(self, sparse: bool) -> int:

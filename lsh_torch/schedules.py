@@ -40,12 +40,12 @@ class GrowingSchedule(RebuildSchedule):
 
     def __init__(self, initial: int = 50, growth: float = 1.1, max_period: int = 1000):
         initial = check_int("initial", initial, 1, 2 ** 62)
-        if isinstance(growth, bool) or not isinstance(growth, (int, float)):
+        if isinstance(growth, bool) or not isinstance(growth, numbers.Real):
             raise TypeError(f"growth must be a float, got {type(growth).__name__}")
         if not 1.0 <= growth < float("inf"):
             raise ValueError(f"growth must be a finite float >= 1, got {growth!r}")
         max_period = check_int("max_period", max_period, initial, 2 ** 62)
-        self.initial, self.growth, self.max_period = initial, growth, max_period
+        self.initial, self.growth, self.max_period = initial, float(growth), max_period
 
     def __call__(self, step: int) -> bool:
         if step <= 0:

@@ -83,6 +83,9 @@ def test_output_path_and_output_dir(tmp_path):
     assert cli.output_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
     assert cli.output_dir(str(tmp_path)) == str(tmp_path)
     assert refused(cli.output_dir, str(afile)) and refused(cli.output_dir, str(afile / "dir"))
+    # Where the results are the point, "" (none) is refused: those scripts wrote their default file.
+    assert refused(cli.results_path, "") and refused(cli.results_path, str(afile / "x.json"))
+    assert cli.results_path(str(afile)) == str(afile)
 
 
 def test_given_tells_the_options_a_command_line_sets():
@@ -142,6 +145,7 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("bench_output_layer", ["--sizes", "100,,5"], "--sizes"),
     ("bench_output_layer", ["--out", "{file}/x.json"], "--out"),
     ("bench_lm_recall", ["--k", "0"], "--k"),
+    ("bench_lm_recall", ["--json", ""], "--json"), ("bench_sweep", ["--out", ""], "--out"),
     ("bench_lm_recall", ["--tables", "20"], "--tables"),
     ("bench_lm_recall", ["--hash", "srp,md5"], "--hash"),
     ("bench_lm_recall", ["--k", "300"], "--pool"),
@@ -167,8 +171,9 @@ def refuses(module, argv, *names, capsys) -> str:
         module.parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1]  # the error itself: the usage lines above name every option
     for name in names:
-        assert name in err, err
+        assert name in message, err
     return err
 
 

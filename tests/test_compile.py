@@ -145,3 +145,19 @@ def test_export_eval_matches_eager(prebuilt, tmp_path):
         expected = model(x)
         assert torch.equal(program.module()(x), expected)
         assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_topk_with_a_dynamic_k_compiles_once(exact):
+    """Argument checks must leave a symbolic int symbolic: converting it (operator.index) pinned k
+    and the batch size to their first values, one recompilation per new value."""
+    torch._dynamo.reset()
+    layer = LSHLinear(16, 256, num_tables=4, bits=4).eval()
+    by_k = torch.compile(lambda x, k: layer.topk(x, k, exact=exact)[0], backend="eager", dynamic=True)
+    by_rows = torch.compile(lambda x: layer.topk(x, x.shape[0], exact=exact)[0], backend="eager", dynamic=True)
+    x = torch.randn(5, 16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k in (2, 3):
+            assert by_k(x, k).shape == (5, k)
+        for rows in (3, 4):
+            assert by_rows(torch.randn(rows, 16)).shape == (rows, rows)

@@ -5,6 +5,7 @@ Each test spawns its ranks; they write what they computed to files that the test
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -233,10 +234,11 @@ def _sharded_dense_run(rank):
     x = _local(x, rank, SIZES).clone().requires_grad_()
     exact = layer.topk(x, 5, exact=True)
     approximate = layer.topk(x, 6, budget=4)  # the tables' candidates: at most 4 per shard
+    numpy_args = layer.topk(x, np.int64(6), budget=np.int64(4))  # was the default budget, silently
     out = layer(x)
     loss = F.cross_entropy(out, labels[rank][:, 0], ignore_index=-1)
     loss.backward()
-    return {"exact": exact, "approximate": approximate, "out": out.detach(), "loss": loss.detach(),
+    return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "out": out.detach(), "loss": loss.detach(),
             "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
             "rows": (layer.start, layer.end)}
 
@@ -254,6 +256,7 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         torch.testing.assert_close(result["exact"][0], values)
         assert torch.equal(result["exact"][1], indices)
         approx_values, approx_indices = result["approximate"]
+        assert all(torch.equal(a, b) for a, b in zip(result["numpy_args"], result["approximate"]))
         assert approx_indices.shape == (SIZES[rank], 6)
         torch.testing.assert_close(approx_values, logits.gather(1, approx_indices))  # true scores, global ids
         assert (approx_values[:, :-1] >= approx_values[:, 1:]).all()

@@ -240,11 +240,11 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
             assert head[: len(forced)] == forced and len(head) == len(set(head)) == len(forced) + top
 
 
-@pytest.mark.parametrize("cap", [0, 1e5, "256", True])
-def test_top_set_scores_must_be_a_positive_int(cap):
+@pytest.mark.parametrize("cap, error", [(0, ValueError), (1e5, TypeError), ("256", TypeError), (True, TypeError)])
+def test_top_set_scores_must_be_a_positive_int(cap, error):
     layer = LSHLinear(8, 1000, active=64, mode="shared")
     layer.top_set_scores = cap
-    with pytest.raises(ValueError, match="top_set_scores must be a positive int"):
+    with pytest.raises(error, match=r"top_set_scores \(exact scores per shared top set\) must be"):
         layer.forward_sparse(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
 
 

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import reference as ref
-from lsh_torch import ConstantSchedule, GrowingSchedule, LSHLinear, hashing, load_lsh_state, lsh_state, ops
+from lsh_torch import (ConstantSchedule, GrowingSchedule, LSHLinear, hashing, load_lsh_state, lsh_state, ops,
+                       sparse_cross_entropy)
 
 
 def pair(in_features=16, out_features=200, **kwargs):
@@ -346,9 +347,16 @@ def test_numpy_scalars_are_taken_as_python_numbers():
     x = torch.randn(8, 16)
     layer.forward_sparse(x, torch.randint(0, 1000, (8,)))
     assert layer.topk(x, i(5), budget=i(100), probes=i(2), norm_rows=i(3))[1].shape == (8, 5)
-    for bad in (np.bool_(True), np.float64(4.0)):
+    for bad in (np.bool_(True), np.float64(4.0), torch.tensor(4), torch.tensor(True)):
         with pytest.raises(TypeError, match="num_tables must be an int"):
             LSHLinear(16, 1000, num_tables=bad)
+    dwta = LSHLinear(16, 1000, hash=hashing.DWTA(bin_size=np.int64(8)), bits=6)
+    assert type(dwta.tables.hash.bin_size) is int and dwta.tables.hash.bits_per_hash == 3
+    assert GrowingSchedule(np.int64(5), np.float32(1.5), np.int64(50)).growth == 1.5
+    assert ConstantSchedule(np.int64(7)).period == 7 and type(ConstantSchedule(np.int64(7)).period) is int
+    labels = torch.tensor([3, 5])
+    out = layer.forward_sparse(torch.randn(2, 16), labels)
+    assert sparse_cross_entropy(out, labels, ignore_index=np.int64(-100)).isfinite()
 
 
 def test_the_step_seed_stays_within_int64():
