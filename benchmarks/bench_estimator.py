@@ -329,6 +329,8 @@ def parse_args(argv=None):
                    help="the XMC lsh and random runs' label smoothing (examples/xmc.py --label-smoothing; dense: none)")
     p.add_argument("--xmc-train-points", type=cli.integer(), default=None,
                    help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
+    p.add_argument("--xmc-labels", type=cli.integer(2), default=None,
+                   help="the XMC demo's synthetic labels, the output layer's width (default: the demo's, 100,000)")
     # The defaults are the committed results' files; a --quick run writes beside them (estimator_quick.json, ...).
     p.add_argument("--json", type=cli.output_path, default=None,
                    help="'' for none; default: benchmarks/results/estimator.json")
@@ -389,12 +391,15 @@ def main(argv=None) -> None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
-        # File names: estimator_xmc[_STRUCTURE][_nPOINTS]_{dense,RUNLENGTH}_seedS.json (the clusters' predate the tree).
+        # File names: estimator_xmc[_STRUCTURE][_nPOINTS][_labelsN]_{dense,RUNLENGTH}_seedS.json (the clusters' predate the tree).
         data = ["--structure", args.xmc_structure]
         stem = "estimator_xmc" + ("" if args.xmc_structure == "clusters" else f"_{args.xmc_structure}")
         if args.xmc_train_points:
             data += ["--train-points", str(args.xmc_train_points)]
             stem += f"_n{args.xmc_train_points}"
+        if args.xmc_labels:
+            data += ["--labels", str(args.xmc_labels)]
+            stem += f"_labels{args.xmc_labels}"
         length = "quick" if args.quick else "full"
         data += ["--quick"] if args.quick else ["--dense-epochs", "4"]
         result["xmc"]["dense"] = {} if args.no_dense else {

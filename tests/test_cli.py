@@ -132,6 +132,7 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("xmc_data", ["--train-points", "0"], "--train-points"),
     ("xmc_data", ["--out-dir", "{file}"], "--out-dir"),
     ("bench_estimator", ["--steps", "0"], "--steps"),
+    ("bench_estimator", ["--xmc-labels", "1"], "--xmc-labels"),
     ("bench_estimator", ["--budgets", "shared:0"], "--budgets"),
     ("bench_estimator", ["--seeds", "0", "-1"], "--seeds"),
     ("bench_estimator", ["--json", "{dir}"], "--json"),
