@@ -109,6 +109,7 @@ def parse_args(argv=None):
     """examples/xmc.py's arguments, with ``procs`` (the process counts) added."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], add_help=True,
+        allow_abbrev=False,  # --pro 4 is xmc.py's --probes, not this parser's --procs
         epilog="Other options (synthetic data, --epochs, --lr, LSHLinear settings) are examples/xmc.py's; the head is "
                "lsh in shared mode (--runs, --mode, --active-per-row, --dense-epochs, --eval-every (it evaluates after "
                "every epoch), --test-fraction, --threads, --plot and --json do not apply; --data, "

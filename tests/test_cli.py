@@ -231,6 +231,12 @@ def test_hogwild_refuses_what_it_would_ignore(option, value, capsys):
     refuses(script("hogwild_xmc"), [option, value], option, capsys=capsys)
 
 
+def test_hogwild_abbreviations_are_xmc_options():
+    """Its own parser took --pro 4 (meant: xmc.py's --probes) as --procs 4."""
+    args = script("hogwild_xmc").parse_args(["--pro", "4"])
+    assert (args.procs, args.probes) == ([1, 2], 4)
+
+
 def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(monkeypatch):
     hogwild = script("hogwild_xmc")
     args = hogwild.parse_args(["--label-smoothing", "0.1", "--weight-decay", "0.01", "--uncorrected", "--epochs", "1"])
