@@ -54,7 +54,6 @@ against time, seed spread (min to max) as a band; estimator_xmc_loss.png: the he
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

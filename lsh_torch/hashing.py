@@ -18,7 +18,6 @@ into codes; the tables, the query and everything above them are the same for bot
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
