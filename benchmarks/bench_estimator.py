@@ -47,7 +47,8 @@ uniform+tail's perplexity in each seed: mean + std below 0).
 XMC (examples/xmc.py, 100,000 labels): P@1/3/5, the held-out loss and both against wall time of
 hashed+tail vs uniform+tail, and dense, trained until its P@1 plateaus: one dense run per seed (each
 seed generates its own data), kept in benchmarks/results/ and reused by later runs; each seed's
-sparse runs are timed to the plateau of the dense run on their data. Writes
+sparse runs are timed to the plateau of the dense run on their data (``--xmc-reuse`` reads kept sparse
+runs as well, e.g. to add dense to runs made with ``--no-dense``). Writes
 benchmarks/results/estimator.json, markdown tables to stdout and estimator_xmc.png (mean P@1
 against time, seed spread (min to max) as a band; estimator_xmc_loss.png: the held-out loss).
 """
@@ -330,6 +331,11 @@ def parse_args(argv=None):
                    help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
     p.add_argument("--xmc-labels", type=cli.integer(2), default=None,
                    help="the XMC demo's synthetic labels, the output layer's width (default: the demo's, 100,000)")
+    p.add_argument("--xmc-active", type=cli.integer(), default=None,
+                   help="the XMC lsh and random runs' active outputs per batch (default: the demo's, 2,048)")
+    p.add_argument("--xmc-reuse", action="store_true",
+                   help="read the XMC lsh and random runs' files where they exist (their arguments checked) instead "
+                        "of training them again, as dense's always are: to add dense runs to kept ones, or re-print")
     # The defaults are the committed results' files; a --quick run writes beside them (estimator_quick.json, ...).
     p.add_argument("--json", type=cli.output_path, default=None,
                    help="'' for none; default: benchmarks/results/estimator.json")
@@ -406,11 +412,13 @@ def main(argv=None) -> None:
         result["xmc"]["structure"] = args.xmc_structure
         epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
             else ([], length)
+        if args.xmc_active:
+            epochs, run_length = epochs + ["--active", str(args.xmc_active)], f"{run_length}_active{args.xmc_active}"
         if args.xmc_label_smoothing:
             epochs, run_length = epochs + ["--label-smoothing", str(args.xmc_label_smoothing)], \
                 f"{run_length}_ls{args.xmc_label_smoothing}"
-        result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs)
-                                  for seed in seeds}
+        result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs,
+                                                reuse=args.xmc_reuse) for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
     if args.json:
         with open(args.json, "w") as f:
