@@ -27,6 +27,7 @@ installs the saved ones)::
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -80,14 +81,14 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             raise ValueError(f"load_lsh_state: layer {name!r}: the entry must be a dict with 'step' and 'tables', got "
                              f"{entry if not isinstance(entry, dict) else sorted(entry)!r}")
         step, tables = entry["step"], entry["tables"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:  # numpy ints too
             raise ValueError(f"load_lsh_state: layer {name!r}: step must be a non-negative int, got {step!r}")
         if tables is not None:
             problem = _tables_problem(layer, tables)
             if problem:
                 raise ValueError(f"load_lsh_state: layer {name!r}: the saved tables do not fit this layer or are "
                                  f"corrupt: {problem}")
-        updates.append((layer, step, tables))
+        updates.append((layer, int(step), tables))
     for layer, step, tables in updates:
         if tables is None:
             layer._mark_stale()

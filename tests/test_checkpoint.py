@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -145,6 +146,11 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     assert wrong[0].step == 0 and wrong[2].step == 0  # nothing changed on error
     with pytest.raises(ValueError, match="step"):
         load_lsh_state(fresh, {**state, "3": {"step": -1, "tables": None}})
+    for bad in (1.0, True, torch.tensor(2)):
+        with pytest.raises(ValueError, match="step must be a non-negative int"):
+            load_lsh_state(fresh, {**state, "3": {"step": bad, "tables": None}})
+    load_lsh_state(fresh, {**state, "3": {"step": np.int64(5), "tables": None}})  # a state edited with numpy
+    assert type(fresh[3].step) is int and fresh[3].step == 5
     # Tables of the same shapes hashed otherwise (another seed or transform) are not this layer's.
     for option, value in (("seed", 7), ("asymmetric", False)):
         other = nn.Sequential(LSHLinear(8, 64, active=8, **{option: value}), nn.ReLU(),
