@@ -412,11 +412,10 @@ def main(argv=None) -> None:
         result["xmc"]["structure"] = args.xmc_structure
         epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
             else ([], length)
-        if args.xmc_active:
-            epochs, run_length = epochs + ["--active", str(args.xmc_active)], f"{run_length}_active{args.xmc_active}"
-        if args.xmc_label_smoothing:
-            epochs, run_length = epochs + ["--label-smoothing", str(args.xmc_label_smoothing)], \
-                f"{run_length}_ls{args.xmc_label_smoothing}"
+        for flag, value, tag in (("--active", args.xmc_active, "active"),
+                                 ("--label-smoothing", args.xmc_label_smoothing, "ls")):
+            if value:  # the sparse runs' options, each named in their files' names
+                epochs, run_length = epochs + [flag, str(value)], f"{run_length}_{tag}{value}"
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs,
                                                 reuse=args.xmc_reuse) for seed in seeds}
         print_xmc(result["xmc"], args.xmc_plot)
