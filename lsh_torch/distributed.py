@@ -340,11 +340,10 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
 def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
     """A shard's LSHLinear options: ``"auto"`` resolved for the full layer (a shard of a wide
     output layer keeps the output-layer settings), except ``bits`` (from the shard's rows, the
-    bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width).
-    The tail's share is the full layer's (:func:`auto_tail`), so the shards together draw as many as it would."""
+    bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width)."""
     auto, wide = auto_settings(out_features, kwargs.get("mode", "auto"), kwargs.get("hash", "srp")), out_features >= WIDE
     kwargs = dict(kwargs)
-    for name in ("num_tables", "probes", "asymmetric", "active", "bits", "tail"):
+    for name in ("num_tables", "probes", "asymmetric", "active", "bits"):
         if kwargs.get(name, "auto") != "auto":
             continue
         if name == "bits":
@@ -376,8 +375,7 @@ class ShardedLSHLinear(nn.Module):
         lsh_kwargs: options of each shard's LSHLinear (``active`` and ``tail`` are per shard).
             ``"auto"`` is resolved for the full width (output-layer settings from 8,192 outputs)
             except ``bits`` (the shard's width) and ``active`` (the full layer's budget split by
-            width); ``tail`` takes the full layer's share of each shard's budget. ``seed`` is
-            offset by the rank, so the shards draw independent tails.
+            width). ``seed`` is offset by the rank, so the shards draw independent tails.
 
     Initialisation draws each shard from ``nn.Linear``'s distribution with a generator seeded by
     one draw of the global RNG plus the rank (ranks seeded alike get different rows; the values

@@ -37,7 +37,6 @@ class SparseOutput(NamedTuple):
 
 
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
-TAIL_WIDTH = 131_072  # out_features up to which forward_sparse draws half its budget as the tail (auto_tail)
 
 
 def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
@@ -57,9 +56,8 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
 
     Below :data:`WIDE` outputs (hidden layers): the paper's L=5 tables, 10 probes, the MIPS
     transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): 2 probes,
-    direction-only hashing (``asymmetric=False``), 2,048 active neurons (of which
-    :func:`auto_tail` the corrected uniform tail in :meth:`LSHLinear.forward_sparse`: half up to
-    131,072 outputs, 200 at 670,091), and L=40 tables where each row
+    direction-only hashing (``asymmetric=False``), 2,048 active neurons (half of them the
+    corrected uniform tail in :meth:`LSHLinear.forward_sparse`), and L=40 tables where each row
     needs its own top set (``mode="per_row"``: LM example, 128 words per token, perplexity 178.4
     with L=40 against 195.1 with L=20) but L=20 where the batch shares one (``"shared"``, and
     ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
@@ -70,21 +68,7 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     srp = isinstance(hash, hashing.SRP) or hash == "srp"
     tables = (40 if mode == "per_row" else 20) if wide else 5
     return {"num_tables": tables, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
-            "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25,
-            "tail": auto_tail(out_features)}
-
-
-def auto_tail(out_features: int) -> float:
-    """The share of the budget :meth:`LSHLinear.forward_sparse` draws as the corrected uniform tail:
-    half up to :data:`TAIL_WIDTH` outputs, then ``TAIL_WIDTH / (2 * out_features)``, falling as the
-    width grows (447 of 2,048 at 300,000 outputs, 200 at 670,091). The tail estimates the
-    mass outside labels and top set; the wider the layer beside the same data, the more of it is
-    rows that training barely reaches, whose flat logits a few draws estimate, while every slot
-    moved to the top set adds a hard negative. Measured (seed 0, P@1 after 5 epochs, README): at
-    670,091 labels a tail of 1,024 / 512 / 256 / 128 of 2,048 gave 0.563 / 0.578 / 0.585 / 0.588;
-    at 100,000 labels 0.727 / 0.722 / 0.719 (half stays); on the LM example's 50,001 words a
-    quarter was worse than half."""
-    return min(0.5, TAIL_WIDTH / (2 * max(1, out_features)))
+            "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
 class LSHLinear(nn.Module):
@@ -109,9 +93,8 @@ class LSHLinear(nn.Module):
             count or a float fraction of the budget. The active set is the labels, then the
             tables' best candidates, then uniform draws from the remaining neurons (at least
             ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
-            (:class:`SparseOutput`). Default ``"auto"``: in :meth:`forward_sparse` :func:`auto_tail`
-            of the budget (half up to 131,072 outputs, less beyond: 200 of 2,048 at 670,091),
-            none in :meth:`forward`, whose outputs no loss corrects (hidden layers).
+            (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
+            and none in :meth:`forward`, whose outputs no loss corrects (hidden layers).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
@@ -373,7 +356,7 @@ class LSHLinear(nn.Module):
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":
-            return int(self.budget * auto_tail(self.out_features)) if sparse else 0
+            return self.budget // 2 if sparse else 0
         return self.tail if isinstance(self.tail, int) else round(self.tail * self.budget)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -5,8 +5,7 @@ import torch.nn.functional as F
 
 import reference as ref
 from lsh_torch import LSHLinear, hashing, ops, sparse_cross_entropy
-from lsh_torch.distributed import _shard_kwargs
-from lsh_torch.nn import TAIL_WIDTH, TOPK_BUDGET, auto_tail, topk_budget
+from lsh_torch.nn import TOPK_BUDGET, topk_budget
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
@@ -309,19 +308,6 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win
-
-
-def test_auto_tail_by_width():
-    # forward_sparse's corrected tail: half the budget up to TAIL_WIDTH outputs, a falling share beyond
-    assert auto_tail(1000) == auto_tail(100_000) == auto_tail(TAIL_WIDTH) == 0.5
-    assert int(2048 * auto_tail(670_091)) == 200
-    x, labels = torch.randn(8, 4), torch.arange(8)
-    for width, tail in ((50_001, 1024), (300_000, 447)):  # 2,048 x 65,536 / 300,000 = 447.4
-        out = LSHLinear(4, width, sparse_grad=True).forward_sparse(x, labels)
-        assert int((out.log_weights > 0).sum()) == tail  # the tail's logits are corrected upwards
-    # A shard takes the full layer's share of its budget: the shards together draw the full layer's tail.
-    shard = _shard_kwargs(670_091, 335_046, {})
-    assert shard["tail"] == auto_tail(670_091) and int(shard["active"] * shard["tail"]) == 100
 
 
 def test_forward_sparse_errors():
