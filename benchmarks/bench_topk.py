@@ -18,7 +18,10 @@ layer has LSHLinear's defaults for the width. topk searches an index of its own
 (``lsh_torch.retrieval``): ``--index-tables`` tables of ``--index-bits`` bits (lists; each pair is
 built once, its build time reported), probed ``--probes`` buckets per table, ``--budgets``
 candidates rescored per query, and the ``--norm-rows`` largest-norm rows scored for every query
-(lists; "default" is what ``topk(x, k)`` does). ``--model PATH``
+(lists; "default" is what ``topk(x, k)`` does). topk checks each index on its first 64 queries and
+answers exactly if it found less than ``--min-recall`` of their exact top k (``0``: the index's own
+answers, for sweeps of the index itself); the untimed first round does that check, and the table
+says what was measured and who answered. ``--model PATH``
 adds a trained head: ``python examples/xmc.py --labels 670091 --runs lsh --save-head PATH`` saves
 one (670,091 labels, its test points' hidden vectors as queries). Every variant is timed in turn
 with the dense top-k in one process (medians), so a busy spell on a shared machine slows them
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lsh_torch import LSHLinear
-from lsh_torch.retrieval import topk_settings
+from lsh_torch.retrieval import TOPK_MIN_RECALL, topk_settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import cli  # noqa: E402
@@ -87,18 +90,24 @@ def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
             build_s = time.perf_counter() - start
             variants = [(p, a, h) for p in args.probes for a in args.budgets for h in args.norm_rows]
             fns = [lambda: F.linear(x, layer.weight, layer.bias).topk(args.k, dim=1)]
-            fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h)
+            fns += [lambda p=p, a=a, h=h: layer.topk(x, args.k, probes=p, budget=a, norm_rows=h,
+                                                     min_recall=args.min_recall)
                     for p, a, h in variants]
             exact_s, *lsh_s = interleaved_medians(fns, args.repeats)
             for (probes, budget, norm_rows), seconds in zip(variants, lsh_s):
-                found = layer.topk(x, args.k, probes=probes, budget=budget, norm_rows=norm_rows)[1]
-                rows.append({"out_features": n, "queries": kind, "k": args.k, "budget": budget or layer.topk_budget,
-                             "bits": layer.topk_bits, "tables": layer.topk_tables,
-                             "probes": probes or layer.inference_probes,
-                             "norm_rows": layer.topk_norm_rows if norm_rows is None else norm_rows,
-                             "exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * seconds, "speedup": exact_s / seconds,
-                             "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
-                             "build_s": build_s, "index_mb": layer._topk_index.nbytes() / 2 ** 20})
+                found = layer.topk(x, args.k, probes=probes, budget=budget, norm_rows=norm_rows,
+                                   min_recall=args.min_recall)[1]
+                row = {"out_features": n, "queries": kind, "k": args.k, "budget": budget or layer.topk_budget,
+                       "bits": layer.topk_bits, "tables": layer.topk_tables, "probes": probes or layer.inference_probes,
+                       "norm_rows": layer.topk_norm_rows if norm_rows is None else norm_rows}
+                check = layer.topk_checks.get((args.k, row["probes"], row["budget"], row["norm_rows"]))
+                checked = check.recall if check is not None and check.done else None
+                row.update({"exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * seconds, "speedup": exact_s / seconds,
+                            "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
+                            "checked_recall": checked, "min_recall": args.min_recall,
+                            "answers": "exact" if checked is not None and checked < args.min_recall else "index",
+                            "build_s": build_s, "index_mb": layer._topk_index.nbytes() / 2 ** 20})
+                rows.append(row)
     return rows
 
 
@@ -159,6 +168,8 @@ def parse_args(argv=None):
                    default="random,planted,clustered", help="rows and queries to measure, comma-separated")
     p.add_argument("--model", metavar="PATH",
                    help="also measure a trained output layer saved by examples/xmc.py --save-head PATH")
+    p.add_argument("--min-recall", type=cli.real(0, 1), default=TOPK_MIN_RECALL,
+                   help="topk's min_recall: below it on the first 64 queries topk answers exactly (0: never)")
     p.add_argument("--repeats", type=cli.integer(), default=3)
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk.json"), help="'' for none")
     return p.parse_args(argv)
@@ -172,17 +183,19 @@ def main(argv=None) -> None:
     if args.model:
         results += bench_model(args.model, args)
     head = (f"{'outputs':>9}  {'queries':<10}{'K':>3}{'L':>4}{'P':>4}{'A':>6}{'norm':>7}{'exact ms':>10}{'LSH ms':>9}"
-            f"{'speedup':>9}{'recall@k':>10}{'top-1 found':>13}{'build s':>9}{'index MB':>10}")
+            f"{'speedup':>9}{'recall@k':>10}{'top-1 found':>13}{'checked':>9}{'answers':>9}{'build s':>9}{'index MB':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r['out_features']:>9,}  {r['queries']:<10}{r['bits']:>3}{r['tables']:>4}{r['probes']:>4}{r['budget']:>6}"
               f"{r['norm_rows']:>7}{r['exact_ms']:>10.1f}{r['lsh_ms']:>9.1f}{r['speedup']:>8.1f}x"
               f"{r['recall_at_k']:>10.3f}"
-              f"{r['top1_found']:>13.3f}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}")
+              f"{r['top1_found']:>13.3f}{'-' if r['checked_recall'] is None else format(r['checked_recall'], '.3f'):>9}"
+              f"{r['answers']:>9}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}")
     print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
           "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
-          "the exact top k in the LSH top k; build s, index MB: topk's index")
+          "the exact top k in the LSH top k; checked: the index's recall on the 64 queries topk checked it on, "
+          f"answers: who answered after that (exact below min_recall={args.min_recall}); build s, index MB: topk's index")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .losses import _check_labels_found, _label_mask, _label_rows, smoothed_target
 from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, topk_budget
+from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
            "shard_range", "unmanaged_parameters"]
@@ -518,11 +519,12 @@ class ShardedLSHLinear(nn.Module):
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
-             budget: Optional[int] = None) -> tuple[Tensor, Tensor]:
+             budget: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs of this rank's rows and their global ids, ``[*, k]`` each:
         each shard's top ``min(k, its rows or candidates)`` for the global batch
         (:meth:`LSHLinear.topk`; ``budget`` candidates per shard, at most its rows, default
-        :func:`~lsh_torch.nn.topk_budget` of its width), all-gathered and merged. ``k`` is at most
+        :func:`~lsh_torch.nn.topk_budget` of its width; each shard's index checked against its
+        exact top-k with ``min_recall``), all-gathered and merged. ``k`` is at most
         ``out_features`` (``exact``) or the shards' candidates together."""
         k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
                              for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
@@ -537,18 +539,20 @@ class ShardedLSHLinear(nn.Module):
                 check_int("budget", budget, 1, max(self.widths))
             if probes is not None:
                 check_int("probes", probes, 1, 2 ** 31 - 1)
+            check_min_recall(min_recall)
             check_int("k", k, 1, limit)
         x, sizes, _ = self._gather_input(input, check_k)
         mine = min(k, self.shard.out_features if exact else budgets[self.rank])
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
-            values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank])
+            values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank],
+                                              min_recall=min_recall)
             error = None
         except (RuntimeError, ValueError) as caught:
             error = caught
         # Each shard answers every rank's rows with the same k and method: a rank asking otherwise would
         # get padding among the merged candidates (or exact and approximate shards mixed).
         _stop_everywhere(error, self.process_group, self.shard.weight.device,
-                         (k, exact, budget or 0, probes or 0), "k, exact, budget and probes")
+                         (k, exact, budget or 0, probes or 0, float(min_recall)), "k, exact, budget, probes and min_recall")
         start = sum(sizes[: self.rank])
         rows = slice(start, start + sizes[self.rank])
         every_values = torch.cat([v[rows] for v in _gather_padded(values, self.process_group)], 1)

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from . import hashing, ops
 from ._checks import MAX_PROBES, check_int, int_or_float
 from .losses import _label_rows
-from .retrieval import TOPK_BUDGET, TopkIndex, topk_budget, topk_settings  # noqa: F401 (re-exported)
+from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
+                        exact_topk, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -446,7 +447,8 @@ class LSHLinear(nn.Module):
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
-             budget: Optional[int] = None, norm_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
+             budget: Optional[int] = None, norm_rows: Optional[int] = None,
+             min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
 
         ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
@@ -460,6 +462,13 @@ class LSHLinear(nn.Module):
           uniformly random neurons only when they are fewer than ``k``);
         * the ``norm_rows`` neurons whose weight rows have the largest norms, for every row (one
           matrix product): the likeliest winners, which tables of directions rank like any other.
+
+        The index is checked before it is trusted: the first 64 rows it answers after each build
+        (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and
+        get the exact answer; if it found less than ``min_recall`` (default 0.9) of their exact top
+        k, every later row is answered exactly, with a warning, until the weight changes (the
+        index's recall depends on the trained rows and the inputs). :attr:`topk_checks` holds the
+        measured recall; ``min_recall=0`` skips the check.
 
         Defaults (:func:`lsh_torch.retrieval.topk_settings`): ``probes`` :attr:`inference_probes`
         (12), ``budget`` :attr:`topk_budget` (768, at most ``out_features``), ``norm_rows``
@@ -479,10 +488,12 @@ class LSHLinear(nn.Module):
         three, 2 quiet cores). Tables like the training ones (20, K=12, 32 probes, 1,024
         candidates, no norm rows) gave 0.910 and 0.241 (at 5.0x and 5.3x on busy cores, before
         the query's speed-ups). Harder: the default XMC
-        demo's head (100K labels; the top 5 at cosines 0.2-0.6 with the input), 0.595 at 2.6x.
+        demo's head (100K labels; the top 5 at cosines 0.2-0.6 with the input), 0.57-0.60 at
+        2.6-3.8x, which the check turns into the exact answer.
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")
+        min_recall = check_min_recall(min_recall)
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if not exact:
@@ -496,26 +507,42 @@ class LSHLinear(nn.Module):
             exact = max(budget, norm_rows) == self.out_features and self.tables.selection != "random"
         if exact:  # also the approximation's answer when its candidates are every output
             k = check_int("k", k, 1, self.out_features)
-            values, indices = F.linear(x, weight, bias).topk(k, dim=1)
+            values, indices = exact_topk(x, weight, bias, k)
         elif self.tables.selection == "random":
             active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed)[0]
             values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)
             indices = active.gather(1, best)
         else:
             index = self._topk_index_of(self.weight)
-            values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed)
+            values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall)
         shape = (*input.shape[:-1], k)
         return values.reshape(shape), indices.reshape(shape)
 
     @torch.compiler.disable
     def _topk_index_of(self, weight: Tensor) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` (the layer's, not an autocast copy) changed since."""
-        seed = self.seed + 2 ** 32  # projections of their own, unlike the training tables'
         index = self._topk_index
-        if index is None or not index.matches(weight, self.topk_tables, self.topk_bits, seed):
+        if not self._topk_index_describes(weight):
             self._topk_index = None  # the old index goes first: two at once would double the memory
-            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, seed)
+            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed)
         return index
+
+    def _topk_index_describes(self, weight: Tensor) -> bool:
+        index = self._topk_index
+        return index is not None and index.matches(weight, self.topk_tables, self.topk_bits, self._topk_seed)
+
+    @property
+    def _topk_seed(self) -> int:
+        return self.seed + 2 ** 32  # projections of their own, unlike the training tables'
+
+    @property
+    def topk_checks(self) -> dict[tuple, RecallCheck]:
+        """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
+        RecallCheck(inputs, found, wanted)}`` (``.recall``: found / wanted); empty before the first
+        call and after the weight changed."""
+        if not self._topk_index_describes(self.weight):
+            return {}
+        return {key: RecallCheck(c.inputs, c.found, c.wanted) for key, c in self._topk_index.checks.items()}
 
     @property
     def inference_probes(self) -> int:

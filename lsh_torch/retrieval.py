@@ -26,7 +26,9 @@ rows, 0.291 against 0.321 on the trained head. Details: ``benchmarks/bench_topk.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,13 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
 TOPK_TABLES = 60
 TOPK_ROWS_PER_BUCKET = 80
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
+TOPK_MIN_RECALL = 0.9  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
+TOPK_CHECKED_INPUTS = 64  # inputs on which each index's answers are compared with the exact top-k
+EXACT_BLOCK = 2 ** 26  # scores that exact_topk holds at once (256 MB in float32)
 
 
 def topk_budget(out_features: int) -> int:
@@ -73,6 +78,40 @@ def topk_settings(out_features: int) -> dict:
     bits = min(MAX_BITS, max(1, round(math.log2(max(1, out_features) / TOPK_ROWS_PER_BUCKET))))
     return {"num_tables": TOPK_TABLES, "bits": bits, "probes": min(MAX_PROBES, TOPK_PROBES, 2 ** bits),
             "budget": topk_budget(out_features), "norm_rows": out_features // TOPK_NORM_SHARE}
+
+
+def check_min_recall(min_recall) -> float:
+    """``min_recall`` (see :meth:`TopkIndex.topk`) as a float in [0, 1]."""
+    value = int_or_float("min_recall", min_recall, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
+    return float(value)
+
+
+def exact_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """``F.linear(x, weight, bias).topk(k, dim=1)``, a block of inputs at a time so that at most
+    :data:`EXACT_BLOCK` scores exist at once (1,024 inputs at 670K outputs would be 2.7 GB)."""
+    block = max(1, EXACT_BLOCK // max(1, weight.shape[0]))
+    if x.shape[0] <= block:
+        return F.linear(x, weight, bias).topk(k, dim=1)
+    parts = [F.linear(x[i:i + block], weight, bias).topk(k, dim=1) for i in range(0, x.shape[0], block)]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+
+@dataclass
+class RecallCheck:
+    """How much of the exact top-k an index found on the inputs checked so far (:meth:`TopkIndex.topk`)."""
+    inputs: int = 0
+    found: int = 0
+    wanted: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.inputs >= TOPK_CHECKED_INPUTS
+
+    @property
+    def recall(self) -> Optional[float]:
+        return self.found / self.wanted if self.wanted else None
 
 
 def weight_version(weight: Tensor):
@@ -112,6 +151,7 @@ class TopkIndex:
         self.projection = hashing.make_projection(rows.shape[1], num_tables, bits, seed, rows.device)
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
+        self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
 
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
         """Was this index built from ``weight`` as it is now, with these settings?"""
@@ -123,17 +163,51 @@ class TopkIndex:
                                                          self.projection))
 
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
-             norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
+             norm_rows: int, seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
         tables rank highest (most probed buckets hit; ``probes`` per table) and the ``norm_rows``
         largest-norm rows. Only the tables' real candidates are scored: where they find fewer
-        than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills)."""
+        than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills).
+
+        Checked against the exact top-k: the first :data:`TOPK_CHECKED_INPUTS` (64) inputs that
+        these settings answer (evenly spread over each call's) are also scored exactly and get the
+        exact answer. Once 64 are checked, an index that found less than ``min_recall`` of their
+        exact top-k answers every later input exactly (:func:`exact_topk`), with a warning, until
+        the weight changes: the index's recall depends on the trained weight and the inputs, and
+        some (the XMC demo's 100K-label head: 0.6) are not worth answering from. ``min_recall=0``:
+        no check, the index's own answers. :attr:`checks` holds what was measured."""
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
         budget = check_int("budget", budget, 1, n)
         k = check_int("k", k, 1, budget)
         norm_rows = check_int("norm_rows", norm_rows, 0, n)
+        min_recall = check_min_recall(min_recall)
+        check = self.checks.setdefault((k, probes, budget, norm_rows), RecallCheck())
+        if min_recall and check.done and check.recall < min_recall:
+            return exact_topk(x, weight, bias, k)
+        values, indices = self._search(x, weight, bias, k, probes, budget, norm_rows, seed)
+        if not min_recall or check.done or not x.shape[0]:
+            return values, indices
+        count = min(x.shape[0], TOPK_CHECKED_INPUTS - check.inputs)
+        rows = torch.arange(count, device=x.device) * x.shape[0] // count
+        exact_values, exact_indices = exact_topk(x[rows], weight, bias, k)
+        # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
+        hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
+                | (values[rows] >= exact_values[:, -1:]))
+        check.inputs, check.found, check.wanted = check.inputs + count, check.found + int(hits.sum()), check.wanted + hits.numel()
+        if check.done and check.recall < min_recall:
+            warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {k} of "
+                          f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
+                          f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
+                          stacklevel=4)  # the caller of LSHLinear.topk (under no_grad)
+            return exact_topk(x, weight, bias, k)
+        values[rows], indices[rows] = exact_values, exact_indices
+        return values, indices
+
+    def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
+                norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
+        """The index's own answer (see :meth:`topk`)."""
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0)
         # Past its head a row holds uniform draws: score none of them beyond the first k, and none

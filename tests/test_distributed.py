@@ -235,10 +235,12 @@ def _sharded_dense_run(rank):
     exact = layer.topk(x, 5, exact=True)
     approximate = layer.topk(x, 6, budget=4)  # the tables' candidates: at most 4 per shard
     numpy_args = layer.topk(x, np.int64(6), budget=np.int64(4))  # was the default budget, silently
+    unchecked = layer.topk(x, 6, budget=4, min_recall=0)  # each shard's index alone, not its first inputs' exact top k
     out = layer(x)
     loss = F.cross_entropy(out, labels[rank][:, 0], ignore_index=-1)
     loss.backward()
-    return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "out": out.detach(), "loss": loss.detach(),
+    return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "unchecked": unchecked,
+            "out": out.detach(), "loss": loss.detach(),
             "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
             "rows": (layer.start, layer.end)}
 
@@ -260,6 +262,10 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         assert approx_indices.shape == (SIZES[rank], 6)
         torch.testing.assert_close(approx_values, logits.gather(1, approx_indices))  # true scores, global ids
         assert (approx_values[:, :-1] >= approx_values[:, 1:]).all()
+        # These few inputs are the shards' checked ones: each answered its exact top 4, at least its index's.
+        unchecked_values, unchecked_indices = result["unchecked"]
+        torch.testing.assert_close(unchecked_values, logits.gather(1, unchecked_indices))
+        assert (approx_values >= unchecked_values).all()
         start, end = result["rows"]
         torch.testing.assert_close(result["loss"], losses[rank])
         torch.testing.assert_close(result["x_grad"], x_grads[rank])
@@ -317,7 +323,7 @@ def _checkpoint_run(rank):
         layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, OUT if rank == 1 else 1]))
     with pytest.raises((TypeError, ValueError), match="input" if rank == 0 else "rank 0 .* invalid argument"):
         layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
-    with pytest.raises(ValueError, match="k, exact, budget and probes must be the same on every rank"):
+    with pytest.raises(ValueError, match="k, exact, budget, probes and min_recall must be the same on every rank"):
         layer.topk(torch.randn(2, HIDDEN), 2, exact=rank == 0)  # mixed exact and approximate shards
     # The sharded loss, a shard's failed lookup and the sparse-gradient all-reduce stop every rank too,
     # and what the ranks must agree on is checked.

@@ -2,6 +2,7 @@
 when the index is rebuilt, and argument errors. Correctness only: speed is benchmarks/bench_topk.py's."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import lsh_torch
 from lsh_torch import LSHLinear
+from lsh_torch import retrieval
 from lsh_torch.retrieval import TopkIndex, topk_budget, topk_settings
 
 
@@ -44,7 +46,7 @@ def test_planted_top_sets_are_found():
         layer.weight[planted.flatten()] = (x.repeat_interleave(5, 0) + 0.5 * torch.randn(5 * queries, d))
         layer.weight[planted.flatten()] *= layer.weight.norm(dim=1).median() / layer.weight[planted.flatten()].norm(
             dim=1, keepdim=True)  # norms like the others': found by direction, not by norm
-    values, indices = layer.topk(x, 5)
+    values, indices = layer.topk(x, 5, min_recall=0)  # the index's own answers
     exact = layer.topk(x, 5, exact=True)[1]
     assert set(exact.flatten().tolist()) == set(planted.flatten().tolist())  # the premise
     assert recall(indices, exact) >= 0.95
@@ -67,7 +69,7 @@ def test_largest_norm_rows_are_scored_for_every_row():
     values, indices = layer.topk(x, 5)
     assert recall(indices, exact) == 1.0
     check_scores(layer, x, values, indices)
-    assert recall(layer.topk(x, 5, norm_rows=0)[1], exact) < 0.8  # the tables alone miss many
+    assert recall(layer.topk(x, 5, norm_rows=0, min_recall=0)[1], exact) < 0.8  # the tables alone miss many
     index = layer._topk_index
     assert set(index.order[: n // 128].tolist()) == set(large.tolist())
     assert torch.equal(index.order[index.rank.long()], torch.arange(n))  # rank is order's inverse
@@ -78,7 +80,7 @@ def test_any_budget_and_norm_rows_give_distinct_exact_scores(budget, norm_rows):
     torch.manual_seed(1)
     layer = LSHLinear(16, 400, rebuild=None).eval()
     x = torch.randn(3, 7, 16)  # any leading shape
-    values, indices = layer.topk(x, 5, budget=budget, norm_rows=norm_rows)
+    values, indices = layer.topk(x, 5, budget=budget, norm_rows=norm_rows, min_recall=0)
     assert values.shape == indices.shape == (3, 7, 5)
     check_scores(layer, x, values, indices)
     if norm_rows == 400 or budget == 400:  # every output a candidate: the exact top 5
@@ -141,7 +143,7 @@ def test_index_changes_with_its_settings_and_leaves_copies():
     torch.manual_seed(0)
     layer = LSHLinear(16, 3000, rebuild=None).eval()
     x = torch.randn(8, 16)
-    expected = layer.topk(x, 3)
+    expected = layer.topk(x, 3, min_recall=0)
     layer.topk_tables, layer.topk_bits = 7, 5
     layer.topk(x, 3)
     index = layer._topk_index
@@ -149,7 +151,7 @@ def test_index_changes_with_its_settings_and_leaves_copies():
     layer.topk_tables, layer.topk_bits = 60, topk_settings(3000)["bits"]
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert twin._topk_index is None  # a cache, never copied
-        got = twin.topk(x, 3)
+        got = twin.topk(x, 3, min_recall=0)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # same seed, same answer
 
 
@@ -186,6 +188,9 @@ def test_topk_argument_errors():
         layer.topk(x, 51, budget=50)
     with pytest.raises(TypeError, match="exact must be a bool"):
         layer.topk(x, 3, exact="no")  # bool("no") is True
+    for bad, error in ((1.5, ValueError), (-0.1, ValueError), ("0.9", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="min_recall"):
+            layer.topk(x, 3, min_recall=bad)
     index = layer._topk_index_of(layer.weight)  # the public index: a weight it was not built from is refused
     with pytest.raises(ValueError, match="weight the index was built from"):
         index.topk(x, torch.randn(301, 16), None, 3, 4, 50, 0, 0)
@@ -201,6 +206,67 @@ def test_topk_argument_errors():
         layer.weight[3, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         layer.topk(x, 3, budget=50)
+
+
+def hard_layer():
+    """Rows at random directions, 128 of them 5x longer: with no norm rows and 1 probe, the index
+    finds about 0.3 of the exact top 5."""
+    torch.manual_seed(0)
+    layer = LSHLinear(32, 16_384, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight[torch.randperm(16_384)[:128]] *= 5
+    return layer, torch.randn(200, 32), dict(norm_rows=0, probes=1)
+
+
+def test_an_index_below_min_recall_answers_exactly(monkeypatch):
+    layer, x, hard = hard_layer()
+    exact = layer.topk(x, 5, exact=True)
+    own = layer.topk(x, 5, min_recall=0, **hard)
+    assert recall(own[1], exact[1]) < 0.5  # the premise: the index alone is poor here
+    with pytest.warns(UserWarning, match=r"found 0\.\d+ of the exact top 5 of 64 inputs, less than min_recall=0\.9"):
+        got = layer.topk(x, 5, **hard)
+    assert torch.equal(got[1], exact[1]) and torch.equal(got[0], exact[0])
+    (key, check), = layer.topk_checks.items()
+    assert key == (5, 1, layer.topk_budget, 0) and check.inputs == 64 and check.recall < 0.5
+    assert check.recall == pytest.approx(recall(own[1][torch.arange(64) * 200 // 64], exact[1][torch.arange(64) * 200 // 64]))
+    searched, search = [], TopkIndex._search
+    monkeypatch.setattr(TopkIndex, "_search", lambda *a: searched.append(1) or search(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, at the verdict
+        again = layer.topk(x[:3], 5, **hard)
+    assert torch.equal(again[1], exact[1][:3]) and not searched  # exact, the index not even searched
+    assert layer.topk(x, 5, min_recall=0.2, **hard)[1].shape == (200, 5) and searched  # a laxer call takes it
+
+
+def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(monkeypatch):
+    layer, x, _ = hard_layer()  # the defaults find all of it (the long rows are norm rows)
+    exact = layer.topk(x, 5, exact=True)
+    checked = []
+    real = retrieval.exact_topk
+    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(x.shape[0]) or real(x, *a))
+    for rows in (slice(0, 30), slice(30, 60), slice(60, 200)):  # checks add up across calls
+        values, indices = layer.topk(x[rows], 5)
+        assert torch.equal(indices, exact[1][rows])
+    assert checked == [30, 30, 4] and layer.topk_checks[(5, 12, 768, 128)].recall == 1.0
+    layer.topk(x, 5)
+    assert checked == [30, 30, 4]  # trusted: no exact scores any more
+    layer.topk(x, 3)
+    assert checked == [30, 30, 4, 64]  # other settings, another check
+    with torch.no_grad():
+        layer.weight.mul_(1.01)
+    assert layer.topk_checks == {}
+    layer.topk(x, 5)
+    assert checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
+
+
+def test_exact_topk_in_blocks(monkeypatch):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(37, 8), torch.randn(500, 8), torch.randn(500)
+    expected = F.linear(x, weight, bias).topk(4, dim=1)
+    monkeypatch.setattr(retrieval, "EXACT_BLOCK", 500 * 5)  # 5 inputs at a time
+    values, indices = retrieval.exact_topk(x, weight, bias, 4)
+    torch.testing.assert_close(values, expected.values)  # a smaller product may sum in another order
+    assert torch.equal(indices, expected.indices)
 
 
 def test_index_memory_is_what_the_docstring_says():
