@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_int
-from .losses import _check_labels_found, _label_mask, _label_rows, smoothed_target
+from .losses import _check_labels_found, _label_columns, _label_rows, _mask_of, smoothed_target
 from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, topk_budget
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
@@ -314,7 +314,8 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     _stop_everywhere(error, group, output.values.device, agreed, "label_smoothing, reduction and ignore_index")
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
     logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
-    mask, found = _label_mask(output.indices, every, logits.shape)
+    column, found = _label_columns(output.indices, every, logits.shape[1])
+    mask = _mask_of(column, logits.shape[1])
     counts = torch.cat([mask.sum(1, keepdim=True), found], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
     _check_labels_found((counts[:, 1:] > 0) | (every == -1), every)

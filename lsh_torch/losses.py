@@ -60,24 +60,31 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     batch_shape = values.shape[:-1]
     logits = values.reshape(-1, values.shape[-1])
     labels = _label_rows(labels, batch_shape, ignore_index)
-    mask, found = _label_mask(indices, labels, logits.shape)
+    column, found = _label_columns(indices, labels, logits.shape[1])
     _check_labels_found(found | (labels == -1), labels)
     _check_distinct(indices)
-    target = mask.to(logits.dtype)
-    count = target.sum(1)
-    target = target / count.clamp_min(1).unsqueeze(1)
     corrected = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if log_weights is not None:
         log_weights = log_weights.reshape(-1, logits.shape[-1]).expand_as(corrected)
         corrected = corrected + log_weights
-    log_probs = torch.log_softmax(corrected, dim=1)
-    if label_smoothing:
+    if label_smoothing:  # the target reaches every output: a dense [rows, A] target
+        mask = _mask_of(column, logits.shape[1])
+        count = mask.sum(1)
         # The labels' mass in the wider dtype too (a bfloat16 third is not one).
-        target = mask.to(log_probs.dtype) / count.clamp_min(1).to(log_probs.dtype).unsqueeze(1)
+        target = mask.to(corrected.dtype) / count.clamp_min(1).to(corrected.dtype).unsqueeze(1)
         target, shift = smoothed_target(target, log_weights, label_smoothing)
+        log_probs = torch.log_softmax(corrected, dim=1)
         loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0).to(logits.dtype)
-    else:  # only the labels' entries: another output's -inf logit would make 0 * -inf = nan
-        loss = torch.where(count > 0, -torch.where(target > 0, target * log_probs.to(logits.dtype), 0.0).sum(1), 0.0)
+    else:  # -log p of each distinct label, averaged: the labels' logits gathered, no [rows, A] target
+        column = column.sort(1).values  # a label given twice in a row counts once, as one output
+        first = torch.ones_like(column, dtype=torch.bool)
+        first[:, 1:] = column[:, 1:] != column[:, :-1]
+        valid = first & (column < logits.shape[1])
+        count = valid.sum(1)
+        width = logits.shape[1]
+        picked = corrected.gather(1, column.clamp_max(width - 1)) if width else corrected.new_zeros(column.shape)
+        mean_label = torch.where(valid, picked, 0.0).sum(1) / count.clamp_min(1)
+        loss = torch.where(count > 0, torch.logsumexp(corrected, 1) - mean_label, 0.0).to(logits.dtype)
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":
@@ -164,20 +171,26 @@ def _check_distinct(indices: Tensor) -> None:
         raise ValueError(message)
 
 
-def _label_mask(indices: Tensor, labels: Tensor, shape) -> tuple[Tensor, Tensor]:
-    """``mask[r, a]``: is ``indices[(r,) a]`` one of row r's labels; ``found[r, m]``: is label
-    ``labels[r, m]`` (``>= 0``) active. Shared indices ``[A]`` are looked up by binary search
-    (O(A log A + rows*M log A)); per-row ``[rows, A]`` by comparison."""
+def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``column[r, m]``: where label ``labels[r, m]`` is in row r's active set (``indices [A]``
+    shared, or ``[rows, A]``), ``width`` where it is not (or is padding); ``found[r, m]``: is it
+    there. Shared indices are looked up by binary search (O(A log A + rows*M log A)); per-row ones
+    by comparison. The size stays fixed: selecting the found ones would be a host sync on a GPU."""
     if indices.dim() > 1:
         idx = indices.reshape(-1, indices.shape[-1])
         hits = (idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)
-        return hits.any(1), hits.any(2)
+        found = hits.any(2)
+        return torch.where(found, hits.to(torch.uint8).argmax(2), width), found
+    if not indices.shape[0]:
+        return torch.full_like(labels, width), torch.zeros_like(labels, dtype=torch.bool)
     order = indices.argsort()
     sorted_indices = indices[order]
-    pos = torch.searchsorted(sorted_indices, labels).clamp_max(max(indices.shape[0] - 1, 0))
-    found = (labels >= 0) & (sorted_indices[pos] == labels) if indices.shape[0] else torch.zeros_like(labels, dtype=torch.bool)
-    # Labels not found mark a spare last column, dropped after: selecting the found ones would make
-    # the output's size data-dependent, a host sync on a GPU.
-    mask = torch.zeros(shape[0], shape[1] + 1, dtype=torch.bool, device=labels.device)
-    column = torch.where(found, order[pos] if indices.shape[0] else pos, shape[1])
-    return mask.scatter_(1, column, True)[:, :-1], found
+    pos = torch.searchsorted(sorted_indices, labels).clamp_max(indices.shape[0] - 1)
+    found = (labels >= 0) & (sorted_indices[pos] == labels)
+    return torch.where(found, order[pos], width), found
+
+
+def _mask_of(column: Tensor, width: int) -> Tensor:
+    """``mask[r, a]``: is active output ``a`` one of row r's labels (``column`` from :func:`_label_columns`)."""
+    mask = torch.zeros(column.shape[0], width + 1, dtype=torch.bool, device=column.device)
+    return mask.scatter_(1, column, True)[:, :-1]  # the spare last column takes the labels not found

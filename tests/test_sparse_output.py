@@ -122,6 +122,23 @@ def test_sparse_cross_entropy_multi_label_and_shared_indices():
         sparse_cross_entropy((values, indices), torch.tensor([1, 2]), reduction="avg")
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_cross_entropy_counts_a_repeated_label_once_and_has_exact_gradients(shared):
+    torch.manual_seed(0)
+    values = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([5, 2, 9, 7, 0, 4]) if shared else torch.stack([torch.randperm(10)[:6] for _ in range(3)])
+    log_weights = torch.tensor([0.0, 0.0, 0.0, 1.5, 1.5, 1.5]).expand(indices.shape).contiguous()
+    full = indices.expand(3, 6)
+    columns = [[1, 1, 4], [3, 0, 0], [2, 2, 2]]  # row 0's second label repeats its first
+    labels = torch.stack([full[r, c] for r, c in enumerate(map(torch.tensor, columns))])
+    labels[2] = -1  # a row without labels
+    loss = sparse_cross_entropy((values, indices, log_weights), labels, reduction="none")
+    logp = (values + log_weights).log_softmax(1)
+    expected = torch.stack([-(logp[0, 1] + logp[0, 4]) / 2, -(logp[1, 3] + logp[1, 0]) / 2, logp.new_zeros(())])
+    torch.testing.assert_close(loss, expected)
+    torch.autograd.gradcheck(lambda v: sparse_cross_entropy((v, indices, log_weights), labels), (values,))
+
+
 def test_sparse_cross_entropy_refuses_labels_that_are_not_active():
     """Out-of-range labels gave loss 0 and left their rows out of the mean; F.cross_entropy raises."""
     values = torch.randn(2, 5)
