@@ -56,7 +56,8 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     """What ``"auto"`` means for a layer of this width, mode and hash family; one rule, documented in the README.
 
     Below :data:`WIDE` outputs (hidden layers): the paper's L=5 tables, 10 probes, the MIPS
-    transform, 25% of the neurons active. From :data:`WIDE` (softmax output layers): 2 probes,
+    transform, 25% of the neurons active (:meth:`LSHLinear.forward_sparse`, a softmax's path,
+    computes every output up to :data:`WIDE`: :attr:`LSHLinear.exact_softmax`). From :data:`WIDE` (softmax output layers): 2 probes,
     direction-only hashing (``asymmetric=False``), 2,048 active neurons (half of them the
     corrected uniform tail in :meth:`LSHLinear.forward_sparse`), and L=40 tables where each row
     needs its own top set (``mode="per_row"``: LM example, 128 words per token, perplexity 178.4
@@ -190,12 +191,18 @@ class LSHLinear(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         auto = auto_settings(out_features, mode, hash)
+        auto_active = isinstance(active, str) and active == "auto"
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
             ("active", active)))
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
+        # forward_sparse (a softmax's training path) computes every output, one matrix product and no
+        # lookup, where a sparse set cannot pay: the budget is every output, or it is left to "auto" at
+        # most WIDE outputs, where the default set would be a quarter of them or more (its step was no
+        # faster than nn.Linear's and trained worse: benchmarks/bench_narrow.py).
+        self.exact_softmax = self.budget == out_features or (auto_active and out_features <= WIDE)
         self.tail = _check_tail(tail, self.budget)
         self.rescore = check_int("rescore", rescore, 1, 2 ** 20)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
@@ -397,10 +404,22 @@ class LSHLinear(nn.Module):
         ``labels`` (int64 ``[*]``, or ``[*, M]``; -1 and -100 are padding) are forced into the
         active set; train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
         ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
+
+        Where :attr:`exact_softmax` (at most 8,192 outputs with ``active="auto"``, or a budget of
+        every output) it computes every output in one matrix product, ``indices`` ``arange(N)`` (per
+        row: expanded), no ``log_weights``: the exact softmax, about as fast as ``nn.Linear``'s there.
         """
         input, weight, bias = self._operands(input)
         batch_shape = input.shape[:-1]
         labels = _label_matrix(labels, batch_shape)
+        if self.exact_softmax:
+            if labels is not None:
+                _check_label_range(labels, self.out_features)
+            every = torch.arange(self.out_features, device=input.device)
+            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self.sparse_grad)
+            if self.mode == "per_row":  # the documented shape of each mode: [*, N] per row
+                every = every.expand(*batch_shape, self.out_features)
+            return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
         values = values.reshape(*batch_shape, values.shape[-1])
@@ -589,6 +608,7 @@ class LSHLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"active={self.budget}, rebuild={self.schedule!r}, seed={self.seed}, sparse_grad={self.sparse_grad}, "
                 f"inference={self.inference!r}, mode={self.mode!r}, tail={self.tail!r}, rescore={self.rescore}"
+                + (", exact_softmax=True" if self.exact_softmax else "")
                 + (f", warmup={self.warmup}" if self.warmup else ""))
 
 
@@ -645,6 +665,16 @@ def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional
         given = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"labels must be an int64 tensor, got {given}")
     return _label_rows(labels, batch_shape, -100)  # the loss's reshape; -100 becomes -1, padding as well
+
+
+def _check_label_range(labels: Tensor, out_features: int) -> None:
+    """Labels in [0, out_features) or -1 (padding), as the query kernels check theirs."""
+    bad = ((labels < -1) | (labels >= out_features)).any()
+    message = f"labels must be in [0, out_features={out_features}) or -1 / -100 (padding)"
+    if torch.compiler.is_compiling() or labels.device.type != "cpu":  # no host sync: checked on the device
+        torch._assert_async(~bad, message)
+    elif bool(bad):
+        raise ValueError(message)
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
@@ -116,6 +117,16 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Te
     ``sparse_grad`` as for :func:`sparse_linear`.
     """
     return _linear("shared_linear", x, weight, bias, indices, sparse_grad)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sparse_grad: bool = False) -> Tensor:
+    """``F.linear``, every output; with ``sparse_grad`` the weight's and bias's gradients are
+    coalesced COO tensors of every row (what a dense gradient is, in the sparse optimizers' form),
+    made without a copy: :meth:`LSHLinear.forward_sparse <lsh_torch.nn.LSHLinear.forward_sparse>`
+    where every output is active."""
+    if sparse_grad and torch.is_grad_enabled():
+        weight, bias = (_EveryRowSparseGrad.apply(p) if p is not None and p.requires_grad else p for p in (weight, bias))
+    return F.linear(x, weight, bias)
 
 
 def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_rows: Tensor,
@@ -447,6 +458,23 @@ torch.library.register_autograd("lsh_torch::sparse_linear_grad_input", _grad_inp
                                 setup_context=_grad_input_setup_context)
 torch.library.register_autograd("lsh_torch::sparse_linear_grad_weight", _grad_weight_grads,
                                 setup_context=_grad_weight_setup_context)
+
+
+class _EveryRowSparseGrad(torch.autograd.Function):
+    """The identity on a parameter whose gradient leaves as a coalesced COO tensor of every row."""
+    @staticmethod
+    def forward(param):
+        return param.view_as(param)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows = torch.arange(grad.shape[0], device=grad.device).unsqueeze(0)
+        return torch.sparse_coo_tensor(rows, grad.contiguous(), grad.shape, is_coalesced=True, check_invariants=False)
 
 
 class _SparseGrad(torch.autograd.Function):

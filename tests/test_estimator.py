@@ -99,7 +99,8 @@ def test_every_neuron_active_gives_the_full_softmax(mode, label_smoothing):
     layer = LSHLinear(16, 50, active=50, tail=10, mode=mode)
     x, labels = torch.randn(7, 16), torch.randint(0, 50, (7,))
     out = layer.forward_sparse(x, labels)
-    assert (out.log_weights == 0).all()  # the tail holds the whole rest: log(rest / rest) = 0
+    assert layer.exact_softmax and out.log_weights is None  # every output, in order: no lookup, no tail
+    assert torch.equal(out.indices, torch.arange(50) if mode == "shared" else torch.arange(50).expand(7, 50))
     full = F.cross_entropy(F.linear(x, layer.weight, layer.bias), labels, label_smoothing=label_smoothing)
     torch.testing.assert_close(sparse_cross_entropy(out, labels, label_smoothing=label_smoothing), full)
 

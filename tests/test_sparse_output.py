@@ -327,6 +327,38 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win
 
 
+@pytest.mark.parametrize("sparse_grad", [True, False])
+@pytest.mark.parametrize("mode", ["auto", "per_row"])
+def test_a_narrow_softmax_layer_computes_every_output_in_forward_sparse(sparse_grad, mode):
+    # Up to 8,192 outputs with the budget left to "auto" a sparse step was no faster than nn.Linear's
+    # and trained worse: forward_sparse computes the exact softmax; forward keeps the hidden-layer sets.
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 1000, sparse_grad=sparse_grad, mode=mode, dtype=torch.float64)
+    assert layer.exact_softmax and layer.budget == 250 and "exact_softmax=True" in repr(layer)
+    assert LSHLinear(16, 8192).exact_softmax and LSHLinear(16, 8192).budget == 2048  # forward's budget stays
+    assert not LSHLinear(16, 8193).exact_softmax and not LSHLinear(16, 1000, active=0.25).exact_softmax
+    assert LSHLinear(16, 20_000, active=1.0).exact_softmax  # every output asked for
+    x, labels = torch.randn(2, 3, 16, dtype=torch.float64), torch.tensor([[5, 999, -100], [0, 7, 7]])
+    out = layer.forward_sparse(x, labels)
+    assert out.log_weights is None and out.values.shape == (2, 3, 1000)
+    assert torch.equal(out.indices, torch.arange(1000) if mode == "auto" else torch.arange(1000).expand(2, 3, 1000))
+    dense = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(out.values, dense)
+    loss = sparse_cross_entropy(out, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(dense.reshape(6, 1000), labels.reshape(6), ignore_index=-100))
+    grads = torch.autograd.grad(loss, [layer.weight, layer.bias])
+    want = torch.autograd.grad(F.cross_entropy(F.linear(x, layer.weight, layer.bias).reshape(6, 1000),
+                                               labels.reshape(6), ignore_index=-100), [layer.weight, layer.bias])
+    for got, expected in zip(grads, want):
+        assert got.is_sparse == sparse_grad
+        torch.testing.assert_close(got.to_dense(), expected)
+    assert layer.step == 0  # no lookup, no step of the tables' schedule
+    hidden = layer(x)  # training forward: the hidden layers' per-row sets, 25% of the outputs
+    assert ((hidden != 0).sum(-1) <= 250).all()
+    with pytest.raises(ValueError, match="labels must be in"):
+        layer.forward_sparse(x, torch.full((2, 3), 1000))
+
+
 def test_forward_sparse_errors():
     layer = LSHLinear(16, 100, active=4)
     with pytest.raises(ValueError, match="labels"):
