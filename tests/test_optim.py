@@ -36,8 +36,9 @@ def test_lazy_adam_opcheck():
     torch.library.opcheck(torch.ops.lsh_torch.lazy_adam_, (*state(), 0.01, 0.9, 0.999, 1e-8, 0.01))
 
 
-def test_lazy_adam_equals_sparse_adam_on_an_lsh_layer():
-    layers = [LSHLinear(16, 300, active=32, mode="shared", sparse_grad=True, seed=3) for _ in range(2)]
+@pytest.mark.parametrize("mode", ["shared", "per_row"])  # per row: rows sorted already (no sort in LazyAdam)
+def test_lazy_adam_equals_sparse_adam_on_an_lsh_layer(mode):
+    layers = [LSHLinear(16, 300, active=32, mode=mode, sparse_grad=True, seed=3) for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())
     opts = [torch.optim.SparseAdam(layers[0].parameters(), lr=0.01), LazyAdam(layers[1].parameters(), lr=0.01)]
     for _ in range(4):
@@ -244,3 +245,18 @@ def test_a_state_saved_before_weight_decay_loads_without_it():
     old.step()
     assert [g["weight_decay"] for g in old.param_groups] == [0.0, 0.0]
 
+
+
+def test_sorted_rows_skip_the_sort_and_anything_else_is_coalesced():
+    # autograd stores a parameter's sparse .grad without its coalesced flag; rows that already ascend
+    # are taken as they are, rows out of order or repeated are summed and sorted as coalesce() does.
+    from lsh_torch.optim import _coalesced
+    values = torch.randn(4, 3)
+    for rows, expect_same in (([1, 4, 5, 9], True), ([4, 1, 5, 9], False), ([1, 4, 4, 9], False), ([7], True)):
+        index = torch.tensor([rows])
+        grad = torch.sparse_coo_tensor(index, values[: len(rows)], (10, 3))
+        got = _coalesced(grad)
+        assert got.is_coalesced()
+        torch.testing.assert_close(got.to_dense(), grad.to_dense())
+        assert torch.equal(got._indices(), grad.coalesce()._indices())
+        assert (got._values().data_ptr() == grad._values().data_ptr()) == expect_same  # no copy when sorted
