@@ -342,7 +342,8 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
 def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
     """A shard's LSHLinear options: ``"auto"`` resolved for the full layer (a shard of a wide
     output layer keeps the output-layer settings), except ``bits`` (from the shard's rows, the
-    bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width)."""
+    bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width;
+    every row where the full layer would compute every output: ``LSHLinear.exact_softmax``)."""
     auto, wide = auto_settings(out_features, kwargs.get("mode", "auto"), kwargs.get("hash", "srp")), out_features >= WIDE
     kwargs = dict(kwargs)
     for name in ("num_tables", "probes", "asymmetric", "active", "bits"):
@@ -350,6 +351,8 @@ def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
             continue
         if name == "bits":
             kwargs[name] = auto_bits(width, wide=wide)
+        elif name == "active" and out_features <= WIDE:  # the full layer's exact softmax, shard by shard
+            kwargs[name] = 1.0
         elif name == "active" and isinstance(auto["active"], int):
             kwargs[name] = max(1, min(width, math.ceil(auto["active"] * width / out_features)))
         else:

@@ -334,6 +334,9 @@ def _checkpoint_run(rank):
     with pytest.raises(ValueError, match="label_smoothing, reduction and ignore_index must be the same on every rank"):
         sparse_cross_entropy(out, y, label_smoothing=0.1 * rank)
     narrow = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")  # shard 0 (rows 0-6) has a budget of 2
+    # 13 outputs with active left to "auto": every output, as one LSHLinear of that width (exact_softmax)
+    assert layer.shard.exact_softmax and out.log_weights is None and layer.budgets == layer.widths
+    assert not narrow.shard.exact_softmax
     with pytest.raises((RuntimeError, ValueError), match="more distinct labels" if rank == 0 else "rank 0 .* raised"):
         narrow.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]))
     replica = LSHLinear(HIDDEN, 40 + 8 * rank, active=4, sparse_grad=True)  # not the same layer on both ranks
