@@ -112,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=cli.integer(), default=128)
     p.add_argument("--test-points", type=cli.integer(), default=10_000)
     p.add_argument("--lr", type=cli.positive, default=1e-3)
-    p.add_argument("--before", action="store_true", help="also the sparse quarter these widths had before")
+    p.add_argument("--before", action="store_true", help="also the former defaults' sparse set (a quarter below 8,192 outputs, 2,048 from there)")
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "narrow.json"), help="'' for none")
     return p.parse_args(argv)
 
