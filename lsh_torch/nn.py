@@ -278,7 +278,9 @@ class LSHLinear(nn.Module):
     def __setstate__(self, state):
         own = state.pop("_hashed_from")
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
-        state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None, **state}
+        state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
+                 # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
+                 "exact_softmax": state["budget"] == state["out_features"], **state}
         super().__setstate__(state)
         self._hashed_from = weakref.ref(self.weight) if own else None
 
@@ -406,8 +408,8 @@ class LSHLinear(nn.Module):
         ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
 
         Where :attr:`exact_softmax` (at most 8,192 outputs with ``active="auto"``, or a budget of
-        every output) it computes every output in one matrix product, ``indices`` ``arange(N)`` (per
-        row: expanded), no ``log_weights``: the exact softmax, about as fast as ``nn.Linear``'s there.
+        every output) it computes every output in one matrix product, ``indices`` ``arange(N)`` (``[N]``
+        in every mode), no ``log_weights``: the exact softmax, about as fast as ``nn.Linear``'s there.
         """
         input, weight, bias = self._operands(input)
         batch_shape = input.shape[:-1]
@@ -415,10 +417,8 @@ class LSHLinear(nn.Module):
         if self.exact_softmax:
             if labels is not None:
                 _check_label_range(labels, self.out_features)
-            every = torch.arange(self.out_features, device=input.device)
+            every = torch.arange(self.out_features, device=input.device)  # every row's set: shared in every mode
             values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self.sparse_grad)
-            if self.mode == "per_row":  # the documented shape of each mode: [*, N] per row
-                every = every.expand(*batch_shape, self.out_features)
             return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)

@@ -162,6 +162,7 @@ class TopkIndex:
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
                                                          self.projection))
 
+    @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
              norm_rows: int, seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
@@ -183,12 +184,13 @@ class TopkIndex:
         k = check_int("k", k, 1, budget)
         norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        check = self.checks.setdefault((k, probes, budget, norm_rows), RecallCheck())
+        check = self.checks.get((k, probes, budget, norm_rows), RecallCheck())
         if min_recall and check.done and check.recall < min_recall:
             return exact_topk(x, weight, bias, k)
         values, indices = self._search(x, weight, bias, k, probes, budget, norm_rows, seed)
         if not min_recall or check.done or not x.shape[0]:
             return values, indices
+        self.checks[(k, probes, budget, norm_rows)] = check
         count = min(x.shape[0], TOPK_CHECKED_INPUTS - check.inputs)
         rows = torch.arange(count, device=x.device) * x.shape[0] // count
         exact_values, exact_indices = exact_topk(x[rows], weight, bias, k)
@@ -200,7 +202,7 @@ class TopkIndex:
             warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {k} of "
                           f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
                           f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
-                          stacklevel=4)  # the caller of LSHLinear.topk (under no_grad)
+                          stacklevel=5)  # the caller of LSHLinear.topk (under no_grad; this method compiler-disabled)
             return exact_topk(x, weight, bias, k)
         values[rows], indices[rows] = exact_values, exact_indices
         return values, indices

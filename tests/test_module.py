@@ -570,3 +570,20 @@ def test_meta_device_runs_the_dense_eval_path_and_names_what_it_cannot():
                  lambda: layer.forward_sparse(torch.randn(2, 8, device="meta"))):
         with pytest.raises(RuntimeError, match="LSHLinear on the meta device has no data"):
             call()
+
+
+def test_a_layer_pickled_before_exact_softmax_keeps_its_sparse_softmax():
+    import pickle
+    layer = LSHLinear(16, 1000, sparse_grad=True)  # exact_softmax now; a former pickle had a 250 set
+    state = layer.__getstate__()
+    del state["exact_softmax"]
+    old = LSHLinear.__new__(LSHLinear)
+    old.__setstate__(state)
+    assert not old.exact_softmax and old.forward_sparse(torch.randn(4, 16), torch.tensor([1, 2, 3, 4])).values.shape == (4, 250)
+    whole = LSHLinear(16, 1000, active=1.0)
+    state = whole.__getstate__()
+    del state["exact_softmax"]
+    copied = LSHLinear.__new__(LSHLinear)
+    copied.__setstate__(state)
+    assert copied.exact_softmax  # a budget of every output is computed whole either way
+    assert pickle.loads(pickle.dumps(layer)).exact_softmax

@@ -223,8 +223,10 @@ def test_an_index_below_min_recall_answers_exactly(monkeypatch):
     exact = layer.topk(x, 5, exact=True)
     own = layer.topk(x, 5, min_recall=0, **hard)
     assert recall(own[1], exact[1]) < 0.5  # the premise: the index alone is poor here
-    with pytest.warns(UserWarning, match=r"found 0\.\d+ of the exact top 5 of 64 inputs, less than min_recall=0\.9"):
+    assert layer.topk_checks == {}  # min_recall=0 measured nothing
+    with pytest.warns(UserWarning, match=r"found 0\.\d+ of the exact top 5 of 64 inputs, less than min_recall=0\.9") as record:
         got = layer.topk(x, 5, **hard)
+    assert record[0].filename == __file__  # the warning names the caller's line
     assert torch.equal(got[1], exact[1]) and torch.equal(got[0], exact[0])
     (key, check), = layer.topk_checks.items()
     assert key == (5, 1, layer.topk_budget, 0) and check.inputs == 64 and check.recall < 0.5
@@ -257,6 +259,16 @@ def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(mo
     assert layer.topk_checks == {}
     layer.topk(x, 5)
     assert checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
+
+
+def test_the_check_runs_eagerly_under_compile():
+    # A check finished across two calls of a compiled topk used to fail in the tracer (a symbolic recall).
+    layer, x, hard = hard_layer()
+    exact = layer.topk(x, 5, exact=True)[1]
+    compiled = torch.compile(lambda x: layer.topk(x, 5, **hard)[1], backend="eager")
+    with pytest.warns(UserWarning, match="less than min_recall"):
+        got = [compiled(x[:40]), compiled(x[40:140]), compiled(x[140:])]
+    assert torch.equal(torch.cat(got), exact)  # 40 + 24 checked inputs, then exact answers
 
 
 def test_exact_topk_in_blocks(monkeypatch):
