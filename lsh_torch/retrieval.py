@@ -152,6 +152,7 @@ class TopkIndex:
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
         self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
+        self._warned: set = set()  # (those settings, min_recall) whose exact answers were warned of
 
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
         """Was this index built from ``weight`` as it is now, with these settings?"""
@@ -184,13 +185,15 @@ class TopkIndex:
         k = check_int("k", k, 1, budget)
         norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        check = self.checks.get((k, probes, budget, norm_rows), RecallCheck())
+        key = (k, probes, budget, norm_rows)
+        check = self.checks.get(key, RecallCheck())
         if min_recall and check.done and check.recall < min_recall:
+            self._warn_exact(key, check, min_recall)
             return exact_topk(x, weight, bias, k)
         values, indices = self._search(x, weight, bias, k, probes, budget, norm_rows, seed)
         if not min_recall or check.done or not x.shape[0]:
             return values, indices
-        self.checks[(k, probes, budget, norm_rows)] = check
+        self.checks[key] = check
         count = min(x.shape[0], TOPK_CHECKED_INPUTS - check.inputs)
         rows = torch.arange(count, device=x.device) * x.shape[0] // count
         exact_values, exact_indices = exact_topk(x[rows], weight, bias, k)
@@ -199,13 +202,20 @@ class TopkIndex:
                 | (values[rows] >= exact_values[:, -1:]))
         check.inputs, check.found, check.wanted = check.inputs + count, check.found + int(hits.sum()), check.wanted + hits.numel()
         if check.done and check.recall < min_recall:
-            warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {k} of "
-                          f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
-                          f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
-                          stacklevel=5)  # the caller of LSHLinear.topk (under no_grad; this method compiler-disabled)
+            self._warn_exact(key, check, min_recall)
             return exact_topk(x, weight, bias, k)
         values[rows], indices[rows] = exact_values, exact_indices
         return values, indices
+
+    def _warn_exact(self, key: tuple, check: RecallCheck, min_recall: float) -> None:
+        """Once per settings and ``min_recall``: topk answers exactly, and why."""
+        if (key, min_recall) in self._warned:
+            return
+        self._warned.add((key, min_recall))
+        warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
+                      f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
+                      f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
+                      stacklevel=6)  # the caller of LSHLinear.topk (under no_grad; topk compiler-disabled)
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -237,6 +237,9 @@ def test_an_index_below_min_recall_answers_exactly(monkeypatch):
         warnings.simplefilter("error")  # warned once, at the verdict
         again = layer.topk(x[:3], 5, **hard)
     assert torch.equal(again[1], exact[1][:3]) and not searched  # exact, the index not even searched
+    with pytest.warns(UserWarning, match="less than min_recall=0.95") as record:  # a stricter call is told too
+        layer.topk(x[:3], 5, min_recall=0.95, **hard)
+    assert record[0].filename == __file__
     assert layer.topk(x, 5, min_recall=0.2, **hard)[1].shape == (200, 5) and searched  # a laxer call takes it
 
 
