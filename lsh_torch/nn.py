@@ -669,12 +669,12 @@ def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional
 
 def _check_label_range(labels: Tensor, out_features: int) -> None:
     """Labels in [0, out_features) or -1 (padding), as the query kernels check theirs."""
-    bad = ((labels < -1) | (labels >= out_features)).any()
+    outside = (labels < -1) | (labels >= out_features)
     message = f"labels must be in [0, out_features={out_features}) or -1 / -100 (padding)"
     if torch.compiler.is_compiling() or labels.device.type != "cpu":  # no host sync: checked on the device
-        torch._assert_async(~bad, message)
-    elif bool(bad):
-        raise ValueError(message)
+        torch._assert_async(~outside.any(), message)
+    elif bool(outside.any()):
+        raise ValueError(f"{message}, got {labels[outside][0].item()}")
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
