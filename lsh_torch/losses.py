@@ -82,9 +82,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         first[:, 1:] = column[:, 1:] != column[:, :-1]
         valid = first & (column < logits.shape[1])
         count = valid.sum(1)
-        width = logits.shape[1]
         log_probs = torch.log_softmax(corrected, dim=1)
-        picked = log_probs.gather(1, column.clamp_max(width - 1)) if width else log_probs.new_zeros(column.shape)
+        picked = log_probs.gather(1, column.clamp_max(logits.shape[1] - 1))  # A >= 1: values [*, 0] do not reshape
         loss = torch.where(count > 0, -torch.where(valid, picked, 0.0).sum(1) / count.clamp_min(1), 0.0)
         loss = loss.to(logits.dtype)
     if reduction == "none":
@@ -183,8 +182,6 @@ def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor,
         hits = (idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)
         found = hits.any(2)
         return torch.where(found, hits.to(torch.uint8).argmax(2), width), found
-    if not indices.shape[0]:
-        return torch.full_like(labels, width), torch.zeros_like(labels, dtype=torch.bool)
     order = indices.argsort()
     sorted_indices = indices[order]
     pos = torch.searchsorted(sorted_indices, labels).clamp_max(indices.shape[0] - 1)
