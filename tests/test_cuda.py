@@ -277,7 +277,6 @@ def test_query_under_cuda_graph_capture(fn):
 def test_query_errors_on_cuda():
     qcodes, qmargins, offsets, items = to_cuda(*random_tables())
     cases = [
-        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), 300, device="cuda")), "labels"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 1, LABELS.cuda()), "row \\d+ has more distinct labels"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS.cuda()),
          "the batch has more distinct labels"),
@@ -294,6 +293,8 @@ def test_query_errors_on_cuda():
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+    with pytest.raises(ValueError, match="labels must be in .* got 300"):  # a bad value, as on the CPU
+        ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), 300, device="cuda"))
     # nothing is left behind by a failed call
     expected = ops.query(*random_tables(), 4, 60, None, 1)
     assert_same(to_cpu(ops.query(qcodes, qmargins, offsets, items, 4, 60, None, 1)), expected)

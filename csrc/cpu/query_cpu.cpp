@@ -99,7 +99,7 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
     TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
     const int64_t* lab = labels.data_ptr<int64_t>();
     for (int64_t i = 0; i < labels.numel(); ++i) {
-      TORCH_CHECK(valid_label(lab[i], n), op, ": labels must be in [0, N = ", n, ") or -1 / ", kIgnoreIndex,
+      TORCH_CHECK_VALUE(valid_label(lab[i], n), op, ": labels must be in [0, N = ", n, ") or -1 / ", kIgnoreIndex,
                   " for padding, got ", lab[i]);
       // A budget of 0 returns before the labels are placed: none may be dropped silently.
       TORCH_CHECK(budget > 0 || lab[i] < 0, op, ": ",

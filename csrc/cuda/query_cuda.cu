@@ -583,7 +583,7 @@ void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t bu
     case 0:
       return;
     case kLabelRange:
-      TORCH_CHECK(false, op, ": labels must be in [0, N = ", in.n, ") or -1 / ", kIgnoreIndex, " for padding, got ", e[1]);
+      TORCH_CHECK_VALUE(false, op, ": labels must be in [0, N = ", in.n, ") or -1 / ", kIgnoreIndex, " for padding, got ", e[1]);
     case kCodeRange:
       TORCH_CHECK(false, op, ": codes must be in [0, 2^K = ", in.buckets, "), got ", e[1], " (table ", e[2], ")");
     case kBadOffsets:
