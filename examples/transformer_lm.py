@@ -44,7 +44,7 @@ more variants; ms per training step):
 The top set carries the variance (without it a corrected uniform set trains a useless model), the
 correction removes the bias (without it hashed negatives alone are worse than random ones), and the
 head's sparse gradient with LazyAdam makes its step 5.9x faster than the dense model's when this
-example runs alone (711 against 120 ms; the bench's lockstep timed dense's steps slower, see the README).
+example runs alone (711 against 120 ms; the bench's lockstep timed dense's steps slower, see docs/results.md).
 """
 from __future__ import annotations
 

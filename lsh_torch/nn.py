@@ -501,7 +501,7 @@ class LSHLinear(nn.Module):
         takes seconds to build at that width (5-9 s on 2 cores: every row hashed 780 times).
         Weight changes made through ``weight.data`` go unseen: call :meth:`rebuild` after them.
 
-        Measured at 670,091 outputs (1,024 queries, k=5, ``benchmarks/bench_topk.py``, README):
+        Measured at 670,091 outputs (1,024 queries, k=5, ``benchmarks/bench_topk.py``, docs/results.md):
         recall of the exact top 5 0.961 on rows in clusters and 0.996 on the trained XMC demo
         head, 11.9x and 13.8x faster than ``F.linear`` + ``torch.topk`` in the same runs (medians of
         three, 2 quiet cores). Tables like the training ones (20, K=12, 32 probes, 1,024

@@ -21,7 +21,7 @@ The index has two parts, one per kind of row that a top-k over direction-hashing
 Also measured, at 670K outputs (L=40, K=14, 32 probes, tables alone): the asymmetric MIPS transform
 (one ``M`` for every row) recalled 0.750 against 0.966 by direction on clustered rows, 0.167
 against 0.327 on the trained head, whose small rows it crowds into few buckets; centering the
-rows, 0.291 against 0.321 on the trained head. Details: ``benchmarks/bench_topk.py``, README.
+rows, 0.291 against 0.321 on the trained head. Details: ``benchmarks/bench_topk.py``, docs/results.md.
 """
 from __future__ import annotations
 
