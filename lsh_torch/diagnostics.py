@@ -76,6 +76,10 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
 def multiply_add_fraction(layer, with_hashing: bool = True) -> float:
     """Multiply-adds of one sparse training forward row of ``layer``, as a fraction of ``nn.Linear``'s.
 
+    That is :meth:`~lsh_torch.LSHLinear.forward`'s row (the hidden layers' path). ``forward_sparse`` of a
+    layer with ``exact_softmax`` computes every output (1.0, no hashing); with a tail it also scores
+    ``rescore`` times the top set's size of pooled candidates, without gradient, to choose it.
+
     The sparse step computes ``budget`` dot products of length ``in_features``; hashing the input
     adds the ``L*K`` projections of the transformed input (length ``in_features + 1``), or for
     ``hash="dwta"`` the ``L*H*bin_size`` comparisons of its bins. Table
