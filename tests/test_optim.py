@@ -250,13 +250,79 @@ def test_a_state_saved_before_weight_decay_loads_without_it():
 def test_sorted_rows_skip_the_sort_and_anything_else_is_coalesced():
     # autograd stores a parameter's sparse .grad without its coalesced flag; rows that already ascend
     # are taken as they are, rows out of order or repeated are summed and sorted as coalesce() does.
-    from lsh_torch.optim import _coalesced
+    from lsh_torch.optim import _row_sparse
     values = torch.randn(4, 3)
     for rows, expect_same in (([1, 4, 5, 9], True), ([4, 1, 5, 9], False), ([1, 4, 4, 9], False), ([7], True)):
         index = torch.tensor([rows])
         grad = torch.sparse_coo_tensor(index, values[: len(rows)], (10, 3))
-        got = _coalesced(grad)
+        got = _row_sparse(grad)
         assert got.is_coalesced()
         torch.testing.assert_close(got.to_dense(), grad.to_dense())
         assert torch.equal(got._indices(), grad.coalesce()._indices())
         assert (got._values().data_ptr() == grad._values().data_ptr()) == expect_same  # no copy when sorted
+
+
+def test_a_learning_rate_scheduled_down_to_zero_steps_as_sparse_adam_does():
+    """A schedule may reach lr=0 (a warm-up's first step, cosine annealing's end): the step moves no
+    weight and still updates the moments, as SparseAdam's and Adam's do."""
+    start = torch.randn(6, 3)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [torch.optim.SparseAdam([params[0]], lr=0.1), LazyAdam([params[1]], lr=0.1)]
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2) for opt in opts]
+    for step in range(4):  # lr 0.1, 0.05, 0, 0.05
+        grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.randn(2, 3), (6, 3))
+        before = params[1].detach().clone()
+        for p, opt, schedule in zip(params, opts, schedules):
+            p.grad = grad.clone()
+            opt.step()
+            schedule.step()
+        torch.testing.assert_close(params[1], params[0])
+        assert torch.equal(params[1], before) == (step == 2)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opts[1].state[params[1]][key], opts[0].state[params[0]][key])
+
+
+def test_element_sparse_gradients_step_as_in_sparse_adam_and_a_refused_step_changes_nothing():
+    """A COO gradient with two sparse dimensions (entries, not rows) is taken as the rows it touches;
+    a gradient the op refuses stops the step before any parameter or state moved."""
+    start = torch.randn(5, 4)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [torch.optim.SparseAdam([params[0]], lr=0.1), LazyAdam([params[1]], lr=0.1)]
+    for _ in range(3):
+        where = torch.tensor([[3, 0, 3, 1], [2, 1, 0, 3]])
+        grad = torch.sparse_coo_tensor(where, torch.randn(4), (5, 4))
+        for p, opt in zip(params, opts):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(params[1], params[0])
+    first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    opt = LazyAdam([first, second], lr=0.1)
+    first.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 3), (4, 3))
+    second.grad_dtype = None  # torch lets a gradient of another dtype in
+    second.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3)).double()
+    before = first.detach().clone()
+    with pytest.raises(TypeError, match=r"gradient of param_groups\[0\]\['params'\]\[1\] must have its dtype"):
+        opt.step()
+    assert torch.equal(first, before) and not opt.state
+
+
+def test_a_compiled_training_step_with_the_optimizer_inside_matches_eager():
+    """torch.compile over forward_sparse + loss + backward + LazyAdam.step: the step runs eagerly (a
+    graph break), the training is eager's."""
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        head = LSHLinear(16, 9000, sparse_grad=True, seed=0)
+        opt = LazyAdam(head.parameters(), lr=1e-2)
+
+        def train_step(x, y):
+            loss = sparse_cross_entropy(head.forward_sparse(x, y), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        gen = torch.Generator().manual_seed(1)
+        losses.append([step(torch.randn(8, 16, generator=gen), torch.randint(0, 9000, (8,), generator=gen)).item()
+                       for _ in range(3)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
