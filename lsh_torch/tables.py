@@ -111,13 +111,20 @@ class LSHTables(nn.Module):
 
     def _apply(self, fn, recurse=True):
         was_meta = self.hash_buffer.is_meta
+        # The seeded buffers, the fingerprints and M are float32 whatever the weight's dtype (as in a
+        # layer built in that dtype): .to(dtype) moves them but must not round them, or the same seed
+        # would hash differently (and every fingerprint would look changed).
+        kept = {name: getattr(self, name) for name in (self.hash.buffer, "fingerprint_vector", "fingerprints", "max_norm")}
         super()._apply(fn, recurse)
         if was_meta and not self.hash_buffer.is_meta:  # to_empty() after a meta-device construction
             buffer, vector = self._seeded_buffers(self.hash_buffer.device)
-            setattr(self, self.hash.buffer, buffer.to(self.hash_buffer))
+            setattr(self, self.hash.buffer, buffer.to(self.hash_buffer.device))
             self.fingerprint_vector = vector.to(self.fingerprint_vector)
-        # Fingerprints are float32 whatever the weight's dtype (row_fingerprints computes them so):
-        # .to(dtype) moves them, it does not cast them.
+            kept = {}
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if before is not None and before.is_floating_point() and after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
         self.fingerprints, self.fingerprint_vector = self.fingerprints.float(), self.fingerprint_vector.float()
         return self
 

@@ -91,6 +91,28 @@ def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_la
     same_next_steps(normal, lazy)
 
 
+@pytest.mark.parametrize("hash", ["srp", "dwta"])
+def test_casting_the_module_keeps_its_seeded_hashing(hash):
+    """module.to(dtype) casts the weights, not the seeded projection, fingerprints or M: a layer cast to
+    bfloat16 hashes as one built in bfloat16 from the same seed, and a .half().float() round trip as
+    one never cast (a rounded projection picked 2,026 of the same 2,048 neurons)."""
+    kwargs = dict(active=64, seed=3, hash=hash, asymmetric=hash == "srp")
+    built = LSHLinear(16, 2000, dtype=torch.bfloat16, **kwargs)
+    cast = LSHLinear(16, 2000, **kwargs).to(torch.bfloat16)
+    cast.load_state_dict(built.state_dict())
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert torch.equal(cast.tables.hash_buffer, built.tables.hash_buffer)
+    assert torch.equal(cast.active_set(x), built.active_set(x))
+    plain = LSHLinear(16, 2000, **kwargs)
+    plain.active_set(x.float())  # tables built (fingerprints, M) before the round trip
+    twice = copy.deepcopy(plain).half().float()
+    for name in ("hash_buffer", "fingerprint_vector", "fingerprints", "max_norm"):
+        before, after = getattr(plain.tables, name), getattr(twice.tables, name)
+        assert (before is None and after is None) or torch.equal(before, after), name
+    twice.load_state_dict(plain.state_dict())  # the weights' rounding undone: the same layer again
+    same_next_steps(plain, twice)
+
+
 def autocast_pair(device, **kwargs):
     layer = LSHLinear(16, 200, active=20, seed=3, device=device, **kwargs)
     linear = nn.Linear(16, 200, device=device)
