@@ -100,7 +100,11 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
     new = {}  # id(old module) -> its replacement, so a shared module stays shared
     for name, module in model.named_modules():
         if select(name, module):
-            new[id(module)] = make(module)
+            try:
+                new[id(module)] = make(module)
+            except (TypeError, ValueError) as error:  # an option this layer cannot take (active above its width, ...)
+                raise type(error)(f"{name or type(module).__name__!r} ({module}): {error}; the model is unchanged") \
+                    from error
     if id(model) in new:
         return new[id(model)]
     for parent in list(model.modules()):

@@ -94,6 +94,11 @@ def test_filter_threshold_options_and_errors():
         convert(nn.Linear(2, 2), min_out_features=0)
     with pytest.raises(ValueError, match="active"):
         convert(nn.Linear(2, 2000), active=5000)
+    model = nn.Sequential(nn.Linear(8, 3000), nn.ReLU(), nn.Linear(3000, 1500))
+    with pytest.raises(ValueError, match=r"'2' \(Linear\(in_features=3000, out_features=1500.* active must be in "
+                                         r"\[1, out_features=1500\], got 2048; the model is unchanged"):
+        convert(model, active=2048)  # fits the first layer, not the second: the error names the one
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
 def test_plain_checkpoint_loads_into_converted_model_and_back():
