@@ -107,7 +107,7 @@ def _hashing_macs(layer) -> int:
 
 @torch.no_grad()
 def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optional[Tensor] = None,
-                      include_bias: bool = True) -> dict:
+                      include_bias: bool = True, sparse: bool = False) -> dict:
     """How well ``layer``'s active set for the batch ``x`` agrees with its true top activations.
 
     Args:
@@ -121,6 +121,9 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
             layer is marked stale the tables are rebuilt first, exactly as its next forward would.
         include_bias: rank neurons by ``w·x + b`` (the activation; default) or ``w·x`` only (what
             the hash sees).
+        sparse: the set of :meth:`~lsh_torch.LSHLinear.forward_sparse` (True: a softmax output layer's,
+            shared unless ``mode="per_row"``, half of it the uniform tail by default) instead of
+            :meth:`~lsh_torch.LSHLinear.forward`'s. Without labels: training forces them in too.
 
     Returns a dict: ``recall``, ``recall_min``, ``mass_recall`` (see :func:`topk_recall`), ``k``,
     ``budget``, ``random_recall`` (expected recall of a uniformly random set of that size,
@@ -135,7 +138,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
     x2 = x.detach().reshape(-1, layer.in_features).to(layer.weight.dtype)
     n = layer.out_features
     if active is None:
-        active = layer.active_set(x2)
+        active = layer.active_set(x2, sparse=sparse)
     if active.dim() == 1:  # one set shared by the batch (mode="shared")
         active = active.unsqueeze(0).expand(x2.shape[0], -1)
     if active.dim() != 2 or active.shape[0] != x2.shape[0]:
@@ -163,9 +166,10 @@ class RecallMonitor:
       ``max_rows`` rows of that forward's input. ``detach()`` removes the hook; the monitor is
       also a context manager (``with RecallMonitor(layer).attach(): ...``).
     - Call ``monitor.maybe_probe(x)`` yourself after a step (needed for layers trained through
-      :meth:`~lsh_torch.LSHLinear.forward_sparse`, which forward hooks do not see) (probes when ``layer.step`` is a
-      multiple of ``every``), or ``monitor.probe(x)`` to probe unconditionally (e.g. on a fixed
-      held-out batch).
+      :meth:`~lsh_torch.LSHLinear.forward_sparse`, which forward hooks do not see; construct the
+      monitor with ``sparse=True`` there, so that it measures that path's set) (probes when
+      ``layer.step`` is a multiple of ``every``), or ``monitor.probe(x)`` to probe unconditionally
+      (e.g. on a fixed held-out batch).
 
     Rebuilds are detected by watching the layer's table tensors (a rebuild replaces them), at
     every hooked forward or at every call, and recorded in ``rebuild_steps`` as the value of
@@ -181,7 +185,8 @@ class RecallMonitor:
     """
 
     def __init__(self, layer, every: int = 100, k: Optional[int] = None, max_rows: int = 256,
-                 name: Optional[str] = None, include_bias: bool = True, probe_eval: bool = False):
+                 name: Optional[str] = None, include_bias: bool = True, probe_eval: bool = False,
+                 sparse: bool = False):
         _check_layer(layer)
         every, max_rows = check_int("every", every, 1, 2 ** 62), check_int("max_rows", max_rows, 1, 2 ** 62)
         if k is not None:
@@ -189,6 +194,9 @@ class RecallMonitor:
         self.layer, self.every, self.k, self.max_rows = layer, every, k, max_rows
         self.name = name or type(layer).__name__
         self.include_bias, self.probe_eval = include_bias, probe_eval
+        if not isinstance(sparse, bool):
+            raise TypeError(f"sparse must be a bool, got {sparse!r}")
+        self.sparse = sparse
         self.history: list[dict] = []
         self.rebuild_steps: list[int] = []
         self._handle = None
@@ -214,7 +222,7 @@ class RecallMonitor:
         """Measure recall on ``x`` now and append it to :attr:`history`."""
         self._note_tables()
         x2 = x.detach().reshape(-1, self.layer.in_features)[: self.max_rows]
-        record = active_set_recall(self.layer, x2, k=self.k, include_bias=self.include_bias)
+        record = active_set_recall(self.layer, x2, k=self.k, include_bias=self.include_bias, sparse=self.sparse)
         self._note_tables()  # a stale layer is rebuilt by the probe's own lookup
         step = int(self.layer.step)
         record = {"step": step, "since_rebuild": step - self._last_rebuild, **record}

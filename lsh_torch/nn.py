@@ -296,15 +296,21 @@ class LSHLinear(nn.Module):
                    sparse: bool = False) -> Tensor:
         """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` shared.
 
-        ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first. ``shared``
-        defaults to ``mode == "shared"``; ``sparse`` chooses the tail of :meth:`forward_sparse`
-        (True) or of :meth:`forward`.
+        ``labels`` (int64 ``[B]``, or ``[B, M]`` padded with -1) are forced in first. ``sparse``
+        chooses the path: :meth:`forward_sparse`'s set (True: its tail; every output where
+        :attr:`exact_softmax`) or :meth:`forward`'s. ``shared`` defaults to that path's: one set
+        for the batch in ``forward_sparse`` unless ``mode="per_row"``, in ``forward`` if
+        ``mode="shared"``.
         """
         x, _, _ = self._operands(x)
         if x.dim() != 2:
             raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
         labels = _label_matrix(labels, x.shape[:1])
-        return self._lookup(x, labels, self.mode == "shared" if shared is None else shared, sparse)[0]
+        if sparse and self.exact_softmax:
+            return torch.arange(self.out_features, device=x.device)
+        if shared is None:
+            shared = self.mode != "per_row" if sparse else self.mode == "shared"
+        return self._lookup(x, labels, shared, sparse)[0]
 
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """The active set and its head (see :func:`ops.query`)."""

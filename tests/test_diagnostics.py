@@ -212,3 +212,24 @@ def test_shared_mode_active_set_is_scored_for_every_row():
     r = active_set_recall(layer, x)
     assert r["recall"] == pytest.approx(active_set_recall(layer, x, active=shared.expand(64, -1))["recall"])
     assert 0.0 <= r["recall"] <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["auto", "per_row"])
+def test_sparse_recall_measures_the_set_forward_sparse_trains_with(mode):
+    """sparse=True: the set forward_sparse computes (shared unless per_row, half of it the uniform
+    tail), not forward's per-row hidden-layer set; an exact-softmax layer's is every output."""
+    layer = LSHLinear(16, 9000, mode=mode, active=256, seed=1)
+    x = torch.randn(32, 16)
+    expected = active_set_recall(layer, x, k=10, active=layer.active_set(x, sparse=True))
+    got = active_set_recall(layer, x, k=10, sparse=True)
+    assert got == expected
+    probed = layer.active_set(x, sparse=True)  # the next training step's draws: forward_sparse's set
+    assert torch.equal(layer.forward_sparse(x).indices, probed)
+    assert probed.dim() == (2 if mode == "per_row" else 1)
+    monitor = RecallMonitor(layer, every=1, k=10, sparse=True)
+    assert monitor.probe(x)["recall"] == active_set_recall(layer, x, k=10, sparse=True)["recall"]
+    assert active_set_recall(layer, x, k=10)["budget"] == 256  # forward's set: per row either way
+    exact = LSHLinear(16, 500, seed=1)  # at most 8,192 outputs: forward_sparse computes all of them
+    assert active_set_recall(exact, x, k=10, sparse=True)["recall"] == 1.0
+    with pytest.raises(TypeError, match="sparse must be a bool"):
+        RecallMonitor(layer, sparse="yes")
