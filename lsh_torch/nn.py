@@ -96,7 +96,8 @@ class LSHLinear(nn.Module):
             tables' best candidates, then uniform draws from the remaining neurons (at least
             ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
             (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
-            and none in :meth:`forward`, whose outputs no loss corrects (hidden layers).
+            and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
+            explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
