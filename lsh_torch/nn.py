@@ -64,12 +64,18 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     with L=40 against 195.1 with L=20) but L=20 where the batch shares one (``"shared"``, and
     ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
     L=40, at half the query and rebuild cost).
-    The MIPS transform is SimHash's: with ``hash="dwta"`` (or a DWTA instance) ``asymmetric`` is False.
+    The MIPS transform is SimHash's: with ``hash="dwta"`` (or a DWTA instance) ``asymmetric`` is False,
+    and a DWTA of a given ``bin_size`` gets K rounded to a multiple of its ``log2(bin_size)`` bits per
+    hash. (An explicit K below ``log2(probes)`` caps the auto probes at its ``2**K`` buckets.)
     """
     wide = out_features >= WIDE
     srp = isinstance(hash, hashing.SRP) or hash == "srp"
-    tables = (40 if mode == "per_row" else 20) if wide else 5
-    return {"num_tables": tables, "bits": auto_bits(out_features), "probes": 2 if wide else 10,
+    tables, bits = (40 if mode == "per_row" else 20) if wide else 5, auto_bits(out_features)
+    bin_size = hash.bin_size if isinstance(hash, hashing.DWTA) else None
+    if isinstance(bin_size, int) and bin_size >= 2 and not bin_size & (bin_size - 1):
+        per_hash = bin_size.bit_length() - 1  # a given bin size: K the nearest multiple of its bits per hash
+        bits = max(per_hash, round(bits / per_hash) * per_hash)
+    return {"num_tables": tables, "bits": bits, "probes": 2 if wide else 10,
             "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
@@ -193,9 +199,12 @@ class LSHLinear(nn.Module):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         auto = auto_settings(out_features, mode, hash)
         auto_active = isinstance(active, str) and active == "auto"
+        auto_probes = isinstance(probes, str) and probes == "auto"
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
             ("active", active)))
+        if auto_probes and isinstance(bits, int) and 1 <= bits <= 30:
+            probes = min(probes, 2 ** bits)  # a small given K has fewer buckets than the auto probes
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)

@@ -325,6 +325,13 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6
     assert LSHLinear(8, 670_091, num_tables=3, active=100).tables.num_tables == 3  # explicit values win
+    # Auto values fit the explicit ones: probes within a small K's buckets, K a multiple of a DWTA bin's bits
+    assert [LSHLinear(8, 1000, bits=k).tables.probes for k in (1, 3, 4)] == [2, 8, 10]
+    assert LSHLinear(8, 1000, probes=8, bits=3).tables.probes == 8
+    with pytest.raises(ValueError, match=r"probes must be in \[1, 8\], got 9"):  # a given one is not moved
+        LSHLinear(8, 1000, probes=9, bits=3)
+    assert [LSHLinear(8, n, hash=hashing.DWTA(bin_size=16)).tables.bits for n in (1000, 100_000, 670_091)] == [8, 8, 12]
+    assert LSHLinear(8, 1000, hash=hashing.DWTA(bin_size=4)).tables.bits == 6
 
 
 @pytest.mark.parametrize("sparse_grad", [True, False])
