@@ -534,7 +534,8 @@ class LSHLinear(nn.Module):
         if not exact:
             budget = self.topk_budget if budget is None else budget
             budget = check_int("budget", budget, 1, self.out_features)
-            k = check_int("k", k, 1, budget)
+            k = check_int("k (at most the index's candidates, budget=; exact=True for any k up to out_features)",
+                          k, 1, budget)
             probes = self.inference_probes if probes is None else probes
             probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
             norm_rows = self.topk_norm_rows if norm_rows is None else norm_rows
