@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+
+import torch
 
 MAX_BITS = 20  # the limits of csrc/lsh_common.h
 MAX_TABLES = 1024
@@ -27,3 +31,15 @@ def int_or_float(name: str, value, expected: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for the first frame outside this package and torch, called
+    from the function that warns: the user's line, however many wrappers (``torch.compiler.disable``,
+    autograd, module calls) lie between."""
+    package, torch_dir = os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
+

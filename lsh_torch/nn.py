@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hashing, ops
-from ._checks import MAX_PROBES, check_int, int_or_float
+from ._checks import MAX_PROBES, check_int, int_or_float, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         exact_topk, topk_budget, topk_settings)
@@ -327,6 +327,7 @@ class LSHLinear(nn.Module):
         _check_not_meta(self.weight)
         self._tables_from_checkpoint = False  # in use: a later load_state_dict is a deliberate reload
         if self._stale:
+            self._warn_if_parametrized()
             self.rebuild()
         seed = self._step_seed() if self.training else self.seed
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
@@ -363,6 +364,16 @@ class LSHLinear(nn.Module):
         # Another seed for the tail: the pool's random fill must not steer its draws.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
                                        shared)
+
+    def _warn_if_parametrized(self) -> None:
+        """A weight computed on every access (torch.nn.utils.parametrize, parametrizations.weight_norm)
+        is a new tensor at every lookup: the tables are rebuilt from all rows each time (62 against 4 ms
+        per forward_sparse at 100K outputs). Said once per layer; convert() refuses such layers."""
+        if not getattr(self, "_warned_parametrized", False) and nn.utils.parametrize.is_parametrized(self, "weight"):
+            self._warned_parametrized = True
+            warnings.warn(f"LSHLinear(out_features={self.out_features}): its weight is parametrized (computed on every "
+                          "access), so every lookup re-hashes every row into new tables: slow. Hash tables follow a "
+                          "weight Parameter updated in place; remove the parametrization.", stacklevel=user_stacklevel())
 
     def _step_seed(self) -> int:
         """The training step's draws: another seed each step, within int64 however long the run."""

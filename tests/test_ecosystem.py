@@ -3,6 +3,7 @@ mode, functional_call (issue 12)."""
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -208,3 +209,18 @@ def test_torch_func_on_the_sparse_path_raises_clearly(transform, sparse_grad):
     theirs = torch.func.grad(lambda p, x: torch.func.functional_call(linear, p, (x,)).pow(2).sum())(
         dict(linear.named_parameters()), x)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_a_parametrized_weight_warns_once_at_the_callers_line():
+    """weight_norm / parametrize make the weight a new tensor at every access, and the tables are
+    rebuilt from every row at every lookup: said once per layer, pointing at the user's call."""
+    layer = LSHLinear(8, 9000, seed=0)
+    torch.nn.utils.parametrizations.weight_norm(layer)
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="weight is parametrized") as caught:
+        layer.forward_sparse(x)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.forward_sparse(x)  # once per layer
+        LSHLinear(8, 9000, seed=0).forward_sparse(x)  # a plain weight: nothing to say
