@@ -250,12 +250,12 @@ def test_a_state_saved_before_weight_decay_loads_without_it():
 def test_sorted_rows_skip_the_sort_and_anything_else_is_coalesced():
     # autograd stores a parameter's sparse .grad without its coalesced flag; rows that already ascend
     # are taken as they are, rows out of order or repeated are summed and sorted as coalesce() does.
-    from lsh_torch.optim import _row_sparse
+    from lsh_torch.optim import _coalesced
     values = torch.randn(4, 3)
     for rows, expect_same in (([1, 4, 5, 9], True), ([4, 1, 5, 9], False), ([1, 4, 4, 9], False), ([7], True)):
         index = torch.tensor([rows])
         grad = torch.sparse_coo_tensor(index, values[: len(rows)], (10, 3))
-        got = _row_sparse(grad)
+        got = _coalesced(grad)
         assert got.is_coalesced()
         torch.testing.assert_close(got.to_dense(), grad.to_dense())
         assert torch.equal(got._indices(), grad.coalesce()._indices())
@@ -282,28 +282,48 @@ def test_a_learning_rate_scheduled_down_to_zero_steps_as_sparse_adam_does():
         torch.testing.assert_close(opts[1].state[params[1]][key], opts[0].state[params[0]][key])
 
 
-def test_element_sparse_gradients_step_as_in_sparse_adam_and_a_refused_step_changes_nothing():
-    """A COO gradient with two sparse dimensions (entries, not rows) is taken as the rows it touches;
-    a gradient the op refuses stops the step before any parameter or state moved."""
-    start = torch.randn(5, 4)
-    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
-    opts = [torch.optim.SparseAdam([params[0]], lr=0.1), LazyAdam([params[1]], lr=0.1)]
-    for _ in range(3):
-        where = torch.tensor([[3, 0, 3, 1], [2, 1, 0, 3]])
-        grad = torch.sparse_coo_tensor(where, torch.randn(4), (5, 4))
-        for p, opt in zip(params, opts):
-            p.grad = grad.clone()
+def test_a_step_refused_for_any_reason_changes_nothing():
+    """Everything the update could refuse is checked before the first parameter moves: an element-sparse
+    gradient (SparseAdam's, whose entries LazyAdam's whole-row update would not match), a gradient of
+    another dtype, betas or eps set after construction, a loaded moment of another shape."""
+    def fresh():
+        first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+        opt = LazyAdam([first], lr=0.1)
+        opt.add_param_group({"params": [second]})
+        for p in (first, second):
+            p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 3), (4, 3))
+        opt.step()  # states exist, step 1
+        for p in (first, second):
+            p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3))
+        return opt, first, second
+
+    def element_sparse(opt, second):
+        second.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2], [0, 2]]), torch.ones(2), (4, 3))
+
+    def other_dtype(opt, second):
+        second.grad_dtype = None  # torch lets a gradient of another dtype in
+        second.grad = second.grad.double()
+
+    def betas(opt, second):
+        opt.param_groups[1]["betas"] = (0.9, 1.0)
+
+    def eps(opt, second):
+        opt.param_groups[1]["eps"] = -1.0
+
+    def moment_shape(opt, second):
+        opt.state[second]["exp_avg"] = torch.zeros(5, 3)
+
+    for spoil, error, match in ((element_sparse, ValueError, "sparse in 2 dimensions.*SparseAdam"),
+                                (other_dtype, TypeError, r"param_groups\[1\]\['params'\]\[0\] must be floating point"),
+                                (betas, ValueError, "beta"), (eps, ValueError, "epsilon"),
+                                (moment_shape, ValueError, "exp_avg")):
+        opt, first, second = fresh()
+        spoil(opt, second)
+        before = first.detach().clone(), second.detach().clone()
+        with pytest.raises(error, match=match):
             opt.step()
-    torch.testing.assert_close(params[1], params[0])
-    first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
-    opt = LazyAdam([first, second], lr=0.1)
-    first.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 3), (4, 3))
-    second.grad_dtype = None  # torch lets a gradient of another dtype in
-    second.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3), (4, 3)).double()
-    before = first.detach().clone()
-    with pytest.raises(TypeError, match=r"gradient of param_groups\[0\]\['params'\]\[1\] must have its dtype"):
-        opt.step()
-    assert torch.equal(first, before) and not opt.state
+        assert torch.equal(first, before[0]) and torch.equal(second, before[1]), spoil.__name__
+        assert [opt.state[p]["step"] for p in (first, second)] == [1, 1], spoil.__name__
 
 
 def test_a_compiled_training_step_with_the_optimizer_inside_matches_eager():
