@@ -39,7 +39,7 @@ def user_stacklevel() -> int:
     autograd, module calls) lie between."""
     package, torch_dir = os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+    while frame is not None and frame.f_code.co_filename.startswith((package + os.sep, torch_dir + os.sep)):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -103,8 +103,8 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
             try:
                 new[id(module)] = make(module)
             except (TypeError, ValueError) as error:  # an option this layer cannot take (active above its width, ...)
-                raise type(error)(f"{name or type(module).__name__!r} ({module}): {error}; the model is unchanged") \
-                    from error
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"{name or type(module).__name__!r} ({module}): {error}; the model is unchanged") from error
     if id(model) in new:
         return new[id(model)]
     for parent in list(model.modules()):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .losses import _check_labels_found, _label_columns, _label_rows, _mask_of, smoothed_target
-from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, topk_budget
+from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, cap_probes, fit_bits, topk_budget
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
@@ -345,18 +345,20 @@ def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
     bucket size of the full layer's kind) and an ``active`` count (the full layer's, split by width;
     every row where the full layer would compute every output: ``LSHLinear.exact_softmax``)."""
     auto, wide = auto_settings(out_features, kwargs.get("mode", "auto"), kwargs.get("hash", "srp")), out_features >= WIDE
-    kwargs = dict(kwargs)
+    kwargs, auto_probes = dict(kwargs), kwargs.get("probes", "auto") == "auto"
     for name in ("num_tables", "probes", "asymmetric", "active", "bits"):
         if kwargs.get(name, "auto") != "auto":
             continue
         if name == "bits":
-            kwargs[name] = auto_bits(width, wide=wide)
+            kwargs[name] = fit_bits(auto_bits(width, wide=wide), kwargs.get("hash", "srp"))
         elif name == "active" and out_features <= WIDE:  # the full layer's exact softmax, shard by shard
             kwargs[name] = 1.0
         elif name == "active" and isinstance(auto["active"], int):
             kwargs[name] = max(1, min(width, math.ceil(auto["active"] * width / out_features)))
         else:
             kwargs[name] = auto[name]
+    if auto_probes:
+        kwargs["probes"] = cap_probes(kwargs["probes"], kwargs["bits"])
     return kwargs
 
 

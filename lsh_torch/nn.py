@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from typing import NamedTuple, Optional
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hashing, ops
-from ._checks import MAX_PROBES, check_int, int_or_float, user_stacklevel
+from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         exact_topk, topk_budget, topk_settings)
@@ -70,13 +71,27 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     """
     wide = out_features >= WIDE
     srp = isinstance(hash, hashing.SRP) or hash == "srp"
-    tables, bits = (40 if mode == "per_row" else 20) if wide else 5, auto_bits(out_features)
-    bin_size = hash.bin_size if isinstance(hash, hashing.DWTA) else None
-    if isinstance(bin_size, int) and bin_size >= 2 and not bin_size & (bin_size - 1):
-        per_hash = bin_size.bit_length() - 1  # a given bin size: K the nearest multiple of its bits per hash
-        bits = max(per_hash, round(bits / per_hash) * per_hash)
-    return {"num_tables": tables, "bits": bits, "probes": 2 if wide else 10,
+    tables = (40 if mode == "per_row" else 20) if wide else 5
+    return {"num_tables": tables, "bits": fit_bits(auto_bits(out_features), hash), "probes": 2 if wide else 10,
             "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
+
+
+def fit_bits(bits: int, hash) -> int:
+    """An auto K fitted to the hash family: a DWTA of a given ``bin_size`` hashes ``log2(bin_size)``
+    bits at a time, so K becomes the nearest multiple of that, within the kernels' 20 bits."""
+    bin_size = hash.bin_size if isinstance(hash, hashing.DWTA) else None
+    if isinstance(bin_size, numbers.Integral) and bin_size >= 2 and not bin_size & (bin_size - 1):
+        per_hash = int(bin_size).bit_length() - 1
+        bits = max(per_hash, min(round(bits / per_hash), MAX_BITS // per_hash) * per_hash)
+    return bits
+
+
+def cap_probes(probes: int, bits) -> int:
+    """Auto probes within a given K's ``2**K`` buckets (a small explicit K has fewer than the auto
+    probes); a K out of range is left for the tables' check to name."""
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and 1 <= bits <= MAX_BITS:
+        return min(probes, 2 ** int(bits))
+    return probes
 
 
 class LSHLinear(nn.Module):
@@ -203,8 +218,8 @@ class LSHLinear(nn.Module):
         num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
             ("active", active)))
-        if auto_probes and isinstance(bits, int) and 1 <= bits <= 30:
-            probes = min(probes, 2 ** bits)  # a small given K has fewer buckets than the auto probes
+        if auto_probes:
+            probes = cap_probes(probes, bits)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
@@ -310,16 +325,21 @@ class LSHLinear(nn.Module):
         chooses the path: :meth:`forward_sparse`'s set (True: its tail; every output where
         :attr:`exact_softmax`) or :meth:`forward`'s. ``shared`` defaults to that path's: one set
         for the batch in ``forward_sparse`` unless ``mode="per_row"``, in ``forward`` if
-        ``mode="shared"``.
+        ``mode="shared"``. In training: the next step's draws (uniform ones during ``warmup``), from
+        the tables as they are (a rebuild the schedule has due at that step is left to it).
         """
         x, _, _ = self._operands(x)
         if x.dim() != 2:
             raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
         labels = _label_matrix(labels, x.shape[:1])
         if sparse and self.exact_softmax:
+            if labels is not None:
+                _check_label_range(labels, self.out_features)
             return torch.arange(self.out_features, device=x.device)
         if shared is None:
             shared = self.mode != "per_row" if sparse else self.mode == "shared"
+        if self.training and self.step < self.warmup:  # the next training step's: uniform draws
+            return self._warmup_draws(x, labels, shared)[0]
         return self._lookup(x, labels, shared, sparse)[0]
 
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
@@ -481,15 +501,18 @@ class LSHLinear(nn.Module):
         would otherwise recompile every step, and a rebuild reads every weight row); the lookup
         carries no gradient, so the differentiable part around it is compiled in full."""
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
-            seed = self._step_seed()
-            found = self.tables.query_uniform(x, self.out_features, self.budget,
-                                              _as_label_matrix(labels, x.shape[0]), seed, shared)
+            found = self._warmup_draws(x, labels, shared)
         else:
             if (self.schedule is not None and _rebuild_now(self.schedule, self.step)) or self.step == self.warmup > 0:
                 self._mark_stale()
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1
         return found
+
+    def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+        """A warm-up step's set: the labels and uniform draws, seeded by the step."""
+        return self.tables.query_uniform(x, self.out_features, self.budget, _as_label_matrix(labels, x.shape[0]),
+                                         self._step_seed(), shared)
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
@@ -545,8 +568,8 @@ class LSHLinear(nn.Module):
         if not exact:
             budget = self.topk_budget if budget is None else budget
             budget = check_int("budget", budget, 1, self.out_features)
-            k = check_int("k (at most the index's candidates, budget=; exact=True for any k up to out_features)",
-                          k, 1, budget)
+            k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
+                          f"out_features)", k, 1, budget)
             probes = self.inference_probes if probes is None else probes
             probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
             norm_rows = self.topk_norm_rows if norm_rows is None else norm_rows

@@ -231,5 +231,11 @@ def test_sparse_recall_measures_the_set_forward_sparse_trains_with(mode):
     assert active_set_recall(layer, x, k=10)["budget"] == 256  # forward's set: per row either way
     exact = LSHLinear(16, 500, seed=1)  # at most 8,192 outputs: forward_sparse computes all of them
     assert active_set_recall(exact, x, k=10, sparse=True)["recall"] == 1.0
+    with pytest.raises(ValueError, match="labels must be in"):
+        exact.active_set(x, torch.full((32,), 500), sparse=True)
+    warming = LSHLinear(16, 9000, mode=mode, active=256, seed=1, warmup=2)  # uniform draws for two steps
+    for _ in range(3):
+        probed = warming.active_set(x, sparse=True)
+        assert torch.equal(warming.forward_sparse(x).indices, probed)
     with pytest.raises(TypeError, match="sparse must be a bool"):
         RecallMonitor(layer, sparse="yes")

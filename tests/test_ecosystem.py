@@ -2,6 +2,7 @@
 mode, functional_call (issue 12)."""
 import copy
 import io
+import os
 import pickle
 import warnings
 
@@ -224,3 +225,13 @@ def test_a_parametrized_weight_warns_once_at_the_callers_line():
         warnings.simplefilter("error")
         layer.forward_sparse(x)  # once per layer
         LSHLinear(8, 9000, seed=0).forward_sparse(x)  # a plain weight: nothing to say
+
+
+def test_warnings_point_past_the_package_but_not_past_a_user_file_named_like_it():
+    from lsh_torch import _checks
+    package = os.path.dirname(os.path.abspath(_checks.__file__))
+    scope = {}
+    exec(compile("def call(f):\n    return f()\n", package + "_demo.py", "exec"), scope)  # e.g. lsh_torch_demo.py
+    assert scope["call"](_checks.user_stacklevel) == 1  # the caller's own line
+    exec(compile("def call(f):\n    return f()\n", os.path.join(package, "inner.py"), "exec"), scope)
+    assert scope["call"](_checks.user_stacklevel) == 2  # a frame inside the package is skipped

@@ -1,10 +1,13 @@
 """The large-output path: forward_sparse, sparse_cross_entropy, top-k, shared mode, random selection."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import reference as ref
+import lsh_torch
 from lsh_torch import LSHLinear, hashing, ops, sparse_cross_entropy
+from lsh_torch.distributed import _shard_kwargs
 from lsh_torch.nn import TOPK_BUDGET, topk_budget
 
 
@@ -332,6 +335,12 @@ def test_auto_settings_by_width():
         LSHLinear(8, 1000, probes=9, bits=3)
     assert [LSHLinear(8, n, hash=hashing.DWTA(bin_size=16)).tables.bits for n in (1000, 100_000, 670_091)] == [8, 8, 12]
     assert LSHLinear(8, 1000, hash=hashing.DWTA(bin_size=4)).tables.bits == 6
+    assert LSHLinear(8, 1000, bits=np.int64(3)).tables.probes == 8  # numpy ints as check_int takes them
+    assert lsh_torch.nn.fit_bits(21, hashing.DWTA(2 ** 7)) == 14  # within the kernels' 20 bits
+    # A vocabulary-parallel layer's shards fit their K the same way (bits from each shard's rows)
+    assert _shard_kwargs(670_091, 335_046, {"hash": hashing.DWTA(16)})["bits"] == 12
+    assert _shard_kwargs(100_000, 25_000, {"hash": hashing.DWTA(16)})["bits"] == 8
+    assert _shard_kwargs(100_000, 25_000, {"bits": 1})["probes"] == 2
 
 
 @pytest.mark.parametrize("sparse_grad", [True, False])
