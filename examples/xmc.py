@@ -579,7 +579,7 @@ def parse_args(argv=None):
     g.add_argument("--train-points", type=cli.integer(), default=20_000, help="synthetic training points")
     g.add_argument("--test-points", type=cli.integer(), default=5_000, help="synthetic test points")
     g.add_argument("--features", type=cli.integer(), default=100_000, help="synthetic feature ids")
-    g.add_argument("--labels", type=cli.integer(), default=100_000, help="synthetic labels")
+    g.add_argument("--labels", type=cli.integer(5), default=100_000, help="synthetic labels (P@5 needs 5)")
     g.add_argument("--structure", default="clusters", choices=["clusters", "tree"],
                    help="synthetic label structure: flat clusters of labels drawn independently, or a label "
                         "hierarchy with confusable siblings that co-occur (xmc_data.generate)")
@@ -648,6 +648,16 @@ def parse_args(argv=None):
     if args.bin_size is not None and args.hash != "dwta":
         p.error(f"--bin-size is dwta's: it needs --hash dwta, got --hash {args.hash}")
     cli.apply_quick(p, argv, args, QUICK)
+    if args.quick:  # beside the committed results, not over them
+        for dest, name in (("json", "xmc_quick.json"), ("plot", "xmc_quick_p1_vs_time.png")):
+            if not cli.given(p, argv, [dest]):
+                setattr(args, dest, os.path.join(RESULTS, name))
+    kinds = {spec.strip().partition("-")[0] for spec in args.runs.split(",")}
+    if args.save_head and "lsh" not in kinds:
+        p.error(f"--save-head saves an lsh run's output layer: --runs {args.runs} has none")
+    if "lsh" in kinds and args.epochs <= args.warmup_epochs:
+        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs:g}: the lsh runs would draw uniformly "
+                "throughout and never hash; lower --warmup-epochs or train longer")
     try:
         args.device = torch.device(args.device)
     except RuntimeError as exc:
@@ -655,6 +665,31 @@ def parse_args(argv=None):
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
     return args
+
+
+def fail(message: str) -> None:
+    """Stop with argparse's kind of message (a bad file or option found after parsing), no traceback."""
+    sys.exit(f"{os.path.basename(sys.argv[0]) or 'xmc.py'}: error: {message}")
+
+
+def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
+    """``--data`` (and ``--test-data``, or a held-out split), checked: readable, well formed, test
+    points within the training file's features and labels, at least one point each, 5 labels (P@5)."""
+    try:
+        train_data = xmc_data.read_xmc(args.data, args.max_points)
+        if args.test_data:
+            test_data = xmc_data.read_xmc(args.test_data, args.max_points)
+        else:
+            train_data, test_data = train_data.split(args.test_fraction, args.seed)
+    except (OSError, xmc_data.XMCFormatError) as error:
+        fail(f"--data / --test-data: {error}")
+    if test_data.num_features > train_data.num_features or test_data.num_labels > train_data.num_labels:
+        fail(f"--test-data has {test_data.num_features:,} features and {test_data.num_labels:,} labels, the training "
+             f"data {train_data.num_features:,} and {train_data.num_labels:,}: the model is sized by the training file")
+    if not len(train_data) or not len(test_data) or train_data.num_labels < 5:
+        fail(f"--data: need at least one training and one test point and 5 labels (P@5), got {len(train_data)} and "
+             f"{len(test_data)} points, {train_data.num_labels} labels")
+    return train_data, test_data
 
 
 def init_torchrun(args) -> None:
@@ -686,11 +721,7 @@ def main(argv=None) -> dict:
         return {}
     start = time.perf_counter()
     if args.data:
-        train_data = xmc_data.read_xmc(args.data, args.max_points)
-        if args.test_data:
-            test_data = xmc_data.read_xmc(args.test_data, args.max_points)
-        else:
-            train_data, test_data = train_data.split(args.test_fraction, args.seed)
+        train_data, test_data = read_data(args)
         source = os.path.basename(args.data)
     else:
         train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
@@ -709,7 +740,6 @@ def main(argv=None) -> dict:
               f"points of every batch of {args.batch_size}; lsh/random heads sharded (ShardedLSHLinear), "
               "budgets split evenly over the shards")
 
-    warm_up(train_data, args)
     runs = []
     for spec in [s.strip() for s in args.runs.split(",")]:  # checked by runs_spec
         kind, _, mode = spec.partition("-")
@@ -718,10 +748,19 @@ def main(argv=None) -> dict:
         if kind != "dense":
             want = args.active if mode == "shared" else args.active_per_row
             budget = active_budget(train_data, args, mode, args.seed, shards=size)
-            if budget != want:
+            if budget > want:
                 print(f"{spec}: active budget raised from {want} to {budget} to hold every batch's labels")
+            elif budget < want:
+                print(f"{spec}: active budget {budget} (asked {want}): every output of the layer")
+            try:  # an option the layer refuses (--bits, --tables, --tail, ...) stops here, not after the data's load
+                build(kind, mode, train_data, args, budget)
+            except (TypeError, ValueError) as error:
+                fail(f"--runs {spec}: {error}")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
         runs.append(Run(name, kind, mode, budget))
+    if args.save_head and size > 1:
+        fail("--save-head saves a single process's output layer; under torchrun the head is sharded")
+    warm_up(train_data, args)
     train_in_turns(runs, train_data, eval_data, test_data, args)
 
     summary = report(runs, popular, args)

@@ -18,6 +18,7 @@ statistics that make extreme classification hard (see its docstring), so the dem
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -145,8 +146,10 @@ def _parse_line(text: str, where: str, num_features: int, num_labels: int):
                 raise ValueError
             ids.append(int(fid))
             values.append(float(val))
+            if not math.isfinite(values[-1]):
+                raise ValueError
         except ValueError:
-            raise XMCFormatError(f"{where}: bad feature {tok!r} (expected feature_id:value)") from None
+            raise XMCFormatError(f"{where}: bad feature {tok!r} (expected feature_id:value, a finite value)") from None
         if not 0 <= ids[-1] < num_features:
             raise XMCFormatError(f"{where}: feature id {ids[-1]} out of range [0, num_features={num_features})")
     return labels, ids, values
@@ -156,7 +159,8 @@ def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
     """Reads an Extreme Classification Repository text file (header line, then one point per line).
 
     Raises :class:`XMCFormatError` (a ValueError) naming the line of a malformed header or point, a
-    label or feature id out of the header's range, or a point count that disagrees with the header.
+    label or feature id out of the header's range, a value that is not finite, or a point count that
+    disagrees with the header.
     ``max_points`` reads only the first points (for a quick run on a large file).
     """
     with open(path, "r", encoding="utf-8") as f:
@@ -212,6 +216,8 @@ def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
         if label_ids.size and (label_ids.min() < 0 or label_ids.max() >= num_labels):
             raise ValueError
         if feature_ids.size and (feature_ids.min() < 0 or feature_ids.max() >= num_features):
+            raise ValueError
+        if not np.isfinite(numbers[:, 1]).all():  # nan / inf values: a model trained on them reports nan
             raise ValueError
     except (ValueError, OverflowError):
         for i, line in enumerate(lines):

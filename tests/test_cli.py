@@ -239,7 +239,7 @@ def test_hogwild_abbreviations_are_xmc_options():
 
 def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(monkeypatch):
     hogwild = script("hogwild_xmc")
-    args = hogwild.parse_args(["--label-smoothing", "0.1", "--weight-decay", "0.01", "--uncorrected", "--epochs", "1"])
+    args = hogwild.parse_args(["--label-smoothing", "0.1", "--weight-decay", "0.01", "--uncorrected", "--epochs", "2"])
     seen = {}
 
     def optimizers(net, kind, lr, out_lr, weight_decay=0.0):

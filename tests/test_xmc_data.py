@@ -78,6 +78,7 @@ def test_reads_the_repository_layout(tmp_path):
     ("2 6 4\n1 6:0.5\n0 1:1\n", r":2: feature id 6 out of range"),
     ("3 6 4\n1 0:0.5\n0 1:1\n", r":4: the file ends after 2 points but the header says 3"),
     ("1 6 4\n1 0:0.5\n0 1:1\n", r":3: more points than the header's 1"),
+    ("2 6 4\n1 0:0.5\n0 1:nan\n", r":3: bad feature '1:nan' .*finite"),
 ])
 def test_malformed_files_name_the_line(tmp_path, text, match):
     path = tmp_path / "bad.txt"

@@ -1,6 +1,7 @@
 """The XMC demo's losses (examples/xmc.py): the full-softmax loss dense trains with and the held-out
 loss every head is scored by."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -89,3 +90,26 @@ def test_arguments_are_checked_before_any_run(tmp_path, capsys):
         with pytest.raises(SystemExit):
             xmc.parse_args(argv)
         assert message in capsys.readouterr().err
+    for argv, message in ((["--labels", "4"], "must be an int of at least 5"),  # P@5
+                          (["--runs", "random,dense", "--save-head", str(tmp_path / "h.pt")], "has none"),
+                          (["--epochs", "1"], "the lsh runs would draw uniformly throughout and never hash")):
+        with pytest.raises(SystemExit):
+            xmc.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert xmc.parse_args(["--quick"]).json.endswith("xmc_quick.json")  # not over the committed results
+    assert xmc.parse_args(["--quick", "--json", ""]).json == ""
+
+
+def test_bad_data_files_and_options_stop_with_a_message_not_a_traceback(tmp_path):
+    """Found after parsing (a file's content, an option the layer refuses): argparse's kind of error."""
+    train, narrow = tmp_path / "train.txt", tmp_path / "narrow.txt"
+    train.write_text("3 6 5\n1 0:0.5\n2 1:1\n0 2:1\n")
+    narrow.write_text("1 8 5\n1 7:0.5\n")
+    base = ["--json", "", "--plot", "", "--runs", "lsh"]
+    for argv, message in ((["--data", str(tmp_path / "missing.txt")], "No such file"),
+                          (["--data", str(train), "--test-data", str(narrow)], "the model is sized by the training file"),
+                          (["--data", str(train), "--test-fraction", "0.1"], "need at least one training and one test"),
+                          (["--train-points", "200", "--test-points", "50", "--features", "100", "--labels", "300",
+                            "--bits", "40"], "--runs lsh: bits must be in [1, 20], got 40")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            xmc.main(base + argv)
