@@ -93,13 +93,14 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=cli.integer(), default=4)
     p.add_argument("--lr", type=cli.positive, default=2e-3, help="AdamW learning rate (both models)")
     p.add_argument("--active", type=cli.auto_or(cli.integer()), default="auto",
-                   help="active words per batch (LSHLinear's default for the width: 2,048, half a corrected tail)")
+                   help="active words per batch (auto: LSHLinear's default for the width: 2,048, half a corrected "
+                        "tail; every word up to 8,192)")
     p.add_argument("--eval-tokens", type=cli.integer(), default=8_192, help="held-out words scored at each evaluation")
     p.add_argument("--held-out", type=cli.fraction, default=0.05, help="fraction of the files held out")
     p.add_argument("--seed", type=cli.integer(0), default=0)
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-    check_model_args(p, args)
+    check_model_args(p, args, active=args.active)
     return args
 
 
@@ -121,9 +122,12 @@ def main(argv=None) -> None:
     plain = GPT2LMHeadModel(config)
     patched = lsh_hf.patch(copy.deepcopy(plain), active=args.active, seed=args.seed)
     head = patched.lm_head
+    described = (f"every one of its {head.out_features:,} words (the exact softmax: at most 8,192 words)"
+                 if head.exact_softmax else
+                 f"{head.budget} active words per batch ({head.mode} mode), L={head.tables.num_tables}, "
+                 f"K={head.tables.bits}, {head.tables.probes} probes")
     print(f"model: GPT2LMHeadModel, {sum(p.numel() for p in plain.parameters()):,} parameters; patched head: "
-          f"{head.budget} active words per batch ({head.mode} mode), L={head.tables.num_tables}, "
-          f"K={head.tables.bits}, {head.tables.probes} probes; {torch.get_num_threads()} threads")
+          f"{described}; {torch.get_num_threads()} threads")
 
     results = {}
     for name, model in (("unpatched", plain), ("patched", patched)):

@@ -269,16 +269,23 @@ def parse_args(argv=None):
                         "what the hashing is worth")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
-    check_model_args(p, args)
+    check_model_args(p, args, active=args.active, mode=args.mode, num_tables=args.tables, bits=args.bits,
+                     probes=args.probes, rebuild=args.rebuild)
     return args
 
 
-def check_model_args(p: argparse.ArgumentParser, args) -> None:
-    """What the model's options must agree on (also hf_causal_lm.py's), before the corpus loads."""
+def check_model_args(p: argparse.ArgumentParser, args, **head) -> None:
+    """What the model's options must agree on (also hf_causal_lm.py's), before the corpus loads: the
+    LSHLinear ``head`` options (its width is --vocab + 1) are tried on a meta-device layer, so that one
+    it refuses (--active above the vocabulary, --bits 30, ...) is named now, not after the load."""
     if args.d_model % args.heads:
         p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     if args.eval_tokens < args.context:
         p.error(f"--eval-tokens {args.eval_tokens} must be at least --context {args.context} (one window)")
+    try:
+        lsh_torch.LSHLinear(args.d_model, args.vocab + 1, device="meta", **head)
+    except (TypeError, ValueError) as error:
+        p.error(f"the LSH head (--vocab {args.vocab} + <unk> words): {error}")
 
 
 def main(argv=None) -> None:

@@ -124,6 +124,9 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("transformer_lm", ["--held-out", "1"], "--held-out"),
     ("transformer_lm", ["--heads", "3"], "--heads"),  # 128 is not a multiple of 3
     ("transformer_lm", ["--eval-tokens", "10"], "--eval-tokens"),  # less than one --context window
+    ("transformer_lm", ["--vocab", "100"], "--vocab"),  # the default 128 active words above the head's 101
+    ("transformer_lm", ["--bits", "30"], "bits must be in [1, 20]"),  # the layer's own check, before the corpus
+    ("hf_causal_lm", ["--vocab", "100", "--active", "500"], "--vocab"),
     ("mnist_mlp", ["--active", "0"], "--active"),
     ("mnist_mlp", ["--num-train", "5000"], "--num-train"),  # no test digits left
     ("hf_causal_lm", ["--seconds", "0"], "--seconds"),
