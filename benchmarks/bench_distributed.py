@@ -19,7 +19,7 @@ all_reduce_sparse_grads) or sharded (ShardedLSHLinear, half the rows and half th
 A step is forward_sparse, the loss, backward, the exchange and a LazyAdam step; reported: the
 median step time and the bytes each rank passes into collectives per step (all_gather and
 all_reduce inputs, counted by wrapping torch.distributed's functions; the small size exchanges
-included). Writes benchmarks/results/distributed.json.
+included). Writes benchmarks/results/distributed.json (``--json``).
 """
 from __future__ import annotations
 
@@ -153,6 +153,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=cli.integer(2), default=6, help="steps of the all-reduce run (1 untimed)")
     parser.add_argument("--step-steps", type=cli.integer(3), default=22, help="steps of each step-time run (2 untimed)")
     parser.add_argument("--threads", type=cli.integer(), default=2, help="torch threads of the 1-process step-time run")
+    parser.add_argument("--json", type=cli.output_path, default=os.path.join(RESULTS, "distributed.json"),
+                        help="JSON of the results ('' for none; default: the committed results' file)")
     return parser.parse_args(argv)
 
 
@@ -177,9 +179,11 @@ def main(argv=None) -> None:
     print(f"(median of {args.step_steps - 2} steps; 1 process: {args.threads} threads, 2 processes: 1 thread each; "
           "noisy: shared machine)")
     result["step_times"] = layouts
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "distributed.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"json: {args.json}")
 
 
 if __name__ == "__main__":

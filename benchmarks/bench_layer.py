@@ -96,6 +96,8 @@ def parse_args(argv=None):
                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_layer.json"))
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, {"out": [4096, 65536], "min_run_time": 0.2})
+    if args.quick and not cli.given(p, argv, ["json"]):  # beside the committed results, not over them
+        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_layer_quick.json")
     if args.budget > min(args.out):
         p.error(f"--budget {args.budget} must be at most the narrowest --out width, {min(args.out)}")
     return args
