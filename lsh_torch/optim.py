@@ -7,6 +7,11 @@ import torch
 
 from . import ops
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
+
 
 class LazyAdam(torch.optim.Optimizer):
     """A drop-in for :class:`torch.optim.SparseAdam` (same arithmetic, same argument checks):
@@ -79,19 +84,23 @@ class LazyAdam(torch.optim.Optimizer):
                 grad = grads[p]
                 if grad.is_sparse:
                     rows, values, eps = grad.indices()[0], grad.values(), group["eps"]
-                else:  # Adam's eps, in the op's terms
-                    values, eps = _rows(grad), group["eps"] * correction2
-                    rows = torch.arange(values.shape[0], device=p.device)
+                else:  # Adam's eps, in the op's terms; every row (below)
+                    eps = group["eps"] * correction2
                 # A non-contiguous parameter (channels_last, a transposed view) is updated through a
-                # contiguous copy, as are moments loaded in another layout.
-                param = p if p.is_contiguous() else p.contiguous()
+                # contiguous copy, as are moments loaded in another layout. A DTensor (FSDP2's shards):
+                # its local shard, whose dense gradient and moments are shards of the same rows.
+                local = _local(p)
+                param = local if local.is_contiguous() else local.contiguous()
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = state[key].contiguous()
-                ops.lazy_adam_(_rows(param), _rows(state["exp_avg"]), _rows(state["exp_avg_sq"]), rows, values,
-                               step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
+                if not grad.is_sparse:
+                    values = _rows(_local(grad))
+                    rows = torch.arange(values.shape[0], device=values.device)
+                ops.lazy_adam_(_rows(param), _rows(_local(state["exp_avg"])), _rows(_local(state["exp_avg_sq"])), rows,
+                               values, step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
                 state["step"] = step
-                if param is not p:
-                    p.copy_(param)
+                if param is not local:
+                    local.copy_(param)
         return loss
 
 
@@ -134,6 +143,11 @@ def _coalesced(grad: torch.Tensor) -> torch.Tensor:
     if grad.is_coalesced() or rows.shape[0] != 1 or not bool((rows[0, 1:] > rows[0, :-1]).all()):
         return grad.coalesce()
     return torch.sparse_coo_tensor(rows, grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (in place updates of it are the DTensor's), any other tensor itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from lsh_torch import LSHLinear, SparseOutput, sparse_cross_entropy
+from lsh_torch import LazyAdam, LSHLinear, SparseOutput, sparse_cross_entropy
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel, shard_range,
                                    unmanaged_parameters)
 
@@ -69,7 +69,7 @@ def _local(t, rank, sizes):
 # ---------------------------------------------------------------------------------------------
 # Data parallel: a replicated LSHLinear(sparse_grad=True) head
 
-def _data_parallel_run(rank, wrapper, out_features, active, steps):
+def _data_parallel_run(rank, wrapper, out_features, active, steps, optimizer="sgd"):
     torch.manual_seed(0)
     net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=active, sparse_grad=True, rebuild=2))
     if rank == 1:  # a different start: data_parallel must copy rank 0's head (DDP the trunk)
@@ -83,7 +83,8 @@ def _data_parallel_run(rank, wrapper, out_features, active, steps):
             for p in net.parameters():
                 dist.broadcast(p, 0)
         model = fully_shard(net, ignored_params=unmanaged_parameters(net))
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    # one LazyAdam for all: FSDP2's DTensor shards (dense Adam on the local rows) and the sparse head
+    opt = torch.optim.SGD(net.parameters(), lr=0.5) if optimizer == "sgd" else LazyAdam(net.parameters(), lr=0.05)
     sent = []
     for step in range(steps):
         x, y = _batch(step, 8, out_features)
@@ -98,10 +99,10 @@ def _data_parallel_run(rank, wrapper, out_features, active, steps):
     return {"state": state, "sent": sent}
 
 
-def _single_process_run(out_features, steps):
+def _single_process_run(out_features, steps, optimizer="sgd"):
     torch.manual_seed(0)
     net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=out_features, sparse_grad=True, rebuild=2))
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5) if optimizer == "sgd" else LazyAdam(net.parameters(), lr=0.05)
     for step in range(steps):
         x, y = _batch(step, 8, out_features)
         loss = sparse_cross_entropy(net.head.forward_sparse(net(x), y), y)
@@ -111,11 +112,11 @@ def _single_process_run(out_features, steps):
     return net.state_dict()
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper):
+@pytest.mark.parametrize("wrapper,optimizer", [("ddp", "sgd"), ("fsdp2", "sgd"), ("fsdp2", "lazyadam")])
+def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper, optimizer):
     """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
     only touched rows travel."""
-    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 64, 16, 4)
+    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 64, 16, 4, optimizer)
     before = _single_process_run(64, 0)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
@@ -125,12 +126,12 @@ def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper):
         assert 0 < sent < dense_bytes
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_data_parallel_equals_single_process_on_the_global_batch(tmp_path, wrapper):
+@pytest.mark.parametrize("wrapper,optimizer", [("ddp", "sgd"), ("fsdp2", "sgd"), ("fsdp2", "lazyadam")])
+def test_data_parallel_equals_single_process_on_the_global_batch(tmp_path, wrapper, optimizer):
     """Every neuron active (nothing random): the average of the ranks' gradients is the gradient
     of the global batch's mean loss, so training matches one process on the global batch."""
-    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 12, 12, 5)
-    reference = _single_process_run(12, 5)
+    ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 12, 12, 5, optimizer)
+    reference = _single_process_run(12, 5, optimizer)
     for key, value in reference.items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
