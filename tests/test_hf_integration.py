@@ -132,6 +132,24 @@ def test_patched_forward_keeps_the_signature_and_copies_cleanly():
     assert clone.lm_head.step == 1 and model.lm_head.step == 0
 
 
+def test_unpatch_gives_back_the_model_and_a_hand_unconverted_head_runs_dense():
+    reference = tiny("gpt2")
+    model = lsh_hf.patch(copy.deepcopy(reference), active=128)
+    weight = model.lm_head.weight
+    ids, labels = batch()
+    model(ids, labels=labels).loss.backward()
+    assert lsh_hf.unpatch(model) is model
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is weight  # the same Parameter
+    assert "forward" not in vars(model) and not hasattr(model, "_lsh_torch_patched")
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, labels=labels).loss, reference(ids, labels=labels).loss)
+    lsh_hf.patch(model, active=128)  # and again
+    with pytest.raises(ValueError, match="not patched"):
+        lsh_hf.unpatch(reference)
+    lsh_torch.unconvert(model)  # by hand: the patched forward falls back to the model's own, dense
+    torch.testing.assert_close(model(ids, labels=labels).loss, reference(ids, labels=labels).loss)
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_eval_without_labels_and_generate_are_exact(model_type):
     reference = tiny(model_type)

@@ -7,6 +7,7 @@
     loss = model(input_ids, labels=labels).loss             # training: sparse head, no [tokens, V] logits
     model.eval(); model.generate(input_ids)                 # eval and generate: exact, as before
     model.save_pretrained(path)                             # a plain checkpoint of the unpatched class
+    lsh_hf.unpatch(model)                                   # the model as it was, its parameters kept
 
 Like Liger-Kernel's ``apply_liger_kernel_to_*`` and Cut Cross-Entropy's ``cce_patch``, the patch
 changes what ``model(..., labels=...)`` computes in training and nothing else.
@@ -28,7 +29,7 @@ try:
 except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
-from ..convert import convert
+from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
 from ..nn import LSHLinear
 
@@ -103,7 +104,28 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     return model
 
 
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`patch`, in place: the model's own forward again, and its output head an
+    ``nn.Linear`` holding the same parameters (:func:`lsh_torch.unconvert`); returns ``model``."""
+    if not getattr(model, "_lsh_torch_patched", False):
+        raise ValueError("model is not patched")
+    original = model._lsh_torch_forward
+    if isinstance(original, types.MethodType) and original.__self__ is model and \
+            original.__func__ is type(model).forward:
+        del model.forward  # the class's own again, not an instance attribute
+    else:
+        model.forward = original  # what wrapped it before the patch (accelerate's hooks, ...)
+    head = model.get_output_embeddings()
+    if isinstance(head, LSHLinear):
+        model.set_output_embeddings(unconvert(head))
+    for name in ("_lsh_torch_forward", "_lsh_torch_patched", "_lsh_torch_label_smoothing"):
+        delattr(model, name)
+    return model
+
+
 def _forward(model: PreTrainedModel, *args, **kwargs):
+    if not isinstance(model.get_output_embeddings(), LSHLinear):  # unconverted by hand (lsh_torch.unconvert)
+        return model._lsh_torch_forward(*args, **kwargs)
     bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
     arguments = dict(bound.arguments)
     labels = arguments.pop("labels", None)
