@@ -230,7 +230,7 @@ def parse_active(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--sizes", type=cli.integers(), default="670091,4000000", help="output sizes, comma-separated")
     p.add_argument("--dtypes", type=cli.listing(cli.choice(*DTYPES), "dtypes"), default="fp32,bf16",
                    help="comma-separated: fp32, bf16")

@@ -83,7 +83,7 @@ def bench_width(n: int, batch: int, d: int, budget: int, device, min_run_time: f
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--batch", type=cli.integer(), default=128)
     p.add_argument("--in-features", type=cli.integer(), default=128)
     p.add_argument("--out", type=cli.integer(), nargs="+", default=[4096, 65536, 262144], help="output widths N")

@@ -289,7 +289,7 @@ def print_table(results: list[dict], args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--sizes", type=cli.integers(), default="100000,670091", help="output sizes, comma-separated")
     p.add_argument("--batch", type=cli.integer(), default=128)
     p.add_argument("--hidden", type=cli.integer(), default=128)

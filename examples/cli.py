@@ -11,6 +11,16 @@ import math
 import os
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, but not where the help already says its default (``default:
+    --lr``) or there is none to tell (None): "(default: --lr) (default: None)" said it twice."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def integer(low: int = 1, high: int | None = None):
     """An int in ``[low, high]``: ``type=integer()`` for a count of at least one, ``integer(0)`` for a seed."""
     def parse(text: str) -> int:

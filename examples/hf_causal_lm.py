@@ -81,7 +81,7 @@ def train_for(model, data, test, args, name: str) -> list[tuple[float, int, floa
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--seconds", type=cli.positive, default=100.0, help="training wall time for each model")
     p.add_argument("--evals", type=cli.integer(), default=5, help="held-out evaluations during training")
     p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")

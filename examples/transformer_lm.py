@@ -242,7 +242,7 @@ def evaluate(model: TransformerLM, tokens: Tensor, context: int, max_tokens: int
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")
     p.add_argument("--steps", type=cli.integer(), default=300, help="training steps for each model")
     p.add_argument("--batch-size", type=cli.integer(), default=16)

@@ -565,7 +565,7 @@ QUICK = {"train_points": 8_000, "test_points": 2_000, "epochs": 2, "dense_epochs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training file in the Extreme Classification Repository format "
                                   "(default: synthetic data, see examples/xmc_data.py)")
