@@ -1,7 +1,7 @@
 """Extreme multi-label classification with an LSHLinear output layer (the SLIDE setting), on CPU or GPU.
 
     python examples/xmc.py                      # synthetic data, 100,000 labels: about 4 min on 2 cores
-    python examples/xmc.py --quick              # a smaller run (about a minute)
+    python examples/xmc.py --quick              # a smaller run (2-3 minutes on 2 cores)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
     python examples/xmc.py --structure tree     # synthetic labels in a hierarchy (confusable siblings)
@@ -141,10 +141,12 @@ def sync(device: torch.device) -> None:
 
 def rebuild_schedule(spec: str):
     """An int period, ``"growing"`` (``GrowingSchedule()``) or ``"growing:INITIAL:GROWTH:MAX"``."""
-    if spec.startswith("growing"):
-        parts = spec.split(":")[1:]
+    name, *parts = spec.split(":")
+    if name == "growing":
         if not parts:
             return GrowingSchedule()
+        if len(parts) != 3:
+            raise ValueError("growing takes three values, INITIAL:GROWTH:MAX")
         return GrowingSchedule(int(parts[0]), float(parts[1]), int(parts[2]))
     return int(spec)
 
@@ -573,7 +575,7 @@ def parse_args(argv=None):
     g.add_argument("--test-fraction", type=cli.fraction, default=0.2,
                    help="held-out share when --data has no --test-data")
     g.add_argument("--max-points", type=cli.integer(),
-                   help="read only the first points of --data (a quick look at a big file)")
+                   help="read only the first points of --data (a quick look at a big file), and of --test-data")
     g.add_argument("--generate", metavar="DIR", type=cli.output_dir,
                    help="write synthetic train.txt and test.txt to DIR and exit")
     g.add_argument("--train-points", type=cli.integer(), default=20_000, help="synthetic training points")

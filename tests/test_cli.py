@@ -117,6 +117,8 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("xmc", ["--runs", "lsh,bogus"], "--runs"),
     ("xmc", ["--json", "{file}/x.json"], "--json"),
     ("xmc", ["--generate", "{file}"], "--generate"),
+    ("xmc", ["--rebuild", "growingX"], "--rebuild"),  # was taken as growing
+    ("xmc", ["--rebuild", "growing:1:2"], "--rebuild"),
     ("hogwild_xmc", ["--procs", "0"], "--procs"),
     ("hogwild_xmc", ["--procs", "1,,2"], "--procs"),
     ("hogwild_xmc", ["--batch-size", "0"], "--batch-size"),
