@@ -118,11 +118,11 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
 
 
 @pytest.mark.parametrize("asymmetric", [False, True])
-@pytest.mark.parametrize("moved, merged", [(180, True), (181, False)])
-def test_a_rebuild_re_sorts_once_most_rows_moved(monkeypatch, moved, merged, asymmetric):
-    # Up to 60% of the rows moved (180 of 300) are merged into the tables; past that all are
-    # re-hashed and re-sorted. Either way the tables are what merges give (the reference: the same
-    # rows moved in two rebuilds, each a merge), the asymmetric M kept.
+@pytest.mark.parametrize("moved, merged", [(37, True), (38, False), (300, False)])
+def test_a_rebuild_re_sorts_once_many_rows_moved(monkeypatch, moved, merged, asymmetric):
+    # Up to an eighth of the rows moved (37 of 300) are merged into the tables; past that every
+    # row's code is re-sorted. Either way only the moved rows are re-hashed and the tables are what
+    # merges give (the reference: the same rows moved in two rebuilds), the asymmetric M kept.
     from lsh_torch import ops
     merges = []
     monkeypatch.setattr(ops, "update_tables", lambda *args, merge=ops.update_tables: merges.append(1) or merge(*args))
@@ -138,35 +138,37 @@ def test_a_rebuild_re_sorts_once_most_rows_moved(monkeypatch, moved, merged, asy
     with torch.no_grad():
         at_once.weight[:moved] *= -0.5  # every norm shrinks: M stays valid
     at_once.rebuild()
-    assert bool(merges) == merged and at_once.tables.rehashed == (moved if merged else 300)
+    assert bool(merges) == merged and at_once.tables.rehashed == moved
     merges.clear()
-    for part in (slice(0, 90), slice(90, moved)):
+    parts = [slice(start, min(start + 30, moved)) for start in range(0, moved, 30)]
+    for part in parts:  # 30 rows a rebuild: each a merge
         with torch.no_grad():
             in_two.weight[part] *= -0.5
         in_two.rebuild()
-    assert len(merges) == 2 and torch.equal(at_once.weight, in_two.weight)
+    assert len(merges) == len(parts) and torch.equal(at_once.weight, in_two.weight)
     assert (before is None) != asymmetric and (not asymmetric or torch.equal(at_once.tables.max_norm, before))
     for name in ("codes", "offsets", "items", "fingerprints", "max_norm"):
         a, b = getattr(at_once.tables, name), getattr(in_two.tables, name)
         assert (a is None and b is None) or torch.equal(a, b), name
 
 
-def test_a_rebuild_that_fails_midway_leaves_the_tables_as_they_were(monkeypatch):
+@pytest.mark.parametrize("rows, op", [([3, 17], "update_tables"), (list(range(0, 300, 5)), "build_tables")])
+def test_a_rebuild_that_fails_midway_leaves_the_tables_as_they_were(monkeypatch, rows, op):
     from lsh_torch import ops
     layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
     layer.rebuild()
     with torch.no_grad():
-        layer.weight[[3, 17]] = torch.randn(2, 16)
+        layer.weight[rows] = torch.randn(len(rows), 16)  # 2 rows merge, 60 re-sort
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ops, "update_tables", interrupted)
+    monkeypatch.setattr(ops, op, interrupted)
     with pytest.raises(KeyboardInterrupt):
         layer.rebuild()
     monkeypatch.undo()
     layer.rebuild()  # codes, tables and fingerprints still agree: the same rows move again
-    assert layer.tables.rehashed == 2
+    assert layer.tables.rehashed == len(rows)
     full = full_build_of(layer)
     assert torch.equal(layer.tables.codes, full.codes) and torch.equal(layer.tables.items, full.items)
 
