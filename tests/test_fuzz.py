@@ -245,6 +245,8 @@ def _valid_calls(draw):
                                      dict(grad_out=tensor(draw, (batch, budget)), weight=weight, active=active)),
         "sparse_linear_grad_weight": (OPS.sparse_linear_grad_weight, dict(grad_out=tensor(draw, (batch, budget)), x=x,
                                                                          active=active, num_rows=n)),
+        "sparse_linear_grad_weight_rows": (OPS.sparse_linear_grad_weight_rows,
+                                           dict(grad_out=tensor(draw, (batch, budget)), x=x, active=active)),
         "query": (OPS.query, dict(codes=codes, margins=margins, offsets=offsets, items=items, probes=2, budget=budget,
                                   labels=labels, seed=0, tail=1)),
         "query_shared": (OPS.query_shared, dict(codes=codes, margins=margins, offsets=offsets, items=items, probes=2,
@@ -286,7 +288,9 @@ def _corruptions(value):
 
 def _broken(op_name, args, arg):
     """The corruptions of ``args[arg]`` that the op must refuse (some are legal for some arguments)."""
-    legal = {("mips_transform", "max_norm"): ("with an extra dimension", "with a dimension dropped")}  # any 1 element
+    legal = {("mips_transform", "max_norm"): ("with an extra dimension", "with a dimension dropped"),  # any 1 element
+             # no row count to check against: any id in [0, 2^31) is a row (negative ones are refused)
+             ("sparse_linear_grad_weight_rows", "active"): ("out of range",)}
     if sum(isinstance(v, torch.Tensor) for v in args.values()) == 1:  # all inputs on meta: shape inference
         legal[(op_name, arg)] = ("on the meta device",)
     if arg == "seed":  # any int is a seed
