@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, user_stacklevel
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
 TOPK_TABLES = 60
@@ -215,7 +215,7 @@ class TopkIndex:
         warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
                       f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
                       f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
-                      stacklevel=6)  # the caller of LSHLinear.topk (under no_grad; topk compiler-disabled)
+                      stacklevel=user_stacklevel())  # the caller of LSHLinear.topk
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
