@@ -500,6 +500,13 @@ class LSHLinear(nn.Module):
         break per layer and training forward (the schedule branches on a Python step counter, which
         would otherwise recompile every step, and a rebuild reads every weight row); the lookup
         carries no gradient, so the differentiable part around it is compiled in full."""
+        if torch.compiler.is_exporting():  # a graph would freeze one step: no counter, no rebuilds, one seed
+            raise RuntimeError(
+                f"{self.__class__.__name__}(out_features={self.out_features}): torch.export of a training forward is "
+                "not supported: each training step advances a step counter, reseeds its draws and rebuilds the hash "
+                "tables on a schedule, Python state that an exported graph would freeze at one step. Export the "
+                "model in eval() mode (its lookup is a function of the input and the tables), and train eagerly or "
+                "under torch.compile.")
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
             found = self._warmup_draws(x, labels, shared)
         else:

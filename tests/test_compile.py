@@ -147,6 +147,28 @@ def test_export_eval_matches_eager(prebuilt, tmp_path):
         assert torch.equal(loaded(x), expected)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_export_of_a_training_forward_says_why_not(sparse):
+    """A training lookup advances the step counter and rebuilds on a schedule: an exported graph would
+    freeze one step. It failed deep in tracing on a data-dependent size; now it says what to export."""
+    model = Net().train()
+    x, y = batch(0, rows=5)
+    forward = (lambda m, x, y: m.loss(x, y, sparse=True)) if sparse else (lambda m, x, y: m(x))
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, y):
+            return forward(self.net, x, y)
+
+    steps = model.hidden.step
+    with pytest.raises(RuntimeError, match=r"torch.export of a training forward is not supported.*eval\(\) mode"):
+        torch.export.export(Wrapped(), (x, y))
+    assert model.hidden.step == steps  # refused before the step was counted
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_topk_with_a_dynamic_k_compiles_once(exact):
     """Argument checks must leave a symbolic int symbolic: converting it (operator.index) pinned k
