@@ -76,6 +76,9 @@ def test_row_fingerprints_match_reference_on_cuda(dtype, n, d):
     got = ops.row_fingerprints(rows.cuda(), vector.cuda())
     assert got.is_cuda and got.dtype == torch.float32 and got.shape == (n,)
     torch.testing.assert_close(got.cpu(), ref.row_fingerprints(rows, vector), rtol=1e-5, atol=1e-5)
+    # Bit for bit the CPU op's: fingerprints kept on one device compare equal after a move to the other
+    # (else the next rebuild takes every row as moved and re-hashes the whole layer).
+    assert torch.equal(got.cpu(), ops.row_fingerprints(rows, vector))
 
 
 def test_mips_transform_empty_and_narrow():
@@ -289,7 +292,20 @@ def test_query_errors_on_cuda():
         (lambda: ops.query(qcodes, -qmargins - 1, offsets, items, 4, 5), "query: margins must be >= 0"),
         (lambda: ops.query_shared(qcodes, -qmargins - 1, offsets, items, 4, 5), "query_shared: margins must be >= 0"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail must be in"),
+        # The tables and margins are checked up front as on the CPU, whatever the budget or batch.
+        (lambda: ops.query(qcodes, qmargins, offsets.clamp(max=299), items, 4, 5), "offsets of table \\d+ must run from 0"),
+        (lambda: ops.query_shared(qcodes, qmargins, offsets.clamp(max=299), items, 4, 5), "must run from 0 to N"),
+        (lambda: ops.query(qcodes, qmargins, offsets.flip(1), items, 4, 5), "offsets of table \\d+ must"),
+        (lambda: ops.query(qcodes, -qmargins - 1, offsets, items, 4, 0), "query: margins must be >= 0"),
+        (lambda: ops.query_shared(qcodes, -qmargins - 1, offsets, items, 4, 0), "query_shared: margins must be >= 0"),
+        (lambda: ops.query(qcodes[:0], qmargins[:0], offsets.clamp(max=299), items, 4, 5), "must run from 0 to N"),
     ]
+    reversed_items = items.clone()  # every bucket's ids descending: refused as by the CPU
+    for table, bounds in enumerate(offsets.tolist()):
+        for begin, end in zip(bounds[:-1], bounds[1:]):
+            reversed_items[table, begin:end] = items[table, begin:end].flip(0)
+    cases += [(lambda: query(qcodes, qmargins, offsets, reversed_items, 10, 250, LABELS.cuda(), 77, 0),
+               "ids in each bucket of items must ascend") for query in (ops.query, ops.query_shared)]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()

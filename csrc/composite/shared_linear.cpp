@@ -22,14 +22,17 @@ at::Tensor shared_linear(const at::Tensor& x, const at::Tensor& weight, const st
               indices.scalar_type(), " of shape ", indices.sizes());
   if (indices.numel() > 0) {
     auto [lo, hi] = at::aminmax(indices);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weight.size(0), "shared_linear: indices must be in [0, ",
-                weight.size(0), ")");
+    const auto bounds = at::stack({lo, hi}).cpu();  // one synchronisation on a GPU, not two
+    const int64_t* b = bounds.data_ptr<int64_t>();
+    TORCH_CHECK(b[0] >= 0 && b[1] < weight.size(0), "shared_linear: indices must be in [0, ", weight.size(0), ")");
   }
   const auto rows = weight.index_select(0, indices);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "shared_linear: bias must be [", weight.size(0),
                 "], got shape ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "shared_linear: x and bias must have the same dtype");
+    TORCH_CHECK(bias->device() == weight.device(), "shared_linear: bias must be on ", weight.device(),
+                " like weight, got one on ", bias->device());
     return at::addmm(bias->index_select(0, indices), x, rows.t());
   }
   return at::mm(x, rows.t());

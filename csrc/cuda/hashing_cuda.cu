@@ -474,19 +474,33 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cuda(const at::Tensor& offsets_
 }
 
 // ---------------------------------------------------------------------------------------------
-// row_fingerprints: one warp per row, lanes stride over the columns (coalesced), then a warp sum.
+// row_fingerprints: the CPU kernel's arithmetic exactly, so that fingerprints taken on either device
+// compare equal (a layer moved between devices would otherwise see every row as changed): 8 lanes
+// per row, lane j sums the columns k = j (mod 8) in order with unfused products (the CPU's part[j]),
+// then the 8 partial sums are added in order. 4 rows per warp.
+
+constexpr int kFingerprintLanes = 8;
 
 template <typename scalar_t, typename acc_t>
 __global__ void row_fingerprints_kernel(const scalar_t* __restrict__ rows, const float* __restrict__ v, int64_t n,
                                         int64_t d, float* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
+  constexpr int kRowsPerWarp = 32 / kFingerprintLanes;
+  const int lane = threadIdx.x & 31, group = lane / kFingerprintLanes, j = lane % kFingerprintLanes;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  // Grid-stride over rows (the grid is capped); the loop bound is warp-uniform.
-  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < n; row += warps) {
+  // Grid-stride over groups of rows (the grid is capped); the loop bound is warp-uniform.
+  for (int64_t first = warp * kRowsPerWarp; first < n; first += warps * kRowsPerWarp) {
+    const int64_t row = first + group;
+    acc_t part = 0;
+    if (row < n) {
+      const scalar_t* r = rows + row * d;
+      for (int64_t k = j; k < d; k += kFingerprintLanes)
+        part = part + mul_rn(static_cast<acc_t>(r[k]), static_cast<acc_t>(v[k]));
+    }
     acc_t s = 0;
-    for (int64_t k = lane; k < d; k += 32) s += static_cast<acc_t>(rows[row * d + k]) * static_cast<acc_t>(v[k]);
-    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffffu, s, offset);
-    if (lane == 0) out[row] = static_cast<float>(s);
+#pragma unroll
+    for (int q = 0; q < kFingerprintLanes; ++q) s = s + __shfl_sync(cuda::kFullMask, part, group * kFingerprintLanes + q);
+    if (row < n && j == 0) out[row] = static_cast<float>(s);
   }
 }
 
@@ -503,7 +517,7 @@ at::Tensor row_fingerprints_cuda(const at::Tensor& rows_in, const at::Tensor& ve
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_fingerprints", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kThreads = 256;
-    row_fingerprints_kernel<scalar_t, acc_t><<<grid_for(n * 32, kThreads), kThreads, 0, stream>>>(
+    row_fingerprints_kernel<scalar_t, acc_t><<<grid_for(n * kFingerprintLanes, kThreads), kThreads, 0, stream>>>(
         rows.data_ptr<scalar_t>(), vector.data_ptr<float>(), n, d, out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -75,6 +75,9 @@ enum QueryError : int64_t {
   kTooManyLabelsShared = 7,
   kInternal = 8,
   kNegativeMargin = 9,
+  kOffsetsRange = 10,
+  kOffsetsOrder = 11,
+  kItemOrder = 12,
 };
 
 constexpr int32_t kMaxSharedHits = 0xFFFE;  // the CPU's saturation of query_shared's counters
@@ -106,16 +109,36 @@ __global__ void check_labels_kernel(const int64_t* __restrict__ labels, int64_t 
   }
 }
 
-// 1. flips[(r * L + l) * probes + p]. Margins are distances (>= 0): probe_flips' order assumes it.
+// The CPU's up-front table check (query_cpu.cpp: check_and_view), O(L * 2^K): every table's offsets
+// run from 0 to N and never decrease, whatever the budget and batch.
+__global__ void check_offsets_kernel(const int32_t* __restrict__ offsets, int64_t num_tables, int64_t buckets,
+                                     int64_t n, int64_t* flag) {
+  const int64_t total = num_tables * (buckets + 1);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t l = t / (buckets + 1), k = t - l * (buckets + 1);
+    const int32_t v = offsets[t];
+    if ((k == 0 && v != 0) || (k == buckets && v != n)) cuda::report(flag, kOffsetsRange, l);
+    else if (k < buckets && v > offsets[t + 1]) cuda::report(flag, kOffsetsOrder, l);
+  }
+}
+
+// Margins are distances (>= 0; NaN passes, as on the CPU): probe_flips' order assumes it.
+__global__ void check_margins_kernel(const float* __restrict__ margins, int64_t count, int64_t num_tables, int bits,
+                                     int64_t* flag) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (margins[i] < 0) cuda::report(flag, kNegativeMargin, i / (num_tables * bits), i / bits % num_tables);
+  }
+}
+
+// 1. flips[(r * L + l) * probes + p].
 __global__ void flips_kernel(const float* __restrict__ margins, int64_t row0, int64_t rows, int64_t num_tables,
-                             int bits, int probes, uint32_t* __restrict__ flips, int64_t* flag) {
+                             int bits, int probes, uint32_t* __restrict__ flips) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= rows * num_tables) return;
   const int64_t r = t / num_tables, l = t - r * num_tables;
-  const float* margin = margins + ((row0 + r) * num_tables + l) * bits;
-  for (int i = 0; i < bits; ++i)
-    if (margin[i] < 0) cuda::report(flag, kNegativeMargin, row0 + r, l);
-  probe_flips(margin, bits, probes, flips + t * probes);
+  probe_flips(margins + ((row0 + r) * num_tables + l) * bits, bits, probes, flips + t * probes);
 }
 
 // 2. query: hits[r, id] += 1 for every neuron of every probed bucket. One block per (r, l, p).
@@ -147,6 +170,8 @@ __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* _
       cuda::report(flag, kBadItem, id, l);
       continue;
     }
+    // The contract (and the CPU) requires ascending ids in a bucket; counting here does not rely on it.
+    if (i > lo && it[i - 1] >= id) cuda::report(flag, kItemOrder, id, it[i - 1]);
     // A neuron sits in one bucket per table and the probed buckets of a table are distinct, so
     // valid tables never count a neuron more than L times per row.
     const int32_t before = atomicAdd(h + id, 1);
@@ -201,6 +226,7 @@ __global__ void count_spans_kernel(const int64_t* __restrict__ sorted_begin, con
       cuda::report(flag, kBadItem, id, l);
       continue;
     }
+    if (i > lo && items[i - 1] >= id) cuda::report(flag, kItemOrder, id, items[i - 1]);
     atomicAdd(hits + id, weight);
   }
 }
@@ -569,7 +595,20 @@ QueryInputs check_query(const at::Tensor& codes, const at::Tensor& margins, cons
   return in;
 }
 
-void check_labels_range(const QueryInputs& in, int64_t budget, bool shared, cudaStream_t stream, int64_t* flag) {
+// The CPU's up-front checks in its order (offsets, margins, labels), whatever the budget and batch.
+void check_inputs(const QueryInputs& in, int64_t budget, bool shared, cudaStream_t stream, int64_t* flag) {
+  const int64_t entries = in.num_tables * (in.buckets + 1);
+  if (entries > 0) {
+    check_offsets_kernel<<<std::min<int64_t>(ceil_div(entries, 256), 4096), 256, 0, stream>>>(
+        in.offsets.data_ptr<int32_t>(), in.num_tables, in.buckets, in.n, flag);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t num_margins = in.margins.numel();
+  if (num_margins > 0) {
+    check_margins_kernel<<<std::min<int64_t>(ceil_div(num_margins, 256), 4096), 256, 0, stream>>>(
+        in.margins.data_ptr<float>(), num_margins, in.num_tables, static_cast<int>(in.bits), flag);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const int64_t count = in.labels.defined() ? in.labels.numel() : 0;
   if (count == 0) return;
   check_labels_kernel<<<std::min<int64_t>(ceil_div(count, 256), 4096), 256, 0, stream>>>(
@@ -601,6 +640,13 @@ void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t bu
     case kTooManyLabelsShared:
       TORCH_CHECK(false, op, ": the batch has more distinct labels than the budget ", budget,
                   "; raise the active budget");
+    case kOffsetsRange:
+      TORCH_CHECK(false, op, ": offsets of table ", e[1], " must run from 0 to N = ", in.n);
+    case kOffsetsOrder:
+      TORCH_CHECK(false, op, ": offsets of table ", e[1], " must be non-decreasing");
+    case kItemOrder:
+      TORCH_CHECK(false, op, ": the ids in each bucket of items must ascend, within [0, N = ", in.n, "), got ", e[1],
+                  " after ", e[2]);
     case kNegativeMargin:
       TORCH_CHECK(false, op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives them), got a "
                   "negative one at row ", e[1], ", table ", e[2]);
@@ -670,9 +716,9 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
   auto active = at::empty({batch, budget}, in.codes.options().dtype(at::kLong));
   auto head = at::zeros({batch}, in.codes.options().dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
-  check_labels_range(in, budget, /*shared=*/false, stream, flag.ptr());
-  if (batch == 0 || budget == 0) {
-    if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
+  check_inputs(in, budget, /*shared=*/false, stream, flag.ptr());
+  if (batch == 0 || budget == 0) {  // the CPU checks the tables and margins even then
+    raise_if_flagged(flag, in, budget, op);
     return {active, head};
   }
 
@@ -694,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
     if (num_tables > 0) {  // L = 0 is valid (no candidates, fill only) but would be an empty grid
       flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
           in.margins.data_ptr<float>(), row0, rows, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
-          reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()), flag.ptr());
+          reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
           in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
@@ -756,9 +802,9 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
   auto indices = at::empty({budget}, int_opts.dtype(at::kLong));
   auto head = at::zeros({}, int_opts.dtype(at::kLong));
   cuda::ErrorFlag flag(in.codes.device(), stream);
-  check_labels_range(in, budget, /*shared=*/true, stream, flag.ptr());
-  if (budget == 0) {
-    if (in.num_labels > 0) raise_if_flagged(flag, in, budget, op);
+  check_inputs(in, budget, /*shared=*/true, stream, flag.ptr());
+  if (budget == 0) {  // the CPU checks the tables and margins even then
+    raise_if_flagged(flag, in, budget, op);
     return {indices, head};
   }
   auto hits = at::zeros({1, n}, int_opts);
@@ -767,7 +813,7 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
     auto flips = at::empty({batch * num_tables * probes}, int_opts);
     flips_kernel<<<ceil_div(batch * num_tables, 128), 128, 0, stream>>>(
         in.margins.data_ptr<float>(), 0, batch, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
-        reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()), flag.ptr());
+        reinterpret_cast<uint32_t*>(flips.data_ptr<int32_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     count_distinct_buckets(in, flips, probes, hits, flag.ptr(), stream);
   }
