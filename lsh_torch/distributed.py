@@ -147,7 +147,15 @@ def data_parallel(module: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDat
     with torch.no_grad():
         for p in _replicated_sparse_parameters(module):
             dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
+    wrapped = nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
+    # These broadcasts and DDP's own wrote rank 0's values in place without bumping version counters: bumped
+    # here, so that a topk index built before from this rank's weights is rebuilt. (The training tables keep
+    # theirs, restored by load_lsh_state for an exact resume, or fixed by the next rebuild's fingerprints.)
+    for layer in replicated:
+        for p in (layer.weight, layer.bias):
+            if p is not None and not p.is_inference():
+                torch.autograd.graph.increment_version(p)
+    return wrapped
 
 
 @torch.no_grad()

@@ -274,7 +274,11 @@ class LSHLinear(nn.Module):
         return layer
 
     def _mark_stale(self) -> None:
+        """The weights were replaced (a load, a re-initialisation): the next build hashes every row, as a
+        process resuming from a checkpoint saved now would (its state holds no tables: :func:`lsh_state`).
+        The rebuild schedule's builds are incremental: they only set ``_stale``."""
         self._stale = True
+        self._hashed_from = None
         self._tables_from_checkpoint = False
         self._topk_index = None  # rebuilt by the next topk, from the weight as it is then
 
@@ -293,6 +297,13 @@ class LSHLinear(nn.Module):
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Whether this load replaces the layer's weight or bias (see _stale_after_load): a partial one
+        # (strict=False) that leaves them keeps the tables.
+        self._loaded_own_parameters = any(prefix + name in state_dict for name, p in self._parameters.items()
+                                          if p is not None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()  # a weak reference does not pickle: keep whether it was to weight
@@ -392,8 +403,9 @@ class LSHLinear(nn.Module):
         if not getattr(self, "_warned_parametrized", False) and nn.utils.parametrize.is_parametrized(self, "weight"):
             self._warned_parametrized = True
             warnings.warn(f"LSHLinear(out_features={self.out_features}): its weight is parametrized (computed on every "
-                          "access), so every lookup re-hashes every row into new tables: slow. Hash tables follow a "
-                          "weight Parameter updated in place; remove the parametrization.", stacklevel=user_stacklevel())
+                          "access), so every lookup re-hashes every row into new tables, and every topk call builds a "
+                          "new index: slow. Hash tables follow a weight Parameter updated in place; remove the "
+                          "parametrization.", stacklevel=user_stacklevel())
 
     def _step_seed(self) -> int:
         """The training step's draws: another seed each step, within int64 however long the run."""
@@ -511,7 +523,7 @@ class LSHLinear(nn.Module):
             found = self._warmup_draws(x, labels, shared)
         else:
             if (self.schedule is not None and _rebuild_now(self.schedule, self.step)) or self.step == self.warmup > 0:
-                self._mark_stale()
+                self._stale = True  # an incremental build: the rows that moved since the last
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1
         return found
@@ -556,7 +568,9 @@ class LSHLinear(nn.Module):
         uniformly random neurons (the baseline) and builds no index. The index holds about ``4 *
         topk_tables * out_features`` bytes (163 MB at 670K outputs, whose weight is 343 MB) and
         takes seconds to build at that width (5-9 s on 2 cores: every row hashed 780 times).
-        Weight changes made through ``weight.data`` go unseen: call :meth:`rebuild` after them.
+        Weight changes made through ``weight.data``, or in place to a weight created under
+        ``torch.inference_mode`` (an inference tensor has no version counter), go unseen: call
+        :meth:`rebuild` after them. Never differentiable (no graph is recorded, even with ``exact=True``).
 
         Measured at 670,091 outputs (1,024 queries, k=5, ``benchmarks/bench_topk.py``, docs/results.md):
         recall of the exact top 5 0.961 on rows in clusters and 0.996 on the trained XMC demo
@@ -590,23 +604,27 @@ class LSHLinear(nn.Module):
             values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)
             indices = active.gather(1, best)
         else:
-            index = self._topk_index_of(self.weight)
+            index = self._topk_index_of(self.weight, self.bias)
             values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall)
         shape = (*input.shape[:-1], k)
         return values.reshape(shape), indices.reshape(shape)
 
     @torch.compiler.disable
-    def _topk_index_of(self, weight: Tensor) -> TopkIndex:
-        """topk's index, rebuilt if ``weight`` (the layer's, not an autocast copy) changed since."""
+    def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
+        """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
         index = self._topk_index
-        if not self._topk_index_describes(weight):
+        if not self._topk_index_describes(weight, bias):
+            self._warn_if_parametrized()
             self._topk_index = None  # the old index goes first: two at once would double the memory
-            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed)
+            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed, bias)
         return index
 
-    def _topk_index_describes(self, weight: Tensor) -> bool:
+    def _topk_index_describes(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
         index = self._topk_index
-        return index is not None and index.matches(weight, self.topk_tables, self.topk_bits, self._topk_seed)
+        if index is None or not index.matches(weight, self.topk_tables, self.topk_bits, self._topk_seed):
+            return False
+        index.recheck(bias)
+        return True
 
     @property
     def _topk_seed(self) -> int:
@@ -617,7 +635,7 @@ class LSHLinear(nn.Module):
         """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
         RecallCheck(inputs, found, wanted)}`` (``.recall``: found / wanted); empty before the first
         call and after the weight changed."""
-        if not self._topk_index_describes(self.weight):
+        if not self._topk_index_describes(self.weight, self.bias):
             return {}
         return {key: RecallCheck(c.inputs, c.found, c.wanted) for key, c in self._topk_index.checks.items()}
 
@@ -693,10 +711,12 @@ class _Cast(torch.autograd.Function):
 
 
 def _stale_after_load(module: LSHLinear, incompatible_keys) -> None:
+    if not getattr(module, "_loaded_own_parameters", True):  # a partial load (strict=False) without them
+        return
     if getattr(module, "_tables_from_checkpoint", False):  # load_lsh_state came first: its tables are lost
         warnings.warn("load_state_dict after load_lsh_state discards the tables load_lsh_state restored (they are "
                       "rebuilt from the loaded weights, not the saved run's): call load_lsh_state after "
-                      "load_state_dict to resume exactly", stacklevel=3)
+                      "load_state_dict to resume exactly", stacklevel=user_stacklevel())
     module._mark_stale()
 
 

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, user_stacklevel
@@ -114,13 +115,40 @@ class RecallCheck:
         return self.found / self.wanted if self.wanted else None
 
 
-def weight_version(weight: Tensor):
-    """What tells, with the tensor's identity, whether ``weight`` changed since an index was built
-    from it: its storage, shape, dtype, device and version counter (every in-place change bumps it:
-    optimizer steps, ``copy_``, ``load_state_dict``; not writes through ``.data``). An inference
-    tensor has no version counter: then the rest only."""
+def weight_version(weight: Optional[Tensor]):
+    """What tells, with the tensor's identity, whether ``weight`` (or a bias; None: none) changed since
+    an index was built from it: its storage, shape, dtype, device and version counter (every in-place
+    change bumps it: optimizer steps, fused ones too (see :func:`_see_fused_steps`), ``copy_``,
+    ``load_state_dict``; not writes through ``.data``). An inference tensor has no version counter:
+    then the rest only (in-place changes to it, possible under ``inference_mode``, go unseen)."""
+    if weight is None:
+        return None
     version = None if weight.is_inference() else weight._version
     return (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, version)
+
+
+# The tensors an index was built from (by id; weak, so an index never keeps a tensor alive).
+_INDEXED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+_fused_step_hook = None
+
+
+def _see_fused_steps() -> None:
+    """A fused optimizer (``torch.optim.Adam(..., fused=True)`` and the like) updates its parameters in
+    place without bumping their version counters, so an index would take the old weight's answers for
+    the new one's. After every optimizer step, the version counters of the parameters an index was
+    built from are bumped (a step that did bump them only bumps them again). Registered with the
+    first index; a step costs one dictionary lookup per parameter while an index exists, none after."""
+    global _fused_step_hook
+
+    def bump(optimizer, args, kwargs) -> None:
+        if _INDEXED:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if _INDEXED.get(id(p)) is p and not p.is_inference():
+                        torch.autograd.graph.increment_version(p)
+
+    if _fused_step_hook is None:
+        _fused_step_hook = register_optimizer_step_post_hook(bump)
 
 
 class TopkIndex:
@@ -133,13 +161,18 @@ class TopkIndex:
     still describes a weight (see :func:`weight_version`).
     """
 
-    def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int):
+    def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int, bias: Optional[Tensor] = None):
         num_tables = check_int("topk_tables", num_tables, 1, MAX_TABLES)
         bits = check_int("topk_bits", bits, 1, MAX_BITS)
         rows = weight.detach()
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = weakref.ref(weight)  # never keeps a weight alive
         self.key = (weight_version(weight), num_tables, bits, seed)
+        self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
+        _see_fused_steps()
+        for t in (weight, bias):
+            if t is not None:
+                _INDEXED[id(t)] = t
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
         if not bool(torch.isfinite(norms).all()):
@@ -157,6 +190,12 @@ class TopkIndex:
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
         """Was this index built from ``weight`` as it is now, with these settings?"""
         return self._weight() is weight and self.key == (weight_version(weight), num_tables, bits, seed)
+
+    def recheck(self, bias: Optional[Tensor]) -> None:
+        """Forget the recall checks if ``bias`` changed since they measured: the bias is not indexed (its
+        rows' directions are the weight's), but a new one changes which outputs are the top k."""
+        if weight_version(bias) != self.checked_bias:
+            self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
 
     def nbytes(self) -> int:
         """Bytes the index holds (tables, offsets, order, rank, projection)."""

@@ -157,17 +157,28 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
                               LSHLinear(64, 128, active=8, selection="random"), LSHLinear(64, 32, active=4))
         with pytest.raises(ValueError, match=f"hashed with {option}="):
             load_lsh_state(other, state)
-    # The documented order is load_state_dict, then load_lsh_state; the other way round loses the tables.
-    with pytest.warns(UserWarning, match="load_state_dict after load_lsh_state discards the tables"):
+    # The documented order is load_state_dict, then load_lsh_state; the other way round loses the tables
+    # (said at the caller's line).
+    with pytest.warns(UserWarning, match="load_state_dict after load_lsh_state discards the tables") as caught:
         reordered = copy.deepcopy(fresh)
         load_lsh_state(reordered, state)
         reordered.load_state_dict(model.state_dict())
+    assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reordered.load_state_dict(model.state_dict())
         load_lsh_state(reordered, state)
         reordered[:3](x)
         reordered.load_state_dict(model.state_dict())  # the tables were used since: a deliberate reload
+    # A partial load (strict=False) without a layer's weight and bias keeps its tables, restored ones too.
+    load_lsh_state(reordered, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reordered.load_state_dict({}, strict=False)
+    assert not any(reordered[i]._stale for i in (0, 2))  # (3 never built its tables)
+    with pytest.warns(UserWarning, match="discards the tables"):  # layer 0's: its weight and bias are loaded
+        reordered.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("0.")}, strict=False)
+    assert reordered[0]._stale and not reordered[2]._stale and reordered[2]._tables_from_checkpoint
     # .to(dtype) casts the weights, not the fingerprints: the state still saves and loads.
     wide = copy.deepcopy(model).double()
     assert wide[0].tables.fingerprints.dtype == torch.float32
@@ -197,3 +208,28 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     load_lsh_state(fresh, old)
     fresh[0].rebuild()
     assert fresh[0].tables.rehashed == 64
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_resume_is_exact_from_a_checkpoint_of_stale_tables(script, mode):
+    """A layer whose weights were replaced (a load_state_dict between steps, e.g. back from evaluating
+    EMA weights; a rollback with load_lsh_state) holds no tables in its lsh_state: the resumed run
+    hashes every row. So does the run that saved it: an incremental build there kept the old codes and
+    the asymmetric transform's M, and the two runs' active sets and losses parted."""
+    _, run = script
+    model, opt = run["make"](mode)
+    run["train"](model, opt, 0, SAVED_AT)
+    model.load_state_dict(copy.deepcopy(model.state_dict()))  # the same weights, reloaded: the tables are stale
+    ckpt = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+            "lsh": lsh_state(model)}
+    assert ckpt["lsh"]["head"]["tables"] is None
+    uninterrupted = run["train"](model, opt, SAVED_AT, TOTAL - SAVED_AT)
+
+    def resumed(model, opt):
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(copy.deepcopy(ckpt["optimizer"]))  # not shared with the checkpoint's tensors
+        load_lsh_state(model, ckpt["lsh"])
+        return run["train"](model, opt, SAVED_AT, TOTAL - SAVED_AT)
+
+    assert resumed(*run["make"](mode)) == uninterrupted  # a fresh model, as in a fresh process
+    assert resumed(model, opt) == uninterrupted  # a rollback of the trained model to the checkpoint

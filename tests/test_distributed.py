@@ -75,8 +75,12 @@ def _data_parallel_run(rank, wrapper, out_features, active, steps, optimizer="sg
     if rank == 1:  # a different start: data_parallel must copy rank 0's head (DDP the trunk)
         torch.manual_seed(1)
         net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=active, sparse_grad=True, rebuild=2))
+    index_rebuilt = None
     if wrapper == "ddp":
+        net.head.topk(torch.randn(2, HIDDEN), 2, budget=8, norm_rows=0)  # an index of this rank's weights
         model = data_parallel(net)
+        # rank 0's weights were written in place without bumping version counters: data_parallel bumps them
+        index_rebuilt = not net.head._topk_index_describes(net.head.weight, net.head.bias)
     else:
         from torch.distributed.fsdp import fully_shard
         with torch.no_grad():  # FSDP2 does not broadcast: start every rank from rank 0's values
@@ -96,7 +100,7 @@ def _data_parallel_run(rank, wrapper, out_features, active, steps, optimizer="sg
         opt.step()
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in net.state_dict().items()}
-    return {"state": state, "sent": sent}
+    return {"state": state, "sent": sent, "index_rebuilt": index_rebuilt}
 
 
 def _single_process_run(out_features, steps, optimizer="sgd"):
@@ -117,6 +121,7 @@ def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper, optimizer)
     """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
     only touched rows travel."""
     ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 64, 16, 4, optimizer)
+    assert all(rank["index_rebuilt"] is (True if wrapper == "ddp" else None) for rank in ranks)
     before = _single_process_run(64, 0)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import lsh_torch
 from lsh_torch import LSHLinear
@@ -98,7 +99,7 @@ def test_index_is_cached_until_the_weight_changes():
     layer.topk(torch.randn(4, 16), 2, probes=1, budget=50, norm_rows=7)  # per-call options reuse it
     assert layer._topk_index is index
     with torch.no_grad():
-        layer.bias.add_(1.0)  # the bias is read at every call, never indexed
+        layer.bias.add_(1.0)  # the bias is read at every call, never indexed (its checks are redone: below)
     check_scores(layer, x, *layer.topk(x, 3))
     assert layer._topk_index is index
 
@@ -129,6 +130,12 @@ def test_index_is_cached_until_the_weight_changes():
     layer.train()
     changes_rebuild(step(lsh_torch.LazyAdam(layer.parameters(), lr=1e-2)))
     changes_rebuild(step(torch.optim.SparseAdam(list(layer.parameters()), lr=1e-2)))
+    # A fused optimizer updates in place without bumping version counters (recall 0.08 against the new
+    # weight was measured before a step hook bumped them for indexed parameters).
+    dense = LSHLinear(16, 3000, rebuild=None).train()
+    layer, fused = dense, torch.optim.AdamW(dense.parameters(), lr=1e-2, fused=True)
+    layer.topk(x, 3)
+    changes_rebuild(step(fused))
     # Writes through .data bypass the version counter: rebuild() is the way to tell the layer.
     index = layer._topk_index
     layer.weight.data.mul_(2)
@@ -191,7 +198,7 @@ def test_topk_argument_errors():
     for bad, error in ((1.5, ValueError), (-0.1, ValueError), ("0.9", TypeError), (True, TypeError)):
         with pytest.raises(error, match="min_recall"):
             layer.topk(x, 3, min_recall=bad)
-    index = layer._topk_index_of(layer.weight)  # the public index: a weight it was not built from is refused
+    index = layer._topk_index_of(layer.weight, layer.bias)  # the public index: a weight it was not built from is refused
     with pytest.raises(ValueError, match="weight the index was built from"):
         index.topk(x, torch.randn(301, 16), None, 3, 4, 50, 0, 0)
     with pytest.raises(ValueError, match="out_features"):
@@ -262,6 +269,20 @@ def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(mo
     assert layer.topk_checks == {}
     layer.topk(x, 5)
     assert checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
+    # A new bias changes the top k but not the index: the same index, checked again (a bias-only change
+    # kept the old verdict, 0.994, while the index's answers fell to 0.37).
+    index = layer._topk_index
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    assert layer.topk_checks == {}
+    layer.topk(x, 5)
+    assert layer._topk_index is index and checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
+
+
+def test_a_parametrized_weight_warns_that_topk_rebuilds_its_index():
+    layer = nn.utils.parametrizations.weight_norm(LSHLinear(16, 3000).eval())
+    with pytest.warns(UserWarning, match="parametrized"):
+        layer.topk(torch.randn(4, 16), 3)
 
 
 def test_the_check_runs_eagerly_under_compile():
