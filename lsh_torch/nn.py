@@ -614,6 +614,7 @@ class LSHLinear(nn.Module):
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
         index = self._topk_index
         if not self._topk_index_describes(weight, bias):
+            _check_not_meta(weight)
             self._warn_if_parametrized()
             self._topk_index = None  # the old index goes first: two at once would double the memory
             self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed, bias)
@@ -731,7 +732,7 @@ def _rebuild_now(schedule, step: int) -> bool:
 def _check_not_meta(weight: Tensor) -> None:
     if weight.is_meta:  # the tables and their lookup read data; a meta tensor has none
         raise RuntimeError("LSHLinear on the meta device has no data to hash or look up: only eval-mode forward with "
-                           "inference='dense' (nn.Linear's computation) works there; materialise the weights first "
+                           "inference='dense' (nn.Linear's computation) and topk(exact=True) work there; materialise the weights first "
                            "(e.g. module.to_empty(device=...) and load_state_dict)")
 
 

@@ -162,8 +162,12 @@ class TopkIndex:
     """
 
     def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int, bias: Optional[Tensor] = None):
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating [N, d] tensor, got "
+                            f"{f'{weight.dtype} of shape {tuple(weight.shape)}' if isinstance(weight, Tensor) else type(weight).__name__}")
         num_tables = check_int("topk_tables", num_tables, 1, MAX_TABLES)
         bits = check_int("topk_bits", bits, 1, MAX_BITS)
+        seed = check_int("seed", seed, 0, 2 ** 63 - 1)
         rows = weight.detach()
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = weakref.ref(weight)  # never keeps a weight alive
@@ -222,6 +226,7 @@ class TopkIndex:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
         budget = check_int("budget", budget, 1, n)
         k = check_int("k", k, 1, budget)
+        probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.bits))
         norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
         key = (k, probes, budget, norm_rows)
@@ -239,7 +244,9 @@ class TopkIndex:
         # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
         hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
                 | (values[rows] >= exact_values[:, -1:]))
-        check.inputs, check.found, check.wanted = check.inputs + count, check.found + int(hits.sum()), check.wanted + hits.numel()
+        hits = hits[~exact_values.isnan().any(1)]  # an input with NaN scores has no top k to find: not counted
+        check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
+                                                   check.wanted + hits.numel())
         if check.done and check.recall < min_recall:
             self._warn_exact(key, check, min_recall)
             return exact_topk(x, weight, bias, k)

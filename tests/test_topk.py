@@ -201,6 +201,17 @@ def test_topk_argument_errors():
     index = layer._topk_index_of(layer.weight, layer.bias)  # the public index: a weight it was not built from is refused
     with pytest.raises(ValueError, match="weight the index was built from"):
         index.topk(x, torch.randn(301, 16), None, 3, 4, 50, 0, 0)
+    for bad, error in ((0, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="probes"):
+            index.topk(x, layer.weight, None, 3, bad, 50, 0, 0)
+    for weight in (torch.randn(300), torch.ones(300, 16, dtype=torch.int64), "weight"):
+        with pytest.raises(TypeError, match="weight must be a floating \\[N, d\\] tensor"):
+            TopkIndex(weight, 4, 6, seed=0)
+    with pytest.raises(TypeError, match="seed"):
+        TopkIndex(layer.weight, 4, 6, seed=0.5)
+    with pytest.raises(RuntimeError, match="meta device"):
+        LSHLinear(16, 300, device="meta").topk(x.to("meta"), 3, budget=50)
+    assert LSHLinear(16, 300, device="meta").topk(x.to("meta"), 3, exact=True)[0].shape == (4, 3)
     with pytest.raises(ValueError, match="out_features"):
         topk_budget(-5)
     for name, bad, error in (("topk_tables", 0, ValueError), ("topk_bits", 21, ValueError),
@@ -293,6 +304,21 @@ def test_the_check_runs_eagerly_under_compile():
     with pytest.warns(UserWarning, match="less than min_recall"):
         got = [compiled(x[:40]), compiled(x[40:140]), compiled(x[140:])]
     assert torch.equal(torch.cat(got), exact)  # 40 + 24 checked inputs, then exact answers
+
+
+def test_inputs_with_nan_scores_are_not_counted_by_the_check():
+    """A NaN input has no top k to find: counted as misses, 8 of 64 made a good index (recall 0.87)
+    answer exactly from then on, with a warning blaming the index."""
+    layer, x, _ = hard_layer()
+    x[::8] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.topk(x, 5)
+        (check,) = layer.topk_checks.values()
+        assert check.inputs == 56 and check.recall == 1.0  # 8 of the 64 checked were NaN
+        layer.topk(x[1:8].repeat(2, 1), 5)  # the check goes on with the next inputs
+    (check,) = layer.topk_checks.values()
+    assert check.inputs == 64 and check.recall == 1.0
 
 
 def test_exact_topk_in_blocks(monkeypatch):
