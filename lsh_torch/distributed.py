@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_int
-from .losses import _check_labels_found, _label_columns, _label_rows, _mask_of, smoothed_target
+from .losses import (_check_labels_forced, _check_labels_found, _drawn, _label_columns, _label_rows, _mask_of,
+                     reduce_loss, smoothed_target)
 from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, cap_probes, fit_bits, topk_budget
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
@@ -324,9 +325,13 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
     column, found = _label_columns(output.indices, every, logits.shape[1])
     mask = _mask_of(column, logits.shape[1])
-    counts = torch.cat([mask.sum(1, keepdim=True), found], 1).to(logits.dtype)
+    drawn = _drawn(column, output.log_weights, logits.shape)
+    drawn = torch.zeros_like(found) if drawn is None else drawn
+    counts = torch.cat([mask.sum(1, keepdim=True), found, drawn], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
-    _check_labels_found((counts[:, 1:] > 0) | (every == -1), every)
+    labels_found = counts[:, 1:1 + every.shape[1]]
+    _check_labels_found((labels_found > 0) | (every == -1), every)
+    _check_labels_forced(counts[:, 1 + every.shape[1]:] > 0, every)
     count = counts[:, 0]
     target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
     log_weights = None if output.log_weights is None else output.log_weights.expand_as(logits)
@@ -339,12 +344,7 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     start = sum(sizes[:rank])
     if shift is not None:
         loss = loss + torch.where(count > 0, shift, 0.0)[start: start + sizes[rank]]
-    loss = loss.to(output.values.dtype)
-    if reduction == "none":
-        return loss.reshape(batch_shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (count[start: start + sizes[rank]] > 0).sum().clamp_min(1)
+    return reduce_loss(loss, count[start: start + sizes[rank]] > 0, reduction, batch_shape, output.values)
 
 
 def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:

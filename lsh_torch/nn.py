@@ -119,6 +119,8 @@ class LSHLinear(nn.Module):
             (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
             explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s).
+            A fraction above 0 draws at least one; 0 draws none (a softmax over the set alone, biased).
+            Labels come first: where they fill the budget no tail is left (a warning says so).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
@@ -426,7 +428,22 @@ class LSHLinear(nn.Module):
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":
             return self.budget // 2 if sparse else 0
-        return self.tail if isinstance(self.tail, int) else round(self.tail * self.budget)
+        if isinstance(self.tail, int):
+            return self.tail
+        return max(1, round(self.tail * self.budget)) if self.tail > 0 else 0  # a fraction > 0 draws at least one
+
+    def _warn_if_no_tail(self, head: Tensor) -> None:
+        """Labels that fill the budget leave no room for the tail: nothing then stands for the outputs
+        outside the set, and the loss's normaliser is a sum over the labels alone (80-99% below the
+        full one, measured). Said once per layer."""
+        if (self._tail_count(True) and self.budget < self.out_features and not getattr(self, "_warned_no_tail", False)
+                and bool((head >= self.budget).any())):
+            self._warned_no_tail = True
+            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}, active={self.budget}): the "
+                          f"distinct labels of a {'batch' if head.dim() == 0 else 'row'} fill the active budget, so "
+                          "no uniform tail is drawn: its softmax runs over the labels alone, a biased estimate of "
+                          "the full one. Raise active= above the labels' count (in shared mode, the batch's distinct "
+                          "labels).", stacklevel=user_stacklevel())
 
     def forward(self, input: Tensor) -> Tensor:
         input, weight, bias = self._operands(input)
@@ -481,6 +498,8 @@ class LSHLinear(nn.Module):
             return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
+        if head.device.type == "cpu" and not torch.compiler.is_compiling():  # a host read: on the CPU only
+            self._warn_if_no_tail(head)
         values = values.reshape(*batch_shape, values.shape[-1])
         if active.dim() > 1:
             active = active.reshape(*batch_shape, active.shape[-1])

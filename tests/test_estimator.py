@@ -6,6 +6,7 @@ neurons, whatever the head is (docs/estimator.md). These tests check that claim 
 layout the loss relies on, and that the loss applies it.
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -167,6 +168,31 @@ def test_label_smoothing_errors(bad, error):
         sparse_cross_entropy((values, torch.arange(5)), labels, label_smoothing=bad)
     # numpy scalars are numbers, as for F.cross_entropy
     sparse_cross_entropy((values, torch.arange(5)), labels, label_smoothing=np.float32(0.25))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_labels_that_fill_the_budget_warn_that_no_tail_is_left(mode):
+    """With as many distinct labels as the budget nothing stands for the other outputs: the normaliser
+    was 99% low, silently. One label fewer leaves one draw, unbiased (test_corrected_normaliser_*)."""
+    layer = LSHLinear(16, 2000, active=16, tail=8, mode=mode, sparse_grad=True)
+    x = torch.randn(4, 16)
+    fewer = torch.arange(15).reshape(1, 15).expand(4, 15)  # 15 distinct labels: room for one draw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer.forward_sparse(x, fewer)
+    assert (out.log_weights != 0).any()
+    with pytest.warns(UserWarning, match="fill the active budget, so no uniform tail is drawn") as caught:
+        layer.forward_sparse(x, torch.arange(16).reshape(1, 16).expand(4, 16))
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():  # said once per layer; a tail of 0 is asked for, not warned of
+        warnings.simplefilter("error")
+        layer.forward_sparse(x, torch.arange(16).reshape(1, 16).expand(4, 16))
+        LSHLinear(16, 2000, active=16, tail=0, mode=mode).forward_sparse(x, torch.arange(16).expand(4, 16))
+
+
+def test_a_tail_fraction_above_0_draws_at_least_one():
+    assert LSHLinear(16, 2000, active=128, tail=0.001)._tail_count(True) == 1  # round() gave 0: no tail
+    assert LSHLinear(16, 2000, active=128, tail=0.0)._tail_count(True) == 0
 
 
 def test_tail_argument_errors():

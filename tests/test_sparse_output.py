@@ -130,7 +130,7 @@ def test_sparse_cross_entropy_counts_a_repeated_label_once_and_has_exact_gradien
     torch.manual_seed(0)
     values = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     indices = torch.tensor([5, 2, 9, 7, 0, 4]) if shared else torch.stack([torch.randperm(10)[:6] for _ in range(3)])
-    log_weights = torch.tensor([0.0, 0.0, 0.0, 1.5, 1.5, 1.5]).expand(indices.shape).contiguous()
+    log_weights = torch.tensor([0.0, 0.0, 1.5, 0.0, 0.0, 1.5]).expand(indices.shape).contiguous()  # labels: weight 0
     full = indices.expand(3, 6)
     columns = [[1, 1, 4], [3, 0, 0], [2, 2, 2]]  # row 0's second label repeats its first
     labels = torch.stack([full[r, c] for r, c in enumerate(map(torch.tensor, columns))])
@@ -140,6 +140,23 @@ def test_sparse_cross_entropy_counts_a_repeated_label_once_and_has_exact_gradien
     expected = torch.stack([-(logp[0, 1] + logp[0, 4]) / 2, -(logp[1, 3] + logp[1, 0]) / 2, logp.new_zeros(())])
     torch.testing.assert_close(loss, expected)
     torch.autograd.gradcheck(lambda v: sparse_cross_entropy((v, indices, log_weights), labels), (values,))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_sparse_cross_entropy_refuses_a_label_drawn_in_the_tail(mode):
+    """A label that forward_sparse was not given but that the tail drew carries the tail's log-weight:
+    it was scored raised by it (loss 4.26 against the estimator's 7.67), silently."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 500, active=200, mode=mode, sparse_grad=True)
+    x = torch.randn(4, 16)
+    out = layer.forward_sparse(x)  # no labels forced in: the set is the top set and the tail
+    weights = out.log_weights.expand(out.values.shape)
+    labels = out.indices.expand(out.values.shape)[torch.arange(4), (weights != 0).float().argmax(1)]
+    with pytest.raises(ValueError, match="uniform tail draws .* not forced in"):
+        sparse_cross_entropy(out, labels)
+    out = layer.forward_sparse(x, labels)  # forced in: weight 0, scored as they are
+    assert (out.log_weights.expand(out.values.shape)[out.indices.expand(out.values.shape) == labels[:, None]] == 0).all()
+    sparse_cross_entropy(out, labels).backward()
 
 
 def test_sparse_cross_entropy_refuses_labels_that_are_not_active():
@@ -394,8 +411,9 @@ def test_forward_sparse_errors():
 def test_a_shared_training_step_has_no_data_dependent_shapes():
     # On a GPU each data-dependent shape (nonzero, boolean indexing, unique) or scalar read is a host
     # sync. Between rebuilds a shared step reads one scalar (the batch's distinct label count, which
-    # sizes the top set) and, on the CPU only, the loss's two checks (labels found, no neuron twice;
-    # asserted on the device elsewhere); nothing else.
+    # sizes the top set) and, on the CPU only, whether labels left room for a tail (a warning) and the
+    # loss's three checks (labels found, none drawn in the tail, no neuron twice; asserted on the device
+    # elsewhere); nothing else.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
@@ -418,4 +436,23 @@ def test_a_shared_training_step_has_no_data_dependent_shapes():
     layer.forward_sparse(x, labels)  # the first step builds the tables
     with Syncs() as syncs:
         sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
-    assert syncs.ops == ["aten._local_scalar_dense.default"] * 3, syncs.ops
+    assert syncs.ops == ["aten._local_scalar_dense.default"] * 5, syncs.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_loss_under_autocast_is_float32_like_cross_entropy(dtype):
+    """Each row's loss and their sum were rounded to the autocast dtype: 0.03-0.06 nats off in
+    bfloat16, and a float16 sum of 16,384 rows overflowed to inf. F.cross_entropy returns float32."""
+    torch.manual_seed(0)
+    layer = LSHLinear(8, 64, active=64)  # every output: the exact softmax
+    x, labels = torch.randn(16_384, 8), torch.randint(0, 64, (16_384,))
+    with torch.autocast("cpu", dtype=dtype):
+        for reduction in ("mean", "sum", "none"):
+            out = layer.forward_sparse(x, labels)
+            loss = sparse_cross_entropy(out, labels, reduction=reduction)
+            expected = F.cross_entropy(out.values, labels, reduction=reduction)
+            assert loss.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(loss, expected)
+    # outside autocast: the values' dtype, as F.cross_entropy's
+    half = LSHLinear(8, 64, active=64, dtype=dtype)
+    assert sparse_cross_entropy(half.forward_sparse(x.to(dtype), labels), labels).dtype == dtype
