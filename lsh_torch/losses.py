@@ -178,9 +178,8 @@ def _drawn(column: Tensor, log_weights: Optional[Tensor], shape: torch.Size) -> 
     log-weight) rather than forced in (``column`` from :func:`_label_columns`, ``shape`` the logits')."""
     if log_weights is None:
         return None
-    weights = log_weights.reshape(-1, shape[1]).expand(shape[0], shape[1])
-    weights = torch.cat([weights, weights.new_zeros(shape[0], 1)], 1)  # the spare column: labels not found
-    return weights.gather(1, column) != 0
+    weights = log_weights.reshape(-1, shape[1]).expand(shape[0], shape[1])  # shared: a view, not [rows, A]
+    return (weights.gather(1, column.clamp_max(shape[1] - 1)) != 0) & (column < shape[1])
 
 
 def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor) -> None:
