@@ -538,6 +538,16 @@ class LSHLinear(nn.Module):
                 "tables on a schedule, Python state that an exported graph would freeze at one step. Export the "
                 "model in eval() mode (its lookup is a function of the input and the tables), and train eagerly or "
                 "under torch.compile.")
+        if torch._C._current_graph_task_id() != -1 and self.step > 0:
+            # Inside backward: activation checkpointing recomputing the last training forward (torch.utils.checkpoint,
+            # transformers' gradient checkpointing). Replay that step's draws from its tables: no step counted, no
+            # rebuild (counted anew, the recomputation drew another set than the loss's: wrong gradients).
+            self.step -= 1
+            try:
+                return (self._warmup_draws(x, labels, shared) if self.step < self.warmup
+                        else self._lookup(x, labels, shared, sparse))
+            finally:
+                self.step += 1
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
             found = self._warmup_draws(x, labels, shared)
         else:

@@ -235,3 +235,32 @@ def test_warnings_point_past_the_package_but_not_past_a_user_file_named_like_it(
     assert scope["call"](_checks.user_stacklevel) == 1  # the caller's own line
     exec(compile("def call(f):\n    return f()\n", os.path.join(package, "inner.py"), "exec"), scope)
     assert scope["call"](_checks.user_stacklevel) == 2  # a frame inside the package is skipped
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_replays_the_steps_draws(use_reentrant):
+    """torch.utils.checkpoint (and transformers' gradient checkpointing) recompute the forward inside
+    backward: that recomputation counted as the next training step, drew another active set than the
+    loss's and gave other gradients, silently (step 2 after one real step)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"hidden": LSHLinear(16, 256, active=32, seed=1, rebuild=2, warmup=1),
+                              "head": LSHLinear(256, 600, active=64, seed=2, rebuild=3, sparse_grad=True)})
+
+    plain, checkpointed = make(), make()
+    for step in range(5):  # the warm-up, rebuilds at steps 1 and 3 (hidden) and 3 (head)
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 16, generator=g, requires_grad=True), torch.randint(0, 600, (8,), generator=g)
+        outputs = []
+        for model, run in ((plain, lambda f: f(x)), (checkpointed, lambda f: checkpoint(f, x, use_reentrant=use_reentrant))):
+            model.zero_grad()
+            values = run(lambda v, m=model: m["head"].forward_sparse(torch.relu(m["hidden"](v)), y).values)
+            values.square().sum().backward()
+            outputs.append(values)
+        assert torch.equal(outputs[0], outputs[1])
+        for name in ("hidden.weight", "hidden.bias"):
+            assert torch.equal(dict(checkpointed.named_parameters())[name].grad, dict(plain.named_parameters())[name].grad)
+        assert checkpointed["hidden"].step == plain["hidden"].step == step + 1
+        assert checkpointed["head"].step == plain["head"].step == step + 1
