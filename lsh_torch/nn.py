@@ -296,6 +296,14 @@ class LSHLinear(nn.Module):
         self._marked_stale = stale
         if not stale:  # a weak reference: the tables never keep a substituted weight alive
             self._hashed_from = weakref.ref(self.weight)
+            # (None while tracing, where versions are not read: the next eager eval lookup re-checks the rows)
+            self._hashed_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
+                                    else self.weight._version)
+
+    def _moved_since_build(self) -> bool:
+        """Has the weight changed in place since the tables were built (its version counter; an
+        inference tensor has none)? Checked by eval lookups only: training follows the schedule."""
+        return not self.weight.is_inference() and self.weight._version != getattr(self, "_hashed_version", None)
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight
@@ -323,12 +331,17 @@ class LSHLinear(nn.Module):
         self._hashed_from = weakref.ref(self.weight) if own else None
 
     def rebuild(self) -> None:
-        """Re-hash the current weights into the tables (the schedule calls this during training)."""
+        """Re-hash the current weights into the tables and topk's index (say so after writes through
+        ``weight.data``, which the version counter misses)."""
+        self._build()
+        self._topk_index = None
+
+    def _build(self) -> None:
+        """The tables' (re)build that the schedule and lookups run: topk's index follows the weight's version itself."""
         _check_not_meta(self.weight)
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
-        self._topk_index = None  # also after writes through weight.data, which its version misses
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
                    sparse: bool = False) -> Tensor:
@@ -361,7 +374,11 @@ class LSHLinear(nn.Module):
         self._tables_from_checkpoint = False  # in use: a later load_state_dict is a deliberate reload
         if self._stale:
             self._warn_if_parametrized()
-            self.rebuild()
+            self._build()
+        elif not self.training and not torch.compiler.is_compiling() and self._moved_since_build():
+            # Eval after training steps, an EMA copy_, an init: the rows that moved re-hashed (an
+            # incremental build; the tables stayed those of the last training rebuild, whatever happened since).
+            self._build()
         seed = self._step_seed() if self.training else self.seed
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
         if self.rescore <= 1 or not tail or self.tables.selection == "random" or not x.shape[0]:

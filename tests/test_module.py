@@ -1,4 +1,6 @@
 """LSHLinear as a drop-in for nn.Linear."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -228,8 +230,8 @@ def test_lsh_active_set_prefers_large_inner_products():
 def test_rebuild_schedule_fires_when_it_should():
     layer, _ = pair(rebuild=3)
     calls = []
-    original = layer.rebuild
-    layer.rebuild = lambda: (calls.append(layer.step), original())
+    original = layer._build
+    layer._build = lambda: (calls.append(layer.step), original())
     x = torch.randn(2, 16)
     for _ in range(10):
         layer(x)
@@ -252,6 +254,28 @@ def test_rebuild_follows_weights():
     assert torch.equal(layer.tables.offsets, offsets)
     layer.rebuild()
     assert not torch.equal(layer.tables.offsets, offsets)
+
+
+def test_eval_lookups_follow_weights_changed_in_place():
+    """With inference="lsh" an eval lookup kept the tables of the last training rebuild whatever changed
+    the weights since (an EMA copy_, an init): recall 0.10 of the top 200, a random set's. It re-hashes
+    the moved rows now (training still follows its schedule; topk's index is left to its own check)."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=200, rebuild=None, inference="lsh")
+    x = torch.randn(8, 16)
+    layer.eval()(x)
+    layer.topk(x, 3, budget=100)
+    index = layer._topk_index
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight))
+    fresh = copy.deepcopy(layer)
+    fresh.rebuild()
+    assert torch.equal(layer(x), fresh(x))
+    layer.topk(x, 3, budget=100)
+    assert layer._topk_index is not index  # rebuilt by topk's own version check, not dropped by the lookup
+    index = layer._topk_index
+    layer(x)
+    assert layer._topk_index is index
 
 
 def test_schedules():
