@@ -130,8 +130,10 @@ def _checked_grad(p: torch.Tensor, state: dict, name: str) -> torch.Tensor:
                          "nn.Embedding(sparse=True) give): use torch.optim.SparseAdam for element-sparse gradients")
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state and (state[key].shape != p.shape or state[key].dtype != p.dtype):
-            raise ValueError(f"LazyAdam: the loaded state {key!r} of {name} is {state[key].dtype} "
-                             f"{tuple(state[key].shape)}, the parameter {p.dtype} {tuple(p.shape)}")
+            raise ValueError(f"LazyAdam: the state {key!r} of {name} is {state[key].dtype} {tuple(state[key].shape)}, "
+                             f"the parameter {p.dtype} {tuple(p.shape)}: a state loaded from another model, or a "
+                             "model cast (.to(dtype), .half()) after the optimizer stepped; opt.load_state_dict("
+                             "opt.state_dict()) casts the moments to the parameters' dtype, as for torch.optim.Adam")
     return _coalesced(grad) if grad.is_sparse else grad
 
 

@@ -346,3 +346,20 @@ def test_a_compiled_training_step_with_the_optimizer_inside_matches_eager():
         losses.append([step(torch.randn(8, 16, generator=gen), torch.randint(0, 9000, (8,), generator=gen)).item()
                        for _ in range(3)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_model_cast_after_a_step_is_named_with_the_way_out():
+    """After model.double() the moments stay float32: the message spoke of a 'loaded' state only."""
+    layer = LSHLinear(8, 300, active=20, sparse_grad=True)
+    opt = LazyAdam(layer.parameters(), lr=1e-2)
+    x, y = torch.randn(4, 8), torch.randint(0, 300, (4,))
+    sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+    opt.step()
+    layer.double()
+    opt.zero_grad()
+    sparse_cross_entropy(layer.forward_sparse(x.double(), y), y).backward()
+    with pytest.raises(ValueError, match=r"model cast .* opt.load_state_dict\(opt.state_dict\(\)\)"):
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert opt.state[layer.weight]["exp_avg"].dtype == torch.float64
