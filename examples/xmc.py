@@ -432,19 +432,20 @@ def warm_up(data, args, steps: int = 20) -> None:
 
 
 class _RebuildTimer:
-    """Counts and times an LSHLinear's table rebuilds (wraps its ``rebuild`` method)."""
+    """Counts and times an LSHLinear's table builds (wraps its tables' ``build``, which the rebuild
+    schedule, the first lookup and ``rebuild()`` all run)."""
 
     def __init__(self, layer: LSHLinear, device: torch.device):
-        self.count, self.seconds, inner = 0, 0.0, layer.rebuild
+        self.count, self.seconds, inner = 0, 0.0, layer.tables.build
 
-        def timed():
+        def timed(*args, **kwargs):
             sync(device)
             start = time.perf_counter()
-            inner()
+            inner(*args, **kwargs)
             sync(device)
             self.count += 1
             self.seconds += time.perf_counter() - start
-        layer.rebuild = timed
+        layer.tables.build = timed
 
 
 # ---------------------------------------------------------------------------------------------
