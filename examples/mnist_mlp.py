@@ -10,7 +10,7 @@ test time it does the same by default (--inference lsh): a network trained with 
 layers is a different function from the same weights run densely (--inference dense).
 
 Measured with the defaults (10 epochs, seed 0; this version, 2 threads, two runs alike): nn.Linear
-95.4%, LSHLinear 92.6% (20% of the hidden neurons active, 20 tables; 86.9% with --inference dense).
+95.4%, LSHLinear 92.5% (20% of the hidden neurons active, 20 tables; 86.9% with --inference dense).
 Earlier versions, with the paper's 5% and LSHLinear's own defaults (--active 0.05 --tables 5): 73.9%;
 --active 0.05 --tables 20: 86.4%.
 """
