@@ -106,6 +106,20 @@ def test_ignored_positions_never_reach_the_head():
     loss.backward()  # still a graph: a Trainer step on a fully padded batch does not crash
 
 
+def test_the_compiled_loss_reads_no_label_on_the_host():
+    """The label range check read min and max with .item(): a graph break under torch.compile (and two
+    host syncs per step on a GPU). Now asserted on the device there."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    ids, labels = batch()
+    loss = torch.compile(lambda: model(ids, labels=labels).loss, backend="eager")()
+    assert torch.isfinite(loss)
+    assert not [reason for reason in counters["graph_break"] if "item" in reason], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
 def test_training_never_builds_full_logits_and_counts_steps():
     model = lsh_hf.patch(tiny("gpt2"), active=256, rebuild=2)
     full_calls = []
