@@ -136,15 +136,17 @@ def _see_fused_steps() -> None:
     """A fused optimizer (``torch.optim.Adam(..., fused=True)`` and the like) updates its parameters in
     place without bumping their version counters, so an index would take the old weight's answers for
     the new one's. After every optimizer step, the version counters of the parameters an index was
-    built from are bumped (a step that did bump them only bumps them again). Registered with the
-    first index; a step costs one dictionary lookup per parameter while an index exists, none after."""
+    built from are bumped, those a fused step updated (with a gradient). Registered with the first
+    index; a fused step costs one dictionary lookup per parameter while an index exists."""
     global _fused_step_hook
 
     def bump(optimizer, args, kwargs) -> None:
         if _INDEXED:
             for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if _INDEXED.get(id(p)) is p and not p.is_inference():
+                if not group.get("fused"):  # the others' in-place updates bump the versions themselves
+                    continue
+                for p in group["params"]:  # those it stepped: a parameter without a gradient is left alone
+                    if p.grad is not None and _INDEXED.get(id(p)) is p and not p.is_inference():
                         torch.autograd.graph.increment_version(p)
 
     if _fused_step_hook is None:

@@ -233,3 +233,26 @@ def test_resume_is_exact_from_a_checkpoint_of_stale_tables(script, mode):
 
     assert resumed(*run["make"](mode)) == uninterrupted  # a fresh model, as in a fresh process
     assert resumed(model, opt) == uninterrupted  # a rollback of the trained model to the checkpoint
+
+
+def test_eval_after_a_resume_follows_the_weights_as_the_saving_process_does():
+    """load_lsh_state restores the last rebuild's tables: an eval lookup must re-check the rows against
+    the loaded weights, as it does in the process that saved them (it took the tables as current)."""
+    torch.manual_seed(0)
+
+    def make():
+        return LSHLinear(32, 2048, active=64, rebuild=1000, seed=1)
+
+    trained = make()
+    opt = torch.optim.SGD(trained.parameters(), lr=5.0)
+    x = torch.randn(64, 32)
+    for _ in range(20):  # one build, at the first step: the weights move away from the tables
+        out = trained.forward_sparse(x, torch.randint(0, 2048, (64,)))
+        opt.zero_grad()
+        (out.values ** 2).sum().backward()
+        opt.step()
+    resumed = make()
+    resumed.load_state_dict(trained.state_dict())
+    load_lsh_state(resumed, lsh_state(trained))
+    q = torch.randn(16, 32)
+    assert torch.equal(trained.eval().active_set(q), resumed.eval().active_set(q))

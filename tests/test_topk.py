@@ -290,6 +290,25 @@ def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(mo
     assert layer._topk_index is index and checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_step_hook_leaves_parameters_a_step_did_not_update(fused):
+    """The fused-step hook bumped every indexed parameter after any step: a frozen head's index was
+    rebuilt at every step (seconds at 670K outputs), and a graph that saved its weight failed backward."""
+    torch.manual_seed(0)
+    head, body = LSHLinear(16, 3000).eval(), nn.Linear(16, 16)
+    head.requires_grad_(False)
+    opt = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=1e-2, fused=fused)
+    x = torch.randn(4, 16)
+    head.topk(x, 3)
+    index, version = head._topk_index, head.weight._version
+    pending = F.linear(body(x), head.weight)  # saves the head's weight for the body's gradient
+    body(x).sum().backward()
+    opt.step()
+    pending.sum().backward()  # the head's weight, saved by the graph, was not modified
+    head.topk(x, 3)
+    assert head.weight._version == version and head._topk_index is index
+
+
 def test_a_parametrized_weight_warns_that_topk_rebuilds_its_index():
     layer = nn.utils.parametrizations.weight_norm(LSHLinear(16, 3000).eval())
     with pytest.warns(UserWarning, match="parametrized"):
