@@ -25,6 +25,16 @@ def check_int(name: str, value, low: int, high: int) -> int:
     return value
 
 
+def refuse(bad: torch.Tensor, message: str, detail=None) -> None:
+    """Raise ``ValueError(message)`` if any entry of ``bad`` is true: on the CPU at once (one host read;
+    ``detail(bad)``, if given, adds what was found), under ``torch.compile`` or on another device as an
+    assertion on the device (no host sync, no graph break)."""
+    if torch.compiler.is_compiling() or bad.device.type != "cpu":
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(message + (detail(bad) if detail is not None else ""))
+
+
 def int_or_float(name: str, value, expected: str) -> int | float:
     """``value`` as a Python int (a count) or float (a fraction), numpy scalars included; ``expected``
     completes the TypeError's "must be ..."."""

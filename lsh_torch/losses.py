@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_int, refuse
 
 
 def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
@@ -162,15 +162,14 @@ def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int) -> T
 
 
 def _check_labels_found(ok: Tensor, labels: Tensor) -> None:
-    hint = ("out of range, or not passed to forward_sparse(x, labels), which forces labels in (-1 and ignore_index "
-            "are padding)")
-    all_ok = ok.all()
-    if torch.compiler.is_compiling() or labels.device.type != "cpu":  # no host sync: checked on the device
-        torch._assert_async(all_ok, f"sparse_cross_entropy: a label is not among its row's active outputs: {hint}")
-    elif not bool(all_ok):
-        row, col = (~ok).nonzero()[0].tolist()
-        raise ValueError(f"sparse_cross_entropy: label {labels[row, col].item()} of row {row} is not among the row's "
-                         f"active outputs: {hint}")
+    refuse(~ok, "sparse_cross_entropy: a label is not among the row's active outputs: out of range, or not passed to "
+                "forward_sparse(x, labels), which forces labels in (-1 and ignore_index are padding)",
+           lambda bad: _first_label(bad, labels))
+
+
+def _first_label(bad: Tensor, labels: Tensor) -> str:
+    row, col = bad.nonzero()[0].tolist()
+    return f" (label {labels[row, col].item()} of row {row})"
 
 
 def _drawn(column: Tensor, log_weights: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
@@ -185,29 +184,18 @@ def _drawn(column: Tensor, log_weights: Optional[Tensor], shape: torch.Size) -> 
 def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor) -> None:
     """A label that forward_sparse was not given but whose output the tail happened to draw carries the
     tail's log-weight: its logit would be scored raised by it, the loss too low (by 3.4 nats measured)."""
-    if drawn is None:
-        return
-    hint = "pass the labels to forward_sparse(x, labels), which forces them in uncorrected"
-    any_drawn = drawn.any()
-    if torch.compiler.is_compiling() or labels.device.type != "cpu":  # no host sync: checked on the device
-        torch._assert_async(~any_drawn, f"sparse_cross_entropy: a label is among its row's tail draws, not forced in: "
-                                        f"{hint}")
-    elif bool(any_drawn):
-        row, col = drawn.nonzero()[0].tolist()
-        raise ValueError(f"sparse_cross_entropy: label {labels[row, col].item()} of row {row} is among the row's "
-                         f"uniform tail draws (a non-zero log-weight), not forced in: {hint}")
+    if drawn is not None:
+        refuse(drawn, "sparse_cross_entropy: a label is among the row's uniform tail draws (a non-zero log-weight), "
+                      "not forced in: pass the labels to forward_sparse(x, labels), which forces them in uncorrected",
+               lambda bad: _first_label(bad, labels))
 
 
 def _check_distinct(indices: Tensor) -> None:
     """A neuron twice in a row's active set would count twice in the normaliser (forward_sparse's
     never repeat one; a hand-built output might)."""
     ordered = indices.sort(-1).values
-    repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
-    message = "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once"
-    if torch.compiler.is_compiling() or indices.device.type != "cpu":  # no host sync: checked on the device
-        torch._assert_async(~repeated, message)
-    elif bool(repeated):
-        raise ValueError(message)
+    refuse(ordered[..., 1:] == ordered[..., :-1],
+           "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once")
 
 
 def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, user_stacklevel
+from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         exact_topk, topk_budget, topk_settings)
@@ -794,12 +794,9 @@ def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional
 
 def _check_label_range(labels: Tensor, out_features: int) -> None:
     """Labels in [0, out_features) or -1 (padding), as the query kernels check theirs."""
-    outside = (labels < -1) | (labels >= out_features)
-    message = f"labels must be in [0, out_features={out_features}) or -1 / -100 (padding)"
-    if torch.compiler.is_compiling() or labels.device.type != "cpu":  # no host sync: checked on the device
-        torch._assert_async(~outside.any(), message)
-    elif bool(outside.any()):
-        raise ValueError(f"{message}, got {labels[outside][0].item()}")
+    refuse((labels < -1) | (labels >= out_features),
+           f"labels must be in [0, out_features={out_features}) or -1 / -100 (padding)",
+           lambda bad: f", got {labels[bad][0].item()}")
 
 
 def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:

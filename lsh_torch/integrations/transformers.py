@@ -29,6 +29,7 @@ try:
 except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
+from .._checks import refuse
 from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
 from ..nn import LSHLinear
@@ -167,12 +168,9 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
     targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     keep = targets != ignore_index  # ignored positions never reach the lookup or the head
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
-    outside = (targets < 0) | (targets >= head.out_features)
-    message = f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features})"
-    if torch.compiler.is_compiling() or targets.device.type != "cpu":  # no host read (a graph break, a GPU sync)
-        torch._assert_async(~outside.any(), message)
-    elif bool(outside.any()):
-        raise ValueError(f"{message}, got {targets[outside][0].item()}")
+    refuse((targets < 0) | (targets >= head.out_features),
+           f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features})",
+           lambda bad: f", got {targets[bad][0].item()}")
     loss = sparse_cross_entropy(head.forward_sparse(hidden, targets), targets, reduction="sum",
                                 label_smoothing=label_smoothing)
     if num_items_in_batch is None:
