@@ -1,6 +1,7 @@
 """LSHLinear: nn.Linear that, in training, computes only the neurons an LSH lookup selects."""
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 import warnings
@@ -249,6 +250,7 @@ class LSHLinear(nn.Module):
         self.topk_tables, self.topk_bits = topk["num_tables"], topk["bits"]
         self._topk_index: Optional[TopkIndex] = None
         self._loss_checked = False  # see _warn_if_full_width_loss
+        self._draws = _RecordedDraws()  # for activation checkpointing's recomputation
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         self.reset_parameters()
 
@@ -325,6 +327,7 @@ class LSHLinear(nn.Module):
         own = state.pop("_hashed_from")
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
+                 "_draws": _RecordedDraws(),
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         super().__setstate__(state)
@@ -538,6 +541,8 @@ class LSHLinear(nn.Module):
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, weight, bias, active, sparse_grad=self.sparse_grad)
+        if self.training and torch._C._current_graph_task_id() == -1 and not torch.compiler.is_compiling():
+            self._draws.record(x, (active, head), values)
         return values, active, head
 
     @torch.compiler.disable
@@ -556,9 +561,13 @@ class LSHLinear(nn.Module):
                 "model in eval() mode (its lookup is a function of the input and the tables), and train eagerly or "
                 "under torch.compile.")
         if torch._C._current_graph_task_id() != -1 and self.step > 0:
-            # Inside backward: activation checkpointing recomputing the last training forward (torch.utils.checkpoint,
-            # transformers' gradient checkpointing). Replay that step's draws from its tables: no step counted, no
-            # rebuild (counted anew, the recomputation drew another set than the loss's: wrong gradients).
+            # Inside backward: activation checkpointing (torch.utils.checkpoint, transformers' gradient
+            # checkpointing) recomputing a training forward. It must use that forward's set, not count a step
+            # (counted anew, it drew another set than the loss's: wrong gradients).
+            found = self._draws.replay(x)
+            if found is not None:
+                return found
+            self._warn_replaying_last_step()
             self.step -= 1
             try:
                 return (self._warmup_draws(x, labels, shared) if self.step < self.warmup
@@ -573,6 +582,16 @@ class LSHLinear(nn.Module):
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1
         return found
+
+    def _warn_replaying_last_step(self) -> None:
+        if not getattr(self, "_warned_replay", False):
+            self._warned_replay = True
+            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}): a recomputation inside "
+                          "backward (activation checkpointing) got an input that matches none of this layer's "
+                          "recorded training forwards (its upstream computation is not deterministic, or the "
+                          f"forwards since the backward outnumber the {_RecordedDraws.WITHOUT_GRAPH} kept without a "
+                          "graph), so it re-draws the last step's set, which may not be the forward's: its "
+                          "gradients may differ from those without checkpointing.", stacklevel=user_stacklevel())
 
     def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
         """A warm-up step's set: the labels and uniform draws, seeded by the step."""
@@ -733,6 +752,62 @@ class LSHLinear(nn.Module):
                 f"inference={self.inference!r}, mode={self.mode!r}, tail={self.tail!r}, rescore={self.rescore}"
                 + (", exact_softmax=True" if self.exact_softmax else "")
                 + (f", warmup={self.warmup}" if self.warmup else ""))
+
+
+class _Draw:
+    __slots__ = ("order", "shape", "fingerprint", "found", "replays", "__weakref__")
+
+    def __init__(self, order: int, x: Tensor, found: tuple[Tensor, Tensor]):
+        self.order, self.shape, self.found, self.replays = order, x.shape, found, 0
+        self.fingerprint = _fingerprint(x)
+
+
+class _RecordedDraws:
+    """The active sets of a layer's training forwards, found again by their inputs when activation
+    checkpointing recomputes a forward inside backward: the layer called twice in one checkpointed
+    region, or checkpointed micro-batches summed into one backward, each get their own set back.
+
+    A forward with an autograd graph keeps its record as long as the graph (in its output's
+    ``grad_fn.metadata``), so nothing outlives its backward; a forward without one (reentrant
+    checkpointing runs the region under ``no_grad``) is among the last :attr:`WITHOUT_GRAPH` kept."""
+
+    WITHOUT_GRAPH = 16
+
+    def __init__(self):
+        self._with_graph: list[weakref.ref] = []
+        self._without_graph: collections.deque = collections.deque(maxlen=self.WITHOUT_GRAPH)
+        self._recorded = 0
+
+    def __reduce__(self):  # copies and pickles start empty: the records belong to this process's graphs
+        return _RecordedDraws, ()
+
+    def record(self, x: Tensor, found: tuple[Tensor, Tensor], values: Tensor) -> None:
+        draw, self._recorded = _Draw(self._recorded, x, found), self._recorded + 1
+        if values.grad_fn is None:
+            self._without_graph.append(draw)
+            return
+        values.grad_fn.metadata["lsh_torch_draw"] = draw
+        self._with_graph = [ref for ref in self._with_graph if ref() is not None]
+        self._with_graph.append(weakref.ref(draw))
+
+    def replay(self, x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """The set of the forward whose input ``x`` is (bit for bit), or None. Where several forwards
+        had it, the one replayed least, then the earliest: a region's recomputation runs its
+        forwards in their order."""
+        draws = [ref() for ref in self._with_graph] + list(self._without_graph)
+        fingerprint = _fingerprint(x)
+        same = [d for d in draws if d is not None and d.shape == x.shape and torch.equal(d.fingerprint, fingerprint)]
+        if not same:
+            return None
+        draw = min(same, key=lambda d: (d.replays, d.order))
+        draw.replays += 1
+        return draw.found
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """Column sums in float64: a recomputation's input is bit-identical to its forward's, and two
+    different inputs (another micro-batch, another position) practically never share them."""
+    return x.detach().sum(0, dtype=torch.float64)
 
 
 def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
