@@ -68,6 +68,49 @@ def test_num_items_in_batch_and_shift_labels_follow_transformers():
                                    reference(ids, labels=labels, **kwargs).loss, rtol=1e-5, atol=1e-5)
 
 
+def test_logits_to_keep_scores_the_positions_transformers_scores():
+    """logits_to_keep was dropped in training: the kept positions' shift_labels were refused (an int)
+    or mismatched (a packed-training boolean mask), where transformers scores those positions."""
+    reference = tiny("llama")
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    ids, labels = batch()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 3:9] = True
+    mask[1, 10] = True  # another count in one row
+    for keep, shift_labels in ((4, shifted[:, -4:].contiguous()), (mask, shifted[mask])):
+        torch.testing.assert_close(model(ids, labels=labels, shift_labels=shift_labels, logits_to_keep=keep).loss,
+                                   reference(ids, labels=labels, shift_labels=shift_labels, logits_to_keep=keep).loss,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_model_gets_a_float32_loss_like_transformers():
+    """The loss was reduced in the head's dtype: bfloat16 8.00000 against transformers' float32 8.02281."""
+    reference = tiny("llama").to(torch.bfloat16)
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, VOCAB, (16, 64), generator=gen)
+    with torch.no_grad():
+        got, want = model(ids, labels=ids).loss, reference(ids, labels=ids).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_output_is_the_models_own_class_with_its_fields():
+    """GPT-2 returns CausalLMOutputWithCrossAttentions: its cross-attentions were dropped in training."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                     add_cross_attention=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(config).train()
+    model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB)
+    ids, labels = batch()
+    encoder = torch.randn(3, 5, 32)
+    got, want = (m(ids, labels=labels, encoder_hidden_states=encoder, output_attentions=True) for m in (model, reference))
+    assert type(got) is type(want)
+    assert got.keys() == want.keys() - {"logits"}
+    torch.testing.assert_close(got.cross_attentions, want.cross_attentions)
+
+
 def test_label_smoothing_with_every_word_active_is_cross_entropys():
     reference = tiny("qwen2")
     model = lsh_hf.patch(copy.deepcopy(reference), active=VOCAB, label_smoothing=0.2)
@@ -265,6 +308,9 @@ def test_bad_input_gets_clear_errors():
         num_key_value_heads=1, head_dim=16))
     with pytest.raises(ValueError, match="model_type 'gemma2'"):  # soft-capped logits
         lsh_hf.patch(gemma2)
+    double_heads = transformers.GPT2DoubleHeadsModel(tiny("gpt2").config)
+    with pytest.raises(ValueError, match="GPT2DoubleHeadsModel; patch.. supports the causal-LM class"):
+        lsh_hf.patch(double_heads)  # its multiple-choice loss would be dropped, silently
     model = tiny("gpt2")
     model.lm_head = None
     with pytest.raises(TypeError, match="output head"):
@@ -275,5 +321,5 @@ def test_bad_input_gets_clear_errors():
     ids, labels = batch()
     with pytest.raises(ValueError, match=r"labels must be -100 \(ignored\) or in \[0, vocab size = 3000\)"):
         model(ids, labels=labels.index_fill(1, torch.tensor([5]), VOCAB))
-    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+    with pytest.raises(ValueError, match="must have the shape of the scored positions"):
         model(ids, labels=labels[:, :5])

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import types
+import typing
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,9 @@ from torch import Tensor, nn
 try:
     from transformers import PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_utils import slice_logits_to_keep
+    from transformers.utils import ModelOutput
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
@@ -39,7 +43,6 @@ from ..nn import LSHLinear
 # transform the logits after the head (Gemma 2/3 soft-capping, Granite's logits_scaling, Cohere's
 # logit_scale) would be trained on the wrong logits, so they are refused rather than guessed at.
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
 
 
 def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs) -> PreTrainedModel:
@@ -55,8 +58,10 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     ``shift_labels=`` tensor as given), drops the positions labelled -100 (``ignore_index=``), and
     returns the loss of :meth:`LSHLinear.forward_sparse` with the targets forced into the active
     set, through :func:`lsh_torch.sparse_cross_entropy`: the mean over the kept tokens, or their sum
-    divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). The
-    output's ``logits`` are None there: the ``[tokens, vocab]`` logits are never built. A batch
+    divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation), in float32
+    whatever the model's dtype, as transformers' loss. ``logits_to_keep`` selects the positions scored,
+    as it does for the logits. The output is the model's own class (its other fields as the
+    unpatched model's), ``logits`` None: the ``[tokens, vocab]`` logits are never built. A batch
     whose labels are all -100 gets loss 0 (plain cross-entropy gives NaN). ``label_smoothing`` is
     ``F.cross_entropy``'s, the spread over the whole vocabulary estimated from the active set
     (:func:`~lsh_torch.sparse_cross_entropy`). Give it here rather than as the Trainer's
@@ -70,7 +75,8 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
 
     Raises:
         TypeError: ``model`` is not a transformers model with a linear output head.
-        ValueError: its ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`, it is patched
+        ValueError: its ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`, or it is not that
+            type's causal-LM class (``GPT2DoubleHeadsModel``'s second loss would be lost), it is patched
             already, or ``lsh_kwargs`` are given for a head that is an LSHLinear already.
     """
     if not isinstance(model, PreTrainedModel):
@@ -79,6 +85,11 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model has model_type {model_type!r}; patch() supports {SUPPORTED_MODEL_TYPES}, whose "
                          "logits are the output head's outputs unchanged")
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if causal_lm not in (cls.__name__ for cls in type(model).__mro__):
+        # GPT2DoubleHeadsModel is a "gpt2" too: its multiple-choice head's loss would be dropped, silently.
+        raise ValueError(f"model is a {type(model).__name__}; patch() supports the causal-LM class of its model_type, "
+                         f"{causal_lm} (and its subclasses), whose only loss is the output head's")
     if getattr(model, "_lsh_torch_patched", False):
         raise ValueError("model is patched already")
     label_smoothing = check_label_smoothing(label_smoothing)
@@ -134,7 +145,7 @@ def _forward(model: PreTrainedModel, *args, **kwargs):
         with _dense(model.get_output_embeddings()):
             return model._lsh_torch_forward(*args, **kwargs)
     del arguments["self"]
-    arguments.pop("logits_to_keep", None)  # all positions are scored in training
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
     for name, parameter in inspect.signature(type(model).forward).parameters.items():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
@@ -146,12 +157,26 @@ def _forward(model: PreTrainedModel, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
 
     outputs = model.base_model(**arguments, return_dict=True)
-    loss = _sparse_loss(model.get_output_embeddings(), outputs.last_hidden_state, labels, shift_labels,
-                        ignore_index, num_items_in_batch, model._lsh_torch_label_smoothing)
-    result = CausalLMOutputWithPast(loss=loss, logits=None, **{
-        name: value for name, value in outputs.items() if name in _OUTPUT_FIELDS})
+    # The positions the unpatched model scores: the last logits_to_keep (0: all), or those a tensor selects.
+    hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    loss = _sparse_loss(model.get_output_embeddings(), hidden, labels, shift_labels, ignore_index, num_items_in_batch,
+                        model._lsh_torch_label_smoothing)
+    output = _output_class(type(model))
+    fields = {f.name for f in dataclasses.fields(output)}
+    result = output(loss=loss, logits=None, **{name: value for name, value in outputs.items() if name in fields})
     # As a tuple, logits keep their place (None) after the loss, as in the unpatched model's tuple.
     return result if return_dict else (loss, None) + tuple(v for k, v in result.items() if k != "loss")
+
+
+@functools.cache
+def _output_class(cls: type) -> type:
+    """The output class the model's forward returns (GPT-2's has cross-attentions), read off its annotation."""
+    returned = typing.get_type_hints(cls.forward).get("return")
+    for candidate in typing.get_args(returned) or (returned,):
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput) and \
+                {"loss", "logits"} <= {f.name for f in dataclasses.fields(candidate)}:
+            return candidate
+    return CausalLMOutputWithPast
 
 
 def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, ignore_index: int,
@@ -163,15 +188,16 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of token ids, got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have the shape of input_ids, {tuple(hidden.shape[:-1])} after the shift, got "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(f"labels (or shift_labels) must have the shape of the scored positions (input_ids', or those "
+                         f"logits_to_keep keeps), {tuple(hidden.shape[:-1])} after the shift, got {tuple(targets.shape)}")
     targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     keep = targets != ignore_index  # ignored positions never reach the lookup or the head
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     refuse((targets < 0) | (targets >= head.out_features),
            f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features})",
            lambda bad: f", got {targets[bad][0].item()}")
-    loss = sparse_cross_entropy(head.forward_sparse(hidden, targets), targets, reduction="sum",
+    output = head.forward_sparse(hidden, targets)  # scored in float32, as the unpatched loss upcasts its logits
+    loss = sparse_cross_entropy(output._replace(values=output.values.float()), targets, reduction="sum",
                                 label_smoothing=label_smoothing)
     if num_items_in_batch is None:
         return loss / max(1, targets.numel())
