@@ -317,7 +317,7 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
             raise ValueError(f"labels are on {labels.device} but the output is on {output.values.device}")
         labels = _label_rows(labels, batch_shape, ignore_index)
         error = None
-    except (TypeError, ValueError) as caught:
+    except Exception as caught:  # warnings turned into errors too
         error = caught
     agreed = (0, 0, 0) if error else (label_smoothing, ("mean", "sum", "none").index(reduction), ignore_index)
     _stop_everywhere(error, group, output.values.device, agreed, "label_smoothing, reduction and ignore_index")
@@ -370,6 +370,16 @@ def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
     return kwargs
 
 
+class _DivideBy:
+    """A gradient hook dividing by a constant (a class, not a lambda: the parameters it hooks pickle)."""
+
+    def __init__(self, divisor: int):
+        self.divisor = divisor
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        return grad / self.divisor
+
+
 class ShardedLSHLinear(nn.Module):
     r"""A vocabulary-parallel LSH output layer: rank ``r`` of ``process_group`` owns the rows
     :func:`shard_range` gives it, as its own :class:`~lsh_torch.LSHLinear` (``self.shard``: own
@@ -412,14 +422,30 @@ class ShardedLSHLinear(nn.Module):
         self.widths = [b - a for a, b in (shard_range(out_features, r, self.world_size)
                                           for r in range(self.world_size))]
         self.start, self.end = shard_range(out_features, self.rank, self.world_size)
-        kwargs = _shard_kwargs(out_features, self.end - self.start, lsh_kwargs)
-        kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
-        self.shard = LSHLinear(in_features, self.end - self.start, bias, device, dtype, **kwargs)
-        self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
-        if self.world_size > 1:  # the mean over the ranks' losses (module docstring)
-            for p in self.shard.parameters():
-                p.register_hook(lambda grad: grad / self.world_size)
+        error = None
+        try:  # options checked for this shard's width can fail on some ranks only: all ranks stop
+            kwargs = _shard_kwargs(out_features, self.end - self.start, lsh_kwargs)
+            kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
+            # Its own initialisation draws as many numbers as the shard has rows: the global RNG must
+            # advance alike on every rank (the trunk built next, a data split seeded alike).
+            with torch.random.fork_rng(devices=[], device_type=torch.device(device or "cpu").type):
+                self.shard = LSHLinear(in_features, self.end - self.start, bias, device, dtype, **kwargs)
+            self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
+        except Exception as caught:
+            error = caught
+        _stop_everywhere(error, process_group, torch.device("cpu") if dist.get_backend(process_group) == "gloo"
+                         else torch.device(device or "cuda"))
         self.reset_parameters()
+
+    def _mean_over_ranks(self) -> None:
+        """Hook this shard's parameters (once each) to divide their gradients by the world size: the
+        mean over the ranks' losses (module docstring). A hook belongs to a parameter object, so the
+        new ones of a copy, ``torch.load``, ``load_state_dict(assign=True)`` or ``to_empty`` get theirs
+        at their first forward (without it, their gradients were the world size times too large)."""
+        if self.world_size > 1:
+            for p in self.shard.parameters():
+                if p.requires_grad and not any(isinstance(h, _DivideBy) for h in (p._backward_hooks or {}).values()):
+                    p.register_hook(_DivideBy(self.world_size))
 
     @property
     def weight(self) -> Tensor:
@@ -434,6 +460,8 @@ class ShardedLSHLinear(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise like ``nn.Linear`` (uniform in ``±1/sqrt(in_features)``), each rank its own rows."""
         seed = int(torch.randint(2 ** 62, ()))
+        if self.weight.is_meta:  # no data to draw (to_empty and a load come next); the global RNG advanced alike
+            return
         gen = torch.Generator(device=self.weight.device).manual_seed(seed + self.rank)
         bound = 1 / math.sqrt(self.in_features)
         for p in self.shard.parameters():
@@ -477,10 +505,11 @@ class ShardedLSHLinear(nn.Module):
         will check it, autocast-aware) and ``check`` are verified on every rank before the first
         collective, and the outcome travels with the row counts: a bad argument on one rank raises
         on every rank (the others name it) instead of leaving them waiting in a collective."""
+        self._mean_over_ranks()
         try:
             self.shard._operands(input)
             checked, error = check(), None
-        except (TypeError, ValueError) as caught:
+        except Exception as caught:  # warnings turned into errors too: every rank must hear of it
             checked, error = None, caught
         rows = -1 if error else input.reshape(-1, self.in_features).shape[0]
         sizes = _gather_ints([rows], self.process_group, self.shard.weight.device)[:, 0].tolist()
@@ -515,7 +544,7 @@ class ShardedLSHLinear(nn.Module):
         try:  # a shard's lookup can fail for its own labels (more than its budget): all ranks stop
             values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
             error = None
-        except (RuntimeError, ValueError) as caught:
+        except Exception as caught:  # a warning turned into an error (-W error) too
             error = caught
         _stop_everywhere(error, self.process_group, self.shard.weight.device)
         return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
@@ -561,7 +590,7 @@ class ShardedLSHLinear(nn.Module):
             values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank],
                                               min_recall=min_recall)
             error = None
-        except (RuntimeError, ValueError) as caught:
+        except Exception as caught:
             error = caught
         # Each shard answers every rank's rows with the same k and method: a rank asking otherwise would
         # get padding among the merged candidates (or exact and approximate shards mixed).

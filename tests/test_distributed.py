@@ -388,6 +388,54 @@ def test_full_state_dict_round_trip_onto_world_size_1_and_2(tmp_path):
     torch.testing.assert_close(ranks[0]["one"]["out"], linear(ranks[0]["one"]["x"]).detach())
 
 
+def _shard_copies_run(rank):
+    """A shard's gradient hook (divide by the world size) lived on its parameter objects: copies and
+    reassigned parameters lost it (gradients 2x at world size 2). Construction consumed the global RNG
+    by the shard's width (uneven widths: ranks seeded alike then built different trunks), an option
+    refused for one shard's width raised on that rank only (the others hung), and the meta device failed."""
+    import copy
+    import io
+
+    def grad(layer, x, y):
+        layer.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        return layer.weight.grad.to_dense().clone()
+
+    torch.manual_seed(3)
+    linear = nn.Linear(HIDDEN, 13)
+    layer = ShardedLSHLinear.from_linear(linear)
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, HIDDEN, generator=gen), torch.randint(13, (4,), generator=gen)
+    assigned = ShardedLSHLinear(HIDDEN, 13)
+    assigned.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(layer), assigned, torch.load(buffer, weights_only=False)]
+    torch.manual_seed(0)
+    ShardedLSHLinear(HIDDEN, 13)  # rows 7 and 6
+    after = torch.rand(3)
+    try:
+        ShardedLSHLinear(HIDDEN, 13, active=0.5, tail=4)  # rank 1's budget is 3
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    meta = ShardedLSHLinear(HIDDEN, 13, device="meta")
+    return {"grads": [grad(layer, x, y)] + [grad(c, x, y) for c in copies], "after": after, "refused": refused,
+            "meta": meta.weight.is_meta}
+
+
+def test_sharded_layer_copies_keep_their_gradient_and_construction_agrees(tmp_path):
+    ranks = _spawn(_shard_copies_run, tmp_path)
+    for result in ranks:
+        for copied in result["grads"][1:]:
+            assert torch.equal(copied, result["grads"][0])
+        assert result["meta"]
+    assert torch.equal(ranks[0]["after"], ranks[1]["after"])
+    assert "tail must be in [0, active budget=3], got 4" in ranks[1]["refused"]
+    assert "rank 1 of the process group raised an error" in ranks[0]["refused"]
+
+
 def test_shard_range_covers_every_row_once():
     for out_features, world in [(13, 2), (10, 4), (5, 5)]:
         ranges = [shard_range(out_features, r, world) for r in range(world)]
