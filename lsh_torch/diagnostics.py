@@ -40,7 +40,8 @@ def _check_layer(layer) -> None:
 def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
     """Recall of the exact top-``k`` of ``scores`` [B, N] by ``active`` [B, A] (indices into N).
 
-    Returns ``recall`` (mean over rows of |active ∩ top-k| / k), ``recall_min`` (worst row) and
+    Returns ``recall`` (mean over rows of |active ∩ top-k| / k; where scores tie at the k-th
+    largest, any of the tied neurons counts), ``recall_min`` (worst row) and
     ``mass_recall``: the ReLU activation mass ``sum(relu(scores))`` the active set holds, as a
     share of what the best set of the same size (the exact top-``A``) holds: 1.0 for winner-take-all,
     about ``A / N`` of the positive mass for a random set; rows without positive mass count 1.0.
@@ -63,8 +64,10 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
         raise ValueError(f"active holds indices outside [0, {n})")
     in_active = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     in_active.scatter_(1, active, True)
-    top = scores.topk(k, dim=1).indices
-    hits = in_active.gather(1, top).float().sum(1) / k
+    # Tie-invariant: an active neuron tied with the k-th score takes one of the top-k's places left to ties.
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above, tied = scores > kth, scores == kth
+    hits = ((in_active & above).sum(1) + torch.minimum((in_active & tied).sum(1), k - above.sum(1))).float() / k
     pos = scores.float().clamp_min(0)
     total = pos.topk(active.shape[1], dim=1).values.sum(1)
     kept = (pos * in_active).sum(1)
@@ -137,6 +140,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
         raise ValueError(f"x must have shape [*, in_features={layer.in_features}], got {tuple(x.shape)}")
     x2 = x.detach().reshape(-1, layer.in_features).to(layer.weight.dtype)
     n = layer.out_features
+    exact = active is None and sparse and layer.exact_softmax  # every output, no lookup
     if active is None:
         active = layer.active_set(x2, sparse=sparse)
     if active.dim() == 1:  # one set shared by the batch (mode="shared")
@@ -151,7 +155,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
     out = topk_recall(active, scores, k)
     out.update({"k": k, "budget": budget, "random_recall": budget / n, "active_fraction": budget / n,
                 "mult_fraction": budget / n,
-                "mult_fraction_with_hashing": (budget * layer.in_features + _hashing_macs(layer))
+                "mult_fraction_with_hashing": (budget * layer.in_features + (0 if exact else _hashing_macs(layer)))
                 / (n * layer.in_features)})
     return out
 
@@ -174,9 +178,10 @@ class RecallMonitor:
     Rebuilds are detected by watching the layer's table tensors (a rebuild replaces them), at
     every hooked forward or at every call, and recorded in ``rebuild_steps`` as the value of
     ``layer.step`` after the forward that rebuilt (with manual calls: the first call that sees
-    the change). The probe itself never changes the training: it draws no global random numbers
-    and, apart from building tables that are marked stale (as the next forward would), leaves
-    the layer alone.
+    the change). A probe measures the set a training step would draw, also when the model is in
+    eval mode (``probe_eval``, a held-out batch in an eval pass). The probe itself never changes
+    the training: it draws no global random numbers and, apart from building tables that are
+    marked stale (as the next forward would), leaves the layer alone.
 
     Attributes:
         history: list of dicts, one per probe: ``step``, ``since_rebuild`` (steps since the last
@@ -222,7 +227,13 @@ class RecallMonitor:
         """Measure recall on ``x`` now and append it to :attr:`history`."""
         self._note_tables()
         x2 = x.detach().reshape(-1, self.layer.in_features)[: self.max_rows]
-        record = active_set_recall(self.layer, x2, k=self.k, include_bias=self.include_bias, sparse=self.sparse)
+        # The set a training step would draw, in eval mode too: an eval lookup re-hashes the rows moved
+        # since the last training rebuild, which would change the tables training goes on with.
+        training, self.layer.training = self.layer.training, True
+        try:
+            record = active_set_recall(self.layer, x2, k=self.k, include_bias=self.include_bias, sparse=self.sparse)
+        finally:
+            self.layer.training = training
         self._note_tables()  # a stale layer is rebuilt by the probe's own lookup
         step = int(self.layer.step)
         record = {"step": step, "since_rebuild": step - self._last_rebuild, **record}
@@ -242,17 +253,15 @@ class RecallMonitor:
 
     __call__ = maybe_probe
 
-    def _hook(self, module, args, output) -> None:
+    def _hook(self, module, args, kwargs, output) -> None:
         if not module.training and not self.probe_eval:
             return
-        if not args:
-            return
-        self.maybe_probe(args[0])
+        self.maybe_probe(args[0] if args else kwargs["input"])
 
     def attach(self) -> "RecallMonitor":
         """Register the forward hook on the layer (idempotent); returns ``self``."""
         if self._handle is None:
-            self._handle = self.layer.register_forward_hook(self._hook)
+            self._handle = self.layer.register_forward_hook(self._hook, with_kwargs=True)  # layer(input=x) too
         return self
 
     def detach(self) -> None:
@@ -266,6 +275,9 @@ class RecallMonitor:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def __getstate__(self):  # pickled with the layer its hook is on (torch.save(model)): a weak reference does not
+        return {**self.__dict__, "_tables_ref": None}  # the next probe notes the tables again, as at construction
 
     # -- reporting -------------------------------------------------------------------------
     def to_dict(self) -> dict:

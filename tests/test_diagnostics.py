@@ -161,6 +161,53 @@ def test_monitor_does_not_change_training(warmup):
     assert min(h["step"] for h in monitor.history) == warmup + 1
 
 
+def test_a_probe_in_eval_mode_does_not_change_training():
+    """An eval-mode probe (a held-out batch in an eval pass) ran the eval lookup, which re-hashes the rows
+    moved since the last training rebuild: training then went on from other tables and weights."""
+    def run(probe):
+        torch.manual_seed(0)
+        layer = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(50), seed=1)
+        monitor = RecallMonitor(layer, every=1)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        gen = torch.Generator().manual_seed(5)
+        held_out = torch.randn(64, 16, generator=gen)
+        for step in range(12):
+            loss = layer(torch.randn(16, 16, generator=gen)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if probe and step == 5:
+                layer.eval()
+                monitor.probe(held_out)
+                layer.train()
+        return layer.weight.detach().clone(), layer.tables.codes.clone()
+    (w0, c0), (w1, c1) = run(False), run(True)
+    assert torch.equal(w0, w1) and torch.equal(c0, c1)
+
+
+def test_monitor_hooks_keyword_calls_and_pickles_with_its_layer():
+    import pickle
+    layer = LSHLinear(16, 100, active=10)
+    monitor = RecallMonitor(layer, every=1).attach()
+    for _ in range(3):
+        layer(input=torch.randn(8, 16))  # were never probed
+    assert len(monitor.history) == 3
+    copy = pickle.loads(pickle.dumps(layer))  # the hook's monitor held a weak reference: TypeError
+    copy(torch.randn(8, 16))
+    assert len(monitor.history) == 3  # the copy's monitor is its own
+
+
+def test_recall_counts_tied_neurons_and_exact_layers_count_no_hashing():
+    scores = torch.zeros(1, 5)  # every neuron an exact top-1
+    for active in ([[3]], [[0]]):
+        assert topk_recall(torch.tensor(active), scores, 1)["recall"] == 1.0
+    assert topk_recall(torch.tensor([[0, 1]]), torch.tensor([[1.0, 2.0, 2.0, 0.0]]), 2)["recall"] == 0.5
+    layer = LSHLinear(16, 100)  # at most 8,192 outputs: forward_sparse computes them all, no lookup
+    assert layer.exact_softmax
+    r = active_set_recall(layer, torch.randn(4, 16), sparse=True)
+    assert r["mult_fraction"] == r["mult_fraction_with_hashing"] == 1.0
+
+
 def test_monitor_plot_and_to_dict(tmp_path):
     pytest.importorskip("matplotlib")
     layer = LSHLinear(16, 100, active=10, rebuild=ConstantSchedule(4))
