@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -45,11 +46,30 @@ import xmc_data  # noqa: E402
 
 
 def worker(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
+    parent = os.getppid()
+
+    def exit_with_the_parent() -> None:  # killed (timeout, the OOM killer), it cannot stop us: hung workers held its memory
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=exit_with_the_parent, daemon=True).start()
     try:
         train_part(rank, net, part, args, barrier)
     except BaseException:
         barrier.abort()  # the parent and the other workers stop waiting for this one (they hung)
         raise
+
+
+def watch(workers, finished: threading.Event) -> None:
+    """In the parent: a worker killed without a Python exception (SIGKILL, the OOM killer) never aborts
+    the barrier, where the parent and the other workers would wait for it forever: stop the parent as
+    a SIGTERM does (see main; its wait is a blocking semaphore that only a signal interrupts)."""
+    while not finished.wait(1.0):
+        dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+        if dead:
+            print(f"a worker died (exit code {dead[0]}): stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def train_part(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
@@ -76,13 +96,19 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
     """Train on ``procs`` processes; P@1 after each epoch against training wall time, final P@k."""
     parts = [train_data.subset(np.arange(r, len(train_data), procs)) for r in range(procs)]
     budget = max(xmc.active_budget(p, args, "shared", args.seed + 1000 * r) for r, p in enumerate(parts))
-    net = xmc.build("lsh", "shared", parts[0], args, budget)  # warm-up counted in a part's steps
+    try:  # an option the layer refuses (--bits, --tables, --tail, ...): argparse's kind of message, no traceback
+        net = xmc.build("lsh", "shared", parts[0], args, budget)  # warm-up counted in a part's steps
+    except (TypeError, ValueError) as error:
+        xmc.fail(str(error))
     net.share_memory()
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs + 1)
-    workers = [ctx.Process(target=worker, args=(r, net, parts[r], args, barrier)) for r in range(procs)]
+    # Daemons: a parent that exits, by an error or a SIGTERM (see main), terminates them.
+    workers = [ctx.Process(target=worker, args=(r, net, parts[r], args, barrier), daemon=True) for r in range(procs)]
     for w in workers:
         w.start()
+    finished = threading.Event()
+    threading.Thread(target=watch, args=(workers, finished), daemon=True).start()
     curve = [(0.0, 0, xmc.evaluate(net, "lsh", eval_data)[0]["P@1"])]
     seconds = 0.0
     try:
@@ -98,6 +124,8 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
         barrier.abort()
     for w in workers:
         w.join()
+    finished.set()
+    for w in workers:
         if w.exitcode:
             raise SystemExit(f"a worker of the {procs}-process run failed (exit code {w.exitcode})")
     steps = sum(math.ceil(len(p) / args.batch_size) for p in parts) * args.epochs
@@ -130,6 +158,9 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     counts = args.procs
+    # SIGTERM (timeout, kill, a job scheduler) as an exit, which terminates the daemon workers; by default
+    # the parent died alone and they waited at the barrier forever.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed,
                                                     num_features=args.features, num_labels=args.labels,
                                                     structure=args.structure)

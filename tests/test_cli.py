@@ -268,6 +268,60 @@ def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(mon
     assert seen == {"weight_decay": 0.01, "loss": (True, 0.1)}
 
 
+def test_mnist_refuses_a_layer_option_before_training(monkeypatch, capsys):
+    """--bits 30 trained and reported the nn.Linear model first (a minute), then failed with a traceback."""
+    mnist = script("mnist_mlp")
+    monkeypatch.setattr(mnist, "train", lambda *a, **k: pytest.fail("trained before checking the layer options"))
+    with pytest.raises(SystemExit, match="error: bits must be in"):
+        mnist.main(["--bits", "30", "--no-progress"])
+
+
+def _workers(pid: int) -> list[int]:
+    """The multiprocessing workers (not its resource tracker) process ``pid`` started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if (entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid
+                    and b"spawn_main" in open(f"/proc/{entry}/cmdline", "rb").read()):
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_hogwild_stops_when_a_worker_is_killed_and_leaves_no_worker(tmp_path):
+    """A worker killed without a Python exception (the OOM killer) left the parent and the other
+    worker waiting at the barrier forever; a killed parent left its workers orphaned, holding memory."""
+    import signal
+    import subprocess
+    import time
+    command = [sys.executable, os.path.join(ROOT, "examples", "hogwild_xmc.py"), "--train-points", "2000",
+               "--test-points", "100", "--labels", "500", "--features", "500", "--epochs", "1000",
+               "--warmup-epochs", "0", "--eval-points", "50", "--procs", "2"]
+    for victim in ("worker", "parent"):
+        log = tmp_path / f"{victim}.txt"
+        run = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        try:
+            while "epoch 2:" not in log.read_text():  # training on both workers
+                assert run.poll() is None, "the run ended before training"
+                time.sleep(0.2)
+            workers = _workers(run.pid)
+            assert len(workers) == 2
+            os.kill(workers[0] if victim == "worker" else run.pid, signal.SIGKILL)
+            if victim == "worker":
+                # Stopped: by the watch (as a SIGTERM stops it), or, killed inside the barrier, by its broken state.
+                assert run.wait(timeout=60) in (128 + signal.SIGTERM, 1)
+            deadline = time.time() + 30
+            while any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+                      for w in workers) and time.time() < deadline:
+                time.sleep(0.5)
+            assert time.time() < deadline, f"a worker outlived the killed {victim}"
+        finally:
+            run.kill()
+            run.wait()
+
+
 # ---------------------------------------------------------------------------------------------
 # The command lines the README and docs/ give
 
