@@ -25,7 +25,7 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
             and output head, ...) are searched recursively.
         min_out_features: the default filter: convert the layers of exact type ``nn.Linear``
             (parametrized or not) with ``out_features >= min_out_features`` (wide layers are where
-            hashing pays).
+            hashing pays), except the second factor of a gated MLP (see below).
         filter: ``filter(name, linear) -> bool`` instead of the default, called with the
             qualified name and each ``nn.Linear`` (subclasses included) of the model.
         seed: seed of the first converted layer; the i-th converted layer (in ``named_modules``
@@ -44,13 +44,22 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     registered on a replaced ``nn.Linear`` are not carried over. A module used at several places
     is replaced by one ``LSHLinear`` at all of them.
 
+    Gated MLPs (LLaMA, Mistral, Qwen, Gemma: ``down_proj(act(gate_proj(x)) * up_proj(x))``): the
+    default filter converts ``gate_proj`` and leaves ``up_proj`` (and a fused ``gate_up_proj``)
+    dense. Each converted layer draws its own active set, and the product is nonzero only where
+    both are active: two sets of 25% of 2,048 units shared 130 (measured), so three quarters of
+    the computed units reached nothing. Converted alone, ``gate_proj``'s set decides which units
+    reach ``down_proj``, at its full budget.
+
     A layer whose weight is computed on every call (``weight_norm``, ``torch.nn.utils.parametrize``)
     is left as it is, with a warning: hash tables follow a weight Parameter updated in place, not
     one recomputed per call. Remove the parametrization first to convert it.
     """
     if filter is None:
         min_out_features = check_int("min_out_features", min_out_features, 1, 2 ** 62)
-        filter = lambda name, m: _unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
+        second_factors = _gated_second_factors(model) if isinstance(model, nn.Module) else set()  # else refused below
+        filter = lambda name, m: (_unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
+                                  and id(m) not in second_factors)
     counter = iter(range(seed, seed + 2 ** 31))
     options = inspect.signature(LSHLinear.__init__).parameters
     unknown = sorted(set(lsh_kwargs) - {name for name, p in options.items() if p.kind is p.KEYWORD_ONLY})
@@ -112,6 +121,19 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
             if child is not None and id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     return model
+
+
+def _gated_second_factors(model: nn.Module) -> set[int]:
+    """The ids of the layers whose outputs multiply another converted layer's, unit by unit: a
+    gated MLP's ``up_proj`` beside its ``gate_proj``, and fused ``gate_up_proj`` layers."""
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "gate_proj", None), nn.Linear) and isinstance(getattr(module, "up_proj", None),
+                                                                                      nn.Linear):
+            found.add(id(module.up_proj))
+        if name.rsplit(".", 1)[-1] == "gate_up_proj" and isinstance(module, nn.Linear):
+            found.add(id(module))
+    return found
 
 
 def _unparametrized_type(module: nn.Module) -> type:
