@@ -31,21 +31,23 @@ class LazyAdam(torch.optim.Optimizer):
     its weights.) Parameter groups may set their own, as with AdamW (e.g. 0 for biases and norms).
     The default is 0 (AdamW's is 0.01): say it when replacing AdamW. ``lr * weight_decay`` must be
     at most 1 (a larger decay would flip the weights' signs); a step checks every group before it
-    updates any.
+    updates any. ``maximize`` ascends the objective instead, as in SparseAdam and Adam.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 maximize: bool = False):
         if not 0.0 < lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         _check_betas_eps(betas, eps)
         _check_decay(lr, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.defaults.setdefault("weight_decay", 0.0)  # an optimizer saved before weight_decay existed
-        for group in self.param_groups:
-            group.setdefault("weight_decay", 0.0)
+        for key, default in (("weight_decay", 0.0), ("maximize", False)):  # saved before they existed
+            self.defaults.setdefault(key, default)
+            for group in self.param_groups:
+                group.setdefault(key, default)
 
     # Always eager: under torch.compile a step is one graph break (dynamo cannot trace a sparse
     # gradient's indices into the fused op; each parameter's update is one kernel call anyway).
@@ -96,6 +98,8 @@ class LazyAdam(torch.optim.Optimizer):
                 if not grad.is_sparse:
                     values = _rows(_local(grad))
                     rows = torch.arange(values.shape[0], device=values.device)
+                if group["maximize"]:
+                    values = -values
                 ops.lazy_adam_(_rows(param), _rows(_local(state["exp_avg"])), _rows(_local(state["exp_avg_sq"])), rows,
                                values, step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
                 state["step"] = step

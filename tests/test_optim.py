@@ -131,6 +131,26 @@ def test_lazy_adam_refuses_what_it_used_to_accept_silently():
             fn()
 
 
+def test_maximize_ascends_as_sparse_adam_and_adam_do():
+    """LazyAdam, "a drop-in for SparseAdam", refused SparseAdam's maximize= with a TypeError."""
+    torch.manual_seed(0)
+    start = torch.randn(50, 8)
+    sparse = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    dense = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [(torch.optim.SparseAdam([sparse[0]], lr=0.01, maximize=True), LazyAdam([sparse[1]], lr=0.01, maximize=True)),
+            (torch.optim.Adam([dense[0]], lr=0.01, maximize=True), LazyAdam([dense[1]], lr=0.01, maximize=True))]
+    for _ in range(5):
+        rows = torch.randperm(50)[:12].sort().values
+        grad = torch.sparse_coo_tensor(rows[None], torch.randn(12, 8), (50, 8))
+        for (theirs, ours), params, g in zip(opts, (sparse, dense), (grad, grad.to_dense())):
+            for p, opt in zip(params, (theirs, ours)):
+                p.grad = g.clone()
+                opt.step()
+    torch.testing.assert_close(sparse[1], sparse[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dense[1], dense[0])
+    assert not torch.equal(sparse[1], start)
+
+
 def test_dense_gradients_take_adams_step_on_every_row():
     # A transposed view and a channels_last conv weight too: updated through contiguous copies.
     params = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(5)),
