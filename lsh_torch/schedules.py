@@ -1,6 +1,7 @@
 """When to rebuild the hash tables, counted in training steps (forward passes in training mode)."""
 from __future__ import annotations
 
+import bisect
 import numbers
 
 from ._checks import check_int
@@ -52,15 +53,26 @@ class GrowingSchedule(RebuildSchedule):
             return False
         if self.growth == 1.0:  # a constant gap: no walk over the gaps (it would cost O(step) a call)
             return step % min(self.initial, self.max_period) == 0
-        at, gap = 0, float(self.initial)
-        while True:
-            period = min(self.max_period, max(1, round(gap)))
+        steps, capped_at = self._walk_to(step)
+        if capped_at is not None and step > capped_at:
+            return (step - capped_at) % self.max_period == 0
+        i = bisect.bisect_left(steps, step)
+        return i < len(steps) and steps[i] == step
+
+    def _walk_to(self, step: int) -> tuple[list[int], int | None]:
+        """The rebuild steps before the gaps reach ``max_period`` (walked up to ``step``, kept for the next
+        call: walking from 0 at every call cost 24 ms a step at step 10^6 with a growth of 1.0001), and
+        the step from which the gap is ``max_period`` (None if not reached yet)."""
+        walk = self.__dict__.setdefault("_walk", {"steps": [], "at": 0, "gap": float(self.initial), "capped_at": None})
+        while walk["capped_at"] is None and walk["at"] < step:
+            period = min(self.max_period, max(1, round(walk["gap"])))
             if period == self.max_period:
-                return step > at and (step - at) % period == 0
-            at += period
-            if at >= step:
-                return at == step
-            gap *= self.growth
+                walk["capped_at"] = walk["at"]
+                break
+            walk["at"] += period
+            walk["steps"].append(walk["at"])
+            walk["gap"] *= self.growth
+        return walk["steps"], walk["capped_at"]
 
     def __repr__(self):
         return f"GrowingSchedule(initial={self.initial}, growth={self.growth}, max_period={self.max_period})"
