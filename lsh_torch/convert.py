@@ -79,10 +79,13 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     def select(name: str, m: nn.Module) -> bool:
         if not (isinstance(m, nn.Linear) and filter(name, m)):
             return False
-        if parametrize.is_parametrized(m) or not isinstance(m._parameters.get("weight"), nn.Parameter):
-            warnings.warn(f"convert: left {name or type(m).__name__!r} as an nn.Linear: its weight is computed on every "
-                          "call (weight_norm or torch.nn.utils.parametrize), and LSHLinear's hash tables need a "
-                          "weight Parameter; remove the parametrization to convert it", stacklevel=4)
+        computed = [p for p in ("weight", "bias") if parametrize.is_parametrized(m, p)
+                    or (p == "weight" and not isinstance(m._parameters.get(p), nn.Parameter))]
+        if computed:
+            warnings.warn(f"convert: left {name or type(m).__name__!r} as an nn.Linear: its {' and '.join(computed)} "
+                          f"{'is' if len(computed) == 1 else 'are'} computed on every call (weight_norm or "
+                          "torch.nn.utils.parametrize), and LSHLinear's hash tables need Parameters updated in place; "
+                          "remove the parametrization to convert it", stacklevel=4)
             return False
         return True
 

@@ -117,12 +117,17 @@ def test_exported_from_package():
 def test_parametrized_linear_is_left_with_a_warning():
     with pytest.warns(FutureWarning):
         old_style = nn.utils.weight_norm(nn.Linear(8, 2000))  # the deprecated hook-based weight_norm
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 2000)), old_style, nn.Linear(8, 2000))
+    bias_only = nn.Linear(8, 2000)
+    nn.utils.parametrize.register_parametrization(bias_only, "bias", nn.Identity())
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 2000)), old_style, nn.Linear(8, 2000),
+                          bias_only)
     with pytest.warns(UserWarning) as record:
         convert(model)
-    assert [str(w.message)[:48] for w in record] == [f"convert: left '{i}' as an nn.Linear: its weight is" for i in "01"]
+    assert [str(w.message).split(" computed")[0] for w in record] == [
+        f"convert: left '{i}' as an nn.Linear: its {p} is" for i, p in (("0", "weight"), ("1", "weight"), ("3", "bias"))]
     assert type(model[0]).__name__ == "ParametrizedLinear" and type(model[1]) is nn.Linear
     assert isinstance(model[2], LSHLinear)
+    assert type(model[3]).__name__ == "ParametrizedLinear"
     assert all(layer(torch.randn(3, 8)).shape == (3, 2000) for layer in model)
 
 
