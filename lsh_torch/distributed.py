@@ -380,6 +380,11 @@ class _DivideBy:
         return grad / self.divisor
 
 
+def _note_rows(module: "ShardedLSHLinear", state_dict, prefix: str, local_metadata: dict) -> None:
+    """Records in the state_dict's metadata which rows the shard holds (checked when loaded)."""
+    local_metadata["lsh_torch_rows"] = (module.start, module.end, module.out_features)
+
+
 class ShardedLSHLinear(nn.Module):
     r"""A vocabulary-parallel LSH output layer: rank ``r`` of ``process_group`` owns the rows
     :func:`shard_range` gives it, as its own :class:`~lsh_torch.LSHLinear` (``self.shard``: own
@@ -435,7 +440,19 @@ class ShardedLSHLinear(nn.Module):
             error = caught
         _stop_everywhere(error, process_group, torch.device("cpu") if dist.get_backend(process_group) == "gloo"
                          else torch.device(device or "cuda"))
+        self.register_state_dict_post_hook(_note_rows)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Another rank's state_dict of the same shape loaded silently: rank 0's everywhere copied its rows onto the others'.
+        rows = local_metadata.get("lsh_torch_rows")
+        if rows is not None and tuple(rows) != (self.start, self.end, self.out_features):
+            error_msgs.append(f"the state_dict holds rows [{rows[0]}, {rows[1]}) of {rows[2]} (another rank's shard), "
+                              f"this rank owns [{self.start}, {self.end}) of {self.out_features}: load each rank's "
+                              "own, or full_state_dict() / load_full_state_dict() to move rows between ranks")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _mean_over_ranks(self) -> None:
         """Hook this shard's parameters (once each) to divide their gradients by the world size: the

@@ -392,7 +392,8 @@ def _shard_copies_run(rank):
     """A shard's gradient hook (divide by the world size) lived on its parameter objects: copies and
     reassigned parameters lost it (gradients 2x at world size 2). Construction consumed the global RNG
     by the shard's width (uneven widths: ranks seeded alike then built different trunks), an option
-    refused for one shard's width raised on that rank only (the others hung), and the meta device failed."""
+    refused for one shard's width raised on that rank only (the others hung), the meta device failed,
+    and rank 0's state_dict loaded on rank 1 copied its rows there silently."""
     import copy
     import io
 
@@ -421,8 +422,16 @@ def _shard_copies_run(rank):
     except ValueError as error:
         refused = str(error)
     meta = ShardedLSHLinear(HIDDEN, 13, device="meta")
+    even = ShardedLSHLinear(HIDDEN, 14)  # 7 rows each: rank 0's state_dict fits rank 1's shapes
+    saved = [even.state_dict()]
+    dist.broadcast_object_list(saved, src=0)
+    try:
+        even.load_state_dict(saved[0])
+        other_rows = None
+    except RuntimeError as error:
+        other_rows = str(error)
     return {"grads": [grad(layer, x, y)] + [grad(c, x, y) for c in copies], "after": after, "refused": refused,
-            "meta": meta.weight.is_meta}
+            "meta": meta.weight.is_meta, "other_rows": other_rows}
 
 
 def test_sharded_layer_copies_keep_their_gradient_and_construction_agrees(tmp_path):
@@ -434,6 +443,8 @@ def test_sharded_layer_copies_keep_their_gradient_and_construction_agrees(tmp_pa
     assert torch.equal(ranks[0]["after"], ranks[1]["after"])
     assert "tail must be in [0, active budget=3], got 4" in ranks[1]["refused"]
     assert "rank 1 of the process group raised an error" in ranks[0]["refused"]
+    assert ranks[0]["other_rows"] is None
+    assert "holds rows [0, 7) of 14 (another rank's shard), this rank owns [7, 14)" in ranks[1]["other_rows"]
 
 
 def test_shard_range_covers_every_row_once():
