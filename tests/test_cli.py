@@ -231,7 +231,9 @@ def test_quick_sets_its_sizes_and_help_shows_the_real_defaults(capsys):
 
 
 @pytest.mark.parametrize("option, value", [("--data", "train.txt"), ("--test-data", "test.txt"),
-                                           ("--max-points", "10"), ("--generate", "data"), ("--save-head", "head.pt")])
+                                           ("--max-points", "10"), ("--generate", "data"), ("--save-head", "head.pt"),
+                                           ("--runs", "dense"), ("--mode", "per_row"), ("--json", "out.json"),
+                                           ("--threads", "2"), ("--device", "cuda")])
 def test_hogwild_refuses_what_it_would_ignore(option, value, capsys):
     refuses(script("hogwild_xmc"), [option, value], option, capsys=capsys)
 
