@@ -805,9 +805,11 @@ class _RecordedDraws:
 
 
 def _fingerprint(x: Tensor) -> Tensor:
-    """Column sums in float64: a recomputation's input is bit-identical to its forward's, and two
-    different inputs (another micro-batch, another position) practically never share them."""
-    return x.detach().sum(0, dtype=torch.float64)
+    """Column and row sums (in float32, whose reductions are the fast ones): a recomputation's input is
+    bit-identical to its forward's, and two different inputs (another micro-batch, another position,
+    the rows in another order) practically never share them."""
+    x = x.detach()
+    return torch.cat([x.sum(0, dtype=torch.float32), x.sum(1, dtype=torch.float32)])
 
 
 def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
