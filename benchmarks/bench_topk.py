@@ -42,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lsh_torch import LSHLinear
+from lsh_torch import LSHLinear, hashing
 from lsh_torch.retrieval import TOPK_MIN_RECALL, topk_settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -141,7 +141,10 @@ def bench_model(path: str, args) -> list[dict]:
     """The trained output layer and test hidden vectors that ``examples/xmc.py --save-head`` saved."""
     saved = torch.load(path)
     n, d = saved["state_dict"]["weight"].shape
-    layer = LSHLinear(d, n, rebuild=None, **saved["config"])
+    config = dict(saved["config"])
+    if saved.get("hash_bin_size"):  # a DWTA head's family, its bin size saved beside the config
+        config["hash"] = hashing.DWTA(saved["hash_bin_size"])
+    layer = LSHLinear(d, n, rebuild=None, **config)
     layer.load_state_dict(saved["state_dict"])
     layer.eval()
     x = saved["hidden"][: args.queries].contiguous()

@@ -410,9 +410,11 @@ def save_head(net: XMCNet, data: xmc_data.XMCData, path: str) -> None:
     out = net.out
     config = {"num_tables": out.tables.num_tables, "bits": out.tables.bits, "probes": out.tables.probes,
               "active": out.budget, "mode": out.mode, "asymmetric": out.tables.asymmetric,
-              "center": out.tables.center, "seed": out.seed, "rescore": out.rescore}
+              "center": out.tables.center, "seed": out.seed, "rescore": out.rescore, "hash": out.tables.hash.name}
+    # A DWTA family's bin size beside the config (torch.load's weights_only reads no hashing.DWTA): bench_topk
+    # rebuilds it; without the family a --hash dwta head reloaded as srp.
     torch.save({"state_dict": {k: v.cpu() for k, v in out.state_dict().items()}, "config": config,
-                "hidden": hidden}, path)
+                "hash_bin_size": getattr(out.tables.hash, "bin_size", None), "hidden": hidden}, path)
     print(f"saved the output layer and {len(hidden):,} test hidden vectors: {path}")
 
 
@@ -655,6 +657,9 @@ def parse_args(argv=None):
         for dest, name in (("json", "xmc_quick.json"), ("plot", "xmc_quick_p1_vs_time.png")):
             if not cli.given(p, argv, [dest]):
                 setattr(args, dest, os.path.join(RESULTS, name))
+    for dest in ("test_data", "max_points"):  # they apply to --data's files: silently ignored without one
+        if getattr(args, dest) is not None and args.data is None:
+            p.error(f"--{dest.replace('_', '-')} needs --data (the training file)")
     kinds = {spec.strip().partition("-")[0] for spec in args.runs.split(",")}
     if args.save_head and "lsh" not in kinds:
         p.error(f"--save-head saves an lsh run's output layer: --runs {args.runs} has none")

@@ -56,8 +56,10 @@ class XMCData:
         return self.feature_ids[lo:hi], self.feature_values[lo:hi]
 
     def label_counts(self) -> np.ndarray:
-        """How many points carry each label: int64 ``[num_labels]``."""
-        return np.bincount(self.label_ids, minlength=self.num_labels)
+        """How many points carry each label (a label repeated on a point counted once): int64 ``[num_labels]``."""
+        points = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.label_offsets))
+        distinct = np.unique(points * self.num_labels + self.label_ids) % max(1, self.num_labels)
+        return np.bincount(distinct, minlength=self.num_labels)
 
     def subset(self, index) -> "XMCData":
         """The points ``index`` (an int array), in that order."""
@@ -146,89 +148,111 @@ def _parse_line(text: str, where: str, num_features: int, num_labels: int):
                 raise ValueError
             ids.append(int(fid))
             values.append(float(val))
-            if not math.isfinite(values[-1]):
+            if not abs(values[-1]) <= FLOAT32_MAX:  # nan, inf, or inf once cast to float32
                 raise ValueError
         except ValueError:
-            raise XMCFormatError(f"{where}: bad feature {tok!r} (expected feature_id:value, a finite value)") from None
+            raise XMCFormatError(f"{where}: bad feature {tok!r} (expected feature_id:value, a finite float32 "
+                                 "value)") from None
         if not 0 <= ids[-1] < num_features:
             raise XMCFormatError(f"{where}: feature id {ids[-1]} out of range [0, num_features={num_features})")
     return labels, ids, values
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+CHUNK = 16_384  # lines parsed at once: their tokens, not the whole file's, are held as Python strings
 
 
 def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
     """Reads an Extreme Classification Repository text file (header line, then one point per line).
 
     Raises :class:`XMCFormatError` (a ValueError) naming the line of a malformed header or point, a
-    label or feature id out of the header's range, a value that is not finite, or a point count that
-    disagrees with the header.
+    label or feature id out of the header's range, a value that is not a finite float32, a point
+    count that disagrees with the header, or a file that is not UTF-8 text (a gzip'd one). Blank
+    lines are no points (an empty point is written ``" "``).
     ``max_points`` reads only the first points (for a quick run on a large file).
     """
-    with open(path, "r", encoding="utf-8") as f:
-        header = f.readline()
-        parts = header.split()
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            num_points, num_features, num_labels = (int(p) for p in parts)
-            if min(num_points, num_features, num_labels) < 0:
-                raise ValueError
-        except ValueError:
-            raise XMCFormatError(f"{path}:1: header must be 'num_points num_features num_labels' (three "
-                                 f"non-negative integers), got {header.strip()!r}") from None
-        want = num_points if max_points is None else min(num_points, max_points)
-        label_text: list[str] = []  # per point: its label field ('' if none)
-        feature_tokens: list[str] = []  # all points' f:v tokens, in order
-        feature_counts = np.zeros(want, dtype=np.int64)
-        lines = []  # raw lines, kept only to re-parse for an error message
-        n = 0
-        for line in f:
-            if n == want:
-                if max_points is None and line.strip():
-                    raise XMCFormatError(f"{path}:{n + 2}: more points than the header's {num_points}")
-                if max_points is not None:
-                    break
-                continue
-            line = line.rstrip("\r\n")
-            lines.append(line)
-            tokens = line.split()
-            if line[:1] not in (" ", "\t", "") and tokens and ":" not in tokens[0]:
-                label_text.append(tokens[0])
-                tokens = tokens[1:]
-            else:
-                label_text.append("")
-            feature_counts[n] = len(tokens)
-            feature_tokens.extend(tokens)
-            n += 1
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            header = f.readline()
+            parts = header.split()
+            try:
+                if len(parts) != 3:
+                    raise ValueError
+                num_points, num_features, num_labels = (int(p) for p in parts)
+                if min(num_points, num_features, num_labels) < 0:
+                    raise ValueError
+            except ValueError:
+                raise XMCFormatError(f"{path}:1: header must be 'num_points num_features num_labels' (three "
+                                     f"non-negative integers), got {header.strip()!r}") from None
+            want = num_points if max_points is None else min(num_points, max_points)
+            chunks, lines, n, number = [], [], 0, 1  # parsed chunks; the (line number, text) of the one being read
+            for number, line in enumerate(f, start=2):
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                if n == want:
+                    if want < num_points:  # max_points reached
+                        break
+                    raise XMCFormatError(f"{path}:{number}: more points than the header's {num_points}")
+                lines.append((number, line))
+                n += 1
+                if len(lines) == CHUNK:
+                    chunks.append(_parse_lines(lines, path, num_features, num_labels))
+                    lines = []
+            chunks.append(_parse_lines(lines, path, num_features, num_labels))
+    except UnicodeDecodeError as error:
+        raise XMCFormatError(f"{path}: not UTF-8 text ({error.reason}, byte {error.object[error.start:error.start + 1]!r}"
+                             "); a compressed file? decompress it first") from None
     if n < want:
-        raise XMCFormatError(f"{path}:{n + 2}: the file ends after {n} points but the header says {num_points}")
+        raise XMCFormatError(f"{path}:{number + 1}: the file ends after {n} points but the header says {num_points}")
+    feature_counts, label_counts, label_ids, feature_ids, values = (np.concatenate(part) for part in zip(*chunks))
+    feature_offsets = np.zeros(want + 1, dtype=np.int64)
+    np.cumsum(feature_counts, out=feature_offsets[1:])
+    label_offsets = np.zeros(want + 1, dtype=np.int64)
+    np.cumsum(label_counts, out=label_offsets[1:])
+    return XMCData(num_features, num_labels, feature_offsets, feature_ids, values, label_offsets, label_ids)
 
-    try:  # fast path: parse every number at once; on any failure, find the bad line the slow way
+
+def _parse_lines(lines: list[tuple[int, str]], path: str, num_features: int, num_labels: int) -> tuple:
+    """Point lines -> (feature counts, label counts, label ids, feature ids, float32 values): every
+    number at once; on any failure, the lines one by one, to name the bad one."""
+    label_text, feature_tokens = [], []
+    feature_counts = np.zeros(len(lines), dtype=np.int64)
+    for i, (_, line) in enumerate(lines):
+        tokens = line.split()
+        if line[:1] not in (" ", "\t") and tokens and ":" not in tokens[0]:
+            label_text.append(tokens[0])
+            tokens = tokens[1:]
+        else:
+            label_text.append("")
+        feature_counts[i] = len(tokens)
+        feature_tokens.extend(tokens)
+    try:
         label_counts = np.array([0 if not t else t.count(",") + 1 for t in label_text], dtype=np.int64)
         joined = ",".join(t for t in label_text if t)
         label_ids = np.array(joined.split(",") if joined else [], dtype=np.int64)
-        pairs = " ".join(feature_tokens).replace(":", " ").split()
+        joined = " ".join(feature_tokens)
+        # Exactly one colon per token, a number on each side: "2::3" or "1:" beside "2:3:4" must not re-pair.
+        if joined.count(":") != len(feature_tokens) or any(":" not in t for t in feature_tokens):
+            raise ValueError
+        pairs = joined.replace(":", " ").split()
         if len(pairs) != 2 * len(feature_tokens):
             raise ValueError
         numbers = np.array(pairs, dtype=np.float64).reshape(-1, 2) if pairs else np.zeros((0, 2))
         feature_ids = numbers[:, 0].astype(np.int64)
-        if (feature_ids != numbers[:, 0]).any() or any(":" not in t for t in feature_tokens):
+        if (feature_ids != numbers[:, 0]).any():
             raise ValueError
         if label_ids.size and (label_ids.min() < 0 or label_ids.max() >= num_labels):
             raise ValueError
         if feature_ids.size and (feature_ids.min() < 0 or feature_ids.max() >= num_features):
             raise ValueError
-        if not np.isfinite(numbers[:, 1]).all():  # nan / inf values: a model trained on them reports nan
+        if not (np.abs(numbers[:, 1]) <= FLOAT32_MAX).all():  # nan, inf, or beyond float32 (inf once cast)
             raise ValueError
     except (ValueError, OverflowError):
-        for i, line in enumerate(lines):
-            _parse_line(line, f"{path}:{i + 2}", num_features, num_labels)
-        raise XMCFormatError(f"{path}: could not parse the file (no single bad line found)")
-    feature_offsets = np.zeros(want + 1, dtype=np.int64)
-    np.cumsum(feature_counts, out=feature_offsets[1:])
-    label_offsets = np.zeros(want + 1, dtype=np.int64)
-    np.cumsum(label_counts, out=label_offsets[1:])
-    return XMCData(num_features, num_labels, feature_offsets, feature_ids, numbers[:, 1].astype(np.float32),
-                   label_offsets, label_ids)
+        for number, line in lines:
+            _parse_line(line, f"{path}:{number}", num_features, num_labels)
+        raise XMCFormatError(f"{path}: could not parse lines {lines[0][0]}-{lines[-1][0]} (no single bad line found)")
+    return feature_counts, label_counts, label_ids, feature_ids, numbers[:, 1].astype(np.float32)
 
 
 def write_xmc(path: str, data: XMCData) -> None:

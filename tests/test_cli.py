@@ -191,6 +191,11 @@ def test_bad_value_is_refused_at_parse_time(name, argv, option, tmp_path, capsys
     refuses(script(name), argv, option, capsys=capsys)
 
 
+@pytest.mark.parametrize("option, value", [("--test-data", "test.txt"), ("--max-points", "10")])
+def test_xmc_file_options_need_data(option, value, capsys):
+    refuses(script("xmc"), [option, value], option, "needs --data", capsys=capsys)  # ignored silently
+
+
 def test_xmc_bin_size_needs_dwta(capsys):
     xmc = script("xmc")
     refuses(xmc, ["--bin-size", "4"], "--bin-size", "--hash dwta", capsys=capsys)  # srp switched to DWTA silently

@@ -79,13 +79,44 @@ def test_reads_the_repository_layout(tmp_path):
     ("3 6 4\n1 0:0.5\n0 1:1\n", r":4: the file ends after 2 points but the header says 3"),
     ("1 6 4\n1 0:0.5\n0 1:1\n", r":3: more points than the header's 1"),
     ("2 6 4\n1 0:0.5\n0 1:nan\n", r":3: bad feature '1:nan' .*finite"),
+    # Found by a review as a user with real files: each was read without an error, as the wrong data.
+    ("1 20 20\n1 1:1 2::3\n", r":2: bad feature '2::3'"),  # was feature 2, value 3
+    ("2 6 4\n1 1:\n2 2:3:4\n", r":2: bad feature '1:'"),  # the tokens re-paired: ids [1] [3], values [2] [4]
+    ("1 20 20\n1 :1 2:3:4\n", r":2: bad feature ':1'"),
+    ("1 6 4\n1 1:1e39\n", r":2: bad feature '1:1e39' .*finite float32"),  # inf once cast
+    ("3 6 4\n1 0:1\n1 0:1\n\n", r":5: the file ends after 2 points"),  # a blank line was a third, empty point
+    ("2 6 4\n1 0:1\n1 0:1\n1 0:1\n", r":4: more points than the header's 2"),  # with max_points=5 too
 ])
-def test_malformed_files_name_the_line(tmp_path, text, match):
+@pytest.mark.parametrize("max_points", [None, 5])
+def test_malformed_files_name_the_line(tmp_path, text, match, max_points):
     path = tmp_path / "bad.txt"
     path.write_text(text)
     with pytest.raises(XMCFormatError, match=match):
-        read_xmc(str(path))
+        read_xmc(str(path), max_points)
     assert issubclass(XMCFormatError, ValueError)
+
+
+def test_bad_lines_are_named_across_chunks_and_other_encodings_are_refused(tmp_path, monkeypatch):
+    import gzip
+    monkeypatch.setattr(xmc_data, "CHUNK", 3)  # the file is parsed a few lines at a time
+    lines = ["1 0:0.5"] * 7 + ["1 0:x"] + ["1 0:0.5"] * 2
+    path = tmp_path / "chunks.txt"
+    path.write_text("10 6 4\n" + "\n".join(lines) + "\n")
+    with pytest.raises(XMCFormatError, match=r":9: bad feature '0:x'"):
+        read_xmc(str(path))
+    path.write_text("10 6 4\n" + "\n".join(lines).replace("0:x", "0:2") + "\n")
+    data = read_xmc(str(path))
+    assert len(data) == 10 and data.feature_values[7] == 2.0 and list(data.label_offsets) == list(range(11))
+    packed = tmp_path / "chunks.txt.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(XMCFormatError, match="chunks.txt.gz: not UTF-8 text.*decompress it first"):
+        read_xmc(str(packed))  # was a bare UnicodeDecodeError
+
+
+def test_label_counts_count_a_point_once():
+    data = XMCData(6, 5, np.array([0, 0, 0, 0]), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                   np.array([0, 3, 4, 5]), np.array([1, 1, 1, 0, 0]))
+    assert list(data.label_counts()) == [2, 1, 0, 0, 0]  # was [2, 3, ...]: the repeats of label 1 on point 0
 
 
 def co_occurring_labels_similarity(**kwargs) -> float:
