@@ -541,7 +541,7 @@ class LSHLinear(nn.Module):
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, weight, bias, active, sparse_grad=self.sparse_grad)
-        if self.training and torch._C._current_graph_task_id() == -1 and not torch.compiler.is_compiling():
+        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1:
             self._draws.record(x, (active, head), values)
         return values, active, head
 
