@@ -44,9 +44,9 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     registered on a replaced ``nn.Linear`` are not carried over. A module used at several places
     is replaced by one ``LSHLinear`` at all of them.
 
-    Gated MLPs (LLaMA, Mistral, Qwen, Gemma: ``down_proj(act(gate_proj(x)) * up_proj(x))``): the
-    default filter converts ``gate_proj`` and leaves ``up_proj`` (and a fused ``gate_up_proj``)
-    dense. Each converted layer draws its own active set, and the product is nonzero only where
+    Gated MLPs (LLaMA, Mistral, Qwen, Gemma: ``down_proj(act(gate_proj(x)) * up_proj(x))``; T5's
+    ``wi_0``/``wi_1``, SwiGLU's ``w1``/``w3``; found by these names): the default filter converts
+    the gate and leaves the second factor (and a fused ``gate_up_proj``) dense. Each converted layer draws its own active set, and the product is nonzero only where
     both are active: two sets of 25% of 2,048 units shared 130 (measured), so three quarters of
     the computed units reached nothing. Converted alone, ``gate_proj``'s set decides which units
     reach ``down_proj``, at its full budget.
@@ -126,14 +126,20 @@ def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -
     return model
 
 
+# (gate, second factor) names of gated MLPs: LLaMA and its kin, T5's gated-GELU, SwiGLU's w1/w3 (LFM2, ...).
+GATED_PAIRS = (("gate_proj", "up_proj"), ("wi_0", "wi_1"), ("w1", "w3"))
+
+
 def _gated_second_factors(model: nn.Module) -> set[int]:
-    """The ids of the layers whose outputs multiply another converted layer's, unit by unit: a
-    gated MLP's ``up_proj`` beside its ``gate_proj``, and fused ``gate_up_proj`` layers."""
+    """The ids of the layers whose outputs multiply another converted layer's, unit by unit, found by
+    their names (:data:`GATED_PAIRS`): a gated MLP's second factor beside its gate, and fused
+    ``gate_up_proj`` layers."""
     found = set()
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "gate_proj", None), nn.Linear) and isinstance(getattr(module, "up_proj", None),
-                                                                                      nn.Linear):
-            found.add(id(module.up_proj))
+        for gate, second in GATED_PAIRS:
+            if isinstance(getattr(module, gate, None), nn.Linear) and isinstance(getattr(module, second, None),
+                                                                                  nn.Linear):
+                found.add(id(getattr(module, second)))
         if name.rsplit(".", 1)[-1] == "gate_up_proj" and isinstance(module, nn.Linear):
             found.add(id(module))
     return found

@@ -433,13 +433,16 @@ class ShardedLSHLinear(nn.Module):
             kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
             # Its own initialisation draws as many numbers as the shard has rows: the global RNG must
             # advance alike on every rank (the trunk built next, a data split seeded alike).
-            with torch.random.fork_rng(devices=[], device_type=torch.device(device or "cpu").type):
+            where = torch.device(device) if device is not None else torch.get_default_device()
+            cuda = [where.index if where.index is not None else torch.cuda.current_device()] if where.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
                 self.shard = LSHLinear(in_features, self.end - self.start, bias, device, dtype, **kwargs)
             self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
         except Exception as caught:
             error = caught
+        # gloo talks through CPU tensors, NCCL through the current CUDA device's (whatever the layer's device).
         _stop_everywhere(error, process_group, torch.device("cpu") if dist.get_backend(process_group) == "gloo"
-                         else torch.device(device or "cuda"))
+                         else torch.device("cuda", torch.cuda.current_device()))
         self.register_state_dict_post_hook(_note_rows)
         self.reset_parameters()
 

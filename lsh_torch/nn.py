@@ -541,7 +541,7 @@ class LSHLinear(nn.Module):
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
         values = linear(x, weight, bias, active, sparse_grad=self.sparse_grad)
-        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1:
+        if self.training and not torch.compiler.is_compiling() and _may_be_recomputed():
             self._draws.record(x, (active, head), values)
         return values, active, head
 
@@ -762,14 +762,24 @@ class _Draw:
         self.fingerprint = _fingerprint(x)
 
 
+def _may_be_recomputed() -> bool:
+    """Whether activation checkpointing may recompute this training forward: it runs under saved-tensor
+    hooks (torch.utils.checkpoint's non-reentrant mode, transformers' default) or without grad
+    (the reentrant mode's first pass), outside backward. Other forwards record nothing: a record
+    keeps the active set alive (49 MiB a step held by a loss kept across steps, measured)."""
+    return torch._C._current_graph_task_id() == -1 and (
+        not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+
 class _RecordedDraws:
-    """The active sets of a layer's training forwards, found again by their inputs when activation
-    checkpointing recomputes a forward inside backward: the layer called twice in one checkpointed
-    region, or checkpointed micro-batches summed into one backward, each get their own set back.
+    """The active sets of a layer's training forwards that activation checkpointing may recompute,
+    found again by their inputs when it does: the layer called twice in one checkpointed region, or
+    checkpointed micro-batches summed into one backward, each get their own set back.
 
     A forward with an autograd graph keeps its record as long as the graph (in its output's
     ``grad_fn.metadata``), so nothing outlives its backward; a forward without one (reentrant
-    checkpointing runs the region under ``no_grad``) is among the last :attr:`WITHOUT_GRAPH` kept."""
+    checkpointing runs the region under ``no_grad``) until its replay, among the last
+    :attr:`WITHOUT_GRAPH`."""
 
     WITHOUT_GRAPH = 16
 
@@ -777,6 +787,7 @@ class _RecordedDraws:
         self._with_graph: list[weakref.ref] = []
         self._without_graph: collections.deque = collections.deque(maxlen=self.WITHOUT_GRAPH)
         self._recorded = 0
+        self._warned_ambiguous = False
 
     def __reduce__(self):  # copies and pickles start empty: the records belong to this process's graphs
         return _RecordedDraws, ()
@@ -793,23 +804,34 @@ class _RecordedDraws:
     def replay(self, x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """The set of the forward whose input ``x`` is (bit for bit), or None. Where several forwards
         had it, the one replayed least, then the earliest: a region's recomputation runs its
-        forwards in their order."""
+        forwards in their order (separate regions recompute last first: then the sets can swap,
+        which is warned about)."""
         draws = [ref() for ref in self._with_graph] + list(self._without_graph)
         fingerprint = _fingerprint(x)
         same = [d for d in draws if d is not None and d.shape == x.shape and torch.equal(d.fingerprint, fingerprint)]
         if not same:
             return None
         draw = min(same, key=lambda d: (d.replays, d.order))
+        if any(d is not draw and d.replays == draw.replays for d in same) and not self._warned_ambiguous:
+            self._warned_ambiguous = True
+            warnings.warn("LSHLinear: activation checkpointing recomputes a forward whose input another forward of "
+                          "this layer had too (the same tensor, in two checkpointed calls): which active set was "
+                          "whose cannot be told, and the recomputation may get the other's (gradients may differ "
+                          "from those without checkpointing). Checkpoint the two calls in one region, or give "
+                          "them different inputs.", stacklevel=user_stacklevel())
         draw.replays += 1
+        if draw in self._without_graph:  # reentrant: recomputed once per backward; its set is not kept longer
+            self._without_graph.remove(draw)
         return draw.found
 
 
 def _fingerprint(x: Tensor) -> Tensor:
-    """Column and row sums (in float32, whose reductions are the fast ones): a recomputation's input is
-    bit-identical to its forward's, and two different inputs (another micro-batch, another position,
-    the rows in another order) practically never share them."""
-    x = x.detach()
-    return torch.cat([x.sum(0, dtype=torch.float32), x.sum(1, dtype=torch.float32)])
+    """Column sums and each row's product with fixed irrational weights, in float32: a recomputation's
+    input is bit-identical to its forward's, and two different inputs (another micro-batch, another
+    position, the rows in another order, one-hot rows too) practically never share them."""
+    x = x.detach().float()
+    weights = (torch.arange(x.shape[-1], dtype=torch.float32, device=x.device) * 0.6180339887).frac() + 0.5
+    return torch.cat([x.sum(0), x @ weights])
 
 
 def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

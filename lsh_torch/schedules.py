@@ -63,7 +63,10 @@ class GrowingSchedule(RebuildSchedule):
         """The rebuild steps before the gaps reach ``max_period`` (walked up to ``step``, kept for the next
         call: walking from 0 at every call cost 24 ms a step at step 10^6 with a growth of 1.0001), and
         the step from which the gap is ``max_period`` (None if not reached yet)."""
-        walk = self.__dict__.setdefault("_walk", {"steps": [], "at": 0, "gap": float(self.initial), "capped_at": None})
+        key = (self.initial, self.growth, self.max_period)  # settings changed after a call: walk again
+        walk = self.__dict__.get("_walk")
+        if walk is None or walk["key"] != key:
+            walk = self._walk = {"key": key, "steps": [], "at": 0, "gap": float(self.initial), "capped_at": None}
         while walk["capped_at"] is None and walk["at"] < step:
             period = min(self.max_period, max(1, round(walk["gap"])))
             if period == self.max_period:

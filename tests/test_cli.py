@@ -238,7 +238,8 @@ def test_quick_sets_its_sizes_and_help_shows_the_real_defaults(capsys):
 @pytest.mark.parametrize("option, value", [("--data", "train.txt"), ("--test-data", "test.txt"),
                                            ("--max-points", "10"), ("--generate", "data"), ("--save-head", "head.pt"),
                                            ("--runs", "dense"), ("--mode", "per_row"), ("--json", "out.json"),
-                                           ("--threads", "2"), ("--device", "cuda")])
+                                           ("--threads", "2"), ("--device", "cuda"), ("--dev", "meta"),
+                                           ("--jso", "x.json")])  # xmc.py's parser takes abbreviations
 def test_hogwild_refuses_what_it_would_ignore(option, value, capsys):
     refuses(script("hogwild_xmc"), [option, value], option, capsys=capsys)
 
@@ -310,8 +311,10 @@ def test_hogwild_stops_when_a_worker_is_killed_and_leaves_no_worker(tmp_path):
         log = tmp_path / f"{victim}.txt"
         run = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
         try:
+            started = time.time()
             while "epoch 2:" not in log.read_text():  # training on both workers
                 assert run.poll() is None, "the run ended before training"
+                assert time.time() < started + 120, "no second epoch in 2 minutes"
                 time.sleep(0.2)
             workers = _workers(run.pid)
             assert len(workers) == 2

@@ -155,5 +155,9 @@ def test_a_gated_mlp_converts_its_gate_alone():
     x = torch.randn(4, 32)
     gate = torch.relu(mlp.gate_proj(x))
     assert torch.equal((gate * mlp.up_proj(x)) != 0, gate != 0)  # every unit the gate passes reaches down_proj
+    t5 = nn.Module()  # T5's gated-GELU feed-forward names its factors wi_0 and wi_1
+    t5.wi_0, t5.wi_1, t5.wo = nn.Linear(32, 2048), nn.Linear(32, 2048), nn.Linear(2048, 32)
+    t5 = convert(t5)
+    assert isinstance(t5.wi_0, LSHLinear) and type(t5.wi_1) is nn.Linear
     custom = convert(GatedMLP(), filter=lambda name, m: True)  # a filter of one's own decides
     assert isinstance(custom.up_proj, LSHLinear)

@@ -295,19 +295,44 @@ def test_a_recomputation_matching_no_forward_warns():
 
 
 def test_recorded_draws_live_with_their_graph_and_copies_start_empty():
+    """Only forwards that checkpointing may recompute keep their set, and not past their graph: every
+    forward's set kept alive by its graph held 49 MiB a step where a loss was kept across steps."""
     import copy
     import gc
     import pickle
 
     layer = LSHLinear(16, 256, active=32)
     out = layer(torch.randn(8, 16, requires_grad=True))
+    assert not layer._draws._with_graph and not layer._draws._without_graph  # no checkpoint: nothing kept
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as non-reentrant checkpointing
+        out = layer(torch.randn(8, 16, requires_grad=True))
     assert len([r for r in layer._draws._with_graph if r() is not None]) == 1
     del out
     gc.collect()
     assert [r() for r in layer._draws._with_graph] == [None]  # freed with the graph, not kept by the layer
-    with torch.no_grad():
+    with torch.no_grad():  # as reentrant checkpointing's first pass
         for _ in range(20):
             layer(torch.randn(8, 16))
     assert len(layer._draws._without_graph) == layer._draws.WITHOUT_GRAPH  # bounded
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert not other._draws._without_graph and not other._draws._with_graph
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_rows_in_another_order_and_twice_the_same_input(use_reentrant):
+    """One-hot rows in another order shared the column and row sums: the sets swapped, silently (max grad
+    difference 10). The same input in two checkpointed calls cannot be told apart: it is warned about."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(x1, x2, checkpointed):
+        torch.manual_seed(0)
+        layer = LSHLinear(16, 256, active=32, seed=1, mode="per_row")
+        a, b = torch.randn(256), torch.randn(256)
+        run = (lambda f, v: checkpoint(f, v, use_reentrant=use_reentrant)) if checkpointed else (lambda f, v: f(v))
+        ((run(layer, x1) * a).sum() + (run(layer, x2) * b).sum()).backward()
+        return layer.weight.grad
+    onehot = torch.eye(16)[torch.randperm(16)[:8]].requires_grad_()
+    permuted = onehot.detach().flip(0).requires_grad_()
+    assert torch.equal(grads(onehot, permuted, True), grads(onehot, permuted, False))
+    with pytest.warns(UserWarning, match="input another forward of this layer had too"):
+        grads(onehot, onehot, True)

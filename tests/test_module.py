@@ -308,6 +308,9 @@ def test_schedules():
     assert [slow(s) for s in asked] == [s in expected for s in asked]
     again = pickle.loads(pickle.dumps(slow))
     assert [again(s) for s in range(1, 3000)] == [s in expected for s in range(1, 3000)]
+    again.max_period = 200  # settings changed after calls: the kept walk is not used for them
+    fresh = GrowingSchedule(initial=1, growth=1.0001, max_period=200)
+    assert [s for s in range(1, 5000) if again(s)] == [s for s in range(1, 5000) if fresh(s)]
 
 
 def test_determinism_under_seed():
