@@ -46,7 +46,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _drawn, _label_c
 from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, cap_probes, fit_bits, topk_budget
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
-__all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "data_parallel",
+__all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
            "shard_range", "unmanaged_parameters"]
 
 
@@ -200,6 +200,38 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
         # Rows come from valid gradients: the invariant check would only cost time.
         p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=False).coalesce() / world
     return sent
+
+
+@torch.no_grad()
+def clip_grad_norm_(module: nn.Module, max_norm: float, process_group=None) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (the 2-norm) over a model whose :class:`ShardedLSHLinear`
+    layers hold different rows on each rank: the total norm counts every rank's shard once (their
+    squared norms all-reduced) and the replicated parameters once (identical on every rank after
+    DDP / FSDP2 / :func:`all_reduce_sparse_grads`), so every rank scales by the same factor and the
+    replicas stay identical (``clip_grad_norm_`` on one rank sees its shard only: the ranks clipped
+    the trunk by different factors and its replicas drifted apart). Sparse gradients count their
+    values and are scaled in place. Call it after the gradients are reduced; returns the total norm."""
+    _check_initialised("clip_grad_norm_")
+    max_norm = float(max_norm)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be a positive float, got {max_norm!r}")
+    _, sharded = _lsh_layers(module)
+    mine = {id(p) for m in sharded for p in m.parameters()}
+    params = [p for p in module.parameters() if p.grad is not None]
+    device = next(module.parameters(), torch.empty(0)).device
+    squares = {False: torch.zeros((), device=device), True: torch.zeros((), device=device)}  # replicated, shard
+    for p in params:
+        values = p.grad.coalesce()._values() if p.grad.is_sparse else p.grad
+        squares[id(p) in mine] = squares[id(p) in mine] + values.float().square().sum()
+    dist.all_reduce(squares[True], group=process_group)  # every rank's shard, once
+    total = (squares[False] + squares[True]).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad * scale.to(p.grad.dtype)
+        else:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return total
 
 
 def _gather_rows(t: Tensor, sizes: list[int], group) -> list[Tensor]:

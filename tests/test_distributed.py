@@ -447,6 +447,37 @@ def test_sharded_layer_copies_keep_their_gradient_and_construction_agrees(tmp_pa
     assert "holds rows [0, 7) of 14 (another rank's shard), this rank owns [7, 14)" in ranks[1]["other_rows"]
 
 
+def _clip_run(rank):
+    from lsh_torch.distributed import clip_grad_norm_
+    torch.manual_seed(0)
+    net = _Net(lambda: ShardedLSHLinear(HIDDEN, 13, active=1.0, tail=0, sparse_grad=True))
+    model = data_parallel(net)
+    x, y = _batch(0, 8, 13)
+    x, y = _local(x, rank, [4, 4]), _local(y, rank, [4, 4])
+    sparse_cross_entropy(net.head.forward_sparse(model(x), y), y).backward()
+    before = {name: p.grad.to_dense().clone() for name, p in net.named_parameters()}
+    total = clip_grad_norm_(net, 0.1)
+    return {"before": before, "after": {name: p.grad.to_dense().clone() for name, p in net.named_parameters()},
+            "total": total}
+
+
+def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp_path):
+    """clip_grad_norm_ on one rank sees its shard only: the ranks clipped the trunk by different factors
+    (norms 0.538 and 0.688 in a review's run) and its replicas drifted apart."""
+    ranks = _spawn(_clip_run, tmp_path)
+    trunk = [name for name in ranks[0]["before"] if name.startswith("trunk")]
+    shards = [name for name in ranks[0]["before"] if name.startswith("head")]
+    expected = sum(ranks[0]["before"][n].square().sum() for n in trunk)
+    expected = (expected + sum(r["before"][n].square().sum() for r in ranks for n in shards)).sqrt()
+    for r in ranks:
+        torch.testing.assert_close(r["total"], expected)
+        for name in trunk + shards:
+            torch.testing.assert_close(r["after"][name], r["before"][name] * min(1.0, 0.1 / (float(expected) + 1e-6)))
+    for name in trunk:
+        assert torch.equal(ranks[0]["after"][name], ranks[1]["after"][name])
+    assert float(expected) > 0.1  # it clipped
+
+
 def test_shard_range_covers_every_row_once():
     for out_features, world in [(13, 2), (10, 4), (5, 5)]:
         ranges = [shard_range(out_features, r, world) for r in range(world)]
