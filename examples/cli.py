@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -127,6 +128,11 @@ def apply_quick(parser: argparse.ArgumentParser, argv, args: argparse.Namespace,
         names = ", ".join("--" + dest.replace("_", "-") for dest in clash)
         parser.error(f"--quick sets {names} itself: give one or the other, not both")
     vars(args).update(settings)
+
+
+def fail(message: str) -> None:
+    """Stop with argparse's kind of message (a bad file or option found after parsing), no traceback."""
+    sys.exit(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}")
 
 
 def given(parser: argparse.ArgumentParser, argv, dests) -> list[str]:

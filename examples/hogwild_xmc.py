@@ -99,7 +99,7 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
     try:  # an option the layer refuses (--bits, --tables, --tail, ...): argparse's kind of message, no traceback
         net = xmc.build("lsh", "shared", parts[0], args, budget)  # warm-up counted in a part's steps
     except (TypeError, ValueError) as error:
-        xmc.fail(str(error))
+        cli.fail(str(error))
     net.share_memory()
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs + 1)

@@ -18,8 +18,6 @@ Earlier versions, with the paper's 5% and LSHLinear's own defaults (--active 0.0
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
@@ -149,7 +147,7 @@ def main(argv=None) -> None:
     try:  # an option the layers refuse (--bits, --tables, --probes) stops here, not after the nn.Linear run
         build_mlp(x_train.shape[1], args.hidden, args.depth, 10, True, **lsh_kwargs)
     except (TypeError, ValueError) as error:
-        sys.exit(f"{os.path.basename(sys.argv[0]) or 'mnist_mlp.py'}: error: {error}")
+        cli.fail(str(error))
     results = {}
     for name, lsh in (("nn.Linear", False), ("LSHLinear", True)):
         torch.manual_seed(args.seed)  # same initial weights for both models

@@ -675,11 +675,6 @@ def parse_args(argv=None):
     return args
 
 
-def fail(message: str) -> None:
-    """Stop with argparse's kind of message (a bad file or option found after parsing), no traceback."""
-    sys.exit(f"{os.path.basename(sys.argv[0]) or 'xmc.py'}: error: {message}")
-
-
 def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
     """``--data`` (and ``--test-data``, or a held-out split), checked: readable, well formed, test
     points within the training file's features and labels, at least one point each, 5 labels (P@5)."""
@@ -690,12 +685,12 @@ def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
         else:
             train_data, test_data = train_data.split(args.test_fraction, args.seed)
     except (OSError, xmc_data.XMCFormatError) as error:
-        fail(f"--data / --test-data: {error}")
+        cli.fail(f"--data / --test-data: {error}")
     if test_data.num_features > train_data.num_features or test_data.num_labels > train_data.num_labels:
-        fail(f"--test-data has {test_data.num_features:,} features and {test_data.num_labels:,} labels, the training "
+        cli.fail(f"--test-data has {test_data.num_features:,} features and {test_data.num_labels:,} labels, the training "
              f"data {train_data.num_features:,} and {train_data.num_labels:,}: the model is sized by the training file")
     if not len(train_data) or not len(test_data) or train_data.num_labels < 5:
-        fail(f"--data: need at least one training and one test point and 5 labels (P@5), got {len(train_data)} and "
+        cli.fail(f"--data: need at least one training and one test point and 5 labels (P@5), got {len(train_data)} and "
              f"{len(test_data)} points, {train_data.num_labels} labels")
     return train_data, test_data
 
@@ -763,11 +758,11 @@ def main(argv=None) -> dict:
             try:  # an option the layer refuses (--bits, --tables, --tail, ...) stops here, not after the data's load
                 build(kind, mode, train_data, args, budget)
             except (TypeError, ValueError) as error:
-                fail(f"--runs {spec}: {error}")
+                cli.fail(f"--runs {spec}: {error}")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
         runs.append(Run(name, kind, mode, budget))
     if args.save_head and size > 1:
-        fail("--save-head saves a single process's output layer; under torchrun the head is sharded")
+        cli.fail("--save-head saves a single process's output layer; under torchrun the head is sharded")
     warm_up(train_data, args)
     train_in_turns(runs, train_data, eval_data, test_data, args)
 
