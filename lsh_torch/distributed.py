@@ -203,28 +203,37 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_(module: nn.Module, max_norm: float, process_group=None) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (the 2-norm) over a model whose :class:`ShardedLSHLinear`
-    layers hold different rows on each rank: the total norm counts every rank's shard once (their
-    squared norms all-reduced) and the replicated parameters once (identical on every rank after
-    DDP / FSDP2 / :func:`all_reduce_sparse_grads`), so every rank scales by the same factor and the
-    replicas stay identical (``clip_grad_norm_`` on one rank sees its shard only: the ranks clipped
-    the trunk by different factors and its replicas drifted apart). Sparse gradients count their
-    values and are scaled in place. Call it after the gradients are reduced; returns the total norm."""
+def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, process_group=None) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over a model whose :class:`ShardedLSHLinear` layers hold
+    different rows on each rank: the total norm counts every rank's shard once (all-reduced: a sum
+    of ``|g|^p``, or the max for ``norm_type=inf``) and the replicated parameters once (identical on
+    every rank after DDP / FSDP2 / :func:`all_reduce_sparse_grads`), so every rank scales by the
+    same factor and the replicas stay identical (``clip_grad_norm_`` on one rank sees its shard
+    only: the ranks clipped the trunk by different factors and its replicas drifted apart). Sparse
+    gradients count their values and are scaled in place. Call it after the gradients are reduced;
+    returns the total norm."""
     _check_initialised("clip_grad_norm_")
-    max_norm = float(max_norm)
+    max_norm, norm_type = float(max_norm), float(norm_type)
     if not max_norm > 0:
         raise ValueError(f"max_norm must be a positive float, got {max_norm!r}")
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
     _, sharded = _lsh_layers(module)
     mine = {id(p) for m in sharded for p in m.parameters()}
     params = [p for p in module.parameters() if p.grad is not None]
     device = next(module.parameters(), torch.empty(0)).device
-    squares = {False: torch.zeros((), device=device), True: torch.zeros((), device=device)}  # replicated, shard
+    infinite = norm_type == math.inf
+    parts = {False: torch.zeros((), device=device), True: torch.zeros((), device=device)}  # replicated, shard
     for p in params:
-        values = p.grad.coalesce()._values() if p.grad.is_sparse else p.grad
-        squares[id(p) in mine] = squares[id(p) in mine] + values.float().square().sum()
-    dist.all_reduce(squares[True], group=process_group)  # every rank's shard, once
-    total = (squares[False] + squares[True]).sqrt()
+        values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).float().abs()
+        part = values.max() if infinite and values.numel() else values.pow(norm_type).sum()
+        parts[id(p) in mine] = torch.maximum(parts[id(p) in mine], part) if infinite else parts[id(p) in mine] + part
+    dist.all_reduce(parts[True], op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=process_group)
+    total = torch.maximum(parts[False], parts[True]) if infinite else (parts[False] + parts[True]).pow(1 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}), "
+                           "so it cannot be clipped; set error_if_nonfinite=False to scale them anyway")
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad.is_sparse:

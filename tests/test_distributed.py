@@ -2,6 +2,7 @@
 (DDP, FSDP2) and the vocabulary-parallel ShardedLSHLinear, against single-process references.
 
 Each test spawns its ranks; they write what they computed to files that the test compares."""
+import math
 import os
 import sys
 
@@ -455,10 +456,21 @@ def _clip_run(rank):
     x, y = _batch(0, 8, 13)
     x, y = _local(x, rank, [4, 4]), _local(y, rank, [4, 4])
     sparse_cross_entropy(net.head.forward_sparse(model(x), y), y).backward()
-    before = {name: p.grad.to_dense().clone() for name, p in net.named_parameters()}
-    total = clip_grad_norm_(net, 0.1)
-    return {"before": before, "after": {name: p.grad.to_dense().clone() for name, p in net.named_parameters()},
-            "total": total}
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    result = {"before": {name: g.to_dense() for name, g in grads.items()}}
+    for norm_type in (2.0, 1.0, math.inf):
+        for name, p in net.named_parameters():
+            p.grad = grads[name].clone()
+        total = clip_grad_norm_(net, 0.1, norm_type=norm_type)
+        result[norm_type] = {"total": total,
+                             "after": {name: p.grad.to_dense().clone() for name, p in net.named_parameters()}}
+    first = next(net.parameters())
+    first.grad = first.grad * math.inf
+    try:
+        clip_grad_norm_(net, 0.1, error_if_nonfinite=True)
+    except RuntimeError as error:
+        result["nonfinite"] = str(error)
+    return result
 
 
 def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp_path):
@@ -467,15 +479,19 @@ def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp
     ranks = _spawn(_clip_run, tmp_path)
     trunk = [name for name in ranks[0]["before"] if name.startswith("trunk")]
     shards = [name for name in ranks[0]["before"] if name.startswith("head")]
-    expected = sum(ranks[0]["before"][n].square().sum() for n in trunk)
-    expected = (expected + sum(r["before"][n].square().sum() for r in ranks for n in shards)).sqrt()
-    for r in ranks:
-        torch.testing.assert_close(r["total"], expected)
-        for name in trunk + shards:
-            torch.testing.assert_close(r["after"][name], r["before"][name] * min(1.0, 0.1 / (float(expected) + 1e-6)))
-    for name in trunk:
-        assert torch.equal(ranks[0]["after"][name], ranks[1]["after"][name])
-    assert float(expected) > 0.1  # it clipped
+    everything = torch.cat([ranks[0]["before"][n].flatten() for n in trunk]
+                           + [r["before"][n].flatten() for r in ranks for n in shards])
+    for norm_type in (2.0, 1.0, math.inf):
+        expected = torch.linalg.vector_norm(everything, norm_type)
+        for r in ranks:
+            torch.testing.assert_close(r[norm_type]["total"], expected)
+            for name in trunk + shards:
+                torch.testing.assert_close(r[norm_type]["after"][name],
+                                           r["before"][name] * min(1.0, 0.1 / (float(expected) + 1e-6)))
+        for name in trunk:
+            assert torch.equal(ranks[0][norm_type]["after"][name], ranks[1][norm_type]["after"][name])
+        assert float(expected) > 0.1  # it clipped
+    assert all("non-finite" in r["nonfinite"] for r in ranks)
 
 
 def test_shard_range_covers_every_row_once():
