@@ -1,5 +1,6 @@
 // Operator schemas of the lsh_torch namespace, written once. Kernels live in cpu/ and cuda/.
 #include <Python.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(lsh_torch, m) {
@@ -43,7 +44,8 @@ TORCH_LIBRARY(lsh_torch, m) {
   // Multi-probe lookup -> active [B, budget] int64, no duplicates per row: forced labels
   // (-1 = padding) first, then LSH candidates ranked by how many probed buckets held them
   // (ties broken by a seeded hash), at most budget - labels - tail of them, then seeded uniform
-  // draws from the neurons not yet chosen up to the budget (the tail: at least `tail` entries).
+  // draws from the neurons not yet chosen up to the budget (the tail: at least
+  // min(tail, budget - labels) entries, all of them where there are fewer candidates).
   // head [B] int64: entries before the tail (labels + candidates). The tail is a uniform sample
   // without replacement of the other N - head neurons, which is what the sampled softmax's
   // correction needs (docs/estimator.md).
@@ -76,6 +78,31 @@ TORCH_LIBRARY(lsh_torch, m) {
   m.def(
       "lazy_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad_rows, "
       "float step_size, float beta1, float beta2, float eps, float decay=0.) -> ()");
+}
+
+namespace {
+
+// lazy_adam_ writes its (a!) (b!) (c!) arguments: as PyTorch's in-place ops, refuse a leaf that
+// requires grad in grad mode, and bump their version counters (autograd then refuses a backward
+// through values the step changed, and caches keyed on a parameter's version see the step). torch's
+// in-place fallbacks bump aliased outputs only, and this op returns none.
+void lazy_adam_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto param = (*stack)[0].toTensor(), exp_avg = (*stack)[1].toTensor(), exp_avg_sq = (*stack)[2].toTensor();
+  for (const auto& t : {param, exp_avg, exp_avg_sq})
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad() && t.is_leaf()),
+                "a leaf Variable that requires grad is being used in an in-place operation (lazy_adam_): "
+                "run the optimizer step under torch.no_grad()");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : {param, exp_avg, exp_avg_sq}) torch::autograd::increment_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsh_torch, ADInplaceOrView, m) {
+  m.impl("lazy_adam_", torch::CppFunction::makeFromBoxedFunction<&lazy_adam_inplace>());
 }
 
 // Importing lsh_torch._C loads this library, which runs the registrations above.

@@ -18,6 +18,10 @@ namespace lsh_torch {
 
 // mips_transform: rows [n, d] floating; max_norm only for data rows: one positive finite value.
 // Returns max_norm's value (0 when not given); reading it syncs once with its device.
+// A given max_norm bounds the rows' norms up to this relative tolerance: the kernels sum the squares
+// in another order than torch.linalg.vector_norm, so a max_norm computed by it may be a rounding below.
+constexpr double kMaxNormTolerance = 1e-5;
+
 inline double check_mips_args(const at::Tensor& rows, bool query, const std::optional<at::Tensor>& max_norm) {
   TORCH_CHECK(rows.dim() == 2, "mips_transform: rows must be 2-D [n, d], got shape ", rows.sizes());
   TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "mips_transform: rows must be a floating tensor, got ",
@@ -201,14 +205,17 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
   TORCH_CHECK(std::isfinite(step_size), op, ": step_size must be finite, got ", step_size);
   TORCH_CHECK(decay >= 0 && decay <= 1, op, ": decay (lr * weight_decay) must be in [0, 1], got ", decay);
   // An update reads and writes param and the moments element by element: they must not overlap,
-  // nor may what it reads (a row's gradient read after an earlier row's update wrote it).
+  // nor may what it reads (a row's gradient read after an earlier row's update wrote it). The read
+  // ones may be strided or expanded (overlap "too hard to tell"): the kernels copy those first.
   for (const auto& [a, b] : {std::pair{&param, &exp_avg}, {&param, &exp_avg_sq}, {&exp_avg, &exp_avg_sq}})
     TORCH_CHECK(at::get_overlap_status(*a, *b) == at::MemOverlapStatus::No, op,
                 ": param, exp_avg and exp_avg_sq must not share memory");
   for (const auto* written : {&param, &exp_avg, &exp_avg_sq})
-    for (const auto& [read, name] : {std::pair{&grad, "grad_rows"}, {&rows, "rows"}})
-      TORCH_CHECK(at::get_overlap_status(*written, *read) == at::MemOverlapStatus::No, op, ": ", name,
+    for (const auto& [read, name] : {std::pair{&grad, "grad_rows"}, {&rows, "rows"}}) {
+      const auto overlap = at::get_overlap_status(*written, *read);
+      TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op, ": ", name,
                   " must not share memory with param, exp_avg or exp_avg_sq");
+    }
   return width;
 }
 

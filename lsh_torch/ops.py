@@ -134,14 +134,10 @@ def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor,
     """In-place Adam update of ``param``'s (unique) ``rows`` and their moments; see :class:`lsh_torch.optim.LazyAdam`.
     ``decay`` (``lr * weight_decay``, in [0, 1]) scales those rows by ``1 - decay`` first, as AdamW does.
 
-    Bumps the version counters of the three updated tensors, as PyTorch's in-place ops do (a custom
-    op's dispatch does not): autograd then refuses a backward through values the step changed, and
-    caches keyed on a parameter's version (``LSHLinear.topk``'s index) see the step."""
+    Bumps the version counters of the three updated tensors, as PyTorch's in-place ops do (the op's
+    ADInplaceOrView kernel, csrc/lsh_torch.cpp): autograd then refuses a backward through values the
+    step changed, and caches keyed on a parameter's version (``LSHLinear.topk``'s index) see the step."""
     _ops.lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay)
-    if not torch.compiler.is_compiling():
-        for t in (param, exp_avg, exp_avg_sq):
-            if not t.is_inference():
-                torch.autograd.graph.increment_version(t)
 
 
 def _linear(name, x, weight, bias, active, sparse_grad):
@@ -197,9 +193,8 @@ def _expect_query(op, codes, margins, offsets, items, probes, budget, labels, ta
     torch._check(offsets.shape[0] == num_tables and items.shape[0] == num_tables,
                  lambda: f"{op}: codes, offsets and items must agree on the number of tables L")
     torch._check(margins.shape[0] == codes.shape[0], lambda: f"{op}: margins must be float32 [B, L*K]")
-    if isinstance(buckets, int):  # the tables' shape, static in practice; K follows from it
-        torch._check(2 <= buckets <= 2 ** MAX_BITS and buckets & (buckets - 1) == 0,
-                     lambda: f"{op}: offsets must have 2^K + 1 columns with 1 <= K <= {MAX_BITS}")
+    torch._check(num_tables <= MAX_TABLES, lambda: f"{op}: num_tables (L) must be at most {MAX_TABLES}")
+    if _expect_buckets(op, offsets):  # K follows from the tables' shape
         torch._check(margins.shape[1] == num_tables * (buckets.bit_length() - 1),
                      lambda: f"{op}: margins must be float32 [B, L*K]")
         torch._check(1 <= probes <= min(MAX_PROBES, buckets),
@@ -210,6 +205,15 @@ def _expect_query(op, codes, margins, offsets, items, probes, budget, labels, ta
     if labels is not None:
         _expect(op, "labels", labels, torch.int64, 2)
         torch._check(labels.shape[0] == codes.shape[0], lambda: f"{op}: labels must be int64 [B, M]")
+
+
+def _expect_buckets(op: str, offsets: Tensor) -> bool:
+    """offsets' 2^K + 1 columns, where the tables' shape is static (in practice); whether it is."""
+    buckets = offsets.shape[1] - 1
+    if isinstance(buckets, int):
+        torch._check(2 <= buckets <= 2 ** MAX_BITS and buckets & (buckets - 1) == 0,
+                     lambda: f"{op}: offsets must have 2^K + 1 columns with 1 <= K <= {MAX_BITS}")
+    return isinstance(buckets, int)
 
 
 def _expect_active(op: str, active: Tensor, batch, width=None) -> None:
@@ -230,6 +234,10 @@ def _expect_grad_weight(op: str, grad_out: Tensor, x: Tensor, active: Tensor) ->
 def _(rows, query, max_norm=None):
     _one_device("mips_transform", rows=rows, max_norm=max_norm)
     _expect("mips_transform", "rows", rows, "floating", 2)
+    if max_norm is not None:
+        torch._check(not query, lambda: "mips_transform: max_norm applies to data rows (query=False) only")
+        torch._check(max_norm.numel() == 1 and max_norm.dtype.is_floating_point,
+                     lambda: "mips_transform: max_norm must be a floating tensor of one element")
     return rows.new_empty(rows.shape[0], rows.shape[1] + 1)
 
 
@@ -252,9 +260,13 @@ def _(rows, bins, num_tables):
     bin_size = int(bins.shape[1])
     torch._check(bin_size >= 2 and bin_size & (bin_size - 1) == 0,
                  lambda: f"dwta_codes: bins must have a power-of-two bin_size >= 2 columns, got {bin_size}")
-    torch._check(1 <= num_tables <= 1024, lambda: f"dwta_codes: num_tables (L) must be in [1, 1024], got {num_tables}")
+    torch._check(1 <= num_tables <= MAX_TABLES,
+                 lambda: f"dwta_codes: num_tables (L) must be in [1, {MAX_TABLES}], got {num_tables}")
     torch._check(bins.shape[0] % num_tables == 0 and bins.shape[0] > 0,
                  lambda: f"dwta_codes: bins must have L*H rows, a multiple of num_tables = {num_tables}")
+    torch._check(bins.shape[0] // num_tables * (bin_size.bit_length() - 1) <= MAX_BITS,
+                 lambda: f"dwta_codes: bins give K = H * log2(bin_size) bits per table; at most {MAX_BITS} fit a code")
+    torch._check(rows.shape[1] >= 1, lambda: "dwta_codes: rows must have at least one column (d >= 1)")
     n = rows.shape[0]
     return (rows.new_empty(n, num_tables, dtype=torch.int32),
             rows.new_empty(n, bins.shape[0] * (bin_size.bit_length() - 1), dtype=torch.float32))
@@ -284,6 +296,9 @@ def _(offsets, items, rows, old_codes, new_codes):
         _expect(op, name, t, torch.int32, 2)
     _expect(op, "rows", rows, torch.int64, 1)
     torch._check(items.shape[0] == offsets.shape[0], lambda: f"{op}: items must have one row per table")
+    _expect_buckets(op, offsets)
+    torch._check(offsets.shape[0] <= MAX_TABLES, lambda: f"{op}: num_tables (L) must be at most {MAX_TABLES}")
+    torch._check(rows.shape[0] <= items.shape[1], lambda: f"{op}: more rows than items per table (N)")
     for name, t in (("old_codes", old_codes), ("new_codes", new_codes)):
         torch._check(t.shape[0] == rows.shape[0] and t.shape[1] == offsets.shape[0],
                      lambda: f"{op}: {name} must be int32 [R, L] = [{rows.shape[0]}, {offsets.shape[0]}]")
@@ -319,6 +334,10 @@ def _(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps,
     _one_device(op, param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad_rows=grad_rows)
     _expect(op, "param", param, "floating")
     torch._check(param.dim() >= 1, lambda: f"{op}: param must have at least one dimension (its rows)")
+    torch._check(param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous(),
+                 lambda: f"{op}: param, exp_avg and exp_avg_sq must be contiguous")
+    torch._check(not (param is exp_avg or param is exp_avg_sq or exp_avg is exp_avg_sq),
+                 lambda: f"{op}: param, exp_avg and exp_avg_sq must not share memory")
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _expect(op, name, t, param.dtype, param.dim())
         torch._check(t.shape == param.shape, lambda: f"{op}: {name} must have param's shape {tuple(param.shape)}")

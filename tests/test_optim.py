@@ -78,6 +78,37 @@ def test_lazy_adam_errors():
             LazyAdam([torch.nn.Parameter(param)], lr=0.1, weight_decay=weight_decay)
 
 
+def test_lazy_adam_op_bumps_versions_and_refuses_leaves_in_grad_mode():
+    """The op itself (not only the Python wrapper) bumps the versions, as PyTorch's in-place ops do:
+    called through torch.ops, or compiled with backend="eager", a backward through the old values ran
+    and returned gradients of the new ones, silently."""
+    param, m, v, rows, grad = state()
+    weight = param.clone().requires_grad_()
+    loss = (weight * weight).sum()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch.ops.lsh_torch.lazy_adam_(weight, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    with torch.no_grad():
+        torch.ops.lsh_torch.lazy_adam_(weight, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    assert (weight._version, m._version, v._version) == (1, 1, 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    compiled = torch.compile(ops.lazy_adam_, backend="eager")
+    compiled(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    assert param._version == 1
+
+
+def test_lazy_adam_reads_strided_and_expanded_gradients():
+    """Memory overlap is "too hard to tell" for a non-dense tensor, which was refused as sharing memory."""
+    param, m, v, rows, _ = state()
+    grad = torch.randn(1, 4).expand(4, 4)
+    expected = [t.clone() for t in (param, m, v)]
+    ref.lazy_adam_(*expected, rows, grad.contiguous(), 0.01, 0.9, 0.999, 1e-8)
+    ops.lazy_adam_(param, m, v, torch.tensor([0, 0, 3, 3, 7, 7, 29, 29])[::2], grad, 0.01, 0.9, 0.999, 1e-8)
+    torch.testing.assert_close((param, m, v), tuple(expected))
+    with pytest.raises(RuntimeError, match="grad_rows must not share memory"):
+        ops.lazy_adam_(param, m, v, torch.arange(4), param[:4], 0.01, 0.9, 0.999, 1e-8)
+
+
 def test_a_step_refused_for_its_weight_decay_updates_nothing():
     """Every group's decay is checked before any update: no parameter half-stepped, no step counted."""
     first, second = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2, 3))

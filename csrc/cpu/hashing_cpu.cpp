@@ -46,8 +46,11 @@ at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::
       max_norm = std::max(max_norm, norms[i]);
     }
     if (given_max_norm > 0) {
-      TORCH_CHECK(max_norm <= static_cast<acc_t>(given_max_norm), "mips_transform: every row's norm must be at most "
-                  "max_norm = ", given_max_norm, ", got a row of norm ", max_norm);
+      // Up to kMaxNormTolerance (r slightly above 1 below: clamped).
+      TORCH_CHECK(max_norm <= static_cast<acc_t>(given_max_norm) * acc_t(1 + kMaxNormTolerance),
+                  "mips_transform: every row's norm must be at most max_norm = ", given_max_norm, " (up to a relative ",
+                  kMaxNormTolerance, "), got a row of norm ", max_norm, " (", max_norm / given_max_norm - 1,
+                  " above it)");
       max_norm = static_cast<acc_t>(given_max_norm);
     }
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {

@@ -22,12 +22,14 @@
 namespace lsh_torch {
 namespace {
 
-// Per-neuron hit counters of type Hits: uint16_t in general, uint8_t for per-row sets from fewer
-// than kMaxHits tables (a neuron sits in one bucket per table and a row probes distinct buckets,
-// so its hits never exceed L). One byte per neuron halves the footprint of the random increments
-// of a query; still, 670K neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so
-// wide a layer counts only its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at
-// kMaxHits; kChosen marks a neuron already in the active set.
+// Per-neuron hit counters of type Hits: uint16_t in general, uint32_t for shared sets of batches
+// whose hits can pass 65,534, uint8_t for per-row sets from fewer than kMaxHits tables (a neuron
+// sits in one bucket per table and a row probes distinct buckets, so its hits never exceed L).
+// One byte per neuron halves the footprint of the random increments of a query; still, 670K
+// neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so wide a layer counts only
+// its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at kMaxHits (never reached:
+// the type is chosen by the most hits a query can give); kChosen marks a neuron already in the
+// active set.
 template <typename Hits>
 constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
 template <typename Hits>
@@ -90,10 +92,10 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
       TORCH_CHECK(o[k] <= o[k + 1], op, ": offsets of table ", l, " must be non-decreasing");
   }
   // Margins are distances to the hyperplanes (hash_codes gives |projection|): probe_flips' order of
-  // the probes assumes none is negative.
+  // the probes assumes none is negative or NaN.
   const float* margin = margins.data_ptr<float>();
   for (int64_t i = 0; i < margins.numel(); ++i)
-    TORCH_CHECK(!(margin[i] < 0), op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives "
+    TORCH_CHECK(margin[i] >= 0, op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives "
                 "them), got ", margin[i], " at row ", i / (num_tables * bits), ", table ", i / bits % num_tables);
   if (labels.defined()) {
     TORCH_CHECK(labels.device().is_cpu(), op, ": labels must be a CPU tensor, got one on ", labels.device());
@@ -494,11 +496,19 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cpu(const at::Tensor& codes_in, 
   auto indices = at::empty({budget}, codes.options().dtype(at::kLong));
   auto head = at::zeros({}, codes.options().dtype(at::kLong));
   if (budget == 0) return {indices, head};
-  ActiveSetBuilder<uint16_t> builder(t);  // a batch's hits can exceed 255
-  builder.start(indices.data_ptr<int64_t>(), budget, tail);
-  for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
-  builder.probe_all();
-  head.fill_(builder.finish(seed, -1));
+  auto build = [&](auto hits_type) {
+    ActiveSetBuilder<decltype(hits_type)> builder(t);
+    builder.start(indices.data_ptr<int64_t>(), budget, tail);
+    for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
+    builder.probe_all();
+    head.fill_(builder.finish(seed, -1));
+  };
+  // A neuron's hits are at most batch * L (one bucket per table, a row's probes distinct): 16-bit
+  // counters where that fits, 32-bit beyond (saturated counts would tie, ranked by the seed alone).
+  if (t.batch * t.num_tables <= kMaxHitsOf<uint16_t>)
+    build(uint16_t{});
+  else
+    build(uint32_t{});
   return {indices, head};
 }
 

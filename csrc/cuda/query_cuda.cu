@@ -32,7 +32,7 @@
 // many labels for the budget, malformed tables).
 //
 // query_shared (one set for the batch, seeded as set -1) reuses the kernels: every row's probes
-// count into one counter row (counts saturate at 0xFFFE like the CPU's 16-bit counters), each
+// count into one counter row (exact int32 counts, as the CPU's), each
 // distinct probed bucket once with the number of times it was probed (count_distinct_buckets: the
 // rows of a batch probe many of the same buckets, and counting each probe would repeat the reads and
 // make their atomics contend on the same counters), the
@@ -80,7 +80,6 @@ enum QueryError : int64_t {
   kItemOrder = 12,
 };
 
-constexpr int32_t kMaxSharedHits = 0xFFFE;  // the CPU's saturation of query_shared's counters
 
 // seeded_hash(seed, stream, row, c) == row_key(seed, stream, row) ^ mix64(c): hoists the row part.
 __device__ __forceinline__ uint64_t row_key(int64_t seed, uint64_t stream, int64_t row) {
@@ -128,7 +127,7 @@ __global__ void check_margins_kernel(const float* __restrict__ margins, int64_t 
                                      int64_t* flag) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (margins[i] < 0) cuda::report(flag, kNegativeMargin, i / (num_tables * bits), i / bits % num_tables);
+    if (!(margins[i] >= 0)) cuda::report(flag, kNegativeMargin, i / (num_tables * bits), i / bits % num_tables);
   }
 }
 
@@ -543,7 +542,7 @@ __global__ void compact_all_kernel(const int32_t* __restrict__ hits, int64_t n, 
     if (keep) {
       const int64_t slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
       sel_key[slot] = static_cast<int64_t>((key0 ^ mix64(static_cast<uint64_t>(id))) ^ (1ull << 63));
-      sel_level[slot] = -(c < kMaxSharedHits ? c : kMaxSharedHits);
+      sel_level[slot] = -c;  // hits descending
       sel_id[slot] = static_cast<int32_t>(id);
     }
   }
@@ -649,7 +648,7 @@ void raise_if(const std::array<int64_t, 4>& e, const QueryInputs& in, int64_t bu
                   " after ", e[2]);
     case kNegativeMargin:
       TORCH_CHECK(false, op, ": margins must be >= 0 (distances to the hyperplanes, as hash_codes gives them), got a "
-                  "negative one at row ", e[1], ", table ", e[2]);
+                  "negative or NaN one at row ", e[1], ", table ", e[2]);
     default:
       TORCH_CHECK(false, op, ": internal error ", e[0], " (", e[1], ", ", e[2], ", ", e[3],
                   "); please report it with the inputs");
