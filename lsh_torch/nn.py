@@ -16,7 +16,7 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
-                        exact_topk, topk_budget, topk_settings)
+                        _see_fused_steps, exact_topk, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -252,6 +252,7 @@ class LSHLinear(nn.Module):
         self._loss_checked = False  # see _warn_if_full_width_loss
         self._draws = _RecordedDraws()  # for activation checkpointing's recomputation
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
+        _see_fused_steps()  # eval lookups follow the weight's version
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -320,6 +321,7 @@ class LSHLinear(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()  # a weak reference does not pickle: keep whether it was to weight
         state["_hashed_from"] = self._hashed_from_weight()
+        state["_hashed_version"] = None  # this process's counter: a loaded weight's restarts (see _moved_since_build)
         state["_topk_index"] = None  # a cache: the next topk rebuilds it
         return state
 

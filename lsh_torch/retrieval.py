@@ -127,27 +127,25 @@ def weight_version(weight: Optional[Tensor]):
     return (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, version)
 
 
-# The tensors an index was built from (by id; weak, so an index never keeps a tensor alive).
-_INDEXED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 _fused_step_hook = None
 
 
 def _see_fused_steps() -> None:
     """A fused optimizer (``torch.optim.Adam(..., fused=True)`` and the like) updates its parameters in
-    place without bumping their version counters, so an index would take the old weight's answers for
-    the new one's. After every optimizer step, the version counters of the parameters an index was
-    built from are bumped, those a fused step updated (with a gradient). Registered with the first
-    index; a fused step costs one dictionary lookup per parameter while an index exists."""
+    place without bumping their version counters, so tables and indexes would take the old weight's
+    answers for the new one's (eval lookups, ``topk``). After every fused optimizer step, the version
+    counters of the parameters it updated (with a gradient) are bumped, as PyTorch's other in-place
+    updates do. Registered once, with the first layer or index; it costs a fused step one counter
+    increment per parameter."""
     global _fused_step_hook
 
     def bump(optimizer, args, kwargs) -> None:
-        if _INDEXED:
-            for group in optimizer.param_groups:
-                if not group.get("fused"):  # the others' in-place updates bump the versions themselves
-                    continue
-                for p in group["params"]:  # those it stepped: a parameter without a gradient is left alone
-                    if p.grad is not None and _INDEXED.get(id(p)) is p and not p.is_inference():
-                        torch.autograd.graph.increment_version(p)
+        for group in optimizer.param_groups:
+            if not group.get("fused"):  # the others' in-place updates bump the versions themselves
+                continue
+            for p in group["params"]:  # those it stepped: a parameter without a gradient is left alone
+                if p.grad is not None and not p.is_inference():
+                    torch.autograd.graph.increment_version(p)
 
     if _fused_step_hook is None:
         _fused_step_hook = register_optimizer_step_post_hook(bump)
@@ -176,9 +174,6 @@ class TopkIndex:
         self.key = (weight_version(weight), num_tables, bits, seed)
         self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
         _see_fused_steps()
-        for t in (weight, bias):
-            if t is not None:
-                _INDEXED[id(t)] = t
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
         if not bool(torch.isfinite(norms).all()):

@@ -121,6 +121,44 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD, torch.optim.AdamW])
+def test_eval_lookups_see_fused_optimizer_steps(optimizer):
+    """A fused step bumps no version counter: an eval lookup kept the tables of the last training rebuild
+    (4.9 of 32 neurons per row in common with tables of the current weights, in a review's run), and
+    a run resumed from a checkpoint, which re-hashes, no longer matched the uninterrupted one."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    opt = optimizer(layer.parameters(), lr=0.5, fused=True)
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    for _ in range(3):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        opt.step()
+    layer.eval()
+    layer(x)
+    assert layer.tables.rehashed > 0  # the eval lookup re-hashed the rows the fused steps moved
+    assert torch.equal(layer.tables.codes, full_build_of(layer).codes)
+
+
+def test_a_pickled_layer_rechecks_its_tables_at_the_first_eval_lookup(tmp_path):
+    """A pickle kept the saving process's version counter value: the loaded weight's counter restarts and
+    could read the same number, so eval took the tables as current though the weights had moved."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    with torch.no_grad():
+        layer.weight.add_(0)  # version 1
+    sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()  # tables built at the weight's version 1
+    opt.step()  # version 2
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    with torch.no_grad():
+        loaded.weight.add_(0)  # the loaded weight's counter reads 1 too
+    loaded.eval()(x)
+    assert torch.equal(loaded.tables.codes, full_build_of(loaded).codes)
+
+
 @pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("moved, merged", [(37, True), (38, False), (300, False)])
 def test_a_rebuild_re_sorts_once_many_rows_moved(monkeypatch, moved, merged, asymmetric):
