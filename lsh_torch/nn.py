@@ -538,7 +538,7 @@ class LSHLinear(nn.Module):
                 "depend on the whole batch. Use torch.autograd (loss.backward(), torch.autograd.grad), or eval "
                 "with inference='dense', which is nn.Linear's computation.")
         if self.training:
-            active, head = self._training_active_set(x, labels, shared, sparse)
+            active, head = self._training_active_set(x, labels, shared, sparse, torch.compiler.is_compiling())
         else:
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
@@ -548,8 +548,8 @@ class LSHLinear(nn.Module):
         return values, active, head
 
     @torch.compiler.disable
-    def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool,
-                             sparse: bool) -> tuple[Tensor, Tensor]:
+    def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool,
+                             compiled: bool = False) -> tuple[Tensor, Tensor]:
         """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
         the step's seed, count the step. Always eager: under ``torch.compile`` this is one graph
         break per layer and training forward (the schedule branches on a Python step counter, which
@@ -583,6 +583,8 @@ class LSHLinear(nn.Module):
                 self._stale = True  # an incremental build: the rows that moved since the last
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1
+        if compiled and _may_be_recomputed():  # a compiled caller's output is out of reach: kept without it
+            self._draws.record(x, found, None)
         return found
 
     def _warn_replaying_last_step(self) -> None:
@@ -780,7 +782,8 @@ class _RecordedDraws:
 
     A forward with an autograd graph keeps its record as long as the graph (in its output's
     ``grad_fn.metadata``), so nothing outlives its backward; a forward without one (reentrant
-    checkpointing runs the region under ``no_grad``) until its replay, among the last
+    checkpointing runs the region under ``no_grad``; a compiled layer's graph is out of reach) until its
+    replay, among the last
     :attr:`WITHOUT_GRAPH`."""
 
     WITHOUT_GRAPH = 16
@@ -794,9 +797,9 @@ class _RecordedDraws:
     def __reduce__(self):  # copies and pickles start empty: the records belong to this process's graphs
         return _RecordedDraws, ()
 
-    def record(self, x: Tensor, found: tuple[Tensor, Tensor], values: Tensor) -> None:
+    def record(self, x: Tensor, found: tuple[Tensor, Tensor], values: Optional[Tensor]) -> None:
         draw, self._recorded = _Draw(self._recorded, x, found), self._recorded + 1
-        if values.grad_fn is None:
+        if values is None or values.grad_fn is None:
             self._without_graph.append(draw)
             return
         values.grad_fn.metadata["lsh_torch_draw"] = draw
