@@ -222,6 +222,9 @@ class RecallMonitor:
             self._tables_ref = weakref.ref(items)
 
     # -- probing ---------------------------------------------------------------------------
+    # Eager under torch.compile (a graph break): a probe reads the step counter and measured floats,
+    # which as guards recompiled the caller at every probe.
+    @torch.compiler.disable
     @torch.no_grad()
     def probe(self, x: Tensor) -> dict:
         """Measure recall on ``x`` now and append it to :attr:`history`."""
@@ -240,6 +243,7 @@ class RecallMonitor:
         self.history.append(record)
         return record
 
+    @torch.compiler.disable
     def maybe_probe(self, x: Tensor) -> Optional[dict]:
         """Probe if ``layer.step`` is a positive multiple of ``every`` (and not yet probed at it),
         not during the layer's warm-up: there training draws uniformly and builds no tables, and a

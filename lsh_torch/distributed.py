@@ -328,7 +328,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         top = logits.max(1).values
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         exp = (logits - top[:, None]).exp()
-        sums = torch.stack([exp.sum(1), (target * logits).sum(1)], 1)
+        scored = torch.where(target > 0, target * logits, 0.0)  # an entry of weight 0 (log_weight -inf): 0
+        sums = torch.stack([exp.sum(1), scored.sum(1)], 1)
         dist.all_reduce(sums, group=group)
         loss = torch.where(labelled, top + sums[:, 0].log() - sums[:, 1], 0.0)
         ctx.save_for_backward(exp / sums[:, :1], target, labelled)

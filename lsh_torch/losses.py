@@ -79,7 +79,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         target = mask.to(corrected.dtype) / count.clamp_min(1).to(corrected.dtype).unsqueeze(1)
         target, shift = smoothed_target(target, log_weights, label_smoothing)
         log_probs = torch.log_softmax(corrected, dim=1)
-        loss = torch.where(count > 0, shift - (target * log_probs).sum(1), 0.0)
+        scored = torch.where(target > 0, target * log_probs, 0.0)  # an entry of weight 0 (log_weight -inf): 0
+        loss = torch.where(count > 0, shift - scored.sum(1), 0.0)
     else:  # -log p of each distinct label, averaged: gathered, no [rows, A] target (log_softmax's fused
         # kernels: 2-2.6x faster forward and backward than logsumexp's at [1,024, 2,048] and [128, 8,191])
         column = column.sort(1).values  # a label given twice in a row counts once, as one output
@@ -143,8 +144,8 @@ def smoothed_target(target: Tensor, log_weights: Optional[Tensor], label_smoothi
     logits themselves, not the corrected ones (``label_smoothing * sum(w * log_weights) / sum(w)``).
     ``all_reduce`` sums the per-row sums over the shards of a sharded output."""
     weights = torch.ones_like(target) if log_weights is None else log_weights.to(target.dtype).exp()
-    sums = torch.stack([weights.sum(1), (weights * log_weights).sum(1) if log_weights is not None
-                        else torch.zeros_like(target[:, 0])], 1)
+    sums = torch.stack([weights.sum(1), (weights * log_weights.masked_fill(weights == 0, 0)).sum(1)  # 0 * -inf: 0
+                        if log_weights is not None else torch.zeros_like(target[:, 0])], 1)
     if all_reduce is not None:
         all_reduce(sums)
     spread = weights / sums[:, :1]

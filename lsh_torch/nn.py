@@ -555,10 +555,10 @@ class LSHLinear(nn.Module):
         break per layer and training forward (the schedule branches on a Python step counter, which
         would otherwise recompile every step, and a rebuild reads every weight row); the lookup
         carries no gradient, so the differentiable part around it is compiled in full."""
-        if torch.compiler.is_exporting():  # a graph would freeze one step: no counter, no rebuilds, one seed
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():  # a graph would freeze one step
             raise RuntimeError(
-                f"{self.__class__.__name__}(out_features={self.out_features}): torch.export of a training forward is "
-                "not supported: each training step advances a step counter, reseeds its draws and rebuilds the hash "
+                f"{self.__class__.__name__}(out_features={self.out_features}): torch.export (or torch.jit.trace) of a "
+                "training forward is not supported: each training step advances a step counter, reseeds its draws and rebuilds the hash "
                 "tables on a schedule, Python state that an exported graph would freeze at one step. Export the "
                 "model in eval() mode (its lookup is a function of the input and the tables), and train eagerly or "
                 "under torch.compile.")
@@ -605,8 +605,9 @@ class LSHLinear(nn.Module):
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
              budget: Optional[int] = None, norm_rows: Optional[int] = None,
-             min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
-        """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first.
+             min_recall: float = TOPK_MIN_RECALL) -> torch.return_types.topk:
+        """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first:
+        ``(values, indices)``, a named tuple like :func:`torch.topk`'s.
 
         ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
         ``exact=False``: the best ``k`` by exact score among two sets of candidates per row, from an
@@ -659,14 +660,14 @@ class LSHLinear(nn.Module):
             budget = self.topk_budget if budget is None else budget
             budget = check_int("budget", budget, 1, self.out_features)
             k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
-                          f"out_features)", k, 1, budget)
+                          f"out_features)", k, 0, budget)
             probes = self.inference_probes if probes is None else probes
             probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
             norm_rows = self.topk_norm_rows if norm_rows is None else norm_rows
             norm_rows = check_int("norm_rows", norm_rows, 0, self.out_features)
             exact = max(budget, norm_rows) == self.out_features and self.tables.selection != "random"
-        if exact:  # also the approximation's answer when its candidates are every output
-            k = check_int("k", k, 1, self.out_features)
+        if exact or k == 0:  # also the approximation's answer when its candidates are every output
+            k = check_int("k", k, 0, self.out_features)
             values, indices = exact_topk(x, weight, bias, k)
         elif self.tables.selection == "random":
             active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed)[0]
@@ -676,7 +677,7 @@ class LSHLinear(nn.Module):
             index = self._topk_index_of(self.weight, self.bias)
             values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall)
         shape = (*input.shape[:-1], k)
-        return values.reshape(shape), indices.reshape(shape)
+        return torch.return_types.topk((values.reshape(shape), indices.reshape(shape)))
 
     @torch.compiler.disable
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:

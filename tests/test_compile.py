@@ -164,9 +164,20 @@ def test_export_of_a_training_forward_says_why_not(sparse):
             return forward(self.net, x, y)
 
     steps = model.hidden.step
-    with pytest.raises(RuntimeError, match=r"torch.export of a training forward is not supported.*eval\(\) mode"):
+    with pytest.raises(RuntimeError, match=r"torch.export \(or torch.jit.trace\) of a training forward is not supported.*eval\(\) mode"):
         torch.export.export(Wrapped(), (x, y))
     assert model.hidden.step == steps  # refused before the step was counted
+
+
+def test_jit_trace_of_a_training_forward_is_refused():
+    """torch.jit.trace froze one step silently: no step counted, one seed, no rebuilds."""
+    layer = LSHLinear(16, 200, active=20)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace\) of a training forward is not supported"):
+        torch.jit.trace(layer, torch.randn(4, 16))
+    assert layer.step == 0
+    traced = torch.jit.trace(layer.eval(), torch.randn(4, 16))  # eval: a function of the input and the tables
+    x = torch.randn(4, 16)
+    assert torch.equal(traced(x), layer(x))
 
 
 @pytest.mark.parametrize("exact", [True, False])

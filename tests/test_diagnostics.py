@@ -129,6 +129,23 @@ def test_hook_probes_every_n_training_steps_and_marks_rebuilds():
     assert len(monitor.history) == 3
 
 
+def test_a_monitored_compiled_layer_probes_like_eager_and_does_not_recompile():
+    """Under torch.compile a probe's step check and measured floats became guards: the caller
+    recompiled at every probe (8 recompilations in 14 steps in a review's run; 16 graphs in this one)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = (torch.manual_seed(0) and LSHLinear(16, 100, active=10, seed=0) for _ in range(2))
+    monitors = [RecallMonitor(layer, every=3).attach() for layer in (eager, compiled)]
+    run = torch.compile(compiled, backend="eager")
+    for step in range(10):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        eager(x)
+        run(x)
+    assert monitors[1].history == monitors[0].history and len(monitors[0].history) == 3
+    assert counters["stats"]["unique_graphs"] <= 4  # the layer's (two, around its lookup) and the hook's call
+
+
 def test_manual_probe_and_manual_rebuild_detected():
     layer = LSHLinear(16, 100, active=10, rebuild=None)
     monitor = RecallMonitor(layer, every=2)

@@ -1,4 +1,6 @@
 """The large-output path: forward_sparse, sparse_cross_entropy, top-k, shared mode, random selection."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 
 import reference as ref
 import lsh_torch
-from lsh_torch import LSHLinear, hashing, ops, sparse_cross_entropy
+from lsh_torch import LSHLinear, SparseOutput, hashing, ops, sparse_cross_entropy
 from lsh_torch.distributed import _shard_kwargs
 from lsh_torch.nn import TOPK_BUDGET, topk_budget
 
@@ -456,3 +458,15 @@ def test_the_loss_under_autocast_is_float32_like_cross_entropy(dtype):
     # outside autocast: the values' dtype, as F.cross_entropy's
     half = LSHLinear(8, 64, active=64, dtype=dtype)
     assert sparse_cross_entropy(half.forward_sparse(x.to(dtype), labels), labels).dtype == dtype
+
+
+def test_label_smoothing_takes_entries_that_stand_for_no_output():
+    """A log_weight of -inf (an entry standing for no outputs, e.g. padding of a hand-built SparseOutput)
+    made the smoothed loss NaN (0 * -inf); without smoothing it was the loss without that entry."""
+    values, indices = torch.randn(2, 4, dtype=torch.float64), torch.arange(4)
+    log_weights, y = torch.tensor([0.0, 0.0, 0.0, -math.inf], dtype=torch.float64), torch.tensor([0, 1])
+    for smoothing in (0.0, 0.1):
+        padded = sparse_cross_entropy(SparseOutput(values, indices, log_weights), y, label_smoothing=smoothing)
+        kept = sparse_cross_entropy(SparseOutput(values[:, :3], indices[:3], log_weights[:3]), y,
+                                    label_smoothing=smoothing)
+        torch.testing.assert_close(padded, kept)

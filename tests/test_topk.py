@@ -354,3 +354,14 @@ def test_index_memory_is_what_the_docstring_says():
     weight = torch.randn(5000, 8)
     index = TopkIndex(weight, 10, 6, seed=0)
     assert index.nbytes() == 4 * 10 * 5000 + 4 * 10 * (2 ** 6 + 1) + 12 * 5000 + 4 * 9 * 60
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_topk_returns_torch_topks_named_tuple_and_takes_k_zero(exact):
+    """A plain tuple had no .values / .indices, and k=0 (which torch.topk takes) was refused."""
+    torch.manual_seed(0)
+    layer, x = LSHLinear(16, 3000), torch.randn(5, 16)
+    got = layer.topk(x, 4, exact=exact)
+    assert isinstance(got, torch.return_types.topk) and got.values.shape == got.indices.shape == (5, 4)
+    empty = layer.topk(x, 0, exact=exact)
+    assert empty.values.shape == empty.indices.shape == (5, 0) and empty.indices.dtype == torch.int64
