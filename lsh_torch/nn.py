@@ -266,15 +266,18 @@ class LSHLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "LSHLinear":
-        """An LSHLinear with a copy of ``linear``'s weight and bias; ``kwargs`` are the hashing options."""
+        """An LSHLinear with a copy of ``linear``'s weight and bias (and their ``requires_grad``), on
+        its device and dtype unless ``device=`` / ``dtype=`` say otherwise; the other ``kwargs`` are
+        the hashing options."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype, **kwargs}
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            for name in ("weight", "bias"):
+                if getattr(linear, name) is not None:
+                    getattr(layer, name).copy_(getattr(linear, name))
+                    getattr(layer, name).requires_grad_(getattr(linear, name).requires_grad)
         layer._mark_stale()
         return layer
 
@@ -682,6 +685,10 @@ class LSHLinear(nn.Module):
     @torch.compiler.disable
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
+        if torch.compiler.is_exporting():  # non-strict export runs this with fake weights
+            raise RuntimeError("LSHLinear.topk(exact=False) cannot be exported: its index is built, checked and "
+                               "consulted eagerly, outside any graph. Export topk(exact=True), or call topk eagerly "
+                               "(torch.compile without fullgraph runs the index eagerly).")
         index = self._topk_index
         if not self._topk_index_describes(weight, bias):
             _check_not_meta(weight)

@@ -88,6 +88,7 @@ def as_schedule(rebuild) -> RebuildSchedule | None:
     if isinstance(rebuild, bool):
         raise TypeError("rebuild must be a schedule, a callable, an int period or None, got a bool")
     if isinstance(rebuild, numbers.Integral):  # numpy ints too
+        check_int("rebuild (a period in steps)", rebuild, 1, 2 ** 62)
         return ConstantSchedule(rebuild)
     if callable(rebuild):
         return rebuild

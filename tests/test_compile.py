@@ -169,6 +169,23 @@ def test_export_of_a_training_forward_says_why_not(sparse):
     assert model.hidden.step == steps  # refused before the step was counted
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_exporting_approximate_topk_is_refused_clearly(strict):
+    """Non-strict export read a FakeTensor's data pointer ("Cannot access data pointer of Tensor")."""
+    layer, x = LSHLinear(16, 2000, seed=3).eval(), torch.randn(4, 16)
+    layer.topk(x, 5)  # the index built eagerly
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer.topk(x, 5)
+    with pytest.raises(Exception, match="cannot be exported" if not strict else "disable"):
+        torch.export.export(Top(), (x,), strict=strict)
+
+
 def test_jit_trace_of_a_training_forward_is_refused():
     """torch.jit.trace froze one step silently: no step counted, one seed, no rebuilds."""
     layer = LSHLinear(16, 200, active=20)

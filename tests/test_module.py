@@ -387,6 +387,12 @@ def test_from_linear():
     assert torch.equal(layer.eval()(x), linear(x))
     with pytest.raises(TypeError, match="linear"):
         LSHLinear.from_linear(nn.Conv1d(1, 1, 1))
+    # dtype= was passed twice ("got multiple values"); a frozen layer's copy required grad
+    double = LSHLinear.from_linear(linear.requires_grad_(False), dtype=torch.float64)
+    assert double.weight.dtype == torch.float64 and torch.equal(double.weight, linear.weight.double())
+    assert not double.weight.requires_grad and not double.bias.requires_grad
+    with pytest.raises(ValueError, match=r"rebuild \(a period in steps\) must be"):
+        LSHLinear(16, 100, rebuild=0)
 
 
 def test_to_keeps_the_hashing():
