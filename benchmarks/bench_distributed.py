@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -180,9 +179,7 @@ def main(argv=None) -> None:
           "noisy: shared machine)")
     result["step_times"] = layouts
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        cli.write_json(args.json, result)
         print(f"json: {args.json}")
 
 

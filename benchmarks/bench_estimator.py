@@ -77,6 +77,7 @@ import transformer_lm as tl  # noqa: E402
 
 import lsh_torch  # noqa: E402
 
+LM_VOCAB = 50_000  # the LM's words, <unk> aside: its head has 50,001 outputs
 BEFORE = dict(num_tables=20, bits=12, probes=2, asymmetric=True, tail=0, rescore=1)
 
 
@@ -363,13 +364,15 @@ def main(argv=None) -> None:
     steps = args.steps or (100 if args.quick else 300)
     eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
     budgets = args.budgets
-    os.makedirs(RESULTS, exist_ok=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # now, not after the runs
     result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm": [], "xmc": {}}
 
+    def save() -> None:  # after each part's runs, before its tables and plots: a failing plot loses no run
+        if args.json:
+            cli.write_json(args.json, result)
+            print(f"json: {args.json}")
+
     if "lm" not in args.skip:
-        data = tl.load_corpus(50_000, 0.05, False)
+        data = tl.load_corpus(LM_VOCAB, 0.05, False)
         windows = held_out_windows(data[1], args.curve_windows, 64) if eval_every > 0 else None
         result["lm_curve"] = {"eval_every": eval_every, "windows": args.curve_windows, "context": 64}
 
@@ -380,6 +383,7 @@ def main(argv=None) -> None:
             for run in lm_runs(data, specs, seed, steps, windows, eval_every):
                 result["lm"].append(run)
                 print({k: v for k, v in run.items() if k != "curve"}, flush=True)
+        save()
         print(f"\nLM example, {steps} steps, seeds {seeds} (mean ± std over seeds; one seed where no ±)")
         print("| head | budget | held-out ppl | accuracy % | ms/step | vs dense |")
         print("|---|---|---:|---:|---:|---:|")
@@ -420,11 +424,8 @@ def main(argv=None) -> None:
                 epochs, run_length = epochs + [flag, str(value)], f"{run_length}_{tag}{value}"
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs,
                                                 reuse=args.xmc_reuse) for seed in seeds}
+        save()
         print_xmc(result["xmc"], args.xmc_plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"json: {args.json}")
 
 
 def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -> None:
@@ -472,7 +473,7 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
             panels.append((f"{mode} {budget}", {"hashed+tail − uniform+tail": [
                 list(zip(grid, curve_at(h, grid, log=True) - curve_at(u, grid, log=True))) for h, u in pairs]}))
     if panels:
-        plot_seed_curves(panels, plot.replace(".png", "_paired.png"),
+        plot_seed_curves(panels, beside(plot, "_paired"),
                          "perplexity difference at equal time (seeds' range)", band="range", xlog=False, reference=0.0)
 
 
@@ -547,11 +548,18 @@ def print_xmc(xmc: dict, plot: str = os.path.join(RESULTS, "estimator_xmc.png"))
         print_equal_time(rows, "lsh", "random", digits=2)
     if plot:
         for column, path, ylabel in ((3, plot, "P@1 (eval subset)"),
-                                     (4, plot.replace(".png", "_loss.png"), "held-out loss, full softmax (eval subset)")):
+                                     (4, beside(plot, "_loss"), "held-out loss, full softmax (eval subset)")):
             curves = {name: [xmc_curve(r, column) for r in rs] for name, rs in runs.items()}
             curves = {name: cs for name, cs in curves.items() if None not in cs}
             if len(curves) > 1:  # a comparison: not dense alone (sparse runs recorded before the loss)
                 plot_seed_curves([("", curves)], path, ylabel, band="range")
+
+
+def beside(path: str, tag: str) -> str:
+    """``path`` with ``tag`` before its suffix (``lm.svg`` -> ``lm_paired.svg``): replacing ".png" left an
+    .svg or .pdf path as it was, and its second plot overwrote the first."""
+    stem, suffix = os.path.splitext(path)
+    return stem + tag + suffix
 
 
 def xmc_curve(run: dict, column: int) -> list | None:
@@ -651,7 +659,7 @@ def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(cli.with_folder(path), dpi=120)
     plt.close(fig)
     print(f"plot: {path}")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -288,9 +287,7 @@ def main(argv=None) -> int:
     print()
     print_table(results)
     out = args.out or os.path.join(RESULTS, "gpu_quick.json" if args.quick else "gpu.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    cli.write_json(out, {"meta": meta, "results": results})
     print(f"\nwrote {out}")
     return 0
 

@@ -127,13 +127,11 @@ def main(argv=None) -> None:
 
     if not args.json:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     meta = {"batch": args.batch, "in_features": args.in_features, "budget": args.budget, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "min_run_time_s": args.min_run_time,
             "quick": args.quick, "load_average_1min": os.getloadavg()[0]}
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    cli.write_json(args.json, {"meta": meta, "results": rows}, indent=2)
     print(f"\nwrote {args.json}")
 
 

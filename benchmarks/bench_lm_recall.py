@@ -19,7 +19,6 @@ set's outputs), medians of 5.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -115,9 +114,8 @@ def main(argv=None) -> None:
                      "recall": recall, "mass": mass, "query_ms": ms})
         print(f"{str(layer.tables.hash):>18} {bits:>3} {tables:>3} {probes:>6} {recall:>7.3f} {mass:>6.3f} "
               f"{ms:>9.0f}", flush=True)
-    with open(args.json, "w") as f:
-        json.dump({"k": args.k, "pool": args.pool, "tokens": h.shape[0], "exact_mass": exact_mass, "rows": rows}, f,
-                  indent=1)
+    cli.write_json(args.json, {"k": args.k, "pool": args.pool, "tokens": h.shape[0], "exact_mass": exact_mass,
+                               "rows": rows})
     print(f"json: {args.json}")
 
 
@@ -151,9 +149,8 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
     order = torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(0))
     random_mass = probs[:, torch.cat([distinct, rest[order[:len(head_set) - distinct.numel()]]])].sum(1).mean().item()
     print(f"labels + as many uniformly random words: {random_mass:.3f}")
-    with open(path, "w") as f:
-        json.dump({"tokens": h.shape[0], "active": active, "pool": pool, "default_rows": default_rows,
-                   "label_mass": label_mass, "random_mass": random_mass, "rows": rows}, f, indent=1)
+    cli.write_json(path, {"tokens": h.shape[0], "active": active, "pool": pool, "default_rows": default_rows,
+                          "label_mass": label_mass, "random_mass": random_mass, "rows": rows})
     print(f"json: {path}")
 
 

@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -144,9 +143,7 @@ def main(argv=None) -> None:
     print("mean ± std over seeds; per step: outputs computed per training step; accuracy and loss on held-out points, "
           "every output computed")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+        cli.write_json(args.out, {"args": vars(args), "threads": torch.get_num_threads(), "results": results})
         print(f"json: {args.out}")
 
 

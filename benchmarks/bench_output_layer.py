@@ -345,12 +345,10 @@ def main(argv=None) -> None:
         for name, table in r.get("profile", {}).items():
             print(f"\nprofile, {r['out_features']:,} outputs, {name} (5 steps):\n{table}")
     out = args.out or os.path.join(RESULTS, "output_layer_quick.json" if args.quick else "output_layer.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # a bare file name has no dirname
-    with open(out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "lsh_torch": lsh_torch.__version__,
-                   "args": {k: v for k, v in vars(args).items() if not k.startswith("memory")}, "results": results},
-                  f, indent=1)
+    cli.write_json(out, {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "lsh_torch": lsh_torch.__version__,
+                         "args": {k: v for k, v in vars(args).items() if not k.startswith("memory")},
+                         "results": results})
     print(f"\njson: {out}")
 
 

@@ -349,7 +349,7 @@ def markdown_table(summary: dict, fracs: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(summary: dict, fracs: list[float], path: Path) -> None:
+def plot_accuracy(summary: dict, fracs: list[float], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -428,10 +428,10 @@ def replot(path: Path) -> int:
     summary = summarize(runs)
     stem = path.with_suffix("")
     table = markdown_table(summary, fracs)
-    with open(stem.with_suffix(".md"), "w") as fh:
+    with open(f"{stem}.md", "w") as fh:  # not with_suffix: a stem's own dots (paper.v2) are kept
         fh.write(f"Command: `{meta['command']}` ({meta['total_s'] / 60:.1f} min, {meta['threads']} thread(s), "
                  f"torch {meta['torch']})\n" + table)
-    plot_accuracy(summary, fracs, stem.with_suffix(".png"))
+    plot_accuracy(summary, fracs, f"{stem}.png")
     watched = [r for r in runs if "recall_history" in r]
     if watched:
         plot_recall(watched[0], stem.parent / (stem.name + "_recall.png"))
@@ -499,7 +499,6 @@ def main(argv=None) -> int:
     datasets, fracs, methods = args.datasets, args.fractions, args.methods
     epochs = args.epochs if isinstance(args.epochs, dict) else {d: args.epochs for d in datasets}
     stem = Path(args.out) if args.out else RESULTS / ("paper_quick" if args.quick else "paper")
-    stem.parent.mkdir(parents=True, exist_ok=True)
 
     jobs = [(ds, "dense", 1.0, s) for ds in datasets for s in range(args.seeds)]
     jobs += [(ds, m, f, s) for ds in datasets for s in range(args.seeds) for f in fracs for m in methods]
@@ -525,15 +524,15 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "python": platform.python_version(), "build": BUILD}
     table = markdown_table(summary, fracs)
-    with open(stem.with_suffix(".json"), "w") as fh:
-        json.dump({"meta": meta, "summary": {d: {k: {f: {kk: vv for kk, vv in c.items()}
-                                                     for f, c in v.items()} for k, v in rows.items()}
-                                             for d, rows in summary.items()},
-                   "runs": runs}, fh, indent=1)
-    with open(stem.with_suffix(".md"), "w") as fh:
+    # Not with_suffix: a stem's own dots (--out paper.v2) are kept.
+    cli.write_json(f"{stem}.json", {"meta": meta, "summary": {d: {k: {f: {kk: vv for kk, vv in c.items()}
+                                                                  for f, c in v.items()} for k, v in rows.items()}
+                                                          for d, rows in summary.items()},
+                                    "runs": runs})
+    with open(f"{stem}.md", "w") as fh:
         fh.write(f"Command: `{meta['command']}` ({total_s / 60:.1f} min, {meta['threads']} thread(s), "
                  f"torch {meta['torch']})\n" + table)
-    plot_accuracy(summary, fracs, stem.with_suffix(".png"))
+    plot_accuracy(summary, fracs, f"{stem}.png")
     if recall_run is not None:
         plot_recall(recall_run, stem.parent / (stem.name + "_recall.png"))
     print(table)

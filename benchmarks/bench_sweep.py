@@ -25,7 +25,6 @@ Writes benchmarks/results/sweep.json and sweep.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -282,8 +281,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    stem = Path(args.out) if args.out else RESULTS / ("sweep_quick" if args.quick else "sweep")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = args.out or str(RESULTS / ("sweep_quick" if args.quick else "sweep"))
     build = build_id()
     data = load_dataset("mnist", quick=args.quick)
     t0 = time.perf_counter()
@@ -296,9 +294,9 @@ def main(argv=None) -> int:
     md = tables_md(a, b, args) + ceiling_md(c, args)
     meta = {"command": cmd, "total_s": total, "args": vars(args), "torch": torch.__version__,
             "lsh_torch": lsh_torch.__version__, "threads": torch.get_num_threads(), "build": build}
-    with open(stem.with_suffix(".json"), "w") as fh:
-        json.dump({"meta": meta, "recall_grid": a, "accuracy": b, "ceiling": c}, fh, indent=1)
-    with open(stem.with_suffix(".md"), "w") as fh:
+    # The stem's own dots kept (Path.with_suffix made --out sweep.v2 write sweep.json).
+    cli.write_json(f"{stem}.json", {"meta": meta, "recall_grid": a, "accuracy": b, "ceiling": c})
+    with open(cli.with_folder(f"{stem}.md"), "w") as fh:
         fh.write(f"Command: `{cmd}` ({total / 60:.1f} min, {meta['threads']} thread(s), torch {meta['torch']})\n" + md)
     print(md)
     print(f"total {total / 60:.1f} min; wrote {stem}.json/.md")

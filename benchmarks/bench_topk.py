@@ -200,9 +200,7 @@ def main(argv=None) -> None:
           "the exact top k in the LSH top k; checked: the index's recall on the 64 queries topk checked it on, "
           f"answers: who answered after that (exact below min_recall={args.min_recall}); build s, index MB: topk's index")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+        cli.write_json(args.out, {"args": vars(args), "results": results})
         print(f"json: {args.out}")
 
 

@@ -7,6 +7,8 @@ least 1, got '0'``), instead of a traceback from deep in a run or a table of non
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import sys
@@ -95,6 +97,28 @@ def output_path(text: str) -> str:
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
     return text
+
+
+def with_folder(path: str) -> str:
+    """``path``, the folders on the way to it created: what :func:`output_path` promised, for every
+    file a script writes (a plot, a checkpoint, a table)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def write_json(path: str, obj, indent: int = 1) -> None:
+    """``obj`` as JSON to ``path`` (:func:`with_folder`), written whole to a file beside it that then
+    replaces it: a run stopped mid-write leaves the old file, not a cut one that a later run reads
+    back (bench_estimator.py reuses xmc.py's kept dense runs)."""
+    temporary = f"{with_folder(path)}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def results_path(text: str) -> str:

@@ -58,7 +58,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -406,7 +405,6 @@ def save_head(net: XMCNet, data: xmc_data.XMCData, path: str) -> None:
     net.eval()
     hidden = torch.cat([net.hidden(*to_device(batch, net.hidden_bias.device)[:3]).cpu()
                         for batch in data.batches(1024, shuffle=False)])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     out = net.out
     config = {"num_tables": out.tables.num_tables, "bits": out.tables.bits, "probes": out.tables.probes,
               "active": out.budget, "mode": out.mode, "asymmetric": out.tables.asymmetric,
@@ -414,7 +412,7 @@ def save_head(net: XMCNet, data: xmc_data.XMCData, path: str) -> None:
     # A DWTA family's bin size beside the config (torch.load's weights_only reads no hashing.DWTA): bench_topk
     # rebuilds it; without the family a --hash dwta head reloaded as srp.
     torch.save({"state_dict": {k: v.cpu() for k, v in out.state_dict().items()}, "config": config,
-                "hash_bin_size": getattr(out.tables.hash, "bin_size", None), "hidden": hidden}, path)
+                "hash_bin_size": getattr(out.tables.hash, "bin_size", None), "hidden": hidden}, cli.with_folder(path))
     print(f"saved the output layer and {len(hidden):,} test hidden vectors: {path}")
 
 
@@ -553,8 +551,7 @@ def plot(runs: list[Run], popular_p1: float, path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(cli.with_folder(path), dpi=120)
     plt.close(fig)
 
 
@@ -776,10 +773,8 @@ def main(argv=None) -> dict:
               "data": {"train": train_data.summary(), "test": test_data.summary()},
               "popular": popular, "summary": summary,
               "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}
-    if args.json and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    if args.json and rank == 0:  # whole or not at all: bench_estimator.py keeps and re-reads dense's runs
+        cli.write_json(args.json, result)
         print(f"json: {args.json}")
     if size > 1:
         dist.destroy_process_group()

@@ -261,8 +261,7 @@ def write_xmc(path: str, data: XMCData) -> None:
     ids, values = data.feature_ids.astype(str), data.feature_values.astype(np.float32).astype(str)
     pairs = np.char.add(np.char.add(ids, ":"), values) if len(ids) else np.zeros(0, dtype=str)
     labels = data.label_ids.astype(str)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(cli.with_folder(path), "w", encoding="utf-8") as f:
         f.write(f"{len(data)} {data.num_features} {data.num_labels}\n")
         fo, lo = data.feature_offsets, data.label_offsets
         for i in range(len(data)):

@@ -184,3 +184,40 @@ def test_lm_heads_take_sparse_gradients_and_lazy_adam_unless_a_variant_says_dens
         assert type(opt) is optimizer, variant
         be.tl.train_step(model, opt, tokens[:, :-1], tokens[:, 1:])
         assert model.head.weight.grad.is_sparse == sparse, variant
+
+
+def test_plots_keep_their_suffix_and_create_their_folder(tmp_path):
+    """With .svg (or .pdf), replacing ".png" left the path as it was: the second plot overwrote the first;
+    and a plot in a folder that did not exist failed after the runs."""
+    pytest.importorskip("matplotlib")
+
+    def xmc_run(kind, seed):
+        curve = [[t, 0, 0.0, 0.01 * t + 0.01 * seed, 10 - 0.01 * t] for t in range(11)]
+        return {"kind": kind, "name": kind, "mode": "shared", "budget": 2048, "curve": curve, "train_seconds": 10,
+                "final": {"P@1": 0.1, "P@3": 0.1, "P@5": 0.1, "loss": 9.9}}
+
+    xmc = {"seeds": {s: {"runs": [xmc_run("lsh", s), xmc_run("random", s)]} for s in range(2)}, "dense": {}}
+    be.print_xmc(xmc, plot=str(tmp_path / "xmc" / "p1.svg"))
+    assert sorted(os.listdir(tmp_path / "xmc")) == ["p1.svg", "p1_loss.svg"]
+
+    def lm_run(variant, seed):
+        return {"variant": variant, "mode": "shared", "budget": 2048, "seed": seed,
+                "curve": [[float(t), t, 1000.0 / (t + 1) + seed] for t in range(0, 50, 10)]}
+
+    lm = [lm_run(v, s) for v in ("hashed+tail", "uniform+tail") for s in range(2)]
+    be.print_lm_curves(lm, [("shared", 2048)], torch.zeros(2, 65, dtype=torch.long), str(tmp_path / "lm" / "c.pdf"))
+    assert sorted(os.listdir(tmp_path / "lm")) == ["c.pdf", "c_paired.pdf"]
+
+
+def test_json_is_written_before_the_tables_and_plots(tmp_path, monkeypatch):
+    """The JSON came after the tables and plots: one that failed lost the runs."""
+    monkeypatch.setattr(be, "xmc_run", lambda seed, runs, stem, demo_args, reuse=False: {"runs": [], "seed": seed})
+
+    def print_xmc(xmc, plot):
+        raise RuntimeError("a plot failed")
+
+    monkeypatch.setattr(be, "print_xmc", print_xmc)
+    path = tmp_path / "new" / "estimator.json"
+    with pytest.raises(RuntimeError, match="a plot failed"):
+        be.main(["--skip", "lm", "--no-dense", "--seeds", "0", "--json", str(path)])
+    assert be.json.loads(path.read_text())["xmc"]["seeds"] == {"0": {"runs": [], "seed": 0}}

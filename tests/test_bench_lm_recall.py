@@ -18,7 +18,7 @@ def test_shared_rows_table(tmp_path, capsys, active):
     h, labels = torch.randn(64, 16), torch.randint(0, 40, (64,))
     with torch.no_grad():
         probs = head(h).softmax(1)
-    path = str(tmp_path / "rows.json")
+    path = str(tmp_path / "new" / "rows.json")  # its folder is created
     blr.shared_rows(head, h, labels, probs, active, path)
     with open(path) as f:
         result = json.load(f)

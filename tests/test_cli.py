@@ -98,6 +98,17 @@ def test_given_tells_the_options_a_command_line_sets():
     assert cli.given(p, ["--steps=1", "--size", "2"], ["size", "steps"]) == ["size", "steps"]
 
 
+def test_write_json_creates_folders_and_replaces_whole(tmp_path):
+    path = tmp_path / "new" / "deeper" / "x.json"  # output_path promised these folders
+    cli.write_json(str(path), {"a": 1})
+    assert path.read_text() == '{\n "a": 1\n}'
+    with pytest.raises(TypeError):  # fails mid-write: the old file stays whole, no temporary file is left
+        cli.write_json(str(path), {"a": 2, "b": object()})
+    assert path.read_text() == '{\n "a": 1\n}' and os.listdir(path.parent) == ["x.json"]
+    assert cli.with_folder(str(tmp_path / "other" / "y.png")) == str(tmp_path / "other" / "y.png")
+    assert (tmp_path / "other").is_dir()
+
+
 # ---------------------------------------------------------------------------------------------
 # The scripts
 
