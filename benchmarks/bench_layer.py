@@ -10,15 +10,18 @@ For each width N it times, with the same input x [B, in] (requiring grad) and th
   sparse_linear        lsh_torch.ops.sparse_linear on a precomputed active set [B, A], backward
                        (dense and row-sparse weight gradients)
   query                the LSH lookup alone (hash the batch, probe the tables): active [B, A]
-  rebuild              re-hash all N weight rows into the tables (amortized over many steps)
+  rebuild              re-hash all N weight rows into the tables (amortized over many steps;
+                       benchmarks/timing.py's full_rebuild_time, the median of 3)
 Medians from torch.utils.benchmark (num_threads = torch.get_num_threads()); ratios are
 time / time(nn.Linear) measured in the same run. No rebuilds happen inside the timed steps.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
+
+import argparse
 import platform
 import sys
 
@@ -28,6 +31,7 @@ from torch import nn
 
 import lsh_torch
 from lsh_torch import ops
+from timing import full_rebuild_time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import cli  # noqa: E402
@@ -74,9 +78,10 @@ def bench_width(n: int, batch: int, d: int, budget: int, device, min_run_time: f
         "sparse_linear sparse_grad": step(linear, lambda: ops.sparse_linear(x, linear.weight, linear.bias, active,
                                                                             sparse_grad=True), g_active),
         "query": lambda: lsh.active_set(x.detach()),
-        "rebuild": lsh.rebuild,
     }
     times = {name: _median(fn, device, min_run_time) for name, fn in cases.items()}
+    # Every row re-hashed: lsh.rebuild() re-hashes only rows whose weights moved, and here none do.
+    times["rebuild"] = full_rebuild_time(lsh, sync=lambda: _sync(device))
     base = times["nn.Linear"]
     return {"out_features": n, "times_s": times, "ratio_vs_linear": {k: v / base for k, v in times.items()}}
 

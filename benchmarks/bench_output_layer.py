@@ -231,11 +231,12 @@ def bench_size(n: int, args) -> dict:
         if rep + 1 >= args.min_repeats and time.perf_counter() > deadline:
             break
     med = {name: statistics.median(t) for name, t in times.items()}
-    lsh = cases["lsh shared"].layer
-    full_s = full_rebuild_time(lsh)
-    rebuild_s, rehashed = {}, {}
-    for mode in ("shared", "per_row"):
+    full_s, rebuild_s, rehashed, settings = {}, {}, {}, {}
+    for mode in ("shared", "per_row"):  # each layer with its own settings (per_row has more tables)
         case = cases[f"lsh {mode}"]
+        tables = case.layer.tables
+        settings[mode] = {"bits": tables.bits, "tables": tables.num_tables, "probes": tables.probes}
+        full_s[mode] = full_rebuild_time(case.layer)
         inputs = case.h, case.labels
 
         def new_batch(seed, case=case):  # new batches, as in training: each step moves other rows
@@ -251,7 +252,7 @@ def bench_size(n: int, args) -> dict:
         "rows_rehashed": rehashed,
         "lsh_shared_plus_rebuild_s": med["lsh shared"] + rebuild_s["shared"] / REBUILD_PERIOD,
         "lsh_per_row_plus_rebuild_s": med["lsh per_row"] + rebuild_s["per_row"] / REBUILD_PERIOD,
-        "bits": lsh.tables.bits, "tables": lsh.tables.num_tables, "probes": lsh.tables.probes,
+        "settings": settings,
     }
     if args.profile:
         result["profile"] = {name: profile_case(name, cases[name]) for name in ("lsh shared", "lsh per_row", "sampled")}
@@ -279,11 +280,11 @@ def print_table(results: list[dict], args) -> None:
             t = r[f"lsh_{mode}_plus_rebuild_s"]
             print(f"{n:>9,}  {'lsh ' + mode + ' + rebuild':<22}{1e3 * t:>10.1f}{r['median_s']['dense'] / t:>9.1f}"
                   f"{t / r['median_s']['sampled']:>10.2f}")
-        inc, rows = r["incremental_rebuild_s"], r["rows_rehashed"]
-        print(f"{'':>9}  rebuild (K={r['bits']}, L={r['tables']}, P={r['probes']}): full {1e3 * r['full_rebuild_s']:.0f} ms; "
-              f"every {r['rebuild_period']} steps (default) re-hashing the rows moved since: shared "
-              f"{1e3 * inc['shared']:.0f} ms ({rows['shared']:,.0f} rows), per_row {1e3 * inc['per_row']:.0f} ms "
-              f"({rows['per_row']:,.0f} rows)")
+        for mode, s in r["settings"].items():
+            print(f"{'':>9}  rebuild, {mode} (K={s['bits']}, L={s['tables']}, P={s['probes']}): full "
+                  f"{1e3 * r['full_rebuild_s'][mode]:.0f} ms; every {r['rebuild_period']} steps (default) re-hashing "
+                  f"the rows moved since: {1e3 * r['incremental_rebuild_s'][mode]:.0f} ms "
+                  f"({r['rows_rehashed'][mode]:,.0f} rows)")
     print("dense/x: how many times faster than the dense step; x/sampled: time relative to the random-candidate "
           "sampled softmax; peak MB: peak RSS growth over the steps in a fresh process; n: timed steps")
 
