@@ -6,8 +6,8 @@ LM example's 50K-word head, by table settings, after rescoring a pool of hashed 
 
 For each (K, L, probes): the recall of the exact top ``--k`` logits of 1,024 held-out tokens by
 the best ``--k`` of a pool of ``--pool`` hashed candidates scored exactly (what
-``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time. This is
-the measurement behind ``auto_settings`` (docs/estimator.md).
+``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time (median
+of 5 after a warm-up). This is the measurement behind ``auto_settings`` (docs/estimator.md).
 
 ``--shared``: instead, the batch-shared set of the output layer (``--active``, default 2,048 words
 for the 1,024 tokens: their labels, the rescored top set, the corrected tail) with its top set
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 import cli  # noqa: E402
 import transformer_lm as tl  # noqa: E402
+from timing import median_time  # noqa: E402
 
 import lsh_torch  # noqa: E402
 from lsh_torch.diagnostics import topk_recall  # noqa: E402
@@ -104,9 +105,8 @@ def main(argv=None) -> None:
             print(f"{family:>18} {bits:>3} {tables:>3} {probes:>6}  skipped: {e}")
             continue
         layer.rebuild()
-        start = time.perf_counter()
         pool, _ = layer.tables.query(h, args.pool, None, 0)
-        ms = 1000 * (time.perf_counter() - start)
+        ms = 1000 * median_time(lambda: layer.tables.query(h, args.pool, None, 0), 5)
         chosen = pool.gather(1, logits.gather(1, pool).topk(args.k, dim=1).indices)
         recall = topk_recall(chosen, logits, args.k)["recall"]
         mass = probs.gather(1, chosen).sum(1).mean().item()

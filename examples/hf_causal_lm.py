@@ -53,8 +53,9 @@ def held_out_loss(model, tokens: torch.Tensor, context: int, max_tokens: int, ba
     return total / count
 
 
-def train_for(model, data, test, args, name: str) -> list[tuple[float, int, float]]:
-    """Train for ``args.seconds`` of wall time; (seconds, steps, held-out loss) at each evaluation."""
+def train_for(model, data, test, args, name: str) -> tuple[list[tuple[float, int, float]], float]:
+    """Train for ``args.seconds`` of wall time: (seconds, steps, held-out loss) at each of the
+    ``args.evals`` marks, and the training seconds measured (evaluation excluded)."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     marks = [args.seconds * (i + 1) / args.evals for i in range(args.evals)]
     points = [(0.0, 0, held_out_loss(model, test, args.context, args.eval_tokens))]
@@ -69,14 +70,17 @@ def train_for(model, data, test, args, name: str) -> list[tuple[float, int, floa
         opt.step()
         clock += time.perf_counter() - start
         steps += 1
-        if clock >= marks[0]:  # points are reported at the nominal marks; the overshoot is under one step
-            marks.pop(0)
-            points.append((args.seconds - len(marks) * args.seconds / args.evals, steps,
-                           held_out_loss(model, test, args.context, args.eval_tokens)))
+        # Points at the nominal marks (the overshoot: under one step); a step longer than the time
+        # between marks passes several, each given this evaluation, so both models have every mark.
+        passed = [mark for mark in marks if clock >= mark]
+        if passed:
+            del marks[:len(passed)]
+            held_out = held_out_loss(model, test, args.context, args.eval_tokens)
+            points += [(mark, steps, held_out) for mark in passed]
             print(f"  {name}: {clock:6.1f} s, {steps:5d} steps, train loss {loss.item():.3f}, "
-                  f"held-out loss {points[-1][2]:.3f}", flush=True)
+                  f"held-out loss {held_out:.3f}", flush=True)
             if not marks:
-                return points
+                return points, clock
 
 
 def parse_args(argv=None):
@@ -129,9 +133,9 @@ def main(argv=None) -> None:
     print(f"model: GPT2LMHeadModel, {sum(p.numel() for p in plain.parameters()):,} parameters; patched head: "
           f"{described}; {torch.get_num_threads()} threads")
 
-    results = {}
+    results, seconds = {}, {}
     for name, model in (("unpatched", plain), ("patched", patched)):
-        results[name] = train_for(model, train_tokens, test_tokens, args, name)
+        results[name], seconds[name] = train_for(model, train_tokens, test_tokens, args, name)
 
     with tempfile.TemporaryDirectory() as path:  # the patched model ships as a plain GPT-2 checkpoint
         patched.save_pretrained(path)
@@ -146,10 +150,11 @@ def main(argv=None) -> None:
     print(f"{'train s':>8} | {'unpatched steps':>15} {'loss':>7} {'ppl':>8} | {'patched steps':>13} {'loss':>7} "
           f"{'ppl':>8}")
     for (t, s0, l0), (_, s1, l1) in zip(results["unpatched"], results["patched"]):
-        print(f"{t:8.0f} | {s0:15d} {l0:7.3f} {math.exp(l0):8.1f} | {s1:13d} {l1:7.3f} {math.exp(l1):8.1f}")
-    s0, s1 = results["unpatched"][-1][1], results["patched"][-1][1]
-    print(f"ms/step: unpatched {1000 * args.seconds / s0:.0f}, patched {1000 * args.seconds / s1:.0f} "
-          f"({s1 / s0:.1f}x the steps in the same time)")
+        print(f"{t:8.2f} | {s0:15d} {l0:7.3f} {math.exp(l0):8.1f} | {s1:13d} {l1:7.3f} {math.exp(l1):8.1f}")
+    # The measured training time: the last step overshoots --seconds, by more than it where steps are slow.
+    ms = {name: 1000 * seconds[name] / points[-1][1] for name, points in results.items()}
+    print(f"ms/step: unpatched {ms['unpatched']:.0f}, patched {ms['patched']:.0f} "
+          f"({ms['unpatched'] / ms['patched']:.1f}x the steps per second)")
 
 
 if __name__ == "__main__":
