@@ -74,6 +74,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import cli  # noqa: E402
 import transformer_lm as tl  # noqa: E402
+import xmc  # noqa: E402
 
 import lsh_torch  # noqa: E402
 
@@ -355,6 +356,20 @@ def parse_args(argv=None):
             setattr(args, name, os.path.join(RESULTS, default))
     if args.quick and (args.xmc_epochs or args.xmc_train_points):
         p.error("--xmc-epochs or --xmc-train-points with --quick: the XMC demo's --quick sets its own")
+    if args.seeds:
+        cli.distinct(p, "--seeds", args.seeds)
+    # What the layers would refuse, named now: not after the corpus's load, or after the LM part's hour.
+    for mode, budget in args.budgets:
+        try:
+            lsh_torch.LSHLinear(1, LM_VOCAB + 1, mode=mode, active=budget, device="meta")
+        except ValueError as error:
+            p.error(f"--budgets {mode}:{budget}: {error}")
+    demo = xmc.parse_args([])  # the demo's defaults; it caps the active outputs at the labels
+    active = min(args.xmc_active or demo.active, args.xmc_labels or demo.labels)
+    if args.xmc_tail is not None and args.xmc_tail > active:
+        p.error(f"--xmc-tail {args.xmc_tail}: above the XMC runs' {active} active outputs (--xmc-active)")
+    if args.eval_every == 0 and cli.given(p, argv, ["lm_plot"]) and args.lm_plot:
+        p.error("--lm-plot with --eval-every 0: no curves are recorded to plot")
     return args
 
 

@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--in-features", type=cli.integer(), default=128)
     p.add_argument("--out", type=cli.integer(), nargs="+", default=[4096, 65536, 262144], help="output widths N")
     p.add_argument("--budget", type=cli.integer(), default=128, help="active neurons per row (A)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (None: torch's choice)")
     p.add_argument("--min-run-time", type=cli.positive, default=1.0, help="seconds of timing per case")
     p.add_argument("--quick", action="store_true", help="short run: widths 4096 and 65536, 0.2 s per case")
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
 
     rows = []
     for n in args.out:

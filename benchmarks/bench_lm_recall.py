@@ -36,6 +36,9 @@ import lsh_torch  # noqa: E402
 from lsh_torch.diagnostics import topk_recall  # noqa: E402
 
 
+VOCAB = 50_000  # words of the LM's vocabulary, <unk> aside
+
+
 def hash_spec(text: str) -> str:
     """An item of --hash: srp, dwta or dwta:BIN_SIZE."""
     family, colon, bin_size = text.partition(":")
@@ -70,7 +73,16 @@ def parse_args(argv=None):
     p.add_argument("--json", type=cli.results_path, default=None,
                    help="default: results/lm_recall.json (lm_shared_rows.json with --shared)")
     args = p.parse_args(argv)
-    if args.k > args.pool and not args.shared:
+    # Each option belongs to one of the two tables: the other would ignore it.
+    ignored = cli.given(p, argv, ["k", "pool", "hash", "bits", "tables"] if args.shared else ["active"])
+    if ignored:
+        p.error(f"--{ignored[0]} {'is not used with' if args.shared else 'needs'} --shared")
+    if args.shared:
+        try:  # a size the shared layer refuses, named now rather than after the training
+            lsh_torch.LSHLinear(128, VOCAB + 1, mode="shared", active=args.active, device="meta")  # the LM's head
+        except ValueError as error:
+            p.error(f"--active {args.active}: {error}")
+    elif args.k > args.pool:
         p.error(f"--k {args.k} must be at most --pool {args.pool} (the top k is chosen from the pool)")
     args.json = args.json or os.path.join(HERE, "results", "lm_shared_rows.json" if args.shared else "lm_recall.json")
     return args
@@ -79,13 +91,17 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     families, settings = args.hash, args.tables
-    train, test, vocab = tl.load_corpus(50_000, 0.05, False)
+    train, test, vocab = tl.load_corpus(VOCAB, 0.05, False)
+    inputs, targets = next(tl.batches(test, 16, 64, 1, 1))
+    distinct = targets.unique().numel()
+    if args.shared and distinct > args.active:  # now, not after the training
+        cli.fail(f"--active {args.active}: the shared set holds the {distinct} distinct labels of the "
+                 f"{targets.numel()} held-out tokens; raise it")
     torch.manual_seed(0)
     model = tl.TransformerLM(len(vocab))
     tl.train(model, train, argparse.Namespace(batch_size=16, context=64, steps=args.steps, seed=0, lr=2e-3,
                                               no_progress=True), "dense")
     model.eval()
-    inputs, targets = next(tl.batches(test, 16, 64, 1, 1))
     with torch.no_grad():
         h = model.features(inputs).reshape(-1, model.head.in_features)
         logits = model.head(h)

@@ -113,7 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=cli.positive, default=1e-3)
     p.add_argument("--before", action="store_true", help="also the former defaults' sparse set (a quarter below 8,192 outputs, 2,048 from there)")
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "narrow.json"), help="'' for none")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.distinct(p, "--seeds", args.seeds)
+    return args
 
 
 def main(argv=None) -> None:

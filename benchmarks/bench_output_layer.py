@@ -320,6 +320,16 @@ def parse_args(argv=None):
     p.add_argument("--_memory-steps", dest="memory_steps", type=cli.integer(), default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, QUICK)
+    if args.dense_repeats > args.repeats:  # --repeats bounds every case's timed steps
+        if cli.given(p, argv, ["dense_repeats"]):
+            p.error(f"--dense-repeats {args.dense_repeats}: above --repeats {args.repeats}, which bounds every case")
+        args.dense_repeats = args.repeats  # the default's 7 under a smaller --repeats
+    # Every label of a batch is in its active set (and the timed rebuilds draw new batches): room for them all.
+    if args.active < args.batch * args.labels_per_row:
+        p.error(f"--active {args.active}: below the up to --batch x --labels-per-row = "
+                f"{args.batch * args.labels_per_row} distinct labels of a batch")
+    if args.active_per_row < args.labels_per_row:
+        p.error(f"--active-per-row {args.active_per_row}: below --labels-per-row {args.labels_per_row}")
     return args
 
 

@@ -275,6 +275,14 @@ def parse_args(argv=None):
                    help="output stem (default benchmarks/results/sweep[_quick])")
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, QUICK)
+    if round(args.active * args.hidden) < 1:
+        p.error(f"--active {args.active:g} of --hidden {args.hidden} rounds to 0 neurons: raise either")
+    unprobed = [k for k in args.K if not any(probes <= 2 ** k for probes in args.probes)]
+    if unprobed and not args.only_ceiling:  # a table of 2**K buckets: larger probe counts are left out of the grid
+        p.error(f"--probes {','.join(map(str, args.probes))}: none is at most 2**K for --K "
+                f"{','.join(map(str, unprobed))}, which would have no row in the recall grid")
+    if not (args.skip_accuracy or args.only_ceiling) and args.base_probes > 2 ** min(args.K):
+        p.error(f"--base-probes {args.base_probes}: above the 2**K = {2 ** min(args.K)} buckets of --K {min(args.K)}")
     return args
 
 

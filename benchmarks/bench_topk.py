@@ -34,7 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_output_layer.py
 
 import argparse
-import json
+import pickle
 import statistics
 import sys
 import time
@@ -143,9 +143,24 @@ def bench(n: int, args) -> list[dict]:
     return rows
 
 
-def bench_model(path: str, args) -> list[dict]:
+def load_head(path: str, args) -> dict:
+    """What ``examples/xmc.py --save-head`` saved, memory-mapped, checked against ``--k`` and
+    ``--norm-rows`` before the synthetic sizes run."""
+    try:
+        saved = torch.load(path, mmap=True)
+        n, count = saved["state_dict"]["weight"].shape[0], len(saved["hidden"])
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        cli.fail(f"--model {path}: cannot read a head saved by examples/xmc.py --save-head from it: {error}")
+    too_large = beyond(args, n)
+    if too_large:
+        cli.fail(f"{too_large} --model {path}")
+    if count < args.queries:
+        print(f"--model {path}: {count:,} saved hidden vectors, all measured (--queries {args.queries})")
+    return saved
+
+
+def bench_model(saved: dict, args) -> list[dict]:
     """The trained output layer and test hidden vectors that ``examples/xmc.py --save-head`` saved."""
-    saved = torch.load(path)
     n, d = saved["state_dict"]["weight"].shape
     config = dict(saved["config"])
     if saved.get("hash_bin_size"):  # a DWTA head's family, its bin size saved beside the config
@@ -158,7 +173,7 @@ def bench_model(path: str, args) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=cli.integers(), default="670091")
     p.add_argument("--hidden", type=cli.integer(), default=128)
     p.add_argument("--queries", type=cli.integer(), default=1024)
@@ -181,16 +196,33 @@ def parse_args(argv=None):
                    help="topk's min_recall: below it on the first 64 queries topk answers exactly (0: never)")
     p.add_argument("--repeats", type=cli.integer(), default=3)
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk.json"), help="'' for none")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    too_large = beyond(args, min(args.sizes))
+    if too_large:
+        p.error(f"{too_large} the smallest of --sizes")
+    low = [budget for budget in args.budgets if budget is not None and budget < args.k]
+    if low:
+        p.error(f"--budgets {low[0]}: below --k {args.k} (the top k is chosen from the budget's candidates)")
+    return args
+
+
+def beyond(args, n: int) -> str | None:
+    """The start of an error message if --k or a --norm-rows is above ``n`` outputs, else None."""
+    rows = max((rows for rows in args.norm_rows if rows is not None), default=0)
+    for option, value in (("--k", args.k), ("--norm-rows", rows)):
+        if value > n:
+            return f"{option} {value}: above the {n:,} outputs of"
+    return None
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    saved = load_head(args.model, args) if args.model else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.queries} queries, hidden {args.hidden}, "
           f"k={args.k}")
     results = [r for n in args.sizes for r in bench(n, args)]
-    if args.model:
-        results += bench_model(args.model, args)
+    if saved is not None:
+        results += bench_model(saved, args)
     head = (f"{'outputs':>9}  {'queries':<10}{'K':>3}{'L':>4}{'P':>4}{'A':>6}{'norm':>7}{'exact ms':>10}{'LSH ms':>9}"
             f"{'speedup':>9}{'recall@k':>10}{'top-1 found':>13}{'checked':>9}{'answers':>9}{'build s':>9}{'index MB':>10}")
     print(head)

@@ -3,6 +3,8 @@
 Each checks its value when the command line is parsed, so a bad value stops the script before any
 work with argparse's usual message, which names the option (``argument --steps: must be an int of at
 least 1, got '0'``), instead of a traceback from deep in a run or a table of nonsense after it.
+Beside them, the checks found after parsing (:func:`fail`, :func:`distinct`) and the writers of the
+files those options name (:func:`with_folder`, :func:`write_json`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import json
 import math
 import os
 import sys
+
+import torch
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -135,6 +139,18 @@ def output_dir(text: str) -> str:
     return text
 
 
+def device(text: str) -> torch.device:
+    """A ``torch.device``: refused now if torch cannot parse it, or it is CUDA where torch has none
+    (the run failed at its first tensor)."""
+    try:
+        value = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch.cuda.is_available() is False (torch {torch.__version__})")
+    return value
+
+
 def _check_folder(folder: str, text: str) -> None:
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -157,6 +173,13 @@ def apply_quick(parser: argparse.ArgumentParser, argv, args: argparse.Namespace,
 def fail(message: str) -> None:
     """Stop with argparse's kind of message (a bad file or option found after parsing), no traceback."""
     sys.exit(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}")
+
+
+def distinct(parser: argparse.ArgumentParser, option: str, values) -> None:
+    """Refuse a value given twice in ``option`` (``--seeds 0 0``: one run counted as two seeds)."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        parser.error(f"{option} gives {', '.join(map(str, repeated))} more than once")
 
 
 def given(parser: argparse.ArgumentParser, argv, dests) -> list[str]:

@@ -106,7 +106,8 @@ def load_corpus(vocab_size: int, held_out: float, progress: bool = True):
             train_words.append(words)
             counts.update(words)
     if len(counts) < vocab_size:
-        raise SystemExit(f"the training text has only {len(counts):,} distinct words; use --vocab {len(counts)} or less")
+        cli.fail(f"--vocab {vocab_size}: the training text has only {len(counts):,} distinct words; use --vocab "
+                 f"{len(counts)} or less")
     vocab = [UNK] + [w for w, _ in counts.most_common(vocab_size)]
     index = {w: i for i, w in enumerate(vocab)}
 

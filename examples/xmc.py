@@ -607,7 +607,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=cli.positive, default=0.25, help="evaluate every this many epochs")
     g.add_argument("--seed", type=cli.integer(0), default=0)
     g.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
-    g.add_argument("--device", default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", type=cli.device, default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("LSHLinear (lsh and random runs)")
     g.add_argument("--active", type=cli.integer(), default=2048,
                    help="active outputs per batch (shared mode); raised if a batch has more distinct labels")
@@ -663,12 +663,6 @@ def parse_args(argv=None):
     if "lsh" in kinds and args.epochs <= args.warmup_epochs:
         p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs:g}: the lsh runs would draw uniformly "
                 "throughout and never hash; lower --warmup-epochs or train longer")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
     return args
 
 

@@ -34,3 +34,13 @@ def test_shared_rows_table(tmp_path, capsys, active):
         assert masses[64] == pytest.approx(result["label_mass"])
     else:
         assert masses[64] > result["random_mass"]  # the rescored top set beats as many uniform words
+
+
+def test_shared_set_below_the_labels_is_refused_before_training(monkeypatch):
+    """--shared --active 100 failed in query_shared after the corpus and 150 training steps."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3000, (5000,), generator=gen)
+    monkeypatch.setattr(blr.tl, "load_corpus", lambda *args: (tokens, tokens, ["w"] * 3000))
+    monkeypatch.setattr(blr.tl, "train", lambda *args: pytest.fail("trained before checking --active"))
+    with pytest.raises(SystemExit, match="error: --active 100: the shared set holds the [0-9]+ distinct labels"):
+        blr.main(["--shared", "--active", "100"])

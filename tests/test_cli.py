@@ -17,7 +17,7 @@ import cli  # noqa: E402
 
 EXAMPLES = ["xmc", "hogwild_xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm", "xmc_data"]
 BENCHMARKS = ["bench_estimator", "bench_topk", "bench_layer", "bench_output_layer", "bench_lm_recall",
-              "bench_distributed", "bench_gpu", "bench_paper", "bench_sweep"]
+              "bench_distributed", "bench_gpu", "bench_paper", "bench_sweep", "bench_narrow"]
 
 
 def script(name: str):
@@ -109,6 +109,14 @@ def test_write_json_creates_folders_and_replaces_whole(tmp_path):
     assert (tmp_path / "other").is_dir()
 
 
+def test_distinct_refuses_a_repeated_value(capsys):
+    p = argparse.ArgumentParser()
+    cli.distinct(p, "--seeds", [0, 1, 2])
+    with pytest.raises(SystemExit):
+        cli.distinct(p, "--seeds", [0, 1, 0])
+    assert "--seeds gives 0 more than once" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The scripts
 
@@ -177,10 +185,31 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("bench_paper", ["--epochs", "mnist=2"], "--epochs"),  # digits and mnist1d have none
     ("bench_sweep", ["--K", "4,,6"], "--K"),
     ("bench_sweep", ["--active", "0"], "--active"),
-] + [(name, ["--threads", value], "--threads") for name in ("xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm",
-                                                              "bench_layer", "bench_output_layer", "bench_distributed",
-                                                              "bench_paper", "bench_sweep")
-     for value in ("0", "-1")]  # torch.set_num_threads raised a RuntimeError after the parse
+    # Refused before the run rather than a traceback deep in it (often after long work), or ignored silently.
+    ("bench_layer", ["--device", "foo"], "--device"),
+    ("bench_topk", ["--k", "10", "--sizes", "5"], "--k"),
+    ("bench_topk", ["--budgets", "3"], "--budgets"),  # below --k 5
+    ("bench_topk", ["--norm-rows", "700000"], "--norm-rows"),
+    ("bench_output_layer", ["--active", "100"], "--active"),  # a batch has up to 128 x 5 distinct labels
+    ("bench_output_layer", ["--active-per-row", "2"], "--active-per-row"),
+    ("bench_output_layer", ["--dense-repeats", "40"], "--dense-repeats"),  # --repeats 30 bounds it
+    ("bench_estimator", ["--budgets", "per_row:60000"], "--budgets"),  # the LM head has 50,001 outputs
+    ("bench_estimator", ["--xmc-tail", "5000"], "--xmc-tail"),  # of 2,048 active: failed after the LM part
+    ("bench_estimator", ["--eval-every", "0", "--lm-plot", "{dir}/lm.png"], "--lm-plot"),  # no curves to plot
+    ("bench_estimator", ["--seeds", "0", "0"], "--seeds"),
+    ("bench_narrow", ["--seeds", "0,0"], "--seeds"),
+    ("bench_sweep", ["--hidden", "10"], "--hidden"),  # 5% of 10 neurons: none active
+    ("bench_sweep", ["--K", "2", "--probes", "5,10"], "--probes"),  # a table of 4 buckets: an empty grid
+    ("bench_sweep", ["--K", "2", "--probes", "1"], "--base-probes"),
+    ("bench_lm_recall", ["--shared", "--active", "60000"], "--active"),
+    ("bench_lm_recall", ["--shared", "--k", "10"], "--k"),  # --shared's table has no top k, pool or tables
+    ("bench_lm_recall", ["--shared", "--tables", "20:2"], "--tables"),
+    ("bench_lm_recall", ["--active", "100"], "--active"),  # only the --shared table has a shared set
+] + ([] if torch.cuda.is_available() else [("bench_layer", ["--device", "cuda"], "--device")]) + [
+    (name, ["--threads", value], "--threads") for name in ("xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm",
+                                                           "bench_layer", "bench_output_layer", "bench_distributed",
+                                                           "bench_paper", "bench_sweep")
+    for value in ("0", "-1")]  # torch.set_num_threads raised a RuntimeError after the parse
 
 
 def refuses(module, argv, *names, capsys) -> str:
@@ -285,6 +314,20 @@ def test_hogwild_workers_honour_label_smoothing_weight_decay_and_uncorrected(mon
     finally:
         torch.set_num_threads(threads)  # a worker runs on one thread
     assert seen == {"weight_decay": 0.01, "loss": (True, 0.1)}
+
+
+def test_transformer_lm_vocab_above_the_corpus_is_an_error_naming_it(monkeypatch):
+    """--vocab 10000000 stopped after reading the corpus without argparse's "error:" or the option."""
+    tl = script("transformer_lm")
+    monkeypatch.setattr(tl, "stdlib_files", lambda: [tl.__file__])
+    with pytest.raises(SystemExit, match="error: --vocab 10000000: the training text has only"):
+        tl.load_corpus(10_000_000, 0.05, progress=False)
+
+
+def test_bench_topk_help_is_its_first_sentence(capsys):
+    with pytest.raises(SystemExit):
+        script("bench_topk").parse_args(["--help"])
+    assert "in speed and in recall of the exact top-k." in " ".join(capsys.readouterr().out.split())
 
 
 def test_mnist_refuses_a_layer_option_before_training(monkeypatch, capsys):
