@@ -1,7 +1,7 @@
 """A narrow softmax head with LSHLinear's defaults against nn.Linear: step time and accuracy.
 
     python benchmarks/bench_narrow.py --before             # 1,000 / 4,096 / 8,192 / 16,384 outputs, 3 seeds: ~8 min on 2 cores
-    python benchmarks/bench_narrow.py --sizes 1000 --seeds 0
+    python benchmarks/bench_narrow.py --sizes 1000 --seeds 0 --out ''   # the table only: narrow.json is the full run's
 
 What a user gets who writes ``LSHLinear(128, N, sparse_grad=True)`` for a classifier's output
 layer, trains it with ``forward_sparse`` + ``sparse_cross_entropy`` + ``lsh_torch.LazyAdam`` and

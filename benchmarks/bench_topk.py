@@ -2,7 +2,7 @@
 nn.Linear + torch.topk, in speed and in recall of the exact top-k.
 
     python benchmarks/bench_topk.py                 # 670,091 outputs, 1,024 queries: about 2 minutes on 2 cores
-    python benchmarks/bench_topk.py --sizes 100000  # other sizes, comma-separated
+    python benchmarks/bench_topk.py --sizes 100000 --out benchmarks/results/topk_100k.json  # other sizes
 
 Three kinds of queries and rows (hidden 128):
 
@@ -25,7 +25,8 @@ says what was measured and who answered. ``--model PATH``
 adds a trained head: ``python examples/xmc.py --labels 670091 --runs lsh --save-head PATH`` saves
 one (670,091 labels, its test points' hidden vectors as queries). Every variant is timed in turn
 with the dense top-k in one process (medians), so a busy spell on a shared machine slows them
-alike. Writes a table and ``benchmarks/results/topk.json``.
+alike. Writes a table and ``benchmarks/results/topk_run.json`` (``--out``; ``topk.json`` beside it
+collects the runs docs/results.md cites, by hand).
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def parse_args(argv=None):
     p.add_argument("--min-recall", type=cli.real(0, 1), default=TOPK_MIN_RECALL,
                    help="topk's min_recall: below it on the first 64 queries topk answers exactly (0: never)")
     p.add_argument("--repeats", type=cli.integer(), default=3)
-    p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk.json"), help="'' for none")
+    p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk_run.json"), help="'' for none")
     args = p.parse_args(argv)
     too_large = beyond(args, min(args.sizes))
     if too_large:
