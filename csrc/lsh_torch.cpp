@@ -49,9 +49,12 @@ TORCH_LIBRARY(lsh_torch, m) {
   // head [B] int64: entries before the tail (labels + candidates). The tail is a uniform sample
   // without replacement of the other N - head neurons, which is what the sampled softmax's
   // correction needs (docs/estimator.md).
+  // row_keys [B] int64 (optional) key row b's tie-break and draws in place of its index b: rows with
+  // equal keys and inputs get equal sets wherever they sit in the batch (eval lookups key rows by
+  // their codes, so an input's set does not depend on its batch).
   m.def(
       "query(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
-      "Tensor? labels, int seed, int tail=0) -> (Tensor active, Tensor head)");
+      "Tensor? labels, int seed, int tail=0, Tensor? row_keys=None) -> (Tensor active, Tensor head)");
   // One active set for the whole batch: the union of the rows' labels first, then candidates
   // ranked by their bucket hits summed over the rows, then the uniform tail -> indices [budget],
   // head [] int64.

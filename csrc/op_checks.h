@@ -178,6 +178,16 @@ inline QueryShape check_query_args(const at::Tensor& codes, const at::Tensor& ma
   return {batch, num_tables, n, buckets, bits, num_labels};
 }
 
+// query's row_keys: int64 [B] on the codes' device, if given.
+inline void check_row_keys(const std::optional<at::Tensor>& row_keys, const at::Tensor& codes) {
+  if (!row_keys.has_value() || !row_keys->defined()) return;
+  TORCH_CHECK(row_keys->dim() == 1 && row_keys->scalar_type() == at::kLong && row_keys->size(0) == codes.size(0),
+              "query: row_keys must be int64 [B] with B = ", codes.size(0), ", got ", row_keys->scalar_type(),
+              " of shape ", row_keys->sizes());
+  TORCH_CHECK(row_keys->device() == codes.device(), "query: row_keys must be on ", codes.device(),
+              " like the other inputs, got one on ", row_keys->device());
+}
+
 // lazy_adam_: param, exp_avg, exp_avg_sq of one shape and dtype, rows [U] int64, grad_rows
 // [U, *param.shape[1:]]. Returns the number of elements per row.
 inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,

@@ -68,6 +68,23 @@ def input_codes(x: Tensor, projection: Tensor, num_tables: int, bits: int) -> tu
     return ops.hash_codes(projected, num_tables, bits)
 
 
+# row_keys hashes codes modulo a prime below 2^43: a code (below 2^20) times a power of the base stays
+# below 2^63, and so does a sum over up to 1,024 tables.
+_KEY_PRIME = 2 ** 43 - 57
+_KEY_BASE = 0x9E3779B97F4A7C15 % _KEY_PRIME
+
+
+def row_keys(codes: Tensor) -> Tensor:
+    """A key per input row, int64 ``[B]``, from its codes ``[B, L]``: the sum over tables of
+    ``codes[:, l] * G^(l+1) mod P`` (a Rabin-Karp hash, exact in int64). :func:`ops.query` keys a
+    row's random choices by it instead of the row's place in the batch (eval lookups): an input then
+    gets the same set however it is batched; rows with the same codes draw alike, rows with other
+    codes practically never share a key."""
+    powers = [pow(_KEY_BASE, l + 1, _KEY_PRIME) for l in range(codes.shape[1])]
+    weights = torch.tensor(powers, dtype=torch.int64, device=codes.device)
+    return (codes.long() * weights).remainder(_KEY_PRIME).sum(1)
+
+
 def make_bins(in_features: int, num_bins: int, bin_size: int, seed: int, device=None) -> Tensor:
     """DWTA bins ``[num_bins, bin_size]`` int64: seeded random permutations of the ``in_features``
     dimensions laid end to end (as in SLIDE), so every dimension is in about the same number of

@@ -148,7 +148,8 @@ class LSHLinear(nn.Module):
         sparse_grad: weight and bias gradients as sparse COO tensors of the touched rows
             (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
         inference: ``"dense"`` (exact, equal to ``nn.Linear``; default) or ``"lsh"`` (eval
-            output computed on the active set only, zero elsewhere).
+            output computed on the active set only, zero elsewhere; per row, an input's set
+            follows its hash codes and the seed, not its batch).
         mode: ``"per_row"`` (each row its own ``active`` neurons, as in the paper), ``"shared"``
             (one set of ``active`` neurons for the whole batch: the union of the rows' labels and
             candidates, computed as one gathered matrix product), or ``"auto"`` (default): per row
@@ -388,14 +389,17 @@ class LSHLinear(nn.Module):
             # incremental build; the tables stayed those of the last training rebuild, whatever happened since).
             self._build()
         seed = self._step_seed() if self.training else self.seed
+        # Eval rows draw by their codes, not their places in the batch: an input gets the same set (and
+        # output) however it is batched. Training rows draw apart by position; a shared set is the batch's.
+        keyed = not (self.training or shared)
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
         if self.rescore <= 1 or not tail or self.tables.selection == "random" or not x.shape[0]:
-            return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail)
-        return self._rescored_lookup(x, labels, shared, seed, tail)
+            return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail, keyed=keyed)
+        return self._rescored_lookup(x, labels, shared, seed, tail, keyed)
 
     @torch.no_grad()
-    def _rescored_lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, seed: int,
-                         tail: int) -> tuple[Tensor, Tensor]:
+    def _rescored_lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, seed: int, tail: int,
+                         keyed: bool) -> tuple[Tensor, Tensor]:
         """The top set chosen by exact scores: ``rescore`` hashed candidates per slot are computed
         and the best that are not labels kept (bucket-hit counts rank the true top logits poorly);
         then the labels and that top set are forced into a uniform query, which draws the tail from
@@ -410,7 +414,7 @@ class LSHLinear(nn.Module):
             stride = self._top_set_stride(x.shape[0], pool)
             x = x[seed % stride::stride]  # a sample of the rows, another each step
         if top:
-            candidates, _ = self.tables.query(x, pool, None, seed, shared=shared)
+            candidates, _ = self.tables.query(x, pool, None, seed, shared=shared, keyed=keyed)
             if shared:  # the candidates carrying the most of the batch's softmax mass
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
             else:
@@ -419,9 +423,10 @@ class LSHLinear(nn.Module):
             scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
             best = candidates.gather(-1, scores.topk(top).indices).reshape(labels.shape[0], -1)
             labels = torch.cat([labels, best], 1)
-        # Another seed for the tail: the pool's random fill must not steer its draws.
+        # Another seed for the tail: the pool's random fill must not steer its draws. Keyed, the rows'
+        # keys cost one more hashing of x, small beside the pool's scores.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
-                                       shared)
+                                       shared, self.tables.row_keys(x) if keyed else None)
 
     def _warn_if_parametrized(self) -> None:
         """A weight computed on every access (torch.nn.utils.parametrize, parametrizations.weight_norm)
@@ -673,7 +678,8 @@ class LSHLinear(nn.Module):
             k = check_int("k", k, 0, self.out_features)
             values, indices = exact_topk(x, weight, bias, k)
         elif self.tables.selection == "random":
-            active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed)[0]
+            active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed,
+                                             row_keys=self.tables.row_keys(x))[0]
             values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)
             indices = active.gather(1, best)
         else:

@@ -70,7 +70,8 @@ def update_tables(offsets: Tensor, items: Tensor, rows: Tensor, old_codes: Tenso
 
 
 def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
-          labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0) -> tuple[Tensor, Tensor]:
+          labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0,
+          row_keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Multi-probe lookup: ``active [B, budget]`` int64, no duplicates per row, and ``head [B]`` int64.
 
     Row ``b`` holds its labels, then at most ``budget - labels - tail`` LSH candidates (most
@@ -78,8 +79,12 @@ def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes
     without replacement from the ``N - head[b]`` other neurons (see :func:`tail_log_weights`).
     The tables are as :func:`build_tables` and :func:`update_tables` give them: each bucket's ids
     ascend (checked as the probes read them).
+
+    The random choices of row ``b`` (ties among equally hit candidates, the draws) follow ``seed``
+    and its index ``b``, or ``row_keys[b]`` (int64 ``[B]``) if given: then a row's set does not
+    depend on where it sits in the batch (:func:`lsh_torch.hashing.row_keys` keys rows by their codes).
     """
-    return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed, tail)
+    return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed, tail, row_keys)
 
 
 def query_shared(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes: int, budget: int,
@@ -306,9 +311,12 @@ def _(offsets, items, rows, old_codes, new_codes):
 
 
 @torch.library.register_fake("lsh_torch::query")
-def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0):
-    _one_device("query", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels)
+def _(codes, margins, offsets, items, probes, budget, labels, seed, tail=0, row_keys=None):
+    _one_device("query", codes=codes, margins=margins, offsets=offsets, items=items, labels=labels, row_keys=row_keys)
     _expect_query("query", codes, margins, offsets, items, probes, budget, labels, tail)
+    if row_keys is not None:
+        _expect("query", "row_keys", row_keys, torch.int64, 1)
+        torch._check(row_keys.shape[0] == codes.shape[0], lambda: "query: row_keys must be int64 [B]")
     return (codes.new_empty(codes.shape[0], budget, dtype=torch.int64),
             codes.new_empty(codes.shape[0], dtype=torch.int64))
 

@@ -266,7 +266,9 @@ class TopkIndex:
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
         """The index's own answer (see :meth:`topk`)."""
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
-        active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0)
+        # Keyed by their codes, rows get the same candidates (and answers) however they are batched.
+        active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0,
+                                 hashing.row_keys(codes))
         # Past its head a row holds uniform draws: score none of them beyond the first k, and none
         # at all in columns past every row's head. The norm rows are scored below, not here.
         real = head.clamp_min(k)

@@ -33,11 +33,12 @@ def _cached_uniform_tables(n: int, device: torch.device) -> tuple[Tensor, Tensor
 
 
 def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, labels: Optional[Tensor], seed: int,
-                   shared: bool) -> tuple[Tensor, Tensor]:
+                   shared: bool, row_keys: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
     margins = torch.zeros(x.shape[0], 1, device=x.device)
-    query = ops.query_shared if shared else ops.query
-    return query(codes, margins, offsets, items, 1, budget, labels, seed)
+    if shared:
+        return ops.query_shared(codes, margins, offsets, items, 1, budget, labels, seed)
+    return ops.query(codes, margins, offsets, items, 1, budget, labels, seed, 0, row_keys)
 
 
 def _norms(rows: Tensor) -> Tensor:
@@ -212,24 +213,37 @@ class LSHTables(nn.Module):
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
-              shared: bool = False, probes: Optional[int] = None, tail: int = 0) -> tuple[Tensor, Tensor]:
+              shared: bool = False, probes: Optional[int] = None, tail: int = 0,
+              keyed: bool = False) -> tuple[Tensor, Tensor]:
         """Active neurons for inputs ``x`` [B, in_features]: ``[B, budget]``, or ``[budget]`` if
         ``shared``, and their heads (labels + hashed candidates; the rest, at least ``tail``
         entries, are uniform draws): see :func:`ops.query`. ``probes`` overrides the tables'
-        buckets probed per table for this call."""
+        buckets probed per table for this call. ``keyed`` (per row only): each row's random
+        choices follow its codes (:meth:`row_keys`), not its place in the batch."""
         if self.selection == "random":
-            return _query_uniform(x, self.offsets, self.items, budget, labels, seed, shared)
+            return _query_uniform(x, self.offsets, self.items, budget, labels, seed, shared,
+                                  self.row_keys(x) if keyed else None)
         codes, margins = self.hash.input_codes(x, self.hash_buffer, self.num_tables, self.bits)
-        query = ops.query_shared if shared else ops.query
-        return query(codes, margins, self.offsets, self.items, self.probes if probes is None else probes, budget,
-                     labels, seed, tail)
+        probes = self.probes if probes is None else probes
+        if shared:
+            return ops.query_shared(codes, margins, self.offsets, self.items, probes, budget, labels, seed, tail)
+        return ops.query(codes, margins, self.offsets, self.items, probes, budget, labels, seed, tail,
+                         hashing.row_keys(codes) if keyed else None)
+
+    @torch.no_grad()
+    def row_keys(self, x: Tensor) -> Tensor:
+        """Keys of the rows of ``x`` [B, in_features] from their codes (:func:`hashing.row_keys`), for
+        :meth:`query`: an input keyed by them gets the same set wherever it sits in a batch."""
+        return hashing.row_keys(self.hash.input_codes(x, self.hash_buffer, self.num_tables, self.bits)[0])
 
     @staticmethod
     def query_uniform(x: Tensor, n: int, budget: int, labels: Optional[Tensor] = None, seed: int = 0,
-                      shared: bool = False) -> tuple[Tensor, Tensor]:
-        """The labels plus uniformly random neurons of ``n``, without built tables (a warm-up)."""
+                      shared: bool = False, row_keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The labels plus uniformly random neurons of ``n``, without built tables (a warm-up).
+        ``row_keys`` (per row only; e.g. :meth:`row_keys`) key the rows' draws instead of their
+        places in the batch (:func:`ops.query`)."""
         tables = _uniform_tables if torch.compiler.is_compiling() else _cached_uniform_tables
-        return _query_uniform(x, *tables(n, x.device), budget, labels, seed, shared)
+        return _query_uniform(x, *tables(n, x.device), budget, labels, seed, shared, row_keys)
 
     def extra_repr(self) -> str:
         return (f"num_tables={self.num_tables}, bits={self.bits}, probes={self.probes}, selection={self.selection!r}, "

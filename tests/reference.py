@@ -183,11 +183,12 @@ def _active_set(label_rows, probe_rows, codes, margins, offsets, items, probes, 
     return torch.tensor(chosen, dtype=torch.int64), head
 
 
-def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0, tail=0):
+def query(codes, margins, offsets, items, probes, budget, labels=None, seed=0, tail=0, row_keys=None):
     rows, heads = [], []
     for b in range(codes.shape[0]):
         label_rows = [labels[b].tolist()] if labels is not None else []
-        row, head = _active_set(label_rows, [b], codes, margins, offsets, items, probes, budget, seed, b, tail)
+        set_id = int(row_keys[b]) if row_keys is not None else b  # what names the row's random streams
+        row, head = _active_set(label_rows, [b], codes, margins, offsets, items, probes, budget, seed, set_id, tail)
         rows.append(row)
         heads.append(head)
     active = torch.stack(rows) if rows else torch.empty(0, budget, dtype=torch.int64)

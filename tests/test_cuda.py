@@ -231,6 +231,11 @@ def test_query_equals_cpu(kwargs, probes, budget, labels, shared):
         got = fn(*to_cuda(*args), probes, budget, None if labels is None else labels.cuda(), 123, tail)
         assert got[0].is_cuda and got[0].dtype == torch.int64 and got[1].is_cuda and got[1].dtype == torch.int64
         assert_same(to_cpu(got), expected)
+        if not shared:  # rows keyed by row_keys (eval lookups key them by their codes)
+            keys = torch.randint(-2 ** 62, 2 ** 62, (args[0].shape[0],))
+            expected = fn(*args, probes, budget, labels, 123, tail, keys)
+            got = fn(*to_cuda(*args), probes, budget, None if labels is None else labels.cuda(), 123, tail, keys.cuda())
+            assert_same(to_cpu(got), expected)
 
 
 def test_query_without_tables_equals_cpu():
@@ -256,6 +261,9 @@ def test_query_in_chunks_equals_cpu():
     labels = torch.randint(-1, 1_500_000, (100, 2))
     expected = ops.query(*args, 4, 40, labels, 11, 10)
     assert_same(to_cpu(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11, 10)), expected)
+    keys = torch.randperm(100) * 7 - 50  # a later chunk's rows read their own keys
+    expected = ops.query(*args, 4, 40, labels, 11, 10, keys)
+    assert_same(to_cpu(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11, 10, keys.cuda())), expected)
 
 
 @pytest.mark.parametrize("fn", [ops.query, ops.query_shared], ids=["query", "query_shared"])
@@ -285,6 +293,7 @@ def test_query_errors_on_cuda():
          "the batch has more distinct labels"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, LABELS), "labels must be on"),
         (lambda: ops.query(qcodes, qmargins.cpu(), offsets, items, 4, 5), "margins must be on"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, torch.arange(7)), "row_keys must be on"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query(qcodes, qmargins, offsets, torch.full_like(items, 999), 4, 5), "items of table"),

@@ -256,6 +256,33 @@ def test_lsh_inference_mode():
     assert ((small(x) != 0).sum(1) <= 10).all()
 
 
+@pytest.mark.parametrize("hash", ["srp", "dwta"])
+@pytest.mark.parametrize("rescored", [False, True])
+def test_eval_per_row_lookups_give_an_input_the_same_output_however_it_is_batched(hash, rescored):
+    """Eval per-row sets were keyed by the rows' places in the batch: 31 of 32 rows of an LSHLinear(784,
+    1000, active=0.25, inference="lsh") got other outputs alone than batched, and a row moved within its
+    batch got another set. Keyed by their codes, inputs keep their sets and outputs alone, batched and
+    moved; training rows still draw apart by place."""
+    torch.manual_seed(0)
+    layer = LSHLinear(64, 1000, active=64, inference="lsh", mode="per_row", hash=hash).eval()
+    x = torch.randn(32, 64).relu()  # zeros: DWTA's empty bins too
+
+    def run(rows):  # forward_sparse: the top set rescored among 4x as many candidates, then the tail
+        return tuple(layer.forward_sparse(rows)) if rescored else (layer(rows),)
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a, b))
+
+    batched = run(x)
+    order = torch.randperm(32)
+    assert same(run(x[order]), (t[order] for t in batched))
+    for b in range(32):
+        assert same(run(x[b:b + 1]), (t[b:b + 1] for t in batched))
+    layer.train()
+    twins = layer.active_set(x[:1].expand(2, -1), sparse=rescored)
+    assert not torch.equal(twins[0], twins[1])
+
+
 def test_lsh_active_set_prefers_large_inner_products():
     # The hashed candidates beat a random set at finding top neurons.
     torch.manual_seed(0)

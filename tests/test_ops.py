@@ -391,6 +391,29 @@ def test_query_is_deterministic_per_seed_and_varies_across_seeds():
     assert not torch.equal(a1, ops.query(*args, 4, 200, None, 6)[0])
 
 
+@pytest.mark.parametrize("probes,budget,labels,tail", [(1, 10, None, 0), (6, 40, LABELS, 0), (10, 250, None, 0),
+                                                       (32, 40, LABELS, 20)])
+def test_query_row_keys_replace_the_row_index(probes, budget, labels, tail):
+    """A row's tie-break and draws were keyed by its index in the batch: the same row got another set at
+    another place. Keyed by row_keys[b], a row's set moves with it, whatever its place."""
+    codes, margins, offsets, items = random_tables()
+    keys = torch.tensor([5, -3, 2 ** 62, 0, 5, 77, -(2 ** 63)])  # repeated, negative, extreme: all valid
+    active, head = ops.query(codes, margins, offsets, items, probes, budget, labels, 9, tail, keys)
+    assert_same((active, head), ref.query(codes, margins, offsets, items, probes, budget, labels, 9, tail, keys))
+    # The rows' indices as keys are the default.
+    assert_same(ops.query(codes, margins, offsets, items, probes, budget, labels, 9, tail, torch.arange(7)),
+                ops.query(codes, margins, offsets, items, probes, budget, labels, 9, tail))
+    # Rows (with their labels and keys) reordered, or queried alone: their sets reordered, unchanged.
+    def rows(index):
+        return ops.query(codes[index], margins[index], offsets, items, probes, budget,
+                         None if labels is None else labels[index], 9, tail, keys[index])
+
+    order = torch.tensor([3, 6, 0, 2, 5, 1, 4])
+    assert_same(rows(order), (active[order], head[order]))
+    for b in range(7):
+        assert_same(rows(slice(b, b + 1)), (active[b:b + 1], head[b:b + 1]))
+
+
 # --- sparse_linear ------------------------------------------------------------------------------
 
 def sparse_problem(dtype=torch.float32, batch=5, d=7, n=40, budget=6):
@@ -519,6 +542,7 @@ def opcheck_cases():
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3, 10)),
+        ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3, 10, torch.arange(7) * 1000 - 3)),
         ("query_shared", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query_shared", (qcodes, qmargins, offsets, items, 5, 30, None, 3, 15)),
         ("shared_linear", (x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(),
@@ -600,6 +624,9 @@ def test_op_input_errors():
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail must be in"),
         (lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, None, 0, -1), "tail must be in"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, torch.arange(7).int()),
+         "row_keys must be int64 \\[B\\] with B = 7"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, torch.arange(6)), "row_keys"),
         (lambda: ops.shared_linear(x, weight, bias, torch.tensor([40])), "indices"),
         (lambda: ops.shared_linear(x, weight, bias, torch.tensor([[1]])), "indices"),
         (lambda: ops.shared_linear(x, weight[:, :2], bias, torch.tensor([1])), "features"),
@@ -642,6 +669,9 @@ def test_fake_kernels_refuse_what_the_kernels_refuse():
         (lambda: ops.query(qcodes, qmargins[:, :3], offsets, items, 4, 5), "margins"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 0, 5), "probes"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 6), "tail"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, qcodes[:, 0]),
+         "row_keys must be torch.int64"),
+        (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, rows), "row_keys must be int64 \\[B\\]"),
         (lambda: ops.sparse_linear(x, weight, bias, active.float()), "active must be torch.int64"),
         (lambda: ops.sparse_linear(x[:2], weight, bias, active), "batch"),
         (lambda: ops.shared_linear(x, weight, bias[:3], active[0]), "bias"),
@@ -680,6 +710,7 @@ def test_ops_refuse_inputs_on_another_device():
     cases = [
         lambda: ops.query_shared(qcodes, qmargins, offsets, items, 4, 5, LABELS.to("meta")),
         lambda: ops.query(qcodes.to("meta"), qmargins, offsets, items, 4, 5),
+        lambda: ops.query(qcodes, qmargins, offsets, items, 4, 5, None, 0, 0, torch.arange(7, device="meta")),
         lambda: ops.sparse_linear(x, weight.to("meta"), bias, active),
         lambda: ops.shared_linear(x, weight, bias.to("meta"), torch.tensor([1])),
         lambda: ops.lazy_adam_(param, param.clone(), param.clone(), torch.tensor([1]), torch.ones(1, 3, device="meta"),

@@ -280,7 +280,8 @@ def test_topk_budget_scores_only_the_tables_candidates():
     values, indices = layer.topk(x, k, probes=1, budget=budget, norm_rows=0, min_recall=0)  # the index's answers
     index = layer._topk_index
     codes, margins = hashing.input_codes(x, index.projection, 1, 10)
-    active, head = ops.query(codes, margins, index.offsets, index.items, 1, budget, None, layer.seed)
+    active, head = ops.query(codes, margins, index.offsets, index.items, 1, budget, None, layer.seed, 0,
+                             hashing.row_keys(codes))  # topk's query: rows keyed by their codes
     real = head.clamp_min(k)
     assert (head < budget).all()  # the test's premise: draws after every row's candidates
     for row in range(x.shape[0]):

@@ -186,8 +186,9 @@ class ActiveSetBuilder {
   }
 
   // Takes the best candidates (leaving `tail` entries), fills up with seeded uniform draws, and
-  // resets the counters. `set` names the random streams: the row for per-row sets, -1 for the
-  // batch-shared set. Returns the head: labels and candidates, the entries before the draws.
+  // resets the counters. `set` names the random streams: the row's key for per-row sets (its index
+  // unless row_keys are given), -1 for the batch-shared set. Returns the head: labels and
+  // candidates, the entries before the draws.
   int64_t finish(int64_t seed, int64_t set) {
     // Only candidates with at least `floor` hits can be among the `room` best: the parts' hit-count
     // histograms find that floor, so the tie-break keys (a hash each) and the selection below
@@ -455,11 +456,15 @@ class ActiveSetBuilder {
 std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const at::Tensor& margins_in,
                                              const at::Tensor& offsets_in, const at::Tensor& items_in, int64_t probes,
                                              int64_t budget, const std::optional<at::Tensor>& labels_in, int64_t seed,
-                                             int64_t tail) {
+                                             int64_t tail, const std::optional<at::Tensor>& row_keys_in) {
   const auto codes = codes_in.contiguous(), margins = margins_in.contiguous();
   const auto offsets = offsets_in.contiguous(), items = items_in.contiguous();
   const at::Tensor labels = labels_in.has_value() && labels_in->defined() ? labels_in->contiguous() : at::Tensor();
   const Tables t = check_and_view(codes, margins, offsets, items, probes, budget, tail, labels, "query");
+  check_row_keys(row_keys_in, codes);
+  const at::Tensor row_keys =
+      row_keys_in.has_value() && row_keys_in->defined() ? row_keys_in->contiguous() : at::Tensor();
+  const int64_t* keys = row_keys.defined() ? row_keys.data_ptr<int64_t>() : nullptr;
   auto active = at::empty({t.batch, budget}, codes.options().dtype(at::kLong));
   auto head = at::zeros({t.batch}, codes.options().dtype(at::kLong));
   if (t.batch == 0 || budget == 0) return {active, head};
@@ -472,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const a
         builder.start(out + b * budget, budget, tail);
         builder.add_labels(b, b);
         builder.probe(b);
-        heads[b] = builder.finish(seed, b);
+        heads[b] = builder.finish(seed, keys ? keys[b] : b);
       }
     });
   };

@@ -86,6 +86,11 @@ __device__ __forceinline__ uint64_t row_key(int64_t seed, uint64_t stream, int64
   return seeded_hash(seed, stream, row, 0) ^ mix64(0);
 }
 
+// What names row b's random streams: query's row_keys[b] where given, else b (as on the CPU).
+__device__ __forceinline__ int64_t stream_row(const int64_t* __restrict__ row_keys, int64_t b) {
+  return row_keys != nullptr ? row_keys[b] : b;
+}
+
 __device__ __forceinline__ uint64_t gcd_u64(uint64_t a, uint64_t b) {
   while (b != 0) {
     const uint64_t t = a % b;
@@ -298,7 +303,8 @@ __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int n
 
 // 5. thresh[r] = the m-th smallest tie-break key of level h* (all ones when the level fits).
 __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, int64_t row0, int64_t seed,
-                                 const int32_t* __restrict__ meta, unsigned long long* __restrict__ thresh) {
+                                 const int64_t* __restrict__ row_keys, const int32_t* __restrict__ meta,
+                                 unsigned long long* __restrict__ thresh) {
   __shared__ unsigned int hist[256];
   __shared__ unsigned long long s_prefix, s_mask;
   __shared__ int s_remaining, s_done;
@@ -308,7 +314,7 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
     if (threadIdx.x == 0) thresh[r] = ~0ull;
     return;
   }
-  const uint64_t key0 = row_key(seed, kTieBreak, row0 + r);
+  const uint64_t key0 = row_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
   unsigned long long prefix = 0, mask = 0;
   int remaining = m;
@@ -349,7 +355,7 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
 
 // 6. The taken candidates into [rows, W] scratch, in any order (step 7 sorts them).
 __global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int num_tables, int64_t row0,
-                               int64_t seed, const int32_t* __restrict__ meta,
+                               int64_t seed, const int64_t* __restrict__ row_keys, const int32_t* __restrict__ meta,
                                const unsigned long long* __restrict__ thresh, int64_t width,
                                int64_t* __restrict__ sel_key, int32_t* __restrict__ sel_level,
                                int32_t* __restrict__ sel_id, int64_t* flag) {
@@ -360,7 +366,7 @@ __global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int 
   if (threadIdx.x == 0) cursor = 0;
   __syncthreads();
   const unsigned long long limit = thresh[r];
-  const uint64_t key0 = row_key(seed, kTieBreak, row0 + r);
+  const uint64_t key0 = row_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
   const int lane = threadIdx.x & 31;
   for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {  // warp-uniform trip count
@@ -407,8 +413,9 @@ __global__ void emit_kernel(const int32_t* __restrict__ ordered, int64_t width, 
 
 // 8. Seeded random fill up to the budget. One block per row.
 // Set r writes output row row0 + r and draws from the streams of set seed_row0 + r (the row for
-// query, -1 for query_shared).
-__global__ void __launch_bounds__(kFillThreads) fill_kernel(int64_t row0, int64_t seed_row0, int64_t n,
+// query, -1 for query_shared), or of row_keys[row0 + r] where query's row_keys are given.
+__global__ void __launch_bounds__(kFillThreads) fill_kernel(int64_t row0, int64_t seed_row0,
+                                                            const int64_t* __restrict__ row_keys, int64_t n,
                                                             int64_t budget, int64_t seed,
                                                             const int32_t* __restrict__ meta,
                                                             const int32_t* __restrict__ filled_labels,
@@ -416,7 +423,7 @@ __global__ void __launch_bounds__(kFillThreads) fill_kernel(int64_t row0, int64_
   __shared__ int32_t s_ids[kFillThreads];
   __shared__ int scan[kFillThreads / 32];
   __shared__ unsigned long long s_walk[2];
-  const int64_t r = blockIdx.x, b = seed_row0 + r;
+  const int64_t r = blockIdx.x, b = row_keys != nullptr ? row_keys[row0 + r] : seed_row0 + r;
   int32_t* h = hits + r * n;
   int64_t* o = out + (row0 + r) * budget;
   int64_t filled = static_cast<int64_t>(filled_labels[r]) + meta[r * 4 + 0];
@@ -705,10 +712,14 @@ void count_distinct_buckets(const QueryInputs& in, const at::Tensor& flips, int6
 std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const at::Tensor& margins_in,
                                               const at::Tensor& offsets_in, const at::Tensor& items_in, int64_t probes,
                                               int64_t budget, const std::optional<at::Tensor>& labels_in, int64_t seed,
-                                              int64_t tail) {
+                                              int64_t tail, const std::optional<at::Tensor>& row_keys_in) {
   const char* op = "query";
   const QueryInputs in =
       check_query(codes_in, margins_in, offsets_in, items_in, probes, budget, tail, labels_in, op);
+  check_row_keys(row_keys_in, codes_in);
+  const at::Tensor row_keys =
+      row_keys_in.has_value() && row_keys_in->defined() ? row_keys_in->contiguous() : at::Tensor();
+  const int64_t* keys = row_keys.defined() ? row_keys.data_ptr<int64_t>() : nullptr;
   const int64_t batch = in.batch, num_tables = in.num_tables, n = in.n;
   const c10::cuda::CUDAGuard guard(in.codes.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -760,14 +771,14 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
     const int64_t width = capturing ? budget : meta.narrow(0, 0, rows).select(1, 0).max().item<int32_t>();
     if (width > 0) {
       threshold_kernel<<<rows, kRowThreads, 0, stream>>>(
-          hits.data_ptr<int32_t>(), n, row0, seed, meta.data_ptr<int32_t>(),
+          hits.data_ptr<int32_t>(), n, row0, seed, keys, meta.data_ptr<int32_t>(),
           reinterpret_cast<unsigned long long*>(thresh.data_ptr<int64_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto sel_key = at::full({rows, width}, std::numeric_limits<int64_t>::max(), int_opts.dtype(at::kLong));
       auto sel_level = at::full({rows, width}, std::numeric_limits<int32_t>::max(), int_opts);
       auto sel_id = at::full({rows, width}, -1, int_opts);
       compact_kernel<<<rows, kRowThreads, 0, stream>>>(
-          hits.data_ptr<int32_t>(), n, static_cast<int>(num_tables), row0, seed, meta.data_ptr<int32_t>(),
+          hits.data_ptr<int32_t>(), n, static_cast<int>(num_tables), row0, seed, keys, meta.data_ptr<int32_t>(),
           reinterpret_cast<const unsigned long long*>(thresh.data_ptr<int64_t>()), width,
           sel_key.data_ptr<int64_t>(), sel_level.data_ptr<int32_t>(), sel_id.data_ptr<int32_t>(), flag.ptr());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -777,7 +788,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
           budget, hits.data_ptr<int32_t>(), active.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    fill_kernel<<<rows, kFillThreads, 0, stream>>>(row0, /*seed_row0=*/row0, n, budget, seed,
+    fill_kernel<<<rows, kFillThreads, 0, stream>>>(row0, /*seed_row0=*/row0, keys, n, budget, seed,
                                                    meta.data_ptr<int32_t>(), filled.data_ptr<int32_t>(),
                                                    hits.data_ptr<int32_t>(), active.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -862,9 +873,9 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cuda(const at::Tensor& codes_in,
                                                           indices.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  fill_kernel<<<1, kFillThreads, 0, stream>>>(0, /*seed_row0=*/-1, n, budget, seed, meta.data_ptr<int32_t>(),
-                                              filled.data_ptr<int32_t>(), hits.data_ptr<int32_t>(),
-                                              indices.data_ptr<int64_t>());
+  fill_kernel<<<1, kFillThreads, 0, stream>>>(0, /*seed_row0=*/-1, /*row_keys=*/nullptr, n, budget, seed,
+                                              meta.data_ptr<int32_t>(), filled.data_ptr<int32_t>(),
+                                              hits.data_ptr<int32_t>(), indices.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {indices, head};
 }
