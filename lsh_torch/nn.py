@@ -293,10 +293,12 @@ class LSHLinear(nn.Module):
 
     @property
     def _stale(self) -> bool:
-        """Do the tables need a rebuild: marked stale, or hashed from another tensor than ``weight``
-        (``torch.func.functional_call`` substitutes the weight for one call). Not while tracing:
-        ``torch.export`` substitutes fake weights, and prebuilt tables become the program's."""
-        return self._marked_stale or not (torch.compiler.is_compiling() or self._hashed_from_weight())
+        """Do the tables need a rebuild: marked stale, none there (``to_empty()`` leaves none), or hashed
+        from another tensor than ``weight`` (``torch.func.functional_call`` substitutes the weight for one
+        call). Not while tracing: ``torch.export`` substitutes fake weights, and prebuilt tables become the
+        program's."""
+        return (self._marked_stale or not self.tables.items.shape[1]
+                or not (torch.compiler.is_compiling() or self._hashed_from_weight()))
 
     @_stale.setter
     def _stale(self, stale: bool) -> None:
@@ -348,6 +350,8 @@ class LSHLinear(nn.Module):
     def _build(self) -> None:
         """The tables' (re)build that the schedule and lookups run: topk's index follows the weight's version itself."""
         _check_not_meta(self.weight)
+        if self.tables.hash_buffer.is_meta:  # load_state_dict(assign=True) gave weights, not the non-persistent tables
+            self.tables.reset(self.weight.device)
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False

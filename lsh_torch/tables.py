@@ -81,18 +81,25 @@ class LSHTables(nn.Module):
         self.num_tables, self.bits, self.probes, self.selection = num_tables, bits, probes, selection
         self.asymmetric, self.center = bool(asymmetric), bool(center)
         self.in_features, self.seed = in_features, seed
+        self.reset(device)
+        self.rehashed = 0  # rows hashed by the last build (N for a full one)
+
+    def reset(self, device) -> None:
+        """A new layer's state on ``device``: the seeded buffers drawn from the seed, no tables (the
+        next build hashes every row). Also what ``to_empty()`` leaves (see :meth:`_apply`)."""
         hash_buffer, fingerprint_vector = self._seeded_buffers(device)
         self.register_buffer(self.hash.buffer, hash_buffer, persistent=False)
-        self.register_buffer("offsets", torch.zeros(num_tables, 2 ** bits + 1, dtype=torch.int32, device=device),
+        self.register_buffer("offsets", torch.zeros(self.num_tables, 2 ** self.bits + 1, dtype=torch.int32,
+                                                    device=device), persistent=False)
+        self.register_buffer("items", torch.zeros(self.num_tables, 0, dtype=torch.int32, device=device),
                              persistent=False)
-        self.register_buffer("items", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
         # Incremental rebuilds: each row's codes and a fingerprint (its dot product with a fixed
         # random vector) as of the last build; a row whose fingerprint moved is re-hashed, the
         # others keep their codes. Empty until the first build.
         self.register_buffer("fingerprint_vector", fingerprint_vector, persistent=False)
-        self.register_buffer("codes", torch.zeros(num_tables, 0, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("codes", torch.zeros(self.num_tables, 0, dtype=torch.int32, device=device),
+                             persistent=False)
         self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
-        self.rehashed = 0  # rows hashed by the last build (N for a full one)
         # The asymmetric transform's M since the last full build (a 0-dim tensor; None without one).
         self.register_buffer("max_norm", None, persistent=False)
 
@@ -111,22 +118,20 @@ class LSHTables(nn.Module):
         return getattr(self, self.hash.buffer)
 
     def _apply(self, fn, recurse=True):
-        was_meta = self.hash_buffer.is_meta
-        # The seeded buffers, the fingerprints and M are float32 whatever the weight's dtype (as in a
-        # layer built in that dtype): .to(dtype) moves them but must not round them, or the same seed
-        # would hash differently (and every fingerprint would look changed).
-        kept = {name: getattr(self, name) for name in (self.hash.buffer, "fingerprint_vector", "fingerprints", "max_norm")}
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
-        if was_meta and not self.hash_buffer.is_meta:  # to_empty() after a meta-device construction
-            buffer, vector = self._seeded_buffers(self.hash_buffer.device)
-            setattr(self, self.hash.buffer, buffer.to(self.hash_buffer.device))
-            self.fingerprint_vector = vector.to(self.fingerprint_vector)
-            kept = {}
-        for name, before in kept.items():
-            after = getattr(self, name)
-            if before is not None and before.is_floating_point() and after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        self.fingerprints, self.fingerprint_vector = self.fingerprints.float(), self.fingerprint_vector.float()
+        # Every buffer keeps its dtype: the seeded ones, the fingerprints and M are float32 or wider whatever
+        # the weight's dtype (as in a layer built in that dtype), the tables int32 (the kernels' contract).
+        # .to(dtype) must not round the first (the same seed would hash differently, every fingerprint look
+        # changed), nor Module.type() cast the others.
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        seeded, old = self.hash_buffer, before[self.hash.buffer]
+        if not seeded.is_meta and (old.is_meta or not torch.equal(seeded, old.to(seeded.device))):
+            # Values not kept (to_empty(), from the meta device or not: uninitialised memory): a new layer's.
+            self.reset(seeded.device)
         return self
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lsh_torch import LSHLinear, SparseOutput, sparse_cross_entropy
+from lsh_torch import LSHLinear, SparseOutput, load_lsh_state, lsh_state, sparse_cross_entropy
 
 
 def trained_layer(**kwargs):
@@ -91,6 +91,44 @@ def test_meta_device_construction_then_to_empty_and_load_hashes_like_a_normal_la
     assert torch.equal(lazy.tables.projection, normal.tables.projection)
     assert torch.equal(lazy.tables.fingerprint_vector, normal.tables.fingerprint_vector)
     same_next_steps(normal, lazy)
+
+
+def test_meta_device_construction_then_load_with_assign_hashes_like_a_normal_layer():
+    """load_state_dict(assign=True) after a meta-device construction (accelerate's init_empty_weights,
+    transformers' low_cpu_mem_usage) moves the weights, not the non-persistent tables: every training
+    or lsh-eval forward failed inside an op ("all tensors must be on one device, ... vector on meta"),
+    and after load_lsh_state it hashed inputs with the meta projection (other active sets, silently)."""
+    trained = trained_layer()
+    fresh = LSHLinear(16, 200, active=20, rebuild=None, seed=3)
+    fresh.load_state_dict(trained.state_dict())
+    for resume, like in ((False, fresh), (True, trained)):
+        with torch.device("meta"):
+            lazy = LSHLinear(16, 200, active=20, rebuild=None, seed=3)
+        lazy.load_state_dict(trained.state_dict(), assign=True)
+        if resume:
+            load_lsh_state(lazy, lsh_state(trained))
+        same_next_steps(like, lazy)
+        assert torch.equal(lazy.tables.projection, like.tables.projection)
+
+
+@pytest.mark.parametrize("hash", ["srp", "dwta"])
+@pytest.mark.parametrize("load", ["load_state_dict", "data"])
+def test_to_empty_off_the_meta_device_then_load_hashes_like_a_normal_layer(hash, load):
+    """to_empty() re-drew the seeded buffers only from the meta device: elsewhere the projection held
+    uninitialised memory (other active sets than a layer of that seed, silently), DWTA's bins failed every
+    forward ("bins must hold dimension indices"), and tables built before stayed in use though their
+    memory was uninitialised too (weights written through .data, as transformers' _init_weights does)."""
+    normal = LSHLinear(16, 200, active=20, seed=3, hash=hash)
+    layer = LSHLinear(16, 200, active=20, seed=3, hash=hash)
+    layer.active_set(torch.randn(6, 16))  # tables built (no step counted)
+    layer.to_empty(device="cpu")
+    if load == "data":
+        for mine, theirs in zip(layer.parameters(), normal.parameters()):
+            mine.data.copy_(theirs)
+    else:
+        layer.load_state_dict(normal.state_dict())
+    assert torch.equal(layer.tables.hash_buffer, normal.tables.hash_buffer)
+    same_next_steps(normal, layer)
 
 
 @pytest.mark.parametrize("hash", ["srp", "dwta"])

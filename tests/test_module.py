@@ -432,6 +432,20 @@ def test_to_keeps_the_hashing():
     assert layer(x.double()).dtype == torch.float64
 
 
+def test_module_type_keeps_the_tables_integers():
+    """Module.type(torch.float64) cast the int32 tables too: every later forward failed inside the query
+    op ("offsets must be int32"), and so did rebuild()."""
+    layer = LSHLinear(8, 50, active=5)
+    x = torch.randn(3, 8)
+    active = layer.active_set(x)
+    dtypes = {name: b.dtype for name, b in layer.named_buffers()}
+    layer.type(torch.float64)
+    assert {name: b.dtype for name, b in layer.named_buffers()} == dtypes and layer.weight.dtype == torch.float64
+    assert torch.equal(layer.active_set(x.double()), active)
+    layer.rebuild()
+    assert layer(x.double()).dtype == torch.float64
+
+
 def test_non_contiguous_and_empty_inputs():
     layer, linear = pair()
     x = torch.randn(16, 6).T  # non-contiguous [6, 16]
