@@ -191,7 +191,11 @@ class LSHTables(nn.Module):
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)
             codes, max_norm = self._every_row_codes(rows)
             tables = ops.build_tables(codes.t(), self.bits)
-            self.max_norm, self.rehashed = max_norm, n
+            # (Not while exporting: non-strict export puts back the buffers it found, and M, if it was None,
+            # would stay a FakeTensor.)
+            if not torch.compiler.is_exporting():
+                self.max_norm = max_norm
+            self.rehashed = n
         self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
 
     def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Optional[Tensor]]:

@@ -6,6 +6,7 @@ backward) exactly as ``inductor`` does, without generating code; one test per mo
 training) runs the real ``inductor``.
 """
 import copy
+import io
 
 import pytest
 import torch
@@ -145,6 +146,18 @@ def test_export_eval_matches_eager(prebuilt, tmp_path):
         expected = model(x)
         assert torch.equal(program.module()(x), expected)
         assert torch.equal(loaded(x), expected)
+
+
+def test_export_leaves_the_eager_model_as_it_was():
+    """Non-strict export (the default) of a model with stale tables left a FakeTensor as their M, a buffer
+    that was None (export puts back only those it found): deepcopy and torch.save(model) then failed."""
+    model = Net(hidden_inference="lsh", head_inference="lsh").eval()
+    x, _ = batch(0, rows=5)
+    program = torch.export.export(model, (x,))
+    assert all(type(b) is torch.Tensor for b in model.buffers())
+    copied = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    assert torch.equal(program.module()(x), model(x)) and torch.equal(copied(x), model(x))
 
 
 @pytest.mark.parametrize("sparse", [True, False])
