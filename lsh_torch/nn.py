@@ -16,7 +16,7 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
-                        _see_fused_steps, exact_topk, topk_budget, topk_settings)
+                        _see_fused_steps, exact_topk, tensor_ref, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -245,7 +245,7 @@ class LSHLinear(nn.Module):
             self.register_parameter("bias", None)
         self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
                                 asymmetric=asymmetric, center=center, hash=hash)
-        self._hashed_from: Optional[weakref.ref] = None  # the weight the tables were built from
+        self._hashed_from = None  # the weight the tables were built from (a tensor_ref)
         self._stale = True
         topk = topk_settings(out_features)  # topk's own index (lsh_torch.retrieval), built when first needed
         self.topk_tables, self.topk_bits = topk["num_tables"], topk["bits"]
@@ -303,8 +303,8 @@ class LSHLinear(nn.Module):
     @_stale.setter
     def _stale(self, stale: bool) -> None:
         self._marked_stale = stale
-        if not stale:  # a weak reference: the tables never keep a substituted weight alive
-            self._hashed_from = weakref.ref(self.weight)
+        if not stale:  # (a substituted weight is referenced weakly: see tensor_ref)
+            self._hashed_from = tensor_ref(self.weight)
             # (None while tracing, where versions are not read: the next eager eval lookup re-checks the rows)
             self._hashed_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
                                     else self.weight._version)
@@ -339,7 +339,7 @@ class LSHLinear(nn.Module):
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         super().__setstate__(state)
-        self._hashed_from = weakref.ref(self.weight) if own else None
+        self._hashed_from = tensor_ref(self.weight) if own else None
 
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables and topk's index (say so after writes through
@@ -433,15 +433,18 @@ class LSHLinear(nn.Module):
                                        shared, self.tables.row_keys(x) if keyed else None)
 
     def _warn_if_parametrized(self) -> None:
-        """A weight computed on every access (torch.nn.utils.parametrize, parametrizations.weight_norm)
-        is a new tensor at every lookup: the tables are rebuilt from all rows each time (62 against 4 ms
-        per forward_sparse at 100K outputs). Said once per layer; convert() refuses such layers."""
-        if not getattr(self, "_warned_parametrized", False) and nn.utils.parametrize.is_parametrized(self, "weight"):
+        """A weight computed on every access (torch.nn.utils.parametrize, parametrizations.weight_norm) or
+        forward (the hooks of the legacy weight_norm and of prune) is a new tensor at every lookup: the tables
+        are rebuilt from all rows each time (62 against 4 ms per forward_sparse at 100K outputs). Such a weight
+        is no registered Parameter (functional_call's substitutes are). Said once per layer; convert() refuses
+        such layers."""
+        if not getattr(self, "_warned_parametrized", False) and "weight" not in self._parameters:
             self._warned_parametrized = True
             warnings.warn(f"LSHLinear(out_features={self.out_features}): its weight is parametrized (computed on every "
-                          "access), so every lookup re-hashes every row into new tables, and every topk call builds a "
-                          "new index: slow. Hash tables follow a weight Parameter updated in place; remove the "
-                          "parametrization.", stacklevel=user_stacklevel())
+                          "access, or by a hook on every forward: weight_norm, prune), so every lookup re-hashes every "
+                          "row into new tables, and every topk call builds a new index: slow. Hash tables follow a "
+                          "weight Parameter updated in place; remove the parametrization.",
+                          stacklevel=user_stacklevel())
 
     def _step_seed(self) -> int:
         """The training step's draws: another seed each step, within int64 however long the run."""

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import hashing, ops
@@ -129,6 +129,27 @@ def weight_version(weight: Optional[Tensor]):
     return (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, version)
 
 
+class _Held:
+    """A strong reference called like a weak one."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def __call__(self) -> Tensor:
+        return self.tensor
+
+
+def tensor_ref(t: Tensor):
+    """What an index or a layer's tables keep of the tensor they were built from, to know it again by
+    identity (called, it gives the tensor, or None once freed): a Parameter held (its module holds it
+    anyway, a replaced one until the next build; ``torch.utils.swap_tensors``, which ``module.to()`` and
+    ``load_state_dict`` use under ``torch.__future__.set_swap_module_params_on_conversion`` and for
+    tensor-subclass parameters, refuses a tensor with a weak reference), any other tensor (a substituted or
+    parametrized weight, maybe with a graph) weakly, never kept alive."""
+    return _Held(t) if isinstance(t, nn.Parameter) else weakref.ref(t)
+
+
 _fused_step_hook = None
 
 
@@ -172,7 +193,7 @@ class TopkIndex:
         seed = check_int("seed", seed, 0, 2 ** 63 - 1)
         rows = weight.detach()
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
-        self._weight = weakref.ref(weight)  # never keeps a weight alive
+        self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
         self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
         _see_fused_steps()

@@ -265,6 +265,56 @@ def test_a_parametrized_weight_warns_once_at_the_callers_line():
         LSHLinear(8, 9000, seed=0).forward_sparse(x)  # a plain weight: nothing to say
 
 
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_a_weight_recomputed_by_a_forward_hook_warns_once(how):
+    """torch.nn.utils.prune and the legacy weight_norm compute the weight in a forward pre-hook: a new
+    tensor every forward, so every training step re-hashed every row, and unlike parametrize said nothing."""
+    from torch.nn.utils import prune
+
+    layer = LSHLinear(16, 200, active=20, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm's deprecation
+        prune.l1_unstructured(layer, "weight", 0.3) if how == "prune" else nn.utils.weight_norm(layer)
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="weight is parametrized") as caught:
+        layer(x)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per layer
+        substitute = {"weight": torch.randn(200, 16)}  # functional_call's weight is no hook's
+        torch.func.functional_call(LSHLinear(16, 200, active=20), substitute, (x,))
+
+
+def test_swapping_parameters_on_conversion_after_a_forward_and_topk():
+    """torch.utils.swap_tensors, which .to() and load_state_dict use under
+    torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor-subclass parameters),
+    refuses a tensor with a weak reference, and the tables and topk's index kept one to the weight: after
+    a forward, .double() and load_state_dict failed ("Couldn't swap LSHLinear.weight")."""
+    x = torch.randn(6, 16)
+    layer = LSHLinear(16, 2000, active=20, seed=3, inference="lsh")  # wider than topk's budget: an index
+    layers = [layer, copy.deepcopy(layer)]
+    loaded = {name: t + 0.01 for name, t in layers[0].state_dict().items()}
+    results = []
+    for swap, layer in zip((False, True), layers):
+        layer(x)
+        layer.topk(x, 3)
+        before = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            weight = layer.weight
+            layer.double()
+            assert layer.weight is weight  # the same Parameter: the tables still follow it
+            with torch.no_grad():  # (an output's graph holds the weight: no swapping then, as for nn.Linear)
+                results.append((layer.eval()(x.double()), layer.topk(x.double(), 3)))
+                layer.load_state_dict(loaded)
+                results.append((layer(x.double()), layer.topk(x.double(), 3)))
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(before)
+    for plain, swapped in zip(results[:2], results[2:]):
+        assert torch.equal(plain[0], swapped[0]) and all(map(torch.equal, plain[1], swapped[1]))
+
+
 def test_warnings_point_past_the_package_but_not_past_a_user_file_named_like_it():
     from lsh_torch import _checks
     package = os.path.dirname(os.path.abspath(_checks.__file__))
