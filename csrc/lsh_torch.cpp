@@ -85,21 +85,22 @@ TORCH_LIBRARY(lsh_torch, m) {
 
 namespace {
 
-// lazy_adam_ writes its (a!) (b!) (c!) arguments: as PyTorch's in-place ops, refuse a leaf that
-// requires grad in grad mode, and bump their version counters (autograd then refuses a backward
+// lazy_adam_ writes its (a!) (b!) (c!) arguments: refuse a tensor that requires grad in grad mode
+// (the op has no derivative), and bump their version counters (autograd then refuses a backward
 // through values the step changed, and caches keyed on a parameter's version see the step). torch's
 // in-place fallbacks bump aliased outputs only, and this op returns none.
 void lazy_adam_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto param = (*stack)[0].toTensor(), exp_avg = (*stack)[1].toTensor(), exp_avg_sq = (*stack)[2].toTensor();
-  for (const auto& t : {param, exp_avg, exp_avg_sq})
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad() && t.is_leaf()),
-                "a leaf Variable that requires grad is being used in an in-place operation (lazy_adam_): "
+  for (const auto& t : {param, exp_avg, exp_avg_sq})  // no derivative: a leaf, a view of one, or a graph's tensor
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()),
+                "lazy_adam_ updates in place a tensor that requires grad, and has no derivative: "
                 "run the optimizer step under torch.no_grad()");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const auto& t : {param, exp_avg, exp_avg_sq}) torch::autograd::increment_version(t);
+  for (const auto& t : {param, exp_avg, exp_avg_sq})
+    if (!t.is_inference()) torch::autograd::increment_version(t);  // an inference tensor has no version
 }
 
 }  // namespace

@@ -624,7 +624,7 @@ class ShardedLSHLinear(nn.Module):
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
-             budget: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
+             budget: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> torch.return_types.topk:
         """The ``k`` largest outputs of this rank's rows and their global ids, ``[*, k]`` each:
         each shard's top ``min(k, its rows or candidates)`` for the global batch
         (:meth:`LSHLinear.topk`; ``budget`` candidates per shard, at most its rows, default
@@ -645,7 +645,7 @@ class ShardedLSHLinear(nn.Module):
             if probes is not None:
                 check_int("probes", probes, 1, 2 ** 31 - 1)
             check_min_recall(min_recall)
-            check_int("k", k, 1, limit)
+            check_int("k", k, 0, limit)
         x, sizes, _ = self._gather_input(input, check_k)
         mine = min(k, self.shard.out_features if exact else budgets[self.rank])
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
@@ -664,7 +664,7 @@ class ShardedLSHLinear(nn.Module):
         every_indices = torch.cat([i[rows] for i in _gather_padded(indices + self.start, self.process_group)], 1)
         values, best = every_values.topk(k, dim=1)
         shape = (*input.shape[:-1], k)
-        return values.reshape(shape), every_indices.gather(1, best).reshape(shape)
+        return torch.return_types.topk((values.reshape(shape), every_indices.gather(1, best).reshape(shape)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rows=[{self.start}, {self.end}), "

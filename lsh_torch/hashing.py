@@ -18,6 +18,7 @@ into codes; the tables, the query and everything above them are the same for bot
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -80,9 +81,19 @@ def row_keys(codes: Tensor) -> Tensor:
     row's random choices by it instead of the row's place in the batch (eval lookups): an input then
     gets the same set however it is batched; rows with the same codes draw alike, rows with other
     codes practically never share a key."""
-    powers = [pow(_KEY_BASE, l + 1, _KEY_PRIME) for l in range(codes.shape[1])]
-    weights = torch.tensor(powers, dtype=torch.int64, device=codes.device)
+    weights = (_key_powers(codes.shape[1], codes.device) if torch.compiler.is_compiling()  # a traced constant
+               else _cached_key_powers(codes.shape[1], codes.device))
     return (codes.long() * weights).remainder(_KEY_PRIME).sum(1)
+
+
+def _key_powers(num_tables: int, device) -> Tensor:
+    return torch.tensor([pow(_KEY_BASE, l + 1, _KEY_PRIME) for l in range(num_tables)], dtype=torch.int64,
+                        device=device)
+
+
+# Made once per device: a copy to a GPU at every lookup would synchronise (and be refused while
+# capturing a CUDA graph).
+_cached_key_powers = functools.lru_cache(maxsize=32)(_key_powers)
 
 
 def make_bins(in_features: int, num_bins: int, bin_size: int, seed: int, device=None) -> Tensor:

@@ -339,6 +339,7 @@ class LSHLinear(nn.Module):
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         super().__setstate__(state)
+        _see_fused_steps()  # a process that only unpickles layers (torch.load of a model, spawned workers)
         self._hashed_from = tensor_ref(self.weight) if own else None
 
     def rebuild(self) -> None:
@@ -349,12 +350,15 @@ class LSHLinear(nn.Module):
 
     def _build(self) -> None:
         """The tables' (re)build that the schedule and lookups run: topk's index follows the weight's version itself."""
-        _check_not_meta(self.weight)
-        if self.tables.hash_buffer.is_meta:  # load_state_dict(assign=True) gave weights, not the non-persistent tables
-            self.tables.reset(self.weight.device)
+        self._materialise_tables()
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
+
+    def _materialise_tables(self) -> None:
+        _check_not_meta(self.weight)
+        if self.tables.hash_buffer.is_meta:  # load_state_dict(assign=True) gave weights, not the non-persistent tables
+            self.tables.reset(self.weight.device)
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
                    sparse: bool = False) -> Tensor:
@@ -685,6 +689,7 @@ class LSHLinear(nn.Module):
             k = check_int("k", k, 0, self.out_features)
             values, indices = exact_topk(x, weight, bias, k)
         elif self.tables.selection == "random":
+            self._materialise_tables()
             active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed,
                                              row_keys=self.tables.row_keys(x))[0]
             values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)

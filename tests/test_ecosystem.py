@@ -4,6 +4,8 @@ import copy
 import io
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -109,6 +111,37 @@ def test_meta_device_construction_then_load_with_assign_hashes_like_a_normal_lay
             load_lsh_state(lazy, lsh_state(trained))
         same_next_steps(like, lazy)
         assert torch.equal(lazy.tables.projection, like.tables.projection)
+
+
+def test_random_selection_topk_after_a_meta_construction_and_assign_load():
+    """topk of a selection="random" layer keyed its rows with the meta projection (CPU times meta gave
+    garbage, every row the same key): other answers than a normally built layer's."""
+    normal = LSHLinear(16, 2000, seed=3, selection="random").eval()
+    with torch.device("meta"):
+        lazy = LSHLinear(16, 2000, seed=3, selection="random")
+    lazy.load_state_dict(normal.state_dict(), assign=True)
+    x = torch.randn(6, 16)
+    assert torch.equal(lazy.eval().topk(x, 3).indices, normal.topk(x, 3).indices)
+
+
+def test_a_process_that_only_unpickles_layers_sees_fused_steps(tmp_path):
+    """The fused-step hook was registered when a layer was built: a process that torch.load-ed a model
+    (or a spawned worker) left fused steps unseen, and eval kept stale tables."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()  # tables built
+    torch.save((layer, x, y), tmp_path / "layer.pt")
+    script = (f"import torch, lsh_torch\n"
+              f"layer, x, y = torch.load({str(tmp_path / 'layer.pt')!r}, weights_only=False)\n"
+              "layer.eval()(x); layer.train()  # the tables checked against the weight's version\n"
+              "opt = torch.optim.Adam(layer.parameters(), lr=0.5, fused=True)\n"
+              "lsh_torch.sparse_cross_entropy(layer.forward_sparse(x, y), y).backward(); opt.step()\n"
+              "layer.eval()(x); print(layer.tables.rehashed)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) > 0  # the eval lookup re-hashed the rows the fused step moved
 
 
 @pytest.mark.parametrize("hash", ["srp", "dwta"])

@@ -85,16 +85,21 @@ def test_lazy_adam_op_bumps_versions_and_refuses_leaves_in_grad_mode():
     param, m, v, rows, grad = state()
     weight = param.clone().requires_grad_()
     loss = (weight * weight).sum()
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+    with pytest.raises(RuntimeError, match="requires grad, and has no derivative"):
         torch.ops.lsh_torch.lazy_adam_(weight, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
     with torch.no_grad():
         torch.ops.lsh_torch.lazy_adam_(weight, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
     assert (weight._version, m._version, v._version) == (1, 1, 1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    with pytest.raises(RuntimeError, match="requires grad, and has no derivative"):  # a view of a leaf: the leaf
+        torch.ops.lsh_torch.lazy_adam_(weight[:], m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    with torch.inference_mode():
+        inference_m = m.clone()
+    ops.lazy_adam_(param, inference_m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)  # a version to bump but m's
     compiled = torch.compile(ops.lazy_adam_, backend="eager")
     compiled(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8)
-    assert param._version == 1
+    assert param._version == 2
 
 
 def test_lazy_adam_reads_strided_and_expanded_gradients():
