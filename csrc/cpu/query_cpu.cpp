@@ -30,6 +30,7 @@ namespace {
 // its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at kMaxHits (never reached:
 // the type is chosen by the most hits a query can give); kChosen marks a neuron already in the
 // active set.
+constexpr size_t kHistogramLevels = size_t(1) << 16;  // hit-count levels of a part's histogram (512 KB)
 template <typename Hits>
 constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
 template <typename Hits>
@@ -421,8 +422,11 @@ class ActiveSetBuilder {
       top = std::max(top, h);
       h = 0;
     }
-    part.histogram.assign(static_cast<size_t>(top) + 1, 0);
-    for (Hits h : part.hits) ++part.histogram[h];
+    // Counts beyond kHistogramLevels - 1 share the last level: 32-bit counts (up to batch * L) would
+    // otherwise size it by millions per part. The floor finish() reads off it is then only lower
+    // (more candidates ranked by their exact hits), never wrong.
+    part.histogram.assign(std::min<size_t>(top, kHistogramLevels - 1) + 1, 0);
+    for (Hits h : part.hits) ++part.histogram[std::min<size_t>(h, kHistogramLevels - 1)];
   }
 
   void reset() {
