@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Optional
 
 import torch
@@ -45,6 +46,20 @@ def _norms(rows: Tensor) -> Tensor:
     """Row norms in float32 or wider (the dtype argument saves reduced-precision rows a float copy)."""
     wide = rows.dtype in (torch.float32, torch.float64)
     return torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
+
+
+_probes = itertools.count()
+
+
+def _keeps_values(fn, device) -> bool:
+    """Whether ``fn`` (what ``Module._apply`` maps over the tensors) keeps their values, as ``.to()``,
+    ``.half()`` or ``.cuda()`` do and ``to_empty()`` does not: tried on a few values exact in every
+    floating dtype, other ones at each call (comparing the buffers themselves failed when uninitialised
+    memory held the very values, a freed copy of them: seen in CI)."""
+    k = next(_probes) % 64
+    probe = torch.tensor([k + 0.5, -k - 0.25, 0.125, 3.0], device=device)
+    out = fn(probe)
+    return not out.is_meta and out.is_floating_point() and torch.equal(out.float().to(device), probe)
 
 
 class LSHTables(nn.Module):
@@ -129,7 +144,7 @@ class LSHTables(nn.Module):
             if old is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         seeded, old = self.hash_buffer, before[self.hash.buffer]
-        if not seeded.is_meta and (old.is_meta or not torch.equal(seeded, old.to(seeded.device))):
+        if not seeded.is_meta and (old.is_meta or not _keeps_values(fn, old.device)):
             # Values not kept (to_empty(), from the meta device or not: uninitialised memory): a new layer's.
             self.reset(seeded.device)
         return self

@@ -113,6 +113,25 @@ def test_meta_device_construction_then_load_with_assign_hashes_like_a_normal_lay
         assert torch.equal(lazy.tables.projection, like.tables.projection)
 
 
+def test_to_empty_is_seen_even_where_uninitialised_memory_holds_the_projection(monkeypatch):
+    """to_empty() was detected by the projection's values changing: memory that happened to hold them
+    (a freed copy; seen once in CI) kept the uninitialised tables, and a lookup failed in an op."""
+    torch.manual_seed(0)
+    layer, normal = (LSHLinear(16, 200, active=20, seed=3, inference="lsh") for _ in range(2))
+    layer(torch.randn(4, 16))  # tables built
+    projection, empty_like = layer.tables.projection.clone(), torch.empty_like
+
+    def reused_memory(t, *args, **kwargs):  # the projection's old values where it was, garbage elsewhere
+        return projection.clone() if t.shape == projection.shape else empty_like(t, *args, **kwargs).fill_(7)
+    monkeypatch.setattr(torch, "empty_like", reused_memory)
+    layer.to_empty(device="cpu")
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    layer.weight.data.copy_(normal.weight.data)  # as transformers' _init_weights does: no load to mark it stale
+    layer.bias.data.copy_(normal.bias.data)
+    x = torch.randn(4, 16)
+    assert torch.equal(layer.eval()(x), normal.eval()(x))
+
+
 def test_random_selection_topk_after_a_meta_construction_and_assign_load():
     """topk of a selection="random" layer keyed its rows with the meta projection (CPU times meta gave
     garbage, every row the same key): other answers than a normally built layer's."""
