@@ -94,8 +94,7 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             layer._mark_stale()
         else:
             device = layer.weight.device
-            if layer.tables.hash_buffer.is_meta:  # load_state_dict(assign=True) gave weights, not the seeded buffers
-                layer.tables.reset(device)
+            layer.tables.materialise(device)
             for name in ("offsets", "items", "codes", "fingerprints", "max_norm"):
                 value = tables.get(name)
                 if name in ("offsets", "items") or value is not None:

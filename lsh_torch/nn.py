@@ -357,8 +357,7 @@ class LSHLinear(nn.Module):
 
     def _materialise_tables(self) -> None:
         _check_not_meta(self.weight)
-        if self.tables.hash_buffer.is_meta:  # load_state_dict(assign=True) gave weights, not the non-persistent tables
-            self.tables.reset(self.weight.device)
+        self.tables.materialise(self.weight.device)
 
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
                    sparse: bool = False) -> Tensor:

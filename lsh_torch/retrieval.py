@@ -92,9 +92,9 @@ def check_min_recall(min_recall) -> float:
 def exact_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
     """``F.linear(x, weight, bias).topk(k, dim=1)``, a block of inputs at a time so that at most
     :data:`EXACT_BLOCK` scores exist at once (1,024 inputs at 670K outputs would be 2.7 GB)."""
-    block = max(1, EXACT_BLOCK // max(1, weight.shape[0]))
     if k == 0:  # no scores needed
         return x.new_empty(x.shape[0], 0), torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    block = max(1, EXACT_BLOCK // max(1, weight.shape[0]))
     if x.shape[0] <= block:
         return F.linear(x, weight, bias).topk(k, dim=1)
     parts = [F.linear(x[i:i + block], weight, bias).topk(k, dim=1) for i in range(0, x.shape[0], block)]

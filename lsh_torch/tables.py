@@ -118,6 +118,13 @@ class LSHTables(nn.Module):
         # The asymmetric transform's M since the last full build (a 0-dim tensor; None without one).
         self.register_buffer("max_norm", None, persistent=False)
 
+    def materialise(self, device) -> None:
+        """Draw the seeded buffers on ``device`` if they are still on the meta device:
+        ``load_state_dict(assign=True)`` after a meta-device construction moves the weights, not these
+        non-persistent buffers."""
+        if self.hash_buffer.is_meta:
+            self.reset(device)
+
     def _seeded_buffers(self, device) -> tuple[Tensor, Tensor]:
         """The hash family's buffer (the projection or the bins) and the fingerprint vector:
         functions of the seed alone, drawn on the CPU (device None: the default device, which
