@@ -102,7 +102,7 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                 elif name == "codes":  # a state without codes: the next rebuild hashes every row
                     layer.tables.codes = layer.tables.codes.new_zeros(layer.tables.num_tables, 0)
             layer._stale = False
-            layer._hashed_version = None  # hashed from the weights of the last rebuild: an eval lookup re-checks the rows
+            # (the tables training left, for the loaded weight: eval keeps them, as in the run that saved them)
             layer._tables_from_checkpoint = True  # a load_state_dict before their first use warns
         layer.step = step
 

@@ -120,7 +120,7 @@ class RecallCheck:
 def weight_version(weight: Optional[Tensor]):
     """What tells, with the tensor's identity, whether ``weight`` (or a bias; None: none) changed since
     an index was built from it: its storage, shape, dtype, device and version counter (every in-place
-    change bumps it: optimizer steps, fused ones too (see :func:`_see_fused_steps`), ``copy_``,
+    change bumps it: optimizer steps, fused ones too (see :func:`follow_optimizer_steps`), ``copy_``,
     ``load_state_dict``; not writes through ``.data``). An inference tensor has no version counter:
     then the rest only (in-place changes to it, possible under ``inference_mode``, go unseen)."""
     if weight is None:
@@ -150,28 +150,41 @@ def tensor_ref(t: Tensor):
     return _Held(t) if isinstance(t, nn.Parameter) else weakref.ref(t)
 
 
-_fused_step_hook = None
+_step_hook = None
+_stepped_layers: "weakref.WeakSet" = weakref.WeakSet()  # layers whose weights' steps are recorded
 
 
-def _see_fused_steps() -> None:
-    """A fused optimizer (``torch.optim.Adam(..., fused=True)`` and the like) updates its parameters in
-    place without bumping their version counters, so tables and indexes would take the old weight's
-    answers for the new one's (eval lookups, ``topk``). After every fused optimizer step, the version
-    counters of the parameters it updated (with a gradient) are bumped, as PyTorch's other in-place
-    updates do. Registered once, with the first layer or index; it costs a fused step one counter
-    increment per parameter."""
-    global _fused_step_hook
+def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
+    """After every optimizer step (registered once, with the first layer), two things:
 
-    def bump(optimizer, args, kwargs) -> None:
+    * a fused optimizer (``torch.optim.Adam(..., fused=True)`` and the like) updates its parameters in
+      place without bumping their version counters, so indexes would take the old weight's answers
+      for the new one's (``topk``): the counters of the parameters it updated (with a gradient) are
+      bumped, as PyTorch's other in-place updates do;
+    * ``layer`` (an LSHLinear) is told the version its weight has after a step that updated it
+      (``_optimizer_stepped``): its eval lookups keep the tables training left, and re-hash only after
+      other writes (an EMA ``copy_``, an init).
+
+    It costs a step one pass over its parameters."""
+    global _step_hook
+
+    def after_step(optimizer, args, kwargs) -> None:
+        stepped = set()
         for group in optimizer.param_groups:
-            if not group.get("fused"):  # the others' in-place updates bump the versions themselves
-                continue
             for p in group["params"]:  # those it stepped: a parameter without a gradient is left alone
-                if p.grad is not None and not p.is_inference():
+                if p.grad is None or p.is_inference():
+                    continue
+                if group.get("fused"):  # the others' in-place updates bump the versions themselves
                     torch.autograd.graph.increment_version(p)
+                stepped.add(id(p))
+        for stepped_layer in list(_stepped_layers):
+            if id(stepped_layer.weight) in stepped:
+                stepped_layer._optimizer_stepped()
 
-    if _fused_step_hook is None:
-        _fused_step_hook = register_optimizer_step_post_hook(bump)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(after_step)
+    if layer is not None:
+        _stepped_layers.add(layer)
 
 
 class TopkIndex:
@@ -196,7 +209,7 @@ class TopkIndex:
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
         self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
-        _see_fused_steps()
+        follow_optimizer_steps()
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
         if not bool(torch.isfinite(norms).all()):

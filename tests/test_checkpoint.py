@@ -236,8 +236,9 @@ def test_resume_is_exact_from_a_checkpoint_of_stale_tables(script, mode):
 
 
 def test_eval_after_a_resume_follows_the_weights_as_the_saving_process_does():
-    """load_lsh_state restores the last rebuild's tables: an eval lookup must re-check the rows against
-    the loaded weights, as it does in the process that saved them (it took the tables as current)."""
+    """load_lsh_state restores the last rebuild's tables: an eval lookup of the resumed model must answer
+    as the saving process's does, from the tables training left (once it re-checked the rows against
+    the loaded weights while the saving process took the tables as current; then the reverse)."""
     torch.manual_seed(0)
 
     def make():
@@ -255,4 +256,6 @@ def test_eval_after_a_resume_follows_the_weights_as_the_saving_process_does():
     resumed.load_state_dict(trained.state_dict())
     load_lsh_state(resumed, lsh_state(trained))
     q = torch.randn(16, 32)
+    codes = trained.tables.codes.clone()
     assert torch.equal(trained.eval().active_set(q), resumed.eval().active_set(q))
+    assert torch.equal(trained.tables.codes, codes) and torch.equal(resumed.tables.codes, codes)

@@ -144,8 +144,9 @@ def test_random_selection_topk_after_a_meta_construction_and_assign_load():
 
 
 def test_a_process_that_only_unpickles_layers_sees_fused_steps(tmp_path):
-    """The fused-step hook was registered when a layer was built: a process that torch.load-ed a model
-    (or a spawned worker) left fused steps unseen, and eval kept stale tables."""
+    """The step hook was registered when a layer was built: a process that torch.load-ed a model (or a
+    spawned worker) left fused steps unseen (topk kept a stale index) and eval could not tell steps from
+    other writes."""
     torch.manual_seed(0)
     layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
     x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
@@ -155,12 +156,13 @@ def test_a_process_that_only_unpickles_layers_sees_fused_steps(tmp_path):
               f"layer, x, y = torch.load({str(tmp_path / 'layer.pt')!r}, weights_only=False)\n"
               "layer.eval()(x); layer.train()  # the tables checked against the weight's version\n"
               "opt = torch.optim.Adam(layer.parameters(), lr=0.5, fused=True)\n"
-              "lsh_torch.sparse_cross_entropy(layer.forward_sparse(x, y), y).backward(); opt.step()\n"
-              "layer.eval()(x); print(layer.tables.rehashed)\n")
+              "lsh_torch.sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()\n"
+              "version = layer.weight._version; opt.step()\n"
+              "print(layer.weight._version > version, layer._stepped_version == layer.weight._version)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) > 0  # the eval lookup re-hashed the rows the fused step moved
+    assert out.stdout.split()[-2:] == ["True", "True"]  # the fused step was bumped and seen by the layer
 
 
 @pytest.mark.parametrize("hash", ["srp", "dwta"])
