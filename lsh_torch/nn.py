@@ -504,6 +504,9 @@ class LSHLinear(nn.Module):
         input, weight, bias = self._operands(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)
+        if self.budget == self.out_features:  # every neuron active: nothing to hash or scatter
+            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self.sparse_grad)
+            return values.reshape(*input.shape[:-1], self.out_features)
         values, active, _ = self._sparse(input.reshape(-1, self.in_features), weight, bias, None, self.mode == "shared",
                                          False)
         out = values.new_zeros(values.shape[0], self.out_features)
