@@ -323,7 +323,8 @@ class LSHLinear(nn.Module):
 
     def _optimizer_stepped(self) -> None:
         """An optimizer step updated the weight (see :func:`retrieval.follow_optimizer_steps`)."""
-        self._stepped_version = None if torch.compiler.is_compiling() else self.weight._version
+        self._stepped_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
+                                 else self.weight._version)
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight

@@ -150,6 +150,27 @@ def test_eval_keeps_the_training_tables_after_optimizer_steps_and_re_hashes_afte
     assert layer.tables.rehashed > 0 and torch.equal(layer.tables.codes, full_build_of(layer).codes)
 
 
+def test_eval_keeps_the_training_tables_when_an_optimizer_gains_the_layer_later():
+    """The step hook knows an optimizer's parameters from a cache: a group added after its first step
+    (add_param_group) must be seen, or eval takes that layer's steps for other writes and re-hashes."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    other = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([other], lr=0.5)
+    other.grad = torch.ones(3)
+    opt.step()
+    opt.add_param_group({"params": list(layer.parameters())})
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    for _ in range(3):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        opt.step()
+    trained = layer.tables.codes.clone()
+    assert not torch.equal(trained, full_build_of(layer).codes)
+    layer.eval()(x)
+    assert torch.equal(layer.tables.codes, trained)
+
+
 def test_eval_keeps_the_training_tables_of_a_pickled_or_copied_layer(tmp_path):
     """A copy answers in eval as the layer it copies: the same tables, kept (not re-hashed) if they answered
     for the weight, re-hashed if a write had moved it."""
