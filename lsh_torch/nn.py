@@ -430,6 +430,8 @@ class LSHLinear(nn.Module):
         if labels is None:
             labels = torch.full((x.shape[0], 0), -1, dtype=torch.int64, device=x.device)
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
+        if shared and labels.numel() and torch.compiler.is_compiling():
+            _refuse_shared_labels_in_a_graph(self)
         forced = _distinct_labels(labels) if shared else labels.shape[1]
         top, pool = self._top_set_sizes(forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
@@ -974,6 +976,18 @@ def _check_tail(tail, budget: int):
     if isinstance(tail, int) and not 0 <= tail <= budget:
         raise ValueError(f"tail must be in [0, active budget={budget}], got {tail}")
     return tail
+
+
+def _refuse_shared_labels_in_a_graph(layer: LSHLinear) -> None:
+    """A shared set's top set is as large as the budget leaves beside the batch's distinct labels, a
+    number read from the data: torch.compile breaks the graph there; fullgraph and export cannot."""
+    why = (f"{type(layer).__name__}(out_features={layer.out_features}): an eval forward_sparse with labels in shared mode "
+           "sizes its top set by the number of distinct labels in the batch, read from the data, so it cannot be "
+           "one graph. Call it without labels, use mode='per_row', inference='dense', or torch.compile without "
+           "fullgraph (it breaks the graph there).")
+    if torch.compiler.is_exporting():
+        raise RuntimeError(why)
+    torch._dynamo.graph_break(msg=why)
 
 
 def _distinct_labels(labels: Tensor) -> int:

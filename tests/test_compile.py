@@ -182,6 +182,29 @@ def test_export_of_a_training_forward_says_why_not(sparse):
     assert model.hidden.step == steps  # refused before the step was counted
 
 
+def test_a_shared_eval_lookup_with_labels_breaks_the_graph_and_says_why_where_it_cannot():
+    """Its top set's size depends on the batch's distinct labels: fullgraph and export failed deep in
+    tracing (GuardOnDataDependentSymNode); now they say why, and a plain compile equals eager."""
+    layer = LSHLinear(16, 20000, mode="shared", seed=1).eval()
+    x, y = torch.randn(8, 16), torch.randint(0, 20000, (8,))
+    eager = layer.forward_sparse(x, y)
+    compiled = torch.compile(lambda x, y: layer.forward_sparse(x, y), backend="aot_eager")(x, y)
+    assert torch.equal(compiled.indices, eager.indices) and torch.equal(compiled.values, eager.values)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="distinct labels in the batch"):
+        torch.compile(lambda x, y: layer.forward_sparse(x, y), backend="aot_eager", fullgraph=True)(x, y)
+
+    class Sparse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, y):
+            return self.layer.forward_sparse(x, y)
+    with pytest.raises(RuntimeError, match="distinct labels in the batch"):
+        torch.export.export(Sparse(), (x, y))
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_exporting_approximate_topk_is_refused_clearly(strict):
     """Non-strict export read a FakeTensor's data pointer ("Cannot access data pointer of Tensor")."""
