@@ -77,7 +77,8 @@ def train_for(model, data, test, args, name: str) -> tuple[list[tuple[float, int
             del marks[:len(passed)]
             held_out = held_out_loss(model, test, args.context, args.eval_tokens)
             points += [(mark, steps, held_out) for mark in passed]
-            print(f"  {name}: {clock:6.1f} s, {steps:5d} steps, train loss {loss.item():.3f}, "
+            kind = "train loss" if name == "unpatched" else "train loss (sampled estimate)"
+            print(f"  {name}: {clock:6.1f} s, {steps:5d} steps, {kind} {loss.item():.3f}, "
                   f"held-out loss {held_out:.3f}", flush=True)
             if not marks:
                 return points, clock

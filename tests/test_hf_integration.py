@@ -183,10 +183,37 @@ def test_patched_forward_keeps_the_signature_and_copies_cleanly():
     # Trainer (remove_unused_columns, loss kwargs) and generate() read the forward's signature.
     assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
     clone = copy.deepcopy(model)
-    assert clone.forward.__self__ is clone and clone._lsh_torch_forward.__self__ is clone
+    assert clone.forward.model is clone
     ids, labels = batch()
     clone(ids, labels=labels).loss.backward()
     assert clone.lm_head.step == 1 and model.lm_head.step == 0
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_a_pickled_patched_model_keeps_its_patch(model_type, tmp_path):
+    """The patched forward was a closure bound to the model, which pickle stores by name: torch.save(model)
+    and spawned workers got transformers' own forward back, whose loss ran over the zero-filled training
+    output of the LSHLinear head (a wrong loss, no error), and patch() refused to patch it again."""
+    model = lsh_hf.patch(tiny(model_type), active=128)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids, labels = batch()
+    out, expected = loaded(ids, labels=labels), model(ids, labels=labels)
+    assert out.logits is None and torch.equal(out.loss, expected.loss)
+    assert inspect.signature(loaded.forward) == inspect.signature(type(loaded).forward.__get__(loaded))
+    lsh_hf.unpatch(loaded)
+    assert "forward" not in vars(loaded) and type(loaded.lm_head) is torch.nn.Linear
+
+
+def test_compiling_a_patched_model_does_not_warn():
+    """The output class came from a functools.cache'd helper: dynamo warned of "silent incorrectness"."""
+    torch._dynamo.reset()
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    ids, labels = batch()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache.*")
+        torch.compile(lambda: model(ids, labels=labels).loss, backend="eager")().backward()
+    torch._dynamo.reset()
 
 
 def test_unpatch_gives_back_the_model_and_a_hand_unconverted_head_runs_dense():
@@ -300,6 +327,17 @@ def test_a_converted_head_is_taken_as_it_is():
     assert lsh_hf.patch(model).lm_head is head and head.budget == 64
 
 
+def test_eval_of_a_head_converted_with_lsh_inference_is_exact():
+    """A head converted by hand with inference="lsh" gave eval and generate() zero-filled logits."""
+    reference = tiny("gpt2").eval()
+    model = lsh_hf.patch(lsh_torch.convert(copy.deepcopy(reference), min_out_features=VOCAB, active=64,
+                                           inference="lsh")).eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert model.lm_head.inference == "lsh"  # the head's own setting, kept outside the patched calls
+
+
 def test_bad_input_gets_clear_errors():
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         lsh_hf.patch(torch.nn.Linear(4, 4))
@@ -315,6 +353,8 @@ def test_bad_input_gets_clear_errors():
     model.lm_head = None
     with pytest.raises(TypeError, match="output head"):
         lsh_hf.patch(model)
+    with pytest.raises(ValueError, match="inference='lsh': patch.. keeps eval and generate.. exact"):
+        lsh_hf.patch(tiny("gpt2"), active=128, inference="lsh")  # eval's softmax would count unscored words as 0
     model = lsh_hf.patch(tiny("gpt2"), active=128)
     with pytest.raises(ValueError, match="patched already"):
         lsh_hf.patch(model)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import types
 import typing
@@ -73,11 +72,17 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     unpatched class loads). The head's hash tables are rebuilt by its own schedule (``rebuild=``,
     counted in training forward passes, micro-batches included).
 
+    With ``sparse_grad=True`` an untied head's gradient is sparse: give the Trainer
+    ``optimizers=(lsh_torch.LazyAdam(...), None)`` and ``max_grad_norm=0`` (AdamW and
+    ``clip_grad_norm_``, its defaults, refuse sparse gradients). The patch survives ``torch.save(model)``,
+    pickling and spawned workers.
+
     Raises:
         TypeError: ``model`` is not a transformers model with a linear output head.
         ValueError: its ``model_type`` is not one of :data:`SUPPORTED_MODEL_TYPES`, or it is not that
             type's causal-LM class (``GPT2DoubleHeadsModel``'s second loss would be lost), it is patched
-            already, or ``lsh_kwargs`` are given for a head that is an LSHLinear already.
+            already, ``lsh_kwargs`` are given for a head that is an LSHLinear already, or ask for
+            ``inference="lsh"`` (eval stays exact).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -93,6 +98,10 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     if getattr(model, "_lsh_torch_patched", False):
         raise ValueError("model is patched already")
     label_smoothing = check_label_smoothing(label_smoothing)
+    if lsh_kwargs.get("inference", "dense") != "dense":
+        raise ValueError(f"inference={lsh_kwargs['inference']!r}: patch() keeps eval and generate() exact (the softmax "
+                         "over a zero-filled LSH forward would count every unscored word as logit 0); for a sparse "
+                         "retrieval of the best words use model.get_output_embeddings().topk(hidden, k)")
     head = model.get_output_embeddings()
     if isinstance(head, LSHLinear):
         if lsh_kwargs:
@@ -105,14 +114,13 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
         raise TypeError(f"model must have an nn.Linear output head (model.get_output_embeddings()), got "
                         f"{type(head).__name__}")
 
-    @functools.wraps(type(model).forward)  # keeps the signature, which Trainer and generate() inspect
-    def forward(self, *args, **kwargs):
-        return _forward(self, *args, **kwargs)
-
-    model._lsh_torch_forward = model.forward  # the bound original (or whatever wraps it, e.g. accelerate's hooks)
-    model.forward = types.MethodType(forward, model)
+    original = model.forward  # the bound original (or whatever wraps it, e.g. accelerate's hooks)
+    # None for the class's own forward: a pickled bound method is re-read by name (getattr) on load
+    model._lsh_torch_forward = None if _is_class_forward(model, original) else original
+    model.forward = _PatchedForward(model)
     model._lsh_torch_patched = True
     model._lsh_torch_label_smoothing = label_smoothing
+    model._lsh_torch_output = _output_class(type(model))  # read here: dynamo warns of a cached helper in a graph
     return model
 
 
@@ -122,28 +130,55 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     if not getattr(model, "_lsh_torch_patched", False):
         raise ValueError("model is not patched")
     original = model._lsh_torch_forward
-    if isinstance(original, types.MethodType) and original.__self__ is model and \
-            original.__func__ is type(model).forward:
+    if original is None:
         del model.forward  # the class's own again, not an instance attribute
     else:
         model.forward = original  # what wrapped it before the patch (accelerate's hooks, ...)
     head = model.get_output_embeddings()
     if isinstance(head, LSHLinear):
         model.set_output_embeddings(unconvert(head))
-    for name in ("_lsh_torch_forward", "_lsh_torch_patched", "_lsh_torch_label_smoothing"):
+    for name in ("_lsh_torch_forward", "_lsh_torch_patched", "_lsh_torch_label_smoothing", "_lsh_torch_output"):
         delattr(model, name)
     return model
 
 
+def _is_class_forward(model, method) -> bool:
+    return isinstance(method, types.MethodType) and method.__self__ is model and method.__func__ is type(model).forward
+
+
+class _PatchedForward:
+    """The patched ``model.forward``: an object (not a closure) so that pickle, ``torch.save(model)`` and
+    spawned workers keep the patch; its signature is the model's forward's, which Trainer and generate() read."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+    @property
+    def __wrapped__(self):
+        return type(self.model).forward.__get__(self.model)
+
+    def __call__(self, *args, **kwargs):
+        return _forward(self.model, *args, **kwargs)
+
+
+def _original_forward(model):
+    original = model._lsh_torch_forward
+    return type(model).forward.__get__(model) if original is None else original
+
+
 def _forward(model: PreTrainedModel, *args, **kwargs):
     if not isinstance(model.get_output_embeddings(), LSHLinear):  # unconverted by hand (lsh_torch.unconvert)
-        return model._lsh_torch_forward(*args, **kwargs)
+        return _original_forward(model)(*args, **kwargs)
     bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
     arguments = dict(bound.arguments)
     labels = arguments.pop("labels", None)
     if not model.training or labels is None:
         with _dense(model.get_output_embeddings()):
-            return model._lsh_torch_forward(*args, **kwargs)
+            return _original_forward(model)(*args, **kwargs)
     del arguments["self"]
     logits_to_keep = arguments.pop("logits_to_keep", 0)
     for name, parameter in inspect.signature(type(model).forward).parameters.items():
@@ -161,14 +196,13 @@ def _forward(model: PreTrainedModel, *args, **kwargs):
     hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     loss = _sparse_loss(model.get_output_embeddings(), hidden, labels, shift_labels, ignore_index, num_items_in_batch,
                         model._lsh_torch_label_smoothing)
-    output = _output_class(type(model))
+    output = model._lsh_torch_output
     fields = {f.name for f in dataclasses.fields(output)}
     result = output(loss=loss, logits=None, **{name: value for name, value in outputs.items() if name in fields})
     # As a tuple, logits keep their place (None) after the loss, as in the unpatched model's tuple.
     return result if return_dict else (loss, None) + tuple(v for k, v in result.items() if k != "loss")
 
 
-@functools.cache
 def _output_class(cls: type) -> type:
     """The output class the model's forward returns (GPT-2's has cross-attentions), read off its annotation."""
     returned = typing.get_type_hints(cls.forward).get("return")
@@ -209,9 +243,11 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
 @contextlib.contextmanager
 def _dense(head: LSHLinear):
     """The head's exact path for one call: in training mode too, calls without labels get the
-    unpatched model's logits (a training-mode LSHLinear.forward would be zero outside its active set)."""
-    training, head.training = head.training, False
+    unpatched model's logits (a training-mode LSHLinear.forward would be zero outside its active set),
+    and a head converted by hand with inference="lsh" is dense here."""
+    training, inference = head.training, head.inference
+    head.training, head.inference = False, "dense"
     try:
         yield
     finally:
-        head.training = training
+        head.training, head.inference = training, inference
