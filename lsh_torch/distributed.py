@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from ._checks import check_int
 from .losses import (_check_labels_forced, _check_labels_found, _drawn, _label_columns, _label_rows, _mask_of,
                      reduce_loss, smoothed_target)
@@ -145,18 +146,35 @@ def data_parallel(module: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDat
     skip = {id(t) for t in unmanaged_parameters(module)} | {id(b) for m in [*replicated, *sharded] for b in m.buffers()}
     names = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if id(t) in skip]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    before = [(layer, _values_signature(layer)) for layer in replicated]
     with torch.no_grad():
         for p in _replicated_sparse_parameters(module):
             dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     wrapped = nn.parallel.DistributedDataParallel(module, **ddp_kwargs)
     # These broadcasts and DDP's own wrote rank 0's values in place without bumping version counters: bumped
-    # here, so that a topk index built before from this rank's weights is rebuilt. (The training tables keep
-    # theirs, restored by load_lsh_state for an exact resume, or fixed by the next rebuild's fingerprints.)
-    for layer in replicated:
-        for p in (layer.weight, layer.bias):
-            if p is not None and not p.is_inference():
-                torch.autograd.graph.increment_version(p)
+    # here where they changed a layer, so that a topk index built before from this rank's weights is rebuilt
+    # and eval re-hashes. (Not where they changed nothing, as after loading one checkpoint on every rank: eval
+    # keeps the restored tables, and a resumed run goes on as the saving one. The training tables keep theirs,
+    # restored by load_lsh_state for an exact resume, or fixed by the next rebuild's fingerprints.)
+    for layer, signature in before:
+        if not all(_same(a, b) for a, b in zip(signature, _values_signature(layer))):
+            for p in (layer.weight, layer.bias):
+                if p is not None and not p.is_inference():
+                    torch.autograd.graph.increment_version(p)
     return wrapped
+
+
+@torch.no_grad()
+def _values_signature(layer: LSHLinear) -> tuple[Tensor, Optional[Tensor]]:
+    """What tells whether a write changed ``layer``'s weight or bias, without a copy of the weight: its
+    rows' fingerprints (what an incremental rebuild compares), and the bias."""
+    weight = layer.weight.detach()
+    vector = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    return ops.row_fingerprints(weight, vector), None if layer.bias is None else layer.bias.detach().clone()
+
+
+def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    return a is None or torch.equal(a, b)
 
 
 @torch.no_grad()
@@ -482,9 +500,15 @@ class ShardedLSHLinear(nn.Module):
             self.budgets = [_budget(_shard_kwargs(out_features, w, lsh_kwargs)["active"], w) for w in self.widths]
         except Exception as caught:
             error = caught
+        # The ranks must build the same layer: another out_features split the rows otherwise (rows of no rank,
+        # silently), another in_features or dtype aborted the process inside gloo. (As many numbers on every rank.)
+        built = None if error else self.shard.weight.dtype
+        agreed = (in_features, out_features, float(bias), zlib.crc32(str(built or dtype).encode()),
+                  0 if error else sum(self.budgets))
         # gloo talks through CPU tensors, NCCL through the current CUDA device's (whatever the layer's device).
         _stop_everywhere(error, process_group, torch.device("cpu") if dist.get_backend(process_group) == "gloo"
-                         else torch.device("cuda", torch.cuda.current_device()))
+                         else torch.device("cuda", torch.cuda.current_device()), agreed,
+                         "in_features, out_features, bias, dtype (a CRC of its name) and the active budget")
         self.register_state_dict_post_hook(_note_rows)
         self.reset_parameters()
 

@@ -2,6 +2,7 @@
 (DDP, FSDP2) and the vocabulary-parallel ShardedLSHLinear, against single-process references.
 
 Each test spawns its ranks; they write what they computed to files that the test compares."""
+import copy
 import math
 import os
 import sys
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from lsh_torch import LazyAdam, LSHLinear, SparseOutput, sparse_cross_entropy
+from lsh_torch import LazyAdam, LSHLinear, SparseOutput, load_lsh_state, lsh_state, sparse_cross_entropy
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel, shard_range,
                                    unmanaged_parameters)
 
@@ -104,6 +105,57 @@ def _data_parallel_run(rank, wrapper, out_features, active, steps, optimizer="sg
     return {"state": state, "sent": sent, "index_rebuilt": index_rebuilt}
 
 
+def _resume_run(rank, order):
+    """Train, save, go on with an eval at the first step after; then resume a fresh model from the save,
+    wrapping it by data_parallel before or after loading, and go on alike."""
+    def make():
+        return _Net(lambda: LSHLinear(HIDDEN, 300, active=30, sparse_grad=True, rebuild=4, inference="lsh"))
+
+    def steps(net, model, opt, first, last):
+        losses, evals = [], []
+        for step in range(first, last):
+            if step == first:  # an eval between steps
+                net.eval()
+                with torch.no_grad():
+                    evals.append(net.head(net(torch.randn(6, IN, generator=torch.Generator().manual_seed(9)))))
+                net.train()
+            x, y = _batch(10 * step + rank, 8, 300)
+            loss = sparse_cross_entropy(net.head.forward_sparse(model(x), y), y)
+            opt.zero_grad()
+            loss.backward()
+            all_reduce_sparse_grads(net)
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses), evals[0]
+
+    torch.manual_seed(0)
+    net = make()
+    model, opt = data_parallel(net), torch.optim.SGD(net.parameters(), lr=0.5)
+    steps(net, model, opt, 0, 6)
+    saved = {"model": copy.deepcopy(net.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "lsh": lsh_state(net)}
+    uninterrupted = steps(net, model, opt, 6, 10)
+    torch.manual_seed(5)
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    if order == "wrap_first":
+        model = data_parallel(net)
+    net.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    load_lsh_state(net, saved["lsh"])
+    if order == "load_first":
+        model = data_parallel(net)
+    return uninterrupted, steps(net, model, opt, 6, 10)
+
+
+@pytest.mark.parametrize("order", ["wrap_first", "load_first"])
+def test_a_resume_under_data_parallel_goes_on_exactly_in_either_order(tmp_path, order):
+    """data_parallel bumped every replicated layer's version counter after its broadcasts, also where they
+    changed nothing (every rank loaded the same checkpoint, then wrapped): the first eval lookup then
+    re-hashed the restored tables, and the resumed run's losses parted from the uninterrupted run's."""
+    for (losses, evals), (resumed_losses, resumed_evals) in _spawn(_resume_run, tmp_path, order):
+        assert torch.equal(evals, resumed_evals) and torch.equal(losses, resumed_losses)
+
+
 def _single_process_run(out_features, steps, optimizer="sgd"):
     torch.manual_seed(0)
     net = _Net(lambda: LSHLinear(HIDDEN, out_features, active=out_features, sparse_grad=True, rebuild=2))
@@ -122,7 +174,8 @@ def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper, optimizer)
     """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
     only touched rows travel."""
     ranks = _spawn(_data_parallel_run, tmp_path, wrapper, 64, 16, 4, optimizer)
-    assert all(rank["index_rebuilt"] is (True if wrapper == "ddp" else None) for rank in ranks)
+    # Rank 1's weights were replaced by rank 0's: its index is rebuilt; rank 0's, unchanged, is kept.
+    assert [rank["index_rebuilt"] for rank in ranks] == ([False, True] if wrapper == "ddp" else [None, None])
     before = _single_process_run(64, 0)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
@@ -326,6 +379,13 @@ def test_sharded_training_equals_single_process(tmp_path):
 def _checkpoint_run(rank):
     with pytest.raises(ValueError, match="out_features"):
         ShardedLSHLinear(HIDDEN, 1)  # fewer rows than ranks
+    # Ranks that build different layers: another out_features left rows to no rank (silently), another
+    # in_features or dtype aborted the process inside gloo.
+    agree = "in_features, out_features, bias, dtype .* and the active budget must be the same on every rank"
+    for differing in (dict(out_features=OUT + rank), dict(in_features=HIDDEN + rank), dict(bias=rank == 0),
+                      dict(dtype=torch.float64 if rank else torch.float32), dict(active=4 + rank)):
+        with pytest.raises(ValueError, match=agree):
+            ShardedLSHLinear(**{"in_features": HIDDEN, "out_features": OUT, **differing})
     torch.manual_seed(0)  # seeded alike: the shards must still differ
     layer = ShardedLSHLinear(HIDDEN, OUT)
     with pytest.raises(ValueError, match="labels"):
