@@ -114,3 +114,20 @@ def test_bad_data_files_and_options_stop_with_a_message_not_a_traceback(tmp_path
                             "--bits", "40"], "--runs lsh: bits must be in [1, 20], got 40")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             xmc.main(base + argv)
+
+
+@pytest.mark.slow
+def test_hogwild_runs_learn_with_one_and_two_processes():
+    """examples/hogwild_xmc.py end to end (its options were tested, the lock-free training itself was not):
+    both process counts take the same total steps and rank far above the most popular labels."""
+    import hogwild_xmc
+    args = ["--procs", "1,2", "--train-points", "2000", "--test-points", "400", "--features", "5000",
+            "--labels", "3000", "--epochs", "2", "--eval-points", "200", "--active", "256", "--batch-size", "64",
+            "--warmup-epochs", "0.5"]
+    results = hogwild_xmc.main(args)
+    train, test = xmc_data.generate_split(2000, 400, seed=0, num_features=5000, num_labels=3000)
+    popular = xmc.popular_baseline(train, test)["P@1"]
+    assert [r["procs"] for r in results] == [1, 2]
+    assert results[0]["steps"] == results[1]["steps"] > 0
+    for r in results:
+        assert r["final"]["P@1"] > popular + 0.1, (r["final"], popular)
