@@ -785,3 +785,23 @@ def test_a_forward_with_every_neuron_active_is_a_plain_linear():
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(layer.weight.grad.to_dense(), dw_ref)
     assert layer.tables.items.shape[1] == 0  # never hashed
+
+
+def test_a_full_build_of_a_weight_in_shared_memory_hashes_one_snapshot(monkeypatch):
+    """Hogwild workers write the shared weight while a process rebuilds its tables: a full build took M from
+    the rows' norms, then hashed the rows again, grown meanwhile ("every row's norm must be at most
+    max_norm", a worker died in examples/hogwild_xmc.py one run in five)."""
+    from lsh_torch import tables as tables_module
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 500, active=32, asymmetric=True)
+    layer.weight.detach().share_memory_()
+    norms = tables_module._norms
+
+    def norms_then_another_process_writes(rows):
+        result = norms(rows)
+        with torch.no_grad():
+            layer.weight.mul_(1.01)  # the other process's step, between M and the codes
+        return result
+    monkeypatch.setattr(tables_module, "_norms", norms_then_another_process_writes)
+    layer.forward_sparse(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]))  # the first build is a full one
+    assert layer.tables.rehashed == 500
