@@ -160,6 +160,8 @@ def _parse_line(text: str, where: str, num_features: int, num_labels: int):
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CHUNK = 16_384  # lines parsed at once: their tokens, not the whole file's, are held as Python strings
+MAX_IDS = 2 ** 31 - 1  # features and labels: an LSHLinear's widest (and an embedding's) layer
+CHUNK_CHARS = 8 << 20  # ... or fewer, once their text reaches this: wide points (Wiki10's 673 features) held 3 GB
 
 
 def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
@@ -172,7 +174,7 @@ def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
     ``max_points`` reads only the first points (for a quick run on a large file).
     """
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:  # a BOM (Windows editors) is no header digit
             header = f.readline()
             parts = header.split()
             try:
@@ -184,8 +186,11 @@ def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
             except ValueError:
                 raise XMCFormatError(f"{path}:1: header must be 'num_points num_features num_labels' (three "
                                      f"non-negative integers), got {header.strip()!r}") from None
+            if max(num_features, num_labels) > MAX_IDS:  # a typo: arrays of that size were allocated (745 GiB)
+                raise XMCFormatError(f"{path}:1: the header's {num_features:,} features and {num_labels:,} labels must "
+                                     f"each be at most {MAX_IDS:,} (the widest layer), got {header.strip()!r}")
             want = num_points if max_points is None else min(num_points, max_points)
-            chunks, lines, n, number = [], [], 0, 1  # parsed chunks; the (line number, text) of the one being read
+            chunks, lines, n, number, size = [], [], 0, 1, 0  # parsed chunks; the (line number, text) of the one being read
             for number, line in enumerate(f, start=2):
                 line = line.rstrip("\r\n")
                 if not line:
@@ -196,9 +201,10 @@ def read_xmc(path: str, max_points: Optional[int] = None) -> XMCData:
                     raise XMCFormatError(f"{path}:{number}: more points than the header's {num_points}")
                 lines.append((number, line))
                 n += 1
-                if len(lines) == CHUNK:
+                size += len(line)
+                if len(lines) == CHUNK or size >= CHUNK_CHARS:
                     chunks.append(_parse_lines(lines, path, num_features, num_labels))
-                    lines = []
+                    lines, size = [], 0
             chunks.append(_parse_lines(lines, path, num_features, num_labels))
     except UnicodeDecodeError as error:
         raise XMCFormatError(f"{path}: not UTF-8 text ({error.reason}, byte {error.object[error.start:error.start + 1]!r}"

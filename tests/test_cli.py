@@ -236,6 +236,12 @@ def test_xmc_file_options_need_data(option, value, capsys):
     refuses(script("xmc"), [option, value], option, "needs --data", capsys=capsys)  # ignored silently
 
 
+@pytest.mark.parametrize("option, value", [("--labels", "7"), ("--test-points", "50"), ("--structure", "tree")])
+def test_xmc_synthetic_sizes_are_refused_with_data(option, value, capsys):
+    # The file's header gives the sizes: these were ignored, and the results' args recorded them.
+    refuses(script("xmc"), ["--data", "train.txt", option, value], option, "with --data the file's header", capsys=capsys)
+
+
 def test_xmc_bin_size_needs_dwta(capsys):
     xmc = script("xmc")
     refuses(xmc, ["--bin-size", "4"], "--bin-size", "--hash dwta", capsys=capsys)  # srp switched to DWTA silently

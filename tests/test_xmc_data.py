@@ -86,6 +86,7 @@ def test_reads_the_repository_layout(tmp_path):
     ("1 6 4\n1 1:1e39\n", r":2: bad feature '1:1e39' .*finite float32"),  # inf once cast
     ("3 6 4\n1 0:1\n1 0:1\n\n", r":5: the file ends after 2 points"),  # a blank line was a third, empty point
     ("2 6 4\n1 0:1\n1 0:1\n1 0:1\n", r":4: more points than the header's 2"),  # with max_points=5 too
+    ("3 6 100000000000\n1 0:0.5\n", r":1: the header's 6 features and 100,000,000,000 labels"),  # a 745 GiB array
 ])
 @pytest.mark.parametrize("max_points", [None, 5])
 def test_malformed_files_name_the_line(tmp_path, text, match, max_points):
@@ -111,6 +112,23 @@ def test_bad_lines_are_named_across_chunks_and_other_encodings_are_refused(tmp_p
     packed.write_bytes(gzip.compress(path.read_bytes()))
     with pytest.raises(XMCFormatError, match="chunks.txt.gz: not UTF-8 text.*decompress it first"):
         read_xmc(str(packed))  # was a bare UnicodeDecodeError
+
+
+def test_wide_lines_are_parsed_in_smaller_groups_and_a_byte_order_mark_is_no_header_digit(tmp_path, monkeypatch):
+    """Groups of 16,384 lines held every token of wide points at once (3.3 GB for Wiki10-like points); a
+    file saved with a UTF-8 byte-order mark (Windows editors) was refused at its header."""
+    data = small()
+    path = tmp_path / "train.txt"
+    write_xmc(str(path), data)
+    groups = []
+    parse = xmc_data._parse_lines
+    monkeypatch.setattr(xmc_data, "_parse_lines", lambda lines, *args: groups.append(len(lines)) or parse(lines, *args))
+    monkeypatch.setattr(xmc_data, "CHUNK_CHARS", 2_000)  # a few points' text
+    assert_same(read_xmc(str(path)), data)
+    assert len(groups) > 5 and sum(groups) == len(data)
+    marked = tmp_path / "bom.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert_same(read_xmc(str(marked)), data)
 
 
 def test_label_counts_count_a_point_once():

@@ -116,6 +116,30 @@ def test_bad_data_files_and_options_stop_with_a_message_not_a_traceback(tmp_path
             xmc.main(base + argv)
 
 
+def test_precision_at_k_is_computed_batch_by_batch(monkeypatch):
+    """evaluate and popular_baseline built the whole split's label matrix, padded to its most-labelled
+    point: 2.5 GB for 100,000 test points one of which had 2,000 labels."""
+    torch.manual_seed(0)
+    data = xmc_data.generate(2500, num_features=200, num_labels=500, seed=0)
+    net = xmc.XMCNet(200, 500, hidden=8)
+    ids, offsets, values, labels = data.batch(np.arange(len(data)))
+    with torch.no_grad():
+        top = net.out(net.hidden(ids, offsets, values)).topk(5).indices
+    want = xmc.precision_at(top, labels)
+    popular = torch.from_numpy(np.argsort(-data.label_counts(), kind="stable")[:5].copy())
+    want_popular = xmc.precision_at(popular.expand(len(data), -1), labels)
+    whole = xmc_data.XMCData.batch
+
+    def batch(self, index):
+        assert len(index) <= 1024, "a label matrix of more than a batch"
+        return whole(self, index)
+    monkeypatch.setattr(xmc_data.XMCData, "batch", batch)
+    got, _ = xmc.evaluate(net, "dense", data)
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want)
+    got = xmc.popular_baseline(data, data)
+    assert all(abs(got[k] - want_popular[k]) < 1e-6 for k in want_popular)
+
+
 @pytest.mark.slow
 def test_hogwild_runs_learn_with_one_and_two_processes():
     """examples/hogwild_xmc.py end to end (its options were tested, the lock-free training itself was not):
