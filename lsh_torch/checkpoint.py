@@ -39,7 +39,7 @@ from .nn import LSHLinear
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
@@ -53,6 +53,8 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
             if tables is not None:
                 tables["hash"] = str(t.hash)
                 tables["hashed_with"] = _hashed_with(t)
+                # Whether eval answers from them (as training left them) or re-hashes (a write since): resumed alike.
+                tables["current"] = not module._moved_since_build()
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -102,7 +104,8 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                 elif name == "codes":  # a state without codes: the next rebuild hashes every row
                     layer.tables.codes = layer.tables.codes.new_zeros(layer.tables.num_tables, 0)
             layer._stale = False
-            # (the tables training left, for the loaded weight: eval keeps them, as in the run that saved them)
+            if not tables.get("current", True):  # (states saved before it was: the tables training left)
+                layer._hashed_version = None  # eval re-hashes, as in the run that saved them
             layer._tables_from_checkpoint = True  # a load_state_dict before their first use warns
         layer.step = step
 

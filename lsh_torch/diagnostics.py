@@ -230,8 +230,8 @@ class RecallMonitor:
         """Measure recall on ``x`` now and append it to :attr:`history`."""
         self._note_tables()
         x2 = x.detach().reshape(-1, self.layer.in_features)[: self.max_rows]
-        # The set a training step would draw, in eval mode too: an eval lookup re-hashes the rows moved
-        # since the last training rebuild, which would change the tables training goes on with.
+        # The set a training step would draw, in eval mode too: an eval lookup re-hashes the rows a write
+        # other than an optimizer step moved, which would change the tables training goes on with.
         training, self.layer.training = self.layer.training, True
         try:
             record = active_set_recall(self.layer, x2, k=self.k, include_bias=self.include_bias, sparse=self.sparse)

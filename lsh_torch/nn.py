@@ -308,6 +308,7 @@ class LSHLinear(nn.Module):
         self._marked_stale = stale
         if not stale:  # (a substituted weight is referenced weakly: see tensor_ref)
             self._hashed_from = tensor_ref(self.weight)
+            self._stepped_version = None  # another weight's counter (a replaced Parameter) could reach it
             # (None while tracing, where versions are not read: the next eager eval lookup re-checks the rows)
             self._hashed_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
                                     else self.weight._version)
@@ -322,9 +323,11 @@ class LSHLinear(nn.Module):
         return version is not None and version not in (self._hashed_version, self._stepped_version)
 
     def _optimizer_stepped(self) -> None:
-        """An optimizer step updated the weight (see :func:`retrieval.follow_optimizer_steps`)."""
-        self._stepped_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
-                                 else self.weight._version)
+        """An optimizer step updated the weight (see :func:`retrieval.follow_optimizer_steps`): the tables
+        answer for it as training's next forward would use them, once training has used them (not during
+        ``warmup``, whose draws are uniform). A write before the step counts as training's too."""
+        used = self.step > self.warmup
+        self._stepped_version = None if not used or self.weight.is_inference() else self.weight._version
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight

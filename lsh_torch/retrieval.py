@@ -180,6 +180,7 @@ def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
     It costs an unfused step one pass over its groups and the live layers."""
     global _step_hook
 
+    @torch.compiler.disable  # a compiled step traced it once, recording nothing at the steps after
     def after_step(optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
             if group.get("fused"):  # the others' in-place updates bump the versions themselves

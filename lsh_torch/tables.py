@@ -225,7 +225,9 @@ class LSHTables(nn.Module):
         # M is the largest norm, raised by a few float32 roundings (the op sums each norm in its
         # own order and must find none above M), positive even for all-zero rows. With ``center``
         # every build is full and the op finds its own M.
-        if rows.is_shared():  # other processes may write it meanwhile (Hogwild): M and codes from one snapshot
+        # Other processes may write a shared weight meanwhile (Hogwild): M and the codes from one snapshot.
+        # (is_shared() is True for every CUDA tensor: there the copy would buy nothing.)
+        if rows.device.type == "cpu" and not torch.compiler.is_compiling() and rows.is_shared():
             rows = rows.clone()
         norms = _norms(rows) if self.asymmetric and rows.shape[0] else None
         if norms is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):

@@ -259,3 +259,12 @@ def test_eval_after_a_resume_follows_the_weights_as_the_saving_process_does():
     codes = trained.tables.codes.clone()
     assert torch.equal(trained.eval().active_set(q), resumed.eval().active_set(q))
     assert torch.equal(trained.tables.codes, codes) and torch.equal(resumed.tables.codes, codes)
+    # A write after the last step (an EMA swap-in): the saving process's eval re-hashes, and the resumed one's.
+    trained.train()
+    with torch.no_grad():
+        trained.weight.mul_(-1)
+    resumed = make()
+    resumed.load_state_dict(trained.state_dict())
+    load_lsh_state(resumed, lsh_state(trained))
+    assert torch.equal(trained.eval().active_set(q), resumed.eval().active_set(q))
+    assert not torch.equal(trained.tables.codes, codes) and torch.equal(resumed.tables.codes, trained.tables.codes)

@@ -171,6 +171,52 @@ def test_eval_keeps_the_training_tables_when_an_optimizer_gains_the_layer_later(
     assert torch.equal(layer.tables.codes, trained)
 
 
+def test_eval_re_hashes_where_training_never_used_the_tables():
+    """Steps during warmup (uniform draws, no lookups) counted as training's: an eval kept the tables an
+    earlier eval had built from the initial weights (91% of the codes of a fresh build after 40 steps).
+    And after the weight Parameter was replaced, its new counter could reach the old one's last step."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, inference="lsh", asymmetric=False, warmup=50)
+    opt = torch.optim.SGD(layer.parameters(), lr=20.0)
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    layer.eval()(x)  # tables of the initial weights
+    layer.train()
+    for _ in range(40):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        opt.step()
+    layer.eval()(x)
+    assert torch.equal(layer.tables.codes, full_build_of(layer).codes)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+    opt.step()  # the old weight's version after the step: 2 (init, step)
+    layer.weight = nn.Parameter(torch.randn(2000, 16))
+    layer.eval()(x)  # built from the new weight, at its version 0
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        layer.weight.mul_(-1)  # version 2, the old weight's last step's
+    layer(x)
+    assert torch.equal(layer.tables.codes, full_build_of(layer).codes)
+
+
+def test_eval_keeps_the_training_tables_after_a_compiled_optimizer_step():
+    """dynamo traced the step hook once: the steps of a compiled optimizer step went unrecorded."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 2000, active=128, rebuild=None, inference="lsh", asymmetric=False)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    step = torch.compile(opt.step, backend="eager")
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    for _ in range(3):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        step()
+    trained = layer.tables.codes.clone()
+    layer.eval()(x)
+    assert torch.equal(layer.tables.codes, trained)
+    torch._dynamo.reset()
+
+
 def test_eval_keeps_the_training_tables_of_a_pickled_or_copied_layer(tmp_path):
     """A copy answers in eval as the layer it copies: the same tables, kept (not re-hashed) if they answered
     for the weight, re-hashed if a write had moved it."""
