@@ -851,3 +851,23 @@ def test_a_full_build_of_a_weight_in_shared_memory_hashes_one_snapshot(monkeypat
     monkeypatch.setattr(tables_module, "_norms", norms_then_another_process_writes)
     layer.forward_sparse(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]))  # the first build is a full one
     assert layer.tables.rehashed == 500
+
+
+def test_an_averaged_model_made_after_the_first_step_evaluates_on_its_own_weights():
+    """The README's EMA recipe: AveragedModel after the first step (its update_parameters copies buffers,
+    which take their shapes at the first build); the average's eval re-hashes the rows that moved."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
+    layer = LSHLinear(16, 2000, active=128, inference="lsh", asymmetric=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(12):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        opt.step()
+        if step == 0:
+            ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+        else:
+            ema.update_parameters(layer)
+    ema.eval()(x)
+    assert not torch.equal(ema.module.weight, layer.weight)
+    assert torch.equal(ema.module.tables.codes, full_build_of(ema.module).codes)
