@@ -390,8 +390,8 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     counts = torch.cat([mask.sum(1, keepdim=True), found, drawn], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
     labels_found = counts[:, 1:1 + every.shape[1]]
-    _check_labels_found((labels_found > 0) | (every == -1), every)
-    _check_labels_forced(counts[:, 1 + every.shape[1]:] > 0, every)
+    _check_labels_found((labels_found > 0) | (every == -1), every, sizes)
+    _check_labels_forced(counts[:, 1 + every.shape[1]:] > 0, every, sizes)
     count = counts[:, 0]
     target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
     log_weights = None if output.log_weights is None else output.log_weights.expand_as(logits)

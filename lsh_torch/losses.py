@@ -162,15 +162,20 @@ def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int) -> T
     return labels.masked_fill(labels == ignore_index, -1)
 
 
-def _check_labels_found(ok: Tensor, labels: Tensor) -> None:
+def _check_labels_found(ok: Tensor, labels: Tensor, sizes: Optional[list[int]] = None) -> None:
     refuse(~ok, "sparse_cross_entropy: a label is not among the row's active outputs: out of range, or not passed to "
                 "forward_sparse(x, labels), which forces labels in (-1 and ignore_index are padding)",
-           lambda bad: _first_label(bad, labels))
+           lambda bad: _first_label(bad, labels, sizes))
 
 
-def _first_label(bad: Tensor, labels: Tensor) -> str:
+def _first_label(bad: Tensor, labels: Tensor, sizes: Optional[list[int]] = None) -> str:
+    """Which label was refused; ``sizes``: the ranks' row counts, when ``labels`` are theirs stacked."""
     row, col = bad.nonzero()[0].tolist()
-    return f" (label {labels[row, col].item()} of row {row})"
+    where = f"row {row}"
+    if sizes is not None:  # a sharded loss: the rank that passed it, and its own row
+        rank = next(r for r in range(len(sizes)) if row < sum(sizes[:r + 1]))
+        where = f"rank {rank}'s row {row - sum(sizes[:rank])}"
+    return f" (label {labels[row, col].item()} of {where})"
 
 
 def _drawn(column: Tensor, log_weights: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
@@ -182,13 +187,13 @@ def _drawn(column: Tensor, log_weights: Optional[Tensor], shape: torch.Size) -> 
     return (weights.gather(1, column.clamp_max(shape[1] - 1)) != 0) & (column < shape[1])
 
 
-def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor) -> None:
+def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor, sizes: Optional[list[int]] = None) -> None:
     """A label that forward_sparse was not given but whose output the tail happened to draw carries the
     tail's log-weight: its logit would be scored raised by it, the loss too low (by 3.4 nats measured)."""
     if drawn is not None:
         refuse(drawn, "sparse_cross_entropy: a label is among the row's uniform tail draws (a non-zero log-weight), "
                       "not forced in: pass the labels to forward_sparse(x, labels), which forces them in uncorrected",
-               lambda bad: _first_label(bad, labels))
+               lambda bad: _first_label(bad, labels, sizes))
 
 
 def _check_distinct(indices: Tensor) -> None:

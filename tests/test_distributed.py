@@ -405,6 +405,11 @@ def _checkpoint_run(rank):
         sparse_cross_entropy(out, y, label_smoothing=1.5 if rank == 1 else 0.0)
     with pytest.raises(ValueError, match="label_smoothing, reduction and ignore_index must be the same on every rank"):
         sparse_cross_entropy(out, y, label_smoothing=0.1 * rank)
+    # Labels forced on rank 0 only: the refused label is named by rank 1's own row (was "row 3", a global row).
+    wide = ShardedLSHLinear(HIDDEN, 400, active=8, mode="per_row")
+    unforced = wide.forward_sparse(torch.randn(2, HIDDEN), y if rank == 0 else None)
+    with pytest.raises(ValueError, match=r"label \d+ of rank 1's row [01]\)"):
+        sparse_cross_entropy(unforced, torch.tensor([300, 301]) if rank else y)
     narrow = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")  # shard 0 (rows 0-6) has a budget of 2
     # 13 outputs with active left to "auto": every output, as one LSHLinear of that width (exact_softmax)
     assert layer.shard.exact_softmax and out.log_weights is None and layer.budgets == layer.widths
