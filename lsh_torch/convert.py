@@ -27,7 +27,8 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
             (parametrized or not) with ``out_features >= min_out_features`` (wide layers are where
             hashing pays), except the second factor of a gated MLP (see below).
         filter: ``filter(name, linear) -> bool`` instead of the default, called with the
-            qualified name and each ``nn.Linear`` (subclasses included) of the model.
+            qualified name and each ``nn.Linear`` (subclasses included) of the model. A selected
+            subclass with parameters or a forward of its own (LoRA-like) is refused.
         seed: seed of the first converted layer; the i-th converted layer (in ``named_modules``
             order) gets ``seed + i``, so layers hash with independent projections.
         **lsh_kwargs: hashing options passed to every ``LSHLinear`` (``active=``,
@@ -45,7 +46,7 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     is replaced by one ``LSHLinear`` at all of them.
 
     Gated MLPs (LLaMA, Mistral, Qwen, Gemma: ``down_proj(act(gate_proj(x)) * up_proj(x))``; T5's
-    ``wi_0``/``wi_1``, SwiGLU's ``w1``/``w3``; found by these names): the default filter converts
+    ``wi_0``/``wi_1``, SwiGLU's ``w1``/``w3``; found by these names and one shape): the default filter converts
     the gate and leaves the second factor (and a fused ``gate_up_proj``) dense. Each converted layer draws its own active set, and the product is nonzero only where
     both are active: two sets of 25% of 2,048 units shared 130 (measured), so three quarters of
     the computed units reached nothing. Converted alone, ``gate_proj``'s set decides which units
@@ -79,6 +80,13 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     def select(name: str, m: nn.Module) -> bool:
         if not (isinstance(m, nn.Linear) and filter(name, m)):
             return False
+        kind = _unparametrized_type(m)
+        extra = sorted(set(m._parameters) - {"weight", "bias"})
+        if kind is not nn.Linear and (extra or kind.forward is not nn.Linear.forward):
+            # A LoRA-like subclass: its own parameters and forward would be dropped, silently.
+            raise ValueError(f"convert: {name or kind.__name__!r} is a {kind.__name__}, an nn.Linear subclass with "
+                             f"{f'parameters {extra}' if extra else 'a forward'} of its own, which an LSHLinear would "
+                             "drop; leave it out of the filter; the model is unchanged")
         computed = [p for p in ("weight", "bias") if parametrize.is_parametrized(m, p)
                     or (p == "weight" and not isinstance(m._parameters.get(p), nn.Parameter))]
         if computed:
@@ -137,9 +145,10 @@ def _gated_second_factors(model: nn.Module) -> set[int]:
     found = set()
     for name, module in model.named_modules():
         for gate, second in GATED_PAIRS:
-            if isinstance(getattr(module, gate, None), nn.Linear) and isinstance(getattr(module, second, None),
-                                                                                  nn.Linear):
-                found.add(id(getattr(module, second)))
+            a, b = getattr(module, gate, None), getattr(module, second, None)
+            # Of one shape, as a gate and its second factor are: an MLP of layers w1, w2, w3 in a row is none.
+            if isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and a.weight.shape == b.weight.shape:
+                found.add(id(b))
         if name.rsplit(".", 1)[-1] == "gate_up_proj" and isinstance(module, nn.Linear):
             found.add(id(module))
     return found

@@ -36,7 +36,7 @@ class LazyAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  maximize: bool = False):
-        if not 0.0 < lr:
+        if not 0.0 < lr < math.inf:
             raise ValueError(f"Invalid learning rate: {lr}")
         _check_betas_eps(betas, eps)
         _check_decay(lr, weight_decay)
@@ -63,7 +63,7 @@ class LazyAdam(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             # lr set after construction: 0 is a step that moves no weight (a schedule's warm-up start or
             # cosine end), as in SparseAdam and Adam; NaN would be blamed on the decay.
-            if not group["lr"] >= 0:
+            if not 0 <= group["lr"] < math.inf:
                 raise ValueError(f"Invalid learning rate: {group['lr']}")
             _check_decay(group["lr"], group["weight_decay"])
             _check_betas_eps(group["betas"], group["eps"])
@@ -80,7 +80,9 @@ class LazyAdam(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                step = state["step"] + 1
+                # A Python int: Adam's and AdamW's loaded states hold a float32 tensor, whose powers of the
+                # betas rounded float64 updates to 1e-7.
+                step = int(state["step"]) + 1
                 correction2 = math.sqrt(1 - beta2 ** step)
                 step_size = group["lr"] * correction2 / (1 - beta1 ** step)
                 grad = grads[p]

@@ -161,3 +161,36 @@ def test_a_gated_mlp_converts_its_gate_alone():
     assert isinstance(t5.wi_0, LSHLinear) and type(t5.wi_1) is nn.Linear
     custom = convert(GatedMLP(), filter=lambda name, m: True)  # a filter of one's own decides
     assert isinstance(custom.up_proj, LSHLinear)
+
+
+def test_layers_named_like_a_gated_pair_but_in_a_row_are_converted():
+    """An MLP of layers w1, w2, w3 in a row (a common naming) matched SwiGLU's (w1, w3) pair: its wide output
+    layer w3 was left dense, silently."""
+    mlp = nn.Module()
+    mlp.w1, mlp.w2, mlp.w3 = nn.Linear(64, 2000), nn.Linear(2000, 2000), nn.Linear(2000, 1000)
+    convert(mlp)
+    assert all(isinstance(getattr(mlp, name), LSHLinear) for name in ("w1", "w2", "w3"))
+
+
+def test_a_linear_subclass_with_parameters_or_a_forward_of_its_own_is_refused():
+    """A LoRA-like subclass selected by a filter was replaced: its A and B parameters left the state_dict."""
+    class LoRALinear(nn.Linear):
+        def __init__(self, i, o):
+            super().__init__(i, o)
+            self.A, self.B = nn.Parameter(torch.zeros(4, i)), nn.Parameter(torch.zeros(o, 4))
+
+        def forward(self, x):
+            return super().forward(x) + x @ self.A.T @ self.B.T
+
+    class Logged(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    for layer in (LoRALinear(16, 1200), Logged(16, 1200)):
+        model = nn.Sequential(layer)
+        keys = list(model.state_dict())
+        with pytest.raises(ValueError, match=f"'0' is a {type(layer).__name__}.*of its own.*the model is unchanged"):
+            convert(model, filter=lambda name, m: True)
+        assert model[0] is layer and list(model.state_dict()) == keys
+    attention = nn.MultiheadAttention(16, 2)  # out_proj: an nn.Linear subclass of nothing of its own
+    assert isinstance(convert(attention, filter=lambda name, m: True).out_proj, LSHLinear)

@@ -467,8 +467,11 @@ def test_schedules():
     expected = set(gaps) | set(range(at + 10_000, at + 10 ** 6, 10_000))
     asked = [10 ** 6, 3, gaps[-1], gaps[-1] + 10_000, 17, gaps[500], gaps[500] + 1, 10 ** 6 - 1]
     assert [slow(s) for s in asked] == [s in expected for s in asked]
+    assert len(pickle.dumps(slow)) < 1000  # the walk is a cache, not pickled (12 MB at step 10^7, growth 1.000001)
     again = pickle.loads(pickle.dumps(slow))
     assert [again(s) for s in range(1, 3000)] == [s in expected for s in range(1, 3000)]
+    steep = GrowingSchedule(50, 1e308)  # the gap overflowed to inf before it was capped: OverflowError
+    assert [s for s in range(1, 3200) if steep(s)] == [50, 1050, 2050, 3050]
     again.max_period = 200  # settings changed after calls: the kept walk is not used for them
     fresh = GrowingSchedule(initial=1, growth=1.0001, max_period=200)
     assert [s for s in range(1, 5000) if again(s)] == [s for s in range(1, 5000) if fresh(s)]
