@@ -586,11 +586,12 @@ class ShardedLSHLinear(nn.Module):
                 raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {tuple(state_dict[name].shape)}")
         self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
 
-    def _gather_input(self, input: Tensor, check=lambda: None):
+    def _gather_input(self, input: Tensor, check=lambda: None, labelled: Optional[bool] = None):
         """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard
         will check it, autocast-aware) and ``check`` are verified on every rank before the first
         collective, and the outcome travels with the row counts: a bad argument on one rank raises
-        on every rank (the others name it) instead of leaving them waiting in a collective."""
+        on every rank (the others name it) instead of leaving them waiting in a collective. So does
+        ``labelled`` (whether labels were given), which every rank must say alike."""
         self._mean_over_ranks()
         try:
             self.shard._operands(input)
@@ -598,12 +599,17 @@ class ShardedLSHLinear(nn.Module):
         except Exception as caught:  # warnings turned into errors too: every rank must hear of it
             checked, error = None, caught
         rows = -1 if error else input.reshape(-1, self.in_features).shape[0]
-        sizes = _gather_ints([rows], self.process_group, self.shard.weight.device)[:, 0].tolist()
+        gathered = _gather_ints([rows, int(bool(labelled))], self.process_group, self.shard.weight.device)
+        sizes = gathered[:, 0].tolist()
         if error is not None:
             raise error
         if -1 in sizes:
             raise ValueError(f"rank {sizes.index(-1)} of the process group was given an invalid argument (its error says "
                              "which); every rank stops")
+        if labelled is not None and gathered[:, 1].unique().numel() > 1:
+            # Another rank's labels would be forced for its rows alone, the loss then refusing this rank's.
+            raise ValueError(f"labels must be given to forward_sparse on every rank or on none, got labels by ranks "
+                             f"{gathered[:, 1].nonzero().flatten().tolist()} only")
         x = input.reshape(-1, self.in_features)
         return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes, checked
 
@@ -622,7 +628,7 @@ class ShardedLSHLinear(nn.Module):
         """This shard's active outputs for every rank's rows (see :class:`ShardedSparseOutput`);
         ``labels`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding) are forced in
         on the shard that owns them. Train with :func:`lsh_torch.sparse_cross_entropy`."""
-        x, sizes, flat = self._gather_input(input, lambda: self._flat_labels(input, labels))
+        x, sizes, flat = self._gather_input(input, lambda: self._flat_labels(input, labels), labels is not None)
         batch_shape = input.shape[:-1]
         every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
         mine = (every >= self.start) & (every < self.end)

@@ -405,10 +405,13 @@ def _checkpoint_run(rank):
         sparse_cross_entropy(out, y, label_smoothing=1.5 if rank == 1 else 0.0)
     with pytest.raises(ValueError, match="label_smoothing, reduction and ignore_index must be the same on every rank"):
         sparse_cross_entropy(out, y, label_smoothing=0.1 * rank)
-    # Labels forced on rank 0 only: the refused label is named by rank 1's own row (was "row 3", a global row).
+    # Labels given to forward_sparse on rank 0 only: the loss refused rank 1's, named by a global row ("row 3").
     wide = ShardedLSHLinear(HIDDEN, 400, active=8, mode="per_row")
-    unforced = wide.forward_sparse(torch.randn(2, HIDDEN), y if rank == 0 else None)
-    with pytest.raises(ValueError, match=r"label \d+ of rank 1's row [01]\)"):
+    with pytest.raises(ValueError, match=r"labels must be given to forward_sparse on every rank or on none, got "
+                                         r"labels by ranks \[0\] only"):
+        wide.forward_sparse(torch.randn(2, HIDDEN), y if rank == 0 else None)
+    unforced = wide.forward_sparse(torch.randn(2, HIDDEN), y)
+    with pytest.raises(ValueError, match=r"label 30\d of rank 1's row [01]\)"):  # its own row
         sparse_cross_entropy(unforced, torch.tensor([300, 301]) if rank else y)
     narrow = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")  # shard 0 (rows 0-6) has a budget of 2
     # 13 outputs with active left to "auto": every output, as one LSHLinear of that width (exact_softmax)
