@@ -54,7 +54,7 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
                 tables["hash"] = str(t.hash)
                 tables["hashed_with"] = _hashed_with(t)
                 # Whether eval answers from them (as training left them) or re-hashes (a write since): resumed alike.
-                tables["current"] = not module._moved_since_build()
+                tables["current"] = module._tables_current()
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 

@@ -168,9 +168,8 @@ def data_parallel(module: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDat
 def _values_signature(layer: LSHLinear) -> tuple[Tensor, Optional[Tensor]]:
     """What tells whether a write changed ``layer``'s weight or bias, without a copy of the weight: its
     rows' fingerprints (what an incremental rebuild compares), and the bias."""
-    weight = layer.weight.detach()
-    vector = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device)
-    return ops.row_fingerprints(weight, vector), None if layer.bias is None else layer.bias.detach().clone()
+    fingerprints = ops.row_fingerprints(layer.weight.detach(), layer.tables.fingerprint_vector.float())
+    return fingerprints, None if layer.bias is None else layer.bias.detach().clone()
 
 
 def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:

@@ -322,6 +322,10 @@ class LSHLinear(nn.Module):
         version = None if self.weight.is_inference() else self.weight._version
         return version is not None and version not in (self._hashed_version, self._stepped_version)
 
+    def _tables_current(self) -> bool:
+        """Do the tables answer for the weight as it is (what a copy or a checkpoint keeps of the versions)?"""
+        return not self._stale and not self._moved_since_build()
+
     def _optimizer_stepped(self) -> None:
         """An optimizer step updated the weight (see :func:`retrieval.follow_optimizer_steps`): the tables
         answer for it as training's next forward would use them, once training has used them (not during
@@ -344,7 +348,7 @@ class LSHLinear(nn.Module):
         state["_hashed_from"] = self._hashed_from_weight()
         # This process's counters (a loaded weight's restart): kept is whether the tables answer for the weight.
         state["_hashed_version"] = state["_stepped_version"] = None
-        state["_tables_current"] = not self._stale and not self._moved_since_build()
+        state["_tables_current"] = self._tables_current()
         state["_topk_index"] = None  # a cache: the next topk rebuilds it
         return state
 

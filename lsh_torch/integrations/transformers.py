@@ -155,19 +155,19 @@ class _PatchedForward:
 
     @property
     def __signature__(self):
-        return inspect.signature(type(self.model).forward.__get__(self.model))
-
-    @property
-    def __wrapped__(self):
-        return type(self.model).forward.__get__(self.model)
+        return inspect.signature(_class_forward(self.model))
 
     def __call__(self, *args, **kwargs):
         return _forward(self.model, *args, **kwargs)
 
 
+def _class_forward(model):
+    return type(model).forward.__get__(model)
+
+
 def _original_forward(model):
     original = model._lsh_torch_forward
-    return type(model).forward.__get__(model) if original is None else original
+    return _class_forward(model) if original is None else original
 
 
 def _forward(model: PreTrainedModel, *args, **kwargs):
