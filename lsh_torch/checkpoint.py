@@ -27,6 +27,7 @@ installs the saved ones)::
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -47,10 +48,12 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(module, LSHLinear):
             t = module.tables
             tables = None if module._stale else {
-                name: None if value is None else value.detach().clone()
+                name: value.detach().clone()
                 for name, value in (("offsets", t.offsets), ("items", t.items), ("codes", t.codes),
                                     ("fingerprints", t.fingerprints), ("max_norm", t.max_norm))}
             if tables is not None:
+                if not bool(t.max_norm > 0):  # none (no asymmetric transform)
+                    tables["max_norm"] = None
                 tables["hash"] = str(t.hash)
                 tables["hashed_with"] = _hashed_with(t)
                 # Whether eval answers from them (as training left them) or re-hashes (a write since): resumed alike.
@@ -97,12 +100,15 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
         else:
             device = layer.weight.device
             layer.tables.materialise(device)
-            for name in ("offsets", "items", "codes", "fingerprints", "max_norm"):
-                value = tables.get(name)
-                if name in ("offsets", "items") or value is not None:
-                    setattr(layer.tables, name, value.to(device).clone())
-                elif name == "codes":  # a state without codes: the next rebuild hashes every row
-                    layer.tables.codes = layer.tables.codes.new_zeros(layer.tables.num_tables, 0)
+            t = layer.tables
+            saved = {name: tables.get(name) for name in ("offsets", "items", "codes", "fingerprints", "max_norm")}
+            if saved["codes"] is None or not saved["codes"].numel():  # none: the next rebuild hashes every row
+                saved["codes"], saved["fingerprints"] = t.codes, torch.full_like(t.fingerprints, math.nan)
+            if saved["max_norm"] is None:
+                saved["max_norm"] = torch.zeros_like(t.max_norm)
+            for name, value in saved.items():
+                setattr(t, name, value.to(device).clone())
+            t.built = True
             layer._stale = False
             if not tables.get("current", True):  # (states saved before it was: the tables training left)
                 layer._hashed_version = None  # eval re-hashes, as in the run that saved them

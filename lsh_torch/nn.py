@@ -243,8 +243,8 @@ class LSHLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self.tables = LSHTables(in_features, num_tables, bits, probes, seed, device=device, selection=selection,
-                                asymmetric=asymmetric, center=center, hash=hash)
+        self.tables = LSHTables(in_features, out_features, num_tables, bits, probes, seed, device=device,
+                                selection=selection, asymmetric=asymmetric, center=center, hash=hash)
         self._hashed_from = None  # the weight the tables were built from (a tensor_ref)
         self._stale = True
         topk = topk_settings(out_features)  # topk's own index (lsh_torch.retrieval), built when first needed
@@ -300,7 +300,7 @@ class LSHLinear(nn.Module):
         from another tensor than ``weight`` (``torch.func.functional_call`` substitutes the weight for one
         call). Not while tracing: ``torch.export`` substitutes fake weights, and prebuilt tables become the
         program's."""
-        return (self._marked_stale or not self.tables.items.shape[1]
+        return (self._marked_stale or not self.tables.built
                 or not (torch.compiler.is_compiling() or self._hashed_from_weight()))
 
     @_stale.setter

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Optional
 
 import torch
@@ -70,7 +71,8 @@ class LSHTables(nn.Module):
     the labels and uniformly random neurons: the baseline that shows what the hashing is worth.
     """
 
-    def __init__(self, in_features: int, num_tables: int, bits: int, probes: int, seed: int, device=None,
+    def __init__(self, in_features: int, out_features: int, num_tables: int, bits: int, probes: int, seed: int,
+                 device=None,
                  selection: str = "lsh", asymmetric: bool = True, center: bool = False,
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
@@ -95,28 +97,38 @@ class LSHTables(nn.Module):
                              f"hash={self.hash.name!r} ranks coordinates and is blind to scale: pass asymmetric=False")
         self.num_tables, self.bits, self.probes, self.selection = num_tables, bits, probes, selection
         self.asymmetric, self.center = bool(asymmetric), bool(center)
-        self.in_features, self.seed = in_features, seed
+        self.in_features, self.out_features, self.seed = in_features, out_features, seed
         self.reset(device)
         self.rehashed = 0  # rows hashed by the last build (N for a full one)
 
     def reset(self, device) -> None:
         """A new layer's state on ``device``: the seeded buffers drawn from the seed, no tables (the
-        next build hashes every row). Also what ``to_empty()`` leaves (see :meth:`_apply`)."""
+        next build hashes every row). Also what ``to_empty()`` leaves (see :meth:`_apply`).
+
+        Every buffer has its final shape from the start (a build assigns tensors of the same shapes):
+        ``AveragedModel.update_parameters`` and other code that copies one module's buffers into
+        another's, made before the first build, need that."""
+        n, num_tables = self.out_features, self.num_tables
         hash_buffer, fingerprint_vector = self._seeded_buffers(device)
         self.register_buffer(self.hash.buffer, hash_buffer, persistent=False)
-        self.register_buffer("offsets", torch.zeros(self.num_tables, 2 ** self.bits + 1, dtype=torch.int32,
-                                                    device=device), persistent=False)
-        self.register_buffer("items", torch.zeros(self.num_tables, 0, dtype=torch.int32, device=device),
-                             persistent=False)
+        if self.selection == "random":  # the uniform tables are the tables: a build leaves them
+            offsets, items = _uniform_tables(n, device)
+        else:
+            offsets = torch.zeros(num_tables, 2 ** self.bits + 1, dtype=torch.int32, device=device)
+            items = torch.zeros(num_tables, n, dtype=torch.int32, device=device)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("items", items, persistent=False)
         # Incremental rebuilds: each row's codes and a fingerprint (its dot product with a fixed
         # random vector) as of the last build; a row whose fingerprint moved is re-hashed, the
-        # others keep their codes. Empty until the first build.
+        # others keep their codes. (None kept with random selection.)
+        hashed = 0 if self.selection == "random" else n
         self.register_buffer("fingerprint_vector", fingerprint_vector, persistent=False)
-        self.register_buffer("codes", torch.zeros(self.num_tables, 0, dtype=torch.int32, device=device),
+        self.register_buffer("codes", torch.zeros(num_tables, hashed, dtype=torch.int32, device=device),
                              persistent=False)
-        self.register_buffer("fingerprints", torch.zeros(0, device=device), persistent=False)
-        # The asymmetric transform's M since the last full build (a 0-dim tensor; None without one).
-        self.register_buffer("max_norm", None, persistent=False)
+        self.register_buffer("fingerprints", torch.full((hashed,), math.nan, device=device), persistent=False)
+        # The asymmetric transform's M since the last full build (0: none, without the transform or a build).
+        self.register_buffer("max_norm", torch.zeros((), device=device), persistent=False)
+        self.built = False  # the next build hashes every row; until then the tables are not to be queried
 
     def materialise(self, device) -> None:
         """Draw the seeded buffers on ``device`` if they are still on the meta device:
@@ -173,8 +185,10 @@ class LSHTables(nn.Module):
         with every row's code (:func:`ops.build_tables`, faster than the merge there; the same tables).
         """
         n = weight.shape[0]
+        if n != self.out_features:
+            raise ValueError(f"weight must have out_features = {self.out_features} rows, got {tuple(weight.shape)}")
         if self.selection == "random":
-            self.offsets, self.items = _uniform_tables(n, weight.device)
+            self.built = True
             return
         rows = weight.detach()
         fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
@@ -185,18 +199,18 @@ class LSHTables(nn.Module):
         # overflow it: then the exact check decides).
         elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
             raise ValueError(_NON_FINITE)
-        incremental = not compiling and not full and not self.center and self.codes.shape[1] == n
+        incremental = not compiling and not full and not self.center and self.built
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
             moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
             if self.asymmetric and changed.numel():
-                incremental = self.max_norm is not None and bool(_norms(moved).max() <= self.max_norm)
+                incremental = bool((self.max_norm > 0) & (_norms(moved).max() <= self.max_norm))
         # Codes, tables and fingerprints are assigned together, after every op that may fail
         # (out of memory, an interrupt): an incremental build trusts that they agree.
         if incremental:  # only the moved rows re-hashed, M kept
             codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():
-                new_codes = self._row_codes(moved, self.max_norm)
+                new_codes = self._row_codes(moved, self.max_norm if self.asymmetric else None)
                 # (gather and scatter along the rows: 3x and 1.4x faster than index_select and index_copy_.)
                 columns = changed.expand(codes.shape[0], -1)
                 if changed.numel() * 8 > n:
@@ -213,12 +227,11 @@ class LSHTables(nn.Module):
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)
             codes, max_norm = self._every_row_codes(rows)
             tables = ops.build_tables(codes.t(), self.bits)
-            # (Not while exporting: non-strict export puts back the buffers it found, and M, if it was None,
-            # would stay a FakeTensor.)
-            if not torch.compiler.is_exporting():
+            if max_norm is not None:
                 self.max_norm = max_norm
             self.rehashed = n
         self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
+        self.built = True
 
     def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Codes of every row and the asymmetric transform's new M (None without one)."""

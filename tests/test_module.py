@@ -284,10 +284,9 @@ def test_a_rebuild_re_sorts_once_many_rows_moved(monkeypatch, moved, merged, asy
             in_two.weight[part] *= -0.5
         in_two.rebuild()
     assert len(merges) == len(parts) and torch.equal(at_once.weight, in_two.weight)
-    assert (before is None) != asymmetric and (not asymmetric or torch.equal(at_once.tables.max_norm, before))
+    assert bool(before > 0) == asymmetric and torch.equal(at_once.tables.max_norm, before)  # 0: no M
     for name in ("codes", "offsets", "items", "fingerprints", "max_norm"):
-        a, b = getattr(at_once.tables, name), getattr(in_two.tables, name)
-        assert (a is None and b is None) or torch.equal(a, b), name
+        assert torch.equal(getattr(at_once.tables, name), getattr(in_two.tables, name)), name
 
 
 @pytest.mark.parametrize("rows, op", [([3, 17], "update_tables"), (list(range(0, 300, 5)), "build_tables")])
@@ -833,7 +832,7 @@ def test_a_forward_with_every_neuron_active_is_a_plain_linear():
     out.backward(grad)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(layer.weight.grad.to_dense(), dw_ref)
-    assert layer.tables.items.shape[1] == 0  # never hashed
+    assert not layer.tables.built  # never hashed
 
 
 def test_a_full_build_of_a_weight_in_shared_memory_hashes_one_snapshot(monkeypatch):
@@ -856,21 +855,31 @@ def test_a_full_build_of_a_weight_in_shared_memory_hashes_one_snapshot(monkeypat
     assert layer.tables.rehashed == 500
 
 
-def test_an_averaged_model_made_after_the_first_step_evaluates_on_its_own_weights():
-    """The README's EMA recipe: AveragedModel after the first step (its update_parameters copies buffers,
-    which take their shapes at the first build); the average's eval re-hashes the rows that moved."""
+@pytest.mark.parametrize("made", ["at construction", "after the first step"])
+@pytest.mark.parametrize("selection", ["lsh", "random"])
+def test_an_averaged_model_evaluates_on_its_own_weights(made, selection):
+    """EMA with AveragedModel: its update_parameters copies the module's buffers into the average's, so the
+    tables' buffers keep their shapes from construction on; the average's eval hashes its own rows."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 16), torch.randint(0, 2000, (64,))
-    layer = LSHLinear(16, 2000, active=128, inference="lsh", asymmetric=False)
+    layer = LSHLinear(16, 2000, active=128, inference="lsh", asymmetric=False, selection=selection)
+    shapes = {name: b.shape for name, b in layer.named_buffers()}
+    ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)
+    ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=ema_fn) if made == "at construction" else None
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     for step in range(12):
         opt.zero_grad()
         sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
         opt.step()
-        if step == 0:
-            ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+        if ema is None:
+            ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=ema_fn)
         else:
             ema.update_parameters(layer)
-    ema.eval()(x)
+    assert {name: b.shape for name, b in layer.named_buffers()} == shapes
+    out = ema.eval()(x)
     assert not torch.equal(ema.module.weight, layer.weight)
-    assert torch.equal(ema.module.tables.codes, full_build_of(ema.module).codes)
+    if selection == "lsh":
+        assert torch.equal(ema.module.tables.codes, full_build_of(ema.module).codes)
+    dense = torch.nn.functional.linear(x, ema.module.weight, ema.module.bias)
+    active = ema.module.active_set(x)
+    torch.testing.assert_close(out.gather(1, active), dense.gather(1, active))

@@ -313,7 +313,7 @@ def test_warmup_draws_random_sets_then_builds_the_tables(mode):
         active = warm.forward_sparse(x, labels).indices
         if step < 3:  # the random selection's sets, seed for seed; no table built
             assert torch.equal(active, rand.forward_sparse(x, labels).indices)
-            assert warm._stale and warm.tables.items.shape[1] == 0
+            assert warm._stale and not warm.tables.built
         else:
             assert not warm._stale and warm.tables.items.shape == (5, 500)
     assert warm.step == 5 and "warmup=3" in repr(warm)
