@@ -359,6 +359,8 @@ class LSHLinear(nn.Module):
                  "_draws": _RecordedDraws(), "_stepped_version": None,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
+        if not hasattr(state["_modules"]["tables"], "built"):
+            state["_modules"]["tables"].upgrade(state["out_features"])
         super().__setstate__(state)
         follow_optimizer_steps(self)  # a process that only unpickles layers (torch.load of a model, spawned workers)
         self._hashed_from = tensor_ref(self.weight) if own else None

@@ -130,6 +130,15 @@ class LSHTables(nn.Module):
         self.register_buffer("max_norm", torch.zeros((), device=device), persistent=False)
         self.built = False  # the next build hashes every row; until then the tables are not to be queried
 
+    def upgrade(self, out_features: int) -> None:
+        """Tables pickled before every buffer had its final shape from construction on: unbuilt ones had
+        ``[L, 0]`` items and codes, and ``M`` was None where there was none."""
+        self.out_features, self.built = out_features, self.items.shape[1] > 0
+        if not self.built:
+            self.reset(self.hash_buffer.device)
+        elif self.max_norm is None:
+            self.max_norm = torch.zeros((), device=self.items.device)
+
     def materialise(self, device) -> None:
         """Draw the seeded buffers on ``device`` if they are still on the meta device:
         ``load_state_dict(assign=True)`` after a meta-device construction moves the weights, not these

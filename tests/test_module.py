@@ -816,6 +816,28 @@ def test_a_layer_pickled_before_exact_softmax_keeps_its_sparse_softmax():
     assert pickle.loads(pickle.dumps(layer)).exact_softmax
 
 
+@pytest.mark.parametrize("built", [False, True])
+def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(built):
+    """Former pickles: unbuilt tables had [L, 0] items and codes, M was None without the transform."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, asymmetric=False)
+    x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+    if built:
+        layer.rebuild()
+    state = copy.deepcopy(layer.__getstate__())
+    tables = state["_modules"]["tables"]
+    del tables.built, tables.out_features
+    tables._buffers["max_norm"] = None
+    if not built:
+        for name in ("items", "codes", "fingerprints"):
+            tables._buffers[name] = tables._buffers[name][..., :0]
+    old = LSHLinear.__new__(LSHLinear)
+    old.__setstate__(state)
+    assert old.tables.built == built and old.tables.items.shape == (5, 300) and old.tables.max_norm.shape == ()
+    assert torch.equal(old.forward_sparse(x, y).indices, layer.forward_sparse(x, y).indices)
+    assert lsh_state(old)[""]["tables"]["max_norm"] is None
+
+
 def test_a_forward_with_every_neuron_active_is_a_plain_linear():
     """active=1.0 hashed the input, looked every neuron up and scattered them back: six times nn.Linear's
     step (784 -> 1000, batch 128) for nn.Linear's result."""
