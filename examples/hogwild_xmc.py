@@ -135,7 +135,8 @@ def hogwild(procs: int, train_data, eval_data, test_data, args) -> dict:
 
 # examples/xmc.py's options that do not apply here.
 NOT_HERE = ("--runs", "--mode", "--active-per-row", "--dense-epochs", "--eval-every", "--test-fraction", "--threads",
-            "--plot", "--json", "--data", "--test-data", "--max-points", "--generate", "--save-head", "--device")
+            "--plot", "--json", "--data", "--test-data", "--max-points", "--generate", "--save-head", "--device",
+            "--final-points")
 
 
 def parse_args(argv=None):

@@ -285,7 +285,7 @@ def test_quick_sets_its_sizes_and_help_shows_the_real_defaults(capsys):
                                            ("--max-points", "10"), ("--generate", "data"), ("--save-head", "head.pt"),
                                            ("--runs", "dense"), ("--mode", "per_row"), ("--json", "out.json"),
                                            ("--threads", "2"), ("--device", "cuda"), ("--dev", "meta"),
-                                           ("--jso", "x.json")])  # xmc.py's parser takes abbreviations
+                                           ("--jso", "x.json"), ("--final-points", "10")])  # xmc.py's parser takes abbreviations
 def test_hogwild_refuses_what_it_would_ignore(option, value, capsys):
     refuses(script("hogwild_xmc"), [option, value], option, capsys=capsys)
 

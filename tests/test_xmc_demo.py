@@ -53,7 +53,10 @@ def test_held_out_loss_scores_every_output_of_a_sparse_head():
     sparse.load_state_dict(dense.state_dict())
     sparse.out = LSHLinear.from_linear(dense.out, active=64, mode="shared")
     sparse.train()
+    data.label_ids[data.label_offsets[3]:data.label_offsets[3] + 2] = 7  # a label repeated on a point counts once
+    data.label_offsets[5:7] = data.label_offsets[4]  # points without labels count for nothing
     ids, offsets, values, labels = data.batch(np.arange(40))
+    assert (labels == -1).any() and ((labels[3] == 7).sum() == 2)
     with torch.no_grad():
         want = xmc.full_softmax_loss(dense.out(dense.hidden(ids, offsets, values)), labels)
     for net, kind in ((dense, "dense"), (sparse, "lsh")):
@@ -79,6 +82,19 @@ def test_runs_taking_turns_train_as_they_would_alone():
         assert together[name] == result, name
     assert together["lsh-shared"][3] == 2 * together["dense"][3]  # 2 epochs beside 1: dense left the turn first
     assert together["lsh-shared"][4] >= 1  # the table builds are counted (the table read 0 for a while)
+
+
+def test_final_points_evaluate_a_subset_that_holds_the_curves():
+    def run(*argv):
+        return xmc.main(["--train-points", "300", "--test-points", "100", "--features", "2000", "--labels", "3000",
+                         "--dense-epochs", "1", "--eval-points", "30", "--eval-every", "0.5", "--runs", "dense",
+                         "--json", "", "--plot", "", *argv])
+    whole, part = run(), run("--final-points", "40")
+    assert whole["data"]["test"].startswith("100 points") and part["data"]["test"].startswith("40 points")
+    curves = [[point[1:] for point in result["runs"][0]["curve"]] for result in (whole, part)]
+    assert curves[0] == curves[1]  # the same training, measured on the same curve subset (the clock aside)
+    assert whole["runs"][0]["final"]["P@1"] != part["runs"][0]["final"]["P@1"]
+    assert round(part["runs"][0]["final"]["P@1"] * 40, 6) % 1 == 0  # a share of 40 points
 
 
 def test_arguments_are_checked_before_any_run(tmp_path, capsys):
