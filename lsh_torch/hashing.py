@@ -32,7 +32,7 @@ from ._checks import check_int
 def make_projection(in_features: int, num_tables: int, bits: int, seed: int, device=None) -> Tensor:
     """Gaussian projection matrix ``[in_features + 1, L*K]`` (float32), the same on every device for a seed."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(in_features + 1, num_tables * bits, generator=gen, device="cpu").to(device)
+    return torch.randn(in_features + 1, num_tables * bits, generator=gen, dtype=torch.float32, device="cpu").to(device)
 
 
 def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True,

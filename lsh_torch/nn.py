@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import numbers
 import warnings
@@ -11,6 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, refuse, user_stacklevel
@@ -93,6 +96,31 @@ def cap_probes(probes: int, bits) -> int:
     if isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and 1 <= bits <= MAX_BITS:
         return min(probes, 2 ** int(bits))
     return probes
+
+
+# Forward pre-hooks that compute the weight: torch.nn.utils.prune's and the legacy weight_norm's.
+_WEIGHT_HOOKS = (prune.BasePruningMethod, WeightNorm)
+
+
+def _reads_weight(method):
+    """For the methods that read the weight. A parametrized weight (torch.nn.utils.parametrize) is computed once
+    per call, not at every read: nn.Linear's forward reads it once, and spectral_norm runs a power iteration at
+    each computation. A weight that a forward pre-hook computes (prune, the legacy weight_norm) is recomputed
+    first by the methods ``__call__`` does not run (forward_sparse, topk, active_set): they read the weight of
+    the last forward, stale or without grad, and the weight silently stopped training."""
+    hooks_ran = method.__name__ == "forward"
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not hooks_ran:
+            for hook in self._forward_pre_hooks.values():
+                if isinstance(hook, _WEIGHT_HOOKS):
+                    hook(self, args)
+        if not parametrize.is_parametrized(self, "weight"):
+            return method(self, *args, **kwargs)
+        with parametrize.cached():
+            return method(self, *args, **kwargs)
+    return call
 
 
 class LSHLinear(nn.Module):
@@ -384,6 +412,7 @@ class LSHLinear(nn.Module):
         _check_not_meta(self.weight)
         self.tables.materialise(self.weight.device)
 
+    @_reads_weight
     def active_set(self, x: Tensor, labels: Optional[Tensor] = None, shared: Optional[bool] = None,
                    sparse: bool = False) -> Tensor:
         """Active neurons for ``x`` [B, in_features]: ``[B, A]`` per row, or ``[A]`` shared.
@@ -472,9 +501,17 @@ class LSHLinear(nn.Module):
             self._warned_parametrized = True
             warnings.warn(f"LSHLinear(out_features={self.out_features}): its weight is parametrized (computed on every "
                           "access, or by a hook on every forward: weight_norm, prune), so every lookup re-hashes every "
-                          "row into new tables, and every topk call builds a new index: slow. Hash tables follow a "
+                          "row into new tables, every topk call builds a new index, and sparse_grad=True gives it a "
+                          "dense gradient (the computation's backward needs one): slow. Hash tables follow a "
                           "weight Parameter updated in place; remove the parametrization.",
                           stacklevel=user_stacklevel())
+
+    @property
+    def _sparse_grad(self) -> bool:
+        """``sparse_grad`` for a weight Parameter. A weight computed from others (parametrize, prune, weight_norm)
+        gets a dense gradient: the computation's backward needs one (weight_norm's and orthogonal's refuse a
+        sparse one)."""
+        return self.sparse_grad and "weight" in self._parameters
 
     def _step_seed(self) -> int:
         """The training step's draws: another seed each step, within int64 however long the run."""
@@ -512,12 +549,13 @@ class LSHLinear(nn.Module):
                           "the full one. Raise active= above the labels' count (in shared mode, the batch's distinct "
                           "labels).", stacklevel=user_stacklevel())
 
+    @_reads_weight
     def forward(self, input: Tensor) -> Tensor:
         input, weight, bias = self._operands(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)
         if self.budget == self.out_features:  # every neuron active: nothing to hash or scatter
-            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self.sparse_grad)
+            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return values.reshape(*input.shape[:-1], self.out_features)
         values, active, _ = self._sparse(input.reshape(-1, self.in_features), weight, bias, None, self.mode == "shared",
                                          False)
@@ -546,6 +584,7 @@ class LSHLinear(nn.Module):
                           "lsh_torch.sparse_cross_entropy, or for a transformers causal LM "
                           "lsh_torch.integrations.transformers.patch(model).", stacklevel=2)
 
+    @_reads_weight
     def forward_sparse(self, input: Tensor, labels: Optional[Tensor] = None) -> SparseOutput:
         """The outputs of the active neurons only, never ``[B, out_features]``.
 
@@ -564,7 +603,7 @@ class LSHLinear(nn.Module):
             if labels is not None:
                 _check_label_range(labels, self.out_features)
             every = torch.arange(self.out_features, device=input.device)  # every row's set: shared in every mode
-            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self.sparse_grad)
+            values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
@@ -590,7 +629,7 @@ class LSHLinear(nn.Module):
         else:
             active, head = self._lookup(x, labels, shared, sparse)
         linear = ops.shared_linear if active.dim() == 1 else ops.sparse_linear
-        values = linear(x, weight, bias, active, sparse_grad=self.sparse_grad)
+        values = linear(x, weight, bias, active, sparse_grad=self._sparse_grad)
         if self.training and not torch.compiler.is_compiling() and _may_be_recomputed():
             self._draws.record(x, (active, head), values)
         return values, active, head
@@ -650,6 +689,7 @@ class LSHLinear(nn.Module):
         return self.tables.query_uniform(x, self.out_features, self.budget, _as_label_matrix(labels, x.shape[0]),
                                          self._step_seed(), shared)
 
+    @_reads_weight
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
              budget: Optional[int] = None, norm_rows: Optional[int] = None,
@@ -804,6 +844,11 @@ class LSHLinear(nn.Module):
             raise TypeError(f"input has dtype {input.dtype} but the layer's weight has {weight.dtype}")
         if input.device != self.weight.device:
             raise ValueError(f"input is on {input.device} but the layer's weight is on {self.weight.device}")
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it first
+        raise RuntimeError("torch.jit.script does not support LSHLinear (its training paths run Python: hash tables, "
+                           "random draws, autograd hooks). Use torch.compile or torch.export, or torch.jit.trace a "
+                           "model in eval() mode.")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

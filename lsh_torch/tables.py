@@ -37,7 +37,7 @@ def _cached_uniform_tables(n: int, device: torch.device) -> tuple[Tensor, Tensor
 def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, labels: Optional[Tensor], seed: int,
                    shared: bool, row_keys: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     codes = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-    margins = torch.zeros(x.shape[0], 1, device=x.device)
+    margins = torch.zeros(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if shared:
         return ops.query_shared(codes, margins, offsets, items, 1, budget, labels, seed)
     return ops.query(codes, margins, offsets, items, 1, budget, labels, seed, 0, row_keys)
@@ -125,9 +125,10 @@ class LSHTables(nn.Module):
         self.register_buffer("fingerprint_vector", fingerprint_vector, persistent=False)
         self.register_buffer("codes", torch.zeros(num_tables, hashed, dtype=torch.int32, device=device),
                              persistent=False)
-        self.register_buffer("fingerprints", torch.full((hashed,), math.nan, device=device), persistent=False)
+        self.register_buffer("fingerprints", torch.full((hashed,), math.nan, dtype=torch.float32, device=device),
+                             persistent=False)
         # The asymmetric transform's M since the last full build (0: none, without the transform or a build).
-        self.register_buffer("max_norm", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("max_norm", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self.built = False  # the next build hashes every row; until then the tables are not to be queried
 
     def upgrade(self, out_features: int) -> None:
@@ -137,7 +138,7 @@ class LSHTables(nn.Module):
         if not self.built:
             self.reset(self.hash_buffer.device)
         elif self.max_norm is None:
-            self.max_norm = torch.zeros((), device=self.items.device)
+            self.max_norm = torch.zeros((), dtype=torch.float32, device=self.items.device)
 
     def materialise(self, device) -> None:
         """Draw the seeded buffers on ``device`` if they are still on the meta device:
@@ -153,7 +154,7 @@ class LSHTables(nn.Module):
         device = torch.get_default_device() if device is None else device
         gen = torch.Generator().manual_seed(self.seed + 1)
         return (self.hash.make_buffer(self.in_features, self.num_tables, self.bits, self.seed, device),
-                torch.randn(self.in_features, generator=gen, device="cpu").to(device))
+                torch.randn(self.in_features, generator=gen, dtype=torch.float32, device="cpu").to(device))
 
     @property
     def hash_buffer(self) -> Tensor:

@@ -340,6 +340,87 @@ def test_a_weight_recomputed_by_a_forward_hook_warns_once(how):
         torch.func.functional_call(LSHLinear(16, 200, active=20), substitute, (x,))
 
 
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_forward_sparse_and_topk_recompute_a_weight_that_a_forward_hook_computes(how):
+    """forward_sparse and topk do not go through __call__: they read the weight of the last forward (a
+    no-grad one after a validation pass), and the head's weight silently stopped training."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 200, active=20, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune.l1_unstructured(layer, "weight", 0.3) if how == "prune" else nn.utils.weight_norm(layer)
+        x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+        with torch.no_grad():
+            layer.eval()(x)  # a validation pass leaves a weight without grad
+        layer.train()
+        source = layer.weight_orig if how == "prune" else layer.weight_v
+        with torch.no_grad():
+            source.mul_(2)  # an optimizer step: the next computation differs
+        out = layer.forward_sparse(x, y)
+        sparse_cross_entropy(out, y).backward()
+    assert source.grad is not None and source.grad.abs().sum() > 0
+    rows = out.indices if out.indices.dim() == 1 else out.indices[0]
+    torch.testing.assert_close(out.values[..., :len(rows)] if out.indices.dim() == 1 else out.values[0],
+                               (x @ layer.weight.t() + layer.bias)[0 if out.indices.dim() > 1 else slice(None), rows])
+    with torch.no_grad():
+        source.mul_(2)
+    values, indices = layer.eval().topk(x, 3, exact=True)
+    torch.testing.assert_close(values, (x @ layer.weight.t() + layer.bias).topk(3).values)
+
+
+@pytest.mark.parametrize("method", ["forward", "forward_sparse", "topk", "active_set"])
+def test_a_parametrized_weight_is_computed_once_per_call(method):
+    """nn.Linear reads a parametrized weight once per forward; LSHLinear read it 2-6 times (spectral_norm
+    runs a power iteration at each computation: outputs and its u then differed from nn.Linear's)."""
+    class Counted(nn.Module):
+        computations = 0
+
+        def forward(self, w):
+            Counted.computations += 1
+            return w
+    layer = LSHLinear(16, 20000, seed=0)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Counted())
+    Counted.computations = 0  # (registering computes it once)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        {"forward": lambda: layer(x), "forward_sparse": lambda: layer.forward_sparse(x),
+         "topk": lambda: layer.eval().topk(x, 5), "active_set": lambda: layer.active_set(x)}[method]()
+    assert Counted.computations == 1
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "orthogonal", "spectral_norm"])
+def test_a_parametrized_weight_gets_a_dense_gradient_with_sparse_grad(parametrization):
+    """weight_norm's and orthogonal's backward refused the sparse gradient ("unsupported memory format
+    option Contiguous"); a computed weight's gradient is dense, and the parameters' gradients are right."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=40, sparse_grad=True, seed=0)
+    getattr(torch.nn.utils.parametrizations, parametrization)(layer)
+    x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+    leaves = list(layer.parametrizations.weight.parameters())
+    with torch.nn.utils.parametrize.cached():  # spectral_norm: one power iteration for both computations
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = layer.forward_sparse(x, y)
+        sparse_cross_entropy(out, y).backward(retain_graph=True)
+        grads = [p.grad.clone() for p in leaves]
+        for p in leaves:
+            p.grad = None
+        # The same loss computed densely on the same active set.
+        active = out.indices.expand(4, -1) if out.indices.dim() == 1 else out.indices
+        values = (x @ layer.weight.t() + layer.bias).gather(1, active)
+        sparse_cross_entropy(type(out)(values, out.indices, out.log_weights), y).backward()
+    for got, p in zip(grads, leaves):
+        assert not got.is_sparse
+        torch.testing.assert_close(got, p.grad)
+
+
+def test_torch_jit_script_is_refused_with_what_to_use_instead():
+    with pytest.raises(RuntimeError, match="torch.jit.script does not support LSHLinear.*torch.compile"):
+        torch.jit.script(nn.Sequential(nn.ReLU(), LSHLinear(16, 100)).eval())
+
+
 def test_swapping_parameters_on_conversion_after_a_forward_and_topk():
     """torch.utils.swap_tensors, which .to() and load_state_dict use under
     torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor-subclass parameters),

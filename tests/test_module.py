@@ -838,6 +838,28 @@ def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(bu
     assert lsh_state(old)[""]["tables"]["max_norm"] is None
 
 
+def test_a_float64_default_dtype_changes_nothing_in_the_hashing():
+    """torch.set_default_dtype(torch.float64) made the uniform draws' margins float64 (query refused them, also for
+    float32 layers) and the seeded projection float64 (other sets than dtype=torch.float64 with the same seed)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 1000, (8,))
+    expected = LSHLinear(16, 1000, active=256, dtype=torch.float64, seed=3)
+    float32 = LSHLinear(16, 1000, active=256, seed=3, selection="random")
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = LSHLinear(16, 1000, active=256, seed=3)
+        layer.load_state_dict(expected.state_dict())
+        for _ in range(2):
+            assert torch.equal(layer.forward_sparse(x, y).indices, expected.forward_sparse(x, y).indices)
+        assert {b.dtype for b in layer.tables.buffers()} <= {torch.float32, torch.int32, torch.float64}
+        assert layer.tables.projection.dtype == layer.tables.fingerprints.dtype == torch.float32
+        float32.forward_sparse(x.float(), y)
+        LSHLinear(16, 1000, active=64, warmup=2)(x)
+        LSHLinear(16, 1000, active=64, selection="random").eval().topk(x, 5)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_a_forward_with_every_neuron_active_is_a_plain_linear():
     """active=1.0 hashed the input, looked every neuron up and scattered them back: six times nn.Linear's
     step (784 -> 1000, batch 128) for nn.Linear's result."""
