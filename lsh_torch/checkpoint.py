@@ -27,7 +27,6 @@ installs the saved ones)::
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .nn import LSHLinear
+from .tables import TABLE_BUFFERS, bucket_of_item
 
 
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -49,8 +49,7 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
             t = module.tables
             tables = None if module._stale else {
                 name: value.detach().clone()
-                for name, value in (("offsets", t.offsets), ("items", t.items), ("codes", t.codes),
-                                    ("fingerprints", t.fingerprints), ("max_norm", t.max_norm))}
+                for name, value in ((name, getattr(t, name)) for name in TABLE_BUFFERS)}
             if tables is not None:
                 if not bool(t.max_norm > 0):  # none (no asymmetric transform)
                     tables["max_norm"] = None
@@ -101,14 +100,16 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             device = layer.weight.device
             layer.tables.materialise(device)
             t = layer.tables
-            saved = {name: tables.get(name) for name in ("offsets", "items", "codes", "fingerprints", "max_norm")}
-            if saved["codes"] is None or not saved["codes"].numel():  # none: the next rebuild hashes every row
-                saved["codes"], saved["fingerprints"] = t.codes, torch.full_like(t.fingerprints, math.nan)
+            saved = {name: tables.get(name) for name in TABLE_BUFFERS}
             if saved["max_norm"] is None:
                 saved["max_norm"] = torch.zeros_like(t.max_norm)
+            without_codes = saved["codes"] is None or not saved["codes"].numel()
             for name, value in saved.items():
-                setattr(t, name, value.to(device).clone())
-            t.built = True
+                if value is not None and (value.numel() or not without_codes):
+                    setattr(t, name, value.to(device).clone())
+            if without_codes and t.selection != "random":
+                t.forget_codes()
+            t.mark_built()
             layer._stale = False
             if not tables.get("current", True):  # (states saved before it was: the tables training left)
                 layer._hashed_version = None  # eval re-hashes, as in the run that saved them
@@ -155,8 +156,8 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
     if not torch.equal(items.sort(dim=1).values, torch.arange(n).expand(rows, n)):
         return f"items must hold every neuron of [0, {n}) once per table"
     # Queries and incremental rebuilds rely on each bucket's ids ascending (as every build leaves them).
-    bucket_of_item = torch.repeat_interleave(torch.arange(buckets).repeat(rows), sizes.flatten()).reshape(rows, n)
-    same_bucket = bucket_of_item[:, 1:] == bucket_of_item[:, :-1]
+    bucket = bucket_of_item(offsets, items)
+    same_bucket = bucket[:, 1:] == bucket[:, :-1]
     if (same_bucket & (items[:, 1:] <= items[:, :-1])).any():
         return "the ids in each bucket must ascend"
     codes = tables.get("codes")
@@ -167,7 +168,7 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
             return "codes were saved without fingerprints"
         if (codes < 0).any() or (codes >= buckets).any():
             return f"codes must be in [0, 2^bits = {buckets})"
-        if not torch.equal(codes.long().gather(1, items), bucket_of_item):
+        if not torch.equal(codes.long().gather(1, items), bucket):
             return "items are not bucketed by their codes"
     max_norm = tables.get("max_norm")
     if max_norm is not None and not (torch.isfinite(max_norm) and max_norm > 0):

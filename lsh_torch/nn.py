@@ -387,7 +387,7 @@ class LSHLinear(nn.Module):
                  "_draws": _RecordedDraws(), "_stepped_version": None,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
-        if not hasattr(state["_modules"]["tables"], "built"):
+        if "_built" not in state["_modules"]["tables"].__dict__:
             state["_modules"]["tables"].upgrade(state["out_features"])
         super().__setstate__(state)
         follow_optimizer_steps(self)  # a process that only unpickles layers (torch.load of a model, spawned workers)

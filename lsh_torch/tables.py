@@ -63,6 +63,16 @@ def _keeps_values(fn, device) -> bool:
     return not out.is_meta and out.is_floating_point() and torch.equal(out.float().to(device), probe)
 
 
+TABLE_BUFFERS = ("offsets", "items", "codes", "fingerprints", "max_norm")  # what a build writes
+
+
+def bucket_of_item(offsets: Tensor, items: Tensor) -> Tensor:
+    """The bucket that holds each entry of ``items`` ``[L, N]`` (CSR tables with ``offsets`` ``[L, 2^K + 1]``), int64."""
+    sizes = offsets.diff(dim=1).flatten().long()
+    buckets = torch.arange(offsets.shape[1] - 1, device=items.device).repeat(offsets.shape[0])
+    return torch.repeat_interleave(buckets, sizes, output_size=items.numel()).reshape(items.shape)
+
+
 class LSHTables(nn.Module):
     """L CSR hash tables over the rows of a weight matrix; all state in non-persistent buffers.
 
@@ -129,16 +139,56 @@ class LSHTables(nn.Module):
                              persistent=False)
         # The asymmetric transform's M since the last full build (0: none, without the transform or a build).
         self.register_buffer("max_norm", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
-        self.built = False  # the next build hashes every row; until then the tables are not to be queried
+        self._built = False  # the next build hashes every row; until then the tables are not to be queried
+        self._built_versions = None  # the TABLE_BUFFERS' version counters then (None: unknown, trusted)
+
+    @property
+    def built(self) -> bool:
+        """Were the tables hashed (a build, or a load of saved ones), and not written in place since? Such
+        writes come from outside: ``AveragedModel(use_buffers=True)`` averages every buffer, integer tables
+        included; a ``copy_`` of another layer's buffers. Then the next build hashes every row."""
+        if not self._built:
+            return False
+        # (Not read while tracing: a guard on the counters would recompile the caller after every rebuild.)
+        return torch.compiler.is_compiling() or self._built_versions in (None, self._versions())
+
+    def mark_built(self) -> None:
+        """The tables now answer for the weight they were hashed (or loaded) from."""
+        self._built = True
+        self._built_versions = None if torch.compiler.is_compiling() else self._versions()
+
+    def _versions(self) -> tuple:
+        return tuple(None if t.is_inference() else t._version for t in map(self.__getattr__, TABLE_BUFFERS))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_built": self.built}  # (False after writes in place)
+
+    def __setstate__(self, state):  # a copy's tensors count versions anew
+        super().__setstate__(state)
+        if self.__dict__.get("_built"):  # (absent from pickles before it was: see upgrade)
+            self.mark_built()
 
     def upgrade(self, out_features: int) -> None:
         """Tables pickled before every buffer had its final shape from construction on: unbuilt ones had
         ``[L, 0]`` items and codes, and ``M`` was None where there was none."""
-        self.out_features, self.built = out_features, self.items.shape[1] > 0
-        if not self.built:
+        self.out_features = out_features
+        if not self.items.shape[1]:
             self.reset(self.hash_buffer.device)
-        elif self.max_norm is None:
+            return
+        if self.max_norm is None:
             self.max_norm = torch.zeros((), dtype=torch.float32, device=self.items.device)
+        if self.selection != "random" and self.codes.shape[1] != out_features:  # built, saved without codes
+            self.forget_codes()
+        self.mark_built()
+
+    def forget_codes(self) -> None:
+        """Tables without their rows' codes (an old checkpoint's, or pickle's): codes read off the tables, so
+        that they agree (a checkpoint saved now must reload), and no fingerprints or M, so that the next build
+        hashes every row with a new M."""
+        buckets = bucket_of_item(self.offsets, self.items).int()
+        self.codes = torch.empty_like(self.items).scatter_(1, self.items.long(), buckets)
+        self.fingerprints = torch.full((self.out_features,), math.nan, dtype=torch.float32, device=self.items.device)
+        self.max_norm = torch.zeros((), dtype=torch.float32, device=self.items.device)
 
     def materialise(self, device) -> None:
         """Draw the seeded buffers on ``device`` if they are still on the meta device:
@@ -162,7 +212,7 @@ class LSHTables(nn.Module):
         return getattr(self, self.hash.buffer)
 
     def _apply(self, fn, recurse=True):
-        before = dict(self._buffers)
+        before, built = dict(self._buffers), self.built
         super()._apply(fn, recurse)
         # Every buffer keeps its dtype: the seeded ones, the fingerprints and M are float32 or wider whatever
         # the weight's dtype (as in a layer built in that dtype), the tables int32 (the kernels' contract).
@@ -176,6 +226,10 @@ class LSHTables(nn.Module):
         if not seeded.is_meta and (old.is_meta or not _keeps_values(fn, old.device)):
             # Values not kept (to_empty(), from the meta device or not: uninitialised memory): a new layer's.
             self.reset(seeded.device)
+        else:
+            self._built = built  # (False after writes in place)
+            if built:  # new tensors count versions anew
+                self.mark_built()
         return self
 
     @torch.no_grad()
@@ -198,7 +252,7 @@ class LSHTables(nn.Module):
         if n != self.out_features:
             raise ValueError(f"weight must have out_features = {self.out_features} rows, got {tuple(weight.shape)}")
         if self.selection == "random":
-            self.built = True
+            self.mark_built()
             return
         rows = weight.detach()
         fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
@@ -241,7 +295,7 @@ class LSHTables(nn.Module):
                 self.max_norm = max_norm
             self.rehashed = n
         self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
-        self.built = True
+        self.mark_built()
 
     def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Codes of every row and the asymmetric transform's new M (None without one)."""

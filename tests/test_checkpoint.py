@@ -268,3 +268,31 @@ def test_eval_after_a_resume_follows_the_weights_as_the_saving_process_does():
     load_lsh_state(resumed, lsh_state(trained))
     assert torch.equal(trained.eval().active_set(q), resumed.eval().active_set(q))
     assert not torch.equal(trained.tables.codes, codes) and torch.equal(resumed.tables.codes, trained.tables.codes)
+
+
+def test_tables_loaded_without_codes_save_a_state_that_reloads_and_rebuild_in_full():
+    """A state without codes (saved before they were) gave tables whose codes disagreed with their items:
+    the next lsh_state was refused at reload, and the next rebuild kept the old M."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.randint(0, 200, (8,))
+    make = lambda: LSHLinear(16, 200, active=20, seed=1, rebuild=100)  # noqa: E731
+    saved = make()
+    saved.forward_sparse(x, y)
+    state = lsh_state(saved)
+    del state[""]["tables"]["codes"], state[""]["tables"]["fingerprints"]
+    resumed = make()
+    resumed.load_state_dict(saved.state_dict())
+    load_lsh_state(resumed, state)
+    assert torch.equal(resumed.forward_sparse(x, y).indices, saved.forward_sparse(x, y).indices)
+    again = make()
+    again.load_state_dict(resumed.state_dict())
+    load_lsh_state(again, lsh_state(resumed))  # refused before: "items are not bucketed by their codes"
+    with torch.no_grad():
+        resumed.weight.mul_(0.5)  # every norm shrinks: an incremental rebuild would keep M
+    resumed.rebuild()
+    assert resumed.tables.rehashed == 200
+    fresh = make()
+    fresh.load_state_dict(resumed.state_dict())
+    fresh.rebuild()
+    for name in ("codes", "offsets", "items", "max_norm"):
+        assert torch.equal(getattr(resumed.tables, name), getattr(fresh.tables, name)), name

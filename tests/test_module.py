@@ -816,26 +816,53 @@ def test_a_layer_pickled_before_exact_softmax_keeps_its_sparse_softmax():
     assert pickle.loads(pickle.dumps(layer)).exact_softmax
 
 
-@pytest.mark.parametrize("built", [False, True])
-def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(built):
-    """Former pickles: unbuilt tables had [L, 0] items and codes, M was None without the transform."""
+@pytest.mark.parametrize("tables", ["unbuilt", "built", "built, no codes"])
+def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(tables):
+    """Former pickles: unbuilt tables had [L, 0] items and codes, M was None without the transform, and tables
+    loaded from a state without codes kept [L, 0] codes (the first incremental rebuild then failed)."""
     torch.manual_seed(0)
-    layer = LSHLinear(16, 300, active=20, asymmetric=False)
+    layer = LSHLinear(16, 300, active=20, asymmetric=False, rebuild=None)
     x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
-    if built:
+    if tables != "unbuilt":
         layer.rebuild()
     state = copy.deepcopy(layer.__getstate__())
-    tables = state["_modules"]["tables"]
-    del tables.built, tables.out_features
-    tables._buffers["max_norm"] = None
-    if not built:
-        for name in ("items", "codes", "fingerprints"):
-            tables._buffers[name] = tables._buffers[name][..., :0]
+    old_tables = state["_modules"]["tables"]
+    del old_tables._built, old_tables._built_versions, old_tables.out_features
+    old_tables._buffers["max_norm"] = None
+    emptied = {"unbuilt": ("items", "codes", "fingerprints"), "built": (), "built, no codes": ("codes", "fingerprints")}
+    for name in emptied[tables]:
+        old_tables._buffers[name] = old_tables._buffers[name][..., :0]
     old = LSHLinear.__new__(LSHLinear)
     old.__setstate__(state)
-    assert old.tables.built == built and old.tables.items.shape == (5, 300) and old.tables.max_norm.shape == ()
+    assert old.tables.built == (tables != "unbuilt") and old.tables.items.shape == (5, 300)
+    assert old.tables.max_norm.shape == ()
     assert torch.equal(old.forward_sparse(x, y).indices, layer.forward_sparse(x, y).indices)
     assert lsh_state(old)[""]["tables"]["max_norm"] is None
+    with torch.no_grad():
+        old.weight[5] += 1
+        layer.weight[5] += 1
+    old.rebuild()
+    assert old.tables.rehashed == (300 if tables == "built, no codes" else 1)
+    for name in ("codes", "offsets", "items"):
+        assert torch.equal(getattr(old.tables, name), getattr(full_build_of(old), name)), name
+
+
+def test_tables_written_in_place_are_hashed_anew_and_moved_or_copied_ones_are_kept():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, rebuild=None)
+    x = torch.randn(4, 16)
+    layer.forward_sparse(x)
+    for copied in (layer.to(torch.float64).float(), copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.tables.built and not copied._stale
+    with torch.no_grad():
+        layer.tables.items.copy_(layer.tables.items.flip(1))  # another writer (AveragedModel(use_buffers=True))
+    assert not layer.tables.built and layer._stale
+    for copied in (copy.deepcopy(layer), layer.to(torch.float64).float()):  # (new tensors, new counters)
+        assert not copied.tables.built
+    layer.forward_sparse(x)
+    assert layer.tables.rehashed == 300
+    for name in ("codes", "offsets", "items"):
+        assert torch.equal(getattr(layer.tables, name), getattr(full_build_of(layer), name)), name
 
 
 def test_a_float64_default_dtype_changes_nothing_in_the_hashing():
@@ -899,7 +926,7 @@ def test_a_full_build_of_a_weight_in_shared_memory_hashes_one_snapshot(monkeypat
     assert layer.tables.rehashed == 500
 
 
-@pytest.mark.parametrize("made", ["at construction", "after the first step"])
+@pytest.mark.parametrize("made", ["at construction", "after the first step", "averaging buffers too"])
 @pytest.mark.parametrize("selection", ["lsh", "random"])
 def test_an_averaged_model_evaluates_on_its_own_weights(made, selection):
     """EMA with AveragedModel: its update_parameters copies the module's buffers into the average's, so the
@@ -909,7 +936,9 @@ def test_an_averaged_model_evaluates_on_its_own_weights(made, selection):
     layer = LSHLinear(16, 2000, active=128, inference="lsh", asymmetric=False, selection=selection)
     shapes = {name: b.shape for name, b in layer.named_buffers()}
     ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)
-    ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=ema_fn) if made == "at construction" else None
+    # use_buffers=True averages the integer tables too: written in place, they are no tables (hashed anew).
+    ema = (torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=ema_fn, use_buffers=made != "at construction")
+           if made != "after the first step" else None)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     for step in range(12):
         opt.zero_grad()
