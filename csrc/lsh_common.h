@@ -31,15 +31,26 @@ LSH_HD uint64_t mix64(uint64_t z) {
 // Random streams of the query; a value depends only on (seed, stream, row, counter).
 enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3, kDensify = 4 };
 
+// The key of one stream of one set (a row, or -1 for a shared set).
+LSH_HD uint64_t stream_key(int64_t seed, uint64_t stream, int64_t row) {
+  return mix64(mix64(mix64(static_cast<uint64_t>(seed)) ^ stream) + static_cast<uint64_t>(row));
+}
+
+// The counter-th value of the stream with that key: a bijection of the counter for a fixed key (tie-break keys
+// are distinct). Mixed after the key is combined: key ^ mix64(counter) alone made every set's draws one
+// XOR-translate of the same sequence, so with N a power of two only N distinct tails existed, and draws
+// skipped for the head left the tail's inclusion odds uneven (at N = 64: 0.88-1.41 of |T| / |outside|).
+LSH_HD uint64_t keyed_hash(uint64_t key, uint64_t counter) { return mix64(key ^ mix64(counter)); }
+
 LSH_HD uint64_t seeded_hash(int64_t seed, uint64_t stream, int64_t row, uint64_t counter) {
-  return mix64(mix64(mix64(static_cast<uint64_t>(seed)) ^ stream) + static_cast<uint64_t>(row)) ^
-         mix64(counter);
+  return keyed_hash(stream_key(seed, stream, row), counter);
 }
 
 // DWTA densification (Shrivastava, "Optimal Densification for Fast and Accurate Minwise Hashing",
 // ICML 2017, as Chen & Shrivastava's densified WTA uses it): an empty bin g (every entry 0) of a
 // row takes the hash of the first non-empty bin in a fixed pseudo-random sequence of the L*H bins,
-// j_t = seeded_hash(0, kDensify, g, t) mod L*H for t = 1..kDensifyAttempts, then the bins after g in
+// j_t = (stream_key(0, kDensify, g) ^ mix64(t)) mod L*H for t = 1..kDensifyAttempts (the sequence as first
+// written: saved DWTA tables depend on it; a fixed sequence needs no better mixing), then the bins after g in
 // circular order. The sequence depends on g alone, never on the row, so two rows with the same
 // empty bins borrow from the same places (their codes can collide); it is fixed, not seeded, since
 // the bins themselves are a seeded draw. `hashes[j]` < 0 marks an empty bin. Returns the source
@@ -48,7 +59,7 @@ constexpr int kDensifyAttempts = 32;
 
 LSH_HD int64_t dwta_source(const int32_t* hashes, int64_t num_bins, int64_t g) {
   for (int t = 1; t <= kDensifyAttempts; ++t) {
-    const int64_t j = static_cast<int64_t>(seeded_hash(0, kDensify, g, static_cast<uint64_t>(t)) %
+    const int64_t j = static_cast<int64_t>((stream_key(0, kDensify, g) ^ mix64(static_cast<uint64_t>(t))) %
                                            static_cast<uint64_t>(num_bins));
     if (hashes[j] >= 0) return j;
   }

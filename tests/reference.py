@@ -18,8 +18,12 @@ def mix64(z):
     return z ^ (z >> 31)
 
 
+def stream_key(seed, stream, row):
+    return mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64)
+
+
 def seeded_hash(seed, stream, row, counter):
-    return (mix64((mix64(mix64(seed & MASK64) ^ stream) + row) & MASK64) ^ mix64(counter & MASK64)) & MASK64
+    return mix64(stream_key(seed, stream, row) ^ mix64(counter & MASK64))
 
 
 def mips_transform(rows, query, max_norm=None):
@@ -89,7 +93,7 @@ def _densify_source(hashes, g):
     """The bin whose hash empty bin g takes: the first non-empty one of a fixed pseudo-random
     sequence of bins, then of the bins after g in circular order; None if all are empty."""
     num_bins = len(hashes)
-    tries = [seeded_hash(0, DENSIFY, g, t) % num_bins for t in range(1, DENSIFY_ATTEMPTS + 1)]
+    tries = [(stream_key(0, DENSIFY, g) ^ mix64(t)) % num_bins for t in range(1, DENSIFY_ATTEMPTS + 1)]
     tries += [(g + s) % num_bins for s in range(1, num_bins)]
     return next((j for j in tries if hashes[j] >= 0), None)
 

@@ -330,7 +330,7 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         # These few inputs are the shards' checked ones: each answered its exact top 4, at least its index's.
         unchecked_values, unchecked_indices = result["unchecked"]
         torch.testing.assert_close(unchecked_values, logits.gather(1, unchecked_indices))
-        assert (approx_values >= unchecked_values).all()
+        assert (approx_values >= unchecked_values - 1e-6).all()  # (exact and index scores: other summation orders)
         start, end = result["rows"]
         torch.testing.assert_close(result["loss"], losses[rank])
         torch.testing.assert_close(result["x_grad"], x_grads[rank])

@@ -82,6 +82,26 @@ def test_corrected_normaliser_with_labels_is_unbiased():
     assert ((est.mean(0) - torch.exp(z).sum(1)).abs() < 4 * stderr).all()
 
 
+@pytest.mark.parametrize("n", [64, 61])
+def test_the_tail_is_a_uniform_draw_from_the_neurons_outside_the_head(n):
+    """Each neuron outside the head is in the tail |T| / |outside| of the time, and the tails are many: the draws
+    were one XOR-translate of a fixed sequence per set (with N = 64: 38 of the 1,653 possible pairs, inclusion
+    odds 0.88-1.41 of |T| / |outside|, a biased normaliser)."""
+    from lsh_torch.tables import LSHTables
+    sets, head = 20_000, torch.tensor([3, 9, 17, 30, 41, 60])
+    active, _ = LSHTables.query_uniform(torch.zeros(sets, 1), n, 8, head.expand(sets, -1), seed=5)
+    tails = active[:, 6:].sort(1).values
+    outside = n - 6
+    counts = torch.bincount(tails.flatten(), minlength=n).double()
+    assert counts[head].sum() == 0 and (tails[:, 0] != tails[:, 1]).all()
+    expected = sets * 2 / outside
+    z2 = ((counts[counts > 0] - expected) ** 2 / expected).mean()
+    assert counts.count_nonzero() == outside and z2 < 2, float(z2)  # about 1 (a chi-square's mean)
+    pairs = len(set(map(tuple, tails.tolist())))
+    possible = outside * (outside - 1) // 2
+    assert pairs > 0.95 * possible * (1 - math.exp(-sets / possible)), (pairs, possible)
+
+
 def test_loss_adds_the_log_weights():
     values, labels = torch.randn(4, 10, requires_grad=True), torch.tensor([0, 1, 2, 3])
     indices = torch.arange(10).expand(4, -1).clone()

@@ -81,11 +81,6 @@ enum QueryError : int64_t {
 };
 
 
-// seeded_hash(seed, stream, row, c) == row_key(seed, stream, row) ^ mix64(c): hoists the row part.
-__device__ __forceinline__ uint64_t row_key(int64_t seed, uint64_t stream, int64_t row) {
-  return seeded_hash(seed, stream, row, 0) ^ mix64(0);
-}
-
 // What names row b's random streams: query's row_keys[b] where given, else b (as on the CPU).
 __device__ __forceinline__ int64_t stream_row(const int64_t* __restrict__ row_keys, int64_t b) {
   return row_keys != nullptr ? row_keys[b] : b;
@@ -314,7 +309,7 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
     if (threadIdx.x == 0) thresh[r] = ~0ull;
     return;
   }
-  const uint64_t key0 = row_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
+  const uint64_t key0 = stream_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
   unsigned long long prefix = 0, mask = 0;
   int remaining = m;
@@ -323,7 +318,7 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
     __syncthreads();
     for (int64_t id = threadIdx.x; id < n; id += blockDim.x) {
       if (h[id] != hstar) continue;
-      const unsigned long long k = key0 ^ mix64(static_cast<uint64_t>(id));
+      const unsigned long long k = keyed_hash(key0, static_cast<uint64_t>(id));
       if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 0xffu], 1u);
     }
     __syncthreads();
@@ -366,7 +361,7 @@ __global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int 
   if (threadIdx.x == 0) cursor = 0;
   __syncthreads();
   const unsigned long long limit = thresh[r];
-  const uint64_t key0 = row_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
+  const uint64_t key0 = stream_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
   const int lane = threadIdx.x & 31;
   for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {  // warp-uniform trip count
@@ -375,7 +370,7 @@ __global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int 
     bool keep = c >= hstar && c <= num_tables;  // hstar >= 1 excludes 0 and kChosen
     unsigned long long k = 0;
     if (keep) {
-      k = key0 ^ mix64(static_cast<uint64_t>(id));
+      k = keyed_hash(key0, static_cast<uint64_t>(id));
       keep = c > hstar || k <= limit;
     }
     const unsigned ballot = __ballot_sync(kFullMask, keep);
@@ -429,14 +424,14 @@ __global__ void __launch_bounds__(kFillThreads) fill_kernel(int64_t row0, int64_
   int64_t filled = static_cast<int64_t>(filled_labels[r]) + meta[r * 4 + 0];
   if (filled >= budget) return;  // block-uniform
   const uint64_t un = static_cast<uint64_t>(n);
-  const uint64_t draw_key = row_key(seed, kFillDraw, b);
+  const uint64_t draw_key = stream_key(seed, kFillDraw, b);
   const uint64_t max_draws = 4 * static_cast<uint64_t>(budget) + 64;
   for (uint64_t t0 = 0; filled < budget && t0 < max_draws; t0 += kFillThreads) {
     const uint64_t j = t0 + threadIdx.x;
     int32_t id = -1;
     bool keep = false;
     if (j < max_draws) {
-      id = static_cast<int32_t>((draw_key ^ mix64(j)) % un);
+      id = static_cast<int32_t>(keyed_hash(draw_key, j) % un);
       keep = h[id] != kChosen;
     }
     s_ids[threadIdx.x] = id;
@@ -534,7 +529,7 @@ __global__ void place_labels_kernel(const int64_t* __restrict__ labels, int64_t 
 __global__ void compact_all_kernel(const int32_t* __restrict__ hits, int64_t n, int64_t seed,
                                    int64_t* __restrict__ sel_key, int32_t* __restrict__ sel_level,
                                    int32_t* __restrict__ sel_id, int32_t* __restrict__ count) {
-  const uint64_t key0 = row_key(seed, kTieBreak, -1);
+  const uint64_t key0 = stream_key(seed, kTieBreak, -1);
   const int lane = threadIdx.x & 31;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x - lane; base < n; base += step) {
@@ -548,7 +543,7 @@ __global__ void compact_all_kernel(const int32_t* __restrict__ hits, int64_t n, 
     slot0 = __shfl_sync(kFullMask, slot0, __ffs(ballot) - 1);
     if (keep) {
       const int64_t slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
-      sel_key[slot] = static_cast<int64_t>((key0 ^ mix64(static_cast<uint64_t>(id))) ^ (1ull << 63));
+      sel_key[slot] = static_cast<int64_t>(keyed_hash(key0, static_cast<uint64_t>(id)) ^ (1ull << 63));
       sel_level[slot] = -c;  // hits descending
       sel_id[slot] = static_cast<int32_t>(id);
     }
