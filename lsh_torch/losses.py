@@ -1,6 +1,7 @@
 """Losses over the active outputs of a sparse forward (SparseOutput)."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -52,7 +53,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
-            raise TypeError("labels must be an int64 tensor")
+            raise TypeError(f"labels must be an int64 tensor of class ids, got "
+                            f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}")
         check_int("ignore_index", ignore_index, -2 ** 63, 2 ** 63 - 1)
         check_label_smoothing(label_smoothing)
 
@@ -68,6 +70,10 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     _check_labels_found(found | (labels == -1), labels)
     _check_labels_forced(_drawn(column, log_weights, logits.shape), labels)
     _check_distinct(indices)
+    if log_weights is not None:
+        refuse(log_weights.isnan() | (log_weights == math.inf) | ((log_weights < 0) & (log_weights != -math.inf)),
+               "sparse_cross_entropy: output.log_weights must be >= 0 and not NaN or inf (the log of how many outputs "
+               "an entry stands for; -inf for none)")
     corrected = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if log_weights is not None:
         log_weights = log_weights.reshape(-1, logits.shape[-1]).expand_as(corrected)
@@ -124,7 +130,10 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     if log_weights is not None and (not isinstance(log_weights, Tensor) or log_weights.shape != indices.shape):
         given = tuple(log_weights.shape) if isinstance(log_weights, Tensor) else type(log_weights).__name__
         raise ValueError(f"output.log_weights must be None or have indices' shape {tuple(indices.shape)}, got {given}")
-    return values, indices, log_weights
+    if log_weights is not None and not log_weights.dtype.is_floating_point:
+        raise TypeError(f"output.log_weights must be a floating tensor, got {log_weights.dtype}")
+    # A correction for how the tail was drawn, not something to train: gradients flow through the values only.
+    return values, indices, None if log_weights is None else log_weights.detach()
 
 
 def check_label_smoothing(label_smoothing) -> float:
@@ -200,6 +209,7 @@ def _check_distinct(indices: Tensor) -> None:
     """A neuron twice in a row's active set would count twice in the normaliser (forward_sparse's
     never repeat one; a hand-built output might)."""
     ordered = indices.sort(-1).values
+    refuse(ordered[..., :1] < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
     refuse(ordered[..., 1:] == ordered[..., :-1],
            "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once")
 

@@ -75,10 +75,27 @@ def test_sparse_cross_entropy_refuses_outputs_it_cannot_read():
         (values, TypeError, "output must be a SparseOutput"),
         ((values, torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])), ValueError, "repeat a neuron"),
         ((values, torch.arange(8).repeat(6, 1).index_fill(1, torch.tensor([7]), 3)), ValueError, "repeat a neuron"),
+        ((values, torch.arange(8) - 1), ValueError, "indices must be neuron ids >= 0"),
+        ((values, torch.arange(8), torch.zeros(8, dtype=torch.bool)), TypeError, "log_weights must be a floating"),
+        *[((values, torch.arange(8), torch.zeros(8).index_fill(0, torch.tensor([7]), bad)), ValueError,
+           "log_weights must be >= 0 and not NaN or inf") for bad in (math.nan, math.inf, -3.0)],
     ]
     for output, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             sparse_cross_entropy(output, labels)
+    with pytest.raises(TypeError, match="labels must be an int64 tensor of class ids, got torch.uint8"):
+        sparse_cross_entropy((values, torch.arange(8)), labels.to(torch.uint8))
+
+
+def test_log_weights_are_a_constant_of_the_loss():
+    values, labels = torch.randn(6, 8, requires_grad=True), torch.arange(6)
+    log_weights = torch.zeros(8).index_fill(0, torch.tensor([7]), math.log(5.0)).requires_grad_()
+    loss = sparse_cross_entropy((values, torch.arange(8), log_weights), labels)
+    loss.backward()
+    assert log_weights.grad is None and values.grad is not None
+    with_minus_inf = sparse_cross_entropy((values, torch.arange(8), log_weights.detach().index_fill(0, torch.tensor([6]),
+                                                                                                  -math.inf)), labels)
+    assert torch.isfinite(with_minus_inf)  # -inf: an entry that stands for no output
 
 
 def test_sparse_cross_entropy_with_a_minus_inf_logit_is_cross_entropys():
@@ -415,8 +432,8 @@ def test_a_shared_training_step_has_no_data_dependent_shapes():
     # On a GPU each data-dependent shape (nonzero, boolean indexing, unique) or scalar read is a host
     # sync. Between rebuilds a shared step reads one scalar (the batch's distinct label count, which
     # sizes the top set) and, on the CPU only, whether labels left room for a tail (a warning) and the
-    # loss's three checks (labels found, none drawn in the tail, no neuron twice; asserted on the device
-    # elsewhere); nothing else.
+    # loss's five checks (labels found, none drawn in the tail, ids >= 0, no neuron twice, log-weights
+    # >= 0 and not NaN; asserted on the device elsewhere); nothing else.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
@@ -439,7 +456,7 @@ def test_a_shared_training_step_has_no_data_dependent_shapes():
     layer.forward_sparse(x, labels)  # the first step builds the tables
     with Syncs() as syncs:
         sparse_cross_entropy(layer.forward_sparse(x, labels), labels).backward()
-    assert syncs.ops == ["aten._local_scalar_dense.default"] * 5, syncs.ops
+    assert syncs.ops == ["aten._local_scalar_dense.default"] * 7, syncs.ops
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
