@@ -106,7 +106,9 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             without_codes = saved["codes"] is None or not saved["codes"].numel()
             for name, value in saved.items():
                 if value is not None and (value.numel() or not without_codes):
-                    setattr(t, name, value.to(device).clone())
+                    # (M of a float64 layer saved before it was float32 whatever the layer's dtype: rounded, it
+                    # stays above every norm, within its 1e-5 slack.)
+                    setattr(t, name, value.to(device, getattr(t, name).dtype).clone())
             if without_codes and t.selection != "random":
                 t.forget_codes()
             t.mark_built()

@@ -116,7 +116,7 @@ def _lsh_layers(module: nn.Module) -> tuple[list[LSHLinear], list[nn.Module]]:
 
 def _replicated_sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
     replicated, _ = _lsh_layers(module)
-    sparse = [m for m in replicated if m.sparse_grad]
+    sparse = [m for m in replicated if m._sparse_grad]
     sparse += [m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     return [p for m in sparse for p in m.parameters(recurse=False) if p.requires_grad]
 

@@ -501,17 +501,17 @@ class LSHLinear(nn.Module):
             self._warned_parametrized = True
             warnings.warn(f"LSHLinear(out_features={self.out_features}): its weight is parametrized (computed on every "
                           "access, or by a hook on every forward: weight_norm, prune), so every lookup re-hashes every "
-                          "row into new tables, every topk call builds a new index, and sparse_grad=True gives it a "
-                          "dense gradient (the computation's backward needs one): slow. Hash tables follow a "
+                          "row into new tables, every topk call builds a new index, and sparse_grad=True gives a "
+                          "parametrized one a dense gradient (its backward needs one): slow. Hash tables follow a "
                           "weight Parameter updated in place; remove the parametrization.",
                           stacklevel=user_stacklevel())
 
     @property
     def _sparse_grad(self) -> bool:
-        """``sparse_grad`` for a weight Parameter. A weight computed from others (parametrize, prune, weight_norm)
-        gets a dense gradient: the computation's backward needs one (weight_norm's and orthogonal's refuse a
-        sparse one)."""
-        return self.sparse_grad and "weight" in self._parameters
+        """``sparse_grad``, but a weight that parametrize or the legacy weight_norm compute gets a dense gradient:
+        their backward needs one (weight_norm's and orthogonal's refuse a sparse one; prune's mask takes it)."""
+        return self.sparse_grad and not (parametrize.is_parametrized(self, "weight") or any(
+            isinstance(hook, WeightNorm) for hook in self._forward_pre_hooks.values()))
 
     def _step_seed(self) -> int:
         """The training step's draws: another seed each step, within int64 however long the run."""

@@ -140,7 +140,7 @@ class LSHTables(nn.Module):
         # The asymmetric transform's M since the last full build (0: none, without the transform or a build).
         self.register_buffer("max_norm", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self._built = False  # the next build hashes every row; until then the tables are not to be queried
-        self._built_versions = None  # the TABLE_BUFFERS' version counters then (None: unknown, trusted)
+        self._built_versions = None  # the TABLE_BUFFERS' version counters then (None: unknown)
 
     @property
     def built(self) -> bool:
@@ -149,8 +149,10 @@ class LSHTables(nn.Module):
         included; a ``copy_`` of another layer's buffers. Then the next build hashes every row."""
         if not self._built:
             return False
-        # (Not read while tracing: a guard on the counters would recompile the caller after every rebuild.)
-        return torch.compiler.is_compiling() or self._built_versions in (None, self._versions())
+        # Not read while tracing (a guard on the counters would recompile the caller after every rebuild): a
+        # compiled lookup does not see such writes, as it does not see the weight's (call rebuild()). Built
+        # while tracing, the counters are unknown: the next eager lookup builds them again.
+        return torch.compiler.is_compiling() or self._built_versions == self._versions()
 
     def mark_built(self) -> None:
         """The tables now answer for the weight they were hashed (or loaded) from."""
@@ -315,7 +317,9 @@ class LSHTables(nn.Module):
                              "directions only")
         max_norm = None
         if norms is not None and not self.center:
-            max_norm = (norms.max() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
+            # float32 whatever the weight's dtype (rows hash in float32; the slack covers the rounding): the
+            # buffer keeps one dtype, as AveragedModel(use_buffers=True)'s averages of it need.
+            max_norm = (norms.max().float() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
         return self._row_codes(rows, max_norm), max_norm
 
     def _row_codes(self, rows: Tensor, max_norm: Optional[Tensor]) -> Tensor:

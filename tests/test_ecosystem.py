@@ -416,6 +416,20 @@ def test_a_parametrized_weight_gets_a_dense_gradient_with_sparse_grad(parametriz
         torch.testing.assert_close(got, p.grad)
 
 
+def test_a_pruned_weight_keeps_its_sparse_gradient():
+    """prune's mask takes a sparse gradient (SparseAdam steps it); only parametrize and weight_norm need a dense one."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=40, sparse_grad=True, seed=0)
+    prune.random_unstructured(layer, "weight", 0.3)
+    x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+    assert layer.weight_orig.grad.is_sparse and layer.bias.grad.is_sparse
+    torch.optim.SparseAdam([layer.weight_orig, layer.bias]).step()
+
+
 def test_torch_jit_script_is_refused_with_what_to_use_instead():
     with pytest.raises(RuntimeError, match="torch.jit.script does not support LSHLinear.*torch.compile"):
         torch.jit.script(nn.Sequential(nn.ReLU(), LSHLinear(16, 100)).eval())

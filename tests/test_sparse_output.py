@@ -332,7 +332,7 @@ def test_warmup_draws_random_sets_then_builds_the_tables(mode):
             assert torch.equal(active, rand.forward_sparse(x, labels).indices)
             assert warm._stale and not warm.tables.built
         else:
-            assert not warm._stale and warm.tables.items.shape == (5, 500)
+            assert not warm._stale and warm.tables.built
     assert warm.step == 5 and "warmup=3" in repr(warm)
     with pytest.raises(ValueError, match="warmup"):
         LSHLinear(16, 500, warmup=-1)
