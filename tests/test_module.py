@@ -847,6 +847,25 @@ def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(ta
         assert torch.equal(getattr(old.tables, name), getattr(full_build_of(old), name)), name
 
 
+def test_an_averaged_float64_layer_averages_its_buffers_in_their_dtypes():
+    """M took the weight's dtype at the first build (float64 here): AveragedModel(use_buffers=True) made at
+    construction then failed in its second update ("expected dtype float for 'end' but got dtype double")."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, dtype=torch.float64)
+    ema = torch.optim.swa_utils.AveragedModel(layer, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+                                              use_buffers=True)
+    dtypes = {name: b.dtype for name, b in layer.named_buffers()}
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 300, (8,))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()
+        opt.step()
+        ema.update_parameters(layer)
+    assert {name: b.dtype for name, b in layer.named_buffers()} == dtypes
+    assert layer.tables.max_norm.dtype == torch.float32 and layer.tables.max_norm > 0
+
+
 def test_tables_written_in_place_are_hashed_anew_and_moved_or_copied_ones_are_kept():
     torch.manual_seed(0)
     layer = LSHLinear(16, 300, active=20, rebuild=None)
