@@ -599,8 +599,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-points", type=cli.integer(), default=1000, help="test points for the P@1-vs-time curve")
     g.add_argument("--final-points", type=cli.integer(), default=None,
                    help="test points for the final P@k, held-out loss and popular baseline (default: all; a seeded "
-                        "random subset, which holds the curve's points where it is larger, for a big test file: Amazon-670K's 153,025 points "
-                        "take about 20 min per run to evaluate on 2 cores)")
+                        "random subset, which holds the curve's points where it is larger, for a big test file: "
+                        "Amazon-670K's 153,025 points take about 20 min per run to evaluate on 2 cores)")
     g = p.add_argument_group("training")
     g.add_argument("--runs", type=runs_spec, default="lsh,random,dense",
                    help="output layers to train, in order: lsh, random, dense, or lsh/random with a mode "

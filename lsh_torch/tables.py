@@ -82,8 +82,7 @@ class LSHTables(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, num_tables: int, bits: int, probes: int, seed: int,
-                 device=None,
-                 selection: str = "lsh", asymmetric: bool = True, center: bool = False,
+                 device=None, selection: str = "lsh", asymmetric: bool = True, center: bool = False,
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
         num_tables = check_int("num_tables", num_tables, 1, MAX_TABLES)
@@ -228,10 +227,10 @@ class LSHTables(nn.Module):
         if not seeded.is_meta and (old.is_meta or not _keeps_values(fn, old.device)):
             # Values not kept (to_empty(), from the meta device or not: uninitialised memory): a new layer's.
             self.reset(seeded.device)
-        else:
-            self._built = built  # (False after writes in place)
-            if built:  # new tensors count versions anew
-                self.mark_built()
+        elif built:  # new tensors count versions anew
+            self.mark_built()
+        else:  # (written in place before the move)
+            self._built = False
         return self
 
     @torch.no_grad()
