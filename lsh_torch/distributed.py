@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from . import ops
 from ._checks import check_int
-from .losses import (_check_labels_forced, _check_labels_found, _drawn, _label_columns, _label_rows, _mask_of,
-                     reduce_loss, smoothed_target)
+from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
+                     _mask_of, reduce_loss, smoothed_target)
 from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, cap_probes, fit_bits, topk_budget
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
@@ -372,6 +372,7 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     rank, _ = _rank_and_size(group)
     try:  # ``check``: sparse_cross_entropy's argument checks, run here so that one rank's bad argument stops all
         check()
+        values, indices, log_weights = _checked_output(tuple(output[:3]))  # log_weights detached
         if labels.device != output.values.device:
             raise ValueError(f"labels are on {labels.device} but the output is on {output.values.device}")
         labels = _label_rows(labels, batch_shape, ignore_index)
@@ -381,10 +382,10 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     agreed = (0, 0, 0) if error else (label_smoothing, ("mean", "sum", "none").index(reduction), ignore_index)
     _stop_everywhere(error, group, output.values.device, agreed, "label_smoothing, reduction and ignore_index")
     every = torch.cat(_gather_padded(labels, group, fill=-1, rows_only=True))  # [sum(sizes), M], -1 padding
-    logits = output.values.to(torch.promote_types(output.values.dtype, torch.float32))  # float64 stays
-    column, found = _label_columns(output.indices, every, logits.shape[1])
+    logits = values.to(torch.promote_types(values.dtype, torch.float32))  # float64 stays
+    column, found = _label_columns(indices, every, logits.shape[1])
     mask = _mask_of(column, logits.shape[1])
-    drawn = _drawn(column, output.log_weights, logits.shape)
+    drawn = _drawn(column, log_weights, logits.shape)
     drawn = torch.zeros_like(found) if drawn is None else drawn
     counts = torch.cat([mask.sum(1, keepdim=True), found, drawn], 1).to(logits.dtype)
     dist.all_reduce(counts, group=group)  # each label is found on the shard that owns it
@@ -393,8 +394,8 @@ def sharded_cross_entropy(output: ShardedSparseOutput, labels: Tensor, reduction
     _check_labels_forced(counts[:, 1 + every.shape[1]:] > 0, every, sizes)
     count = counts[:, 0]
     target = mask.to(logits.dtype) / count.clamp_min(1)[:, None]
-    log_weights = None if output.log_weights is None else output.log_weights.expand_as(logits)
     if log_weights is not None:
+        log_weights = log_weights.expand_as(logits)
         logits = logits + log_weights
     shift = None
     if label_smoothing:  # the spread over every shard's outputs: the weights' sums all-reduced

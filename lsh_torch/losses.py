@@ -69,11 +69,6 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     column, found = _label_columns(indices, labels, logits.shape[1])
     _check_labels_found(found | (labels == -1), labels)
     _check_labels_forced(_drawn(column, log_weights, logits.shape), labels)
-    _check_distinct(indices)
-    if log_weights is not None:
-        refuse(log_weights.isnan() | (log_weights == math.inf) | ((log_weights < 0) & (log_weights != -math.inf)),
-               "sparse_cross_entropy: output.log_weights must be >= 0 and not NaN or inf (the log of how many outputs "
-               "an entry stands for; -inf for none)")
     corrected = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if log_weights is not None:
         log_weights = log_weights.reshape(-1, logits.shape[-1]).expand_as(corrected)
@@ -114,7 +109,8 @@ def reduce_loss(loss: Tensor, has_label: Tensor, reduction: str, batch_shape: to
 
 
 def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(values [*, A], indices [A] or [*, A], log_weights of indices' shape or None)``, checked."""
+    """``(values [*, A], indices [A] or [*, A], log_weights of indices' shape or None)``, checked (indices
+    distinct neuron ids, log-weights valid), log_weights detached."""
     if isinstance(output, Tensor) or not isinstance(output, tuple) or len(output) not in (2, 3):
         raise TypeError("output must be a SparseOutput (values, indices[, log_weights]), as LSHLinear.forward_sparse "
                         f"returns, got {type(output).__name__} (for dense logits use F.cross_entropy)")
@@ -132,6 +128,11 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         raise ValueError(f"output.log_weights must be None or have indices' shape {tuple(indices.shape)}, got {given}")
     if log_weights is not None and not log_weights.dtype.is_floating_point:
         raise TypeError(f"output.log_weights must be a floating tensor, got {log_weights.dtype}")
+    _check_distinct(indices)
+    if log_weights is not None:
+        refuse(log_weights.isnan() | (log_weights == math.inf) | ((log_weights < 0) & (log_weights != -math.inf)),
+               "sparse_cross_entropy: output.log_weights must be >= 0 and not NaN or inf (the log of how many outputs "
+               "an entry stands for; -inf for none)")
     # A correction for how the tail was drawn, not something to train: gradients flow through the values only.
     return values, indices, None if log_weights is None else log_weights.detach()
 

@@ -413,6 +413,13 @@ def _checkpoint_run(rank):
     unforced = wide.forward_sparse(torch.randn(2, HIDDEN), y)
     with pytest.raises(ValueError, match=r"label 30\d of rank 1's row [01]\)"):  # its own row
         sparse_cross_entropy(unforced, torch.tensor([300, 301]) if rank else y)
+    # Hand-built log-weights are checked (a NaN on one rank stops both) and detached, as the unsharded loss's.
+    weights = unforced.log_weights.masked_fill(unforced.log_weights > 0, math.nan if rank else 1.0)
+    with pytest.raises(ValueError, match="log_weights must be >= 0" if rank == 1 else "rank 1 .* raised"):
+        sparse_cross_entropy(unforced._replace(log_weights=weights), y)
+    weights = unforced.log_weights.clone().requires_grad_()
+    sparse_cross_entropy(unforced._replace(log_weights=weights), y).backward()
+    assert weights.grad is None and (unforced.log_weights > 0).any()
     narrow = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")  # shard 0 (rows 0-6) has a budget of 2
     # 13 outputs with active left to "auto": every output, as one LSHLinear of that width (exact_softmax)
     assert layer.shard.exact_softmax and out.log_weights is None and layer.budgets == layer.widths
