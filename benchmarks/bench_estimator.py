@@ -19,8 +19,8 @@ sparse head, torch.optim.Adam for dense):
                   10 (not run unless named in --variants)
   hashed+tail, tail 1/4 / tail 3/4   hashed+tail with a quarter (three quarters) of the budget in the tail
                   instead of half: a larger (smaller) top set (not run unless named in --variants)
-  hashed+tail, half the scoring rows   hashed+tail with LSHLinear.top_set_scores halved: a shared top set chosen
-                  from half as many of the batch's rows (not run unless named in --variants)
+  hashed+tail, half the scoring rows   hashed+tail with a shared top set chosen from half as many of the
+                  batch's rows as LSHLinear.top_set_scores allows (not run unless named in --variants)
   hashed+tail, dense grad / uniform+tail, dense grad   the head's gradients dense and the model trained by
                   torch.optim.Adam (every word's moments decay every step), as before the converted heads took
                   sparse gradients and lsh_torch.LazyAdam (not run unless named in --variants)
@@ -105,6 +105,12 @@ def exact_top_set(head) -> None:
     head.tables.query = pool
 
 
+def half_the_scoring_rows(head) -> None:
+    """A shared top set chosen from every second one of the rows that LSHLinear.top_set_scores allows."""
+    stride = head._top_set_stride
+    head._top_set_stride = lambda rows, pool: 2 * stride(rows, pool)
+
+
 def is_oracle(variant: str) -> bool:
     return variant in LM_VARIANTS and LM_VARIANTS[variant][1] is exact_top_set
 
@@ -120,7 +126,7 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     "hashed+tail, tail 3/4": ({"tail": 0.75}, None),
     "hashed+tail, dense grad": ({"sparse_grad": False}, None),
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
-    "hashed+tail, half the scoring rows": ({}, lambda head: setattr(head, "top_set_scores", head.top_set_scores // 2)),
+    "hashed+tail, half the scoring rows": ({}, half_the_scoring_rows),
     "exact top set+tail, oracle": ({}, exact_top_set),
 }
 

@@ -154,12 +154,13 @@ class LSHLinear(nn.Module):
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
             scored for an evenly spaced sample of the batch's rows, as many as keep the exact scores
-            within :attr:`top_set_scores` (256 rows x 3,072 candidates; the pool, and so the sample,
-            moves with the batch's count of distinct labels): a batch's rows share their
-            likely outputs (LM example, 1,024 tokens: labels and the top set of a 2,048 set from
-            256 rows held 79.7% of the softmax mass, from all 1,024 79.6%, and ``forward_sparse``
-            took 13.6 ms against 35.2; an 8,192 set's pool is 5x larger, so 49 rows: 87.0% against
-            88.1% from 256; ``docs/estimator.md``).
+            within :attr:`top_set_scores` ("auto": a quarter of the set's own outputs, rows x
+            budget, and at most 256 rows x 3,072 candidates; the pool, and so the sample, moves
+            with the batch's count of distinct labels): a batch's rows share their likely outputs
+            (LM example, 1,024 tokens: labels and the top set of a 2,048 set from 256 rows held
+            80.6% of the softmax mass, from all 1,024 80.5%; an 8,192 set's pool is 5x larger, so
+            49 rows: 87.1% against 88.3% from 256; XMC demo, 128 points: 26 of them choose as well
+            as all 128 and save a sixth of the step; ``docs/estimator.md``).
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
             a float fraction of ``out_features``. Auto: 0.25 below 8,192 outputs (in 3x1000 MLPs
             on MNIST the paper's 5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5,
@@ -220,7 +221,8 @@ class LSHLinear(nn.Module):
     """
 
     __constants__ = ["in_features", "out_features"]
-    top_set_scores = 256 * 3_072  # exact scores (sampled rows x rescored pool) for a shared top set, see rescore
+    # Exact scores (sampled rows x rescored pool) that choose a shared top set: an int, or "auto" (see rescore).
+    top_set_scores: int | str = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int | str = "auto", bits: int | str = "auto", probes: int | str = "auto",
@@ -524,9 +526,13 @@ class LSHLinear(nn.Module):
 
     def _top_set_stride(self, rows: int, pool: int) -> int:
         """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows
-        as keep the scores within :attr:`top_set_scores`, at least one."""
+        as keep the scores within :attr:`top_set_scores`, at least one. ``"auto"``: a quarter of the
+        set's own outputs (rows x budget; the pool's scores then cost at most a twelfth of the
+        step's products, forward and backward) and at most 256 x 3,072."""
         cap = self.top_set_scores
-        cap = check_int("LSHLinear.top_set_scores (exact scores per shared top set)", cap, 1, 2 ** 62)
+        if isinstance(cap, str) and cap == "auto":
+            cap = max(1, min(256 * 3_072, rows * self.budget // 4))
+        cap = check_int("LSHLinear.top_set_scores (exact scores per shared top set, or 'auto')", cap, 1, 2 ** 62)
         return -(-rows // max(1, cap // max(1, pool)))
 
     def _tail_count(self, sparse: bool) -> int:

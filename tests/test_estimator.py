@@ -225,25 +225,27 @@ def test_tail_argument_errors():
 
 
 @pytest.mark.parametrize("mode, sampled, step", [("per_row", 5, 0), ("shared", 5, 0), ("shared", 2, 0),
-                                                  ("shared", 2, 4), ("shared", 1, 3)])
+                                                  ("shared", 2, 4), ("shared", 1, 3), ("shared", "auto", 2)])
 def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool. In shared
     # mode the pool is found and scored for every stride-th row from (seed % stride), stride =
     # ceil(rows / (top_set_scores // pool)): with room for 2 rows' scores, rows 0 and 3 of 5 at
-    # step 0, rows 1 and 4 at step 4; for 1 row's, row 3 at step 3.
+    # step 0, rows 1 and 4 at step 4; for 1 row's, row 3 at step 3. "auto" allows a quarter of the
+    # set's outputs, 5 x 64 / 4 = 80 scores, less than one row's pool of 112: 1 row, row 2 at step 2.
     n, budget, tail = 2000, 64, 32
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
     shared = mode == "shared"
     forced = 4 if shared else 1
     top = budget - tail - forced
-    layer.top_set_scores, layer.step = sampled * 4 * top + 3, step  # + 3: the row count rounds down
+    layer.top_set_scores = sampled if sampled == "auto" else sampled * 4 * top + 3  # + 3: the row count rounds down
+    layer.step = step
     x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
     with torch.no_grad():  # labels score high for a row they label (3 for row 1): in the pool, and forced in
         layer.weight[labels] = 3 * x
     layer.rebuild()
     out = layer.forward_sparse(x, labels)
     seed = layer.seed * 2 ** 32 + step
-    rows = {5: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3], 1: [step % 5]}[sampled]
+    rows = {5: [0, 1, 2, 3, 4], 2: [step % 3, step % 3 + 3], 1: [step % 5], "auto": [step % 5]}[sampled]
     pool, _ = layer.tables.query(x[rows], 4 * top, None, seed, shared=shared)
     with torch.no_grad():
         scores = F.linear(x[rows], layer.weight, layer.bias)
@@ -291,7 +293,7 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
 def test_top_set_scores_must_be_a_positive_int(cap, error):
     layer = LSHLinear(8, 1000, active=64, mode="shared")
     layer.top_set_scores = cap
-    with pytest.raises(error, match=r"top_set_scores \(exact scores per shared top set\) must be"):
+    with pytest.raises(error, match=r"top_set_scores \(exact scores per shared top set, or 'auto'\) must be"):
         layer.forward_sparse(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
 
 
