@@ -286,7 +286,10 @@ class LSHTables(nn.Module):
                     tables = ops.build_tables(codes.t(), self.bits)
                 else:
                     tables = ops.update_tables(*tables, changed, codes.gather(1, columns).t(), new_codes.t())
-                    codes = codes.clone() if codes.is_inference() and not torch.is_inference_mode_enabled() else codes
+                    # Patched in place, but not codes that other processes may read (Hogwild workers share
+                    # tables built before share_memory(); each keeps its own from its first build on).
+                    if codes.is_shared() or codes.is_inference() and not torch.is_inference_mode_enabled():
+                        codes = codes.clone()
                     codes.scatter_(1, columns, new_codes)
             self.rehashed = changed.numel()
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)

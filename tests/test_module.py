@@ -121,6 +121,22 @@ def test_incremental_rebuild_rehashes_changed_rows_and_equals_a_full_build(devic
     assert torch.equal(layer.tables.offsets, full.offsets) and torch.equal(layer.tables.items, full.items)
 
 
+def test_an_incremental_rebuild_leaves_shared_memory_codes_alone():
+    # Hogwild: tables built before share_memory() are every worker's until its first rebuild, which must
+    # not patch the shared codes in place (the other workers' tables would no longer match them).
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=False)
+    layer.rebuild()
+    layer.share_memory()
+    shared = layer.tables.codes
+    before = shared.clone()
+    with torch.no_grad():
+        layer.weight[[3, 17]] = torch.randn(2, 16)
+    layer.rebuild()
+    assert layer.tables.rehashed == 2 and not torch.equal(layer.tables.codes, before)
+    assert torch.equal(shared, before) and torch.equal(layer.tables.codes, full_build_of(layer).codes)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD, torch.optim.AdamW])
 def test_eval_keeps_the_training_tables_after_optimizer_steps_and_re_hashes_after_other_writes(optimizer, fused):
