@@ -476,8 +476,13 @@ class LSHLinear(nn.Module):
         top, pool = self._top_set_sizes(forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
+            # A sample of the rows, another each step: every stride-th from an offset that moves with the
+            # seed, and at least 2, wrapping around the batch for those (a row taken twice chooses as it does
+            # once), so that a traced batch dimension is never specialised to a sample of 1.
             stride = self._top_set_stride(x.shape[0], pool)
-            x = x[seed % stride::stride]  # a sample of the rows, another each step
+            first = seed % stride
+            rows = torch.arange(torch.sym_max(2, -(-(x.shape[0] - first) // stride)), device=x.device)
+            x = x.index_select(0, (first + stride * rows) % x.shape[0])
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared, keyed=keyed)
             if shared:  # the candidates carrying the most of the batch's softmax mass
@@ -525,15 +530,16 @@ class LSHLinear(nn.Module):
         return top, min(self.out_features, self.rescore * top)
 
     def _top_set_stride(self, rows: int, pool: int) -> int:
-        """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows
-        as keep the scores within :attr:`top_set_scores`, at least one. ``"auto"``: a quarter of the
-        set's own outputs (rows x budget; the pool's scores then cost at most a twelfth of the
-        step's products, forward and backward) and at most 256 x 3,072."""
+        """Every how many of a batch's ``rows`` the shared top set's ``pool`` is scored: as many rows as
+        keep the scores within :attr:`top_set_scores`. ``"auto"``: a quarter of the set's own outputs
+        (rows x budget; the pool's scores then cost at most a twelfth of the step's products, forward and
+        backward), and at most 256 x 3,072. (``torch.sym_*``: a traced batch dimension stays free.)"""
         cap = self.top_set_scores
         if isinstance(cap, str) and cap == "auto":
-            cap = max(1, min(256 * 3_072, rows * self.budget // 4))
-        cap = check_int("LSHLinear.top_set_scores (exact scores per shared top set, or 'auto')", cap, 1, 2 ** 62)
-        return -(-rows // max(1, cap // max(1, pool)))
+            cap = torch.sym_max(1, torch.sym_min(256 * 3_072, rows * self.budget // 4))
+        else:
+            cap = check_int("LSHLinear.top_set_scores (exact scores per shared top set, or 'auto')", cap, 1, 2 ** 62)
+        return -(-rows // torch.sym_max(1, cap // max(1, pool)))
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":

@@ -149,6 +149,30 @@ def test_export_eval_matches_eager(prebuilt, tmp_path):
         assert torch.equal(loaded(x), expected)
 
 
+class _SparseEval(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        out = self.layer.forward_sparse(x)
+        return out.values, out.indices, out.log_weights
+
+
+def test_export_of_a_shared_forward_sparse_samples_the_rows_eager_does():
+    # The rescored shared top set is chosen from a sample of the batch's rows, its size from the batch's
+    # (top_set_scores="auto": 1 of 2 or 8 rows here, taken twice, 5 of 40): the batch dimension stays free
+    # (no guard that specialises it) and the exported program chooses as eager does at every size.
+    torch.manual_seed(0)
+    model = _SparseEval(LSHLinear(16, 20_000, active=256, mode="shared", seed=1)).eval()
+    program = torch.export.export(model, (torch.randn(8, 16),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2, max=100_000)}})
+    for rows in (2, 8, 40):
+        x = torch.randn(rows, 16)
+        for got, expected in zip(program.module()(x), model(x)):
+            assert torch.equal(got, expected)
+
+
 def test_export_leaves_the_eager_model_as_it_was():
     """Non-strict export (the default) of a model with stale tables left a FakeTensor as their M, a buffer
     that was None (export puts back only those it found): deepcopy and torch.save(model) then failed."""
