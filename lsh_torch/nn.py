@@ -157,7 +157,7 @@ class LSHLinear(nn.Module):
             within :attr:`top_set_scores` ("auto": a quarter of the set's own outputs, rows x
             budget, and at most 256 rows x 3,072 candidates; the pool, and so the sample, moves
             with the batch's count of distinct labels): a batch's rows share their likely outputs
-            (LM example, 1,024 tokens: labels and the top set of a 2,048 set from 256 rows held
+            (LM example, 1,024 tokens: labels and the top set of a 2,048 set from 171 rows held
             80.6% of the softmax mass, from all 1,024 80.5%; an 8,192 set's pool is 5x larger, so
             49 rows: 87.1% against 88.3% from 256; XMC demo, 128 points: 26 of them choose as well
             as all 128 and save a sixth of the step; ``docs/estimator.md``).
