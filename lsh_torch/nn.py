@@ -477,12 +477,12 @@ class LSHLinear(nn.Module):
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
             # A sample of the rows, another each step: every stride-th from an offset that moves with the
-            # seed, and at least 2, wrapping around the batch for those (a row taken twice chooses as it does
-            # once), so that a traced batch dimension is never specialised to a sample of 1.
+            # seed; a single row is taken twice (which chooses as once, up to rounding), so that a traced
+            # batch dimension is never specialised to a sample of 1.
             stride = self._top_set_stride(x.shape[0], pool)
             first = seed % stride
-            rows = torch.arange(torch.sym_max(2, -(-(x.shape[0] - first) // stride)), device=x.device)
-            x = x.index_select(0, (first + stride * rows) % x.shape[0])
+            rows = first + stride * torch.arange(torch.sym_max(2, -(-(x.shape[0] - first) // stride)), device=x.device)
+            x = x.index_select(0, torch.where(rows < x.shape[0], rows, first))
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared, keyed=keyed)
             if shared:  # the candidates carrying the most of the batch's softmax mass
