@@ -231,9 +231,9 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     # rescore=4: the head after the labels is the best-scoring quarter of the hashed pool. In shared
     # mode the pool is found and scored for every stride-th row from (seed % stride), stride =
     # ceil(rows / (top_set_scores // pool)): with room for 2 rows' scores, rows 0 and 3 of 5 at
-    # step 0, rows 1 and 4 at step 4, row 2 alone at step 2; for 1 row's, row 3 at step 3 (a single row is
-    # taken twice: a sample has at least 2 entries). "auto" allows a quarter of the set's outputs, 5 x 64 / 4 = 80
-    # scores, less than one row's pool of 112: row 2 at step 2.
+    # step 0, rows 1 and 4 at step 4, row 2 alone at step 2; for 1 row's, row 3 at step 3 (a single
+    # row is taken twice: a sample has at least 2 entries). "auto" allows a quarter of the set's
+    # outputs, 5 x 64 / 4 = 80 scores, less than one row's pool of 112: row 2 at step 2.
     n, budget, tail = 2000, 64, 32
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
     shared = mode == "shared"
@@ -247,7 +247,8 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
     layer.rebuild()
     out = layer.forward_sparse(x, labels)
     seed = layer.seed * 2 ** 32 + step
-    rows = {5: [0, 1, 2, 3, 4], 2: [row for row in (step % 3, step % 3 + 3) if row < 5], 1: [step % 5], "auto": [2]}[sampled]
+    rows = {5: [0, 1, 2, 3, 4], 2: [row for row in (step % 3, step % 3 + 3) if row < 5], 1: [step % 5],
+            "auto": [2]}[sampled]
     pool, _ = layer.tables.query(x[rows], 4 * top, None, seed, shared=shared)
     with torch.no_grad():
         scores = F.linear(x[rows], layer.weight, layer.bias)
