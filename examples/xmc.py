@@ -403,8 +403,8 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
     run.final["loss"] = held_out_loss(net, run.kind, test_data)
     if run.kind != "dense":
         lsh, lsh_s = evaluate(net, run.kind, test_data, exact=False)
-        checks = [c.recall for c in getattr(net.out, "shard", net.out).topk_checks.values() if c.done]
-        run.lsh_topk = {**lsh, "topk_s": lsh_s, "index_recall": checks[0] if checks else None}
+        checks = [(list(key), c.recall) for key, c in getattr(net.out, "shard", net.out).topk_checks.items() if c.done]
+        run.lsh_topk = {**lsh, "topk_s": lsh_s, "checks": checks}
     if args.save_head and run.kind == "lsh" and world()[1] == 1:
         save_head(net, test_data, args.save_head)
 
@@ -476,9 +476,18 @@ def p1_at(curve, seconds: float) -> float:
     return float(np.interp(seconds, times, p1s))
 
 
-def answered_exactly(lsh_topk: dict) -> bool:
-    """Did LSHLinear.topk's check find its index too poor, and answer exactly (see its min_recall)?"""
-    return lsh_topk.get("index_recall") is not None and lsh_topk["index_recall"] < TOPK_MIN_RECALL
+def topk_fallback(lsh_topk: dict) -> str | None:
+    """Why LSHLinear.topk did not answer from its index (see its min_recall), or None: it did (or
+    did not check). In the order checked, its settings (k, probes, budget, norm rows) and recall."""
+    checks = lsh_topk.get("checks") or []
+    if not checks or checks[0][1] >= TOPK_MIN_RECALL:
+        return None
+    why = (f"its index found {checks[0][1]:.3f} of the exact top 5 of the first {TOPK_CHECKED_INPUTS} test points, "
+           f"less than min_recall={TOPK_MIN_RECALL}")
+    if checks[-1][1] < TOPK_MIN_RECALL:
+        return f"topk answered exactly: {why}"
+    return (f"topk answered from the {checks[-1][0][3]:,} largest-norm rows alone: {why}; they found "
+            f"{checks[-1][1]:.3f} of the next {TOPK_CHECKED_INPUTS}'s")
 
 
 def report(runs: list[Run], popular: dict, args) -> dict:
@@ -490,7 +499,7 @@ def report(runs: list[Run], popular: dict, args) -> dict:
     print(f"{'most popular':<16}{'':>8}{popular['P@1']:>8.3f}{popular['P@3']:>8.3f}{popular['P@5']:>8.3f}")
     for r in runs:
         lsh = (f"{r.lsh_topk['P@1']:.3f}/{r.lsh_topk['P@3']:.3f}/{r.lsh_topk['P@5']:.3f}" if r.lsh_topk else "")
-        if r.lsh_topk and answered_exactly(r.lsh_topk):
+        if r.lsh_topk and topk_fallback(r.lsh_topk):
             lsh += "*"
         ms = (f"{1e3 * r.final['topk_s']:.0f}" + (f" (LSH {1e3 * r.lsh_topk['topk_s']:.0f})" if r.lsh_topk else ""))
         rebuilds = f"{r.rebuilds} ({r.rebuild_seconds:.1f}s)" if r.kind != "dense" else ""
@@ -502,9 +511,8 @@ def report(runs: list[Run], popular: dict, args) -> dict:
           "training loss, every output computed); train s = training steps only (no evaluation); "
           "s/epoch = median; top-k ms = time of the test split's top-5 (exact; LSH candidates)")
     for r in runs:
-        if r.lsh_topk and answered_exactly(r.lsh_topk):
-            print(f"* {r.name}: topk answered exactly: its index found {r.lsh_topk['index_recall']:.3f} of the exact "
-                  f"top 5 of the first {TOPK_CHECKED_INPUTS} test points, less than min_recall={TOPK_MIN_RECALL}")
+        if r.lsh_topk and topk_fallback(r.lsh_topk):
+            print(f"* {r.name}: {topk_fallback(r.lsh_topk)}")
     summary = {}
     dense = next((r for r in runs if r.kind == "dense"), None)
     if dense is not None:

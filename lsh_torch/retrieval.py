@@ -44,6 +44,7 @@ TOPK_TABLES = 60
 TOPK_ROWS_PER_BUCKET = 80
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
+TOPK_NORM_ALONE_SHARE = 4  # the largest-norm rows alone stand in for a failed index up to a quarter of the rows
 TOPK_MIN_RECALL = 0.9  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
 TOPK_CHECKED_INPUTS = 64  # inputs on which each index's answers are compared with the exact top-k
 EXACT_BLOCK = 2 ** 26  # scores that exact_topk holds at once (256 MB in float32)
@@ -107,6 +108,7 @@ class RecallCheck:
     inputs: int = 0
     found: int = 0
     wanted: int = 0
+    ranks: Optional[Tensor] = None  # each wanted output's place among the rows by decreasing norm
 
     @property
     def done(self) -> bool:
@@ -242,7 +244,7 @@ class TopkIndex:
 
     @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
-             norm_rows: int, seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
+             norm_rows: Optional[int], seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
         tables rank highest (most probed buckets hit; ``probes`` per table) and the ``norm_rows``
         largest-norm rows. Only the tables' real candidates are scored: where they find fewer
@@ -251,24 +253,35 @@ class TopkIndex:
         Checked against the exact top-k: the first :data:`TOPK_CHECKED_INPUTS` (64) inputs that
         these settings answer (evenly spread over each call's) are also scored exactly and get the
         exact answer. Once 64 are checked, an index that found less than ``min_recall`` of their
-        exact top-k answers every later input exactly (:func:`exact_topk`), with a warning, until
-        the weight changes: the index's recall depends on the trained weight and the inputs, and
-        some (the XMC demo's 100K-label head: 0.6) are not worth answering from. ``min_recall=0``:
-        no check, the index's own answers. :attr:`checks` holds what was measured."""
+        exact top-k is not used until the weight changes: the index's recall depends on the trained
+        weight and the inputs, and some (the XMC demo's 100K-label head: 0.57) are not worth
+        answering from. ``min_recall=0``: no check, the index's own answers. :attr:`checks` holds
+        what was measured.
+
+        ``norm_rows=None`` (``"auto"``): ``N // 128`` norm rows beside the tables, and where that
+        fails its check, the largest-norm rows alone (no tables; checked as settings ``(k, 0, 0,
+        rows)``), as many as held ``min_recall`` of the failed check's exact top-k, rounded up to
+        a doubling of ``N // 128``, at most a quarter of the rows (:func:`norm_rows_alone`), and
+        again wider if those fail their own check. Trained XMC heads keep their winners among few
+        long rows that the tables of directions cannot rank (the demo's 100K-label head: 0.98 of
+        its exact top 5 among its largest eighth). Past a quarter, or with ``norm_rows`` given and
+        failed: every later input is answered exactly (:func:`exact_topk`), with a warning."""
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
         budget = check_int("budget", budget, 1, n)
         k = check_int("k", k, 1, budget)
         probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.bits))
-        norm_rows = check_int("norm_rows", norm_rows, 0, n)
+        if norm_rows is not None:
+            norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        key = (k, probes, budget, norm_rows)
-        check = self.checks.get(key, RecallCheck())
-        if min_recall and check.done and check.recall < min_recall:
-            self._warn_exact(key, check, min_recall)
+        key = self.answering(k, probes, budget, norm_rows, min_recall)
+        if key is None:
+            self._warn_exact((k, probes, budget, n // TOPK_NORM_SHARE if norm_rows is None else norm_rows),
+                             min_recall, norm_rows is None)
             return exact_topk(x, weight, bias, k)
-        values, indices = self._search(x, weight, bias, k, probes, budget, norm_rows, seed)
+        check = self.checks.get(key, RecallCheck())
+        values, indices = self._search(x, weight, bias, *key, seed)
         if not min_recall or check.done or not x.shape[0]:
             return values, indices
         self.checks[key] = check
@@ -278,34 +291,60 @@ class TopkIndex:
         # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
         hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
                 | (values[rows] >= exact_values[:, -1:]))
-        hits = hits[~exact_values.isnan().any(1)]  # an input with NaN scores has no top k to find: not counted
+        counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
+        hits, ranks = hits[counted], self.rank[exact_indices[counted]].flatten()
         check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
                                                    check.wanted + hits.numel())
-        if check.done and check.recall < min_recall:
-            self._warn_exact(key, check, min_recall)
-            return exact_topk(x, weight, bias, k)
+        check.ranks = ranks if check.ranks is None else torch.cat([check.ranks, ranks])
+        if check.done and check.recall < min_recall:  # this call's other inputs: what the verdict says
+            return self.topk(x, weight, bias, k, probes, budget, norm_rows, seed, min_recall)
         values[rows], indices[rows] = exact_values, exact_indices
         return values, indices
 
-    def _warn_exact(self, key: tuple, check: RecallCheck, min_recall: float) -> None:
+    def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int],
+                  min_recall: float) -> Optional[tuple]:
+        """The settings ``(k, probes, budget, norm_rows)`` that answer :meth:`topk` calls with these
+        now: themselves, the largest-norm rows alone standing in for them (``(k, 0, 0, rows)``),
+        or None: exact scores (see :meth:`topk`)."""
+        key = (k, probes, budget, self.items.shape[1] // TOPK_NORM_SHARE if norm_rows is None else norm_rows)
+        check = self.checks.get(key)
+        while min_recall and check is not None and check.done and check.recall < min_recall:
+            rows = None if norm_rows is not None else norm_rows_alone(key, check, min_recall, self.items.shape[1])
+            if rows is None:
+                return None
+            key = (k, 0, 0, rows)
+            check = self.checks.get(key)
+        return key
+
+    def _warn_exact(self, key: tuple, min_recall: float, auto: bool) -> None:
         """Once per settings and ``min_recall``: topk answers exactly, and why."""
         if (key, min_recall) in self._warned:
             return
         self._warned.add((key, min_recall))
+        check = self.checks[key]
+        alone = "; nor would the largest-norm rows alone, up to a quarter of them" if auto else ""
         warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
-                      f"{check.inputs} inputs, less than min_recall={min_recall}: answering exactly until the "
+                      f"{check.inputs} inputs, less than min_recall={min_recall}{alone}: answering exactly until the "
                       f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
                       stacklevel=user_stacklevel())  # the caller of LSHLinear.topk
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
-        """The index's own answer (see :meth:`topk`)."""
+        """The index's own answer (see :meth:`topk`); ``budget=0``: the ``norm_rows`` rows alone."""
+        if norm_rows:
+            # Every row's k best among the norm rows, scored whole: the candidates skip them below.
+            rows = self.order[:norm_rows]
+            top = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+            norm_values, best = top.topk(min(k, norm_rows), dim=1)
+            norm_indices = rows[best]
+            if not budget:
+                return norm_values, norm_indices
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         # Keyed by their codes, rows get the same candidates (and answers) however they are batched.
         active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0,
                                  hashing.row_keys(codes))
         # Past its head a row holds uniform draws: score none of them beyond the first k, and none
-        # at all in columns past every row's head. The norm rows are scored below, not here.
+        # at all in columns past every row's head.
         real = head.clamp_min(k)
         width = int(real.max()) if real.numel() else k
         active = active[:, :width]
@@ -316,13 +355,22 @@ class TopkIndex:
         values, best = scores.topk(k, dim=1)
         indices = active.gather(1, best)
         if norm_rows:
-            # Every row's k best: k finite among the candidates left and the norm rows together
-            # (the candidates skipped for being norm rows are scored here), never an id twice.
-            rows = self.order[:norm_rows]
-            top = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
-            top_values, top_best = top.topk(min(k, norm_rows), dim=1)
-            values = torch.cat([values, top_values], 1)
-            indices = torch.cat([indices, rows[top_best]], 1)
-            values, best = values.topk(k, dim=1)
-            indices = indices.gather(1, best)
+            # k finite among the candidates left and the norm rows together, never an id twice.
+            values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
+            indices = torch.cat([indices, norm_indices], 1).gather(1, best)
         return values, indices
+
+
+def norm_rows_alone(key: tuple, check: RecallCheck, min_recall: float, n: int) -> Optional[int]:
+    """How many of the largest-norm rows, scored alone, stand in for the settings ``key`` (k,
+    probes, budget, norm rows) of an index whose ``check`` found less than ``min_recall`` (see
+    :meth:`TopkIndex.topk`): enough to hold ``min_recall`` of the check's exact top-k, rounded up
+    to ``N // 128`` times a power of 2 (room for the inputs not checked), more than ``key``'s own
+    if those were alone, at least ``k``. None past ``N // 4``: there exact scores cost at most
+    four times as much."""
+    ranks = check.ranks.sort().values
+    needed = int(ranks[max(0, math.ceil(min_recall * ranks.numel()) - 1)]) + 1 if ranks.numel() else 1
+    rows = max(1, n // TOPK_NORM_SHARE)
+    while rows < needed or rows <= (key[3] if key[2] == 0 else 0) or rows < key[0]:
+        rows *= 2
+    return rows if rows <= n // TOPK_NORM_ALONE_SHARE else None

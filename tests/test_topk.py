@@ -309,6 +309,59 @@ def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(mo
     assert layer._topk_index is index and checked[-1] == 64 and set(layer.topk_checks) == {(5, 12, 768, 128)}
 
 
+def test_a_failed_index_falls_back_to_the_largest_norm_rows_alone(monkeypatch):
+    """A trained XMC head keeps its winners among a few long rows that tables of directions cannot rank
+    (the demo's 100K-label head: the default index found 0.56 of its top 5). With the default
+    norm_rows, topk then scores the largest-norm rows alone, checked again before they answer. (The
+    default tables find 0.95 here: one probe and 20 candidates make them fail.)"""
+    torch.manual_seed(0)
+    layer = LSHLinear(32, 16_384, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight[torch.randperm(16_384)[:1000]] *= 5  # every exact top 5 is among these
+    x = torch.randn(200, 32)
+    exact = layer.topk(x, 5, exact=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the stand-in passes its check
+        got = layer.topk(x, 5, probes=1, budget=20)
+    assert torch.equal(got[1], exact[1]) and torch.equal(got[0], exact[0])
+    (default, failed), (alone, check) = layer.topk_checks.items()
+    assert default == (5, 1, 20, 128) and failed.recall < 0.9  # the premise: the index alone is poor here
+    assert alone == (5, 0, 0, 1024) and check.inputs == 64 and check.recall == 1.0  # 128 doubled past the 1,000
+    searched, search = [], TopkIndex._search
+    monkeypatch.setattr(TopkIndex, "_search", lambda self, *a: searched.append(a[4:7]) or search(self, *a))
+    checked, real = [], retrieval.exact_topk
+    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(1) or real(x, *a))
+    again = layer.topk(x, 5, probes=1, budget=20)
+    assert torch.equal(again[1], exact[1]) and searched == [(0, 0, 1024)] and not checked  # trusted, no table
+    # Given norm rows are the caller's: below min_recall, those settings answer exactly as before.
+    with pytest.warns(UserWarning, match="less than min_recall=0.9: answering exactly"):
+        assert torch.equal(layer.topk(x, 5, probes=1, budget=20, norm_rows=128)[1], exact[1])
+
+
+def test_a_failed_index_answers_exactly_where_norms_do_not_tell():
+    """Rows of one norm: the largest-norm rows are any rows, and a quarter of them cannot stand in."""
+    torch.manual_seed(0)
+    layer = LSHLinear(32, 16_384, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight.copy_(F.normalize(layer.weight, dim=1))
+    x = torch.randn(200, 32)
+    with pytest.warns(UserWarning, match="nor would the largest-norm rows alone, up to a quarter of them"):
+        got = layer.topk(x, 5, probes=1, budget=20)
+    assert torch.equal(got[1], layer.topk(x, 5, exact=True)[1])
+    assert list(layer.topk_checks) == [(5, 1, 20, 128)]  # no stand-in was tried
+
+
+def test_the_stand_in_holds_min_recall_of_the_failed_check_rounded_to_a_doubling():
+    n = 16_384  # N // 128 = 128
+    ranks = torch.cat([torch.arange(90) * 3, torch.full((10,), 9_000)])  # 90% of them below 270
+    check = retrieval.RecallCheck(64, 0, 100, ranks)
+    assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.9, n) == 512  # 128 doubled past 268 + 1
+    assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.5, n) == 256
+    assert retrieval.norm_rows_alone((5, 0, 0, 512), check, 0.9, n) == 1024  # wider than the failed stand-in
+    assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.95, n) is None  # 9,001 rows: past N // 4
+    assert retrieval.norm_rows_alone((300, 12, 768, 128), check, 0.5, n) == 512  # at least k
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_step_hook_leaves_parameters_a_step_did_not_update(fused):
     """The fused-step hook bumped every indexed parameter after any step: a frozen head's index was

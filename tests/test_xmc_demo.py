@@ -171,3 +171,15 @@ def test_hogwild_runs_learn_with_one_and_two_processes():
     assert results[0]["steps"] == results[1]["steps"] > 0
     for r in results:
         assert r["final"]["P@1"] > popular + 0.1, (r["final"], popular)
+
+
+def test_the_report_says_who_answered_the_lsh_top_k():
+    """The demo's footnote follows topk_checks: the index, its stand-in (the largest-norm rows alone), or exact."""
+    index, alone = [[5, 12, 768, 781], 0.562], [[5, 0, 0, 12496], 0.984]
+    assert xmc.topk_fallback({"checks": [[[5, 12, 768, 781], 0.95]]}) is None
+    assert xmc.topk_fallback({}) is None  # not checked
+    assert xmc.topk_fallback({"checks": [index]}) == (
+        "topk answered exactly: its index found 0.562 of the exact top 5 of the first 64 test points, "
+        "less than min_recall=0.9")
+    assert xmc.topk_fallback({"checks": [index, alone]}).startswith("topk answered from the 12,496 largest-norm rows")
+    assert xmc.topk_fallback({"checks": [index, [alone[0], 0.5]]}).startswith("topk answered exactly")
