@@ -320,6 +320,8 @@ def test_a_failed_index_falls_back_to_the_largest_norm_rows_alone(monkeypatch):
         layer.weight[torch.randperm(16_384)[:1000]] *= 5  # every exact top 5 is among these
     x = torch.randn(200, 32)
     exact = layer.topk(x, 5, exact=True)
+    checked, real = [], retrieval.exact_topk
+    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(x) or real(x, *a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the stand-in passes its check
         got = layer.topk(x, 5, probes=1, budget=20)
@@ -327,10 +329,11 @@ def test_a_failed_index_falls_back_to_the_largest_norm_rows_alone(monkeypatch):
     (default, failed), (alone, check) = layer.topk_checks.items()
     assert default == (5, 1, 20, 128) and failed.recall < 0.9  # the premise: the index alone is poor here
     assert alone == (5, 0, 0, 1024) and check.inputs == 64 and check.recall == 1.0  # 128 doubled past the 1,000
+    first, second = checked  # the stand-in was checked on inputs other than those that chose it
+    assert first.shape == second.shape == (64, 32) and not (first.unsqueeze(1) == second).all(2).any()
     searched, search = [], TopkIndex._search
     monkeypatch.setattr(TopkIndex, "_search", lambda self, *a: searched.append(a[4:7]) or search(self, *a))
-    checked, real = [], retrieval.exact_topk
-    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(1) or real(x, *a))
+    checked.clear()
     again = layer.topk(x, 5, probes=1, budget=20)
     assert torch.equal(again[1], exact[1]) and searched == [(0, 0, 1024)] and not checked  # trusted, no table
     # Given norm rows are the caller's: below min_recall, those settings answer exactly as before.
