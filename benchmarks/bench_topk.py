@@ -18,9 +18,10 @@ layer has LSHLinear's defaults for the width. topk searches an index of its own
 (``lsh_torch.retrieval``): ``--index-tables`` tables of ``--index-bits`` bits (lists; each pair is
 built once, its build time reported), probed ``--probes`` buckets per table, ``--budgets``
 candidates rescored per query, and the ``--norm-rows`` largest-norm rows scored for every query
-(lists; "default" is what ``topk(x, k)`` does). topk checks each index on its first 64 queries and
-answers from the largest-norm rows alone (checked again), or exactly, if it found less than
-``--min-recall`` of their exact top k (``0``: the index's own answers, for sweeps of the index itself); the untimed first round does that check, and the table
+(lists; "default" is what ``topk(x, k)`` does). topk checks each index on 64 of its first queries;
+if it found less than ``--min-recall`` of their exact top k, topk answers from the largest-norm rows
+alone (checked on 64 others; with the default ``--norm-rows``) or exactly (``0``: the index's own
+answers, for sweeps of the index itself); the untimed first round does that check, and the table
 says what was measured and who answered. ``--model PATH``
 adds a trained head: ``python examples/xmc.py --labels 670091 --runs lsh --save-head PATH`` saves
 one (670,091 labels, its test points' hidden vectors as queries). Every variant is timed in turn
@@ -197,7 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--model", metavar="PATH",
                    help="also measure a trained output layer saved by examples/xmc.py --save-head PATH")
     p.add_argument("--min-recall", type=cli.real(0, 1), default=TOPK_MIN_RECALL,
-                   help="topk's min_recall: below it on the first 64 queries topk answers exactly (0: never)")
+                   help="topk's min_recall: below it on 64 checked queries topk answers from a stand-in or exactly "
+                        "(0: never)")
     p.add_argument("--repeats", type=cli.integer(), default=3)
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk_run.json"), help="'' for none")
     args = p.parse_args(argv)

@@ -36,7 +36,8 @@ row-sparse gradients (``sparse_grad=True``) and use LazyAdam too; the dense outp
 hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
 with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
 layer's); the LSH top-k (``exact=False``: candidates from topk's own index, which topk checks on
-the first 64 test points and answers exactly where it found less than 0.9 of their top 5) is reported too, and
+64 test points; where it found less than 0.9 of their top 5, its largest-norm rows alone stand in,
+checked on 64 others, or else exact scores) is reported too, and
 the held-out loss: the full softmax's cross-entropy, every output computed (what the sampled losses
 estimate; P@k reads only the top of the softmax).
 
@@ -77,7 +78,7 @@ import xmc_data  # noqa: E402
 import lsh_torch  # noqa: E402
 from lsh_torch import GrowingSchedule, LSHLinear, sparse_cross_entropy  # noqa: E402
 from lsh_torch import hashing  # noqa: E402
-from lsh_torch.retrieval import TOPK_CHECKED_INPUTS, TOPK_MIN_RECALL  # noqa: E402
+from lsh_torch.retrieval import TOPK_MIN_RECALL  # noqa: E402
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel,  # noqa: E402
                                    shard_range)
 
@@ -403,8 +404,7 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
     run.final["loss"] = held_out_loss(net, run.kind, test_data)
     if run.kind != "dense":
         lsh, lsh_s = evaluate(net, run.kind, test_data, exact=False)
-        checks = [(list(key), c.recall) for key, c in getattr(net.out, "shard", net.out).topk_checks.items() if c.done]
-        run.lsh_topk = {**lsh, "topk_s": lsh_s, "checks": checks}
+        run.lsh_topk = {**lsh, "topk_s": lsh_s, **topk_record(getattr(net.out, "shard", net.out))}
     if args.save_head and run.kind == "lsh" and world()[1] == 1:
         save_head(net, test_data, args.save_head)
 
@@ -476,18 +476,28 @@ def p1_at(curve, seconds: float) -> float:
     return float(np.interp(seconds, times, p1s))
 
 
+def topk_record(layer: LSHLinear, k: int = 5) -> dict:
+    """What LSHLinear.topk's checks measured (settings (k, probes, budget, norm rows), recall, inputs
+    checked), in order, and who answers its top ``k`` now (:meth:`LSHLinear.topk_answered_by`)."""
+    answered = layer.topk_answered_by(k)
+    return {"checks": [(list(key), c.recall, c.inputs) for key, c in layer.topk_checks.items()],
+            "answered_by": None if answered is None else list(answered)}
+
+
 def topk_fallback(lsh_topk: dict) -> str | None:
-    """Why LSHLinear.topk did not answer from its index (see its min_recall), or None: it did (or
-    did not check). In the order checked, its settings (k, probes, budget, norm rows) and recall."""
-    checks = lsh_topk.get("checks") or []
-    if not checks or checks[0][1] >= TOPK_MIN_RECALL:
+    """Why LSHLinear.topk did not answer from its index (see its min_recall), or None: it did, or
+    nothing was checked (see :func:`topk_record`)."""
+    checks, by = lsh_topk.get("checks") or [], lsh_topk.get("answered_by")
+    if not checks or by is not None and by[2] != 0:
         return None
-    why = (f"its index found {checks[0][1]:.3f} of the exact top 5 of the first {TOPK_CHECKED_INPUTS} test points, "
-           f"less than min_recall={TOPK_MIN_RECALL}")
-    if checks[-1][1] < TOPK_MIN_RECALL:
+    _, recall, inputs = checks[0]
+    why = (f"its index found {recall:.3f} of the exact top 5 of {inputs} checked test points, less than "
+           f"min_recall={TOPK_MIN_RECALL}")
+    if by is None:
         return f"topk answered exactly: {why}"
-    return (f"topk answered from the {checks[-1][0][3]:,} largest-norm rows alone: {why}; they found "
-            f"{checks[-1][1]:.3f} of the next {TOPK_CHECKED_INPUTS}'s")
+    alone = next((c for c in checks if c[0] == by), None)
+    found = "" if alone is None else f"; they found {alone[1]:.3f} of {alone[2]} other test points'"
+    return f"topk answered from the {by[3]:,} largest-norm rows alone: {why}{found}"
 
 
 def report(runs: list[Run], popular: dict, args) -> dict:

@@ -727,7 +727,7 @@ class LSHLinear(nn.Module):
         k, it is not used until the weight changes (the index's recall depends on the trained rows
         and the inputs). With the default ``norm_rows``, the largest-norm rows alone then stand in
         for it, as many as held ``min_recall`` of the checked top k (rounded up to a doubling of
-        ``out_features // 128``), checked on the next 64 rows in turn, and widened if they fail, up
+        ``out_features // 128``), checked on 64 other rows in turn, and widened if they fail, up
         to a quarter of the outputs; past that, or with ``norm_rows`` given, every later row is
         answered exactly, with a warning. :attr:`topk_checks` holds the measured recall (a stand-in
         as settings ``(k, 0, 0, rows)``); ``min_recall=0`` skips the check.
@@ -753,7 +753,7 @@ class LSHLinear(nn.Module):
         candidates, no norm rows) gave 0.910 and 0.241 (at 5.0x and 5.3x on busy cores, before
         the query's speed-ups). Harder: the default XMC demo's head (100K labels; the top 5 at
         cosines 0.2-0.6 with the input), where the index found 0.56 of the checked top 5 and its
-        largest 12,496 rows alone stand in for it: 0.980 at 10.3x.
+        largest 12,496 rows alone stand in for it: 0.980 at 10.0-11.1x (two runs).
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")
@@ -820,7 +820,20 @@ class LSHLinear(nn.Module):
         call and after the weight changed."""
         if not self._topk_index_describes(self.weight, self.bias):
             return {}
-        return {key: RecallCheck(c.inputs, c.found, c.wanted, c.ranks) for key, c in self._topk_index.checks.items()}
+        return {key: RecallCheck(c.inputs, c.found, c.wanted, None if c.ranks is None else c.ranks.clone())
+                for key, c in self._topk_index.checks.items()}
+
+    def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,
+                         norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> Optional[tuple]:
+        """Who answers ``topk(x, k, probes=..., budget=..., norm_rows=..., min_recall=...)`` now, by
+        what its checks measured: the index's settings ``(k, probes, budget, norm_rows)``, the
+        largest-norm rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores.
+        Before the index is built or checked: the settings asked for."""
+        probes = self.inference_probes if probes is None else probes
+        budget = self.topk_budget if budget is None else budget
+        if not self._topk_index_describes(self.weight, self.bias):
+            return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows)
+        return self._topk_index.answering(k, probes, budget, norm_rows, check_min_recall(min_recall))
 
     @property
     def inference_probes(self) -> int:

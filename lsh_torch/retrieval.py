@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -111,7 +111,8 @@ class RecallCheck:
     inputs: int = 0
     found: int = 0
     wanted: int = 0
-    ranks: Optional[Tensor] = None  # each wanted output's place among the rows by decreasing norm
+    # Each wanted output's place among the rows by decreasing norm (on the CPU: choosing a stand-in reads it).
+    ranks: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -228,7 +229,7 @@ class TopkIndex:
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
         self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
-        self._warned: set = set()  # (those settings, min_recall) whose exact answers were warned of
+        self._warned: set = set()  # (those settings, min_recall, default norm_rows) whose exact answers were warned of
 
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
         """Was this index built from ``weight`` as it is now, with these settings?"""
@@ -295,7 +296,7 @@ class TopkIndex:
         hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
                 | (values[rows] >= exact_values[:, -1:]))
         counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
-        hits, ranks = hits[counted], self.rank[exact_indices[counted]].flatten()
+        hits, ranks = hits[counted], self.rank[exact_indices[counted]].flatten().cpu()
         check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
                                                    check.wanted + hits.numel())
         check.ranks = ranks if check.ranks is None else torch.cat([check.ranks, ranks])
@@ -325,10 +326,10 @@ class TopkIndex:
         return key
 
     def _warn_exact(self, key: tuple, min_recall: float, auto: bool) -> None:
-        """Once per settings and ``min_recall``: topk answers exactly, and why."""
-        if (key, min_recall) in self._warned:
+        """Once per settings, ``min_recall`` and default ``norm_rows`` or not: topk answers exactly, and why."""
+        if (key, min_recall, auto) in self._warned:
             return
-        self._warned.add((key, min_recall))
+        self._warned.add((key, min_recall, auto))
         check = self.checks[key]
         alone = "; nor would the largest-norm rows alone, up to a quarter of them" if auto else ""
         warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
@@ -340,10 +341,10 @@ class TopkIndex:
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
         """The index's own answer (see :meth:`topk`); ``budget=0``: the ``norm_rows`` rows alone."""
         if norm_rows:
-            # Every row's k best among the norm rows, scored whole: the candidates skip them below.
+            # Every row's k best among the norm rows, scored whole (in blocks): the candidates skip them below.
             rows = self.order[:norm_rows]
-            top = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
-            norm_values, best = top.topk(min(k, norm_rows), dim=1)
+            norm_values, best = exact_topk(x, weight.index_select(0, rows),
+                                           None if bias is None else bias.index_select(0, rows), min(k, norm_rows))
             norm_indices = rows[best]
             if not budget:
                 return norm_values, norm_indices
@@ -373,7 +374,7 @@ def norm_rows_alone(key: tuple, check: RecallCheck, min_recall: float, n: int) -
     """How many of the largest-norm rows, scored alone, stand in for the settings ``key`` (k,
     probes, budget, norm rows) of an index whose ``check`` found less than ``min_recall`` (see
     :meth:`TopkIndex.topk`): enough to hold ``min_recall`` of the check's exact top-k, rounded up
-    to ``N // 128`` times a power of 2 (room for the inputs not checked), more than ``key``'s own
+    to ``N // 128`` (at least 1) times a power of 2 (room for the inputs not checked), more than ``key``'s own
     if those were alone, at least ``k``. None past ``N // 4``: there exact scores cost at most
     four times as much."""
     ranks = check.ranks.sort().values

@@ -285,7 +285,8 @@ def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(mo
     exact = layer.topk(x, 5, exact=True)
     checked = []
     real = retrieval.exact_topk
-    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(retrieval, "exact_topk", lambda x, w, *a: (  # every output scored: a check's
+        w.shape[0] == layer.out_features and checked.append(x.shape[0])) or real(x, w, *a))
     for rows in (slice(0, 30), slice(30, 60), slice(60, 200)):  # checks add up across calls
         values, indices = layer.topk(x[rows], 5)
         assert torch.equal(indices, exact[1][rows])
@@ -321,7 +322,8 @@ def test_a_failed_index_falls_back_to_the_largest_norm_rows_alone(monkeypatch):
     x = torch.randn(200, 32)
     exact = layer.topk(x, 5, exact=True)
     checked, real = [], retrieval.exact_topk
-    monkeypatch.setattr(retrieval, "exact_topk", lambda x, *a: checked.append(x) or real(x, *a))
+    monkeypatch.setattr(retrieval, "exact_topk", lambda x, w, *a: (  # every output scored: a check's
+        w.shape[0] == layer.out_features and checked.append(x)) or real(x, w, *a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the stand-in passes its check
         got = layer.topk(x, 5, probes=1, budget=20)
@@ -354,11 +356,60 @@ def test_a_failed_index_answers_exactly_where_norms_do_not_tell():
     assert list(layer.topk_checks) == [(5, 1, 20, 128)]  # no stand-in was tried
 
 
+def test_a_failed_stand_in_is_widened_and_checked_again():
+    """The 64 inputs that choose the stand-in look like u, whose winners are the 600 longest rows; the
+    others like v, whose winners are the next 900: the first stand-in fails its check on them, and
+    a wider one (from the ranks its own check recorded) answers."""
+    torch.manual_seed(0)
+    n, d, batch = 8192, 16, 640
+    u, v = F.normalize(torch.randn(2, d), dim=1)
+    weight = torch.randn(n, d) * 0.3
+    weight[:600] = (weight[:600] + 3 * u) * 2.0
+    weight[600:1500] = (weight[600:1500] + 3 * v) * 1.5
+    layer = LSHLinear(d, n, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.zero_()
+    x = v + 0.3 * torch.randn(batch, d)
+    x[torch.arange(64) * batch // 64] = u + 0.3 * torch.randn(64, d)  # the first check's inputs
+    values, indices = layer.topk(x, 5, probes=1, budget=8)
+    exact = layer.topk(x, 5, exact=True)
+    check_scores(layer, x, values, indices)
+    assert recall(indices, exact[1]) > 0.99
+    (index, failed), (first, narrow), (wider, passed) = layer.topk_checks.items()
+    assert index == (5, 1, 8, 64) and failed.recall < 0.9
+    assert first[:3] == wider[:3] == (5, 0, 0) and first[3] < wider[3] <= n // 4
+    assert narrow.recall < 0.9 <= passed.recall and narrow.inputs == passed.inputs == 64
+    assert layer.topk_answered_by(5, probes=1, budget=8) == wider
+
+
+def test_a_check_gathers_small_batches_and_tiny_layers_answer():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 8192, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight[:600] *= 8
+    x = torch.randn(70, 16)
+    for rows in torch.arange(70).split(10):  # a check spans calls: its ranks add up with its inputs
+        layer.topk(x[rows], 5, probes=1, budget=8)
+    failed = layer.topk_checks[(5, 1, 8, 64)]
+    assert failed.inputs == 64 and failed.ranks.shape == (5 * 64,) and failed.recall < 0.9
+    assert layer.topk_answered_by(5, probes=1, budget=8)[:3] == (5, 0, 0)
+    # N // 128 == 0 and N // 4 < k: no stand-in, exact scores with a warning
+    for n, k in ((100, 5), (40, 12)):
+        small = LSHLinear(16, n, rebuild=None).eval()
+        x = torch.randn(80, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # whether the index fails here is not the point
+            values, indices = small.topk(x, k, probes=1, budget=k, min_recall=1.0)
+        check_scores(small, x, values, indices)
+        assert indices.shape == (80, k)
+
+
 def test_the_stand_in_holds_min_recall_of_the_failed_check_rounded_to_a_doubling():
     n = 16_384  # N // 128 = 128
     ranks = torch.cat([torch.arange(90) * 3, torch.full((10,), 9_000)])  # 90% of them below 270
     check = retrieval.RecallCheck(64, 0, 100, ranks)
-    assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.9, n) == 512  # 128 doubled past 268 + 1
+    assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.9, n) == 512  # 128 doubled past 267 + 1
     assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.5, n) == 256
     assert retrieval.norm_rows_alone((5, 0, 0, 512), check, 0.9, n) == 1024  # wider than the failed stand-in
     assert retrieval.norm_rows_alone((5, 12, 768, 128), check, 0.95, n) is None  # 9,001 rows: past N // 4

@@ -174,12 +174,24 @@ def test_hogwild_runs_learn_with_one_and_two_processes():
 
 
 def test_the_report_says_who_answered_the_lsh_top_k():
-    """The demo's footnote follows topk_checks: the index, its stand-in (the largest-norm rows alone), or exact."""
-    index, alone = [[5, 12, 768, 781], 0.562], [[5, 0, 0, 12496], 0.984]
-    assert xmc.topk_fallback({"checks": [[[5, 12, 768, 781], 0.95]]}) is None
-    assert xmc.topk_fallback({}) is None  # not checked
-    assert xmc.topk_fallback({"checks": [index]}) == (
-        "topk answered exactly: its index found 0.562 of the exact top 5 of the first 64 test points, "
-        "less than min_recall=0.9")
-    assert xmc.topk_fallback({"checks": [index, alone]}).startswith("topk answered from the 12,496 largest-norm rows")
-    assert xmc.topk_fallback({"checks": [index, [alone[0], 0.5]]}).startswith("topk answered exactly")
+    """The demo's footnote follows topk's checks: the index, its stand-in (the largest-norm rows alone), or exact."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 8192, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight[:600] *= 8  # the winners: long rows that one probe and 8 candidates miss
+    x = torch.randn(300, 16)
+    assert xmc.topk_fallback(xmc.topk_record(layer)) is None  # nothing checked yet
+    layer.topk(x, 5)
+    assert xmc.topk_fallback(xmc.topk_record(layer)) is None  # the defaults' index passed its check
+    layer.topk(x, 5, probes=1, budget=8)
+    record = xmc.topk_record(layer)  # (what the demo records for its own call, topk(h, 5))
+    record["answered_by"] = list(layer.topk_answered_by(5, probes=1, budget=8))
+    by, checks = record["answered_by"], record["checks"][1:]  # after the defaults' passing check
+    (failed, recall, inputs), alone = checks[0], checks[-1]
+    assert failed == [5, 1, 8, 64] and recall < 0.9 and inputs == 64  # the premise: this index fails
+    assert by[:3] == [5, 0, 0] and alone[0] == by and alone[1] >= 0.9
+    assert xmc.topk_fallback({**record, "checks": checks}) == (
+        f"topk answered from the {by[3]:,} largest-norm rows alone: its index found {recall:.3f} of the exact top 5 "
+        f"of 64 checked test points, less than min_recall=0.9; they found {alone[1]:.3f} of {alone[2]} other test points'")
+    assert xmc.topk_fallback({**record, "checks": checks, "answered_by": None}).startswith(
+        "topk answered exactly: its index found")
