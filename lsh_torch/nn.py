@@ -734,8 +734,9 @@ class LSHLinear(nn.Module):
 
         Defaults (:func:`lsh_torch.retrieval.topk_settings`): ``probes`` :attr:`inference_probes`
         (12), ``budget`` :attr:`topk_budget` (768, at most ``out_features``), ``norm_rows``
-        :attr:`topk_norm_rows` (``out_features // 128``); 60 tables (:attr:`topk_tables`) of about
-        80 rows per bucket (:attr:`topk_bits`: 13 at 670K), hashing directions, independent of the
+        :attr:`topk_norm_rows` (``out_features // 128``); 60 tables (:attr:`topk_tables`) of
+        ``out_features / 2^13`` rows per bucket kept within 8 and 80 (:attr:`topk_bits`: 13 from 65,536
+        to 655,360 outputs; :func:`~lsh_torch.retrieval.topk_settings`), hashing directions, independent of the
         training tables; set those two attributes to index otherwise. ``k <= budget <=
         out_features`` and ``0 <= norm_rows <= out_features``; a budget or ``norm_rows`` of every
         output is the exact computation. A ``selection="random"`` layer scores ``budget``
@@ -753,7 +754,7 @@ class LSHLinear(nn.Module):
         candidates, no norm rows) gave 0.910 and 0.241 (at 5.0x and 5.3x on busy cores, before
         the query's speed-ups). Harder: the default XMC demo's head (100K labels; the top 5 at
         cosines 0.2-0.6 with the input), where the index found 0.56 of the checked top 5 and its
-        largest 12,496 rows alone stand in for it: 0.980 at 10.0-11.1x (two runs).
+        largest 12,496 rows alone stand in for it: 0.980 at 7.1-11.1x (three runs).
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")

@@ -44,7 +44,7 @@ from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, 
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
 TOPK_TABLES = 60
-TOPK_ROWS_PER_BUCKET = 80
+TOPK_ROWS_PER_BUCKET = (8, 80)  # topk's tables: N / 2^13 rows per bucket, within these (see topk_settings)
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
 TOPK_NORM_ALONE_SHARE = 4  # the largest-norm rows alone stand in for a failed index up to a quarter of the rows
@@ -65,8 +65,12 @@ def topk_budget(out_features: int) -> int:
 def topk_settings(out_features: int) -> dict:
     """The defaults of :meth:`LSHLinear.topk` for a layer of this width; one rule for every width.
 
-    ``num_tables`` (L) 60 and ``bits`` (K) ``log2(N / 80)`` (about 80 rows per bucket; 13 at 670K),
-    ``probes`` 12 per table, ``budget`` :func:`topk_budget` (768), ``norm_rows`` ``N // 128``
+    ``num_tables`` (L) 60 and ``bits`` (K) ``log2(N / r)`` for ``r = N / 2^13`` rows per bucket kept
+    within 8 and 80: 13 from 65,536 to 655,360 outputs, 14 at 1M (80 rows per bucket), ``log2(N / 8)``
+    below (11 at 16K). Its 60 x 12 probed buckets then scan at most about 9% of the rows: with 80
+    rows per bucket at 100K and 300K outputs (K=10, 12), clustered rows were found at 0.999 / 0.988
+    but only 1.3x / 5.1x as fast as the dense top-k, with K=13 at 0.980 / 0.964 and 2.7x / 6.3x
+    (``benchmarks/results/topk_narrow.json``, docs/results.md). ``probes`` 12 per table, ``budget`` :func:`topk_budget` (768), ``norm_rows`` ``N // 128``
     (5,235 at 670K). Measured at 670,091 outputs, 1,024 queries, 2 busy cores (recall of the exact
     top 5; speed against ``F.linear`` + ``torch.topk`` in the same run; ``benchmarks/bench_topk.py``):
 
@@ -80,7 +84,9 @@ def topk_settings(out_features: int) -> dict:
       every index above, ``N // 64`` 1.000 (about 50 ms more per 1,024 queries), none 0.21-0.52.
     """
     out_features = check_int("out_features", out_features, 1, 2 ** 31 - 1)
-    bits = min(MAX_BITS, max(1, round(math.log2(max(1, out_features) / TOPK_ROWS_PER_BUCKET))))
+    low, high = TOPK_ROWS_PER_BUCKET
+    rows_per_bucket = min(high, max(low, out_features / 2 ** 13))
+    bits = min(MAX_BITS, max(1, round(math.log2(out_features / rows_per_bucket))))
     return {"num_tables": TOPK_TABLES, "bits": bits, "probes": min(MAX_PROBES, TOPK_PROBES, 2 ** bits),
             "budget": topk_budget(out_features), "norm_rows": out_features // TOPK_NORM_SHARE}
 

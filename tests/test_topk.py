@@ -28,7 +28,7 @@ def check_scores(layer, x, values, indices):
 
 def test_settings_by_width():
     assert topk_settings(670_091) == {"num_tables": 60, "bits": 13, "probes": 12, "budget": 768, "norm_rows": 5235}
-    assert topk_settings(100_000)["bits"] == 10
+    assert topk_settings(100_000)["bits"] == 13
     assert topk_settings(10) == {"num_tables": 60, "bits": 1, "probes": 2, "budget": 10, "norm_rows": 0}
     with pytest.raises(ValueError, match="out_features"):
         topk_settings(0)
