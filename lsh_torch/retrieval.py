@@ -19,7 +19,7 @@ The index has two parts, one per kind of row that a top-k over direction-hashing
   with two ranges, the top one small enough to score whole. Where the index fails its check
   (:meth:`TopkIndex.topk`), more of these rows, scored alone, stand in for it: the demo's
   100K-label head keeps 0.98 of its exact top 5 among its largest eighth, which its tables
-  (0.56) and its largest 1/128 (0.07) miss.
+  (0.36 with the default K=13, 0.56 with K=10) and its largest 1/128 (0.07) miss.
 
 Also measured, at 670K outputs (L=40, K=14, 32 probes, tables alone): the asymmetric MIPS transform
 (one ``M`` for every row) recalled 0.750 against 0.966 by direction on clustered rows, 0.167
@@ -65,13 +65,14 @@ def topk_budget(out_features: int) -> int:
 def topk_settings(out_features: int) -> dict:
     """The defaults of :meth:`LSHLinear.topk` for a layer of this width; one rule for every width.
 
-    ``num_tables`` (L) 60 and ``bits`` (K) ``log2(N / r)`` for ``r = N / 2^13`` rows per bucket kept
-    within 8 and 80: 13 from 65,536 to 655,360 outputs, 14 at 1M (80 rows per bucket), ``log2(N / 8)``
-    below (11 at 16K). Its 60 x 12 probed buckets then scan at most about 9% of the rows: with 80
-    rows per bucket at 100K and 300K outputs (K=10, 12), clustered rows were found at 0.999 / 0.988
-    but only 1.3x / 5.1x as fast as the dense top-k, with K=13 at 0.980 / 0.964 and 2.7x / 6.3x
-    (``benchmarks/results/topk_narrow.json``, docs/results.md). ``probes`` 12 per table, ``budget`` :func:`topk_budget` (768), ``norm_rows`` ``N // 128``
-    (5,235 at 670K). Measured at 670,091 outputs, 1,024 queries, 2 busy cores (recall of the exact
+    ``num_tables`` (L) 60 and ``bits`` (K) ``round(log2(N / r))`` for ``r = N / 2^13`` rows per
+    bucket clamped to [8, 80]: 13 from about 46K to 927K outputs, 14 at 1M, ``round(log2(N / 8))``
+    below (11 at 16K). Its 60 x 12 probed buckets then scan about ``720 / 2^K`` of the rows (9% at
+    K=13; more below 46K outputs, where the dense top-k is cheap): with about 80 rows per bucket at
+    100K and 300K outputs (K=10, 12; 98 and 73 rows), clustered rows were found at 0.999 / 0.988 but
+    only 1.3x / 5.1x as fast as the dense top-k, with K=13 at 0.980 / 0.964 and 2.7x / 6.3x
+    (``benchmarks/results/topk_narrow.json``, docs/results.md). ``probes`` 12 per table,
+    ``budget`` :func:`topk_budget` (768), ``norm_rows`` ``N // 128`` (5,235 at 670K). Measured at 670,091 outputs, 1,024 queries, 2 busy cores (recall of the exact
     top 5; speed against ``F.linear`` + ``torch.topk`` in the same run; ``benchmarks/bench_topk.py``):
 
     * rows in clusters, L=60, K=13, 768 candidates: 8 / 12 / 16 probes 0.914 / 0.961 / 0.973 at
@@ -264,7 +265,7 @@ class TopkIndex:
         these settings answer (evenly spread over each call's) are also scored exactly and get the
         exact answer. Once 64 are checked, an index that found less than ``min_recall`` of their
         exact top-k is not used until the weight changes: the index's recall depends on the trained
-        weight and the inputs, and some (the XMC demo's 100K-label head: 0.57) are not worth
+        weight and the inputs, and some (the XMC demo's 100K-label head: 0.36) are not worth
         answering from. ``min_recall=0``: no check, the index's own answers. :attr:`checks` holds
         what was measured.
 
