@@ -65,7 +65,8 @@ def update_tables(offsets: Tensor, items: Tensor, rows: Tensor, old_codes: Tenso
     """The tables ``(offsets, items)`` with ``rows`` ``[R]`` (int64, strictly increasing) moved from
     the buckets of ``old_codes`` ``[R, L]`` to those of ``new_codes``, every other entry in place:
     :func:`build_tables` of the updated codes, without re-sorting the rows that did not move.
-    A row that is not in its old bucket raises (the tables do not match ``old_codes``)."""
+    A row that is not in its old bucket raises (the tables do not match ``old_codes``); one whose old and
+    new codes agree in a table stays where it is there (the CPU kernel does not look for it)."""
     return _ops.update_tables(offsets, items, rows, old_codes, new_codes)
 
 

@@ -198,12 +198,26 @@ def test_update_tables_refuse_tables_that_do_not_match_old_codes():
     with pytest.raises(RuntimeError, match="do not match old_codes"):
         ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 1), torch.tensor([0]),
                           torch.tensor([[0]], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32))
-    # Row 2 said to leave the last bucket, above every id there: the bucket's copies must stop at its
-    # room (the end of the items) instead of running past it before the row is missed.
+    # Row 2 said to leave bucket 1, above every id there (for a later bucket): the bucket's copies must stop
+    # at its room instead of running past it before the row is missed.
     with pytest.raises(RuntimeError, match="do not match old_codes"):
-        ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 1),
+        ops.update_tables(*ops.build_tables(torch.tensor([[1], [1], [0]], dtype=torch.int32), 2),
                           torch.tensor([0, 2]), torch.tensor([[1], [1]], dtype=torch.int32),
-                          torch.tensor([[1], [1]], dtype=torch.int32))
+                          torch.tensor([[3], [3]], dtype=torch.int32))
+
+
+def test_update_tables_leave_rows_whose_code_did_not_change():
+    # Rows 0 and 2 keep their code in table 0 and change it in table 1: table 0 is copied as it was, and a
+    # wrong old code there goes unchecked (nothing moves); table 1's is still caught.
+    offsets, items = ops.build_tables(torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.int32), 1)
+    rows, new = torch.tensor([0, 2]), torch.tensor([[1, 1], [0, 0]], dtype=torch.int32)
+    got = ops.update_tables(offsets, items, rows, torch.tensor([[1, 0], [0, 1]], dtype=torch.int32), new)
+    expected = ops.build_tables(torch.tensor([[1, 1], [1, 1], [0, 0]], dtype=torch.int32), 1)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert torch.equal(ops.update_tables(offsets, items, rows, new, new)[1], items)  # no code changed: a copy
+    with pytest.raises(RuntimeError, match="do not match old_codes"):
+        ops.update_tables(offsets, items, rows, torch.tensor([[1, 1], [0, 0]], dtype=torch.int32),
+                          torch.tensor([[1, 0], [0, 1]], dtype=torch.int32))
 
 
 # --- query --------------------------------------------------------------------------------------

