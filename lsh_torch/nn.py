@@ -763,16 +763,7 @@ class LSHLinear(nn.Module):
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if not exact:
-            budget = self.topk_budget if budget is None else budget
-            budget = check_int("budget", budget, 1, self.out_features)
-            k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
-                          f"out_features)", k, 0, budget)
-            probes = self.inference_probes if probes is None else probes
-            probes = check_int("probes", probes, 1, min(MAX_PROBES, 2 ** self.topk_bits))
-            if norm_rows is not None:  # None: the index's "auto" (TopkIndex.topk)
-                norm_rows = check_int("norm_rows", norm_rows, 0, self.out_features)
-            exact = (max(budget, self.topk_norm_rows if norm_rows is None else norm_rows) == self.out_features
-                     and self.tables.selection != "random")
+            k, probes, budget, norm_rows, exact = self._topk_arguments(k, probes, budget, norm_rows)
         if exact or k == 0:  # also the approximation's answer when its candidates are every output
             k = check_int("k", k, 0, self.out_features)
             values, indices = exact_topk(x, weight, bias, k)
@@ -829,13 +820,30 @@ class LSHLinear(nn.Module):
                          norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> Optional[tuple]:
         """Who answers ``topk(x, k, probes=..., budget=..., norm_rows=..., min_recall=...)`` now, by
         what its checks measured: the index's settings ``(k, probes, budget, norm_rows)``, the
-        largest-norm rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores.
-        Before the index is built or checked: the settings asked for."""
-        probes = self.inference_probes if probes is None else probes
-        budget = self.topk_budget if budget is None else budget
-        if not self._topk_index_describes(self.weight, self.bias):
+        largest-norm rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores
+        (also where the candidates are every output, or ``k=0``). Before the index is built or
+        checked, and for a ``selection="random"`` layer (no index): the settings asked for."""
+        min_recall = check_min_recall(min_recall)
+        k, probes, budget, norm_rows, exact = self._topk_arguments(k, probes, budget, norm_rows)
+        if exact or k == 0:
+            return None
+        if self.tables.selection == "random" or not self._topk_index_describes(self.weight, self.bias):
             return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows)
-        return self._topk_index.answering(k, probes, budget, norm_rows, check_min_recall(min_recall))
+        return self._topk_index.answering(k, probes, budget, norm_rows, min_recall)
+
+    def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
+        """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see
+        TopkIndex.topk) checked and defaulted, and whether those candidates are every output (exact)."""
+        budget = check_int("budget", self.topk_budget if budget is None else budget, 1, self.out_features)
+        k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
+                      f"out_features)", k, 0, budget)
+        probes = check_int("probes", self.inference_probes if probes is None else probes, 1,
+                           min(MAX_PROBES, 2 ** self.topk_bits))
+        if norm_rows is not None:
+            norm_rows = check_int("norm_rows", norm_rows, 0, self.out_features)
+        exact = (max(budget, self.topk_norm_rows if norm_rows is None else norm_rows) == self.out_features
+                 and self.tables.selection != "random")
+        return k, probes, budget, norm_rows, exact
 
     @property
     def inference_probes(self) -> int:

@@ -491,3 +491,19 @@ def test_topk_returns_torch_topks_named_tuple_and_takes_k_zero(exact):
     assert isinstance(got, torch.return_types.topk) and got.values.shape == got.indices.shape == (5, 4)
     empty = layer.topk(x, 0, exact=exact)
     assert empty.values.shape == empty.indices.shape == (5, 0) and empty.indices.dtype == torch.int64
+
+
+def test_topk_answered_by_checks_its_arguments_as_topk_does():
+    layer = LSHLinear(8, 5000).eval()
+    assert layer.topk_answered_by(5) == (5, 12, 768, 39)  # nothing checked yet: the settings asked for
+    assert layer.topk_answered_by(0) is None and layer.topk_answered_by(5, budget=5000) is None  # exact
+    for bad, error, match in (({"k": "a"}, TypeError, "k"), ({"k": -1}, ValueError, "k"),
+                              ({"k": 5, "probes": 0}, ValueError, "probes"),
+                              ({"k": 5, "budget": 10 ** 9}, ValueError, "budget"),
+                              ({"k": 5, "norm_rows": -3}, ValueError, "norm_rows"),
+                              ({"k": 5, "min_recall": 2}, ValueError, "min_recall")):
+        with pytest.raises(error, match=match):
+            layer.topk_answered_by(**bad)
+        with pytest.raises(error, match=match):
+            layer.topk(torch.randn(2, 8), **bad)
+    assert LSHLinear(8, 5000, selection="random").topk_answered_by(5) == (5, 12, 768, 39)  # no index
