@@ -36,8 +36,9 @@ TORCH_LIBRARY(lsh_torch, m) {
   // The tables with some rows re-hashed, without re-sorting the others: rows [R] int64 (strictly
   // increasing) leave the buckets of old_codes [R, L] and join those of new_codes [R, L], keeping
   // ascending ids per bucket. Equal to build_tables of the codes with those rows replaced when
-  // (offsets, items) are build_tables of codes whose rows hold old_codes; a row missing from its
-  // old bucket is an error.
+  // (offsets, items) are build_tables of codes whose rows hold old_codes; a row missing from the
+  // old bucket it leaves is an error (the CPU kernel leaves a row whose code in a table is unchanged
+  // in place there, unchecked; the CUDA kernel checks every row).
   m.def(
       "update_tables(Tensor offsets, Tensor items, Tensor rows, Tensor old_codes, Tensor new_codes) "
       "-> (Tensor offsets, Tensor items)");

@@ -44,7 +44,8 @@ from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, 
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
 TOPK_TABLES = 60
-TOPK_ROWS_PER_BUCKET = (8, 80)  # topk's tables: N / 2^13 rows per bucket, within these (see topk_settings)
+TOPK_BUCKETS = 2 ** 13  # topk's tables: N / TOPK_BUCKETS rows per bucket, clamped to TOPK_ROWS_PER_BUCKET
+TOPK_ROWS_PER_BUCKET = (8, 80)  # (see topk_settings)
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
 TOPK_NORM_ALONE_SHARE = 4  # the largest-norm rows alone stand in for a failed index up to a quarter of the rows
@@ -86,7 +87,7 @@ def topk_settings(out_features: int) -> dict:
     """
     out_features = check_int("out_features", out_features, 1, 2 ** 31 - 1)
     low, high = TOPK_ROWS_PER_BUCKET
-    rows_per_bucket = min(high, max(low, out_features / 2 ** 13))
+    rows_per_bucket = min(high, max(low, out_features / TOPK_BUCKETS))
     bits = min(MAX_BITS, max(1, round(math.log2(out_features / rows_per_bucket))))
     return {"num_tables": TOPK_TABLES, "bits": bits, "probes": min(MAX_PROBES, TOPK_PROBES, 2 ** bits),
             "budget": topk_budget(out_features), "norm_rows": out_features // TOPK_NORM_SHARE}

@@ -110,16 +110,18 @@ def build_tables(codes, bits):
 
 
 def update_tables(offsets, items, rows, old_codes, new_codes):
-    """Bucket by bucket: the old ids minus the rows leaving, plus the rows joining, ascending."""
+    """Bucket by bucket: the old ids minus the rows leaving, plus the rows joining, ascending (a row whose
+    code in a table is unchanged stays, as the CPU kernel leaves it)."""
     num_tables, width = offsets.shape
     new_offsets, new_items = torch.zeros_like(offsets), torch.empty_like(items)
     for l in range(num_tables):
         out = []
         for k in range(width - 1):
             bucket = items[l, offsets[l, k]:offsets[l, k + 1]].tolist()
-            leaving = {int(r) for r, c in zip(rows, old_codes[:, l]) if c == k}
+            moves = old_codes[:, l] != new_codes[:, l]
+            leaving = {int(r) for r, c, m in zip(rows, old_codes[:, l], moves) if c == k and m}
             assert leaving <= set(bucket), "a row is not in its old bucket"
-            joining = [int(r) for r, c in zip(rows, new_codes[:, l]) if c == k]
+            joining = [int(r) for r, c, m in zip(rows, new_codes[:, l], moves) if c == k and m]
             out += sorted([i for i in bucket if i not in leaving] + joining)
             new_offsets[l, k + 1] = len(out)
         new_items[l] = torch.tensor(out, dtype=torch.int32)

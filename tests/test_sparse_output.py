@@ -360,7 +360,7 @@ def test_auto_settings_by_width():
     assert (wide.topk_tables, wide.topk_bits, wide.inference_probes, wide.topk_budget, wide.topk_norm_rows) == (
         60, 13, 12, 768, 5235)
     assert LSHLinear(8, 670_091, mode="per_row", num_tables=10).inference_probes == 12
-    assert (hidden.topk_bits, hidden.inference_probes) == (7, 12)  # at least 8 rows per bucket: 128 buckets
+    assert (hidden.topk_bits, hidden.inference_probes) == (7, 12)  # N / 8 rows: 128 buckets
     assert (LSHLinear(8, 20).topk_bits, LSHLinear(8, 20).inference_probes) == (1, 2)  # capped at the buckets
     assert LSHLinear(8, 50_001).tables.bits == 8 and LSHLinear(8, 8192).budget == 2048
     assert LSHLinear(8, 10).tables.bits == 6

@@ -29,6 +29,8 @@ def check_scores(layer, x, values, indices):
 def test_settings_by_width():
     assert topk_settings(670_091) == {"num_tables": 60, "bits": 13, "probes": 12, "budget": 768, "norm_rows": 5235}
     assert topk_settings(100_000)["bits"] == 13
+    # N / 2^13 rows per bucket clamped to [8, 80], K rounded: 13 from about 46K to 927K outputs
+    assert [topk_settings(n)["bits"] for n in (46_340, 46_341, 926_819, 926_820, 2 ** 31 - 1)] == [12, 13, 13, 14, 20]
     assert topk_settings(10) == {"num_tables": 60, "bits": 1, "probes": 2, "budget": 10, "norm_rows": 0}
     with pytest.raises(ValueError, match="out_features"):
         topk_settings(0)
@@ -497,7 +499,7 @@ def test_topk_answered_by_checks_its_arguments_as_topk_does():
     layer = LSHLinear(8, 5000).eval()
     assert layer.topk_answered_by(5) == (5, 12, 768, 39)  # nothing checked yet: the settings asked for
     assert layer.topk_answered_by(0) is None and layer.topk_answered_by(5, budget=5000) is None  # exact
-    for bad, error, match in (({"k": "a"}, TypeError, "k"), ({"k": -1}, ValueError, "k"),
+    for bad, error, match in (({"k": "a"}, TypeError, r"^k \("), ({"k": -1}, ValueError, r"^k \("),
                               ({"k": 5, "probes": 0}, ValueError, "probes"),
                               ({"k": 5, "budget": 10 ** 9}, ValueError, "budget"),
                               ({"k": 5, "norm_rows": -3}, ValueError, "norm_rows"),

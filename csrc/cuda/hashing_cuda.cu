@@ -23,7 +23,8 @@
 //   the lower bound of its bucket in the sorted codes (a binary search per bucket).
 // - update_tables: not the CPU's merge; each table's entries and the joining rows become keys
 //   code * N + id (leaving entries an out-of-range key), sorted per table (ids ascend inside a
-//   bucket, as from build_tables), then the offsets are found as above. One synchronisation.
+//   bucket, as from build_tables), then the offsets are found as above. One synchronisation. Every
+//   row is checked against its old bucket (the CPU skips rows whose code in a table is unchanged).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
