@@ -874,7 +874,22 @@ class LSHLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
         self._check_input(input, weight)
+        self._check_not_under_ddp()
         return input, weight, bias
+
+    def _check_not_under_ddp(self) -> None:
+        """DistributedDataParallel cannot reduce sparse gradients: its backward fails with "Cannot access
+        storage of SparseTensorImpl". Refused at the forward that DDP runs, with the way out."""
+        if torch.compiler.is_compiling():  # (a traced forward: DDP's own compiled path, not checked)
+            return
+        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+        if (ddp is None or not self._sparse_grad or not torch.is_grad_enabled()
+                or not any(p is self.weight or p is self.bias for p in getattr(ddp, "_module_parameters", ()))):
+            return
+        raise RuntimeError(f"{self.__class__.__name__}(sparse_grad=True) runs inside DistributedDataParallel, which "
+                           "cannot reduce its sparse gradients (its backward would fail). Wrap the model with "
+                           "lsh_torch.distributed.data_parallel(model), which leaves sparse parameters out of DDP for "
+                           "lsh_torch.distributed.all_reduce_sparse_grads, or use sparse_grad=False.")
 
     def _check_input(self, input: Tensor, weight: Tensor) -> None:
         if not isinstance(input, Tensor):

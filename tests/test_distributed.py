@@ -169,6 +169,38 @@ def _single_process_run(out_features, steps, optimizer="sgd"):
     return net.state_dict()
 
 
+class _Whole(nn.Module):
+    """Trunk and sparse-gradient head in one forward, as a plain DDP user writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.head = nn.Linear(IN, HIDDEN), LSHLinear(HIDDEN, 40, active=8, sparse_grad=True)
+
+    def forward(self, x, y):
+        return sparse_cross_entropy(self.head.forward_sparse(self.trunk(x), y), y)
+
+
+def _plain_ddp_run(rank):
+    torch.manual_seed(0)
+    x, y = torch.randn(4, IN), torch.randint(0, 40, (4,))
+    plain = nn.parallel.DistributedDataParallel(_Whole())
+    with pytest.raises(RuntimeError, match=r"inside DistributedDataParallel, which cannot reduce its sparse "
+                                           r"gradients .* lsh_torch\.distributed\.data_parallel"):
+        plain(x, y)
+    with torch.no_grad():
+        plain.module.eval()
+        assert plain.module.head(plain.module.trunk(x)).shape == (4, 40)  # no gradient: nothing to refuse
+    wrapped = data_parallel(_Whole())  # the sparse parameters left out of DDP: the same forward trains
+    wrapped(x, y).backward()
+    all_reduce_sparse_grads(wrapped.module)
+    return wrapped.module.head.weight.grad.is_sparse
+
+
+def test_plain_ddp_refuses_a_sparse_gradient_head_at_the_forward(tmp_path):
+    """Its backward failed with "Cannot access storage of SparseTensorImpl"."""
+    assert _spawn(_plain_ddp_run, tmp_path) == [True, True]
+
+
 @pytest.mark.parametrize("wrapper,optimizer", [("ddp", "sgd"), ("fsdp2", "sgd"), ("fsdp2", "lazyadam")])
 def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper, optimizer):
     """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
