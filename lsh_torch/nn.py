@@ -884,7 +884,8 @@ class LSHLinear(nn.Module):
             return
         ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
         if (ddp is None or not self._sparse_grad or not torch.is_grad_enabled()
-                or not any(p is self.weight or p is self.bias for p in getattr(ddp, "_module_parameters", ()))):
+                or not any((p is self.weight or p is self.bias) and p.requires_grad
+                           for p in getattr(ddp, "_module_parameters", ()))):  # (a frozen one gets no gradient)
             return
         raise RuntimeError(f"{self.__class__.__name__}(sparse_grad=True) runs inside DistributedDataParallel, which "
                            "cannot reduce its sparse gradients (its backward would fail). Wrap the model with "

@@ -190,6 +190,9 @@ def _plain_ddp_run(rank):
     with torch.no_grad():
         plain.module.eval()
         assert plain.module.head(plain.module.trunk(x)).shape == (4, 40)  # no gradient: nothing to refuse
+    frozen = _Whole()
+    frozen.head.requires_grad_(False)  # a frozen head gets no gradient: nothing to refuse
+    nn.parallel.DistributedDataParallel(frozen)(x, y).backward()
     wrapped = data_parallel(_Whole())  # the sparse parameters left out of DDP: the same forward trains
     wrapped(x, y).backward()
     all_reduce_sparse_grads(wrapped.module)
