@@ -566,6 +566,7 @@ class LSHLinear(nn.Module):
         input, weight, bias = self._operands(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)
+        self._check_not_under_ddp()
         if self.budget == self.out_features:  # every neuron active: nothing to hash or scatter
             values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return values.reshape(*input.shape[:-1], self.out_features)
@@ -609,6 +610,7 @@ class LSHLinear(nn.Module):
         in every mode), no ``log_weights``: the exact softmax, about as fast as ``nn.Linear``'s there.
         """
         input, weight, bias = self._operands(input)
+        self._check_not_under_ddp()
         batch_shape = input.shape[:-1]
         labels = _label_matrix(labels, batch_shape)
         if self.exact_softmax:
@@ -874,12 +876,12 @@ class LSHLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
         self._check_input(input, weight)
-        self._check_not_under_ddp()
         return input, weight, bias
 
     def _check_not_under_ddp(self) -> None:
         """DistributedDataParallel cannot reduce sparse gradients: its backward fails with "Cannot access
-        storage of SparseTensorImpl". Refused at the forward that DDP runs, with the way out."""
+        storage of SparseTensorImpl". Refused at the forward that DDP runs (where sparse gradients would be
+        recorded: forward_sparse, forward's sparse paths), with the way out."""
         if torch.compiler.is_compiling():  # (a traced forward: DDP's own compiled path, not checked)
             return
         ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()

@@ -188,8 +188,18 @@ def _plain_ddp_run(rank):
                                            r"gradients .* lsh_torch\.distributed\.data_parallel"):
         plain(x, y)
     with torch.no_grad():
-        plain.module.eval()
         assert plain.module.head(plain.module.trunk(x)).shape == (4, 40)  # no gradient: nothing to refuse
+
+    class Eval(nn.Module):  # a dense eval forward (its gradient is dense) and a lookup, under DDP with grad on
+        def __init__(self):
+            super().__init__()
+            self.head = LSHLinear(IN, 40, active=8, sparse_grad=True)
+
+        def forward(self, x):
+            self.head.active_set(x)
+            return self.head.eval()(x)
+
+    nn.parallel.DistributedDataParallel(Eval())(x).sum().backward()
     frozen = _Whole()
     frozen.head.requires_grad_(False)  # a frozen head gets no gradient: nothing to refuse
     nn.parallel.DistributedDataParallel(frozen)(x, y).backward()
