@@ -881,18 +881,18 @@ class LSHLinear(nn.Module):
     def _check_not_under_ddp(self) -> None:
         """DistributedDataParallel cannot reduce sparse gradients: its backward fails with "Cannot access
         storage of SparseTensorImpl". Refused at the forward that DDP runs (where sparse gradients would be
-        recorded: forward_sparse, forward's sparse paths), with the way out."""
-        if torch.compiler.is_compiling():  # (a traced forward: DDP's own compiled path, not checked)
-            return
+        recorded: forward_sparse, forward's sparse paths) and whose backward syncs, with the way out. (A
+        layer called outside DDP's forward, or managed by an outer DDP around an inner one, goes unseen.)"""
         ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
         if (ddp is None or not self._sparse_grad or not torch.is_grad_enabled()
+                or not getattr(ddp, "require_backward_grad_sync", True)  # no_sync(): DDP reduces nothing yet
                 or not any((p is self.weight or p is self.bias) and p.requires_grad
                            for p in getattr(ddp, "_module_parameters", ()))):  # (a frozen one gets no gradient)
             return
         raise RuntimeError(f"{self.__class__.__name__}(sparse_grad=True) runs inside DistributedDataParallel, which "
                            "cannot reduce its sparse gradients (its backward would fail). Wrap the model with "
                            "lsh_torch.distributed.data_parallel(model), which leaves sparse parameters out of DDP for "
-                           "lsh_torch.distributed.all_reduce_sparse_grads, or use sparse_grad=False.")
+                           "lsh_torch.distributed.all_reduce_sparse_grads.")
 
     def _check_input(self, input: Tensor, weight: Tensor) -> None:
         if not isinstance(input, Tensor):

@@ -183,12 +183,27 @@ class _Whole(nn.Module):
 def _plain_ddp_run(rank):
     torch.manual_seed(0)
     x, y = torch.randn(4, IN), torch.randint(0, 40, (4,))
-    plain = nn.parallel.DistributedDataParallel(_Whole())
-    with pytest.raises(RuntimeError, match=r"inside DistributedDataParallel, which cannot reduce its sparse "
-                                           r"gradients .* lsh_torch\.distributed\.data_parallel"):
-        plain(x, y)
+
+    def refused(model, *args):
+        ddp = nn.parallel.DistributedDataParallel(model)  # held: a temporary's backward reduces nothing
+        with pytest.raises(RuntimeError, match=r"inside DistributedDataParallel, which cannot reduce its sparse "
+                                               r"gradients .* lsh_torch\.distributed\.data_parallel"):
+            ddp(*args)
+        return ddp
+
+    def trains(ddp, *args):  # two steps: a reduction that failed would fail here
+        for _ in range(2):
+            out = ddp(*args)
+            (out if out.dim() == 0 else out.sum()).backward()
+
+    plain = refused(_Whole(), x, y)
     with torch.no_grad():
         assert plain.module.head(plain.module.trunk(x)).shape == (4, 40)  # no gradient: nothing to refuse
+    biased = _Whole()
+    biased.head.weight.requires_grad_(False)  # the bias still gets a sparse gradient
+    refused(biased, x, y)
+    with pytest.raises(RuntimeError, match="inside DistributedDataParallel"):  # compiled: refused as well
+        nn.parallel.DistributedDataParallel(torch.compile(_Whole(), backend="eager"))(x, y)
 
     class Eval(nn.Module):  # a dense eval forward (its gradient is dense) and a lookup, under DDP with grad on
         def __init__(self):
@@ -199,10 +214,10 @@ def _plain_ddp_run(rank):
             self.head.active_set(x)
             return self.head.eval()(x)
 
-    nn.parallel.DistributedDataParallel(Eval())(x).sum().backward()
+    trains(nn.parallel.DistributedDataParallel(Eval()), x)
     frozen = _Whole()
     frozen.head.requires_grad_(False)  # a frozen head gets no gradient: nothing to refuse
-    nn.parallel.DistributedDataParallel(frozen)(x, y).backward()
+    trains(nn.parallel.DistributedDataParallel(frozen), x, y)
     wrapped = data_parallel(_Whole())  # the sparse parameters left out of DDP: the same forward trains
     wrapped(x, y).backward()
     all_reduce_sparse_grads(wrapped.module)
