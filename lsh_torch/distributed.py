@@ -586,6 +586,17 @@ class ShardedLSHLinear(nn.Module):
                 raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {tuple(state_dict[name].shape)}")
         self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
 
+    def _check_not_under_ddp(self) -> None:
+        """A plain DistributedDataParallel that manages the shard broadcast rank 0's rows over every other
+        rank's when it wrapped the model, and would average different rows' gradients: refused at the
+        forward DDP runs (an outer one around an inner data_parallel goes unseen)."""
+        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+        if ddp is not None and any(p is q for p in getattr(ddp, "_module_parameters", ()) for q in self.shard.parameters()):
+            raise RuntimeError("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP "
+                               "copied rank 0's rows over every other rank's when it wrapped the model (re-create or "
+                               "reload the layer) and would average different rows' gradients. Wrap the model with "
+                               "lsh_torch.distributed.data_parallel(model), which leaves the shards out.")
+
     def _gather_input(self, input: Tensor, check=lambda: None, labelled: Optional[bool] = None):
         """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard
         will check it, autocast-aware) and ``check`` are verified on every rank before the first
@@ -595,6 +606,7 @@ class ShardedLSHLinear(nn.Module):
         self._mean_over_ranks()
         try:
             self.shard._operands(input)
+            self._check_not_under_ddp()
             checked, error = check(), None
         except Exception as caught:  # warnings turned into errors too: every rank must hear of it
             checked, error = None, caught

@@ -218,9 +218,14 @@ def _plain_ddp_run(rank):
     frozen = _Whole()
     frozen.head.requires_grad_(False)  # a frozen head gets no gradient: nothing to refuse
     trains(nn.parallel.DistributedDataParallel(frozen), x, y)
+    sharded = nn.Sequential(nn.Linear(IN, HIDDEN), ShardedLSHLinear(HIDDEN, 40, sparse_grad=False))
+    with pytest.raises(RuntimeError, match="copied rank 0's rows over every other rank's"):  # dense gradients too
+        nn.parallel.DistributedDataParallel(sharded)(x)
     wrapped = data_parallel(_Whole())  # the sparse parameters left out of DDP: the same forward trains
     wrapped(x, y).backward()
     all_reduce_sparse_grads(wrapped.module)
+    kept = nn.Sequential(nn.Linear(IN, HIDDEN), ShardedLSHLinear(HIDDEN, 40))
+    assert data_parallel(kept)(x).shape == (4, 40)
     return wrapped.module.head.weight.grad.is_sparse
 
 
