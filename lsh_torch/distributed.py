@@ -44,7 +44,8 @@ from . import ops
 from ._checks import check_int
 from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
                      _mask_of, reduce_loss, smoothed_target)
-from .nn import WIDE, LSHLinear, _budget, _label_matrix, auto_bits, auto_settings, cap_probes, fit_bits, topk_budget
+from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
+                 fit_bits, topk_budget)
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
@@ -590,8 +591,7 @@ class ShardedLSHLinear(nn.Module):
         """A plain DistributedDataParallel that manages the shard broadcast rank 0's rows over every other
         rank's when it wrapped the model, and would average different rows' gradients: refused at the
         forward DDP runs (an outer one around an inner data_parallel goes unseen)."""
-        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
-        if ddp is not None and any(p is q for p in getattr(ddp, "_module_parameters", ()) for q in self.shard.parameters()):
+        if _ddp_managing(self.shard.parameters()) is not None:
             raise RuntimeError("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP "
                                "copied rank 0's rows over every other rank's when it wrapped the model (re-create or "
                                "reload the layer) and would average different rows' gradients. Wrap the model with "

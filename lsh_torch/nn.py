@@ -883,11 +883,11 @@ class LSHLinear(nn.Module):
         storage of SparseTensorImpl". Refused at the forward that DDP runs (where sparse gradients would be
         recorded: forward_sparse, forward's sparse paths) and whose backward syncs, with the way out. (A
         layer called outside DDP's forward, or managed by an outer DDP around an inner one, goes unseen.)"""
-        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
-        if (ddp is None or not self._sparse_grad or not torch.is_grad_enabled()
-                or not getattr(ddp, "require_backward_grad_sync", True)  # no_sync(): DDP reduces nothing yet
-                or not any((p is self.weight or p is self.bias) and p.requires_grad
-                           for p in getattr(ddp, "_module_parameters", ()))):  # (a frozen one gets no gradient)
+        if not torch.is_grad_enabled():
+            return
+        ddp = _ddp_managing(p for p in (self.weight, self.bias) if p is not None and p.requires_grad)
+        if (ddp is None or not self._sparse_grad  # (a frozen parameter gets no gradient)
+                or not getattr(ddp, "require_backward_grad_sync", True)):  # no_sync(): DDP reduces nothing yet
             return
         raise RuntimeError(f"{self.__class__.__name__}(sparse_grad=True) runs inside DistributedDataParallel, which "
                            "cannot reduce its sparse gradients (its backward would fail). Wrap the model with "
@@ -1043,6 +1043,15 @@ def _check_not_meta(weight: Tensor) -> None:
         raise RuntimeError("LSHLinear on the meta device has no data to hash or look up: only eval-mode forward with "
                            "inference='dense' (nn.Linear's computation) and topk(exact=True) work there; materialise the weights first "
                            "(e.g. module.to_empty(device=...) and load_state_dict)")
+
+
+def _ddp_managing(params) -> Optional[nn.parallel.DistributedDataParallel]:
+    """The DistributedDataParallel whose forward is running, if it reduces any of ``params``; else None."""
+    ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
+        return None
+    params = list(params)
+    return ddp if any(p is q for p in getattr(ddp, "_module_parameters", ()) for q in params) else None
 
 
 def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional[Tensor]:

@@ -289,8 +289,7 @@ class TopkIndex:
         min_recall = check_min_recall(min_recall)
         key = self.answering(k, probes, budget, norm_rows, min_recall)
         if key is None:
-            self._warn_exact((k, probes, budget, n // TOPK_NORM_SHARE if norm_rows is None else norm_rows),
-                             min_recall, norm_rows is None)
+            self._warn_exact(self._asked(k, probes, budget, norm_rows), min_recall, norm_rows is None)
             return exact_topk(x, weight, bias, k)
         check = self.checks.get(key, RecallCheck())
         values, indices = self._search(x, weight, bias, *key, seed)
@@ -323,7 +322,7 @@ class TopkIndex:
         """The settings ``(k, probes, budget, norm_rows)`` that answer :meth:`topk` calls with these
         now: themselves, the largest-norm rows alone standing in for them (``(k, 0, 0, rows)``),
         or None: exact scores (see :meth:`topk`)."""
-        key = (k, probes, budget, self.items.shape[1] // TOPK_NORM_SHARE if norm_rows is None else norm_rows)
+        key = self._asked(k, probes, budget, norm_rows)
         check = self.checks.get(key)
         while min_recall and check is not None and check.done and check.recall < min_recall:
             rows = None if norm_rows is not None else norm_rows_alone(key, check, min_recall, self.items.shape[1])
@@ -332,6 +331,10 @@ class TopkIndex:
             key = (k, 0, 0, rows)
             check = self.checks.get(key)
         return key
+
+    def _asked(self, k: int, probes: int, budget: int, norm_rows: Optional[int]) -> tuple:
+        """The settings key of a call (``norm_rows`` None: ``N // 128``, the "auto" start)."""
+        return (k, probes, budget, self.items.shape[1] // TOPK_NORM_SHARE if norm_rows is None else norm_rows)
 
     def _warn_exact(self, key: tuple, min_recall: float, auto: bool) -> None:
         """Once per settings, ``min_recall`` and default ``norm_rows`` or not: topk answers exactly, and why."""
