@@ -681,7 +681,7 @@ def test_asymmetric_false_hashes_directions_only():
     layer.rebuild()
     items = layer.tables.items.clone()
     with torch.no_grad():
-        layer.weight.mul_(torch.rand(300, 1) * 10 + 0.1)  # rescale each row: same directions
+        layer.weight.mul_(2.0 ** torch.randint(-3, 4, (300, 1)))  # rescale each row, exactly in any precision
     layer.rebuild()
     assert torch.equal(layer.tables.items, items)
     mips = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True)
@@ -704,13 +704,17 @@ def test_center_ignores_a_shared_row_offset():
     assert not torch.equal(plain.tables.items, items)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("asymmetric,center", [(False, False), (True, False), (False, True)])
-def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center):
+def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center, bf16):
     from lsh_torch import hashing, ops
     weight, projection = torch.randn(50, 16), hashing.make_projection(16, 3, 5, seed=1)
     rows = weight - weight.mean(0) if center else weight
-    one_pass = ops.hash_codes(ops.mips_transform(rows, not asymmetric) @ projection, 3, 5)[0]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    transformed, projection_rows = (ops.mips_transform(rows, False), projection) if asymmetric else (rows, projection[:-1])
+    one_pass = ops.hash_codes((transformed.to(dtype) @ projection_rows.to(dtype)).float(), 3, 5)[0]
     monkeypatch.setattr(hashing, "ROW_CHUNK", 7)
+    monkeypatch.setattr(hashing, "BF16_ROW_PROJECTIONS", bf16)
     assert torch.equal(hashing.row_codes(weight, projection, 3, 5, asymmetric, center), one_pass)
     assert hashing.row_codes(weight[:0], projection, 3, 5, asymmetric, center).shape == (0, 3)
 
