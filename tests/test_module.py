@@ -676,12 +676,15 @@ def test_a_finite_row_whose_norm_overflows_gets_a_clear_error():
     directions.forward_sparse(torch.randn(2, 16))  # hashes directions: no norm needed
 
 
-def test_asymmetric_false_hashes_directions_only():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_asymmetric_false_hashes_directions_only(monkeypatch, bf16):
+    from lsh_torch import hashing
+    monkeypatch.setattr(hashing, "BF16_ROW_PROJECTIONS", bf16)
     layer = LSHLinear(16, 300, active=20, asymmetric=False, rebuild=None)
     layer.rebuild()
     items = layer.tables.items.clone()
     with torch.no_grad():
-        layer.weight.mul_(2.0 ** torch.randint(-3, 4, (300, 1)))  # rescale each row, exactly in any precision
+        layer.weight.mul_(torch.rand(300, 1) * 10 + 0.1)  # rescale each row: same directions
     layer.rebuild()
     assert torch.equal(layer.tables.items, items)
     mips = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True)
@@ -708,15 +711,30 @@ def test_center_ignores_a_shared_row_offset():
 @pytest.mark.parametrize("asymmetric,center", [(False, False), (True, False), (False, True)])
 def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center, bf16):
     from lsh_torch import hashing, ops
-    weight, projection = torch.randn(50, 16), hashing.make_projection(16, 3, 5, seed=1)
+    weight, projection = torch.randn(300, 64), hashing.make_projection(64, 8, 8, seed=1)
     rows = weight - weight.mean(0) if center else weight
+    if asymmetric:
+        transformed, projection_rows = ops.mips_transform(rows, False), projection
+    else:
+        transformed, projection_rows = rows / rows.norm(dim=1, keepdim=True) if bf16 else rows, projection[:-1]
     dtype = torch.bfloat16 if bf16 else torch.float32
-    transformed, projection_rows = (ops.mips_transform(rows, False), projection) if asymmetric else (rows, projection[:-1])
-    one_pass = ops.hash_codes((transformed.to(dtype) @ projection_rows.to(dtype)).float(), 3, 5)[0]
+    one_pass = ops.hash_codes(transformed.to(dtype) @ projection_rows.to(dtype), 8, 8)[0]
+    monkeypatch.setattr(hashing, "BF16_ROW_PROJECTIONS", not bf16)
+    other_precision = hashing.row_codes(weight, projection, 8, 8, asymmetric, center)
     monkeypatch.setattr(hashing, "ROW_CHUNK", 7)
     monkeypatch.setattr(hashing, "BF16_ROW_PROJECTIONS", bf16)
-    assert torch.equal(hashing.row_codes(weight, projection, 3, 5, asymmetric, center), one_pass)
-    assert hashing.row_codes(weight[:0], projection, 3, 5, asymmetric, center).shape == (0, 3)
+    codes = hashing.row_codes(weight, projection, 8, 8, asymmetric, center)
+    assert torch.equal(codes, one_pass)
+    assert not torch.equal(codes, other_precision)  # the data tells the two precisions apart
+    assert hashing.row_codes(weight[:0], projection, 8, 8, asymmetric, center).shape == (0, 8)
+
+
+def test_input_codes_ignore_autocast():
+    from lsh_torch import hashing
+    x, projection = torch.randn(300, 64), hashing.make_projection(64, 8, 8, seed=1)
+    codes, margins = hashing.input_codes(x, projection, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(hashing.input_codes(x, projection, 8, 8), (codes, margins)))
 
 
 def _full_width_warnings(loss_of, steps=2):
