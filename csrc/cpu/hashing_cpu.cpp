@@ -5,9 +5,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #ifdef __linux__
@@ -19,6 +26,84 @@
 
 namespace lsh_torch {
 namespace {
+
+// Tables (items [L, N], offsets) and fingerprints are rebuilt into new tensors, and the old ones freed, at
+// every rebuild. glibc maps blocks this large afresh from the kernel each time (above its mmap
+// threshold, at most 32 MB), and faulting in 54 MB of items at 670K outputs cost update_tables 70-190 ms
+// of system time in bursts on the 2-core machine (the merge itself: 6 ms). So those outputs come from
+// this allocator, which keeps the last kKeptBlocks freed blocks and hands one of the same size out again:
+// a layer's rebuilds then swap two buffers. Freed blocks past kKeptBlocks go back to the system.
+class ReusedBlocks final : public c10::Allocator {
+ public:
+  static constexpr size_t kKeptBlocks = 2;
+
+  c10::DataPtr allocate(size_t bytes) override {
+    void* data = take(bytes);
+    if (data == nullptr) data = c10::alloc_cpu(bytes);
+    std::lock_guard<std::mutex> lock(state().mutex);
+    state().sizes[data] = bytes;
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  struct State {
+    std::mutex mutex;
+    std::unordered_map<void*, size_t> sizes;  // of the blocks handed out
+    std::deque<Block> kept;                   // freed, oldest first
+  };
+  // Never destroyed: tensors may be freed after static destructors have run, at exit.
+  static State& state() {
+    static State* s = new State;
+    return *s;
+  }
+
+  static void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    auto& kept = state().kept;
+    for (auto it = kept.begin(); it != kept.end(); ++it)
+      if (it->bytes == bytes) {
+        void* data = it->data;
+        kept.erase(it);
+        return data;
+      }
+    return nullptr;
+  }
+
+  static void release(void* data) {
+    void* dropped = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(state().mutex);
+      auto found = state().sizes.find(data);
+      const size_t bytes = found->second;
+      state().sizes.erase(found);
+      state().kept.push_back({data, bytes});
+      if (state().kept.size() > kKeptBlocks) {
+        dropped = state().kept.front().data;
+        state().kept.pop_front();
+      }
+    }
+    if (dropped != nullptr) c10::free_cpu(dropped);
+  }
+};
+
+// An uninitialised CPU tensor for a rebuild's output: from ReusedBlocks from 1 MB on.
+at::Tensor empty_rebuilt(at::IntArrayRef sizes, at::ScalarType dtype) {
+  constexpr size_t kReusedFrom = size_t(1) << 20;
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  if (static_cast<size_t>(numel) * c10::elementSize(dtype) < kReusedFrom)
+    return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  static ReusedBlocks allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+}
 
 at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::optional<at::Tensor>& max_norm_in) {
   const double given_max_norm = check_mips_args(rows_in, query, max_norm_in);
@@ -148,7 +233,7 @@ at::Tensor row_fingerprints_cpu(const at::Tensor& rows_in, const at::Tensor& vec
   const auto rows = rows_in.contiguous();
   const auto vector = vector_in.contiguous();
   const int64_t n = rows.size(0), d = rows.size(1);
-  auto out = at::empty({n}, rows.options().dtype(at::kFloat));
+  auto out = empty_rebuilt({n}, at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_fingerprints", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = rows.data_ptr<scalar_t>();
@@ -192,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cpu(const at::Tensor& codes_in, 
   // (at L = 50 the strided reads made the build 5x slower).
   const auto codes = codes_in.t().contiguous();
   const int64_t n = codes.size(1), num_tables = codes.size(0), buckets = int64_t(1) << bits;
-  auto offsets = at::zeros({num_tables, buckets + 1}, codes.options());
-  auto items = at::empty({num_tables, n}, codes.options());
+  auto offsets = empty_rebuilt({num_tables, buckets + 1}, at::kInt).zero_();
+  auto items = empty_rebuilt({num_tables, n}, at::kInt);
   advise_huge_pages(items);
   const int32_t* c = codes.data_ptr<int32_t>();
   int32_t* off = offsets.data_ptr<int32_t>();
@@ -281,8 +366,8 @@ std::tuple<at::Tensor, at::Tensor> update_tables_cpu(const at::Tensor& offsets_i
     TORCH_CHECK(i == 0 || r[i] > r[i - 1], "update_tables: rows must be strictly increasing, got ", r[i - 1],
                 " before ", r[i]);
   }
-  auto out_offsets = at::empty_like(offsets);
-  auto out_items = at::empty_like(items);
+  auto out_offsets = empty_rebuilt(offsets.sizes(), at::kInt);
+  auto out_items = empty_rebuilt(items.sizes(), at::kInt);
   advise_huge_pages(out_items);
   const int32_t* off_all = offsets.data_ptr<int32_t>();
   const int32_t* it_all = items.data_ptr<int32_t>();
