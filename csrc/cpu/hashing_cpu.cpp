@@ -82,12 +82,16 @@ class ReusedBlocks final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(state().mutex);
       auto found = state().sizes.find(data);
-      const size_t bytes = found->second;
-      state().sizes.erase(found);
-      state().kept.push_back({data, bytes});
-      if (state().kept.size() > kKeptBlocks) {
-        dropped = state().kept.front().data;
-        state().kept.pop_front();
+      if (found == state().sizes.end()) {  // not handed out here (cannot happen): freed, not kept
+        dropped = data;
+      } else {
+        const size_t bytes = found->second;
+        state().sizes.erase(found);
+        state().kept.push_back({data, bytes});
+        if (state().kept.size() > kKeptBlocks) {
+          dropped = state().kept.front().data;
+          state().kept.pop_front();
+        }
       }
     }
     if (dropped != nullptr) c10::free_cpu(dropped);
