@@ -8,6 +8,7 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -117,9 +118,7 @@ class ReusedBlocks final : public c10::Allocator {
 // An uninitialised CPU tensor for a rebuild's output: from ReusedBlocks from 1 MB on.
 at::Tensor empty_rebuilt(at::IntArrayRef sizes, at::ScalarType dtype) {
   constexpr size_t kReusedFrom = size_t(1) << 20;
-  int64_t numel = 1;
-  for (const int64_t size : sizes) numel *= size;
-  if (static_cast<size_t>(numel) * c10::elementSize(dtype) < kReusedFrom)
+  if (static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype) < kReusedFrom)
     return at::empty(sizes, at::TensorOptions().dtype(dtype));
   static ReusedBlocks allocator;
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
