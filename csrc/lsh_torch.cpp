@@ -13,8 +13,9 @@ TORCH_LIBRARY(lsh_torch, m) {
   m.def("mips_transform(Tensor rows, bool query, Tensor? max_norm=None) -> Tensor");
   // Signed random projection fingerprints: projections [n, L*K] -> codes [n, L] int32 (bit k of
   // table l is projections[:, l*K + k] > 0) and margins [n, L*K] float32 = |projection|
-  // (NaN -> inf), which order the bit flips of multi-probe.
-  m.def("hash_codes(Tensor projections, int num_tables, int bits) -> (Tensor codes, Tensor margins)");
+  // (NaN -> inf), which order the bit flips of multi-probe. margins=false (weight rows, which are
+  // never probed from) returns an empty [n, 0] margins tensor and skips writing n*L*K floats.
+  m.def("hash_codes(Tensor projections, int num_tables, int bits, bool margins=True) -> (Tensor codes, Tensor margins)");
   // Densified winner-take-all codes (Yagnik et al. 2011; Chen & Shrivastava, "Densified Winner Take
   // All (WTA) Hashing for Sparse Datasets", UAI 2018), the hash family SLIDE uses for Amazon-670K.
   // bins [L*H, bin_size] int64 (dimension indices, bin_size a power of two) -> codes [n, L] int32

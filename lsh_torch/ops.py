@@ -30,9 +30,10 @@ def mips_transform(rows: Tensor, query: bool, max_norm: Optional[Tensor] = None)
     return _ops.mips_transform(rows, query, max_norm)
 
 
-def hash_codes(projections: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:
-    """Signed-random-projection codes ``[n, L]`` (int32) and per-bit margins ``[n, L*K]`` (float32)."""
-    return _ops.hash_codes(projections, num_tables, bits)
+def hash_codes(projections: Tensor, num_tables: int, bits: int, margins: bool = True) -> tuple[Tensor, Tensor]:
+    """Signed-random-projection codes ``[n, L]`` (int32) and per-bit margins ``[n, L*K]`` (float32),
+    which order a query's probes; ``margins=False`` (weight rows) leaves them out: ``[n, 0]``."""
+    return _ops.hash_codes(projections, num_tables, bits, margins)
 
 
 def dwta_codes(rows: Tensor, bins: Tensor, num_tables: int) -> tuple[Tensor, Tensor]:
@@ -248,14 +249,14 @@ def _(rows, query, max_norm=None):
 
 
 @torch.library.register_fake("lsh_torch::hash_codes")
-def _(projections, num_tables, bits):
+def _(projections, num_tables, bits, margins=True):
     _expect("hash_codes", "projections", projections, "floating", 2)
     _expect_tables("hash_codes", num_tables, bits)
     torch._check(projections.shape[1] == num_tables * bits,
                  lambda: f"hash_codes: projections must have L*K = {num_tables * bits} columns")
     n = projections.shape[0]
     return (projections.new_empty(n, num_tables, dtype=torch.int32),
-            projections.new_empty(n, num_tables * bits, dtype=torch.float32))
+            projections.new_empty(n, num_tables * bits if margins else 0, dtype=torch.float32))
 
 
 @torch.library.register_fake("lsh_torch::dwta_codes")

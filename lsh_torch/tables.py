@@ -267,29 +267,35 @@ class LSHTables(nn.Module):
         incremental = not compiling and not full and not self.center and self.built
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
-            moved = rows.index_select(0, changed)  # 3x faster than rows[changed]
+            moved, index = rows, changed  # hashed a chunk at a time, gathered as it goes
             if self.asymmetric and changed.numel():
+                # Gathered at once (3x faster than rows[changed]): M checked and applied on one snapshot,
+                # which Hogwild writers to a shared weight cannot change in between.
+                moved, index = rows.index_select(0, changed), None
                 incremental = bool((self.max_norm > 0) & (_norms(moved).max() <= self.max_norm))
         # Codes, tables and fingerprints are assigned together, after every op that may fail
         # (out of memory, an interrupt): an incremental build trusts that they agree.
         if incremental:  # only the moved rows re-hashed, M kept
             codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():
-                new_codes = self._row_codes(moved, self.max_norm if self.asymmetric else None)
+                new_codes = self._row_codes(moved, self.max_norm if self.asymmetric else None, index)
                 # (gather and scatter along the rows: 3x and 1.4x faster than index_select and index_copy_.)
                 columns = changed.expand(codes.shape[0], -1)
+                # Codes are patched in place, but not codes that other processes may read (Hogwild workers
+                # share tables built before share_memory(); each keeps its own from its first build on).
+                if codes.is_shared() or codes.is_inference() and not torch.is_inference_mode_enabled():
+                    codes = codes.clone()
                 if changed.numel() * 8 > n:
                     # Past an eighth of the rows moved, a counting sort of every row's code beats merging
                     # the moved ones in (100K rows, L=20: 20% moved 4.6 against 8.2 ms; 10% 3.4 against 2.9;
                     # 670K: about even at 20%, the sort ahead from 40%). The same tables either way.
-                    codes = codes.scatter(1, columns, new_codes)
+                    # Patched before the sort (a copy of 670K x 40 codes cost 25 ms): should the sort fail,
+                    # the codes no longer match the tables, so the next build must be full.
+                    self._built = False
+                    codes.scatter_(1, columns, new_codes)
                     tables = ops.build_tables(codes.t(), self.bits)
                 else:
                     tables = ops.update_tables(*tables, changed, codes.gather(1, columns).t(), new_codes.t())
-                    # Patched in place, but not codes that other processes may read (Hogwild workers share
-                    # tables built before share_memory(); each keeps its own from its first build on).
-                    if codes.is_shared() or codes.is_inference() and not torch.is_inference_mode_enabled():
-                        codes = codes.clone()
                     codes.scatter_(1, columns, new_codes)
             self.rehashed = changed.numel()
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)
@@ -324,10 +330,11 @@ class LSHTables(nn.Module):
             max_norm = (norms.max().float() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
         return self._row_codes(rows, max_norm), max_norm
 
-    def _row_codes(self, rows: Tensor, max_norm: Optional[Tensor]) -> Tensor:
-        """Codes of ``rows``, table-major ``[L, n]``: the layout the table build reads (no transpose)."""
+    def _row_codes(self, rows: Tensor, max_norm: Optional[Tensor], index: Optional[Tensor] = None) -> Tensor:
+        """Codes of ``rows`` (or ``rows[index]``), table-major ``[L, n]``: the layout the table build reads
+        (the families write it so: the transpose is a view)."""
         return self.hash.row_codes(rows, self.hash_buffer, self.num_tables, self.bits, self.asymmetric,
-                                   self.center, max_norm).t().contiguous()
+                                   self.center, max_norm, index).t().contiguous()
 
     @torch.no_grad()
     def query(self, x: Tensor, budget: int, labels: Optional[Tensor] = None, seed: int = 0,

@@ -46,12 +46,14 @@ def row_fingerprints(rows, vector):
     return (rows.double() @ vector.double()).float()
 
 
-def hash_codes(projections, num_tables, bits):
+def hash_codes(projections, num_tables, bits, margins=True):
     p = projections.float().reshape(-1, num_tables, bits)
     weights = 2 ** torch.arange(bits)
     codes = ((p > 0).long() * weights).sum(-1).int()
-    margins = torch.where(p.isnan(), torch.full_like(p, math.inf), p.abs())
-    return codes, margins.reshape(projections.shape[0], num_tables * bits)
+    if not margins:
+        return codes, torch.empty(projections.shape[0], 0)
+    distances = torch.where(p.isnan(), torch.full_like(p, math.inf), p.abs())
+    return codes, distances.reshape(projections.shape[0], num_tables * bits)
 
 
 DENSIFY, DENSIFY_ATTEMPTS = 4, 32

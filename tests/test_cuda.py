@@ -98,6 +98,8 @@ def test_hash_codes_equal_cpu(num_tables, bits, dtype):
     assert torch.equal(codes.cpu(), cpu_codes) and torch.equal(margins.cpu(), cpu_margins)
     ref_codes, ref_margins = ref.hash_codes(proj, num_tables, bits)
     assert torch.equal(codes.cpu(), ref_codes) and torch.equal(margins.cpu(), ref_margins)
+    row_codes, no_margins = ops.hash_codes(proj.cuda(), num_tables, bits, margins=False)
+    assert torch.equal(row_codes.cpu(), cpu_codes) and no_margins.shape == (33, 0)
 
 
 # --- dwta_codes ----------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ def test_hash_codes_match_reference(num_tables, bits):
     ref_codes, ref_margins = ref.hash_codes(proj, num_tables, bits)
     assert codes.dtype == torch.int32 and margins.dtype == torch.float32
     assert torch.equal(codes, ref_codes) and torch.equal(margins, ref_margins)
+    # Rows' codes (margins=False): the same codes, no margins.
+    row_codes, no_margins = ops.hash_codes(proj.bfloat16(), num_tables, bits, margins=False)
+    assert torch.equal(row_codes, ref.hash_codes(proj.bfloat16(), num_tables, bits)[0])
+    assert no_margins.shape == (33, 0) and no_margins.dtype == torch.float32
 
 
 # --- dwta_codes ------------------------------------------------------------------------------------
@@ -564,6 +568,7 @@ def opcheck_cases():
         ("mips_transform", (torch.randn(20, 5), True)),
         ("mips_transform", (torch.randn(20, 5), False, torch.tensor(100.0))),
         ("hash_codes", (torch.randn(20, 12), 3, 4)),
+        ("hash_codes", (torch.randn(20, 12, dtype=torch.bfloat16), 3, 4, False)),
         ("dwta_codes", dwta_problem(n=20)[:2] + (3,)),
         ("dwta_codes", dwta_problem(n=20, dtype=torch.float64, num_tables=2, hashes=1, bin_size=16)[:2] + (2,)),
         ("build_tables", (codes, 5)),

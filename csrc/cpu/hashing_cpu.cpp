@@ -170,7 +170,8 @@ at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int64_t num_tables, int64_t bits) {
+std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int64_t num_tables, int64_t bits,
+                                                  bool with_margins) {
   check_bits_tables(num_tables, bits);
   TORCH_CHECK(proj_in.dim() == 2, "hash_codes: projections must be 2-D [n, L*K], got shape ", proj_in.sizes());
   TORCH_CHECK(at::isFloatingType(proj_in.scalar_type()),
@@ -180,21 +181,22 @@ std::tuple<at::Tensor, at::Tensor> hash_codes_cpu(const at::Tensor& proj_in, int
   const auto proj = proj_in.contiguous();
   const int64_t n = proj.size(0);
   auto codes = at::empty({n, num_tables}, proj.options().dtype(at::kInt));
-  auto margins = at::empty({n, num_tables * bits}, proj.options().dtype(at::kFloat));
+  auto margins = at::empty({n, with_margins ? num_tables * bits : 0}, proj.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "hash_codes", [&] {
     const scalar_t* p = proj.data_ptr<scalar_t>();
     int32_t* c = codes.data_ptr<int32_t>();
-    float* m = margins.data_ptr<float>();
+    float* m = with_margins ? margins.data_ptr<float>() : nullptr;
     at::parallel_for(0, n * num_tables, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         int32_t code = 0;
-        for (int64_t k = 0; k < bits; ++k) {
-          const float v = static_cast<float>(p[t * bits + k]);
-          code |= static_cast<int32_t>(v > 0) << k;
-          m[t * bits + k] = std::isnan(v) ? std::numeric_limits<float>::infinity() : std::fabs(v);
-        }
+        for (int64_t k = 0; k < bits; ++k) code |= static_cast<int32_t>(static_cast<float>(p[t * bits + k]) > 0) << k;
         c[t] = code;
       }
+      if (m)  // a second pass, so that the codes' loop stays branch-free without margins
+        for (int64_t i = begin * bits; i < end * bits; ++i) {
+          const float v = static_cast<float>(p[i]);
+          m[i] = std::isnan(v) ? std::numeric_limits<float>::infinity() : std::fabs(v);
+        }
     });
   });
   return {codes, margins};

@@ -175,13 +175,14 @@ __global__ void hash_codes_kernel(const scalar_t* __restrict__ p, int64_t total,
     for (int k = 0; k < bits; ++k) {
       const float v = static_cast<float>(p[t * bits + k]);
       code |= static_cast<int32_t>(v > 0.0f) << k;
-      margins[t * bits + k] = (v != v) ? std::numeric_limits<float>::infinity() : fabsf(v);
+      if (margins) margins[t * bits + k] = (v != v) ? std::numeric_limits<float>::infinity() : fabsf(v);
     }
     codes[t] = code;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, int64_t num_tables, int64_t bits) {
+std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, int64_t num_tables, int64_t bits,
+                                                   bool with_margins) {
   check_bits_tables(num_tables, bits);
   TORCH_CHECK(proj_in.dim() == 2, "hash_codes: projections must be 2-D [n, L*K], got shape ", proj_in.sizes());
   TORCH_CHECK(at::isFloatingType(proj_in.scalar_type()),
@@ -193,13 +194,13 @@ std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, in
   const auto proj = proj_in.contiguous();
   const int64_t n = proj.size(0);
   auto codes = at::empty({n, num_tables}, proj.options().dtype(at::kInt));
-  auto margins = at::empty({n, num_tables * bits}, proj.options().dtype(at::kFloat));
+  auto margins = at::empty({n, with_margins ? num_tables * bits : 0}, proj.options().dtype(at::kFloat));
   if (n == 0) return {codes, margins};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "hash_codes_cuda", [&] {
     hash_codes_kernel<scalar_t><<<grid_for(n * num_tables, 256), 256, 0, stream>>>(
         proj.data_ptr<scalar_t>(), n * num_tables, static_cast<int>(bits), codes.data_ptr<int32_t>(),
-        margins.data_ptr<float>());
+        with_margins ? margins.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {codes, margins};
