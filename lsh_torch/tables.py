@@ -245,7 +245,7 @@ class LSHTables(nn.Module):
         perplexity 458 against 337: every row's collisions with its queries drop.)
         ``center`` subtracts the mean row, which every change moves: there every build is full.
         Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
-        the weight; up to an eighth of the rows moved are merged into the tables
+        the weight; up to a tenth of the rows moved are merged into the tables
         (:func:`ops.update_tables`, one sequential pass over the L x N entries), more are re-sorted
         with every row's code (:func:`ops.build_tables`, faster than the merge there; the same tables).
         """
@@ -285,10 +285,11 @@ class LSHTables(nn.Module):
                 # share tables built before share_memory(); each keeps its own from its first build on).
                 if codes.is_shared() or codes.is_inference() and not torch.is_inference_mode_enabled():
                     codes = codes.clone()
-                if changed.numel() * 8 > n:
-                    # Past an eighth of the rows moved, a counting sort of every row's code beats merging
-                    # the moved ones in (100K rows, L=20: 20% moved 4.6 against 8.2 ms; 10% 3.4 against 2.9;
-                    # 670K: about even at 20%, the sort ahead from 40%). The same tables either way.
+                if changed.numel() * 10 > n:
+                    # Past a tenth of the rows moved, a counting sort of every row's code beats merging the
+                    # moved ones in (real rebuilds, medians of 6: 100K rows, L=20, 10% moved 6.3-7.2 against
+                    # 8.8-11.2 ms; 670K, L=20 and L=40: even at 10%, the sort ahead from 15-22%; the merge
+                    # ahead at 6% everywhere). The same tables either way.
                     # Patched before the sort (a copy of 670K x 40 codes cost 25 ms): should the sort fail,
                     # the codes no longer match the tables, so the next build must be full.
                     self._built = False
