@@ -43,16 +43,18 @@ def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, as
     ``center`` hashes ``w_j - mean_j(w_j)``: every output shifts by the same ``mean·x``, so a
     softmax and its top-k are unchanged, while the direction all rows share stops crowding them
     into a few buckets. ``max_norm`` fixes the transform's ``M`` (see :func:`ops.mips_transform`).
-    ``index`` (int64) hashes the rows ``weight[index]`` only, gathered a chunk at a time."""
+    ``index`` (int64): the codes of ``weight[index]`` alone (``row_codes(weight)[index]``), those rows
+    gathered a chunk at a time."""
     # Rows are transformed in float32 and projected in float32 or bfloat16 (BF16_ROW_PROJECTIONS)
     # whatever the layer's dtype (``module.to(dtype)`` may have cast the projection; float32 values
     # survive the round trip exactly), and whatever autocast says (``out=`` calls are not autocast).
     rows = weight.detach()
-    # Centering, and a transform that finds its own M, read every row first; with a given M the
-    # transform goes row by row, so each chunk is transformed alone.
-    whole = center or asymmetric and max_norm is None
+    # Centering, and a transform that finds its own M, read every row first (``index`` then picks from
+    # the result); with a given M the transform goes row by row, so each chunk is transformed alone,
+    # but not on a GPU, where each transform waits for the device once to check the rows against M.
+    whole = center or asymmetric and (max_norm is None or rows.device.type != "cpu")
     if whole:
-        rows, index = (rows if index is None else rows.index_select(0, index)).float(), None
+        rows = rows.float()
         if center:
             rows = rows - rows.mean(0)
         if asymmetric:
@@ -241,9 +243,8 @@ class DWTA:
     def row_codes(self, rows: Tensor, buffer: Tensor, num_tables: int, bits: int, asymmetric: bool, center: bool,
                   max_norm: Optional[Tensor], index: Optional[Tensor] = None) -> Tensor:
         rows = rows.detach()
-        if center:
-            rows = (rows if index is None else rows.index_select(0, index)).float()
-            rows, index = rows - rows.mean(0), None
+        if center:  # the mean of every row (index picks from the centred rows)
+            rows = rows.float() - rows.float().mean(0)
         return _codes_by_chunk(rows, num_tables, lambda part: ops.dwta_codes(part, buffer, num_tables)[0], index)
 
     def input_codes(self, x: Tensor, buffer: Tensor, num_tables: int, bits: int) -> tuple[Tensor, Tensor]:

@@ -274,7 +274,8 @@ class LSHTables(nn.Module):
                 moved, index = rows.index_select(0, changed), None
                 incremental = bool((self.max_norm > 0) & (_norms(moved).max() <= self.max_norm))
         # Codes, tables and fingerprints are assigned together, after every op that may fail
-        # (out of memory, an interrupt): an incremental build trusts that they agree.
+        # (out of memory, an interrupt): an incremental build trusts that they agree. (The one
+        # exception, codes patched before a re-sort, marks the tables unbuilt first: see below.)
         if incremental:  # only the moved rows re-hashed, M kept
             codes, tables = self.codes, (self.offsets, self.items)
             if changed.numel():

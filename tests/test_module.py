@@ -733,6 +733,25 @@ def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center, bf1
     assert hashing.row_codes(weight[:0], projection, 8, 8, asymmetric, center).shape == (0, 8)
 
 
+@pytest.mark.parametrize("family", ["srp", "dwta"])
+@pytest.mark.parametrize("asymmetric,center,max_norm", [(False, False, None), (True, False, None), (True, False, 40.0),
+                                                        (False, True, None)])
+def test_row_codes_of_an_index_are_those_rows_codes(monkeypatch, family, asymmetric, center, max_norm):
+    # Gathered a chunk at a time (or picked after a transform that reads every row: the mean, M).
+    from lsh_torch.tables import LSHTables
+    if family == "dwta" and asymmetric:
+        pytest.skip("DWTA has no MIPS transform")
+    monkeypatch.setattr(hashing, "ROW_CHUNK", 7)
+    tables = LSHTables(64, 300, 8, 6, 2, seed=1, asymmetric=asymmetric, center=center, hash=family)
+    weight, index = torch.randn(300, 64), torch.tensor([299, 0, 5, 6, 7, 150, 5, 42, 43, 44, 45, 46, 47, 48, 49])
+    max_norm = None if max_norm is None else torch.tensor(max_norm)
+
+    def codes(index=None):
+        return tables.hash.row_codes(weight, tables.hash_buffer, 8, 6, asymmetric, center, max_norm, index)
+    assert torch.equal(codes(index), codes()[index])
+    assert codes(index[:0]).shape == (0, 8)
+
+
 def test_input_codes_ignore_autocast():
     from lsh_torch import hashing
     x, projection = torch.randn(300, 64), hashing.make_projection(64, 8, 8, seed=1)
