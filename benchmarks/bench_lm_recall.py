@@ -142,7 +142,7 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
     layer.rebuild()
     distinct = labels.unique()
     label_mass = probs[:, distinct].sum(1).mean().item()
-    _, pool = layer._top_set_sizes(distinct.numel(), layer._tail_count(True))
+    _, pool = layer._top_set_sizes(layer.budget, distinct.numel(), layer._tail_count(True))
     default_rows = -(-h.shape[0] // layer._top_set_stride(h.shape[0], pool))  # every stride-th row
     print(f"{len(probs[0]):,} words, {h.shape[0]} tokens, {distinct.numel()} distinct labels holding "
           f"{label_mass:.3f} of the softmax mass; {active:,} shared words, a rescored pool of {pool:,}")

@@ -645,7 +645,7 @@ class ShardedLSHLinear(nn.Module):
         every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
         mine = (every >= self.start) & (every < self.end)
         local = torch.where(mine, every - self.start, -1)
-        try:  # a shard's lookup can fail for its own labels (more than its budget): all ranks stop
+        try:  # a shard's lookup can fail (a weight it cannot hash, out of memory): all ranks stop
             values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
             error = None
         except Exception as caught:  # a warning turned into an error (-W error) too

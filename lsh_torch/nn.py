@@ -149,7 +149,9 @@ class LSHLinear(nn.Module):
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
             explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s).
             A fraction above 0 draws at least one; 0 draws none (a softmax over the set alone, biased).
-            Labels come first: where they fill the budget no tail is left (a warning says so).
+            Labels come first: where they and the tail would not fit the budget (a batch of 8 x 1,024
+            tokens has ~3,400 distinct next tokens), the set grows to hold them all, with no room
+            for hashed candidates (a warning says so once).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
@@ -437,7 +439,7 @@ class LSHLinear(nn.Module):
         if shared is None:
             shared = self.mode != "per_row" if sparse else self.mode == "shared"
         if self.training and self.step < self.warmup:  # the next training step's: uniform draws
-            return self._warmup_draws(x, labels, shared)[0]
+            return self._warmup_draws(x, labels, shared, sparse)[0]
         return self._lookup(x, labels, shared, sparse)[0]
 
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
@@ -457,7 +459,8 @@ class LSHLinear(nn.Module):
         keyed = not (self.training or shared)
         labels, tail = _as_label_matrix(labels, x.shape[0]), self._tail_count(sparse)
         if self.rescore <= 1 or not tail or self.tables.selection == "random" or not x.shape[0]:
-            return self.tables.query(x, self.budget, labels, seed, shared=shared, tail=tail, keyed=keyed)
+            return self.tables.query(x, self._set_size(labels, shared, tail), labels, seed, shared=shared, tail=tail,
+                                     keyed=keyed)
         return self._rescored_lookup(x, labels, shared, seed, tail, keyed)
 
     @torch.no_grad()
@@ -473,7 +476,8 @@ class LSHLinear(nn.Module):
         if shared and labels.numel() and torch.compiler.is_compiling():
             _refuse_shared_labels_in_a_graph(self)
         forced = _distinct_labels(labels) if shared else labels.shape[1]
-        top, pool = self._top_set_sizes(forced, tail)
+        size = self._set_size(labels, shared, tail, forced)
+        top, pool = self._top_set_sizes(size, forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
             # A sample of the rows, another each step: every stride-th from an offset that moves with the
@@ -495,7 +499,7 @@ class LSHLinear(nn.Module):
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws. Keyed, the rows'
         # keys cost one more hashing of x, small beside the pool's scores.
-        return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, self.budget, labels, seed ^ 2 ** 62,
+        return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, size, labels, seed ^ 2 ** 62,
                                        shared, self.tables.row_keys(x) if keyed else None)
 
     def _warn_if_parametrized(self) -> None:
@@ -524,9 +528,9 @@ class LSHLinear(nn.Module):
         """The training step's draws: another seed each step, within int64 however long the run."""
         return (self.seed * 2 ** 32 + self.step) % 2 ** 63
 
-    def _top_set_sizes(self, forced: int, tail: int) -> tuple[int, int]:
-        """The top set's size beside ``forced`` labels and the ``tail``, and its rescored pool's."""
-        top = max(0, self.budget - tail - forced)
+    def _top_set_sizes(self, size: int, forced: int, tail: int) -> tuple[int, int]:
+        """The top set's size in a set of ``size`` beside ``forced`` labels and the ``tail``, and its rescored pool's."""
+        top = max(0, size - tail - forced)
         return top, min(self.out_features, self.rescore * top)
 
     def _top_set_stride(self, rows: int, pool: int) -> int:
@@ -548,18 +552,30 @@ class LSHLinear(nn.Module):
             return self.tail
         return max(1, round(self.tail * self.budget)) if self.tail > 0 else 0  # a fraction > 0 draws at least one
 
-    def _warn_if_no_tail(self, head: Tensor) -> None:
-        """Labels that fill the budget leave no room for the tail: nothing then stands for the outputs
-        outside the set, and the loss's normaliser is a sum over the labels alone (80-99% below the
-        full one, measured). Said once per layer."""
-        if (self._tail_count(True) and self.budget < self.out_features and not getattr(self, "_warned_no_tail", False)
-                and bool((head >= self.budget).any())):
-            self._warned_no_tail = True
-            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}, active={self.budget}): the "
-                          f"distinct labels of a {'batch' if head.dim() == 0 else 'row'} fill the active budget, so "
-                          "no uniform tail is drawn: its softmax runs over the labels alone, a biased estimate of "
-                          "the full one. Raise active= above the labels' count (in shared mode, the batch's distinct "
-                          "labels).", stacklevel=user_stacklevel())
+    def _set_size(self, labels: Optional[Tensor], shared: bool, tail: int, forced: Optional[int] = None) -> int:
+        """The active set's size: the budget, or more where the labels and the tail would not fit in it,
+        so that a batch's labels never crowd out the tail, which stands for every output outside the
+        set (without it the loss's normaliser sums the labels alone: 80-99% low, measured). The labels
+        are the batch's distinct ones in shared mode (``forced``, if counted already; a host read, made
+        only where ``labels`` could pass the budget), a row's label columns per row. At most every
+        output. GPT-2's 50,257-word head under the default 2,048: 2 x 1,024 tokens carry about 1,100
+        distinct next tokens, 8 x 1,024 about 3,400. Said once per layer where the labels leave no
+        room for a hashed top set."""
+        if labels is None or not labels.numel() or (labels.numel() if shared else labels.shape[1]) + tail < self.budget:
+            return self.budget
+        if forced is None:
+            forced = _distinct_labels(labels) if shared else labels.shape[1]
+        size = max(self.budget, min(self.out_features, forced + tail))
+        if forced + tail >= self.budget and not getattr(self, "_warned_set_size", False):
+            self._warned_set_size = True
+            what = f"a batch's {forced:,} distinct labels" if shared else f"rows of {forced:,} label columns"
+            what += f" and the {tail:,}-output uniform tail" if tail else ""
+            grown = f"grows to {size:,} outputs" if size > self.budget else "is full"
+            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}, active={self.budget}): "
+                          f"{what} leave no room for hashed candidates: the set {grown}, and the hashing does no "
+                          "work there. Raise active= above the labels' count plus the tail (in shared mode, the "
+                          "batch's distinct labels), or use smaller batches.", stacklevel=user_stacklevel())
+        return size
 
     @_reads_weight
     def forward(self, input: Tensor) -> Tensor:
@@ -621,12 +637,11 @@ class LSHLinear(nn.Module):
             return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
-        if head.device.type == "cpu" and not torch.compiler.is_compiling():  # a host read: on the CPU only
-            self._warn_if_no_tail(head)
+        size = active.shape[-1]  # the budget, or more for labels that would crowd out the tail (_set_size)
         values = values.reshape(*batch_shape, values.shape[-1])
         if active.dim() > 1:
             active = active.reshape(*batch_shape, active.shape[-1])
-        log_weights = ops.tail_log_weights(head, self.budget, self.out_features).reshape(active.shape)
+        log_weights = ops.tail_log_weights(head, size, self.out_features).reshape(active.shape)
         return SparseOutput(values, active, log_weights)
 
     def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,
@@ -673,12 +688,12 @@ class LSHLinear(nn.Module):
             self._warn_replaying_last_step()
             self.step -= 1
             try:
-                return (self._warmup_draws(x, labels, shared) if self.step < self.warmup
+                return (self._warmup_draws(x, labels, shared, sparse) if self.step < self.warmup
                         else self._lookup(x, labels, shared, sparse))
             finally:
                 self.step += 1
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
-            found = self._warmup_draws(x, labels, shared)
+            found = self._warmup_draws(x, labels, shared, sparse)
         else:
             if (self.schedule is not None and _rebuild_now(self.schedule, self.step)) or self.step == self.warmup > 0:
                 self._stale = True  # an incremental build: the rows that moved since the last
@@ -698,10 +713,11 @@ class LSHLinear(nn.Module):
                           "graph), so it re-draws the last step's set, which may not be the forward's: its "
                           "gradients may differ from those without checkpointing.", stacklevel=user_stacklevel())
 
-    def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+    def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """A warm-up step's set: the labels and uniform draws, seeded by the step."""
-        return self.tables.query_uniform(x, self.out_features, self.budget, _as_label_matrix(labels, x.shape[0]),
-                                         self._step_seed(), shared)
+        labels = _as_label_matrix(labels, x.shape[0])
+        return self.tables.query_uniform(x, self.out_features, self._set_size(labels, shared, self._tail_count(sparse)),
+                                         labels, self._step_seed(), shared)
 
     @_reads_weight
     @torch.no_grad()

@@ -489,8 +489,15 @@ def _checkpoint_run(rank):
     # 13 outputs with active left to "auto": every output, as one LSHLinear of that width (exact_softmax)
     assert layer.shard.exact_softmax and out.log_weights is None and layer.budgets == layer.widths
     assert not narrow.shard.exact_softmax
-    with pytest.raises((RuntimeError, ValueError), match="more distinct labels" if rank == 0 else "rank 0 .* raised"):
-        narrow.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]))
+    # Labels past a shard's budget grow its set (LSHLinear._set_size), each shard its own.
+    grown = narrow.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]))
+    assert grown.indices.shape[-1] == (5 if rank == 0 else 2)  # shard 0: its 4 labels and a tail of 1
+    broken = ShardedLSHLinear(HIDDEN, OUT, active=2, mode="shared")
+    if rank == 0:  # a weight that cannot be hashed fails shard 0's first lookup, and stops both ranks
+        with torch.no_grad():
+            broken.shard.weight[0, 0] = math.nan
+    with pytest.raises((RuntimeError, ValueError), match="non-finite" if rank == 0 else "rank 0 .* raised"):
+        broken.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([[0, 1], [2, 3]]))
     replica = LSHLinear(HIDDEN, 40 + 8 * rank, active=4, sparse_grad=True)  # not the same layer on both ranks
     sparse_cross_entropy(replica.forward_sparse(torch.randn(2, HIDDEN), y), y).backward()
     with pytest.raises(ValueError, match="replicated sparse parameters .* must be the same on every rank"):

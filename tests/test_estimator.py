@@ -191,23 +191,33 @@ def test_label_smoothing_errors(bad, error):
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
-def test_labels_that_fill_the_budget_warn_that_no_tail_is_left(mode):
-    """With as many distinct labels as the budget nothing stands for the other outputs: the normaliser
-    was 99% low, silently. One label fewer leaves one draw, unbiased (test_corrected_normaliser_*)."""
+def test_labels_that_would_crowd_out_the_tail_grow_the_set(mode):
+    """The tail stands for every output outside the set: labels that filled the budget left none, and the
+    normaliser was 99% low, silently (later: an error once they passed it, at ordinary LM batch sizes).
+    The set now grows to hold the labels and the tail, said once per layer."""
     layer = LSHLinear(16, 2000, active=16, tail=8, mode=mode, sparse_grad=True)
     x = torch.randn(4, 16)
-    fewer = torch.arange(15).reshape(1, 15).expand(4, 15)  # 15 distinct labels: room for one draw
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    fewer = torch.arange(8).reshape(1, 8).expand(4, 8)  # 8 labels + 8 tail: the budget, no top set
+    with pytest.warns(UserWarning, match="leave no room for hashed candidates: the set is full") as caught:
         out = layer.forward_sparse(x, fewer)
-    assert (out.log_weights != 0).any()
-    with pytest.warns(UserWarning, match="fill the active budget, so no uniform tail is drawn") as caught:
-        layer.forward_sparse(x, torch.arange(16).reshape(1, 16).expand(4, 16))
-    assert caught[0].filename == __file__
-    with warnings.catch_warnings():  # said once per layer; a tail of 0 is asked for, not warned of
+    assert caught[0].filename == __file__ and out.values.shape[-1] == 16
+    many = torch.arange(40).reshape(4, 10) if mode == "per_row" else torch.arange(40).reshape(1, 40).expand(4, 40)
+    with warnings.catch_warnings():  # said once per layer
         warnings.simplefilter("error")
-        layer.forward_sparse(x, torch.arange(16).reshape(1, 16).expand(4, 16))
-        LSHLinear(16, 2000, active=16, tail=0, mode=mode).forward_sparse(x, torch.arange(16).expand(4, 16))
+        out = layer.forward_sparse(x, many)
+    labels = 10 if mode == "per_row" else 40
+    assert out.values.shape[-1] == labels + 8  # every label and the whole tail
+    for row in range(4):
+        indices, weights = (out.indices[row], out.log_weights[row]) if mode == "per_row" else out[1:]
+        assert set(many[row].tolist()) <= set(indices[:labels].tolist())  # the labels first, then the draws
+        assert not weights[:labels].any()
+        torch.testing.assert_close(weights[labels:], torch.full((8,), math.log((2000 - labels) / 8)))
+    fresh = LSHLinear(16, 2000, active=16, tail=8, mode=mode, sparse_grad=True)
+    with pytest.warns(UserWarning, match=f"the set grows to {labels + 8} outputs"):
+        fresh.forward_sparse(x, many)
+    with warnings.catch_warnings():  # labels, tail and a top set within the budget: nothing to say
+        warnings.simplefilter("error")
+        LSHLinear(16, 2000, active=16, tail=8, mode=mode).forward_sparse(x, torch.arange(7).expand(4, 7))
 
 
 def test_a_tail_fraction_above_0_draws_at_least_one():
