@@ -313,21 +313,6 @@ def test_query_shared_counts_a_bucket_probed_by_many_rows_once_per_probe(threads
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("repeats", [84, 127])
-def test_query_shared_counts_exactly_past_a_byte(repeats):
-    # query_shared counts in one byte where each table's most probed bucket, summed over the tables,
-    # stays within 254 hits, wider beyond. Every row probes bucket 0 of 3 tables: neurons 0-2 sit in
-    # it in all three (3 x repeats hits), 3-5 in two, 6-8 in one. With 127 rows a byte would saturate
-    # 0-5 alike (381 and 254 hits), and the seed alone would choose among them.
-    offsets = torch.tensor([[0, 9, 9], [0, 6, 9], [0, 3, 9]], dtype=torch.int32)
-    items = torch.arange(9, dtype=torch.int32).expand(3, -1).contiguous()
-    codes, margins = torch.zeros(repeats, 3, dtype=torch.int32), torch.ones(repeats, 3)
-    for seed in range(5):
-        indices, head = ops.query_shared(codes, margins, offsets, items, 1, 6, None, seed, 0)
-        assert_same((indices, head), ref.query_shared(codes, margins, offsets, items, 1, 6, None, seed, 0))
-        assert set(indices[:3].tolist()) == {0, 1, 2} and set(indices[3:].tolist()) == {3, 4, 5}
-
-
 def test_query_refuses_buckets_whose_ids_do_not_ascend():
     # A shared query's parts read their own id range of each bucket, found as if the ids ascend (as
     # every build and update leaves them): reversed buckets would be miscounted, differently for each

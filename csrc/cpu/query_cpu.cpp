@@ -22,10 +22,9 @@
 namespace lsh_torch {
 namespace {
 
-// Per-neuron hit counters of type Hits, the narrowest that holds the most hits a query can give:
-// uint8_t for per-row sets from fewer than kMaxHits tables (a neuron sits in one bucket per table
-// and a row probes distinct buckets, so its hits never exceed L) and for shared sets whose heaviest
-// probed bucket per table sums below kMaxHits (most_hits), uint16_t or uint32_t beyond.
+// Per-neuron hit counters of type Hits: uint16_t in general, uint32_t for shared sets of batches
+// whose hits can pass 65,534, uint8_t for per-row sets from fewer than kMaxHits tables (a neuron
+// sits in one bucket per table and a row probes distinct buckets, so its hits never exceed L).
 // One byte per neuron halves the footprint of the random increments of a query; still, 670K
 // neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so wide a layer counts only
 // its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at kMaxHits (never reached:
@@ -116,67 +115,6 @@ Tables check_and_view(const at::Tensor& codes, const at::Tensor& margins, const 
           batch, num_tables, bits, n, probes, num_labels, op};
 }
 
-// A probed bucket: positions [begin, end) of t.items (the table's offset included), probed
-// `weight` times (merged_spans; 1 otherwise).
-struct Span {
-  int64_t begin, end, weight;
-};
-
-// The buckets input `row` probes, [L, probes], into `spans`; `flips` holds one table's probe sequence.
-void row_spans(const Tables& t, int64_t row, std::vector<uint32_t>& flips, Span* spans) {
-  flips.resize(t.probes);
-  for (int64_t l = 0; l < t.num_tables; ++l) {
-    probe_flips(t.margin + (row * t.num_tables + l) * t.bits, static_cast<int>(t.bits), static_cast<int>(t.probes),
-                flips.data());
-    const int32_t* o = t.offsets + l * ((int64_t(1) << t.bits) + 1);
-    const int32_t code = t.code[row * t.num_tables + l];
-    // The bucket indexes offsets: an out-of-range code would read past them.
-    TORCH_CHECK(code >= 0 && code < (int64_t(1) << t.bits), t.op, ": codes must be in [0, 2^K = ",
-                int64_t(1) << t.bits, "), got ", code, " (table ", l, ")");
-    for (int64_t p = 0; p < t.probes; ++p) {
-      const uint32_t bucket = static_cast<uint32_t>(code) ^ flips[p];
-      spans[l * t.probes + p] = {l * t.n + o[bucket], l * t.n + o[bucket + 1], 1};
-    }
-  }
-}
-
-// Every input row's probed buckets for one shared set. The rows of a batch probe many of the same
-// buckets (measured during training: 97% of the probes of the LM example's shared 2,048 set, half of
-// the XMC demo's): each non-empty bucket is kept once, with the number of times it was probed, so
-// that counting reads it once and adds that many hits.
-std::vector<Span> merged_spans(const Tables& t) {
-  const int64_t per_row = t.num_tables * t.probes;
-  std::vector<Span> spans(t.batch * per_row);
-  std::vector<uint32_t> flips;
-  for (int64_t row = 0; row < t.batch; ++row) row_spans(t, row, flips, spans.data() + row * per_row);
-  spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.begin == s.end; }),
-              spans.end());
-  // Non-empty buckets that begin at the same position are the same bucket.
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  size_t kept = 0;
-  for (const Span& s : spans) {
-    if (kept && spans[kept - 1].begin == s.begin)
-      spans[kept - 1].weight += s.weight;
-    else
-      spans[kept++] = s;
-  }
-  spans.resize(kept);
-  return spans;
-}
-
-// The most hits any neuron can get from merged spans: a neuron sits in one bucket per table, so at
-// most the heaviest span of each table, summed (spans are sorted, table l's spans beginning in
-// [l N, (l + 1) N)). Far below batch * L in training (the XMC demo's shared top-set pools: at most
-// 61-87 hits from 18-22 rows x 20 tables, which could give 440).
-int64_t most_hits(const std::vector<Span>& spans, int64_t n) {
-  int64_t total = 0, table = -1, heaviest = 0;
-  for (const Span& s : spans) {
-    if (s.begin / n != table) total += heaviest, table = s.begin / n, heaviest = 0;
-    heaviest = std::max(heaviest, s.weight);
-  }
-  return total + heaviest;
-}
-
 // Builds one active set into `out` [budget]; reusable across sets (counters reset in O(touched)).
 template <typename Hits>
 class ActiveSetBuilder {
@@ -210,7 +148,7 @@ class ActiveSetBuilder {
   void probe(int64_t row) {
     const int64_t per_row = t_.num_tables * t_.probes;
     spans_.resize(per_row);
-    row_spans(t_, row, flips_, spans_.data());
+    row_spans(row, spans_.data());
     if (t_.n * static_cast<int64_t>(sizeof(Hits)) > kCachedCounterBytes)
       count_repeats(spans_.data(), per_row);
     else
@@ -220,10 +158,12 @@ class ActiveSetBuilder {
   // The same for every input row into one set (query_shared), in parallel: part p of P counts the
   // neurons in [N p / P, N (p + 1) / P) of every probed bucket, so the parts write disjoint counters
   // (no races, no merge) and the counts equal those of probe() row after row. Each part then
-  // collects its counts (finish()'s pass over the counted neurons, done here in parallel). `spans`:
-  // merged_spans(t).
-  void probe_all(std::vector<Span> spans) {
-    spans_ = std::move(spans);
+  // collects its counts (finish()'s pass over the counted neurons, done here in parallel).
+  void probe_all() {
+    const int64_t per_row = t_.num_tables * t_.probes;
+    spans_.resize(t_.batch * per_row);
+    for (int64_t row = 0; row < t_.batch; ++row) row_spans(row, spans_.data() + row * per_row);
+    merge_repeated_spans();
     const auto num_spans = static_cast<int64_t>(spans_.size());
     // One part for small batches: starting the threads would cost more than the counting.
     const int64_t parts = num_spans >= 256 ? std::max(1, at::get_num_threads()) : 1;
@@ -304,6 +244,48 @@ class ActiveSetBuilder {
     uint64_t key;
     int32_t id;
   };
+
+  // A probed bucket: positions [begin, end) of t_.items (the table's offset included), probed
+  // `weight` times (merge_repeated_spans; 1 otherwise).
+  struct Span {
+    int64_t begin, end, weight;
+  };
+
+  // The rows of a batch probe many of the same buckets (measured during training: 97% of the probes
+  // of the LM example's shared 2,048 set, half of the XMC demo's): each bucket is kept once, with
+  // the number of times it was probed, so that count() reads it once and adds that many hits.
+  void merge_repeated_spans() {
+    auto empty = [](const Span& s) { return s.begin == s.end; };
+    spans_.erase(std::remove_if(spans_.begin(), spans_.end(), empty), spans_.end());
+    // Non-empty buckets that begin at the same position are the same bucket.
+    std::sort(spans_.begin(), spans_.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    size_t kept = 0;
+    for (const Span& s : spans_) {
+      if (kept && spans_[kept - 1].begin == s.begin)
+        spans_[kept - 1].weight += s.weight;
+      else
+        spans_[kept++] = s;
+    }
+    spans_.resize(kept);
+  }
+
+  // The buckets input `row` probes, [L, probes].
+  void row_spans(int64_t row, Span* spans) {
+    flips_.resize(t_.probes);
+    for (int64_t l = 0; l < t_.num_tables; ++l) {
+      probe_flips(t_.margin + (row * t_.num_tables + l) * t_.bits, static_cast<int>(t_.bits),
+                  static_cast<int>(t_.probes), flips_.data());
+      const int32_t* o = t_.offsets + l * ((int64_t(1) << t_.bits) + 1);
+      const int32_t code = t_.code[row * t_.num_tables + l];
+      // The bucket indexes offsets: an out-of-range code would read past them.
+      TORCH_CHECK(code >= 0 && code < (int64_t(1) << t_.bits), t_.op, ": codes must be in [0, 2^K = ",
+                  int64_t(1) << t_.bits, "), got ", code, " (table ", l, ")");
+      for (int64_t p = 0; p < t_.probes; ++p) {
+        const uint32_t bucket = static_cast<uint32_t>(code) ^ flips_[p];
+        spans[l * t_.probes + p] = {l * t_.n + o[bucket], l * t_.n + o[bucket + 1], 1};
+      }
+    }
+  }
 
   // Adds a span's weight in hits to the neurons in [lo, hi) that it holds (saturating, as that many
   // single hits would); appends the newly hit ones to `ids`.
@@ -523,21 +505,16 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cpu(const at::Tensor& codes_in, 
   auto indices = at::empty({budget}, codes.options().dtype(at::kLong));
   auto head = at::zeros({}, codes.options().dtype(at::kLong));
   if (budget == 0) return {indices, head};
-  std::vector<Span> spans = merged_spans(t);
-  const int64_t most = most_hits(spans, t.n);
   auto build = [&](auto hits_type) {
     ActiveSetBuilder<decltype(hits_type)> builder(t);
     builder.start(indices.data_ptr<int64_t>(), budget, tail);
     for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
-    builder.probe_all(std::move(spans));
+    builder.probe_all();
     head.fill_(builder.finish(seed, -1));
   };
-  // The narrowest counters that hold every count (saturated counts would tie, ranked by the seed
-  // alone): one byte halves the random increments' footprint (670K outputs: 0.56-0.78 against
-  // 0.93-1.08 ms for a top-set pool query from 12-13 rows).
-  if (most <= kMaxHitsOf<uint8_t>)
-    build(uint8_t{});
-  else if (most <= kMaxHitsOf<uint16_t>)
+  // A neuron's hits are at most batch * L (one bucket per table, a row's probes distinct): 16-bit
+  // counters where that fits, 32-bit beyond (saturated counts would tie, ranked by the seed alone).
+  if (t.batch * t.num_tables <= kMaxHitsOf<uint16_t>)
     build(uint16_t{});
   else
     build(uint32_t{});
