@@ -560,13 +560,19 @@ class LSHLinear(nn.Module):
         only where ``labels`` could pass the budget), a row's label columns per row. At most every
         output. GPT-2's 50,257-word head under the default 2,048: 2 x 1,024 tokens carry about 1,100
         distinct next tokens, 8 x 1,024 about 3,400. Said once per layer where the labels leave no
-        room for a hashed top set."""
-        if labels is None or not labels.numel() or (labels.numel() if shared else labels.shape[1]) + tail < self.budget:
+        room for a hashed top set. In a traced graph (eval lookups; training's are eager) a shared set keeps
+        the budget, as before: its size cannot follow the data there."""
+        if labels is None or not labels.numel():
+            return self.budget
+        compiling = torch.compiler.is_compiling()
+        if shared and compiling:  # the distinct count is data: a graph keeps the budget (the op refuses more labels)
+            return self.budget
+        if (labels.numel() if shared else labels.shape[1]) + tail < self.budget:
             return self.budget
         if forced is None:
             forced = _distinct_labels(labels) if shared else labels.shape[1]
-        size = max(self.budget, min(self.out_features, forced + tail))
-        if forced + tail >= self.budget and not getattr(self, "_warned_set_size", False):
+        size = torch.sym_max(self.budget, torch.sym_min(self.out_features, forced + tail))  # a traced width stays free
+        if not compiling and forced + tail >= self.budget and not getattr(self, "_warned_set_size", False):
             self._warned_set_size = True
             what = f"a batch's {forced:,} distinct labels" if shared else f"rows of {forced:,} label columns"
             what += f" and the {tail:,}-output uniform tail" if tail else ""

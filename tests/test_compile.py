@@ -230,6 +230,22 @@ def test_a_shared_eval_lookup_with_labels_breaks_the_graph_and_says_why_where_it
         torch.export.export(Sparse(), (x, y))
 
 
+def test_an_eval_lookup_whose_labels_pass_the_budget_compiles():
+    """Labels and tail past the budget grow a set (LSHLinear._set_size). Per row its size is a shape, so a
+    dynamic compile follows eager; its warning, formatted from a traced width, crashed the trace. A shared
+    set's size is data: in a full graph it keeps the budget, as before the growth (it raised a guard error)."""
+    layer = LSHLinear(8, 200, active=16, mode="per_row").eval()
+    x, y = torch.randn(4, 8), torch.randint(0, 200, (4, 12))
+    y[:, 3:] = -1  # 12 label columns and a tail of 8: 20 outputs
+    compiled = torch.compile(lambda x, y: layer.forward_sparse(x, y), backend="eager", dynamic=True)(x, y)
+    eager = layer.forward_sparse(x, y)
+    assert compiled.values.shape == (4, 20) and torch.equal(compiled.indices, eager.indices)
+    shared = LSHLinear(8, 200, active=16, mode="shared", rescore=1).eval()
+    out = torch.compile(lambda x, y: shared.forward_sparse(x, y), backend="eager", fullgraph=True)(
+        x, torch.randint(0, 200, (4, 3)))
+    assert out.values.shape == (4, 16)
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_exporting_approximate_topk_is_refused_clearly(strict):
     """Non-strict export read a FakeTensor's data pointer ("Cannot access data pointer of Tensor")."""
