@@ -149,9 +149,9 @@ class LSHLinear(nn.Module):
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
             explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s).
             A fraction above 0 draws at least one; 0 draws none (a softmax over the set alone, biased).
-            Labels come first: where they and the tail would not fit the budget (a batch of 8 x 1,024
-            tokens has ~3,400 distinct next tokens), the set grows to hold them all, with no room
-            for hashed candidates (a warning says so once).
+            Labels come first: where they and the tail would not fit the budget (8 x 1,024 Zipf-distributed
+            targets over GPT-2's 50,257 words held 3,357 distinct ones), the set grows to hold them all,
+            with no room for hashed candidates (a warning says so once).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
             alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
@@ -558,8 +558,8 @@ class LSHLinear(nn.Module):
         set (without it the loss's normaliser sums the labels alone: 80-99% low, measured). The labels
         are the batch's distinct ones in shared mode (``forced``, if counted already; a host read, made
         only where ``labels`` could pass the budget), a row's label columns per row. At most every
-        output. GPT-2's 50,257-word head under the default 2,048: 2 x 1,024 tokens carry about 1,100
-        distinct next tokens, 8 x 1,024 about 3,400. Said once per layer where the labels leave no
+        output. Zipf-distributed targets over GPT-2's 50,257 words, against the default 2,048: 2 x 1,024
+        of them held 1,091 distinct ones, 8 x 1,024 3,357. Said once per layer where the labels leave no
         room for a hashed top set. In a traced graph (eval lookups; training's are eager) a shared set keeps
         the budget, as before: its size cannot follow the data there."""
         if labels is None or not labels.numel():
