@@ -475,8 +475,17 @@ class LSHLinear(nn.Module):
         x = x.to(self.weight.dtype)  # scored in the layer's dtype: the input may be autocast's
         if shared and labels.numel() and torch.compiler.is_compiling():
             _refuse_shared_labels_in_a_graph(self)
-        forced = _distinct_labels(labels) if shared else labels.shape[1]
-        size = self._set_size(labels, shared, tail, forced)
+        room = None  # per row, where rows hold different numbers of labels: each row's top set
+        if shared:
+            forced = _distinct_labels(labels)
+            size = self._set_size(labels, shared, tail, forced)
+        else:
+            size, forced = self._set_size(labels, shared, tail), labels.shape[1]
+            if forced > 1 and not torch.compiler.is_compiling():
+                # Rows padded past their labels (-1) give those columns to their top set, not to the tail:
+                # the top set is sized for the row with the fewest labels, and cut to each row's room.
+                room = size - tail - _labels_per_row(labels)
+                forced = size - tail - int(room.max())
         top, pool = self._top_set_sizes(size, forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)
@@ -496,6 +505,8 @@ class LSHLinear(nn.Module):
             # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
             scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
             best = candidates.gather(-1, scores.topk(top).indices).reshape(labels.shape[0], -1)
+            if room is not None:  # a row with more labels than the fewest keeps only the best of its share
+                best.masked_fill_(torch.arange(top, device=best.device) >= room[:, None], -1)
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws. Keyed, the rows'
         # keys cost one more hashing of x, small beside the pool's scores.
@@ -1132,6 +1143,12 @@ def _refuse_shared_labels_in_a_graph(layer: LSHLinear) -> None:
     if torch.compiler.is_exporting():
         raise RuntimeError(why)
     torch._dynamo.graph_break(msg=why)
+
+
+def _labels_per_row(labels: Tensor) -> Tensor:
+    """``[B]``: the distinct labels (values >= 0) of each row of ``labels`` ``[B, M]``, as the query forces them."""
+    ordered = labels.sort(1).values
+    return (ordered[:, :1] >= 0).sum(1) + ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum(1)
 
 
 def _distinct_labels(labels: Tensor) -> int:

@@ -279,8 +279,10 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
     # Several labels per row, padded with -1, each scoring high for a row it labels (the last of
-    # them where two share it): the head is the labels and `top` other outputs, none of them
-    # twice, and only the rest is the tail.
+    # them where two share it): the head is the labels and the top set, none of them twice, and
+    # only the rest is the tail. Per row the tail is the same for every row and a row's padding
+    # goes to its top set, the best-scoring of its pool (it went to the tail: 3 labels padded to
+    # 60 columns left 4 of 128 outputs to the top set).
     n, budget, tail = 3000, 80, 40
     layer = LSHLinear(16, n, active=budget, tail=tail, mode=mode, num_tables=6, bits=5, probes=3, rescore=4)
     x = torch.randn(6, 16)
@@ -290,6 +292,8 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
             layer.weight[row_labels[row_labels >= 0]] = 3 * x[row]
     layer.rebuild()
     out = layer.forward_sparse(x, labels)
+    pools, _ = layer.tables.query(x, 4 * (budget - tail - 1), None, layer.seed * 2 ** 32)  # the fewest labels: 1
+    scores = F.linear(x, layer.weight, layer.bias).detach()
     if mode == "shared":
         forced = set(labels[labels >= 0].tolist())
         head = out.indices[: int((out.log_weights == 0).sum())].tolist()
@@ -298,8 +302,9 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
         for row in range(6):
             forced = labels[row][labels[row] >= 0].tolist()
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
-            top = budget - tail - labels.shape[1]  # the top set's size is fixed by the widest row
-            assert head[: len(forced)] == forced and len(head) == len(set(head)) == len(forced) + top
+            assert head[: len(forced)] == forced and len(head) == len(set(head)) == budget - tail
+            pool = pools[row][~torch.isin(pools[row], labels[row])]
+            assert set(head[len(forced):]) == set(pool[scores[row, pool].topk(len(head) - len(forced)).indices].tolist())
 
 
 @pytest.mark.parametrize("cap, error", [(0, ValueError), (1e5, TypeError), ("256", TypeError), (True, TypeError)])
