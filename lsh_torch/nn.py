@@ -481,11 +481,11 @@ class LSHLinear(nn.Module):
             size = self._set_size(labels, shared, tail, forced)
         else:
             size, forced = self._set_size(labels, shared, tail), labels.shape[1]
-            if forced > 1 and not torch.compiler.is_compiling():
+            if forced > 1:
                 # Rows padded past their labels (-1) give those columns to their top set, not to the tail:
-                # the top set is sized for the row with the fewest labels, and cut to each row's room.
-                room = size - tail - _labels_per_row(labels)
-                forced = size - tail - int(room.max())
+                # each row's is the best of a pool sized as for a row without labels (the same whatever
+                # the batch, and no host read), cut to the room the row's own labels leave.
+                room, forced = size - tail - _labels_per_row(labels), 0
         top, pool = self._top_set_sizes(size, forced, tail)
         if shared:  # one row of forced labels: a uniform query reads no input codes
             labels = labels.reshape(1, -1)

@@ -292,13 +292,13 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
             layer.weight[row_labels[row_labels >= 0]] = 3 * x[row]
     layer.rebuild()
     out = layer.forward_sparse(x, labels)
-    pools, _ = layer.tables.query(x, 4 * (budget - tail - 1), None, layer.seed * 2 ** 32)  # the fewest labels: 1
-    scores = F.linear(x, layer.weight, layer.bias).detach()
     if mode == "shared":
         forced = set(labels[labels >= 0].tolist())
         head = out.indices[: int((out.log_weights == 0).sum())].tolist()
         assert len(head) == len(set(head)) == budget - tail and forced <= set(head)
-    else:
+    else:  # each row's top set from a pool of rescore x (budget - tail), as for a row without labels, at step 0
+        pools, _ = layer.tables.query(x, 4 * (budget - tail), None, layer.seed * 2 ** 32)
+        scores = F.linear(x, layer.weight, layer.bias).detach()
         for row in range(6):
             forced = labels[row][labels[row] >= 0].tolist()
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()

@@ -377,22 +377,25 @@ def test_eval_per_row_lookups_give_an_input_the_same_output_however_it_is_batche
     """Eval per-row sets were keyed by the rows' places in the batch: 31 of 32 rows of an LSHLinear(784,
     1000, active=0.25, inference="lsh") got other outputs alone than batched, and a row moved within its
     batch got another set. Keyed by their codes, inputs keep their sets and outputs alone, batched and
-    moved; training rows still draw apart by place."""
+    moved; training rows still draw apart by place. So with labels padded to the batch's widest row: a
+    row's top set takes its padding, from a pool sized alike for every row (sized by the row with the
+    fewest labels, 3 of 32 rows got other sets alone)."""
     torch.manual_seed(0)
     layer = LSHLinear(64, 1000, active=64, inference="lsh", mode="per_row", hash=hash).eval()
     x = torch.randn(32, 64).relu()  # zeros: DWTA's empty bins too
+    labels = torch.randint(0, 1000, (32, 4)).masked_fill(torch.arange(4) >= torch.arange(32)[:, None] % 5, -1)
 
-    def run(rows):  # forward_sparse: the top set rescored among 4x as many candidates, then the tail
-        return tuple(layer.forward_sparse(rows)) if rescored else (layer(rows),)
+    def run(rows, y):  # forward_sparse: the labels, the top set rescored among 4x as many candidates, the tail
+        return tuple(layer.forward_sparse(rows, y)) if rescored else (layer(rows),)
 
     def same(a, b):
         return all(torch.equal(u, v) for u, v in zip(a, b))
 
-    batched = run(x)
+    batched = run(x, labels)
     order = torch.randperm(32)
-    assert same(run(x[order]), (t[order] for t in batched))
+    assert same(run(x[order], labels[order]), (t[order] for t in batched))
     for b in range(32):
-        assert same(run(x[b:b + 1]), (t[b:b + 1] for t in batched))
+        assert same(run(x[b:b + 1], labels[b:b + 1]), (t[b:b + 1] for t in batched))
     layer.train()
     twins = layer.active_set(x[:1].expand(2, -1), sparse=rescored)
     assert not torch.equal(twins[0], twins[1])
