@@ -111,6 +111,11 @@ def half_the_scoring_rows(head) -> None:
     head._top_set_stride = lambda rows, pool: 2 * stride(rows, pool)
 
 
+def no_top_set_floor(head) -> None:
+    """Labels that crowd the set leave no hashed candidates (the set grows by labels and tail alone)."""
+    head._top_set_floor = lambda tail: 0
+
+
 def is_oracle(variant: str) -> bool:
     return variant in LM_VARIANTS and LM_VARIANTS[variant][1] is exact_top_set
 
@@ -127,6 +132,7 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     "hashed+tail, dense grad": ({"sparse_grad": False}, None),
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, half_the_scoring_rows),
+    "hashed+tail, no top-set floor": ({}, no_top_set_floor),
     "exact top set+tail, oracle": ({}, exact_top_set),
 }
 
@@ -145,7 +151,7 @@ def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed:
 
 
 def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torch.Tensor | None = None,
-            eval_every: int = 0):
+            eval_every: int = 0, batch_size: int = 16):
     """Train one LM per ``(variant, mode, budget)`` of ``specs`` in lockstep: the same batches, one
     step of each in turn (who goes first rotates every step), each on its own clock. A shared
     machine's load drifts over minutes; in lockstep it falls on every variant alike, so their
@@ -166,7 +172,7 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
     for model in models:
         model.train()
     record(0)
-    for step, (inputs, targets) in enumerate(tl.batches(train_tokens, 16, 64, steps, seed), 1):
+    for step, (inputs, targets) in enumerate(tl.batches(train_tokens, batch_size, 64, steps, seed), 1):
         for i in (step + j for j in range(len(models))):
             i %= len(models)
             start = time.perf_counter()
@@ -315,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=cli.integer(0), nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
     p.add_argument("--steps", type=cli.integer(), default=None,
                    help="LM training steps (default 300, 100 with --quick)")
+    p.add_argument("--lm-batch", type=cli.integer(1), default=16,
+                   help="LM windows of 64 words per step (default 16: 1,024 words, ~270 distinct targets; 128: "
+                        "8,192 words, ~1,410 distinct, past labels + tail in a set of 2,048)")
     p.add_argument("--budgets", type=cli.listing(budget_spec, "mode:count pairs"), default="per_row:128,shared:2048",
                    help="LM budgets, mode:count,...")
     p.add_argument("--before-seeds", type=cli.integer(0), default=1,
@@ -385,7 +394,7 @@ def main(argv=None) -> None:
     steps = args.steps or (100 if args.quick else 300)
     eval_every = max(1, round(steps / 12)) if args.eval_every is None else args.eval_every
     budgets = args.budgets
-    result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm": [], "xmc": {}}
+    result = {"seeds": seeds, "threads": torch.get_num_threads(), "lm_batch": args.lm_batch, "lm": [], "xmc": {}}
 
     def save() -> None:  # after each part's runs, before its tables and plots: a failing plot loses no run
         if args.json:
@@ -401,11 +410,12 @@ def main(argv=None) -> None:
             specs = [] if args.no_dense else [(None, "-", 0)]
             specs += [(variant, mode, budget) for mode, budget in budgets for variant in args.variants
                       if "before" not in variant or seeds.index(seed) < args.before_seeds]
-            for run in lm_runs(data, specs, seed, steps, windows, eval_every):
+            for run in lm_runs(data, specs, seed, steps, windows, eval_every, args.lm_batch):
                 result["lm"].append(run)
                 print({k: v for k, v in run.items() if k != "curve"}, flush=True)
         save()
-        print(f"\nLM example, {steps} steps, seeds {seeds} (mean ± std over seeds; one seed where no ±)")
+        print(f"\nLM example, {steps} steps of {args.lm_batch} x 64 words, seeds {seeds} (mean ± std over seeds; "
+              "one seed where no ±)")
         print("| head | budget | held-out ppl | accuracy % | ms/step | vs dense |")
         print("|---|---|---:|---:|---:|---:|")
         dense_ms = statistics.mean([r["ms_per_step"] for r in result["lm"] if r["variant"] == "dense"] or [float("nan")])
@@ -454,8 +464,9 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     plot (``plot``: a PNG path, '' for none)."""
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     # hashed against uniform; where the dense-gradient variants ran, each head against its dense-gradient self
-    # and the dense-gradient pair against each other.
-    for a, b in (("hashed+tail", "uniform+tail"), ("hashed+tail", "hashed+tail, dense grad"),
+    # and the dense-gradient pair against each other; the top set's floor against none.
+    for a, b in (("hashed+tail", "uniform+tail"), ("hashed+tail", "hashed+tail, no top-set floor"),
+                 ("hashed+tail", "hashed+tail, dense grad"),
                  ("uniform+tail", "uniform+tail, dense grad"), ("hashed+tail, dense grad", "uniform+tail, dense grad")):
         rows = equal_time_table(lm, budgets, a=a, b=b)
         if rows:
