@@ -111,11 +111,6 @@ def half_the_scoring_rows(head) -> None:
     head._top_set_stride = lambda rows, pool: 2 * stride(rows, pool)
 
 
-def no_top_set_floor(head) -> None:
-    """Labels that crowd the set leave no hashed candidates (the set grows by labels and tail alone)."""
-    head._top_set_floor = lambda tail: 0
-
-
 def is_oracle(variant: str) -> bool:
     return variant in LM_VARIANTS and LM_VARIANTS[variant][1] is exact_top_set
 
@@ -132,7 +127,6 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     "hashed+tail, dense grad": ({"sparse_grad": False}, None),
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, half_the_scoring_rows),
-    "hashed+tail, no top-set floor": ({}, no_top_set_floor),
     "exact top set+tail, oracle": ({}, exact_top_set),
 }
 
@@ -464,9 +458,8 @@ def print_lm_curves(lm: list[dict], budgets, windows: torch.Tensor, plot: str) -
     plot (``plot``: a PNG path, '' for none)."""
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     # hashed against uniform; where the dense-gradient variants ran, each head against its dense-gradient self
-    # and the dense-gradient pair against each other; the top set's floor against none.
-    for a, b in (("hashed+tail", "uniform+tail"), ("hashed+tail", "hashed+tail, no top-set floor"),
-                 ("hashed+tail", "hashed+tail, dense grad"),
+    # and the dense-gradient pair against each other.
+    for a, b in (("hashed+tail", "uniform+tail"), ("hashed+tail", "hashed+tail, dense grad"),
                  ("uniform+tail", "uniform+tail, dense grad"), ("hashed+tail, dense grad", "uniform+tail, dense grad")):
         rows = equal_time_table(lm, budgets, a=a, b=b)
         if rows:

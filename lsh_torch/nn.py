@@ -564,49 +564,38 @@ class LSHLinear(nn.Module):
         return max(1, round(self.tail * self.budget)) if self.tail > 0 else 0  # a fraction > 0 draws at least one
 
     def _set_size(self, labels: Optional[Tensor], shared: bool, tail: int, forced: Optional[int] = None) -> int:
-        """The active set's size: the budget, or more where the labels would crowd the tail or the
-        hashed top set out of it. The tail stands for every output outside the set (without it the
-        loss's normaliser sums the labels alone: 80-99% low, measured); the top set keeps at least
-        :meth:`_top_set_floor` outputs, so that the hashing still works at large batches. The labels
+        """The active set's size: the budget, or more where the labels and the tail would not fit in it,
+        so that a batch's labels never crowd out the tail, which stands for every output outside the
+        set (without it the loss's normaliser sums the labels alone: 80-99% low, measured). The labels
         are the batch's distinct ones in shared mode (``forced``, if counted already; a host read, made
         only where ``labels`` could pass the budget), a row's label columns per row. At most every
         output. Zipf-distributed targets over GPT-2's 50,257 words, against the default 2,048: 2 x 1,024
-        of them held 1,091 distinct ones, 8 x 1,024 3,357. Said once per layer where the set grows. In a
-        traced graph (eval lookups; training's are eager) a shared set keeps the budget, as before: its
-        size cannot follow the data there."""
+        of them held 1,091 distinct ones, 8 x 1,024 3,357. Said once per layer where the labels leave no
+        room for a hashed top set. In a traced graph (eval lookups; training's are eager) a shared set keeps
+        the budget, as before: its size cannot follow the data there."""
         if labels is None or not labels.numel():
             return self.budget
         compiling = torch.compiler.is_compiling()
         if shared and compiling:  # the distinct count is data: a graph keeps the budget (the op refuses more labels)
             return self.budget
-        floor = self._top_set_floor(tail)
-        if (labels.numel() if shared else labels.shape[1]) + tail + floor <= self.budget:
+        if (labels.numel() if shared else labels.shape[1]) + tail < self.budget:
             return self.budget
         if forced is None:
             forced = _distinct_labels(labels) if shared else labels.shape[1]
-        # a traced width stays free
-        size = torch.sym_max(self.budget, torch.sym_min(self.out_features, forced + tail + floor))
-        if not compiling and forced + tail + floor > self.budget and not getattr(self, "_warned_set_size", False):
+        size = torch.sym_max(self.budget, torch.sym_min(self.out_features, forced + tail))  # a traced width stays free
+        if not compiling and forced + tail >= self.budget and not getattr(self, "_warned_set_size", False):
             self._warned_set_size = True
             what = f"a batch's {forced:,} distinct labels" if shared else f"rows of {forced:,} label columns"
             what += f" and the {tail:,}-output uniform tail" if tail else ""
-            grown = f"grows to {size:,} outputs" if size > self.budget else "holds every output"
+            grown = f"grows to {size:,} outputs" if size > self.budget else "is full"
             warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}, active={self.budget}): "
-                          f"{what} crowd out the hashed candidates: the set {grown}, "
-                          f"{max(0, size - forced - tail):,} of them hashed candidates. Raise active= above the "
-                          "labels' count plus the tail (in shared mode, the batch's distinct labels) to give the "
-                          "hashing more room, or use smaller batches.",
+                          f"{what} leave no room for hashed candidates: the set {grown}, and the hashing does no "
+                          "work there (it trains as a corrected uniform sampled softmax; at 8,192 LM tokens per "
+                          "batch 256 hashed candidates added nothing at equal time: docs/results.md, 'Large LM "
+                          "batches'). To give the hashing room, raise active= above the labels' count plus the "
+                          "tail (in shared mode, the batch's distinct labels), or use smaller batches.",
                           stacklevel=user_stacklevel())
         return size
-
-    def _top_set_floor(self, tail: int) -> int:
-        """The fewest hashed candidates a set keeps where the labels crowd it (it grows instead): an
-        eighth of the budget, or what the budget leaves beside the tail if less. Labels pass half the
-        default budget at ordinary LM batch sizes (Zipf targets over GPT-2's words: 1,091 distinct in
-        2 x 1,024 tokens), where without the floor the set was labels and tail alone. An eighth leaves
-        the measured defaults as they were: the XMC demo's 640 labels leave a top set of 384, the LM
-        example's ~270 per 1,024 words one of ~750."""
-        return min(self.budget // 8, self.budget - tail)
 
     @_reads_weight
     def forward(self, input: Tensor) -> Tensor:

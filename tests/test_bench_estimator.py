@@ -130,8 +130,7 @@ def test_exact_top_set_oracle_is_the_exact_best(mode):
         labels, indices, log_weights = labels[:, None], out.indices, out.log_weights
     for row, row_labels, row_indices, row_weights in zip(scores, labels, indices, log_weights):
         head_entries = set(row_indices[row_weights == 0].tolist())  # labels and top set: not corrected
-        # the budget less the tail; shared, the 28 labels and the top set's floor of 8 (the set grows to 68)
-        assert set(row_labels.tolist()) <= head_entries and len(head_entries) == (36 if mode == "shared" else 32)
+        assert set(row_labels.tolist()) <= head_entries and len(head_entries) == 32  # the budget less the tail
         top = row.index_fill(0, row_labels, -float("inf")).topk(len(head_entries) - len(row_labels)).indices
         assert head_entries - set(row_labels.tolist()) == set(top.tolist())
         assert (row_weights > 0).sum() >= 32  # the tail: half the budget, corrected

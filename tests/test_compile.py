@@ -236,12 +236,12 @@ def test_an_eval_lookup_whose_labels_pass_the_budget_compiles():
     set's size is data: in a full graph it keeps the budget, as before the growth (it raised a guard error).
     Rows padded past their labels give the padding to their top sets, compiled as eager."""
     layer = LSHLinear(8, 200, active=16, mode="per_row").eval()
-    x, y = torch.randn(4, 8), torch.randperm(200)[:48].reshape(4, 12)  # 12 labels, a tail of 8, a top set of 2
-    y[1:, 3:] = -1  # the other rows' top sets hold 11 outputs
+    x, y = torch.randn(4, 8), torch.randperm(200)[:48].reshape(4, 12)  # 12 labels and a tail of 8: 20 outputs
+    y[1:, 3:] = -1  # the other rows' top sets hold 9 outputs
     compiled = torch.compile(lambda x, y: layer.forward_sparse(x, y), backend="eager", dynamic=True)(x, y)
     eager = layer.forward_sparse(x, y)
-    assert compiled.values.shape == (4, 22) and torch.equal(compiled.indices, eager.indices)
-    assert (compiled.log_weights == 0).sum(1).tolist() == [14] * 4  # labels and top set: 12 + 2, 3 + 11
+    assert compiled.values.shape == (4, 20) and torch.equal(compiled.indices, eager.indices)
+    assert (compiled.log_weights == 0).sum(1).tolist() == [12] * 4  # labels and top set: 12 + 0, 3 + 9
     shared = LSHLinear(8, 200, active=16, mode="shared", rescore=1).eval()
     out = torch.compile(lambda x, y: shared.forward_sparse(x, y), backend="eager", fullgraph=True)(
         x, torch.randint(0, 200, (4, 3)))

@@ -194,34 +194,30 @@ def test_label_smoothing_errors(bad, error):
 def test_labels_that_would_crowd_out_the_tail_grow_the_set(mode):
     """The tail stands for every output outside the set: labels that filled the budget left none, and the
     normaliser was 99% low, silently (later: an error once they passed it, at ordinary LM batch sizes).
-    The set now grows to hold the labels, the tail and a top set of an eighth of the budget (before that
-    floor, labels and tail alone: the hashing did no work at LM batch sizes), said once per layer."""
+    The set now grows to hold the labels and the tail, said once per layer."""
     layer = LSHLinear(16, 2000, active=16, tail=8, mode=mode, sparse_grad=True)
     x = torch.randn(4, 16)
-    fewer = torch.arange(7).reshape(1, 7).expand(4, 7)  # 7 labels + 8 tail: room for 1 hashed candidate, not 2
-    with pytest.warns(UserWarning, match="crowd out the hashed candidates: the set grows to 17 outputs, 2 of them "
-                                         "hashed candidates") as caught:
+    fewer = torch.arange(8).reshape(1, 8).expand(4, 8)  # 8 labels + 8 tail: the budget, no top set
+    with pytest.warns(UserWarning, match="leave no room for hashed candidates: the set is full") as caught:
         out = layer.forward_sparse(x, fewer)
-    assert caught[0].filename == __file__ and out.values.shape[-1] == 17
+    assert caught[0].filename == __file__ and out.values.shape[-1] == 16
     many = torch.arange(40).reshape(4, 10) if mode == "per_row" else torch.arange(40).reshape(1, 40).expand(4, 40)
     with warnings.catch_warnings():  # said once per layer
         warnings.simplefilter("error")
         out = layer.forward_sparse(x, many)
     labels = 10 if mode == "per_row" else 40
-    assert out.values.shape[-1] == labels + 2 + 8  # every label, a top set of 2 and the whole tail
+    assert out.values.shape[-1] == labels + 8  # every label and the whole tail
     for row in range(4):
         indices, weights = (out.indices[row], out.log_weights[row]) if mode == "per_row" else out[1:]
-        assert set(many[row].tolist()) <= set(indices[:labels].tolist())  # the labels first, the top set, the draws
-        assert not weights[:labels + 2].any()
-        torch.testing.assert_close(weights[labels + 2:], torch.full((8,), math.log((2000 - labels - 2) / 8)))
-    with warnings.catch_warnings():  # labels, tail and the top set's floor within the budget: nothing to say
+        assert set(many[row].tolist()) <= set(indices[:labels].tolist())  # the labels first, then the draws
+        assert not weights[:labels].any()
+        torch.testing.assert_close(weights[labels:], torch.full((8,), math.log((2000 - labels) / 8)))
+    fresh = LSHLinear(16, 2000, active=16, tail=8, mode=mode, sparse_grad=True)
+    with pytest.warns(UserWarning, match=f"the set grows to {labels + 8} outputs"):
+        fresh.forward_sparse(x, many)
+    with warnings.catch_warnings():  # labels, tail and a top set within the budget: nothing to say
         warnings.simplefilter("error")
-        assert LSHLinear(16, 2000, active=16, tail=8, mode=mode).forward_sparse(
-            x, torch.arange(6).expand(4, 6)).values.shape[-1] == 16
-    # A tail of the whole budget leaves no top set to keep: the set grows by the labels alone.
-    uniform = LSHLinear(16, 2000, active=16, tail=16, mode=mode)
-    with pytest.warns(UserWarning, match="grows to 17 outputs, 0 of them hashed"):
-        assert uniform.forward_sparse(x, torch.zeros(4, 1, dtype=torch.int64)).values.shape[-1] == 17
+        LSHLinear(16, 2000, active=16, tail=8, mode=mode).forward_sparse(x, torch.arange(7).expand(4, 7))
 
 
 def test_a_tail_fraction_above_0_draws_at_least_one():
