@@ -505,7 +505,7 @@ class LSHLinear(nn.Module):
             # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
             scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
             best = candidates.gather(-1, scores.topk(top).indices).reshape(labels.shape[0], -1)
-            if room is not None:  # a row with more labels than the fewest keeps only the best of its share
+            if room is not None:  # each row keeps the best that fit beside its own labels
                 best.masked_fill_(torch.arange(top, device=best.device) >= room[:, None], -1)
             labels = torch.cat([labels, best], 1)
         # Another seed for the tail: the pool's random fill must not steer its draws. Keyed, the rows'
@@ -1157,10 +1157,7 @@ def _labels_per_row(labels: Tensor) -> Tensor:
 def _distinct_labels(labels: Tensor) -> int:
     """How many distinct labels (values >= 0) ``labels`` holds, with one host sync (selecting the
     labels first, then ``unique``, would take two on a GPU)."""
-    if not labels.numel():
-        return 0
-    ordered = labels.flatten().sort().values
-    return int((ordered[0] >= 0) + ((ordered[1:] != ordered[:-1]) & (ordered[1:] >= 0)).sum())
+    return int(_labels_per_row(labels.reshape(1, -1))[0]) if labels.numel() else 0
 
 
 def _budget(active, out_features: int) -> int:
