@@ -19,7 +19,7 @@ layer has LSHLinear's defaults for the width. topk searches an index of its own
 built once, its build time reported), probed ``--probes`` buckets per table, ``--budgets``
 candidates rescored per query, and the ``--norm-rows`` largest-norm rows scored for every query
 (lists; "default" is what ``topk(x, k)`` does). topk checks each index on 64 of its first queries;
-if it found less than ``--min-recall`` of their exact top k, topk answers from the largest-norm rows
+if it found less than ``--min-recall`` of their exact top k, topk answers from the likeliest rows
 alone (checked on 64 others; with the default ``--norm-rows``) or exactly (``0``: the index's own
 answers, for sweeps of the index itself); the untimed first round does that check, and the table
 says what was measured and who answered. ``--model PATH``
@@ -242,8 +242,8 @@ def main(argv=None) -> None:
     print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
           "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
           "the exact top k in the LSH top k; checked: the index's recall on the 64 queries topk checked it on, "
-          f"answers: who answered after that (below min_recall={args.min_recall}: `n alone`, the n largest-norm rows "
-          "alone, checked on the next 64 (alone_recall in the JSON), or exact); build s, index MB: topk's index")
+          f"answers: who answered after that (below min_recall={args.min_recall}: `n alone`, the n likeliest rows "
+          "alone (by a bound on their output for the checked queries), checked on the next 64 (alone_recall in the JSON), or exact); build s, index MB: topk's index")
     if args.out:
         cli.write_json(args.out, {"args": vars(args), "results": results})
         print(f"json: {args.out}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import numbers
@@ -763,8 +764,10 @@ class LSHLinear(nn.Module):
         (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and
         get the exact answer; if it found less than ``min_recall`` (default 0.9) of their exact top
         k, it is not used until the weight changes (the index's recall depends on the trained rows
-        and the inputs). With the default ``norm_rows``, the largest-norm rows alone then stand in
-        for it, as many as held ``min_recall`` of the checked top k (rounded up to a doubling of
+        and the inputs). With the default ``norm_rows``, the likeliest rows alone then stand in
+        for it (by a bound on their output for the checked rows: their mean's output plus their
+        spread times the row's norm, :meth:`~lsh_torch.retrieval.TopkIndex.order_alone`),
+        as many as held ``min_recall`` of the checked top k (rounded up to a doubling of
         ``out_features // 128``), checked on 64 other rows in turn, and widened if they fail, up
         to a quarter of the outputs; past that, or with ``norm_rows`` given, every later row is
         answered exactly, with a warning. :attr:`topk_checks` holds the measured recall (a stand-in
@@ -792,8 +795,10 @@ class LSHLinear(nn.Module):
         candidates, no norm rows) gave 0.910 and 0.241 (at 5.0x and 5.3x on busy cores, before
         the query's speed-ups). Harder: the default XMC demo's head (100K labels; the top 5 at
         cosines 0.2-0.6 with the input), where the index found 0.36 of the checked top 5 (0.56 with
-        the former K=10 tables) and its largest 12,496 rows alone stand in for it: 0.980 at 7.1-11.1x
-        (three runs). Clustered rows at 100K / 300K outputs: 0.980 / 0.964 at 2.7x / 6.3x.
+        the former K=10 tables) and its 6,248 likeliest rows alone stand in for it: 0.993 at 18x
+        (the 12,496 largest-norm rows before: 0.980 at 6.5x); trained per row, 0.998 / 0.991 at
+        103x / 19x after 3 / 5 epochs, where the largest-norm rows would need half the rows.
+        Clustered rows at 100K / 300K outputs: 0.980 / 0.964 at 2.7x / 6.3x.
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")
@@ -846,19 +851,20 @@ class LSHLinear(nn.Module):
     @property
     def topk_checks(self) -> dict[tuple, RecallCheck]:
         """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
-        RecallCheck(inputs, found, wanted, ranks)}`` (``.recall``: found / wanted; the largest-norm
-        rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``); empty before the first
-        call and after the weight changed."""
+        RecallCheck(inputs, found, wanted, queries, winners)}`` (``.recall``: found / wanted; the
+        likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``); empty before
+        the first call and after the weight changed."""
         if not self._topk_index_describes(self.weight, self.bias):
             return {}
-        return {key: RecallCheck(c.inputs, c.found, c.wanted, None if c.ranks is None else c.ranks.clone())
+        return {key: dataclasses.replace(c, **{name: None if t is None else t.clone() for name, t in
+                                               (("queries", c.queries), ("winners", c.winners))})
                 for key, c in self._topk_index.checks.items()}
 
     def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,
                          norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> Optional[tuple]:
         """Who answers ``topk(x, k, probes=..., budget=..., norm_rows=..., min_recall=...)`` now, by
         what its checks measured: the index's settings ``(k, probes, budget, norm_rows)``, the
-        largest-norm rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores
+        likeliest rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores
         (also where the candidates are every output, or ``k=0``). Before the index is built or
         checked, and for a ``selection="random"`` layer (no index): the settings asked for."""
         min_recall = check_min_recall(min_recall)

@@ -16,10 +16,14 @@ The index has two parts, one per kind of row that a top-k over direction-hashing
   On the XMC demo's trained 670K-label head (row norms: median 0.59, 99th percentile 1.39,
   largest 3.70) all of the exact top 5 were among the 7,700 largest-norm rows, while the tables
   alone recalled 0.21-0.52 of them. This is Norm-Ranging LSH (Yan et al., NeurIPS 2018)
-  with two ranges, the top one small enough to score whole. Where the index fails its check
-  (:meth:`TopkIndex.topk`), more of these rows, scored alone, stand in for it: the demo's
-  100K-label head keeps 0.98 of its exact top 5 among its largest eighth, which its tables
-  (0.36 with the default K=13, 0.56 with K=10) and its largest 1/128 (0.07) miss.
+  with two ranges, the top one small enough to score whole.
+
+Where the index fails its check (:meth:`TopkIndex.topk`), the likeliest rows, scored alone, stand in
+for it: the rows by a bound on their output for the inputs it was checked on, their mean's output plus
+their spread times the row's norm (:meth:`TopkIndex.order_alone`; the norm order for inputs centred
+on the origin). The demo's 100K-label heads need it: their tables found 0.42 (trained shared) and
+0.66 (per row) of the checked top 5, and 6,248 and 781 of these rows hold 0.99 and 1.00 of them,
+where the norm order needed 12,496 rows (0.98) and half of the rows.
 
 Also measured, at 670K outputs (L=40, K=14, 32 probes, tables alone): the asymmetric MIPS transform
 (one ``M`` for every row) recalled 0.750 against 0.966 by direction on clustered rows, 0.167
@@ -48,7 +52,7 @@ TOPK_BUCKETS = 2 ** 13  # topk's tables: N / TOPK_BUCKETS rows per bucket, clamp
 TOPK_ROWS_PER_BUCKET = (8, 80)  # (see topk_settings)
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
-TOPK_NORM_ALONE_SHARE = 4  # the largest-norm rows alone stand in for a failed index up to a quarter of the rows
+TOPK_ALONE_SHARE = 4  # the likeliest rows alone stand in for a failed index up to a quarter of the rows
 TOPK_MIN_RECALL = 0.9  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
 TOPK_CHECKED_INPUTS = 64  # inputs on which each index's answers are compared with the exact top-k
 EXACT_BLOCK = 2 ** 26  # scores that exact_topk holds at once (256 MB in float32)
@@ -119,8 +123,10 @@ class RecallCheck:
     inputs: int = 0
     found: int = 0
     wanted: int = 0
-    # Each wanted output's place among the rows by decreasing norm (on the CPU: choosing a stand-in reads it).
-    ranks: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    # The counted inputs and their exact top k's ids, flattened (a failed check sizes its stand-in by them:
+    # rows_alone; the first to fail orders the stand-ins' rows: TopkIndex.order_alone).
+    queries: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    winners: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -208,8 +214,9 @@ class TopkIndex:
     ``num_tables`` (L) tables of ``bits`` (K) signed random projections, seeded by ``seed``; the
     rows by decreasing norm (``order``) and each row's place in that order (``rank``). Memory at
     N rows: ``4 L N`` bytes of tables (161 MB at L=60, N=670K), ``4 L 2^K`` of offsets and
-    ``12 N`` of order and rank. Built from ``weight`` as it is; :meth:`matches` tells whether it
-    still describes a weight (see :func:`weight_version`).
+    ``12 N`` of order and rank, ``12 N`` more once a check fails (the stand-ins' order). Built from
+    ``weight`` as it is; :meth:`matches` tells whether it still describes a weight (see
+    :func:`weight_version`).
     """
 
     def __init__(self, weight: Tensor, num_tables: int, bits: int, seed: int, bias: Optional[Tensor] = None):
@@ -224,6 +231,7 @@ class TopkIndex:
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
         self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
+        self._bias = None if bias is None else tensor_ref(bias)
         follow_optimizer_steps()
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
@@ -237,6 +245,10 @@ class TopkIndex:
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
         self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
+        # The rows a stand-in scores alone, best first, and each row's place there (on the CPU: choosing a
+        # stand-in reads it); ordered when the first check fails (order_alone).
+        self.alone_order: Optional[Tensor] = None
+        self.alone_rank: Optional[Tensor] = None
         self._warned: set = set()  # (those settings, min_recall, default norm_rows) whose exact answers were warned of
 
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
@@ -248,11 +260,39 @@ class TopkIndex:
         rows' directions are the weight's), but a new one changes which outputs are the top k."""
         if weight_version(bias) != self.checked_bias:
             self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
+            self._bias = None if bias is None else tensor_ref(bias)
+            self.alone_order = self.alone_rank = None  # the bias is in their bound
+
+    def order_alone(self, queries: Tensor) -> None:
+        """Order the rows for the stand-ins (:attr:`alone_order`, :attr:`alone_rank`) by a bound on
+        their output for a typical one of ``queries`` (the first failed check's inputs): with ``m`` their
+        mean and ``s`` their mean distance from it, ``x.w + b = m.w + b + (x - m).w <= m.w + b + s |w|``.
+
+        With inputs centred on the origin this is the order of norms. A softmax-trained head's are
+        not: every step pushes the rows that are not the label away from the inputs, so the mean
+        input points against the mean row (cosine -0.99 on both 100K-label demo heads), and ``m.w``
+        tells rows apart that their norms do not. On the demo head trained per row (rows in a narrow
+        cone around their mean) the exact top 5 of its test points needed half the rows in the norm
+        order to hold 0.9 of them, 206 in this one; on the shared one 6,399 and 3,416. (About 0.2 s
+        at 670K outputs, once per index: only where a check fails.)"""
+        rows, bias = self._weight().detach(), None if self._bias is None else self._bias()
+        wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
+        queries = queries.to(rows.dtype if wide else torch.float32)
+        mean = queries.mean(0)
+        spread = torch.linalg.vector_norm(queries - mean, dim=1).mean()
+        bound = (torch.mv(rows, mean.to(rows.dtype)).to(spread.dtype)
+                 + spread * torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32))
+        if bias is not None:
+            bound += bias.detach()
+        self.alone_order = bound.argsort(descending=True)
+        self.alone_rank = torch.empty(rows.shape[0], dtype=torch.int32).scatter_(
+            0, self.alone_order.cpu(), torch.arange(rows.shape[0], dtype=torch.int32))
 
     def nbytes(self) -> int:
         """Bytes the index holds (tables, offsets, order, rank, projection)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
-                                                         self.projection))
+                                                         self.projection, self.alone_order, self.alone_rank)
+                   if t is not None)
 
     @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
@@ -271,13 +311,14 @@ class TopkIndex:
         what was measured.
 
         ``norm_rows=None`` (``"auto"``): ``N // 128`` norm rows beside the tables, and where that
-        fails its check, the largest-norm rows alone (no tables; checked as settings ``(k, 0, 0,
-        rows)``), as many as held ``min_recall`` of the failed check's exact top-k, rounded up to
-        a doubling of ``N // 128``, at most a quarter of the rows (:func:`norm_rows_alone`), and
-        again wider if those fail their own check. Trained XMC heads keep their winners among few
-        long rows that the tables of directions cannot rank (the demo's 100K-label head: 0.98 of
-        its exact top 5 among its largest eighth). Past a quarter, or with ``norm_rows`` given and
-        failed: every later input is answered exactly (:func:`exact_topk`), with a warning."""
+        fails its check, the likeliest rows alone (no tables; the first rows of
+        :attr:`alone_order`, ordered by the first failed check's inputs, :meth:`order_alone`;
+        checked as settings ``(k, 0, 0, rows)``), as many as held ``min_recall`` of the failed
+        check's exact top-k, rounded up to a doubling of ``N // 128``, at most a quarter of the
+        rows (:func:`rows_alone`), and again wider if those fail their own check. Trained XMC
+        heads keep their winners among few rows that the tables of directions cannot rank. Past a
+        quarter, or with ``norm_rows`` given and failed: every later input is answered exactly
+        (:func:`exact_topk`), with a warning."""
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
@@ -303,10 +344,11 @@ class TopkIndex:
         hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
                 | (values[rows] >= exact_values[:, -1:]))
         counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
-        hits, ranks = hits[counted], self.rank[exact_indices[counted]].flatten().cpu()
+        hits, queries, winners = hits[counted], x[rows][counted], exact_indices[counted].flatten().cpu()
         check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
                                                    check.wanted + hits.numel())
-        check.ranks = ranks if check.ranks is None else torch.cat([check.ranks, ranks])
+        check.queries = queries if check.queries is None else torch.cat([check.queries, queries])
+        check.winners = winners if check.winners is None else torch.cat([check.winners, winners])
         values[rows], indices[rows] = exact_values, exact_indices
         if check.done and check.recall < min_recall:
             # This call's other inputs as the verdict says (a stand-in is checked on them: not on the inputs
@@ -320,12 +362,16 @@ class TopkIndex:
     def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int],
                   min_recall: float) -> Optional[tuple]:
         """The settings ``(k, probes, budget, norm_rows)`` that answer :meth:`topk` calls with these
-        now: themselves, the largest-norm rows alone standing in for them (``(k, 0, 0, rows)``),
+        now: themselves, the likeliest rows alone standing in for them (``(k, 0, 0, rows)``),
         or None: exact scores (see :meth:`topk`)."""
         key = self._asked(k, probes, budget, norm_rows)
         check = self.checks.get(key)
         while min_recall and check is not None and check.done and check.recall < min_recall:
-            rows = None if norm_rows is not None else norm_rows_alone(key, check, min_recall, self.items.shape[1])
+            if norm_rows is not None:
+                return None
+            if self.alone_rank is None:
+                self.order_alone(check.queries)
+            rows = rows_alone(key, self.alone_rank[check.winners], min_recall, self.items.shape[1])
             if rows is None:
                 return None
             key = (k, 0, 0, rows)
@@ -342,7 +388,7 @@ class TopkIndex:
             return
         self._warned.add((key, min_recall, auto))
         check = self.checks[key]
-        alone = "; nor would the largest-norm rows alone, up to a quarter of them" if auto else ""
+        alone = "; nor would the likeliest rows alone, up to a quarter of them" if auto else ""
         warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
                       f"{check.inputs} inputs, less than min_recall={min_recall}{alone}: answering exactly until the "
                       f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
@@ -350,10 +396,11 @@ class TopkIndex:
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
-        """The index's own answer (see :meth:`topk`); ``budget=0``: the ``norm_rows`` rows alone."""
+        """The index's own answer (see :meth:`topk`); ``budget=0``: the first ``norm_rows`` rows of
+        :attr:`alone_order` alone."""
         if norm_rows:
             # Every row's k best among the norm rows, scored whole (in blocks): the candidates skip them below.
-            rows = self.order[:norm_rows]
+            rows = (self.order if budget else self.alone_order)[:norm_rows]
             norm_values, best = exact_topk(x, weight.index_select(0, rows),
                                            None if bias is None else bias.index_select(0, rows), min(k, norm_rows))
             norm_indices = rows[best]
@@ -381,16 +428,16 @@ class TopkIndex:
         return values, indices
 
 
-def norm_rows_alone(key: tuple, check: RecallCheck, min_recall: float, n: int) -> Optional[int]:
-    """How many of the largest-norm rows, scored alone, stand in for the settings ``key`` (k,
-    probes, budget, norm rows) of an index whose ``check`` found less than ``min_recall`` (see
-    :meth:`TopkIndex.topk`): enough to hold ``min_recall`` of the check's exact top-k, rounded up
-    to ``N // 128`` (at least 1) times a power of 2 (room for the inputs not checked), more than ``key``'s own
-    if those were alone, at least ``k``. None past ``N // 4``: there exact scores cost at most
-    four times as much."""
-    ranks = check.ranks.sort().values
+def rows_alone(key: tuple, ranks: Tensor, min_recall: float, n: int) -> Optional[int]:
+    """How many rows of :attr:`TopkIndex.alone_order`, scored alone, stand in for the settings
+    ``key`` (k, probes, budget, norm rows) of an index whose check found less than ``min_recall``
+    (see :meth:`TopkIndex.topk`), given ``ranks``, the places there of the check's exact top-k:
+    enough to hold ``min_recall`` of them, rounded up to ``N // 128`` (at least 1) times a power of
+    2 (room for the inputs not checked), more than ``key``'s own if those were alone, at least
+    ``k``. None past ``N // 4``: there exact scores cost at most four times as much."""
+    ranks = ranks.sort().values
     needed = int(ranks[max(0, math.ceil(min_recall * ranks.numel()) - 1)]) + 1 if ranks.numel() else 1
     rows = max(1, n // TOPK_NORM_SHARE)
     while rows < needed or rows <= (key[3] if key[2] == 0 else 0) or rows < key[0]:
         rows *= 2
-    return rows if rows <= n // TOPK_NORM_ALONE_SHARE else None
+    return rows if rows <= n // TOPK_ALONE_SHARE else None

@@ -174,7 +174,7 @@ def test_hogwild_runs_learn_with_one_and_two_processes():
 
 
 def test_the_report_says_who_answered_the_lsh_top_k():
-    """The demo's footnote follows topk's checks: the index, its stand-in (the largest-norm rows alone), or exact."""
+    """The demo's footnote follows topk's checks: the index, its stand-in (the likeliest rows alone), or exact."""
     torch.manual_seed(0)
     layer = LSHLinear(16, 8192, rebuild=None).eval()
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_the_report_says_who_answered_the_lsh_top_k():
     assert failed == [5, 1, 8, 64] and recall < 0.9 and inputs == 64  # the premise: this index fails
     assert by[:3] == [5, 0, 0] and alone[0] == by and alone[1] >= 0.9
     assert xmc.topk_fallback({**record, "checks": checks}) == (
-        f"topk answered from the {by[3]:,} largest-norm rows alone: its index found {recall:.3f} of the exact top 5 "
+        f"topk answered from the {by[3]:,} likeliest rows alone: its index found {recall:.3f} of the exact top 5 "
         f"of 64 checked test points, less than min_recall=0.9; they found {alone[1]:.3f} of {alone[2]} other test points'")
     assert xmc.topk_fallback({**record, "checks": checks, "answered_by": None}).startswith(
         "topk answered exactly: its index found")
