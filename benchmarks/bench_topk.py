@@ -109,8 +109,7 @@ def measure(layer: LSHLinear, x: torch.Tensor, kind: str, args) -> list[dict]:
                 check = layer.topk_checks.get((args.k, row["probes"], row["budget"], row["norm_rows"]))
                 checked = check.recall if check is not None and check.done else None
                 index = layer._topk_index  # None where the candidates are every output: topk is exact, no index
-                answering = None if index is None else index.answering(args.k, row["probes"], row["budget"],
-                                                                       norm_rows, args.min_recall)
+                answering = layer.topk_answered_by(args.k, row["probes"], row["budget"], norm_rows, args.min_recall)
                 alone = answering is not None and answering[2] == 0  # topk's stand-in for a failed index
                 row.update({"exact_ms": 1e3 * exact_s, "lsh_ms": 1e3 * seconds, "speedup": exact_s / seconds,
                             "recall_at_k": recall(found, exact), "top1_found": recall(found[:, :1], exact[:, :1]),
@@ -243,7 +242,7 @@ def main(argv=None) -> None:
           "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
           "the exact top k in the LSH top k; checked: the index's recall on the 64 queries topk checked it on, "
           f"answers: who answered after that (below min_recall={args.min_recall}: `n alone`, the n likeliest rows "
-          "alone (by a bound on their output for the checked queries), checked on the next 64 (alone_recall in the JSON), or exact); build s, index MB: topk's index")
+          "alone (by an estimate of their output for the checked queries), checked on the next 64 (alone_recall in the JSON), or exact); build s, index MB: topk's index")
     if args.out:
         cli.write_json(args.out, {"args": vars(args), "results": results})
         print(f"json: {args.out}")

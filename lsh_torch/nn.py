@@ -765,8 +765,8 @@ class LSHLinear(nn.Module):
         get the exact answer; if it found less than ``min_recall`` (default 0.9) of their exact top
         k, it is not used until the weight changes (the index's recall depends on the trained rows
         and the inputs). With the default ``norm_rows``, the likeliest rows alone then stand in
-        for it (by a bound on their output for the checked rows: their mean's output plus their
-        spread times the row's norm, :meth:`~lsh_torch.retrieval.TopkIndex.order_alone`),
+        for it (by an estimate of their output for the checked rows: their mean's output plus
+        their spread times the row's norm, :meth:`~lsh_torch.retrieval.TopkIndex.order_alone`),
         as many as held ``min_recall`` of the checked top k (rounded up to a doubling of
         ``out_features // 128``), checked on 64 other rows in turn, and widened if they fail, up
         to a quarter of the outputs; past that, or with ``norm_rows`` given, every later row is
@@ -795,9 +795,9 @@ class LSHLinear(nn.Module):
         candidates, no norm rows) gave 0.910 and 0.241 (at 5.0x and 5.3x on busy cores, before
         the query's speed-ups). Harder: the default XMC demo's head (100K labels; the top 5 at
         cosines 0.2-0.6 with the input), where the index found 0.36 of the checked top 5 (0.56 with
-        the former K=10 tables) and its 6,248 likeliest rows alone stand in for it: 0.993 at 18x
-        (the 12,496 largest-norm rows before: 0.980 at 6.5x); trained per row, 0.998 / 0.991 at
-        103x / 19x after 3 / 5 epochs, where the largest-norm rows would need half the rows.
+        the former K=10 tables) and its 6,248 likeliest rows alone stand in for it: 0.993 at 21x
+        (the 12,496 largest-norm rows before: 0.980 at 6.5x); trained per row, 0.998 / 0.993 at
+        94x / 20x after 3 / 5 epochs, where the largest-norm rows would need more than a quarter.
         Clustered rows at 100K / 300K outputs: 0.980 / 0.964 at 2.7x / 6.3x.
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
@@ -873,7 +873,7 @@ class LSHLinear(nn.Module):
             return None
         if self.tables.selection == "random" or not self._topk_index_describes(self.weight, self.bias):
             return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows)
-        return self._topk_index.answering(k, probes, budget, norm_rows, min_recall)
+        return self._topk_index.answering(k, probes, budget, norm_rows, min_recall, self.weight, self.bias)
 
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see

@@ -19,11 +19,12 @@ The index has two parts, one per kind of row that a top-k over direction-hashing
   with two ranges, the top one small enough to score whole.
 
 Where the index fails its check (:meth:`TopkIndex.topk`), the likeliest rows, scored alone, stand in
-for it: the rows by a bound on their output for the inputs it was checked on, their mean's output plus
-their spread times the row's norm (:meth:`TopkIndex.order_alone`; the norm order for inputs centred
-on the origin). The demo's 100K-label heads need it: their tables found 0.42 (trained shared) and
-0.66 (per row) of the checked top 5, and 6,248 and 781 of these rows hold 0.99 and 1.00 of them,
-where the norm order needed 12,496 rows (0.98) and half of the rows.
+for it: the rows by an estimate of their output for the inputs it was checked on, their mean's
+output plus their spread times the row's norm (:meth:`TopkIndex.order_alone`; the norm order for
+inputs centred on the origin). The demo's 100K-label heads need it: their tables found 0.362
+(trained shared) and 0.653 (per row, 3 epochs) of the checked top 5, and 6,248 and 781 of these
+rows recall 0.993 and 0.998 of the exact top 5, where the norm order took 12,496 rows (0.980) and
+more than a quarter of the rows (exact answers).
 
 Also measured, at 670K outputs (L=40, K=14, 32 probes, tables alone): the asymmetric MIPS transform
 (one ``M`` for every row) recalled 0.750 against 0.966 by direction on clustered rows, 0.167
@@ -231,7 +232,6 @@ class TopkIndex:
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
         self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
-        self._bias = None if bias is None else tensor_ref(bias)
         follow_optimizer_steps()
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
@@ -260,36 +260,43 @@ class TopkIndex:
         rows' directions are the weight's), but a new one changes which outputs are the top k."""
         if weight_version(bias) != self.checked_bias:
             self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
-            self._bias = None if bias is None else tensor_ref(bias)
-            self.alone_order = self.alone_rank = None  # the bias is in their bound
+            self.alone_order = self.alone_rank = None  # the bias is in their estimate
 
-    def order_alone(self, queries: Tensor) -> None:
-        """Order the rows for the stand-ins (:attr:`alone_order`, :attr:`alone_rank`) by a bound on
-        their output for a typical one of ``queries`` (the first failed check's inputs): with ``m`` their
-        mean and ``s`` their mean distance from it, ``x.w + b = m.w + b + (x - m).w <= m.w + b + s |w|``.
+    def order_alone(self, weight: Tensor, bias: Optional[Tensor], queries: Tensor) -> None:
+        """Order the rows for the stand-ins (:attr:`alone_order`, :attr:`alone_rank`) by an estimate
+        of their output for a typical one of ``queries`` (the first failed check's inputs): with
+        ``m`` their mean and ``s`` their median distance from it, ``x.w + b = m.w + b + (x - m).w``,
+        at most ``m.w + b + s |w|`` for an input ``s`` from ``m`` (a bound for that input, a
+        heuristic for the others). The inputs are finite ones; those farther than 4 ``s`` from
+        their mean are left out of ``m`` (one outlying input moved it enough to fail the stand-in).
 
-        With inputs centred on the origin this is the order of norms. A softmax-trained head's are
-        not: every step pushes the rows that are not the label away from the inputs, so the mean
-        input points against the mean row (cosine -0.99 on both 100K-label demo heads), and ``m.w``
-        tells rows apart that their norms do not. On the demo head trained per row (rows in a narrow
-        cone around their mean) the exact top 5 of its test points needed half the rows in the norm
-        order to hold 0.9 of them, 206 in this one; on the shared one 6,399 and 3,416. (About 0.2 s
-        at 670K outputs, once per index: only where a check fails.)"""
-        rows, bias = self._weight().detach(), None if self._bias is None else self._bias()
-        wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
-        queries = queries.to(rows.dtype if wide else torch.float32)
-        mean = queries.mean(0)
-        spread = torch.linalg.vector_norm(queries - mean, dim=1).mean()
-        bound = (torch.mv(rows, mean.to(rows.dtype)).to(spread.dtype)
-                 + spread * torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32))
+        With inputs centred on the origin and no bias this is the order of norms. A
+        softmax-trained head's are not centred: every step pushes the rows that are not the label
+        away from the inputs, so the mean input points against the mean row (cosine -0.99 on the
+        100K-label demo heads), and ``m.w`` tells apart rows that their norms do not. On the demo
+        head trained per row (rows in a narrow cone around their mean) the exact top 5 of its test
+        points needed half the rows in the norm order to hold 0.9 of them, 207 in this one; on the
+        shared one 6,399 and 3,412. (In float64, in blocks of rows: about 0.2 s at 670K outputs,
+        once per index, only where a check fails.)"""
+        queries = queries.detach().double()
+        queries = queries[torch.isfinite(queries).all(1)]
+        if queries.shape[0]:
+            distance = torch.linalg.vector_norm(queries - queries.mean(0), dim=1)
+            queries = queries[distance <= 4 * distance.median()]
+            mean = queries.mean(0)
+            spread = torch.linalg.vector_norm(queries - mean, dim=1).median()
+        else:  # no finite input to go by: the norm order
+            mean, spread = queries.new_zeros(weight.shape[1]), queries.new_ones(())
+        estimate = torch.cat([torch.mv(block, mean) + spread * torch.linalg.vector_norm(block, dim=1)
+                           for block in (b.detach().double() for b in weight.split(2 ** 16))])
         if bias is not None:
-            bound += bias.detach()
-        self.alone_order = bound.argsort(descending=True)
-        self.alone_rank = torch.empty(rows.shape[0], dtype=torch.int32).scatter_(
-            0, self.alone_order.cpu(), torch.arange(rows.shape[0], dtype=torch.int32))
+            estimate += bias.detach()
+        self.alone_order = estimate.argsort(descending=True)
+        self.alone_rank = torch.empty(weight.shape[0], dtype=torch.int32).scatter_(
+            0, self.alone_order.cpu(), torch.arange(weight.shape[0], dtype=torch.int32))
 
     def nbytes(self) -> int:
-        """Bytes the index holds (tables, offsets, order, rank, projection)."""
+        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
                                                          self.projection, self.alone_order, self.alone_rank)
                    if t is not None)
@@ -328,7 +335,7 @@ class TopkIndex:
         if norm_rows is not None:
             norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        key = self.answering(k, probes, budget, norm_rows, min_recall)
+        key = self.answering(k, probes, budget, norm_rows, min_recall, weight, bias)
         if key is None:
             self._warn_exact(self._asked(k, probes, budget, norm_rows), min_recall, norm_rows is None)
             return exact_topk(x, weight, bias, k)
@@ -359,18 +366,19 @@ class TopkIndex:
                                                             seed, min_recall)
         return values, indices
 
-    def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int],
-                  min_recall: float) -> Optional[tuple]:
+    def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int], min_recall: float,
+                  weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
         """The settings ``(k, probes, budget, norm_rows)`` that answer :meth:`topk` calls with these
-        now: themselves, the likeliest rows alone standing in for them (``(k, 0, 0, rows)``),
-        or None: exact scores (see :meth:`topk`)."""
+        now: themselves, the likeliest rows alone standing in for them (``(k, 0, 0, rows)``; of
+        ``weight`` and ``bias``, ordered at the first that needs them), or None: exact scores (see
+        :meth:`topk`)."""
         key = self._asked(k, probes, budget, norm_rows)
         check = self.checks.get(key)
         while min_recall and check is not None and check.done and check.recall < min_recall:
             if norm_rows is not None:
                 return None
             if self.alone_rank is None:
-                self.order_alone(check.queries)
+                self.order_alone(weight, bias, check.queries)
             rows = rows_alone(key, self.alone_rank[check.winners], min_recall, self.items.shape[1])
             if rows is None:
                 return None

@@ -351,13 +351,9 @@ def test_a_failed_index_falls_back_to_the_likeliest_rows_alone(monkeypatch):
         assert torch.equal(layer.topk(x, 5, probes=1, budget=20, norm_rows=128)[1], exact[1])
 
 
-def test_the_stand_in_ranks_rows_by_their_bound_for_the_checked_inputs():
-    """A softmax-trained head's mean input points against its mean row, and the winners are the rows
-    that lean away from it, not the longest (the demo's 100K head trained per row: the norm order needed
-    half its rows, topk answered exactly). Here rows in a cone around m, the longest along m, and inputs
-    near -m: the bound m'.w + spread |w| for the checked inputs' mean m' finds the winners in few rows."""
+def stand_in_case(n=16_384, d=32):
+    """Rows in a cone around m, the longest along m, inputs near -m: the winners lean away from m."""
     torch.manual_seed(0)
-    n, d = 16_384, 32
     m = F.normalize(torch.randn(d), dim=0)
     weight = 2 * m + 0.5 * torch.randn(n, d)
     weight[:2000] = 4 * m + 0.3 * torch.randn(2000, d)  # the longest rows, the losers
@@ -365,9 +361,18 @@ def test_the_stand_in_ranks_rows_by_their_bound_for_the_checked_inputs():
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.zero_()
-    x = -m + 0.1 * torch.randn(300, d)
+    return layer, -m + 0.1 * torch.randn(300, d)
+
+
+def test_the_stand_in_ranks_rows_by_their_estimate_for_the_checked_inputs():
+    """A softmax-trained head's mean input points against its mean row, and the winners are the rows
+    that lean away from it, not the longest (the demo's 100K head trained per row: the norm order needed
+    half its rows, topk answered exactly). Here rows in a cone around m, the longest along m, and inputs
+    near -m: the estimate m'.w + b + spread |w| for the checked inputs' mean m' finds the winners in few rows."""
+    layer, x = stand_in_case()
+    n = layer.out_features
     exact = layer.topk(x, 5, exact=True)
-    by_norm = torch.empty(n, dtype=torch.long).scatter_(0, weight.norm(dim=1).argsort(descending=True),
+    by_norm = torch.empty(n, dtype=torch.long).scatter_(0, layer.weight.norm(dim=1).argsort(descending=True),
                                                         torch.arange(n))
     assert by_norm[exact[1]].flatten().float().quantile(0.9) > n // 4  # the premise: norms would answer exactly
     with warnings.catch_warnings():
@@ -377,16 +382,52 @@ def test_the_stand_in_ranks_rows_by_their_bound_for_the_checked_inputs():
     assert recall(indices, exact[1]) >= 0.9  # min_recall, as checked
     stand_in = layer.topk_answered_by(5, probes=1, budget=8)
     assert stand_in[:3] == (5, 0, 0) and stand_in[3] <= n // 32
-    # The bias is in the bound: a large one on a few rows puts them first.
+    # The bias is in the estimate: a large one on a few rows puts them first.
     with torch.no_grad():
         layer.bias[:50] = 100.0
     values, indices = layer.topk(x, 5, probes=1, budget=8)
     assert set(indices.flatten().tolist()) <= set(range(50))
     assert set(layer._topk_index.alone_order[:50].tolist()) == set(range(50))
+    # ... also a replaced bias, and one computed on access (a parametrization: no Parameter to hold).
+    for replace in (lambda b: setattr(layer, "bias", nn.Parameter(b)),
+                    lambda b: torch.nn.utils.parametrize.register_parametrization(layer, "bias", Plus(b - layer.bias))):
+        bias = torch.zeros(n)
+        bias[50:100] = 100.0
+        replace(bias)
+        values, indices = layer.topk(x, 5, probes=1, budget=8)
+        assert set(indices.flatten().tolist()) <= set(range(50, 100))
+        assert set(layer._topk_index.alone_order[:50].tolist()) == set(range(50, 100))
+
+
+class Plus(nn.Module):
+    def __init__(self, offset):
+        super().__init__()
+        self.register_buffer("offset", offset.detach().clone())
+
+    def forward(self, x):
+        return x + self.offset
+
+
+@pytest.mark.parametrize("outlier", [float("inf"), 1e19, 10.0])
+def test_the_stand_in_holds_with_an_outlying_checked_input(outlier):
+    """One input among the 64 checked, infinite, huge or about 50 times as long as the others, moved the
+    mean the rows are ordered by: the stand-in failed, or ordered every row alike (NaN), and topk answered
+    exactly."""
+    layer, x = stand_in_case()
+    if outlier == float("inf"):
+        x[0, 3] = outlier  # infinite scores, not NaN ones: counted in the check
+    else:
+        x[0] = outlier * torch.randn(x.shape[1])  # the others: about 1 long
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no exact answers
+        values, indices = layer.topk(x, 5, probes=1, budget=8)
+    assert layer.topk_answered_by(5, probes=1, budget=8)[:3] == (5, 0, 0)
+    assert recall(indices[1:], layer.topk(x[1:], 5, exact=True)[1]) >= 0.9
 
 
 def test_a_failed_index_answers_exactly_where_norms_do_not_tell():
-    """Rows of one norm: the largest-norm rows are any rows, and a quarter of them cannot stand in."""
+    """Rows of one norm, inputs centred on the origin, no bias: the likeliest rows are any rows, and a quarter
+    of them cannot stand in."""
     torch.manual_seed(0)
     layer = LSHLinear(32, 16_384, rebuild=None).eval()
     with torch.no_grad():
