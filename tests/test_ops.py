@@ -402,12 +402,32 @@ def wide_tables(n, num_tables, bits, batch=3, seed=0):
     (300_001, 3, 12, 3, 1, 40, 0),     # one-byte counters over 256 KB: some rows have enough repeats,
     (300_001, 3, 12, 3, 3, 40, 10),    # ... all rows,
     (300_001, 3, 12, 3, 2, 300, 0),    # ... none: the neurons hit once are candidates too
+    (300_001, 8, 8, 3, 1, 1000, 0),    # ... those whose keys fall below a threshold, thousands hit once
+    (300_001, 8, 8, 3, 1, 1000, 300),
     (140_000, 255, 8, 1, 1, 300, 0),   # two-byte counters (L > 253)
 ])
 def test_query_of_a_wide_layer_matches_reference(n, num_tables, bits, batch, probes, budget, tail):
     args, labels = wide_tables(n, num_tables, bits, batch)
     for lab in (None, labels):
         assert_same(ops.query(*args, probes, budget, lab, 3, tail), ref.query(*args, probes, budget, lab, 3, tail))
+
+
+def test_query_of_a_wide_layer_lists_every_neuron_hit_once_where_its_threshold_leaves_too_few():
+    """The threshold that lists the neurons hit once counts their number from the entries the repeats
+    do not hold; labels' entries make that count too high. Here 200 labels hit in every table leave 100
+    of 400 neurons hit once to find, and the threshold alone would list about 77 of them."""
+    n, num_tables = 300_001, 4
+    codes = torch.randint(2, 256, (n, num_tables), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    codes[:200] = 0  # the labels: in the row's bucket of every table
+    once = torch.arange(200, 600)
+    codes[once] = 1
+    codes[once, once % num_tables] = 0  # in the row's bucket of one table
+    offsets, items = ops.build_tables(codes, 8)
+    query, margins = torch.zeros(2, num_tables, dtype=torch.int32), torch.rand(2, num_tables * 8)
+    labels = torch.arange(200).expand(2, 200)
+    active, head = ops.query(query, margins, offsets, items, 1, 300, labels, 5, 0)
+    assert_same((active, head), ref.query(query, margins, offsets, items, 1, 300, labels, 5, 0))
+    assert head.tolist() == [300, 300] and set(active[0, 200:].tolist()) <= set(once.tolist())
 
 
 def test_query_of_a_wide_layer_refuses_buckets_whose_ids_do_not_ascend():

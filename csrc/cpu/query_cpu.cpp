@@ -144,13 +144,14 @@ class ActiveSetBuilder {
     }
   }
 
-  // Counts the probed buckets of input `row` for one set.
-  void probe(int64_t row) {
+  // Counts the probed buckets of input `row` for one set; `tie_break` is the set's stream key for
+  // ranking equal counts (stream_key(seed, kTieBreak, set), as finish() ranks them).
+  void probe(int64_t row, uint64_t tie_break) {
     const int64_t per_row = t_.num_tables * t_.probes;
     spans_.resize(per_row);
     row_spans(row, spans_.data());
     if (t_.n * static_cast<int64_t>(sizeof(Hits)) > kCachedCounterBytes)
-      count_repeats(spans_.data(), per_row);
+      count_repeats(spans_.data(), per_row, tie_break);
     else
       count(spans_.data(), per_row, 0, static_cast<int32_t>(t_.n), scratch_.parts[0].ids);
   }
@@ -204,10 +205,11 @@ class ActiveSetBuilder {
     size_t floor = std::max<size_t>(top, 1);
     for (int64_t above = histogram_[floor]; floor > 1 && above < room; above += histogram_[--floor]) {}
     cand_.clear();
+    const uint64_t tie_break = stream_key(seed, kTieBreak, set);  // seeded_hash(seed, kTieBreak, set, id)'s
     for (int64_t p = 0; p < num_parts_; ++p) {
       Counted<Hits>& part = scratch_.parts[p];
       for (size_t i = 0; i < part.ids.size(); ++i)
-        if (part.hits[i] >= floor) cand_.push_back({part.hits[i], seeded_hash(seed, kTieBreak, set, part.ids[i]), part.ids[i]});
+        if (part.hits[i] >= floor) cand_.push_back({part.hits[i], keyed_hash(tie_break, part.ids[i]), part.ids[i]});
       part.ids.clear();  // their counters are zero since collect()
     }
     auto better = [](const Candidate& a, const Candidate& c) {
@@ -313,9 +315,10 @@ class ActiveSetBuilder {
   // so that each count is a cache miss. Most probed neurons are hit once (about 70K of the 76K per
   // row of LSHLinear.topk at 670K), and none of them is among the best unless fewer than `room`
   // neurons are hit twice: a first hit only sets a bit (N / 8 bytes, in L2), repeats go to the
-  // counters. Neurons hit once are collected in a second pass, only when they are needed. The same
-  // counts and sets as count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
-  void count_repeats(const Span* spans, int64_t num_spans) {
+  // counters. Neurons hit once are collected in a second pass, only when they are needed, and then
+  // only those whose tie-break keys can rank them among the best (below). The same counts and sets
+  // as count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
+  void count_repeats(const Span* spans, int64_t num_spans, uint64_t tie_break) {
     std::vector<uint64_t>& seen = scratch_.seen;
     seen.assign((t_.n + 63) / 64, 0);
     uint64_t* bits = seen.data();
@@ -345,14 +348,31 @@ class ActiveSetBuilder {
     ids.resize(size);
     const int64_t room = budget_ - filled_ - tail_;
     if (static_cast<int64_t>(size) >= room) return;
-    // Too few repeats: the neurons hit once are candidates too (clearing its bit lists each once).
-    for_each_id(spans, num_spans, 0, static_cast<int32_t>(t_.n), [&](int32_t id, int64_t) {
-      const uint64_t mask = uint64_t(1) << (id & 63);
-      if (!(bits[id >> 6] & mask)) return;
-      bits[id >> 6] &= ~mask;
-      Hits& h = hits_[id];
-      if (h == 0) h = 1, ids.push_back(id);
-    });
+    // Too few repeats: the `room - size` neurons hit once with the smallest tie-break keys complete
+    // the best (finish() ranks by hits, then key). Listing every neuron hit once read each one's
+    // counter (a cache miss) and ranked thousands (at 670K per row, L=40: a 256-candidate query
+    // took 1.5x a 236 one). So first only those with keys below a threshold that about
+    // 2 (room - size) + 32 of them pass (their number from the entries the repeats do not hold: at
+    // most that many neurons were hit once), all of them if that leaves too few. The same sets.
+    int64_t repeated_entries = 0;
+    for (size_t i = 0; i < size; ++i) repeated_entries += hits_[ids[i]];
+    const int64_t needed = room - static_cast<int64_t>(size);
+    const double share = double(2 * needed + 32) / double(std::max<int64_t>(1, span_entries(spans, num_spans) - repeated_entries));
+    const uint64_t every = std::numeric_limits<uint64_t>::max();
+    const uint64_t threshold = share >= 0.5 ? every : static_cast<uint64_t>(share * 18446744073709551616.0);
+    // Lists the neurons hit once with keys up to `last` (clearing its bit lists each once).
+    auto list_hit_once = [&](uint64_t last) {
+      for_each_id(spans, num_spans, 0, static_cast<int32_t>(t_.n), [&](int32_t id, int64_t) {
+        if (last != every && keyed_hash(tie_break, static_cast<uint64_t>(id)) > last) return;
+        const uint64_t mask = uint64_t(1) << (id & 63);
+        if (!(bits[id >> 6] & mask)) return;
+        bits[id >> 6] &= ~mask;
+        Hits& h = hits_[id];
+        if (h == 0) h = 1, ids.push_back(id);
+      });
+    };
+    list_hit_once(threshold);
+    if (threshold != every && static_cast<int64_t>(ids.size() - size) < needed) list_hit_once(every);
   }
 
   static int64_t span_entries(const Span* spans, int64_t num_spans) {
@@ -480,8 +500,9 @@ std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const a
       for (int64_t b = begin; b < end; ++b) {
         builder.start(out + b * budget, budget, tail);
         builder.add_labels(b, b);
-        builder.probe(b);
-        heads[b] = builder.finish(seed, keys ? keys[b] : b);
+        const int64_t set = keys ? keys[b] : b;
+        builder.probe(b, stream_key(seed, kTieBreak, set));
+        heads[b] = builder.finish(seed, set);
       }
     });
   };
