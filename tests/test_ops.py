@@ -408,26 +408,35 @@ def wide_tables(n, num_tables, bits, batch=3, seed=0):
 ])
 def test_query_of_a_wide_layer_matches_reference(n, num_tables, bits, batch, probes, budget, tail):
     args, labels = wide_tables(n, num_tables, bits, batch)
-    for lab in (None, labels):
-        assert_same(ops.query(*args, probes, budget, lab, 3, tail), ref.query(*args, probes, budget, lab, 3, tail))
+    for lab, keys in ((None, None), (labels, None), (labels, torch.tensor([-7, 2 ** 40, 3])[:batch])):
+        assert_same(ops.query(*args, probes, budget, lab, 3, tail, keys),
+                    ref.query(*args, probes, budget, lab, 3, tail, keys))
 
 
 def test_query_of_a_wide_layer_lists_every_neuron_hit_once_where_its_threshold_leaves_too_few():
-    """The threshold that lists the neurons hit once counts their number from the entries the repeats
-    do not hold; labels' entries make that count too high. Here 200 labels hit in every table leave 100
-    of 400 neurons hit once to find, and the threshold alone would list about 77 of them."""
-    n, num_tables = 300_001, 4
+    """Where the neurons hit twice are too few, the query lists the neurons hit once whose tie-break keys
+    fall below a threshold, counting them from the entries the repeats do not hold, which labels' entries
+    make too many. Here 200 labels hit in every table, 20 neurons hit in two, and 400 hit once, of which
+    the set needs 80: the threshold passes fewer (the premise, from the reference's keys), so all are listed."""
+    n, num_tables, budget, seed = 300_001, 4, 300, 5
     codes = torch.randint(2, 256, (n, num_tables), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     codes[:200] = 0  # the labels: in the row's bucket of every table
-    once = torch.arange(200, 600)
+    once, twice = torch.arange(200, 600), torch.arange(600, 620)
     codes[once] = 1
     codes[once, once % num_tables] = 0  # in the row's bucket of one table
+    codes[twice] = 1
+    codes[twice, :2] = 0
     offsets, items = ops.build_tables(codes, 8)
     query, margins = torch.zeros(2, num_tables, dtype=torch.int32), torch.rand(2, num_tables * 8)
     labels = torch.arange(200).expand(2, 200)
-    active, head = ops.query(query, margins, offsets, items, 1, 300, labels, 5, 0)
-    assert_same((active, head), ref.query(query, margins, offsets, items, 1, 300, labels, 5, 0))
-    assert head.tolist() == [300, 300] and set(active[0, 200:].tolist()) <= set(once.tolist())
+    entries, needed = 200 * num_tables + len(once) + 2 * len(twice), budget - 200 - len(twice)
+    threshold = (2 * needed + 32) / (entries - 2 * len(twice)) * 2.0 ** 64
+    for row in (0, 1):
+        passed = sum(ref.seeded_hash(seed, ref.TIE_BREAK, row, i) <= threshold for i in once.tolist())
+        assert len(twice) + passed >= needed > passed  # too few pass, though with the repeats enough would
+    active, head = ops.query(query, margins, offsets, items, 1, budget, labels, seed, 0)
+    assert_same((active, head), ref.query(query, margins, offsets, items, 1, budget, labels, seed, 0))
+    assert head.tolist() == [budget, budget] and set(active[0, 200:].tolist()) <= set(torch.cat([once, twice]).tolist())
 
 
 def test_query_of_a_wide_layer_refuses_buckets_whose_ids_do_not_ascend():

@@ -130,8 +130,11 @@ class ActiveSetBuilder {
   ActiveSetBuilder(const ActiveSetBuilder&) = delete;
   ActiveSetBuilder& operator=(const ActiveSetBuilder&) = delete;
 
-  void start(int64_t* out, int64_t budget, int64_t tail) {
+  // Starts a set: `set` names its random streams, the row's key for per-row sets (its index unless
+  // row_keys are given), -1 for the batch-shared set.
+  void start(int64_t* out, int64_t budget, int64_t tail, int64_t seed, int64_t set) {
     out_ = out, budget_ = budget, tail_ = tail, filled_ = 0, num_parts_ = 1, collected_ = false;
+    seed_ = seed, set_ = set, tie_break_ = stream_key(seed, kTieBreak, set);  // seeded_hash(seed, kTieBreak, set, id)'s
   }
 
   void add_labels(int64_t row, int64_t set) {
@@ -144,14 +147,13 @@ class ActiveSetBuilder {
     }
   }
 
-  // Counts the probed buckets of input `row` for one set; `tie_break` is the set's stream key for
-  // ranking equal counts (stream_key(seed, kTieBreak, set), as finish() ranks them).
-  void probe(int64_t row, uint64_t tie_break) {
+  // Counts the probed buckets of input `row` for one set.
+  void probe(int64_t row) {
     const int64_t per_row = t_.num_tables * t_.probes;
     spans_.resize(per_row);
     row_spans(row, spans_.data());
     if (t_.n * static_cast<int64_t>(sizeof(Hits)) > kCachedCounterBytes)
-      count_repeats(spans_.data(), per_row, tie_break);
+      count_repeats(spans_.data(), per_row);
     else
       count(spans_.data(), per_row, 0, static_cast<int32_t>(t_.n), scratch_.parts[0].ids);
   }
@@ -188,10 +190,9 @@ class ActiveSetBuilder {
   }
 
   // Takes the best candidates (leaving `tail` entries), fills up with seeded uniform draws, and
-  // resets the counters. `set` names the random streams: the row's key for per-row sets (its index
-  // unless row_keys are given), -1 for the batch-shared set. Returns the head: labels and
-  // candidates, the entries before the draws.
-  int64_t finish(int64_t seed, int64_t set) {
+  // resets the counters. Returns the head: labels and candidates, the entries before the draws.
+  int64_t finish() {
+    const int64_t seed = seed_, set = set_;
     // Only candidates with at least `floor` hits can be among the `room` best: the parts' hit-count
     // histograms find that floor, so the tie-break keys (a hash each) and the selection below
     // cover those few instead of every counted neuron.
@@ -205,11 +206,10 @@ class ActiveSetBuilder {
     size_t floor = std::max<size_t>(top, 1);
     for (int64_t above = histogram_[floor]; floor > 1 && above < room; above += histogram_[--floor]) {}
     cand_.clear();
-    const uint64_t tie_break = stream_key(seed, kTieBreak, set);  // seeded_hash(seed, kTieBreak, set, id)'s
     for (int64_t p = 0; p < num_parts_; ++p) {
       Counted<Hits>& part = scratch_.parts[p];
       for (size_t i = 0; i < part.ids.size(); ++i)
-        if (part.hits[i] >= floor) cand_.push_back({part.hits[i], keyed_hash(tie_break, part.ids[i]), part.ids[i]});
+        if (part.hits[i] >= floor) cand_.push_back({part.hits[i], keyed_hash(tie_break_, part.ids[i]), part.ids[i]});
       part.ids.clear();  // their counters are zero since collect()
     }
     auto better = [](const Candidate& a, const Candidate& c) {
@@ -316,9 +316,9 @@ class ActiveSetBuilder {
   // row of LSHLinear.topk at 670K), and none of them is among the best unless fewer than `room`
   // neurons are hit twice: a first hit only sets a bit (N / 8 bytes, in L2), repeats go to the
   // counters. Neurons hit once are collected in a second pass, only when they are needed, and then
-  // only those whose tie-break keys can rank them among the best (below). The same counts and sets
-  // as count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
-  void count_repeats(const Span* spans, int64_t num_spans, uint64_t tie_break) {
+  // only those whose tie-break keys can rank them among the best (below; the others go uncounted).
+  // The same sets as count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
+  void count_repeats(const Span* spans, int64_t num_spans) {
     std::vector<uint64_t>& seen = scratch_.seen;
     seen.assign((t_.n + 63) / 64, 0);
     uint64_t* bits = seen.data();
@@ -351,9 +351,10 @@ class ActiveSetBuilder {
     // Too few repeats: the `room - size` neurons hit once with the smallest tie-break keys complete
     // the best (finish() ranks by hits, then key). Listing every neuron hit once read each one's
     // counter (a cache miss) and ranked thousands (at 670K per row, L=40: a 256-candidate query
-    // took 1.5x a 236 one). So first only those with keys below a threshold that about
+    // took 1.5x a 236 one). So first only those with keys up to a threshold that about
     // 2 (room - size) + 32 of them pass (their number from the entries the repeats do not hold: at
-    // most that many neurons were hit once), all of them if that leaves too few. The same sets.
+    // most that many neurons were hit once, fewer where labels hold some), all of them in a pass
+    // more if that leaves too few. The same sets: every neuron hit twice outranks those hit once.
     int64_t repeated_entries = 0;
     for (size_t i = 0; i < size; ++i) repeated_entries += hits_[ids[i]];
     const int64_t needed = room - static_cast<int64_t>(size);
@@ -363,12 +364,12 @@ class ActiveSetBuilder {
     // Lists the neurons hit once with keys up to `last` (clearing its bit lists each once).
     auto list_hit_once = [&](uint64_t last) {
       for_each_id(spans, num_spans, 0, static_cast<int32_t>(t_.n), [&](int32_t id, int64_t) {
-        if (last != every && keyed_hash(tie_break, static_cast<uint64_t>(id)) > last) return;
+        if (last != every && keyed_hash(tie_break_, static_cast<uint64_t>(id)) > last) return;
         const uint64_t mask = uint64_t(1) << (id & 63);
         if (!(bits[id >> 6] & mask)) return;
         bits[id >> 6] &= ~mask;
         Hits& h = hits_[id];
-        if (h == 0) h = 1, ids.push_back(id);
+        if (h == 0) ids.push_back(id), h = 1;
       });
     };
     list_hit_once(threshold);
@@ -472,7 +473,8 @@ class ActiveSetBuilder {
   std::vector<Span> spans_;
   std::vector<uint32_t> flips_;  // one table's probe sequence
   int64_t* out_ = nullptr;
-  int64_t budget_ = 0, tail_ = 0, filled_ = 0;
+  int64_t budget_ = 0, tail_ = 0, filled_ = 0, seed_ = 0, set_ = 0;
+  uint64_t tie_break_ = 0;  // the set's stream of tie-break keys
   int64_t num_parts_ = 1;  // parts of scratch_ in use
   bool collected_ = false;  // probe_all() collected the parts
 };
@@ -498,11 +500,10 @@ std::tuple<at::Tensor, at::Tensor> query_cpu(const at::Tensor& codes_in, const a
     at::parallel_for(0, t.batch, 1, [&](int64_t begin, int64_t end) {
       ActiveSetBuilder<decltype(hits_type)> builder(t);
       for (int64_t b = begin; b < end; ++b) {
-        builder.start(out + b * budget, budget, tail);
+        builder.start(out + b * budget, budget, tail, seed, keys ? keys[b] : b);
         builder.add_labels(b, b);
-        const int64_t set = keys ? keys[b] : b;
-        builder.probe(b, stream_key(seed, kTieBreak, set));
-        heads[b] = builder.finish(seed, set);
+        builder.probe(b);
+        heads[b] = builder.finish();
       }
     });
   };
@@ -528,10 +529,10 @@ std::tuple<at::Tensor, at::Tensor> query_shared_cpu(const at::Tensor& codes_in, 
   if (budget == 0) return {indices, head};
   auto build = [&](auto hits_type) {
     ActiveSetBuilder<decltype(hits_type)> builder(t);
-    builder.start(indices.data_ptr<int64_t>(), budget, tail);
+    builder.start(indices.data_ptr<int64_t>(), budget, tail, seed, -1);
     for (int64_t b = 0; b < t.batch; ++b) builder.add_labels(b, -1);
     builder.probe_all();
-    head.fill_(builder.finish(seed, -1));
+    head.fill_(builder.finish());
   };
   // A neuron's hits are at most batch * L (one bucket per table, a row's probes distinct): 16-bit
   // counters where that fits, 32-bit beyond (saturated counts would tie, ranked by the seed alone).
