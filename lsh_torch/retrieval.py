@@ -239,8 +239,7 @@ class TopkIndex:
             raise ValueError("weight has non-finite values (NaN or inf) or rows whose norm overflows: "
                              "topk cannot index it")
         self.order = norms.argsort(descending=True)
-        self.rank = torch.empty_like(self.order, dtype=torch.int32).scatter_(
-            0, self.order, torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device))
+        self.rank = places(self.order)
         self.projection = hashing.make_projection(rows.shape[1], num_tables, bits, seed, rows.device)
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
@@ -292,8 +291,7 @@ class TopkIndex:
         if bias is not None:
             estimate += bias.detach()
         self.alone_order = estimate.argsort(descending=True)
-        self.alone_rank = torch.empty(weight.shape[0], dtype=torch.int32).scatter_(
-            0, self.alone_order.cpu(), torch.arange(weight.shape[0], dtype=torch.int32))
+        self.alone_rank = places(self.alone_order.cpu())
 
     def nbytes(self) -> int:
         """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank)."""
@@ -434,6 +432,12 @@ class TopkIndex:
             values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
             indices = torch.cat([indices, norm_indices], 1).gather(1, best)
         return values, indices
+
+
+def places(order: Tensor) -> Tensor:
+    """``int32 [N]``: each row's place in ``order``, a permutation of the N rows (its inverse)."""
+    return torch.empty_like(order, dtype=torch.int32).scatter_(
+        0, order, torch.arange(order.numel(), dtype=torch.int32, device=order.device))
 
 
 def rows_alone(key: tuple, ranks: Tensor, min_recall: float, n: int) -> Optional[int]:
