@@ -386,8 +386,8 @@ def test_query_ranks_by_bucket_hits():
 
 
 def wide_tables(n, num_tables, bits, batch=3, seed=0):
-    """Tables over more neurons than the query keeps counters for in the L2 cache (it then counts
-    repeats only: ActiveSetBuilder::count_repeats): every other neuron has the same code in every
+    """Tables over more neurons than the query keeps counters for in the L2 cache, or over more than
+    a row probes (it then counts repeats only: ActiveSetBuilder::count_repeats): every other neuron has the same code in every
     table, so the rows' buckets hold neurons hit in every table as well as neurons hit once."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2 ** bits, (n, num_tables), dtype=torch.int32, generator=gen)
@@ -405,6 +405,9 @@ def wide_tables(n, num_tables, bits, batch=3, seed=0):
     (300_001, 8, 8, 3, 1, 1000, 0),    # ... those whose keys fall below a threshold, thousands hit once
     (300_001, 8, 8, 3, 1, 1000, 300),
     (140_000, 255, 8, 1, 1, 300, 0),   # two-byte counters (L > 253)
+    (20_000, 8, 7, 3, 1, 300, 0),      # counters in L2, but a row's entries under 0.6 N
+    (20_000, 8, 7, 3, 2, 2_000, 100),  # ... with thousands hit once among the best
+    (20_000, 40, 5, 3, 2, 300, 0),     # entries over 0.6 N: every hit counted (count())
 ])
 def test_query_of_a_wide_layer_matches_reference(n, num_tables, bits, batch, probes, budget, tail):
     args, labels = wide_tables(n, num_tables, bits, batch)

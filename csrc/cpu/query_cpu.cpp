@@ -26,11 +26,12 @@ namespace {
 // whose hits can pass 65,534, uint8_t for per-row sets from fewer than kMaxHits tables (a neuron
 // sits in one bucket per table and a row probes distinct buckets, so its hits never exceed L).
 // One byte per neuron halves the footprint of the random increments of a query; still, 670K
-// neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so wide a layer counts only
-// its repeat hits (ActiveSetBuilder::count_repeats). Counts saturate at kMaxHits (never reached:
+// neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so wide a layer, or one that
+// probes few of its neurons, counts only its repeat hits (ActiveSetBuilder::probe). Counts saturate at kMaxHits (never reached:
 // the type is chosen by the most hits a query can give); kChosen marks a neuron already in the
 // active set.
 constexpr size_t kHistogramLevels = size_t(1) << 16;  // hit-count levels of a part's histogram (512 KB)
+constexpr size_t kInterleavedLevels = 4096;           // up to which ActiveSetBuilder::collect counts in 4 histograms
 template <typename Hits>
 constexpr Hits kChosenOf = std::numeric_limits<Hits>::max();
 template <typename Hits>
@@ -152,7 +153,14 @@ class ActiveSetBuilder {
     const int64_t per_row = t_.num_tables * t_.probes;
     spans_.resize(per_row);
     row_spans(row, spans_.data());
-    if (t_.n * static_cast<int64_t>(sizeof(Hits)) > kCachedCounterBytes)
+    // count_repeats() where the counters overflow the L2, or where they leave the L1 and the row probes
+    // fewer entries than 0.6 N: then most neurons it hits are hit once, and count() would write, then
+    // collect, a counter for each. (One thread, pools of 252-512, per-row default tables: 50K outputs,
+    // L=40, 31 -> 23 ms per 1,024 rows, 100K 51 -> 33 ms; 8K (2.5 N entries) and 4K (a pool above the
+    // entries: count_repeats lists the neurons hit once in passes more) faster with count().)
+    const int64_t counter_bytes = t_.n * static_cast<int64_t>(sizeof(Hits));
+    if (counter_bytes > kCachedCounterBytes ||
+        (counter_bytes > kL1CounterBytes && span_entries(spans_.data(), per_row) * 5 < t_.n * 3))
       count_repeats(spans_.data(), per_row);
     else
       count(spans_.data(), per_row, 0, static_cast<int32_t>(t_.n), scratch_.parts[0].ids);
@@ -312,7 +320,7 @@ class ActiveSetBuilder {
   }
 
   // count() for one row's spans where the counters outgrow the L2 cache (670 KB at 670K outputs),
-  // so that each count is a cache miss. Most probed neurons are hit once (about 70K of the 76K per
+  // so that each count is a cache miss, or where the row probes few of the neurons. Most probed neurons are hit once (about 70K of the 76K per
   // row of LSHLinear.topk at 670K), and none of them is among the best unless fewer than `room`
   // neurons are hit twice: a first hit only sets a bit (N / 8 bytes, in L2), repeats go to the
   // counters. Neurons hit once are collected in a second pass, only when they are needed, and then
@@ -414,8 +422,9 @@ class ActiveSetBuilder {
   }
 
   static constexpr int64_t kPrefetchAhead = 16;
-  // count_repeats() is used where the counters of every neuron exceed this (half a core's L2).
+  // Counters of every neuron past half a core's L2, and past a part of its L1 (probe()).
   static constexpr int64_t kCachedCounterBytes = 256 * 1024;
+  static constexpr int64_t kL1CounterBytes = 8 * 1024;
   static constexpr const char* kNotAscending = ": the ids in each bucket of items must ascend, within [0, N = ";
   static constexpr int64_t kIdsPerLine = 64 / sizeof(int32_t);
 
@@ -446,8 +455,23 @@ class ActiveSetBuilder {
     // Counts beyond kHistogramLevels - 1 share the last level: 32-bit counts (up to batch * L) would
     // otherwise size it by millions per part. The floor finish() reads off it is then only lower
     // (more candidates ranked by their exact hits), never wrong.
-    part.histogram.assign(std::min<size_t>(top, kHistogramLevels - 1) + 1, 0);
-    for (Hits h : part.hits) ++part.histogram[std::min<size_t>(h, kHistogramLevels - 1)];
+    const size_t levels = std::min<size_t>(top, kHistogramLevels - 1) + 1;
+    // Four histograms side by side where they are small, one per neuron mod 4, summed after: most
+    // neurons share a hit count (1), and increments of one level in a row each wait on the last one's
+    // store. At 50K outputs per row this loop was 42% of finish().
+    const size_t ways = levels <= kInterleavedLevels ? 4 : 1;
+    part.histogram.assign(levels * ways, 0);
+    int64_t* histogram = part.histogram.data();
+    const Hits* hits = part.hits.data();
+    const size_t count = part.hits.size();
+    size_t i = 0;
+    if (ways == 4)
+      for (; i + 4 <= count; i += 4)
+        for (size_t w = 0; w < 4; ++w) ++histogram[w * levels + std::min<size_t>(hits[i + w], levels - 1)];
+    for (; i < count; ++i) ++histogram[std::min<size_t>(hits[i], levels - 1)];
+    for (size_t w = 1; w < ways; ++w)
+      for (size_t h = 0; h < levels; ++h) histogram[h] += histogram[w * levels + h];
+    part.histogram.resize(levels);
   }
 
   void reset() {
