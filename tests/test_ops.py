@@ -516,6 +516,19 @@ def test_sparse_linear_matches_reference(dtype, with_bias, budget):
     torch.testing.assert_close(gb_rows, ref_gb_rows, **tol)
 
 
+def test_sparse_linear_grad_weight_rows_groups_rows_of_every_width():
+    """The kernel groups the pairs by row with a radix sort, 11 bits a pass over the bits in use: rows on
+    both sides of each pass's digits, up to 2^31 - 2, each summed in the pairs' order."""
+    distinct = torch.tensor([0, 5, 2_047, 2_048, 2_049, 4_194_303, 4_194_304, 2 ** 31 - 2])
+    gen = torch.Generator().manual_seed(3)
+    places = torch.stack([torch.randperm(len(distinct), generator=gen)[:5] for _ in range(9)])
+    x, g = torch.randn(9, 4, dtype=torch.float64, generator=gen), torch.randn(9, 5, dtype=torch.float64, generator=gen)
+    rows, gw, gb = OPS.sparse_linear_grad_weight_rows(g, x, distinct[places])
+    ref_places, ref_gw, ref_gb = ref.sparse_linear_grad_weight_rows(g, x, places)  # the same sums, by place
+    assert torch.equal(rows, distinct[ref_places])
+    torch.testing.assert_close((gw, gb), (ref_gw, ref_gb))
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_shared_linear_matches_reference(with_bias):
     x, weight, bias, _ = sparse_problem()

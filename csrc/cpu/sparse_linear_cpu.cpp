@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "op_checks.h"
@@ -129,6 +130,24 @@ at::Tensor sparse_linear_grad_input_cpu(const at::Tensor& g_in, const at::Tensor
   return grad_x;
 }
 
+// Sorts (row << 32 | pair) keys whose pairs ascend: a stable radix sort on the rows' bits in use, 11
+// bits a pass, leaves each row's pairs ascending, as a sort of the whole keys would. (std::sort took
+// half of an LM step's backward here: 1,024 tokens x 128 outputs of 50K, 5.5 of 10.8 ms.)
+void sort_by_row(std::vector<uint64_t>& keys, uint32_t max_row) {
+  constexpr int kDigitBits = 11;
+  constexpr uint64_t kDigits = uint64_t(1) << kDigitBits;
+  std::vector<uint64_t> sorted(keys.size());
+  std::vector<int64_t> start(kDigits);
+  for (int shift = 32; shift < 64 && (max_row >> (shift - 32)) != 0; shift += kDigitBits) {
+    std::fill(start.begin(), start.end(), 0);
+    for (uint64_t key : keys) ++start[(key >> shift) & (kDigits - 1)];
+    int64_t total = 0;
+    for (int64_t& s : start) total += std::exchange(s, total);
+    for (uint64_t key : keys) sorted[start[(key >> shift) & (kDigits - 1)]++] = key;
+    keys.swap(sorted);
+  }
+}
+
 // Weight and bias gradient of the touched rows, without races: the (row, pair) keys are sorted
 // so that each row's pairs are contiguous, then rows are summed in parallel. The pairs of a row
 // are summed in a fixed order, so the result is deterministic. With `dense`, row u lands at
@@ -154,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_impl(const at::Tensor
   at::parallel_for(0, pairs, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) keys[p] = static_cast<uint64_t>(ap[p]) << 32 | static_cast<uint64_t>(p);
   });
-  std::sort(keys.begin(), keys.end());
+  sort_by_row(keys, static_cast<uint32_t>(pairs ? *std::max_element(ap, ap + pairs) : 0));
   std::vector<int64_t> starts;  // first key of each touched row, then `pairs`
   for (int64_t p = 0; p < pairs; ++p)
     if (p == 0 || (keys[p] >> 32) != (keys[p - 1] >> 32)) starts.push_back(p);
