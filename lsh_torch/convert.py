@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from typing import Callable, Optional
 
@@ -56,7 +57,9 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     is left as it is, with a warning: hash tables follow a weight Parameter updated in place, not
     one recomputed per call. Remove the parametrization first to convert it.
     """
-    if filter is None:
+    if filter is not None:
+        filter = _checked_filter("convert", filter)
+    else:
         min_out_features = check_int("min_out_features", min_out_features, 1, 2 ** 62)
         second_factors = _gated_second_factors(model) if isinstance(model, nn.Module) else set()  # else refused below
         filter = lambda name, m: (_unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
@@ -111,7 +114,24 @@ def unconvert(model: nn.Module, filter: Optional[Filter] = None) -> nn.Module:
         linear.bias = layer.bias
         return linear.train(layer.training)
 
+    if filter is not None:
+        filter = _checked_filter("unconvert", filter)
     return _replace(model, lambda name, m: isinstance(m, LSHLinear) and (filter is None or filter(name, m)), make)
+
+
+def _checked_filter(op: str, filter: Filter) -> Filter:
+    """``filter``, calling which returns a bool (a truthy string such as "no" would convert the layer)."""
+    if not callable(filter):
+        raise TypeError(f"{op}: filter must be a callable filter(name, linear) -> bool, got {filter!r}")
+    numpy = sys.modules.get("numpy")
+    bools = (bool, numpy.bool_) if numpy is not None else (bool,)
+
+    def checked(name: str, m: nn.Module) -> bool:
+        chosen = filter(name, m)
+        if not isinstance(chosen, bools):
+            raise TypeError(f"{op}: filter must return a bool, got {chosen!r} for {name or type(m).__name__!r}")
+        return bool(chosen)
+    return checked
 
 
 def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -> nn.Module:

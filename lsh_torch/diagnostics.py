@@ -49,6 +49,8 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
     if active.dim() != 2 or scores.dim() != 2 or active.shape[0] != scores.shape[0]:
         raise ValueError(f"active must be [B, A] and scores [B, N] with the same B, got "
                          f"{tuple(active.shape)} and {tuple(scores.shape)}")
+    if not active.shape[0]:
+        raise ValueError("active and scores must hold at least one row: the recall of none is undefined")
     n = scores.shape[1]
     if active.dtype not in (torch.int32, torch.int64) or not scores.dtype.is_floating_point:
         raise TypeError(f"active must be an integer tensor and scores a floating one, got {active.dtype} and "
@@ -72,7 +74,7 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
     total = pos.topk(active.shape[1], dim=1).values.sum(1)
     kept = (pos * in_active).sum(1)
     mass = torch.where(total > 0, kept / total.clamp_min(1e-30), torch.ones_like(total))
-    return {"recall": float(hits.mean()), "recall_min": float(hits.min()) if hits.numel() else float("nan"),
+    return {"recall": float(hits.mean()), "recall_min": float(hits.min()),
             "mass_recall": float(mass.mean())}
 
 

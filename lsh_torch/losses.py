@@ -118,6 +118,9 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     if not isinstance(values, Tensor) or not values.dtype.is_floating_point or values.dim() == 0:
         raise TypeError(f"output.values must be a floating tensor [*, A], got "
                         f"{values.dtype if isinstance(values, Tensor) else type(values).__name__}")
+    if values.shape[-1] == 0:
+        raise ValueError(f"output.values must hold at least one active output (a softmax over none is undefined), "
+                         f"got shape {tuple(values.shape)}")
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
         raise TypeError("output.indices must be an int64 tensor")
     if indices.shape != values.shape and indices.shape != values.shape[-1:]:
@@ -201,8 +204,9 @@ def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor, sizes: Optiona
     """A label that forward_sparse was not given but whose output the tail happened to draw carries the
     tail's log-weight: its logit would be scored raised by it, the loss too low (by 3.4 nats measured)."""
     if drawn is not None:
-        refuse(drawn, "sparse_cross_entropy: a label is among the row's uniform tail draws (a non-zero log-weight), "
-                      "not forced in: pass the labels to forward_sparse(x, labels), which forces them in uncorrected",
+        refuse(drawn, "sparse_cross_entropy: a label's output carries a non-zero log-weight (a uniform tail draw, or "
+                      "-inf: an entry that stands for none), so it was not forced in: pass the labels to "
+                      "forward_sparse(x, labels), which forces them in uncorrected",
                lambda bad: _first_label(bad, labels, sizes))
 
 

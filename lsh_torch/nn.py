@@ -650,9 +650,9 @@ class LSHLinear(nn.Module):
         self._check_not_under_ddp()
         batch_shape = input.shape[:-1]
         labels = _label_matrix(labels, batch_shape)
+        if labels is not None:  # here, not in the query kernel: its message names its own N
+            _check_label_range(labels, self.out_features)
         if self.exact_softmax:
-            if labels is not None:
-                _check_label_range(labels, self.out_features)
             every = torch.arange(self.out_features, device=input.device)  # every row's set: shared in every mode
             values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return SparseOutput(values.reshape(*batch_shape, self.out_features), every, None)
@@ -918,6 +918,11 @@ class LSHLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
         self._check_input(input, weight)
+        if weight.shape != (self.out_features, self.in_features) or bias is not None and bias.shape != weight.shape[:1]:
+            what = f"weight {tuple(weight.shape)}" + (f" and bias {tuple(bias.shape)}" if bias is not None else "")
+            raise ValueError(f"{self.__class__.__name__}(in_features={self.in_features}, out_features={self.out_features}) "
+                             f"holds {what}; a replaced weight must keep the shape [out_features, in_features] (the "
+                             "hash tables, budget and top-k index are sized by it): make a new layer for another width")
         return input, weight, bias
 
     def _check_not_under_ddp(self) -> None:

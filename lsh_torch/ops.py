@@ -6,6 +6,7 @@ slow pure-PyTorch references in ``tests/reference.py``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -13,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
-from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, refuse
 
 _ops = torch.ops.lsh_torch
+_INT32_MAX = 2 ** 31 - 1  # the kernels' int32 ids (csrc/op_checks.h)
 
 
 def mips_transform(rows: Tensor, query: bool, max_norm: Optional[Tensor] = None) -> Tensor:
@@ -27,12 +29,15 @@ def mips_transform(rows: Tensor, query: bool, max_norm: Optional[Tensor] = None)
     Then ``sign(P(w)·h)`` and ``sign(Q(x)·h)`` collide with a probability that grows with ``w·x``.
     ``[n, d] -> [n, d + 1]``.
     """
+    _flag("mips_transform", query=query)
     return _ops.mips_transform(rows, query, max_norm)
 
 
 def hash_codes(projections: Tensor, num_tables: int, bits: int, margins: bool = True) -> tuple[Tensor, Tensor]:
     """Signed-random-projection codes ``[n, L]`` (int32) and per-bit margins ``[n, L*K]`` (float32),
     which order a query's probes; ``margins=False`` (weight rows) leaves them out: ``[n, 0]``."""
+    _ints("hash_codes", num_tables=num_tables, bits=bits)
+    _flag("hash_codes", margins=margins)
     return _ops.hash_codes(projections, num_tables, bits, margins)
 
 
@@ -48,6 +53,7 @@ def dwta_codes(rows: Tensor, bins: Tensor, num_tables: int) -> tuple[Tensor, Ten
     what that bit's flip costs, so :func:`query`'s multi-probe flips the cheapest bits first.
     Integer outputs: no gradient flows through the codes.
     """
+    _ints("dwta_codes", num_tables=num_tables)
     return _ops.dwta_codes(rows, bins, num_tables)
 
 
@@ -58,6 +64,7 @@ def row_fingerprints(rows: Tensor, vector: Tensor) -> Tensor:
 
 def build_tables(codes: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """CSR hash tables from the codes ``[N, L]`` of all neurons: offsets ``[L, 2^K + 1]``, items ``[L, N]``."""
+    _ints("build_tables", bits=bits)
     return _ops.build_tables(codes, bits)
 
 
@@ -86,6 +93,7 @@ def query(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor, probes
     and its index ``b``, or ``row_keys[b]`` (int64 ``[B]``) if given: then a row's set does not
     depend on where it sits in the batch (:func:`lsh_torch.hashing.row_keys` keys rows by their codes).
     """
+    _ints("query", probes=probes, budget=budget, seed=seed, tail=tail)
     return _ops.query(codes, margins, offsets, items, probes, budget, labels, seed, tail, row_keys)
 
 
@@ -93,6 +101,7 @@ def query_shared(codes: Tensor, margins: Tensor, offsets: Tensor, items: Tensor,
                  labels: Optional[Tensor] = None, seed: int = 0, tail: int = 0) -> tuple[Tensor, Tensor]:
     """One active set for the whole batch: ``indices [budget]`` int64 (all rows' labels, then
     candidates, then the uniform tail) and ``head []`` int64, as for :func:`query`."""
+    _ints("query_shared", probes=probes, budget=budget, seed=seed, tail=tail)
     return _ops.query_shared(codes, margins, offsets, items, probes, budget, labels, seed, tail)
 
 
@@ -102,6 +111,12 @@ def tail_log_weights(head: Tensor, budget: int, n: int) -> Tensor:
     ``log((n - head) / (budget - head))`` for the tail, a uniform sample of ``budget - head`` of the
     ``n - head`` other neurons. Adding them to the logits makes the sampled softmax's normaliser an
     unbiased estimate of the full one (docs/estimator.md)."""
+    _ints("tail_log_weights", budget=budget, n=n)
+    torch._check(budget >= 0, lambda: f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
+    torch._check(budget <= n, lambda: f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
+    if head.dtype.is_floating_point or head.dtype.is_complex or head.dtype == torch.bool:
+        raise TypeError(f"tail_log_weights: head must be an integer tensor (query's head), got {head.dtype}")
+    refuse((head < 0) | (head > budget), f"tail_log_weights: head must be in [0, budget = {budget}]")
     head = head.unsqueeze(-1).float()
     tail = torch.arange(budget, device=head.device) >= head
     return torch.where(tail, torch.log((n - head) / (budget - head).clamp_min(1)), 0.0)
@@ -131,6 +146,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sparse_grad: bool 
     coalesced COO tensors of every row (what a dense gradient is, in the sparse optimizers' form),
     made without a copy: :meth:`LSHLinear.forward_sparse <lsh_torch.nn.LSHLinear.forward_sparse>`
     where every output is active."""
+    _flag("linear", sparse_grad=sparse_grad)
     if sparse_grad and torch.is_grad_enabled():
         weight, bias = (_EveryRowSparseGrad.apply(p) if p is not None and p.requires_grad else p for p in (weight, bias))
     return F.linear(x, weight, bias)
@@ -148,9 +164,24 @@ def lazy_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor,
 
 
 def _linear(name, x, weight, bias, active, sparse_grad):
+    _flag(name, sparse_grad=sparse_grad)
     if sparse_grad and torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _SparseGrad.apply(name, x, weight, bias, active)
     return getattr(_ops, name)(x, weight, bias, active)
+
+
+def _flag(op: str, **values) -> None:
+    """Flags must be bools: the schema takes 0 or "no" as well, and "no" is true."""
+    for name, value in values.items():
+        if not isinstance(value, (bool, torch.SymBool)):
+            raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+
+
+def _ints(op: str, **values) -> None:
+    """Counts must be ints: the schema takes True as 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +232,7 @@ def _expect_query(op, codes, margins, offsets, items, probes, budget, labels, ta
                  lambda: f"{op}: codes, offsets and items must agree on the number of tables L")
     torch._check(margins.shape[0] == codes.shape[0], lambda: f"{op}: margins must be float32 [B, L*K]")
     torch._check(num_tables <= MAX_TABLES, lambda: f"{op}: num_tables (L) must be at most {MAX_TABLES}")
+    torch._check(n < _INT32_MAX, lambda: f"{op}: too many neurons (N = {n})")
     if _expect_buckets(op, offsets):  # K follows from the tables' shape
         torch._check(margins.shape[1] == num_tables * (buckets.bit_length() - 1),
                      lambda: f"{op}: margins must be float32 [B, L*K]")
@@ -212,6 +244,7 @@ def _expect_query(op, codes, margins, offsets, items, probes, budget, labels, ta
     if labels is not None:
         _expect(op, "labels", labels, torch.int64, 2)
         torch._check(labels.shape[0] == codes.shape[0], lambda: f"{op}: labels must be int64 [B, M]")
+        torch._check(labels.numel() < _INT32_MAX, lambda: f"{op}: too many labels")
 
 
 def _expect_buckets(op: str, offsets: Tensor) -> bool:
@@ -292,6 +325,7 @@ def _(rows, vector):
 def _(codes, bits):
     _expect("build_tables", "codes", codes, torch.int32, 2)
     _expect_tables("build_tables", codes.shape[1], bits)
+    torch._check(codes.shape[0] < _INT32_MAX, lambda: "build_tables: too many rows")
     return codes.new_empty(codes.shape[1], 2 ** bits + 1), codes.new_empty(codes.shape[1], codes.shape[0])
 
 
@@ -305,6 +339,7 @@ def _(offsets, items, rows, old_codes, new_codes):
     torch._check(items.shape[0] == offsets.shape[0], lambda: f"{op}: items must have one row per table")
     _expect_buckets(op, offsets)
     torch._check(offsets.shape[0] <= MAX_TABLES, lambda: f"{op}: num_tables (L) must be at most {MAX_TABLES}")
+    torch._check(items.shape[1] < _INT32_MAX, lambda: f"{op}: too many items")
     torch._check(rows.shape[0] <= items.shape[1], lambda: f"{op}: more rows than items per table (N)")
     for name, t in (("old_codes", old_codes), ("new_codes", new_codes)):
         torch._check(t.shape[0] == rows.shape[0] and t.shape[1] == offsets.shape[0],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -36,11 +37,11 @@ class LazyAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  maximize: bool = False):
-        if not 0.0 < lr < math.inf:
+        group = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        _check_group(group)
+        if not 0.0 < lr:
             raise ValueError(f"Invalid learning rate: {lr}")
-        _check_betas_eps(betas, eps)
-        _check_decay(lr, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -62,11 +63,8 @@ class LazyAdam(torch.optim.Optimizer):
         grads = {}
         for g, group in enumerate(self.param_groups):
             # lr set after construction: 0 is a step that moves no weight (a schedule's warm-up start or
-            # cosine end), as in SparseAdam and Adam; NaN would be blamed on the decay.
-            if not 0 <= group["lr"] < math.inf:
-                raise ValueError(f"Invalid learning rate: {group['lr']}")
-            _check_decay(group["lr"], group["weight_decay"])
-            _check_betas_eps(group["betas"], group["eps"])
+            # cosine end), as in SparseAdam and Adam.
+            _check_group(group)
             for j, p in enumerate(group["params"]):
                 if p.grad is not None:
                     grads[p] = _checked_grad(p, self.state[p], f"param_groups[{g}]['params'][{j}]")
@@ -110,17 +108,29 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
-def _check_decay(lr: float, weight_decay: float) -> None:
-    if not 0.0 <= weight_decay or not lr * weight_decay <= 1.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (need weight_decay >= 0 and lr * weight_decay "
-                         f"<= 1, lr is {lr})")
-
-
-def _check_betas_eps(betas, eps) -> None:
-    if not 0.0 < eps:
+def _check_group(group: dict) -> None:
+    """A parameter group's hyperparameters, SparseAdam's checks and messages, plus their types: a string
+    or a one-element betas failed inside a comparison, a truthy maximize="no" ascended, and eps=inf made
+    every step a no-op."""
+    is_real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+    for key in ("lr", "eps", "weight_decay"):
+        if not is_real(group[key]):
+            raise TypeError(f"LazyAdam: {key} must be a float, got {group[key]!r}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(is_real, betas))):
+        raise TypeError(f"LazyAdam: betas must be a pair of floats (beta1, beta2), got {betas!r}")
+    if not isinstance(group["maximize"], bool):
+        raise TypeError(f"LazyAdam: maximize must be a bool, got {group['maximize']!r}")
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    if not 0.0 <= lr < math.inf:  # NaN would be blamed on the decay
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 < eps < math.inf:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
         raise ValueError(f"Invalid beta parameters: {betas}")
+    if not 0.0 <= weight_decay or not lr * weight_decay <= 1.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (need weight_decay >= 0 and lr * weight_decay "
+                         f"<= 1, lr is {lr})")
 
 
 def _checked_grad(p: torch.Tensor, state: dict, name: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """lsh_torch.convert / unconvert: nn.Linear <-> LSHLinear in place, on nested models."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -99,6 +100,22 @@ def test_filter_threshold_options_and_errors():
                                          r"\[1, out_features=1500\], got 2048; the model is unchanged"):
         convert(model, active=2048)  # fits the first layer, not the second: the error names the one
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_a_filter_must_be_callable_and_return_a_bool():
+    """A filter returning "no" (truthy) converted the layer; one that was not callable failed inside the walk."""
+    for function in (convert, unconvert):
+        model = nn.Sequential(nn.Linear(16, 2000))
+        if function is unconvert:
+            convert(model)
+        kind = type(model[0])
+        with pytest.raises(TypeError, match=f"{function.__name__}: filter must return a bool, got 'no' for '0'"):
+            function(model, filter=lambda name, m: "no")
+        with pytest.raises(TypeError, match=f"{function.__name__}: filter must be a callable"):
+            function(model, filter="x")
+        assert type(model[0]) is kind  # unchanged
+        function(model, filter=lambda name, m: np.bool_(True))
+        assert type(model[0]) is not kind
 
 
 def test_plain_checkpoint_loads_into_converted_model_and_back():

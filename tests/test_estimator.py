@@ -23,6 +23,24 @@ def test_tail_log_weights_match_reference(shape):
     torch.testing.assert_close(ops.tail_log_weights(head, 20, 300), ref.tail_log_weights(head, 20, 300))
 
 
+@pytest.mark.parametrize("head,budget,n,error,pattern", [
+    (torch.tensor([-3]), 4, 100, ValueError, r"head must be in \[0, budget = 4\]"),  # weighted every entry, labels too
+    (torch.tensor([12]), 10, 100, ValueError, r"head must be in \[0, budget = 10\]"),  # all zeros
+    (torch.tensor([2.5]), 4, 100, TypeError, "head must be an integer tensor"),
+    (torch.tensor([2]), 10, 5, RuntimeError, r"budget must be in \[0, n = 5\]"),  # negative log-weights
+    (torch.tensor([0]), -1, 100, RuntimeError, r"budget must be in \[0, n = 100\]"),
+    (torch.tensor([0]), True, 100, TypeError, "budget must be an int"),
+])
+def test_tail_log_weights_refuses_what_no_query_returns(head, budget, n, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.tail_log_weights(head, budget, n)
+
+
+def test_a_loss_over_an_empty_active_set_is_refused():
+    with pytest.raises(ValueError, match="at least one active output"):
+        sparse_cross_entropy(SparseOutput(torch.randn(2, 0), torch.zeros(0, dtype=torch.long)), torch.tensor([-1, -1]))
+
+
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_forward_sparse_layout_head_then_uniform_tail(mode):
     n, budget, tail = 500, 40, 25

@@ -233,6 +233,19 @@ def test_eval_keeps_the_training_tables_after_a_compiled_optimizer_step():
     torch._dynamo.reset()
 
 
+def test_a_replaced_weight_of_another_width_is_refused_by_every_path():
+    """topk blamed a budget the user never passed, an eval forward failed in a broadcast; one message for all."""
+    layer = LSHLinear(16, 20_000, active=64)
+    layer.weight = nn.Parameter(torch.randn(100, 16))
+    x = torch.randn(3, 16)
+    calls = [lambda: layer.train().forward_sparse(x, torch.tensor([1, 2, 3])), lambda: layer.train()(x),
+             lambda: layer.eval()(x), lambda: layer.eval().topk(x, 5), lambda: layer.active_set(x)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"holds weight \(100, 16\) and bias \(20000,\); a replaced weight must "
+                                             r"keep the shape \[out_features, in_features\]"):
+            call()
+
+
 def test_eval_keeps_the_training_tables_of_a_pickled_or_copied_layer(tmp_path):
     """A copy answers in eval as the layer it copies: the same tables, kept (not re-hashed) if they answered
     for the weight, re-hashed if a write had moved it."""

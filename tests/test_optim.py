@@ -170,6 +170,26 @@ def test_lazy_adam_refuses_what_it_used_to_accept_silently():
             fn()
 
 
+@pytest.mark.parametrize("options,error,pattern", [
+    (dict(maximize="no"), TypeError, "maximize must be a bool, got 'no'"),  # truthy: it ascended
+    (dict(lr="0.1"), TypeError, "lr must be a float"),
+    (dict(betas=(0.9,)), TypeError, "betas must be a pair of floats"),
+    (dict(betas="ab"), TypeError, "betas must be a pair of floats"),
+    (dict(eps=float("inf")), ValueError, "Invalid epsilon value: inf"),  # every step a no-op
+    (dict(weight_decay=None), TypeError, "weight_decay must be a float"),
+])
+def test_lazy_adam_refuses_hyperparameters_of_the_wrong_type(options, error, pattern):
+    param = torch.nn.Parameter(torch.randn(5, 3))
+    with pytest.raises(error, match=pattern):
+        LazyAdam([param], **options)
+    optimizer = LazyAdam([param])  # set after construction: refused by the step, which changes nothing
+    optimizer.param_groups[0].update(options)
+    param.grad, before = torch.randn(5, 3), param.detach().clone()
+    with pytest.raises(error, match=pattern):
+        optimizer.step()
+    assert torch.equal(param, before)
+
+
 def test_maximize_ascends_as_sparse_adam_and_adam_do():
     """LazyAdam, "a drop-in for SparseAdam", refused SparseAdam's maximize= with a TypeError."""
     torch.manual_seed(0)
