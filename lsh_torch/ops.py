@@ -112,11 +112,13 @@ def tail_log_weights(head: Tensor, budget: int, n: int) -> Tensor:
     ``n - head`` other neurons. Adding them to the logits makes the sampled softmax's normaliser an
     unbiased estimate of the full one (docs/estimator.md)."""
     _ints("tail_log_weights", budget=budget, n=n)
-    torch._check(budget >= 0, lambda: f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
-    torch._check(budget <= n, lambda: f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
+    if budget < 0 or budget > n:  # (torch._check's message closure is a graph break under dynamo)
+        raise ValueError(f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
     if head.dtype.is_floating_point or head.dtype.is_complex or head.dtype == torch.bool:
         raise TypeError(f"tail_log_weights: head must be an integer tensor (query's head), got {head.dtype}")
-    refuse((head < 0) | (head > budget), f"tail_log_weights: head must be in [0, budget = {budget}]")
+    # (The budget only in the eager message: formatted in a traced one, a symbolic width would be specialised.)
+    refuse((head < 0) | (head > budget), "tail_log_weights: head must be in [0, budget]",
+           lambda bad: f" = [0, {budget}], got {head[bad].flatten()[0].item()}")
     head = head.unsqueeze(-1).float()
     tail = torch.arange(budget, device=head.device) >= head
     return torch.where(tail, torch.log((n - head) / (budget - head).clamp_min(1)), 0.0)

@@ -24,11 +24,11 @@ def test_tail_log_weights_match_reference(shape):
 
 
 @pytest.mark.parametrize("head,budget,n,error,pattern", [
-    (torch.tensor([-3]), 4, 100, ValueError, r"head must be in \[0, budget = 4\]"),  # weighted every entry, labels too
-    (torch.tensor([12]), 10, 100, ValueError, r"head must be in \[0, budget = 10\]"),  # all zeros
+    (torch.tensor([-3]), 4, 100, ValueError, r"head must be in \[0, budget\] = \[0, 4\], got -3"),  # weighted every entry, labels too
+    (torch.tensor([12]), 10, 100, ValueError, r"head must be in \[0, budget\] = \[0, 10\], got 12"),  # all zeros
     (torch.tensor([2.5]), 4, 100, TypeError, "head must be an integer tensor"),
-    (torch.tensor([2]), 10, 5, RuntimeError, r"budget must be in \[0, n = 5\]"),  # negative log-weights
-    (torch.tensor([0]), -1, 100, RuntimeError, r"budget must be in \[0, n = 100\]"),
+    (torch.tensor([2]), 10, 5, ValueError, r"budget must be in \[0, n = 5\]"),  # negative log-weights
+    (torch.tensor([0]), -1, 100, ValueError, r"budget must be in \[0, n = 100\]"),
     (torch.tensor([0]), True, 100, TypeError, "budget must be an int"),
 ])
 def test_tail_log_weights_refuses_what_no_query_returns(head, budget, n, error, pattern):
