@@ -407,6 +407,7 @@ def wide_tables(n, num_tables, bits, batch=3, seed=0):
     (140_000, 255, 8, 1, 1, 300, 0),   # two-byte counters (L > 253)
     (20_000, 8, 7, 3, 1, 300, 0),      # counters in L2, but a row's entries under 0.6 N
     (20_000, 8, 7, 3, 2, 2_000, 100),  # ... with thousands hit once among the best
+    (20_000, 8, 7, 3, 1, 500, 200),    # ... a tail beside them
     (20_000, 40, 5, 3, 2, 300, 0),     # entries over 0.6 N: every hit counted (count())
 ])
 def test_query_of_a_wide_layer_matches_reference(n, num_tables, bits, batch, probes, budget, tail):
@@ -527,6 +528,9 @@ def test_sparse_linear_grad_weight_rows_groups_rows_of_every_width():
     ref_places, ref_gw, ref_gb = ref.sparse_linear_grad_weight_rows(g, x, places)  # the same sums, by place
     assert torch.equal(rows, distinct[ref_places])
     torch.testing.assert_close((gw, gb), (ref_gw, ref_gb))
+    # The largest row once, last: the passes follow its bits.
+    rows, gw, _ = OPS.sparse_linear_grad_weight_rows(torch.ones(1, 2), torch.ones(1, 3), torch.tensor([[1, 2048]]))
+    assert rows.tolist() == [1, 2048]
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
