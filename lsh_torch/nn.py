@@ -920,8 +920,8 @@ class LSHLinear(nn.Module):
         self._check_input(input, weight)
         if weight.shape != (self.out_features, self.in_features) or bias is not None and bias.shape != weight.shape[:1]:
             what = f"weight {tuple(weight.shape)}" + (f" and bias {tuple(bias.shape)}" if bias is not None else "")
-            raise ValueError(f"{self.__class__.__name__}(in_features={self.in_features}, out_features={self.out_features}) "
-                             f"holds {what}; a replaced weight must keep the shape [out_features, in_features] (the "
+            layer = f"{self.__class__.__name__}(in_features={self.in_features}, out_features={self.out_features})"
+            raise ValueError(f"{layer} holds {what}; a replaced weight must keep the shape [out_features, in_features] (the "
                              "hash tables, budget and top-k index are sized by it): make a new layer for another width")
         return input, weight, bias
 

@@ -27,9 +27,9 @@ namespace {
 // sits in one bucket per table and a row probes distinct buckets, so its hits never exceed L).
 // One byte per neuron halves the footprint of the random increments of a query; still, 670K
 // neurons' counters (670 KB) overflow a core's 512 KB L2, so a row of so wide a layer, or one that
-// probes few of its neurons, counts only its repeat hits (ActiveSetBuilder::probe). Counts saturate at kMaxHits (never reached:
-// the type is chosen by the most hits a query can give); kChosen marks a neuron already in the
-// active set.
+// probes few of its neurons, counts only its repeat hits (ActiveSetBuilder::probe). Counts saturate
+// at kMaxHits (never reached: the type is chosen by the most hits a query can give); kChosen marks a
+// neuron already in the active set.
 constexpr size_t kHistogramLevels = size_t(1) << 16;  // hit-count levels of a part's histogram (512 KB)
 constexpr size_t kInterleavedLevels = 4096;           // up to which ActiveSetBuilder::collect counts in 4 histograms
 template <typename Hits>
@@ -319,13 +319,13 @@ class ActiveSetBuilder {
     ids.resize(size);
   }
 
-  // count() for one row's spans where the counters outgrow the L2 cache (670 KB at 670K outputs),
-  // so that each count is a cache miss, or where the row probes few of the neurons. Most probed neurons are hit once (about 70K of the 76K per
-  // row of LSHLinear.topk at 670K), and none of them is among the best unless fewer than `room`
-  // neurons are hit twice: a first hit only sets a bit (N / 8 bytes, in L2), repeats go to the
-  // counters. Neurons hit once are collected in a second pass, only when they are needed, and then
-  // only those whose tie-break keys can rank them among the best (below; the others go uncounted).
-  // The same sets as count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
+  // count() for one row's spans where the counters outgrow the L2 cache (670 KB at 670K outputs), so that
+  // each count is a cache miss, or where the row probes few of the neurons. Most probed neurons are hit once
+  // (about 70K of the 76K per row of LSHLinear.topk at 670K), and none of them is among the best unless fewer
+  // than `room` neurons are hit twice: a first hit only sets a bit (N / 8 bytes, in L2), repeats go to the
+  // counters. Neurons hit once are collected in a second pass, only when they are needed, and then only those
+  // whose tie-break keys can rank them among the best (below; the others go uncounted). The same sets as
+  // count(); at 670K, 1,024 topk rows: 603 -> 350-400 ms.
   void count_repeats(const Span* spans, int64_t num_spans) {
     std::vector<uint64_t>& seen = scratch_.seen;
     seen.assign((t_.n + 63) / 64, 0);
