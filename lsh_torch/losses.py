@@ -42,10 +42,11 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
     (collective: every rank calls it).
 
     Differentiable through ``output.values`` only. Every label must be in its row's active set
-    (:meth:`LSHLinear.forward_sparse` forces the labels it is given in): a label that is not, out
-    of range or not passed to ``forward_sparse``, raises a ValueError rather than being dropped;
-    so does one that the uniform tail drew without its being forced (its logit carries the tail's
-    log-weight). Computed and reduced in float32 (float64 for float64 values); returned in the
+    (:meth:`LSHLinear.forward_sparse` forces the labels it is given in): a label out of range or
+    outside the set raises a ValueError rather than being dropped; so does one that the uniform tail
+    drew without its being forced (its logit carries the tail's log-weight). A label not passed to
+    ``forward_sparse`` that the hashed top set happens to hold cannot be told from a forced one and
+    is scored as one. Computed and reduced in float32 (float64 for float64 values); returned in the
     values' dtype, or float32 under autocast, as ``F.cross_entropy`` is. The class dimension is
     the last (``values [*, A]``), not ``F.cross_entropy``'s second.
     """

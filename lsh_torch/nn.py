@@ -221,6 +221,12 @@ class LSHLinear(nn.Module):
     Shape:
         Input ``[*, in_features]``, output ``[*, out_features]``. In training, outputs outside a
         row's active set are zero and get no gradient.
+
+    Attributes:
+        The settings as resolved from the arguments: ``budget`` (``active``, a count), ``tail``,
+        ``rescore``, ``mode``, ``schedule`` (``rebuild``; :meth:`rebuild` is the method),
+        ``tables.num_tables``, ``tables.bits``, ``tables.probes``, ``tables.asymmetric``; ``step``,
+        the index of the next training forward.
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -600,6 +606,16 @@ class LSHLinear(nn.Module):
 
     @_reads_weight
     def forward(self, input: Tensor) -> Tensor:
+        """``[*, in_features]`` -> ``[*, out_features]``, as :class:`nn.Linear`.
+
+        Training: each row's (or, in shared mode, the batch's) active neurons are computed and the other
+        outputs are 0; gradients reach the active neurons only. Each training forward counts a step of the
+        rebuild schedule. Its output is for hidden layers: a softmax loss over it never scores a target
+        outside the active set (a warning says so once); a wide output layer trains with
+        :meth:`forward_sparse` and :func:`lsh_torch.sparse_cross_entropy`.
+
+        Eval: ``nn.Linear``'s output exactly (``inference="dense"``), or the active set's
+        (``inference="lsh"``: the tables as they are, no step counted)."""
         input, weight, bias = self._operands(input)
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)

@@ -55,6 +55,8 @@ class LazyAdam(torch.optim.Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
+        """One step: the rows each sparse gradient touches, every row of a dense one. ``closure``
+        (optional) re-evaluates the model and returns the loss, which the step returns."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

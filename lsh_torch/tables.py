@@ -263,7 +263,7 @@ class LSHTables(nn.Module):
         # One pass over the fingerprints: their sum is finite unless one is not (or finite ones
         # overflow it: then the exact check decides).
         elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
-            raise ValueError(_NON_FINITE)
+            raise ValueError(f"{_NON_FINITE} (the weight of shape {tuple(rows.shape)})")  # which layer, in a model
         incremental = not compiling and not full and not self.center and self.built
         if incremental:
             changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)

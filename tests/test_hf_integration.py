@@ -363,3 +363,5 @@ def test_bad_input_gets_clear_errors():
         model(ids, labels=labels.index_fill(1, torch.tensor([5]), VOCAB))
     with pytest.raises(ValueError, match="must have the shape of the scored positions"):
         model(ids, labels=labels[:, :5])
+    with pytest.raises(ValueError, match=r"shift_labels \(already shifted: not shifted again\) must have the shape"):
+        model(ids, labels=labels, shift_labels=labels[:, 1:])  # shift_labels keep every position, -100 at the last

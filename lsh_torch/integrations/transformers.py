@@ -215,15 +215,19 @@ def _output_class(cls: type) -> type:
 
 def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, ignore_index: int,
                  num_items_in_batch, label_smoothing: float = 0.0) -> Tensor:
+    given = labels if shift_labels is None else shift_labels
+    if given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {given.dtype}")
+    if given.shape != hidden.shape[:-1]:  # the positions scored: input_ids', or those logits_to_keep keeps
+        raise ValueError(f"labels must have the shape of the scored positions, {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}" if shift_labels is None else
+                         f"shift_labels (already shifted: not shifted again) must have the shape of the scored "
+                         f"positions, {tuple(hidden.shape[:-1])} (-100 where nothing is predicted), got "
+                         f"{tuple(shift_labels.shape)}")
     if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts label t + 1
         hidden, targets = hidden[..., :-1, :], labels[..., 1:]
     else:
         targets = shift_labels
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of token ids, got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels (or shift_labels) must have the shape of the scored positions (input_ids', or those "
-                         f"logits_to_keep keeps), {tuple(hidden.shape[:-1])} after the shift, got {tuple(targets.shape)}")
     targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     keep = targets != ignore_index  # ignored positions never reach the lookup or the head
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
