@@ -558,6 +558,27 @@ def test_lsh_linear_trains_on_cuda_with_tables_built_there():
     assert layer.tables.items.is_cuda and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_lsh_linear_refuses_a_bad_label_on_cuda_and_goes_on(mode):
+    """The query kernel's ValueError, not a device assertion, which would end the process's CUDA context."""
+    layer = LSHLinear(24, 3000, active=64, mode=mode, device="cuda")
+    x = torch.randn(8, 24, device="cuda")
+    with pytest.raises(ValueError, match="labels must be in .* got 3000"):
+        layer.forward_sparse(x, torch.full((8,), 3000, device="cuda"))
+    labels = torch.randint(0, 3000, (8,), device="cuda")
+    assert torch.isfinite(sparse_cross_entropy(layer.forward_sparse(x, labels), labels)).item()
+
+
+def test_incremental_rebuild_on_cuda_patches_the_codes_in_place():
+    layer = LSHLinear(24, 3000, rebuild=None, device="cuda")
+    layer.rebuild()
+    codes = layer.tables.codes.data_ptr()
+    with torch.no_grad():
+        layer.weight[:10] *= 0.5  # a few rows move: merged in, the codes patched
+    layer.rebuild()
+    assert layer.tables.rehashed == 10 and layer.tables.codes.data_ptr() == codes
+
+
 def test_xmc_demo_trains_on_cuda():
     # The demo end to end on the GPU (tiny data): every output layer learns far past the
     # most-popular-label baseline, and the sparse runs rebuilt their tables on the device.

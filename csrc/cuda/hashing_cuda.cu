@@ -150,8 +150,9 @@ at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query, const std:
       const double largest = norms.max().item<double>();
       TORCH_CHECK(std::isfinite(largest),
                   "mips_transform: rows must be finite, a row has a NaN or inf (or a norm beyond the dtype's range)");
-      const double bound = static_cast<double>(static_cast<acc_t>(given_max_norm)) * (1 + kMaxNormTolerance);
-      TORCH_CHECK(given_max_norm == 0 || largest <= bound, "mips_transform: every row's norm must be at most max_norm = ",
+      // The bound in acc_t, as the CPU computes it (`largest` is an acc_t norm: its cast back is exact).
+      const acc_t bound = static_cast<acc_t>(given_max_norm) * acc_t(1 + kMaxNormTolerance);
+      TORCH_CHECK(given_max_norm == 0 || static_cast<acc_t>(largest) <= bound, "mips_transform: every row's norm must be at most max_norm = ",
                   given_max_norm, " (up to a relative ", kMaxNormTolerance, "), got a row of norm ", largest, " (",
                   largest / given_max_norm - 1, " above it)");
     }
@@ -531,8 +532,9 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
   check_build_tables_args(codes_in, bits);
   cuda::check_cuda(codes_in, "codes", "build_tables");
   const c10::cuda::CUDAGuard guard(codes_in.device());
-  const auto codes = codes_in.contiguous();
-  const int64_t n = codes.size(0), num_tables = codes.size(1), buckets = int64_t(1) << bits;
+  // Table-major [L, N], the layout the sort reads: a view's transpose when the caller's codes are so (no copy).
+  const auto codes = codes_in.t().contiguous();
+  const int64_t n = codes_in.size(0), num_tables = codes_in.size(1), buckets = int64_t(1) << bits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (n == 0) {
     return {at::zeros({num_tables, buckets + 1}, codes.options()), at::empty({num_tables, 0}, codes.options())};
@@ -544,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> build_tables_cuda(const at::Tensor& codes_in,
   const auto err = flag.read();
   TORCH_CHECK(err[0] == 0, "build_tables: codes must be in [0, 2^bits = ", buckets, "), got ", err[1]);
   // [L, N] sorted along N; a stable sort keeps equal codes in ascending neuron id.
-  auto [sorted, order] = at::sort(codes.t().contiguous(), /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  auto [sorted, order] = at::sort(codes, /*stable=*/true, /*dim=*/1, /*descending=*/false);
   auto items = order.to(at::kInt);
   auto offsets = at::empty({num_tables, buckets + 1}, codes.options());
   offsets_kernel<int32_t><<<grid_for(num_tables * (buckets + 1), 256), 256, 0, stream>>>(

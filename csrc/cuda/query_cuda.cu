@@ -122,7 +122,7 @@ __global__ void check_offsets_kernel(const int32_t* __restrict__ offsets, int64_
   }
 }
 
-// Margins are distances (>= 0; NaN passes, as on the CPU): probe_flips' order assumes it.
+// Margins are distances (>= 0; NaN refused, as on the CPU): probe_flips' order assumes it.
 __global__ void check_margins_kernel(const float* __restrict__ margins, int64_t count, int64_t num_tables, int bits,
                                      int64_t* flag) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
