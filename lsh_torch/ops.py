@@ -553,7 +553,10 @@ class _SparseGrad(torch.autograd.Function):
         ctx.op_name = inputs[0]
         _setup_context(ctx, inputs, output)
 
+    # Eager under torch.compile: dynamo cannot trace the COO tensors; traced, the graph break warned the user
+    # to wrap sparse_coo_tensor in a custom op.
     @staticmethod
+    @torch.compiler.disable
     @torch.autograd.function.once_differentiable  # COO gradients of data-dependent rows: no double backward
     def backward(ctx, grad_out):
         return (None, *_GRADS[ctx.op_name](ctx, grad_out, True))

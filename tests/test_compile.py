@@ -7,6 +7,7 @@ training) runs the real ``inductor``.
 """
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,30 @@ def test_compiled_training_equals_eager(mode, sparse, label_smoothing):
     # The only graph breaks: LSHLinear's training bookkeeping and lookup (one per layer and step).
     assert break_reasons() == {"Skip inlining `torch.compiler.disable()`d function"}
     assert graphs[1] == graphs[-1]  # compiled in the first step (one graph per piece), no recompiling after
+
+
+def test_a_compiled_step_with_sparse_gradients_equals_eager_and_warns_nothing():
+    """Forward, backward and LazyAdam in one compiled function. The backward's COO gradients are eager; traced,
+    dynamo warned the user to wrap torch.sparse_coo_tensor in a custom operator."""
+    def run(backend):
+        model = Net()
+        model.head.sparse_grad = True
+        opt = lsh_torch.LazyAdam(model.head.parameters(), lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = model.loss(x, y, sparse=True)
+            loss.backward()
+            opt.step()
+            return loss
+        step = torch.compile(step, backend=backend) if backend else step
+        return [step(*batch(i)).item() for i in range(5)]
+
+    eager = run(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run("aot_eager") == eager
+    assert not [w for w in caught if "sparse_coo_tensor" in str(w.message)]
 
 
 def test_compiled_training_inductor():
