@@ -9,6 +9,7 @@
 #include <initializer_list>
 
 #include "op_checks.h"
+#include "prefetch.h"
 
 namespace lsh_torch {
 namespace {
@@ -40,8 +41,15 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     // bfloat16 it would round the product to the parameter's dtype, this keeps it in float).
     const acc_t c1 = static_cast<acc_t>(1.0 - beta1), c2 = static_cast<acc_t>(1.0 - beta2);
     const acc_t e = eps, lr = step_size, keep = static_cast<acc_t>(1.0 - decay);
+    // The rows a few updates ahead, fetched: random rows of a wide layer miss every cache (670K x 128,
+    // 2,048 rows, 2 threads: 0.96-1.24 -> 0.54-0.60 ms; 16,384 rows 7.4-7.8 -> 3.3-4.5 ms).
+    constexpr int64_t kRowsAhead = 4;
     at::parallel_for(0, rows.numel(), 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        if (i + kRowsAhead < end) {
+          const int64_t ahead = rp[i + kRowsAhead] * width;
+          for (const scalar_t* row : {p + ahead, m + ahead, v + ahead}) prefetch_row(row, width);
+        }
         const int64_t base = rp[i] * width;
         for (int64_t k = 0; k < width; ++k) {
           const acc_t gk = static_cast<acc_t>(g[i * width + k]);
