@@ -25,11 +25,13 @@ def check_int(name: str, value, low: int, high: int) -> int:
     return value
 
 
-def refuse(bad: torch.Tensor, message: str, detail=None) -> None:
+def refuse(bad: torch.Tensor, message: str, detail=None, synced: bool = False) -> None:
     """Raise ``ValueError(message)`` if any entry of ``bad`` is true: on the CPU at once (one host read;
     ``detail(bad)``, if given, adds what was found), under ``torch.compile`` or on another device as an
-    assertion on the device (no host sync, no graph break)."""
-    if torch.compiler.is_compiling() or bad.device.type != "cpu":
+    assertion on the device (no host sync, no graph break; but a failed one ends the CUDA context).
+    ``synced``: the caller waits for the device anyway (a boolean mask's indexing), so the host read
+    costs nothing more and a failure raises on every device."""
+    if torch.compiler.is_compiling() or (bad.device.type != "cpu" and not synced):
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         raise ValueError(message + (detail(bad) if detail is not None else ""))

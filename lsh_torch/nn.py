@@ -666,8 +666,9 @@ class LSHLinear(nn.Module):
         self._check_not_under_ddp()
         batch_shape = input.shape[:-1]
         labels = _label_matrix(labels, batch_shape)
-        # Checked here, not in the query kernel, whose message names its own N; on a GPU the kernel's check,
-        # a clean ValueError, where this one would be a device assertion that ends the CUDA context.
+        # Checked here, not in the query kernel, whose message names its own N. On a GPU the hashed paths leave
+        # it to the kernel, a clean ValueError, where this one would be a device assertion, which ends the CUDA
+        # context; the exact path has no kernel that checks labels, so it keeps the assertion.
         if labels is not None and (self.exact_softmax or labels.device.type == "cpu"):
             _check_label_range(labels, self.out_features)
         if self.exact_softmax:

@@ -537,6 +537,7 @@ class _EveryRowSparseGrad(torch.autograd.Function):
         pass
 
     @staticmethod
+    @torch.compiler.disable  # eager under torch.compile, as _SparseGrad's
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows = torch.arange(grad.shape[0], device=grad.device).unsqueeze(0)

@@ -284,7 +284,7 @@ class LSHTables(nn.Module):
                 columns = changed.expand(codes.shape[0], -1)
                 # Codes are patched in place, but not codes that other processes may read (Hogwild workers
                 # share tables built before share_memory(); each keeps its own from its first build on).
-                # (is_shared() is True for every CUDA tensor: there, no other process shares them.)
+                # (is_shared() is True for every CUDA tensor; Hogwild, sharing them, is CPU-only.)
                 shared = codes.device.type == "cpu" and codes.is_shared()
                 if shared or codes.is_inference() and not torch.is_inference_mode_enabled():
                     codes = codes.clone()

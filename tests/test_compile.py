@@ -123,11 +123,14 @@ def test_compiled_training_equals_eager(mode, sparse, label_smoothing):
     assert graphs[1] == graphs[-1]  # compiled in the first step (one graph per piece), no recompiling after
 
 
-def test_a_compiled_step_with_sparse_gradients_equals_eager_and_warns_nothing():
+@pytest.mark.parametrize("exact", [False, True], ids=["hashed", "exact softmax"])
+def test_a_compiled_step_with_sparse_gradients_equals_eager_and_warns_nothing(exact):
     """Forward, backward and LazyAdam in one compiled function. The backward's COO gradients are eager; traced,
     dynamo warned the user to wrap torch.sparse_coo_tensor in a custom operator."""
     def run(backend):
         model = Net()
+        model.head = LSHLinear(64, 300, seed=2) if exact else model.head  # 300 outputs, active "auto": exact
+        assert model.head.exact_softmax == exact
         model.head.sparse_grad = True
         opt = lsh_torch.LazyAdam(model.head.parameters(), lr=1e-2)
 

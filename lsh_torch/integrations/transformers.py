@@ -231,9 +231,9 @@ def _sparse_loss(head: LSHLinear, hidden: Tensor, labels: Tensor, shift_labels, 
     targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     keep = targets != ignore_index  # ignored positions never reach the lookup or the head
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
-    refuse((targets < 0) | (targets >= head.out_features),
+    refuse((targets < 0) | (targets >= head.out_features),  # synced: the masks above waited for the device
            f"labels must be {ignore_index} (ignored) or in [0, vocab size = {head.out_features})",
-           lambda bad: f", got {targets[bad][0].item()}")
+           lambda bad: f", got {targets[bad][0].item()}", synced=True)
     output = head.forward_sparse(hidden, targets)  # scored in float32, as the unpatched loss upcasts its logits
     loss = sparse_cross_entropy(output._replace(values=output.values.float()), targets, reduction="sum",
                                 label_smoothing=label_smoothing)
