@@ -154,7 +154,8 @@ at::Tensor mips_transform_cuda(const at::Tensor& rows_in, bool query, const std:
       const acc_t bound = static_cast<acc_t>(given_max_norm) * acc_t(1 + kMaxNormTolerance);
       TORCH_CHECK(given_max_norm == 0 || static_cast<acc_t>(largest) <= bound,
                   "mips_transform: every row's norm must be at most max_norm = ", given_max_norm, " (up to a relative ",
-                  kMaxNormTolerance, "), got a row of norm ", largest, " (", largest / given_max_norm - 1, " above it)");
+                  kMaxNormTolerance, "), got a row of norm ", largest, " (", largest / given_max_norm - 1,
+                  " above it)");
     }
     mips_write_kernel<scalar_t, acc_t><<<grid_for(n * (d + 1), 256), 256, 0, stream>>>(
         rows.data_ptr<scalar_t>(), n, d, norms.data_ptr<acc_t>(), max_norm.data_ptr<acc_t>(), query,
