@@ -465,6 +465,18 @@ def _sparse_linear_grads(ctx, grad_out, sparse):
     x, weight, active = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     need_x, need_w, need_b = _needs(ctx)
+    if sparse and torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty): the same gradients from differentiable ops, on the touched
+        # rows alone (active renumbered into them), gathered with a sparse gradient: second-order weight
+        # gradients stay row-sparse too.
+        rows, position = torch.unique(active, return_inverse=True)
+        grad_x = _ops.sparse_linear_grad_input(grad_out, F.embedding(rows, weight, sparse=True), position) \
+            if need_x else None
+        grad_w = grad_b = None
+        if need_w or need_b:
+            grad_w, grad_b = _row_grads(rows, *_ops.sparse_linear_grad_weight(grad_out, x, position, rows.shape[0]),
+                                        weight, need_w, need_b, sparse=True, coalesced=True)
+        return grad_x, grad_w, grad_b, None
     grad_x = _ops.sparse_linear_grad_input(grad_out, weight, active) if need_x else None
     grad_w = grad_b = None
     if sparse and (need_w or need_b):
@@ -479,7 +491,8 @@ def _sparse_linear_grads(ctx, grad_out, sparse):
 def _shared_linear_grads(ctx, grad_out, sparse):
     x, weight, indices = ctx.saved_tensors
     need_x, need_w, need_b = _needs(ctx)
-    grad_x = grad_out @ weight.index_select(0, indices) if need_x else None
+    # (Gathered by an embedding: a second-order weight gradient is then row-sparse where the first is.)
+    grad_x = grad_out @ F.embedding(indices, weight, sparse=sparse) if need_x else None
     grad_w, grad_b = _row_grads(indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None,
                                 weight, need_w, need_b, sparse, coalesced=False)
     return grad_x, grad_w, grad_b, None
@@ -538,7 +551,6 @@ class _EveryRowSparseGrad(torch.autograd.Function):
 
     @staticmethod
     @torch.compiler.disable  # eager under torch.compile, as _SparseGrad's
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows = torch.arange(grad.shape[0], device=grad.device).unsqueeze(0)
         return torch.sparse_coo_tensor(rows, grad.contiguous(), grad.shape, is_coalesced=True, check_invariants=False)
@@ -558,6 +570,5 @@ class _SparseGrad(torch.autograd.Function):
     # to wrap sparse_coo_tensor in a custom op.
     @staticmethod
     @torch.compiler.disable
-    @torch.autograd.function.once_differentiable  # COO gradients of data-dependent rows: no double backward
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out):  # differentiable (a gradient penalty's create_graph=True): see _sparse_linear_grads
         return (None, *_GRADS[ctx.op_name](ctx, grad_out, True))

@@ -261,30 +261,34 @@ def test_autocast_eval_and_topk_like_linear(inference, low, device):
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
-def test_gradient_penalty_matches_linear_on_the_active_set(mode):
-    layer = LSHLinear(16, 200, active=20, seed=3, mode=mode, dtype=torch.float64)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("upstream", ["quadratic", "linear"])
+def test_gradient_penalty_matches_linear_on_the_active_set(mode, sparse_grad, upstream):
+    """``upstream="linear"``: the first backward's incoming gradient needs no graph (with sparse_grad=True
+    its weight-dependent part was once dropped without a word)."""
+    layer = LSHLinear(16, 200, active=20, seed=3, mode=mode, sparse_grad=sparse_grad, dtype=torch.float64)
     linear = nn.Linear(16, 200, dtype=torch.float64)
     linear.load_state_dict(layer.state_dict())
     x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(6, 200, dtype=torch.float64)
     penalties = []
     for module in (layer, linear):
         out = module(x)
         if module is layer:
             mask = out != 0
-        grad_x, = torch.autograd.grad((out * mask).pow(2).sum(), x, create_graph=True)
+        loss = (out * mask).pow(2).sum() if upstream == "quadratic" else (out * mask * scale).sum()
+        grad_x, = torch.autograd.grad(loss, x, create_graph=True)
         penalties.append(grad_x.pow(2).sum())
         penalties[-1].backward()
     torch.testing.assert_close(penalties[0], penalties[1])
     assert linear.weight.grad.abs().max() > 1
-    torch.testing.assert_close((layer.weight.grad, layer.bias.grad), (linear.weight.grad, linear.bias.grad))
-
-
-def test_gradient_penalty_with_sparse_grad_raises():
-    layer = LSHLinear(16, 200, active=20, sparse_grad=True)
-    x = torch.randn(6, 16, requires_grad=True)
-    grad_x, = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad_x.pow(2).sum().backward()
+    assert layer.weight.grad.is_sparse == sparse_grad
+    torch.testing.assert_close(layer.weight.grad.to_dense(), linear.weight.grad)
+    if upstream == "quadratic":  # (a penalty on x's gradient of a linear loss does not depend on the bias)
+        assert layer.bias.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(layer.bias.grad.to_dense(), linear.bias.grad)
+    else:
+        assert layer.bias.grad is linear.bias.grad is None
 
 
 @pytest.mark.parametrize("transform", ["grad", "vmap"])

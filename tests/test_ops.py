@@ -816,8 +816,7 @@ def test_query_takes_ignore_index_as_padding():
 
 
 def test_double_backward_float64():
-    """Gradient penalties: the backward ops are differentiable too (gradgradcheck), and the
-    row-sparse (COO) gradient refuses a second backward instead of returning a wrong one."""
+    """Gradient penalties: the backward ops are differentiable too (gradgradcheck)."""
     x, weight, bias, active = sparse_problem(torch.float64)
     inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
     assert torch.autograd.gradgradcheck(lambda x, w, b: ops.sparse_linear(x, w, b, active), inputs)
@@ -826,11 +825,32 @@ def test_double_backward_float64():
     g = torch.randn(active.shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda g, w: OPS.sparse_linear_grad_input(g, w, active), (g, inputs[1]))
     assert torch.autograd.gradgradcheck(lambda g, x: OPS.sparse_linear_grad_weight(g, x, active, 40), (g, inputs[0]))
-    for linear, index in ((ops.sparse_linear, active), (ops.shared_linear, active[0])):
-        out = linear(*inputs, index, sparse_grad=True)
-        grad_x, = torch.autograd.grad(out.pow(2).sum(), inputs[0], create_graph=True)
-        with pytest.raises(RuntimeError, match="differentiate twice"):
-            grad_x.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("linear", ["sparse_linear", "shared_linear", "linear"])
+@pytest.mark.parametrize("upstream", ["quadratic", "linear"])
+def test_double_backward_of_row_sparse_gradients_float64(linear, upstream):
+    """Gradient penalties under sparse_grad=True: the gradients of a penalty on the first gradients (of
+    x, the weight and the bias) equal the dense gradients' (gradgradchecked above) and stay row-sparse.
+    A loss linear in the output gives a first backward whose incoming gradient needs no graph: marked
+    once-differentiable, its weight-dependent part was silently dropped (the weight's gradient was wrong)."""
+    x, weight, bias, active = sparse_problem(torch.float64)
+    index = {"sparse_linear": (active,), "shared_linear": (active[0],), "linear": ()}[linear]
+    scale = torch.randn_like(getattr(ops, linear)(x, weight, bias, *index))
+
+    def gradients(sparse_grad):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = getattr(ops, linear)(*inputs, *index, sparse_grad=sparse_grad)
+        loss = out.pow(2).sum() if upstream == "quadratic" else (out * scale).sum()
+        first = torch.autograd.grad(loss, inputs, create_graph=True)
+        assert [g.is_sparse for g in first] == [False, sparse_grad, sparse_grad]
+        penalty = sum((g.to_dense() if g.is_sparse else g).pow(2).sum() for g in first)
+        (loss + penalty).backward()
+        assert [t.grad.is_sparse for t in inputs] == [False, sparse_grad, sparse_grad]
+        return [t.grad.to_dense() for t in inputs]
+
+    for sparse, dense in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(sparse, dense)
 
 
 def test_query_shared_ranks_by_exact_hits_in_batches_beyond_16_bit_counts():
