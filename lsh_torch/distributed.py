@@ -284,6 +284,15 @@ def shard_range(out_features: int, rank: int, world_size: int) -> tuple[int, int
     return start, start + base + (rank < extra)
 
 
+def _first_order_only(what: str) -> None:
+    """Refuse a backward with ``create_graph=True`` (a gradient penalty): the collectives below are not
+    differentiable, so a second-order gradient through them would come back incomplete without a word."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: second-order gradients (backward with create_graph=True, e.g. a gradient "
+                           "penalty) do not pass the sharded layer's collectives; an LSHLinear in one process "
+                           "computes them exactly")
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows ``[sum(sizes), d]`` from this rank's ``x [sizes[rank], d]``. Backward: the
     gradient of this rank's rows summed over the ranks (every rank's loss may use them)."""
@@ -295,6 +304,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only("ShardedLSHLinear (gathering the ranks' inputs)")
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
@@ -315,6 +325,7 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only("ShardedLSHLinear (gathering the shards' outputs)")
         start = sum(ctx.widths[: ctx.rank])
         rows = _gather_padded(grad.contiguous(), ctx.group)
         return torch.cat([r[:, start: start + ctx.widths[ctx.rank]] for r in rows]), None, None, None, None
@@ -357,6 +368,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only("sparse_cross_entropy of a ShardedSparseOutput")
         probs, target, labelled = ctx.saved_tensors
         upstream = torch.cat(_gather_rows(grad.contiguous(), list(ctx.sizes), ctx.group))
         upstream = torch.where(labelled, upstream, 0.0)

@@ -314,8 +314,15 @@ def _sharded_loss_run(rank, mode, sparse_grad, label_smoothing):
     loss = sparse_cross_entropy(out, labels[rank], label_smoothing=label_smoothing)
     loss.backward()
     dense = lambda g: g.to_dense() if g.is_sparse else g
+    refused = None  # a gradient penalty's create_graph=True: refused, not incomplete
+    try:
+        torch.autograd.grad(sparse_cross_entropy(layer.forward_sparse(x, labels[rank]), labels[rank]), x,
+                            create_graph=True)
+    except RuntimeError as error:
+        refused = str(error)
     return {"loss": loss.detach(), "x_grad": x.grad, "weight_grad": dense(layer.weight.grad),
-            "bias_grad": dense(layer.bias.grad), "rows": (layer.start, layer.end), "indices": out.indices}
+            "bias_grad": dense(layer.bias.grad), "rows": (layer.start, layer.end), "indices": out.indices,
+            "refused": refused}
 
 
 @pytest.mark.parametrize("mode,sparse_grad,label_smoothing", [("shared", False, 0.0), ("per_row", True, 0.25)])
@@ -330,6 +337,7 @@ def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, spars
         torch.testing.assert_close(result["x_grad"], x_grads[rank])
         torch.testing.assert_close(result["weight_grad"], weight_grad[start:end])
         torch.testing.assert_close(result["bias_grad"], bias_grad[start:end])
+        assert "second-order gradients" in result["refused"]
 
 
 def _sharded_tail_run(rank):
