@@ -644,14 +644,16 @@ def xmc_equal_time(xmc: dict, fractions=(0.25, 0.5, 0.75, 1.0), column: int = 3)
 
 
 def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: bool = False,
-                     xlog: bool = True, reference: float | None = None) -> None:
+                     xlog: bool = True, reference: float | None = None,
+                     xlabel: str = "training seconds (2 CPU cores)") -> None:
     """Curves over seeds against training time, one panel per ``(title, {name: [curve, ...]})`` side
     by side (a shared y axis), each curve ``[(seconds, value), ...]``: per name the mean over seeds
     as a line, over the times all its seeds cover, and the seeds' spread as a band, ``"range"``
     (min to max) or ``"std"`` (mean ± std). ``ylog``: a log y axis, curves interpolated linearly in
     log(value) (:func:`curve_at`). ``xlog``: a log time axis (for curves evaluated often: on it the
     line from t=0 to the first evaluation spans most of the width). ``reference``: a horizontal
-    line at that value. Written to ``path``; nothing without matplotlib."""
+    line at that value. ``xlabel``: what the curves' first values are. Written to ``path``; nothing
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -671,7 +673,7 @@ def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: 
                              (mean - values.std(0, ddof=1), mean + values.std(0, ddof=1)))
                 ax.fill_between(grid, np.maximum(low, mean * 1e-3) if ylog else low, high, alpha=0.25,
                                 color=line.get_color())
-        ax.set_xlabel("training seconds (2 CPU cores)")
+        ax.set_xlabel(xlabel)
         if reference is not None:
             ax.axhline(reference, color="gray", linewidth=0.8)
         if xlog:

@@ -17,7 +17,7 @@ import cli  # noqa: E402
 
 EXAMPLES = ["xmc", "hogwild_xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm", "xmc_data"]
 BENCHMARKS = ["bench_estimator", "bench_topk", "bench_layer", "bench_output_layer", "bench_lm_recall",
-              "bench_distributed", "bench_gpu", "bench_paper", "bench_sweep", "bench_narrow"]
+              "bench_xmc_recall", "bench_distributed", "bench_gpu", "bench_paper", "bench_sweep", "bench_narrow"]
 
 
 def script(name: str):

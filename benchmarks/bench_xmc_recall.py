@@ -1,0 +1,128 @@
+"""Does retrieval limit the XMC demo? Its hashed top set against an exact one (the oracle: perfect
+retrieval) and the uniform set, each with the corrected tail, on the demo's data and settings.
+
+    python benchmarks/bench_xmc_recall.py                       # 10 epochs, seeds 0-2 (about 10 min)
+    python benchmarks/bench_xmc_recall.py --epochs 5 --seeds 0 --structure tree
+
+Every quarter epoch: P@1 on the demo's eval subset (1,000 test points) and the recall of the exact
+top ``--k`` outputs of 256 of them by the shared set a training step would draw for them
+(``lsh_torch.diagnostics.active_set_recall``: labels, top set from a sample of the rows, tail).
+The oracle's pool is the exact best outputs (``bench_estimator.exact_top_set``: dense logits, every
+row of the batch scoring the top set); its steps cost a dense layer's, so the curves are against
+epochs, not time (the demo and ``bench_estimator.py`` compare hashed and uniform at equal time).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+import bench_estimator  # noqa: E402
+import cli  # noqa: E402
+import xmc  # noqa: E402
+import xmc_data  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lsh_torch.diagnostics import active_set_recall  # noqa: E402
+
+SETS = {"hashed": "lsh", "oracle": "lsh", "uniform": "random"}  # -> the demo's run kind
+
+
+def train(name: str, seed: int, args) -> list[dict]:
+    """One run of the demo's shared head: a row per quarter epoch (epoch, P@1, recall, mass recall)."""
+    demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure])
+    data, test = xmc_data.generate_split(demo.train_points, demo.test_points, seed=seed, num_features=demo.features,
+                                         num_labels=demo.labels, structure=demo.structure)
+    eval_data = test.subset(np.random.default_rng(seed).permutation(len(test))[:demo.eval_points])  # the demo's
+    kind = SETS[name]
+    net = xmc.build(kind, "shared", data, demo, xmc.active_budget(data, demo, "shared", seed))
+    if name == "oracle":
+        bench_estimator.exact_top_set(net.out)
+    opts = xmc.optimizers(net, kind, demo.lr, demo.out_lr if demo.out_lr is not None else demo.lr)
+    per_epoch = math.ceil(len(data) / demo.batch_size)
+    every, probe = max(1, round(per_epoch / 4)), next(eval_data.batches(256, shuffle=False))[:3]
+    rows, step = [], 0
+    for epoch in tqdm(range(args.epochs), desc=f"{name} seed {seed}", unit="epoch", file=sys.stdout):
+        for batch in data.batches(demo.batch_size, seed=seed + epoch):
+            net.train()
+            loss = xmc.loss_fn(net, kind, batch)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            step += 1
+            if step % every:
+                continue
+            with torch.no_grad():
+                h = net.hidden(*probe)
+            found = active_set_recall(net.out, h, k=args.k, sparse=True)
+            rows.append({"epoch": step / per_epoch, "P@1": xmc.evaluate(net, kind, eval_data)[0]["P@1"],
+                         "recall": found["recall"], "mass_recall": found["mass_recall"],
+                         "warmup": step <= net.out.warmup})
+    return rows
+
+
+def at_epochs(runs: list[list[dict]], key: str, epochs) -> list[list[float]]:
+    """Each run's ``key`` at the evaluations nearest to ``epochs``."""
+    return [[min(run, key=lambda r: abs(r["epoch"] - e))[key] for e in epochs] for run in runs]
+
+
+def report(results: dict, args) -> None:
+    epochs = list(range(1, args.epochs + 1))
+    print(f"\nXMC demo ({args.structure}), shared set, seeds {args.seeds}: P@1 / recall of the exact top {args.k} "
+          "(mean ± std over seeds) at the end of each epoch (epoch 1: the warm-up's uniform sets)")
+    print("| epoch | " + " | ".join(f"{name} P@1 | {name} recall" for name in results) + " |")
+    print("|---:|" + "---:|---:|" * len(results))
+    cells = {name: (at_epochs(runs, "P@1", epochs), at_epochs(runs, "recall", epochs)) for name, runs in results.items()}
+    for i, epoch in enumerate(epochs):
+        row = []
+        for p1, recall in cells.values():
+            for values in (p1, recall):
+                column = [v[i] for v in values]
+                row.append(bench_estimator.spread_cell(statistics.mean(column),
+                                                       statistics.stdev(column) if len(column) > 1 else 0.0,
+                                                       len(column), 3))
+        print(f"| {epoch} | " + " | ".join(row) + " |")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=cli.integer(2), default=10, help="epochs of each run (the first is the warm-up)")
+    p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="seeds (data and runs), comma-separated")
+    p.add_argument("--structure", type=cli.choice("clusters", "tree"), default="clusters",
+                   help="the synthetic labels' structure (examples/xmc_data.py)")
+    p.add_argument("--sets", type=cli.listing(cli.choice(*SETS), "sets"), default=",".join(SETS),
+                   help="which sets to train, comma-separated")
+    p.add_argument("--k", type=cli.integer(), default=64, help="the exact top k whose recall is measured")
+    p.add_argument("--json", type=cli.results_path, default=os.path.join(HERE, "results", "xmc_recall.json"))
+    p.add_argument("--plot", type=cli.output_path, default=os.path.join(HERE, "results", "xmc_recall.png"),
+                   help="P@1 and recall against epochs, the seeds' range as a band ('' for none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = {name: [train(name, seed, args) for seed in args.seeds] for name in args.sets}
+    report(results, args)
+    cli.write_json(args.json, {"args": vars(args), "runs": results})
+    print(f"results: {args.json}")
+    if args.plot:
+        after_warmup = lambda run, key: [(r["epoch"], r[key]) for r in run if not r["warmup"]]  # noqa: E731
+        for key, path, label in (("P@1", args.plot, "P@1 (eval subset)"),
+                                 ("recall", args.plot.replace(".png", "_top.png"), f"recall of the exact top {args.k}")):
+            bench_estimator.plot_seed_curves([("", {name: [after_warmup(run, key) for run in runs]
+                                                    for name, runs in results.items()})],
+                                             path, label, xlog=False, xlabel="epoch")
+
+
+if __name__ == "__main__":
+    main()
