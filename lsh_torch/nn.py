@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import sys
 import warnings
 import weakref
 from typing import NamedTuple, Optional
@@ -993,11 +994,28 @@ class _Draw:
 
 def _may_be_recomputed() -> bool:
     """Whether activation checkpointing may recompute this training forward: it runs under saved-tensor
-    hooks (torch.utils.checkpoint's non-reentrant mode, transformers' default) or without grad
-    (the reentrant mode's first pass), outside backward. Other forwards record nothing: a record
-    keeps the active set alive (49 MiB a step held by a loss kept across steps, measured)."""
-    return torch._C._current_graph_task_id() == -1 and (
-        not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+    hooks (torch.utils.checkpoint's non-reentrant mode, transformers' default) or without grad inside an
+    autograd.Function's forward (the reentrant mode's first pass: torch's, DeepSpeed's), outside backward.
+    Other forwards record nothing: a record keeps the active set alive (49 MiB a step held by a loss kept
+    across steps, measured), and a plain no_grad training forward's record (PPO's old log-probabilities
+    in train mode) was replayed for a later checkpointed forward of the same input: wrong gradients."""
+    if torch._C._current_graph_task_id() != -1:
+        return False
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return True
+    return not torch.is_grad_enabled() and _in_autograd_function_forward()
+
+
+def _in_autograd_function_forward() -> bool:
+    """Whether a caller is an (old-style) autograd.Function's ``forward(ctx, ...)``, as a reentrant
+    checkpoint's is. Walked only for training forwards without grad."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "forward" and frame.f_code.co_argcount and frame.f_code.co_varnames[0] == "ctx" \
+                and isinstance(frame.f_locals.get("ctx"), torch.autograd.function.FunctionCtx):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _RecordedDraws:

@@ -577,12 +577,44 @@ def test_recorded_draws_live_with_their_graph_and_copies_start_empty():
     del out
     gc.collect()
     assert [r() for r in layer._draws._with_graph] == [None]  # freed with the graph, not kept by the layer
-    with torch.no_grad():  # as reentrant checkpointing's first pass
-        for _ in range(20):
-            layer(torch.randn(8, 16))
+    with torch.no_grad():  # a plain forward without grad: never recomputed, nothing kept
+        layer(torch.randn(8, 16))
+    assert not layer._draws._without_graph
+    from torch.utils.checkpoint import checkpoint
+    for _ in range(20):  # reentrant checkpointing's first pass (no grad, inside its Function), never backwarded
+        checkpoint(layer, torch.randn(8, 16, requires_grad=True), use_reentrant=True)
     assert len(layer._draws._without_graph) == layer._draws.WITHOUT_GRAPH  # bounded
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert not other._draws._without_graph and not other._draws._with_graph
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_a_forward_without_grad_before_a_checkpointed_one_of_the_same_input(use_reentrant, mode):
+    """A training forward under no_grad (PPO's old log-probabilities in train mode, a logged metric), then
+    a checkpointed one of the same batch: the recomputation was given the first forward's set (a plain
+    no_grad forward was recorded as if reentrant checkpointing's first pass), and the weight's gradient
+    was off by a third of its norm, warned once and then silent."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        layer = LSHLinear(16, 600, active=64, mode=mode, seed=1, sparse_grad=True)
+        for step in range(3):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+            y = torch.randint(0, 600, (8,), generator=torch.Generator().manual_seed(step))
+            region = lambda v: sparse_cross_entropy(layer.forward_sparse(v, y), y)  # noqa: E731
+            with torch.no_grad():
+                region(x)
+            layer.zero_grad()
+            x = x.requires_grad_()
+            (checkpoint(region, x, use_reentrant=use_reentrant) if checkpointed else region(x)).backward()
+            yield layer.weight.grad.to_dense(), x.grad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ambiguity left to warn about
+        for ours, plain in zip(grads(True), grads(False)):
+            assert all(torch.equal(a, b) for a, b in zip(ours, plain))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
