@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -687,13 +688,16 @@ class LSHLinear(nn.Module):
 
     def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,
                 sparse: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if not torch.compiler.is_compiling() and any(
-                t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight, bias)):
+        if not torch.compiler.is_compiling() and any(t is not None and (
+                torch._C._functorch.is_functorch_wrapped_tensor(t)
+                or forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None)
+                for t in (x, weight, bias)):
             raise RuntimeError(
                 "LSHLinear's sparse path (training, inference='lsh') does not support torch.func transforms "
-                "(grad, vmap, jacrev, ...): its custom operators have no functorch rules, and its active sets "
-                "depend on the whole batch. Use torch.autograd (loss.backward(), torch.autograd.grad), or eval "
-                "with inference='dense', which is nn.Linear's computation.")
+                "(grad, vmap, jacrev, ...) or forward-mode AD (torch.autograd.forward_ad, jvp): its custom "
+                "operators have no functorch or jvp rules, and its active sets depend on the whole batch. Use "
+                "torch.autograd (loss.backward(), torch.autograd.grad), or eval with inference='dense', which "
+                "is nn.Linear's computation.")
         if self.training:
             active, head = self._training_active_set(x, labels, shared, sparse, torch.compiler.is_compiling())
         else:

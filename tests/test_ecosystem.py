@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from lsh_torch import LSHLinear, SparseOutput, load_lsh_state, lsh_state, sparse_cross_entropy
 
@@ -299,6 +300,8 @@ def test_torch_func_on_the_sparse_path_raises_clearly(transform, sparse_grad):
     loss = lambda params, x: torch.func.functional_call(layer, params, (x,)).pow(2).sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
         torch.func.grad(loss)(params, x) if transform == "grad" else torch.func.vmap(layer)(x[:, None])
+    with pytest.raises(RuntimeError, match="or forward-mode AD"), forward_ad.dual_level():  # jvp's own message
+        layer(forward_ad.make_dual(x, torch.ones_like(x)))                                 # named no layer
     layer.eval()  # dense eval is nn.Linear's computation, which torch.func supports
     linear = nn.Linear(16, 200)
     linear.load_state_dict(layer.state_dict())
