@@ -638,6 +638,8 @@ class LSHLinear(nn.Module):
         """Warn if the zero-filled training output feeds a softmax cross-entropy over all outputs: its
         gradient (probabilities minus the target) sums to zero per row and is positive at every neuron
         outside the active set but the target, which an un-forced target often is."""
+        if torch._C._functorch.is_legacy_batchedtensor(grad):  # batched gradients (is_grads_batched): not checked
+            return
         grad = grad.detach().float()
         outside = torch.ones_like(grad, dtype=torch.bool)
         outside = outside.index_fill_(1, active, False) if active.dim() == 1 else outside.scatter_(1, active, False)

@@ -447,6 +447,15 @@ def _needs(ctx):
     return need_x, need_w, need_b and ctx.has_bias
 
 
+def _refuse_batched(grad_out: Tensor, what: str) -> None:
+    """Batched gradients (vmap over backward) through a path whose weight gradient vmap cannot build."""
+    if torch._C._functorch.is_legacy_batchedtensor(grad_out) or torch._C._functorch.is_functorch_wrapped_tensor(grad_out):
+        raise RuntimeError(f"{what}: batched gradients (torch.autograd.grad(is_grads_batched=True), "
+                           "torch.autograd.functional.jacobian(vectorize=True)) are not supported: the weight's "
+                           "gradient is built in place over its rows. Loop over the vectors instead (vectorize=False), "
+                           "or use mode='per_row' with dense gradients, which supports them.")
+
+
 def _row_grads(rows, grad_rows, grad_bias_rows, weight, need_w, need_b, sparse, coalesced):
     """Gradients of the weight and bias from those of their rows ``rows``. ``coalesced``: the rows
     are sorted and unique (sparse_linear_grad_weight_rows), so the COO tensors may say so; otherwise
@@ -491,6 +500,8 @@ def _sparse_linear_grads(ctx, grad_out, sparse):
 def _shared_linear_grads(ctx, grad_out, sparse):
     x, weight, indices = ctx.saved_tensors
     need_x, need_w, need_b = _needs(ctx)
+    if need_w or need_b:
+        _refuse_batched(grad_out, "shared_linear (a shared active set)")
     # (Gathered by an embedding: a second-order weight gradient is then row-sparse where the first is.)
     grad_x = grad_out @ F.embedding(indices, weight, sparse=sparse) if need_x else None
     grad_w, grad_b = _row_grads(indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None,
@@ -571,4 +582,5 @@ class _SparseGrad(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable
     def backward(ctx, grad_out):  # differentiable (a gradient penalty's create_graph=True): see _sparse_linear_grads
+        _refuse_batched(grad_out, "sparse_grad=True (row-sparse COO gradients)")
         return (None, *_GRADS[ctx.op_name](ctx, grad_out, True))

@@ -311,6 +311,25 @@ def test_torch_func_on_the_sparse_path_raises_clearly(transform, sparse_grad):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("mode,sparse_grad", [("per_row", False), ("shared", False), ("per_row", True)])
+def test_batched_gradients_are_exact_per_row_and_refused_clearly_elsewhere(mode, sparse_grad):
+    """torch.autograd.grad(is_grads_batched=True) (jacobian(vectorize=True)) at a layer's first backward failed
+    in the loss check's hook ('Batching rule not implemented for aten::detach'); where vmap cannot build the
+    weight's gradient (a shared set's in-place rows, COO tensors) it failed deep inside torch, naming nothing."""
+    layer = LSHLinear(16, 200, active=20, mode=mode, sparse_grad=sparse_grad, dtype=torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    vectors = torch.randn(4, *out.shape, dtype=torch.float64)
+    if mode == "shared" or sparse_grad:
+        with pytest.raises(RuntimeError, match="batched gradients .* are not supported"):
+            torch.autograd.grad(out, (x, layer.weight), vectors, is_grads_batched=True)
+        return
+    batched = torch.autograd.grad(out, (x, layer.weight), vectors, is_grads_batched=True, retain_graph=True)
+    for vector, *each in zip(vectors, *batched):
+        for ours, looped in zip(each, torch.autograd.grad(out, (x, layer.weight), vector, retain_graph=True)):
+            torch.testing.assert_close(ours, looped)
+
+
 def test_a_parametrized_weight_warns_once_at_the_callers_line():
     """weight_norm / parametrize make the weight a new tensor at every access, and the tables are
     rebuilt from every row at every lookup: said once per layer, pointing at the user's call."""
