@@ -38,7 +38,8 @@ SETS = {"hashed": "lsh", "oracle": "lsh", "uniform": "random"}  # -> the demo's 
 
 def train(name: str, seed: int, args) -> list[dict]:
     """One run of the demo's shared head: a row per quarter epoch (epoch, P@1, recall, mass recall)."""
-    demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure])
+    demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure,
+                           "--labels", str(args.labels), "--train-points", str(args.train_points)])
     data, test = xmc_data.generate_split(demo.train_points, demo.test_points, seed=seed, num_features=demo.features,
                                          num_labels=demo.labels, structure=demo.structure)
     eval_data = test.subset(np.random.default_rng(seed).permutation(len(test))[:demo.eval_points])  # the demo's
@@ -78,7 +79,7 @@ def at_epochs(runs: list[list[dict]], key: str, epochs) -> list[list[float]]:
 
 def report(results: dict, args) -> None:
     epochs = list(range(1, args.epochs + 1))
-    print(f"\nXMC demo ({args.structure}), shared set, seeds {args.seeds}: P@1 / recall of the exact top {args.k} "
+    print(f"\nXMC demo ({args.structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, seeds {args.seeds}: P@1 / recall of the exact top {args.k} "
           "(mean ± std over seeds) at the end of each epoch (epoch 1: the warm-up's uniform sets)")
     print("| epoch | " + " | ".join(f"{name} P@1 | {name} recall" for name in results) + " |")
     print("|---:|" + "---:|---:|" * len(results))
@@ -100,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="seeds (data and runs), comma-separated")
     p.add_argument("--structure", type=cli.choice("clusters", "tree"), default="clusters",
                    help="the synthetic labels' structure (examples/xmc_data.py)")
+    p.add_argument("--labels", type=cli.integer(), default=100_000, help="outputs of the layer (the demo's)")
+    p.add_argument("--train-points", type=cli.integer(), default=20_000, help="training points (the demo's)")
     p.add_argument("--sets", type=cli.listing(cli.choice(*SETS), "sets"), default=",".join(SETS),
                    help="which sets to train, comma-separated")
     p.add_argument("--k", type=cli.integer(), default=64, help="the exact top k whose recall is measured")

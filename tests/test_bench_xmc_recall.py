@@ -1,0 +1,25 @@
+"""benchmarks/bench_xmc_recall.py on a small synthetic set: its table, JSON and plots, and that the
+oracle's top set is the exact one (its recall)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_xmc_recall as bxr  # noqa: E402
+
+
+def test_small_run(tmp_path, capsys):
+    path = str(tmp_path / "recall.json")
+    bxr.main(["--epochs", "2", "--seeds", "0", "--labels", "10000", "--train-points", "1000", "--k", "16",
+              "--json", path, "--plot", str(tmp_path / "recall.png")])
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    assert list(runs) == ["hashed", "oracle", "uniform"]
+    after = {name: [r for r in seeds[0] if not r["warmup"]] for name, seeds in runs.items()}
+    assert all(0 <= r["recall"] <= 1 for rows in after.values() for r in rows)
+    # Uniform sets find about their share of the outputs; the exact top set finds the batch's top outputs
+    # (a shared set of 2,048 for 256 points' top 16: not all of them).
+    assert max(r["recall"] for r in after["uniform"]) < 0.5 < min(r["recall"] for r in after["oracle"])
+    assert after["oracle"][0]["recall"] >= after["hashed"][0]["recall"]
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and os.path.exists(tmp_path / "recall.png") and os.path.exists(tmp_path / "recall_top.png")
