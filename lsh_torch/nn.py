@@ -351,17 +351,22 @@ class LSHLinear(nn.Module):
             self._hashed_from = tensor_ref(self.weight)
             self._stepped_version = None  # another weight's counter (a replaced Parameter) could reach it
             # (None while tracing, where versions are not read: the next eager eval lookup re-checks the rows)
-            self._hashed_version = (None if torch.compiler.is_compiling() or self.weight.is_inference()
-                                    else self.weight._version)
+            self._hashed_version = None if torch.compiler.is_compiling() else self._weight_version()
 
     def _moved_since_build(self) -> bool:
         """Has the weight changed in place since the tables were built, other than by the optimizer steps
-        since (its version counter; an inference tensor has none)? Checked by eval lookups only: training
-        follows the schedule. Eval keeps the tables training left: the layers after a hidden layer adapted
-        to the sets they give (bench_paper's MNIST network at 10% active, 3 seeds: 73.7% on them, 64.9% on
-        re-hashed ones)."""
-        version = None if self.weight.is_inference() else self.weight._version
+        since (its version counter; an inference tensor has none)? Checked by eval lookups, and by training's
+        until the first optimizer step after a build: then training follows the schedule. Eval keeps the tables
+        training left: the layers after a hidden layer adapted to the sets they give (bench_paper's MNIST
+        network at 10% active, 3 seeds: 73.7% on them, 64.9% on re-hashed ones)."""
+        version = self._weight_version()
         return version is not None and version not in (self._hashed_version, self._stepped_version)
+
+    def _weight_version(self) -> Optional[tuple]:
+        """What an in-place write to the weight changes: its version counter, and its storage (``param.data =``,
+        which ``torch.nn.utils.vector_to_parameters`` does, keeps the counter); None for an inference tensor,
+        which has no counter."""
+        return None if self.weight.is_inference() else (self.weight.data_ptr(), self.weight._version)
 
     def _tables_current(self) -> bool:
         """Do the tables answer for the weight as it is (what a copy or a checkpoint keeps of the versions)?"""
@@ -372,7 +377,7 @@ class LSHLinear(nn.Module):
         answer for it as training's next forward would use them, once training has used them (not during
         ``warmup``, whose draws are uniform). A write before the step counts as training's too."""
         used = self.step > self.warmup
-        self._stepped_version = None if not used or self.weight.is_inference() else self.weight._version
+        self._stepped_version = self._weight_version() if used else None
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight
@@ -405,8 +410,8 @@ class LSHLinear(nn.Module):
         super().__setstate__(state)
         follow_optimizer_steps(self)  # a process that only unpickles layers (torch.load of a model, spawned workers)
         self._hashed_from = tensor_ref(self.weight) if own else None
-        if current and not self.weight.is_inference():
-            self._hashed_version = self.weight._version
+        if current:
+            self._hashed_version = self._weight_version()
 
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables and topk's index (say so after writes through
@@ -458,9 +463,12 @@ class LSHLinear(nn.Module):
         if self._stale:
             self._warn_if_parametrized()
             self._build()
-        elif not self.training and not torch.compiler.is_compiling() and self._moved_since_build():
-            # Eval after an EMA copy_, an init (not after optimizer steps alone): the rows that moved re-hashed
-            # (an incremental build, which training goes on from).
+        elif not torch.compiler.is_compiling() and self._moved_since_build() and (
+                not self.training or self._stepped_version is None):
+            # Eval after an EMA copy_, an init (not after optimizer steps alone); training after a write with no
+            # optimizer step since the build (pretrained rows copied in after a first forward: until the next
+            # scheduled build, near-random sets). Writes between steps (a max-norm clamp_) wait for training's
+            # schedule. The rows that moved re-hashed (an incremental build, which training goes on from).
             self._build()
         seed = self._step_seed() if self.training else self.seed
         # Eval rows draw by their codes, not their places in the batch: an input gets the same set (and

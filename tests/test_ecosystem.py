@@ -159,7 +159,7 @@ def test_a_process_that_only_unpickles_layers_sees_fused_steps(tmp_path):
               "opt = torch.optim.Adam(layer.parameters(), lr=0.5, fused=True)\n"
               "lsh_torch.sparse_cross_entropy(layer.forward_sparse(x, y), y).backward()\n"
               "version = layer.weight._version; opt.step()\n"
-              "print(layer.weight._version > version, layer._stepped_version == layer.weight._version)\n")
+              "print(layer.weight._version > version, layer._stepped_version == layer._weight_version())\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
