@@ -14,7 +14,7 @@ from ._checks import check_int, refuse
 def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
                          label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy over the active logits, the target mass spread evenly over each
-    row's true labels (as SLIDE does).
+    row's distinct true labels (as SLIDE does; a label given twice counts once).
 
     The output's ``log_weights`` (if any) are added to the logits first: the uniformly drawn tail
     of the active set then stands for all the neurons it was drawn from, and the softmax's
@@ -99,7 +99,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
 def reduce_loss(loss: Tensor, has_label: Tensor, reduction: str, batch_shape: torch.Size, values: Tensor) -> Tensor:
     """Per-row ``loss`` (float32, or float64) reduced in its own dtype, then returned in ``values``'
     dtype, or float32 under autocast as ``F.cross_entropy``'s (autocast runs it in float32): rounding
-    each row's loss and the sum to bfloat16 cost 0.03-0.06 nats, and a float16 sum overflowed to inf."""
+    each row's loss and the sum to bfloat16 cost 0.03-0.06 nats, and a float16 sum overflowed to inf (a
+    float16 layer's ``"sum"`` outside autocast still returns in float16 and can, as ``F.cross_entropy``'s)."""
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     elif reduction == "sum":
