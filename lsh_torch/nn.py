@@ -293,6 +293,7 @@ class LSHLinear(nn.Module):
         self._topk_index: Optional[TopkIndex] = None
         self._loss_checked = False  # see _warn_if_full_width_loss
         self._draws = _RecordedDraws()  # for activation checkpointing's recomputation
+        self._rehashed_a_write = False  # see _lookup
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         # The weight's versions when the tables were built and after the last optimizer step that updated
         # it: eval lookups re-hash after other writes only (see _moved_since_build).
@@ -402,7 +403,7 @@ class LSHLinear(nn.Module):
         own, current = state.pop("_hashed_from"), state.pop("_tables_current", False)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
-                 "_draws": _RecordedDraws(), "_stepped_version": None,
+                 "_draws": _RecordedDraws(), "_stepped_version": None, "_rehashed_a_write": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         if "_built" not in state["_modules"]["tables"].__dict__:
@@ -463,13 +464,16 @@ class LSHLinear(nn.Module):
         if self._stale:
             self._warn_if_parametrized()
             self._build()
+            self._rehashed_a_write = False
         elif not torch.compiler.is_compiling() and self._moved_since_build() and (
-                not self.training or self._stepped_version is None):
+                not self.training or self._stepped_version is None and not self._rehashed_a_write):
             # Eval after an EMA copy_, an init (not after optimizer steps alone); training after a write with no
             # optimizer step since the build (pretrained rows copied in after a first forward: until the next
-            # scheduled build, near-random sets). Writes between steps (a max-norm clamp_) wait for training's
-            # schedule. The rows that moved re-hashed (an incremental build, which training goes on from).
+            # scheduled build, near-random sets), once until that build (a loop that writes the weight by hand,
+            # no optimizer, would re-hash at every step). Writes between steps (a max-norm clamp_) wait for the
+            # schedule. The moved rows re-hashed (an incremental build).
             self._build()
+            self._rehashed_a_write = self.training
         seed = self._step_seed() if self.training else self.seed
         # Eval rows draw by their codes, not their places in the batch: an input gets the same set (and
         # output) however it is batched. Training rows draw apart by position; a shared set is the batch's.

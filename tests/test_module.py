@@ -466,6 +466,21 @@ def test_training_follows_writes_before_an_optimizer_step_and_the_schedule_after
     assert not torch.equal(layer.tables.offsets, offsets)
 
 
+def test_a_hand_written_update_loop_re_hashes_once_per_rebuild_period():
+    """A loop that updates the weight itself (no torch.optim step) writes before any optimizer step after
+    every build: re-hashed once after each scheduled build, not at every step."""
+    layer, _ = pair(rebuild=10)
+    builds, build = [], layer.tables.build
+    layer.tables.build = lambda *args, **kwargs: builds.append(layer.step) or build(*args, **kwargs)
+    for _ in range(30):
+        layer(torch.randn(4, 16)).square().sum().backward()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    assert builds == [0, 1, 10, 11, 20, 21]  # the schedule's, and one for the writes after each
+
+
 def test_eval_lookups_follow_weights_changed_in_place():
     """With inference="lsh" an eval lookup kept the tables of the last training rebuild whatever changed
     the weights since (an EMA copy_, an init): recall 0.10 of the top 200, a random set's. It re-hashes
