@@ -46,6 +46,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
+from .optim import _checked_norms, grad_norm_part, scale_grads_
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
@@ -232,32 +233,17 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
     gradients count their values and are scaled in place. Call it after the gradients are reduced;
     returns the total norm."""
     _check_initialised("clip_grad_norm_")
-    max_norm, norm_type = float(max_norm), float(norm_type)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be a positive float, got {max_norm!r}")
-    if not norm_type > 0:
-        raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
+    max_norm, norm_type = _checked_norms(max_norm, norm_type)
     _, sharded = _lsh_layers(module)
     mine = {id(p) for m in sharded for p in m.parameters()}
     params = [p for p in module.parameters() if p.grad is not None]
     device = next(module.parameters(), torch.empty(0)).device
     infinite = norm_type == math.inf
-    parts = {False: torch.zeros((), device=device), True: torch.zeros((), device=device)}  # replicated, shard
-    for p in params:
-        values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).float().abs()
-        part = values.max() if infinite and values.numel() else values.pow(norm_type).sum()
-        parts[id(p) in mine] = torch.maximum(parts[id(p) in mine], part) if infinite else parts[id(p) in mine] + part
-    dist.all_reduce(parts[True], op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=process_group)
-    total = torch.maximum(parts[False], parts[True]) if infinite else (parts[False] + parts[True]).pow(1 / norm_type)
-    if error_if_nonfinite and not torch.isfinite(total):
-        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}), "
-                           "so it cannot be clipped; set error_if_nonfinite=False to scale them anyway")
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        if p.grad.is_sparse:
-            p.grad = p.grad * scale.to(p.grad.dtype)
-        else:
-            p.grad.mul_(scale.to(p.grad.dtype))
+    replicated = grad_norm_part([p for p in params if id(p) not in mine], norm_type, device)
+    shard = grad_norm_part([p for p in params if id(p) in mine], norm_type, device)
+    dist.all_reduce(shard, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=process_group)
+    total = torch.maximum(replicated, shard) if infinite else (replicated + shard).pow(1 / norm_type)
+    scale_grads_(params, total, max_norm, norm_type, error_if_nonfinite)
     return total
 
 

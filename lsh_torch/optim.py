@@ -173,3 +173,54 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A 0-dim tensor as one row (the op wants rows); others as they are."""
     return t.view(1) if t.dim() == 0 else t
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+    """:func:`torch.nn.utils.clip_grad_norm_` that also takes row-sparse (COO) gradients
+    (``LSHLinear(sparse_grad=True)``, ``nn.Embedding(sparse=True)``), which torch's refuses: a sparse
+    gradient counts its values (coalesced) and is scaled like a dense one. Returns the total norm of the
+    gradients, as one vector. ``max_norm=inf`` measures without scaling (what transformers' Trainer logs)."""
+    params = [p for p in ([parameters] if isinstance(parameters, torch.Tensor) else parameters) if p.grad is not None]
+    max_norm, norm_type = _checked_norms(max_norm, norm_type)
+    device = params[0].grad.device if params else torch.device("cpu")
+    part = grad_norm_part(params, norm_type, device)
+    total = part if norm_type == math.inf else part.pow(1 / norm_type)
+    scale_grads_(params, total, max_norm, norm_type, error_if_nonfinite)
+    return total
+
+
+def _checked_norms(max_norm, norm_type) -> tuple[float, float]:
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be a positive float, got {max_norm!r}")
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
+    return max_norm, norm_type
+
+
+def grad_norm_part(params, norm_type: float, device) -> torch.Tensor:
+    """The gradients' sum of ``|g|^p`` (their largest ``|g|`` for ``norm_type=inf``), sparse ones by their
+    coalesced values, in float32: a part of a total norm that parts of other ranks may join."""
+    infinite, part = norm_type == math.inf, torch.zeros((), device=device)
+    for p in params:
+        values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).float().abs()
+        if infinite:
+            part = torch.maximum(part, values.max()) if values.numel() else part
+        else:
+            part = part + values.pow(norm_type).sum()
+    return part
+
+
+def scale_grads_(params, total: torch.Tensor, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> None:
+    """Scale the gradients by ``max_norm / total`` where that is below 1, sparse ones by a new tensor."""
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}), "
+                           "so it cannot be clipped; set error_if_nonfinite=False to scale them anyway")
+    if max_norm == math.inf:
+        return
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad * scale.to(p.grad.dtype)
+        else:
+            p.grad.mul_(scale.to(p.grad.dtype))

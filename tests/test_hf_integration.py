@@ -14,7 +14,7 @@ import lsh_torch  # noqa: E402
 VOCAB = 3000
 
 
-def tiny(model_type: str = "gpt2"):
+def tiny(model_type: str = "gpt2", **config):
     """A random 2-layer model of the type; no dropout, so train-mode passes are deterministic."""
     if model_type == "gpt2":
         kwargs = dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -23,7 +23,7 @@ def tiny(model_type: str = "gpt2"):
         kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
     config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
-                                               pad_token_id=1, **kwargs)
+                                               pad_token_id=1, **kwargs, **config)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).train()
 
@@ -295,6 +295,37 @@ def test_trainer_with_gradient_accumulation_lowers_the_loss(tmp_path, monkeypatc
     # The sparse path ran for every micro-batch, normalised by the step's token count as Trainer asks.
     assert len(counts) == 24 and all(n is not None and n == counts[i - i % 2] for i, n in enumerate(counts))
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_trainer_takes_a_sparse_gradient_head(tmp_path, max_grad_norm):
+    """transformers 5 measures the gradients' norm at every step (clip_grad_norm_ with max_norm=inf), also with
+    max_grad_norm=0: the recipe the README gave for sparse_grad=True (LazyAdam, max_grad_norm=0) failed at the
+    first step in torch ('linalg_vector_norm' on SparseCPU; a helper's audit). lsh_hf.Trainer takes it, and clips."""
+    pytest.importorskip("accelerate")
+    model = lsh_hf.patch(tiny("llama", tie_word_embeddings=False), active=256, sparse_grad=True)
+    data = [{"input_ids": (torch.arange(16) * 7 + s) % 50 + 2, "labels": (torch.arange(16) * 7 + s) % 50 + 2}
+            for s in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
+                                          learning_rate=1e-2, max_grad_norm=max_grad_norm, logging_steps=1,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    optimizers = lambda: (lsh_torch.LazyAdam(model.parameters(), lr=1e-2), None)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="Sparse"):
+        transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers()).train()
+    head = model.get_output_embeddings().weight.detach().clone()
+    trainer = lsh_hf.Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers())
+    trainer.train()
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == 4 and all(0 < n < float("inf") for n in norms)
+    assert not torch.equal(model.get_output_embeddings().weight, head)
+    # The norm is that of every gradient, the sparse head's by its values (as if it were dense).
+    model.zero_grad()
+    ids = data[0]["input_ids"][None]
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert any(g.is_sparse for g in grads)
+    expected = torch.sqrt(sum(g.to_dense().pow(2).sum() for g in grads))
+    torch.testing.assert_close(lsh_torch.clip_grad_norm_(model.parameters(), float("inf")), expected)
 
 
 def test_converted_head_under_a_full_width_loss_warns_once():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import reference as ref
+import lsh_torch
 from lsh_torch import LazyAdam, LSHLinear, ops, sparse_cross_entropy
 
 
@@ -463,3 +464,25 @@ def test_a_model_cast_after_a_step_is_named_with_the_way_out():
     opt.load_state_dict(opt.state_dict())
     opt.step()
     assert opt.state[layer.weight]["exp_avg"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, float("inf")])
+def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_form(norm_type):
+    """torch.nn.utils.clip_grad_norm_ refuses COO gradients ('linalg_vector_norm' on SparseCPU), which
+    transformers' Trainer calls at every step: lsh_torch.clip_grad_norm_ gives what torch's gives for the
+    same gradients made dense (norm and scaled gradients), sparse ones staying sparse."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 500, active=50, sparse_grad=True)
+    embedding = torch.nn.Embedding(100, 16, sparse=True)
+    layer(embedding(torch.randint(0, 100, (8,)))).square().sum().backward()
+    params = [*layer.parameters(), *embedding.parameters()]
+    dense = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for d, p in zip(dense, params):
+        d.grad = p.grad.to_dense()
+    expected = torch.nn.utils.clip_grad_norm_(dense, 1.0, norm_type)
+    torch.testing.assert_close(lsh_torch.clip_grad_norm_(params, 1.0, norm_type), expected, rtol=1e-5, atol=0)
+    assert all(p.grad.is_sparse for p in params)
+    for d, p in zip(dense, params):
+        torch.testing.assert_close(p.grad.to_dense(), d.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="max_norm must be a positive float"):
+        lsh_torch.clip_grad_norm_(params, 0.0)

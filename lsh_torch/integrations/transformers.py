@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 try:
     from transformers import PreTrainedModel
+    from transformers import Trainer as _Trainer
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.modeling_utils import slice_logits_to_keep
     from transformers.utils import ModelOutput
@@ -36,6 +37,7 @@ from .._checks import refuse
 from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
 from ..nn import LSHLinear
+from ..optim import clip_grad_norm_ as _clip_sparse_grad_norm_
 
 # Model types whose causal-LM forward is exactly ``lm_head(base_model(...).last_hidden_state)``
 # followed by the shifted cross-entropy (read in their source; the tests run each one). Models that
@@ -72,10 +74,10 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     unpatched class loads). The head's hash tables are rebuilt by its own schedule (``rebuild=``,
     counted in training forward passes, micro-batches included).
 
-    With ``sparse_grad=True`` an untied head's gradient is sparse: give the Trainer
-    ``optimizers=(lsh_torch.LazyAdam(...), None)`` and ``max_grad_norm=0`` (AdamW and
-    ``clip_grad_norm_``, its defaults, refuse sparse gradients). The patch survives ``torch.save(model)``,
-    pickling and spawned workers.
+    With ``sparse_grad=True`` an untied head's gradient is sparse: train it with this module's
+    :class:`Trainer` and ``optimizers=(lsh_torch.LazyAdam(...), None)`` (transformers' Trainer measures the
+    gradients' norm at every step with ``clip_grad_norm_``, and its default AdamW, both of which refuse sparse
+    gradients). The patch survives ``torch.save(model)``, pickling and spawned workers.
 
     Raises:
         TypeError: ``model`` is not a transformers model with a linear output head.
@@ -255,3 +257,24 @@ def _dense(head: LSHLinear):
         yield
     finally:
         head.training, head.inference = training, inference
+
+
+class Trainer(_Trainer):
+    """transformers' ``Trainer`` for a model with row-sparse gradients (``patch(model, sparse_grad=True)``
+    with an untied head, sparse embeddings): the gradients' norm, which transformers measures at every
+    step (and clips with ``max_grad_norm > 0``), is :func:`lsh_torch.clip_grad_norm_`'s where a gradient is
+    sparse (``torch.nn.utils.clip_grad_norm_`` refuses them). Give it ``optimizers=(lsh_torch.LazyAdam(
+    model.parameters(), lr=...), None)``; everything else is transformers' ``Trainer``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        accelerator = self.accelerator
+        dense_clip = accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, norm_type=2, **kwargs):
+            parameters = list(parameters)
+            if not any(p.grad is not None and p.grad.is_sparse for p in parameters):
+                return dense_clip(parameters, max_norm, norm_type, **kwargs)
+            accelerator.unscale_gradients()  # (mixed precision's loss scale, as the accelerator's own clip does)
+            return _clip_sparse_grad_norm_(parameters, max_norm, norm_type)
+        accelerator.clip_grad_norm_ = clip_grad_norm_
