@@ -423,6 +423,12 @@ class LSHLinear(nn.Module):
     def _build(self) -> None:
         """The tables' (re)build that the schedule and lookups run: topk's index follows the weight's version itself."""
         self._materialise_tables()
+        if self.weight.shape[0] != self.tables.out_features:  # (transformers' resize rewrites out_features too)
+            raise ValueError(
+                f"{self.__class__.__name__}: the weight has {self.weight.shape[0]} rows, but the layer was built for "
+                f"{self.tables.out_features} outputs (its hash tables, budget and settings). Resizing a layer after "
+                "construction (transformers' resize_token_embeddings after lsh_torch.integrations.transformers.patch "
+                "or lsh_torch.convert) is not supported: resize first, then patch or convert.")
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False

@@ -1092,3 +1092,14 @@ def test_an_averaged_model_evaluates_on_its_own_weights(made, selection):
     dense = torch.nn.functional.linear(x, ema.module.weight, ema.module.bias)
     active = ema.module.active_set(x)
     torch.testing.assert_close(out.gather(1, active), dense.gather(1, active))
+
+
+def test_a_layer_resized_after_construction_is_refused_by_name():
+    """transformers' resize_token_embeddings after patch replaces the head's weight and rewrites out_features;
+    training then failed in the tables with 'weight must have out_features = 9000 rows', which the layer's own
+    out_features (9050) contradicted."""
+    layer = LSHLinear(8, 9000, bias=False)  # (with a bias, the bias's rows tell the weight's are new)
+    layer.weight = nn.Parameter(torch.randn(9050, 8))
+    layer.out_features = 9050
+    with pytest.raises(ValueError, match="built for 9000 outputs .* resize first, then patch or convert"):
+        layer.forward_sparse(torch.randn(4, 8), torch.tensor([0, 1, 2, 9049]))
