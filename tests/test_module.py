@@ -809,6 +809,19 @@ def test_input_codes_ignore_autocast():
         assert all(torch.equal(a, b) for a, b in zip(hashing.input_codes(x, projection, 8, 8), (codes, margins)))
 
 
+def test_input_codes_of_huge_and_tiny_inputs_are_their_directions():
+    """The query transform normalised x through float32 squares: from a norm of about 1e19 (or below 1e-30)
+    they overflowed (underflowed) and the codes were noise (topk's recall 0.09 against 0.98; a review's run).
+    Codes are scale-free; a power of two changes not even the margins."""
+    from lsh_torch import hashing
+    x, projection = torch.randn(300, 64), hashing.make_projection(64, 8, 8, seed=1)
+    x[0] = 0
+    codes, margins = hashing.input_codes(x, projection, 8, 8)
+    for scaled in (x * 2.0 ** 70, x * 2.0 ** -110, x.double() * 1e200, x.double() * 1e-250):
+        assert torch.equal(hashing.input_codes(scaled, projection, 8, 8)[0], codes)
+    assert torch.equal(hashing.input_codes(x * 2.0 ** 70, projection, 8, 8)[1], margins)
+
+
 def _full_width_warnings(loss_of, steps=2):
     import warnings
     layer = LSHLinear(16, 3000, active=0.1)
