@@ -851,6 +851,8 @@ class LSHLinear(nn.Module):
         x = input.reshape(-1, self.in_features)
         if not exact:
             k, probes, budget, norm_rows, exact = self._topk_arguments(k, probes, budget, norm_rows)
+        else:  # unused, but checked as the index's call checks them (a bad value passed silently)
+            self._topk_arguments(0, probes, budget, norm_rows)
         if exact or k == 0:  # also the approximation's answer when its candidates are every output
             k = check_int("k", k, 0, self.out_features)
             values, indices = exact_topk(x, weight, bias, k)

@@ -216,6 +216,10 @@ def test_topk_argument_errors():
         layer.topk(x, 51, budget=50)
     with pytest.raises(TypeError, match="exact must be a bool"):
         layer.topk(x, 3, exact="no")  # bool("no") is True
+    for name, bad in (("probes", -3), ("budget", 0), ("norm_rows", -7)):  # unused by exact=True, but checked
+        with pytest.raises(ValueError, match=name):
+            layer.topk(x, 3, exact=True, **{name: bad})
+    assert layer.topk(x, 200, exact=True).indices.shape == (4, 200)  # any k up to out_features
     for bad, error in ((1.5, ValueError), (-0.1, ValueError), ("0.9", TypeError), (True, TypeError)):
         with pytest.raises(error, match="min_recall"):
             layer.topk(x, 3, min_recall=bad)
