@@ -40,7 +40,7 @@ from .tables import TABLE_BUFFERS, bucket_of_item
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with", "current", "rehashed_a_write"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
@@ -57,8 +57,6 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
                 tables["hashed_with"] = _hashed_with(t)
                 # Whether eval answers from them (as training left them) or re-hashes (a write since): resumed alike.
                 tables["current"] = module._tables_current()
-                # Whether training re-hashed for a write since the schedule's last build (it does once): resumed alike.
-                tables["rehashed_a_write"] = module._rehashed_a_write
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -117,7 +115,6 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             layer._stale = False
             if not tables.get("current", True):  # (states saved before it was: the tables training left)
                 layer._hashed_version = None  # eval re-hashes, as in the run that saved them
-            layer._rehashed_a_write = bool(tables.get("rehashed_a_write", False))
             layer._tables_from_checkpoint = True  # a load_state_dict before their first use warns
         layer.step = step
 

@@ -293,7 +293,7 @@ class LSHLinear(nn.Module):
         self._topk_index: Optional[TopkIndex] = None
         self._loss_checked = False  # see _warn_if_full_width_loss
         self._draws = _RecordedDraws()  # for activation checkpointing's recomputation
-        self._rehashed_a_write = False  # see _lookup
+        self._warned_write = False  # see _warn_written_before_a_step
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
         # The weight's versions when the tables were built and after the last optimizer step that updated
         # it: eval lookups re-hash after other writes only (see _moved_since_build).
@@ -356,18 +356,32 @@ class LSHLinear(nn.Module):
 
     def _moved_since_build(self) -> bool:
         """Has the weight changed in place since the tables were built, other than by the optimizer steps
-        since (its version counter; an inference tensor has none)? Checked by eval lookups, and by training's
-        until the first optimizer step after a build: then training follows the schedule. Eval keeps the tables
-        training left: the layers after a hidden layer adapted to the sets they give (bench_paper's MNIST
-        network at 10% active, 3 seeds: 73.7% on them, 64.9% on re-hashed ones)."""
+        since (its version counter; an inference tensor has none)? Checked by eval lookups: training follows the
+        schedule (and warns once of a write before any optimizer step). Eval keeps the tables training left: the
+        layers after a hidden layer adapted to the sets they give (bench_paper's MNIST network at 10% active,
+        3 seeds: 73.7% on them, 64.9% on re-hashed ones)."""
         version = self._weight_version()
         return version is not None and version not in (self._hashed_version, self._stepped_version)
 
-    def _weight_version(self) -> Optional[tuple]:
-        """What an in-place write to the weight changes: its version counter, and its storage (``param.data =``,
-        which ``torch.nn.utils.vector_to_parameters`` does, keeps the counter); None for an inference tensor,
-        which has no counter."""
-        return None if self.weight.is_inference() else (self.weight.data_ptr(), self.weight._version)
+    def _weight_version(self) -> Optional[int]:
+        """The weight's version counter, which every in-place write bumps (not ``param.data =``, nor writes
+        through ``.data``); None for an inference tensor, which has none. (Not its storage's address: FSDP2
+        re-allocates the unsharded weight at every all-gather, share_memory() moves it, and no value changes.)"""
+        return None if self.weight.is_inference() else self.weight._version
+
+    def _warn_written_before_a_step(self) -> None:
+        """Training follows its schedule, also after writes outside an optimizer step: pretrained rows copied in
+        place after a first forward were used with the tables of the old ones until the next scheduled build
+        (near-random sets: 0.016 of each row's top 64 in a review's run, against 0.76), silently. Re-hashing at
+        such writes doubled the builds of setups that write every step (DeepSpeed's and apex's master weights, an
+        EMA target network, a hand-written update), and broke exact resumes; said once instead."""
+        self._warned_write = True
+        warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}): the weight was written in place "
+                      "since the hash tables were built, and no optimizer step came since (pretrained weights copied in "
+                      "after a first forward?): training keeps these tables until the next scheduled rebuild. Call "
+                      "rebuild() after writing the weights. (Where the weights are written every step outside a "
+                      "torch.optim step, e.g. master weights or an EMA target, this is expected: the schedule "
+                      "re-hashes them.)", stacklevel=user_stacklevel())
 
     def _tables_current(self) -> bool:
         """Do the tables answer for the weight as it is (what a copy or a checkpoint keeps of the versions)?"""
@@ -403,7 +417,7 @@ class LSHLinear(nn.Module):
         own, current = state.pop("_hashed_from"), state.pop("_tables_current", False)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
-                 "_draws": _RecordedDraws(), "_stepped_version": None, "_rehashed_a_write": False,
+                 "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         if "_built" not in state["_modules"]["tables"].__dict__:
@@ -470,16 +484,13 @@ class LSHLinear(nn.Module):
         if self._stale:
             self._warn_if_parametrized()
             self._build()
-            self._rehashed_a_write = False
-        elif not torch.compiler.is_compiling() and self._moved_since_build() and (
-                not self.training or self._stepped_version is None and not self._rehashed_a_write):
-            # Eval after an EMA copy_, an init (not after optimizer steps alone); training after a write with no
-            # optimizer step since the build (pretrained rows copied in after a first forward: until the next
-            # scheduled build, near-random sets), once until that build (a loop that writes the weight by hand,
-            # no optimizer, would re-hash at every step). Writes between steps (a max-norm clamp_) wait for the
-            # schedule. The moved rows re-hashed (an incremental build).
+        elif not self.training and not torch.compiler.is_compiling() and self._moved_since_build():
+            # Eval after an EMA copy_, an init (not after optimizer steps alone): the rows that moved re-hashed
+            # (an incremental build, which training goes on from).
             self._build()
-            self._rehashed_a_write = self.training
+        elif self.training and self._stepped_version is None and not self._warned_write \
+                and not torch.compiler.is_compiling() and self._moved_since_build():
+            self._warn_written_before_a_step()
         seed = self._step_seed() if self.training else self.seed
         # Eval rows draw by their codes, not their places in the batch: an input gets the same set (and
         # output) however it is batched. Training rows draw apart by position; a shared set is the batch's.

@@ -204,10 +204,10 @@ def grad_norm_part(params, norm_type: float, device) -> torch.Tensor:
     infinite, part = norm_type == math.inf, torch.zeros((), device=device)
     for p in params:
         values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).float().abs()
-        if infinite:
-            part = torch.maximum(part, values.max()) if values.numel() else part
+        if infinite:  # (each gradient's part moved to ``device``: a model may span devices)
+            part = torch.maximum(part, values.max().to(device)) if values.numel() else part
         else:
-            part = part + values.pow(norm_type).sum()
+            part = part + values.pow(norm_type).sum().to(device)
     return part
 
 

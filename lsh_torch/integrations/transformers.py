@@ -266,8 +266,8 @@ class Trainer(_Trainer):
     sparse (``torch.nn.utils.clip_grad_norm_`` refuses them). Give it ``optimizers=(lsh_torch.LazyAdam(
     model.parameters(), lr=...), None)``; everything else is transformers' ``Trainer``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def create_accelerator_and_postprocess(self) -> None:  # (at construction, and anew by hyperparameter_search)
+        super().create_accelerator_and_postprocess()
         accelerator = self.accelerator
         dense_clip = accelerator.clip_grad_norm_
 
