@@ -79,8 +79,9 @@ def at_epochs(runs: list[list[dict]], key: str, epochs) -> list[list[float]]:
 
 def report(results: dict, args) -> None:
     epochs = list(range(1, args.epochs + 1))
-    print(f"\nXMC demo ({args.structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, seeds {args.seeds}: P@1 / recall of the exact top {args.k} "
-          "(mean ± std over seeds) at the end of each epoch (epoch 1: the warm-up's uniform sets)")
+    print(f"\nXMC demo ({args.structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, "
+          f"seeds {args.seeds}: P@1 / recall of the exact top {args.k} (mean ± std over seeds) at the end of each "
+          "epoch (epoch 1: the warm-up's uniform sets)")
     print("| epoch | " + " | ".join(f"{name} P@1 | {name} recall" for name in results) + " |")
     print("|---:|" + "---:|---:|" * len(results))
     cells = {name: (at_epochs(runs, "P@1", epochs), at_epochs(runs, "recall", epochs)) for name, runs in results.items()}

@@ -449,7 +449,8 @@ def _needs(ctx):
 
 def _refuse_batched(grad_out: Tensor, what: str) -> None:
     """Batched gradients (vmap over backward) through a path whose weight gradient vmap cannot build."""
-    if torch._C._functorch.is_legacy_batchedtensor(grad_out) or torch._C._functorch.is_functorch_wrapped_tensor(grad_out):
+    functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(grad_out) or functorch.is_functorch_wrapped_tensor(grad_out):
         raise RuntimeError(f"{what}: batched gradients (torch.autograd.grad(is_grads_batched=True), "
                            "torch.autograd.functional.jacobian(vectorize=True)) are not supported: the weight's "
                            "gradient is built in place over its rows. Loop over the vectors instead (vectorize=False), "

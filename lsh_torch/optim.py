@@ -175,7 +175,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(1) if t.dim() == 0 else t
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
     """:func:`torch.nn.utils.clip_grad_norm_` that also takes row-sparse (COO) gradients
     (``LSHLinear(sparse_grad=True)``, ``nn.Embedding(sparse=True)``), which torch's refuses: a sparse
     gradient counts its values (coalesced) and is scaled like a dense one. Returns the total norm of the
