@@ -46,7 +46,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
-from .optim import _checked_norms, grad_norm_part, scale_grads_
+from .optim import _checked_norms, grad_norm_part, norm_dtype, scale_grads_
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
@@ -239,8 +239,9 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
     params = [p for p in module.parameters() if p.grad is not None]
     device = next(module.parameters(), torch.empty(0)).device
     infinite = norm_type == math.inf
-    replicated = grad_norm_part([p for p in params if id(p) not in mine], norm_type, device)
-    shard = grad_norm_part([p for p in params if id(p) in mine], norm_type, device)
+    dtype = norm_dtype(module.parameters())  # of every parameter, with a gradient or not: the same on every rank
+    replicated = grad_norm_part([p for p in params if id(p) not in mine], norm_type, device, dtype)
+    shard = grad_norm_part([p for p in params if id(p) in mine], norm_type, device, dtype)
     dist.all_reduce(shard, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=process_group)
     total = torch.maximum(replicated, shard) if infinite else (replicated + shard).pow(1 / norm_type)
     scale_grads_(params, total, max_norm, norm_type, error_if_nonfinite)

@@ -184,7 +184,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
     params = [p for p in ([parameters] if isinstance(parameters, torch.Tensor) else parameters) if p.grad is not None]
     max_norm, norm_type = _checked_norms(max_norm, norm_type)
     device = params[0].grad.device if params else torch.device("cpu")
-    part = grad_norm_part(params, norm_type, device)
+    part = grad_norm_part(params, norm_type, device, norm_dtype(params))
     total = part if norm_type == math.inf else part.pow(1 / norm_type)
     scale_grads_(params, total, max_norm, norm_type, error_if_nonfinite)
     return total
@@ -192,19 +192,25 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
 
 def _checked_norms(max_norm, norm_type) -> tuple[float, float]:
     max_norm, norm_type = float(max_norm), float(norm_type)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be a positive float, got {max_norm!r}")
+    if not max_norm >= 0:  # 0 zeroes the gradients, as torch's does; a negative one would flip them
+        raise ValueError(f"max_norm must be a float >= 0 (inf: measure only), got {max_norm!r}")
     if not norm_type > 0:
         raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
     return max_norm, norm_type
 
 
-def grad_norm_part(params, norm_type: float, device) -> torch.Tensor:
+def norm_dtype(params) -> torch.dtype:
+    """The dtype a norm of these parameters' gradients is summed in: float64 where one is float64 (as torch's
+    norm of them), else float32 (torch's sums reduced precision in its own)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def grad_norm_part(params, norm_type: float, device, dtype: torch.dtype) -> torch.Tensor:
     """The gradients' sum of ``|g|^p`` (their largest ``|g|`` for ``norm_type=inf``), sparse ones by their
-    coalesced values, in float32: a part of a total norm that parts of other ranks may join."""
-    infinite, part = norm_type == math.inf, torch.zeros((), device=device)
+    coalesced values, in ``dtype``: a part of a total norm that parts of other ranks may join."""
+    infinite, part = norm_type == math.inf, torch.zeros((), device=device, dtype=dtype)
     for p in params:
-        values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).float().abs()
+        values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).to(dtype).abs()
         if infinite:  # (each gradient's part moved to ``device``: a model may span devices)
             part = torch.maximum(part, values.max().to(device)) if values.numel() else part
         else:

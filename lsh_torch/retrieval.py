@@ -231,7 +231,8 @@ class TopkIndex:
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
-        self.checked_bias = weight_version(bias)  # what the recall checks measured answers with (see recheck)
+        self.checked_bias = None
+        self.recheck(bias)  # (the recall checks measure answers with it)
         follow_optimizer_steps()
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
@@ -258,6 +259,10 @@ class TopkIndex:
         """Forget the recall checks if ``bias`` changed since they measured: the bias is not indexed (its
         rows' directions are the weight's), but a new one changes which outputs are the top k."""
         if weight_version(bias) != self.checked_bias:
+            # A non-finite output has no top k to check against: every input's check would be skipped, and the
+            # index answer unchecked (a NaN bias entry did so silently).
+            if bias is not None and not bool(torch.isfinite(bias).all()):
+                raise ValueError("bias has non-finite values (NaN or inf): topk cannot check its index against it")
             self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
             self.alone_order = self.alone_rank = None  # the bias is in their estimate
 

@@ -484,5 +484,21 @@ def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_form(norm_type):
     assert all(p.grad.is_sparse for p in params)
     for d, p in zip(dense, params):
         torch.testing.assert_close(p.grad.to_dense(), d.grad, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="max_norm must be a positive float"):
-        lsh_torch.clip_grad_norm_(params, 0.0)
+    with pytest.raises(ValueError, match="max_norm must be a float >= 0"):
+        lsh_torch.clip_grad_norm_(params, -1.0)
+
+
+def test_clip_grad_norm_sums_float64_gradients_in_float64_and_zeroes_them_at_max_norm_0():
+    """As torch's: a float64 model's norm is float64 (it was summed in float32: 1e-8 off in a review's run), and
+    ``max_norm=0`` zeroes the gradients (it was refused)."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 500, active=50, sparse_grad=True, dtype=torch.float64)
+    layer(torch.randn(8, 16, dtype=torch.float64) * 1e3).square().sum().backward()
+    dense = [torch.nn.Parameter(p.detach().clone()) for p in layer.parameters()]
+    for d, p in zip(dense, layer.parameters()):
+        d.grad = p.grad.to_dense()
+    total = lsh_torch.clip_grad_norm_(layer.parameters(), float("inf"))
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(dense, float("inf")), rtol=1e-14, atol=0)
+    lsh_torch.clip_grad_norm_(layer.parameters(), 0.0)
+    assert all(not p.grad.to_dense().any() for p in layer.parameters())

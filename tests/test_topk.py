@@ -245,7 +245,15 @@ def test_topk_argument_errors():
         setattr(broken, name, bad)
         with pytest.raises(error, match=name):
             broken.topk(x, 3, budget=50)
+    layer.topk(x, 3, budget=50)  # an index, then a NaN bias entry (its checks were skipped: unchecked answers)
     with torch.no_grad():
+        layer.bias[7] = float("nan")
+    with pytest.raises(ValueError, match="bias has non-finite"):
+        layer.topk(x, 3, budget=50)
+    with pytest.raises(ValueError, match="bias has non-finite"):
+        copy.deepcopy(layer).topk(x, 3, budget=50)  # a new index
+    with torch.no_grad():
+        layer.bias[7] = 0.0
         layer.weight[3, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         layer.topk(x, 3, budget=50)
