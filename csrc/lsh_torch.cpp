@@ -1,6 +1,7 @@
 // Operator schemas of the lsh_torch namespace, written once. Kernels live in cpu/ and cuda/.
 #include <Python.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(lsh_torch, m) {
@@ -73,7 +74,7 @@ TORCH_LIBRARY(lsh_torch, m) {
       "-> (Tensor rows, Tensor grad_weight_rows, Tensor grad_bias_rows)");
   // The same gradient scattered into dense [num_rows, d] and [num_rows] tensors.
   m.def(
-      "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor active, int num_rows) "
+      "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor active, SymInt num_rows) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
   // Batch-shared active set as one gathered GEMM: out[b, a] = weight[indices[a]] . x[b] + bias[indices[a]]
   m.def("shared_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
@@ -109,6 +110,14 @@ void lazy_adam_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys, 
 
 TORCH_LIBRARY_IMPL(lsh_torch, ADInplaceOrView, m) {
   m.impl("lazy_adam_", torch::CppFunction::makeFromBoxedFunction<&lazy_adam_inplace>());
+}
+
+// Ops with floating outputs and no derivative: a backward through them raises, naming the op (without
+// a kernel here, their outputs required grad and the backward gave the input no gradient, silently).
+// Callers hash detached tensors.
+TORCH_LIBRARY_IMPL(lsh_torch, Autograd, m) {
+  for (const char* op : {"mips_transform", "hash_codes", "dwta_codes", "row_fingerprints"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 // Importing lsh_torch._C loads this library, which runs the registrations above.

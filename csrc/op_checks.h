@@ -54,10 +54,10 @@ inline void check_fingerprint_args(const at::Tensor& rows, const at::Tensor& vec
               rows.device(), " and ", vector.device());
 }
 
-inline void check_bits_tables(int64_t num_tables, int64_t bits) {
-  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "bits (K) must be in [1, ", kMaxBits, "], got ", bits);
+inline void check_bits_tables(const char* op, int64_t num_tables, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, op, ": bits (K) must be in [1, ", kMaxBits, "], got ", bits);
   TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,
-              "num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
+              op, ": num_tables (L) must be in [1, ", kMaxTables, "], got ", num_tables);
 }
 
 struct DwtaShape {
@@ -94,7 +94,7 @@ inline DwtaShape check_dwta_args(const at::Tensor& rows, const at::Tensor& bins,
 inline void check_build_tables_args(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2, "build_tables: codes must be 2-D [N, L], got shape ", codes.sizes());
   TORCH_CHECK(codes.scalar_type() == at::kInt, "build_tables: codes must be int32, got ", codes.scalar_type());
-  check_bits_tables(codes.size(1), bits);
+  check_bits_tables("build_tables", codes.size(1), bits);
   TORCH_CHECK(codes.size(0) < std::numeric_limits<int32_t>::max(), "build_tables: too many rows");
 }
 
@@ -117,7 +117,7 @@ inline UpdateTablesShape check_update_tables_args(const at::Tensor& offsets, con
   const int64_t num_tables = offsets.size(0), buckets = offsets.size(1) - 1, n = items.size(1);
   TORCH_CHECK(buckets >= 2 && (buckets & (buckets - 1)) == 0 && buckets <= (int64_t(1) << kMaxBits),
               "update_tables: offsets must have 2^K + 1 columns, 1 <= K <= ", kMaxBits, ", got ", buckets + 1);
-  check_bits_tables(num_tables, __builtin_ctzll(static_cast<uint64_t>(buckets)));
+  check_bits_tables("update_tables", num_tables, __builtin_ctzll(static_cast<uint64_t>(buckets)));
   TORCH_CHECK(items.size(0) == num_tables, "update_tables: items must have one row per table (L = ", num_tables,
               "), got ", items.size(0));
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "update_tables: too many items");

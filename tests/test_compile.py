@@ -16,7 +16,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import lsh_torch
-from lsh_torch import LSHLinear
+from lsh_torch import LSHLinear, ops
 
 
 @pytest.fixture(autouse=True)
@@ -318,3 +318,21 @@ def test_topk_with_a_dynamic_k_compiles_once(exact):
             assert by_k(x, k).shape == (5, k)
         for rows in (3, 4):
             assert by_rows(torch.randn(rows, 16)).shape == (rows, rows)
+
+
+def test_a_weight_of_another_width_does_not_recompile_the_backward():
+    """sparse_linear_grad_weight's row count is a SymInt: as an int it pinned the weight's rows to their first
+    count in the backward's graph, one recompilation per width (a weight passed in: functional_call, gathered)."""
+    torch._dynamo.reset()
+
+    def loss(x, w, active):
+        return ops.sparse_linear(x, w, None, active).square().sum()
+
+    compiled = torch.compile(loss, dynamic=True, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (40, 50, 60):
+            x, w, active = torch.randn(4, 5), torch.randn(n, 5, requires_grad=True), torch.randint(0, n, (4, 3))
+            compiled(x, w, active).backward()
+            got, w.grad = w.grad, None
+            loss(x, w, active).backward()
+            torch.testing.assert_close(got, w.grad)

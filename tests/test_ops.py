@@ -870,3 +870,15 @@ def test_query_refuses_nan_margins():
     for query in (ops.query, ops.query_shared):
         with pytest.raises(RuntimeError, match="margins must be >= 0"):
             query(qcodes, qmargins, offsets, items, 4, 5)
+
+
+@pytest.mark.parametrize("op", ["mips_transform", "hash_codes", "dwta_codes", "row_fingerprints"])
+def test_a_backward_through_an_op_without_a_derivative_raises_naming_it(op):
+    """Their floating outputs required grad and a backward left the input without a gradient, silently."""
+    rows = torch.randn(4, 6, requires_grad=True)
+    out = {"mips_transform": lambda: torch.ops.lsh_torch.mips_transform(rows, True),
+           "hash_codes": lambda: torch.ops.lsh_torch.hash_codes(rows, 2, 3)[1],
+           "dwta_codes": lambda: torch.ops.lsh_torch.dwta_codes(rows, torch.randint(0, 6, (2, 4)), 1)[1],
+           "row_fingerprints": lambda: torch.ops.lsh_torch.row_fingerprints(rows, torch.randn(6))}[op]()
+    with pytest.raises(RuntimeError, match=f"derivative for lsh_torch::{op} is not implemented"):
+        out.sum().backward()

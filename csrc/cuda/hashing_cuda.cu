@@ -185,7 +185,7 @@ __global__ void hash_codes_kernel(const scalar_t* __restrict__ p, int64_t total,
 
 std::tuple<at::Tensor, at::Tensor> hash_codes_cuda(const at::Tensor& proj_in, int64_t num_tables, int64_t bits,
                                                    bool with_margins) {
-  check_bits_tables(num_tables, bits);
+  check_bits_tables("hash_codes", num_tables, bits);
   TORCH_CHECK(proj_in.dim() == 2, "hash_codes: projections must be 2-D [n, L*K], got shape ", proj_in.sizes());
   TORCH_CHECK(at::isFloatingType(proj_in.scalar_type()),
               "hash_codes: projections must be a floating tensor, got ", proj_in.scalar_type());
