@@ -1,6 +1,7 @@
 // Helpers shared by the CPU and CUDA kernels: the seeded counter hash that makes every random
 // choice of the query reproducible (and reproducible by tests/reference.py), and limits.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -159,6 +160,36 @@ LSH_HD void probe_flips(const float* margin, int bits, int probes, uint32_t* fli
       push(top.mask | (1u << (highest + 1)));     // expand: add the next position
     }
   }
+}
+
+// Row norms of the MIPS transform: the plain sum of squares s of a row, in column order (both kernels, bit for
+// bit), unless s left the accumulator's range: a square overflowed (a finite row of norm 1e20 read inf in float32,
+// refused as non-finite) or every square underflowed (rows of 1e-25 all read 0 and hashed alike). There the row
+// is scaled by its largest |entry| first. Rows of ordinary range keep the plain sum: their norms (and codes) are
+// as they were. (Entries whose squares underflow beside a sum in range change it by under d ulps.)
+template <typename acc_t>
+LSH_HD bool squares_in_range(acc_t s) {
+  return s >= std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon() &&
+         s <= std::numeric_limits<acc_t>::max();
+}
+
+// The norm of row[0..d) as its largest |entry| a times the norm of row / a (a row with a non-finite entry, or
+// all zero: sqrt(s) as summed). `mul` is a product rounded on its own (the CUDA kernel's mul_rn: no FMA).
+template <typename acc_t, typename scalar_t, typename Mul>
+LSH_HD acc_t rescaled_norm(const scalar_t* row, int64_t d, acc_t s, Mul mul) {
+  acc_t a = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(row[k]);
+    const acc_t m = v < 0 ? -v : v;
+    if (!(m <= a)) a = m;  // NaN taken: then the sum's NaN stands
+  }
+  if (!(a > 0 && a <= std::numeric_limits<acc_t>::max())) return std::sqrt(s);
+  acc_t t = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(row[k]) / a;
+    t = t + mul(v, v);
+  }
+  return mul(a, std::sqrt(t));
 }
 
 }  // namespace lsh_torch

@@ -44,9 +44,15 @@ def _query_uniform(x: Tensor, offsets: Tensor, items: Tensor, budget: int, label
 
 
 def _norms(rows: Tensor) -> Tensor:
-    """Row norms in float32 or wider (the dtype argument saves reduced-precision rows a float copy)."""
+    """Row norms in float32 or wider (the dtype argument saves reduced-precision rows a float copy). Where the
+    largest one's squares leave float32's range (rows all below about 1e-16 read 0, or above 1e19 inf), summed
+    in float64: the transform's kernel scales such rows, and ``M`` must be the norms it finds."""
     wide = rows.dtype in (torch.float32, torch.float64)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
+    if rows.dtype != torch.float64 and rows.shape[0] and not torch.compiler.is_compiling() \
+            and not 1e-15 < float(norms.max()) < 1e19:
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).float()
+    return norms
 
 
 _probes = itertools.count()

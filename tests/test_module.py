@@ -707,10 +707,13 @@ def test_forward_errors():
 
 
 def test_a_finite_row_whose_norm_overflows_gets_a_clear_error():
-    """It failed inside the op: "mips_transform: max_norm must be positive and finite, got inf"."""
+    """It failed inside the op: "mips_transform: max_norm must be positive and finite, got inf". (Rows of 1e20,
+    whose squares overflow but norm does not, hash: test_row_codes_of_huge_and_tiny_weights_are_their_directions.)"""
     layer = LSHLinear(16, 200, active=20, asymmetric=True)
+    small = layer.tables.fingerprint_vector.abs().argsort()[:2]  # the row's fingerprint stays finite
     with torch.no_grad():
-        layer.weight[7] = 1e20
+        layer.weight[7] = 0
+        layer.weight[7, small] = 3e38
     with pytest.raises(ValueError, match="weight row 7 is finite but its norm overflows"):
         layer.forward_sparse(torch.randn(2, 16))
     directions = LSHLinear(16, 200, active=20, asymmetric=False)
@@ -807,6 +810,22 @@ def test_input_codes_of_huge_and_tiny_inputs_are_their_directions():
     for scaled in (x * 2.0 ** 70, x * 2.0 ** -110, x.double() * 1e200, x.double() * 1e-250):
         assert torch.equal(hashing.input_codes(scaled, projection, 8, 8)[0], codes)
     assert torch.equal(hashing.input_codes(x * 2.0 ** 70, projection, 8, 8)[1], margins)
+
+
+def test_row_codes_of_huge_and_tiny_weights_are_their_directions():
+    """A weight whose row norms leave float32's squares (about 1e-19 to 1e19) hashed alike every row (tiny) or
+    was refused as diverged (huge): a power of two changes no code."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=50)
+    layer.tables.build(layer.weight, full=True)
+    codes = layer.tables.codes.clone()
+    for scale in (2.0 ** -90, 2.0 ** 70):
+        with torch.no_grad():
+            layer.weight.mul_(scale)
+        layer.tables.build(layer.weight, full=True)
+        assert torch.equal(layer.tables.codes, codes)
+        with torch.no_grad():
+            layer.weight.div_(scale)
 
 
 def _full_width_warnings(loss_of, steps=2):

@@ -52,6 +52,18 @@ def test_mips_transform_takes_the_largest_norm_as_torch_computes_it():
         ops.mips_transform(rows, False, torch.linalg.vector_norm(rows, dim=1).max().reshape(1) / 1.01)
 
 
+@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mips_transform_of_rows_whose_squares_leave_float32s_range(query, dtype):
+    """Squares summed in float32 overflowed from norms of about 1e19 (a finite row refused as non-finite) and
+    underflowed below about 1e-19 (every row read 0 and hashed alike); such rows are scaled first."""
+    rows = torch.randn(20, 7).to(dtype)
+    rows[5] = 0
+    for scale in (1e20, 1e-25):
+        scaled = rows * scale
+        torch.testing.assert_close(ops.mips_transform(scaled, query), ref.mips_transform(scaled.double(), query).to(dtype))
+
+
 def test_mips_transform_lets_non_finite_queries_through():
     out = ops.mips_transform(torch.tensor([[1.0, float("nan")], [3.0, 4.0]]), True)
     assert out[0].isnan().any() and torch.allclose(out[1], torch.tensor([0.6, 0.8, 0.0]))

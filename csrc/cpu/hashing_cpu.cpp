@@ -138,7 +138,8 @@ at::Tensor mips_transform_cpu(const at::Tensor& rows_in, bool query, const std::
       for (int64_t i = begin; i < end; ++i) {
         acc_t s = 0;
         for (int64_t k = 0; k < d; ++k) s += static_cast<acc_t>(src[i * d + k]) * static_cast<acc_t>(src[i * d + k]);
-        norms[i] = std::sqrt(s);
+        norms[i] = squares_in_range(s) ? std::sqrt(s)
+                                       : rescaled_norm(src + i * d, d, s, [](acc_t u, acc_t v) { return u * v; });
       }
     });
     // Data rows share one scale (the largest norm) so that inner products keep their order; a

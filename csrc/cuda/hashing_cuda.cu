@@ -86,7 +86,8 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ src, int64_t n, in
     __syncwarp();
   }
   const int64_t row = base + lane;
-  const acc_t norm = std::sqrt(s);
+  const acc_t norm = row >= n || squares_in_range(s) ? std::sqrt(s)
+                     : rescaled_norm(src + row * d, d, s, [](acc_t u, acc_t v) { return mul_rn(u, v); });
   if (row < n) norms[row] = norm;
   if (max_norm != nullptr) {
     acc_t v = (row < n && !(norm != norm)) ? norm : acc_t(0);
