@@ -211,11 +211,18 @@ def grad_norm_part(params, norm_type: float, device, dtype: torch.dtype) -> torc
     infinite, part = norm_type == math.inf, torch.zeros((), device=device, dtype=dtype)
     for p in params:
         values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).to(dtype).abs()
-        if infinite:  # (each gradient's part moved to ``device``: a model may span devices)
-            part = torch.maximum(part, values.max().to(device)) if values.numel() else part
-        else:
-            part = part + values.pow(norm_type).sum().to(device)
+        if not values.numel():
+            continue
+        # (each gradient's part moved to ``device``: a model may span devices; an FSDP2 shard's is reduced over
+        # its mesh, a plain value: added to a plain part, it made the part a DTensor, which plain gradients refuse)
+        value = _full(values.max() if infinite else values.pow(norm_type).sum()).to(device)
+        part = torch.maximum(part, value) if infinite else part + value
     return part
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a partial sum or max reduced over its mesh), any other tensor itself."""
+    return t.full_tensor() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 def scale_grads_(params, total: torch.Tensor, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> None:
@@ -229,5 +236,5 @@ def scale_grads_(params, total: torch.Tensor, max_norm: float, norm_type: float,
     for p in params:
         if p.grad.is_sparse:
             p.grad = p.grad * scale.to(p.grad.dtype)
-        else:
-            p.grad.mul_(scale.to(p.grad.dtype))
+        else:  # an FSDP2 shard's gradient scaled through its local part (a DTensor refuses a plain factor)
+            _local(p.grad).mul_(scale.to(p.grad.dtype))

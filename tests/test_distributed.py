@@ -608,22 +608,28 @@ def test_sharded_layer_copies_keep_their_gradient_and_construction_agrees(tmp_pa
     assert "holds rows [0, 7) of 14 (another rank's shard), this rank owns [7, 14)" in ranks[1]["other_rows"]
 
 
-def _clip_run(rank):
+def _clip_run(rank, wrapper):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
     from lsh_torch.distributed import clip_grad_norm_
     torch.manual_seed(0)
     net = _Net(lambda: ShardedLSHLinear(HIDDEN, 13, active=1.0, tail=0, sparse_grad=True))
-    model = data_parallel(net)
+    model = data_parallel(net) if wrapper == "ddp" else fully_shard(net, ignored_params=unmanaged_parameters(net))
     x, y = _batch(0, 8, 13)
     x, y = _local(x, rank, [4, 4]), _local(y, rank, [4, 4])
     sparse_cross_entropy(net.head.forward_sparse(model(x), y), y).backward()
     grads = {name: p.grad.clone() for name, p in net.named_parameters()}
-    result = {"before": {name: g.to_dense() for name, g in grads.items()}}
+
+    def whole(g):  # an FSDP2 shard's gradient gathered
+        return g.full_tensor() if isinstance(g, DTensor) else g.to_dense()
+
+    result = {"before": {name: whole(g) for name, g in grads.items()}}
     for norm_type in (2.0, 1.0, math.inf):
         for name, p in net.named_parameters():
             p.grad = grads[name].clone()
         total = clip_grad_norm_(net, 0.1, norm_type=norm_type)
-        result[norm_type] = {"total": total,
-                             "after": {name: p.grad.to_dense().clone() for name, p in net.named_parameters()}}
+        result[norm_type] = {"total": total, "after": {name: whole(p.grad).clone() for name, p in net.named_parameters()}}
     first = next(net.parameters())
     first.grad = first.grad * math.inf
     try:
@@ -633,10 +639,12 @@ def _clip_run(rank):
     return result
 
 
-def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp_path, wrapper):
     """clip_grad_norm_ on one rank sees its shard only: the ranks clipped the trunk by different factors
-    (norms 0.538 and 0.688 in a review's run) and its replicas drifted apart."""
-    ranks = _spawn(_clip_run, tmp_path)
+    (norms 0.538 and 0.688 in a review's run) and its replicas drifted apart. Under FSDP2 (the trunk's
+    gradients DTensor shards) it raised: a DTensor part made the total one, which plain gradients refuse."""
+    ranks = _spawn(_clip_run, tmp_path, wrapper)
     trunk = [name for name in ranks[0]["before"] if name.startswith("trunk")]
     shards = [name for name in ranks[0]["before"] if name.startswith("head")]
     everything = torch.cat([ranks[0]["before"][n].flatten() for n in trunk]
