@@ -46,7 +46,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
-from .optim import _checked_norms, grad_norm_part, norm_dtype, scale_grads_
+from .optim import _DTensor, _checked_norms, grad_norm_part, norm_dtype, scale_grads_
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
@@ -522,6 +522,7 @@ class ShardedLSHLinear(nn.Module):
                               "own, or full_state_dict() / load_full_state_dict() to move rows between ranks")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._rows_compared = False
 
     def _mean_over_ranks(self) -> None:
         """Hook this shard's parameters (once each) to divide their gradients by the world size: the
@@ -553,6 +554,7 @@ class ShardedLSHLinear(nn.Module):
         for p in self.shard.parameters():
             p.uniform_(-bound, bound, generator=gen)
         self.shard._mark_stale()
+        self._rows_compared = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, process_group=None, **lsh_kwargs) -> "ShardedLSHLinear":
@@ -585,16 +587,48 @@ class ShardedLSHLinear(nn.Module):
             if tuple(state_dict[name].shape) != shape:
                 raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {tuple(state_dict[name].shape)}")
         self.shard.load_state_dict({name: t[self.start: self.end] for name, t in state_dict.items()})
+        self._rows_compared = False
 
     def _check_not_under_ddp(self) -> None:
         """A plain DistributedDataParallel that manages the shard broadcast rank 0's rows over every other
         rank's when it wrapped the model, and would average different rows' gradients: refused at the
-        forward DDP runs (an outer one around an inner data_parallel goes unseen)."""
+        forward DDP runs (and, called outside it, by :meth:`_refuse_rows_copied_over`). FSDP2 managing the
+        shard re-sharded its rows as DTensors."""
+        if _DTensor is not None and isinstance(self.shard.weight, _DTensor):
+            raise RuntimeError("ShardedLSHLinear's rows are managed by FSDP2 (fully_shard made them DTensors, split "
+                               "again over the ranks): leave them out with fully_shard(model, "
+                               "ignored_params=lsh_torch.distributed.unmanaged_parameters(model)), and re-create or "
+                               "reload the layer.")
         if _ddp_managing(self.shard.parameters()) is not None:
-            raise RuntimeError("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP "
-                               "copied rank 0's rows over every other rank's when it wrapped the model (re-create or "
-                               "reload the layer) and would average different rows' gradients. Wrap the model with "
-                               "lsh_torch.distributed.data_parallel(model), which leaves the shards out.")
+            raise RuntimeError(self._UNDER_DDP)
+
+    _UNDER_DDP = ("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP copied rank 0's "
+                  "rows over every other rank's when it wrapped the model (re-create or reload the layer) and would "
+                  "average different rows' gradients. Wrap the model with lsh_torch.distributed.data_parallel(model), "
+                  "which leaves the shards out.")
+    _rows_compared = False  # (a class default: pickles from before have no such attribute)
+
+    @torch.no_grad()
+    def _refuse_rows_copied_over(self) -> None:
+        """At the first forward after a build or load (one all-gather of a row per rank): a plain DDP's wrapping
+        copied rank 0's rows over the others' even where the layer is called outside DDP's forward, as
+        ``head.forward_sparse(model(x), y)`` is (silently: wrong rows trained, or with sparse gradients a
+        failed backward). Another rank's first row equal to rank 0's, where rank 0's rows are not all alike
+        (a zero or constant initialisation), is that copy."""
+        w = self.shard.weight.detach()
+        distinct = float(w.shape[0] > 1 and not torch.equal(w[0], w[1]))
+        mine = torch.cat([w[0].double(), w.new_full((1,), distinct, dtype=torch.float64)])
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self.process_group)
+        self._rows_compared = True
+        copies = [rank for rank, r in enumerate(rows) if rank and torch.equal(r, rows[0])]
+        if bool(rows[0][-1]) and copies:
+            raise RuntimeError(f"ShardedLSHLinear: rank {copies[0]} holds rank 0's rows, not its own: a wrapper that "
+                               "manages them copied them over (a plain DistributedDataParallel when it wrapped the "
+                               "model, or fully_shard without ignored_params). Wrap the model with "
+                               "lsh_torch.distributed.data_parallel(model), or fully_shard(model, ignored_params="
+                               "lsh_torch.distributed.unmanaged_parameters(model)), which leave the shards out; then "
+                               "re-create or reload the layer.")
 
     def _gather_input(self, input: Tensor, check=lambda: None, labelled: Optional[bool] = None):
         """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard
@@ -610,13 +644,16 @@ class ShardedLSHLinear(nn.Module):
         except Exception as caught:  # warnings turned into errors too: every rank must hear of it
             checked, error = None, caught
         rows = -1 if error else input.reshape(-1, self.in_features).shape[0]
-        gathered = _gather_ints([rows, int(bool(labelled))], self.process_group, self.shard.weight.device)
+        compare = not (self._rows_compared or torch.compiler.is_compiling())
+        gathered = _gather_ints([rows, int(bool(labelled)), int(compare)], self.process_group, self.shard.weight.device)
         sizes = gathered[:, 0].tolist()
         if error is not None:
             raise error
         if -1 in sizes:
             raise ValueError(f"rank {sizes.index(-1)} of the process group was given an invalid argument (its error says "
                              "which); every rank stops")
+        if bool(gathered[:, 2].any()):  # every rank takes part where one asks (a load on one rank only)
+            self._refuse_rows_copied_over()
         if labelled is not None and gathered[:, 1].unique().numel() > 1:
             # Another rank's labels would be forced for its rows alone, the loss then refusing this rank's.
             raise ValueError(f"labels must be given to forward_sparse on every rank or on none, got labels by ranks "

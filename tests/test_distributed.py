@@ -234,6 +234,35 @@ def test_plain_ddp_refuses_a_sparse_gradient_head_at_the_forward(tmp_path):
     assert _spawn(_plain_ddp_run, tmp_path) == [True, True]
 
 
+def _shard_outside_the_wrapper_run(rank):
+    """A shard under a wrapper that manages it, called outside the wrapper's forward (``head.forward_sparse(model(x),
+    y)``, where no DDP forward runs): what each wrapper gives."""
+    from torch.distributed.fsdp import fully_shard
+    x, y = (_local(t, rank, [4, 4]) for t in _batch(0, 8, 12))
+    said = {}
+    for wrapper in ("ddp", "fsdp2", "data_parallel", "zeros"):
+        torch.manual_seed(0)
+        net = _Net(lambda: ShardedLSHLinear(HIDDEN, 12, active=1.0, tail=0))
+        if wrapper == "zeros":  # every rank's rows alike, legitimately: not a copy
+            nn.init.zeros_(net.head.weight)
+        model = {"ddp": nn.parallel.DistributedDataParallel, "fsdp2": fully_shard}.get(wrapper, data_parallel)(net)
+        try:
+            sparse_cross_entropy(net.head.forward_sparse(model(x), y), y).backward()
+            said[wrapper] = None
+        except RuntimeError as error:
+            said[wrapper] = str(error)
+    return said
+
+
+def test_a_shard_copied_over_by_a_wrapper_is_refused_where_it_is_called_outside_it(tmp_path):
+    """A plain DDP's wrapping copied rank 0's rows over rank 1's, and fully_shard without ignored_params re-split
+    them: with the layer called outside the wrapper's forward, it trained the wrong rows silently (a review's run)."""
+    for said in _spawn(_shard_outside_the_wrapper_run, tmp_path):
+        for wrapper in ("ddp", "fsdp2"):
+            assert "rank 1 holds rank 0's rows" in said[wrapper] and "unmanaged_parameters" in said[wrapper]
+        assert said["data_parallel"] is None and said["zeros"] is None
+
+
 @pytest.mark.parametrize("wrapper,optimizer", [("ddp", "sgd"), ("fsdp2", "sgd"), ("fsdp2", "lazyadam")])
 def test_data_parallel_sparse_head_stays_identical(tmp_path, wrapper, optimizer):
     """LSH active sets (16 of 64 neurons, different per rank): the ranks stay bit-identical and
