@@ -255,6 +255,12 @@ def parse_args(argv=None):
                    help="JSON path (default benchmarks/results/gpu[_quick].json)")
     args = p.parse_args(argv)
     cli.apply_quick(p, argv, args, QUICK)
+    # A width below a count of active outputs failed at its turn, with a traceback, the earlier widths' results lost.
+    per_row = any(case.startswith("lsh per_row") for case in args.cases)
+    for option, active, used in (("--active-per-row", args.active_per_row, per_row),
+                                 ("--active", args.active, "lsh shared lazy" in args.cases)):
+        if used and isinstance(active, int) and min(args.sizes) < active:  # a fraction of N fits any width
+            p.error(f"--sizes {min(args.sizes)}: below {option} {active} (the active outputs must fit in the layer)")
     return args
 
 

@@ -33,6 +33,7 @@ import transformer_lm as tl  # noqa: E402
 from timing import median_time  # noqa: E402
 
 import lsh_torch  # noqa: E402
+from lsh_torch._checks import MAX_BITS, MAX_PROBES, MAX_TABLES  # noqa: E402  (the library's limits)
 from lsh_torch.diagnostics import topk_recall  # noqa: E402
 
 
@@ -45,7 +46,9 @@ def hash_spec(text: str) -> str:
     if text not in ("srp", "dwta") and family != "dwta":
         raise argparse.ArgumentTypeError(f"must be srp, dwta or dwta:BIN_SIZE, got {text!r}")
     if colon:
-        cli.integer()(bin_size)
+        size = cli.integer(2)(bin_size)
+        if size & (size - 1):  # DWTA refuses it for every K: each of its cells skipped
+            raise argparse.ArgumentTypeError(f"BIN_SIZE must be a power of two, got {text!r}")
     return text
 
 
@@ -54,7 +57,34 @@ def tables_spec(text: str) -> tuple[int, int]:
     tables, colon, probes = text.partition(":")
     if not colon:
         raise argparse.ArgumentTypeError(f"must be L:PROBES, got {text!r}")
-    return cli.integer()(tables), cli.integer()(probes)
+    return cli.integer(1, MAX_TABLES)(tables), cli.integer(1, MAX_PROBES)(probes)
+
+
+def cells(args) -> list[tuple[str, int, int, int]]:
+    """The table's (hash family, K, L, probes), in its order."""
+    return [(family, bits, tables, probes) for family in args.hash for bits in args.bits
+            for tables, probes in args.tables]
+
+
+def hashed(head: torch.nn.Linear, family: str, bits: int, tables: int, probes: int) -> lsh_torch.LSHLinear:
+    """``head`` with one cell's hash tables (not yet built)."""
+    spec = lsh_torch.hashing.DWTA(int(family[5:])) if family.startswith("dwta:") else family
+    return lsh_torch.LSHLinear.from_linear(head, num_tables=tables, bits=bits, probes=probes, asymmetric=False,
+                                           hash=spec)
+
+
+def check_cells(p: argparse.ArgumentParser, args) -> None:
+    """Refuse a grid whose every cell LSHLinear refuses (probes above 2^K, a bin size whose log2 divides
+    no K, ...): each was skipped after the training, for an empty table."""
+    head = torch.nn.Linear(128, VOCAB + 1, device="meta")  # the LM's head, nothing allocated
+    errors = []
+    for cell in cells(args):
+        try:
+            hashed(head, *cell)
+            return
+        except ValueError as error:
+            errors.append(f"{cell[0]} K={cell[1]} L={cell[2]} probes {cell[3]}: {error}")
+    p.error(f"LSHLinear refuses every cell of --hash x --bits x --tables (e.g. {errors[0]})")
 
 
 def parse_args(argv=None):
@@ -65,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--hash", type=cli.listing(hash_spec, "hash families"), default="srp",
                    help="hash families to compare, comma-separated: srp, dwta (LSHLinear(hash=)), dwta:BIN_SIZE "
                         "(hashing.DWTA(bin_size=))")
-    p.add_argument("--bits", type=cli.integers(), default="12,10,8,6", help="K values, comma-separated")
+    p.add_argument("--bits", type=cli.integers(1, MAX_BITS), default="12,10,8,6", help="K values, comma-separated")
     p.add_argument("--tables", type=cli.listing(tables_spec, "L:probes pairs"), default="20:2,20:4,40:2",
                    help="L:probes pairs, comma-separated")
     p.add_argument("--shared", action="store_true", help="the shared top set's coverage by rows sampled")
@@ -84,13 +114,16 @@ def parse_args(argv=None):
             p.error(f"--active {args.active}: {error}")
     elif args.k > args.pool:
         p.error(f"--k {args.k} must be at most --pool {args.pool} (the top k is chosen from the pool)")
+    elif args.pool > VOCAB + 1:  # the query refused it after the training
+        p.error(f"--pool {args.pool} must be at most the head's {VOCAB + 1} words")
+    else:
+        check_cells(p, args)
     args.json = args.json or os.path.join(HERE, "results", "lm_shared_rows.json" if args.shared else "lm_recall.json")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    families, settings = args.hash, args.tables
     train, test, vocab = tl.load_corpus(VOCAB, 0.05, False)
     inputs, targets = next(tl.batches(test, 16, 64, 1, 1))
     distinct = targets.unique().numel()
@@ -112,12 +145,10 @@ def main(argv=None) -> None:
     print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
     print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
     rows = []
-    for family, bits, (tables, probes) in ((f, b, s) for f in families for b in args.bits for s in settings):
-        spec = lsh_torch.hashing.DWTA(int(family[5:])) if family.startswith("dwta:") else family
+    for family, bits, tables, probes in cells(args):
         try:
-            layer = lsh_torch.LSHLinear.from_linear(model.head, num_tables=tables, bits=bits, probes=probes,
-                                                    asymmetric=False, hash=spec)
-        except ValueError as e:  # a bin size whose log2 does not divide K
+            layer = hashed(model.head, family, bits, tables, probes)
+        except ValueError as e:  # a bin size whose log2 does not divide K, probes above 2^K
             print(f"{family:>18} {bits:>3} {tables:>3} {probes:>6}  skipped: {e}")
             continue
         layer.rebuild()

@@ -330,6 +330,11 @@ def parse_args(argv=None):
                 f"{args.batch * args.labels_per_row} distinct labels of a batch")
     if args.active_per_row < args.labels_per_row:
         p.error(f"--active-per-row {args.active_per_row}: below --labels-per-row {args.labels_per_row}")
+    # Every width holds the active sets: a smaller one failed at its turn, the earlier widths' results lost.
+    smallest = args.memory_n if args.memory_case else min(args.sizes)  # a memory child measures its one width
+    for option, active in (("--active", args.active), ("--active-per-row", args.active_per_row)):
+        if smallest < active:
+            p.error(f"--sizes {smallest}: below {option} {active} (the active outputs must fit in the layer)")
     return args
 
 

@@ -419,10 +419,17 @@ def plot_recall(run: dict, path: Path) -> None:
 
 def replot(path: Path) -> int:
     """Rewrite <stem>.md, <stem>.png and <stem>_recall.png from <stem>.json."""
-    with open(path) as fh:
-        saved = json.load(fh)
-    runs, meta = saved["runs"], saved["meta"]
-    fracs = meta["args"]["fractions"]
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+        runs, meta = saved["runs"], saved["meta"]
+        fracs = meta["args"]["fractions"]
+    except OSError as error:  # missing, a folder
+        cli.fail(f"--replot {path}: {error.strerror}")
+    except ValueError as error:  # json.JSONDecodeError, or not even text
+        cli.fail(f"--replot {path}: not JSON ({error})")
+    except (KeyError, TypeError):  # JSON, but another script's
+        cli.fail(f"--replot {path}: not a bench_paper.py results file (it has no runs and meta.args.fractions)")
     if isinstance(fracs, str):  # a run from before --fractions was parsed into a list
         fracs = [float(f) for f in fracs.split(",") if f]
     summary = summarize(runs)

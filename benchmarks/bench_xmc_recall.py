@@ -110,7 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--json", type=cli.results_path, default=os.path.join(HERE, "results", "xmc_recall.json"))
     p.add_argument("--plot", type=cli.output_path, default=os.path.join(HERE, "results", "xmc_recall.png"),
                    help="P@1 and recall against epochs, the seeds' range as a band ('' for none)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.k > args.labels:  # active_set_recall refused it at the first measurement, after a quarter epoch
+        p.error(f"--k {args.k} must be at most --labels {args.labels}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -122,7 +125,8 @@ def main(argv=None) -> None:
     if args.plot:
         after_warmup = lambda run, key: [(r["epoch"], r[key]) for r in run if not r["warmup"]]  # noqa: E731
         for key, path, label in (("P@1", args.plot, "P@1 (eval subset)"),
-                                 ("recall", args.plot.replace(".png", "_top.png"), f"recall of the exact top {args.k}")):
+                                 ("recall", bench_estimator.beside(args.plot, "_top"),
+                                  f"recall of the exact top {args.k}")):
             bench_estimator.plot_seed_curves([("", {name: [after_warmup(run, key) for run in runs]
                                                     for name, runs in results.items()})],
                                              path, label, xlog=False, xlabel="epoch")

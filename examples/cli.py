@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -93,8 +94,8 @@ def choice(*names: str):
 
 def output_path(text: str) -> str:
     """A file to write at the end of a run: refused now if it cannot be created (a folder on the way
-    is a file), rather than after the run. Missing folders are created when it is written; ``""``
-    means none."""
+    is a file, or the nearest existing one is not writable), rather than after the run. Missing
+    folders are created when it is written; ``""`` means none."""
     if not text:
         return text
     _check_folder(os.path.dirname(os.path.abspath(text)), text)
@@ -134,7 +135,8 @@ def results_path(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
-    """A folder to write files into: refused now if it or a folder on the way is a file."""
+    """A folder to write files into: refused now if it or a folder on the way is a file, or the
+    nearest existing one is not writable."""
     _check_folder(os.path.abspath(text), text)
     return text
 
@@ -156,6 +158,12 @@ def _check_folder(folder: str, text: str) -> None:
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {folder} is a file")
+    # A file made there and gone at once (unnamed, where Linux can): os.access(W_OK) says yes to root in /proc.
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: {folder} is not writable ({error.strerror})") from None
 
 
 def apply_quick(parser: argparse.ArgumentParser, argv, args: argparse.Namespace, settings: dict) -> None:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
-from transformer_lm import batches, check_model_args, load_corpus  # noqa: E402  (the data of the plain-PyTorch LM example)
+from transformer_lm import batches, check_corpus, check_model_args, load_corpus  # noqa: E402  (the LM example's data)
 
 import lsh_torch.integrations.transformers as lsh_hf  # noqa: E402
 
@@ -117,6 +117,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     train_tokens, test_tokens, vocab = load_corpus(args.vocab, args.held_out, progress=False)
+    check_corpus(train_tokens, test_tokens, args.context, args.context)  # held_out_loss's windows: context words
     print(f"corpus: {len(train_tokens):,} training words, {len(test_tokens):,} held-out words, vocabulary "
           f"{len(vocab):,}, read in {time.perf_counter() - start:.0f} s")
 

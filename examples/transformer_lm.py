@@ -117,6 +117,18 @@ def load_corpus(vocab_size: int, held_out: float, progress: bool = True):
     return encode(train_words), encode(test_words), vocab
 
 
+def check_corpus(train: Tensor, test: Tensor, context: int, window: int) -> None:
+    """Stop where the text is too short for ``--context`` (the run ended in a ZeroDivisionError): the
+    held-out text needs one evaluation window of ``window`` words, the training text a window of
+    ``context + 1`` that :func:`batches` can draw."""
+    if len(test) < window:
+        cli.fail(f"--context {context}: the held-out text has {len(test):,} words, less than one window of {window}; "
+                 f"lower --context or raise --held-out")
+    if len(train) < context + 2:  # batches draws a window's start from [0, len - context - 1)
+        cli.fail(f"--context {context}: the training text has {len(train):,} words, too few for windows of "
+                 f"{context + 1}; lower --context or --held-out")
+
+
 def batches(tokens: Tensor, batch_size: int, context: int, steps: int, seed: int):
     """``steps`` batches of ``batch_size`` random windows: inputs and next-word targets, ``[B, T]`` each."""
     gen = torch.Generator().manual_seed(seed)
@@ -296,6 +308,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     train_tokens, test_tokens, vocab = load_corpus(args.vocab, args.held_out, not args.no_progress)
+    check_corpus(train_tokens, test_tokens, args.context, args.context + 1)  # evaluate's windows predict context words
     unk = lambda t: 100 * (t == 0).float().mean().item()  # noqa: E731
     print(f"corpus: {len(train_tokens):,} training words, {len(test_tokens):,} held-out words, vocabulary "
           f"{len(vocab):,} words (<unk>: {unk(train_tokens):.1f}% / {unk(test_tokens):.1f}%), "

@@ -88,6 +88,28 @@ def test_output_path_and_output_dir(tmp_path):
     assert cli.results_path(str(afile)) == str(afile)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_output_path_refuses_a_folder_that_cannot_be_written():
+    """xmc.py --json /proc/x/y.json ran the whole demo, then failed with a traceback (os.access says
+    /proc is writable to root: a file is tried)."""
+    for bad in ("/proc/x/y.json", "/proc/self/y.json"):
+        assert refused(cli.output_path, bad) and refused(cli.results_path, bad), bad
+    assert refused(cli.output_dir, "/proc/x")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_output_path_refuses_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for bad in (locked / "x.json", locked / "new" / "x.json"):
+            assert refused(cli.output_path, str(bad)), bad
+        assert refused(cli.output_dir, str(locked / "new"))
+    finally:
+        locked.chmod(0o700)
+
+
 def test_given_tells_the_options_a_command_line_sets():
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=5)
@@ -205,7 +227,23 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("bench_lm_recall", ["--shared", "--k", "10"], "--k"),  # --shared's table has no top k, pool or tables
     ("bench_lm_recall", ["--shared", "--tables", "20:2"], "--tables"),
     ("bench_lm_recall", ["--active", "100"], "--active"),  # only the --shared table has a shared set
-] + ([] if torch.cuda.is_available() else [("bench_layer", ["--device", "cuda"], "--device")]) + [
+    # bench_lm_recall trained for minutes, then skipped every cell and wrote an empty table.
+    ("bench_lm_recall", ["--bits", "25"], "--bits"),  # above the library's 20
+    ("bench_lm_recall", ["--tables", "2000:2"], "--tables"), ("bench_lm_recall", ["--tables", "20:200"], "--tables"),
+    ("bench_lm_recall", ["--hash", "srp,dwta:3"], "--hash"),  # not a power of two
+    ("bench_lm_recall", ["--bits", "1,2", "--tables", "20:8"], "every cell"),  # probes above 2^K
+    ("bench_lm_recall", ["--hash", "dwta:32", "--bits", "8,12"], "every cell"),  # log2(32) divides no K
+    ("bench_lm_recall", ["--pool", "60000"], "--pool"),  # the head has 50,001 words
+    # A width below the active outputs failed at its turn, the earlier widths' results lost.
+    ("bench_output_layer", ["--sizes", "20000,1000"], "--sizes 1000: below --active 2048"),
+    ("bench_output_layer", ["--sizes", "900", "--active", "700", "--active-per-row", "1000"],
+     "--sizes 900: below --active-per-row 1000"),
+    ("bench_gpu", ["--sizes", "670091,100"], "--sizes 100: below --active-per-row 128"),
+    ("bench_gpu", ["--sizes", "1000", "--cases", "dense,lsh shared lazy"], "--sizes 1000: below --active 2048"),
+    ("bench_xmc_recall", ["--k", "5000", "--labels", "2000"], "--k 5000 must be at most --labels 2000"),
+] + ([] if torch.cuda.is_available() else [("bench_layer", ["--device", "cuda"], "--device")]) + (
+    [("xmc", ["--json", "/proc/x/y.json"], "--json"), ("xmc_data", ["--out-dir", "/proc/x"], "--out-dir")]
+    if os.path.isdir("/proc") else []) + [
     (name, ["--threads", value], "--threads") for name in ("xmc", "transformer_lm", "mnist_mlp", "hf_causal_lm",
                                                            "bench_layer", "bench_output_layer", "bench_distributed",
                                                            "bench_paper", "bench_sweep")
@@ -231,6 +269,70 @@ def test_bad_value_is_refused_at_parse_time(name, argv, option, tmp_path, capsys
     refuses(script(name), argv, option, capsys=capsys)
 
 
+def test_the_width_and_grid_checks_refuse_only_what_fails():
+    """The checks above refuse only what fails: a fraction of N fits any width, a case not run needs no
+    room, a grid where some cells work keeps them (the others are skipped, as before)."""
+    gpu = script("bench_gpu")
+    assert gpu.parse_args(["--sizes", "100", "--cases", "dense"]).sizes == [100]
+    assert gpu.parse_args(["--sizes", "100", "--active", "0.5", "--active-per-row", "0.1"]).sizes == [100]
+    assert gpu.parse_args(["--sizes", "1000", "--cases", "dense,lsh per_row"]).sizes == [1000]
+    assert script("bench_output_layer").parse_args(["--sizes", "2048,5000"]).sizes == [2048, 5000]
+    lm_recall = script("bench_lm_recall")
+    assert lm_recall.parse_args(["--hash", "srp,dwta:32", "--bits", "8"]).hash == ["srp", "dwta:32"]
+    assert lm_recall.parse_args(["--bits", "1,20", "--tables", "20:8"]).bits == [1, 20]
+    assert script("bench_xmc_recall").parse_args(["--k", "2000", "--labels", "2000"]).k == 2000
+
+
+class Trained(Exception):
+    """Raised by a stand-in for training: the run got past its checks."""
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "hf_causal_lm"])
+@pytest.mark.parametrize("held_out, training, error", [
+    (50, 1000, "the held-out text has 50 words"), (1000, 65, "the training text has 65 words"), (65, 66, None)])
+def test_lm_text_shorter_than_a_window_is_an_error(name, held_out, training, error, monkeypatch):
+    """--held-out 0.001 --context 9000 ended in a ZeroDivisionError, after the training (transformer_lm)
+    or at the first evaluation (hf_causal_lm)."""
+    module = script(name)
+    corpus = (torch.zeros(training, dtype=torch.int64), torch.zeros(held_out, dtype=torch.int64), ["w"] * 101)
+    monkeypatch.setattr(module, "load_corpus", lambda *args, **kwargs: corpus)
+
+    def train(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(module, "train" if name == "transformer_lm" else "train_for", train)
+    argv = ["--context", "64", "--vocab", "100", "--active", "64", "--d-model", "16", "--heads", "1", "--layers", "1"]
+    if error is None:  # one window of each: enough
+        with pytest.raises(Trained):
+            module.main(argv)
+    else:
+        with pytest.raises(SystemExit, match=f"error: --context 64: {error}"):
+            module.main(argv)
+
+
+def test_xmc_recall_plots_beside_a_path_of_any_suffix(tmp_path, monkeypatch):
+    """--plot x.svg: the recall plot's name was made by replacing ".png", so it overwrote the P@1 plot."""
+    bxr = script("bench_xmc_recall")
+    row = {"epoch": 1.0, "P@1": 0.5, "recall": 0.5, "mass_recall": 0.5, "warmup": False}
+    monkeypatch.setattr(bxr, "train", lambda name, seed, args: [row])  # nothing trained
+    plots = []
+    monkeypatch.setattr(bxr.bench_estimator, "plot_seed_curves", lambda curves, path, *a, **k: plots.append(path))
+    bxr.main(["--seeds", "0", "--epochs", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.svg")])
+    assert plots == [str(tmp_path / "r.svg"), str(tmp_path / "r_top.svg")]
+
+
+@pytest.mark.parametrize("content, error", [(None, "No such file or directory"), ("{not json", "not JSON"),
+                                            ('{"runs": []}', "not a bench_paper.py results file")])
+def test_bench_paper_replot_of_a_bad_file_is_an_error(content, error, tmp_path):
+    """--replot of a missing or non-JSON file ended in a traceback."""
+    path = tmp_path / "paper.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        script("bench_paper").main(["--replot", str(path)])
+    assert f"error: --replot {path}: {error}" in str(exc.value)
+
+
 @pytest.mark.parametrize("option, value", [("--test-data", "test.txt"), ("--max-points", "10")])
 def test_xmc_file_options_need_data(option, value, capsys):
     refuses(script("xmc"), [option, value], option, "needs --data", capsys=capsys)  # ignored silently
@@ -253,7 +355,7 @@ def test_xmc_bin_size_needs_dwta(capsys):
     ("xmc", ["--epochs", "3"], "--epochs"), ("xmc", ["--dense-epochs", "3"], "--dense-epochs"),
     ("xmc", ["--train-points", "100"], "--train-points"), ("xmc", ["--test-points=100"], "--test-points"),
     ("hogwild_xmc", ["--epochs", "3"], "--epochs"),
-    ("bench_output_layer", ["--sizes", "1000"], "--sizes"), ("bench_output_layer", ["--repeats", "3"], "--repeats"),
+    ("bench_output_layer", ["--sizes", "10000"], "--sizes"), ("bench_output_layer", ["--repeats", "3"], "--repeats"),
     ("bench_output_layer", ["--max-seconds", "5"], "--max-seconds"),
     ("bench_gpu", ["--steps", "9"], "--steps"), ("bench_paper", ["--seeds", "2"], "--seeds"),
     ("bench_sweep", ["--epochs", "3"], "--epochs"), ("bench_layer", ["--min-run-time", "2"], "--min-run-time"),
