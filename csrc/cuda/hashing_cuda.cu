@@ -272,7 +272,11 @@ std::tuple<at::Tensor, at::Tensor> dwta_codes_cuda(const at::Tensor& rows_in, co
   const auto bins = bins_in.contiguous();
   auto codes = at::empty({s.n, num_tables}, rows.options().dtype(at::kInt));
   auto margins = at::empty({s.n, s.num_bins * s.bin_bits}, rows.options().dtype(at::kFloat));
-  if (s.n == 0) return {codes, margins};
+  if (s.n == 0) {  // no kernel reads the bins: checked here, as the CPU checks them for any n (one sync)
+    TORCH_CHECK(!(bins.lt(0) | bins.ge(s.d)).any().item<bool>(), "dwta_codes: bins must hold dimension indices in "
+                "[0, d = ", s.d, ")");
+    return {codes, margins};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto hashes = at::empty({s.n, s.num_bins}, rows.options().dtype(at::kInt));
   cuda::ErrorFlag flag(rows.device(), stream);

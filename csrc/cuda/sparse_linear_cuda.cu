@@ -2,7 +2,8 @@
 // and its gradients. Same contract and messages as csrc/cpu/sparse_linear_cpu.cpp. All sums run
 // in at::opmath_type (float32 for half and bfloat16) and in a fixed order, so every result is
 // bitwise reproducible from run to run on one GPU (no atomics on floating-point values); results
-// equal the CPU's to rounding (the summation order differs).
+// equal the CPU's to rounding (grad_input's summation order differs; the weight gradient's is the
+// CPU's, but its products may contract into FMAs).
 //
 // Design
 // - sparse_linear: one warp per (b, a) pair; lanes stride over d (16-byte vector loads when the
@@ -260,6 +261,9 @@ at::Tensor sparse_linear_grad_input_cuda(const at::Tensor& g_in, const at::Tenso
     if (chunks > 1) {
       partial = at::empty({chunks, batch, d}, g.options().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
     }
+    // A grid's x dimension holds 2^31 - 1 blocks: past it the cast cut the grid short, leaving grad_x unwritten.
+    TORCH_CHECK(batch * tiles < (int64_t(1) << 31), op, ": batch x ceil(in_features / ", threads, ") = ",
+                batch * tiles, " thread blocks is too many for one launch (at most 2^31 - 1): split the batch");
     const dim3 grid(static_cast<unsigned>(batch * tiles), static_cast<unsigned>(chunks));
     grad_input_kernel<scalar_t, acc_t><<<grid, threads, 0, stream>>>(
         g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), active.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
