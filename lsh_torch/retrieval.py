@@ -259,10 +259,10 @@ class TopkIndex:
         """Forget the recall checks if ``bias`` changed since they measured: the bias is not indexed (its
         rows' directions are the weight's), but a new one changes which outputs are the top k."""
         if weight_version(bias) != self.checked_bias:
-            # A non-finite output has no top k to check against: every input's check would be skipped, and the
-            # index answer unchecked (a NaN bias entry did so silently).
-            if bias is not None and not bool(torch.isfinite(bias).all()):
-                raise ValueError("bias has non-finite values (NaN or inf): topk cannot check its index against it")
+            # An input whose exact scores hold a NaN has no top k to check against: with a NaN bias entry every
+            # input's check was skipped and the index answered unchecked, silently. (A -inf entry masks an output.)
+            if bias is not None and bool(torch.isnan(bias).any()):
+                raise ValueError("bias has NaN values: topk cannot check its index against the exact top k")
             self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
             self.alone_order = self.alone_rank = None  # the bias is in their estimate
 

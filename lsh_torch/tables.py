@@ -49,8 +49,13 @@ def _norms(rows: Tensor) -> Tensor:
     in float64: the transform's kernel scales such rows, and ``M`` must be the norms it finds."""
     wide = rows.dtype in (torch.float32, torch.float64)
     norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
-    if rows.dtype != torch.float64 and rows.shape[0] and not torch.compiler.is_compiling() \
-            and not 1e-15 < float(norms.max()) < 1e19:
+    if rows.dtype == torch.float64 or not rows.shape[0]:
+        return norms
+    largest = norms.max()
+    if torch.compiler.is_compiling():  # no host read in a graph: both sums, the float64 one where it is needed
+        in_range = (largest > 1e-15) & (largest < 1e19)
+        return torch.where(in_range, norms, torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).float())
+    if not 1e-15 < float(largest) < 1e19:
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).float()
     return norms
 

@@ -336,3 +336,18 @@ def test_a_weight_of_another_width_does_not_recompile_the_backward():
             got, w.grad = w.grad, None
             loss(x, w, active).backward()
             torch.testing.assert_close(got, w.grad)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -90, 2.0 ** 70])
+def test_a_compiled_build_of_huge_or_tiny_rows_equals_eager(scale):
+    """A traced build summed the norms in float32 alone, while the transform scales such rows: M read 0 (or inf)
+    and the build failed in the graph where eager builds (float64 sums there) work."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=50, inference="lsh").eval()
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    x = torch.randn(4, 16)
+    eager = layer(x)
+    layer._mark_stale()  # the compiled forward builds the tables in its graph
+    torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), eager)

@@ -1,6 +1,7 @@
 """LSHLinear.topk's index (lsh_torch.retrieval): recall of planted top sets, the largest-norm rows,
 when the index is rebuilt, and argument errors. Correctness only: speed is benchmarks/bench_topk.py's."""
 import copy
+import math
 import pickle
 import warnings
 
@@ -248,10 +249,13 @@ def test_topk_argument_errors():
     layer.topk(x, 3, budget=50)  # an index, then a NaN bias entry (its checks were skipped: unchecked answers)
     with torch.no_grad():
         layer.bias[7] = float("nan")
-    with pytest.raises(ValueError, match="bias has non-finite"):
+    with pytest.raises(ValueError, match="bias has NaN"):
         layer.topk(x, 3, budget=50)
-    with pytest.raises(ValueError, match="bias has non-finite"):
+    with pytest.raises(ValueError, match="bias has NaN"):
         copy.deepcopy(layer).topk(x, 3, budget=50)  # a new index
+    with torch.no_grad():
+        layer.bias[7] = -math.inf  # a mask: that output is never in the top k
+    assert 7 not in layer.topk(x, 3, budget=50)[1]
     with torch.no_grad():
         layer.bias[7] = 0.0
         layer.weight[3, 0] = float("nan")
