@@ -208,21 +208,23 @@ def norm_dtype(params) -> torch.dtype:
 def grad_norm_part(params, norm_type: float, device, dtype: torch.dtype) -> torch.Tensor:
     """The gradients' sum of ``|g|^p`` (their largest ``|g|`` for ``norm_type=inf``), sparse ones by their
     coalesced values, in ``dtype``: a part of a total norm that parts of other ranks may join."""
-    infinite, part = norm_type == math.inf, torch.zeros((), device=device, dtype=dtype)
+    infinite = norm_type == math.inf
+    parts, by_mesh = [torch.zeros((), device=device, dtype=dtype)], {}
     for p in params:
         values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).to(dtype).abs()
-        if not values.numel():
-            continue
-        # (each gradient's part moved to ``device``: a model may span devices; an FSDP2 shard's is reduced over
-        # its mesh, a plain value: added to a plain part, it made the part a DTensor, which plain gradients refuse)
-        value = _full(values.max() if infinite else values.pow(norm_type).sum()).to(device)
-        part = torch.maximum(part, value) if infinite else part + value
-    return part
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (a partial sum or max reduced over its mesh), any other tensor itself."""
-    return t.full_tensor() if _DTensor is not None and isinstance(t, _DTensor) else t
+        if values.numel():
+            part = values.max() if infinite else values.pow(norm_type).sum()
+            if _DTensor is not None and isinstance(part, _DTensor):  # an FSDP2 shard's: a partial value
+                by_mesh.setdefault(part.device_mesh, []).append(part)
+            else:  # (moved to ``device``: a model may span devices)
+                parts.append(part.to(device))
+    # An FSDP2 shard's parts reduced over their mesh at once (one collective per mesh, not per parameter; a
+    # DTensor part added to a plain one made it a DTensor, which plain gradients refuse).
+    for mesh_parts in by_mesh.values():
+        stacked = torch.stack(mesh_parts)
+        parts.append((stacked.max() if infinite else stacked.sum()).full_tensor().to(device))
+    stacked = torch.stack(parts)
+    return stacked.max() if infinite else stacked.sum()
 
 
 def scale_grads_(params, total: torch.Tensor, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> None:
