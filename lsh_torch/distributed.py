@@ -610,25 +610,29 @@ class ShardedLSHLinear(nn.Module):
 
     @torch.no_grad()
     def _refuse_rows_copied_over(self) -> None:
-        """At the first forward after a build or load (one all-gather of a row per rank): a plain DDP's wrapping
-        copied rank 0's rows over the others' even where the layer is called outside DDP's forward, as
-        ``head.forward_sparse(model(x), y)`` is (silently: wrong rows trained, or with sparse gradients a
-        failed backward). Another rank's first row equal to rank 0's, where rank 0's rows are not all alike
-        (a zero or constant initialisation), is that copy."""
+        """At the first forward after a build or load (one all-gather of a few numbers per rank): a plain DDP's
+        wrapping copied rank 0's rows over the others' even where the layer is called outside DDP's forward, as
+        ``head.forward_sparse(model(x), y)`` is (silently: wrong rows trained, or with sparse gradients a failed
+        backward). A shard equal to rank 0's, every row (checksums of the rows' fingerprints by one vector on
+        every rank), where rank 0's rows are not all alike (a zero initialisation's are), is that copy. (A wrap
+        after the first forward goes unseen until the next load.)"""
         w = self.shard.weight.detach()
-        distinct = float(w.shape[0] > 1 and not torch.equal(w[0], w[1]))
-        mine = torch.cat([w[0].double(), w.new_full((1,), distinct, dtype=torch.float64)])
-        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(rows, mine, group=self.process_group)
+        vector = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0x5EED)).to(w.device)
+        fingerprints = ops.row_fingerprints(w, vector).double()
+        place = torch.arange(1, w.shape[0] + 1, device=w.device, dtype=torch.float64)
+        mine = torch.stack([fingerprints.new_tensor(float(w.shape[0])), fingerprints.sum(), (fingerprints * place).sum(),
+                            (fingerprints.max() != fingerprints.min()).double()])
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self.process_group)
         self._rows_compared = True
-        copies = [rank for rank, r in enumerate(rows) if rank and torch.equal(r, rows[0])]
-        if bool(rows[0][-1]) and copies:
+        copies = [rank for rank, r in enumerate(every) if rank and torch.equal(r, every[0])]
+        if bool(every[0][-1]) and copies:
             raise RuntimeError(f"ShardedLSHLinear: rank {copies[0]} holds rank 0's rows, not its own: a wrapper that "
                                "manages them copied them over (a plain DistributedDataParallel when it wrapped the "
-                               "model, or fully_shard without ignored_params). Wrap the model with "
-                               "lsh_torch.distributed.data_parallel(model), or fully_shard(model, ignored_params="
-                               "lsh_torch.distributed.unmanaged_parameters(model)), which leave the shards out; then "
-                               "re-create or reload the layer.")
+                               "model, or fully_shard without ignored_params), or every rank initialised its shard "
+                               "alike. Wrap the model with lsh_torch.distributed.data_parallel(model), or "
+                               "fully_shard(model, ignored_params=lsh_torch.distributed.unmanaged_parameters(model)), "
+                               "which leave the shards out; then re-create or reload the layer.")
 
     def _gather_input(self, input: Tensor, check=lambda: None, labelled: Optional[bool] = None):
         """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard

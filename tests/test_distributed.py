@@ -240,11 +240,16 @@ def _shard_outside_the_wrapper_run(rank):
     from torch.distributed.fsdp import fully_shard
     x, y = (_local(t, rank, [4, 4]) for t in _batch(0, 8, 12))
     said = {}
-    for wrapper in ("ddp", "fsdp2", "data_parallel", "zeros"):
+    linear = nn.Linear(HIDDEN, 12)
+    with torch.no_grad():
+        linear.weight[[0, 6]] = 0  # each rank's first row zero (padding rows), the rest distinct
+    for wrapper in ("ddp", "fsdp2", "data_parallel", "zeros", "zero first rows"):
         torch.manual_seed(0)
         net = _Net(lambda: ShardedLSHLinear(HIDDEN, 12, active=1.0, tail=0))
         if wrapper == "zeros":  # every rank's rows alike, legitimately: not a copy
             nn.init.zeros_(net.head.weight)
+        if wrapper == "zero first rows":  # equal first rows were taken for a copy (a review's run)
+            net.head = ShardedLSHLinear.from_linear(linear, active=1.0, tail=0)
         model = {"ddp": nn.parallel.DistributedDataParallel, "fsdp2": fully_shard}.get(wrapper, data_parallel)(net)
         try:
             sparse_cross_entropy(net.head.forward_sparse(model(x), y), y).backward()
@@ -260,7 +265,7 @@ def test_a_shard_copied_over_by_a_wrapper_is_refused_where_it_is_called_outside_
     for said in _spawn(_shard_outside_the_wrapper_run, tmp_path):
         for wrapper in ("ddp", "fsdp2"):
             assert "rank 1 holds rank 0's rows" in said[wrapper] and "unmanaged_parameters" in said[wrapper]
-        assert said["data_parallel"] is None and said["zeros"] is None
+        assert said["data_parallel"] is None and said["zeros"] is None and said["zero first rows"] is None
 
 
 @pytest.mark.parametrize("wrapper,optimizer", [("ddp", "sgd"), ("fsdp2", "sgd"), ("fsdp2", "lazyadam")])
