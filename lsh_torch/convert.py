@@ -64,6 +64,7 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
         second_factors = _gated_second_factors(model) if isinstance(model, nn.Module) else set()  # else refused below
         filter = lambda name, m: (_unparametrized_type(m) is nn.Linear and m.out_features >= min_out_features  # noqa: E731
                                   and id(m) not in second_factors)
+    seed = check_int("seed", seed, 0, 2 ** 31 - 1)  # (True became seed 1; a string failed in the range below)
     counter = iter(range(seed, seed + 2 ** 31))
     options = inspect.signature(LSHLinear.__init__).parameters
     unknown = sorted(set(lsh_kwargs) - {name for name, p in options.items() if p.kind is p.KEYWORD_ONLY})

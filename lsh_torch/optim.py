@@ -123,6 +123,16 @@ def _check_group(group: dict) -> None:
         raise TypeError(f"LazyAdam: betas must be a pair of floats (beta1, beta2), got {betas!r}")
     if not isinstance(group["maximize"], bool):
         raise TypeError(f"LazyAdam: maximize must be a bool, got {group['maximize']!r}")
+    # Flags of torch's Adam that a loaded Adam state carries and LazyAdam's update does not do: it ignored amsgrad
+    # and applied Adam's L2 decay as AdamW's decoupled one, silently (2e-4 and 4e-2 apart after 3 steps).
+    for key in ("amsgrad", "capturable", "differentiable", "fused"):
+        if group.get(key):
+            raise ValueError(f"LazyAdam: a parameter group has {key}={group[key]!r} (an Adam state loaded?), which "
+                             "LazyAdam does not do")
+    if group.get("decoupled_weight_decay") is False and group["weight_decay"]:
+        raise ValueError("LazyAdam: a parameter group has Adam's L2 weight_decay (decoupled_weight_decay=False, an Adam "
+                         "state loaded?); LazyAdam's decay is AdamW's, decoupled: load an AdamW state, or set "
+                         "group['decoupled_weight_decay'] = True to take it so")
     lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
     if not 0.0 <= lr < math.inf:  # NaN would be blamed on the decay
         raise ValueError(f"Invalid learning rate: {lr}")

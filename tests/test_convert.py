@@ -93,6 +93,9 @@ def test_filter_threshold_options_and_errors():
 
     with pytest.raises(ValueError, match="min_out_features"):
         convert(nn.Linear(2, 2), min_out_features=0)
+    for seed, error in ((True, TypeError), ("a", TypeError), (1.5, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed"):  # True became seed 1; the others failed without naming it
+            convert(nn.Linear(2, 2000), seed=seed)
     with pytest.raises(ValueError, match="active"):
         convert(nn.Linear(2, 2000), active=5000)
     model = nn.Sequential(nn.Linear(8, 3000), nn.ReLU(), nn.Linear(3000, 1500))

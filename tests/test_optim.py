@@ -249,6 +249,21 @@ def test_a_state_loaded_from_adam_steps_on_in_float64_as_adam_does():
     torch.testing.assert_close(p, twin, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("flags, match", [(dict(amsgrad=True), "amsgrad=True"),
+                                          (dict(weight_decay=0.1), "L2 weight_decay")])
+def test_an_adam_state_whose_update_lazyadam_does_not_do_is_refused(flags, match):
+    """Loaded, amsgrad was ignored and Adam's L2 decay applied as AdamW's (2e-4 and 4e-2 from Adam's parameters
+    after 3 steps, silently)."""
+    p = torch.nn.Parameter(torch.randn(30, 4))
+    adam = torch.optim.Adam([p], lr=0.01, **flags)
+    p.grad = torch.randn_like(p)
+    adam.step()
+    ours = LazyAdam([p], lr=0.01)
+    ours.load_state_dict(copy.deepcopy(adam.state_dict()))
+    with pytest.raises(ValueError, match=match):
+        ours.step()
+
+
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_head_tied_to_a_dense_embedding_trains_like_adam(mode):
     """The head's sparse gradient plus the embedding's dense one make a dense gradient."""
