@@ -10,6 +10,7 @@ from . import ops
 
 try:  # FSDP2's sharded parameters
     from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Partial, Replicate, Shard
 except ImportError:  # a torch built without distributed
     _DTensor = None
 
@@ -219,20 +220,28 @@ def grad_norm_part(params, norm_type: float, device, dtype: torch.dtype) -> torc
     """The gradients' sum of ``|g|^p`` (their largest ``|g|`` for ``norm_type=inf``), sparse ones by their
     coalesced values, in ``dtype``: a part of a total norm that parts of other ranks may join."""
     infinite = norm_type == math.inf
-    parts, by_mesh = [torch.zeros((), device=device, dtype=dtype)], {}
+
+    def part_of(values: torch.Tensor) -> torch.Tensor:  # (an empty one's: 0)
+        if not values.numel():
+            return values.new_zeros(())
+        return values.max() if infinite else values.pow(norm_type).sum()
+
+    parts, by_layout = [torch.zeros((), device=device, dtype=dtype)], {}
     for p in params:
         values = (p.grad.coalesce()._values() if p.grad.is_sparse else p.grad).to(dtype).abs()
-        if values.numel():
-            part = values.max() if infinite else values.pow(norm_type).sum()
-            if _DTensor is not None and isinstance(part, _DTensor):  # an FSDP2 shard's: a partial value
-                by_mesh.setdefault(part.device_mesh, []).append(part)
-            else:  # (moved to ``device``: a model may span devices)
-                parts.append(part.to(device))
-    # An FSDP2 shard's parts reduced over their mesh at once (one collective per mesh, not per parameter; a
-    # DTensor part added to a plain one made it a DTensor, which plain gradients refuse).
-    for mesh_parts in by_mesh.values():
-        stacked = torch.stack(mesh_parts)
-        parts.append((stacked.max() if infinite else stacked.sum()).full_tensor().to(device))
+        if _DTensor is not None and isinstance(values, _DTensor):  # an FSDP2 shard's: its local part, reduced below
+            by_layout.setdefault((values.device_mesh, tuple(values.placements)), []).append(part_of(_local(values)))
+        else:  # (moved to ``device``: a model may span devices)
+            parts.append(part_of(values).to(device))
+    # Local parts of FSDP2 shards reduced over the mesh dimensions they are sharded along, once per layout (not per
+    # parameter: 282 against torch's 4 ms per call over 200; an empty local shard's part is 0, where a DTensor's max
+    # raised on that rank alone and left the others waiting, as torch's clip does).
+    for (mesh, placements), local in by_layout.items():
+        stacked = torch.stack(local)
+        reduced = Partial("max" if infinite else "sum")
+        layout = [reduced if isinstance(placement, Shard) else Replicate() for placement in placements]
+        part = _DTensor.from_local(stacked.max() if infinite else stacked.sum(), mesh, layout, run_check=False)
+        parts.append(part.full_tensor().to(device))
     stacked = torch.stack(parts)
     return stacked.max() if infinite else stacked.sum()
 

@@ -696,6 +696,29 @@ def test_clip_grad_norm_counts_every_shard_once_and_keeps_the_replicas_equal(tmp
     assert all("non-finite" in r["nonfinite"] for r in ranks)
 
 
+def _clip_empty_local_shard_run(rank):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from lsh_torch import clip_grad_norm_
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))  # the last bias: 1 row, 2 ranks
+    fully_shard(net)
+    net(torch.randn(4, IN)).square().sum().backward()
+    whole = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in net.parameters()]
+    return {"whole": whole, **{norm_type: clip_grad_norm_(net.parameters(), math.inf, norm_type)
+                               for norm_type in (2.0, math.inf)}}
+
+
+def test_clip_grad_norm_of_an_fsdp2_parameter_with_an_empty_local_shard(tmp_path):
+    """The largest |g| of a rank's empty shard raised there and left the other rank waiting in the reduction
+    (torch's clip_grad_norm_ does the same)."""
+    for r in _spawn(_clip_empty_local_shard_run, tmp_path):
+        everything = torch.cat([g.flatten() for g in r["whole"]])
+        for norm_type in (2.0, math.inf):
+            torch.testing.assert_close(r[norm_type], torch.linalg.vector_norm(everything, norm_type))
+
+
 def test_shard_range_covers_every_row_once():
     for out_features, world in [(13, 2), (10, 4), (5, 5)]:
         ranges = [shard_range(out_features, r, world) for r in range(world)]
