@@ -60,7 +60,7 @@ TORCH_LIBRARY(lsh_torch, m) {
       "Tensor? labels, int seed, int tail=0, Tensor? row_keys=None) -> (Tensor active, Tensor head)");
   // One active set for the whole batch: the union of the rows' labels first, then candidates
   // ranked by their bucket hits summed over the rows, then the uniform tail -> indices [budget],
-  // head [] int64.
+  // head [] int64. (The CUDA kernel refuses B x L x probes >= 2^31, which the CPU's takes.)
   m.def(
       "query_shared(Tensor codes, Tensor margins, Tensor offsets, Tensor items, int probes, int budget, "
       "Tensor? labels, int seed, int tail=0) -> (Tensor indices, Tensor head)");

@@ -130,6 +130,8 @@ def test_dwta_codes_errors_on_cuda():
         ops.dwta_codes(rows, torch.tensor([[0, 6]], device="cuda"), 1)
     with pytest.raises(RuntimeError, match="bins must hold dimension indices"):
         ops.dwta_codes(rows, torch.tensor([[-3, 1]], device="cuda"), 1)
+    with pytest.raises(RuntimeError, match="bins must hold dimension indices"):  # checked for an empty batch too
+        ops.dwta_codes(rows[:0], torch.tensor([[0, 6]], device="cuda"), 1)
     with pytest.raises(RuntimeError, match="one device"):
         ops.dwta_codes(rows, torch.tensor([[0, 1]]), 1)
     with pytest.raises(RuntimeError, match="power-of-two"):
