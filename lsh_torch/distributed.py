@@ -600,12 +600,11 @@ class ShardedLSHLinear(nn.Module):
                                "ignored_params=lsh_torch.distributed.unmanaged_parameters(model)), and re-create or "
                                "reload the layer.")
         if _ddp_managing(self.shard.parameters()) is not None:
-            raise RuntimeError(self._UNDER_DDP)
+            raise RuntimeError("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP "
+                               "copied rank 0's rows over every other rank's when it wrapped the model (re-create or "
+                               "reload the layer) and would average different rows' gradients. Wrap the model with "
+                               "lsh_torch.distributed.data_parallel(model), which leaves the shards out.")
 
-    _UNDER_DDP = ("ShardedLSHLinear runs inside a DistributedDataParallel that manages its rows: DDP copied rank 0's "
-                  "rows over every other rank's when it wrapped the model (re-create or reload the layer) and would "
-                  "average different rows' gradients. Wrap the model with lsh_torch.distributed.data_parallel(model), "
-                  "which leaves the shards out.")
     _rows_compared = False  # (a class default: pickles from before have no such attribute)
 
     @torch.no_grad()
