@@ -40,7 +40,7 @@ from .tables import TABLE_BUFFERS, bucket_of_item
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "norms", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     state = {}
@@ -111,6 +111,8 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                     setattr(t, name, value.to(device, getattr(t, name).dtype).clone())
             if without_codes and t.selection != "random":
                 t.forget_codes()
+            if saved["norms"] is None:  # (states saved before the tables kept their rows' norms)
+                t.take_norms(layer.weight)
             t.mark_built()
             layer._stale = False
             if not tables.get("current", True):  # (states saved before it was: the tables training left)
@@ -141,10 +143,11 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
                 return f"they were hashed with {key}={saved[key]!r}, this layer hashes with {key}={value!r}"
     expected = {"offsets": (torch.int32, (rows, buckets + 1)), "items": (torch.int32, (rows, n)),
                 "codes": (torch.int32, (t.num_tables, n)), "fingerprints": (torch.float32, (n,)),
+                "norms": (torch.float32, (n,)),
                 "max_norm": (None, ())}  # max_norm: a float of the weight's dtype, float32 or wider
     for key, (dtype, shape) in expected.items():
         value = tables.get(key)
-        if value is None or (key in ("codes", "fingerprints") and isinstance(value, torch.Tensor)
+        if value is None or (key in ("codes", "fingerprints", "norms") and isinstance(value, torch.Tensor)
                              and value.numel() == 0):  # none yet (random selection, or before a build)
             continue
         if (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape
@@ -172,6 +175,9 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
             return f"codes must be in [0, 2^bits = {buckets})"
         if not torch.equal(codes.long().gather(1, items), bucket):
             return "items are not bucketed by their codes"
+    norms = tables.get("norms")
+    if norms is not None and norms.numel() and not bool((norms >= 0).all()):
+        return "norms must be >= 0 (row norms), got a negative or NaN one"
     max_norm = tables.get("max_norm")
     if max_norm is not None and not (torch.isfinite(max_norm) and max_norm > 0):
         return f"max_norm must be positive and finite, got {max_norm.item()}"

@@ -165,7 +165,10 @@ class LSHLinear(nn.Module):
             (LM example, 1,024 tokens: labels and the top set of a 2,048 set from 171 rows held
             80.6% of the softmax mass, from all 1,024 80.5%; an 8,192 set's pool is 5x larger, so
             49 rows: 87.1% against 88.3% from 256; XMC demo, 128 points: 26 of them choose as well
-            as all 128 and save a sixth of the step; ``docs/estimator.md``).
+            as all 128 and save a sixth of the step; ``docs/estimator.md``). Where the tables hash
+            directions only (``asymmetric=False``: wide layers' default), a shared pool's first
+            :attr:`norm_rows_share` (a quarter; 0: none) are the rows of largest norm at the last
+            build, which such tables cannot tell apart from the rest, then the hashed candidates.
         active: budget of active neurons per row (or per batch in shared mode): an int count, or
             a float fraction of ``out_features``. Auto: 0.25 below 8,192 outputs (in 3x1000 MLPs
             on MNIST the paper's 5% cost 50 points of test accuracy, 25% cost 3.6 and 50% 0.5,
@@ -234,6 +237,9 @@ class LSHLinear(nn.Module):
     __constants__ = ["in_features", "out_features"]
     # Exact scores (sampled rows x rescored pool) that choose a shared top set: an int, or "auto" (see rescore).
     top_set_scores: int | str = "auto"
+    # The share of a shared top set's rescored pool given to the rows of largest norm (at the last build), where
+    # the tables hash directions only and cannot see norms (asymmetric=False; 0: none). See _with_largest_norm_rows.
+    norm_rows_share: float = 0.25
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  num_tables: int | str = "auto", bits: int | str = "auto", probes: int | str = "auto",
@@ -423,6 +429,8 @@ class LSHLinear(nn.Module):
         if "_built" not in state["_modules"]["tables"].__dict__:
             state["_modules"]["tables"].upgrade(state["out_features"])
         super().__setstate__(state)
+        if getattr(self.tables, "_norms_missing", False):  # pickled before the tables kept their rows' norms
+            self.tables.take_norms(self.weight)
         follow_optimizer_steps(self)  # a process that only unpickles layers (torch.load of a model, spawned workers)
         self._hashed_from = tensor_ref(self.weight) if own else None
         if current:
@@ -536,6 +544,8 @@ class LSHLinear(nn.Module):
             x = x.index_select(0, torch.where(rows < x.shape[0], rows, first))
         if top:
             candidates, _ = self.tables.query(x, pool, None, seed, shared=shared, keyed=keyed)
+            if shared and not self.tables.asymmetric:
+                candidates = self._with_largest_norm_rows(candidates, tail)
             if shared:  # the candidates carrying the most of the batch's softmax mass
                 scores = ops.shared_linear(x, self.weight, self.bias, candidates).float().logsumexp(0)
             else:
@@ -550,6 +560,27 @@ class LSHLinear(nn.Module):
         # keys cost one more hashing of x, small beside the pool's scores.
         return LSHTables.query_uniform(x[:1] if shared else x, self.out_features, size, labels, seed ^ 2 ** 62,
                                        shared, self.tables.row_keys(x) if keyed else None)
+
+    def _with_largest_norm_rows(self, candidates: Tensor, tail: int) -> Tensor:
+        """A shared pool whose first :attr:`norm_rows_share` are the rows of largest norm at the last build, then
+        the hashed ``candidates`` that are not among them, as many as the pool holds (the same exact scores).
+        Tables of directions cannot see the norms, which spread as training goes on: at 670,091 XMC labels the
+        hashed pool held 0.09 of the exact top 64 after 5 epochs, with a quarter of it norm rows 0.28, and P@1
+        rose by 0.014-0.026 at every epoch (3 seeds; docs/results.md, "Largest-norm rows in the shared pool")."""
+        pool = candidates.shape[0]
+        share = self.norm_rows_share
+        if not (isinstance(share, numbers.Real) and 0 <= share <= 1):
+            raise ValueError(f"LSHLinear.norm_rows_share must be a fraction in [0, 1], got {share!r}")
+        count = int(share * pool)
+        if not count:
+            return candidates
+        # One top-k per build: as many as the largest pool of this budget and tail takes (a pool that fewer
+        # slots leave beside the labels takes the first of them), so that a resumed run finds the same rows.
+        most = int(share * self._top_set_sizes(self.budget, 0, tail)[1])
+        largest = self.tables.largest_norm_rows(max(most, count))[:count]
+        repeated = torch.isin(candidates, largest).to(torch.uint8)  # hashed candidates among them: to the end
+        others = candidates.index_select(0, repeated.sort(stable=True).indices[:pool - count])
+        return torch.cat([largest, others])
 
     def _warn_if_parametrized(self) -> None:
         """A weight computed on every access (torch.nn.utils.parametrize, parametrizations.weight_norm) or

@@ -74,7 +74,7 @@ def _keeps_values(fn, device) -> bool:
     return not out.is_meta and out.is_floating_point() and torch.equal(out.float().to(device), probe)
 
 
-TABLE_BUFFERS = ("offsets", "items", "codes", "fingerprints", "max_norm")  # what a build writes
+TABLE_BUFFERS = ("offsets", "items", "codes", "fingerprints", "norms", "max_norm")  # what a build writes
 
 
 def bucket_of_item(offsets: Tensor, items: Tensor) -> Tensor:
@@ -147,6 +147,10 @@ class LSHTables(nn.Module):
                              persistent=False)
         self.register_buffer("fingerprints", torch.full((hashed,), math.nan, dtype=torch.float32, device=device),
                              persistent=False)
+        # Each row's norm as of the last build (float32): tables of directions cannot see norms, so a lookup may
+        # add the largest-norm rows to their candidates (:meth:`largest_norm_rows`).
+        self.register_buffer("norms", torch.zeros(hashed, dtype=torch.float32, device=device), persistent=False)
+        self._largest = None  # (norms, their version, count, the count largest-norm rows): largest_norm_rows' cache
         # The asymmetric transform's M since the last full build (0: none, without the transform or a build).
         self.register_buffer("max_norm", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self._built = False  # the next build hashes every row; until then the tables are not to be queried
@@ -173,10 +177,14 @@ class LSHTables(nn.Module):
         return tuple(None if t.is_inference() else t._version for t in map(self.__getattr__, TABLE_BUFFERS))
 
     def __getstate__(self):
-        return {**self.__dict__, "_built": self.built}  # (False after writes in place)
+        return {**self.__dict__, "_built": self.built, "_largest": None}  # (False after writes in place)
 
     def __setstate__(self, state):  # a copy's tensors count versions anew
-        super().__setstate__(state)
+        super().__setstate__({**state, "_largest": None})
+        if "norms" not in self._buffers:  # pickled before the tables kept them: the layer takes its weight's
+            hashed = 0 if self.selection == "random" else self.items.shape[1]
+            self.register_buffer("norms", torch.zeros(hashed, device=self.items.device), persistent=False)
+            self._norms_missing = True  # (see LSHLinear.__setstate__)
         if self.__dict__.get("_built"):  # (absent from pickles before it was: see upgrade)
             self.mark_built()
 
@@ -192,6 +200,26 @@ class LSHTables(nn.Module):
         if self.selection != "random" and self.codes.shape[1] != out_features:  # built, saved without codes
             self.forget_codes()
         self.mark_built()
+
+    def take_norms(self, weight: Tensor) -> None:
+        """Row norms taken from ``weight`` as it is now, for tables saved before they kept the norms of their
+        build (pickles, :func:`~lsh_torch.load_lsh_state` states): the nearest thing to them that is kept."""
+        self.__dict__.pop("_norms_missing", None)
+        hashed = self.fingerprints.shape[0]
+        norms = _norms(weight.detach()).float() if hashed and not weight.is_meta else torch.zeros(hashed)
+        self.norms = norms.to(self.fingerprints.device)
+
+    def largest_norm_rows(self, count: int) -> Tensor:
+        """The ``count`` rows with the largest norms at the last build, largest first (int64; ties by
+        :func:`torch.topk`). Taken once per build and count (a top-k over every row: 1 ms at 670K)."""
+        count = min(count, self.norms.shape[0])
+        if torch.compiler.is_compiling():
+            return self.norms.topk(count).indices
+        norms, cached = self.norms, self._largest
+        version = None if norms.is_inference() else norms._version
+        if cached is None or cached[0] is not norms or cached[1] != version or cached[2] != count:
+            self._largest = cached = (norms, version, count, norms.topk(count).indices)
+        return cached[3]
 
     def forget_codes(self) -> None:
         """Tables without their rows' codes (an old checkpoint's, or pickle's): codes read off the tables, so
@@ -283,7 +311,14 @@ class LSHTables(nn.Module):
                 # Gathered at once (3x faster than rows[changed]): M checked and applied on one snapshot,
                 # which Hogwild writers to a shared weight cannot change in between.
                 moved, index = rows.index_select(0, changed), None
-                incremental = bool((self.max_norm > 0) & (_norms(moved).max() <= self.max_norm))
+            if index is None:
+                moved_norms = _norms(moved)
+            elif changed.numel() * 8 <= n:
+                moved_norms = _norms(rows.index_select(0, changed))
+            else:  # most rows moved: every row's norm, one pass over the weight rather than a copy of most of it
+                moved_norms = _norms(rows)[changed]
+            if self.asymmetric and changed.numel():
+                incremental = bool((self.max_norm > 0) & (moved_norms.max() <= self.max_norm))
         # Codes, tables and fingerprints are assigned together, after every op that may fail
         # (out of memory, an interrupt): an incremental build trusts that they agree. (The one
         # exception, codes patched before a re-sort, marks the tables unbuilt first: see below.)
@@ -312,18 +347,19 @@ class LSHTables(nn.Module):
                 else:
                     tables = ops.update_tables(*tables, changed, codes.gather(1, columns).t(), new_codes.t())
                     codes.scatter_(1, columns, new_codes)
+            norms = self.norms.index_copy(0, changed, moved_norms.float())
             self.rehashed = changed.numel()
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)
-            codes, max_norm = self._every_row_codes(rows)
+            codes, norms, max_norm = self._every_row_codes(rows)
             tables = ops.build_tables(codes.t(), self.bits)
             if max_norm is not None:
                 self.max_norm = max_norm
             self.rehashed = n
-        self.codes, (self.offsets, self.items), self.fingerprints = codes, tables, fingerprints
+        self.codes, (self.offsets, self.items), self.fingerprints, self.norms = codes, tables, fingerprints, norms
         self.mark_built()
 
-    def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Codes of every row and the asymmetric transform's new M (None without one)."""
+    def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Codes and norms (float32) of every row, and the asymmetric transform's new M (None without one)."""
         # M is the largest norm, raised by a few float32 roundings (the op sums each norm in its
         # own order and must find none above M), positive even for all-zero rows. With ``center``
         # every build is full and the op finds its own M.
@@ -331,19 +367,19 @@ class LSHTables(nn.Module):
         # (is_shared() is True for every CUDA tensor: there the copy would buy nothing.)
         if rows.device.type == "cpu" and not torch.compiler.is_compiling() and rows.is_shared():
             rows = rows.clone()
-        norms = _norms(rows) if self.asymmetric and rows.shape[0] else None
-        if norms is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):
+        norms = _norms(rows)
+        if self.asymmetric and not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):
             row = int((~torch.isfinite(norms)).nonzero()[0])
             raise ValueError(f"weight row {row} is finite but its norm overflows {norms.dtype}: the asymmetric "
                              "(MIPS) hashing scales rows by their norms and cannot hash it. The weights have probably "
                              "diverged (lower the learning rate or clip gradients); asymmetric=False hashes "
                              "directions only")
         max_norm = None
-        if norms is not None and not self.center:
+        if self.asymmetric and rows.shape[0] and not self.center:
             # float32 whatever the weight's dtype (rows hash in float32; the slack covers the rounding): the
             # buffer keeps one dtype, as AveragedModel(use_buffers=True)'s averages of it need.
             max_norm = (norms.max().float() * (1 + 1e-5)).clamp_min(torch.finfo(torch.float32).tiny)
-        return self._row_codes(rows, max_norm), max_norm
+        return self._row_codes(rows, max_norm), norms.float(), max_norm
 
     def _row_codes(self, rows: Tensor, max_norm: Optional[Tensor], index: Optional[Tensor] = None) -> Tensor:
         """Codes of ``rows`` (or ``rows[index]``), table-major ``[L, n]``: the layout the table build reads

@@ -1,6 +1,7 @@
 """Checkpoints: nn.Linear state_dicts load into LSHLinear, and a saved run resumes exactly in a fresh process."""
 import copy
 import json
+import math
 import warnings
 import subprocess
 import sys
@@ -22,11 +23,18 @@ SCRIPT = textwrap.dedent('''
     from torch import nn
     import lsh_torch
 
+    MODES = ("per_row", "shared", "directions")
+
     def make(mode):
         torch.manual_seed(0)
+        # "directions": a shared head hashing directions, whose pools begin with the largest-norm rows of the
+        # last build (kept with the tables: the weight's norms at the checkpoint are others)
+        head = (dict(mode="shared", active=64, asymmetric=False) if mode == "directions" else
+                dict(mode=mode, active=24))
+        mode = head["mode"]
         body = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), lsh_torch.LSHLinear(24, 96, active=12, rebuild=3, seed=1,
                                                                               mode=mode), nn.ReLU())
-        head = lsh_torch.LSHLinear(96, 400, active=24, rebuild=4, seed=2, mode=mode)
+        head = lsh_torch.LSHLinear(96, 400, rebuild=4, seed=2, **head)
         model = nn.ModuleDict({"body": body, "head": head})
         return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
@@ -57,7 +65,7 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         _, path, start, steps = sys.argv
-        out = {mode: train(*resume(mode, f"{path}.{mode}"), int(start), int(steps)) for mode in ("per_row", "shared")}
+        out = {mode: train(*resume(mode, f"{path}.{mode}"), int(start), int(steps)) for mode in MODES}
         print(json.dumps(out))
 ''')
 
@@ -76,7 +84,7 @@ def script(tmp_path):
 def test_resume_in_fresh_process_gives_the_same_losses(script, tmp_path):
     path, run = script
     uninterrupted, ckpt = {}, tmp_path / "ckpt"
-    for mode in ("per_row", "shared"):
+    for mode in run["MODES"]:
         model, opt = run["make"](mode)
         uninterrupted[mode] = run["train"](model, opt, 0, TOTAL)
         model, opt = run["make"](mode)
@@ -92,7 +100,7 @@ def test_resume_in_fresh_process_gives_the_same_losses(script, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     resumed = json.loads(result.stdout.strip().splitlines()[-1])
-    for mode in ("per_row", "shared"):
+    for mode in run["MODES"]:
         assert resumed[mode] == uninterrupted[mode][SAVED_AT:], mode
 
 
@@ -196,6 +204,8 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
         "without fingerprints": {"fingerprints": torch.zeros(0)},
         "max_norm must be positive": {"max_norm": torch.tensor(float("inf"))},
         "fingerprints must be": {"fingerprints": torch.zeros(3)},
+        "norms must be torch.float32": {"norms": torch.zeros(5)},
+        "norms must be >= 0": {"norms": torch.full((64,), math.nan)},
     }
     for pattern, change in corrupt.items():
         with pytest.raises(ValueError, match=pattern):
@@ -208,9 +218,16 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
     load_lsh_state(fresh, old)
     fresh[0].rebuild()
     assert fresh[0].tables.rehashed == 64
+    # A state saved before the tables kept their rows' norms: the loaded weight's stand in for them.
+    with torch.no_grad():
+        fresh[0].weight.mul_(2)
+    load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": {k: v for k, v in state["0"]["tables"].items()
+                                                                if k != "norms"}}})
+    assert torch.equal(fresh[0].tables.norms, torch.linalg.vector_norm(fresh[0].weight.detach(), dim=1))
+    assert torch.equal(fresh[0].tables.codes, state["0"]["tables"]["codes"])
 
 
-@pytest.mark.parametrize("mode", ["per_row", "shared"])
+@pytest.mark.parametrize("mode", ["per_row", "shared", "directions"])
 def test_resume_is_exact_from_a_checkpoint_of_stale_tables(script, mode):
     """A layer whose weights were replaced (a load_state_dict between steps, e.g. back from evaluating
     EMA weights; a rollback with load_lsh_state) holds no tables in its lsh_state: the resumed run

@@ -294,6 +294,50 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
             assert head[0] == labels[row]  # labels first
 
 
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.0])
+def test_a_shared_pool_of_direction_tables_starts_with_the_largest_norm_rows(share):
+    # Tables of directions (asymmetric=False) cannot see the norms: the shared pool's first share are the rows of
+    # largest norm at the last build, then the hashed candidates not among them, as many as the pool holds.
+    n, budget, tail = 2000, 64, 32
+    layer = LSHLinear(16, n, active=budget, tail=tail, mode="shared", num_tables=6, bits=5, probes=3, rescore=4,
+                      asymmetric=False, rebuild=None)
+    layer.norm_rows_share, layer.top_set_scores = share, 10 ** 6  # every row scored
+    x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
+    with torch.no_grad():
+        layer.weight[100:140] *= torch.linspace(2, 30, 40)[:, None]  # large rows of random directions
+    layer.rebuild()
+    built_norms = torch.linalg.vector_norm(layer.weight.detach(), dim=1)
+    with torch.no_grad():  # moved since the build: the pool follows the norms the tables were built with
+        layer.weight[500:540] *= 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (written since the build: on purpose)
+        out = layer.forward_sparse(x, labels)
+    top = budget - tail - 4
+    hashed, _ = layer.tables.query(x, 4 * top, None, layer.seed * 2 ** 32, shared=True)
+    largest = built_norms.topk(int(share * 4 * top)).indices
+    others = hashed[~torch.isin(hashed, largest)]
+    pool = torch.cat([largest, others])[: 4 * top]
+    with torch.no_grad():
+        scores = ops.shared_linear(x, layer.weight, layer.bias, pool).logsumexp(0)  # (5 rows: all scored)
+    expected = set(pool[scores.masked_fill(torch.isin(pool, labels), -math.inf).topk(top).indices].tolist())
+    head = out.indices[: int((out.log_weights == 0).sum())].tolist()
+    assert set(head) == expected | {3, 10, 11, 12}
+    if share:
+        assert set(largest.tolist()) & set(head)  # the rows the built norms rank first do score
+        layer.rebuild()  # the moved rows' norms taken (incrementally): now rows of 500..539 lead
+        assert layer.tables.rehashed == 40
+        now = torch.linalg.vector_norm(layer.weight.detach(), dim=1)
+        assert torch.equal(layer.tables.norms, now) and set(layer.tables.largest_norm_rows(8).tolist()) <= set(range(500, 540))
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "0.25", float("nan")])
+def test_norm_rows_share_must_be_a_fraction(share):
+    layer = LSHLinear(8, 1000, active=64, mode="shared", asymmetric=False)
+    layer.norm_rows_share = share
+    with pytest.raises(ValueError, match=r"norm_rows_share must be a fraction in \[0, 1\]"):
+        layer.forward_sparse(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+
+
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
     # Several labels per row, padded with -1, each scoring high for a row it labels (the last of

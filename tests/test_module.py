@@ -945,6 +945,13 @@ def test_a_layer_pickled_before_exact_softmax_keeps_its_sparse_softmax():
     assert pickle.loads(pickle.dumps(layer)).exact_softmax
 
 
+def _unpickled(module):
+    """What unpickling a module pickled by a former version gives: its attributes then handed to __setstate__."""
+    new = type(module).__new__(type(module))
+    new.__setstate__(dict(module.__dict__))
+    return new
+
+
 @pytest.mark.parametrize("tables", ["unbuilt", "built", "built, no codes"])
 def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(tables):
     """Former pickles: unbuilt tables had [L, 0] items and codes, M was None without the transform, and tables
@@ -956,15 +963,19 @@ def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(ta
         layer.rebuild()
     state = copy.deepcopy(layer.__getstate__())
     old_tables = state["_modules"]["tables"]
-    del old_tables._built, old_tables._built_versions, old_tables.out_features
+    del old_tables._built, old_tables._built_versions, old_tables.out_features, old_tables._largest
+    del old_tables._buffers["norms"]
     old_tables._buffers["max_norm"] = None
     emptied = {"unbuilt": ("items", "codes", "fingerprints"), "built": (), "built, no codes": ("codes", "fingerprints")}
     for name in emptied[tables]:
         old_tables._buffers[name] = old_tables._buffers[name][..., :0]
+    state["_modules"]["tables"] = _unpickled(old_tables)
     old = LSHLinear.__new__(LSHLinear)
     old.__setstate__(state)
     assert old.tables.built == (tables != "unbuilt") and old.tables.items.shape == (5, 300)
     assert old.tables.max_norm.shape == ()
+    assert torch.equal(old.tables.norms, torch.linalg.vector_norm(layer.weight.detach(), dim=1))  # the weight's
+    assert not hasattr(old.tables, "_norms_missing")
     assert torch.equal(old.forward_sparse(x, y).indices, layer.forward_sparse(x, y).indices)
     assert lsh_state(old)[""]["tables"]["max_norm"] is None
     with torch.no_grad():
@@ -974,6 +985,21 @@ def test_a_layer_pickled_before_the_tables_had_their_shapes_from_construction(ta
     assert old.tables.rehashed == (300 if tables == "built, no codes" else 1)
     for name in ("codes", "offsets", "items"):
         assert torch.equal(getattr(old.tables, name), getattr(full_build_of(old), name)), name
+
+
+def test_a_layer_pickled_before_its_tables_kept_their_rows_norms_takes_its_weights():
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=64, mode="shared", asymmetric=False, rebuild=None)
+    x, y = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+    layer.forward_sparse(x, y)
+    state = copy.deepcopy(layer.__getstate__())
+    del state["_modules"]["tables"]._buffers["norms"], state["_modules"]["tables"]._largest
+    state["_modules"]["tables"] = _unpickled(state["_modules"]["tables"])
+    old = LSHLinear.__new__(LSHLinear)
+    old.__setstate__(state)
+    assert old.tables.built and torch.equal(old.tables.norms, layer.tables.norms)  # (no step since the build)
+    assert torch.equal(old.forward_sparse(x, y).indices, layer.forward_sparse(x, y).indices)
+    assert torch.equal(pickle.loads(pickle.dumps(old)).tables.norms, old.tables.norms)
 
 
 def test_an_averaged_float64_layer_averages_its_buffers_in_their_dtypes():
