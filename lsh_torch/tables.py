@@ -183,7 +183,8 @@ class LSHTables(nn.Module):
         super().__setstate__({**state, "_largest": None})
         if "norms" not in self._buffers:  # pickled before the tables kept them: the layer takes its weight's
             hashed = 0 if self.selection == "random" else self.items.shape[1]
-            self.register_buffer("norms", torch.zeros(hashed, device=self.items.device), persistent=False)
+            self.register_buffer("norms", torch.zeros(hashed, dtype=torch.float32, device=self.items.device),
+                                 persistent=False)
             self._norms_missing = True  # (see LSHLinear.__setstate__)
         if self.__dict__.get("_built"):  # (absent from pickles before it was: see upgrade)
             self.mark_built()
@@ -207,7 +208,10 @@ class LSHTables(nn.Module):
         self.__dict__.pop("_norms_missing", None)
         hashed = self.fingerprints.shape[0]
         norms = _norms(weight.detach()).float() if hashed and not weight.is_meta else torch.zeros(hashed)
-        self.norms = norms.to(self.fingerprints.device)
+        built = self.built  # (the new buffer's version is not the one marked)
+        self.norms = norms.to(self.fingerprints.device, torch.float32)
+        if built:
+            self.mark_built()
 
     def largest_norm_rows(self, count: int) -> Tensor:
         """The ``count`` rows with the largest norms at the last build, largest first (int64; ties by
