@@ -351,7 +351,8 @@ class LSHTables(nn.Module):
                 else:
                     tables = ops.update_tables(*tables, changed, codes.gather(1, columns).t(), new_codes.t())
                     codes.scatter_(1, columns, new_codes)
-            norms = self.norms.index_copy(0, changed, moved_norms.float())
+            # (Kept where no row moved: largest_norm_rows' cache of its order holds.)
+            norms = self.norms.index_copy(0, changed, moved_norms.float()) if changed.numel() else self.norms
             self.rehashed = changed.numel()
         else:  # every row hashed with a new M (a full build, or a moved row outgrew M)
             codes, norms, max_norm = self._every_row_codes(rows)
