@@ -26,6 +26,8 @@ the last 10 steps moved), whose cost divided by 10 is added in "+rebuild". Times
 ``--steps`` steps after ``--warmup`` steps, each step bracketed by torch.cuda.synchronize(); ratios
 are dense / case (above 1: faster than dense). Cases run one after another in this process, memory
 released in between; a case that fails (out of memory, ...) is reported and skipped.
+``--profile N`` also runs each case's step under torch.profiler and prints its N costliest ops by
+self device time (self CPU time on the CPU), per step: where a slow case spends its time.
 Writes a table to stdout and JSON to ``benchmarks/results/gpu[_quick].json``.
 """
 from __future__ import annotations
@@ -138,6 +140,24 @@ def count_syncs(step, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def profile_step(step, device, rows: int, steps: int = 3) -> list[dict]:
+    """The ``rows`` ops of largest self device time (CPU time on the CPU) over ``steps`` steps, per step;
+    the table is printed, the rows returned for the JSON."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=rows))
+    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
+            for e in top]
+
+
 def make_inputs(n, dtype, args, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(args.batch, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -175,6 +195,9 @@ def bench_one(name, n, dtype_name, args, device) -> dict:
         times = time_steps(case, device, args.warmup, args.steps, args.max_seconds)
         record.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times),
                       syncs_per_step=count_syncs(case, device))
+        if args.profile:
+            print(f"  profile of {name}, {n} outputs, {dtype_name} (3 steps):", flush=True)
+            record["profile"] = profile_step(case, device, args.profile)
         if isinstance(case, LSHStep):
             record.update(rebuild_times(case, n, dtype, args, device), budget=case.layer.budget)
             record["amortized_ms"] = record["median_ms"] + record["rebuild_ms"] / REBUILD_PERIOD
@@ -249,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=cli.integer(0), default=5)
     p.add_argument("--steps", type=cli.integer(), default=20, help="timed steps per case")
     p.add_argument("--max-seconds", type=cli.positive, default=60, help="stop timing a case after this long")
+    p.add_argument("--profile", type=cli.integer(0), default=0, metavar="N",
+                   help="print each case's N costliest ops (torch.profiler, self device time); 0: none")
     p.add_argument("--quick", action="store_true", help="100,000 outputs, 3 warm-up and 5 timed steps")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter only to check the script")
     p.add_argument("--out", type=cli.results_path, default=None,

@@ -1,0 +1,27 @@
+"""benchmarks/bench_gpu.py's harness on the CPU (``--device cpu``), at a small width: its times are printed,
+never checked."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_gpu  # noqa: E402
+
+
+def test_profile_names_each_cases_costliest_ops(tmp_path, capsys):
+    """--profile N keeps, per case, the N ops of largest self time per step: the sparse step's own ops among them."""
+    path = tmp_path / "gpu.json"
+    bench_gpu.main(["--device", "cpu", "--sizes", "500", "--dtypes", "fp32", "--cases", "dense,lsh shared lazy",
+                    "--active", "64", "--batch", "16", "--hidden", "8", "--warmup", "0", "--steps", "1",
+                    "--profile", "4", "--out", str(path)])
+    results = {r["case"]: r for r in json.loads(path.read_text())["results"]}
+    assert "profile of lsh shared lazy, 500 outputs, fp32 (3 steps):" in capsys.readouterr().out
+    for case, record in results.items():
+        profile = record["profile"]
+        assert len(profile) == 4, case
+        times = [row["self_ms_per_step"] for row in profile]
+        assert times == sorted(times, reverse=True) and times[0] > 0, case
+        assert all(row["calls_per_step"] > 0 for row in profile), case
+    sparse_ops = {"lsh_torch::query_shared", "lsh_torch::lazy_adam_", "lsh_torch::shared_linear"}
+    all_ops = {row["op"] for row in results["lsh shared lazy"]["profile"]}
+    assert sparse_ops & all_ops, all_ops
