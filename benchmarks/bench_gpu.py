@@ -48,7 +48,7 @@ from torch import nn
 
 import lsh_torch
 from lsh_torch import LazyAdam, LSHLinear, sparse_cross_entropy
-from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time
+from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time, profile_steps
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import cli  # noqa: E402
@@ -140,18 +140,10 @@ def count_syncs(step, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_step(step, device, rows: int, steps: int = 3) -> list[dict]:
+def profile_step(name, step, device, rows: int, steps: int = 3) -> list[dict]:
     """The ``rows`` ops of largest self device time (CPU time on the CPU) over ``steps`` steps, per step;
     the table is printed, the rows returned for the JSON."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
-    averages = prof.key_averages()
+    averages, key = profile_steps(step, steps, f"## {name} step", cuda=device.type == "cuda", sync=lambda: sync(device))
     print(averages.table(sort_by=key, row_limit=rows))
     top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
     return [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
@@ -197,7 +189,7 @@ def bench_one(name, n, dtype_name, args, device) -> dict:
                       syncs_per_step=count_syncs(case, device))
         if args.profile:
             print(f"  profile of {name}, {n} outputs, {dtype_name} (3 steps):", flush=True)
-            record["profile"] = profile_step(case, device, args.profile)
+            record["profile"] = profile_step(name, case, device, args.profile)
         if isinstance(case, LSHStep):
             record.update(rebuild_times(case, n, dtype, args, device), budget=case.layer.budget)
             record["amortized_ms"] = record["median_ms"] + record["rebuild_ms"] / REBUILD_PERIOD

@@ -51,7 +51,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time
+from timing import REBUILD_PERIOD, full_rebuild_time, incremental_rebuild_time, profile_steps
 from torch import Tensor, nn
 
 import lsh_torch
@@ -204,14 +204,9 @@ def measure_memory(name, n, args) -> dict:
 
 
 def profile_case(name, case, steps: int = 5) -> str:
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     case()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            with record_function(f"## {name} step"):
-                case()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    averages, key = profile_steps(case, steps, f"## {name} step")
+    return averages.table(sort_by=key, row_limit=18)
 
 
 def bench_size(n: int, args) -> dict:

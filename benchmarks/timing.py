@@ -18,6 +18,21 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def profile_steps(step, steps: int, label: str, cuda: bool = False, sync=lambda: None):
+    """torch.profiler's per-op averages over ``steps`` calls of ``step`` (each under ``label``; the CPU's
+    activity, and the GPU's if ``cuda``), and the attribute that ranks them by self time: self device time
+    on a GPU, self CPU time otherwise."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(label):
+                step()
+        sync()
+    return prof.key_averages(), "self_device_time_total" if cuda else "self_cpu_time_total"
+
+
 def full_rebuild_time(layer, reps: int = 3, sync=lambda: None) -> float:
     """Median seconds of a full table build of ``layer`` (every row hashed)."""
     spent = []
