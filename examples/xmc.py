@@ -126,6 +126,10 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
             asymmetric=True if args.asymmetric else "auto",
             hash=args.hash if args.bin_size is None else hashing.DWTA(args.bin_size),
             warmup=warmup)
+        if args.norm_rows_share is not None:  # a class attribute of the layer, set on each (shard's) layer
+            for layer in net.out.modules():
+                if isinstance(layer, LSHLinear):
+                    layer.norm_rows_share = args.norm_rows_share
     return net
 
 
@@ -653,6 +657,9 @@ def parse_args(argv=None):
     g.add_argument("--tail", type=cli.auto_or(cli.integer(0)), default="auto",
                    help="active outputs drawn uniformly, their logits corrected, or auto")
     g.add_argument("--rescore", type=cli.integer(), default=4, help="hashed candidates scored per top-set slot")
+    g.add_argument("--norm-rows-share", type=cli.real(0, 1), default=None,
+                   help="of the shared top set's rescored pool, the fraction given to the rows of largest norm "
+                        "(LSHLinear.norm_rows_share; default: the layer's, 0.25)")
     g.add_argument("--uncorrected", action="store_true",
                    help="drop the tail's logit correction (the loss before the estimator; for comparison)")
     g.add_argument("--warmup-epochs", type=cli.real(0), default=1.0,

@@ -153,6 +153,7 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("xmc", ["--lr", "nan"], "--lr"),
     ("xmc", ["--tables", "0"], "--tables"),
     ("xmc", ["--label-smoothing", "1.5"], "--label-smoothing"),
+    ("xmc", ["--norm-rows-share", "1.5"], "--norm-rows-share"),
     ("xmc", ["--weight-decay", "-0.1"], "--weight-decay"),
     ("xmc", ["--rebuild", "0"], "--rebuild"),
     ("xmc", ["--runs", "lsh,bogus"], "--runs"),

@@ -45,6 +45,15 @@ def test_weight_decay_reaches_the_weights_not_the_biases():
                          id(net.out.bias): 0.0}, kind
 
 
+def test_norm_rows_share_reaches_the_lsh_layer_only_when_given():
+    data = xmc_data.generate(20, num_features=50, num_labels=300, seed=0)
+    for given, expected in ((None, LSHLinear.norm_rows_share), ("0.5", 0.5)):
+        argv = ["--hidden", "8"] + ([] if given is None else ["--norm-rows-share", given])
+        net = xmc.build("lsh", "shared", data, xmc.parse_args(argv), budget=32)
+        assert net.out.norm_rows_share == expected
+        assert ("norm_rows_share" in vars(net.out)) == (given is not None)
+
+
 def test_held_out_loss_scores_every_output_of_a_sparse_head():
     data = xmc_data.generate(40, num_features=300, num_labels=500, seed=0)
     torch.manual_seed(0)
