@@ -354,7 +354,9 @@ class TopkIndex:
         hits = ((indices[rows].unsqueeze(2) == exact_indices.unsqueeze(1)).any(2)
                 | (values[rows] >= exact_values[:, -1:]))
         counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
-        hits, queries, winners = hits[counted], x[rows][counted], exact_indices[counted].flatten().cpu()
+        # Queries kept in float64, as order_alone reads them: calls under autocast to bfloat16 and to float16
+        # would otherwise leave two dtypes that autocast's cat refuses to join.
+        hits, queries, winners = hits[counted], x[rows][counted].detach().double(), exact_indices[counted].flatten().cpu()
         check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
                                                    check.wanted + hits.numel())
         check.queries = queries if check.queries is None else torch.cat([check.queries, queries])

@@ -175,6 +175,19 @@ def test_autocast_reuses_the_index_of_the_parameter():
     assert values.dtype == torch.bfloat16 and layer._topk_index is index
 
 
+def test_calls_under_bfloat16_and_float16_autocast_share_the_recall_check():
+    """The check keeps the inputs it scored across calls: one call under autocast to bfloat16 and the next to
+    float16 (or in float32) left two dtypes that autocast's cat refused to join."""
+    layer = LSHLinear(16, 3000, rebuild=None).eval()
+    x = torch.randn(4, 16)
+    for low in (torch.bfloat16, torch.float16, None):
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            values, indices = layer.topk(x, 3)
+        assert values.dtype == (low or torch.float32)
+    (check,) = layer.topk_checks.values()
+    assert check.inputs == 12 and check.queries.shape == (12, 16)
+
+
 def test_random_selection_scores_random_neurons_without_an_index():
     layer = LSHLinear(16, 3000, selection="random", rebuild=None).eval()
     x = torch.randn(8, 16)
