@@ -419,7 +419,8 @@ def _shard_kwargs(out_features: int, width: int, kwargs: dict) -> dict:
             continue
         if name == "bits":
             kwargs[name] = fit_bits(auto_bits(width, wide=wide), kwargs.get("hash", "srp"))
-        elif name == "active" and out_features <= WIDE:  # the full layer's exact softmax, shard by shard
+        elif name == "active" and out_features <= WIDE and kwargs.get("tail", "auto") == "auto":
+            # the full layer's exact softmax, shard by shard
             kwargs[name] = 1.0
         elif name == "active" and isinstance(auto["active"], int):
             kwargs[name] = max(1, min(width, math.ceil(auto["active"] * width / out_features)))

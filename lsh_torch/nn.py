@@ -275,10 +275,12 @@ class LSHLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.budget = _budget(active, out_features)
         # forward_sparse (a softmax's training path) computes every output, one matrix product and no
-        # lookup, where a sparse set cannot pay: the budget is every output, or it is left to "auto" at
-        # most WIDE outputs, where the default set would be a quarter of them or more (its step was no
-        # faster than nn.Linear's and trained worse: benchmarks/bench_narrow.py).
-        self.exact_softmax = self.budget == out_features or (auto_active and out_features <= WIDE)
+        # lookup, where a sparse set cannot pay: the budget is every output, or it and the tail are left
+        # to "auto" at most WIDE outputs, where the default set would be a quarter of them or more (its
+        # step was no faster than nn.Linear's and trained worse: benchmarks/bench_narrow.py). An explicit
+        # tail asks for the sampled estimator, which forward then shares.
+        auto_tail = isinstance(tail, str) and tail == "auto"
+        self.exact_softmax = self.budget == out_features or (auto_active and auto_tail and out_features <= WIDE)
         self.tail = _check_tail(tail, self.budget)
         self.rescore = check_int("rescore", rescore, 1, 2 ** 20)
         self.schedule: Optional[RebuildSchedule] = as_schedule(rebuild)
@@ -722,8 +724,8 @@ class LSHLinear(nn.Module):
         active set; train with :func:`lsh_torch.sparse_cross_entropy`. Returns ``values [*, A]`` and
         ``indices``: ``[*, A]`` per row, or ``[A]`` in shared mode.
 
-        Where :attr:`exact_softmax` (at most 8,192 outputs with ``active="auto"``, or a budget of
-        every output) it computes every output in one matrix product, ``indices`` ``arange(N)`` (``[N]``
+        Where :attr:`exact_softmax` (at most 8,192 outputs with ``active`` and ``tail`` left to ``"auto"``,
+        or a budget of every output) it computes every output in one matrix product, ``indices`` ``arange(N)`` (``[N]``
         in every mode), no ``log_weights``: the exact softmax, about as fast as ``nn.Linear``'s there.
         """
         input, weight, bias = self._operands(input)

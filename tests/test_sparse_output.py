@@ -391,6 +391,15 @@ def test_a_narrow_softmax_layer_computes_every_output_in_forward_sparse(sparse_g
     assert LSHLinear(16, 8192).exact_softmax and LSHLinear(16, 8192).budget == 2048  # forward's budget stays
     assert not LSHLinear(16, 8193).exact_softmax and not LSHLinear(16, 1000, active=0.25).exact_softmax
     assert LSHLinear(16, 20_000, active=1.0).exact_softmax  # every output asked for
+    # An explicit tail asks for the sampled estimator (its docs: forward's set is then forward_sparse's);
+    # it was ignored here, forward_sparse computing every output while forward drew the tail.
+    for tail in (0.5, 100, 0):
+        sampled = LSHLinear(16, 1000, tail=tail)
+        assert not sampled.exact_softmax and sampled.budget == 250
+        out = sampled.forward_sparse(torch.randn(4, 16), torch.tensor([1, 2, 3, 4]))
+        assert out.values.shape == (4, 250) and bool(out.log_weights.any()) == (tail != 0)  # the tail corrected
+    shard = _shard_kwargs(1000, 500, {"tail": 0.5})
+    assert shard["active"] == 0.25 and _shard_kwargs(1000, 500, {})["active"] == 1.0  # shards as the full layer
     x, labels = torch.randn(2, 3, 16, dtype=torch.float64), torch.tensor([[5, 999, -100], [0, 7, 7]])
     out = layer.forward_sparse(x, labels)
     assert out.log_weights is None and out.values.shape == (2, 3, 1000)
