@@ -56,6 +56,12 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     A layer whose weight is computed on every call (``weight_norm``, ``torch.nn.utils.parametrize``)
     is left as it is, with a warning: hash tables follow a weight Parameter updated in place, not
     one recomputed per call. Remove the parametrization first to convert it.
+
+    Modules that read a linear layer's weight without calling it: ``nn.MultiheadAttention``'s
+    ``out_proj`` (a filter that selects it is told so, and it stays an ``nn.Linear``), and the
+    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` in eval under ``no_grad``
+    (torch's fused fast path computes them densely; with ``inference="lsh"`` a warning says so,
+    and ``torch.backends.mha.set_fastpath_enabled(False)`` makes eval call the LSHLinear).
     """
     if filter is not None:
         filter = _checked_filter("convert", filter)
@@ -70,6 +76,8 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
     unknown = sorted(set(lsh_kwargs) - {name for name, p in options.items() if p.kind is p.KEYWORD_ONLY})
     if unknown:  # checked here, not by the first layer made: with no layer converted a typo passed unseen
         raise TypeError(f"convert: unknown LSHLinear option(s) {unknown}")
+
+    unread = _weights_read_directly(model) if isinstance(model, nn.Module) else {}
 
     def make(linear: nn.Linear) -> LSHLinear:
         with torch.random.fork_rng(devices=_devices(linear.weight)):  # the unused init draws no numbers
@@ -99,6 +107,16 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
                           "torch.nn.utils.parametrize), and LSHLinear's hash tables need Parameters updated in place; "
                           "remove the parametrization to convert it", stacklevel=4)
             return False
+        reader = unread.get(id(m))
+        if reader == "attention":
+            warnings.warn(f"convert: left {name!r} as an nn.Linear: nn.MultiheadAttention reads its out_proj's weight "
+                          "and never calls it, so an LSHLinear there would compute every output anyway", stacklevel=4)
+            return False
+        if reader == "fast path" and lsh_kwargs.get("inference") == "lsh":
+            warnings.warn(f"convert: {name!r} is a linear layer of an nn.TransformerEncoderLayer, whose eval under "
+                          "no_grad takes torch's fused fast path: it reads the weight and computes every output, so "
+                          "inference='lsh' applies there only with torch.backends.mha.set_fastpath_enabled(False)",
+                          stacklevel=4)
         return True
 
     return _replace(model, select, make)
@@ -172,6 +190,19 @@ def _gated_second_factors(model: nn.Module) -> set[int]:
                 found.add(id(b))
         if name.rsplit(".", 1)[-1] == "gate_up_proj" and isinstance(module, nn.Linear):
             found.add(id(module))
+    return found
+
+
+def _weights_read_directly(model: nn.Module) -> dict[int, str]:
+    """Linear layers that torch modules read without calling them, by id: an ``nn.MultiheadAttention``'s
+    ``out_proj`` ("attention": always) and an ``nn.TransformerEncoderLayer``'s feed-forward layers
+    ("fast path": its fused eval under ``no_grad``)."""
+    found = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            found[id(module.out_proj)] = "attention"
+        if isinstance(module, nn.TransformerEncoderLayer):
+            found.update({id(module.linear1): "fast path", id(module.linear2): "fast path"})
     return found
 
 

@@ -1,4 +1,6 @@
 """lsh_torch.convert / unconvert: nn.Linear <-> LSHLinear in place, on nested models."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,35 @@ def test_parametrized_linear_is_left_with_a_warning():
     assert all(layer(torch.randn(3, 8)).shape == (3, 2000) for layer in model)
 
 
+def test_layers_torch_reads_without_calling_them_are_named():
+    """nn.MultiheadAttention never calls its out_proj (it reads the weight): a filter that selects it is told so and
+    the layer stays. An nn.TransformerEncoderLayer's eval under no_grad takes torch's fused fast path, which reads
+    linear1/linear2's weights: converted as asked, with a warning where inference="lsh" would not apply there."""
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=2048, batch_first=True, dropout=0.0)
+    with pytest.warns(UserWarning) as record:
+        convert(block, filter=lambda name, m: name in ("self_attn.out_proj", "linear1"), inference="lsh")
+    assert [str(w.message).split(":")[1].strip() for w in record] == [
+        "left 'self_attn.out_proj' as an nn.Linear", "'linear1' is a linear layer of an nn.TransformerEncoderLayer, whose "
+        "eval under no_grad takes torch's fused fast path"]
+    assert type(block.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(block.linear1, LSHLinear) and block.linear1.inference == "lsh"
+    block.eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fused = block(x)  # the fast path: dense
+        try:
+            torch.backends.mha.set_fastpath_enabled(False)
+            lsh = block(x)  # the remedy the warning names: the LSHLinear's own eval
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert not torch.allclose(fused, lsh)
+    torch.testing.assert_close(lsh, block(x.requires_grad_()).detach())  # what eval with grad computes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default inference, dense, agrees with the fast path: nothing to say
+        convert(nn.TransformerEncoderLayer(16, 2, dim_feedforward=2048, batch_first=True))
+
+
 def test_a_gated_mlp_converts_its_gate_alone():
     """convert() hashed a gated MLP's gate_proj and up_proj independently: act(gate) * up was nonzero
     on 130 of 2,048 units where each computed 512, three quarters of the work reaching nothing."""
@@ -212,5 +243,6 @@ def test_a_linear_subclass_with_parameters_or_a_forward_of_its_own_is_refused():
         with pytest.raises(ValueError, match=f"'0' is a {type(layer).__name__}.*of its own.*the model is unchanged"):
             convert(model, filter=lambda name, m: True)
         assert model[0] is layer and list(model.state_dict()) == keys
-    attention = nn.MultiheadAttention(16, 2)  # out_proj: an nn.Linear subclass of nothing of its own
-    assert isinstance(convert(attention, filter=lambda name, m: True).out_proj, LSHLinear)
+    class Plain(nn.Linear):  # a subclass of nothing of its own (as torch's NonDynamicallyQuantizableLinear)
+        pass
+    assert isinstance(convert(nn.Sequential(Plain(16, 1200)), filter=lambda name, m: True)[0], LSHLinear)
