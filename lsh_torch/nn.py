@@ -46,6 +46,9 @@ class SparseOutput(NamedTuple):
 
 
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
+# topk's default candidates for a k past topk_budget's: as many times k (not measured beyond the recall check, which
+# answers exactly where they find too little of the top k).
+TOPK_CANDIDATES_PER_ANSWER = 4
 
 
 def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
@@ -862,7 +865,8 @@ class LSHLinear(nn.Module):
         as settings ``(k, 0, 0, rows)``); ``min_recall=0`` skips the check.
 
         Defaults (:func:`lsh_torch.retrieval.topk_settings`): ``probes`` :attr:`inference_probes`
-        (12), ``budget`` :attr:`topk_budget` (768, at most ``out_features``), ``norm_rows``
+        (12), ``budget`` :attr:`topk_budget` (768) or ``4 * k`` where larger, at most ``out_features`` (the
+        exact computation there), ``norm_rows``
         :attr:`topk_norm_rows` (``out_features // 128``); 60 tables (:attr:`topk_tables`) of
         ``out_features / 2^13`` rows per bucket clamped to [8, 80] (:attr:`topk_bits`: 13 from about 46K
         to 927K outputs; :func:`~lsh_torch.retrieval.topk_settings`), hashing directions, independent of the
@@ -968,7 +972,10 @@ class LSHLinear(nn.Module):
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see
         TopkIndex.topk) checked and defaulted, and whether those candidates are every output (exact)."""
-        budget = check_int("budget", self.topk_budget if budget is None else budget, 1, self.out_features)
+        if budget is None:  # the default grows with k (a k above 768 was refused): four candidates per answer
+            k = check_int("k (at most out_features)", k, 0, self.out_features)
+            budget = min(self.out_features, max(self.topk_budget, TOPK_CANDIDATES_PER_ANSWER * k))
+        budget = check_int("budget", budget, 1, self.out_features)
         k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
                       f"out_features)", k, 0, budget)
         probes = check_int("probes", self.inference_probes if probes is None else probes, 1,

@@ -188,6 +188,27 @@ def test_calls_under_bfloat16_and_float16_autocast_share_the_recall_check():
     assert check.inputs == 12 and check.queries.shape == (12, 16)
 
 
+def test_a_k_past_the_default_budget_takes_four_candidates_per_answer():
+    """topk(x, k) with k above the default budget of 768 was refused, even k = out_features, which torch.topk takes;
+    the default budget now grows to 4k (every output: the exact computation). An explicit budget still bounds k."""
+    layer = LSHLinear(16, 3000, rebuild=None).eval()
+    x = torch.randn(8, 16)
+    assert layer.topk_answered_by(5)[2] == 768 and layer.topk_answered_by(500)[2] == 2000
+    assert layer.topk_answered_by(3000) is None and layer.topk_answered_by(750) is None  # 4k >= 3000: exact
+    for k in (500, 3000):
+        values, indices = layer.topk(x, k)
+        expected = torch.topk(F.linear(x, layer.weight, layer.bias), k)
+        assert values.shape == (8, k)
+        if k == 3000:
+            assert torch.equal(values, expected.values)
+        else:
+            check_scores(layer, x, values, indices)
+    with pytest.raises(ValueError, match=r"budget=800.*must be in \[0, 800\], got 900"):
+        layer.topk(x, 900, budget=800)
+    with pytest.raises(ValueError, match=r"k \(at most out_features\) must be in \[0, 3000\], got 3001"):
+        layer.topk(x, 3001)
+
+
 def test_random_selection_scores_random_neurons_without_an_index():
     layer = LSHLinear(16, 3000, selection="random", rebuild=None).eval()
     x = torch.randn(8, 16)
