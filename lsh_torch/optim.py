@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -187,11 +188,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False) -> torch.Tensor:
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> torch.Tensor:
     """:func:`torch.nn.utils.clip_grad_norm_` that also takes row-sparse (COO) gradients
     (``LSHLinear(sparse_grad=True)``, ``nn.Embedding(sparse=True)``), which torch's refuses: a sparse
     gradient counts its values (coalesced) and is scaled like a dense one. Returns the total norm of the
-    gradients, as one vector. ``max_norm=inf`` measures without scaling (what transformers' Trainer logs)."""
+    gradients, as one vector. ``max_norm=inf`` measures without scaling (what transformers' Trainer logs).
+    ``foreach`` is taken for torch's signature and changes nothing (torch's chooses kernels by it)."""
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
     params = [p for p in ([parameters] if isinstance(parameters, torch.Tensor) else parameters) if p.grad is not None]
     max_norm, norm_type = _checked_norms(max_norm, norm_type)
     device = params[0].grad.device if params else torch.device("cpu")

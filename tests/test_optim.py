@@ -495,12 +495,16 @@ def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_form(norm_type):
     for d, p in zip(dense, params):
         d.grad = p.grad.to_dense()
     expected = torch.nn.utils.clip_grad_norm_(dense, 1.0, norm_type)
-    torch.testing.assert_close(lsh_torch.clip_grad_norm_(params, 1.0, norm_type), expected, rtol=1e-5, atol=0)
+    # foreach= as torch's takes it (code written for torch's passes it; it chooses kernels, not results)
+    torch.testing.assert_close(lsh_torch.clip_grad_norm_(params, 1.0, norm_type, foreach=True), expected, rtol=1e-5,
+                               atol=0)
     assert all(p.grad.is_sparse for p in params)
     for d, p in zip(dense, params):
         torch.testing.assert_close(p.grad.to_dense(), d.grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="max_norm must be a float >= 0"):
         lsh_torch.clip_grad_norm_(params, -1.0)
+    with pytest.raises(TypeError, match="foreach must be None or a bool"):
+        lsh_torch.clip_grad_norm_(params, 1.0, foreach="yes")
 
 
 def test_clip_grad_norm_sums_float64_gradients_in_float64_and_zeroes_them_at_max_norm_0():
