@@ -216,6 +216,17 @@ def test_compiling_a_patched_model_does_not_warn():
     torch._dynamo.reset()
 
 
+def test_a_patched_model_exports_in_eval_as_the_unpatched_one():
+    """torch.export (non-strict, its default) reads model.forward.__code__, which the patched forward, an object,
+    did not have: export failed where the unpatched model exported."""
+    model = tiny("llama", use_cache=False).eval()  # (a cache in the output is no type export knows)
+    ids = batch()[0]
+    expected = model(ids).logits
+    lsh_hf.patch(model, active=128)
+    program = torch.export.export(model, (ids,))
+    torch.testing.assert_close(program.module()(ids).logits, expected)
+
+
 def test_unpatch_gives_back_the_model_and_a_hand_unconverted_head_runs_dense():
     reference = tiny("gpt2")
     model = lsh_hf.patch(copy.deepcopy(reference), active=128)
