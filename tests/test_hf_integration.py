@@ -1,6 +1,7 @@
 """lsh_torch.integrations.transformers.patch on tiny random transformers causal LMs."""
 import copy
 import inspect
+import os
 import warnings
 
 import pytest
@@ -337,6 +338,32 @@ def test_trainer_takes_a_sparse_gradient_head(tmp_path, max_grad_norm):
     assert any(g.is_sparse for g in grads)
     expected = torch.sqrt(sum(g.to_dense().pow(2).sum() for g in grads))
     torch.testing.assert_close(lsh_torch.clip_grad_norm_(model.parameters(), float("inf")), expected)
+
+
+def test_trainer_resumes_a_checkpoint_exactly(tmp_path):
+    """A checkpoint of transformers' Trainer holds no lsh_state: a resumed run rebuilt the head's tables from the
+    checkpoint's weights with its step counter at 0, and its losses left the uninterrupted run's (a user review).
+    lsh_hf.Trainer saves and loads it beside the optimizer: the resumed steps are the uninterrupted ones."""
+    pytest.importorskip("accelerate")
+    data = [{"input_ids": (torch.arange(16) * 7 + s) % 50 + 2, "labels": (torch.arange(16) * 7 + s) % 50 + 2}
+            for s in range(16)]
+
+    def run(trainer_class, folder, resume=None):
+        model = lsh_hf.patch(tiny("gpt2"), active=256, rebuild=3)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / folder), per_device_train_batch_size=4,
+                                              max_steps=6, save_steps=2, learning_rate=1e-2, logging_steps=1,
+                                              report_to=[], use_cpu=True, disable_tqdm=True)
+        trainer = trainer_class(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], model.get_output_embeddings()
+
+    losses, head = run(lsh_hf.Trainer, "whole")
+    assert os.path.isfile(tmp_path / "whole" / "checkpoint-2" / lsh_hf.Trainer.LSH_STATE)
+    resumed, resumed_head = run(lsh_hf.Trainer, "resumed", tmp_path / "whole" / "checkpoint-2")
+    assert resumed[2:] == losses[2:] and resumed_head.step == head.step  # (the first two: the checkpoint's log)
+    assert torch.equal(resumed_head.weight, head.weight)
+    plain, _ = run(transformers.Trainer, "plain", tmp_path / "whole" / "checkpoint-2")
+    assert plain[2:] != losses[2:]  # what the saved state is for
 
 
 def test_converted_head_under_a_full_width_loss_warns_once():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 import types
 import typing
 
@@ -34,6 +35,7 @@ except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
 from .._checks import refuse
+from ..checkpoint import load_lsh_state, lsh_state
 from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
 from ..nn import LSHLinear
@@ -264,11 +266,32 @@ def _dense(head: LSHLinear):
 
 
 class Trainer(_Trainer):
-    """transformers' ``Trainer`` for a model with row-sparse gradients (``patch(model, sparse_grad=True)``
-    with an untied head, sparse embeddings): the gradients' norm, which transformers measures at every
-    step (and clips with ``max_grad_norm > 0``), is :func:`lsh_torch.clip_grad_norm_`'s where a gradient is
-    sparse (``torch.nn.utils.clip_grad_norm_`` refuses them). Give it ``optimizers=(lsh_torch.LazyAdam(
-    model.parameters(), lr=...), None)``; everything else is transformers' ``Trainer``."""
+    """transformers' ``Trainer`` for a patched model:
+
+    * **Exact resumes.** Its checkpoints hold :func:`lsh_torch.lsh_state` (``lsh_state.pt``, beside the
+      optimizer's state), which ``train(resume_from_checkpoint=...)`` loads: the heads' tables and step
+      counters go on as in the uninterrupted run. (transformers' own ``Trainer`` resumes with the tables
+      rebuilt from the checkpoint's weights and the counters at 0: training goes on, not bit for bit.)
+    * **Row-sparse gradients** (``patch(model, sparse_grad=True)`` with an untied head, sparse
+      embeddings): the gradients' norm, which transformers measures at every step (and clips with
+      ``max_grad_norm > 0``), is :func:`lsh_torch.clip_grad_norm_`'s where a gradient is sparse
+      (``torch.nn.utils.clip_grad_norm_`` refuses them). Give it ``optimizers=(lsh_torch.LazyAdam(
+      model.parameters(), lr=...), None)``.
+
+    Everything else is transformers' ``Trainer``."""
+
+    LSH_STATE = "lsh_state.pt"  # the checkpoint file of lsh_state(model)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:  # (every checkpoint but save_only_model's)
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(lsh_state(self.model), os.path.join(output_dir, self.LSH_STATE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:  # (on resume, after the weights were loaded)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, self.LSH_STATE)
+        if path is not None and os.path.isfile(path):  # (a checkpoint of transformers' Trainer has none)
+            load_lsh_state(self.model, torch.load(path, weights_only=True))
 
     def create_accelerator_and_postprocess(self) -> None:  # (at construction, and anew by hyperparameter_search)
         super().create_accelerator_and_postprocess()
