@@ -145,7 +145,8 @@ def profile_step(name, step, device, rows: int, steps: int = 3) -> list[dict]:
     the table is printed, the rows returned for the JSON."""
     averages, key = profile_steps(step, steps, f"## {name} step", cuda=device.type == "cuda", sync=lambda: sync(device))
     print(averages.table(sort_by=key, row_limit=rows))
-    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    ops = [e for e in averages if not e.key.startswith("## ")]  # the step's own label is no op
+    top = sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:rows]
     return [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
             for e in top]
 
