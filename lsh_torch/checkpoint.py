@@ -141,6 +141,14 @@ def _tables_problem(layer: LSHLinear, tables) -> str:
         for key, value in _hashed_with(t).items():
             if key in saved and saved[key] != value:
                 return f"they were hashed with {key}={saved[key]!r}, this layer hashes with {key}={value!r}"
+    offsets, items = tables["offsets"], tables["items"]
+    if isinstance(items, torch.Tensor) and items.dim() == 2 and items.shape[1] != n:  # the likeliest mistakes, named
+        return f"they were saved for out_features={items.shape[1]}, this layer has out_features={n}"
+    if isinstance(offsets, torch.Tensor) and offsets.dim() == 2 and offsets.shape[0] != rows:
+        return f"they were saved with num_tables={offsets.shape[0]}, this layer has num_tables={rows}"
+    saved_buckets = offsets.shape[1] - 1 if isinstance(offsets, torch.Tensor) and offsets.dim() == 2 else buckets
+    if saved_buckets != buckets and saved_buckets > 0 and saved_buckets & (saved_buckets - 1) == 0:
+        return f"they were saved with bits={saved_buckets.bit_length() - 1}, this layer has bits={t.bits}"
     expected = {"offsets": (torch.int32, (rows, buckets + 1)), "items": (torch.int32, (rows, n)),
                 "codes": (torch.int32, (t.num_tables, n)), "fingerprints": (torch.float32, (n,)),
                 "norms": (torch.float32, (n,)),

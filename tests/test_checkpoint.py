@@ -212,6 +212,14 @@ def test_lsh_state_round_trip_and_errors(tmp_path):
             load_lsh_state(fresh, {**state, "0": {"step": 2, "tables": {**state["0"]["tables"], **change}}})
     with pytest.raises(ValueError, match="'step' and 'tables'"):
         load_lsh_state(fresh, {**state, "0": {"tables": None}})
+    # Another layer's tables: the width, K or L named (the first said "offsets must be torch.int32 of shape [5, 257]")
+    saved = state["0"]["tables"]
+    for settings, message in (({"out_features": 96}, "saved for out_features=64, this layer has out_features=96"),
+                              ({"bits": saved["offsets"].shape[1].bit_length()}, "saved with bits="),
+                              ({"num_tables": saved["offsets"].shape[0] + 1}, "saved with num_tables=")):
+        other = LSHLinear(fresh[0].in_features, settings.pop("out_features", 64), **settings)
+        with pytest.raises(ValueError, match=message):
+            load_lsh_state(other, {"": {"step": 2, "tables": saved}})
     # A state saved before codes were kept (offsets and items only) still loads; the next rebuild is full.
     old = {k: v if v["tables"] is None else {**v, "tables": {n: v["tables"][n] for n in ("offsets", "items")}}
            for k, v in state.items()}
