@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import cli
 import lsh_torch
+from lsh_torch._checks import MAX_BITS, MAX_PROBES  # the kernels' limits
 
 
 def load_mnist(num_train: int = 4000, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -116,8 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--active", type=cli.real(0, 1, open_low=True), default=0.2,
                    help="fraction of each LSH layer's neurons active per sample")
     p.add_argument("--tables", type=cli.integer(), default=20, help="L, hash tables per LSH layer")
-    p.add_argument("--bits", type=cli.integer(), default=6, help="K, bits per hash code")
-    p.add_argument("--probes", type=cli.integer(), default=10, help="buckets probed per table")
+    p.add_argument("--bits", type=cli.integer(1, MAX_BITS), default=6, help="K, bits per hash code")
+    p.add_argument("--probes", type=cli.integer(1, MAX_PROBES), default=10, help="buckets probed per table")
     p.add_argument("--mode", choices=("per_row", "shared"), default="per_row",
                    help="each sample its own active neurons (the paper), or one set for the whole batch")
     p.add_argument("--selection", choices=("lsh", "random"), default="lsh",

@@ -797,7 +797,8 @@ def main(argv=None) -> dict:
             try:  # an option the layer refuses (--bits, --tables, --tail, ...) stops here, not after the data's load
                 build(kind, mode, train_data, args, budget)
             except (TypeError, ValueError) as error:
-                cli.fail(f"--runs {spec}: {error}")
+                cli.fail(f"the {spec} run's LSHLinear refused its options (--active, --tables, --bits, --probes, "
+                         f"--tail, ...): {error}")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
         runs.append(Run(name, kind, mode, budget))
     if args.save_head and size > 1:
