@@ -797,8 +797,7 @@ def main(argv=None) -> dict:
             try:  # an option the layer refuses (--bits, --tables, --tail, ...) stops here, not after the data's load
                 build(kind, mode, train_data, args, budget)
             except (TypeError, ValueError) as error:
-                cli.fail(f"the {spec} run's LSHLinear refused its options (--active, --tables, --bits, --probes, "
-                         f"--tail, ...): {error}")
+                cli.fail(f"the {spec} run's output layer cannot be built from its options: {error}")
         name = spec if kind == "dense" or spec != kind else f"{kind}-{mode}"
         runs.append(Run(name, kind, mode, budget))
     if args.save_head and size > 1:

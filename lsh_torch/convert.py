@@ -59,8 +59,9 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
 
     Modules that read a linear layer's weight without calling it: ``nn.MultiheadAttention``'s
     ``out_proj`` (a filter that selects it is told so, and it stays an ``nn.Linear``), and the
-    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` in eval under ``no_grad``
-    (torch's fused fast path computes them densely; with ``inference="lsh"`` a warning says so,
+    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` in eval under ``no_grad``, where its
+    settings allow torch's fused fast path (``batch_first=True``, ...), which computes them densely
+    (with ``inference="lsh"`` a warning says so,
     and ``torch.backends.mha.set_fastpath_enabled(False)`` makes eval call the LSHLinear).
     """
     if filter is not None:
@@ -201,9 +202,17 @@ def _weights_read_directly(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):
             found[id(module.out_proj)] = "attention"
-        if isinstance(module, nn.TransformerEncoderLayer):
+        if isinstance(module, nn.TransformerEncoderLayer) and _may_take_the_fast_path(module):
             found.update({id(module.linear1): "fast path", id(module.linear2): "fast path"})
     return found
+
+
+def _may_take_the_fast_path(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether the layer's fixed settings let torch's fused eval take over (its forward checks these, then the
+    input's; the default batch_first=False never does)."""
+    attention = layer.self_attn
+    return (attention.batch_first and attention.in_proj_bias is not None and attention._qkv_same_embed_dim
+            and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps and attention.num_heads % 2 == 0)
 
 
 def _unparametrized_type(module: nn.Module) -> type:

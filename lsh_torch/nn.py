@@ -46,8 +46,8 @@ class SparseOutput(NamedTuple):
 
 
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
-# topk's default candidates for a k past topk_budget's: as many times k (not measured beyond the recall check, which
-# answers exactly where they find too little of the top k).
+# topk's default candidates per answer where 4k passes topk_budget's 768 (k >= 193); not measured beyond the recall
+# check, which answers exactly where they find too little of the top k.
 TOPK_CANDIDATES_PER_ANSWER = 4
 
 
@@ -153,7 +153,8 @@ class LSHLinear(nn.Module):
             ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
             (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
-            explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s).
+            explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s),
+            and turns off :attr:`exact_softmax` of layers up to 8,192 outputs.
             A fraction above 0 draws at least one; 0 draws none (a softmax over the set alone, biased).
             Labels come first: where they and the tail would not fit the budget (8 x 1,024 Zipf-distributed
             targets over GPT-2's 50,257 words held 3,357 distinct ones), the set grows to hold them all,
@@ -431,6 +432,8 @@ class LSHLinear(nn.Module):
                  "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
+        if state["exact_softmax"] and state["tail"] != "auto" and state["budget"] < state["out_features"]:
+            state["exact_softmax"] = False  # pickled before an explicit tail turned the narrow exact softmax off
         if "_built" not in state["_modules"]["tables"].__dict__:
             state["_modules"]["tables"].upgrade(state["out_features"])
         super().__setstate__(state)
@@ -972,7 +975,7 @@ class LSHLinear(nn.Module):
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see
         TopkIndex.topk) checked and defaulted, and whether those candidates are every output (exact)."""
-        if budget is None:  # the default grows with k (a k above 768 was refused): four candidates per answer
+        if budget is None:  # the default grows with k from k = 193 (a k above 768 was refused): 4 candidates each
             k = check_int("k (at most out_features)", k, 0, self.out_features)
             budget = min(self.out_features, max(self.topk_budget, TOPK_CANDIDATES_PER_ANSWER * k))
         budget = check_int("budget", budget, 1, self.out_features)
@@ -1000,7 +1003,7 @@ class LSHLinear(nn.Module):
     @property
     def topk_budget(self) -> int:
         """Candidates per row that :meth:`topk` scores by default: :func:`topk_budget` of the
-        layer's width (independent of the training budget ``active``)."""
+        layer's width (independent of the training budget ``active``), or 4k where larger."""
         return topk_budget(self.out_features)
 
     def _operands(self, input: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:

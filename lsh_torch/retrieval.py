@@ -124,7 +124,7 @@ class RecallCheck:
     inputs: int = 0
     found: int = 0
     wanted: int = 0
-    # The counted inputs and their exact top k's ids, flattened (a failed check sizes its stand-in by them:
+    # The counted inputs (float64) and their exact top k's ids, flattened (a failed check sizes its stand-in by them:
     # rows_alone; the first to fail orders the stand-ins' rows: TopkIndex.order_alone).
     queries: Optional[Tensor] = field(default=None, repr=False, compare=False)
     winners: Optional[Tensor] = field(default=None, repr=False, compare=False)
@@ -356,7 +356,8 @@ class TopkIndex:
         counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
         # Queries kept in float64, as order_alone reads them: calls under autocast to bfloat16 and to float16
         # would otherwise leave two dtypes that autocast's cat refuses to join.
-        hits, queries, winners = hits[counted], x[rows][counted].detach().double(), exact_indices[counted].flatten().cpu()
+        hits, winners = hits[counted], exact_indices[counted].flatten().cpu()
+        queries = x[rows][counted].detach().double()
         check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
                                                    check.wanted + hits.numel())
         check.queries = queries if check.queries is None else torch.cat([check.queries, queries])

@@ -446,6 +446,8 @@ def test_mnist_refuses_a_layer_option_before_training(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # at parse time now, before the data loads
         mnist.main(["--bits", "30", "--no-progress"])
     assert "argument --bits: must be an int in [1, 20], got '30'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="probes must be in"):  # each fine alone, not together: the layer's check
+        mnist.main(["--bits", "2", "--probes", "10", "--no-progress"])
 
 
 def _workers(pid: int) -> list[int]:

@@ -180,6 +180,8 @@ def test_layers_torch_reads_without_calling_them_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default inference, dense, agrees with the fast path: nothing to say
         convert(nn.TransformerEncoderLayer(16, 2, dim_feedforward=2048, batch_first=True))
+        # batch_first=False (torch's default) never takes the fast path: the LSHLinear is called, nothing to say
+        convert(nn.TransformerEncoderLayer(16, 2, dim_feedforward=2048), inference="lsh")
 
 
 def test_a_gated_mlp_converts_its_gate_alone():

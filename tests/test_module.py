@@ -943,6 +943,13 @@ def test_a_layer_pickled_before_exact_softmax_keeps_its_sparse_softmax():
     copied.__setstate__(state)
     assert copied.exact_softmax  # a budget of every output is computed whole either way
     assert pickle.loads(pickle.dumps(layer)).exact_softmax
+    # Pickled before an explicit tail turned the narrow exact softmax off: it samples, as the same layer made now.
+    tailed = LSHLinear(16, 1000, tail=0.5)
+    state = tailed.__getstate__()
+    state["exact_softmax"] = True  # what that version saved
+    former = LSHLinear.__new__(LSHLinear)
+    former.__setstate__(state)
+    assert not former.exact_softmax and former.forward_sparse(torch.randn(4, 16)).values.shape == (4, 250)
 
 
 def _unpickled(module):

@@ -136,8 +136,8 @@ def test_bad_data_files_and_options_stop_with_a_message_not_a_traceback(tmp_path
                           (["--data", str(train), "--test-data", str(narrow)], "the model is sized by the training file"),
                           (["--data", str(train), "--test-fraction", "0.1"], "need at least one training and one test"),
                           (["--train-points", "200", "--test-points", "50", "--features", "100", "--labels", "300",
-                            "--bits", "40"], "the lsh run's LSHLinear refused its options (--active, --tables, --bits, "
-                                             "--probes, --tail, ...): bits must be in [1, 20], got 40")):
+                            "--bits", "40"], "the lsh run's output layer cannot be built from its options: bits must "
+                                             "be in [1, 20], got 40")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             xmc.main(base + argv)
 

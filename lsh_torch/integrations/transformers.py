@@ -272,6 +272,9 @@ class Trainer(_Trainer):
       optimizer's state), which ``train(resume_from_checkpoint=...)`` loads: the heads' tables and step
       counters go on as in the uninterrupted run. (transformers' own ``Trainer`` resumes with the tables
       rebuilt from the checkpoint's weights and the counters at 0: training goes on, not bit for bit.)
+      The state is the saving process's, as the weights are: right for heads replicated over the processes
+      (DDP), not for a model holding :class:`~lsh_torch.ShardedLSHLinear` shards (each rank's differ).
+      ``save_only_model`` checkpoints hold no optimizer and no lsh_state.
     * **Row-sparse gradients** (``patch(model, sparse_grad=True)`` with an untied head, sparse
       embeddings): the gradients' norm, which transformers measures at every step (and clips with
       ``max_grad_norm > 0``), is :func:`lsh_torch.clip_grad_norm_`'s where a gradient is sparse
@@ -291,7 +294,8 @@ class Trainer(_Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         path = None if checkpoint is None else os.path.join(checkpoint, self.LSH_STATE)
         if path is not None and os.path.isfile(path):  # (a checkpoint of transformers' Trainer has none)
-            load_lsh_state(self.model, torch.load(path, weights_only=True))
+            # (On the CPU first: a GPU run's checkpoint resumes on a CPU machine, each rank's on its own device.)
+            load_lsh_state(self.model, torch.load(path, map_location="cpu", weights_only=True))
 
     def create_accelerator_and_postprocess(self) -> None:  # (at construction, and anew by hyperparameter_search)
         super().create_accelerator_and_postprocess()
