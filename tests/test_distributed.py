@@ -404,13 +404,15 @@ def _sharded_dense_run(rank):
     numpy_args = layer.topk(x, np.int64(6), budget=np.int64(4))  # was the default budget, silently
     unchecked = layer.topk(x, 6, budget=4, min_recall=0)  # each shard's index alone, not its first inputs' exact top k
     none = layer.topk(x, 0)  # torch.topk's k=0
+    # A k past the shards' default 768 candidates together: their default grows to 4k (it was refused).
+    wide = ShardedLSHLinear.from_linear(_full_linear(4000)).topk(x.detach(), 2000)
     out = layer(x)
     loss = F.cross_entropy(out, labels[rank][:, 0], ignore_index=-1)
     loss.backward()
     named = all(isinstance(t, torch.return_types.topk) for t in (exact, approximate, none))
     exact, approximate, numpy_args, unchecked = (tuple(t) for t in (exact, approximate, numpy_args, unchecked))
     return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "unchecked": unchecked,
-            "named": named, "none": tuple(none.indices.shape),
+            "named": named, "none": tuple(none.indices.shape), "wide": tuple(wide),
             "out": out.detach(), "loss": loss.detach(),
             "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
             "rows": (layer.start, layer.end)}
@@ -427,6 +429,8 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         torch.testing.assert_close(result["out"], logits)
         values, indices = logits.topk(5, dim=1)
         assert result["named"] and result["none"] == (SIZES[rank], 0)
+        wide = F.linear(_local(x, rank, SIZES), *_full_linear(4000).parameters()).topk(2000)
+        torch.testing.assert_close(result["wide"][0], wide.values)
         torch.testing.assert_close(result["exact"][0], values)
         assert torch.equal(result["exact"][1], indices)
         approx_values, approx_indices = result["approximate"]
