@@ -41,7 +41,7 @@ class LazyAdam(torch.optim.Optimizer):
                  maximize: bool = False):
         group = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         _check_group(group)
-        if not 0.0 < lr:
+        if not 0.0 < float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
         super().__init__(params, group)
 
@@ -86,7 +86,8 @@ class LazyAdam(torch.optim.Optimizer):
                 # betas rounded float64 updates to 1e-7.
                 step = int(state["step"]) + 1
                 correction2 = math.sqrt(1 - beta2 ** step)
-                step_size = group["lr"] * correction2 / (1 - beta1 ** step)
+                lr = float(group["lr"])  # a tensor lr too (torch's Adam takes one; schedulers fill it in place)
+                step_size = lr * correction2 / (1 - beta1 ** step)
                 grad = grads[p]
                 if grad.is_sparse:
                     rows, values, eps = grad.indices()[0], grad.values(), group["eps"]
@@ -105,7 +106,7 @@ class LazyAdam(torch.optim.Optimizer):
                 if group["maximize"]:
                     values = -values
                 ops.lazy_adam_(_rows(param), _rows(_local(state["exp_avg"])), _rows(_local(state["exp_avg_sq"])), rows,
-                               values, step_size, beta1, beta2, eps, group["lr"] * group["weight_decay"])
+                               values, step_size, beta1, beta2, eps, lr * group["weight_decay"])
                 state["step"] = step
                 if param is not local:
                     local.copy_(param)
@@ -118,8 +119,12 @@ def _check_group(group: dict) -> None:
     every step a no-op."""
     is_real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
     for key in ("lr", "eps", "weight_decay"):
-        if not is_real(group[key]):
-            raise TypeError(f"LazyAdam: {key} must be a float, got {group[key]!r}")
+        value = group[key]
+        if key == "lr" and isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            continue  # a tensor lr, as torch's Adam takes
+        if not is_real(value):
+            raise TypeError(f"LazyAdam: {key} must be a float{' or a one-element float tensor' * (key == 'lr')}, "
+                            f"got {value!r}")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(is_real, betas))):
         raise TypeError(f"LazyAdam: betas must be a pair of floats (beta1, beta2), got {betas!r}")
@@ -135,7 +140,7 @@ def _check_group(group: dict) -> None:
         raise ValueError("LazyAdam: a parameter group has Adam's L2 weight_decay (decoupled_weight_decay=False, an Adam "
                          "state loaded?); LazyAdam's decay is AdamW's, decoupled: load an AdamW state, or set "
                          "group['decoupled_weight_decay'] = True to take it so")
-    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    lr, eps, weight_decay = float(group["lr"]), group["eps"], group["weight_decay"]
     if not 0.0 <= lr < math.inf:  # NaN would be blamed on the decay
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 < eps < math.inf:

@@ -191,6 +191,25 @@ def test_lazy_adam_refuses_hyperparameters_of_the_wrong_type(options, error, pat
     assert torch.equal(param, before)
 
 
+def test_a_tensor_lr_steps_as_the_float_and_follows_a_scheduler():
+    """torch's Adam takes lr=torch.tensor(...) (compiled optimizers keep it so); LazyAdam refused it with a TypeError.
+    A scheduler fills a tensor lr in place: each step reads its value then."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(6, 4), [torch.randn(6, 4) for _ in range(3)]
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    tensor_lr = torch.tensor(0.1, dtype=torch.float64)  # (float64: the same 0.1 as the float)
+    opts = [LazyAdam([params[0]], lr=0.1, weight_decay=0.01), LazyAdam([params[1]], lr=tensor_lr, weight_decay=0.01)]
+    schedules = [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) for opt in opts]
+    for grad in grads:
+        for param, opt, schedule in zip(params, opts, schedules):
+            param.grad = grad.clone()
+            opt.step()
+            schedule.step()
+    assert torch.equal(params[0], params[1]) and isinstance(opts[1].param_groups[0]["lr"], torch.Tensor)
+    with pytest.raises(TypeError, match="lr must be a float or a one-element float tensor"):
+        LazyAdam([params[0]], lr=torch.tensor([0.1, 0.2]))
+
+
 def test_maximize_ascends_as_sparse_adam_and_adam_do():
     """LazyAdam, "a drop-in for SparseAdam", refused SparseAdam's maximize= with a TypeError."""
     torch.manual_seed(0)
