@@ -67,6 +67,8 @@ def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, as
     # In chunks of rows, projected into buffers made once: the projections and margins of all 670K
     # rows at once took 1.6 GB, and fresh buffers for every chunk page-faulted (ROW_CHUNK).
     chunk = min(ROW_CHUNK, rows.shape[0] if index is None else index.shape[0])
+    if low:  # room for the padded products below
+        chunk = min(ROW_CHUNK, _padded_rows(chunk))
     projected = rows.new_empty(chunk, projection.shape[1], dtype=dtype)
     rounded = rows.new_empty(chunk, projection.shape[0], dtype=dtype) if low else None
 
@@ -79,10 +81,24 @@ def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, as
         elif low:  # rounded after scaling to unit norm: a rescaled row (weight decay) keeps its bfloat16 signs
             part = torch.div(part, torch.linalg.vector_norm(part, dim=1, keepdim=True).clamp_min_(_TINY),
                              out=rounded[:n])
-        torch.mm(part, projection, out=projected[:n])
+        if low:  # the products of a few row counts only (the padding rows' outputs go unread): see _padded_rows
+            part = rounded[:min(chunk, _padded_rows(n))]
+        torch.mm(part, projection, out=projected[:part.shape[0]])
         return ops.hash_codes(projected[:n], num_tables, bits, margins=False)[0]
 
     return _codes_by_chunk(rows, num_tables, codes_of, index)
+
+
+BF16_ROW_STEP = 256
+
+
+def _padded_rows(count: int) -> int:
+    """``count`` rounded up to a multiple of :data:`BF16_ROW_STEP`. oneDNN, which computes bfloat16 products on the
+    CPU, keeps a primitive (and its reordered operands) for every shape it meets, up to 1,024 of them: the moved rows
+    of each rebuild, a new count every time, grew memory by about their size per rebuild (550 KB at 20,000 x 64,
+    3,000 rows moved; a user review found 250 MB over 3,000 Adam steps). Padded, a layer's products take at most
+    ROW_CHUNK / BF16_ROW_STEP shapes."""
+    return -(-count // BF16_ROW_STEP) * BF16_ROW_STEP
 
 
 def _codes_by_chunk(rows: Tensor, num_tables: int, codes_of, index: Optional[Tensor] = None) -> Tensor:

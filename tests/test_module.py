@@ -774,6 +774,26 @@ def test_row_codes_in_chunks_equal_one_pass(monkeypatch, asymmetric, center, bf1
     assert hashing.row_codes(weight[:0], projection, 8, 8, asymmetric, center).shape == (0, 8)
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_bfloat16_row_products_take_a_few_shapes_whatever_rows_moved(monkeypatch, asymmetric):
+    """oneDNN keeps a primitive for every shape of bfloat16 product it meets: the moved rows of each rebuild, a new
+    count every time, grew memory by about their size per rebuild (a user review: 250 MB over 3,000 Adam steps).
+    Their products are padded to a multiple of BF16_ROW_STEP rows, the padding's outputs unread."""
+    from lsh_torch import hashing
+    monkeypatch.setattr(hashing, "BF16_ROW_PROJECTIONS", True)
+    weight, projection = torch.randn(1000, 32), hashing.make_projection(32, 4, 6, seed=1)
+    max_norm = weight.norm(dim=1).max() * 1.01 if asymmetric else None
+    full = hashing.row_codes(weight, projection, 4, 6, asymmetric, max_norm=max_norm)
+    shapes, mm = set(), torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: shapes.add(a.shape) or mm(a, b, **kw))
+    gen = torch.Generator().manual_seed(0)
+    for count in (1, 37, 255, 256, 257, 600, 999):
+        index = torch.randperm(1000, generator=gen)[:count]
+        codes = hashing.row_codes(weight, projection, 4, 6, asymmetric, max_norm=max_norm, index=index)
+        assert torch.equal(codes, full[index]), count  # the padding rows change no code
+    assert {rows for rows, _ in shapes} == {256, 512, 768, 1024}
+
+
 @pytest.mark.parametrize("family,asymmetric,center,max_norm", [
     ("srp", False, False, None), ("srp", True, False, None), ("srp", True, False, 40.0), ("srp", False, True, None),
     ("dwta", False, False, None), ("dwta", False, True, None)])  # (DWTA has no MIPS transform)
