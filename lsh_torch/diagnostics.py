@@ -59,8 +59,7 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
         raise ValueError(f"active must hold between 1 and N = {n} outputs per row, got {active.shape[1]}")
     if bool(scores.isnan().any()):
         raise ValueError("scores hold NaN: their top-k is undefined")
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+    k = check_int("k", k, 1, n)  # (k=2.5 or True reached torch.topk's own message)
     active = active.long()
     if active.numel() and (int(active.min()) < 0 or int(active.max()) >= n):
         raise ValueError(f"active holds indices outside [0, {n})")

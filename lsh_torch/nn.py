@@ -225,7 +225,9 @@ class LSHLinear(nn.Module):
             before the hash tables are built and take over (default 0). Early in training hard
             negatives do not help: on the XMC demo even the exact top-scoring ones (an oracle)
             trailed random ones through the first epoch, while LSH cost 1.3x a random step; from
-            the second epoch on LSH led random by 3-4 P@1 points per step.
+            the second epoch on LSH led random by 3-4 P@1 points per step. The rebuild schedule
+            counts from step 0 all the same (a schedule is a function of the step): with
+            ``warmup=5, rebuild=4`` the tables are built at step 5 and rebuilt at 8, 12, ...
 
     Shape:
         Input ``[*, in_features]``, output ``[*, out_features]``. In training, outputs outside a

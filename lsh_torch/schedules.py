@@ -16,7 +16,8 @@ class RebuildSchedule:
     """
 
     def __call__(self, step: int) -> bool:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(self, step) -> bool: whether the "
+                                  "tables are rebuilt before that training step")
 
 
 class ConstantSchedule(RebuildSchedule):

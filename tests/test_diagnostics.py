@@ -24,6 +24,9 @@ def test_topk_recall_rejects_bad_arguments():
     scores = torch.randn(3, 10)
     with pytest.raises(ValueError, match="k must be"):
         topk_recall(torch.zeros(3, 2, dtype=torch.long), scores, k=11)
+    for k in (2.5, True):  # they reached torch.topk's own message
+        with pytest.raises(TypeError, match="k must be an int"):
+            topk_recall(torch.zeros(3, 2, dtype=torch.long), scores, k=k)
     with pytest.raises(ValueError, match="outside"):
         topk_recall(torch.full((3, 2), 10), scores, k=2)
     with pytest.raises(ValueError, match="same B"):

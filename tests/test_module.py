@@ -511,6 +511,12 @@ def test_schedules():
         GrowingSchedule(growth=float("inf"))  # was accepted, then overflowed mid-training
     with pytest.raises(TypeError, match="growth must be a float"):
         GrowingSchedule(growth="2")
+    from lsh_torch.schedules import RebuildSchedule
+
+    class Unfinished(RebuildSchedule):  # a bare NotImplementedError at the first forward
+        pass
+    with pytest.raises(NotImplementedError, match=r"Unfinished must define __call__\(self, step\)"):
+        LSHLinear(8, 100, active=10, rebuild=Unfinished())(torch.randn(2, 8))
     flat = GrowingSchedule(initial=7, growth=1.0, max_period=10 ** 9)  # a constant gap, O(1) a call
     assert [s for s in range(1, 30) if flat(s)] == [7, 14, 21, 28] and flat(7 * 10 ** 12)
     # The walk over the gaps is kept between calls (it was redone from step 0 at each: 24 ms a call at step
