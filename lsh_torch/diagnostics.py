@@ -139,6 +139,8 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != layer.in_features:
         raise ValueError(f"x must have shape [*, in_features={layer.in_features}], got {tuple(x.shape)}")
+    if not x.is_floating_point():  # the layer refuses integer inputs, as nn.Linear does: cast here, they were not
+        raise TypeError(f"x must be a floating tensor, as the layer takes, got {x.dtype}")
     x2 = x.detach().reshape(-1, layer.in_features).to(layer.weight.dtype)
     n = layer.out_features
     exact = active is None and sparse and layer.exact_softmax  # every output, no lookup

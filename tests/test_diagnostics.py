@@ -91,6 +91,8 @@ def test_active_set_recall_accepts_any_leading_shape_and_checks_arguments():
         active_set_recall(layer, torch.randn(4, 16), k=101)
     with pytest.raises(TypeError, match="LSHLinear"):
         active_set_recall(nn.Linear(16, 100), torch.randn(4, 16))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):  # cast silently, where the layer refuses it
+        active_set_recall(layer, torch.ones(4, 16, dtype=torch.long))
 
 
 def test_multiply_add_fraction():
