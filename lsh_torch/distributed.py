@@ -44,8 +44,8 @@ from . import ops
 from ._checks import check_int
 from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
                      _mask_of, reduce_loss, smoothed_target)
-from .nn import (TOPK_CANDIDATES_PER_ANSWER, WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits,
-                 auto_settings, cap_probes, fit_bits, topk_budget)
+from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
+                 fit_bits, topk_budget)
 from .optim import _DTensor, _checked_norms, grad_norm_part, norm_dtype, scale_grads_
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
@@ -716,9 +716,8 @@ class ShardedLSHLinear(nn.Module):
         k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
                              for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
         good_budget = budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1)
-        # The default grows with k as LSHLinear.topk's does (4 candidates per answer where more than topk_budget).
-        grown = TOPK_CANDIDATES_PER_ANSWER * k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 0
-        budgets = [min(w, max(topk_budget(w), grown)) if budget is None or not good_budget else min(budget, w)
+        good_k = isinstance(k, int) and not isinstance(k, bool) and k >= 0  # (refused in check_k otherwise)
+        budgets = [topk_budget(w, k if good_k else 0) if budget is None or not good_budget else min(budget, w)
                    for w in self.widths]
         limit = self.out_features if exact else sum(budgets)
 

@@ -46,9 +46,6 @@ class SparseOutput(NamedTuple):
 
 
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
-# topk's default candidates per answer where 4k passes topk_budget's 768 (k >= 193); not measured beyond the recall
-# check, which answers exactly where they find too little of the top k.
-TOPK_CANDIDATES_PER_ANSWER = 4
 
 
 def auto_bits(out_features: int, wide: Optional[bool] = None) -> int:
@@ -977,9 +974,8 @@ class LSHLinear(nn.Module):
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see
         TopkIndex.topk) checked and defaulted, and whether those candidates are every output (exact)."""
-        if budget is None:  # the default grows with k from k = 193 (a k above 768 was refused): 4 candidates each
-            k = check_int("k (at most out_features)", k, 0, self.out_features)
-            budget = min(self.out_features, max(self.topk_budget, TOPK_CANDIDATES_PER_ANSWER * k))
+        if budget is None:  # the default grows with k (topk_budget)
+            budget = topk_budget(self.out_features, check_int("k (at most out_features)", k, 0, self.out_features))
         budget = check_int("budget", budget, 1, self.out_features)
         k = check_int(f"k (at most the index's candidates, budget={budget}; exact=True takes any k up to "
                       f"out_features)", k, 0, budget)
@@ -1005,7 +1001,8 @@ class LSHLinear(nn.Module):
     @property
     def topk_budget(self) -> int:
         """Candidates per row that :meth:`topk` scores by default: :func:`topk_budget` of the
-        layer's width (independent of the training budget ``active``), or 4k where larger."""
+        layer's width for a small ``k`` (independent of the training budget ``active``; a larger ``k`` takes
+        more: :func:`~lsh_torch.retrieval.topk_budget`)."""
         return topk_budget(self.out_features)
 
     def _operands(self, input: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:

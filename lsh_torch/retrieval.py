@@ -48,6 +48,9 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, user_stacklevel
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
+# Candidates per answer where k passes TOPK_BUDGET's share: not measured beyond the recall check, which answers
+# exactly where they find too little of the top k.
+TOPK_CANDIDATES_PER_ANSWER = 4
 TOPK_TABLES = 60
 TOPK_BUCKETS = 2 ** 13  # topk's tables: N / TOPK_BUCKETS rows per bucket, clamped to TOPK_ROWS_PER_BUCKET
 TOPK_ROWS_PER_BUCKET = (8, 80)  # (see topk_settings)
@@ -59,13 +62,15 @@ TOPK_CHECKED_INPUTS = 64  # inputs on which each index's answers are compared wi
 EXACT_BLOCK = 2 ** 26  # scores that exact_topk holds at once (256 MB in float32)
 
 
-def topk_budget(out_features: int) -> int:
-    """Candidates per row that :meth:`LSHLinear.topk` scores by default: :data:`TOPK_BUDGET`, at
-    most every output. Measured at 670K outputs on rows in clusters with the default index and 12
-    probes (``benchmarks/bench_topk.py --budgets``): recall of the exact top 5 0.930 / 0.961 / 0.967
-    / 0.971 with 512 / 768 / 1,024 / 2,048 candidates, in 1.03 / 1 / 1.14 / 1.46 the time of 768.
-    Independent of the training budget ``active``: inference is another trade-off."""
-    return min(check_int("out_features", out_features, 1, 2 ** 62), TOPK_BUDGET)
+def topk_budget(out_features: int, k: int = 0) -> int:
+    """Candidates per row that :meth:`LSHLinear.topk` scores by default for the top ``k``: :data:`TOPK_BUDGET`,
+    or :data:`TOPK_CANDIDATES_PER_ANSWER` times ``k`` where larger (from k = 193; a larger k was refused), at
+    most every output (the exact computation). Measured at 670K outputs on rows in clusters with the
+    default index and 12 probes (``benchmarks/bench_topk.py --budgets``): recall of the exact top 5 0.930 /
+    0.961 / 0.967 / 0.971 with 512 / 768 / 1,024 / 2,048 candidates, in 1.03 / 1 / 1.14 / 1.46 the time of
+    768. Independent of the training budget ``active``: inference is another trade-off."""
+    out_features = check_int("out_features", out_features, 1, 2 ** 62)
+    return min(out_features, max(TOPK_BUDGET, TOPK_CANDIDATES_PER_ANSWER * k))
 
 
 def topk_settings(out_features: int) -> dict:
