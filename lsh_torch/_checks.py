@@ -25,6 +25,15 @@ def check_int(name: str, value, low: int, high: int) -> int:
     return value
 
 
+def integer_scalar(value):
+    """A 0-dim integer tensor as a Python int (``torch.topk`` takes one for ``k``); anything else unchanged,
+    for :func:`check_int` to judge."""
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.is_floating_point() and not value.is_complex()):
+        return int(value)
+    return value
+
+
 def refuse(bad: torch.Tensor, message: str, detail=None, synced: bool = False) -> None:
     """Raise ``ValueError(message)`` if any entry of ``bad`` is true: on the CPU at once (one host read;
     ``detail(bad)``, if given, adds what was found), under ``torch.compile`` or on another device as an

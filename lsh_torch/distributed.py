@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_int
+from ._checks import check_int, integer_scalar
 from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
@@ -713,6 +713,7 @@ class ShardedLSHLinear(nn.Module):
         :func:`~lsh_torch.nn.topk_budget` of its width or 4k where larger; each shard's index checked against its
         exact top-k with ``min_recall``), all-gathered and merged. ``k`` is at most
         ``out_features`` (``exact``) or the shards' candidates together."""
+        k = integer_scalar(k)  # torch.topk's habit
         k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
                              for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
         good_budget = budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1)

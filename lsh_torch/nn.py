@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, refuse, user_stacklevel
+from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         exact_topk, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
@@ -457,7 +457,8 @@ class LSHLinear(nn.Module):
                 f"{self.__class__.__name__}: the weight has {self.weight.shape[0]} rows, but the layer was built for "
                 f"{self.tables.out_features} outputs (its hash tables, budget and settings). Resizing a layer after "
                 "construction (transformers' resize_token_embeddings after lsh_torch.integrations.transformers.patch "
-                "or lsh_torch.convert) is not supported: resize first, then patch or convert.")
+                "or lsh_torch.convert) is not supported: resize first, then patch or convert (on a patched model: unpatch, "
+                "resize, patch again; the weight and its training carry over, the tables are built anew).")
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         self._stale = False
@@ -896,7 +897,7 @@ class LSHLinear(nn.Module):
         """
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")
-        min_recall = check_min_recall(min_recall)
+        min_recall, k = check_min_recall(min_recall), integer_scalar(k)
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if not exact:
@@ -964,7 +965,7 @@ class LSHLinear(nn.Module):
         (also where the candidates are every output, or ``k=0``). Before the index is built or
         checked, and for a ``selection="random"`` layer (no index): the settings asked for."""
         min_recall = check_min_recall(min_recall)
-        k, probes, budget, norm_rows, exact = self._topk_arguments(k, probes, budget, norm_rows)
+        k, probes, budget, norm_rows, exact = self._topk_arguments(integer_scalar(k), probes, budget, norm_rows)
         if exact or k == 0:
             return None
         if self.tables.selection == "random" or not self._topk_index_describes(self.weight, self.bias):

@@ -402,6 +402,7 @@ def _sharded_dense_run(rank):
     exact = layer.topk(x, 5, exact=True)
     approximate = layer.topk(x, 6, budget=4)  # the tables' candidates: at most 4 per shard
     numpy_args = layer.topk(x, np.int64(6), budget=np.int64(4))  # was the default budget, silently
+    tensor_k = layer.topk(x, torch.tensor(6), budget=4)  # torch.topk's 0-dim k
     unchecked = layer.topk(x, 6, budget=4, min_recall=0)  # each shard's index alone, not its first inputs' exact top k
     none = layer.topk(x, 0)  # torch.topk's k=0
     # A k past the shards' default 768 candidates together: their default grows to 4k (it was refused).
@@ -410,8 +411,10 @@ def _sharded_dense_run(rank):
     loss = F.cross_entropy(out, labels[rank][:, 0], ignore_index=-1)
     loss.backward()
     named = all(isinstance(t, torch.return_types.topk) for t in (exact, approximate, none))
-    exact, approximate, numpy_args, unchecked = (tuple(t) for t in (exact, approximate, numpy_args, unchecked))
-    return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "unchecked": unchecked,
+    exact, approximate, numpy_args, tensor_k, unchecked = (tuple(t) for t in (exact, approximate, numpy_args, tensor_k,
+                                                                               unchecked))
+    return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "tensor_k": tensor_k,
+            "unchecked": unchecked,
             "named": named, "none": tuple(none.indices.shape), "wide": tuple(wide),
             "out": out.detach(), "loss": loss.detach(),
             "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
@@ -435,6 +438,7 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         assert torch.equal(result["exact"][1], indices)
         approx_values, approx_indices = result["approximate"]
         assert all(torch.equal(a, b) for a, b in zip(result["numpy_args"], result["approximate"]))
+        assert all(torch.equal(a, b) for a, b in zip(result["tensor_k"], result["approximate"]))
         assert approx_indices.shape == (SIZES[rank], 6)
         torch.testing.assert_close(approx_values, logits.gather(1, approx_indices))  # true scores, global ids
         assert (approx_values[:, :-1] >= approx_values[:, 1:]).all()

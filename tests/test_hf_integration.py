@@ -246,6 +246,22 @@ def test_unpatch_gives_back_the_model_and_a_hand_unconverted_head_runs_dense():
     torch.testing.assert_close(model(ids, labels=labels).loss, reference(ids, labels=labels).loss)
 
 
+def test_resizing_a_patched_model_says_how_and_that_way_trains():
+    model = lsh_hf.patch(tiny("gpt2"), active=128)
+    ids, labels = batch()
+    model.resize_token_embeddings(VOCAB + 100)  # transformers rewrites the head's weight and out_features
+    with pytest.raises(ValueError, match="unpatch, resize, patch again"):
+        model(ids, labels=labels)
+    model = lsh_hf.unpatch(model)
+    model.resize_token_embeddings(VOCAB + 200)
+    lsh_hf.patch(model, active=128)
+    labels[1, -2:] = VOCAB + 199  # new words, which the new tables hold
+    model(ids, labels=labels).loss.backward()
+    head = model.get_output_embeddings()
+    assert head.tables.out_features == VOCAB + 200 and head.weight is model.transformer.wte.weight
+    assert head.weight.grad[VOCAB + 199].abs().sum() > 0
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_eval_without_labels_and_generate_are_exact(model_type):
     reference = tiny(model_type)

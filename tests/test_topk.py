@@ -623,6 +623,11 @@ def test_topk_returns_torch_topks_named_tuple_and_takes_k_zero(exact):
     assert isinstance(got, torch.return_types.topk) and got.values.shape == got.indices.shape == (5, 4)
     empty = layer.topk(x, 0, exact=exact)
     assert empty.values.shape == empty.indices.shape == (5, 0) and empty.indices.dtype == torch.int64
+    as_tensor = layer.topk(x, torch.tensor(4), exact=exact)  # torch.topk takes a 0-dim integer k
+    assert torch.equal(as_tensor.indices, got.indices) and torch.equal(as_tensor.values, got.values)
+    for bad in (torch.tensor(4.0), torch.tensor([4]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="must be an int, got Tensor"):
+            layer.topk(x, bad, exact=exact)
 
 
 def test_topk_answered_by_checks_its_arguments_as_topk_does():
