@@ -189,7 +189,8 @@ class RecallMonitor:
     Attributes:
         history: list of dicts, one per probe: ``step``, ``since_rebuild`` (steps since the last
             seen rebuild) and the keys of :func:`active_set_recall`.
-        rebuild_steps: steps at which a rebuild was seen.
+        rebuild_steps: steps at which a build was seen: the first build (at the first training forward
+            where the tables are built lazily) and every rebuild after it.
     """
 
     def __init__(self, layer, every: int = 100, k: Optional[int] = None, max_rows: int = 256,
