@@ -555,7 +555,7 @@ class _EveryRowSparseGrad(torch.autograd.Function):
     """The identity on a parameter whose gradient leaves as a coalesced COO tensor of every row."""
     @staticmethod
     def forward(param):
-        return param.view_as(param)
+        return param.detach()  # an alias, not a view: an in-place write before backward gets nn.Linear's error
 
     @staticmethod
     def setup_context(ctx, inputs, output):
