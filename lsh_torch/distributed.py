@@ -699,7 +699,7 @@ class ShardedLSHLinear(nn.Module):
         batch_shape = input.shape[:-1]
         if labels is None:
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
-        labels = _label_matrix(labels, batch_shape)
+        labels = _label_matrix(labels, batch_shape, input.device)
         if bool(((labels < -1) | (labels >= self.out_features)).any()):
             raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
         return labels

@@ -184,7 +184,9 @@ class LSHLinear(nn.Module):
             no better than a random active set (0.645).
         seed: seeds the projections and every random choice; same seed and inputs, same outputs.
         sparse_grad: weight and bias gradients as sparse COO tensors of the touched rows
-            (like ``nn.Embedding(sparse=True)``; use ``torch.optim.SGD`` or ``SparseAdam``).
+            (like ``nn.Embedding(sparse=True)``; use :class:`~lsh_torch.optim.LazyAdam` (which takes
+            ``weight_decay``), ``SparseAdam``, or ``torch.optim.SGD`` without ``weight_decay``, which
+            torch refuses on sparse gradients, as AdamW's are).
         inference: ``"dense"`` (exact, equal to ``nn.Linear``; default) or ``"lsh"`` (eval
             output computed on the active set only, zero elsewhere; per row, an input's set
             follows its hash codes and the seed, not its batch).
@@ -443,6 +445,16 @@ class LSHLinear(nn.Module):
         if current:
             self._hashed_version = self._weight_version()
 
+    def _apply(self, fn, recurse=True):
+        weight = self.weight
+        if not weight.is_meta:  # loaded with assign=True after a meta construction: tables to draw before a move
+            self.tables.materialise(weight.device)
+            # Refused before anything moves (Module.to casts floating tensors to a complex dtype it is given).
+            if fn(torch.zeros((), dtype=weight.dtype, device=weight.device)).is_complex():
+                raise TypeError(f"{self.__class__.__name__} computes in floating-point dtypes (its hash tables and "
+                                "kernels), not complex ones")
+        return super()._apply(fn, recurse)
+
     def rebuild(self) -> None:
         """Re-hash the current weights into the tables and topk's index (say so after writes through
         ``weight.data``, which the version counter misses)."""
@@ -482,7 +494,7 @@ class LSHLinear(nn.Module):
         x, _, _ = self._operands(x)
         if x.dim() != 2:
             raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
-        labels = _label_matrix(labels, x.shape[:1])
+        labels = _label_matrix(labels, x.shape[:1], x.device)
         if sparse and self.exact_softmax:
             if labels is not None:
                 _check_label_range(labels, self.out_features)
@@ -737,7 +749,7 @@ class LSHLinear(nn.Module):
         input, weight, bias = self._operands(input)
         self._check_not_under_ddp()
         batch_shape = input.shape[:-1]
-        labels = _label_matrix(labels, batch_shape)
+        labels = _label_matrix(labels, batch_shape, input.device)
         # Checked here, not in the query kernel, whose message names its own N. On a GPU the hashed paths leave
         # it to the kernel, a clean ValueError, where this one would be a device assertion, which ends the CUDA
         # context; the exact path has no kernel that checks labels, so it keeps the assertion.
@@ -1218,13 +1230,15 @@ def _ddp_managing(params) -> Optional[nn.parallel.DistributedDataParallel]:
     return ddp if any(p is q for p in getattr(ddp, "_module_parameters", ()) for q in params) else None
 
 
-def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size) -> Optional[Tensor]:
-    """Checked ``labels`` (int64 ``batch_shape`` or ``batch_shape + (M,)``) as ``[rows, M]``."""
+def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size, device: torch.device) -> Optional[Tensor]:
+    """Checked ``labels`` (int64 ``batch_shape`` or ``batch_shape + (M,)``, on the input's ``device``) as ``[rows, M]``."""
     if labels is None:
         return None
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
         given = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"labels must be an int64 tensor, got {given}")
+    if labels.device != device:  # (a kernel would read another device's memory, or fail in an op)
+        raise ValueError(f"labels are on {labels.device} but the input is on {device}")
     return _label_rows(labels, batch_shape, -100)  # the loss's reshape; -100 becomes -1, padding as well
 
 

@@ -114,6 +114,19 @@ def test_meta_device_construction_then_load_with_assign_hashes_like_a_normal_lay
         assert torch.equal(lazy.tables.projection, like.tables.projection)
 
 
+def test_a_layer_loaded_with_assign_after_a_meta_construction_moves_like_nn_linear():
+    """The recipe's next step, model.to(device), failed: "Cannot copy out of meta tensor" (the tables, left on
+    meta until the first forward)."""
+    trained = trained_layer()
+    with torch.device("meta"):
+        lazy = torch.nn.Sequential(torch.nn.Identity(), LSHLinear(16, 200, active=20, rebuild=None, seed=3))
+    lazy.load_state_dict({"1." + k: v for k, v in trained.state_dict().items()}, assign=True)
+    lazy.to("cpu")
+    like = LSHLinear(16, 200, active=20, rebuild=None, seed=3)
+    like.load_state_dict(trained.state_dict())
+    same_next_steps(like, lazy[1])
+
+
 def test_to_empty_is_seen_even_where_uninitialised_memory_holds_the_projection(monkeypatch):
     """to_empty() was detected by the projection's values changing: memory that happened to hold them
     (a freed copy; seen once in CI) kept the uninitialised tables, and a lookup failed in an op."""

@@ -4,6 +4,8 @@ import pickle
 
 import numpy as np
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -363,6 +365,26 @@ def test_asymmetric_rebuild_is_incremental_while_rows_stay_within_its_max_norm(d
     assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(2 * largest, rel=1e-4)
 
 
+def test_asymmetric_rebuild_is_full_once_the_rows_shrink_past_a_fraction_of_its_max_norm(device):
+    """M only grew: rows that shrank (weight decay, a user's weight.mul_) kept the M of their largest size, and
+    rebuild() after weight.mul_(0.5) left recall near the random set's (a user review)."""
+    from lsh_torch.tables import MAX_NORM_SHRINK
+    layer = LSHLinear(16, 300, active=20, rebuild=None, asymmetric=True, device=device)
+    layer.rebuild()
+    tables, largest = layer.tables, layer.weight.detach().norm(dim=1).max().item()
+    with torch.no_grad():
+        layer.weight.mul_(1 / MAX_NORM_SHRINK * 1.01)  # every row moved, the largest still within the fraction
+    layer.rebuild()
+    assert tables.rehashed == 300 and tables.max_norm.item() == pytest.approx(largest, rel=1e-4)  # M kept
+    with torch.no_grad():
+        layer.weight.mul_(0.9)  # now past it
+    layer.rebuild()
+    fresh = full_build_of(layer)
+    assert tables.max_norm.item() == pytest.approx(largest / MAX_NORM_SHRINK * 1.01 * 0.9, rel=1e-4)
+    for name in ("codes", "offsets", "items", "max_norm"):
+        assert torch.equal(getattr(tables, name), getattr(fresh, name)), name
+
+
 @pytest.mark.parametrize("option", ["asymmetric", "center"])
 def test_rebuild_rehashes_every_row_when_one_row_moves_all_codes(option, device):
     # A row past the transform's M, or the mean row, changes every row's code.
@@ -710,6 +732,44 @@ def test_forward_errors():
             bad.rebuild()
         with pytest.raises(ValueError, match="non-finite"):  # and on every rebuild until it is fixed
             bad.rebuild()
+
+
+def test_a_cast_to_a_complex_dtype_is_refused_as_the_constructor_refuses_it():
+    """Module.to(complex64) casts floating tensors: the layer took it, and its training paths failed in an op
+    ("row_fingerprints: rows must be a floating [n, d] tensor") while forward_sparse at <= 8,192 outputs
+    returned complex logits."""
+    for width in (300, 10_000):
+        layer = LSHLinear(16, width)
+        with pytest.raises(TypeError, match="computes in floating-point dtypes"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Complex modules are a new feature")  # torch's, before the cast
+            layer.to(torch.complex64)
+        assert layer.weight.dtype == torch.float32 and layer.tables.projection.dtype == torch.float32  # untouched
+        assert layer.double().weight.dtype == torch.float64
+
+
+def test_labels_on_another_device_than_the_input_are_refused_by_name():
+    """They reached the lookup (Tensor.item() on a meta tensor) or, at <= 8,192 outputs, the loss (meta stands in
+    for a GPU here; on one, CPU labels went on to the CUDA query)."""
+    for width in (300, 10_000):
+        layer = LSHLinear(16, width)
+        with pytest.raises(ValueError, match="labels are on meta but the input is on cpu"):
+            layer.forward_sparse(torch.randn(4, 16), torch.zeros(4, dtype=torch.int64, device="meta"))
+        with pytest.raises(ValueError, match="labels are on meta but the input is on cpu"):
+            layer.active_set(torch.randn(4, 16), torch.zeros(4, dtype=torch.int64, device="meta"))
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_a_weight_written_in_place_before_backward_gets_nn_linears_error(sparse_grad):
+    """With sparse_grad at <= 8,192 outputs (every output computed) the error blamed a view "created inside a custom
+    Function" and suggested cloning its output, which a user cannot do."""
+    layer, dense = LSHLinear(16, 1000, sparse_grad=sparse_grad), nn.Linear(16, 1000)
+    x, y = torch.randn(8, 16, requires_grad=True), torch.randint(0, 1000, (8,))
+    losses = (sparse_cross_entropy(layer.forward_sparse(x, y), y), nn.functional.cross_entropy(dense(x), y))
+    for loss, module in zip(losses, (layer, dense)):
+        with torch.no_grad():
+            module.weight.mul_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_a_finite_row_whose_norm_overflows_gets_a_clear_error():
