@@ -449,10 +449,12 @@ class LSHLinear(nn.Module):
         weight = self.weight
         if not weight.is_meta:  # loaded with assign=True after a meta construction: tables to draw before a move
             self.tables.materialise(weight.device)
-            # Refused before anything moves (Module.to casts floating tensors to a complex dtype it is given).
-            if fn(torch.zeros((), dtype=weight.dtype, device=weight.device)).is_complex():
+            # Refused before anything moves (Module.to casts floating tensors to a complex dtype it is given,
+            # Module.type to any dtype).
+            cast = fn(torch.zeros((), dtype=weight.dtype, device=weight.device)).dtype
+            if not cast.is_floating_point:
                 raise TypeError(f"{self.__class__.__name__} computes in floating-point dtypes (its hash tables and "
-                                "kernels), not complex ones")
+                                f"kernels), not {cast}")
         return super()._apply(fn, recurse)
 
     def rebuild(self) -> None:

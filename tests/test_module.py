@@ -734,7 +734,7 @@ def test_forward_errors():
             bad.rebuild()
 
 
-def test_a_cast_to_a_complex_dtype_is_refused_as_the_constructor_refuses_it():
+def test_a_cast_to_a_complex_or_integer_dtype_is_refused_as_the_constructor_refuses_it():
     """Module.to(complex64) casts floating tensors: the layer took it, and its training paths failed in an op
     ("row_fingerprints: rows must be a floating [n, d] tensor") while forward_sparse at <= 8,192 outputs
     returned complex logits."""
@@ -743,6 +743,8 @@ def test_a_cast_to_a_complex_dtype_is_refused_as_the_constructor_refuses_it():
         with pytest.raises(TypeError, match="computes in floating-point dtypes"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Complex modules are a new feature")  # torch's, before the cast
             layer.to(torch.complex64)
+        with pytest.raises(TypeError, match="computes in floating-point dtypes"):
+            layer.type(torch.int64)
         assert layer.weight.dtype == torch.float32 and layer.tables.projection.dtype == torch.float32  # untouched
         assert layer.double().weight.dtype == torch.float64
 
