@@ -356,6 +356,53 @@ def test_trainer_takes_a_sparse_gradient_head(tmp_path, max_grad_norm):
     torch.testing.assert_close(lsh_torch.clip_grad_norm_(model.parameters(), float("inf")), expected)
 
 
+def test_trainer_gives_a_sparse_gradient_head_lazy_adam_for_its_default_adamw(tmp_path):
+    """The default optimizer failed at the first step ("Adam does not support sparse gradients, please consider
+    SparseAdam"), where the docs said to pass LazyAdam (a user review). AdamW becomes LazyAdam, groups kept."""
+    pytest.importorskip("accelerate")
+    model = lsh_hf.patch(tiny("llama", tie_word_embeddings=False), active=256, sparse_grad=True)
+    data = [{"input_ids": (torch.arange(16) * 7 + s) % 50 + 2, "labels": (torch.arange(16) * 7 + s) % 50 + 2}
+            for s in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                          learning_rate=1e-2, weight_decay=0.1, adam_beta2=0.99, adam_epsilon=1e-6,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    dense = transformers.Trainer(model=lsh_hf.unpatch(copy.deepcopy(model)), args=args).create_optimizer()
+    lazy = lsh_hf.Trainer(model=model, args=args, train_dataset=data).create_optimizer()
+    assert type(dense) is torch.optim.AdamW and type(lazy) is lsh_torch.LazyAdam
+    for mine, theirs in zip(lazy.param_groups, dense.param_groups, strict=True):
+        assert len(mine["params"]) == len(theirs["params"])
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            assert mine[key] == theirs[key], key
+    # AdamW's step on dense gradients: the same parameters after one step of each.
+    twin = copy.deepcopy(model)
+    reference = torch.optim.AdamW([{**g, "params": [dict(twin.named_parameters())[n] for n, p in model.named_parameters()
+                                                    if any(p is q for q in g["params"])]} for g in lazy.param_groups])
+    ids = data[0]["input_ids"][None]
+    for net in (model, twin):
+        net.get_output_embeddings().sparse_grad = False  # dense here, to compare with AdamW's arithmetic
+        net(ids, labels=ids).loss.backward()
+    lazy.step(), reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    model.get_output_embeddings().sparse_grad = True
+    head = model.get_output_embeddings().weight.detach().clone()
+    lsh_hf.Trainer(model=model, args=args, train_dataset=data).train()  # the sparse head trains with the default
+    assert not torch.equal(model.get_output_embeddings().weight, head)
+
+
+def test_sparse_grad_on_a_tied_head_warns_that_its_gradient_is_dense():
+    """The weight's gradient is the embedding's dense one plus the head's: sparse_grad=True was silently dense."""
+    with pytest.warns(UserWarning, match="tied"):
+        model = lsh_hf.patch(tiny("gpt2"), active=256, sparse_grad=True)
+    ids, labels = batch()
+    model(ids, labels=labels).loss.backward()
+    assert not model.lm_head.weight.grad.is_sparse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsh_hf.patch(tiny("llama", tie_word_embeddings=False), active=256, sparse_grad=True)
+        lsh_hf.patch(tiny("gpt2"), active=256)
+
+
 def test_trainer_resumes_a_checkpoint_exactly(tmp_path):
     """A checkpoint of transformers' Trainer holds no lsh_state: a resumed run rebuilt the head's tables from the
     checkpoint's weights with its step counter at 0, and its losses left the uninterrupted run's (a user review).

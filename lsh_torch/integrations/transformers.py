@@ -20,6 +20,7 @@ import inspect
 import os
 import types
 import typing
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +35,11 @@ try:
 except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
 
-from .._checks import refuse
+from .._checks import refuse, user_stacklevel
 from ..checkpoint import load_lsh_state, lsh_state
 from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
+from ..optim import LazyAdam
 from ..nn import LSHLinear
 from ..optim import clip_grad_norm_ as _clip_sparse_grad_norm_
 
@@ -77,9 +79,9 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
     counted in training forward passes, micro-batches included).
 
     With ``sparse_grad=True`` an untied head's gradient is sparse: train it with this module's
-    :class:`Trainer` and ``optimizers=(lsh_torch.LazyAdam(...), None)`` (transformers' Trainer measures the
-    gradients' norm at every step with ``clip_grad_norm_``, and its default AdamW, both of which refuse sparse
-    gradients). The patch survives ``torch.save(model)``, pickling and spawned workers.
+    :class:`Trainer`, which measures the gradients' norm with :func:`lsh_torch.clip_grad_norm_` and makes its
+    default AdamW a :class:`lsh_torch.LazyAdam` (transformers' Trainer does neither: its ``clip_grad_norm_``
+    and AdamW refuse sparse gradients). The patch survives ``torch.save(model)``, pickling and spawned workers.
 
     Raises:
         TypeError: ``model`` is not a transformers model with a linear output head.
@@ -118,6 +120,11 @@ def patch(model: PreTrainedModel, *, label_smoothing: float = 0.0, **lsh_kwargs)
         raise TypeError(f"model must have an nn.Linear output head (model.get_output_embeddings()), got "
                         f"{type(head).__name__}")
 
+    embedding = model.get_input_embeddings()
+    if head.sparse_grad and getattr(embedding, "weight", None) is head.weight and not getattr(embedding, "sparse", False):
+        warnings.warn("patch(sparse_grad=True): the head's weight is the input embedding's (tied), whose gradient is "
+                      "dense, so the weight's gradient (the sum of both) is dense too; sparse_grad applies to untied "
+                      "heads (tie_word_embeddings=False)", stacklevel=user_stacklevel())
     original = model.forward  # the bound original (or whatever wraps it, e.g. accelerate's hooks)
     # None for the class's own forward: a pickled bound method is re-read by name (getattr) on load
     model._lsh_torch_forward = None if _is_class_forward(model, original) else original
@@ -278,8 +285,10 @@ class Trainer(_Trainer):
     * **Row-sparse gradients** (``patch(model, sparse_grad=True)`` with an untied head, sparse
       embeddings): the gradients' norm, which transformers measures at every step (and clips with
       ``max_grad_norm > 0``), is :func:`lsh_torch.clip_grad_norm_`'s where a gradient is sparse
-      (``torch.nn.utils.clip_grad_norm_`` refuses them). Give it ``optimizers=(lsh_torch.LazyAdam(
-      model.parameters(), lr=...), None)``.
+      (``torch.nn.utils.clip_grad_norm_`` refuses them). Its default optimizer, AdamW (``optim="adamw_torch"``
+      or ``"adamw_torch_fused"``), which refuses sparse gradients, is then :class:`lsh_torch.LazyAdam` with
+      the same parameter groups, ``lr``, betas, eps and weight decay: AdamW's step on dense gradients, and
+      on the rows a sparse gradient touches. Other optimizers are transformers' (``optimizers=`` as usual).
 
     Everything else is transformers' ``Trainer``."""
 
@@ -296,6 +305,15 @@ class Trainer(_Trainer):
         if path is not None and os.path.isfile(path):  # (a checkpoint of transformers' Trainer has none)
             # (On the CPU first: a GPU run's checkpoint resumes on a CPU machine, each rank's on its own device.)
             load_lsh_state(self.model, torch.load(path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple:
+        """transformers' choice from ``args``; AdamW becomes LazyAdam for a model with a sparse-gradient head."""
+        cls, kwargs = _Trainer.get_optimizer_cls_and_kwargs(args, model)
+        sparse = model is not None and any(isinstance(m, LSHLinear) and m.sparse_grad for m in model.modules())
+        if sparse and cls is torch.optim.AdamW:  # (fused / foreach: AdamW's kernels, not LazyAdam's)
+            return LazyAdam, {name: kwargs[name] for name in ("lr", "betas", "eps") if name in kwargs}
+        return cls, kwargs
 
     def create_accelerator_and_postprocess(self) -> None:  # (at construction, and anew by hyperparameter_search)
         super().create_accelerator_and_postprocess()
