@@ -412,9 +412,11 @@ class LSHLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Whether this load replaces the layer's weight or bias (see _stale_after_load): a partial one
-        # (strict=False) that leaves them keeps the tables.
+        # (strict=False) that leaves them keeps the tables, unless the weight was written since the build other
+        # than by optimizer steps: a tied weight loaded under its other module's key (transformers saves a tied
+        # head's weight as the input embedding's, which its models load first).
         self._loaded_own_parameters = any(prefix + name in state_dict for name, p in self._parameters.items()
-                                          if p is not None)
+                                          if p is not None) or self._moved_since_build()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):

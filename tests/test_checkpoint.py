@@ -359,3 +359,35 @@ def test_resume_of_a_hand_written_update_loop_is_exact():
     for i in range(13, 25):
         step(resumed, i)
     assert torch.equal(resumed.weight, whole.weight)
+
+
+def test_a_tied_weight_loaded_under_the_other_modules_key_makes_the_tables_stale():
+    """transformers saves a tied head's weight as the input embedding's only: a load_state_dict(strict=False) of
+    such a checkpoint (load_best_model_at_end) replaced the head's weight through the embedding and left it with
+    the old tables, silently, until the next scheduled rebuild (a user review)."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"embed": nn.Embedding(500, 16), "head": LSHLinear(16, 500, active=40, bias=False,
+                                                                                rebuild=None, seed=1)})
+        model.head.weight = model.embed.weight
+        return model, torch.optim.Adam(model.parameters(), lr=0.05)
+    model, opt = make()
+    saved = {"embed.weight": model.embed.weight.detach().clone()}  # what a tied checkpoint holds
+    for step in range(3):
+        ids = torch.randint(0, 500, (8,))
+        h = model.embed(ids)
+        lsh_torch.sparse_cross_entropy(model.head.forward_sparse(h, ids), ids).backward()
+        opt.step(), opt.zero_grad()
+    model.load_state_dict({"head.weight": saved["embed.weight"]}, strict=False)
+    assert model.head._stale  # (its own key: stale, as ever)
+    model.head.rebuild()
+    model.load_state_dict({}, strict=False)
+    assert not model.head._stale  # nothing written
+    model.load_state_dict(saved, strict=False)
+    assert model.head._stale  # the next build hashes every row: the tables of the loaded weight
+    model.head.rebuild()
+    fresh, _ = make()
+    fresh.load_state_dict(saved, strict=False)
+    fresh.head.rebuild()
+    for name in ("codes", "offsets", "items"):
+        assert torch.equal(getattr(model.head.tables, name), getattr(fresh.head.tables, name)), name
