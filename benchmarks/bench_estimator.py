@@ -323,15 +323,16 @@ def parse_args(argv=None):
     p.add_argument("--before-seeds", type=cli.integer(0), default=1,
                    help="seeds of the 'before' variants (the first ones)")
     p.add_argument("--variants", nargs="+", default=[v for v in LM_VARIANTS if ", " not in v],
-                   choices=list(LM_VARIANTS),
-                   help="LM variants to train")
+                   choices=list(LM_VARIANTS), metavar="VARIANT",
+                   help="LM variants to train, each one argument (quote those with spaces): "
+                        + "; ".join(f"'{v}'" for v in LM_VARIANTS))
     p.add_argument("--no-dense", action="store_true",
                    help="skip the dense runs (LM: its ratios read 'n/a'; XMC: no dense row or time to its plateau)")
     p.add_argument("--eval-every", type=cli.integer(0), default=None,
                    help="LM curve: evaluate every this many steps (default steps / 12: 25 at 300; 0: no curves)")
     p.add_argument("--curve-windows", type=cli.integer(), default=32,
                    help="LM curve: held-out windows of 64 words scored per evaluation, spread over the held-out text")
-    p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[])
+    p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[], help="parts not to run")
     p.add_argument("--xmc-epochs", type=cli.integer(), default=None,
                    help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
     p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
@@ -361,6 +362,8 @@ def parse_args(argv=None):
                    help="PNG of the XMC P@1 curves and, beside it, *_loss.png of the held-out loss ('' for none; "
                         "default: benchmarks/results/estimator_xmc.png)")
     args = p.parse_args(argv)
+    if set(args.skip) == {"lm", "xmc"}:
+        p.error("--skip lm xmc leaves nothing to run")
     quick = "_quick" if args.quick else ""
     for name, default in (("json", f"estimator{quick}.json"), ("lm_plot", f"estimator_lm{quick}.png"),
                           ("xmc_plot", f"estimator_xmc{quick}.png")):
@@ -696,4 +699,4 @@ def plot_seed_curves(panels, path: str, ylabel: str, band: str = "range", ylog: 
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

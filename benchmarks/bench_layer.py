@@ -89,11 +89,11 @@ def bench_width(n: int, batch: int, d: int, budget: int, device, min_run_time: f
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.DefaultsHelpFormatter)
-    p.add_argument("--batch", type=cli.integer(), default=128)
-    p.add_argument("--in-features", type=cli.integer(), default=128)
+    p.add_argument("--batch", type=cli.integer(), default=128, help="rows per call")
+    p.add_argument("--in-features", type=cli.integer(), default=128, help="input width")
     p.add_argument("--out", type=cli.integer(), nargs="+", default=[4096, 65536, 262144], help="output widths N")
     p.add_argument("--budget", type=cli.integer(), default=128, help="active neurons per row (A)")
-    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (None: torch's choice)")
     p.add_argument("--min-run-time", type=cli.positive, default=1.0, help="seconds of timing per case")
     p.add_argument("--quick", action="store_true", help="short run: widths 4096 and 65536, 0.2 s per case")
@@ -141,4 +141,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -202,4 +202,4 @@ def shared_rows(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor, pr
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

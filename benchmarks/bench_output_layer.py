@@ -287,19 +287,19 @@ def print_table(results: list[dict], args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--sizes", type=cli.integers(), default="100000,670091", help="output sizes, comma-separated")
-    p.add_argument("--batch", type=cli.integer(), default=128)
-    p.add_argument("--hidden", type=cli.integer(), default=128)
+    p.add_argument("--batch", type=cli.integer(), default=128, help="rows per step")
+    p.add_argument("--hidden", type=cli.integer(), default=128, help="input width of the output layer")
     p.add_argument("--labels-per-row", type=cli.integer(), default=5,
                    help="labels per row (Amazon-670K has 5.45 on average)")
     p.add_argument("--active", type=cli.integer(), default=2048, help="outputs per batch: lsh shared and sampled")
     p.add_argument("--active-per-row", type=cli.integer(), default=128, help="outputs per row: lsh per_row")
     p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
                    help="L (default: LSHLinear's for the width)")
-    p.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto")
-    p.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto")
+    p.add_argument("--bits", type=cli.auto_or(cli.integer()), default="auto", help="K, bits per table (auto: LSHLinear's for the width)")
+    p.add_argument("--probes", type=cli.auto_or(cli.integer()), default="auto", help="buckets probed per table (auto: LSHLinear's)")
     p.add_argument("--repeats", type=cli.integer(), default=30, help="timed steps per sparse case")
     p.add_argument("--dense-repeats", type=cli.integer(), default=7, help="timed steps of the dense case")
-    p.add_argument("--min-repeats", type=cli.integer(), default=5)
+    p.add_argument("--min-repeats", type=cli.integer(), default=5, help="timed steps per case even past --max-seconds")
     p.add_argument("--max-seconds", type=cli.positive, default=120, help="stop repeating after this long per size")
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
     p.add_argument("--optimizer", default="sparseadam", choices=["sparseadam", "lazyadam"],
@@ -364,4 +364,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

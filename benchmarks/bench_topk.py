@@ -177,11 +177,11 @@ def bench_model(saved: dict, args) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=cli.integers(), default="670091")
-    p.add_argument("--hidden", type=cli.integer(), default=128)
-    p.add_argument("--queries", type=cli.integer(), default=1024)
-    p.add_argument("--k", type=cli.integer(), default=5)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.DefaultsHelpFormatter)
+    p.add_argument("--sizes", type=cli.integers(), default="670091", help="output widths of the synthetic layers, comma-separated")
+    p.add_argument("--hidden", type=cli.integer(), default=128, help="input width of the synthetic layers")
+    p.add_argument("--queries", type=cli.integer(), default=1024, help="query rows per measurement")
+    p.add_argument("--k", type=cli.integer(), default=5, help="topk's k")
     p.add_argument("--tables", type=cli.auto_or(cli.integer()), default="auto",
                    help="L of the synthetic layers' training tables (default: LSHLinear's; topk does not use them)")
     p.add_argument("--index-tables", type=options(), default="default", help="tables of topk's index, comma-separated")
@@ -199,8 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--min-recall", type=cli.real(0, 1), default=TOPK_MIN_RECALL,
                    help="topk's min_recall: below it on 64 checked queries topk answers from a stand-in or exactly "
                         "(0: never)")
-    p.add_argument("--repeats", type=cli.integer(), default=3)
-    p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk_run.json"), help="'' for none")
+    p.add_argument("--repeats", type=cli.integer(), default=3, help="timed calls per case (their median)")
+    p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk_run.json"), help="JSON path ('' for none)")
     args = p.parse_args(argv)
     too_large = beyond(args, min(args.sizes))
     if too_large:
@@ -249,4 +249,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,7 +4,7 @@ Each checks its value when the command line is parsed, so a bad value stops the 
 work with argparse's usual message, which names the option (``argument --steps: must be an int of at
 least 1, got '0'``), instead of a traceback from deep in a run or a table of nonsense after it.
 Beside them, the checks found after parsing (:func:`fail`, :func:`distinct`) and the writers of the
-files those options name (:func:`with_folder`, :func:`write_json`).
+files those options name (:func:`with_folder`, :func:`write_json`), and the scripts' entry point (:func:`run`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -176,6 +177,20 @@ def apply_quick(parser: argparse.ArgumentParser, argv, args: argparse.Namespace,
         names = ", ".join("--" + dest.replace("_", "-") for dest in clash)
         parser.error(f"--quick sets {names} itself: give one or the other, not both")
     vars(args).update(settings)
+
+
+def run(main) -> None:
+    """A script's entry point: an int that ``main()`` returns is the exit status (its results, which the tests
+    read, are not); Ctrl-C ends the run with one line and status 130 (the shell's for SIGINT), not a traceback
+    from wherever it landed. (Each script writes its files at the end, whole: an interrupted run leaves none
+    half-written.)"""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or the group's copy of the first) as well
+        print(f"\n{os.path.basename(sys.argv[0]) or 'python'}: interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
 
 
 def fail(message: str) -> None:

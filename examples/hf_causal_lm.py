@@ -90,19 +90,19 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=cli.positive, default=100.0, help="training wall time for each model")
     p.add_argument("--evals", type=cli.integer(), default=5, help="held-out evaluations during training")
     p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")
-    p.add_argument("--batch-size", type=cli.integer(), default=16)
+    p.add_argument("--batch-size", type=cli.integer(), default=16, help="windows of tokens per training step")
     # 2 at least: a held-out window of ``context`` words scores its last context - 1
     p.add_argument("--context", type=cli.integer(2), default=64, help="words per training window")
-    p.add_argument("--d-model", type=cli.integer(), default=128)
-    p.add_argument("--layers", type=cli.integer(), default=2)
-    p.add_argument("--heads", type=cli.integer(), default=4)
+    p.add_argument("--d-model", type=cli.integer(), default=128, help="GPT-2 width (n_embd)")
+    p.add_argument("--layers", type=cli.integer(), default=2, help="GPT-2 layers (n_layer)")
+    p.add_argument("--heads", type=cli.integer(), default=4, help="attention heads (n_head, dividing --d-model)")
     p.add_argument("--lr", type=cli.positive, default=2e-3, help="AdamW learning rate (both models)")
     p.add_argument("--active", type=cli.auto_or(cli.integer()), default="auto",
                    help="active words per batch (auto: LSHLinear's default for the width: 2,048, half a corrected "
                         "tail; every word up to 8,192)")
     p.add_argument("--eval-tokens", type=cli.integer(), default=8_192, help="held-out words scored at each evaluation")
     p.add_argument("--held-out", type=cli.fraction, default=0.05, help="fraction of the files held out")
-    p.add_argument("--seed", type=cli.integer(0), default=0)
+    p.add_argument("--seed", type=cli.integer(0), default=0, help="seeds the weights, the batches and the hashes")
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     check_model_args(p, args, active=args.active)
@@ -160,4 +160,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -46,6 +46,9 @@ import xmc_data  # noqa: E402
 
 
 def worker(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier) -> None:
+    # Ctrl-C reaches every process of the group: the parent's to handle (it exits, which ends its daemon workers),
+    # not one traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def exit_with_the_parent() -> None:  # killed (timeout, the OOM killer), it cannot stop us: hung workers held its memory
@@ -190,4 +193,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

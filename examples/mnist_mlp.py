@@ -175,4 +175,4 @@ def main(argv=None) -> None:
         print(f"| {name:<9} | {acc:8.2%} | {seconds:8.1f} s | {frac:30.1%} | {hashing:9.1%} |")
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -258,11 +258,11 @@ def parse_args(argv=None):
                                 formatter_class=cli.DefaultsHelpFormatter)
     p.add_argument("--vocab", type=cli.integer(), default=50_000, help="words in the vocabulary (plus <unk>)")
     p.add_argument("--steps", type=cli.integer(), default=300, help="training steps for each model")
-    p.add_argument("--batch-size", type=cli.integer(), default=16)
+    p.add_argument("--batch-size", type=cli.integer(), default=16, help="windows of words per training step")
     p.add_argument("--context", type=cli.integer(), default=64, help="words per training window")
-    p.add_argument("--d-model", type=cli.integer(), default=128)
-    p.add_argument("--layers", type=cli.integer(), default=2)
-    p.add_argument("--heads", type=cli.integer(), default=4)
+    p.add_argument("--d-model", type=cli.integer(), default=128, help="model width (the head's input)")
+    p.add_argument("--layers", type=cli.integer(), default=2, help="transformer layers")
+    p.add_argument("--heads", type=cli.integer(), default=4, help="attention heads (dividing --d-model)")
     p.add_argument("--lr", type=cli.positive, default=2e-3, help="Adam / LazyAdam learning rate (both models)")
     p.add_argument("--active", type=cli.integer(), default=128,
                    help="active words per token (per_row mode) or per batch (shared mode) in the LSH head")
@@ -275,7 +275,7 @@ def parse_args(argv=None):
     p.add_argument("--rebuild", type=cli.integer(), default=10, help="rebuild the hash tables every this many steps")
     p.add_argument("--held-out", type=cli.fraction, default=0.05, help="fraction of the files held out")
     p.add_argument("--eval-tokens", type=cli.integer(), default=20_000, help="held-out words scored for perplexity")
-    p.add_argument("--seed", type=cli.integer(0), default=0)
+    p.add_argument("--seed", type=cli.integer(0), default=0, help="seeds the weights, the batches and the hashes")
     p.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--random-baseline", action="store_true",
                    help="also train a third copy whose head picks its active words at random (selection='random'): "
@@ -352,4 +352,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

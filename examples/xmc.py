@@ -632,8 +632,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=cli.integer(), default=5, help="epochs of the lsh and random runs")
     g.add_argument("--dense-epochs", type=cli.integer(), default=2,
                    help="epochs of the dense run (its steps cost ~20x more)")
-    g.add_argument("--batch-size", type=cli.integer(), default=128)
-    g.add_argument("--hidden", type=cli.integer(), default=128)
+    g.add_argument("--batch-size", type=cli.integer(), default=128, help="points per training step")
+    g.add_argument("--hidden", type=cli.integer(), default=128, help="hidden units (the output layer's input width)")
     g.add_argument("--lr", type=cli.positive, default=3e-3, help="Adam / LazyAdam learning rate")
     g.add_argument("--out-lr", type=cli.positive, default=None,
                    help="learning rate of the output layer (default: --lr)")
@@ -642,7 +642,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=cli.real(0), default=0.0,
                    help="AdamW's decoupled weight decay on the embedding and output weights (LazyAdam: the touched rows)")
     g.add_argument("--eval-every", type=cli.positive, default=0.25, help="evaluate every this many epochs")
-    g.add_argument("--seed", type=cli.integer(0), default=0)
+    g.add_argument("--seed", type=cli.integer(0), default=0, help="seeds the synthetic data, the weights, the batches and the hashes")
     g.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
     g.add_argument("--device", type=cli.device, default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("LSHLinear (lsh and random runs)")
@@ -824,4 +824,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,6 +4,7 @@ before any work. Nothing here trains or measures anything."""
 import argparse
 import importlib
 import os
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -539,3 +540,28 @@ def test_every_documented_command_line_parses(monkeypatch):
         except SystemExit as exc:
             failed.append(f"{path}: python {name}.py {' '.join(argv)} (exit {exc.code})")
     assert not failed, "\n".join(failed)
+
+
+def test_run_ends_an_interrupted_script_with_one_line_and_status_130(capsys):
+    """Ctrl-C printed a traceback from wherever it landed (a user review); every script's entry point is cli.run."""
+    def interrupted():
+        raise KeyboardInterrupt
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        for main, status in ((interrupted, 130), (lambda: 3, 3), (lambda: {"P@1": 0.5}, 0), (lambda: None, 0)):
+            with pytest.raises(SystemExit) as ended:
+                cli.run(main)
+            assert ended.value.code == status
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a second Ctrl-C while it exits: no traceback
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert capsys.readouterr().err.strip().endswith(": interrupted")
+    for name in EXAMPLES + BENCHMARKS:
+        with open(os.path.join(ROOT, "examples" if name in EXAMPLES else "benchmarks", name + ".py")) as f:
+            assert f.read().endswith('if __name__ == "__main__":\n    cli.run(main)\n'), name
+
+
+def test_bench_estimator_refuses_to_skip_both_parts():
+    with pytest.raises(SystemExit) as ended:
+        script("bench_estimator").parse_args(["--skip", "lm", "xmc"])
+    assert ended.value.code == 2
