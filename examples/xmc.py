@@ -171,7 +171,10 @@ RUNS = ("lsh", "random", "dense", "lsh-shared", "lsh-per_row", "random-shared", 
 
 def runs_spec(text: str) -> str:
     """--runs' type: each run is checked now, the text kept (the JSON records it)."""
-    cli.listing(cli.choice(*RUNS), "runs")(text)
+    runs = cli.listing(cli.choice(*RUNS), "runs")(text)
+    repeated = sorted({run for run in runs if runs.count(run) > 1})
+    if repeated:  # (one run trained twice, its row printed twice)
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once in {text!r}")
     return text
 
 
@@ -713,14 +716,16 @@ def parse_args(argv=None):
 def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
     """``--data`` (and ``--test-data``, or a held-out split), checked: readable, well formed, test
     points within the training file's features and labels, at least one point each, 5 labels (P@5)."""
-    try:
-        train_data = xmc_data.read_xmc(args.data, args.max_points)
-        if args.test_data:
-            test_data = xmc_data.read_xmc(args.test_data, args.max_points)
-        else:
-            train_data, test_data = train_data.split(args.test_fraction, args.seed)
-    except (OSError, xmc_data.XMCFormatError) as error:
-        cli.fail(f"--data / --test-data: {error}")
+    def read(option: str, path: str) -> xmc_data.XMCData:
+        try:
+            return xmc_data.read_xmc(path, args.max_points)
+        except (OSError, xmc_data.XMCFormatError) as error:
+            cli.fail(f"{option}: {error}")
+    train_data = read("--data", args.data)
+    if args.test_data:
+        test_data = read("--test-data", args.test_data)
+    else:
+        train_data, test_data = train_data.split(args.test_fraction, args.seed)
     if test_data.num_features > train_data.num_features or test_data.num_labels > train_data.num_labels:
         cli.fail(f"--test-data has {test_data.num_features:,} features and {test_data.num_labels:,} labels, the training "
              f"data {train_data.num_features:,} and {train_data.num_labels:,}: the model is sized by the training file")

@@ -158,6 +158,7 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("xmc", ["--weight-decay", "-0.1"], "--weight-decay"),
     ("xmc", ["--rebuild", "0"], "--rebuild"),
     ("xmc", ["--runs", "lsh,bogus"], "--runs"),
+    ("xmc", ["--runs", "lsh,random,lsh"], "--runs"),
     ("xmc", ["--json", "{file}/x.json"], "--json"),
     ("xmc", ["--generate", "{file}"], "--generate"),
     ("xmc", ["--rebuild", "growingX"], "--rebuild"),  # was taken as growing

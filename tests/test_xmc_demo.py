@@ -132,7 +132,8 @@ def test_bad_data_files_and_options_stop_with_a_message_not_a_traceback(tmp_path
     train.write_text("3 6 5\n1 0:0.5\n2 1:1\n0 2:1\n")
     narrow.write_text("1 8 5\n1 7:0.5\n")
     base = ["--json", "", "--plot", "", "--runs", "lsh"]
-    for argv, message in ((["--data", str(tmp_path / "missing.txt")], "No such file"),
+    for argv, message in ((["--data", str(tmp_path / "missing.txt")], "--data: [Errno 2] No such file"),
+                          (["--data", str(train), "--test-data", str(tmp_path / "gone.txt")], "--test-data: [Errno 2]"),
                           (["--data", str(train), "--test-data", str(narrow)], "the model is sized by the training file"),
                           (["--data", str(train), "--test-fraction", "0.1"], "need at least one training and one test"),
                           (["--train-points", "200", "--test-points", "50", "--features", "100", "--labels", "300",
