@@ -518,7 +518,9 @@ class ShardedLSHLinear(nn.Module):
         # Another rank's state_dict of the same shape loaded silently: rank 0's everywhere copied its rows onto the others'.
         rows = local_metadata.get("lsh_torch_rows")
         if rows is not None and tuple(rows) != (self.start, self.end, self.out_features):
-            error_msgs.append(f"the state_dict holds rows [{rows[0]}, {rows[1]}) of {rows[2]} (another rank's shard), "
+            whose = ("a layer of another width" if rows[2] != self.out_features else
+                     "another rank's shard, or a shard of a run over another number of ranks")
+            error_msgs.append(f"the state_dict holds rows [{rows[0]}, {rows[1]}) of {rows[2]} ({whose}), "
                               f"this rank owns [{self.start}, {self.end}) of {self.out_features}: load each rank's "
                               "own, or full_state_dict() / load_full_state_dict() to move rows between ranks")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
