@@ -252,7 +252,7 @@ def sparse_linear_grad_weight_rows(grad_out, x, active):
 
 
 def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, beta2, eps, decay=0.0):
-    """SparseAdam's operations in its order (the op's contract), in the compute type: float32
+    """SparseAdam's operations in its order (the op's contract; Adam's for an overflowing g^2), in the compute type: float32
     below float64, after AdamW's decay of the rows (``param * (1 - decay)``). In float32 they
     cancel when a beta is near 0, so the contract, not the exact Adam formula, is what the kernel
     must reproduce."""
@@ -260,7 +260,8 @@ def lazy_adam_(param, exp_avg, exp_avg_sq, rows, grad_rows, step_size, beta1, be
     scalar = lambda value: torch.tensor(value, dtype=acc)  # rounded once, as the kernels do
     m, v, g = exp_avg[rows].to(acc), exp_avg_sq[rows].to(acc), grad_rows.to(acc)
     m = m + (g - m) * scalar(1 - beta1)
-    v = v + (g * g - v) * scalar(1 - beta2)
+    gg, c2 = g * g, scalar(1 - beta2)  # where g^2 or v overflowed, Adam's order: the product scaled first
+    v = torch.where(gg.isfinite() & v.isfinite(), v + (gg - v) * c2, v * (1 - c2) + (c2 * g) * g)
     exp_avg[rows] = m.to(exp_avg.dtype)
     exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
     param[rows] = (param[rows].to(acc) * scalar(1 - decay) - m / (v.sqrt() + scalar(eps)) * scalar(step_size)).to(

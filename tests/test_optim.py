@@ -132,6 +132,29 @@ def test_a_step_refused_for_its_weight_decay_updates_nothing():
     assert {k: v["step"] for k, v in opt.state.items()} == before[2]
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_gradient_whose_square_overflows_keeps_the_moments_finite_as_adams_do(sparse):
+    """g^2 past float32's range (|g| > 1.8e19) made SparseAdam's v inf, then NaN (inf - inf): the weights went NaN
+    where torch's Adam, scaling the product first, stays finite, its v inf past 5.8e20 and NaN never (a user review)."""
+    params = [torch.nn.Parameter(torch.zeros(4, 3)) for _ in range(2)]
+    opts = [LazyAdam([params[0]], lr=0.01), torch.optim.Adam([params[1]], lr=0.01)]
+    for value in (1.9e19, 1e25, 2.0):
+        grad = torch.full((4, 3), value)
+        for p, opt in zip(params, opts):
+            p.grad = grad.to_sparse(1) if sparse and opt is opts[0] else grad.clone()
+            opt.step()
+        moments = [opt.state[p]["exp_avg_sq"] for p, opt in zip(params, opts)]
+        assert torch.equal(moments[0].isfinite(), moments[1].isfinite())  # (inf at 1e25, as Adam's)
+        torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+    param, state = torch.zeros(2, 3), [torch.zeros(2, 3) for _ in range(2)]
+    expected = [t.clone() for t in (param, *state)]
+    rows, grad = torch.tensor([0, 1]), torch.tensor([[3e19, 1.0, -2e20], [0.5, 1e-30, 4.0]])
+    ops.lazy_adam_(param, *state, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, 1e-8)
+    for got, want in zip((param, *state), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_lazy_adam_arithmetic_is_sparse_adams():
     """1 - beta2 was computed after rounding beta2 to float32: 1.3e-5 relative off SparseAdam's."""
     torch.manual_seed(0)

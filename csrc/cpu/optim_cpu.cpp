@@ -36,7 +36,7 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    // SparseAdam's operations in its order, 1 - beta computed in double as Python does; AdamW's
+    // SparseAdam's operations in its order (but for an overflowing g^2, below), 1 - beta computed in double as Python does; AdamW's
     // decay first, param * (1 - decay) in acc_t (float32 AdamW rounds the same; for half and
     // bfloat16 it would round the product to the parameter's dtype, this keeps it in float).
     const acc_t c1 = static_cast<acc_t>(1.0 - beta1), c2 = static_cast<acc_t>(1.0 - beta2);
@@ -55,7 +55,11 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
           const acc_t gk = static_cast<acc_t>(g[i * width + k]);
           const acc_t mo = static_cast<acc_t>(m[base + k]), vo = static_cast<acc_t>(v[base + k]);
           const acc_t mk = mo + (gk - mo) * c1;
-          const acc_t vk = vo + (gk * gk - vo) * c2;
+          // Where g^2 overflows (|g| > 1.8e19 in float) or v did, Adam's order (its addcmul: v * beta2 + (1 - beta2)
+          // * g * g, the product scaled first) keeps v finite, or inf as Adam's: SparseAdam's gave NaN (inf - inf).
+          const acc_t gg = gk * gk;
+          const acc_t vk = std::isfinite(gg) && std::isfinite(vo) ? vo + (gg - vo) * c2
+                                                                  : vo * (acc_t(1) - c2) + (c2 * gk) * gk;
           m[base + k] = static_cast<scalar_t>(mk);
           v[base + k] = static_cast<scalar_t>(vk);
           p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) * keep - mk / (std::sqrt(vk) + e) * lr);

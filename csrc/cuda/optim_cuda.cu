@@ -51,7 +51,9 @@ __global__ void lazy_adam_kernel(scalar_t* __restrict__ p, scalar_t* __restrict_
     // mk = m + (gk - m) * c1;  vk = v + (gk * gk - v) * c2;  p = p * keep - mk / (sqrt(vk) + e) * lr
     const acc_t mo = static_cast<acc_t>(m[at]), vo = static_cast<acc_t>(v[at]);
     const acc_t mk = mo + mul_rn(gk - mo, c1);
-    const acc_t vk = vo + mul_rn(mul_rn(gk, gk) - vo, c2);
+    const acc_t gg = mul_rn(gk, gk);  // g^2 or v overflowing: Adam's order, as the CPU kernel
+    const acc_t vk = isfinite(gg) && isfinite(vo) ? vo + mul_rn(gg - vo, c2)
+                                                  : mul_rn(vo, acc_t(1) - c2) + mul_rn(mul_rn(c2, gk), gk);
     m[at] = static_cast<scalar_t>(mk);
     v[at] = static_cast<scalar_t>(vk);
     p[at] = static_cast<scalar_t>(mul_rn(static_cast<acc_t>(p[at]), keep) - mul_rn(mk / (std::sqrt(vk) + e), lr));
