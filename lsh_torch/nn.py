@@ -651,7 +651,7 @@ class LSHLinear(nn.Module):
 
     def _tail_count(self, sparse: bool) -> int:
         if self.tail == "auto":
-            return self.budget // 2 if sparse else 0
+            return max(1, self.budget // 2) if sparse else 0  # (a budget of 1: the labels alone summed to a loss of 0)
         if isinstance(self.tail, int):
             return self.tail
         return max(1, round(self.tail * self.budget)) if self.tail > 0 else 0  # a fraction > 0 draws at least one

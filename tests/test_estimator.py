@@ -243,6 +243,17 @@ def test_a_tail_fraction_above_0_draws_at_least_one():
     assert LSHLinear(16, 2000, active=128, tail=0.0)._tail_count(True) == 0
 
 
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_a_budget_of_one_draws_a_tail_too(mode):
+    """The default tail, half the budget, was 0 at a budget of 1: each row's set held its label alone, and the loss
+    was exactly 0 (a user review)."""
+    layer, x, y = LSHLinear(16, 20_000, active=1, mode=mode), torch.randn(8, 16), torch.randint(0, 20_000, (8,))
+    with pytest.warns(UserWarning):  # (the labels fill the set: said once)
+        out = layer.forward_sparse(x, y)
+    drawn = (out.log_weights != 0).sum(-1)
+    assert (drawn == 1).all() and sparse_cross_entropy(out, y) > 1
+
+
 def test_tail_argument_errors():
     with pytest.raises(ValueError, match="tail must be in"):
         LSHLinear(4, 100, active=10, tail=11)
