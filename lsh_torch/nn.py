@@ -22,7 +22,7 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
-                        exact_topk, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
+                        among, exact_topk, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -255,7 +255,7 @@ class LSHLinear(nn.Module):
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
         in_features = check_int("in_features", in_features, 1, 2 ** 31 - 1)
-        out_features = check_int("out_features", out_features, 1, 2 ** 31 - 1)
+        out_features = check_int("out_features", out_features, 1, 2 ** 31 - 2)  # the kernels' int32 ids, below INT32_MAX
         seed = check_int("seed", seed, 0, 2 ** 31 - 1)
         warmup = check_int("warmup", warmup, 0, 2 ** 62)
         if inference not in _INFERENCE_MODES:
@@ -345,6 +345,7 @@ class LSHLinear(nn.Module):
         process resuming from a checkpoint saved now would (its state holds no tables: :func:`lsh_state`).
         The rebuild schedule's builds are incremental: they only set ``_stale``."""
         self._stale = True
+        self._stale_marks = getattr(self, "_stale_marks", 0) + 1  # (a build running in another thread: see _build)
         self._hashed_from = None
         self._tables_from_checkpoint = False
         self._topk_index = None  # rebuilt by the next topk, from the weight as it is then
@@ -476,8 +477,13 @@ class LSHLinear(nn.Module):
                 "or lsh_torch.convert) is not supported: resize first, then patch or convert (on a patched model: unpatch, "
                 "resize, patch again; the weight and its training carry over, the tables are built anew).")
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
+        marks, version = getattr(self, "_stale_marks", 0), self._weight_version()
         self.tables.build(self.weight, full=not self._hashed_from_weight())
+        if getattr(self, "_stale_marks", 0) != marks:
+            return  # another thread loaded or re-initialised the weight meanwhile: stale still, for the next lookup
         self._stale = False
+        if not torch.compiler.is_compiling():  # the version hashed: a write made during the build counts as a move
+            self._hashed_version = version
 
     def _materialise_tables(self) -> None:
         _check_not_meta(self.weight)
@@ -575,7 +581,7 @@ class LSHLinear(nn.Module):
             else:
                 scores = ops.sparse_linear(x, self.weight, self.bias, candidates)
             # The labels go in ahead of the top set (below): a pool entry that is one must not take a top-set slot.
-            scores.masked_fill_(_among_labels(candidates, labels), -math.inf)
+            scores.masked_fill_(among(candidates, labels), -math.inf)
             best = candidates.gather(-1, scores.topk(top).indices).reshape(labels.shape[0], -1)
             if room is not None:  # each row keeps the best that fit beside its own labels
                 best.masked_fill_(torch.arange(top, device=best.device) >= room[:, None], -1)
@@ -938,24 +944,29 @@ class LSHLinear(nn.Module):
     @torch.compiler.disable
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
-        if torch.compiler.is_exporting():  # non-strict export runs this with fake weights
-            raise RuntimeError("LSHLinear.topk(exact=False) cannot be exported: its index is built, checked and "
-                               "consulted eagerly, outside any graph. Export topk(exact=True), or call topk eagerly "
-                               "(torch.compile without fullgraph runs the index eagerly).")
-        index = self._topk_index
-        if not self._topk_index_describes(weight, bias):
+        # Non-strict export runs this with fake weights; a jit trace recorded the first call's checks and builds
+        # into the graph (every traced call re-checked, or rebuilt, the index: 30x slower, silently).
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            raise RuntimeError("LSHLinear.topk(exact=False) cannot be exported or traced (torch.export, torch.jit.trace): "
+                               "its index is built, checked and consulted eagerly, outside any graph. Export or trace "
+                               "topk(exact=True), or call topk eagerly (torch.compile without fullgraph runs the "
+                               "index eagerly).")
+        index = self._topk_index_describes(weight, bias)
+        if index is None:
             _check_not_meta(weight)
             self._warn_if_parametrized()
             self._topk_index = None  # the old index goes first: two at once would double the memory
             self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed, bias)
         return index
 
-    def _topk_index_describes(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    def _topk_index_describes(self, weight: Tensor, bias: Optional[Tensor]) -> Optional[TopkIndex]:
+        """topk's index if it describes ``weight`` and ``bias``, else None: read once (another thread may
+        replace it meanwhile; a second read found None)."""
         index = self._topk_index
         if index is None or not index.matches(weight, self.topk_tables, self.topk_bits, self._topk_seed):
-            return False
+            return None
         index.recheck(bias)
-        return True
+        return index
 
     @property
     def _topk_seed(self) -> int:
@@ -967,11 +978,12 @@ class LSHLinear(nn.Module):
         RecallCheck(inputs, found, wanted, queries, winners)}`` (``.recall``: found / wanted; the
         likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``); empty before
         the first call and after the weight changed."""
-        if not self._topk_index_describes(self.weight, self.bias):
+        index = self._topk_index_describes(self.weight, self.bias)
+        if index is None:
             return {}
         return {key: dataclasses.replace(c, **{name: None if t is None else t.clone() for name, t in
                                                (("queries", c.queries), ("winners", c.winners))})
-                for key, c in self._topk_index.checks.items()}
+                for key, c in list(index.checks.items())}
 
     def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,
                          norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> Optional[tuple]:
@@ -984,9 +996,10 @@ class LSHLinear(nn.Module):
         k, probes, budget, norm_rows, exact = self._topk_arguments(integer_scalar(k), probes, budget, norm_rows)
         if exact or k == 0:
             return None
-        if self.tables.selection == "random" or not self._topk_index_describes(self.weight, self.bias):
+        index = None if self.tables.selection == "random" else self._topk_index_describes(self.weight, self.bias)
+        if index is None:
             return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows)
-        return self._topk_index.answering(k, probes, budget, norm_rows, min_recall, self.weight, self.bias)
+        return index.answering(k, probes, budget, norm_rows, min_recall, self.weight, self.bias)
 
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see
@@ -1258,17 +1271,6 @@ def _as_label_matrix(labels: Optional[Tensor], batch: int) -> Optional[Tensor]:
         return None
     labels = labels.reshape(batch, -1) if labels.dim() <= 1 else labels
     return labels.to(torch.int64).contiguous()
-
-
-def _among_labels(candidates: Tensor, labels: Tensor) -> Tensor:
-    """Which of ``candidates`` are among their row's ``labels`` (``[B, M]``, negative entries are
-    padding): ``[B, P]`` candidates row by row, ``[P]`` against all labels. A binary search: memory
-    O(B x P) whatever M."""
-    if not labels.shape[1]:
-        return torch.zeros_like(candidates, dtype=torch.bool)
-    ordered = (labels.sort(1) if candidates.dim() == 2 else labels.reshape(-1).sort()).values
-    at = torch.searchsorted(ordered, candidates).clamp_max_(ordered.shape[-1] - 1)
-    return ordered.gather(-1, at) == candidates  # padding sorts first and equals no candidate
 
 
 def _check_tail(tail, budget: int):

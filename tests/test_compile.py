@@ -293,6 +293,23 @@ def test_exporting_approximate_topk_is_refused_clearly(strict):
         torch.export.export(Top(), (x,), strict=strict)
 
 
+def test_jit_trace_of_approximate_topk_is_refused_clearly():
+    """The trace recorded the first call's index build and check: every traced call re-ran them (856 ms against
+    28 ms eagerly, a user review), silently with check_trace=False."""
+    class Top(nn.Module):
+        def __init__(self, exact):
+            super().__init__()
+            self.layer, self.exact = LSHLinear(16, 2000, seed=3).eval(), exact
+
+        def forward(self, x):
+            return self.layer.topk(x, 5, exact=self.exact).indices
+    x = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="cannot be exported or traced"):
+        torch.jit.trace(Top(exact=False), (x,), check_trace=False)
+    exact = Top(exact=True)
+    assert torch.equal(torch.jit.trace(exact, (x,))(x), exact(x))
+
+
 def test_jit_trace_of_a_training_forward_is_refused():
     """torch.jit.trace froze one step silently: no step counted, one seed, no rebuilds."""
     layer = LSHLinear(16, 200, active=20)

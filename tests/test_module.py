@@ -713,6 +713,16 @@ def test_constructor_errors(kwargs, exc, pattern):
         LSHLinear(16, 200, **kwargs)
 
 
+def test_the_widest_layer_accepted_is_the_widest_the_kernels_build():
+    """2**31 - 1 outputs were accepted, and refused by build_tables ("too many rows") at the first training step,
+    after the weight and the tables were allocated (a user review; checked on the meta device)."""
+    with pytest.raises(ValueError, match=r"out_features must be in \[1, 2147483646\]"):
+        LSHLinear(1, 2 ** 31 - 1, device="meta")
+    codes = torch.empty(2 ** 31 - 2, 1, dtype=torch.int32, device="meta")
+    assert ops.build_tables(codes, 1)[1].shape == (1, 2 ** 31 - 2)  # the kernel's check, on its fake
+    LSHLinear(1, 2 ** 31 - 2, device="meta")
+
+
 def test_forward_errors():
     layer, _ = pair()
     with pytest.raises(ValueError, match="in_features=16"):
@@ -1243,3 +1253,26 @@ def test_a_layer_resized_after_construction_is_refused_by_name():
     layer.out_features = 9050
     with pytest.raises(ValueError, match="built for 9000 outputs .* resize first, then patch or convert"):
         layer.forward_sparse(torch.randn(4, 8), torch.tensor([0, 1, 2, 9049]))
+
+
+def test_a_load_during_a_build_in_another_thread_leaves_the_tables_stale(monkeypatch):
+    """The build in flight finished by clearing the mark that the load had set: eval lookups with inference="lsh"
+    used the old weight's tables until the next write or rebuild() (a user review of threads serving a layer)."""
+    from lsh_torch.tables import LSHTables
+    torch.manual_seed(0)
+    layer, fresh = (LSHLinear(16, 3000, active=64, inference="lsh", seed=1).eval() for _ in range(2))
+    other = {name: torch.randn_like(t) for name, t in layer.state_dict().items()}
+    build = LSHTables.build
+
+    def loaded_meanwhile(self, weight, full=False):  # hashed the old weight, then "another thread" loads
+        build(self, weight, full)
+        monkeypatch.setattr(LSHTables, "build", build)
+        layer.load_state_dict(other)
+    monkeypatch.setattr(LSHTables, "build", loaded_meanwhile)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        layer(x)
+        assert layer._stale
+        fresh.load_state_dict(other)
+        assert torch.equal(layer(x), fresh(x))
+        assert torch.equal(layer.tables.items, fresh.tables.items)
