@@ -133,6 +133,20 @@ class LSHTables(nn.Module):
         Every buffer has its final shape from the start (a build assigns tensors of the same shapes):
         ``AveragedModel.update_parameters`` and other code that copies one module's buffers into
         another's, made before the first build, need that."""
+        try:
+            self._allocate(device)
+        except RuntimeError as error:  # torch.OutOfMemoryError too; the CPU allocator's is a plain RuntimeError
+            if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                raise
+            n, tables = self.out_features, 1 if self.selection == "random" else 2 * self.num_tables
+            need = (tables + 2 * (self.selection != "random")) * n * 4  # items (and codes), fingerprints, norms
+            raise RuntimeError(
+                f"LSHLinear(out_features={self.out_features:,}, num_tables={self.num_tables}): its hash tables need "
+                f"{need / 2 ** 30:.3g} GiB (items and codes, num_tables x out_features int32 each), which could not be "
+                f"allocated on {device or torch.get_default_device()}: lower num_tables, or shard the layer over "
+                "processes (lsh_torch.distributed.ShardedLSHLinear)") from error
+
+    def _allocate(self, device) -> None:
         n, num_tables = self.out_features, self.num_tables
         hash_buffer, fingerprint_vector = self._seeded_buffers(device)
         self.register_buffer(self.hash.buffer, hash_buffer, persistent=False)

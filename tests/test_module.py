@@ -1276,3 +1276,18 @@ def test_a_load_during_a_build_in_another_thread_leaves_the_tables_stale(monkeyp
         fresh.load_state_dict(other)
         assert torch.equal(layer(x), fresh(x))
         assert torch.equal(layer.tables.items, fresh.tables.items)
+
+
+def test_tables_too_large_for_memory_say_what_they_need(monkeypatch):
+    """LSHLinear(1, 10**8) allocated 16 GB of tables after a 0.4 GB weight and failed with the allocator's raw
+    message (a user review): the width-sized tables are what grows with out_features. (Their allocation is
+    made to fail here.)"""
+    zeros = torch.zeros
+
+    def no_memory(*size, **kwargs):
+        if size and isinstance(size[0], int) and size[0] * (size[1] if len(size) > 1 else 1) >= 10 ** 6:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return zeros(*size, **kwargs)
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    with pytest.raises(RuntimeError, match=r"out_features=1,000,000, num_tables=20\): its hash tables need 0\.156 GiB"):
+        LSHLinear(1, 10 ** 6, num_tables=20, bits=12, active=2048, device="cpu")
