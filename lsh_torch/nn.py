@@ -477,12 +477,13 @@ class LSHLinear(nn.Module):
                 "or lsh_torch.convert) is not supported: resize first, then patch or convert (on a patched model: unpatch, "
                 "resize, patch again; the weight and its training carry over, the tables are built anew).")
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
-        marks, version = getattr(self, "_stale_marks", 0), self._weight_version()
+        compiling = torch.compiler.is_compiling()  # (versions are not read while tracing)
+        marks, version = getattr(self, "_stale_marks", 0), None if compiling else self._weight_version()
         self.tables.build(self.weight, full=not self._hashed_from_weight())
         if getattr(self, "_stale_marks", 0) != marks:
             return  # another thread loaded or re-initialised the weight meanwhile: stale still, for the next lookup
         self._stale = False
-        if not torch.compiler.is_compiling():  # the version hashed: a write made during the build counts as a move
+        if not compiling:  # the version hashed: a write made during the build counts as a move
             self._hashed_version = version
 
     def _materialise_tables(self) -> None:
