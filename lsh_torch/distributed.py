@@ -636,11 +636,14 @@ class ShardedLSHLinear(nn.Module):
                                "fully_shard(model, ignored_params=lsh_torch.distributed.unmanaged_parameters(model)), "
                                "which leave the shards out; then re-create or reload the layer.")
 
-    def _gather_input(self, input: Tensor, check=lambda: None, labelled: Optional[bool] = None):
+    _METHODS = ("forward", "forward_sparse", "topk")  # what _gather_input's callers tell each other
+
+    def _gather_input(self, input: Tensor, method: str, check=lambda: None, labelled: Optional[bool] = None):
         """Every rank's rows, their counts, and what ``check`` returned. The input (as the shard
         will check it, autocast-aware) and ``check`` are verified on every rank before the first
         collective, and the outcome travels with the row counts: a bad argument on one rank raises
-        on every rank (the others name it) instead of leaving them waiting in a collective. So does
+        on every rank (the others name it) instead of leaving them waiting in a collective. So do
+        ``method`` (the caller: ranks calling different ones would wait in different collectives) and
         ``labelled`` (whether labels were given), which every rank must say alike."""
         self._mean_over_ranks()
         try:
@@ -651,8 +654,13 @@ class ShardedLSHLinear(nn.Module):
             checked, error = None, caught
         rows = -1 if error else input.reshape(-1, self.in_features).shape[0]
         compare = not (self._rows_compared or torch.compiler.is_compiling())
-        gathered = _gather_ints([rows, int(bool(labelled)), int(compare)], self.process_group, self.shard.weight.device)
+        gathered = _gather_ints([rows, int(bool(labelled)), int(compare), self._METHODS.index(method)],
+                                self.process_group, self.shard.weight.device)
         sizes = gathered[:, 0].tolist()
+        if gathered[:, 3].unique().numel() > 1:
+            called = ", ".join(f"rank {r} {self._METHODS[m]}" for r, m in enumerate(gathered[:, 3].tolist()))
+            raise ValueError(f"the ranks called different methods of ShardedLSHLinear ({called}): each call is "
+                             "collective, every rank makes the same one")
         if error is not None:
             raise error
         if -1 in sizes:
@@ -673,7 +681,7 @@ class ShardedLSHLinear(nn.Module):
         the global batch, then an all-gather along the vocabulary: every rank briefly holds
         ``global batch x out_features`` values (1,024 rows x 670K outputs: 2.7 GB in float32);
         for retrieval use :meth:`topk`."""
-        x, sizes, _ = self._gather_input(input)
+        x, sizes, _ = self._gather_input(input, "forward")
         z = F.linear(x, self.shard.weight, self.shard.bias)
         out = _GatherColumns.apply(z, sizes, self.widths, self.rank, self.process_group)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -682,7 +690,8 @@ class ShardedLSHLinear(nn.Module):
         """This shard's active outputs for every rank's rows (see :class:`ShardedSparseOutput`);
         ``labels`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding) are forced in
         on the shard that owns them. Train with :func:`lsh_torch.sparse_cross_entropy`."""
-        x, sizes, flat = self._gather_input(input, lambda: self._flat_labels(input, labels), labels is not None)
+        x, sizes, flat = self._gather_input(input, "forward_sparse", lambda: self._flat_labels(input, labels),
+                                            labels is not None)
         batch_shape = input.shape[:-1]
         every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
         mine = (every >= self.start) & (every < self.end)
@@ -733,7 +742,7 @@ class ShardedLSHLinear(nn.Module):
                 check_int("probes", probes, 1, 2 ** 31 - 1)
             check_min_recall(min_recall)
             check_int("k", k, 0, limit)
-        x, sizes, _ = self._gather_input(input, check_k)
+        x, sizes, _ = self._gather_input(input, "topk", check_k)
         mine = min(k, self.shard.out_features if exact else budgets[self.rank])
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
             values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank],

@@ -512,6 +512,11 @@ def _checkpoint_run(rank):
         layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
     with pytest.raises(ValueError, match="k, exact, budget, probes and min_recall must be the same on every rank"):
         layer.topk(torch.randn(2, HIDDEN), 2, exact=rank == 0)  # mixed exact and approximate shards
+    # Ranks calling different methods: one was told its labels were missing, the other failed in a later collective.
+    with pytest.raises(ValueError, match="called different methods of ShardedLSHLinear .rank 0 forward_sparse, "
+                                         "rank 1 topk."):
+        layer.forward_sparse(torch.randn(2, HIDDEN), torch.tensor([0, 1])) if rank == 0 else layer.topk(
+            torch.randn(2, HIDDEN), 2)
     # The sharded loss, a shard's failed lookup and the sparse-gradient all-reduce stop every rank too,
     # and what the ranks must agree on is checked.
     y = torch.tensor([0, 1])
