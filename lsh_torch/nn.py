@@ -301,6 +301,7 @@ class LSHLinear(nn.Module):
                                 selection=selection, asymmetric=asymmetric, center=center, hash=hash)
         self._hashed_from = None  # the weight the tables were built from (a tensor_ref)
         self._stale = True
+        self._stale_marks = 0  # loads and re-initialisations so far (a build running in another thread: see _build)
         topk = topk_settings(out_features)  # topk's own index (lsh_torch.retrieval), built when first needed
         self.topk_tables, self.topk_bits = topk["num_tables"], topk["bits"]
         self._topk_index: Optional[TopkIndex] = None
@@ -345,7 +346,7 @@ class LSHLinear(nn.Module):
         process resuming from a checkpoint saved now would (its state holds no tables: :func:`lsh_state`).
         The rebuild schedule's builds are incremental: they only set ``_stale``."""
         self._stale = True
-        self._stale_marks = getattr(self, "_stale_marks", 0) + 1  # (a build running in another thread: see _build)
+        self._stale_marks += 1
         self._hashed_from = None
         self._tables_from_checkpoint = False
         self._topk_index = None  # rebuilt by the next topk, from the weight as it is then
@@ -433,7 +434,7 @@ class LSHLinear(nn.Module):
         own, current = state.pop("_hashed_from"), state.pop("_tables_current", False)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
-                 "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False,
+                 "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False, "_stale_marks": 0,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         if state["exact_softmax"] and state["tail"] != "auto" and state["budget"] < state["out_features"]:
@@ -478,9 +479,9 @@ class LSHLinear(nn.Module):
                 "resize, patch again; the weight and its training carry over, the tables are built anew).")
         # Codes hashed from another tensor (a substituted weight) cannot be patched incrementally.
         compiling = torch.compiler.is_compiling()  # (versions are not read while tracing)
-        marks, version = getattr(self, "_stale_marks", 0), None if compiling else self._weight_version()
+        marks, version = self._stale_marks, None if compiling else self._weight_version()
         self.tables.build(self.weight, full=not self._hashed_from_weight())
-        if getattr(self, "_stale_marks", 0) != marks:
+        if self._stale_marks != marks:
             return  # another thread loaded or re-initialised the weight meanwhile: stale still, for the next lookup
         self._stale = False
         if not compiling:  # the version hashed: a write made during the build counts as a move

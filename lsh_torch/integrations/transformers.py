@@ -39,8 +39,8 @@ from .._checks import refuse, user_stacklevel
 from ..checkpoint import load_lsh_state, lsh_state
 from ..convert import convert, unconvert
 from ..losses import check_label_smoothing, sparse_cross_entropy
-from ..optim import LazyAdam
 from ..nn import LSHLinear
+from ..optim import LazyAdam
 from ..optim import clip_grad_norm_ as _clip_sparse_grad_norm_
 
 # Model types whose causal-LM forward is exactly ``lm_head(base_model(...).last_hidden_state)``
