@@ -2,6 +2,8 @@
 import copy
 import inspect
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -79,10 +81,28 @@ def test_logits_to_keep_scores_the_positions_transformers_scores():
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 3:9] = True
     mask[1, 10] = True  # another count in one row
-    for keep, shift_labels in ((4, shifted[:, -4:].contiguous()), (mask, shifted[mask])):
+    cases = [(4, shifted[:, -4:].contiguous())]
+    if hasattr(transformers.modeling_utils, "slice_logits_to_keep"):  # boolean masks: transformers 5.2x on
+        cases.append((mask, shifted[mask]))
+    for keep, shift_labels in cases:
         torch.testing.assert_close(model(ids, labels=labels, shift_labels=shift_labels, logits_to_keep=keep).loss,
                                    reference(ids, labels=labels, shift_labels=shift_labels, logits_to_keep=keep).loss,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_without_slice_logits_to_keep_still_imports_and_slices():
+    """transformers 5.17 (the GPU machine's) has no slice_logits_to_keep: importing the integration
+    failed, claiming transformers was missing. Its models sliced the last N positions inline."""
+    script = """
+import torch, transformers.modeling_utils as utils
+del utils.slice_logits_to_keep
+import lsh_torch.integrations.transformers as lsh_hf
+h = torch.arange(24.).reshape(2, 4, 3)
+assert torch.equal(lsh_hf.slice_logits_to_keep(h, 0), h)
+assert torch.equal(lsh_hf.slice_logits_to_keep(h, 1), h[:, -1:])
+assert torch.equal(lsh_hf.slice_logits_to_keep(h, torch.tensor([0, 2])), h[:, [0, 2]])
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(lsh_torch.__file__)))
 
 
 def test_a_bfloat16_model_gets_a_float32_loss_like_transformers():

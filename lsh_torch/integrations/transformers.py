@@ -29,11 +29,15 @@ try:
     from transformers import PreTrainedModel
     from transformers import Trainer as _Trainer
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.modeling_utils import slice_logits_to_keep
     from transformers.utils import ModelOutput
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 except ImportError as error:  # transformers is the optional extra "hf"
     raise ImportError("lsh_torch.integrations.transformers needs transformers: pip install 'lsh_torch[hf]'") from error
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers before 5.2x sliced inline in each model's forward, as this does
+    def slice_logits_to_keep(hidden_states: Tensor, logits_to_keep: "int | Tensor") -> Tensor:
+        return hidden_states[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
 
 from .._checks import refuse, user_stacklevel
 from ..checkpoint import load_lsh_state, lsh_state
