@@ -7,6 +7,10 @@
 //   2. count:     one block per (row, table, probe) walks the probed bucket and atomically adds 1
 //                 to the neuron's counter. Within a table the probed buckets are distinct, so a
 //                 neuron gets at most one hit per table (counts <= L). (query_shared: below.)
+//                 A neuron's first hit also lists it in the row's candidate list, so that steps
+//                 4-6 scan the row's candidates, not all N counters (at 4M outputs they scanned
+//                 4 GB per query); a row whose list overflows (crowded buckets) scans all N, with
+//                 the same result: those steps do not depend on the order they visit ids in.
 //   3. labels:    one thread per row takes the row's labels in order, skipping padding and
 //                 repeats, and marks them chosen (counter = -1, the CPU's kChosen).
 //   4. levels:    one block per row histograms the counts (levels 1..L) and finds the level h*
@@ -145,7 +149,7 @@ __global__ void flips_kernel(const float* __restrict__ margins, int64_t row0, in
 __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* __restrict__ offsets,
                              const int32_t* __restrict__ items, const uint32_t* __restrict__ flips, int64_t row0,
                              int64_t num_tables, int64_t buckets, int64_t n, int probes, int32_t* __restrict__ hits,
-                             int64_t* flag) {
+                             int32_t* __restrict__ listed, int32_t* __restrict__ list, int64_t cap, int64_t* flag) {
   const int64_t blk = blockIdx.x;
   const int64_t rl = blk / probes, p = blk - rl * probes;
   const int64_t r = rl / num_tables, l = rl - r * num_tables;
@@ -175,7 +179,24 @@ __global__ void count_kernel(const int32_t* __restrict__ codes, const int32_t* _
     // valid tables never count a neuron more than L times per row.
     const int32_t before = atomicAdd(h + id, 1);
     if (before >= num_tables) cuda::report(flag, kRepeatedItem, id, l);
+    if (before == 0) {  // the row's new candidate
+      const int32_t slot = atomicAdd(listed + r, 1);
+      if (slot < cap) list[r * cap + slot] = id;
+    }
   }
+}
+
+// The ids that a row's scans (steps 4-6) visit: its listed candidates, or every id where the list
+// overflowed. Ids that are not candidates have counter 0 or kChosen, which the scans skip anyway.
+struct RowIds {
+  const int32_t* list;  // nullptr: the ids 0 .. count - 1
+  int64_t count;
+  __device__ int64_t operator[](int64_t i) const { return list != nullptr ? list[i] : i; }
+};
+
+__device__ RowIds row_ids(const int32_t* listed, const int32_t* list, int64_t cap, int64_t r, int64_t n) {
+  const int64_t count = listed[r];
+  return count <= cap ? RowIds{list + r * cap, count} : RowIds{nullptr, n};
 }
 
 constexpr int64_t kNoSpan = std::numeric_limits<int64_t>::max();  // an empty or invalid bucket: sorts last
@@ -254,7 +275,8 @@ __global__ void labels_kernel(const int64_t* __restrict__ labels, int64_t num_la
 }
 
 // 4. meta[r] = {take, h*, m, count of level h*}, head[row0 + r] = labels + take. One block per row.
-__global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int num_tables, int64_t budget,
+__global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, const int32_t* __restrict__ listed,
+                              const int32_t* __restrict__ list, int64_t cap, int num_tables, int64_t budget,
                               int64_t tail, const int32_t* __restrict__ filled, int32_t* __restrict__ meta,
                               int64_t row0, int64_t* __restrict__ head) {
   __shared__ int cnt[kMaxTables + 1];
@@ -262,10 +284,11 @@ __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int n
   for (int i = threadIdx.x; i <= num_tables; i += blockDim.x) cnt[i] = 0;
   __syncthreads();
   const int32_t* h = hits + r * n;
+  const RowIds ids = row_ids(listed, list, cap, r, n);
   const int lane = threadIdx.x & 31;
-  for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {  // warp-uniform trip count
-    const int64_t id = base + lane;
-    const int32_t c = id < n ? h[id] : 0;
+  for (int64_t base = threadIdx.x - lane; base < ids.count; base += blockDim.x) {  // warp-uniform trip count
+    const int64_t i = base + lane;
+    const int32_t c = i < ids.count ? h[ids[i]] : 0;
     const bool valid = c > 0 && c <= num_tables;
     const unsigned peers = __match_any_sync(kFullMask, valid ? c : 0);
     if (valid && lane == __ffs(peers) - 1) atomicAdd(&cnt[c], __popc(peers));
@@ -297,7 +320,8 @@ __global__ void levels_kernel(const int32_t* __restrict__ hits, int64_t n, int n
 }
 
 // 5. thresh[r] = the m-th smallest tie-break key of level h* (all ones when the level fits).
-__global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, int64_t row0, int64_t seed,
+__global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, const int32_t* __restrict__ listed,
+                                 const int32_t* __restrict__ list, int64_t cap, int64_t row0, int64_t seed,
                                  const int64_t* __restrict__ row_keys, const int32_t* __restrict__ meta,
                                  unsigned long long* __restrict__ thresh) {
   __shared__ unsigned int hist[256];
@@ -311,12 +335,14 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
   }
   const uint64_t key0 = stream_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
+  const RowIds ids = row_ids(listed, list, cap, r, n);
   unsigned long long prefix = 0, mask = 0;
   int remaining = m;
   for (int shift = 56; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    for (int64_t id = threadIdx.x; id < n; id += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < ids.count; i += blockDim.x) {
+      const int64_t id = ids[i];
       if (h[id] != hstar) continue;
       const unsigned long long k = keyed_hash(key0, static_cast<uint64_t>(id));
       if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 0xffu], 1u);
@@ -349,7 +375,8 @@ __global__ void threshold_kernel(const int32_t* __restrict__ hits, int64_t n, in
 }
 
 // 6. The taken candidates into [rows, W] scratch, in any order (step 7 sorts them).
-__global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int num_tables, int64_t row0,
+__global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, const int32_t* __restrict__ listed,
+                               const int32_t* __restrict__ list, int64_t cap, int num_tables, int64_t row0,
                                int64_t seed, const int64_t* __restrict__ row_keys, const int32_t* __restrict__ meta,
                                const unsigned long long* __restrict__ thresh, int64_t width,
                                int64_t* __restrict__ sel_key, int32_t* __restrict__ sel_level,
@@ -363,10 +390,12 @@ __global__ void compact_kernel(const int32_t* __restrict__ hits, int64_t n, int 
   const unsigned long long limit = thresh[r];
   const uint64_t key0 = stream_key(seed, kTieBreak, stream_row(row_keys, row0 + r));
   const int32_t* h = hits + r * n;
+  const RowIds ids = row_ids(listed, list, cap, r, n);
   const int lane = threadIdx.x & 31;
-  for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {  // warp-uniform trip count
-    const int64_t id = base + lane;
-    const int32_t c = id < n ? h[id] : 0;
+  for (int64_t base = threadIdx.x - lane; base < ids.count; base += blockDim.x) {  // warp-uniform trip count
+    const int64_t i = base + lane;
+    const int64_t id = i < ids.count ? ids[i] : 0;
+    const int32_t c = i < ids.count ? h[id] : 0;
     bool keep = c >= hstar && c <= num_tables;  // hstar >= 1 excludes 0 and kChosen
     unsigned long long k = 0;
     if (keep) {
@@ -727,11 +756,16 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
     return {active, head};
   }
 
-  // Rows per chunk: an int32 counter per neuron, the selection scratch and its sorted copies.
-  const int64_t per_row = 4 * n + 64 * budget + 4 * num_tables * probes + 64;
+  // Room for a row's candidate list: four times the expected count (L x probes x the mean bucket
+  // size), at least 1,024; a row with more scans all N counters.
+  const int64_t cap = std::min<int64_t>(n, std::max<int64_t>(1024, 4 * num_tables * probes * ceil_div(n, in.buckets)));
+  // Rows per chunk: an int32 counter per neuron, the candidate list, the selection scratch and its sorted copies.
+  const int64_t per_row = 4 * n + 4 * cap + 64 * budget + 4 * num_tables * probes + 64;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kScratchBytes / per_row));
   const auto int_opts = in.codes.options();
   auto hits = at::empty({chunk, n}, int_opts);
+  auto listed = at::empty({chunk}, int_opts);
+  auto list = at::empty({chunk, cap}, int_opts);
   auto flips = at::empty({chunk * num_tables * probes}, int_opts);
   auto filled = at::empty({chunk}, int_opts);
   auto meta = at::empty({chunk, 4}, int_opts);
@@ -742,6 +776,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
   for (int64_t row0 = 0; row0 < batch; row0 += chunk) {
     const int64_t rows = std::min(chunk, batch - row0);
     C10_CUDA_CHECK(cudaMemsetAsync(hits.data_ptr<int32_t>(), 0, rows * n * sizeof(int32_t), stream));
+    C10_CUDA_CHECK(cudaMemsetAsync(listed.data_ptr<int32_t>(), 0, rows * sizeof(int32_t), stream));
     if (num_tables > 0) {  // L = 0 is valid (no candidates, fill only) but would be an empty grid
       flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
           in.margins.data_ptr<float>(), row0, rows, num_tables, static_cast<int>(in.bits), static_cast<int>(probes),
@@ -750,14 +785,16 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
       count_kernel<<<rows * num_tables * probes, count_threads, 0, stream>>>(
           in.codes.data_ptr<int32_t>(), in.offsets.data_ptr<int32_t>(), in.items.data_ptr<int32_t>(),
           reinterpret_cast<const uint32_t*>(flips.data_ptr<int32_t>()), row0, num_tables, in.buckets, n,
-          static_cast<int>(probes), hits.data_ptr<int32_t>(), flag.ptr());
+          static_cast<int>(probes), hits.data_ptr<int32_t>(), listed.data_ptr<int32_t>(), list.data_ptr<int32_t>(), cap,
+          flag.ptr());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     labels_kernel<<<ceil_div(rows, 128), 128, 0, stream>>>(
         in.num_labels ? in.labels.data_ptr<int64_t>() : nullptr, in.num_labels, row0, rows, n, budget,
         hits.data_ptr<int32_t>(), active.data_ptr<int64_t>(), filled.data_ptr<int32_t>(), flag.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    levels_kernel<<<rows, kRowThreads, 0, stream>>>(hits.data_ptr<int32_t>(), n, static_cast<int>(num_tables), budget,
+    levels_kernel<<<rows, kRowThreads, 0, stream>>>(hits.data_ptr<int32_t>(), n, listed.data_ptr<int32_t>(),
+                                                    list.data_ptr<int32_t>(), cap, static_cast<int>(num_tables), budget,
                                                     tail, filled.data_ptr<int32_t>(), meta.data_ptr<int32_t>(), row0,
                                                     head.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -766,14 +803,16 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
     const int64_t width = capturing ? budget : meta.narrow(0, 0, rows).select(1, 0).max().item<int32_t>();
     if (width > 0) {
       threshold_kernel<<<rows, kRowThreads, 0, stream>>>(
-          hits.data_ptr<int32_t>(), n, row0, seed, keys, meta.data_ptr<int32_t>(),
+          hits.data_ptr<int32_t>(), n, listed.data_ptr<int32_t>(), list.data_ptr<int32_t>(), cap, row0, seed, keys,
+          meta.data_ptr<int32_t>(),
           reinterpret_cast<unsigned long long*>(thresh.data_ptr<int64_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto sel_key = at::full({rows, width}, std::numeric_limits<int64_t>::max(), int_opts.dtype(at::kLong));
       auto sel_level = at::full({rows, width}, std::numeric_limits<int32_t>::max(), int_opts);
       auto sel_id = at::full({rows, width}, -1, int_opts);
       compact_kernel<<<rows, kRowThreads, 0, stream>>>(
-          hits.data_ptr<int32_t>(), n, static_cast<int>(num_tables), row0, seed, keys, meta.data_ptr<int32_t>(),
+          hits.data_ptr<int32_t>(), n, listed.data_ptr<int32_t>(), list.data_ptr<int32_t>(), cap,
+          static_cast<int>(num_tables), row0, seed, keys, meta.data_ptr<int32_t>(),
           reinterpret_cast<const unsigned long long*>(thresh.data_ptr<int64_t>()), width,
           sel_key.data_ptr<int64_t>(), sel_level.data_ptr<int32_t>(), sel_id.data_ptr<int32_t>(), flag.ptr());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
