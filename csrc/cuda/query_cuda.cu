@@ -31,6 +31,8 @@
 //                 it; a block prefix sum places the kept ones in draw order), then, if the budget
 //                 is still not full, the full-period walk the same way. This is the CPU's
 //                 sequential loop, in parallel.
+//   9. reset:     before the next chunk, one block per row zeroes the counters it touched (its
+//                 listed candidates and its output), so only the first chunk's counters are memset.
 // Synchronisations: one per chunk to read W (skipped while capturing a CUDA graph, where W is
 // the budget), and one at the end to raise what the kernels found (labels out of range, too
 // many labels for the budget, malformed tables).
@@ -435,6 +437,23 @@ __global__ void emit_kernel(const int32_t* __restrict__ ordered, int64_t width, 
   hits[r * n + id] = kChosen;
 }
 
+// 9. The chunk's counters back to zero for the next chunk: every one it touched is a listed
+// candidate (all N where the list overflowed) or in the row's output (labels, fill draws). One
+// block per row: O(candidates + budget), where zeroing every chunk cost O(N) per row.
+__global__ void reset_kernel(int32_t* __restrict__ hits, int64_t n, const int32_t* __restrict__ listed,
+                             const int32_t* __restrict__ list, int64_t cap, const int64_t* __restrict__ out,
+                             int64_t row0, int64_t budget) {
+  const int64_t r = blockIdx.x;
+  int32_t* h = hits + r * n;
+  const RowIds ids = row_ids(listed, list, cap, r, n);
+  for (int64_t i = threadIdx.x; i < ids.count; i += blockDim.x) h[ids[i]] = 0;
+  const int64_t* o = out + (row0 + r) * budget;
+  for (int64_t j = threadIdx.x; j < budget; j += blockDim.x) {
+    const int64_t id = o[j];
+    if (id >= 0 && id < n) h[id] = 0;  // (a row the kernels flagged may leave entries unwritten)
+  }
+}
+
 // 8. Seeded random fill up to the budget. One block per row.
 // Set r writes output row row0 + r and draws from the streams of set seed_row0 + r (the row for
 // query, -1 for query_shared), or of row_keys[row0 + r] where query's row_keys are given.
@@ -763,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
   const int64_t per_row = 4 * n + 4 * cap + 64 * budget + 4 * num_tables * probes + 64;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kScratchBytes / per_row));
   const auto int_opts = in.codes.options();
-  auto hits = at::empty({chunk, n}, int_opts);
+  auto hits = at::zeros({chunk, n}, int_opts);  // zeroed once: each chunk resets what it touched (9)
   auto listed = at::empty({chunk}, int_opts);
   auto list = at::empty({chunk, cap}, int_opts);
   auto flips = at::empty({chunk * num_tables * probes}, int_opts);
@@ -775,7 +794,6 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
 
   for (int64_t row0 = 0; row0 < batch; row0 += chunk) {
     const int64_t rows = std::min(chunk, batch - row0);
-    C10_CUDA_CHECK(cudaMemsetAsync(hits.data_ptr<int32_t>(), 0, rows * n * sizeof(int32_t), stream));
     C10_CUDA_CHECK(cudaMemsetAsync(listed.data_ptr<int32_t>(), 0, rows * sizeof(int32_t), stream));
     if (num_tables > 0) {  // L = 0 is valid (no candidates, fill only) but would be an empty grid
       flips_kernel<<<ceil_div(rows * num_tables, 128), 128, 0, stream>>>(
@@ -826,6 +844,12 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
                                                    meta.data_ptr<int32_t>(), filled.data_ptr<int32_t>(),
                                                    hits.data_ptr<int32_t>(), active.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (row0 + rows < batch) {
+      reset_kernel<<<rows, kRowThreads, 0, stream>>>(hits.data_ptr<int32_t>(), n, listed.data_ptr<int32_t>(),
+                                                     list.data_ptr<int32_t>(), cap, active.data_ptr<int64_t>(), row0,
+                                                     budget);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   raise_if_flagged(flag, in, budget, op);
   return {active, head};
