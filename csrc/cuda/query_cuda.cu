@@ -776,8 +776,10 @@ std::tuple<at::Tensor, at::Tensor> query_cuda(const at::Tensor& codes_in, const 
   }
 
   // Room for a row's candidate list: four times the expected count (L x probes x the mean bucket
-  // size), at least 1,024; a row with more scans all N counters.
-  const int64_t cap = std::min<int64_t>(n, std::max<int64_t>(1024, 4 * num_tables * probes * ceil_div(n, in.buckets)));
+  // size), at most N / 8 (beyond that a list read plus a scattered counter read cost more than
+  // scanning all N counters), at least 1,024 (all N below that); a row with more scans all N.
+  const int64_t expected = 4 * num_tables * probes * ceil_div(n, in.buckets);
+  const int64_t cap = std::min<int64_t>(n, std::max<int64_t>(1024, std::min<int64_t>(n / 8, expected)));
   // Rows per chunk: an int32 counter per neuron, the candidate list, the selection scratch and its sorted copies.
   const int64_t per_row = 4 * n + 4 * cap + 64 * budget + 4 * num_tables * probes + 64;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kScratchBytes / per_row));
