@@ -306,6 +306,7 @@ class LSHLinear(nn.Module):
         self.topk_tables, self.topk_bits = topk["num_tables"], topk["bits"]
         self._topk_index: Optional[TopkIndex] = None
         self._loss_checked = False  # see _warn_if_full_width_loss
+        self._warned_training_no_grad = False  # see _warn_if_evaluating_in_training_mode
         self._draws = _RecordedDraws()  # for activation checkpointing's recomputation
         self._warned_write = False  # see _warn_written_before_a_step
         self.register_load_state_dict_post_hook(_stale_after_load)  # a module-level function: picklable
@@ -435,6 +436,7 @@ class LSHLinear(nn.Module):
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
                  "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False, "_stale_marks": 0,
+                 "_warned_training_no_grad": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         if state["exact_softmax"] and state["tail"] != "auto" and state["budget"] < state["out_features"]:
@@ -714,6 +716,7 @@ class LSHLinear(nn.Module):
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)
         self._check_not_under_ddp()
+        self._warn_if_evaluating_in_training_mode()
         if self.budget == self.out_features:  # every neuron active: nothing to hash or scatter
             values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return values.reshape(*input.shape[:-1], self.out_features)
@@ -725,6 +728,20 @@ class LSHLinear(nn.Module):
             self._loss_checked = True  # the first backward tells what the output feeds; later steps pay nothing
             out.register_hook(lambda grad: self._warn_if_full_width_loss(grad, active))
         return out.reshape(*input.shape[:-1], self.out_features)
+
+    def _warn_if_evaluating_in_training_mode(self) -> None:
+        """A training forward of an output-layer width with gradients off is most likely an evaluation
+        without ``.eval()``, which nn.Linear answers exactly: here every output outside the active set is 0,
+        above every score of a softmax-trained head (all negative: a user review's recall@10 was 0.0), and
+        the call counts a training step. Said once per layer."""
+        if (self.out_features >= WIDE and not torch.is_grad_enabled() and not self._warned_training_no_grad
+                and not torch.compiler.is_compiling()):
+            self._warned_training_no_grad = True
+            warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}) is in training mode under "
+                          "torch.no_grad(): forward computes only the active neurons and returns 0 for the others "
+                          "(which outrank negative scores), and counts a training step. To evaluate, call .eval() "
+                          "first (nn.Linear's exact output), or use topk(x, k) for the best outputs.",
+                          stacklevel=user_stacklevel())
 
     def _warn_if_full_width_loss(self, grad: Tensor, active: Tensor) -> None:
         """Warn if the zero-filled training output feeds a softmax cross-entropy over all outputs: its

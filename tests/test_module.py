@@ -949,6 +949,27 @@ def test_training_forward_as_a_hidden_layer_does_not_warn(head):
     assert not _full_width_warnings(lambda o, y: nn.functional.cross_entropy(out(head(o)), y % 10))
 
 
+def test_a_wide_training_forward_without_gradients_warns_once_to_call_eval():
+    """An evaluation that forgot .eval() ranks the zero-filled outputs first (a user review: recall@10 of 0.0
+    on a softmax-trained head); nn.Linear would have been exact."""
+    import warnings
+    from lsh_torch.nn import WIDE
+    wide, narrow = LSHLinear(16, WIDE), LSHLinear(16, WIDE - 1)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            for layer in (wide, wide, narrow):
+                layer(x)
+        wide.eval()(x)  # eval: exact, no warning
+        wide.train()(x)  # gradients on: training
+        with torch.inference_mode():
+            LSHLinear(16, WIDE)(x)
+    messages = [str(w.message) for w in caught if "under torch.no_grad()" in str(w.message)]
+    assert len(messages) == 2 and f"out_features={WIDE})" in messages[0] and ".eval()" in messages[0]
+    assert all(w.filename == __file__ for w in caught if "under torch.no_grad()" in str(w.message))
+
+
 # --- hash="dwta" ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,bin_size", [(6, 8), (9, 8), (12, 8), (8, 4), (10, 4), (7, 2), (5, 2), (20, 4)])
