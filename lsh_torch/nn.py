@@ -893,7 +893,9 @@ class LSHLinear(nn.Module):
           than ``budget`` for a row, the row's top k comes from those it found (completed with
           uniformly random neurons only when they are fewer than ``k``);
         * the ``norm_rows`` neurons whose weight rows have the largest norms, for every row (one
-          matrix product): the likeliest winners, which tables of directions rank like any other.
+          matrix product): the likeliest winners, which tables of directions rank like any other;
+          with them, the ``k`` of largest bias: the top k of an input near zero (a cold-start user's
+          zero vector scores the bias alone).
 
         The index is checked before it is trusted: 64 of the first rows it answers after each build
         (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and

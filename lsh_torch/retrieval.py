@@ -247,7 +247,7 @@ class TopkIndex:
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
-        self.checked_bias = None
+        self.checked_bias = self.bias_order = self.bias_rank = None
         self.recheck(bias)  # (the recall checks measure answers with it)
         follow_optimizer_steps()
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
@@ -281,6 +281,8 @@ class TopkIndex:
                 raise ValueError("bias has NaN values: topk cannot check its index against the exact top k")
             self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
             self.alone_order = self.alone_rank = None  # the bias is in their estimate
+            self.bias_order = None if bias is None else bias.detach().argsort(descending=True)
+            self.bias_rank = None if bias is None else places(self.bias_order)
 
     def order_alone(self, weight: Tensor, bias: Optional[Tensor], queries: Tensor) -> None:
         """Order the rows for the stand-ins (:attr:`alone_order`, :attr:`alone_rank`) by an estimate
@@ -315,17 +317,18 @@ class TopkIndex:
         self.alone_rank = places(self.alone_order.cpu())
 
     def nbytes(self) -> int:
-        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank)."""
+        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the bias order, rank)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
-                                                         self.projection, self.alone_order, self.alone_rank)
+                                                         self.projection, self.alone_order, self.alone_rank,
+                                                         self.bias_order, self.bias_rank)
                    if t is not None)
 
     @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
              norm_rows: Optional[int], seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
-        tables rank highest (most probed buckets hit; ``probes`` per table) and the ``norm_rows``
-        largest-norm rows. Only the tables' real candidates are scored: where they find fewer
+        tables rank highest (most probed buckets hit; ``probes`` per table), the ``norm_rows``
+        largest-norm rows and, with them, the ``k`` rows of largest bias. Only the tables' real candidates are scored: where they find fewer
         than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills).
 
         Checked against the exact top-k: the first :data:`TOPK_CHECKED_INPUTS` (64) inputs that
@@ -428,11 +431,19 @@ class TopkIndex:
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
         """The index's own answer (see :meth:`topk`); ``budget=0``: the first ``norm_rows`` rows of
         :attr:`alone_order` alone."""
-        if norm_rows:
+        if budget and norm_rows and bias is not None:
+            # The k rows of largest bias beside the norm rows: an input's top k as its norm goes to 0 (a
+            # cold-start user's zero vector scores the bias alone), which the tables and the norm order
+            # ignore (a user review: recall 0.0 for zero inputs, and a check failed by their share).
+            by_bias = self.bias_order[:k]
+            by_bias = by_bias[self.rank[by_bias] >= norm_rows]  # those not scored as norm rows already
+        else:
+            by_bias = self.order[:0]
+        if norm_rows or by_bias.numel():
             # Every row's k best among the norm rows, scored whole (in blocks): the candidates skip them below.
-            rows = (self.order if budget else self.alone_order)[:norm_rows]
+            rows = torch.cat([(self.order if budget else self.alone_order)[:norm_rows], by_bias])
             norm_values, best = exact_topk(x, weight.index_select(0, rows),
-                                           None if bias is None else bias.index_select(0, rows), min(k, norm_rows))
+                                           None if bias is None else bias.index_select(0, rows), min(k, rows.numel()))
             norm_indices = rows[best]
             if not budget:
                 return norm_values, norm_indices
@@ -446,13 +457,15 @@ class TopkIndex:
         width = int(real.max()) if real.numel() else k
         active = active[:, :width]
         skip = self.rank[active] < norm_rows
+        if by_bias.numel():
+            skip |= self.bias_rank[active] < k
         if width > k:
             skip |= torch.arange(width, device=x.device) >= real.unsqueeze(1)
         scores = ops.sparse_linear(x, weight, bias, active).masked_fill(skip, float("-inf"))
         values, best = scores.topk(k, dim=1)
         indices = active.gather(1, best)
-        if norm_rows:
-            # k finite among the candidates left and the norm rows together, never an id twice.
+        if norm_rows or by_bias.numel():
+            # k finite among the candidates left and the norm (and bias) rows together, never an id twice.
             values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
             indices = torch.cat([indices, norm_indices], 1).gather(1, best)
         return values, indices

@@ -79,6 +79,24 @@ def test_largest_norm_rows_are_scored_for_every_row():
     assert torch.equal(index.order[index.rank.long()], torch.arange(n))  # rank is order's inverse
 
 
+def test_inputs_of_zero_norm_get_the_rows_of_largest_bias():
+    """A cold-start user's zero vector scores the bias alone: its top k are the rows of largest bias, which
+    neither the tables (directions) nor the norm rows rank (a user review: recall 0.0 for zero inputs)."""
+    torch.manual_seed(0)
+    n, d = 20_000, 32
+    layer = LSHLinear(d, n, rebuild=None).eval()
+    with torch.no_grad():
+        layer.bias.normal_(0, 0.1)
+    x = torch.randn(64, d)
+    x[::5] = 0
+    values, indices = layer.topk(x, 10, min_recall=0)  # the index's own answers
+    exact = layer.topk(x, 10, exact=True)[1]
+    assert torch.equal(indices[::5], exact[::5]) and torch.equal(exact[0], layer.bias.topk(10).indices)
+    check_scores(layer, x, values, indices)
+    layer.bias = None  # no bias: nothing to add
+    check_scores(layer, x, *layer.topk(x, 10, min_recall=0))
+
+
 @pytest.mark.parametrize("budget, norm_rows", [(20, 0), (20, 3), (20, 400), (5, 2), (400, 0), (20, 399)])
 def test_any_budget_and_norm_rows_give_distinct_exact_scores(budget, norm_rows):
     torch.manual_seed(1)
@@ -612,6 +630,8 @@ def test_index_memory_is_what_the_docstring_says():
     weight = torch.randn(5000, 8)
     index = TopkIndex(weight, 10, 6, seed=0)
     assert index.nbytes() == 4 * 10 * 5000 + 4 * 10 * (2 ** 6 + 1) + 12 * 5000 + 4 * 9 * 60
+    with_bias = TopkIndex(weight, 10, 6, seed=0, bias=torch.randn(5000))
+    assert with_bias.nbytes() == index.nbytes() + 12 * 5000  # the rows' order and places by bias
 
 
 @pytest.mark.parametrize("exact", [True, False])
