@@ -976,8 +976,13 @@ class LSHLinear(nn.Module):
         if index is None:
             _check_not_meta(weight)
             self._warn_if_parametrized()
-            self._topk_index = None  # the old index goes first: two at once would double the memory
-            self._topk_index = index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed, bias)
+            old = self._topk_index
+            index = None if old is None else old.followed(weight, self.topk_tables, self.topk_bits, self._topk_seed)
+            if index is None:
+                self._topk_index = None  # the old index goes first: two at once would double the memory
+                index = TopkIndex(weight, self.topk_tables, self.topk_bits, self._topk_seed, bias)
+            index.recheck(bias)
+            self._topk_index = index
         return index
 
     def _topk_index_describes(self, weight: Tensor, bias: Optional[Tensor]) -> Optional[TopkIndex]:

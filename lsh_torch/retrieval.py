@@ -33,6 +33,7 @@ rows, 0.291 against 0.321 on the trained head. Details: ``benchmarks/bench_topk.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import weakref
@@ -231,7 +232,8 @@ class TopkIndex:
     ``num_tables`` (L) tables of ``bits`` (K) signed random projections, seeded by ``seed``; the
     rows by decreasing norm (``order``) and each row's place in that order (``rank``). Memory at
     N rows: ``4 L N`` bytes of tables (161 MB at L=60, N=670K), ``4 L 2^K`` of offsets and
-    ``12 N`` of order and rank, ``12 N`` more once a check fails (the stand-ins' order). Built from
+    ``12 N`` of order and rank, ``4 N`` of fingerprints (:meth:`followed`), ``12 N`` more with a bias (its
+    order) and ``12 N`` more once a check fails (the stand-ins' order). Built from
     ``weight`` as it is; :meth:`matches` tells whether it still describes a weight (see
     :func:`weight_version`).
     """
@@ -250,6 +252,23 @@ class TopkIndex:
         self.checked_bias = self.bias_order = self.bias_rank = None
         self.recheck(bias)  # (the recall checks measure answers with it)
         follow_optimizer_steps()
+        self._order_by_norm(rows)
+        self.projection = hashing.make_projection(rows.shape[1], num_tables, bits, seed, rows.device)
+        codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
+        self.offsets, self.items = ops.build_tables(codes, bits)
+        # Which rows a later change moved: their dot products with a fixed random vector (see followed).
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.fingerprint_vector = torch.randn(rows.shape[1], generator=gen).to(rows.device)
+        self.fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector)
+        self.rehashed = rows.shape[0]  # rows hashed by the build, or by the last followed
+        self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
+        # The rows a stand-in scores alone, best first, and each row's place there (on the CPU: choosing a
+        # stand-in reads it); ordered when the first check fails (order_alone).
+        self.alone_order: Optional[Tensor] = None
+        self.alone_rank: Optional[Tensor] = None
+        self._warned: set = set()  # (those settings, min_recall, default norm_rows) whose exact answers were warned of
+
+    def _order_by_norm(self, rows: Tensor) -> None:
         wide = rows.dtype in (torch.float32, torch.float64)  # reduced precision: summed in float32
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
         if not bool(torch.isfinite(norms).all()):
@@ -257,15 +276,39 @@ class TopkIndex:
                              "topk cannot index it")
         self.order = norms.argsort(descending=True)
         self.rank = places(self.order)
-        self.projection = hashing.make_projection(rows.shape[1], num_tables, bits, seed, rows.device)
-        codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
-        self.offsets, self.items = ops.build_tables(codes, bits)
-        self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far
-        # The rows a stand-in scores alone, best first, and each row's place there (on the CPU: choosing a
-        # stand-in reads it); ordered when the first check fails (order_alone).
-        self.alone_order: Optional[Tensor] = None
-        self.alone_rank: Optional[Tensor] = None
-        self._warned: set = set()  # (those settings, min_recall, default norm_rows) whose exact answers were warned of
+
+    def followed(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> Optional["TopkIndex"]:
+        """This index brought up to ``weight``'s new values, as a new index (threads may be reading this
+        one): only the rows that moved (their fingerprint) are re-hashed and merged into the tables
+        (:func:`ops.update_tables`: the tables a new build would make), the norm order is redone and the
+        recall checks start again. None where a new build is due: another tensor, shape, dtype, device
+        or settings, or more than a tenth of the rows moved. (A training step moves a batch's rows; at
+        1M x 64 a new build took 7-10 s, a user review.)"""
+        now = weight_version(weight)
+        if (self._weight() is not weight or self.key[1:] != (num_tables, bits, seed)
+                or self.key[0][:4] != now[:4]):
+            return None
+        rows = weight.detach()
+        fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector)
+        changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+        if changed.numel() * 10 > rows.shape[0]:
+            return None
+        index = copy.copy(self)
+        if changed.numel():
+            new_codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False, index=changed)
+            index.offsets, index.items = ops.update_tables(self.offsets, self.items, changed, self._codes_of(changed),
+                                                           new_codes)
+            index._order_by_norm(rows)
+        index.key, index.fingerprints, index.rehashed = (now, num_tables, bits, seed), fingerprints, changed.numel()
+        index.checks, index._warned, index.alone_order, index.alone_rank = {}, set(), None, None
+        return index
+
+    def _codes_of(self, rows: Tensor) -> Tensor:
+        """The buckets that hold ``rows`` (int64, ascending), ``[R, L]`` int32, read off the tables one at a
+        time (each table's places of every row: 4 N bytes, where all at once would take 4 L N)."""
+        codes = [torch.searchsorted(offsets, places(items.long())[rows], right=True) - 1
+                 for offsets, items in zip(self.offsets, self.items)]
+        return torch.stack(codes, 1).to(torch.int32)
 
     def matches(self, weight: Tensor, num_tables: int, bits: int, seed: int) -> bool:
         """Was this index built from ``weight`` as it is now, with these settings?"""
@@ -317,10 +360,11 @@ class TopkIndex:
         self.alone_rank = places(self.alone_order.cpu())
 
     def nbytes(self) -> int:
-        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the bias order, rank)."""
+        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the bias order, rank; the fingerprints)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
                                                          self.projection, self.alone_order, self.alone_rank,
-                                                         self.bias_order, self.bias_rank)
+                                                         self.bias_order, self.bias_rank, self.fingerprints,
+                                                         self.fingerprint_vector)
                    if t is not None)
 
     @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
