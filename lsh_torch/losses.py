@@ -167,11 +167,12 @@ def smoothed_target(target: Tensor, log_weights: Optional[Tensor], label_smoothi
     return (1 - label_smoothing) * target + label_smoothing * spread, label_smoothing * sums[:, 1] / sums[:, 0]
 
 
-def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int) -> Tensor:
-    """``labels`` (``batch_shape`` or ``batch_shape + (M,)``) as ``[rows, M]``, every padding value -1."""
+def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int, name: str = "labels") -> Tensor:
+    """``labels`` (``batch_shape`` or ``batch_shape + (M,)``) as ``[rows, M]``, every padding value -1; ``name``
+    is the argument's, for the message."""
     batch_shape = torch.Size(batch_shape)
     if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
-        raise ValueError(f"labels must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
+        raise ValueError(f"{name} must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                          f"got {tuple(labels.shape)}")
     labels = labels.reshape(batch_shape.numel(), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
     return labels.masked_fill(labels == ignore_index, -1)

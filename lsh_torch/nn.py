@@ -879,9 +879,13 @@ class LSHLinear(nn.Module):
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
              budget: Optional[int] = None, norm_rows: Optional[int] = None,
-             min_recall: float = TOPK_MIN_RECALL) -> torch.return_types.topk:
+             min_recall: float = TOPK_MIN_RECALL, exclude: Optional[Tensor] = None) -> torch.return_types.topk:
         """The ``k`` largest outputs per row and their neuron indices, ``[*, k]`` each, best first:
         ``(values, indices)``, a named tuple like :func:`torch.topk`'s.
+
+        ``exclude`` (int64 ``[*]`` or ``[*, M]``, -1 and -100 padding): neurons each row must not get (a
+        user's items already seen), found as the best ``k`` of the row's top ``k + M`` that are not
+        excluded (``k + M`` at most ``out_features``); excluding from every row is a ``-inf`` bias entry.
 
         ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
         ``exact=False``: the best ``k`` by exact score among two sets of candidates per row, from an
@@ -941,6 +945,8 @@ class LSHLinear(nn.Module):
         if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
             raise TypeError(f"exact must be a bool, got {exact!r}")
         min_recall, k = check_min_recall(min_recall), integer_scalar(k)
+        if exclude is not None:
+            return self._topk_excluding(input, k, exact, probes, budget, norm_rows, min_recall, exclude)
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
         if not exact:
@@ -961,6 +967,25 @@ class LSHLinear(nn.Module):
             values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall)
         shape = (*input.shape[:-1], k)
         return torch.return_types.topk((values.reshape(shape), indices.reshape(shape)))
+
+    def _topk_excluding(self, input: Tensor, k, exact: bool, probes, budget, norm_rows, min_recall: float,
+                        exclude: Tensor) -> torch.return_types.topk:
+        """:meth:`topk` with ``exclude``: the best ``k`` of each row's top ``k + M`` that are not excluded
+        (at most M of them are), in their order."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        k = check_int("k", k, 0, self.out_features)
+        rows = _label_matrix(exclude, input.shape[:-1], input.device, "exclude")
+        _check_label_range(rows, self.out_features, "exclude")
+        if k + rows.shape[1] > self.out_features:
+            raise ValueError(f"k plus exclude's width must be at most out_features={self.out_features}, got k={k} "
+                             f"and {rows.shape[1]} excluded per row")
+        values, indices = self.topk(input, k + rows.shape[1], exact, probes, budget, norm_rows, min_recall)
+        values, indices = values.reshape(rows.shape[0], -1), indices.reshape(rows.shape[0], -1)
+        # The kept ones first, in their order (a stable sort): at least k of the k + M.
+        first = (~among(indices, rows)).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :k]
+        shape = (*input.shape[:-1], k)
+        return torch.return_types.topk((values.gather(1, first).reshape(shape), indices.gather(1, first).reshape(shape)))
 
     @torch.compiler.disable
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
@@ -1273,22 +1298,24 @@ def _ddp_managing(params) -> Optional[nn.parallel.DistributedDataParallel]:
     return ddp if any(p is q for p in getattr(ddp, "_module_parameters", ()) for q in params) else None
 
 
-def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size, device: torch.device) -> Optional[Tensor]:
-    """Checked ``labels`` (int64 ``batch_shape`` or ``batch_shape + (M,)``, on the input's ``device``) as ``[rows, M]``."""
+def _label_matrix(labels: Optional[Tensor], batch_shape: torch.Size, device: torch.device,
+                  name: str = "labels") -> Optional[Tensor]:
+    """Checked ``labels`` (int64 ``batch_shape`` or ``batch_shape + (M,)``, on the input's ``device``) as ``[rows, M]``;
+    ``name``: the argument's (topk's ``exclude`` takes neuron ids the same way)."""
     if labels is None:
         return None
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
         given = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be an int64 tensor, got {given}")
+        raise TypeError(f"{name} must be an int64 tensor, got {given}")
     if labels.device != device:  # (a kernel would read another device's memory, or fail in an op)
-        raise ValueError(f"labels are on {labels.device} but the input is on {device}")
-    return _label_rows(labels, batch_shape, -100)  # the loss's reshape; -100 becomes -1, padding as well
+        raise ValueError(f"{name} are on {labels.device} but the input is on {device}")
+    return _label_rows(labels, batch_shape, -100, name)  # the loss's reshape; -100 becomes -1, padding as well
 
 
-def _check_label_range(labels: Tensor, out_features: int) -> None:
+def _check_label_range(labels: Tensor, out_features: int, name: str = "labels") -> None:
     """Labels in [0, out_features) or -1 (padding), as the query kernels check theirs."""
     refuse((labels < -1) | (labels >= out_features),
-           f"labels must be in [0, out_features={out_features}) or -1 / -100 (padding)",
+           f"{name} must be in [0, out_features={out_features}) or -1 / -100 (padding)",
            lambda bad: f", got {labels[bad][0].item()}")
 
 

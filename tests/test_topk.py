@@ -144,6 +144,45 @@ def test_a_change_to_few_rows_re_hashes_those_alone_into_the_tables_a_build_make
     assert layer._topk_index.rehashed == n
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_exclude_gives_the_best_k_a_row_may_get(exact):
+    """A recommender's "not what the user has seen": the best k outside each row's exclude set, which a user
+    wrote as topk(x, k + M) and a filter (a user review)."""
+    torch.manual_seed(0)
+    n = 3000
+    layer = LSHLinear(16, n).eval()
+    x = torch.randn(2, 5, 16)  # any leading shape
+    dense = F.linear(x, layer.weight, layer.bias)
+    seen = dense.topk(6, dim=-1).indices[..., ::2].clone()  # 3 of each row's top 6
+    seen[0, 0, 0], seen[1, 2, 1] = -1, -100  # padding
+    seen[0, 1, 1] = seen[0, 1, 0]  # a repeat
+    options = {} if exact else dict(budget=n, norm_rows=0)  # every output scored: the index's exact answer
+    values, indices = layer.topk(x, 4, exact=exact, exclude=seen, **options)
+    masked = dense.scatter(-1, seen.clamp_min(0), float("-inf"))
+    masked[0, 0, seen[0, 0, 0].clamp_min(0)] = dense[0, 0, 0]  # a padded entry excludes nothing (undo column 0)
+    masked[1, 2, 0] = dense[1, 2, 0]
+    want = masked.topk(4, dim=-1)
+    assert values.shape == indices.shape == (2, 5, 4)
+    assert torch.equal(indices, want.indices) and torch.equal(values, want.values)
+    one = layer.topk(x, 2, exact=exact, exclude=dense.argmax(-1), **options).indices  # [*]: one per row
+    assert torch.equal(one, dense.topk(3, dim=-1).indices[..., 1:])
+    if not exact:  # the index's own answers: none excluded, each its exact score
+        values, indices = layer.topk(x, 4, exclude=seen, min_recall=0)
+        assert not retrieval.among(indices.reshape(10, 4), seen.reshape(10, 3)).any()
+        check_scores(layer, x, values, indices)
+
+
+def test_exclude_argument_errors():
+    layer = LSHLinear(16, 300).eval()
+    x = torch.randn(4, 16)
+    for bad, error, match in ((torch.zeros(4, 2), TypeError, "exclude must be an int64 tensor"),
+                              (torch.zeros(3, 2, dtype=torch.int64), ValueError, r"exclude must have shape \(4,\)"),
+                              (torch.full((4, 2), 300), ValueError, r"exclude must be in \[0, out_features=300\)"),
+                              (torch.zeros(4, 299, dtype=torch.int64), ValueError, "k plus exclude's width")):
+        with pytest.raises(error, match=match):
+            layer.topk(x, 2, exclude=bad)
+
+
 def test_index_is_cached_until_the_weight_changes():
     torch.manual_seed(0)
     layer = LSHLinear(16, 3000, rebuild=None, sparse_grad=True).eval()
