@@ -734,8 +734,9 @@ class LSHLinear(nn.Module):
         without ``.eval()``, which nn.Linear answers exactly: here every output outside the active set is 0,
         above every score of a softmax-trained head (all negative: a user review's recall@10 was 0.0), and
         the call counts a training step. Said once per layer."""
-        if (self.out_features >= WIDE and not torch.is_grad_enabled() and not self._warned_training_no_grad
-                and not torch.compiler.is_compiling()):
+        if (self.training and self.out_features >= WIDE and not torch.is_grad_enabled()
+                and not self._warned_training_no_grad and not torch.compiler.is_compiling()
+                and not _in_autograd_function_forward()):  # (a reentrant checkpoint's first pass: training)
             self._warned_training_no_grad = True
             warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}) is in training mode under "
                           "torch.no_grad(): forward computes only the active neurons and returns 0 for the others "
@@ -977,11 +978,15 @@ class LSHLinear(nn.Module):
         k = check_int("k", k, 0, self.out_features)
         rows = _label_matrix(exclude, input.shape[:-1], input.device, "exclude")
         _check_label_range(rows, self.out_features, "exclude")
-        if k + rows.shape[1] > self.out_features:
-            raise ValueError(f"k plus exclude's width must be at most out_features={self.out_features}, got k={k} "
-                             f"and {rows.shape[1]} excluded per row")
-        values, indices = self.topk(input, k + rows.shape[1], exact, probes, budget, norm_rows, min_recall)
-        values, indices = values.reshape(rows.shape[0], -1), indices.reshape(rows.shape[0], -1)
+        # The width padded to a power of two: each k + M is checked apart (64 exact answers), and a
+        # recommender's batches hold a different most-seen count each.
+        width = 1 << max(0, rows.shape[1] - 1).bit_length() if rows.shape[1] else 0
+        asked = min(k + width, self.out_features, budget if isinstance(budget, int) and not exact else self.out_features)
+        if k + rows.shape[1] > asked:
+            raise ValueError(f"k plus exclude's width must be at most out_features={self.out_features} (and the "
+                             f"budget), got k={k} and {rows.shape[1]} excluded per row")
+        values, indices = self.topk(input, asked, exact, probes, budget, norm_rows, min_recall)
+        values, indices = values.reshape(rows.shape[0], asked), indices.reshape(rows.shape[0], asked)
         # The kept ones first, in their order (a stable sort): at least k of the k + M.
         first = (~among(indices, rows)).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :k]
         shape = (*input.shape[:-1], k)

@@ -249,7 +249,7 @@ class TopkIndex:
         self.num_tables, self.bits, self.seed = num_tables, bits, seed
         self._weight = tensor_ref(weight)
         self.key = (weight_version(weight), num_tables, bits, seed)
-        self.checked_bias = self.bias_order = self.bias_rank = None
+        self.checked_bias = self.by_bias = None
         self.recheck(bias)  # (the recall checks measure answers with it)
         follow_optimizer_steps()
         self._order_by_norm(rows)
@@ -282,7 +282,8 @@ class TopkIndex:
         one): only the rows that moved (their fingerprint) are re-hashed and merged into the tables
         (:func:`ops.update_tables`: the tables a new build would make), the norm order is redone and the
         recall checks start again. None where a new build is due: another tensor, shape, dtype, device
-        or settings, or more than a tenth of the rows moved. (A training step moves a batch's rows; at
+        or settings, or more than a tenth of the rows moved. (A change that the float32 fingerprint cannot
+        see, below about 1e-7 of the row, keeps the row's codes, as the training tables' builds do.) (A training step moves a batch's rows; at
         1M x 64 a new build took 7-10 s, a user review.)"""
         now = weight_version(weight)
         if (self._weight() is not weight or self.key[1:] != (num_tables, bits, seed)
@@ -322,10 +323,12 @@ class TopkIndex:
             # input's check was skipped and the index answered unchecked, silently. (A -inf entry masks an output.)
             if bias is not None and bool(torch.isnan(bias).any()):
                 raise ValueError("bias has NaN values: topk cannot check its index against the exact top k")
-            self.checks, self._warned, self.checked_bias = {}, set(), weight_version(bias)
+            order = None if bias is None else bias.detach().argsort(descending=True)
+            # Swapped in whole, the version last: a thread that finds it current finds them current.
+            self.by_bias = None if order is None else (order, places(order))
+            self.checks, self._warned = {}, set()
             self.alone_order = self.alone_rank = None  # the bias is in their estimate
-            self.bias_order = None if bias is None else bias.detach().argsort(descending=True)
-            self.bias_rank = None if bias is None else places(self.bias_order)
+            self.checked_bias = weight_version(bias)
 
     def order_alone(self, weight: Tensor, bias: Optional[Tensor], queries: Tensor) -> None:
         """Order the rows for the stand-ins (:attr:`alone_order`, :attr:`alone_rank`) by an estimate
@@ -363,7 +366,7 @@ class TopkIndex:
         """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the bias order, rank; the fingerprints)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
                                                          self.projection, self.alone_order, self.alone_rank,
-                                                         self.bias_order, self.bias_rank, self.fingerprints,
+                                                         *(self.by_bias or ()), self.fingerprints,
                                                          self.fingerprint_vector)
                    if t is not None)
 
@@ -475,11 +478,14 @@ class TopkIndex:
                 norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
         """The index's own answer (see :meth:`topk`); ``budget=0``: the first ``norm_rows`` rows of
         :attr:`alone_order` alone."""
-        if budget and norm_rows and bias is not None:
+        bias_rows = self.by_bias  # (read once: another thread's recheck may swap it)
+        if budget and norm_rows and bias is not None and bias_rows is not None:
             # The k rows of largest bias beside the norm rows: an input's top k as its norm goes to 0 (a
             # cold-start user's zero vector scores the bias alone), which the tables and the norm order
             # ignore (a user review: recall 0.0 for zero inputs, and a check failed by their share).
-            by_bias = self.bias_order[:k]
+            # With norm_rows=0, the tables alone.
+            bias_order, bias_rank = bias_rows
+            by_bias = bias_order[:k]
             by_bias = by_bias[self.rank[by_bias] >= norm_rows]  # those not scored as norm rows already
         else:
             by_bias = self.order[:0]
@@ -502,7 +508,7 @@ class TopkIndex:
         active = active[:, :width]
         skip = self.rank[active] < norm_rows
         if by_bias.numel():
-            skip |= self.bias_rank[active] < k
+            skip |= bias_rank[active] < k
         if width > k:
             skip |= torch.arange(width, device=x.device) >= real.unsqueeze(1)
         scores = ops.sparse_linear(x, weight, bias, active).masked_fill(skip, float("-inf"))

@@ -181,6 +181,14 @@ def test_exclude_argument_errors():
                               (torch.zeros(4, 299, dtype=torch.int64), ValueError, "k plus exclude's width")):
         with pytest.raises(error, match=match):
             layer.topk(x, 2, exclude=bad)
+    with pytest.raises(ValueError, match="k plus exclude's width .* budget"):
+        layer.topk(x, 3, budget=10, exclude=torch.zeros(4, 8, dtype=torch.int64))
+    empty = layer.topk(x[:0], 3, exclude=torch.zeros(0, 2, dtype=torch.int64))  # an empty batch, as without
+    assert empty.values.shape == empty.indices.shape == (0, 3)
+    wide = LSHLinear(16, 5000).eval()
+    for width in (5, 6, 7, 8):  # widths padded to a power of two: one recall check for them all
+        wide.topk(x, 2, exclude=torch.zeros(4, width, dtype=torch.int64))
+    assert [key[0] for key in wide.topk_checks] == [10]
 
 
 def test_index_is_cached_until_the_weight_changes():
