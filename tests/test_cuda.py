@@ -273,34 +273,25 @@ def test_query_in_chunks_equals_cpu():
     assert_same(to_cpu(ops.query(*to_cuda(*args), 4, 40, labels.cuda(), 11, 10, keys.cuda())), expected)
 
 
-def test_query_with_a_crowded_bucket_equals_cpu():
+@pytest.mark.parametrize("n,bits,batch,crowded,cases", [
+    (3000, 8, 8, 2500, ((1, 1200, 0), (2, 2000, 300), (3, 100, 10))),  # partial levels: radix select
+    # rows in chunks: a later chunk's rows reuse counters that an overflowed row (all N reset) and a listed
+    # row (its candidates reset) left
+    (1_500_000, 16, 100, 200_000, ((4, 40, 10), (2, 5000, 1000))),
+])
+def test_query_with_a_crowded_bucket_equals_cpu(n, bits, batch, crowded, cases):
     """The CUDA query scans each row's listed candidates, room for 4 x L x probes x the mean bucket size
     (at most N / 8, at least 1,024 or N); a row whose candidates overflow that scans all N counters. Here
-    table 0 puts 2,500 of 3,000 neurons in bucket 0: the rows that probe it overflow, the others do not."""
+    table 0 puts ``crowded`` neurons in bucket 0: the rows that probe it (every other row) overflow."""
     gen = torch.Generator().manual_seed(4)
-    n, bits, batch = 3000, 8, 8
     codes = torch.randint(0, 2 ** bits, (n, 2), generator=gen, dtype=torch.int32)
-    codes[:2500, 0] = 0
-    offsets, items = ops.build_tables(codes, bits)
-    qcodes = torch.randint(1, 2 ** bits, (batch, 2), generator=gen, dtype=torch.int32)
-    qcodes[::2, 0] = 0
-    qmargins = torch.rand(batch, 2 * bits, generator=gen)
-    args = (qcodes, qmargins, offsets, items)
-    labels = torch.randint(-1, n, (batch, 3), generator=gen)
-    for probes, budget, tail in ((1, 1200, 0), (2, 2000, 300), (3, 100, 10)):  # partial levels: radix select
-        expected = ops.query(*args, probes, budget, labels, 9, tail)
-        assert_same(to_cpu(ops.query(*to_cuda(*args), probes, budget, labels.cuda(), 9, tail)), expected)
-    # 1.5M neurons, 200,000 in one bucket of table 0: rows run in chunks, and a later chunk's rows reuse
-    # counters that an overflowed row (all N reset) and a listed row (its candidates reset) left.
-    n, bits, batch = 1_500_000, 16, 100
-    codes = torch.randint(0, 2 ** bits, (n, 2), generator=gen, dtype=torch.int32)
-    codes[:200_000, 0] = 0
+    codes[:crowded, 0] = 0
     offsets, items = ops.build_tables(codes, bits)
     qcodes = torch.randint(1, 2 ** bits, (batch, 2), generator=gen, dtype=torch.int32)
     qcodes[::2, 0] = 0
     args = (qcodes, torch.rand(batch, 2 * bits, generator=gen), offsets, items)
     labels = torch.randint(-1, n, (batch, 3), generator=gen)
-    for probes, budget, tail in ((4, 40, 10), (2, 5000, 1000)):
+    for probes, budget, tail in cases:
         expected = ops.query(*args, probes, budget, labels, 9, tail)
         assert_same(to_cpu(ops.query(*to_cuda(*args), probes, budget, labels.cuda(), 9, tail)), expected)
 
