@@ -518,6 +518,12 @@ class TopkIndex:
             # k finite among the candidates left and the norm (and bias) rows together, never an id twice.
             values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
             indices = torch.cat([indices, norm_indices], 1).gather(1, best)
+        # A row with fewer than k finite scores (outputs masked by a -inf bias) ends in -inf ties, where a
+        # skipped candidate could stand beside its own norm-row copy (an id twice): such rows are answered
+        # exactly (a user review masked all but 10 of 20,000 outputs).
+        short = values[:, -1] == float("-inf")
+        if bool(short.any()):
+            values[short], indices[short] = exact_topk(x[short], weight, bias, k)
         return values, indices
 
 

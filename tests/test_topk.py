@@ -191,6 +191,22 @@ def test_exclude_argument_errors():
     assert [key[0] for key in wide.topk_checks] == [10]
 
 
+def test_outputs_masked_by_a_minus_inf_bias_are_never_returned_twice():
+    """With all but 10 of 20,000 outputs masked (-inf bias), the top 700 ends in -inf ties, where a skipped
+    candidate stood beside its norm-row copy: an id twice in a row (a user review), and an excluded id returned."""
+    torch.manual_seed(0)
+    n = 20_000
+    layer = LSHLinear(16, n, rebuild=None).eval()
+    x = torch.randn(32, 16)
+    available = torch.randperm(n)[:10]
+    with torch.no_grad():
+        layer.bias.fill_(float("-inf"))
+        layer.bias[available] = 0.0
+    values, indices = layer.topk(x, 700, min_recall=0)
+    assert (indices.sort(1).values.diff(dim=1) != 0).all()
+    assert set(indices[:, :10].flatten().tolist()) == set(available.tolist()) and values[:, 10:].isneginf().all()
+
+
 def test_index_is_cached_until_the_weight_changes():
     torch.manual_seed(0)
     layer = LSHLinear(16, 3000, rebuild=None, sparse_grad=True).eval()
