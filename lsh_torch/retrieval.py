@@ -282,9 +282,9 @@ class TopkIndex:
         one): only the rows that moved (their fingerprint) are re-hashed and merged into the tables
         (:func:`ops.update_tables`: the tables a new build would make), the norm order is redone and the
         recall checks start again. None where a new build is due: another tensor, shape, dtype, device
-        or settings, or more than a tenth of the rows moved. (A change that the float32 fingerprint cannot
-        see, below about 1e-7 of the row, keeps the row's codes, as the training tables' builds do.) (A training step moves a batch's rows; at
-        1M x 64 a new build took 7-10 s, a user review.)"""
+        or settings, or more than a tenth of the rows moved. A training step moves a batch's rows; at 1M x
+        64 a new build took 7-10 s (a user review). A change that the float32 fingerprint cannot see, below
+        about 1e-7 of the row, keeps the row's codes, as the training tables' builds do."""
         now = weight_version(weight)
         if (self._weight() is not weight or self.key[1:] != (num_tables, bits, seed)
                 or self.key[0][:4] != now[:4]):
@@ -363,7 +363,8 @@ class TopkIndex:
         self.alone_rank = places(self.alone_order.cpu())
 
     def nbytes(self) -> int:
-        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the bias order, rank; the fingerprints)."""
+        """Bytes the index holds (tables, offsets, order, rank, projection; the stand-ins' order, rank; the
+        bias order, rank; the fingerprints)."""
         return sum(t.numel() * t.element_size() for t in (self.items, self.offsets, self.order, self.rank,
                                                          self.projection, self.alone_order, self.alone_rank,
                                                          *(self.by_bias or ()), self.fingerprints,
@@ -375,7 +376,8 @@ class TopkIndex:
              norm_rows: Optional[int], seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
         tables rank highest (most probed buckets hit; ``probes`` per table), the ``norm_rows``
-        largest-norm rows and, with them, the ``k`` rows of largest bias. Only the tables' real candidates are scored: where they find fewer
+        largest-norm rows and, with them, the ``k`` rows of largest bias. Only the tables' real
+        candidates are scored: where they find fewer
         than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills).
 
         Checked against the exact top-k: the first :data:`TOPK_CHECKED_INPUTS` (64) inputs that
