@@ -207,6 +207,14 @@ def test_outputs_masked_by_a_minus_inf_bias_are_never_returned_twice():
     assert set(indices[:, :10].flatten().tolist()) == set(available.tolist()) and values[:, 10:].isneginf().all()
 
 
+def test_a_warm_up_without_the_check_leaves_it_to_the_queries_that_follow():
+    """The README's serving advice: a random warm-up batch judged by the check could turn the index off."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 20_000).eval()
+    layer.topk(torch.randn(64, 16), 5, min_recall=0)
+    assert layer._topk_index is not None and layer.topk_checks == {}
+
+
 def test_index_is_cached_until_the_weight_changes():
     torch.manual_seed(0)
     layer = LSHLinear(16, 3000, rebuild=None, sparse_grad=True).eval()
