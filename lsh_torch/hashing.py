@@ -35,6 +35,13 @@ def make_projection(in_features: int, num_tables: int, bits: int, seed: int, dev
     return torch.randn(in_features + 1, num_tables * bits, generator=gen, dtype=torch.float32, device="cpu").to(device)
 
 
+def make_fingerprint_vector(in_features: int, seed: int, device=None) -> Tensor:
+    """The fixed random vector ``[in_features]`` (float32) whose dot products with the rows
+    (:func:`ops.row_fingerprints`) tell which rows moved since a build; the same on every device."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(in_features, generator=gen, dtype=torch.float32, device="cpu").to(device)
+
+
 def row_codes(weight: Tensor, projection: Tensor, num_tables: int, bits: int, asymmetric: bool = True,
               center: bool = False, max_norm: Optional[Tensor] = None, index: Optional[Tensor] = None) -> Tensor:
     """Codes ``[N, L]`` (a transposed view of table-major storage, the layout table builds read) of

@@ -257,8 +257,7 @@ class TopkIndex:
         codes = hashing.row_codes(rows, self.projection, num_tables, bits, asymmetric=False)
         self.offsets, self.items = ops.build_tables(codes, bits)
         # Which rows a later change moved: their dot products with a fixed random vector (see followed).
-        gen = torch.Generator().manual_seed(seed + 1)
-        self.fingerprint_vector = torch.randn(rows.shape[1], generator=gen).to(rows.device)
+        self.fingerprint_vector = hashing.make_fingerprint_vector(rows.shape[1], seed, rows.device)
         self.fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector)
         self.rehashed = rows.shape[0]  # rows hashed by the build, or by the last followed
         self.checks: dict[tuple, RecallCheck] = {}  # (k, probes, budget, norm_rows) -> its recall so far

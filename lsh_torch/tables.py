@@ -265,9 +265,8 @@ class LSHTables(nn.Module):
         functions of the seed alone, drawn on the CPU (device None: the default device, which
         ``with torch.device(...)`` sets)."""
         device = torch.get_default_device() if device is None else device
-        gen = torch.Generator().manual_seed(self.seed + 1)
         return (self.hash.make_buffer(self.in_features, self.num_tables, self.bits, self.seed, device),
-                torch.randn(self.in_features, generator=gen, dtype=torch.float32, device="cpu").to(device))
+                hashing.make_fingerprint_vector(self.in_features, self.seed, device))
 
     @property
     def hash_buffer(self) -> Tensor:
