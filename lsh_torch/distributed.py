@@ -47,7 +47,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
 from .optim import _DTensor, _checked_norms, grad_norm_part, norm_dtype, scale_grads_
-from .retrieval import TOPK_MIN_RECALL, check_min_recall
+from .retrieval import TOPK_MIN_RECALL, among, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
            "shard_range", "unmanaged_parameters"]
@@ -644,7 +644,7 @@ class ShardedLSHLinear(nn.Module):
         collective, and the outcome travels with the row counts: a bad argument on one rank raises
         on every rank (the others name it) instead of leaving them waiting in a collective. So do
         ``method`` (the caller: ranks calling different ones would wait in different collectives) and
-        ``labelled`` (whether labels were given), which every rank must say alike."""
+        ``labelled`` (whether labels, or topk's exclude, were given), which every rank must say alike."""
         self._mean_over_ranks()
         try:
             self.shard._operands(input)
@@ -670,7 +670,8 @@ class ShardedLSHLinear(nn.Module):
             self._refuse_rows_copied_over()
         if labelled is not None and gathered[:, 1].unique().numel() > 1:
             # Another rank's labels would be forced for its rows alone, the loss then refusing this rank's.
-            raise ValueError(f"labels must be given to forward_sparse on every rank or on none, got labels by ranks "
+            given = "labels" if method == "forward_sparse" else "exclude"
+            raise ValueError(f"{given} must be given to {method} on every rank or on none, got {given} by ranks "
                              f"{gathered[:, 1].nonzero().flatten().tolist()} only")
         x = input.reshape(-1, self.in_features)
         return _GatherRows.apply(x, sizes, self.rank, self.process_group), sizes, checked
@@ -693,9 +694,7 @@ class ShardedLSHLinear(nn.Module):
         x, sizes, flat = self._gather_input(input, "forward_sparse", lambda: self._flat_labels(input, labels),
                                             labels is not None)
         batch_shape = input.shape[:-1]
-        every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
-        mine = (every >= self.start) & (every < self.end)
-        local = torch.where(mine, every - self.start, -1)
+        local = self._local_ids(flat)
         try:  # a shard's lookup can fail (a weight it cannot hash, out of memory): all ranks stop
             values, indices, log_weights = self.shard.forward_sparse(x, local if local.shape[1] else None)
             error = None
@@ -705,25 +704,37 @@ class ShardedLSHLinear(nn.Module):
         return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
                                    batch_shape)
 
-    def _flat_labels(self, input: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """``labels`` as ``[rows, M]`` with all padding as -1, checked."""
+    def _flat_labels(self, input: Tensor, labels: Optional[Tensor], name: str = "labels") -> Tensor:
+        """``labels`` (global ids; ``name``, the argument's) as ``[rows, M]`` with all padding as -1, checked."""
         batch_shape = input.shape[:-1]
         if labels is None:
             labels = torch.full((*batch_shape, 0), -1, dtype=torch.int64, device=input.device)
-        labels = _label_matrix(labels, batch_shape, input.device)
+        labels = _label_matrix(labels, batch_shape, input.device, name)
         if bool(((labels < -1) | (labels >= self.out_features)).any()):
-            raise ValueError(f"labels must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
+            raise ValueError(f"{name} must be in [0, out_features={self.out_features}) or -1 / -100 (padding)")
         return labels
+
+    def _local_ids(self, flat: Tensor) -> Tensor:
+        """Every rank's ``flat`` ids (``[rows, M]``, -1 padding) for the global batch, as this shard's own
+        rows (ids of other shards become -1)."""
+        every = torch.cat(_gather_padded(flat, self.process_group, fill=-1, rows_only=True))
+        return torch.where((every >= self.start) & (every < self.end), every - self.start, -1)
 
     @torch.no_grad()
     def topk(self, input: Tensor, k: int, exact: bool = False, probes: Optional[int] = None,
-             budget: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> torch.return_types.topk:
+             budget: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL,
+             exclude: Optional[Tensor] = None) -> torch.return_types.topk:
         """The ``k`` largest outputs of this rank's rows and their global ids, ``[*, k]`` each:
         each shard's top ``min(k, its rows or candidates)`` for the global batch
         (:meth:`LSHLinear.topk`; ``budget`` candidates per shard, at most its rows, default
         :func:`~lsh_torch.nn.topk_budget` of its width or 4k where larger; each shard's index checked against its
         exact top-k with ``min_recall``), all-gathered and merged. ``k`` is at most
-        ``out_features`` (``exact``) or the shards' candidates together."""
+        ``out_features`` (``exact``) or the shards' candidates together.
+
+        ``exclude`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding; given on every rank or
+        on none): ids each row must not get, as :meth:`LSHLinear.topk`'s: each shard asks for ``M`` (rounded
+        up to a power of two) more than it would, at most its rows or candidates, and drops this row's
+        excluded ones before the merge. ``k`` plus ``M`` is at most what ``k`` alone may be."""
         k = integer_scalar(k)  # torch.topk's habit
         k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
                              for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
@@ -742,11 +753,23 @@ class ShardedLSHLinear(nn.Module):
                 check_int("probes", probes, 1, 2 ** 31 - 1)
             check_min_recall(min_recall)
             check_int("k", k, 0, limit)
-        x, sizes, _ = self._gather_input(input, "topk", check_k)
-        mine = min(k, self.shard.out_features if exact else budgets[self.rank])
+            if exclude is not None:
+                flat = self._flat_labels(input, exclude, "exclude")
+                if k + flat.shape[1] > limit:
+                    raise ValueError(f"k plus exclude's width must be at most {limit} (out_features, or the shards' "
+                                     f"candidates together), got k={k} and {flat.shape[1]} excluded per row")
+                return flat
+        x, sizes, flat = self._gather_input(input, "topk", check_k, exclude is not None)
+        cap = self.shard.out_features if exact else budgets[self.rank]
+        mine = min(k, cap)
+        excluded = None if flat is None else self._local_ids(flat)
+        if excluded is not None and excluded.shape[1]:  # room for the excluded, as LSHLinear.topk makes
+            mine = min(k + (1 << (excluded.shape[1] - 1).bit_length()), cap)
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
             values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank],
                                               min_recall=min_recall)
+            if excluded is not None:  # scored last: never merged in ahead of a row's other candidates
+                values = values.masked_fill(among(indices, excluded), -math.inf)
             error = None
         except Exception as caught:
             error = caught

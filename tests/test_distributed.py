@@ -405,6 +405,10 @@ def _sharded_dense_run(rank):
     tensor_k = layer.topk(x, torch.tensor(6), budget=4)  # torch.topk's 0-dim k
     unchecked = layer.topk(x, 6, budget=4, min_recall=0)  # each shard's index alone, not its first inputs' exact top k
     none = layer.topk(x, 0)  # torch.topk's k=0
+    # Each rank's own seen ids (global, of both shards; its widths differ by rank, padded with -1 and -100).
+    seen = labels[rank]
+    exact_unseen = layer.topk(x, 5, exact=True, exclude=seen)
+    unseen = layer.topk(x, 4, budget=4, exclude=seen)  # approximate: each shard asks for 4 + 2 of its candidates
     # A k past the shards' default 768 candidates together: their default grows to 4k (it was refused).
     wide = ShardedLSHLinear.from_linear(_full_linear(4000)).topk(x.detach(), 2000)
     out = layer(x)
@@ -414,7 +418,7 @@ def _sharded_dense_run(rank):
     exact, approximate, numpy_args, tensor_k, unchecked = (tuple(t) for t in (exact, approximate, numpy_args, tensor_k,
                                                                                unchecked))
     return {"exact": exact, "approximate": approximate, "numpy_args": numpy_args, "tensor_k": tensor_k,
-            "unchecked": unchecked,
+            "unchecked": unchecked, "exact_unseen": tuple(exact_unseen), "unseen": tuple(unseen),
             "named": named, "none": tuple(none.indices.shape), "wide": tuple(wide),
             "out": out.detach(), "loss": loss.detach(),
             "x_grad": x.grad, "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
@@ -446,6 +450,16 @@ def test_sharded_topk_and_exact_forward(tmp_path):
         unchecked_values, unchecked_indices = result["unchecked"]
         torch.testing.assert_close(unchecked_values, logits.gather(1, unchecked_indices))
         assert (approx_values >= unchecked_values - 1e-6).all()  # (exact and index scores: other summation orders)
+        # exclude: the best of what each row has not seen, by global ids, whichever shard holds them.
+        seen = labels[rank].masked_fill(labels[rank] < 0, OUT)
+        masked = torch.cat([logits, logits[:, :1]], 1).scatter(1, seen, -math.inf)[:, :OUT]
+        want = masked.topk(5, dim=1)
+        torch.testing.assert_close(result["exact_unseen"][0], want.values)
+        assert torch.equal(result["exact_unseen"][1], want.indices)
+        unseen_values, unseen_indices = result["unseen"]
+        assert not (unseen_indices.unsqueeze(2) == labels[rank].unsqueeze(1)).any()
+        torch.testing.assert_close(unseen_values, logits.gather(1, unseen_indices))
+        assert (unseen_values[:, :-1] >= unseen_values[:, 1:]).all()
         start, end = result["rows"]
         torch.testing.assert_close(result["loss"], losses[rank])
         torch.testing.assert_close(result["x_grad"], x_grads[rank])
@@ -512,6 +526,13 @@ def _checkpoint_run(rank):
         layer.topk(torch.randn(2, HIDDEN + (rank == 0)), 2, exact=True)
     with pytest.raises(ValueError, match="k, exact, budget, probes and min_recall must be the same on every rank"):
         layer.topk(torch.randn(2, HIDDEN), 2, exact=rank == 0)  # mixed exact and approximate shards
+    with pytest.raises(ValueError, match=r"exclude must be given to topk on every rank or on none, got exclude by "
+                                         r"ranks \[1\] only"):
+        layer.topk(torch.randn(2, HIDDEN), 2, exclude=torch.tensor([3, 4]) if rank else None)
+    with pytest.raises(ValueError, match="exclude must be in" if rank == 1 else "rank 1 .* invalid argument"):
+        layer.topk(torch.randn(2, HIDDEN), 2, exclude=torch.tensor([0, OUT if rank == 1 else 1]))
+    with pytest.raises(ValueError, match="k plus exclude's width must be at most 13"):
+        layer.topk(torch.randn(2, HIDDEN), 10, exact=True, exclude=torch.arange(8).reshape(2, 4))
     # Ranks calling different methods: one was told its labels were missing, the other failed in a later collective.
     with pytest.raises(ValueError, match="called different methods of ShardedLSHLinear .rank 0 forward_sparse, "
                                          "rank 1 topk."):
