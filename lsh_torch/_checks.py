@@ -46,6 +46,19 @@ def refuse(bad: torch.Tensor, message: str, detail=None, synced: bool = False) -
         raise ValueError(message + (detail(bad) if detail is not None else ""))
 
 
+def check_module(name: str, value) -> None:
+    """``value`` must be an ``nn.Module`` (a list of layers fails later, with an AttributeError)."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+
+
+def check_bool(name: str, value) -> bool:
+    """``value``, which must be a bool: ``bool("no")`` is True, so no truthy stand-in is taken."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def int_or_float(name: str, value, expected: str) -> int | float:
     """``value`` as a Python int (a count) or float (a fraction), numpy scalars included; ``expected``
     completes the TypeError's "must be ..."."""

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_module
 from .nn import LSHLinear
 from .tables import TABLE_BUFFERS, bucket_of_item
 
@@ -43,6 +44,7 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     "items", "codes", "fingerprints", "norms", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
+    check_module("model", model)
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, LSHLinear):
@@ -69,8 +71,10 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
     the weights on first use) and entries without a layer are ignored. Tables of the wrong shape
     (another ``num_tables``, ``bits`` or ``out_features``) raise a ValueError naming the layer.
     """
+    check_module("model", model)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict from lsh_state(), got {type(state).__name__}")
+    check_bool("strict", strict)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LSHLinear)}
     if strict and set(layers) != set(state):
         missing, unexpected = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))

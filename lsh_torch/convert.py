@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_int
+from ._checks import check_int, check_module
 from .nn import LSHLinear
 
 Filter = Callable[[str, nn.Module], bool]
@@ -100,6 +100,10 @@ def convert(model: nn.Module, min_out_features: int = 1000, filter: Optional[Fil
             raise ValueError(f"convert: {name or kind.__name__!r} is a {kind.__name__}, an nn.Linear subclass with "
                              f"{f'parameters {extra}' if extra else 'a forward'} of its own, which an LSHLinear would "
                              "drop; leave it out of the filter; the model is unchanged")
+        if not (m.in_features and m.out_features):  # (LSHLinear refuses them; the whole conversion failed)
+            warnings.warn(f"convert: left {name or type(m).__name__!r} as an nn.Linear: in_features={m.in_features}, "
+                          f"out_features={m.out_features}, nothing to hash", stacklevel=4)
+            return False
         computed = [p for p in ("weight", "bias") if parametrize.is_parametrized(m, p)
                     or (p == "weight" and not isinstance(m._parameters.get(p), nn.Parameter))]
         if computed:
@@ -155,8 +159,7 @@ def _checked_filter(op: str, filter: Filter) -> Filter:
 
 
 def _replace(model: nn.Module, select: Callable[[str, nn.Module], bool], make) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     new = {}  # id(old module) -> its replacement, so a shared module stays shared
     for name, module in model.named_modules():
         if select(name, module):

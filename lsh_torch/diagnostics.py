@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 
 __all__ = ["topk_recall", "active_set_recall", "multiply_add_fraction", "RecallMonitor"]
 
@@ -59,6 +60,8 @@ def topk_recall(active: Tensor, scores: Tensor, k: int) -> dict:
         raise ValueError(f"active must hold between 1 and N = {n} outputs per row, got {active.shape[1]}")
     if bool(scores.isnan().any()):
         raise ValueError("scores hold NaN: their top-k is undefined")
+    if bool((scores == math.inf).any()):  # (its mass share was inf / inf: NaN, returned)
+        raise ValueError("scores hold +inf: their activation mass, and its share in the active set, is undefined")
     k = check_int("k", k, 1, n)  # (k=2.5 or True reached torch.topk's own message)
     active = active.long()
     if active.numel() and (int(active.min()) < 0 or int(active.max()) >= n):
@@ -93,7 +96,7 @@ def multiply_add_fraction(layer, with_hashing: bool = True) -> float:
     _check_layer(layer)
     d, n = layer.in_features, layer.out_features
     macs = layer.budget * d
-    if with_hashing:
+    if check_bool("with_hashing", with_hashing):
         macs += _hashing_macs(layer)
     return macs / (n * d)
 
@@ -110,6 +113,16 @@ def _hashing_macs(layer) -> int:
 
 
 @torch.no_grad()
+def _check_input(layer, x) -> None:
+    """``x`` must be a floating ``[*, in_features]`` input of ``layer``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"x must have shape [*, in_features={layer.in_features}], got {tuple(x.shape)}")
+    if not x.is_floating_point():  # the layer refuses integer inputs, as nn.Linear does: cast here, they were not
+        raise TypeError(f"x must be a floating tensor, as the layer takes, got {x.dtype}")
+
+
 def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optional[Tensor] = None,
                       include_bias: bool = True, sparse: bool = False) -> dict:
     """How well ``layer``'s active set for the batch ``x`` agrees with its true top activations.
@@ -135,12 +148,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
     step over the dense layer's) and ``mult_fraction_with_hashing`` (plus hashing the input).
     """
     _check_layer(layer)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    if x.dim() == 0 or x.shape[-1] != layer.in_features:
-        raise ValueError(f"x must have shape [*, in_features={layer.in_features}], got {tuple(x.shape)}")
-    if not x.is_floating_point():  # the layer refuses integer inputs, as nn.Linear does: cast here, they were not
-        raise TypeError(f"x must be a floating tensor, as the layer takes, got {x.dtype}")
+    _check_input(layer, x)
     x2 = x.detach().reshape(-1, layer.in_features).to(layer.weight.dtype)
     n = layer.out_features
     exact = active is None and sparse and layer.exact_softmax  # every output, no lookup
@@ -153,7 +161,7 @@ def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optiona
     budget = active.shape[1]
     k = budget if k is None else k
     k = check_int("k", k, 1, n)
-    bias = layer.bias if include_bias else None
+    bias = layer.bias if check_bool("include_bias", include_bias) else None
     scores = F.linear(x2, layer.weight.detach(), None if bias is None else bias.detach())
     out = topk_recall(active, scores, k)
     out.update({"k": k, "budget": budget, "random_recall": budget / n, "active_fraction": budget / n,
@@ -202,10 +210,8 @@ class RecallMonitor:
             k = check_int("k", k, 1, layer.out_features)
         self.layer, self.every, self.k, self.max_rows = layer, every, k, max_rows
         self.name = name or type(layer).__name__
-        self.include_bias, self.probe_eval = include_bias, probe_eval
-        if not isinstance(sparse, bool):
-            raise TypeError(f"sparse must be a bool, got {sparse!r}")
-        self.sparse = sparse
+        self.include_bias, self.probe_eval = check_bool("include_bias", include_bias), check_bool("probe_eval", probe_eval)
+        self.sparse = check_bool("sparse", sparse)
         self.history: list[dict] = []
         self.rebuild_steps: list[int] = []
         self._handle = None
@@ -232,6 +238,7 @@ class RecallMonitor:
     @torch.no_grad()
     def probe(self, x: Tensor) -> dict:
         """Measure recall on ``x`` now and append it to :attr:`history`."""
+        _check_input(self.layer, x)
         self._note_tables()
         x2 = x.detach().reshape(-1, self.layer.in_features)[: self.max_rows]
         # The set a training step would draw, in eval mode too: an eval lookup re-hashes the rows a write

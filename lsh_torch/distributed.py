@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_int, integer_scalar
+from ._checks import check_bool, check_int, check_module, integer_scalar
 from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
@@ -141,8 +141,7 @@ def data_parallel(module: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDat
     values of the replicated sparse-gradient parameters to every rank. After each backward, call
     :func:`all_reduce_sparse_grads` on the returned module."""
     _check_initialised("data_parallel")
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_module("module", module)
     group = ddp_kwargs.get("process_group")
     replicated, sharded = _lsh_layers(module)
     skip = {id(t) for t in unmanaged_parameters(module)} | {id(b) for m in [*replicated, *sharded] for b in m.buffers()}
@@ -190,6 +189,7 @@ def all_reduce_sparse_grads(module: nn.Module, process_group=None) -> int:
     contributed to the all-gathers (rows x (8 + row bytes), padded), for measuring.
     """
     _check_initialised("all_reduce_sparse_grads")
+    check_module("module", module)
     params = _replicated_sparse_parameters(module)
     _, world = _rank_and_size(process_group)
     grads, error = [], None
@@ -745,8 +745,7 @@ class ShardedLSHLinear(nn.Module):
         limit = self.out_features if exact else sum(budgets)
 
         def check_k():  # on every rank before the first collective (_gather_input)
-            if not isinstance(exact, bool):
-                raise TypeError(f"exact must be a bool, got {exact!r}")
+            check_bool("exact", exact)
             if budget is not None:
                 check_int("budget", budget, 1, max(self.widths))
             if probes is not None:

@@ -64,6 +64,8 @@ def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore
         return sharded_cross_entropy(output, labels, reduction, ignore_index, label_smoothing, check)
     check()
     values, indices, log_weights = _checked_output(output)
+    if labels.device != values.device:
+        raise ValueError(f"labels are on {labels.device} but output.values are on {values.device}")
     batch_shape = values.shape[:-1]
     logits = values.reshape(-1, values.shape[-1])
     labels = _label_rows(labels, batch_shape, ignore_index)
@@ -107,7 +109,8 @@ def reduce_loss(loss: Tensor, has_label: Tensor, reduction: str, batch_shape: to
         loss = loss.sum()
     else:
         loss = loss.sum() / has_label.sum().clamp_min(1)
-    return loss if torch.is_autocast_enabled(values.device.type) else loss.to(values.dtype)
+    autocast = torch.amp.is_autocast_available(values.device.type) and torch.is_autocast_enabled(values.device.type)
+    return loss if autocast else loss.to(values.dtype)
 
 
 def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -125,6 +128,9 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
                          f"got shape {tuple(values.shape)}")
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
         raise TypeError("output.indices must be an int64 tensor")
+    for name, t in (("output.indices", indices), ("output.log_weights", log_weights)):
+        if isinstance(t, Tensor) and t.device != values.device:
+            raise ValueError(f"{name} are on {t.device} but output.values are on {values.device}")
     if indices.shape != values.shape and indices.shape != values.shape[-1:]:
         raise ValueError(f"output.indices must have values' shape {tuple(values.shape)} (per row) or "
                          f"{tuple(values.shape[-1:])} (shared), got {tuple(indices.shape)}")

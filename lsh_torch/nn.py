@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
+from ._checks import MAX_BITS, MAX_PROBES, check_bool, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         among, exact_topk, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
@@ -264,8 +264,7 @@ class LSHLinear(nn.Module):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         for name, value in (("sparse_grad", sparse_grad), ("center", center),
                             ("asymmetric", True if asymmetric == "auto" else asymmetric)):
-            if not isinstance(value, bool):  # bool("no") is True: take no truthy stand-ins
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+            check_bool(name, value)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         auto = auto_settings(out_features, mode, hash)
@@ -509,6 +508,9 @@ class LSHLinear(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
         labels = _label_matrix(labels, x.shape[:1], x.device)
+        check_bool("sparse", sparse)
+        if shared is not None:
+            check_bool("shared", shared)
         if sparse and self.exact_softmax:
             if labels is not None:
                 _check_label_range(labels, self.out_features)
@@ -943,8 +945,7 @@ class LSHLinear(nn.Module):
         94x / 20x after 3 / 5 epochs, where the largest-norm rows would need more than a quarter.
         Clustered rows at 100K / 300K outputs: 0.980 / 0.964 at 2.7x / 6.3x.
         """
-        if not isinstance(exact, bool):  # bool("no") is True: take no truthy stand-ins
-            raise TypeError(f"exact must be a bool, got {exact!r}")
+        check_bool("exact", exact)
         min_recall, k = check_min_recall(min_recall), integer_scalar(k)
         if exclude is not None:
             return self._topk_excluding(input, k, exact, probes, budget, norm_rows, min_recall, exclude)

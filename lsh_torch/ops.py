@@ -114,8 +114,9 @@ def tail_log_weights(head: Tensor, budget: int, n: int) -> Tensor:
     _ints("tail_log_weights", budget=budget, n=n)
     if budget < 0 or budget > n:  # (torch._check's message closure is a graph break under dynamo)
         raise ValueError(f"tail_log_weights: budget must be in [0, n = {n}], got {budget}")
-    if head.dtype.is_floating_point or head.dtype.is_complex or head.dtype == torch.bool:
-        raise TypeError(f"tail_log_weights: head must be an integer tensor (query's head), got {head.dtype}")
+    if not isinstance(head, Tensor) or head.dtype.is_floating_point or head.dtype.is_complex or head.dtype == torch.bool:
+        given = head.dtype if isinstance(head, Tensor) else type(head).__name__
+        raise TypeError(f"tail_log_weights: head must be an integer tensor (query's head), got {given}")
     # (The budget only in the eager message: formatted in a traced one, a symbolic width would be specialised.)
     refuse((head < 0) | (head > budget), "tail_log_weights: head must be in [0, budget]",
            lambda bad: f" = [0, {budget}], got {head[bad].flatten()[0].item()}")

@@ -325,6 +325,11 @@ class LSHTables(nn.Module):
         # One pass over the fingerprints: their sum is finite unless one is not (or finite ones
         # overflow it: then the exact check decides).
         elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
+            row = int((~torch.isfinite(fingerprints)).nonzero()[0, 0])
+            if bool(torch.isfinite(rows[row]).all()):  # (a reviewer's 3e38 row was called NaN or inf)
+                raise ValueError(f"weight row {row} is finite but its fingerprint (its product with a random vector) "
+                                 f"overflows float32: the hash tables cannot be rebuilt from it (a diverged weight of "
+                                 f"shape {tuple(rows.shape)}: lower the learning rate or clip gradients)")
             raise ValueError(f"{_NON_FINITE} (the weight of shape {tuple(rows.shape)})")  # which layer, in a model
         incremental = not compiling and not full and not self.center and self.built
         if incremental:

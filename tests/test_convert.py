@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lsh_torch
-from lsh_torch import LSHLinear, convert, unconvert
+from lsh_torch import LSHLinear, convert, load_lsh_state, lsh_state, unconvert
 
 
 class TinyLM(nn.Module):
@@ -65,9 +65,16 @@ def test_a_module_registered_twice_under_one_parent_is_replaced_at_both():
     assert isinstance(model[0], LSHLinear) and model[2] is model[0]
     unconvert(model)
     assert type(model[0]) is nn.Linear and model[2] is model[0]
-    for fn in (convert, unconvert):
-        with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
-            fn(None)
+    for fn in (convert, unconvert, lsh_state, lambda m: load_lsh_state(m, {})):
+        with pytest.raises(TypeError, match="model must be an nn.Module, got (NoneType|list)"):
+            fn([wide] if fn is lsh_state else None)
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        load_lsh_state(model, {}, strict="no")  # (taken as strict)
+    # A zero-width layer, which LSHLinear refuses, stays an nn.Linear (the whole conversion failed).
+    model = nn.Sequential(nn.Linear(0, 2000), nn.Linear(4, 2000))
+    with pytest.warns(UserWarning, match="left '0' as an nn.Linear: in_features=0, out_features=2000"):
+        convert(model)
+    assert type(model[0]) is nn.Linear and isinstance(model[1], LSHLinear)
     with pytest.raises(TypeError, match=r"unknown LSHLinear option\(s\) \['actve'\]"):
         convert(nn.Linear(4, 10), actve=8)  # no layer wide enough: the typo used to pass unseen
 

@@ -1,4 +1,6 @@
 """Active-set recall diagnostics and the periodic RecallMonitor probe."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -308,3 +310,16 @@ def test_sparse_recall_measures_the_set_forward_sparse_trains_with(mode):
         assert torch.equal(warming.forward_sparse(x).indices, probed)
     with pytest.raises(TypeError, match="sparse must be a bool"):
         RecallMonitor(layer, sparse="yes")
+    # Truthy stand-ins for flags were taken as True (a reviewer's 'no' measured with the bias, or the shared set).
+    for call, name in ((lambda: RecallMonitor(layer, include_bias="no"), "include_bias"),
+                       (lambda: RecallMonitor(layer, probe_eval=1), "probe_eval"),
+                       (lambda: active_set_recall(layer, x, include_bias="no"), "include_bias"),
+                       (lambda: multiply_add_fraction(layer, with_hashing="no"), "with_hashing"),
+                       (lambda: layer.active_set(x, shared="no"), "shared"),
+                       (lambda: layer.active_set(x, sparse=0), "sparse")):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            call()
+    with pytest.raises(ValueError, match=r"x must have shape \[\*, in_features=16\], got \(4, 3\)"):
+        RecallMonitor(layer).probe(torch.randn(4, 3))  # (a reshape's "shape '[-1, 16]' is invalid")
+    with pytest.raises(ValueError, match=r"scores hold \+inf"):  # (its mass share was NaN)
+        topk_recall(torch.tensor([[0]]), torch.tensor([[math.inf, 1.0]]), 1)

@@ -85,6 +85,17 @@ def test_sparse_cross_entropy_refuses_outputs_it_cannot_read():
             sparse_cross_entropy(output, labels)
     with pytest.raises(TypeError, match="labels must be an int64 tensor of class ids, got torch.uint8"):
         sparse_cross_entropy((values, torch.arange(8)), labels.to(torch.uint8))
+    # Another device (meta stands in for one) is named, not a dispatcher's "Tensor on device meta is not on ...".
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for output, given, name in (((values, meta(torch.arange(8))), labels, "output.indices"),
+                                ((values, torch.arange(8), meta(torch.zeros(8))), labels, "output.log_weights"),
+                                ((values, torch.arange(8)), meta(labels), "labels")):
+        with pytest.raises(ValueError, match=f"{name} are on meta but output.values are on cpu"):
+            sparse_cross_entropy(output, given)
+    # Wholly on meta (no autocast there), shapes as F.cross_entropy gives them.
+    assert sparse_cross_entropy((meta(values), meta(torch.arange(8))), meta(labels)).device.type == "meta"
+    with pytest.raises(TypeError, match="head must be an integer tensor .query's head., got list"):
+        ops.tail_log_weights([1], 5, 10)
 
 
 def test_log_weights_are_a_constant_of_the_loss():
