@@ -41,7 +41,7 @@ from .tables import TABLE_BUFFERS, bucket_of_item
 def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The state of every LSHLinear in ``model`` (itself included) outside its state_dict, keyed by
     qualified module name (``""`` for ``model`` itself): ``{"step": int, "tables": {"offsets",
-    "items", "codes", "fingerprints", "norms", "max_norm", "hash", "hashed_with", "current"} or None}``. Tables are None when stale (they will be built from the loaded weights on
+    "items", "codes", "fingerprints", "norms", "max_norm", "hash", "hashed_with", "current", "stepped"} or None}``. Tables are None when stale (they will be built from the loaded weights on
     first use, as in the run that saved them). Tensors are copies, so the state does not change as
     training goes on; it holds plain ints, dicts and tensors (``torch.load(weights_only=True)`` reads it)."""
     check_module("model", model)
@@ -59,6 +59,7 @@ def lsh_state(model: nn.Module) -> dict[str, dict[str, Any]]:
                 tables["hashed_with"] = _hashed_with(t)
                 # Whether eval answers from them (as training left them) or re-hashes (a write since): resumed alike.
                 tables["current"] = module._tables_current()
+                tables["stepped"] = module._stepped_version is not None  # (a write since then: not warned of)
             state[name] = {"step": int(module.step), "tables": tables}
     return state
 
@@ -92,6 +93,10 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:  # numpy ints too
             raise ValueError(f"load_lsh_state: layer {name!r}: step must be a non-negative int, got {step!r}")
         if tables is not None:
+            if layer.weight.is_meta:  # moved to meta, the saved tables were lost (and a later lsh_state failed)
+                raise RuntimeError(f"load_lsh_state: layer {name!r} is on the meta device: load its weights first "
+                                   "(load_state_dict(..., assign=True), or to_empty() then load_state_dict), then "
+                                   "load_lsh_state")
             problem = _tables_problem(layer, tables)
             if problem:
                 raise ValueError(f"load_lsh_state: layer {name!r}: the saved tables do not fit this layer or are "
@@ -119,8 +124,9 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
                 t.take_norms(layer.weight)
             t.mark_built()
             layer._stale = False
-            if not tables.get("current", True):  # (states saved before it was: the tables training left)
-                layer._hashed_version = None  # eval re-hashes, as in the run that saved them
+            # (States saved before "current" was: the tables training left.) Eval re-hashes where the run that
+            # saved them would, and training warns of a write where it would.
+            layer._restore_versions(tables.get("current", True), tables.get("stepped", False))
             layer._tables_from_checkpoint = True  # a load_state_dict before their first use warns
         layer.step = step
 

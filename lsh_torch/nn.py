@@ -412,6 +412,13 @@ class LSHLinear(nn.Module):
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight
 
+    def _restore_versions(self, current: bool, stepped: bool) -> None:
+        """After a copy or a resume, whose weight counts versions anew: do the tables answer for the weight as it
+        is (``current``: eval keeps them), and did an optimizer step come since they were built (``stepped``: a
+        write since is one training expected, not warned of; a resumed run warned where its original did not)."""
+        self._hashed_version = self._weight_version() if current else None
+        self._stepped_version = -1 if stepped else None  # (-1: a step, its version unknown; counters start at 0)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Whether this load replaces the layer's weight or bias (see _stale_after_load): a partial one
         # (strict=False) that leaves them keeps the tables, unless the weight was written since the build other
@@ -427,11 +434,13 @@ class LSHLinear(nn.Module):
         # This process's counters (a loaded weight's restart): kept is whether the tables answer for the weight.
         state["_hashed_version"] = state["_stepped_version"] = None
         state["_tables_current"] = self._tables_current()
+        state["_tables_stepped"] = self._stepped_version is not None
         state["_topk_index"] = None  # a cache: the next topk rebuilds it
         return state
 
     def __setstate__(self, state):
         own, current = state.pop("_hashed_from"), state.pop("_tables_current", False)
+        stepped = state.pop("_tables_stepped", False)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
                  "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False, "_stale_marks": 0,
@@ -447,8 +456,7 @@ class LSHLinear(nn.Module):
             self.tables.take_norms(self.weight)
         follow_optimizer_steps(self)  # a process that only unpickles layers (torch.load of a model, spawned workers)
         self._hashed_from = tensor_ref(self.weight) if own else None
-        if current:
-            self._hashed_version = self._weight_version()
+        self._restore_versions(current, stepped)
 
     def _apply(self, fn, recurse=True):
         weight = self.weight
@@ -854,7 +862,12 @@ class LSHLinear(nn.Module):
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
             found = self._warmup_draws(x, labels, shared, sparse)
         else:
-            if (self.schedule is not None and _rebuild_now(self.schedule, self.step)) or self.step == self.warmup > 0:
+            if self.step == self.warmup > 0:
+                # The first tables training uses: every row hashed (a new M), whatever an eval lookup during the
+                # warm-up built (kept, they changed the training that followed: a reviewer's).
+                self._hashed_from = None
+                self._stale = True
+            elif self.schedule is not None and _rebuild_now(self.schedule, self.step):
                 self._stale = True  # an incremental build: the rows that moved since the last
             found = self._lookup(x, labels, shared, sparse)
         self.step += 1

@@ -1,5 +1,6 @@
 """Checkpoints: nn.Linear state_dicts load into LSHLinear, and a saved run resumes exactly in a fresh process."""
 import copy
+import pickle
 import json
 import math
 import warnings
@@ -391,3 +392,71 @@ def test_a_tied_weight_loaded_under_the_other_modules_key_makes_the_tables_stale
     fresh.head.rebuild()
     for name in ("codes", "offsets", "items"):
         assert torch.equal(getattr(model.head.tables, name), getattr(fresh.head.tables, name)), name
+
+
+def _constrained_steps(layer, opt, gen, steps):
+    """Training steps each followed by a write outside the optimizer (a max-norm constraint)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(torch.randn(64, 32, generator=gen)).pow(2).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            layer.weight.renorm_(2, 0, 0.5)
+
+
+def test_a_copy_or_resume_warns_of_a_write_only_where_the_original_would():
+    """A reviewer's run with a constraint written after every step never warned; resumed exactly, deep-copied or
+    unpickled, it warned at its first step that the weight was written before any optimizer step (and following
+    the advice, rebuild(), broke the exact resume)."""
+    def make():
+        torch.manual_seed(0)
+        return LSHLinear(32, 1000, active=0.1)
+    layer, gen = make(), torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    _constrained_steps(layer, opt, gen, 6)
+    resumed = make()
+    resumed.load_state_dict(layer.state_dict())
+    load_lsh_state(resumed, lsh_state(layer))
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), resumed, layer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _constrained_steps(copied, torch.optim.SGD(copied.parameters(), lr=0.1), torch.Generator().manual_seed(5), 2)
+    # A write before any step since the tables were built is still said, after a copy too.
+    fresh = make()
+    fresh(torch.randn(4, 32))
+    with torch.no_grad():
+        fresh.weight.mul_(2)
+    with pytest.warns(UserWarning, match="written in place since the hash tables were built"):
+        copy.deepcopy(fresh)(torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("probe", ["eval", "active_set_recall"])
+def test_an_eval_during_warmup_leaves_training_as_it_was(probe):
+    """An eval lookup during the warm-up built tables (and M), which the build ending the warm-up then only
+    updated: the run's weights differed from one without the eval (a reviewer's, asymmetric hidden layer)."""
+    def run(evaluate):
+        torch.manual_seed(0)
+        layer = LSHLinear(32, 1000, active=0.1, inference="lsh", warmup=3)
+        opt, gen = torch.optim.SGD(layer.parameters(), lr=0.1), torch.Generator().manual_seed(1)
+        for step in range(8):
+            opt.zero_grad()
+            layer(torch.randn(64, 32, generator=gen)).pow(2).mean().backward()
+            opt.step()
+            if evaluate and step == 1:
+                layer.eval()
+                with torch.no_grad():
+                    layer(torch.randn(8, 32)) if probe == "eval" else lsh_torch.diagnostics.active_set_recall(
+                        layer, torch.randn(8, 32))
+                layer.train()
+        return layer.weight.detach()
+    assert torch.equal(run(True), run(False))
+
+
+def test_load_lsh_state_into_a_meta_layer_is_refused():
+    """Moved to meta, the saved tables were lost silently, and a later lsh_state failed in Tensor.item()."""
+    trained = LSHLinear(8, 64)
+    trained(torch.randn(4, 8))
+    with torch.device("meta"):
+        meta = LSHLinear(8, 64)
+    with pytest.raises(RuntimeError, match="load_lsh_state: layer '' is on the meta device: load its weights first"):
+        load_lsh_state(meta, lsh_state(trained))
