@@ -506,8 +506,13 @@ def _shared_linear_grads(ctx, grad_out, sparse):
         _refuse_batched(grad_out, "shared_linear (a shared active set)")
     # (Gathered by an embedding: a second-order weight gradient is then row-sparse where the first is.)
     grad_x = grad_out @ F.embedding(indices, weight, sparse=sparse) if need_x else None
-    grad_w, grad_b = _row_grads(indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None,
-                                weight, need_w, need_b, sparse, coalesced=False)
+    rows, grad_rows, grad_bias_rows = indices, grad_out.t() @ x if need_w else None, grad_out.sum(0) if need_b else None
+    if sparse and (need_w or need_b):
+        # Rows in ascending order: a set of distinct ones (the layer's always) is then coalesced as it stands, and
+        # the optimizer does not sort the gradient again (autograd drops the flag; repeats must still be summed).
+        rows, order = indices.sort()
+        grad_rows, grad_bias_rows = (None if g is None else g.index_select(0, order) for g in (grad_rows, grad_bias_rows))
+    grad_w, grad_b = _row_grads(rows, grad_rows, grad_bias_rows, weight, need_w, need_b, sparse, coalesced=False)
     return grad_x, grad_w, grad_b, None
 
 

@@ -420,6 +420,29 @@ def test_sorted_rows_skip_the_sort_and_anything_else_is_coalesced():
         assert (got._values().data_ptr() == grad._values().data_ptr()) == expect_same  # no copy when sorted
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_row"])
+def test_the_layers_sparse_gradients_ascend_so_the_optimizer_sorts_nothing(mode):
+    """A shared set's rows come in the query's order: its gradient was coalesced (sorted) at every step (on a
+    GPU, two host syncs more; 3-4% of a 670K CPU step). Its backward now sorts the set's few rows itself."""
+    from lsh_torch.optim import _coalesced
+    layer = LSHLinear(16, 9000, active=64, mode=mode, sparse_grad=True)
+    x, y = torch.randn(8, 16), torch.randint(0, 9000, (8,))
+    out = layer.forward_sparse(x, y)
+    sparse_cross_entropy(out, y).backward()
+    for param in (layer.weight, layer.bias):
+        rows = param.grad._indices()[0]
+        assert (rows[1:] > rows[:-1]).all()
+        assert _coalesced(param.grad)._values().data_ptr() == param.grad._values().data_ptr()
+    dense = LSHLinear(16, 9000, active=64, mode=mode).requires_grad_(False)
+    dense.load_state_dict(layer.state_dict())
+    weight = dense.weight.clone().requires_grad_()
+    logits = x @ weight[out.indices].transpose(-1, -2) if mode == "shared" else \
+        torch.einsum("bd,bad->ba", x, weight[out.indices])
+    logits = logits + dense.bias[out.indices]
+    sparse_cross_entropy(out._replace(values=logits), y).backward()
+    torch.testing.assert_close(layer.weight.grad.to_dense(), weight.grad)
+
+
 def test_a_learning_rate_scheduled_down_to_zero_steps_as_sparse_adam_does():
     """A schedule may reach lr=0 (a warm-up's first step, cosine annealing's end): the step moves no
     weight and still updates the moments, as SparseAdam's and Adam's do."""
