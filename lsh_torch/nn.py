@@ -1279,6 +1279,7 @@ class _Cast(torch.autograd.Function):
         ctx.dtype = inputs[0].dtype
 
     @staticmethod
+    @torch.compiler.disable  # eager under torch.compile: a compiled backward took no sparse gradient (it failed)
     def backward(ctx, grad: Tensor):
         return grad.to(ctx.dtype), None
 
