@@ -131,7 +131,10 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     for name, t in (("output.indices", indices), ("output.log_weights", log_weights)):
         if isinstance(t, Tensor) and t.device != values.device:
             raise ValueError(f"{name} are on {t.device} but output.values are on {values.device}")
-    if indices.shape != values.shape and indices.shape != values.shape[-1:]:
+    # (Dimensions first: a tuple comparison compares sizes before lengths, and a traced batch compared with the
+    # shared set's width became an export guard, batch != A.)
+    if not (indices.dim() == values.dim() and indices.shape == values.shape
+            or indices.dim() == 1 and indices.shape[0] == values.shape[-1]):
         raise ValueError(f"output.indices must have values' shape {tuple(values.shape)} (per row) or "
                          f"{tuple(values.shape[-1:])} (shared), got {tuple(indices.shape)}")
     if log_weights is not None and (not isinstance(log_weights, Tensor) or log_weights.shape != indices.shape):
@@ -180,7 +183,8 @@ def _label_rows(labels: Tensor, batch_shape: torch.Size, ignore_index: int, name
     if labels.shape[: len(batch_shape)] != batch_shape or labels.dim() > len(batch_shape) + 1:
         raise ValueError(f"{name} must have shape {tuple(batch_shape)} or {tuple(batch_shape)} + (M,), "
                          f"got {tuple(labels.shape)}")
-    labels = labels.reshape(batch_shape.numel(), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
+    # (math.prod: Size.numel() specialised a dynamic batch of a non-strict torch.export to the traced one)
+    labels = labels.reshape(math.prod(batch_shape), labels.shape[-1] if labels.dim() > len(batch_shape) else 1)
     return labels.masked_fill(labels == ignore_index, -1)
 
 

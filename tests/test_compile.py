@@ -189,8 +189,8 @@ class _SparseEval(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x):
-        out = self.layer.forward_sparse(x)
+    def forward(self, x, y=None):
+        out = self.layer.forward_sparse(x, y)
         return out.values, out.indices, out.log_weights
 
 
@@ -206,6 +206,32 @@ def test_export_of_a_shared_forward_sparse_samples_the_rows_eager_does():
         x = torch.randn(rows, 16)
         for got, expected in zip(program.module()(x), model(x)):
             assert torch.equal(got, expected)
+
+
+class _ValidationLoss(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, y):
+        return lsh_torch.sparse_cross_entropy(self.layer.forward_sparse(x, y), y)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_with_labels_keeps_the_batch_dynamic(strict):
+    """Non-strict export (the default) with labels specialised the batch to the traced one (Size.numel() in the
+    loss's reshape, a tuple comparison of the batch with the shared width): a reviewer's validation-loss module."""
+    torch.manual_seed(0)
+    batch_dim = torch.export.Dim("batch", min=2, max=1024)
+    for model, n in ((_SparseEval(LSHLinear(16, 20_000, active=256, mode="per_row", seed=1)).eval(), 20_000),
+                     (_ValidationLoss(LSHLinear(16, 300)).eval(), 300)):  # the exact softmax's [300] indices
+        program = torch.export.export(model, (torch.randn(8, 16), torch.randint(0, n, (8,))), strict=strict,
+                                      dynamic_shapes={"x": {0: batch_dim}, "y": {0: batch_dim}})
+        for rows in (2, 5, 300):
+            x, y = torch.randn(rows, 16), torch.randint(0, n, (rows,))
+            got, expected = program.module()(x, y), model(x, y)
+            for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, expected))):
+                assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_export_leaves_the_eager_model_as_it_was():
