@@ -532,6 +532,8 @@ class LSHLinear(nn.Module):
     def _lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """The active set and its head (see :func:`ops.query`)."""
         _check_not_meta(self.weight)
+        if torch.jit.is_tracing():
+            self._refuse_what_jit_trace_cannot(labels, sparse)
         self._tables_from_checkpoint = False  # in use: a later load_state_dict is a deliberate reload
         if self._stale:
             self._warn_if_parametrized()
@@ -552,6 +554,21 @@ class LSHLinear(nn.Module):
             return self.tables.query(x, self._set_size(labels, shared, tail), labels, seed, shared=shared, tail=tail,
                                      keyed=keyed)
         return self._rescored_lookup(x, labels, shared, seed, tail, keyed)
+
+    def _refuse_what_jit_trace_cannot(self, labels: Optional[Tensor], sparse: bool) -> None:
+        """torch.jit.trace records tensors, not Python numbers: the rescored top set's sizes (from the batch's)
+        became tensors that the query refused (a reviewer's "budget must be an int, got tensor(512)"), and a
+        build in the traced call made the trace's own check fail ("Graphs differed across invocations")."""
+        layer = f"{self.__class__.__name__}(out_features={self.out_features})"
+        if self._stale:
+            raise RuntimeError(f"{layer}: its hash tables are not built yet (a new or loaded layer): torch.jit.trace would "
+                               "record the build in the first call only. Call rebuild() (or run one eager forward) "
+                               "before tracing; or use torch.export or torch.compile, which build the tables per call.")
+        if self._tail_count(sparse) and self.rescore > 1 and self.tables.selection != "random":
+            raise RuntimeError(f"{layer}: an eval lookup with a tail (forward_sparse, or inference='lsh' with tail=) "
+                               "chooses its top set by exact scores, sized from the batch, which torch.jit.trace cannot "
+                               "record. Use torch.export or torch.compile, or trace forward() with inference='dense' "
+                               "or with the default tail.")
 
     @torch.no_grad()
     def _rescored_lookup(self, x: Tensor, labels: Optional[Tensor], shared: bool, seed: int, tail: int,

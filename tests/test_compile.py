@@ -354,6 +354,23 @@ def test_jit_trace_of_a_training_forward_is_refused():
     assert torch.equal(traced(x), layer(x))
 
 
+def test_jit_trace_of_what_it_cannot_record_is_refused_clearly():
+    """A rescored eval lookup failed inside the query ("budget must be an int, got tensor(512)"), and tables built in
+    the traced call failed the trace's own check ("Graphs differed across invocations"): a reviewer's."""
+    fresh = LSHLinear(16, 200, active=20, inference="lsh").eval()
+    with pytest.raises(RuntimeError, match=r"hash tables are not built yet .* Call rebuild\(\)"):
+        torch.jit.trace(fresh, torch.randn(4, 16))
+    fresh.rebuild()
+    x = torch.randn(4, 16)
+    assert torch.equal(torch.jit.trace(fresh, torch.randn(4, 16))(x), fresh(x))
+    for model in (_SparseEval(LSHLinear(16, 20_000, active=256, seed=1)),
+                  LSHLinear(16, 20_000, active=256, tail=64, inference="lsh")):
+        model.eval()
+        model.apply(lambda m: m.rebuild() if isinstance(m, LSHLinear) else None)
+        with pytest.raises(RuntimeError, match="an eval lookup with a tail .* torch.jit.trace cannot record"):
+            torch.jit.trace(model, torch.randn(4, 16), check_trace=False)
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_topk_with_a_dynamic_k_compiles_once(exact):
     """Argument checks must leave a symbolic int symbolic: converting it (operator.index) pinned k
