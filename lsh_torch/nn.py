@@ -847,7 +847,9 @@ class LSHLinear(nn.Module):
             self._draws.record(x, (active, head), values)
         return values, active, head
 
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="LSHLinear's training lookup runs eagerly (a Python step counter, its rebuild "
+                                   "schedule, random draws): one graph break per training forward, so "
+                                   "fullgraph=True cannot compile a training step; eval forwards compile whole")
     def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool,
                              compiled: bool = False) -> tuple[Tensor, Tensor]:
         """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
@@ -1023,7 +1025,8 @@ class LSHLinear(nn.Module):
         shape = (*input.shape[:-1], k)
         return torch.return_types.topk((values.gather(1, first).reshape(shape), indices.gather(1, first).reshape(shape)))
 
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="LSHLinear.topk(exact=False) builds, checks and consults its index eagerly: "
+                                   "fullgraph=True and export cannot include it; topk(exact=True) compiles whole")
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
         # Non-strict export runs this with fake weights; a jit trace recorded the first call's checks and builds

@@ -418,3 +418,14 @@ def test_a_compiled_build_of_huge_or_tiny_rows_equals_eager(scale):
     eager = layer(x)
     layer._mark_stale()  # the compiled forward builds the tables in its graph
     torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), eager)
+
+
+def test_fullgraph_says_why_a_training_forward_or_approximate_topk_breaks_the_graph():
+    """dynamo's message said "reason: None" and hinted to remove lsh_torch's own torch.compiler.disable."""
+    layer = LSHLinear(32, 20_000, seed=2)
+    x, y = torch.randn(8, 32), torch.randint(0, 20_000, (8,))
+    for call, why in ((lambda: layer.train().forward_sparse(x, y).values, "LSHLinear's training lookup runs eagerly"),
+                      (lambda: layer.eval().topk(x, 5).values, r"LSHLinear.topk\(exact=False\) builds, checks")):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=why):
+            torch.compile(call, fullgraph=True, backend="eager")()
