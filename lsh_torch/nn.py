@@ -743,7 +743,6 @@ class LSHLinear(nn.Module):
         if not self.training and self.inference == "dense":
             return F.linear(input, weight, bias)
         self._check_not_under_ddp()
-        self._warn_if_evaluating_in_training_mode()
         if self.budget == self.out_features:  # every neuron active: nothing to hash or scatter
             values = ops.linear(input.reshape(-1, self.in_features), weight, bias, sparse_grad=self._sparse_grad)
             return values.reshape(*input.shape[:-1], self.out_features)
@@ -762,8 +761,7 @@ class LSHLinear(nn.Module):
         above every score of a softmax-trained head (all negative: a user review's recall@10 was 0.0), and
         the call counts a training step. Said once per layer."""
         if (self.training and self.out_features >= WIDE and not torch.is_grad_enabled()
-                and not self._warned_training_no_grad and not torch.compiler.is_compiling()
-                and not _in_autograd_function_forward()):  # (a reentrant checkpoint's first pass: training)
+                and not self._warned_training_no_grad and not _in_autograd_function_forward()):  # (a reentrant checkpoint's first pass: training)
             self._warned_training_no_grad = True
             warnings.warn(f"{self.__class__.__name__}(out_features={self.out_features}) is in training mode under "
                           "torch.no_grad(): forward computes only the active neurons and returns 0 for the others "
@@ -878,6 +876,8 @@ class LSHLinear(nn.Module):
                         else self._lookup(x, labels, shared, sparse))
             finally:
                 self.step += 1
+        if not sparse:  # forward's zero-filled output (checked here: eager under torch.compile too)
+            self._warn_if_evaluating_in_training_mode()
         if self.step < self.warmup:  # uniformly random neurons: no tables to build or query yet
             found = self._warmup_draws(x, labels, shared, sparse)
         else:

@@ -971,10 +971,12 @@ def test_a_wide_training_forward_without_gradients_warns_once_to_call_eval():
             LSHLinear(16, WIDE)(x)
         with torch.no_grad():  # eval with inference="lsh": no step, no warning
             LSHLinear(16, WIDE, inference="lsh").eval()(x)
+        with torch.no_grad():  # under torch.compile too (it was silent there: a reviewer's)
+            torch.compile(LSHLinear(16, WIDE), backend="eager")(x)
         hidden = LSHLinear(16, WIDE)  # a reentrant checkpoint's first pass runs training forwards without grad
         torch.utils.checkpoint.checkpoint(hidden, x.requires_grad_(), use_reentrant=True).sum().backward()
     messages = [str(w.message) for w in caught if "under torch.no_grad()" in str(w.message)]
-    assert len(messages) == 2 and f"out_features={WIDE})" in messages[0] and ".eval()" in messages[0]
+    assert len(messages) == 3 and f"out_features={WIDE})" in messages[0] and ".eval()" in messages[0]
     assert all(w.filename == __file__ for w in caught if "under torch.no_grad()" in str(w.message))
 
 
