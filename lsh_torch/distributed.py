@@ -47,7 +47,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
 from .optim import _DTensor, _checked_norms, grad_norm_part, norm_dtype, scale_grads_
-from .retrieval import TOPK_MIN_RECALL, among, check_min_recall
+from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",
            "shard_range", "unmanaged_parameters"]
@@ -732,9 +732,8 @@ class ShardedLSHLinear(nn.Module):
         ``out_features`` (``exact``) or the shards' candidates together.
 
         ``exclude`` (int64 ``[*]`` or ``[*, M]``, global ids, -1 and -100 padding; given on every rank or
-        on none): ids each row must not get, as :meth:`LSHLinear.topk`'s: each shard asks for ``M`` (rounded
-        up to a power of two) more than it would, at most its rows or candidates, and drops this row's
-        excluded ones before the merge. ``k`` plus ``M`` is at most what ``k`` alone may be."""
+        on none): ids each row must not get, scored -inf as by :meth:`LSHLinear.topk`: each shard excludes
+        those among its rows."""
         k = integer_scalar(k)  # torch.topk's habit
         k, budget, probes = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
                              for v in (k, budget, probes))  # numpy ints too; the rest is refused in check_k
@@ -752,23 +751,13 @@ class ShardedLSHLinear(nn.Module):
                 check_int("probes", probes, 1, 2 ** 31 - 1)
             check_min_recall(min_recall)
             check_int("k", k, 0, limit)
-            if exclude is not None:
-                flat = self._flat_labels(input, exclude, "exclude")
-                if k + flat.shape[1] > limit:
-                    raise ValueError(f"k plus exclude's width must be at most {limit} (out_features, or the shards' "
-                                     f"candidates together), got k={k} and {flat.shape[1]} excluded per row")
-                return flat
+            return None if exclude is None else self._flat_labels(input, exclude, "exclude")
         x, sizes, flat = self._gather_input(input, "topk", check_k, exclude is not None)
-        cap = self.shard.out_features if exact else budgets[self.rank]
-        mine = min(k, cap)
-        excluded = None if flat is None else self._local_ids(flat)
-        if excluded is not None and excluded.shape[1]:  # room for the excluded, as LSHLinear.topk makes
-            mine = min(k + (1 << (excluded.shape[1] - 1).bit_length()), cap)
+        mine = min(k, self.shard.out_features if exact else budgets[self.rank])
+        excluded = None if flat is None else self._local_ids(flat)  # (collective: outside the try)
         try:  # a shard can refuse what another accepts (probes beyond its narrower tables), or run out of memory
             values, indices = self.shard.topk(x, mine, exact=exact, probes=probes, budget=budgets[self.rank],
-                                              min_recall=min_recall)
-            if excluded is not None:  # scored last: never merged in ahead of a row's other candidates
-                values = values.masked_fill(among(indices, excluded), -math.inf)
+                                              min_recall=min_recall, exclude=excluded)
             error = None
         except Exception as caught:
             error = caught

@@ -22,7 +22,7 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_bool, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
-                        among, exact_topk, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
+                        among, exact_topk_outside, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -919,8 +919,10 @@ class LSHLinear(nn.Module):
         ``(values, indices)``, a named tuple like :func:`torch.topk`'s.
 
         ``exclude`` (int64 ``[*]`` or ``[*, M]``, -1 and -100 padding): neurons each row must not get (a
-        user's items already seen), found as the best ``k`` of the row's top ``k + M`` that are not
-        excluded (``k + M`` at most ``out_features``); excluding from every row is a ``-inf`` bias entry.
+        user's items already seen). They score -inf, as in ``torch.topk`` of the masked scores (a row left
+        fewer than ``k`` outputs gets -inf for the rest); the index searches ``M`` (rounded up to a power of
+        two) more candidates per row, so that seen items, often a row's first candidates, leave room for the
+        others. Excluding from every row is a ``-inf`` bias entry.
 
         ``exact=True``: the dense computation, like ``torch.topk(linear(input), k)``.
         ``exact=False``: the best ``k`` by exact score among two sets of candidates per row, from an
@@ -979,51 +981,32 @@ class LSHLinear(nn.Module):
         """
         check_bool("exact", exact)
         min_recall, k = check_min_recall(min_recall), integer_scalar(k)
-        if exclude is not None:
-            return self._topk_excluding(input, k, exact, probes, budget, norm_rows, min_recall, exclude)
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
+        if exclude is not None:
+            exclude = _label_matrix(exclude, input.shape[:-1], input.device, "exclude")
+            _check_label_range(exclude, self.out_features, "exclude")
         if not exact:
             k, probes, budget, norm_rows, exact = self._topk_arguments(k, probes, budget, norm_rows)
         else:  # unused, but checked as the index's call checks them (a bad value passed silently)
             self._topk_arguments(0, probes, budget, norm_rows)
         if exact or k == 0:  # also the approximation's answer when its candidates are every output
             k = check_int("k", k, 0, self.out_features)
-            values, indices = exact_topk(x, weight, bias, k)
+            values, indices = exact_topk_outside(x, weight, bias, k, exclude)
         elif self.tables.selection == "random":
             self._materialise_tables()
             active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed,
                                              row_keys=self.tables.row_keys(x))[0]
-            values, best = ops.sparse_linear(x, weight, bias, active).topk(k, dim=1)
+            scores = ops.sparse_linear(x, weight, bias, active)
+            if exclude is not None:
+                scores = scores.masked_fill(among(active, exclude), -math.inf)
+            values, best = scores.topk(k, dim=1)
             indices = active.gather(1, best)
         else:
             index = self._topk_index_of(self.weight, self.bias)
-            values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall)
+            values, indices = index.topk(x, weight, bias, k, probes, budget, norm_rows, self.seed, min_recall, exclude)
         shape = (*input.shape[:-1], k)
         return torch.return_types.topk((values.reshape(shape), indices.reshape(shape)))
-
-    def _topk_excluding(self, input: Tensor, k, exact: bool, probes, budget, norm_rows, min_recall: float,
-                        exclude: Tensor) -> torch.return_types.topk:
-        """:meth:`topk` with ``exclude``: the best ``k`` of each row's top ``k + M`` that are not excluded
-        (at most M of them are), in their order."""
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-        k = check_int("k", k, 0, self.out_features)
-        rows = _label_matrix(exclude, input.shape[:-1], input.device, "exclude")
-        _check_label_range(rows, self.out_features, "exclude")
-        # The width padded to a power of two: each k + M is checked apart (64 exact answers), and a
-        # recommender's batches hold a different most-seen count each.
-        width = 1 << max(0, rows.shape[1] - 1).bit_length() if rows.shape[1] else 0
-        asked = min(k + width, self.out_features, budget if isinstance(budget, int) and not exact else self.out_features)
-        if k + rows.shape[1] > asked:
-            raise ValueError(f"k plus exclude's width must be at most out_features={self.out_features} (and the "
-                             f"budget), got k={k} and {rows.shape[1]} excluded per row")
-        values, indices = self.topk(input, asked, exact, probes, budget, norm_rows, min_recall)
-        values, indices = values.reshape(rows.shape[0], asked), indices.reshape(rows.shape[0], asked)
-        # The kept ones first, in their order (a stable sort): at least k of the k + M.
-        first = (~among(indices, rows)).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :k]
-        shape = (*input.shape[:-1], k)
-        return torch.return_types.topk((values.gather(1, first).reshape(shape), indices.gather(1, first).reshape(shape)))
 
     @torch.compiler.disable(reason="LSHLinear.topk(exact=False) builds, checks and consults its index eagerly: "
                                    "fullgraph=True and export cannot include it; topk(exact=True) compiles whole")

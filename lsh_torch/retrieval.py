@@ -135,6 +135,21 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tup
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
+def exact_topk_outside(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exclude: Optional[Tensor] = None,
+                       ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """:func:`exact_topk` where each row's ``exclude`` ids (``[B, M]``, negative entries are padding) score -inf, as
+    ``torch.topk`` of the masked scores: the top ``k + M`` (at most every row of ``weight``), the excluded ones set
+    to -inf, the best ``k`` of them. ``ids``: the output id of each row of ``weight`` (a subset of the layer's rows;
+    default: its place)."""
+    width = 0 if exclude is None else exclude.shape[1]
+    values, best = exact_topk(x, weight, bias, min(weight.shape[0], k + width))
+    indices = best if ids is None else ids[best]
+    if not width:
+        return values, indices
+    values, keep = values.masked_fill(among(indices, exclude), -math.inf).topk(k, dim=1)
+    return values, indices.gather(1, keep)
+
+
 @dataclass
 class RecallCheck:
     """How much of the exact top-k an index found on the inputs checked so far (:meth:`TopkIndex.topk`)."""
@@ -372,7 +387,8 @@ class TopkIndex:
 
     @torch.compiler.disable  # the check's tally is Python state: eager, as the index's build is
     def topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
-             norm_rows: Optional[int], seed: int, min_recall: float = TOPK_MIN_RECALL) -> tuple[Tensor, Tensor]:
+             norm_rows: Optional[int], seed: int, min_recall: float = TOPK_MIN_RECALL,
+             exclude: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Top ``k`` of ``x [B, d]`` by exact score among the ``budget`` rows per input that the
         tables rank highest (most probed buckets hit; ``probes`` per table), the ``norm_rows``
         largest-norm rows and, with them, the ``k`` rows of largest bias. Only the tables' real
@@ -395,7 +411,11 @@ class TopkIndex:
         rows (:func:`rows_alone`), and again wider if those fail their own check. Trained XMC
         heads keep their winners among few rows that the tables of directions cannot rank. Past a
         quarter, or with ``norm_rows`` given and failed: every later input is answered exactly
-        (:func:`exact_topk`), with a warning."""
+        (:func:`exact_topk`), with a warning.
+
+        ``exclude`` (``[B, M]``, -1 padding): ids each row must not get, scored -inf (as ``torch.topk`` of the
+        masked scores), its exact answers too; the tables give ``M`` (rounded up to a power of two) more
+        candidates per row, checked as their own settings."""
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
@@ -405,18 +425,21 @@ class TopkIndex:
         if norm_rows is not None:
             norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        key = self.answering(k, probes, budget, norm_rows, min_recall, weight, bias)
+        searched = budget  # room for the excluded: a user's seen items are often the tables' first candidates
+        if exclude is not None and exclude.shape[1]:
+            searched = min(n, budget + (1 << (exclude.shape[1] - 1).bit_length()))
+        key = self.answering(k, probes, searched, norm_rows, min_recall, weight, bias)
         if key is None:
-            self._warn_exact(self._asked(k, probes, budget, norm_rows), min_recall, norm_rows is None)
-            return exact_topk(x, weight, bias, k)
+            self._warn_exact(self._asked(k, probes, searched, norm_rows), min_recall, norm_rows is None)
+            return exact_topk_outside(x, weight, bias, k, exclude)
         check = self.checks.get(key, RecallCheck())
-        values, indices = self._search(x, weight, bias, *key, seed)
+        values, indices = self._search(x, weight, bias, *key, seed, exclude)
         if not min_recall or check.done or not x.shape[0]:
             return values, indices
         self.checks[key] = check
         count = min(x.shape[0], TOPK_CHECKED_INPUTS - check.inputs)
         rows = torch.arange(count, device=x.device) * x.shape[0] // count
-        exact_values, exact_indices = exact_topk(x[rows], weight, bias, k)
+        exact_values, exact_indices = exact_topk_outside(x[rows], weight, bias, k, None if exclude is None else exclude[rows])
         # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
         # (A binary search: a [rows, k, k] comparison took 25.6 GB at k = 20,000 and 64 rows.)
         hits = among(indices[rows], exact_indices) | (values[rows] >= exact_values[:, -1:])
@@ -436,7 +459,7 @@ class TopkIndex:
             others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, rows, False)
             if bool(others.any()):
                 values[others], indices[others] = self.topk(x[others], weight, bias, k, probes, budget, norm_rows,
-                                                            seed, min_recall)
+                                                            seed, min_recall, None if exclude is None else exclude[others])
         return values, indices
 
     def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int], min_recall: float,
@@ -476,9 +499,9 @@ class TopkIndex:
                       stacklevel=user_stacklevel())  # the caller of LSHLinear.topk
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
-                norm_rows: int, seed: int) -> tuple[Tensor, Tensor]:
-        """The index's own answer (see :meth:`topk`); ``budget=0``: the first ``norm_rows`` rows of
-        :attr:`alone_order` alone."""
+                norm_rows: int, seed: int, exclude: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The index's own answer (see :meth:`topk`; ``exclude``'s ids scored -inf); ``budget=0``: the first
+        ``norm_rows`` rows of :attr:`alone_order` alone."""
         bias_rows = self.by_bias  # (read once: another thread's recheck may swap it)
         if budget and norm_rows and bias is not None and bias_rows is not None:
             # The k rows of largest bias beside the norm rows: an input's top k as its norm goes to 0 (a
@@ -493,9 +516,8 @@ class TopkIndex:
         if norm_rows or by_bias.numel():
             # Every row's k best among the norm rows, scored whole (in blocks): the candidates skip them below.
             rows = torch.cat([(self.order if budget else self.alone_order)[:norm_rows], by_bias])
-            norm_values, best = exact_topk(x, weight.index_select(0, rows),
-                                           None if bias is None else bias.index_select(0, rows), min(k, rows.numel()))
-            norm_indices = rows[best]
+            norm_values, norm_indices = exact_topk_outside(x, weight.index_select(0, rows), None if bias is None else
+                                                           bias.index_select(0, rows), min(k, rows.numel()), exclude, rows)
             if not budget:
                 return norm_values, norm_indices
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
@@ -512,6 +534,8 @@ class TopkIndex:
             skip |= bias_rank[active] < k
         if width > k:
             skip |= torch.arange(width, device=x.device) >= real.unsqueeze(1)
+        if exclude is not None:
+            skip |= among(active, exclude)
         scores = ops.sparse_linear(x, weight, bias, active).masked_fill(skip, float("-inf"))
         values, best = scores.topk(k, dim=1)
         indices = active.gather(1, best)
@@ -524,7 +548,8 @@ class TopkIndex:
         # exactly (a user review masked all but 10 of 20,000 outputs).
         short = values[:, -1] == float("-inf")
         if bool(short.any()):
-            values[short], indices[short] = exact_topk(x[short], weight, bias, k)
+            values[short], indices[short] = exact_topk_outside(x[short], weight, bias, k,
+                                                               None if exclude is None else exclude[short])
         return values, indices
 
 

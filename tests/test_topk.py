@@ -177,18 +177,21 @@ def test_exclude_argument_errors():
     x = torch.randn(4, 16)
     for bad, error, match in ((torch.zeros(4, 2), TypeError, "exclude must be an int64 tensor"),
                               (torch.zeros(3, 2, dtype=torch.int64), ValueError, r"exclude must have shape \(4,\)"),
-                              (torch.full((4, 2), 300), ValueError, r"exclude must be in \[0, out_features=300\)"),
-                              (torch.zeros(4, 299, dtype=torch.int64), ValueError, "k plus exclude's width")):
+                              (torch.full((4, 2), 300), ValueError, r"exclude must be in \[0, out_features=300\)")):
         with pytest.raises(error, match=match):
             layer.topk(x, 2, exclude=bad)
-    with pytest.raises(ValueError, match="k plus exclude's width .* budget"):
-        layer.topk(x, 3, budget=10, exclude=torch.zeros(4, 8, dtype=torch.int64))
     empty = layer.topk(x[:0], 3, exclude=torch.zeros(0, 2, dtype=torch.int64))  # an empty batch, as without
     assert empty.values.shape == empty.indices.shape == (0, 3)
+    # As torch.topk of the masked scores: a row left fewer than k outputs gets -inf for the rest (k + M past
+    # out_features, or past an explicit budget, was refused).
+    for exact in (True, False):
+        left = layer.topk(x, 2, exact=exact, exclude=torch.arange(1, 300).expand(4, -1))
+        assert (left.indices[:, 0] == 0).all() and left.values[:, 1].isneginf().all()
+        assert torch.equal(left.values[:, 0], F.linear(x, layer.weight, layer.bias)[:, 0])
     wide = LSHLinear(16, 5000).eval()
-    for width in (5, 6, 7, 8):  # widths padded to a power of two: one recall check for them all
-        wide.topk(x, 2, exclude=torch.zeros(4, width, dtype=torch.int64))
-    assert [key[0] for key in wide.topk_checks] == [10]
+    for width in (5, 6, 7, 8):  # the search widened by M padded to a power of two: one recall check for them all
+        wide.topk(x, 2, budget=40, exclude=torch.zeros(4, width, dtype=torch.int64))
+    assert [key[:3] for key in wide.topk_checks] == [(2, wide.inference_probes, 48)]
 
 
 def test_outputs_masked_by_a_minus_inf_bias_are_never_returned_twice():
