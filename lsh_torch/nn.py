@@ -22,7 +22,7 @@ from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, check_bool, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
-                        among, exact_topk_outside, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
+                        among, exact_topk_outside, excluded_room, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
 from .tables import LSHTables
 
@@ -995,8 +995,8 @@ class LSHLinear(nn.Module):
             values, indices = exact_topk_outside(x, weight, bias, k, exclude)
         elif self.tables.selection == "random":
             self._materialise_tables()
-            active = LSHTables.query_uniform(x, self.out_features, budget, None, self.seed,
-                                             row_keys=self.tables.row_keys(x))[0]
+            active = LSHTables.query_uniform(x, self.out_features, min(self.out_features, budget + excluded_room(exclude)),
+                                             None, self.seed, row_keys=self.tables.row_keys(x))[0]
             scores = ops.sparse_linear(x, weight, bias, active)
             if exclude is not None:
                 scores = scores.masked_fill(among(active, exclude), -math.inf)
@@ -1059,20 +1059,26 @@ class LSHLinear(nn.Module):
                 for key, c in list(index.checks.items())}
 
     def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,
-                         norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL) -> Optional[tuple]:
-        """Who answers ``topk(x, k, probes=..., budget=..., norm_rows=..., min_recall=...)`` now, by
+                         norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL,
+                         exclude: Optional[Tensor] = None) -> Optional[tuple]:
+        """Who answers ``topk(x, k, probes=..., budget=..., norm_rows=..., min_recall=..., exclude=...)`` now, by
         what its checks measured: the index's settings ``(k, probes, budget, norm_rows)``, the
         likeliest rows alone standing in for them (``(k, 0, 0, rows)``), or None: exact scores
-        (also where the candidates are every output, or ``k=0``). Before the index is built or
-        checked, and for a ``selection="random"`` layer (no index): the settings asked for."""
+        (also where the candidates are every output, or ``k=0``); with ``exclude`` (only its width
+        counts: the last dimension of ``[*, M]``), a fifth element, the room searched for it (:func:`~lsh_torch.retrieval.excluded_room`).
+        Before the index is built or checked, and for a ``selection="random"`` layer (no index): the
+        settings asked for."""
         min_recall = check_min_recall(min_recall)
+        if exclude is not None and not isinstance(exclude, Tensor):
+            raise TypeError(f"exclude must be a Tensor, got {type(exclude).__name__}")
+        room = excluded_room(None if exclude is None else exclude.reshape(-1, exclude.shape[-1] if exclude.dim() > 1 else 1))
         k, probes, budget, norm_rows, exact = self._topk_arguments(integer_scalar(k), probes, budget, norm_rows)
         if exact or k == 0:
             return None
         index = None if self.tables.selection == "random" else self._topk_index_describes(self.weight, self.bias)
         if index is None:
-            return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows)
-        return index.answering(k, probes, budget, norm_rows, min_recall, self.weight, self.bias)
+            return (k, probes, budget, self.topk_norm_rows if norm_rows is None else norm_rows) + ((room,) if room else ())
+        return index.answering(k, probes, budget, norm_rows, min_recall, self.weight, self.bias, room)
 
     def _topk_arguments(self, k, probes, budget, norm_rows) -> tuple:
         """topk's ``k``, ``probes``, ``budget`` and ``norm_rows`` (None: the index's "auto", see

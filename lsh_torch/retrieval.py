@@ -119,6 +119,7 @@ def among(candidates: Tensor, sets: Tensor) -> Tensor:
     if not sets.shape[1]:
         return torch.zeros_like(candidates, dtype=torch.bool)
     ordered = (sets.sort(1) if candidates.dim() == 2 else sets.reshape(-1).sort()).values
+    candidates = candidates.contiguous()  # (searchsorted copies and warns otherwise)
     at = torch.searchsorted(ordered, candidates).clamp_max_(ordered.shape[-1] - 1)
     return ordered.gather(-1, at) == candidates  # padding sorts first and equals no candidate
 
@@ -135,13 +136,20 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> tup
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
+def excluded_room(exclude: Optional[Tensor]) -> int:
+    """Candidates a search adds per row for ``exclude`` ``[B, M]``: M rounded up to a power of two (a recommender's
+    batches differ in their widest history: one recall check for widths 129-256), 0 without."""
+    width = 0 if exclude is None else exclude.shape[1]
+    return 1 << (width - 1).bit_length() if width else 0
+
+
 def exact_topk_outside(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, exclude: Optional[Tensor] = None,
                        ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """:func:`exact_topk` where each row's ``exclude`` ids (``[B, M]``, negative entries are padding) score -inf, as
     ``torch.topk`` of the masked scores: the top ``k + M`` (at most every row of ``weight``), the excluded ones set
     to -inf, the best ``k`` of them. ``ids``: the output id of each row of ``weight`` (a subset of the layer's rows;
     default: its place)."""
-    width = 0 if exclude is None else exclude.shape[1]
+    width = 0 if exclude is None or k == 0 else exclude.shape[1]  # (k = 0: no scores)
     values, best = exact_topk(x, weight, bias, min(weight.shape[0], k + width))
     indices = best if ids is None else ids[best]
     if not width:
@@ -414,8 +422,9 @@ class TopkIndex:
         (:func:`exact_topk`), with a warning.
 
         ``exclude`` (``[B, M]``, -1 padding): ids each row must not get, scored -inf (as ``torch.topk`` of the
-        masked scores), its exact answers too; the tables give ``M`` (rounded up to a power of two) more
-        candidates per row, checked as their own settings."""
+        masked scores), its exact answers too; the tables give :func:`excluded_room` more candidates per row,
+        and as many more rows of largest bias are scored; checked as settings of their own, ``(k, probes,
+        budget, norm_rows, room)`` (a stand-in ``(k, 0, 0, rows, room)``)."""
         n = self.items.shape[1]
         if weight.dim() != 2 or weight.shape[0] != n:
             raise ValueError(f"weight must be the [N = {n}, d] weight the index was built from, got {tuple(weight.shape)}")
@@ -425,15 +434,13 @@ class TopkIndex:
         if norm_rows is not None:
             norm_rows = check_int("norm_rows", norm_rows, 0, n)
         min_recall = check_min_recall(min_recall)
-        searched = budget  # room for the excluded: a user's seen items are often the tables' first candidates
-        if exclude is not None and exclude.shape[1]:
-            searched = min(n, budget + (1 << (exclude.shape[1] - 1).bit_length()))
-        key = self.answering(k, probes, searched, norm_rows, min_recall, weight, bias)
+        room = excluded_room(exclude)
+        key = self.answering(k, probes, budget, norm_rows, min_recall, weight, bias, room)
         if key is None:
-            self._warn_exact(self._asked(k, probes, searched, norm_rows), min_recall, norm_rows is None)
+            self._warn_exact(self._asked(k, probes, budget, norm_rows, room), min_recall, norm_rows is None)
             return exact_topk_outside(x, weight, bias, k, exclude)
         check = self.checks.get(key, RecallCheck())
-        values, indices = self._search(x, weight, bias, *key, seed, exclude)
+        values, indices = self._search(x, weight, bias, *key[:4], seed, exclude)
         if not min_recall or check.done or not x.shape[0]:
             return values, indices
         self.checks[key] = check
@@ -463,12 +470,12 @@ class TopkIndex:
         return values, indices
 
     def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int], min_recall: float,
-                  weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
+                  weight: Tensor, bias: Optional[Tensor], room: int = 0) -> Optional[tuple]:
         """The settings ``(k, probes, budget, norm_rows)`` that answer :meth:`topk` calls with these
         now: themselves, the likeliest rows alone standing in for them (``(k, 0, 0, rows)``; of
         ``weight`` and ``bias``, ordered at the first that needs them), or None: exact scores (see
-        :meth:`topk`)."""
-        key = self._asked(k, probes, budget, norm_rows)
+        :meth:`topk`); ``room``: :func:`excluded_room` of the call's ``exclude``, a fifth element where not 0."""
+        key = self._asked(k, probes, budget, norm_rows, room)
         check = self.checks.get(key)
         while min_recall and check is not None and check.done and check.recall < min_recall:
             if norm_rows is not None:
@@ -478,13 +485,15 @@ class TopkIndex:
             rows = rows_alone(key, self.alone_rank[check.winners], min_recall, self.items.shape[1])
             if rows is None:
                 return None
-            key = (k, 0, 0, rows)
+            key = (k, 0, 0, rows) + key[4:]
             check = self.checks.get(key)
         return key
 
-    def _asked(self, k: int, probes: int, budget: int, norm_rows: Optional[int]) -> tuple:
-        """The settings key of a call (``norm_rows`` None: ``N // 128``, the "auto" start)."""
-        return (k, probes, budget, self.items.shape[1] // TOPK_NORM_SHARE if norm_rows is None else norm_rows)
+    def _asked(self, k: int, probes: int, budget: int, norm_rows: Optional[int], room: int = 0) -> tuple:
+        """The settings key of a call (``norm_rows`` None: ``N // 128``, the "auto" start; ``room`` for excluded
+        ids, where not 0: a fifth element, a question of its own)."""
+        key = (k, probes, budget, self.items.shape[1] // TOPK_NORM_SHARE if norm_rows is None else norm_rows)
+        return key + (room,) if room else key
 
     def _warn_exact(self, key: tuple, min_recall: float, auto: bool) -> None:
         """Once per settings, ``min_recall`` and default ``norm_rows`` or not: topk answers exactly, and why."""
@@ -500,8 +509,11 @@ class TopkIndex:
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
                 norm_rows: int, seed: int, exclude: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """The index's own answer (see :meth:`topk`; ``exclude``'s ids scored -inf); ``budget=0``: the first
-        ``norm_rows`` rows of :attr:`alone_order` alone."""
+        """The index's own answer (see :meth:`topk`; ``exclude``'s ids scored -inf, with :func:`excluded_room`
+        more candidates and bias rows); ``budget=0``: the first ``norm_rows`` rows of :attr:`alone_order` alone."""
+        room = excluded_room(exclude)
+        if budget:
+            budget = min(self.items.shape[1], budget + room)
         bias_rows = self.by_bias  # (read once: another thread's recheck may swap it)
         if budget and norm_rows and bias is not None and bias_rows is not None:
             # The k rows of largest bias beside the norm rows: an input's top k as its norm goes to 0 (a
@@ -509,7 +521,7 @@ class TopkIndex:
             # ignore (a user review: recall 0.0 for zero inputs, and a check failed by their share).
             # With norm_rows=0, the tables alone.
             bias_order, bias_rank = bias_rows
-            by_bias = bias_order[:k]
+            by_bias = bias_order[:k + room]  # (a cold-start user who saw the most popular items: the next ones)
             by_bias = by_bias[self.rank[by_bias] >= norm_rows]  # those not scored as norm rows already
         else:
             by_bias = self.order[:0]
@@ -518,8 +530,30 @@ class TopkIndex:
             rows = torch.cat([(self.order if budget else self.alone_order)[:norm_rows], by_bias])
             norm_values, norm_indices = exact_topk_outside(x, weight.index_select(0, rows), None if bias is None else
                                                            bias.index_select(0, rows), min(k, rows.numel()), exclude, rows)
-            if not budget:
-                return norm_values, norm_indices
+        if not budget:
+            values, indices = norm_values, norm_indices
+        else:
+            values, indices = self._candidates_topk(x, weight, bias, k, probes, budget, norm_rows, seed, exclude,
+                                                    bias_rank if by_bias.numel() else None, k + room)
+            if norm_rows or by_bias.numel():
+                # k finite among the candidates left and the norm (and bias) rows together, never an id twice.
+                values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
+                indices = torch.cat([indices, norm_indices], 1).gather(1, best)
+        # A row with fewer than k finite scores (outputs masked by a -inf bias, or excluded) ends in -inf ties, where
+        # a skipped candidate could stand beside its own norm-row copy (an id twice): such rows are answered exactly
+        # (a user review masked all but 10 of 20,000 outputs).
+        short = values[:, -1] == float("-inf")
+        if bool(short.any()):
+            values[short], indices[short] = exact_topk_outside(x[short], weight, bias, k,
+                                                               None if exclude is None else exclude[short])
+        return values, indices
+
+    def _candidates_topk(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,
+                         norm_rows: int, seed: int, exclude: Optional[Tensor], bias_rank: Optional[Tensor],
+                         bias_rows: int) -> tuple[Tensor, Tensor]:
+        """Each row's top ``k`` among its ``budget`` table candidates by exact score, skipping the first ``norm_rows``
+        rows of the norm order and (``bias_rank`` given) the first ``bias_rows`` of the bias order, scored apart,
+        and ``exclude``'s ids."""
         codes, margins = hashing.input_codes(x, self.projection, self.num_tables, self.bits)
         # Keyed by their codes, rows get the same candidates (and answers) however they are batched.
         active, head = ops.query(codes, margins, self.offsets, self.items, probes, budget, None, seed, 0,
@@ -530,27 +564,15 @@ class TopkIndex:
         width = int(real.max()) if real.numel() else k
         active = active[:, :width]
         skip = self.rank[active] < norm_rows
-        if by_bias.numel():
-            skip |= bias_rank[active] < k
+        if bias_rank is not None:
+            skip |= bias_rank[active] < bias_rows
         if width > k:
             skip |= torch.arange(width, device=x.device) >= real.unsqueeze(1)
         if exclude is not None:
             skip |= among(active, exclude)
         scores = ops.sparse_linear(x, weight, bias, active).masked_fill(skip, float("-inf"))
         values, best = scores.topk(k, dim=1)
-        indices = active.gather(1, best)
-        if norm_rows or by_bias.numel():
-            # k finite among the candidates left and the norm (and bias) rows together, never an id twice.
-            values, best = torch.cat([values, norm_values], 1).topk(k, dim=1)
-            indices = torch.cat([indices, norm_indices], 1).gather(1, best)
-        # A row with fewer than k finite scores (outputs masked by a -inf bias) ends in -inf ties, where a
-        # skipped candidate could stand beside its own norm-row copy (an id twice): such rows are answered
-        # exactly (a user review masked all but 10 of 20,000 outputs).
-        short = values[:, -1] == float("-inf")
-        if bool(short.any()):
-            values[short], indices[short] = exact_topk_outside(x[short], weight, bias, k,
-                                                               None if exclude is None else exclude[short])
-        return values, indices
+        return values, active.gather(1, best)
 
 
 def places(order: Tensor) -> Tensor:

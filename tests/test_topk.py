@@ -172,6 +172,39 @@ def test_exclude_gives_the_best_k_a_row_may_get(exact):
         check_scores(layer, x, values, indices)
 
 
+def test_exclude_leaves_room_for_what_the_row_may_get():
+    """A review of the exclusion inside the index: cold-start users who saw the most popular items got none of the
+    next ones (the k rows of largest bias, all excluded: recall 0.0), and a random-selection layer returned -inf
+    (excluded ids) though allowed outputs remained."""
+    torch.manual_seed(0)
+    n, k = 20_000, 10
+    layer = LSHLinear(32, n).eval()
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(n))
+    x = torch.zeros(8, 32)  # scores: the bias alone
+    seen = layer.bias.topk(k).indices.expand(8, -1)
+    want = layer.bias.topk(2 * k).indices[k:]
+    got = layer.topk(x, k, exclude=seen, min_recall=0).indices
+    assert (got.sort(1).values == want.sort().values).all()
+    # The likeliest rows alone, standing in for a failed index, all excluded for a heavy user: answered exactly (it
+    # returned -inf and excluded ids though 15,360 outputs remained).
+    n = 16_384
+    layer = LSHLinear(32, n, rebuild=None).eval()
+    with torch.no_grad():
+        layer.weight[torch.randperm(n)[:1000]] *= 5
+    layer.topk(torch.randn(200, 32), 5, probes=1, budget=20, exclude=torch.full((200, 1024), -1))  # a light user
+    heavy = layer._topk_index.alone_order[:1024].expand(4, -1)
+    assert layer.topk_answered_by(5, probes=1, budget=20, exclude=heavy)[:3] == (5, 0, 0)
+    x = torch.randn(4, 32)
+    got = layer.topk(x, 5, probes=1, budget=20, exclude=heavy)
+    want = F.linear(x, layer.weight, layer.bias).index_fill(1, heavy[0], -math.inf).topk(5)
+    assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
+    random = LSHLinear(16, 64, selection="random").eval()
+    x = torch.randn(4, 16)
+    got = random.topk(x, 10, budget=16, exclude=torch.arange(40).expand(4, -1))
+    assert got.values.isfinite().all() and (got.indices >= 40).all()  # 16 + 64 candidates: every output
+
+
 def test_exclude_argument_errors():
     layer = LSHLinear(16, 300).eval()
     x = torch.randn(4, 16)
@@ -189,9 +222,11 @@ def test_exclude_argument_errors():
         assert (left.indices[:, 0] == 0).all() and left.values[:, 1].isneginf().all()
         assert torch.equal(left.values[:, 0], F.linear(x, layer.weight, layer.bias)[:, 0])
     wide = LSHLinear(16, 5000).eval()
-    for width in (5, 6, 7, 8):  # the search widened by M padded to a power of two: one recall check for them all
-        wide.topk(x, 2, budget=40, exclude=torch.zeros(4, width, dtype=torch.int64))
-    assert [key[:3] for key in wide.topk_checks] == [(2, wide.inference_probes, 48)]
+    for width in (5, 6, 7, 8):  # the search widened by M padded to a power of two: one recall check for them all,
+        wide.topk(x, 2, budget=40, exclude=torch.zeros(4, width, dtype=torch.int64))  # apart from calls without
+    assert list(wide.topk_checks) == [(2, wide.inference_probes, 40, 39, 8)]
+    assert wide.topk_answered_by(2, budget=40, exclude=torch.zeros(4, 6, dtype=torch.int64)) == (2, 12, 40, 39, 8)
+    assert wide.topk_answered_by(2, budget=40) == (2, 12, 40, 39)
 
 
 def test_outputs_masked_by_a_minus_inf_bias_are_never_returned_twice():
