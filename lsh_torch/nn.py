@@ -1049,8 +1049,9 @@ class LSHLinear(nn.Module):
     def topk_checks(self) -> dict[tuple, RecallCheck]:
         """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
         RecallCheck(inputs, found, wanted, queries, winners)}`` (``.recall``: found / wanted; the
-        likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``); empty before
-        the first call and after the weight changed."""
+        likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``; calls with
+        ``exclude`` under keys of their own, with a fifth element, the room searched for it); empty
+        before the first call and after the weight changed."""
         index = self._topk_index_describes(self.weight, self.bias)
         if index is None:
             return {}
