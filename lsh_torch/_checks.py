@@ -53,7 +53,12 @@ def check_module(name: str, value) -> None:
 
 
 def check_bool(name: str, value) -> bool:
-    """``value``, which must be a bool: ``bool("no")`` is True, so no truthy stand-in is taken."""
+    """``value`` as a Python bool: a bool, a numpy bool or a 0-dim bool tensor (what numpy ints and 0-dim int tensors
+    are to :func:`check_int`); ``bool("no")`` is True, so no other truthy stand-in is taken."""
+    numpy = sys.modules.get("numpy")
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool
+            or numpy is not None and isinstance(value, numpy.bool_)):
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value

@@ -75,7 +75,7 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
     check_module("model", model)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict from lsh_state(), got {type(state).__name__}")
-    check_bool("strict", strict)
+    strict = check_bool("strict", strict)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LSHLinear)}
     if strict and set(layers) != set(state):
         missing, unexpected = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))

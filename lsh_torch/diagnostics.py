@@ -112,7 +112,6 @@ def _hashing_macs(layer) -> int:
     return family.macs(layer.in_features, tables.num_tables, tables.bits)
 
 
-@torch.no_grad()
 def _check_input(layer, x) -> None:
     """``x`` must be a floating ``[*, in_features]`` input of ``layer``."""
     if not isinstance(x, Tensor):
@@ -123,6 +122,7 @@ def _check_input(layer, x) -> None:
         raise TypeError(f"x must be a floating tensor, as the layer takes, got {x.dtype}")
 
 
+@torch.no_grad()
 def active_set_recall(layer, x: Tensor, k: Optional[int] = None, active: Optional[Tensor] = None,
                       include_bias: bool = True, sparse: bool = False) -> dict:
     """How well ``layer``'s active set for the batch ``x`` agrees with its true top activations.
@@ -257,8 +257,8 @@ class RecallMonitor:
     @torch.compiler.disable
     def maybe_probe(self, x: Tensor) -> Optional[dict]:
         """Probe if ``layer.step`` is a positive multiple of ``every`` (and not yet probed at it),
-        not during the layer's warm-up: there training draws uniformly and builds no tables, and a
-        probe's build would change the full build that ends the warm-up into an incremental one."""
+        not during the layer's warm-up: there training draws uniformly and builds no tables (a probe would
+        build some, measuring tables that training then replaces with its full build)."""
         self._note_tables()
         step = int(self.layer.step)
         if (step <= 0 or step % self.every or (self.history and self.history[-1]["step"] == step)

@@ -744,7 +744,7 @@ class ShardedLSHLinear(nn.Module):
         limit = self.out_features if exact else sum(budgets)
 
         def check_k():  # on every rank before the first collective (_gather_input)
-            check_bool("exact", exact)
+            check_bool("exact", exact)  # (a numpy or tensor bool: the shard converts it alike)
             if budget is not None:
                 check_int("budget", budget, 1, max(self.widths))
             if probes is not None:

@@ -262,9 +262,9 @@ class LSHLinear(nn.Module):
             raise ValueError(f"inference must be one of {_INFERENCE_MODES}, got {inference!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        for name, value in (("sparse_grad", sparse_grad), ("center", center),
-                            ("asymmetric", True if asymmetric == "auto" else asymmetric)):
-            check_bool(name, value)
+        sparse_grad, center = check_bool("sparse_grad", sparse_grad), check_bool("center", center)
+        if not (isinstance(asymmetric, str) and asymmetric == "auto"):
+            asymmetric = check_bool("asymmetric", asymmetric)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         auto = auto_settings(out_features, mode, hash)
@@ -516,9 +516,9 @@ class LSHLinear(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"x must have shape [B, in_features={self.in_features}], got {tuple(x.shape)}")
         labels = _label_matrix(labels, x.shape[:1], x.device)
-        check_bool("sparse", sparse)
+        sparse = check_bool("sparse", sparse)
         if shared is not None:
-            check_bool("shared", shared)
+            shared = check_bool("shared", shared)
         if sparse and self.exact_softmax:
             if labels is not None:
                 _check_label_range(labels, self.out_features)
@@ -979,7 +979,7 @@ class LSHLinear(nn.Module):
         94x / 20x after 3 / 5 epochs, where the largest-norm rows would need more than a quarter.
         Clustered rows at 100K / 300K outputs: 0.980 / 0.964 at 2.7x / 6.3x.
         """
-        check_bool("exact", exact)
+        exact = check_bool("exact", exact)
         min_recall, k = check_min_recall(min_recall), integer_scalar(k)
         input, weight, bias = self._operands(input)
         x = input.reshape(-1, self.in_features)
@@ -1125,7 +1125,8 @@ class LSHLinear(nn.Module):
         if (device_type is not None and torch.amp.is_autocast_available(device_type)  # meta has no autocast
                 and torch.is_autocast_enabled(device_type)):
             dtype = torch.get_autocast_dtype(device_type)
-            input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
+            sparse = self._sparse_grad and torch.is_grad_enabled()  # (the parameters' gradients may be sparse)
+            input, weight, bias = _autocast(input, dtype, False), _autocast(weight, dtype, sparse), _autocast(bias, dtype, sparse)
         self._check_input(input, weight)
         if weight.shape != (self.out_features, self.in_features) or bias is not None and bias.shape != weight.shape[:1]:
             what = f"weight {tuple(weight.shape)}" + (f" and bias {tuple(bias.shape)}" if bias is not None else "")
@@ -1271,9 +1272,11 @@ def _fingerprint(x: Tensor) -> Tensor:
     return torch.cat([x.sum(0), x @ weights])
 
 
-def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    eligible = t is not None and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
-    return _Cast.apply(t, dtype) if eligible else t
+def _autocast(t: Optional[Tensor], dtype: torch.dtype, sparse_grad: bool) -> Optional[Tensor]:
+    """``t`` in autocast's ``dtype`` (float64 stays); through :class:`_Cast` where its gradient may be sparse."""
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return _Cast.apply(t, dtype) if sparse_grad and t.requires_grad else t.to(dtype)
 
 
 class _Cast(torch.autograd.Function):
@@ -1289,7 +1292,9 @@ class _Cast(torch.autograd.Function):
         ctx.dtype = inputs[0].dtype
 
     @staticmethod
-    @torch.compiler.disable  # eager under torch.compile: a compiled backward took no sparse gradient (it failed)
+    # Eager under torch.compile: a compiled backward took no sparse gradient (it failed). Only parameters of a
+    # sparse_grad=True layer go through here: a graph break elsewhere failed strict export and fullgraph under autocast.
+    @torch.compiler.disable
     def backward(ctx, grad: Tensor):
         return grad.to(ctx.dtype), None
 

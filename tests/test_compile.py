@@ -429,3 +429,26 @@ def test_fullgraph_says_why_a_training_forward_or_approximate_topk_breaks_the_gr
         torch._dynamo.reset()
         with pytest.raises(torch._dynamo.exc.Unsupported, match=why):
             torch.compile(call, fullgraph=True, backend="eager")()
+
+
+def test_an_autocast_eval_exports_strict_and_compiles_whole():
+    """The autocast cast's eager backward (for sparse gradients) applied to every cast: strict export and a
+    fullgraph compile of an eval model under autocast failed at it (a review); now only parameters of a
+    sparse_grad=True layer take it."""
+    layer = LSHLinear(16, 3000, active=128).eval()
+
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.layer(x).float()
+    x = torch.randn(4, 16)
+    program = torch.export.export(Autocast(), (x,), strict=True)
+    assert torch.equal(program.module()(x), Autocast()(x))
+    torch._dynamo.reset()
+    x.requires_grad_()
+    torch.compile(Autocast(), fullgraph=True, backend="aot_eager")(x).sum().backward()
+    assert x.grad is not None

@@ -1,6 +1,7 @@
 """Active-set recall diagnostics and the periodic RecallMonitor probe."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -319,6 +320,10 @@ def test_sparse_recall_measures_the_set_forward_sparse_trains_with(mode):
                        (lambda: layer.active_set(x, sparse=0), "sparse")):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             call()
+    # numpy and 0-dim tensor bools are bools, as numpy and tensor ints are ints (they were taken before)
+    assert active_set_recall(layer, x, include_bias=np.False_)["recall"] == active_set_recall(layer, x, include_bias=False)[
+        "recall"]
+    assert layer.active_set(x, shared=torch.tensor(False)).dim() == 2
     with pytest.raises(ValueError, match=r"x must have shape \[\*, in_features=16\], got \(4, 3\)"):
         RecallMonitor(layer).probe(torch.randn(4, 3))  # (a reshape's "shape '[-1, 16]' is invalid")
     with pytest.raises(ValueError, match=r"scores hold \+inf"):  # (its mass share was NaN)
