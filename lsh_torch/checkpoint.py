@@ -126,7 +126,8 @@ def load_lsh_state(model: nn.Module, state: dict[str, dict[str, Any]], strict: b
             layer._stale = False
             # (States saved before "current" was: the tables training left.) Eval re-hashes where the run that
             # saved them would, and training warns of a write where it would.
-            layer._restore_versions(tables.get("current", True), tables.get("stepped", False))
+            # (States saved before "stepped" was: a run past its warm-up has stepped since its last build, most likely.)
+            layer._restore_versions(tables.get("current", True), tables.get("stepped", step > layer.warmup))
             layer._tables_from_checkpoint = True  # a load_state_dict before their first use warns
         layer.step = step
 

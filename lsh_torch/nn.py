@@ -126,6 +126,15 @@ def _reads_weight(method):
     return call
 
 
+def _eager_under_compile(reason: str):
+    """``torch.compiler.disable``, with the reason dynamo's fullgraph error then gives (its ``reason=`` came in torch
+    2.8; before it, the error gives none)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
+
 class LSHLinear(nn.Module):
     r"""A drop-in for :class:`torch.nn.Linear` whose training step touches only the active neurons.
 
@@ -440,7 +449,7 @@ class LSHLinear(nn.Module):
 
     def __setstate__(self, state):
         own, current = state.pop("_hashed_from"), state.pop("_tables_current", False)
-        stepped = state.pop("_tables_stepped", False)
+        stepped = state.pop("_tables_stepped", state.get("step", 0) > state.get("warmup", 0))  # (older pickles: likely)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
                  "_draws": _RecordedDraws(), "_stepped_version": None, "_warned_write": False, "_stale_marks": 0,
@@ -560,10 +569,11 @@ class LSHLinear(nn.Module):
         became tensors that the query refused (a reviewer's "budget must be an int, got tensor(512)"), and a
         build in the traced call made the trace's own check fail ("Graphs differed across invocations")."""
         layer = f"{self.__class__.__name__}(out_features={self.out_features})"
-        if self._stale:
-            raise RuntimeError(f"{layer}: its hash tables are not built yet (a new or loaded layer): torch.jit.trace would "
-                               "record the build in the first call only. Call rebuild() (or run one eager forward) "
-                               "before tracing; or use torch.export or torch.compile, which build the tables per call.")
+        if self._stale or not self.training and self._moved_since_build():
+            raise RuntimeError(f"{layer}: its hash tables are not built for the weight as it is (a new or loaded layer, "
+                               "or a weight written since the build): torch.jit.trace would record the build in the "
+                               "first call only. Call rebuild() (or run one eager forward) before tracing; or use "
+                               "torch.export or torch.compile, which build the tables per call.")
         if self._tail_count(sparse) and self.rescore > 1 and self.tables.selection != "random":
             raise RuntimeError(f"{layer}: an eval lookup with a tail (forward_sparse, or inference='lsh' with tail=) "
                                "chooses its top set by exact scores, sized from the batch, which torch.jit.trace cannot "
@@ -845,7 +855,7 @@ class LSHLinear(nn.Module):
             self._draws.record(x, (active, head), values)
         return values, active, head
 
-    @torch.compiler.disable(reason="LSHLinear's training lookup runs eagerly (a Python step counter, its rebuild "
+    @_eager_under_compile("LSHLinear's training lookup runs eagerly (a Python step counter, its rebuild "
                                    "schedule, random draws): one graph break per training forward, so "
                                    "fullgraph=True cannot compile a training step; eval forwards compile whole")
     def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool,
@@ -1008,7 +1018,7 @@ class LSHLinear(nn.Module):
         shape = (*input.shape[:-1], k)
         return torch.return_types.topk((values.reshape(shape), indices.reshape(shape)))
 
-    @torch.compiler.disable(reason="LSHLinear.topk(exact=False) builds, checks and consults its index eagerly: "
+    @_eager_under_compile("LSHLinear.topk(exact=False) builds, checks and consults its index eagerly: "
                                    "fullgraph=True and export cannot include it; topk(exact=True) compiles whole")
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""

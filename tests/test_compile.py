@@ -358,11 +358,15 @@ def test_jit_trace_of_what_it_cannot_record_is_refused_clearly():
     """A rescored eval lookup failed inside the query ("budget must be an int, got tensor(512)"), and tables built in
     the traced call failed the trace's own check ("Graphs differed across invocations"): a reviewer's."""
     fresh = LSHLinear(16, 200, active=20, inference="lsh").eval()
-    with pytest.raises(RuntimeError, match=r"hash tables are not built yet .* Call rebuild\(\)"):
+    with pytest.raises(RuntimeError, match=r"hash tables are not built for the weight as it is .* Call rebuild\(\)"):
         torch.jit.trace(fresh, torch.randn(4, 16))
     fresh.rebuild()
     x = torch.randn(4, 16)
     assert torch.equal(torch.jit.trace(fresh, torch.randn(4, 16))(x), fresh(x))
+    with torch.no_grad():  # a weight written since the build: the eval lookup would re-hash inside the trace
+        fresh.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="not built for the weight as it is"):
+        torch.jit.trace(fresh, torch.randn(4, 16))
     for model in (_SparseEval(LSHLinear(16, 20_000, active=256, seed=1)),
                   LSHLinear(16, 20_000, active=256, tail=64, inference="lsh")):
         model.eval()
