@@ -46,6 +46,11 @@ def refuse(bad: torch.Tensor, message: str, detail=None, synced: bool = False) -
         raise ValueError(message + (detail(bad) if detail is not None else ""))
 
 
+def autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for ``device_type`` (False where it has none: meta)?"""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def check_module(name: str, value) -> None:
     """``value`` must be an ``nn.Module`` (a list of layers fails later, with an AttributeError)."""
     if not isinstance(value, torch.nn.Module):

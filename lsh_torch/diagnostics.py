@@ -210,7 +210,8 @@ class RecallMonitor:
             k = check_int("k", k, 1, layer.out_features)
         self.layer, self.every, self.k, self.max_rows = layer, every, k, max_rows
         self.name = name or type(layer).__name__
-        self.include_bias, self.probe_eval = check_bool("include_bias", include_bias), check_bool("probe_eval", probe_eval)
+        self.include_bias = check_bool("include_bias", include_bias)
+        self.probe_eval = check_bool("probe_eval", probe_eval)
         self.sparse = check_bool("sparse", sparse)
         self.history: list[dict] = []
         self.rebuild_steps: list[int] = []

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_int, refuse
+from ._checks import autocast_on, check_int, refuse
 
 
 def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
@@ -109,8 +109,7 @@ def reduce_loss(loss: Tensor, has_label: Tensor, reduction: str, batch_shape: to
         loss = loss.sum()
     else:
         loss = loss.sum() / has_label.sum().clamp_min(1)
-    autocast = torch.amp.is_autocast_available(values.device.type) and torch.is_autocast_enabled(values.device.type)
-    return loss if autocast else loss.to(values.dtype)
+    return loss if autocast_on(values.device.type) else loss.to(values.dtype)
 
 
 def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:

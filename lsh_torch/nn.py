@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import hashing, ops
-from ._checks import MAX_BITS, MAX_PROBES, check_bool, check_int, int_or_float, integer_scalar, refuse, user_stacklevel
+from ._checks import (MAX_BITS, MAX_PROBES, autocast_on, check_bool, check_int, int_or_float, integer_scalar, refuse,
+                      user_stacklevel)
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         among, exact_topk_outside, excluded_room, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
@@ -856,8 +857,8 @@ class LSHLinear(nn.Module):
         return values, active, head
 
     @_eager_under_compile("LSHLinear's training lookup runs eagerly (a Python step counter, its rebuild "
-                                   "schedule, random draws): one graph break per training forward, so "
-                                   "fullgraph=True cannot compile a training step; eval forwards compile whole")
+                          "schedule, random draws): one graph break per training forward, so "
+                          "fullgraph=True cannot compile a training step; eval forwards compile whole")
     def _training_active_set(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool,
                              compiled: bool = False) -> tuple[Tensor, Tensor]:
         """One training step's bookkeeping and lookup: rebuild if the schedule says so, query with
@@ -1019,7 +1020,7 @@ class LSHLinear(nn.Module):
         return torch.return_types.topk((values.reshape(shape), indices.reshape(shape)))
 
     @_eager_under_compile("LSHLinear.topk(exact=False) builds, checks and consults its index eagerly: "
-                                   "fullgraph=True and export cannot include it; topk(exact=True) compiles whole")
+                          "fullgraph=True and export cannot include it; topk(exact=True) compiles whole")
     def _topk_index_of(self, weight: Tensor, bias: Optional[Tensor]) -> TopkIndex:
         """topk's index, rebuilt if ``weight`` or ``bias`` (the layer's, not autocast copies) changed since."""
         # Non-strict export runs this with fake weights; a jit trace recorded the first call's checks and builds
@@ -1132,11 +1133,11 @@ class LSHLinear(nn.Module):
         parameters' own dtype."""
         weight, bias = self.weight, self.bias
         device_type = input.device.type if isinstance(input, Tensor) else None
-        if (device_type is not None and torch.amp.is_autocast_available(device_type)  # meta has no autocast
-                and torch.is_autocast_enabled(device_type)):
+        if device_type is not None and autocast_on(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             sparse = self._sparse_grad and torch.is_grad_enabled()  # (the parameters' gradients may be sparse)
-            input, weight, bias = _autocast(input, dtype, False), _autocast(weight, dtype, sparse), _autocast(bias, dtype, sparse)
+            input = _autocast(input, dtype, False)
+            weight, bias = _autocast(weight, dtype, sparse), _autocast(bias, dtype, sparse)
         self._check_input(input, weight)
         if weight.shape != (self.out_features, self.in_features) or bias is not None and bias.shape != weight.shape[:1]:
             what = f"weight {tuple(weight.shape)}" + (f" and bias {tuple(bias.shape)}" if bias is not None else "")
