@@ -197,7 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--model", metavar="PATH",
                    help="also measure a trained output layer saved by examples/xmc.py --save-head PATH")
     p.add_argument("--min-recall", type=cli.real(0, 1), default=TOPK_MIN_RECALL,
-                   help="topk's min_recall: below it on 64 checked queries topk answers from a stand-in or exactly "
+                   help="topk's min_recall: below it on the last 64 checked queries topk answers from a stand-in or exactly "
                         "(0: never)")
     p.add_argument("--repeats", type=cli.integer(), default=3, help="timed calls per case (their median)")
     p.add_argument("--out", type=cli.output_path, default=os.path.join(RESULTS, "topk_run.json"), help="JSON path ('' for none)")
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
               f"{r['answers']:>13}{r['build_s']:>9.1f}{r['index_mb']:>10.1f}")
     print("exact: F.linear + torch.topk over every output; LSH: LSHLinear.topk(x, k) (A candidates from topk's own L "
           "tables of K bits, P probes each, and the `norm` largest-norm rows, rescored exactly); recall@k: share of "
-          "the exact top k in the LSH top k; checked: the index's recall on the 64 queries topk checked it on, "
+          "the exact top k in the LSH top k; checked: the index's recall on the last 64 queries topk checked it on, "
           f"answers: who answered after that (below min_recall={args.min_recall}: `n alone`, the n likeliest rows "
           "alone (by an estimate of their output for the checked queries), checked on the next 64 (alone_recall in the JSON), or exact); build s, index MB: topk's index")
     if args.out:

@@ -949,17 +949,19 @@ class LSHLinear(nn.Module):
           with them, the ``k`` of largest bias: the top k of an input near zero (a cold-start user's
           zero vector scores the bias alone).
 
-        The index is checked before it is trusted: 64 of the first rows it answers after each build
-        (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and
-        get the exact answer; if it found less than ``min_recall`` (default 0.9) of their exact top
-        k, it is not used until the weight changes (the index's recall depends on the trained rows
-        and the inputs). With the default ``norm_rows``, the likeliest rows alone then stand in
+        The index is checked before it is trusted and while it answers: 64 of the first rows it answers after each
+        build (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and get the
+        exact answer, and after them one row in 1,024 is checked too (keeping the index's answer); where it found
+        less than ``min_recall`` (default 0.9) of the exact top k of the last 64 checked, it is not used (the
+        index's recall depends on the trained rows and the inputs: rows unlike the first ones are noticed). With
+        the default ``norm_rows``, the likeliest rows alone then stand in
         for it (by an estimate of their output for the checked rows: their mean's output plus
         their spread times the row's norm, :meth:`~lsh_torch.retrieval.TopkIndex.order_alone`),
         as many as held ``min_recall`` of the checked top k (rounded up to a doubling of
         ``out_features // 128``), checked on 64 other rows in turn, and widened if they fail, up
-        to a quarter of the outputs; past that, or with ``norm_rows`` given, every later row is
-        answered exactly, with a warning. :attr:`topk_checks` holds the measured recall (a stand-in
+        to a quarter of the outputs; past that, or with ``norm_rows`` given, rows are answered exactly, with a
+        warning, and one in 16 is also searched in the index, which answers again once the last 64 checked reach
+        ``min_recall`` (a random warm-up batch fails it). :attr:`topk_checks` holds the measured recall (a stand-in
         as settings ``(k, 0, 0, rows)``); ``min_recall=0`` skips the check.
 
         Defaults (:func:`lsh_torch.retrieval.topk_settings`): ``probes`` :attr:`inference_probes`
@@ -1059,15 +1061,16 @@ class LSHLinear(nn.Module):
     @property
     def topk_checks(self) -> dict[tuple, RecallCheck]:
         """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
-        RecallCheck(inputs, found, wanted, queries, winners)}`` (``.recall``: found / wanted; the
+        RecallCheck(inputs, found, wanted, queries, winners, hits)}`` (``.recall``: found / wanted over the last 64
+        inputs checked; the
         likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``; calls with
         ``exclude`` under keys of their own, with a fifth element, the room searched for it); empty
         before the first call and after the weight changed."""
         index = self._topk_index_describes(self.weight, self.bias)
         if index is None:
             return {}
-        return {key: dataclasses.replace(c, **{name: None if t is None else t.clone() for name, t in
-                                               (("queries", c.queries), ("winners", c.winners))})
+        return {key: dataclasses.replace(c, pending=list(c.pending), **{name: None if t is None else t.clone() for name, t in
+                                               (("queries", c.queries), ("winners", c.winners), ("hits", c.hits))})
                 for key, c in list(index.checks.items())}
 
     def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,

@@ -59,7 +59,17 @@ TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
 TOPK_ALONE_SHARE = 4  # the likeliest rows alone stand in for a failed index up to a quarter of the rows
 TOPK_MIN_RECALL = 0.9  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
-TOPK_CHECKED_INPUTS = 64  # inputs on which each index's answers are compared with the exact top-k
+TOPK_CHECKED_INPUTS = 64  # an index is judged by its answers on the last 64 inputs compared with the exact top-k
+# After the first 64, one input in every TOPK_AUDIT_EVERY that an index answers is checked too, so that inputs unlike
+# the first ones (a stream that drifts, heavy users after light ones) still get the recall they were promised. Those
+# keep the index's answers and are checked TOPK_AUDIT_BATCH at a time: an exact answer reads every row, for one input
+# nearly as long as for 64 (670K x 128: 0.16 s for 1 input, 1.5 s for 64, 20 s for 1,024, 2 busy cores; checking
+# one input of each 1,024-query call at once measured 1.4-2x slower calls there). One in every TOPK_RETRY_EVERY inputs
+# answered exactly after a failed check is also searched in the index (next to nothing beside the exact scores),
+# which takes over again once the last 64 checked say it may (a random warm-up batch failed it for good).
+TOPK_AUDIT_EVERY = 1024
+TOPK_AUDIT_BATCH = 16
+TOPK_RETRY_EVERY = 16
 EXACT_BLOCK = 2 ** 26  # scores that exact_topk holds at once (256 MB in float32)
 
 
@@ -160,14 +170,19 @@ def exact_topk_outside(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int
 
 @dataclass
 class RecallCheck:
-    """How much of the exact top-k an index found on the inputs checked so far (:meth:`TopkIndex.topk`)."""
+    """How much of the exact top-k an index found on the last :data:`TOPK_CHECKED_INPUTS` inputs it was checked on
+    (:meth:`TopkIndex.topk`): ``found`` of ``wanted``; ``inputs`` counts every input checked so far."""
     inputs: int = 0
     found: int = 0
     wanted: int = 0
-    # The counted inputs (float64) and their exact top k's ids, flattened (a failed check sizes its stand-in by them:
-    # rows_alone; the first to fail orders the stand-ins' rows: TopkIndex.order_alone).
+    # The last 64 counted inputs (float64), their exact top k's ids, flattened, and how many of those each input's
+    # answer held (a failed check sizes its stand-in by them: rows_alone; the first to fail orders the stand-ins'
+    # rows: TopkIndex.order_alone).
     queries: Optional[Tensor] = field(default=None, repr=False, compare=False)
     winners: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    hits: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    answered: int = field(default=0, repr=False, compare=False)  # inputs answered since the first 64 were checked
+    pending: list = field(default_factory=list, repr=False, compare=False)  # audited inputs not checked yet (wait)
 
     @property
     def done(self) -> bool:
@@ -176,6 +191,49 @@ class RecallCheck:
     @property
     def recall(self) -> Optional[float]:
         return self.found / self.wanted if self.wanted else None
+
+    def due(self, batch: int, every: int, device) -> Tensor:
+        """Which of a call's ``batch`` inputs to check: until 64 are, as many as are missing, spread evenly over
+        the call's; then one in every ``every`` inputs answered."""
+        if not self.done:
+            count = min(batch, TOPK_CHECKED_INPUTS - self.inputs)
+            return torch.arange(count, device=device) * batch // count
+        first = (every - 1 - self.answered) % every
+        self.answered += batch
+        return torch.arange(first, max(first, batch), every, device=device)
+
+    def add(self, queries: Tensor, found: tuple[Tensor, Tensor], exact: tuple[Tensor, Tensor]) -> None:
+        """Count checked inputs: ``queries [n, d]``, the answers ``found`` and the ``exact`` ones (values and ids,
+        ``[n, k]`` each); the oldest beyond the last 64 are forgotten."""
+        (found_values, found_indices), (exact_values, exact_indices) = found, exact
+        # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
+        # (A binary search: a [rows, k, k] comparison took 25.6 GB at k = 20,000 and 64 rows.)
+        hits = among(found_indices, exact_indices) | (found_values >= exact_values[:, -1:])
+        counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
+        # Queries kept in float64, as order_alone reads them: calls under autocast to bfloat16 and to float16
+        # would otherwise leave two dtypes that autocast's cat refuses to join.
+        queries, winners, hits = queries[counted].detach().double(), exact_indices[counted].cpu(), hits[counted].cpu()
+        last, k = TOPK_CHECKED_INPUTS, winners.shape[1]
+        join = lambda old, new: new[-last:] if old is None else torch.cat([old, new])[-last:]
+        self.inputs += hits.shape[0]
+        self.queries = join(self.queries, queries)
+        self.winners = join(None if self.winners is None else self.winners.view(-1, k), winners).flatten()
+        self.hits = join(self.hits, hits.sum(1))
+        self.found, self.wanted = int(self.hits.sum()), self.hits.numel() * k
+
+    def wait(self, queries: Tensor, values: Tensor, indices: Tensor, exclude: Optional[Tensor]):
+        """Keep audited inputs and their answers; once :data:`TOPK_AUDIT_BATCH` wait, all of them (``(queries,
+        values, indices, exclude)``, ``exclude``'s rows padded to one width), to be checked at once; else None."""
+        self.pending.append((queries.detach(), values, indices, exclude))
+        if sum(q.shape[0] for q, *_ in self.pending) < TOPK_AUDIT_BATCH:
+            return None
+        queries, values, indices, seen = zip(*self.pending)
+        self.pending = []
+        width = max((0 if e is None else e.shape[1]) for e in seen)
+        seen = None if all(e is None for e in seen) else torch.cat(
+            [q.new_full((q.shape[0], width), -1, dtype=torch.long) if e is None else F.pad(e, (0, width - e.shape[1]), value=-1)
+             for q, e in zip(queries, seen)])
+        return torch.cat(queries), torch.cat(values), torch.cat(indices), seen
 
 
 def weight_version(weight: Optional[Tensor]):
@@ -404,12 +462,15 @@ class TopkIndex:
         than ``k`` for a row, seeded uniform draws complete it (as :func:`ops.query` fills).
 
         Checked against the exact top-k: the first :data:`TOPK_CHECKED_INPUTS` (64) inputs that
-        these settings answer (evenly spread over each call's) are also scored exactly and get the
-        exact answer. Once 64 are checked, an index that found less than ``min_recall`` of their
-        exact top-k is not used until the weight changes: the index's recall depends on the trained
-        weight and the inputs, and some (the XMC demo's 100K-label head: 0.36) are not worth
-        answering from. ``min_recall=0``: no check, the index's own answers. :attr:`checks` holds
-        what was measured.
+        these settings answer (evenly spread over each call's) are also scored exactly and get the exact
+        answer; after them, one in every :data:`TOPK_AUDIT_EVERY` (1,024) is checked too, keeping the index's
+        answer, :data:`TOPK_AUDIT_BATCH` (16) at a time. Where the index found less than
+        ``min_recall`` of the exact top-k of the last 64 checked, it is not used: the index's recall depends
+        on the trained weight and the inputs, and some (the XMC demo's 100K-label head: 0.36) are not worth
+        answering from. Answered exactly, one input in :data:`TOPK_RETRY_EVERY` (16) is also searched in the
+        index, which answers again once the last 64 checked reach ``min_recall``. A new weight starts the
+        checks again. ``min_recall=0``: no check, the index's own answers. :attr:`checks` holds what was
+        measured.
 
         ``norm_rows=None`` (``"auto"``): ``N // 128`` norm rows beside the tables, and where that
         fails its check, the likeliest rows alone (no tables; the first rows of
@@ -436,37 +497,43 @@ class TopkIndex:
         min_recall = check_min_recall(min_recall)
         room = excluded_room(exclude)
         key = self.answering(k, probes, budget, norm_rows, min_recall, weight, bias, room)
+        # Checked: the settings that answer, or, answered exactly, the asked ones, whose index may take over again.
+        checked = self._asked(k, probes, budget, norm_rows, room) if key is None else key
+        check = self.checks.get(checked, RecallCheck())
+        rows = (check.due(x.shape[0], TOPK_RETRY_EVERY if key is None else TOPK_AUDIT_EVERY, x.device) if min_recall
+                else x.new_zeros(0, dtype=torch.long))
+        excluded = lambda r: None if exclude is None else exclude[r]
         if key is None:
-            self._warn_exact(self._asked(k, probes, budget, norm_rows, room), min_recall, norm_rows is None)
-            return exact_topk_outside(x, weight, bias, k, exclude)
-        check = self.checks.get(key, RecallCheck())
-        values, indices = self._search(x, weight, bias, *key[:4], seed, exclude)
-        if not min_recall or check.done or not x.shape[0]:
+            self._warn_exact(checked, min_recall, norm_rows is None)
+            values, indices = exact_topk_outside(x, weight, bias, k, exclude)
+            if rows.numel():
+                self.checks[checked] = check
+                check.add(x[rows], self._search(x[rows], weight, bias, *checked[:4], seed, excluded(rows)),
+                          (values[rows], indices[rows]))
             return values, indices
-        self.checks[key] = check
-        count = min(x.shape[0], TOPK_CHECKED_INPUTS - check.inputs)
-        rows = torch.arange(count, device=x.device) * x.shape[0] // count
-        exact_values, exact_indices = exact_topk_outside(x[rows], weight, bias, k, None if exclude is None else exclude[rows])
-        # A hit: one of the exact top k, or a row that ties with the k-th (another row of equal score).
-        # (A binary search: a [rows, k, k] comparison took 25.6 GB at k = 20,000 and 64 rows.)
-        hits = among(indices[rows], exact_indices) | (values[rows] >= exact_values[:, -1:])
-        counted = ~exact_values.isnan().any(1)  # an input with NaN scores has no top k to find: not counted
-        # Queries kept in float64, as order_alone reads them: calls under autocast to bfloat16 and to float16
-        # would otherwise leave two dtypes that autocast's cat refuses to join.
-        hits, winners = hits[counted], exact_indices[counted].flatten().cpu()
-        queries = x[rows][counted].detach().double()
-        check.inputs, check.found, check.wanted = (check.inputs + hits.shape[0], check.found + int(hits.sum()),
-                                                   check.wanted + hits.numel())
-        check.queries = queries if check.queries is None else torch.cat([check.queries, queries])
-        check.winners = winners if check.winners is None else torch.cat([check.winners, winners])
-        values[rows], indices[rows] = exact_values, exact_indices
+        values, indices = self._search(x, weight, bias, *key[:4], seed, exclude)
+        if not rows.numel():
+            return values, indices
+        self.checks[checked] = check
+        answered_exactly = rows[:0]
+        if check.done:  # an audit: the index's answers stand, checked once enough wait
+            audited = check.wait(x[rows], values[rows], indices[rows], excluded(rows))
+            if audited is None:
+                return values, indices
+            queries, found_values, found_indices, seen = audited
+            check.add(queries, (found_values, found_indices), exact_topk_outside(queries, weight, bias, k, seen))
+        else:  # the first 64: exact answers
+            exact = exact_topk_outside(x[rows], weight, bias, k, excluded(rows))
+            check.add(x[rows], (values[rows], indices[rows]), exact)
+            values[rows], indices[rows] = exact
+            answered_exactly = rows
         if check.done and check.recall < min_recall:
             # This call's other inputs as the verdict says (a stand-in is checked on them: not on the inputs
             # that chose it).
-            others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, rows, False)
+            others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, answered_exactly, False)
             if bool(others.any()):
                 values[others], indices[others] = self.topk(x[others], weight, bias, k, probes, budget, norm_rows,
-                                                            seed, min_recall, None if exclude is None else exclude[others])
+                                                            seed, min_recall, excluded(others))
         return values, indices
 
     def answering(self, k: int, probes: int, budget: int, norm_rows: Optional[int], min_recall: float,
@@ -502,9 +569,11 @@ class TopkIndex:
         self._warned.add((key, min_recall, auto))
         check = self.checks[key]
         alone = "; nor would the likeliest rows alone, up to a quarter of them" if auto else ""
-        warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of "
-                      f"{check.inputs} inputs, less than min_recall={min_recall}{alone}: answering exactly until the "
-                      f"weight changes (more probes or budget may do; min_recall=0 takes the index's answers)",
+        warnings.warn(f"LSHLinear.topk: its index found {check.recall:.3f} of the exact top {key[0]} of the last "
+                      f"{check.hits.numel()} inputs checked, less than min_recall={min_recall}{alone}: answering "
+                      f"exactly (one input in {TOPK_RETRY_EVERY} is also searched in the index, which answers again "
+                      f"once the last {TOPK_CHECKED_INPUTS} checked reach min_recall, or the weight changes; more probes "
+                      "or budget may do; min_recall=0 takes the index's answers)",
                       stacklevel=user_stacklevel())  # the caller of LSHLinear.topk
 
     def _search(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, probes: int, budget: int,

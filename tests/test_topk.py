@@ -474,13 +474,18 @@ def test_an_index_below_min_recall_answers_exactly(monkeypatch):
     own = layer.topk(x, 5, min_recall=0, **hard)
     assert recall(own[1], exact[1]) < 0.5  # the premise: the index alone is poor here
     assert layer.topk_checks == {}  # min_recall=0 measured nothing
-    with pytest.warns(UserWarning, match=r"found 0\.\d+ of the exact top 5 of 64 inputs, less than min_recall=0\.9") as record:
+    with pytest.warns(UserWarning, match=r"found 0\.\d+ of the exact top 5 of the last 64 inputs checked, less than min_recall=0\.9") as record:
         got = layer.topk(x, 5, **hard)
     assert record[0].filename == __file__  # the warning names the caller's line
     assert torch.equal(got[1], exact[1]) and torch.equal(got[0], exact[0])
+    # 64 inputs spread over the call's checked; the 136 others answered exactly, one in 16 of them also searched in
+    # the index; the verdict stands on the last 64 checked.
+    spread = torch.arange(64) * 200 // 64
+    retried = torch.tensor([i for i in range(200) if i not in spread.tolist()])[15::16]
+    last = torch.cat([spread, retried])[-64:]
     (key, check), = layer.topk_checks.items()
-    assert key == (5, 1, layer.topk_budget, 0) and check.inputs == 64 and check.recall < 0.5
-    assert check.recall == pytest.approx(recall(own[1][torch.arange(64) * 200 // 64], exact[1][torch.arange(64) * 200 // 64]))
+    assert key == (5, 1, layer.topk_budget, 0) and check.inputs == 64 + 8 and check.recall < 0.5
+    assert check.recall == pytest.approx(recall(own[1][last], exact[1][last]))
     searched, search = [], TopkIndex._search
     monkeypatch.setattr(TopkIndex, "_search", lambda *a: searched.append(1) or search(*a))
     with warnings.catch_warnings():
@@ -491,6 +496,54 @@ def test_an_index_below_min_recall_answers_exactly(monkeypatch):
         layer.topk(x[:3], 5, min_recall=0.95, **hard)
     assert record[0].filename == __file__
     assert layer.topk(x, 5, min_recall=0.2, **hard)[1].shape == (200, 5) and searched  # a laxer call takes it
+
+
+def test_the_verdict_follows_the_last_64_inputs_checked_both_ways(monkeypatch):
+    """Checked on its first 64 inputs only, an index kept answering inputs unlike them with the recall of theirs:
+    users who had seen their own best 200 items got 0.68 of their masked top 5 from an index that found all of
+    light users'. Later inputs are checked too (one in 1,024; one in 128 here, for fewer queries), and the last 64
+    checked decide; answered exactly, one in 16 is searched in the index, which answers again once they say it may."""
+    monkeypatch.setattr(retrieval, "TOPK_AUDIT_EVERY", 128)
+    layer, x, _ = hard_layer()
+    x = torch.randn(8192, 32, generator=torch.Generator().manual_seed(1))
+    scores = F.linear(x, layer.weight, layer.bias)
+    light = torch.randint(0, 16_384, (8192, 200), generator=torch.Generator().manual_seed(2))  # seen at random
+    heavy = scores.topk(200, dim=1).indices  # each user's own best 200 seen
+    settings = dict(norm_rows=128)
+    key = (5, layer.inference_probes, layer.topk_budget, 128, 256)
+    exact = lambda rows, seen: layer.topk(x[rows], 5, exact=True, exclude=seen[rows])[1]
+    first = slice(0, 64)
+    assert recall(layer.topk(x[first], 5, exclude=light[first], **settings)[1], exact(first, light)) == 1.0
+    assert layer.topk_answered_by(5, exclude=light, **settings) == key
+    premise = slice(7680, 8192)
+    assert recall(layer.topk(x[premise], 5, exclude=heavy[premise], min_recall=0, **settings)[1],
+                  exact(premise, heavy)) < 0.75  # the index alone, for heavy users
+    with pytest.warns(UserWarning, match="of the last 64 inputs checked"):
+        for start in range(64, 6144, 512):  # 6,080 heavy users: one in 128 checked, one in 16 once answered exactly
+            layer.topk(x[start:start + 512], 5, exclude=heavy[start:start + 512], **settings)
+    assert layer.topk_answered_by(5, exclude=heavy, **settings) is None  # exact scores now
+    later = slice(6144, 6656)
+    assert torch.equal(layer.topk(x[later], 5, exclude=heavy[later], **settings)[1], exact(later, heavy))
+    for start in range(6656, 8192, 512):  # light users again: 96 of 1,536 searched in the index
+        layer.topk(x[start:start + 512], 5, exclude=light[start:start + 512], **settings)
+    assert layer.topk_answered_by(5, exclude=light, **settings) == key
+    check = layer.topk_checks[key]
+    assert check.inputs > 64 + 96 and check.hits.shape == (64,) and check.recall >= 0.9
+
+
+def test_audited_inputs_wait_to_be_checked_together():
+    """Audits are checked 16 inputs at a time (one read of every row for all of them); calls of one settings key
+    may exclude histories of different widths (129-256 share a key) or none (width 0 and None share one)."""
+    check = retrieval.RecallCheck()
+    q = lambda n: torch.randn(n, 4)
+    ids = lambda n: torch.zeros(n, 5, dtype=torch.long)
+    assert check.wait(q(6), ids(6).float(), ids(6), torch.ones(6, 3, dtype=torch.long)) is None
+    assert check.wait(q(6), ids(6).float(), ids(6), None) is None
+    queries, values, indices, seen = check.wait(q(4), ids(4).float(), ids(4), torch.full((4, 1), 2))
+    assert queries.shape == (16, 4) and values.shape == indices.shape == (16, 5) and check.pending == []
+    assert seen.tolist() == [[1, 1, 1]] * 6 + [[-1, -1, -1]] * 6 + [[2, -1, -1]] * 4  # -1: padding, as exclude's
+    check.wait(q(16), ids(16).float(), ids(16), None)  # (a whole batch at once)
+    assert check.pending == []
 
 
 def test_an_index_is_trusted_after_64_inputs_and_checked_again_after_a_change(monkeypatch):
