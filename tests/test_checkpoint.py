@@ -460,3 +460,23 @@ def test_load_lsh_state_into_a_meta_layer_is_refused():
         meta = LSHLinear(8, 64)
     with pytest.raises(RuntimeError, match="load_lsh_state: layer '' is on the meta device: load its weights first"):
         load_lsh_state(meta, lsh_state(trained))
+
+
+def test_a_resumed_asymmetric_layer_rebuilds_as_the_saving_one_does():
+    """lsh_state keeps the asymmetric transform's M: the first rebuild after a resume is the incremental one the
+    saving run makes (M kept), not a full one with a new M (other codes for every row: other active sets). The
+    resume tests with dense Adam move every row, where rebuilds are full either way."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 300, active=30, asymmetric=True, seed=3)
+    layer.rebuild()
+    state, weights = lsh_state(layer), {k: v.clone() for k, v in layer.state_dict().items()}
+    resumed = LSHLinear(16, 300, active=30, asymmetric=True, seed=3)
+    resumed.load_state_dict(weights)
+    load_lsh_state(resumed, state)
+    for m in (layer, resumed):  # the largest row shrinks a little (within MAX_NORM_SHRINK): M is kept
+        with torch.no_grad():
+            m.weight[m.weight.norm(dim=1).argmax()] *= 0.9
+        m.rebuild()
+    assert layer.tables.rehashed == resumed.tables.rehashed == 1
+    for name in ("max_norm", "codes", "offsets", "items"):
+        assert torch.equal(getattr(layer.tables, name), getattr(resumed.tables, name)), name

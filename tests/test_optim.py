@@ -14,13 +14,14 @@ def state(dtype=torch.float32):
     return param, m, v, torch.tensor([0, 3, 7, 29]), torch.randn(4, 4, dtype=dtype)
 
 
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])  # (a large eps tells sqrt(v) + eps from sqrt(v + eps))
 @pytest.mark.parametrize("decay", [0.0, 0.05])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lazy_adam_op_matches_reference(dtype, decay):
+def test_lazy_adam_op_matches_reference(dtype, decay, eps):
     param, m, v, rows, grad = state(dtype)
     expected = [t.clone() for t in (param, m, v)]
-    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
-    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, 1e-8, decay)
+    ref.lazy_adam_(*expected, rows, grad, 0.01, 0.9, 0.999, eps, decay)
+    ops.lazy_adam_(param, m, v, rows, grad, 0.01, 0.9, 0.999, eps, decay)
     torch.testing.assert_close((param, m, v), tuple(expected))
 
 
@@ -586,3 +587,15 @@ def test_clip_grad_norm_sums_float64_gradients_in_float64_and_zeroes_them_at_max
     torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(dense, float("inf")), rtol=1e-14, atol=0)
     lsh_torch.clip_grad_norm_(layer.parameters(), 0.0)
     assert all(not p.grad.to_dense().any() for p in layer.parameters())
+
+
+def test_clip_grad_norm_leaves_gradients_below_max_norm_unchanged():
+    """As torch's: a total norm below max_norm scales by 1, never up (sparse and dense gradients alike)."""
+    torch.manual_seed(0)
+    layer = LSHLinear(16, 500, active=50, sparse_grad=True)
+    layer(torch.randn(8, 16)).square().sum().backward()
+    before = [p.grad.to_dense().clone() for p in layer.parameters()]
+    total = lsh_torch.clip_grad_norm_(layer.parameters(), 1e6)
+    assert float(total) < 1e6
+    for b, p in zip(before, layer.parameters()):
+        torch.testing.assert_close(p.grad.to_dense(), b, rtol=0, atol=0)
