@@ -47,11 +47,11 @@ class Case:
         self.trunk = torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU())
         if kind == "dense":
             self.head = torch.nn.Linear(HIDDEN, n)
-            self.opts = [torch.optim.Adam([*self.trunk.parameters(), *self.head.parameters()], lr=lr)]
+            self.opts = [torch.optim.Adam([*self.trunk.parameters(), *self.head.parameters()], lr=lr, fused=True)]
         else:
             options = {"active": 0.25 if n < 8192 else 2048} if kind == "before" else {}
             self.head = lsh_torch.LSHLinear(HIDDEN, n, sparse_grad=True, seed=seed, **options)
-            self.opts = [torch.optim.Adam(self.trunk.parameters(), lr=lr),
+            self.opts = [torch.optim.Adam(self.trunk.parameters(), lr=lr, fused=True),
                          lsh_torch.LazyAdam(self.head.parameters(), lr=lr)]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -187,10 +187,10 @@ def loss_of(model: TransformerLM, inputs: Tensor, targets: Tensor) -> Tensor:
 
 def optimizer(model: TransformerLM, lr: float) -> torch.optim.Optimizer:
     """``lsh_torch.LazyAdam`` where a converted layer takes sparse gradients (it moves the touched rows only and
-    gives every dense gradient Adam's step), else ``torch.optim.Adam``."""
+    gives every dense gradient Adam's step), else ``torch.optim.Adam``, fused as LazyAdam is."""
     if any(isinstance(m, lsh_torch.LSHLinear) and m.sparse_grad for m in model.modules()):
         return lsh_torch.LazyAdam(model.parameters(), lr=lr)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def train_step(model: TransformerLM, opt: torch.optim.Optimizer, inputs: Tensor, targets: Tensor) -> float:
