@@ -1061,17 +1061,18 @@ class LSHLinear(nn.Module):
     @property
     def topk_checks(self) -> dict[tuple, RecallCheck]:
         """What :meth:`topk` measured of its current index: ``{(k, probes, budget, norm_rows):
-        RecallCheck(inputs, found, wanted, queries, winners, hits)}`` (``.recall``: found / wanted over the last 64
-        inputs checked; the
-        likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``; calls with
+        RecallCheck(inputs, found, wanted, queries, winners, hits)}`` (``.recall``: found / wanted over the last
+        64 inputs checked; the likeliest rows alone, standing in for a failed index, as ``(k, 0, 0, rows)``; calls with
         ``exclude`` under keys of their own, with a fifth element, the room searched for it); empty
         before the first call and after the weight changed."""
         index = self._topk_index_describes(self.weight, self.bias)
         if index is None:
             return {}
-        return {key: dataclasses.replace(c, pending=list(c.pending), **{name: None if t is None else t.clone() for name, t in
-                                               (("queries", c.queries), ("winners", c.winners), ("hits", c.hits))})
-                for key, c in list(index.checks.items())}
+        def copy(check: RecallCheck) -> RecallCheck:  # (the index's own go on changing)
+            tensors = {name: getattr(check, name) for name in ("queries", "winners", "hits")}
+            return dataclasses.replace(check, pending=list(check.pending),
+                                       **{name: None if t is None else t.clone() for name, t in tensors.items()})
+        return {key: copy(check) for key, check in list(index.checks.items())}
 
     def topk_answered_by(self, k: int, probes: Optional[int] = None, budget: Optional[int] = None,
                          norm_rows: Optional[int] = None, min_recall: float = TOPK_MIN_RECALL,
