@@ -47,6 +47,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, user_stacklevel
+from .optim import LazyAdam
 
 TOPK_BUDGET = 768  # candidates per row that LSHLinear.topk scores by default (see topk_budget)
 # Candidates per answer where k passes TOPK_BUDGET's share: not measured beyond the recall check, which answers
@@ -273,6 +274,15 @@ _step_hook = None
 _stepped_layers: "weakref.WeakSet" = weakref.WeakSet()  # layers whose weights' steps are recorded
 
 
+def _rows_written(optimizer: torch.optim.Optimizer, grad: Tensor) -> Optional[Tensor]:
+    """The rows a step of ``optimizer`` wrote from ``grad``: a row-sparse gradient's rows where the optimizer is
+    lazy (updates those rows only, weight decay included), else None (any row)."""
+    if type(optimizer) in (LazyAdam, torch.optim.SparseAdam) and grad.layout == torch.sparse_coo \
+            and grad.sparse_dim() == 1:
+        return grad._indices()[0]
+    return None
+
+
 def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
     """After every optimizer step (registered once, with the first layer), two things:
 
@@ -299,7 +309,7 @@ def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
             for stepped_layer in list(_stepped_layers):
                 weight = stepped_layer._parameters.get("weight")  # (a parametrized weight is no Parameter)
                 if weight is not None and id(weight) in ids and weight.grad is not None:
-                    stepped_layer._optimizer_stepped()
+                    stepped_layer._optimizer_stepped(_rows_written(optimizer, weight.grad))
 
     if _step_hook is None:
         _step_hook = register_optimizer_step_post_hook(after_step)

@@ -295,10 +295,11 @@ class LSHTables(nn.Module):
         return self
 
     @torch.no_grad()
-    def build(self, weight: Tensor, full: bool = False) -> None:
+    def build(self, weight: Tensor, full: bool = False, written: Optional[Tensor] = None) -> None:
         """Hash the rows of ``weight`` [N, in_features] into the L tables (every row if ``full``).
 
-        Only rows that changed since the last build are re-hashed (their fingerprint moved), when
+        Only rows that changed since the last build are re-hashed (their fingerprint moved, or they are
+        among ``written``: int64 rows, increasing, known to hold every row written since), when
         the codes of the others are still valid. The asymmetric transform scales every row by one
         ``M``: a full build sets it to the largest row norm and later builds keep it, until a
         changed row outgrows it or the largest norm falls below ``M /`` :data:`MAX_NORM_SHRINK`
@@ -307,7 +308,7 @@ class LSHTables(nn.Module):
         perplexity 458 against 337: every row's collisions with its queries drop.)
         ``center`` subtracts the mean row, which every change moves: there every build is full.
         Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
-        the weight; up to a tenth of the rows moved are merged into the tables
+        the weight (the written rows' only, given ``written``); up to a tenth of the rows moved are merged into the tables
         (:func:`ops.update_tables`, one sequential pass over the L x N entries), more are re-sorted
         with every row's code (:func:`ops.build_tables`, faster than the merge there; the same tables).
         """
@@ -318,24 +319,21 @@ class LSHTables(nn.Module):
             self.mark_built()
             return
         rows = weight.detach()
-        fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
         compiling = torch.compiler.is_compiling()  # a traced build: no data-dependent branch, every row hashed
-        if compiling:
-            torch._assert_async(torch.isfinite(fingerprints).all(), _NON_FINITE)
-        # One pass over the fingerprints: their sum is finite unless one is not (or finite ones
-        # overflow it: then the exact check decides).
-        elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
-            row = int((~torch.isfinite(fingerprints)).nonzero()[0, 0])
-            if bool(torch.isfinite(rows[row]).all()):  # (a reviewer's 3e38 row was called NaN or inf)
-                raise ValueError(f"weight row {row} is finite but its fingerprint (its product with a random vector) "
-                                 f"overflows float32: the hash tables cannot be rebuilt from it (a diverged weight of "
-                                 f"shape {tuple(rows.shape)}: lower the learning rate or clip gradients)")
-            raise ValueError(f"{_NON_FINITE} (the weight of shape {tuple(rows.shape)})")  # which layer, in a model
         incremental = not compiling and not full and not self.center and self.built
+        gathered = None  # the changed rows, gathered at once
+        if incremental and written is not None and written.numel() * 8 <= n:  # (more: a copy of most of the weight)
+            changed, gathered = written, rows.index_select(0, written)
+            fingerprints = self.fingerprints.index_copy(0, changed, self._checked_fingerprints(gathered, changed))
+        else:
+            fingerprints = self._checked_fingerprints(rows)
         if incremental:
-            changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+            if gathered is None:
+                changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
             moved, index = rows, changed  # hashed a chunk at a time, gathered as it goes
-            if self.asymmetric and changed.numel():
+            if gathered is not None:
+                moved, index = gathered, None
+            elif self.asymmetric and changed.numel():
                 # Gathered at once (3x faster than rows[changed]): M checked and applied on one snapshot,
                 # which Hogwild writers to a shared weight cannot change in between.
                 moved, index = rows.index_select(0, changed), None
@@ -386,6 +384,23 @@ class LSHTables(nn.Module):
             self.rehashed = n
         self.codes, (self.offsets, self.items), self.fingerprints, self.norms = codes, tables, fingerprints, norms
         self.mark_built()
+
+    def _checked_fingerprints(self, rows: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        """The fingerprints of the weight's ``rows`` (those numbered ``index``, or all), checked finite."""
+        fingerprints = ops.row_fingerprints(rows, self.fingerprint_vector.float())
+        if torch.compiler.is_compiling():
+            torch._assert_async(torch.isfinite(fingerprints).all(), _NON_FINITE)
+        # One pass over the fingerprints: their sum is finite unless one is not (or finite ones
+        # overflow it: then the exact check decides).
+        elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
+            at = int((~torch.isfinite(fingerprints)).nonzero()[0, 0])
+            row, shape = (at, tuple(rows.shape)) if index is None else (int(index[at]), (self.out_features, rows.shape[1]))
+            if bool(torch.isfinite(rows[at]).all()):  # (a reviewer's 3e38 row was called NaN or inf)
+                raise ValueError(f"weight row {row} is finite but its fingerprint (its product with a random vector) "
+                                 f"overflows float32: the hash tables cannot be rebuilt from it (a diverged weight of "
+                                 f"shape {shape}: lower the learning rate or clip gradients)")
+            raise ValueError(f"{_NON_FINITE} (the weight of shape {shape})")  # which layer, in a model
+        return fingerprints
 
     def _every_row_codes(self, rows: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Codes and norms (float32) of every row, and the asymmetric transform's new M (None without one)."""
