@@ -350,6 +350,9 @@ def parse_args(argv=None):
     p.add_argument("--xmc-norm-rows-share", type=cli.real(0, 1), default=None,
                    help="the XMC lsh runs' share of the rescored pool given to the largest-norm rows "
                         "(examples/xmc.py --norm-rows-share; default: LSHLinear's, 0.25)")
+    p.add_argument("--xmc-random-lr", type=cli.positive, default=None,
+                   help="the XMC random runs' learning rate (examples/xmc.py --random-lr; default: the demo's, 3e-3, "
+                        "the hashed runs' best; the uniform set's own best is about twice it)")
     p.add_argument("--xmc-reuse", action="store_true",
                    help="read the XMC lsh and random runs' files where they exist (their arguments checked) instead "
                         "of training them again, as dense's always are: to add dense runs to kept ones, or re-print")
@@ -451,7 +454,8 @@ def main(argv=None) -> None:
             else ([], length)
         for flag, value, tag in (("--active", args.xmc_active, "active"), ("--tail", args.xmc_tail, "tail"),
                                  ("--label-smoothing", args.xmc_label_smoothing, "ls"),
-                                 ("--norm-rows-share", args.xmc_norm_rows_share, "normrows")):
+                                 ("--norm-rows-share", args.xmc_norm_rows_share, "normrows"),
+                                 ("--random-lr", args.xmc_random_lr, "randomlr")):
             if value is not None:  # the sparse runs' options, each named in their files' names
                 epochs, run_length = epochs + [flag, str(value)], f"{run_length}_{tag}{value}"
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs,

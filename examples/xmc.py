@@ -178,6 +178,12 @@ def runs_spec(text: str) -> str:
     return text
 
 
+def learning_rates(kind: str, args) -> tuple[float, float]:
+    """A run's learning rates (the network's, the output layer's): ``--random-lr`` for the random runs where given."""
+    lr = args.random_lr if kind == "random" and args.random_lr is not None else args.lr
+    return lr, args.out_lr if args.out_lr is not None else lr
+
+
 def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
     """LazyAdam for the sparse embedding (and a sparse output layer), Adam for the dense rest;
     ``weight_decay`` (AdamW's, decoupled) on the two weight matrices, not on the biases."""
@@ -364,8 +370,7 @@ def train(run: Run, train_data, eval_data, test_data, args, position: int = 0):
     # by all_reduce_sparse_grads, a ShardedLSHLinear head is left alone (lsh_torch.distributed).
     trunk = data_parallel(net, **({"device_ids": [args.device]} if args.device.type == "cuda" else {})) \
         if size > 1 else None
-    out_lr = args.out_lr if args.out_lr is not None else args.lr
-    opts = optimizers(net, run.kind, args.lr, out_lr, args.weight_decay)
+    opts = optimizers(net, run.kind, *learning_rates(run.kind, args), args.weight_decay)
     epochs = args.dense_epochs if run.kind == "dense" else args.epochs
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     eval_every = max(1, round(steps_per_epoch * args.eval_every))
@@ -636,8 +641,11 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=cli.integer(), default=128, help="points per training step")
     g.add_argument("--hidden", type=cli.integer(), default=128, help="hidden units (the output layer's input width)")
     g.add_argument("--lr", type=cli.positive, default=3e-3, help="Adam / LazyAdam learning rate")
+    g.add_argument("--random-lr", type=cli.positive, default=None,
+                   help="learning rate of the random runs (default: --lr); the uniform set's best on the demo is about "
+                        "twice the hashed set's, 6e-3 (docs/results.md)")
     g.add_argument("--out-lr", type=cli.positive, default=None,
-                   help="learning rate of the output layer (default: --lr)")
+                   help="learning rate of the output layer (default: --lr, or --random-lr for the random runs)")
     g.add_argument("--label-smoothing", type=cli.real(0, 1), default=0.0,
                    help="as F.cross_entropy's, for every run (lsh_torch.sparse_cross_entropy estimates the spread part)")
     g.add_argument("--weight-decay", type=cli.real(0), default=0.0,

@@ -45,6 +45,15 @@ def test_weight_decay_reaches_the_weights_not_the_biases():
                          id(net.out.bias): 0.0}, kind
 
 
+def test_random_lr_reaches_the_random_runs_only():
+    given = xmc.parse_args(["--lr", "0.003", "--random-lr", "0.006"])
+    assert [xmc.learning_rates(kind, given) for kind in ("lsh", "random", "dense")] == \
+        [(0.003, 0.003), (0.006, 0.006), (0.003, 0.003)]
+    assert xmc.learning_rates("random", xmc.parse_args(["--lr", "0.003", "--random-lr", "0.006", "--out-lr", "0.01"])) \
+        == (0.006, 0.01)
+    assert xmc.learning_rates("random", xmc.parse_args(["--lr", "0.003"])) == (0.003, 0.003)
+
+
 def test_norm_rows_share_reaches_the_lsh_layer_only_when_given():
     data = xmc_data.generate(20, num_features=50, num_labels=300, seed=0)
     for given, expected in ((None, LSHLinear.norm_rows_share), ("0.5", 0.5)):
