@@ -413,14 +413,14 @@ class LSHLinear(nn.Module):
         """Do the tables answer for the weight as it is (what a copy or a checkpoint keeps of the versions)?"""
         return not self._stale and not self._moved_since_build()
 
-    def _optimizer_stepped(self, rows: Optional[Tensor]) -> None:
+    def _optimizer_stepped(self) -> None:
         """An optimizer step updated the weight (see :func:`retrieval.follow_optimizer_steps`): the tables
         answer for it as training's next forward would use them, once training has used them (not during
-        ``warmup``, whose draws are uniform). A write before the step counts as training's too. ``rows``: the
-        rows a lazy step wrote (None: any), which the next scheduled build re-hashes (see :class:`_LazyWrites`)."""
+        ``warmup``, whose draws are uniform). A write before the step counts as training's too. The rows a
+        lazy step wrote are recorded for the next scheduled build (see :class:`_LazyWrites`)."""
         used = self.step > self.warmup
         self._stepped_version = self._weight_version() if used else None
-        self._lazy_writes.add(self._weight_version(), rows, self.out_features)
+        self._lazy_writes.step_ended(self._weight_version(), self.out_features)
 
     def _hashed_from_weight(self) -> bool:
         return self._hashed_from is not None and self._hashed_from() is self.weight
@@ -482,6 +482,7 @@ class LSHLinear(nn.Module):
             if not cast.is_floating_point:
                 raise TypeError(f"{self.__class__.__name__} computes in floating-point dtypes (its hash tables and "
                                 f"kernels), not {cast}")
+        self._lazy_writes.start(None)  # a cast (.half()) rounds every row and keeps the version counter (.data =)
         return super()._apply(fn, recurse)
 
     def rebuild(self) -> None:
@@ -1241,28 +1242,42 @@ class _LazyWrites:
     bfloat16 dot products).
 
     A lazy step (LazyAdam's, SparseAdam's) writes the rows its sparse gradient names, once: the weight's
-    version counter rises by one. Any other write (an EMA ``copy_``, a dense step, a load) or a second
-    write in one step ends the record, and the build finds the moved rows by their fingerprints again.
-    Writes that no counter sees (through ``.data``, another process's to shared memory) are told apart by
-    the fingerprints only: :meth:`LSHLinear.rebuild` takes them, and a shared weight is not recorded."""
+    version counter rises by one (or not at all: SparseAdam skips an empty gradient). The rows are taken
+    before the step (a hook after it may zero the gradient). Any other write (an EMA ``copy_``, a dense
+    step, a load, a cast) or a second write in one step ends the record, and the build finds the moved
+    rows by their fingerprints again. Writes that no counter sees (through ``.data``, another process's
+    to shared memory) are told apart by the fingerprints only: :meth:`LSHLinear.rebuild` takes them, and a
+    shared weight is not recorded."""
 
     def __init__(self):
         self._version: Optional[int] = None  # the weight's version after the last recorded write; None: no record
         self._rows: Optional[Tensor] = None  # bool [out_features]: the rows written; None: none yet
+        self._step: Optional[tuple[Optional[int], Optional[Tensor]]] = None  # (version, rows) of a step under way
 
     def __reduce__(self):  # copies and pickles start without a record: versions count anew there
         return _LazyWrites, ()
 
     def start(self, version: Optional[int]) -> None:
         """The tables were built from the weight at ``version`` (None: not known, no record)."""
-        self._version = version
+        self._version, self._step = version, None
         if self._rows is not None:
             self._rows.zero_()
 
-    def add(self, version: Optional[int], rows: Optional[Tensor], out_features: int) -> None:
-        """An optimizer step left the weight at ``version``, having written ``rows`` (int64 row indices of a
-        lazy step's sparse gradient) or, with None, any of them."""
-        if rows is None or version is None or self._version is None or version != self._version + 1:
+    def step_begins(self, version: Optional[int], rows: Optional[Tensor]) -> None:
+        """An optimizer step is about to update the weight, now at ``version``; ``rows``: the int64 rows of a
+        lazy step's sparse gradient, which it will write (None: any row)."""
+        self._step = (version, rows)
+
+    def step_ended(self, version: Optional[int], out_features: int) -> None:
+        """The step left the weight at ``version``."""
+        step, self._step = self._step, None
+        if step is None or step[1] is None or self._version is None or step[0] != self._version:
+            self._version = None  # a step that said nothing before it, or one after an unrecorded write
+            return
+        if version == step[0]:  # nothing written
+            return
+        rows = step[1]
+        if version is None or version != step[0] + 1:
             self._version = None
             return
         if self._rows is None or self._rows.device != rows.device:

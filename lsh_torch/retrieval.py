@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import hashing, ops
 from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, check_int, int_or_float, user_stacklevel
@@ -270,7 +270,7 @@ def tensor_ref(t: Tensor):
     return _Held(t) if isinstance(t, nn.Parameter) else weakref.ref(t)
 
 
-_step_hook = None
+_step_hooks = None
 _stepped_layers: "weakref.WeakSet" = weakref.WeakSet()  # layers whose weights' steps are recorded
 
 
@@ -294,8 +294,25 @@ def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
       (``_optimizer_stepped``): its eval lookups keep the tables training left, and re-hash only after
       other writes (an EMA ``copy_``, an init).
 
-    It costs a step one pass over its parameters' ids and the live layers."""
-    global _step_hook
+    Before the step, a lazy optimizer's rows are recorded for ``layer``'s next scheduled build (see
+    ``nn._LazyWrites``). It costs a step two passes over its parameters' ids and the live layers."""
+    global _step_hooks
+
+    def stepped_layers(optimizer):
+        """The live layers whose weight ``optimizer`` holds and has a gradient for (a set of every id: 44 us a
+        step at 1,000 parameters), with that weight."""
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for stepped_layer in list(_stepped_layers):
+            weight = stepped_layer._parameters.get("weight")  # (a parametrized weight is no Parameter)
+            if weight is not None and id(weight) in ids and weight.grad is not None:
+                yield stepped_layer, weight
+
+    @torch.compiler.disable
+    def before_step(optimizer, args, kwargs) -> None:
+        if _stepped_layers:
+            for stepped_layer, weight in stepped_layers(optimizer):
+                stepped_layer._lazy_writes.step_begins(stepped_layer._weight_version(),
+                                                       _rows_written(optimizer, weight.grad))
 
     @torch.compiler.disable  # a compiled step traced it once, recording nothing at the steps after
     def after_step(optimizer, args, kwargs) -> None:
@@ -304,15 +321,12 @@ def follow_optimizer_steps(layer: Optional[nn.Module] = None) -> None:
                 for p in group["params"]:  # those it stepped: a parameter without a gradient is left alone
                     if p.grad is not None and not p.is_inference():
                         torch.autograd.graph.increment_version(p)
-        if _stepped_layers:  # (a set of every id: 44 us a step at 1,000 parameters)
-            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            for stepped_layer in list(_stepped_layers):
-                weight = stepped_layer._parameters.get("weight")  # (a parametrized weight is no Parameter)
-                if weight is not None and id(weight) in ids and weight.grad is not None:
-                    stepped_layer._optimizer_stepped(_rows_written(optimizer, weight.grad))
+        if _stepped_layers:
+            for stepped_layer, _ in stepped_layers(optimizer):
+                stepped_layer._optimizer_stepped()
 
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(after_step)
+    if _step_hooks is None:
+        _step_hooks = (register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step))
     if layer is not None:
         _stepped_layers.add(layer)
 

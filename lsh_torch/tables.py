@@ -325,8 +325,11 @@ class LSHTables(nn.Module):
         # (Up to half the rows: their copy costs less than the pass over every row, 70 against 79 ms at 100K x 128
         # with 18% written; more would copy most of the weight.)
         if incremental and written is not None and written.numel() * 2 <= n:
-            changed, gathered = written, rows.index_select(0, written)
-            fingerprints = self.fingerprints.index_copy(0, changed, self._checked_fingerprints(gathered, changed))
+            gathered = rows.index_select(0, written)
+            moved_fingerprints = self._checked_fingerprints(gathered, written)
+            moved = moved_fingerprints != self.fingerprints.index_select(0, written)  # (a step at lr=0 moves none)
+            changed, gathered = written[moved], gathered[moved]
+            fingerprints = self.fingerprints.index_copy(0, changed, moved_fingerprints[moved])
         else:
             fingerprints = self._checked_fingerprints(rows)
         if incremental:

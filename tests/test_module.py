@@ -194,6 +194,42 @@ def test_a_write_other_than_a_lazy_step_sends_the_build_back_to_every_rows_finge
     reference._build()
     assert fingerprinted == [2000, 2000] and layer.tables.codes[:, 7].ne(reference.tables.codes[:, 7]).sum() == 0
     assert_same_tables(layer.tables, reference.tables)
+    # A cast rounds every row and keeps the version counter (Module._apply sets .data).
+    layer.rebuild()
+    lazy_steps(layer, opt, 1)
+    layer.double()
+    reference = copy.deepcopy(layer)
+    fingerprinted.clear()
+    layer._build()
+    reference._build()
+    assert fingerprinted == [2000, 2000]
+    assert_same_tables(layer.tables, reference.tables)
+    layer.float()
+    opt = LazyAdam(layer.parameters(), lr=0.05)
+    # A hook after the step that zeroes the gradient (the rows are taken before the step); a SparseAdam step on an
+    # empty gradient, which writes nothing, after a write in place: the record must not take that write as its own.
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: optimizer.zero_grad(set_to_none=False))
+    sparse_adam = torch.optim.SparseAdam([layer.weight], lr=0.05)
+    for case in ("zeroed after", "a write, then an empty step"):
+        layer.rebuild()
+        lazy_steps(layer, opt, 2)
+        if case != "zeroed after":
+            with torch.no_grad():
+                layer.weight[5].neg_()
+            layer.weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 16),
+                                                        layer.weight.shape, check_invariants=True)
+            sparse_adam.step()
+        reference = copy.deepcopy(layer)
+        layer._build()
+        reference._build()
+        assert_same_tables(layer.tables, reference.tables)
+    # A written row that did not move (lr=0) is not re-hashed, as by fingerprint.
+    layer.rebuild()
+    still = LazyAdam(layer.parameters())
+    still.param_groups[0]["lr"] = 0.0  # (a schedule's start: refused at construction, as by SparseAdam)
+    lazy_steps(layer, still, 1)
+    layer._build()
+    assert layer.tables.rehashed == 0
     # A weight in shared memory (Hogwild): the other processes' steps reach no counter here.
     opt.zero_grad()  # (a sparse gradient has no storage to share)
     layer.share_memory()
