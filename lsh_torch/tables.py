@@ -328,8 +328,10 @@ class LSHTables(nn.Module):
             gathered = rows.index_select(0, written)
             moved_fingerprints = self._checked_fingerprints(gathered, written)
             moved = moved_fingerprints != self.fingerprints.index_select(0, written)  # (a step at lr=0 moves none)
-            changed, gathered = written[moved], gathered[moved]
-            fingerprints = self.fingerprints.index_copy(0, changed, moved_fingerprints[moved])
+            changed = written
+            if not bool(moved.all()):  # (a copy of the gathered rows otherwise: 10 MB at 670K)
+                changed, gathered, moved_fingerprints = written[moved], gathered[moved], moved_fingerprints[moved]
+            fingerprints = self.fingerprints.index_copy(0, changed, moved_fingerprints)
         else:
             fingerprints = self._checked_fingerprints(rows)
         if incremental:
