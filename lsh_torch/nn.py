@@ -457,8 +457,8 @@ class LSHLinear(nn.Module):
         stepped = state.pop("_tables_stepped", state.get("step", 0) > state.get("warmup", 0))  # (older pickles: likely)
         topk = topk_settings(state["out_features"])  # pickles from before topk had an index of its own
         state = {"topk_tables": topk["num_tables"], "topk_bits": topk["bits"], "_topk_index": None,
-                 "_draws": _RecordedDraws(), "_lazy_writes": _LazyWrites(), "_stepped_version": None, "_warned_write": False, "_stale_marks": 0,
-                 "_warned_training_no_grad": False,
+                 "_draws": _RecordedDraws(), "_lazy_writes": _LazyWrites(), "_stepped_version": None,
+                 "_warned_write": False, "_stale_marks": 0, "_warned_training_no_grad": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
                  "exact_softmax": state["budget"] == state["out_features"], **state}
         if state["exact_softmax"] and state["tail"] != "auto" and state["budget"] < state["out_features"]:

@@ -308,8 +308,8 @@ class LSHTables(nn.Module):
         perplexity 458 against 337: every row's collisions with its queries drop.)
         ``center`` subtracts the mean row, which every change moves: there every build is full.
         Re-hashing is O(changed rows x in_features x L x K); the fingerprints cost one pass over
-        the weight (the written rows' only, given ``written``); up to a tenth of the rows moved are merged into the tables
-        (:func:`ops.update_tables`, one sequential pass over the L x N entries), more are re-sorted
+        the weight (the written rows' only, given ``written``); up to a tenth of the rows moved are merged
+        into the tables (:func:`ops.update_tables`, one sequential pass over the L x N entries), more are re-sorted
         with every row's code (:func:`ops.build_tables`, faster than the merge there; the same tables).
         """
         n = weight.shape[0]
@@ -401,7 +401,8 @@ class LSHTables(nn.Module):
         # overflow it: then the exact check decides).
         elif not bool(torch.isfinite(fingerprints.sum())) and not bool(torch.isfinite(fingerprints).all()):
             at = int((~torch.isfinite(fingerprints)).nonzero()[0, 0])
-            row, shape = (at, tuple(rows.shape)) if index is None else (int(index[at]), (self.out_features, rows.shape[1]))
+            row, shape = ((at, tuple(rows.shape)) if index is None
+                          else (int(index[at]), (self.out_features, rows.shape[1])))
             if bool(torch.isfinite(rows[at]).all()):  # (a reviewer's 3e38 row was called NaN or inf)
                 raise ValueError(f"weight row {row} is finite but its fingerprint (its product with a random vector) "
                                  f"overflows float32: the hash tables cannot be rebuilt from it (a diverged weight of "
