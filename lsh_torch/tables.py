@@ -327,23 +327,23 @@ class LSHTables(nn.Module):
         if incremental and written is not None and written.numel() * 2 <= n:
             gathered = rows.index_select(0, written)
             moved_fingerprints = self._checked_fingerprints(gathered, written)
-            moved = moved_fingerprints != self.fingerprints.index_select(0, written)  # (a step at lr=0 moves none)
+            differs = moved_fingerprints != self.fingerprints.index_select(0, written)  # (a step at lr=0 moves none)
             changed = written
-            if not bool(moved.all()):  # (a copy of the gathered rows otherwise: 10 MB at 670K)
-                changed, gathered, moved_fingerprints = written[moved], gathered[moved], moved_fingerprints[moved]
+            if not bool(differs.all()):  # (a copy of the gathered rows otherwise: 10 MB at 670K)
+                changed, gathered, moved_fingerprints = written[differs], gathered[differs], moved_fingerprints[differs]
             fingerprints = self.fingerprints.index_copy(0, changed, moved_fingerprints)
         else:
             fingerprints = self._checked_fingerprints(rows)
         if incremental:
-            if gathered is None:
-                changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
-            moved, index = rows, changed  # hashed a chunk at a time, gathered as it goes
             if gathered is not None:
                 moved, index = gathered, None
-            elif self.asymmetric and changed.numel():
-                # Gathered at once (3x faster than rows[changed]): M checked and applied on one snapshot,
-                # which Hogwild writers to a shared weight cannot change in between.
-                moved, index = rows.index_select(0, changed), None
+            else:
+                changed = (fingerprints != self.fingerprints).nonzero().squeeze(1)
+                moved, index = rows, changed  # hashed a chunk at a time, gathered as it goes
+                if self.asymmetric and changed.numel():
+                    # Gathered at once (3x faster than rows[changed]): M checked and applied on one snapshot,
+                    # which Hogwild writers to a shared weight cannot change in between.
+                    moved, index = rows.index_select(0, changed), None
             if index is None:
                 moved_norms = _norms(moved)
             elif changed.numel() * 8 <= n:
