@@ -42,7 +42,10 @@ def extension():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))]
     # -ffp-contract=off on every host (gcc fuses multiply-adds by default where the target has FMA,
     # e.g. aarch64): results stay bit-identical to the CUDA kernels'. The C++ standard is torch's own.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + simd_flags()
+    # -fno-math-errno -fno-trapping-math: no kernel reads errno or traps on floating-point exceptions, and
+    # without them gcc keeps any loop with a sqrt or a select scalar (LazyAdam's row update: 3.4x slower).
+    # Neither reorders arithmetic: results are unchanged.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"] + simd_flags()
     # libstdc++ by its shared object's file name: on the GPU machine's image the extension came out
     # with a private static copy of libstdc++ (no libstdc++.so.6 among its needed libraries, even
     # with -lstdc++), whose number formatting segfaulted in every error message that prints a

@@ -7,12 +7,36 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 
 #include "op_checks.h"
 #include "prefetch.h"
 
 namespace lsh_torch {
 namespace {
+
+// One row's update, branch-free so that gcc vectorizes it (with setup.py's -fno-math-errno and
+// -fno-trapping-math; the scalar loop took 9 ns an element). Restricted pointers: check_lazy_adam_args
+// refuses overlapping param, moments and gradient.
+template <typename scalar_t, typename acc_t>
+inline void adam_row(scalar_t* __restrict__ p, scalar_t* __restrict__ m, scalar_t* __restrict__ v,
+                     const scalar_t* __restrict__ g, int64_t width, acc_t c1, acc_t c2, acc_t e, acc_t lr, acc_t keep) {
+  constexpr acc_t big = std::numeric_limits<acc_t>::max();
+  for (int64_t k = 0; k < width; ++k) {
+    const acc_t gk = static_cast<acc_t>(g[k]);
+    const acc_t mo = static_cast<acc_t>(m[k]), vo = static_cast<acc_t>(v[k]);
+    const acc_t mk = mo + (gk - mo) * c1;
+    // Where g^2 overflows (|g| > 1.8e19 in float) or v did, Adam's order (its addcmul: v * beta2 + (1 - beta2)
+    // * g * g, the product scaled first) keeps v finite, or inf as Adam's: SparseAdam's gave NaN (inf - inf).
+    const acc_t gg = gk * gk;
+    const acc_t sparse_adams = vo + (gg - vo) * c2, adams = vo * (acc_t(1) - c2) + (c2 * gk) * gk;
+    const bool finite = gg <= big & std::abs(vo) <= big;  // std::isfinite's branches kept the loop scalar
+    const acc_t vk = finite ? sparse_adams : adams;
+    m[k] = static_cast<scalar_t>(mk);
+    v[k] = static_cast<scalar_t>(vk);
+    p[k] = static_cast<scalar_t>(static_cast<acc_t>(p[k]) * keep - mk / (std::sqrt(vk) + e) * lr);
+  }
+}
 
 void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_in,
                    const at::Tensor& grad_in, double step_size, double beta1, double beta2, double eps, double decay) {
@@ -51,19 +75,7 @@ void lazy_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
           for (const scalar_t* row : {p + ahead, m + ahead, v + ahead}) prefetch_row(row, width);
         }
         const int64_t base = rp[i] * width;
-        for (int64_t k = 0; k < width; ++k) {
-          const acc_t gk = static_cast<acc_t>(g[i * width + k]);
-          const acc_t mo = static_cast<acc_t>(m[base + k]), vo = static_cast<acc_t>(v[base + k]);
-          const acc_t mk = mo + (gk - mo) * c1;
-          // Where g^2 overflows (|g| > 1.8e19 in float) or v did, Adam's order (its addcmul: v * beta2 + (1 - beta2)
-          // * g * g, the product scaled first) keeps v finite, or inf as Adam's: SparseAdam's gave NaN (inf - inf).
-          const acc_t gg = gk * gk;
-          const acc_t vk = std::isfinite(gg) && std::isfinite(vo) ? vo + (gg - vo) * c2
-                                                                  : vo * (acc_t(1) - c2) + (c2 * gk) * gk;
-          m[base + k] = static_cast<scalar_t>(mk);
-          v[base + k] = static_cast<scalar_t>(vk);
-          p[base + k] = static_cast<scalar_t>(static_cast<acc_t>(p[base + k]) * keep - mk / (std::sqrt(vk) + e) * lr);
-        }
+        adam_row(p + base, m + base, v + base, g + i * width, width, c1, c2, e, lr, keep);
       }
     });
   });
