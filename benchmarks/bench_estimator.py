@@ -350,6 +350,11 @@ def parse_args(argv=None):
     p.add_argument("--xmc-norm-rows-share", type=cli.real(0, 1), default=None,
                    help="the XMC lsh runs' share of the rescored pool given to the largest-norm rows "
                         "(examples/xmc.py --norm-rows-share; default: LSHLinear's, 0.25)")
+    p.add_argument("--xmc-lr", type=cli.positive, default=None,
+                   help="every XMC run's learning rate, dense's included (examples/xmc.py --lr: the input embedding "
+                        "and hidden bias, and the output layer unless --xmc-out-lr; default: the demo's)")
+    p.add_argument("--xmc-out-lr", type=cli.positive, default=None,
+                   help="every XMC run's output-layer learning rate, dense's included (examples/xmc.py --out-lr)")
     p.add_argument("--xmc-random-lr", type=cli.positive, default=None,
                    help="the XMC random runs' learning rate (examples/xmc.py --random-lr; default: the demo's, 3e-3, "
                         "the hashed runs' best; the uniform set's own best is about twice it)")
@@ -436,7 +441,8 @@ def main(argv=None) -> None:
             print_lm_curves(result["lm"], budgets, windows, args.lm_plot)
 
     if "xmc" not in args.skip:
-        # File names: estimator_xmc[_STRUCTURE][_nPOINTS][_labelsN]_{dense,RUNLENGTH}_seedS.json (the clusters' predate the tree).
+        # File names: estimator_xmc[_STRUCTURE][_nPOINTS][_labelsN][_lrR][_outlrR]_{dense,RUNLENGTH}_seedS.json
+        # (the clusters' predate the tree).
         data = ["--structure", args.xmc_structure]
         stem = "estimator_xmc" + ("" if args.xmc_structure == "clusters" else f"_{args.xmc_structure}")
         if args.xmc_train_points:
@@ -445,6 +451,9 @@ def main(argv=None) -> None:
         if args.xmc_labels:
             data += ["--labels", str(args.xmc_labels)]
             stem += f"_labels{args.xmc_labels}"
+        for flag, value, tag in (("--lr", args.xmc_lr, "lr"), ("--out-lr", args.xmc_out_lr, "outlr")):
+            if value is not None:  # every run's rates, dense's too: named in every file's name
+                data, stem = data + [flag, str(value)], f"{stem}_{tag}{value}"
         length = "quick" if args.quick else "full"
         data += ["--quick"] if args.quick else ["--dense-epochs", "4"]
         result["xmc"]["dense"] = {} if args.no_dense else {

@@ -221,3 +221,17 @@ def test_json_is_written_before_the_tables_and_plots(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a plot failed"):
         be.main(["--skip", "lm", "--no-dense", "--seeds", "0", "--json", str(path)])
     assert be.json.loads(path.read_text())["xmc"]["seeds"] == {"0": {"runs": [], "seed": 0}}
+
+
+def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
+    """--xmc-lr and --xmc-out-lr go to dense's runs too, and into every kept file's name: a dense run kept at one
+    rate must not stand for another's."""
+    calls = []
+    monkeypatch.setattr(be, "xmc_run", lambda seed, runs, stem, demo_args, reuse=False:
+                        calls.append((runs, stem, demo_args)) or {"runs": [], "seed": seed})
+    monkeypatch.setattr(be, "print_xmc", lambda xmc, plot: None)
+    be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--xmc-lr", "0.02", "--xmc-out-lr", "0.003"])
+    assert [(runs, stem) for runs, stem, _ in calls] == [
+        ("dense", "estimator_xmc_lr0.02_outlr0.003_dense_full"), ("lsh,random", "estimator_xmc_lr0.02_outlr0.003_full")]
+    for _, _, demo_args in calls:
+        assert demo_args[demo_args.index("--lr") + 1] == "0.02" and demo_args[demo_args.index("--out-lr") + 1] == "0.003"
