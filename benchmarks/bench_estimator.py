@@ -272,11 +272,12 @@ def xmc_run(seed: int, runs: str, stem: str, demo_args: list[str], reuse: bool =
     if reuse and os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
-        # The file's name says which data and run length it holds; its arguments must agree.
-        wanted = {"runs": runs, "seed": seed, "quick": "--quick" in demo_args,
-                  **{flag[2:].replace("-", "_"): value for flag, value in zip(demo_args, demo_args[1:])
-                     if flag.startswith("--") and not value.startswith("--")}}
-        differ = {k: (result["args"].get(k), v) for k, v in wanted.items() if str(result["args"].get(k)) != str(v)}
+        # Every argument must be what the demo would train with now, defaults included (a kept run trained
+        # before a default changed is not reused silently), the output paths aside.
+        wanted = json.loads(json.dumps(xmc.recorded_args(
+            xmc.parse_args(["--runs", runs, "--seed", str(seed), *demo_args]))))
+        differ = {k: (result["args"].get(k), v) for k, v in wanted.items()
+                  if k not in ("json", "plot") and result["args"].get(k) != v}
         if differ:
             raise ValueError(f"{path} was trained with other arguments (file, wanted): {differ}; delete it to "
                              "train it again")
@@ -299,6 +300,12 @@ def spread_cell(mean: float, sd: float, n: int, digits: int = 1) -> str:
 
 def values_cell(values: list[float], digits: int = 1) -> str:
     return spread_cell(*mean_spread(values), len(values), digits)
+
+
+def xmc_rates(text: str) -> str:
+    """--xmc-lr's and --xmc-out-lr's type: examples/xmc.py's rates, checked now, passed on as written."""
+    xmc.rates_spec(text)
+    return text
 
 
 def budget_spec(text: str) -> tuple[str, int]:
@@ -350,14 +357,12 @@ def parse_args(argv=None):
     p.add_argument("--xmc-norm-rows-share", type=cli.real(0, 1), default=None,
                    help="the XMC lsh runs' share of the rescored pool given to the largest-norm rows "
                         "(examples/xmc.py --norm-rows-share; default: LSHLinear's, 0.25)")
-    p.add_argument("--xmc-lr", type=cli.positive, default=None,
-                   help="every XMC run's learning rate, dense's included (examples/xmc.py --lr: the input embedding "
-                        "and hidden bias, and the output layer unless --xmc-out-lr; default: the demo's)")
-    p.add_argument("--xmc-out-lr", type=cli.positive, default=None,
-                   help="every XMC run's output-layer learning rate, dense's included (examples/xmc.py --out-lr)")
-    p.add_argument("--xmc-random-lr", type=cli.positive, default=None,
-                   help="the XMC random runs' learning rate (examples/xmc.py --random-lr; default: the demo's, 3e-3, "
-                        "the hashed runs' best; the uniform set's own best is about twice it)")
+    p.add_argument("--xmc-lr", type=xmc_rates, default=None,
+                   help="every XMC run's network learning rate, dense's included (examples/xmc.py --lr: one rate, or "
+                        "kind=rate pairs; default: the demo's)")
+    p.add_argument("--xmc-out-lr", type=xmc_rates, default=None,
+                   help="every XMC run's output-layer learning rate, dense's included (examples/xmc.py --out-lr; "
+                        "default: the demo's, each head's own)")
     p.add_argument("--xmc-reuse", action="store_true",
                    help="read the XMC lsh and random runs' files where they exist (their arguments checked) instead "
                         "of training them again, as dense's always are: to add dense runs to kept ones, or re-print")
@@ -453,7 +458,7 @@ def main(argv=None) -> None:
             stem += f"_labels{args.xmc_labels}"
         for flag, value, tag in (("--lr", args.xmc_lr, "lr"), ("--out-lr", args.xmc_out_lr, "outlr")):
             if value is not None:  # every run's rates, dense's too: named in every file's name
-                data, stem = data + [flag, str(value)], f"{stem}_{tag}{value}"
+                data, stem = data + [flag, value], f"{stem}_{tag}{value.replace('=', '').replace(',', '_')}"
         length = "quick" if args.quick else "full"
         data += ["--quick"] if args.quick else ["--dense-epochs", "4"]
         result["xmc"]["dense"] = {} if args.no_dense else {
@@ -463,8 +468,7 @@ def main(argv=None) -> None:
             else ([], length)
         for flag, value, tag in (("--active", args.xmc_active, "active"), ("--tail", args.xmc_tail, "tail"),
                                  ("--label-smoothing", args.xmc_label_smoothing, "ls"),
-                                 ("--norm-rows-share", args.xmc_norm_rows_share, "normrows"),
-                                 ("--random-lr", args.xmc_random_lr, "randomlr")):
+                                 ("--norm-rows-share", args.xmc_norm_rows_share, "normrows")):
             if value is not None:  # the sparse runs' options, each named in their files' names
                 epochs, run_length = epochs + [flag, str(value)], f"{run_length}_{tag}{value}"
         result["xmc"]["seeds"] = {seed: xmc_run(seed, "lsh,random", f"{stem}_{run_length}", data + epochs,

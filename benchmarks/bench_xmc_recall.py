@@ -47,7 +47,7 @@ def train(name: str, seed: int, args) -> list[dict]:
     net = xmc.build(kind, "shared", data, demo, xmc.active_budget(data, demo, "shared", seed))
     if name == "oracle":
         bench_estimator.exact_top_set(net.out)
-    opts = xmc.optimizers(net, kind, demo.lr, demo.out_lr if demo.out_lr is not None else demo.lr)
+    opts = xmc.optimizers(net, kind, *xmc.learning_rates(kind, demo))
     per_epoch = math.ceil(len(data) / demo.batch_size)
     every, probe = max(1, round(per_epoch / 4)), next(eval_data.batches(256, shuffle=False))[:3]
     rows, step = [], 0

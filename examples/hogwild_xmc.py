@@ -79,8 +79,7 @@ def train_part(rank: int, net: xmc.XMCNet, part: xmc_data.XMCData, args, barrier
     # One thread per process: P processes already fill P cores, more threads oversubscribe them.
     torch.set_num_threads(1)
     net.out.seed = args.seed + rank  # independent tails (the same seed would draw the same ones)
-    out_lr = args.out_lr if args.out_lr is not None else args.lr
-    opts = xmc.optimizers(net, "lsh", args.lr, out_lr, args.weight_decay)  # this process's own moments
+    opts = xmc.optimizers(net, "lsh", *xmc.learning_rates("lsh", args), args.weight_decay)  # this process's own moments
     net.train()
     barrier.wait()  # started: the parent's clock begins
     for epoch in range(args.epochs):

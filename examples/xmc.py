@@ -178,10 +178,29 @@ def runs_spec(text: str) -> str:
     return text
 
 
+KINDS = ("lsh", "random", "dense")  # a run's kind: its name without the mode suffix
+
+
+def rates_spec(text: str) -> dict[str, float]:
+    """--lr's and --out-lr's type: one rate for every kind of run, kind=rate pairs for some, or both
+    ('0.04', 'random=0.002', '0.003,random=0.006'); ``"*"`` keys the bare rate. :func:`parse_args`
+    fills in the kinds left out from the option's default."""
+    rates = {}
+    for item in text.split(","):
+        kind, _, rate = item.strip().rpartition("=")
+        kind = kind.strip() or "*"
+        if kind != "*" and kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"{kind!r} in {text!r} is not a kind of run: expected one of "
+                                             f"{', '.join(KINDS)}")
+        if kind in rates:
+            raise argparse.ArgumentTypeError(f"{'a bare rate' if kind == '*' else kind} given twice in {text!r}")
+        rates[kind] = cli.positive(rate.strip())
+    return rates
+
+
 def learning_rates(kind: str, args) -> tuple[float, float]:
-    """A run's learning rates (the network's, the output layer's): ``--random-lr`` for the random runs where given."""
-    lr = args.random_lr if kind == "random" and args.random_lr is not None else args.lr
-    return lr, args.out_lr if args.out_lr is not None else lr
+    """A run's learning rates: the network's (input embedding, hidden bias) and the output layer's."""
+    return args.lr[kind], args.out_lr[kind]
 
 
 def optimizers(net: XMCNet, kind: str, lr: float, out_lr: float, weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
@@ -442,7 +461,7 @@ def warm_up(data, args, steps: int = 20) -> None:
     costs (thread pool start, allocator growth) alone: measured, they made its first 39 steps 30%
     slower than the same steps of a later run."""
     net = build("random", "shared", data, args, min(data.num_labels, args.active))
-    opts = optimizers(net, "random", args.lr, args.lr)
+    opts = optimizers(net, "random", *learning_rates("random", args))
     for _, batch in zip(range(steps), data.batches(args.batch_size, seed=args.seed)):
         loss = loss_fn(net, "random", to_device(batch, args.device))
         for opt in opts:
@@ -640,16 +659,15 @@ def parse_args(argv=None):
                    help="epochs of the dense run (its steps cost ~20x more)")
     g.add_argument("--batch-size", type=cli.integer(), default=128, help="points per training step")
     g.add_argument("--hidden", type=cli.integer(), default=128, help="hidden units (the output layer's input width)")
-    g.add_argument("--lr", type=cli.positive, default=3e-3,
-                   help="Adam / LazyAdam learning rate of every parameter, the output layer's unless --out-lr. The "
-                        "input embedding wants a larger one: --lr 0.04 --out-lr 0.003 raised every head's P@1 "
-                        "by 4-12 points (seed 0; docs/results.md, 'The trunk's learning rate'); the default keeps the "
-                        "committed results reproducible")
-    g.add_argument("--random-lr", type=cli.positive, default=None,
-                   help="learning rate of the random runs (default: --lr); the uniform set's best on the demo is about "
-                        "twice the hashed set's, 6e-3 (docs/results.md)")
-    g.add_argument("--out-lr", type=cli.positive, default=None,
-                   help="learning rate of the output layer (default: --lr, or --random-lr for the random runs)")
+    g.add_argument("--lr", type=rates_spec, default="0.08",
+                   help="Adam / LazyAdam learning rate of the network (the input embedding and hidden bias): one rate, "
+                        "or kind=rate pairs for some of the kinds lsh, random, dense (0.08,dense=0.04). The embedding's "
+                        "rows are each touched about once in 45 steps and want a far larger rate than the output "
+                        "layer's (docs/results.md, 'Every head at its best rates'); the figures before it were trained "
+                        "at --lr 0.003 --out-lr 0.003")
+    g.add_argument("--out-lr", type=rates_spec, default="0.0005",
+                   help="learning rate of the output layer, one rate or per kind of run as --lr (the best of the three "
+                        "heads alike on 3 seeds)")
     g.add_argument("--label-smoothing", type=cli.real(0, 1), default=0.0,
                    help="as F.cross_entropy's, for every run (lsh_torch.sparse_cross_entropy estimates the spread part)")
     g.add_argument("--weight-decay", type=cli.real(0), default=0.0,
@@ -700,6 +718,10 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="a smaller, faster run: 8,000 training points, 2 epochs, dense 1 epoch")
     args = p.parse_args(argv)
+    for dest in ("lr", "out_lr"):  # kinds left out keep the default's rate; a bare rate covers the rest
+        given, default = getattr(args, dest), rates_spec(p.get_default(dest))
+        setattr(args, dest, {kind: given.get(kind, given.get("*", default.get(kind, default.get("*"))))
+                             for kind in KINDS})
     if args.bin_size is not None and args.hash != "dwta":
         p.error(f"--bin-size is dwta's: it needs --hash dwta, got --hash {args.hash}")
     cli.apply_quick(p, argv, args, QUICK)
@@ -721,6 +743,11 @@ def parse_args(argv=None):
         p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs:g}: the lsh runs would draw uniformly "
                 "throughout and never hash; lower --warmup-epochs or train longer")
     return args
+
+
+def recorded_args(args) -> dict:
+    """The parsed arguments as the JSON records them (and bench_estimator.py compares a kept run's)."""
+    return {**vars(args), "device": str(args.device)}
 
 
 def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
@@ -826,7 +853,7 @@ def main(argv=None) -> dict:
     if args.plot and rank == 0:
         plot(runs, popular["P@1"], args.plot, title)
         print(f"plot: {args.plot}")
-    result = {"args": {**vars(args), "device": str(args.device)}, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result = {"args": recorded_args(args), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "data": {"train": train_data.summary(), "test": test_data.summary()},  # test: what was evaluated
               "popular": popular, "summary": summary,
               "runs": [{k: v for k, v in r.__dict__.items()} for r in runs]}

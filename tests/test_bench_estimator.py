@@ -159,15 +159,26 @@ def test_equal_steps_table_only_where_the_oracle_ran(capsys):
 def test_kept_xmc_run_is_reused_only_with_its_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(be, "RESULTS", str(tmp_path))
     monkeypatch.setattr(be.subprocess, "run", lambda *a, **k: pytest.fail("a kept run was trained again"))
-    kept = {"args": {"runs": "dense", "seed": 1, "quick": False, "structure": "tree", "dense_epochs": 4,
-                     "train_points": 20000}, "runs": []}
-    (tmp_path / "estimator_xmc_tree_dense_full_seed1.json").write_text(be.json.dumps(kept))
     args = ["--structure", "tree", "--dense-epochs", "4"]
+    recorded = be.json.loads(be.json.dumps(be.xmc.recorded_args(
+        be.xmc.parse_args(["--runs", "dense", "--seed", "1", *args]))))
+    path = tmp_path / "estimator_xmc_tree_dense_full_seed1.json"
+
+    def keep(**changed):
+        kept = {"args": {**recorded, **changed, "json": str(path)}, "runs": []}
+        path.write_text(be.json.dumps(kept))
+        return kept
+
+    kept = keep()
     assert be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args, reuse=True) == kept
-    with pytest.raises(ValueError, match="'train_points': \\(20000, '100000'\\)"):
+    with pytest.raises(ValueError, match="'train_points': \\(20000, 100000\\)"):
         be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args + ["--train-points", "100000"], reuse=True)
     with pytest.raises(ValueError, match="'quick'"):
         be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", ["--structure", "tree", "--quick"], reuse=True)
+    # Trained before a default changed (the rates were 3e-3 for every parameter): not passed, still compared.
+    keep(lr=0.003, out_lr=None)
+    with pytest.raises(ValueError, match="'lr': \\(0.003, \\{'lsh': 0.08"):
+        be.xmc_run(1, "dense", "estimator_xmc_tree_dense_full", args, reuse=True)
 
 
 def test_lm_heads_take_sparse_gradients_and_lazy_adam_unless_a_variant_says_dense():
@@ -235,3 +246,6 @@ def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
         ("dense", "estimator_xmc_lr0.02_outlr0.003_dense_full"), ("lsh,random", "estimator_xmc_lr0.02_outlr0.003_full")]
     for _, _, demo_args in calls:
         assert demo_args[demo_args.index("--lr") + 1] == "0.02" and demo_args[demo_args.index("--out-lr") + 1] == "0.003"
+    calls.clear()
+    be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--no-dense", "--xmc-out-lr", "0.001,random=0.0015"])
+    assert [stem for _, stem, _ in calls] == ["estimator_xmc_outlr0.001_random0.0015_full"]

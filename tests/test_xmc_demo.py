@@ -45,13 +45,28 @@ def test_weight_decay_reaches_the_weights_not_the_biases():
                          id(net.out.bias): 0.0}, kind
 
 
-def test_random_lr_reaches_the_random_runs_only():
-    given = xmc.parse_args(["--lr", "0.003", "--random-lr", "0.006"])
-    assert [xmc.learning_rates(kind, given) for kind in ("lsh", "random", "dense")] == \
+def test_rates_are_per_kind_of_run_and_fill_in_from_the_defaults():
+    def rates(*argv):
+        args = xmc.parse_args(list(argv))
+        return [xmc.learning_rates(kind, args) for kind in ("lsh", "random", "dense")]
+    default_out = xmc.parse_args([]).out_lr
+    assert rates() == [(0.08, default_out[kind]) for kind in ("lsh", "random", "dense")]
+    assert rates("--lr", "0.003,random=0.006", "--out-lr", "0.003,random=0.006") == \
         [(0.003, 0.003), (0.006, 0.006), (0.003, 0.003)]
-    assert xmc.learning_rates("random", xmc.parse_args(["--lr", "0.003", "--random-lr", "0.006", "--out-lr", "0.01"])) \
-        == (0.006, 0.01)
-    assert xmc.learning_rates("random", xmc.parse_args(["--lr", "0.003"])) == (0.003, 0.003)
+    # a pair alone changes its kind; the others keep the default's rate
+    assert rates("--out-lr", "random=0.01") == \
+        [(0.08, default_out["lsh"]), (0.08, 0.01), (0.08, default_out["dense"])]
+    assert rates("--lr", "dense=0.02")[2] == (0.02, default_out["dense"])
+
+
+@pytest.mark.parametrize("text, message", [("foo=0.1", "'foo' in 'foo=0.1' is not a kind of run"),
+                                           ("0.1,0.2", "a bare rate given twice"),
+                                           ("lsh=0.1,lsh=0.2", "lsh given twice"),
+                                           ("random=-1", "must be a finite number")])
+def test_rates_refuse_what_they_cannot_mean(text, message, capsys):
+    with pytest.raises(SystemExit):
+        xmc.parse_args(["--out-lr", text])
+    assert message in capsys.readouterr().err
 
 
 def test_norm_rows_share_reaches_the_lsh_layer_only_when_given():
@@ -106,7 +121,7 @@ def test_final_points_evaluate_a_subset_that_holds_the_curves():
     def run(*argv):
         return xmc.main(["--train-points", "300", "--test-points", "100", "--features", "2000", "--labels", "3000",
                          "--dense-epochs", "1", "--eval-points", "30", "--eval-every", "0.5", "--runs", "dense",
-                         "--json", "", "--plot", "", *argv])
+                         "--out-lr", "0.003", "--json", "", "--plot", "", *argv])  # (3 steps: a faster output rate)
     whole, part = run(), run("--final-points", "40")
     assert whole["data"]["test"].startswith("100 points") and part["data"]["test"].startswith("40 points")
     curves = [[point[1:] for point in result["runs"][0]["curve"]] for result in (whole, part)]
