@@ -663,11 +663,11 @@ def parse_args(argv=None):
                    help="Adam / LazyAdam learning rate of the network (the input embedding and hidden bias): one rate, "
                         "or kind=rate pairs for some of the kinds lsh, random, dense (0.08,dense=0.04). The embedding's "
                         "rows are each touched about once in 45 steps and want a far larger rate than the output "
-                        "layer's (docs/results.md, 'Every head at its best rates'); the figures before it were trained "
-                        "at --lr 0.003 --out-lr 0.003")
+                        "layer's (docs/results.md, 'Every head at its best rates'); figures from before commit 1c0b844 "
+                        "were trained at --lr 0.003 --out-lr 0.003")
     g.add_argument("--out-lr", type=rates_spec, default="0.0005",
-                   help="learning rate of the output layer, one rate or per kind of run as --lr (the best of the three "
-                        "heads alike on 3 seeds)")
+                   help="learning rate of the output layer, one rate or per kind of run as --lr (the default is about "
+                        "the best of every head alike in a sweep)")
     g.add_argument("--label-smoothing", type=cli.real(0, 1), default=0.0,
                    help="as F.cross_entropy's, for every run (lsh_torch.sparse_cross_entropy estimates the spread part)")
     g.add_argument("--weight-decay", type=cli.real(0), default=0.0,
