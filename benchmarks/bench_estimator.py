@@ -145,7 +145,7 @@ def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed:
 
 
 def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torch.Tensor | None = None,
-            eval_every: int = 0, batch_size: int = 16):
+            eval_every: int = 0, batch_size: int = 16, lr: float = 2e-3):
     """Train one LM per ``(variant, mode, budget)`` of ``specs`` in lockstep: the same batches, one
     step of each in turn (who goes first rotates every step), each on its own clock. A shared
     machine's load drifts over minutes; in lockstep it falls on every variant alike, so their
@@ -154,7 +154,7 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
     off the clock before the first step, every ``eval_every`` steps and after the last."""
     train_tokens, test_tokens, vocab = data
     models = [lm_model(len(vocab), *spec, seed) for spec in specs]
-    opts = [tl.optimizer(m, lr=2e-3) for m in models]
+    opts = [tl.optimizer(m, lr=lr) for m in models]
     seconds, curves = [0.0] * len(models), [[] for _ in models]
 
     def record(step: int) -> None:
@@ -325,6 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--lm-batch", type=cli.integer(1), default=16,
                    help="LM windows of 64 words per step (default 16: 1,024 words, ~270 distinct targets; 128: "
                         "8,192 words, ~1,410 distinct, past labels + tail in a set of 2,048)")
+    p.add_argument("--lm-lr", type=cli.positive, default=2e-3,
+                   help="every LM run's learning rate (transformer_lm.optimizer: Adam, or LazyAdam with a sparse head)")
     p.add_argument("--budgets", type=cli.listing(budget_spec, "mode:count pairs"), default="per_row:128,shared:2048",
                    help="LM budgets, mode:count,...")
     p.add_argument("--before-seeds", type=cli.integer(0), default=1,
@@ -423,7 +425,7 @@ def main(argv=None) -> None:
             specs = [] if args.no_dense else [(None, "-", 0)]
             specs += [(variant, mode, budget) for mode, budget in budgets for variant in args.variants
                       if "before" not in variant or seeds.index(seed) < args.before_seeds]
-            for run in lm_runs(data, specs, seed, steps, windows, eval_every, args.lm_batch):
+            for run in lm_runs(data, specs, seed, steps, windows, eval_every, args.lm_batch, args.lm_lr):
                 result["lm"].append(run)
                 print({k: v for k, v in run.items() if k != "curve"}, flush=True)
         save()

@@ -249,3 +249,17 @@ def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
     calls.clear()
     be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--no-dense", "--xmc-out-lr", "0.001,random=0.0015"])
     assert [stem for _, stem, _ in calls] == ["estimator_xmc_outlr0.001_random0.0015_full"]
+
+
+def test_lm_lr_reaches_every_lm_run(monkeypatch):
+    """The LM runs' rate was fixed at 2e-3 in the code: --lm-lr sets it."""
+    seen = []
+    monkeypatch.setattr(be.tl, "optimizer", lambda model, lr: seen.append(lr) or torch.optim.SGD(model.parameters(), lr))
+    monkeypatch.setattr(be, "lm_model", lambda vocab_size, variant, mode, budget, seed: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(be.tl, "train_step", lambda model, opt, inputs, targets: 0.0)
+    monkeypatch.setattr(be.tl, "evaluate", lambda model, tokens, context, max_tokens: (1.0, 0.0))
+    tokens = torch.arange(200) % 7
+    specs = [(None, "-", 0), ("hashed+tail", "shared", 64)]
+    list(be.lm_runs((tokens, tokens, list(range(7))), specs, 0, 2, lr=0.007))
+    assert seen == [0.007, 0.007]
+    assert be.parse_args(["--lm-lr", "0.006"]).lm_lr == 0.006
