@@ -970,7 +970,7 @@ class LSHLinear(nn.Module):
         The index is checked before it is trusted and while it answers: 64 of the first rows it answers after each
         build (for these ``k``, ``probes``, ``budget`` and ``norm_rows``) are also computed exactly and get the
         exact answer, and after them one row in 1,024 is checked too (keeping the index's answer); where it found
-        less than ``min_recall`` (default 0.9) of the exact top k of the last 64 checked, it is not used (the
+        less than ``min_recall`` (default 0.95) of the exact top k of the last 64 checked, it is not used (the
         index's recall depends on the trained rows and the inputs: rows unlike the first ones are noticed). With
         the default ``norm_rows``, the likeliest rows alone then stand in
         for it (by an estimate of their output for the checked rows: their mean's output plus

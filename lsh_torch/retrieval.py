@@ -59,7 +59,7 @@ TOPK_ROWS_PER_BUCKET = (8, 80)  # (see topk_settings)
 TOPK_PROBES = 12
 TOPK_NORM_SHARE = 128  # the largest 1/128 of the rows by norm are scored for every input
 TOPK_ALONE_SHARE = 4  # the likeliest rows alone stand in for a failed index up to a quarter of the rows
-TOPK_MIN_RECALL = 0.9  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
+TOPK_MIN_RECALL = 0.95  # an index that recalls less of the exact top-k than this is not used (TopkIndex.topk)
 TOPK_CHECKED_INPUTS = 64  # an index is judged by its answers on the last 64 inputs compared with the exact top-k
 # After the first 64, one input in every TOPK_AUDIT_EVERY that an index answers is checked too, so that inputs unlike
 # the first ones (a stream that drifts, heavy users after light ones) still get the recall they were promised. Those

@@ -492,8 +492,8 @@ def test_an_index_below_min_recall_answers_exactly(monkeypatch):
         warnings.simplefilter("error")  # warned once, at the verdict
         again = layer.topk(x[:3], 5, **hard)
     assert torch.equal(again[1], exact[1][:3]) and not searched  # exact, the index not even searched
-    with pytest.warns(UserWarning, match="less than min_recall=0.95") as record:  # a stricter call is told too
-        layer.topk(x[:3], 5, min_recall=0.95, **hard)
+    with pytest.warns(UserWarning, match="less than min_recall=0.99") as record:  # a stricter call is told too
+        layer.topk(x[:3], 5, min_recall=0.99, **hard)
     assert record[0].filename == __file__
     assert layer.topk(x, 5, min_recall=0.2, **hard)[1].shape == (200, 5) and searched  # a laxer call takes it
 
@@ -611,7 +611,7 @@ def test_a_failed_index_falls_back_to_the_likeliest_rows_alone(monkeypatch):
     assert list(layer.topk_checks) == [(5, 1, 20, 128)]  # passed: no stand-in yet
     assert layer.topk_answered_by(5, probes=1, budget=20) == (5, 0, 0, 1024)
     # Given norm rows are the caller's: below min_recall, those settings answer exactly as before.
-    with pytest.warns(UserWarning, match="less than min_recall=0.9: answering exactly"):
+    with pytest.warns(UserWarning, match="less than min_recall=0.95: answering exactly"):
         assert torch.equal(layer.topk(x, 5, probes=1, budget=20, norm_rows=128)[1], exact[1])
 
 
