@@ -74,7 +74,7 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
     L=40, at half the query and rebuild cost). A row's own top set is chosen by exact score among 8 times as
     many hashed candidates (``rescore``; LM example at a rate of 6e-3, 256 words per token, 3 seeds: perplexity
-    177.8 against 180.7 with 4, dense 178.5, a step 1.16-1.25x as long), a shared one among 4 times as many,
+    177.8 against 180.7 with 4, dense 178.4, a step 1.16-1.25x as long), a shared one among 4 times as many,
     scored for a sample of the batch's rows.
     The MIPS transform is SimHash's: with ``hash="dwta"`` (or a DWTA instance) ``asymmetric`` is False,
     and a DWTA of a given ``bin_size`` gets K rounded to a multiple of its ``log2(bin_size)`` bits per
