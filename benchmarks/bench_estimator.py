@@ -19,8 +19,8 @@ sparse head, torch.optim.Adam for dense):
                   10 (not run unless named in --variants)
   hashed+tail, tail 1/4 / tail 3/4   hashed+tail with a quarter (three quarters) of the budget in the tail
                   instead of half: a larger (smaller) top set (not run unless named in --variants)
-  hashed+tail, rescore 4   hashed+tail with its top set chosen from 4 times its size in hashed candidates, the
-                  per-row default until 2026-12-05 (now 8; a shared set's is 4) (not run unless named in --variants)
+  hashed+tail, rescore 8   hashed+tail with its top set chosen from 8 times its size in hashed candidates instead
+                  of 4 (not run unless named in --variants)
   hashed+tail, half the scoring rows   hashed+tail with a shared top set chosen from half as many of the
                   batch's rows as LSHLinear.top_set_scores allows (not run unless named in --variants)
   hashed+tail, dense grad / uniform+tail, dense grad   the head's gradients dense and the model trained by
@@ -126,7 +126,7 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     **{f"hashed+tail, rebuild {period}": ({"rebuild": period}, None) for period in (3, 30, 100)},
     "hashed+tail, tail 1/4": ({"tail": 0.25}, None),
     "hashed+tail, tail 3/4": ({"tail": 0.75}, None),
-    "hashed+tail, rescore 4": ({"rescore": 4}, None),
+    "hashed+tail, rescore 8": ({"rescore": 8}, None),
     "hashed+tail, dense grad": ({"sparse_grad": False}, None),
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, half_the_scoring_rows),

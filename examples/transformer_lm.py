@@ -24,7 +24,7 @@ what the hashing itself is worth.
 
 With the defaults (128 active words per token, ``mode="per_row"``; LSHLinear's output-layer
 settings for the width: L=40 tables, K=8, 2 probes, rows hashed by direction) each token's set is
-its target word, the 63 words that score highest among 504 hashed candidates (scored exactly), and
+its target word, the 63 words that score highest among 252 hashed candidates (scored exactly), and
 64 words drawn uniformly from the rest, whose logits the loss raises by log(rest / 64) so that
 the sampled softmax's normaliser is unbiased (docs/estimator.md). Measured on 2 CPU cores, 300
 steps, seed 0, the runs in lockstep (``benchmarks/bench_estimator.py``, which has three seeds and

@@ -72,10 +72,7 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     needs its own top set (``mode="per_row"``: LM example, 128 words per token, perplexity 178.4
     with L=40 against 195.1 with L=20) but L=20 where the batch shares one (``"shared"``, and
     ``"auto"``, whose training path is shared: XMC demo P@1 0.729 with L=20 against 0.731 with
-    L=40, at half the query and rebuild cost). A row's own top set is chosen by exact score among 8 times as
-    many hashed candidates (``rescore``; LM example at a rate of 6e-3, 256 words per token, 3 seeds: perplexity
-    177.8 against 180.7 with 4, dense 178.4, a step 1.16-1.25x as long), a shared one among 4 times as many,
-    scored for a sample of the batch's rows.
+    L=40, at half the query and rebuild cost).
     The MIPS transform is SimHash's: with ``hash="dwta"`` (or a DWTA instance) ``asymmetric`` is False,
     and a DWTA of a given ``bin_size`` gets K rounded to a multiple of its ``log2(bin_size)`` bits per
     hash. (An explicit K below ``log2(probes)`` caps the auto probes at its ``2**K`` buckets.)
@@ -84,8 +81,7 @@ def auto_settings(out_features: int, mode: str = "auto", hash="srp") -> dict:
     srp = isinstance(hash, hashing.SRP) or hash == "srp"
     tables = (40 if mode == "per_row" else 20) if wide else 5
     return {"num_tables": tables, "bits": fit_bits(auto_bits(out_features), hash), "probes": 2 if wide else 10,
-            "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25,
-            "rescore": 8 if mode == "per_row" else 4}
+            "asymmetric": srp and not wide, "active": min(out_features, 2048) if wide else 0.25}
 
 
 def fit_bits(bits: int, hash) -> int:
@@ -172,8 +168,7 @@ class LSHLinear(nn.Module):
             with no room for hashed candidates (a warning says so once).
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits
-            alone; 1 ranks by bucket hits. Default ``"auto"``: 8 with ``mode="per_row"``, else 4 (:func:`auto_settings`).
-            In shared mode the candidates are found and
+            alone; 1 ranks by bucket hits. Default 4. In shared mode the candidates are found and
             scored for an evenly spaced sample of the batch's rows, as many as keep the exact scores
             within :attr:`top_set_scores` ("auto": a quarter of the set's own outputs, rows x
             budget, and at most 256 rows x 3,072 candidates; the pool, and so the sample, moves
@@ -266,7 +261,7 @@ class LSHLinear(nn.Module):
                  active: int | float | str = "auto",
                  rebuild=10, seed: int = 0, sparse_grad: bool = False, inference: str = "dense",
                  mode: str = "auto", selection: str = "lsh", asymmetric: bool | str = "auto", center: bool = False,
-                 warmup: int = 0, tail: int | float | str = "auto", rescore: int | str = "auto",
+                 warmup: int = 0, tail: int | float | str = "auto", rescore: int = 4,
                  hash: str | hashing.HashFamily = "srp"):
         super().__init__()
         in_features = check_int("in_features", in_features, 1, 2 ** 31 - 1)
@@ -285,9 +280,9 @@ class LSHLinear(nn.Module):
         auto = auto_settings(out_features, mode, hash)
         auto_active = isinstance(active, str) and active == "auto"
         auto_probes = isinstance(probes, str) and probes == "auto"
-        num_tables, bits, probes, asymmetric, active, rescore = (auto[name] if value == "auto" else value for name, value in (
+        num_tables, bits, probes, asymmetric, active = (auto[name] if value == "auto" else value for name, value in (
             ("num_tables", num_tables), ("bits", bits), ("probes", probes), ("asymmetric", asymmetric),
-            ("active", active), ("rescore", rescore)))
+            ("active", active)))
         if auto_probes:
             probes = cap_probes(probes, bits)
         factory = {"device": device, "dtype": dtype}

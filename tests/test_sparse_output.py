@@ -367,11 +367,6 @@ def test_auto_settings_by_width():
     assert LSHLinear(8, 670_091, mode="shared").tables.num_tables == 20  # the batch shares one top set
     assert LSHLinear(8, 670_091, mode="per_row").tables.num_tables == 40  # each row needs its own
     assert LSHLinear(8, 1000, mode="per_row").tables.num_tables == 5
-    # A row's own top set is rescored from 8x as many candidates, a batch's shared one from 4x (scored for a sample)
-    assert [LSHLinear(8, 670_091, mode=m).rescore for m in ("auto", "shared", "per_row")] == [4, 4, 8]
-    assert LSHLinear(8, 670_091, mode="per_row", rescore=2).rescore == 2
-    with pytest.raises(TypeError, match="rescore must be an int, got str"):
-        LSHLinear(8, 670_091, rescore="fast")
     # topk searches an index of its own, the same for every mode (lsh_torch.retrieval.topk_settings)
     assert (wide.topk_tables, wide.topk_bits, wide.inference_probes, wide.topk_budget, wide.topk_norm_rows) == (
         60, 13, 12, 768, 5235)
