@@ -36,7 +36,7 @@ row-sparse gradients (``sparse_grad=True``) and use LazyAdam too; the dense outp
 hidden bias use ``torch.optim.Adam``. Precision@k is measured on held-out points
 with exact scores (``LSHLinear.topk(h, k, exact=True)``, the same computation as the dense
 layer's); the LSH top-k (``exact=False``: candidates from topk's own index, which topk checks on
-64 test points; where it found less than 0.9 of their top 5, its likeliest rows alone stand in,
+64 test points; where it found less than ``min_recall`` (0.95) of their top 5, its likeliest rows alone stand in,
 checked on 64 others, or else exact scores) is reported too, and
 the held-out loss: the full softmax's cross-entropy, every output computed (what the sampled losses
 estimate; P@k reads only the top of the softmax).
