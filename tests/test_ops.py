@@ -876,6 +876,16 @@ def test_query_shared_ranks_by_exact_hits_in_batches_beyond_16_bit_counts():
         assert ops.query_shared(codes, margins, offsets, items, 1, 1, None, seed)[0].tolist() == [0]
 
 
+def test_query_shared_ranks_counts_past_the_histogram_by_hits_then_key():
+    """Counts past 65,535 share the hit histogram's last level, whose block is ranked by hits and then the
+    tie-break key: neuron 0 (2B hits) first, then neurons 1 and 2 (B each) in the key's order, as with few rows."""
+    offsets, items = ops.build_tables(torch.tensor([[0, 0], [0, 1], [1, 0]], dtype=torch.int32), 1)
+    for seed in range(8):  # both orders of 1 and 2 among them
+        sets = [ops.query_shared(torch.zeros(batch, 2, dtype=torch.int32), torch.ones(batch, 2), offsets, items, 1, 3,
+                                 None, seed)[0].tolist() for batch in (3, 70_000)]
+        assert sets[0] == sets[1] and sets[0][0] == 0 and sorted(sets[0]) == [0, 1, 2]
+
+
 def test_query_refuses_nan_margins():
     qcodes, qmargins, offsets, items = random_tables()
     qmargins[2, 3] = float("nan")
