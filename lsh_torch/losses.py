@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import autocast_on, check_int, refuse
+from ._checks import autocast_on, check_int, refuse, vouched
 
 
 def sparse_cross_entropy(output, labels: Tensor, reduction: str = "mean", ignore_index: int = -100,
@@ -141,8 +141,9 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         raise ValueError(f"output.log_weights must be None or have indices' shape {tuple(indices.shape)}, got {given}")
     if log_weights is not None and not log_weights.dtype.is_floating_point:
         raise TypeError(f"output.log_weights must be a floating tensor, got {log_weights.dtype}")
-    _check_distinct(indices)
-    if log_weights is not None:
+    if not vouched(indices):
+        _check_distinct(indices)
+    if log_weights is not None and not vouched(log_weights):
         refuse(log_weights.isnan() | (log_weights == math.inf) | ((log_weights < 0) & (log_weights != -math.inf)),
                "sparse_cross_entropy: output.log_weights must be >= 0 and not NaN or inf (the log of how many outputs "
                "an entry stands for; -inf for none)")

@@ -20,7 +20,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import hashing, ops
 from ._checks import (MAX_BITS, MAX_PROBES, autocast_on, check_bool, check_int, int_or_float, integer_scalar, refuse,
-                      user_stacklevel)
+                      user_stacklevel, vouch)
 from .losses import _label_rows
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         among, exact_topk_outside, excluded_room, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
@@ -845,6 +845,7 @@ class LSHLinear(nn.Module):
         if active.dim() > 1:
             active = active.reshape(*batch_shape, active.shape[-1])
         log_weights = ops.tail_log_weights(head, size, self.out_features).reshape(active.shape)
+        vouch(active, log_weights)  # distinct neurons and valid weights: the loss need not check them again
         return SparseOutput(values, active, log_weights)
 
     def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,

@@ -23,3 +23,21 @@ def test_small_run(tmp_path, capsys):
     assert after["oracle"][0]["recall"] >= after["hashed"][0]["recall"]
     out = capsys.readouterr().out
     assert "| 2 |" in out and os.path.exists(tmp_path / "recall.png") and os.path.exists(tmp_path / "recall_top.png")
+
+
+def test_near_labels_reaches_the_generator(monkeypatch):
+    """--near-labels 0 (siblings only ever hard negatives) is the data's, not a parsed option alone."""
+    class Generated(Exception):
+        pass
+
+    def generate_split(*args, **kwargs):
+        raise Generated(kwargs)
+
+    monkeypatch.setattr(bxr.xmc_data, "generate_split", generate_split)
+    args = bxr.parse_args(["--structure", "tree", "--near-labels", "0"])
+    try:
+        bxr.train("hashed", 0, args)
+    except Generated as generated:
+        assert generated.args[0]["near_labels"] == 0 and generated.args[0]["structure"] == "tree"
+    else:
+        raise AssertionError("train() did not generate its data")
