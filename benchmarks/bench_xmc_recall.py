@@ -3,6 +3,7 @@ retrieval) and the uniform set, each with the corrected tail, on the demo's data
 
     python benchmarks/bench_xmc_recall.py                       # 10 epochs, seeds 0-2 (about 10 min)
     python benchmarks/bench_xmc_recall.py --epochs 5 --seeds 0 --structure tree
+    python benchmarks/bench_xmc_recall.py --epochs 5 --structure tree --near-labels 0   # siblings never co-labels
 
 Every quarter epoch: P@1 on the demo's eval subset (1,000 test points) and the recall of the exact
 top ``--k`` outputs of 256 of them by the shared set a training step would draw for them
@@ -41,7 +42,8 @@ def train(name: str, seed: int, args) -> list[dict]:
     demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure,
                            "--labels", str(args.labels), "--train-points", str(args.train_points)])
     data, test = xmc_data.generate_split(demo.train_points, demo.test_points, seed=seed, num_features=demo.features,
-                                         num_labels=demo.labels, structure=demo.structure)
+                                         num_labels=demo.labels, structure=demo.structure,
+                                         near_labels=args.near_labels)
     eval_data = test.subset(np.random.default_rng(seed).permutation(len(test))[:demo.eval_points])  # the demo's
     kind = SETS[name]
     net = xmc.build(kind, "shared", data, demo, xmc.active_budget(data, demo, "shared", seed))
@@ -79,7 +81,8 @@ def at_epochs(runs: list[list[dict]], key: str, epochs) -> list[list[float]]:
 
 def report(results: dict, args) -> None:
     epochs = list(range(1, args.epochs + 1))
-    print(f"\nXMC demo ({args.structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, "
+    structure = args.structure + (f", near_labels {args.near_labels}" if args.structure == "tree" else "")
+    print(f"\nXMC demo ({structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, "
           f"seeds {args.seeds}: P@1 / recall of the exact top {args.k} (mean ± std over seeds) at the end of each "
           "epoch (epoch 1: the warm-up's uniform sets)")
     print("| epoch | " + " | ".join(f"{name} P@1 | {name} recall" for name in results) + " |")
@@ -102,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="seeds (data and runs), comma-separated")
     p.add_argument("--structure", type=cli.choice("clusters", "tree"), default="clusters",
                    help="the synthetic labels' structure (examples/xmc_data.py)")
+    p.add_argument("--near-labels", type=cli.real(0.0, 1.0), default=0.5,
+                   help="with --structure tree: how often a point's further labels are its first label's siblings "
+                        "(0: siblings are only ever each other's hard negatives; xmc_data.generate)")
     p.add_argument("--labels", type=cli.integer(), default=100_000, help="outputs of the layer (the demo's)")
     p.add_argument("--train-points", type=cli.integer(), default=20_000, help="training points (the demo's)")
     p.add_argument("--sets", type=cli.listing(cli.choice(*SETS), "sets"), default=",".join(SETS),
