@@ -130,7 +130,8 @@ class ActiveSetBuilder {
   static constexpr Hits kChosen = kChosenOf<Hits>, kMaxHits = kMaxHitsOf<Hits>;
 
  public:
-  explicit ActiveSetBuilder(const Tables& t) : t_(t), scratch_(thread_scratch<Hits>(t.n)), hits_(scratch_.hits), ranked_(scratch_.ranked) {
+  explicit ActiveSetBuilder(const Tables& t)
+      : t_(t), scratch_(thread_scratch<Hits>(t.n)), hits_(scratch_.hits), ranked_(scratch_.ranked) {
     scratch_.chosen.clear();
     if (scratch_.parts.empty()) scratch_.parts.resize(1);
     scratch_.parts[0].ids.clear();
@@ -224,7 +225,7 @@ class ActiveSetBuilder {
     // Every candidate above the floor is taken (fewer than `room` are). They are placed by level
     // (a counting sort on the histogram: level h's block follows the levels above it), so that only
     // the floor's block needs a selection and each block a sort of its own: on a per-row pool of
-    // 1,016 of a 50K-word LM head, nth_element and sort over all of them were 70% of the query.
+    // 1,016 of a 50K-word LM head, nth_element and sort over all of them took 70% of the query.
     const size_t levels = histogram_.size();
     next_.assign(levels, 0);
     for (size_t h = levels - 1; h > floor; --h) next_[h - 1] = next_[h] + histogram_[h];
