@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_bool, check_int, check_module, integer_scalar
+from ._checks import check_bool, check_int, check_module, integer_scalar, vouch, vouched
 from .losses import (_check_labels_forced, _check_labels_found, _checked_output, _drawn, _label_columns, _label_rows,
                      _mask_of, reduce_loss, smoothed_target)
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
@@ -701,8 +701,10 @@ class ShardedLSHLinear(nn.Module):
         except Exception as caught:  # a warning turned into an error (-W error) too
             error = caught
         _stop_everywhere(error, self.process_group, self.shard.weight.device)
-        return ShardedSparseOutput(values, indices + self.start, log_weights, self.process_group, tuple(sizes),
-                                   batch_shape)
+        shifted = indices + self.start
+        if vouched(indices):  # distinct ids shifted alike stay distinct: the loss need not sort them again
+            vouch(shifted)
+        return ShardedSparseOutput(values, shifted, log_weights, self.process_group, tuple(sizes), batch_shape)
 
     def _flat_labels(self, input: Tensor, labels: Optional[Tensor], name: str = "labels") -> Tensor:
         """``labels`` (global ids; ``name``, the argument's) as ``[rows, M]`` with all padding as -1, checked."""
