@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+import weakref
 
 import torch
 
@@ -46,22 +47,32 @@ def refuse(bad: torch.Tensor, message: str, detail=None, synced: bool = False) -
         raise ValueError(message + (detail(bad) if detail is not None else ""))
 
 
+# vouch()'s marks: id(tensor) -> (a weak reference to it, its version when marked). Kept here, not on the tensor: an
+# attribute would travel with a copy (pickle, torch.save, deepcopy) whose version restarts at 0, so a set edited
+# and then saved could pass unchecked.
+_vouched: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def vouch(*tensors) -> None:
     """Marks tensors valid by construction (forward_sparse's indices and log-weights) so that the loss does not
     check them again: sorting a per-row set to find a repeated neuron was 60% of sparse_cross_entropy's forward
-    (1,024 rows of 256). Eager only; an in-place change (a new version) drops the mark; an inference tensor,
-    which has no version, is not marked."""
+    (1,024 rows of 256). Eager only; an in-place change (a new version) drops the mark, a copy does not carry it,
+    and an inference tensor, which has no version, is not marked. (Writes that bypass the version counter,
+    ``.data`` or a NumPy view, are not seen.)"""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is not None and not t.is_inference():
-            t._lsh_torch_vouched = t._version
+            key = id(t)
+            _vouched[key] = (weakref.ref(t, lambda _, key=key: _vouched.pop(key, None)), t._version)
 
 
 def vouched(t) -> bool:
     """Was ``t`` marked by :func:`vouch` and not changed since?"""
-    return (not torch.compiler.is_compiling() and isinstance(t, torch.Tensor) and not t.is_inference()
-            and getattr(t, "_lsh_torch_vouched", None) == t._version)
+    if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor) or t.is_inference():
+        return False
+    mark = _vouched.get(id(t))
+    return mark is not None and mark[0]() is t and mark[1] == t._version
 
 
 def autocast_on(device_type: str) -> bool:

@@ -1,4 +1,5 @@
 """The large-output path: forward_sparse, sparse_cross_entropy, top-k, shared mode, random selection."""
+import copy
 import math
 
 import numpy as np
@@ -114,8 +115,10 @@ def test_the_loss_trusts_forward_sparse_until_its_output_is_changed(mode, monkey
     out = layer.forward_sparse(x, y)
     rows = out.indices if mode == "per_row" else out.indices[None]
     rows[:, -1] = rows[:, -2]  # a neuron twice in a set, as a hand edit might make it
-    with pytest.raises(ValueError, match="repeat a neuron"):
-        sparse_cross_entropy(out, y)
+    copied = SparseOutput(out.values, copy.deepcopy(out.indices), copy.deepcopy(out.log_weights))
+    for edited in (out, copied):  # a copy's version restarts at 0: it must not pass as the original
+        with pytest.raises(ValueError, match="repeat a neuron"):
+            sparse_cross_entropy(edited, y)
     out = layer.forward_sparse(x, y)
     out.log_weights[..., -1] = math.nan
     with pytest.raises(ValueError, match="log_weights must be >= 0 and not NaN"):
