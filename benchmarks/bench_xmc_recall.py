@@ -4,10 +4,11 @@ retrieval) and the uniform set, each with the corrected tail, on the demo's data
     python benchmarks/bench_xmc_recall.py                       # 10 epochs, seeds 0-2 (about 10 min)
     python benchmarks/bench_xmc_recall.py --epochs 5 --seeds 0 --structure tree
     python benchmarks/bench_xmc_recall.py --epochs 5 --structure tree --near-labels 0   # siblings never co-labels
+    python benchmarks/bench_xmc_recall.py --epochs 5 --mode per_row   # no other point's labels in a row's set
 
 Every quarter epoch: P@1 on the demo's eval subset (1,000 test points) and the recall of the exact
-top ``--k`` outputs of 256 of them by the shared set a training step would draw for them
-(``lsh_torch.diagnostics.active_set_recall``: labels, top set from a sample of the rows, tail).
+top ``--k`` outputs of 256 of them by the set a training step would draw for them, shared or, with
+``--mode per_row``, per row (``lsh_torch.diagnostics.active_set_recall``: labels, top set, tail).
 The oracle's pool is the exact best outputs (``bench_estimator.exact_top_set``: dense logits, every
 row of the batch scoring the top set); its steps cost a dense layer's, so the curves are against
 epochs, not time (the demo and ``bench_estimator.py`` compare hashed and uniform at equal time).
@@ -38,7 +39,7 @@ SETS = {"hashed": "lsh", "oracle": "lsh", "uniform": "random"}  # -> the demo's 
 
 
 def train(name: str, seed: int, args) -> list[dict]:
-    """One run of the demo's shared head: a row per quarter epoch (epoch, P@1, recall, mass recall)."""
+    """One run of the demo's head (shared or per-row sets): a row per quarter epoch (epoch, P@1, recall, mass recall)."""
     demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure,
                            "--labels", str(args.labels), "--train-points", str(args.train_points)])
     data, test = xmc_data.generate_split(demo.train_points, demo.test_points, seed=seed, num_features=demo.features,
@@ -46,7 +47,7 @@ def train(name: str, seed: int, args) -> list[dict]:
                                          near_labels=args.near_labels)
     eval_data = test.subset(np.random.default_rng(seed).permutation(len(test))[:demo.eval_points])  # the demo's
     kind = SETS[name]
-    net = xmc.build(kind, "shared", data, demo, xmc.active_budget(data, demo, "shared", seed))
+    net = xmc.build(kind, args.mode, data, demo, xmc.active_budget(data, demo, args.mode, seed))
     if name == "oracle":
         bench_estimator.exact_top_set(net.out)
     opts = xmc.optimizers(net, kind, *xmc.learning_rates(kind, demo))
@@ -82,7 +83,7 @@ def at_epochs(runs: list[list[dict]], key: str, epochs) -> list[list[float]]:
 def report(results: dict, args) -> None:
     epochs = list(range(1, args.epochs + 1))
     structure = args.structure + (f", near_labels {args.near_labels}" if args.structure == "tree" else "")
-    print(f"\nXMC demo ({structure}, {args.labels:,} labels, {args.train_points:,} points), shared set, "
+    print(f"\nXMC demo ({structure}, {args.labels:,} labels, {args.train_points:,} points), {args.mode} sets, "
           f"seeds {args.seeds}: P@1 / recall of the exact top {args.k} (mean ± std over seeds) at the end of each "
           "epoch (epoch 1: the warm-up's uniform sets)")
     print("| epoch | " + " | ".join(f"{name} P@1 | {name} recall" for name in results) + " |")
@@ -108,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--near-labels", type=cli.real(0.0, 1.0), default=0.5,
                    help="with --structure tree: how often a point's further labels are its first label's siblings "
                         "(0: siblings are only ever each other's hard negatives; xmc_data.generate)")
+    p.add_argument("--mode", type=cli.choice("shared", "per_row"), default="shared",
+                   help="one set per batch (every row's labels in it), or one per row (the demo's --active-per-row)")
     p.add_argument("--labels", type=cli.integer(), default=100_000, help="outputs of the layer (the demo's)")
     p.add_argument("--train-points", type=cli.integer(), default=20_000, help="training points (the demo's)")
     p.add_argument("--sets", type=cli.listing(cli.choice(*SETS), "sets"), default=",".join(SETS),

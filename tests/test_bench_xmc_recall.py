@@ -41,3 +41,14 @@ def test_near_labels_reaches_the_generator(monkeypatch):
         assert generated.args[0]["near_labels"] == 0 and generated.args[0]["structure"] == "tree"
     else:
         raise AssertionError("train() did not generate its data")
+
+
+def test_per_row_sets(tmp_path):
+    """--mode per_row: each row's own set, whose oracle holds the row's exact top outputs."""
+    path = str(tmp_path / "recall.json")
+    bxr.main(["--epochs", "2", "--seeds", "0", "--labels", "2000", "--train-points", "500", "--k", "4",
+              "--mode", "per_row", "--sets", "oracle,uniform", "--json", path, "--plot", ""])
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    after = {name: [r for r in seeds[0] if not r["warmup"]] for name, seeds in runs.items()}
+    assert min(r["recall"] for r in after["oracle"]) > 0.9 > max(r["recall"] for r in after["uniform"])
