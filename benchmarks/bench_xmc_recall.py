@@ -5,6 +5,7 @@ retrieval) and the uniform set, each with the corrected tail, on the demo's data
     python benchmarks/bench_xmc_recall.py --epochs 5 --seeds 0 --structure tree
     python benchmarks/bench_xmc_recall.py --epochs 5 --structure tree --near-labels 0   # siblings never co-labels
     python benchmarks/bench_xmc_recall.py --epochs 5 --mode per_row   # no other point's labels in a row's set
+    python benchmarks/bench_xmc_recall.py --epochs 5 --mode per_row --sets hashed --demo-args="--probes 8 --rescore 16"
 
 Every quarter epoch: P@1 on the demo's eval subset (1,000 test points) and the recall of the exact
 top ``--k`` outputs of 256 of them by the set a training step would draw for them, shared or, with
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import statistics
 import sys
 
@@ -41,7 +43,8 @@ SETS = {"hashed": "lsh", "oracle": "lsh", "uniform": "random"}  # -> the demo's 
 def train(name: str, seed: int, args) -> list[dict]:
     """One run of the demo's head (shared or per-row sets): a row per quarter epoch (epoch, P@1, recall, mass recall)."""
     demo = xmc.parse_args(["--epochs", str(args.epochs), "--seed", str(seed), "--structure", args.structure,
-                           "--labels", str(args.labels), "--train-points", str(args.train_points)])
+                           "--labels", str(args.labels), "--train-points", str(args.train_points),
+                           *shlex.split(args.demo_args)])
     data, test = xmc_data.generate_split(demo.train_points, demo.test_points, seed=seed, num_features=demo.features,
                                          num_labels=demo.labels, structure=demo.structure,
                                          near_labels=args.near_labels)
@@ -116,10 +119,16 @@ def parse_args(argv=None):
     p.add_argument("--sets", type=cli.listing(cli.choice(*SETS), "sets"), default=",".join(SETS),
                    help="which sets to train, comma-separated")
     p.add_argument("--k", type=cli.integer(), default=64, help="the exact top k whose recall is measured")
+    p.add_argument("--demo-args", default="", help="more of examples/xmc.py's options for every run, as one argument "
+                   "(--demo-args=\"--probes 8 --rescore 16\"; the tables' settings reach the hashed set alone)")
     p.add_argument("--json", type=cli.results_path, default=os.path.join(HERE, "results", "xmc_recall.json"))
     p.add_argument("--plot", type=cli.output_path, default=os.path.join(HERE, "results", "xmc_recall.png"),
                    help="P@1 and recall against epochs, the seeds' range as a band ('' for none)")
     args = p.parse_args(argv)
+    try:  # the demo's own parser judges them now, not after the first runs
+        xmc.parse_args(shlex.split(args.demo_args))
+    except SystemExit:
+        p.error(f"--demo-args {args.demo_args!r}: examples/xmc.py refused them (above)")
     if args.k > args.labels:  # active_set_recall refused it at the first measurement, after a quarter epoch
         p.error(f"--k {args.k} must be at most --labels {args.labels}")
     return args

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_xmc_recall as bxr  # noqa: E402
 
@@ -52,3 +54,26 @@ def test_per_row_sets(tmp_path):
         runs = json.load(f)["runs"]
     after = {name: [r for r in seeds[0] if not r["warmup"]] for name, seeds in runs.items()}
     assert min(r["recall"] for r in after["oracle"]) > 0.9 > max(r["recall"] for r in after["uniform"])
+
+
+def test_demo_args_reach_every_run_and_are_judged_at_once(monkeypatch, capsys):
+    seen = []
+    parse = bxr.xmc.parse_args
+    monkeypatch.setattr(bxr.xmc, "parse_args", lambda argv=None: seen.append(list(argv)) or parse(argv))
+    args = bxr.parse_args(["--demo-args=--probes 8 --rescore 16"])
+    class Generated(Exception):
+        pass
+
+    def generate_split(*args, **kwargs):
+        raise Generated
+
+    monkeypatch.setattr(bxr.xmc_data, "generate_split", generate_split)
+    with pytest.raises(Generated):
+        bxr.train("hashed", 0, args)
+    assert seen[-1][-4:] == ["--probes", "8", "--rescore", "16"]
+    try:
+        bxr.parse_args(["--demo-args=--probes eight"])
+    except SystemExit:
+        assert "--demo-args '--probes eight'" in capsys.readouterr().err
+    else:
+        raise AssertionError("a bad --demo-args was taken")
