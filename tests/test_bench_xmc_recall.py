@@ -27,22 +27,25 @@ def test_small_run(tmp_path, capsys):
     assert "| 2 |" in out and os.path.exists(tmp_path / "recall.png") and os.path.exists(tmp_path / "recall_top.png")
 
 
-def test_near_labels_reaches_the_generator(monkeypatch):
-    """--near-labels 0 (siblings only ever hard negatives) is the data's, not a parsed option alone."""
-    class Generated(Exception):
-        pass
+class Generated(Exception):
+    """Raised by a stand-in for the data generator: what train() asked of it, nothing trained."""
 
-    def generate_split(*args, **kwargs):
+
+def generator_kwargs(monkeypatch, args) -> dict:
+    """The keyword arguments train() passes to xmc_data.generate_split for ``args``."""
+    def generate_split(*_, **kwargs):
         raise Generated(kwargs)
 
     monkeypatch.setattr(bxr.xmc_data, "generate_split", generate_split)
-    args = bxr.parse_args(["--structure", "tree", "--near-labels", "0"])
-    try:
+    with pytest.raises(Generated) as generated:
         bxr.train("hashed", 0, args)
-    except Generated as generated:
-        assert generated.args[0]["near_labels"] == 0 and generated.args[0]["structure"] == "tree"
-    else:
-        raise AssertionError("train() did not generate its data")
+    return generated.value.args[0]
+
+
+def test_near_labels_reaches_the_generator(monkeypatch):
+    """--near-labels 0 (siblings only ever hard negatives) is the data's, not a parsed option alone."""
+    kwargs = generator_kwargs(monkeypatch, bxr.parse_args(["--structure", "tree", "--near-labels", "0"]))
+    assert kwargs["near_labels"] == 0 and kwargs["structure"] == "tree"
 
 
 def test_per_row_sets(tmp_path):
@@ -60,20 +63,8 @@ def test_demo_args_reach_every_run_and_are_judged_at_once(monkeypatch, capsys):
     seen = []
     parse = bxr.xmc.parse_args
     monkeypatch.setattr(bxr.xmc, "parse_args", lambda argv=None: seen.append(list(argv)) or parse(argv))
-    args = bxr.parse_args(["--demo-args=--probes 8 --rescore 16"])
-    class Generated(Exception):
-        pass
-
-    def generate_split(*args, **kwargs):
-        raise Generated
-
-    monkeypatch.setattr(bxr.xmc_data, "generate_split", generate_split)
-    with pytest.raises(Generated):
-        bxr.train("hashed", 0, args)
+    generator_kwargs(monkeypatch, bxr.parse_args(["--demo-args=--probes 8 --rescore 16"]))
     assert seen[-1][-4:] == ["--probes", "8", "--rescore", "16"]
-    try:
+    with pytest.raises(SystemExit):
         bxr.parse_args(["--demo-args=--probes eight"])
-    except SystemExit:
-        assert "--demo-args '--probes eight'" in capsys.readouterr().err
-    else:
-        raise AssertionError("a bad --demo-args was taken")
+    assert "--demo-args '--probes eight'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsh_torch import LazyAdam, LSHLinear, SparseOutput, load_lsh_state, lsh_state, sparse_cross_entropy
+from lsh_torch._checks import vouched
 from lsh_torch.distributed import (ShardedLSHLinear, all_reduce_sparse_grads, data_parallel, shard_range,
                                    unmanaged_parameters)
 
@@ -378,7 +379,6 @@ def _sharded_tail_run(rank):
     layer = ShardedLSHLinear.from_linear(_full_linear(60), active=24, tail=6, mode="shared")
     x, labels = _sharded_data()
     out = layer.forward_sparse(_local(x, rank, SIZES), labels[rank])
-    from lsh_torch._checks import vouched
     assert vouched(out.indices) and vouched(out.log_weights)  # the global ids too: the loss does not sort them again
     return {"out": tuple(out[:3]), "loss": sparse_cross_entropy(out, labels[rank], "none"),
             "smoothed": sparse_cross_entropy(out, labels[rank], "none", label_smoothing=0.3)}
