@@ -78,6 +78,11 @@ TORCH_LIBRARY(lsh_torch, m) {
       "-> (Tensor grad_weight, Tensor grad_bias)");
   // Batch-shared active set as one gathered GEMM: out[b, a] = weight[indices[a]] . x[b] + bias[indices[a]]
   m.def("shared_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
+  // Each row's k highest scores: indices [B, k] int64 into scores [B, U] (floating), ordered as a stable
+  // descending torch.sort orders the row (every NaN first, ties by lower column, -0.0 equal to 0.0).
+  // A per-row top set's choice among the exact scores of a pool (LSHLinear's per-row training
+  // lookup): torch.topk took a quarter of the LM example's step there. Integer output: no gradient.
+  m.def("row_topk(Tensor scores, int k) -> Tensor");
   // Lazy Adam on the given (unique) rows only, in place, with SparseAdam's arithmetic in its order:
   // m += (g - m)(1-b1);  v += (g^2 - v)(1-b2);  param = param (1 - decay) - m / (sqrt(v) + eps) * step_size
   // (decay: AdamW's decoupled weight decay, lr * weight_decay; 0 is SparseAdam's step exactly).

@@ -54,6 +54,14 @@ inline void check_fingerprint_args(const at::Tensor& rows, const at::Tensor& vec
               rows.device(), " and ", vector.device());
 }
 
+// row_topk: scores [B, U] floating, k in [0, U].
+inline void check_row_topk_args(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.dim() == 2 && at::isFloatingType(scores.scalar_type()),
+              "row_topk: scores must be a floating [B, U] tensor, got ", scores.scalar_type(), " of shape ",
+              scores.sizes());
+  TORCH_CHECK(k >= 0 && k <= scores.size(1), "row_topk: k must be in [0, U = ", scores.size(1), "], got ", k);
+}
+
 inline void check_bits_tables(const char* op, int64_t num_tables, int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= kMaxBits, op, ": bits (K) must be in [1, ", kMaxBits, "], got ", bits);
   TORCH_CHECK(num_tables >= 1 && num_tables <= kMaxTables,

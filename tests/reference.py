@@ -46,6 +46,16 @@ def row_fingerprints(rows, vector):
     return (rows.double() @ vector.double()).float()
 
 
+def row_topk(scores, k):
+    """Each row's columns sorted by score, highest first (every NaN above everything, -0.0 equal to 0.0), ties by
+    the lower column; the first k."""
+    def rank(row):
+        values = row.double().tolist()
+        return sorted(range(len(values)), key=lambda j: (not math.isnan(values[j]),
+                                                        0.0 if math.isnan(values[j]) else -values[j], j))[:k]
+    return torch.tensor([rank(row) for row in scores], dtype=torch.int64).reshape(scores.shape[0], k)
+
+
 def hash_codes(projections, num_tables, bits, margins=True):
     p = projections.float().reshape(-1, num_tables, bits)
     weights = 2 ** torch.arange(bits)

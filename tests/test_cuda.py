@@ -84,6 +84,15 @@ def test_row_fingerprints_match_reference_on_cuda(dtype, n, d):
     assert torch.equal(got.cpu(), ops.row_fingerprints(rows, vector))
 
 
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+@pytest.mark.parametrize("batch,width,k", [(0, 9, 3), (4, 9, 0), (3, 5000, 7), (1024, 8192, 129)])
+def test_row_topk_equals_cpu(dtype, batch, width, k):
+    scores = torch.randn(batch, width).to(dtype)
+    assert torch.equal(ops.row_topk(scores.cuda(), k).cpu(), ops.row_topk(scores, k))
+    special = test_ops.special_scores()
+    assert torch.equal(ops.row_topk(special.cuda(), 150).cpu(), ref.row_topk(special, 150))
+
+
 def test_mips_transform_empty_and_narrow():
     assert ops.mips_transform(torch.empty(0, 5, device="cuda"), False).shape == (0, 6)
     rows = torch.randn(40, 1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import reference as ref
 from lsh_torch import LSHLinear, SparseOutput, ops, sparse_cross_entropy
+from lsh_torch.nn import BATCH_POOL_ROWS
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
@@ -296,13 +297,32 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
         expected = set(pool[pool_scores.topk(top).indices].tolist())
         head = out.indices[: int((out.log_weights == 0).sum())].tolist()
         assert len(head) == forced + top and set(head) == expected | {3, 10, 11, 12}
-    else:
+    else:  # per row in training: one pool for the batch, BATCH_POOL_ROWS rows' worth, each row's best of it
+        pool, _ = layer.tables.query(x, BATCH_POOL_ROWS * 4 * top, None, seed, shared=True)
         for row in range(5):
-            row_scores = scores[row, pool[row]].masked_fill(pool[row] == labels[row], -math.inf)
-            best = pool[row][row_scores.topk(top).indices]
+            row_scores = scores[row, pool].masked_fill(pool == labels[row], -math.inf)
+            best = pool[row_scores.topk(top).indices]
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
             assert len(head) == forced + top and set(head) == set(best.tolist()) | {labels[row].item()}
             assert head[0] == labels[row]  # labels first
+
+
+def test_an_eval_per_row_top_set_is_the_best_of_the_rows_own_pool_whatever_its_batch():
+    # Eval lookups key rows by their codes, so an input gets the same set however it is batched: each row's
+    # pool is its own (rescore x top hashed candidates), not the batch's as in training.
+    n, budget, tail, top = 2000, 64, 32, 31
+    layer = LSHLinear(16, n, active=budget, tail=tail, mode="per_row", num_tables=6, bits=5, probes=3, rescore=4).eval()
+    x, labels = torch.randn(5, 16), torch.tensor([3, 3, 10, 11, 12])
+    out = layer.forward_sparse(x, labels)
+    pool, _ = layer.tables.query(x, 4 * top, None, layer.seed, keyed=True)
+    with torch.no_grad():
+        scores = F.linear(x, layer.weight, layer.bias)
+    for row in range(5):
+        row_scores = scores[row, pool[row]].masked_fill(pool[row] == labels[row], -math.inf)
+        head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
+        assert set(head) == set(pool[row][row_scores.topk(top).indices].tolist()) | {labels[row].item()}
+        alone = layer.forward_sparse(x[row:row + 1], labels[row:row + 1])
+        assert torch.equal(alone.indices[0], out.indices[row])
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.0])
@@ -369,14 +389,15 @@ def test_labels_in_the_pool_leave_the_top_set_its_size(mode):
         forced = set(labels[labels >= 0].tolist())
         head = out.indices[: int((out.log_weights == 0).sum())].tolist()
         assert len(head) == len(set(head)) == budget - tail and forced <= set(head)
-    else:  # each row's top set from a pool of rescore x (budget - tail), as for a row without labels, at step 0
-        pools, _ = layer.tables.query(x, 4 * (budget - tail), None, layer.seed * 2 ** 32)
+    else:  # each row's top set from the batch's pool, sized as for rows without labels, at step 0
+        batch_pool, _ = layer.tables.query(x, BATCH_POOL_ROWS * 4 * (budget - tail), None, layer.seed * 2 ** 32,
+                                           shared=True)
         scores = F.linear(x, layer.weight, layer.bias).detach()
         for row in range(6):
             forced = labels[row][labels[row] >= 0].tolist()
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
             assert head[: len(forced)] == forced and len(head) == len(set(head)) == budget - tail
-            pool = pools[row][~torch.isin(pools[row], labels[row])]
+            pool = batch_pool[~torch.isin(batch_pool, labels[row])]
             assert set(head[len(forced):]) == set(pool[scores[row, pool].topk(len(head) - len(forced)).indices].tolist())
 
 

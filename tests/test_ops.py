@@ -76,6 +76,53 @@ def test_mips_transform_preserves_inner_product_order():
     assert torch.equal(torch.argsort(w @ x), torch.argsort(pw @ qx))
 
 
+# --- row_topk ------------------------------------------------------------------------------------
+
+def special_scores():
+    """Ties, both zeros, infinities and NaNs of either sign."""
+    s = torch.randint(-3, 4, (6, 300)).float()
+    s[0, 5] = s[0, 250] = float("nan")
+    s[1] = -0.0
+    s[1, ::3] = 0.0
+    s[2, 7], s[2, 8] = float("inf"), float("-inf")
+    s[3, 9] = -float("nan")
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,width,k", [(3, 5000, 7), (4, 4096, 300), (5, 40, 40), (2, 1, 1), (0, 9, 3), (4, 9, 0),
+                                           (7, 3000, 2900)])
+def test_row_topk_matches_reference(dtype, batch, width, k):
+    # Wide rows with a small k take the sampled threshold; the others every entry.
+    scores = torch.randn(batch, width).to(dtype)
+    torch.testing.assert_close(ops.row_topk(scores, k), ref.row_topk(scores, k), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 150, 300])
+def test_row_topk_orders_ties_zeros_infinities_and_nans_as_a_stable_descending_sort(k):
+    scores = special_scores()
+    expected = ref.row_topk(scores, k)
+    assert torch.equal(ops.row_topk(scores, k), expected)
+    assert torch.equal(scores.sort(dim=1, descending=True, stable=True).indices[:, :k], expected)
+    assert torch.equal(ops.row_topk(scores.double(), k), expected)
+
+
+def test_row_topk_takes_the_whole_row_where_the_sampled_threshold_keeps_too_few():
+    # The threshold is read off every 16th entry of a 4,096 row: where those are the row's largest, it keeps about
+    # 17 of them, fewer than k = 100, and the kernel must fall back to every entry. Ascending rows put the top at the end.
+    spiked = torch.randn(3, 4096)
+    spiked[:, ::16] += 100
+    ascending = torch.arange(4096.0).repeat(2, 1)
+    for scores in (spiked, ascending, -ascending):
+        assert torch.equal(ops.row_topk(scores, 100), ref.row_topk(scores, 100))
+
+
+def test_row_topk_is_torch_topk_up_to_the_order_of_ties():
+    scores = torch.randn(64, 2048)
+    values, _ = scores.topk(33, dim=1)
+    assert torch.equal(scores.gather(1, ops.row_topk(scores, 33)), values)
+
+
 # --- row_fingerprints ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -638,6 +685,9 @@ def opcheck_cases():
                            torch.randint(0, 32, (3, 4), dtype=torch.int32))),
         ("row_fingerprints", (torch.randn(20, 5), torch.randn(5))),
         ("row_fingerprints", (torch.randn(20, 5, dtype=torch.float64), torch.randn(5))),
+        ("row_topk", (torch.randn(6, 50), 7)),
+        ("row_topk", (torch.randn(3, 2000, dtype=torch.float64), 5)),
+        ("row_topk", (special_scores(), 20)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, None, 3)),
         ("query", (qcodes, qmargins, offsets, items, 5, 20, LABELS, 3, 10)),
@@ -681,6 +731,10 @@ def test_op_input_errors():
         (lambda: ops.row_fingerprints(torch.randn(4, 3), torch.randn(3, dtype=torch.float64)), "float32"),
         (lambda: ops.row_fingerprints(torch.randn(12), torch.randn(3)), "rows"),
         (lambda: ops.row_fingerprints(torch.ones(4, 3, dtype=torch.int32), torch.randn(3)), "floating"),
+        (lambda: ops.row_topk(torch.randn(4, 3), 4), "k must be in \\[0, U = 3\\], got 4"),
+        (lambda: ops.row_topk(torch.randn(4, 3), -1), "k must be in"),
+        (lambda: ops.row_topk(torch.ones(4, 3, dtype=torch.int64), 2), "scores must be a floating \\[B, U\\]"),
+        (lambda: ops.row_topk(torch.randn(12), 2), "scores must be a floating \\[B, U\\]"),
         (lambda: ops.build_tables(torch.zeros(4, 2, dtype=torch.int64), 5), "int32"),
         (lambda: ops.update_tables(offsets, items, torch.tensor([5, 3]), ucodes[[5, 3]], ucodes[[5, 3]]),
          "rows must be strictly increasing"),
@@ -745,6 +799,8 @@ def test_op_input_errors():
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+    with pytest.raises(TypeError, match="row_topk: k must be an int, got 2.0"):
+        ops.row_topk(torch.randn(4, 3), 2.0)
     for label in (300, -5):  # a bad value: ValueError, as the exact softmax's Python check says it
         with pytest.raises(ValueError, match=f"labels must be in .* -1 / -100 for padding, got {label}"):
             ops.query(qcodes, qmargins, offsets, items, 4, 5, torch.full((7, 1), label))
@@ -762,6 +818,8 @@ def test_fake_kernels_refuse_what_the_kernels_refuse():
         (lambda: ops.build_tables(torch.zeros(5, 2, device="meta"), 5), "codes must be torch.int32"),
         (lambda: ops.build_tables(torch.zeros(5, 2, dtype=torch.int32, device="meta"), 30), "bits"),
         (lambda: ops.row_fingerprints(torch.zeros(4, 3, device="meta"), torch.zeros(4, device="meta")), "vector"),
+        (lambda: ops.row_topk(torch.zeros(4, 3, device="meta"), 4), "k must be in \\[0, U = 3\\]"),
+        (lambda: ops.row_topk(torch.zeros(4, 3, dtype=torch.int32, device="meta"), 2), "scores must be floating"),
         (lambda: ops.update_tables(offsets, items, rows.int(), qcodes[:4], qcodes[:4]), "rows must be torch.int64"),
         (lambda: ops.query(qcodes, qmargins, offsets, items, 4, 301), "budget"),
         (lambda: ops.query_shared(qcodes.float(), qmargins, offsets, items, 4, 5), "codes must be torch.int32"),
