@@ -109,6 +109,21 @@ def test_hashing_ops_agree_with_reference(data):
 
 @fuzz
 @given(st.data())
+def test_row_topk_agrees_with_reference(data):
+    # Rows wide enough for the sampled threshold (U > 4k), ties (rounded values) and NaNs.
+    draw = data.draw
+    batch, width = draw(st.integers(0, 4)), draw(st.integers(1, 3000))
+    k = draw(st.integers(0, width))
+    scores = tensor(draw, (batch, width), draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])))
+    if draw(st.booleans()):
+        scores = scores.mul(draw(st.sampled_from([1.0, 4.0]))).round()
+    if batch and draw(st.booleans()):
+        scores[ints(draw, (3,), 0, batch), ints(draw, (3,), 0, width)] = float("nan")
+    assert torch.equal(ops.row_topk(scores, k), ref.row_topk(scores, k))
+
+
+@fuzz
+@given(st.data())
 def test_dwta_codes_agree_with_reference(data):
     """Rows with many zeros (empty bins, all-zero rows), ties from rounding, any bins."""
     draw = data.draw
@@ -253,6 +268,7 @@ def _valid_calls(draw):
                                                 budget=budget, labels=labels, seed=0, tail=1)),
         "mips_transform": (OPS.mips_transform, dict(rows=weight, query=False, max_norm=torch.tensor(1e3))),
         "row_fingerprints": (OPS.row_fingerprints, dict(rows=weight, vector=tensor(draw, (d,)))),
+        "row_topk": (OPS.row_topk, dict(scores=tensor(draw, (batch, n)), k=2)),
         "hash_codes": (OPS.hash_codes, dict(projections=tensor(draw, (n, 6)), num_tables=2, bits=3)),
         "dwta_codes": (OPS.dwta_codes, dict(rows=weight.relu(), bins=ints(draw, (4, 4), 0, d), num_tables=2)),
         "build_tables": (OPS.build_tables, dict(codes=ints(draw, (n, 2), 0, 8).int(), bits=3)),
