@@ -47,9 +47,9 @@ class SparseOutput(NamedTuple):
 
 
 # Per-row training: the rows' top sets come from one pool of this many rows' worth of candidates
-# (LSHLinear._best_of_the_batch_pool), scored a block of _POOL_SCORE_ROWS rows at a time (a bound on the scores' memory).
+# (LSHLinear._best_of_the_batch_pool), scored a block of rows at a time, at most _POOL_SCORES scores (64 MB in float32).
 BATCH_POOL_ROWS = 16
-_POOL_SCORE_ROWS = 2048
+_POOL_SCORES = 2 ** 24
 WIDE = 8192  # out_features from which a layer gets the output-layer defaults (see auto_settings)
 
 
@@ -659,7 +659,7 @@ class LSHLinear(nn.Module):
     def _best_of_the_batch_pool(self, x: Tensor, labels: Tensor, seed: int, top: int, pool: int) -> Tensor:
         """Per-row top sets in training: each row's ``top`` best by exact score, not labels, among one pool for the
         whole batch, :data:`BATCH_POOL_ROWS` rows' worth of per-row pools (the candidates with the most bucket hits
-        over the batch), scored by one matrix product per block of rows. A pool per row missed most of each row's
+        over the batch), scored by one matrix product per block of rows (:data:`_POOL_SCORES` scores). A pool per row missed most of each row's
         exact top set (XMC demo head, 128 points: recall of the exact top 64 was 0.07 with a pool of 256 per row
         and 0.29 with 1,024 and 8 probes; 0.47 from a batch pool of 4,096); a batch's rows share their likely
         outputs, and a gathered GEMM scores 4-5x as many candidates in the time (docs/estimator.md). ``[B, top]``,
@@ -667,8 +667,9 @@ class LSHLinear(nn.Module):
         candidates, _ = self.tables.query(x, min(self.out_features, BATCH_POOL_ROWS * pool), None, seed, shared=True)
         # The k best of the pool, k = top plus the row's label columns, less the labels among them: the top set.
         k = min(candidates.shape[0], top + labels.shape[1])
+        rows = max(1, _POOL_SCORES // candidates.shape[0])  # (a traced batch: one graph per count of blocks)
         picked = torch.cat([candidates[ops.row_topk(ops.shared_linear(block, self.weight, self.bias, candidates), k)]
-                            for block in x.split(_POOL_SCORE_ROWS)])
+                            for block in x.split(rows)])
         is_label = among(picked, labels)
         order = is_label.to(torch.uint8).argsort(dim=1, stable=True)[:, :top]  # the non-labels first, by score
         return picked.gather(1, order).masked_fill_(is_label.gather(1, order), -1)

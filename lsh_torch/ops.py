@@ -138,8 +138,9 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Ten
 def row_topk(scores: Tensor, k: int) -> Tensor:
     """Each row's ``k`` highest scores: indices ``[B, k]`` (int64) into ``scores`` ``[B, U]``, ordered as
     ``scores.sort(dim=1, descending=True, stable=True)`` orders them (every NaN first, ties by the lower
-    column). ``scores.topk(k, dim=1).indices`` up to the order of ties, several times faster on CPU
-    where ``k`` is a small part of ``U``. Integer output: no gradient."""
+    column). ``scores.topk(k, dim=1).indices`` up to ties (which of them, and their order), several times
+    faster on CPU where ``k`` is a small part of ``U`` (on CUDA a full stable sort: no faster). Integer output:
+    no gradient."""
     _ints("row_topk", k=k)
     return _ops.row_topk(scores, k)
 

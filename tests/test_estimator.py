@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+import lsh_torch
 from lsh_torch import LSHLinear, SparseOutput, ops, sparse_cross_entropy
 from lsh_torch.nn import BATCH_POOL_ROWS
 
@@ -305,6 +306,18 @@ def test_top_set_is_the_best_scoring_of_the_rescored_pool(mode, sampled, step):
             head = out.indices[row, : int((out.log_weights[row] == 0).sum())].tolist()
             assert len(head) == forced + top and set(head) == set(best.tolist()) | {labels[row].item()}
             assert head[0] == labels[row]  # labels first
+
+
+def test_a_batch_pool_scored_in_blocks_of_rows_chooses_as_in_one(monkeypatch):
+    # Scores are computed a block of rows at a time (at most _POOL_SCORES of them): blocks of 3 rows and of all 8
+    # choose the same sets.
+    layer = LSHLinear(16, 2000, active=64, tail=32, mode="per_row", num_tables=6, bits=5, probes=3)
+    x, labels = torch.randn(8, 16), torch.randint(0, 2000, (8,))
+    whole = layer.forward_sparse(x, labels).indices
+    layer.step = 0
+    pool = min(2000, BATCH_POOL_ROWS * 4 * (64 - 32 - 1))
+    monkeypatch.setattr(lsh_torch.nn, "_POOL_SCORES", 3 * pool)
+    assert torch.equal(layer.forward_sparse(x, labels).indices, whole)
 
 
 def test_an_eval_per_row_top_set_is_the_best_of_the_rows_own_pool_whatever_its_batch():

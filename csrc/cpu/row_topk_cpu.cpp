@@ -1,7 +1,7 @@
 // CPU kernel of row_topk: each row's k highest scores, in torch.sort's descending stable order.
 // torch.topk partial-sorts (value, index) pairs over the whole row (about 6 ns an element on
 // the 2-core machine: 25 ms of a 108 ms LM step at 1,024 x 8,192). Here a threshold read off a
-// sample of the row keeps about 1.5k + 8 U / 256 of the U entries in one vectorized pass; only those are
+// sample of the row (256 entries, one every U / 256) keeps about 1.5k + 8 U / 256 of the U entries in one pass; only those are
 // selected and sorted. A threshold that keeps fewer than k falls back to the whole row: the same
 // result, only slower.
 #include <ATen/ATen.h>
