@@ -5,9 +5,11 @@ LM example's 50K-word head, by table settings, after rescoring a pool of hashed 
     python benchmarks/bench_lm_recall.py --hash srp,dwta,dwta:16 --bits 8 --tables 40:2   # hash families
 
 For each (K, L, probes): the recall of the exact top ``--k`` logits of 1,024 held-out tokens by
-the best ``--k`` of a pool of ``--pool`` hashed candidates scored exactly (what
-``LSHLinear(rescore=)`` does), the softmax mass the chosen set covers, and the query's time (median
-of 5 after a warm-up). This is the measurement behind ``auto_settings`` (docs/estimator.md).
+the best ``--k`` of a pool of ``--pool`` hashed candidates per token scored exactly (what
+``LSHLinear(rescore=)`` does in eval lookups), the softmax mass the chosen set covers, and the query's
+time (median of 5 after a warm-up). This is the measurement behind ``auto_settings`` (docs/estimator.md).
+The ``batch`` columns: the same from one pool of ``BATCH_POOL_ROWS`` x ``--pool`` for all the tokens
+(what training lookups do: docs/estimator.md, "The per-row top set from the batch's pool").
 
 ``--shared``: instead, the batch-shared set of the output layer (``--active``, default 2,048 words
 for the 1,024 tokens: their labels, the rescored top set, the corrected tail) with its top set
@@ -35,6 +37,7 @@ from timing import median_time  # noqa: E402
 import lsh_torch  # noqa: E402
 from lsh_torch._checks import MAX_BITS, MAX_PROBES, MAX_TABLES  # noqa: E402  (the library's limits)
 from lsh_torch.diagnostics import topk_recall  # noqa: E402
+from lsh_torch.nn import BATCH_POOL_ROWS  # noqa: E402
 
 
 VOCAB = 50_000  # words of the LM's vocabulary, <unk> aside
@@ -143,7 +146,9 @@ def main(argv=None) -> None:
         return shared_rows(model.head, h, targets.reshape(-1), probs, args.active, args.json)
     exact_mass = probs.topk(args.k, dim=1).values.sum(1).mean().item()
     print(f"{len(vocab):,} words, {h.shape[0]} tokens, exact top {args.k} holds {exact_mass:.3f} of the softmax mass")
-    print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}")
+    batch_pool = min(len(vocab), BATCH_POOL_ROWS * args.pool)
+    print(f"{'hash':>18} {'K':>3} {'L':>3} {'probes':>6} {'recall':>7} {'mass':>6} {'query ms':>9}   "
+          f"batch pool of {batch_pool:,}: {'recall':>6} {'mass':>6} {'query ms':>9}")
     rows = []
     for family, bits, tables, probes in cells(args):
         try:
@@ -152,17 +157,20 @@ def main(argv=None) -> None:
             print(f"{family:>18} {bits:>3} {tables:>3} {probes:>6}  skipped: {e}")
             continue
         layer.rebuild()
-        pool, _ = layer.tables.query(h, args.pool, None, 0)
-        ms = 1000 * median_time(lambda: layer.tables.query(h, args.pool, None, 0), 5)
-        chosen = pool.gather(1, logits.gather(1, pool).topk(args.k, dim=1).indices)
-        recall = topk_recall(chosen, logits, args.k)["recall"]
-        mass = probs.gather(1, chosen).sum(1).mean().item()
-        rows.append({"hash": str(layer.tables.hash), "bits": bits, "tables": tables, "probes": probes,
-                     "recall": recall, "mass": mass, "query_ms": ms})
-        print(f"{str(layer.tables.hash):>18} {bits:>3} {tables:>3} {probes:>6} {recall:>7.3f} {mass:>6.3f} "
-              f"{ms:>9.0f}", flush=True)
-    cli.write_json(args.json, {"k": args.k, "pool": args.pool, "tokens": h.shape[0], "exact_mass": exact_mass,
-                               "rows": rows})
+        row = {"hash": str(layer.tables.hash), "bits": bits, "tables": tables, "probes": probes}
+        for prefix, size, shared in (("", args.pool, False), ("batch_", batch_pool, True)):
+            pool, _ = layer.tables.query(h, size, None, 0, shared=shared)
+            ms = 1000 * median_time(lambda: layer.tables.query(h, size, None, 0, shared=shared), 5)
+            pool = pool.expand(h.shape[0], -1)
+            chosen = pool.gather(1, logits.gather(1, pool).topk(args.k, dim=1).indices)
+            row.update({prefix + "recall": topk_recall(chosen, logits, args.k)["recall"],
+                        prefix + "mass": probs.gather(1, chosen).sum(1).mean().item(), prefix + "query_ms": ms})
+        rows.append(row)
+        print(f"{row['hash']:>18} {bits:>3} {tables:>3} {probes:>6} {row['recall']:>7.3f} {row['mass']:>6.3f} "
+              f"{row['query_ms']:>9.0f}   {'':>20}{row['batch_recall']:>7.3f} {row['batch_mass']:>6.3f} "
+              f"{row['batch_query_ms']:>9.0f}", flush=True)
+    cli.write_json(args.json, {"k": args.k, "pool": args.pool, "batch_pool": batch_pool, "tokens": h.shape[0],
+                               "exact_mass": exact_mass, "rows": rows})
     print(f"json: {args.json}")
 
 

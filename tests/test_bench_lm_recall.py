@@ -44,3 +44,20 @@ def test_shared_set_below_the_labels_is_refused_before_training(monkeypatch):
     monkeypatch.setattr(blr.tl, "train", lambda *args: pytest.fail("trained before checking --active"))
     with pytest.raises(SystemExit, match="error: --active 100: the shared set holds the [0-9]+ distinct labels"):
         blr.main(["--shared", "--active", "100"])
+
+
+def test_per_token_table_has_the_batch_pool_beside(tmp_path, monkeypatch, capsys):
+    """Each cell measures a pool per token and the training lookups' pool for the batch. A batch pool that holds
+    every word (16 x 200 > 3,000) scores them all exactly: recall 1."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3000, (5000,), generator=gen)
+    monkeypatch.setattr(blr.tl, "load_corpus", lambda *args: (tokens, tokens, ["w"] * 3000))
+    monkeypatch.setattr(blr.tl, "train", lambda *args: None)
+    path = str(tmp_path / "recall.json")
+    blr.main(["--pool", "200", "--k", "8", "--bits", "6", "--tables", "4:2", "--json", path])
+    with open(path) as f:
+        result = json.load(f)
+    assert result["batch_pool"] == 3000 and len(result["rows"]) == 1
+    row = result["rows"][0]
+    assert row["batch_recall"] == 1.0 and 0 <= row["recall"] <= 1
+    assert "batch pool of 3,000" in capsys.readouterr().out
