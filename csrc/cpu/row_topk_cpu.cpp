@@ -80,7 +80,7 @@ void row_topk_rows(const scalar_t* scores, int64_t rows_begin, int64_t rows_end,
   thread_local std::vector<int64_t> columns;
   thread_local std::vector<Entry<Key>> kept;
   thread_local std::vector<Key> sample;
-  columns.resize(width + kBlock);
+  columns.resize(width);  // the passing entries' columns
   const int64_t stride = std::max<int64_t>(1, width / kSample), sampled = (width + stride - 1) / stride;
   // The sample's rank (from the top) whose key is the threshold: 1.5x the rank of the k-th of the row,
   // and 8 more, keep about that many times k (or 8 strides more) of the row.
