@@ -131,15 +131,22 @@ LM_VARIANTS = {  # name -> (LSHLinear kwargs, a change to the converted head or 
     "uniform+tail, dense grad": ({"selection": "random", "sparse_grad": False}, None),
     "hashed+tail, half the scoring rows": ({}, half_the_scoring_rows),
     "exact top set+tail, oracle": ({}, exact_top_set),
+    # The tail drawn from the training words' counts (LSHLinear(tail_proposal=)): CORPUS stands for them.
+    "hashed+proposal tail": ({"tail_proposal": "CORPUS"}, None),
+    "uniform+proposal tail": ({"selection": "random", "tail_proposal": "CORPUS"}, None),
 }
 
 
-def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed: int) -> torch.nn.Module:
-    """The LM of ``seed`` with a dense head (``variant`` None) or a converted one."""
+def lm_model(vocab_size: int, variant: str | None, mode: str, budget: int, seed: int,
+             counts: torch.Tensor | None = None) -> torch.nn.Module:
+    """The LM of ``seed`` with a dense head (``variant`` None) or a converted one (``counts``: the training
+    words', for the variants with ``tail_proposal="CORPUS"``)."""
     torch.manual_seed(seed)
     model = tl.TransformerLM(vocab_size)
     if variant is not None:
         kwargs, change = LM_VARIANTS[variant]
+        if kwargs.get("tail_proposal") == "CORPUS":
+            kwargs = {**kwargs, "tail_proposal": counts}
         model = lsh_torch.convert(model, min_out_features=vocab_size, seed=seed, mode=mode, active=budget,
                                   **{"sparse_grad": True, **kwargs})
         if change is not None:
@@ -156,7 +163,8 @@ def lm_runs(data, specs: list[tuple], seed: int, steps: int, curve_windows: torc
     three seeds, the same code). Yields each run's result after the last step; curves are evaluated
     off the clock before the first step, every ``eval_every`` steps and after the last."""
     train_tokens, test_tokens, vocab = data
-    models = [lm_model(len(vocab), *spec, seed) for spec in specs]
+    counts = torch.bincount(train_tokens, minlength=len(vocab))
+    models = [lm_model(len(vocab), *spec, seed, counts) for spec in specs]
     opts = [tl.optimizer(m, lr=lr) for m in models]
     seconds, curves = [0.0] * len(models), [[] for _ in models]
 

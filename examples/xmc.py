@@ -125,7 +125,8 @@ def build(kind: str, mode: str, data: xmc_data.XMCData, args, budget: int) -> XM
             rebuild=rebuild_schedule(args.rebuild), sparse_grad=True, seed=args.seed,
             asymmetric=True if args.asymmetric else "auto",
             hash=args.hash if args.bin_size is None else hashing.DWTA(args.bin_size),
-            warmup=warmup)
+            warmup=warmup, tail_proposal=(torch.as_tensor(data.label_counts(), dtype=torch.float64)
+                                          if args.tail_proposal == "labels" else None))
         if args.norm_rows_share is not None:  # a class attribute of the layer, set on each (shard's) layer
             for layer in net.out.modules():
                 if isinstance(layer, LSHLinear):
@@ -687,6 +688,9 @@ def parse_args(argv=None):
                    help="buckets probed per table, or auto")
     g.add_argument("--tail", type=cli.auto_or(cli.integer(0)), default="auto",
                    help="active outputs drawn uniformly, their logits corrected, or auto")
+    g.add_argument("--tail-proposal", choices=["uniform", "labels"], default="uniform",
+                   help="the lsh and random runs' tail: uniform draws, or draws in proportion to the square root of "
+                        "each label's count in the training data (LSHLinear(tail_proposal=))")
     g.add_argument("--rescore", type=cli.integer(), default=4, help="hashed candidates scored per top-set slot")
     g.add_argument("--norm-rows-share", type=cli.real(0, 1), default=None,
                    help="of the shared top set's rescored pool, the fraction given to the rows of largest norm "

@@ -491,6 +491,8 @@ class ShardedLSHLinear(nn.Module):
         error = None
         try:  # options checked for this shard's width can fail on some ranks only: all ranks stop
             kwargs = _shard_kwargs(out_features, self.end - self.start, lsh_kwargs)
+            if kwargs.get("tail_proposal") is not None:  # this shard's rows' counts
+                kwargs["tail_proposal"] = check_proposal(kwargs["tail_proposal"], out_features)[self.start:self.end]
             kwargs["seed"] = (check_int("seed", kwargs.get("seed", 0), 0, 2 ** 31 - 1) + self.rank) % 2 ** 31
             # Its own initialisation draws as many numbers as the shard has rows: the global RNG must
             # advance alike on every rank (the trunk built next, a data split seeded alike).

@@ -142,11 +142,11 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     if log_weights is not None and not log_weights.dtype.is_floating_point:
         raise TypeError(f"output.log_weights must be a floating tensor, got {log_weights.dtype}")
     if not vouched(indices):
-        _check_distinct(indices)
+        _check_distinct(indices, log_weights is None)
     if log_weights is not None and not vouched(log_weights):
-        refuse(log_weights.isnan() | (log_weights == math.inf) | ((log_weights < 0) & (log_weights != -math.inf)),
-               "sparse_cross_entropy: output.log_weights must be >= 0 and not NaN or inf (the log of how many outputs "
-               "an entry stands for; -inf for none)")
+        refuse(log_weights.isnan() | (log_weights == math.inf),
+               "sparse_cross_entropy: output.log_weights must not be NaN or inf (the log of how many outputs an entry "
+               "stands for; -inf for none)")
     # A correction for how the tail was drawn, not something to train: gradients flow through the values only.
     return values, indices, None if log_weights is None else log_weights.detach()
 
@@ -223,13 +223,18 @@ def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor, sizes: Optiona
                lambda bad: _first_label(bad, labels, sizes))
 
 
-def _check_distinct(indices: Tensor) -> None:
-    """A neuron twice in a row's active set would count twice in the normaliser (forward_sparse's
-    never repeat one; a hand-built output might)."""
+def _check_distinct(indices: Tensor, distinct: bool = True) -> None:
+    """Neuron ids >= 0, and, where ``distinct``, none twice in a row's active set: without log-weights it would
+    count twice in the normaliser. (With them each entry is one term, as a tail drawn with replacement's draws
+    are: ``LSHLinear(tail_proposal=)``.)"""
+    if not distinct:
+        refuse(indices < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
+        return
     ordered = indices.sort(-1).values
     refuse(ordered[..., :1] < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
     refuse(ordered[..., 1:] == ordered[..., :-1],
-           "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once")
+           "sparse_cross_entropy: output.indices repeat a neuron within a row's active set without log_weights; each "
+           "must appear once (with log_weights each entry is one term of the normaliser)")
 
 
 def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -242,7 +247,7 @@ def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor,
         hits = (idx.unsqueeze(1) == labels.unsqueeze(2)) & (labels.unsqueeze(2) >= 0)
         found = hits.any(2)
         return torch.where(found, hits.to(torch.uint8).argmax(2), width), found
-    order = indices.argsort()
+    order = indices.argsort(stable=True)  # a neuron drawn again in the tail: its first (head) entry found
     sorted_indices = indices[order]
     pos = torch.searchsorted(sorted_indices, labels).clamp_max(indices.shape[0] - 1)
     found = (labels >= 0) & (sorted_indices[pos] == labels)

@@ -255,7 +255,7 @@ def test_lm_lr_reaches_every_lm_run(monkeypatch):
     """The LM runs' rate was fixed at 2e-3 in the code: --lm-lr sets it."""
     seen = []
     monkeypatch.setattr(be.tl, "optimizer", lambda model, lr: seen.append(lr) or torch.optim.SGD(model.parameters(), lr))
-    monkeypatch.setattr(be, "lm_model", lambda vocab_size, variant, mode, budget, seed: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(be, "lm_model", lambda vocab_size, variant, mode, budget, seed, counts: torch.nn.Linear(1, 1))
     monkeypatch.setattr(be.tl, "train_step", lambda model, opt, inputs, targets: 0.0)
     monkeypatch.setattr(be.tl, "evaluate", lambda model, tokens, context, max_tokens: (1.0, 0.0))
     tokens = torch.arange(200) % 7

@@ -460,3 +460,117 @@ def test_a_label_on_an_entry_that_stands_for_no_output_is_refused():
     lw = torch.tensor([0.0, 0.0, 0.0, -math.inf])
     with pytest.raises(ValueError, match="non-zero log-weight"):
         sparse_cross_entropy(SparseOutput(values, torch.arange(4), lw), torch.tensor([3, 0]))
+
+
+def _normaliser_estimates(layer, x, z, steps, labels=None):
+    """``[steps, B]``: sum(exp(z + log_weights)) over each training step's active set (``z [n, B]``)."""
+    estimates = []
+    for step in range(steps):
+        layer.step = step  # each training step draws a new tail
+        out = layer.forward_sparse(x, labels)
+        idx = out.indices if out.indices.dim() > 1 else out.indices.expand(x.shape[0], -1)
+        lw = out.log_weights if out.log_weights.dim() > 1 else out.log_weights.expand(x.shape[0], -1)
+        estimates.append(torch.exp(z.T.gather(1, idx).double() + lw.double()).sum(1))
+    return torch.stack(estimates)
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_a_tail_drawn_from_the_proposal_is_unbiased_and_follows_the_counts(mode):
+    """Draws with probability ~ sqrt(counts + 1), weighted 1/(t q): the normaliser's mean is the full one (labels in
+    the head, draws that hit the head weighted 0); and where the counts follow the softmax (q ~ exp(z)) its spread
+    is under half the uniform tail's."""
+    torch.manual_seed(0)
+    n, budget, tail = 400, 40, 30
+    x, labels = torch.randn(1, 8) + 0.1 * torch.randn(3, 8), torch.tensor([5, 17, 300])  # rows of alike softmaxes
+    layers = {}
+    for name in ("uniform", "proposal"):
+        layers[name] = LSHLinear(8, n, active=budget, tail=tail, mode=mode, num_tables=4, probes=2)
+    with torch.no_grad():
+        z = layers["uniform"].weight @ x.T * 3 + layers["uniform"].bias[:, None]  # [n, 3]
+    counts = (100 * torch.exp(2 * z.mean(1))).round()  # sqrt(counts + 1) ~ exp(z): the mass where the softmax's is
+    layers["proposal"] = LSHLinear(8, n, active=budget, tail=tail, mode=mode, num_tables=4, probes=2,
+                                   tail_proposal=counts)
+    layers["proposal"].load_state_dict(layers["uniform"].state_dict())
+    full = torch.exp(z.double()).sum(0)
+    spread = {}
+    for name, layer in layers.items():
+        est = _normaliser_estimates(layer, x, z, 1500, labels)
+        stderr = est.std(0) / math.sqrt(est.shape[0])
+        assert ((est.mean(0) - full).abs() < 4 * stderr + 1e-9 * full).all(), (name, est.mean(0), full, stderr)
+        spread[name] = est.std(0) / full
+    assert (spread["proposal"] < spread["uniform"] / 2).all(), spread  # (0.09 against 0.23)
+
+
+def test_the_proposal_draws_each_neuron_in_proportion_to_the_root_of_its_count():
+    from lsh_torch.proposal import POWER, draw_tail, proposal_cdf, proposal_log_weights
+    n, t, sets = 50, 20, 4000
+    counts = torch.arange(n, dtype=torch.float64) ** 2
+    q = (counts + 1) ** POWER
+    q /= q.sum()
+    cdf = proposal_cdf(counts, torch.device("cpu"))
+    head = torch.tensor([0, 3, 49, -1])  # (a set's head: its first entries; -1 ids never occur, here a stand-in)
+    active = torch.cat([head[:3], torch.zeros(t, dtype=torch.long)]).expand(sets, -1).contiguous()
+    heads = torch.full((sets,), 3)
+    drawn = torch.cat([draw_tail(active[i:i + 500], heads[i:i + 500], cdf, seed=i) for i in range(0, sets, 500)])
+    assert (drawn[:, :3] == head[:3]).all()
+    counted = torch.bincount(drawn[:, 3:].flatten(), minlength=n).double()
+    expected = sets * t * q
+    assert ((counted - expected) ** 2 / expected).mean() < 2  # about 1 (a chi-square's mean)
+    lw = proposal_log_weights(drawn, heads, cdf)
+    assert (lw[:, :3] == 0).all()
+    hit = (drawn[:, 3:, None] == head[:3]).any(2)
+    assert hit.any() and (lw[:, 3:][hit] == -math.inf).all()
+    torch.testing.assert_close(lw[:, 3:][~hit].double(), -(t * q[drawn[:, 3:][~hit]]).log(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], cdf, seed=1))  # another seed, other draws
+    assert torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], cdf, seed=0))
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_a_loss_over_a_proposal_tail_has_the_gradients_of_its_dense_formula_float64(mode):
+    """Neurons drawn twice (frequent counts, a small layer) are two terms of the normaliser: the sparse gradients
+    are those of logsumexp(z[set] + log_weights) - z[label] computed densely."""
+    torch.manual_seed(3)
+    n = 60
+    counts = torch.zeros(n).index_fill_(0, torch.arange(5), 1e6)
+    layer = LSHLinear(6, n, active=24, tail=16, mode=mode, sparse_grad=True, dtype=torch.float64,
+                      tail_proposal=counts, num_tables=4, probes=2)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([7, 30, 2, 59, 7])
+    out = layer.forward_sparse(x, y)
+    idx = out.indices if mode == "per_row" else out.indices.expand(5, -1)
+    assert any(row.unique().numel() < row.numel() for row in idx)  # a repeated draw
+    sparse_cross_entropy(out, y).backward()
+    weight = layer.weight.detach().clone().requires_grad_()
+    z = (x @ weight.T + layer.bias.detach()).gather(1, idx)
+    lw = out.log_weights if mode == "per_row" else out.log_weights.expand(5, -1)
+    column = (idx == y[:, None]).to(torch.uint8).argmax(1)
+    dense = (torch.logsumexp(z + lw, 1) - z.gather(1, column[:, None]).squeeze(1)).mean()
+    dense.backward()
+    torch.testing.assert_close(layer.weight.grad.to_dense(), weight.grad)
+
+
+@pytest.mark.parametrize("counts,error,pattern", [
+    ([1.0] * 300, TypeError, "tail_proposal must be None or a tensor of 300 counts"),
+    (torch.ones(299), ValueError, "1-D real tensor of out_features = 300 counts, got torch.float32 of shape .299,."),
+    (torch.ones(300, 1), ValueError, "1-D real tensor"),
+    (torch.ones(300, dtype=torch.bool), ValueError, "1-D real tensor"),
+    (torch.ones(300).index_fill(0, torch.tensor([7]), -1.0), ValueError, "finite counts >= 0, got -1.0 at output 7"),
+    (torch.ones(300).index_fill(0, torch.tensor([9]), math.nan), ValueError, "finite counts >= 0, got nan at output 9"),
+])
+def test_tail_proposal_errors(counts, error, pattern):
+    with pytest.raises(error, match=pattern):
+        LSHLinear(8, 300, tail_proposal=counts)
+
+
+def test_eval_sets_keep_the_uniform_tail_and_the_proposal_is_configuration():
+    import copy
+    import pickle
+    counts = torch.arange(300.0)
+    layer = LSHLinear(8, 300, active=40, tail=20, mode="per_row", tail_proposal=counts)
+    assert "tail_proposal" in repr(layer) and "tail_proposal" not in layer.state_dict()
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(clone.tail_proposal, counts.double())
+    counts[0] = 1e9  # the layer keeps its own copy
+    assert layer.tail_proposal[0] == 0
+    x = torch.randn(4, 8)
+    out = layer.eval().forward_sparse(x)
+    torch.testing.assert_close(out.log_weights, ops.tail_log_weights(out.log_weights.eq(0).sum(1), 40, 300))
