@@ -22,7 +22,7 @@ from . import hashing, ops
 from ._checks import (MAX_BITS, MAX_PROBES, autocast_on, check_bool, check_int, int_or_float, integer_scalar, refuse,
                       user_stacklevel, vouch)
 from .losses import _label_rows
-from .proposal import check_proposal, draw_tail, proposal_cdf, proposal_log_weights
+from .proposal import Proposal, check_proposal, draw_tail, proposal_log_weights
 from .retrieval import (TOPK_BUDGET, TOPK_MIN_RECALL, RecallCheck, TopkIndex, check_min_recall,  # noqa: F401 (re-exported)
                         among, exact_topk_outside, excluded_room, follow_optimizer_steps, tensor_ref, topk_budget, topk_settings)
 from .schedules import RebuildSchedule, as_schedule
@@ -471,7 +471,7 @@ class LSHLinear(nn.Module):
         state["_tables_current"] = self._tables_current()
         state["_tables_stepped"] = self._stepped_version is not None
         state["_topk_index"] = None  # a cache: the next topk rebuilds it
-        state.pop("_proposal_cdfs", None)  # a cache too
+        state.pop("_proposals", None)  # a cache too
         return state
 
     def __setstate__(self, state):
@@ -886,14 +886,16 @@ class LSHLinear(nn.Module):
         values, active, head = self._sparse(input.reshape(-1, self.in_features), weight, bias, labels,
                                             self.mode != "per_row", True)
         size = active.shape[-1]  # the budget, or more for labels that would crowd out the tail (_set_size)
+        if self.training and self.tail_proposal is not None:
+            log_weights = proposal_log_weights(active, head, self._proposal(active.device))
+        else:
+            log_weights = ops.tail_log_weights(head, size, self.out_features)
         values = values.reshape(*batch_shape, values.shape[-1])
         if active.dim() > 1:
             active = active.reshape(*batch_shape, active.shape[-1])
-        if self.training and self.tail_proposal is not None:
-            log_weights = proposal_log_weights(active, head, self._proposal_cdf(active.device))
-        else:
-            log_weights = ops.tail_log_weights(head, size, self.out_features).reshape(active.shape)
-        vouch(active, log_weights)  # distinct neurons and valid weights: the loss need not check them again
+        log_weights = log_weights.reshape(active.shape)
+        # Valid neurons and weights (distinct, but for a proposal's repeated draws): the loss need not check again.
+        vouch(active, log_weights)
         return SparseOutput(values, active, log_weights)
 
     def _sparse(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor], shared: bool,
@@ -980,16 +982,16 @@ class LSHLinear(nn.Module):
                  else self._lookup(x, labels, shared, sparse))
         if sparse and self.tail_proposal is not None:
             active, head = found
-            found = draw_tail(active, head, self._proposal_cdf(active.device), self._step_seed() ^ 2 ** 61), head
+            found = draw_tail(active, head, self._proposal(active.device), self._step_seed() ^ 2 ** 61), head
         return found
 
-    def _proposal_cdf(self, device: torch.device) -> Tensor:
-        """:func:`proposal.proposal_cdf` of :attr:`tail_proposal`, kept per device."""
-        cached = self.__dict__.get("_proposal_cdfs")
+    def _proposal(self, device: torch.device) -> Proposal:
+        """The draw weights of :attr:`tail_proposal` on ``device``, kept."""
+        cached = self.__dict__.get("_proposals")
         if cached is None or cached[0] is not self.tail_proposal:
-            cached = self._proposal_cdfs = (self.tail_proposal, {})
+            cached = self._proposals = (self.tail_proposal, {})
         if device not in cached[1]:
-            cached[1][device] = proposal_cdf(self.tail_proposal, device)
+            cached[1][device] = Proposal.of(self.tail_proposal, device)
         return cached[1][device]
 
     def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:

@@ -123,6 +123,20 @@ def test_compiled_training_equals_eager(mode, sparse, label_smoothing):
     assert graphs[1] == graphs[-1]  # compiled in the first step (one graph per piece), no recompiling after
 
 
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_compiled_training_with_a_proposal_tail_equals_eager(mode):
+    """The tail's draws are eager (the lookup); their log-weights are computed in the graph."""
+    def net():
+        model = Net(mode)
+        model.head.tail_proposal = torch.arange(300, dtype=torch.float64) ** 2
+        return model
+    eager, _ = train(net(), 6, True)
+    compiled, graphs = train(net(), 6, True, compile_backend="aot_eager")
+    assert compiled == eager
+    assert break_reasons() == {"Skip inlining `torch.compiler.disable()`d function"}
+    assert graphs[1] == graphs[-1]
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["", "bf16 autocast"])
 @pytest.mark.parametrize("exact", [False, True], ids=["hashed", "exact softmax"])
 def test_a_compiled_step_with_sparse_gradients_equals_eager_and_warns_nothing(exact, autocast):

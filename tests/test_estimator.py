@@ -502,12 +502,12 @@ def test_a_tail_drawn_from_the_proposal_is_unbiased_and_follows_the_counts(mode)
 
 
 def test_the_proposal_draws_each_neuron_in_proportion_to_the_root_of_its_count():
-    from lsh_torch.proposal import POWER, draw_tail, proposal_cdf, proposal_log_weights
+    from lsh_torch.proposal import POWER, Proposal, draw_tail, proposal_log_weights
     n, t, sets = 50, 20, 4000
     counts = torch.arange(n, dtype=torch.float64) ** 2
     q = (counts + 1) ** POWER
     q /= q.sum()
-    cdf = proposal_cdf(counts, torch.device("cpu"))
+    cdf = Proposal.of(counts, torch.device("cpu"))
     head = torch.tensor([0, 3, 49, -1])  # (a set's head: its first entries; -1 ids never occur, here a stand-in)
     active = torch.cat([head[:3], torch.zeros(t, dtype=torch.long)]).expand(sets, -1).contiguous()
     heads = torch.full((sets,), 3)
@@ -574,3 +574,13 @@ def test_eval_sets_keep_the_uniform_tail_and_the_proposal_is_configuration():
     x = torch.randn(4, 8)
     out = layer.eval().forward_sparse(x)
     torch.testing.assert_close(out.log_weights, ops.tail_log_weights(out.log_weights.eq(0).sum(1), 40, 300))
+
+
+def test_a_proposal_tail_over_a_batch_of_sequences():
+    """Inputs [batch, positions, features], as a language model's head gets them: sets and weights per token."""
+    layer = LSHLinear(8, 300, active=40, tail=20, mode="per_row", sparse_grad=True, tail_proposal=torch.arange(300.0))
+    x, y = torch.randn(2, 5, 8), torch.randint(0, 300, (2, 5))
+    out = layer.forward_sparse(x, y)
+    assert out.indices.shape == out.log_weights.shape == (2, 5, 40)
+    assert (out.log_weights[..., :1] == 0).all() and (out.log_weights[..., 20:] != 0).all()
+    sparse_cross_entropy(out, y).backward()
