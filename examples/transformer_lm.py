@@ -280,6 +280,9 @@ def parse_args(argv=None):
     p.add_argument("--random-baseline", action="store_true",
                    help="also train a third copy whose head picks its active words at random (selection='random'): "
                         "what the hashing is worth")
+    p.add_argument("--uniform-tail", action="store_true",
+                   help="draw the sparse heads' tails uniformly (default: in proportion to the square root of each "
+                        "word's count in the training text, LSHLinear(tail_proposal=))")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     check_model_args(p, args, active=args.active, mode=args.mode, num_tables=args.tables, bits=args.bits,
@@ -316,15 +319,17 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     dense = TransformerLM(len(vocab), args.d_model, args.layers, args.heads, args.context)
+    # The tail drawn in proportion to the root of each word's count in the training text (LSHLinear's tail_proposal).
+    counts = None if args.uniform_tail else torch.bincount(train_tokens, minlength=len(vocab))
     lsh = lsh_torch.convert(copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
                             num_tables=args.tables, bits=args.bits, probes=args.probes,
-                            rebuild=args.rebuild, sparse_grad=True, seed=args.seed)
+                            rebuild=args.rebuild, sparse_grad=True, seed=args.seed, tail_proposal=counts)
     head = lsh.head
     runs = [("nn.Linear head, full softmax", dense), ("LSHLinear head, sparse softmax", lsh)]
     if args.random_baseline:
         runs.append(("random active words, sparse", lsh_torch.convert(
             copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
-            selection="random", sparse_grad=True, seed=args.seed)))
+            selection="random", sparse_grad=True, seed=args.seed, tail_proposal=counts)))
     print(f"model: {sum(p.numel() for p in dense.parameters()):,} parameters; converted: "
           f"{[n for n, m in lsh.named_modules() if isinstance(m, lsh_torch.LSHLinear)]} -> {head}")
 

@@ -596,6 +596,34 @@ def test_lsh_linear_trains_on_cuda_with_tables_built_there():
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
+def test_a_proposal_tail_on_cuda_draws_and_weighs_as_on_cpu(mode):
+    """The proposal's draws come from the device's generator (other numbers than the CPU's): the weights of the
+    drawn neurons are checked, and the normaliser's mean over many steps."""
+    from lsh_torch.proposal import Proposal, proposal_log_weights
+    torch.manual_seed(0)
+    counts = torch.arange(400, dtype=torch.float64) ** 2
+    layer = LSHLinear(8, 400, active=40, tail=30, mode=mode, sparse_grad=True, tail_proposal=counts, device="cuda")
+    x, y = torch.randn(3, 8, device="cuda"), torch.tensor([5, 17, 300], device="cuda")
+    with torch.no_grad():
+        z = layer.weight @ x.T + layer.bias[:, None]
+    estimates = []
+    for step in range(1000):
+        layer.step = step
+        out = layer.forward_sparse(x, y)
+        idx = out.indices if mode == "per_row" else out.indices.expand(3, -1)
+        lw = out.log_weights if mode == "per_row" else out.log_weights.expand(3, -1)
+        estimates.append(torch.exp(z.T.gather(1, idx).double() + lw.double()).sum(1))
+    head = (out.log_weights == 0).sum(-1)
+    cpu = proposal_log_weights(out.indices.cpu(), head.cpu(), Proposal.of(counts, torch.device("cpu")))
+    torch.testing.assert_close(out.log_weights.cpu(), cpu)
+    est = torch.stack(estimates)
+    stderr = est.std(0) / est.shape[0] ** 0.5
+    assert ((est.mean(0) - torch.exp(z.double()).sum(0)).abs() < 4 * stderr).all()
+    sparse_cross_entropy(out, y).backward()
+    assert layer.weight.grad.is_cuda
+
+
+@pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_lsh_linear_refuses_a_bad_label_on_cuda_and_goes_on(mode):
     """The query kernel's ValueError, not a device assertion, which would end the process's CUDA context."""
     layer = LSHLinear(24, 3000, active=64, mode=mode, device="cuda")
