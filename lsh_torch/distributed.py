@@ -47,6 +47,7 @@ from .losses import (_check_labels_forced, _check_labels_found, _checked_output,
 from .nn import (WIDE, LSHLinear, _budget, _ddp_managing, _label_matrix, auto_bits, auto_settings, cap_probes,
                  fit_bits, topk_budget)
 from .optim import _DTensor, _checked_norms, grad_norm_part, norm_dtype, scale_grads_
+from .proposal import check_proposal
 from .retrieval import TOPK_MIN_RECALL, check_min_recall
 
 __all__ = ["ShardedLSHLinear", "ShardedSparseOutput", "all_reduce_sparse_grads", "clip_grad_norm_", "data_parallel",

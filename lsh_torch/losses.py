@@ -142,7 +142,7 @@ def _checked_output(output) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     if log_weights is not None and not log_weights.dtype.is_floating_point:
         raise TypeError(f"output.log_weights must be a floating tensor, got {log_weights.dtype}")
     if not vouched(indices):
-        _check_distinct(indices, log_weights is None)
+        _check_distinct(indices, log_weights)
     if log_weights is not None and not vouched(log_weights):
         refuse(log_weights.isnan() | (log_weights == math.inf),
                "sparse_cross_entropy: output.log_weights must not be NaN or inf (the log of how many outputs an entry "
@@ -223,18 +223,18 @@ def _check_labels_forced(drawn: Optional[Tensor], labels: Tensor, sizes: Optiona
                lambda bad: _first_label(bad, labels, sizes))
 
 
-def _check_distinct(indices: Tensor, distinct: bool = True) -> None:
-    """Neuron ids >= 0, and, where ``distinct``, none twice in a row's active set: without log-weights it would
-    count twice in the normaliser. (With them each entry is one term, as a tail drawn with replacement's draws
-    are: ``LSHLinear(tail_proposal=)``.)"""
-    if not distinct:
-        refuse(indices < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
-        return
-    ordered = indices.sort(-1).values
-    refuse(ordered[..., :1] < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
-    refuse(ordered[..., 1:] == ordered[..., :-1],
-           "sparse_cross_entropy: output.indices repeat a neuron within a row's active set without log_weights; each "
-           "must appear once (with log_weights each entry is one term of the normaliser)")
+def _check_distinct(indices: Tensor, log_weights: Optional[Tensor] = None) -> None:
+    """Neuron ids >= 0, none twice in a row's active set among its entries that stand for themselves (log-weight
+    0, or no log_weights): it would count twice in the normaliser. Entries of other log-weights may repeat a
+    neuron: a tail drawn with replacement (``LSHLinear(tail_proposal=)``) has each draw as its own term."""
+    refuse(indices < 0, "sparse_cross_entropy: output.indices must be neuron ids >= 0")
+    keys = indices
+    if log_weights is not None:  # entries that may repeat get keys of their own: -1 - their column
+        keys = torch.where(log_weights == 0, indices, -1 - torch.arange(indices.shape[-1], device=indices.device))
+    ordered = keys.sort(-1).values
+    refuse((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0),
+           "sparse_cross_entropy: output.indices repeat a neuron within a row's active set; each must appear once "
+           "(with log_weights, once among the entries of log-weight 0: a tail's repeated draws carry non-zero ones)")
 
 
 def _label_columns(indices: Tensor, labels: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -165,7 +165,7 @@ class LSHLinear(nn.Module):
             ``tail`` of them), whose logits the loss corrects by ``log(remaining / drawn)``
             (:class:`SparseOutput`). Default ``"auto"``: half the budget in :meth:`forward_sparse`
             and none in :meth:`forward`, whose outputs no loss corrects (hidden layers); an
-            explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s),
+            explicit count or fraction applies to both (``forward``'s set is then ``forward_sparse``'s, its tail uniform),
             and turns off :attr:`exact_softmax` of layers up to 8,192 outputs.
             A fraction above 0 draws at least one; 0 draws none (a softmax over the set alone, biased).
             Labels come first: where they and the tail would not fit the budget (8 x 1,024 Zipf-distributed
@@ -482,7 +482,7 @@ class LSHLinear(nn.Module):
                  "_draws": _RecordedDraws(), "_lazy_writes": _LazyWrites(), "_stepped_version": None,
                  "_warned_write": False, "_stale_marks": 0, "_warned_training_no_grad": False,
                  # pickles from before exact_softmax: what they did (whether active was "auto" is not kept)
-                 "exact_softmax": state["budget"] == state["out_features"], "tail_proposal": None, **state}
+                 "exact_softmax": state["budget"] == state["out_features"], "_tail_proposal": None, **state}
         if state["exact_softmax"] and state["tail"] != "auto" and state["budget"] < state["out_features"]:
             state["exact_softmax"] = False  # pickled before an explicit tail turned the narrow exact softmax off
         if "_built" not in state["_modules"]["tables"].__dict__:
@@ -985,14 +985,24 @@ class LSHLinear(nn.Module):
             found = draw_tail(active, head, self._proposal(active.device), self._step_seed() ^ 2 ** 61), head
         return found
 
+    @property
+    def tail_proposal(self) -> Optional[Tensor]:
+        """The counts the training tail is drawn from (the layer's own float64 CPU copy), or None: uniform draws.
+        Assigned, checked as the constructor's argument."""
+        return self.__dict__.get("_tail_proposal")
+
+    @tail_proposal.setter
+    def tail_proposal(self, counts) -> None:
+        self.__dict__["_tail_proposal"] = check_proposal(counts, self.out_features)
+
     def _proposal(self, device: torch.device) -> Proposal:
-        """The draw weights of :attr:`tail_proposal` on ``device``, kept."""
-        cached = self.__dict__.get("_proposals")
-        if cached is None or cached[0] is not self.tail_proposal:
-            cached = self._proposals = (self.tail_proposal, {})
-        if device not in cached[1]:
-            cached[1][device] = Proposal.of(self.tail_proposal, device)
-        return cached[1][device]
+        """The draw weights of :attr:`tail_proposal` on ``device``, kept while the counts are (in-place edits too)."""
+        counts, cached = self.tail_proposal, self.__dict__.get("_proposals")
+        if cached is None or cached[0] is not counts or cached[1] != counts._version:
+            cached = self._proposals = (counts, counts._version, {})
+        if device not in cached[2]:
+            cached[2][device] = Proposal.of(counts, device)
+        return cached[2][device]
 
     def _warmup_draws(self, x: Tensor, labels: Optional[Tensor], shared: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         """A warm-up step's set: the labels and uniform draws, seeded by the step."""

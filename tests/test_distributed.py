@@ -375,21 +375,30 @@ def test_sharded_loss_and_gradients_equal_the_full_softmax(tmp_path, mode, spars
         assert "second-order gradients" in result["refused"]
 
 
-def _sharded_tail_run(rank):
-    layer = ShardedLSHLinear.from_linear(_full_linear(60), active=24, tail=6, mode="shared")
+PROPOSAL_COUNTS = torch.arange(60, dtype=torch.float64) ** 3  # counts per output of the 60-wide layer
+
+
+def _sharded_tail_run(rank, proposal):
+    layer = ShardedLSHLinear.from_linear(_full_linear(60), active=24, tail=6, mode="shared",
+                                         tail_proposal=PROPOSAL_COUNTS if proposal else None)
     x, labels = _sharded_data()
     out = layer.forward_sparse(_local(x, rank, SIZES), labels[rank])
     assert vouched(out.indices) and vouched(out.log_weights)  # the global ids too: the loss does not sort them again
     return {"out": tuple(out[:3]), "loss": sparse_cross_entropy(out, labels[rank], "none"),
-            "smoothed": sparse_cross_entropy(out, labels[rank], "none", label_smoothing=0.3)}
+            "smoothed": sparse_cross_entropy(out, labels[rank], "none", label_smoothing=0.3),
+            "counts": layer.shard.tail_proposal, "rows": (layer.start, layer.end)}
 
 
-def test_sharded_smoothed_loss_with_tails_is_the_loss_of_the_shards_joined(tmp_path):
+@pytest.mark.parametrize("proposal", [False, True], ids=["uniform tail", "proposal tail"])
+def test_sharded_smoothed_loss_with_tails_is_the_loss_of_the_shards_joined(tmp_path, proposal):
     # Each shard's tail stands for its own rest: joined into one active set (the shards' log_weights
-    # kept), the single-process loss is each rank's, with and without label smoothing.
-    ranks = _spawn(_sharded_tail_run, tmp_path)
+    # kept), the single-process loss is each rank's, with and without label smoothing. With a proposal each
+    # shard draws from its own rows' counts.
+    ranks = _spawn(_sharded_tail_run, tmp_path, proposal)
     values, indices, log_weights = (torch.cat(parts, -1) for parts in zip(*(r["out"] for r in ranks)))
-    assert (log_weights > 0).sum() == 12  # both shards drew a corrected tail
+    assert (log_weights != 0).sum() == 12  # both shards drew a corrected tail
+    for r in ranks:
+        assert (r["counts"] is None) if not proposal else torch.equal(r["counts"], PROPOSAL_COUNTS[slice(*r["rows"])])
     labels = torch.cat([F.pad(rows, (0, 2 - rows.shape[1]), value=-1) for rows in _sharded_data()[1]])
     joined = SparseOutput(values, indices, log_weights)
     for key, smoothing in (("loss", 0.0), ("smoothed", 0.3)):

@@ -502,27 +502,37 @@ def test_a_tail_drawn_from_the_proposal_is_unbiased_and_follows_the_counts(mode)
 
 
 def test_the_proposal_draws_each_neuron_in_proportion_to_the_root_of_its_count():
-    from lsh_torch.proposal import POWER, Proposal, draw_tail, proposal_log_weights
+    """Each tail entry draws again while it hits the head, up to TRIES times: it ends on j outside the head with
+    probability q_j (1 - Q^TRIES) / (1 - Q), on a head neuron with q_j Q^(TRIES - 1); its weight is one over the first."""
+    from lsh_torch.proposal import POWER, TRIES, Proposal, draw_tail, proposal_log_weights
     n, t, sets = 50, 20, 4000
     counts = torch.arange(n, dtype=torch.float64) ** 2
     q = (counts + 1) ** POWER
     q /= q.sum()
-    cdf = Proposal.of(counts, torch.device("cpu"))
-    head = torch.tensor([0, 3, 49, -1])  # (a set's head: its first entries; -1 ids never occur, here a stand-in)
-    active = torch.cat([head[:3], torch.zeros(t, dtype=torch.long)]).expand(sets, -1).contiguous()
-    heads = torch.full((sets,), 3)
-    drawn = torch.cat([draw_tail(active[i:i + 500], heads[i:i + 500], cdf, seed=i) for i in range(0, sets, 500)])
-    assert (drawn[:, :3] == head[:3]).all()
-    counted = torch.bincount(drawn[:, 3:].flatten(), minlength=n).double()
-    expected = sets * t * q
-    assert ((counted - expected) ** 2 / expected).mean() < 2  # about 1 (a chi-square's mean)
-    lw = proposal_log_weights(drawn, heads, cdf)
-    assert (lw[:, :3] == 0).all()
-    hit = (drawn[:, 3:, None] == head[:3]).any(2)
-    assert hit.any() and (lw[:, 3:][hit] == -math.inf).all()
-    torch.testing.assert_close(lw[:, 3:][~hit].double(), -(t * q[drawn[:, 3:][~hit]]).log(), rtol=1e-6, atol=1e-6)
-    assert not torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], cdf, seed=1))  # another seed, other draws
-    assert torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], cdf, seed=0))
+    proposal = Proposal.of(counts, torch.device("cpu"))
+    head = torch.tensor([49, 48, 47, 46, 0])  # the likeliest draws: Q = 0.12
+    Q = float(q[head].sum())
+    ends = q * (1 - Q ** TRIES) / (1 - Q)
+    ends[head] = q[head] * Q ** (TRIES - 1)
+    active = torch.cat([head, torch.zeros(t, dtype=torch.long)]).expand(sets, -1).contiguous()
+    heads = torch.full((sets,), head.numel())
+    drawn = torch.cat([draw_tail(active[i:i + 500], heads[i:i + 500], proposal, seed=i) for i in range(0, sets, 500)])
+    assert (drawn[:, :5] == head).all()
+    counted = torch.bincount(drawn[:, 5:].flatten(), minlength=n).double()
+    expected = sets * t * ends
+    outside = expected > 0.5
+    assert ((counted - expected)[outside] ** 2 / expected[outside]).mean() < 2  # about 1 (a chi-square's mean)
+    lw = proposal_log_weights(drawn, heads, proposal)
+    assert (lw[:, :5] == 0).all()
+    tail, hit = drawn[:, 5:], (drawn[:, 5:, None] == head).any(2)
+    torch.testing.assert_close(lw[:, 5:][~hit].double(), -(t * ends[tail[~hit]]).log(), rtol=1e-6, atol=1e-6)
+    assert (lw[:, 5:][hit] == -math.inf).all()
+    assert not torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], proposal, seed=1))  # other draws
+    assert torch.equal(drawn[:500], draw_tail(active[:500], heads[:500], proposal, seed=0))
+    # A head that holds almost all the mass: entries end on it, weighted -inf, and the others stay unbiased.
+    heavy = Proposal.of(torch.zeros(n).index_fill_(0, head, 1e12), torch.device("cpu"))
+    few = draw_tail(active[:500], heads[:500], heavy, seed=3)
+    assert (proposal_log_weights(few, heads[:500], heavy)[:, 5:] == -math.inf).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
@@ -584,3 +594,24 @@ def test_a_proposal_tail_over_a_batch_of_sequences():
     assert out.indices.shape == out.log_weights.shape == (2, 5, 40)
     assert (out.log_weights[..., :1] == 0).all() and (out.log_weights[..., 20:] != 0).all()
     sparse_cross_entropy(out, y).backward()
+
+
+def test_an_assigned_tail_proposal_is_checked_and_followed():
+    layer = LSHLinear(8, 300, active=40, tail=20, mode="per_row", sparse_grad=True)
+    with pytest.raises(ValueError, match="1-D real tensor of out_features = 300 counts"):
+        layer.tail_proposal = torch.ones(10)
+    with pytest.raises(ValueError, match="finite counts >= 0"):
+        layer.tail_proposal = -torch.ones(300)
+    with pytest.raises(ValueError, match="span too wide a range"):  # sqrt(1 + 1) vanishes beside 1e17
+        layer.tail_proposal = torch.zeros(300, dtype=torch.float64).index_fill_(0, torch.tensor([0]), 1e34)
+    layer.tail_proposal = torch.zeros(300, dtype=torch.int64)
+    x, y = torch.randn(4, 8), torch.randint(0, 300, (4,))
+    uniform_counts = layer.forward_sparse(x, y).log_weights
+    layer.tail_proposal.index_fill_(0, torch.arange(150), 1e6)  # edited in place: the draws follow
+    layer.step = 0
+    heavy = layer.forward_sparse(x, y).log_weights
+    assert not torch.equal(uniform_counts, heavy)
+    layer.tail_proposal = None
+    layer.step = 0
+    out = layer.forward_sparse(x, y)
+    torch.testing.assert_close(out.log_weights, ops.tail_log_weights(out.log_weights.eq(0).sum(1), 40, 300))

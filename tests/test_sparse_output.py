@@ -81,10 +81,18 @@ def test_sparse_cross_entropy_refuses_outputs_it_cannot_read():
         *[((values, torch.arange(8), torch.zeros(8).index_fill(0, torch.tensor([7]), bad)), ValueError,
            "log_weights must not be NaN or inf") for bad in (math.nan, math.inf)],
         ((values, torch.tensor([0, 1, 2, 3, 4, 5, 6, -1]), torch.zeros(8)), ValueError, "indices must be neuron ids >= 0"),
+        # A repeat among entries that stand for themselves (log-weight 0) counts twice: refused.
+        ((values, torch.tensor([0, 1, 2, 3, 4, 5, 6, 0]), torch.zeros(8)), ValueError, "repeat a neuron"),
     ]
     for output, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             sparse_cross_entropy(output, labels)
+    # Repeats among the other entries are draws, each its own term: accepted, and a head entry's repeat in the tail too.
+    drawn = torch.tensor([0, 1, 2, 3, 4, 5, 4, 4])
+    lw = torch.tensor([0.0, 0, 0, 0, 0, 1.5, -0.5, -math.inf])
+    head_labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.testing.assert_close(sparse_cross_entropy((values, drawn, lw), head_labels, "none"),
+                               torch.logsumexp(values + lw, 1) - values.gather(1, head_labels[:, None]).squeeze(1))
     with pytest.raises(TypeError, match="labels must be an int64 tensor of class ids, got torch.uint8"):
         sparse_cross_entropy((values, torch.arange(8)), labels.to(torch.uint8))
     # Another device (meta stands in for one) is named, not a dispatcher's "Tensor on device meta is not on ...".
@@ -109,7 +117,7 @@ def test_the_loss_trusts_forward_sparse_until_its_output_is_changed(mode, monkey
     layer = LSHLinear(8, 300, active=32, mode=mode, sparse_grad=True)
     x, y = torch.randn(6, 8), torch.randint(0, 300, (6,))
     checked = []
-    monkeypatch.setattr(losses, "_check_distinct", lambda indices, distinct=True: checked.append(indices))
+    monkeypatch.setattr(losses, "_check_distinct", lambda indices, log_weights=None: checked.append(indices))
     sparse_cross_entropy(layer.forward_sparse(x, y), y)
     assert checked == []
     monkeypatch.undo()
