@@ -280,9 +280,11 @@ def parse_args(argv=None):
     p.add_argument("--random-baseline", action="store_true",
                    help="also train a third copy whose head picks its active words at random (selection='random'): "
                         "what the hashing is worth")
-    p.add_argument("--uniform-tail", action="store_true",
-                   help="draw the sparse heads' tails uniformly (default: in proportion to the square root of each "
-                        "word's count in the training text, LSHLinear(tail_proposal=))")
+    p.add_argument("--tail-proposal", action="store_true",
+                   help="draw the sparse heads' tails in proportion to the square root of each word's count in the "
+                        "training text (LSHLinear(tail_proposal=)): at --lr 0.006, 128 words per token, perplexity "
+                        "174.0 against 180.6 with the uniform tail and dense's 178.5 (3 seeds); at the default rate "
+                        "189.0 against 188.0; 12-15%% more per step")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     check_model_args(p, args, active=args.active, mode=args.mode, num_tables=args.tables, bits=args.bits,
@@ -319,8 +321,8 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     dense = TransformerLM(len(vocab), args.d_model, args.layers, args.heads, args.context)
-    # The tail drawn in proportion to the root of each word's count in the training text (LSHLinear's tail_proposal).
-    counts = None if args.uniform_tail else torch.bincount(train_tokens, minlength=len(vocab))
+    # --tail-proposal: the tail drawn in proportion to the root of each word's count in the training text.
+    counts = torch.bincount(train_tokens, minlength=len(vocab)) if args.tail_proposal else None
     lsh = lsh_torch.convert(copy.deepcopy(dense), min_out_features=len(vocab), active=args.active, mode=args.mode,
                             num_tables=args.tables, bits=args.bits, probes=args.probes,
                             rebuild=args.rebuild, sparse_grad=True, seed=args.seed, tail_proposal=counts)
