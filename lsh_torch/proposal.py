@@ -46,7 +46,7 @@ def check_proposal(counts, out_features: int) -> Optional[Tensor]:
     if bool(bad.any()):
         at = int(bad.nonzero()[0, 0])
         raise ValueError(f"tail_proposal must hold finite counts >= 0, got {float(counts[at])} at output {at}")
-    cdf = (counts + 1).pow_(POWER).cumsum_(0)
+    cdf = _cumulative_weights(counts)
     if counts.numel() > 1 and not bool((cdf[1:] > cdf[:-1]).all()):  # a neuron never drawn: a biased estimate
         raise ValueError(f"tail_proposal's counts span too wide a range ({float(counts.max()):.3g} against "
                          f"{float(counts.min()):.3g}): the draw weights sqrt(count + 1) of the smallest vanish beside the "
@@ -64,7 +64,7 @@ class Proposal(NamedTuple):
 
     @classmethod
     def of(cls, counts: Tensor, device: torch.device) -> "Proposal":
-        cdf = (counts + 1).pow_(POWER).cumsum_(0)
+        cdf = _cumulative_weights(counts)
         points = torch.linspace(0, float(cdf[-1]), GUIDE * cdf.shape[0] + 1, dtype=torch.float64)
         guide = torch.searchsorted(cdf, points, right=True).clamp_max_(cdf.shape[0] - 1).to(torch.int32)
         return cls(cdf.to(device), guide.to(device))
@@ -152,6 +152,10 @@ def _among_keys(keys: Tensor, wanted: Tensor) -> Tensor:
         return torch.zeros_like(wanted, dtype=torch.bool)
     at = torch.searchsorted(keys, wanted).clamp_max_(keys.shape[0] - 1)
     return keys[at] == wanted
+
+
+def _cumulative_weights(counts: Tensor) -> Tensor:
+    return (counts + 1).pow_(POWER).cumsum_(0)
 
 
 def _in_tail(active: Tensor, head: Tensor) -> Tensor:
