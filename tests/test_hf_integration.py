@@ -1,6 +1,7 @@
 """lsh_torch.integrations.transformers.patch on tiny random transformers causal LMs."""
 import copy
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -197,6 +198,21 @@ def test_training_never_builds_full_logits_and_counts_steps():
     model.eval()
     assert model(ids, labels=labels).logits.shape == (*ids.shape, VOCAB)
     assert full_calls == [1]
+
+
+def test_a_patched_head_draws_its_tail_from_the_given_counts():
+    """patch passes tail_proposal on to the head: its training tails carry the proposal's weights (frequent words
+    standing for fewer than 2 outputs, where a uniform tail's entries stand for about 90), and the loss trains."""
+    counts = torch.zeros(VOCAB).index_fill_(0, torch.arange(2, 40), 1e6)
+    model = lsh_hf.patch(tiny("gpt2"), active=64, mode="per_row", tail_proposal=counts)
+    assert torch.equal(model.lm_head.tail_proposal, counts.double())
+    ids, labels = batch()
+    h = model.transformer(ids).last_hidden_state
+    out = model.lm_head.forward_sparse(h, labels.clamp_min(0))
+    lw = out.log_weights
+    assert ((lw != 0) & (lw < math.log(2))).any()
+    model(ids, labels=labels).loss.backward()
+    assert model.lm_head.weight.grad is not None
 
 
 def test_patched_forward_keeps_the_signature_and_copies_cleanly():
