@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .retrieval import among
+from .retrieval import among, in_sorted
 
 # q ~ (counts + 1) ** POWER. The LM example at 6e-3 with 128 words per token, seed 1: a power of 0.25 gave
 # perplexity 177.1, 0.5 175.4, the uniform tail 183.7; seed 0: 0.75 gave 170.8, 0.5 162.4, uniform 168.6
@@ -84,7 +84,7 @@ class Proposal(NamedTuple):
 
     def inverse(self, u: Tensor) -> Tensor:
         """The neurons drawn by ``u`` (float64 in ``[0, cdf[-1])``): the first ``j`` with ``cdf[j] > u``."""
-        cdf, n = self.cdf, self.cdf.shape[0]
+        cdf, n = self.cdf, self.n
         at = (u * ((self.guide.shape[0] - 1) / cdf[-1])).long().clamp_(0, self.guide.shape[0] - 1)
         j = self.guide[at].long()
         wrong = (cdf[j] <= u) | ((j > 0) & (cdf[(j - 1).clamp_min_(0)] > u))
@@ -106,7 +106,7 @@ def draw_tail(active: Tensor, head: Tensor, proposal: Proposal, seed: int) -> Te
     draws = proposal.draw(row_of.shape[0], generator)
     pending = torch.arange(row_of.shape[0], device=active.device)
     for _ in range(TRIES - 1):  # (a round redraws the hits only: the share of the head's mass, Q, of the last)
-        pending = pending[_among_keys(keys, row_of[pending] * proposal.n + draws[pending])]
+        pending = pending[in_sorted(keys, row_of[pending] * proposal.n + draws[pending])]
         if not pending.numel():
             break
         draws[pending] = proposal.draw(pending.shape[0], generator)
@@ -145,13 +145,6 @@ def _head_keys(rows: Tensor, heads: Tensor, last: int, n: int) -> Tensor:
     in_head = torch.arange(last, device=rows.device) < heads.unsqueeze(1)
     row = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1)
     return (row * n + rows[:, :last])[in_head].sort().values
-
-
-def _among_keys(keys: Tensor, wanted: Tensor) -> Tensor:
-    if not keys.numel():
-        return torch.zeros_like(wanted, dtype=torch.bool)
-    at = torch.searchsorted(keys, wanted).clamp_max_(keys.shape[0] - 1)
-    return keys[at] == wanted
 
 
 def _cumulative_weights(counts: Tensor) -> Tensor:
