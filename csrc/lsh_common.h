@@ -31,7 +31,7 @@ LSH_HD uint64_t mix64(uint64_t z) {
 }
 
 // Random streams of the query; a value depends only on (seed, stream, row, counter).
-enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3, kDensify = 4 };
+enum Stream : uint64_t { kTieBreak = 1, kFillDraw = 2, kFillWalk = 3, kDensify = 4, kProposalDraw = 5 };
 
 // The key of one stream of one set (a row, or -1 for a shared set).
 LSH_HD uint64_t stream_key(int64_t seed, uint64_t stream, int64_t row) {
@@ -191,6 +191,63 @@ LSH_HD acc_t rescaled_norm(const scalar_t* row, int64_t d, acc_t s, Mul mul) {
     t = t + mul(v, v);
   }
   return mul(a, std::sqrt(t));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tail drawn from a proposal (proposal_draw, proposal_log_weights; lsh_torch/proposal.py).
+
+constexpr int64_t kMaxTries = 64;  // draws per tail entry: the counters column * kMaxTries + try stay distinct
+
+// Try `attempt` of the entry in `column` of the tail of the row whose key is stream_key(seed, kProposalDraw, row):
+// a uniform double in [0, 1) (53 random bits), the same on every device.
+LSH_HD double proposal_uniform(uint64_t row_key, int64_t column, int64_t attempt) {
+  const uint64_t h = keyed_hash(row_key, static_cast<uint64_t>(column) * kMaxTries + static_cast<uint64_t>(attempt));
+  return static_cast<double>(h >> 11) * 0x1.0p-53;
+}
+
+// The neuron that x in [0, cdf[n-1]) draws: the first j with cdf[j] > x (n - 1 where none is: x rounded up to
+// the total). guide [g] holds that neuron for g points evenly spaced over [0, cdf[n-1]] (`scale` = (g - 1) /
+// cdf[n-1]): x's point below it is where the answer starts, a few steps up at most. A guide that points past the
+// answer, or too far below it, costs a binary search, never a wrong answer.
+LSH_HD int64_t proposal_inverse(const double* cdf, int64_t n, const int32_t* guide, int64_t g, double scale,
+                                double x) {
+  const double at = x * scale;
+  int64_t lo = 0;
+  if (at >= 0 && at < static_cast<double>(g)) {
+    int64_t j = guide[static_cast<int64_t>(at)];
+    if (j >= 0 && j < n && (j == 0 || cdf[j - 1] <= x)) {  // the answer is j or above
+      for (int step = 0; step < 4 && cdf[j] <= x && j < n - 1; ++step) ++j;
+      if (cdf[j] > x || j == n - 1) return j;
+      lo = j + 1;
+    }
+  }
+  int64_t hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cdf[mid] > x) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Is v among sorted[0 .. size)? (Branch-free halving: a mispredicted branch per step cost more than the search.)
+LSH_HD bool in_sorted(const int64_t* sorted, int64_t size, int64_t v) {
+  if (size <= 0) return false;
+  const int64_t* base = sorted;
+  for (int64_t len = size; len > 1;) {
+    const int64_t half = len / 2;
+    base = base[half - 1] < v ? base + half : base;
+    len -= half;
+  }
+  return *base == v;
+}
+
+// A tail entry of neuron j outside its row's head has the log-weight -log(t P_j) = -(this + log(mass_j)), where P_j =
+// q_j (1 - Q^tries) / (1 - Q) is its chance of ending on j, q_j = mass_j / total, t the tail's length and `rest` =
+// 1 - Q, the proposal's share outside the row's head.
+LSH_HD double proposal_row_log_scale(double rest, double total, int64_t t, int64_t tries) {
+  // (1 - Q^tries) / (1 - Q): 1 + Q + ... + Q^(tries-1), `tries` where Q is 1
+  const double reach = rest > 0 ? -expm1(static_cast<double>(tries) * log1p(-rest)) / rest : static_cast<double>(tries);
+  return log(static_cast<double>(t) * reach / total);
 }
 
 }  // namespace lsh_torch

@@ -83,6 +83,18 @@ TORCH_LIBRARY(lsh_torch, m) {
   // A per-row top set's choice among the exact scores of a pool (LSHLinear's per-row training
   // lookup): torch.topk took a quarter of the LM example's step there. Integer output: no gradient.
   m.def("row_topk(Tensor scores, int k) -> Tensor");
+  // A tail drawn from a proposal (LSHLinear(tail_proposal=...), lsh_torch/proposal.py). active [R, A] int64 whose
+  // first head[r] entries of row r (head [R] int64) are its head -> active with every later entry (the tail)
+  // replaced by a draw from the proposal with cumulative weights cdf [N] float64 (j drawn with probability
+  // (cdf[j] - cdf[j-1]) / cdf[N-1]), drawn again while it lands in its row's head, at most `tries` times (the last
+  // draw stays). guide [G] int32: the neuron drawn at each of G evenly spaced points of [0, cdf[N-1]], a hint
+  // that each draw checks against cdf. Try i of entry (r, a) is seeded_hash(seed, kProposalDraw, r,
+  // a * kMaxTries + i) (lsh_common.h): the same draws on every device. Integer output: no gradient.
+  m.def("proposal_draw(Tensor active, Tensor head, Tensor cdf, Tensor guide, int tries, int seed) -> Tensor");
+  // Log-weights of such a set, [R, A] float32: 0 in the head; for a tail entry of neuron j outside its row's head
+  // -log(t q_j (1 - Q^tries) / (1 - Q)), one over its expected count (t = A - head[r], q_j = (cdf[j] - cdf[j-1]) /
+  // cdf[N-1], Q the proposal's mass on the row's distinct head entries); -inf for one on the head. No gradient.
+  m.def("proposal_log_weights(Tensor active, Tensor head, Tensor cdf, int tries) -> Tensor");
   // Lazy Adam on the given (unique) rows only, in place, with SparseAdam's arithmetic in its order:
   // m += (g - m)(1-b1);  v += (g^2 - v)(1-b2);  param = param (1 - decay) - m / (sqrt(v) + eps) * step_size
   // (decay: AdamW's decoupled weight decay, lr * weight_decay; 0 is SparseAdam's step exactly).
@@ -121,7 +133,7 @@ TORCH_LIBRARY_IMPL(lsh_torch, ADInplaceOrView, m) {
 // a kernel here, their outputs required grad and the backward gave the input no gradient, silently).
 // Callers hash detached tensors.
 TORCH_LIBRARY_IMPL(lsh_torch, Autograd, m) {
-  for (const char* op : {"mips_transform", "hash_codes", "dwta_codes", "row_fingerprints"})
+  for (const char* op : {"mips_transform", "hash_codes", "dwta_codes", "row_fingerprints", "proposal_log_weights"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 

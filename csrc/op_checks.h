@@ -237,6 +237,25 @@ inline int64_t check_lazy_adam_args(const at::Tensor& param, const at::Tensor& e
   return width;
 }
 
+// proposal_draw (guide given) and proposal_log_weights: active [R, A] int64, head [R] int64, cdf [N] float64 with
+// N >= 1, guide [G] int32 with G >= 1, tries in [1, kMaxTries]. (head's and active's values, and cdf's total, are
+// checked by each kernel.)
+inline void check_proposal_args(const char* op, const at::Tensor& active, const at::Tensor& head, const at::Tensor& cdf,
+                                const at::Tensor* guide, int64_t tries) {
+  TORCH_CHECK(active.dim() == 2 && active.scalar_type() == at::kLong, op, ": active must be an int64 [R, A] tensor, got ",
+              active.scalar_type(), " of shape ", active.sizes());
+  TORCH_CHECK(head.dim() == 1 && head.scalar_type() == at::kLong && head.size(0) == active.size(0), op,
+              ": head must be an int64 [R] tensor with R = ", active.size(0), " (active's rows), got ", head.scalar_type(),
+              " of shape ", head.sizes());
+  TORCH_CHECK(cdf.dim() == 1 && cdf.scalar_type() == at::kDouble && cdf.size(0) >= 1, op,
+              ": cdf must be a float64 [N] tensor with N >= 1, got ", cdf.scalar_type(), " of shape ", cdf.sizes());
+  if (guide != nullptr)
+    TORCH_CHECK(guide->dim() == 1 && guide->scalar_type() == at::kInt && guide->size(0) >= 1, op,
+                ": guide must be an int32 [G] tensor with G >= 1, got ", guide->scalar_type(), " of shape ",
+                guide->sizes());
+  TORCH_CHECK(tries >= 1 && tries <= kMaxTries, op, ": tries must be in [1, ", kMaxTries, "], got ", tries);
+}
+
 // sparse_linear_grad_weight: the kernels sort 32-bit row keys (int32 on CUDA).
 inline void check_grad_weight_rows(int64_t num_rows, const char* op) {
   TORCH_CHECK(num_rows >= 0 && num_rows <= std::numeric_limits<int32_t>::max(), op, ": num_rows must be in [0, 2^31 - 1]"

@@ -11,6 +11,7 @@ import torch
 MAX_BITS = 20  # the limits of csrc/lsh_common.h
 MAX_TABLES = 1024
 MAX_PROBES = 128
+MAX_TRIES = 64  # draws per tail entry of proposal_draw
 
 
 def check_int(name: str, value, low: int, high: int) -> int:

@@ -983,7 +983,7 @@ class LSHLinear(nn.Module):
                  else self._lookup(x, labels, shared, sparse))
         if sparse and self.tail_proposal is not None:
             active, head = found
-            found = draw_tail(active, head, self._proposal(active.device), self._step_seed() ^ 2 ** 61), head
+            found = draw_tail(active, head, self._proposal(active.device), self._step_seed()), head
         return found
 
     @property

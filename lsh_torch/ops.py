@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
-from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, refuse
+from ._checks import MAX_BITS, MAX_PROBES, MAX_TABLES, MAX_TRIES, refuse
 
 _ops = torch.ops.lsh_torch
 _INT32_MAX = 2 ** 31 - 1  # the kernels' int32 ids (csrc/op_checks.h)
@@ -143,6 +143,28 @@ def row_topk(scores: Tensor, k: int) -> Tensor:
     no gradient."""
     _ints("row_topk", k=k)
     return _ops.row_topk(scores, k)
+
+
+def proposal_draw(active: Tensor, head: Tensor, cdf: Tensor, guide: Tensor, tries: int, seed: int) -> Tensor:
+    """``active [R, A]`` (int64) with the tail of each row (its entries from column ``head[r]`` on) replaced by
+    draws from a proposal: neuron ``j`` with probability ``(cdf[j] - cdf[j-1]) / cdf[-1]`` (``cdf [N]`` float64,
+    cumulative weights), drawn again while it lands in its row's head (its first ``head[r]`` entries), at most
+    ``tries`` times. ``guide [G]`` (int32): the neuron at each of ``G`` evenly spaced points of ``[0, cdf[-1]]``,
+    where a draw's search begins (checked against ``cdf``: any guide gives the same draws, a good one fast ones).
+    Seeded by ``seed``; counter-based, so the draws depend neither on threads nor on the device. Integer output:
+    no gradient."""
+    _ints("proposal_draw", tries=tries, seed=seed)
+    return _ops.proposal_draw(active, head, cdf, guide, tries, seed)
+
+
+def proposal_log_weights(active: Tensor, head: Tensor, cdf: Tensor, tries: int) -> Tensor:
+    """Log-weights ``[R, A]`` (float32) of a set from :func:`proposal_draw`: 0 in the head; for a tail entry of
+    neuron ``j`` outside its row's head, one over its expected count, ``-log(t q_j (1 - Q^tries) / (1 - Q))``
+    (``t = A - head[r]``, ``q_j`` its draw probability, ``Q`` the proposal's mass on the row's distinct head
+    entries); ``-inf`` for one left on the head. Adding them to the logits makes the sampled softmax's normaliser
+    unbiased (docs/estimator.md, "A tail drawn from the label frequencies"). No gradient."""
+    _ints("proposal_log_weights", tries=tries)
+    return _ops.proposal_log_weights(active, head, cdf, tries)
 
 
 def shared_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor,
@@ -383,6 +405,32 @@ def _(scores, k):
     _expect("row_topk", "scores", scores, "floating", 2)
     torch._check(0 <= k <= scores.shape[1], lambda: f"row_topk: k must be in [0, U = {scores.shape[1]}], got {k}")
     return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("lsh_torch::proposal_draw")
+def _(active, head, cdf, guide, tries, seed):
+    _expect_proposal("proposal_draw", active, head, cdf, tries, guide)
+    return torch.empty_like(active)
+
+
+@torch.library.register_fake("lsh_torch::proposal_log_weights")
+def _(active, head, cdf, tries):
+    _expect_proposal("proposal_log_weights", active, head, cdf, tries)
+    return active.new_empty(active.shape, dtype=torch.float32)
+
+
+def _expect_proposal(op: str, active: Tensor, head: Tensor, cdf: Tensor, tries: int, guide=None) -> None:
+    _one_device(op, active=active, head=head, cdf=cdf, guide=guide)
+    _expect(op, "active", active, torch.int64, 2)
+    _expect(op, "head", head, torch.int64, 1)
+    torch._check(head.shape[0] == active.shape[0],
+                 lambda: f"{op}: head must be [R] with R = {active.shape[0]} (active's rows), got {tuple(head.shape)}")
+    _expect(op, "cdf", cdf, torch.float64, 1)
+    torch._check(cdf.shape[0] >= 1, lambda: f"{op}: cdf must be [N] with N >= 1, got {tuple(cdf.shape)}")
+    if guide is not None:
+        _expect(op, "guide", guide, torch.int32, 1)
+        torch._check(guide.shape[0] >= 1, lambda: f"{op}: guide must be [G] with G >= 1, got {tuple(guide.shape)}")
+    torch._check(1 <= tries <= MAX_TRIES, lambda: f"{op}: tries must be in [1, {MAX_TRIES}], got {tries}")
 
 
 @torch.library.register_fake("lsh_torch::shared_linear")

@@ -2,13 +2,15 @@
 
 The kernels must agree with these exactly (integer outputs) or to rounding (floating outputs).
 """
+import bisect
 import itertools
 import math
 
 import torch
 
 MASK64 = (1 << 64) - 1
-TIE_BREAK, FILL_DRAW, FILL_WALK = 1, 2, 3
+TIE_BREAK, FILL_DRAW, FILL_WALK, PROPOSAL_DRAW = 1, 2, 3, 5
+MAX_TRIES = 64  # csrc/lsh_common.h: kMaxTries
 
 
 def mix64(z):
@@ -227,6 +229,41 @@ def tail_log_weights(head, budget, n):
         h = int(head[idx])
         for a in range(h, budget):
             out[idx + (a,)] = math.log((n - h) / (budget - h))
+    return out
+
+
+def proposal_draw(active, head, cdf, guide, tries, seed):
+    """Tail entry (r, c), try i: u = the top 53 bits of seeded_hash(seed, PROPOSAL_DRAW, r, c * MAX_TRIES + i) / 2^53,
+    the first j with cdf[j] > u * total (the last where none is); drawn again while j is in the row's head. (The
+    guide is a hint: unused.)"""
+    c, out = cdf.tolist(), active.clone()
+    for r in range(active.shape[0]):
+        h = int(head[r])
+        in_head = set(active[r, :h].tolist())
+        for col in range(h, active.shape[1]):
+            for attempt in range(tries):
+                u = (seeded_hash(seed, PROPOSAL_DRAW, r, col * MAX_TRIES + attempt) >> 11) / 2.0 ** 53
+                j = min(bisect.bisect_right(c, u * c[-1]), len(c) - 1)
+                if j not in in_head:
+                    break
+            out[r, col] = j
+    return out
+
+
+def proposal_log_weights(active, head, cdf, tries):
+    """0 in the head; -inf for a tail entry on the head; else -log(t q_j (1 + Q + ... + Q^(tries-1))), Q the mass of
+    the row's distinct head neurons, each neuron's mass cdf[j] - cdf[j-1] over the total."""
+    c = cdf.tolist()
+    q = lambda j: (c[j] - (c[j - 1] if j > 0 else 0.0)) / c[-1]
+    out = torch.zeros(active.shape)
+    for r in range(active.shape[0]):
+        h, width = int(head[r]), active.shape[1]
+        in_head = set(active[r, :h].tolist())
+        Q = sum(q(j) for j in in_head)
+        reach = sum(Q ** i for i in range(tries))
+        for col in range(h, width):
+            j = int(active[r, col])
+            out[r, col] = -math.inf if j in in_head else -math.log((width - h) * reach * q(j))
     return out
 
 

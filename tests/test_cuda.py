@@ -595,10 +595,40 @@ def test_lsh_linear_trains_on_cuda_with_tables_built_there():
     assert layer.tables.items.is_cuda and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("case", test_ops.PROPOSAL_CASES)
+def test_proposal_ops_equal_cpu(case):
+    """Counter-based draws: the GPU draws the CPU's neurons, entry for entry; the weights agree to rounding."""
+    active, heads, cdf, guide = test_ops.proposal_problem(**test_ops.PROPOSAL_CASES[case])
+    for tries in (1, 16):
+        drawn = ops.proposal_draw(active, heads, cdf, guide, tries, 7)
+        on_gpu = ops.proposal_draw(*to_cuda(active, heads, cdf, guide), tries, 7)
+        assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), drawn)
+        torch.testing.assert_close(ops.proposal_log_weights(*to_cuda(drawn, heads, cdf), tries).cpu(),
+                                   ops.proposal_log_weights(drawn, heads, cdf, tries), rtol=1e-6, atol=1e-6)
+
+
+def test_proposal_ops_errors_on_cuda():
+    active, heads, cdf, guide = to_cuda(*test_ops.proposal_problem(heads=[3, 0, 12, 5, 5, 5, 5]))
+    bad = active.clone()
+    bad[0, 1] = 50
+    with pytest.raises(RuntimeError, match="head entries must be neuron ids in \\[0, N = 50\\), got 50 in row 0"):
+        ops.proposal_draw(bad, heads, cdf, guide, 4, 0)
+    with pytest.raises(RuntimeError, match="head must be in \\[0, A = 12\\], got 13 at row 1"):
+        ops.proposal_log_weights(active, heads.index_fill(0, torch.tensor([1], device="cuda"), 13), cdf, 4)
+    bad = active.clone()
+    bad[1, 4] = -3
+    with pytest.raises(RuntimeError, match="active must hold neuron ids in \\[0, N = 50\\), got -3 at \\[1, 4\\]"):
+        ops.proposal_log_weights(bad, heads, cdf, 4)
+    with pytest.raises(RuntimeError, match="cdf must end in a positive finite total"):
+        ops.proposal_draw(active, heads, cdf * 0, guide, 4, 0)
+    with pytest.raises(RuntimeError, match="guide must be on cuda"):
+        ops.proposal_draw(active, heads, cdf, guide.cpu(), 4, 0)
+
+
 @pytest.mark.parametrize("mode", ["per_row", "shared"])
 def test_a_proposal_tail_on_cuda_draws_and_weighs_as_on_cpu(mode):
-    """The proposal's draws come from the device's generator (other numbers than the CPU's): the weights of the
-    drawn neurons are checked, and the normaliser's mean over many steps."""
+    """The layer's proposal tail on the GPU: its weights are the CPU op's, and the normaliser's mean over many steps
+    is the full one."""
     from lsh_torch.proposal import Proposal, proposal_log_weights
     torch.manual_seed(0)
     counts = torch.arange(400, dtype=torch.float64) ** 2

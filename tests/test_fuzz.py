@@ -17,6 +17,7 @@ import reference as ref
 import torch.nn.functional as F
 
 from lsh_torch import LSHLinear, ops, sparse_cross_entropy
+from lsh_torch.proposal import Proposal
 
 EXAMPLES = int(os.environ.get("LSH_TORCH_FUZZ_EXAMPLES", "40"))
 fuzz = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
@@ -253,6 +254,7 @@ def _valid_calls(draw):
     labels = ints(draw, (batch, 1), 0, n)
     state = [tensor(draw, (n, d)) for _ in range(2)] + [tensor(draw, (n, d)).abs()]
     rows = torch.tensor([1, 4, 7])
+    proposal = Proposal.of(tensor(draw, (n,)).double().abs() * 100, torch.device("cpu"))
     return {
         "sparse_linear": (OPS.sparse_linear, dict(x=x, weight=weight, bias=bias, active=active)),
         "shared_linear": (OPS.shared_linear, dict(x=x, weight=weight, bias=bias, indices=active[0])),
@@ -274,6 +276,10 @@ def _valid_calls(draw):
         "build_tables": (OPS.build_tables, dict(codes=ints(draw, (n, 2), 0, 8).int(), bits=3)),
         "update_tables": (OPS.update_tables, dict(offsets=offsets, items=items, rows=rows, old_codes=table_codes[rows],
                                                   new_codes=ints(draw, (3, 2), 0, 8).int())),
+        "proposal_draw": (OPS.proposal_draw, dict(active=active, head=torch.tensor([1, 4, 0]), cdf=proposal.cdf,
+                                                  guide=proposal.guide, tries=4, seed=0)),
+        "proposal_log_weights": (OPS.proposal_log_weights, dict(active=active, head=torch.tensor([1, 4, 0]),
+                                                                cdf=proposal.cdf, tries=4)),
         "lazy_adam_": (OPS.lazy_adam_, dict(param=state[0], exp_avg=state[1], exp_avg_sq=state[2], rows=rows,
                                            grad_rows=tensor(draw, (3, d)), step_size=0.01, beta1=0.9, beta2=0.999,
                                            eps=1e-8, decay=0.01)),
@@ -306,7 +312,9 @@ def _broken(op_name, args, arg):
     """The corruptions of ``args[arg]`` that the op must refuse (some are legal for some arguments)."""
     legal = {("mips_transform", "max_norm"): ("with an extra dimension", "with a dimension dropped"),  # any 1 element
              # no row count to check against: any id in [0, 2^31) is a row (negative ones are refused)
-             ("sparse_linear_grad_weight_rows", "active"): ("out of range",)}
+             ("sparse_linear_grad_weight_rows", "active"): ("out of range",),
+             # a hint where each draw's search begins, checked against cdf: any value gives the same draws
+             ("proposal_draw", "guide"): ("out of range", "negative")}
     if sum(isinstance(v, torch.Tensor) for v in args.values()) == 1:  # all inputs on meta: shape inference
         legal[(op_name, arg)] = ("on the meta device",)
     if arg == "seed":  # any int is a seed

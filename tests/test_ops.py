@@ -1,4 +1,6 @@
 """Every op against tests/reference.py, opcheck on every op, gradcheck of sparse_linear, and input validation."""
+import math
+
 import pytest
 import torch
 
@@ -664,6 +666,123 @@ def ref_codes_of(offsets, items):
     return codes
 
 
+# --- proposal_draw and proposal_log_weights ------------------------------------------------------
+
+def proposal_problem(rows=7, width=12, n=50, heads=None, heavy=False, seed=0):
+    """A set whose first heads[r] entries of row r are distinct neurons, a proposal over n (most of its mass on the
+    heads where ``heavy``), and its draw weights as the layer builds them."""
+    from lsh_torch.proposal import Proposal
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.randint(0, width + 1, (rows,), generator=g) if heads is None else torch.as_tensor(heads)
+    active = torch.stack([torch.randperm(n, generator=g)[:width] for _ in range(rows)])
+    counts = torch.rand(n, generator=g, dtype=torch.float64) ** 4 * 1e4
+    if heavy:
+        for r in range(rows):
+            counts[active[r, :heads[r]]] = 1e10
+    proposal = Proposal.of(counts, torch.device("cpu"))
+    return active, heads, proposal.cdf, proposal.guide
+
+
+PROPOSAL_CASES = {
+    "per row": dict(),
+    "shared": dict(rows=1, width=40, n=60, heads=[30]),
+    "heads 0 and full": dict(heads=[0, 12, 3, 12, 0, 5, 11]),
+    "heavy heads": dict(heavy=True),
+    "one neuron": dict(rows=2, width=1, n=1, heads=[1, 0]),
+    "wide": dict(rows=3, width=64, n=5000, heads=[10, 0, 63]),
+}
+
+
+@pytest.mark.parametrize("case", PROPOSAL_CASES)
+@pytest.mark.parametrize("tries", [1, 16])
+def test_proposal_ops_match_reference(case, tries):
+    active, heads, cdf, guide = proposal_problem(**PROPOSAL_CASES[case])
+    drawn = ops.proposal_draw(active, heads, cdf, guide, tries, seed=3)
+    assert torch.equal(drawn, ref.proposal_draw(active, heads, cdf, guide, tries, 3))
+    columns = torch.arange(active.shape[1])
+    in_head = columns < heads.unsqueeze(1)
+    assert torch.equal(drawn[in_head], active[in_head])  # the heads are kept
+    torch.testing.assert_close(ops.proposal_log_weights(drawn, heads, cdf, tries),
+                               ref.proposal_log_weights(drawn, heads, cdf, tries), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(drawn, ops.proposal_draw(active, heads, cdf, guide, tries, seed=4)) or case == "one neuron"
+
+
+def test_proposal_draws_keep_drawing_while_they_hit_the_head():
+    """The head holds 90% of the proposal's mass: one try ends on it 90% of the time, 16 tries 0.9^16 = 18.5%, and
+    only the entries left on the head are weighted -inf."""
+    from lsh_torch.proposal import Proposal
+    counts = torch.zeros(50, dtype=torch.float64)
+    counts[:5] = 81 ** 2 - 1  # draw weights sqrt(count + 1): 5 x 81 against 45 x 1
+    proposal = Proposal.of(counts, torch.device("cpu"))
+    active = torch.cat([torch.arange(5), torch.arange(5, 45)]).expand(200, -1).contiguous()
+    heads = torch.full((200,), 5)
+    for tries, share in ((1, 0.9), (16, 0.9 ** 16)):
+        drawn = ops.proposal_draw(active, heads, proposal.cdf, proposal.guide, tries, 0)
+        lw = ops.proposal_log_weights(drawn, heads, proposal.cdf, tries)
+        on_head = drawn[:, 5:] < 5
+        assert abs(float(on_head.float().mean()) - share) < 0.02
+        assert torch.equal(lw[:, 5:] == -math.inf, on_head) and (lw[:, :5] == 0).all()
+
+
+def test_proposal_draws_take_any_guide_and_any_thread_count():
+    """The guide is where a search begins: a wrong one (out of range, reversed, constant) gives the same draws."""
+    active, heads, cdf, guide = proposal_problem(rows=20, width=30, n=3000)
+    expected = ops.proposal_draw(active, heads, cdf, guide, 16, 1)
+    for other in (torch.zeros(1, dtype=torch.int32), guide.flip(0), guide + 10 ** 6, guide - 10 ** 6,
+                  torch.full((7,), 2999, dtype=torch.int32)):
+        assert torch.equal(ops.proposal_draw(active, heads, cdf, other, 16, 1), expected)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.proposal_draw(active, heads, cdf, guide, 16, 1), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_proposal_draws_follow_the_proposal():
+    """With an empty head, each entry is one draw: counts per neuron match the proposal (chi-square)."""
+    active, heads, cdf, guide = proposal_problem(rows=400, width=50, n=40, heads=[0] * 400)
+    q = torch.diff(cdf, prepend=cdf.new_zeros(1)) / cdf[-1]
+    counted = torch.bincount(ops.proposal_draw(active, heads, cdf, guide, 1, 5).flatten(), minlength=40).double()
+    expected = q * active.numel()
+    assert ((counted - expected) ** 2 / expected).mean() < 2  # about 1 (a chi-square's mean)
+
+
+@pytest.mark.parametrize("op", ["proposal_draw", "proposal_log_weights"])
+def test_proposal_ops_refuse_bad_input(op):
+    active, heads, cdf, guide = proposal_problem(heads=[3, 0, 12, 5, 5, 5, 5])
+
+    def call(active=active, heads=heads, cdf=cdf, guide=guide, tries=16):
+        if op == "proposal_draw":
+            return ops.proposal_draw(active, heads, cdf, guide, tries, 0)
+        return ops.proposal_log_weights(active, heads, cdf, tries)
+
+    bad_head_id = active.clone()
+    bad_head_id[0, 1] = 50
+    cases = [
+        (dict(heads=heads.clone().index_fill_(0, torch.tensor([2]), 13)), "head must be in \\[0, A = 12\\], got 13"),
+        (dict(heads=heads - 1), "head must be in"),
+        (dict(active=bad_head_id), "head entries must be neuron ids in \\[0, N = 50\\), got 50"),
+        (dict(cdf=cdf * 0), "cdf must end in a positive finite total"),
+        (dict(cdf=cdf.float()), "cdf must be a float64"),
+        (dict(active=active.int()), "active must be an int64"),
+        (dict(heads=heads[:3]), "head must be an int64 \\[R\\] tensor with R = 7"),
+        (dict(tries=0), "tries must be in \\[1, 64\\]"),
+        (dict(tries=65), "tries must be in \\[1, 64\\]"),
+    ]
+    if op == "proposal_draw":
+        cases.append((dict(guide=guide.long()), "guide must be an int32"))
+    else:
+        bad_tail_id = active.clone()
+        bad_tail_id[1, 4] = -3
+        cases.append((dict(active=bad_tail_id), "active must hold neuron ids in \\[0, N = 50\\), got -3 at \\[1, 4\\]"))
+    for kwargs, pattern in cases:
+        with pytest.raises((RuntimeError, ValueError), match=pattern):
+            call(**kwargs)
+    with pytest.raises(TypeError, match="tries must be an int"):
+        call(tries=True)
+
+
 # --- opcheck on every op ------------------------------------------------------------------------
 
 def opcheck_cases():
@@ -702,6 +821,10 @@ def opcheck_cases():
         ("sparse_linear_grad_input", (g, weight.detach(), active)),
         ("sparse_linear_grad_weight", (g, x.detach(), active, 40)),
         ("sparse_linear_grad_weight_rows", (g, x.detach(), active)),
+        ("proposal_draw", (*proposal_problem(), 16, 3)),
+        ("proposal_draw", (*proposal_problem(rows=1, width=40, n=60, heads=[30]), 1, -5)),
+        ("proposal_log_weights", (*proposal_problem()[:3], 16)),
+        ("proposal_log_weights", (*proposal_problem(heavy=True)[:3], 2)),
     ]
 
 
