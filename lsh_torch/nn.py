@@ -180,8 +180,9 @@ class LSHLinear(nn.Module):
             softmax's mass outside the top set, are drawn more often and weigh less. The estimate stays
             unbiased (``lsh_torch.proposal``, ``docs/estimator.md``). LM example at a rate of 6e-3, per
             token: perplexity 174.0 (128 words) and 172.6 (256) against 180.6 and 179.2 with the uniform
-            tail and 178.5 dense (seeds 0-2), 12-20% more per step; a batch-shared set of 2,048 is worse with
-            it (186.2 against 180.4). Eval sets and :meth:`forward` keep the uniform tail (an eval set must
+            tail and 178.5 dense (seeds 0-2), 4-9% more per step (the draws and weights are the ops
+            ``proposal_draw`` and ``proposal_log_weights``); a batch-shared set of 2,048 is worse with it (186.2
+            against 180.4; 190.2 drawn without replacement). Eval sets and :meth:`forward` keep the uniform tail (an eval set must
             not depend on its batch). Not in the state dict: pass it again when re-creating the layer.
         rescore: with a tail, the top set is chosen by exact scores among ``rescore`` times as
             many hashed candidates (their outputs computed without gradient), not by bucket hits

@@ -776,6 +776,9 @@ def test_proposal_ops_refuse_bad_input(op):
         bad_tail_id = active.clone()
         bad_tail_id[1, 4] = -3
         cases.append((dict(active=bad_tail_id), "active must hold neuron ids in \\[0, N = 50\\), got -3 at \\[1, 4\\]"))
+        flat = cdf.clone()
+        flat[active[1, 4]] = flat[active[1, 4] - 1] if active[1, 4] > 0 else 0.0  # neuron active[1, 4]: no mass
+        cases.append((dict(cdf=flat), f"tail entry {int(active[1, 4])} at .* has no proposal mass"))
     for kwargs, pattern in cases:
         with pytest.raises((RuntimeError, ValueError), match=pattern):
             call(**kwargs)

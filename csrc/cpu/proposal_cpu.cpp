@@ -157,12 +157,16 @@ at::Tensor proposal_log_weights_cpu(const at::Tensor& active_in, const at::Tenso
         o[e] = -std::numeric_limits<float>::infinity();  // left on the head after every try: counts for nothing
       } else {
         const double mass = c[j] - (j > 0 ? c[j - 1] : 0.0);
+        if (!(mass > 0)) bad.note(e);  // a neuron the proposal never draws: not a draw of it
         o[e] = static_cast<float>(-(scale[r] + std::log(mass)));
       }
     }
   });
   if (bad.any()) {
     const int64_t e = bad.entry();
+    TORCH_CHECK(a[e] < 0 || a[e] >= n, op, ": active's tail entry ", a[e], " at [", e / width, ", ", e % width,
+                "] has no proposal mass (cdf[j] - cdf[j-1] = ", c[a[e]] - (a[e] > 0 ? c[a[e] - 1] : 0.0),
+                "): the proposal never draws it");
     TORCH_CHECK(false, op, ": active must hold neuron ids in [0, N = ", n, "), got ", a[e], " at [", e / width, ", ",
                 e % width, "]");
   }

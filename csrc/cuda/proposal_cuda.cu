@@ -13,7 +13,7 @@
 namespace lsh_torch {
 namespace {
 
-enum ProposalError : int64_t { kHeadRange = 1, kHeadId = 2, kTailId = 3, kTotal = 4 };
+enum ProposalError : int64_t { kHeadRange = 1, kHeadId = 2, kTailId = 3, kTotal = 4, kNoMass = 5 };
 constexpr int kThreads = 256;
 
 // Block r: checks head[r] and the row's sorted head entries; where `scale` is given, writes the row's
@@ -84,7 +84,9 @@ __global__ void weights_kernel(const int64_t* __restrict__ active, const int64_t
     } else if (in_sorted(sorted + r * width, h, j)) {
       w = -std::numeric_limits<float>::infinity();  // left on the head after every try: counts for nothing
     } else {
-      w = static_cast<float>(-(scale[r] + log(cdf[j] - (j > 0 ? cdf[j - 1] : 0.0))));
+      const double mass = cdf[j] - (j > 0 ? cdf[j - 1] : 0.0);
+      if (!(mass > 0)) cuda::report(flag, kNoMass, j, r, column);  // a neuron the proposal never draws
+      w = static_cast<float>(-(scale[r] + log(mass)));
     }
   }
   out[e] = w;
@@ -117,6 +119,9 @@ void raise_problem(const char* op, const std::array<int64_t, 4>& p, int64_t widt
     case kTailId:
       TORCH_CHECK(false, op, ": active must hold neuron ids in [0, N = ", n, "), got ", p[1], " at [", p[2], ", ", p[3],
                   "]");
+    case kNoMass:
+      TORCH_CHECK(false, op, ": active's tail entry ", p[1], " at [", p[2], ", ", p[3],
+                  "] has no proposal mass (cdf[j] - cdf[j-1] <= 0): the proposal never draws it");
     default:
       TORCH_CHECK(false, op, ": cdf must end in a positive finite total");
   }
