@@ -217,6 +217,8 @@ def _ints(op: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+        if isinstance(value, numbers.Integral) and not -2 ** 63 <= value < 2 ** 63:  # the schema's int is int64
+            raise ValueError(f"{op}: {name} must fit in int64, [-2^63, 2^63), got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +412,7 @@ def _(scores, k):
 @torch.library.register_fake("lsh_torch::proposal_draw")
 def _(active, head, cdf, guide, tries, seed):
     _expect_proposal("proposal_draw", active, head, cdf, tries, guide)
-    return torch.empty_like(active)
+    return active.new_empty(active.shape)  # (the kernels' output is contiguous whatever active's strides)
 
 
 @torch.library.register_fake("lsh_torch::proposal_log_weights")

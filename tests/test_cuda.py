@@ -621,6 +621,10 @@ def test_proposal_ops_errors_on_cuda():
         ops.proposal_log_weights(bad, heads, cdf, 4)
     with pytest.raises(RuntimeError, match="cdf must end in a positive finite total"):
         ops.proposal_draw(active, heads, cdf * 0, guide, 4, 0)
+    with pytest.raises(RuntimeError, match="cdf must end in a positive finite total"):  # no rows: checked still
+        ops.proposal_log_weights(active[:0], heads[:0], cdf * 0, 4)
+    with pytest.raises(RuntimeError, match="cdf must hold cumulative weights .* cdf\\[1\\]"):
+        ops.proposal_draw(active, heads, cdf.flip(0), guide, 4, 0)
     with pytest.raises(RuntimeError, match="guide must be on cuda"):
         ops.proposal_draw(active, heads, cdf, guide.cpu(), 4, 0)
 

@@ -764,6 +764,10 @@ def test_proposal_ops_refuse_bad_input(op):
         (dict(heads=heads - 1), "head must be in"),
         (dict(active=bad_head_id), "head entries must be neuron ids in \\[0, N = 50\\), got 50"),
         (dict(cdf=cdf * 0), "cdf must end in a positive finite total"),
+        (dict(cdf=cdf.flip(0)), "cdf must hold cumulative weights .* got cdf\\[1\\]"),  # decreasing
+        (dict(cdf=cdf.index_fill(0, torch.tensor([7]), math.inf)), "cdf must hold cumulative weights .* cdf\\[7\\] = inf"),
+        (dict(cdf=cdf.index_fill(0, torch.tensor([9]), math.nan)), "cdf must hold cumulative weights .* cdf\\[9\\] = nan"),
+        (dict(cdf=cdf - cdf[0] - 1), "cdf must hold cumulative weights .* got cdf\\[0\\]"),  # negative
         (dict(cdf=cdf.float()), "cdf must be a float64"),
         (dict(active=active.int()), "active must be an int64"),
         (dict(heads=heads[:3]), "head must be an int64 \\[R\\] tensor with R = 7"),
@@ -784,6 +788,12 @@ def test_proposal_ops_refuse_bad_input(op):
             call(**kwargs)
     with pytest.raises(TypeError, match="tries must be an int"):
         call(tries=True)
+    with pytest.raises(ValueError, match="tries must fit in int64"):
+        call(tries=2 ** 63)
+    if op == "proposal_draw":
+        with pytest.raises(ValueError, match="seed must fit in int64"):
+            ops.proposal_draw(active, heads, cdf, guide, 16, -2 ** 63 - 1)
+        ops.proposal_draw(active, heads, cdf, guide, 16, -2 ** 63)  # the schema's whole int64 range is a seed
 
 
 # --- opcheck on every op ------------------------------------------------------------------------
@@ -825,6 +835,7 @@ def opcheck_cases():
         ("sparse_linear_grad_weight", (g, x.detach(), active, 40)),
         ("sparse_linear_grad_weight_rows", (g, x.detach(), active)),
         ("proposal_draw", (*proposal_problem(), 16, 3)),
+        ("proposal_draw", (proposal_problem(rows=12, width=7)[0].t(), *proposal_problem(rows=7, width=12)[1:], 4, 0)),
         ("proposal_draw", (*proposal_problem(rows=1, width=40, n=60, heads=[30]), 1, -5)),
         ("proposal_log_weights", (*proposal_problem()[:3], 16)),
         ("proposal_log_weights", (*proposal_problem(heavy=True)[:3], 2)),

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "lsh_common.h"
@@ -38,14 +39,28 @@ class FirstBad {
   std::atomic<int64_t> first_{kNone};
 };
 
-// Checks the heads (each in [0, width]) and cdf's total, positive and finite; returns the total.
-double check_heads_and_total(const char* op, const int64_t* head, int64_t rows, int64_t width, const double* cdf,
-                             int64_t n) {
+// Checks the heads (each in [0, width]) and cdf: cumulative weights, finite, from >= 0, non-decreasing, to a
+// positive total. Returns the total.
+double check_heads_and_cdf(const char* op, const int64_t* head, int64_t rows, int64_t width, const double* cdf,
+                           int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(head[r] >= 0 && head[r] <= width, op, ": head must be in [0, A = ", width, "], got ", head[r],
                 " at row ", r);
+  FirstBad bad;
+  at::parallel_for(0, n, 65536, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      if (!(std::isfinite(cdf[j]) && cdf[j] >= (j > 0 ? cdf[j - 1] : 0.0))) {
+        bad.note(j);
+        break;
+      }
+  });
+  if (bad.any()) {
+    const int64_t j = bad.entry();
+    TORCH_CHECK(false, op, ": cdf must hold cumulative weights (finite, cdf[0] >= 0, non-decreasing), got cdf[", j,
+                "] = ", cdf[j], j > 0 ? " after " : "", j > 0 ? std::to_string(cdf[j - 1]) : std::string());
+  }
   const double total = cdf[n - 1];
-  TORCH_CHECK(std::isfinite(total) && total > 0, op, ": cdf must end in a positive finite total, got ", total);
+  TORCH_CHECK(total > 0, op, ": cdf must end in a positive finite total, got ", total);
   return total;
 }
 
@@ -103,7 +118,7 @@ at::Tensor proposal_draw_cpu(const at::Tensor& active_in, const at::Tensor& head
   const int64_t* h = head.data_ptr<int64_t>();
   const double* c = cdf.data_ptr<double>();
   const int32_t* gd = guide.data_ptr<int32_t>();
-  const double total = check_heads_and_total(op, h, rows, width, c, n);
+  const double total = check_heads_and_cdf(op, h, rows, width, c, n);
   const auto sorted = sorted_heads(op, a, h, rows, width, c, n, tries, nullptr);
   auto out = active.clone();
   int64_t* o = out.data_ptr<int64_t>();
@@ -139,7 +154,7 @@ at::Tensor proposal_log_weights_cpu(const at::Tensor& active_in, const at::Tenso
   const int64_t* a = active.data_ptr<int64_t>();
   const int64_t* h = head.data_ptr<int64_t>();
   const double* c = cdf.data_ptr<double>();
-  check_heads_and_total(op, h, rows, width, c, n);
+  check_heads_and_cdf(op, h, rows, width, c, n);
   std::vector<double> scale(rows);
   const auto sorted = sorted_heads(op, a, h, rows, width, c, n, tries, scale.data());
   auto out = at::empty({rows, width}, active.options().dtype(at::kFloat));

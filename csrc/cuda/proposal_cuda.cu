@@ -13,8 +13,17 @@
 namespace lsh_torch {
 namespace {
 
-enum ProposalError : int64_t { kHeadRange = 1, kHeadId = 2, kTailId = 3, kTotal = 4, kNoMass = 5 };
+enum ProposalError : int64_t { kHeadRange = 1, kHeadId = 2, kTailId = 3, kCdf = 4, kTotal = 5, kNoMass = 6 };
 constexpr int kThreads = 256;
+
+// cdf must hold cumulative weights: finite, from >= 0, non-decreasing, to a positive total.
+__global__ void check_cdf_kernel(const double* __restrict__ cdf, int64_t n, int64_t* flag) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= n) return;
+  const double v = cdf[j];
+  if (!(isfinite(v) && v >= (j > 0 ? cdf[j - 1] : 0.0))) cuda::report(flag, kCdf, j);
+  else if (j == n - 1 && !(v > 0)) cuda::report(flag, kTotal, 0);
+}
 
 // Block r: checks head[r] and the row's sorted head entries; where `scale` is given, writes the row's
 // proposal_row_log_scale (from the mass of its distinct head entries).
@@ -24,8 +33,6 @@ __global__ void check_heads_kernel(const int64_t* __restrict__ head, const int64
   __shared__ double partial[kThreads / 32];
   const int64_t r = blockIdx.x;
   const double total = cdf[n - 1];
-  if (r == 0 && threadIdx.x == 0 && !(total > 0 && total <= std::numeric_limits<double>::max()))
-    cuda::report(flag, kTotal, 0);
   const int64_t given = head[r];
   if (threadIdx.x == 0 && (given < 0 || given > width)) cuda::report(flag, kHeadRange, given, r);
   const int64_t h = given < 0 ? 0 : given > width ? width : given;
@@ -100,6 +107,12 @@ void check_devices(const char* op, const at::Tensor& active, const at::Tensor& h
   if (guide != nullptr) cuda::check_same_device(*guide, active.device(), "guide", op);
 }
 
+void check_cdf(const at::Tensor& cdf, cudaStream_t stream, cuda::ErrorFlag& flag) {
+  const int64_t n = cdf.size(0);
+  check_cdf_kernel<<<cuda::ceil_div(n, kThreads), kThreads, 0, stream>>>(cdf.data_ptr<double>(), n, flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Each row's first head[r] entries sorted, the others (int64's largest) after them.
 at::Tensor sorted_heads(const at::Tensor& active, const at::Tensor& head) {
   const auto columns = at::arange(active.size(1), active.options()).unsqueeze(0);
@@ -119,6 +132,9 @@ void raise_problem(const char* op, const std::array<int64_t, 4>& p, int64_t widt
     case kTailId:
       TORCH_CHECK(false, op, ": active must hold neuron ids in [0, N = ", n, "), got ", p[1], " at [", p[2], ", ", p[3],
                   "]");
+    case kCdf:
+      TORCH_CHECK(false, op, ": cdf must hold cumulative weights (finite, cdf[0] >= 0, non-decreasing), got a bad "
+                  "cdf[", p[1], "]");
     case kNoMass:
       TORCH_CHECK(false, op, ": active's tail entry ", p[1], " at [", p[2], ", ", p[3],
                   "] has no proposal mass (cdf[j] - cdf[j-1] <= 0): the proposal never draws it");
@@ -138,9 +154,13 @@ at::Tensor proposal_draw_cuda(const at::Tensor& active_in, const at::Tensor& hea
   const int64_t rows = active.size(0), width = active.size(1), n = cdf.size(0), g = guide.size(0);
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows (a block each), got ", rows);
   auto out = active.clone();
-  if (rows == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   cuda::ErrorFlag flag(active.device(), stream);
+  check_cdf(cdf, stream, flag);
+  if (rows == 0) {
+    raise_problem(op, flag.read(), width, n);
+    return out;
+  }
   const auto sorted = sorted_heads(active, head);
   check_heads_kernel<<<rows, kThreads, 0, stream>>>(head.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
                                                      cdf.data_ptr<double>(), width, n, tries, nullptr, flag.ptr());
@@ -165,9 +185,13 @@ at::Tensor proposal_log_weights_cuda(const at::Tensor& active_in, const at::Tens
   const int64_t rows = active.size(0), width = active.size(1), n = cdf.size(0);
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows (a block each), got ", rows);
   auto out = at::empty({rows, width}, active.options().dtype(at::kFloat));
-  if (rows == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   cuda::ErrorFlag flag(active.device(), stream);
+  check_cdf(cdf, stream, flag);
+  if (rows == 0) {
+    raise_problem(op, flag.read(), width, n);
+    return out;
+  }
   const auto sorted = sorted_heads(active, head);
   auto scale = at::empty({rows}, cdf.options());
   check_heads_kernel<<<rows, kThreads, 0, stream>>>(head.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
