@@ -107,11 +107,6 @@ void check_devices(const char* op, const at::Tensor& active, const at::Tensor& h
   if (guide != nullptr) cuda::check_same_device(*guide, active.device(), "guide", op);
 }
 
-void check_cdf(const at::Tensor& cdf, cudaStream_t stream, cuda::ErrorFlag& flag) {
-  const int64_t n = cdf.size(0);
-  check_cdf_kernel<<<cuda::ceil_div(n, kThreads), kThreads, 0, stream>>>(cdf.data_ptr<double>(), n, flag.ptr());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 // Each row's first head[r] entries sorted, the others (int64's largest) after them.
 at::Tensor sorted_heads(const at::Tensor& active, const at::Tensor& head) {
@@ -143,6 +138,19 @@ void raise_problem(const char* op, const std::array<int64_t, 4>& p, int64_t widt
   }
 }
 
+// Checks cdf (on every call, with rows or none) and the row count (a block each). False where there are no rows:
+// then any problem found is raised now.
+bool rows_to_do(const char* op, const at::Tensor& cdf, int64_t rows, int64_t width, cudaStream_t stream,
+                cuda::ErrorFlag& flag) {
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows (a block each), got ", rows);
+  const int64_t n = cdf.size(0);
+  check_cdf_kernel<<<cuda::ceil_div(n, kThreads), kThreads, 0, stream>>>(cdf.data_ptr<double>(), n, flag.ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (rows > 0) return true;
+  raise_problem(op, flag.read(), width, n);
+  return false;
+}
+
 at::Tensor proposal_draw_cuda(const at::Tensor& active_in, const at::Tensor& head_in, const at::Tensor& cdf_in,
                               const at::Tensor& guide_in, int64_t tries, int64_t seed) {
   const char* op = "proposal_draw";
@@ -152,15 +160,10 @@ at::Tensor proposal_draw_cuda(const at::Tensor& active_in, const at::Tensor& hea
   const auto active = active_in.contiguous(), head = head_in.contiguous(), cdf = cdf_in.contiguous(),
              guide = guide_in.contiguous();
   const int64_t rows = active.size(0), width = active.size(1), n = cdf.size(0), g = guide.size(0);
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows (a block each), got ", rows);
   auto out = active.clone();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   cuda::ErrorFlag flag(active.device(), stream);
-  check_cdf(cdf, stream, flag);
-  if (rows == 0) {
-    raise_problem(op, flag.read(), width, n);
-    return out;
-  }
+  if (!rows_to_do(op, cdf, rows, width, stream, flag)) return out;
   const auto sorted = sorted_heads(active, head);
   check_heads_kernel<<<rows, kThreads, 0, stream>>>(head.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
                                                      cdf.data_ptr<double>(), width, n, tries, nullptr, flag.ptr());
@@ -183,15 +186,10 @@ at::Tensor proposal_log_weights_cuda(const at::Tensor& active_in, const at::Tens
   const c10::cuda::CUDAGuard device_guard(active_in.device());
   const auto active = active_in.contiguous(), head = head_in.contiguous(), cdf = cdf_in.contiguous();
   const int64_t rows = active.size(0), width = active.size(1), n = cdf.size(0);
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows (a block each), got ", rows);
   auto out = at::empty({rows, width}, active.options().dtype(at::kFloat));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   cuda::ErrorFlag flag(active.device(), stream);
-  check_cdf(cdf, stream, flag);
-  if (rows == 0) {
-    raise_problem(op, flag.read(), width, n);
-    return out;
-  }
+  if (!rows_to_do(op, cdf, rows, width, stream, flag)) return out;
   const auto sorted = sorted_heads(active, head);
   auto scale = at::empty({rows}, cdf.options());
   check_heads_kernel<<<rows, kThreads, 0, stream>>>(head.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
