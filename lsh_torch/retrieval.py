@@ -129,14 +129,7 @@ def among(candidates: Tensor, sets: Tensor) -> Tensor:
     whatever M."""
     if not sets.shape[1]:
         return torch.zeros_like(candidates, dtype=torch.bool)
-    return in_sorted((sets.sort(1) if candidates.dim() == 2 else sets.reshape(-1).sort()).values, candidates)
-
-
-def in_sorted(ordered: Tensor, candidates: Tensor) -> Tensor:
-    """Which of ``candidates`` are in ``ordered`` (sorted along its last dimension; ``[B, M]`` with ``[B, P]``
-    candidates row by row, or ``[M]`` with any): :func:`among` for sets sorted once and searched again."""
-    if not ordered.shape[-1]:
-        return torch.zeros_like(candidates, dtype=torch.bool)
+    ordered = (sets.sort(1) if candidates.dim() == 2 else sets.reshape(-1).sort()).values
     candidates = candidates.contiguous()  # (searchsorted copies and warns otherwise)
     at = torch.searchsorted(ordered, candidates).clamp_max_(ordered.shape[-1] - 1)
     return ordered.gather(-1, at) == candidates  # padding sorts first and equals no candidate
