@@ -355,8 +355,12 @@ def parse_args(argv=None):
     p.add_argument("--skip", choices=["lm", "xmc"], nargs="*", default=[], help="parts not to run")
     p.add_argument("--xmc-epochs", type=cli.integer(), default=None,
                    help="epochs of the XMC lsh and random runs (default: the demo's, 5; 2 with --quick)")
-    p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree"],
-                   help="the XMC demo's synthetic label structure (examples/xmc.py --structure)")
+    p.add_argument("--xmc-structure", default="clusters", choices=["clusters", "tree", "text"],
+                   help="the XMC demo's data: a synthetic label structure or the standard library's text "
+                        "(examples/xmc.py --structure)")
+    p.add_argument("--xmc-mode", default=None, choices=["shared", "per_row"],
+                   help="the XMC lsh and random runs' active sets: one per batch of --xmc-active, or one per point "
+                        "of the demo's --active-per-row, 128 (examples/xmc.py --mode; default: the demo's, shared)")
     p.add_argument("--xmc-label-smoothing", type=cli.real(0, 1), default=None,
                    help="the XMC lsh and random runs' label smoothing (examples/xmc.py --label-smoothing; dense: none)")
     p.add_argument("--xmc-train-points", type=cli.integer(), default=None,
@@ -479,7 +483,8 @@ def main(argv=None) -> None:
         result["xmc"]["structure"] = args.xmc_structure
         epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
             else ([], length)
-        for flag, value, tag in (("--active", args.xmc_active, "active"), ("--tail", args.xmc_tail, "tail"),
+        for flag, value, tag in (("--mode", args.xmc_mode, ""), ("--active", args.xmc_active, "active"),
+                                 ("--tail", args.xmc_tail, "tail"),
                                  ("--label-smoothing", args.xmc_label_smoothing, "ls"),
                                  ("--norm-rows-share", args.xmc_norm_rows_share, "normrows")):
             if value is not None:  # the sparse runs' options, each named in their files' names

@@ -5,6 +5,7 @@
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
     python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
     python examples/xmc.py --structure tree     # synthetic labels in a hierarchy (confusable siblings)
+    python examples/xmc.py --structure text     # real text: 24 stdlib words -> the words of the next 8
     python examples/xmc.py --device cuda        # the same comparison on a GPU
     torchrun --nproc-per-node 2 examples/xmc.py # data parallel trunk, sharded head (gloo; NCCL with --device cuda)
     python examples/xmc.py --help
@@ -641,9 +642,11 @@ def parse_args(argv=None):
     g.add_argument("--test-points", type=cli.integer(), default=5_000, help="synthetic test points")
     g.add_argument("--features", type=cli.integer(), default=100_000, help="synthetic feature ids")
     g.add_argument("--labels", type=cli.integer(5), default=100_000, help="synthetic labels (P@5 needs 5)")
-    g.add_argument("--structure", default="clusters", choices=["clusters", "tree"],
-                   help="synthetic label structure: flat clusters of labels drawn independently, or a label "
-                        "hierarchy with confusable siblings that co-occur (xmc_data.generate)")
+    g.add_argument("--structure", default="clusters", choices=["clusters", "tree", "text"],
+                   help="the built-in data: synthetic, flat clusters of labels drawn independently, or a label "
+                        "hierarchy with confusable siblings that co-occur (xmc_data.generate); or real text, the "
+                        "standard library's: 24 words -> the less common words among the next 8 "
+                        "(xmc_data.text_split; --features and --labels count the words)"),
     g.add_argument("--eval-points", type=cli.integer(), default=1000, help="test points for the P@1-vs-time curve")
     g.add_argument("--final-points", type=cli.integer(), default=None,
                    help="test points for the final P@k, held-out loss and popular baseline (default: all; a seeded "
@@ -789,15 +792,22 @@ def init_torchrun(args) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
+def built_in_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
+    """The (train, test) points of ``--structure``: generated, or made of the standard library's text."""
+    sizes = dict(seed=args.seed, num_features=args.features, num_labels=args.labels)
+    if args.structure == "text":
+        return xmc_data.text_split(args.train_points, args.test_points, **sizes)
+    return xmc_data.generate_split(args.train_points, args.test_points, structure=args.structure, **sizes)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     init_torchrun(args)
     rank, size = world()
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = dict(num_features=args.features, num_labels=args.labels, structure=args.structure)
     if args.generate:
-        train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
+        train_data, test_data = built_in_data(args)
         for name, d in (("train", train_data), ("test", test_data)):
             path = os.path.join(args.generate, f"{name}.txt")
             xmc_data.write_xmc(path, d)
@@ -808,8 +818,8 @@ def main(argv=None) -> dict:
         train_data, test_data = read_data(args)
         source = os.path.basename(args.data)
     else:
-        train_data, test_data = xmc_data.generate_split(args.train_points, args.test_points, seed=args.seed, **gen)
-        source = f"synthetic, {args.structure}"
+        train_data, test_data = built_in_data(args)
+        source = "the standard library's text" if args.structure == "text" else f"synthetic, {args.structure}"
     print(f"data ({source}, {time.perf_counter() - start:.1f}s to load):\n  train: {train_data.summary()}\n"
           f"  test:  {test_data.summary()}")
     order = np.random.default_rng(args.seed).permutation(len(test_data))

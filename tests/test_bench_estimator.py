@@ -251,6 +251,21 @@ def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
     assert [stem for _, stem, _ in calls] == ["estimator_xmc_outlr0.001_random0.0015_full"]
 
 
+def test_xmc_mode_reaches_the_sparse_runs_only_and_names_their_files(monkeypatch):
+    """--xmc-mode per_row trains the lsh and random runs per point; dense has no active set, and its kept run
+    (per data set) serves either mode."""
+    calls = []
+    monkeypatch.setattr(be, "xmc_run", lambda seed, runs, stem, demo_args, reuse=False:
+                        calls.append((runs, stem, demo_args)) or {"runs": [], "seed": seed})
+    monkeypatch.setattr(be, "print_xmc", lambda xmc, plot: None)
+    be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--xmc-structure", "text", "--xmc-mode", "per_row"])
+    assert [(runs, stem) for runs, stem, _ in calls] == [
+        ("dense", "estimator_xmc_text_dense_full"), ("lsh,random", "estimator_xmc_text_full_per_row")]
+    (_, _, dense), (_, _, sparse) = calls
+    assert "--mode" not in dense and sparse[sparse.index("--mode") + 1] == "per_row"
+    assert dense[dense.index("--structure") + 1] == sparse[sparse.index("--structure") + 1] == "text"
+
+
 def test_lm_lr_reaches_every_lm_run(monkeypatch):
     """The LM runs' rate was fixed at 2e-3 in the code: --lm-lr sets it."""
     seen = []

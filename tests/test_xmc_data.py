@@ -229,3 +229,54 @@ def test_batch_tensors_feed_embedding_bag():
     for row, i in zip(labels.tolist(), [5, 0, 7]):
         assert [l for l in row if l >= 0] == data.labels_of(i).tolist()
     assert sum(len(b[3]) for b in data.batches(64)) == len(data)
+
+
+@pytest.fixture
+def tiny_corpus(monkeypatch):
+    """text_split's corpus replaced by three files: two for training, one held out."""
+    import transformer_lm
+
+    files = {"a.py": "x y x z w . x y v".split(), "b.py": "x . y y u w x".split(), "held.py": "x u w y z . v".split()}
+    monkeypatch.setattr(transformer_lm, "stdlib_files", lambda: sorted(files))
+    monkeypatch.setattr(transformer_lm, "read_words", lambda path: files[path])
+    monkeypatch.setattr(transformer_lm, "is_held_out", lambda path, fraction: path == "held.py")
+
+
+def test_text_split_windows_counts_and_labels(tiny_corpus):
+    # Training counts: x 5, y 4, w 2, then . z v u (1 or 2 each; ties in first-seen order): x=0 y=1 w=2 .=3 z=4 v=5 u=6.
+    train, test = xmc_data.text_split(10, 10, num_features=3, num_labels=3, context=2, following=1, common=1)
+    # Windows of 3 words (2 of context, 1 following); the last partial window of a file is dropped.
+    # a.py: [x y | x] [z w | .] [x y | v]; b.py: [x . | y] [y u | w]; held.py: [x u | w] [y z | .].
+    # Features: x y w (ids 0-2); labels: ranks 1-3 (y w .) as 0-2; windows whose word is no label are left out.
+    assert (train.num_features, train.num_labels) == (3, 3)
+    expected = [({0: 1, 1: 1}, []), ({2: 1}, [2]), ({0: 1, 1: 1}, []), ({0: 1}, [0]), ({1: 1}, [1])]
+    kept = [(f, labels) for f, labels in expected if labels]
+    assert len(train) == len(kept)
+    for i, (features, labels) in enumerate(kept):  # the chosen windows stay in corpus order
+        ids, values = train.features_of(i)
+        assert dict(zip(ids.tolist(), (values / values.max()).round(6).tolist())) == \
+               {k: v / max(features.values()) for k, v in features.items()}
+        assert train.labels_of(i).tolist() == labels
+    assert [test.labels_of(i).tolist() for i in range(len(test))] == [[1], [2]]  # held.py's windows only
+    assert test.features_of(0)[0].tolist() == [0] and test.features_of(1)[0].tolist() == [1]
+
+
+def test_text_split_samples_seeded_and_counts_repeats(tiny_corpus):
+    train, _ = xmc_data.text_split(2, 1, num_features=4, num_labels=4, context=2, following=1, common=0, seed=5)
+    again, _ = xmc_data.text_split(2, 1, num_features=4, num_labels=4, context=2, following=1, common=0, seed=5)
+    assert len(train) == 2
+    assert_same(train, again)
+    # Every window of the tiny corpus has a label when common=0: each seed picks 2 of the 5, in corpus order.
+    picks = {tuple(xmc_data.text_split(2, 1, num_features=4, num_labels=4, context=2, following=1, common=0,
+                                       seed=s)[0].label_ids.tolist()) for s in range(12)}
+    assert len(picks) > 1
+    # A word twice in a context counts twice: [x y | x] with features x, y: values 1/sqrt(2) each; a repeat.
+    data = xmc_data._csr(np.array([[0, 0, 1], [-1, -1, -1]]), np.array([[2, 2], [-1, 1]]), 2, 3)
+    assert data.feature_offsets.tolist() == [0, 2, 2] and data.feature_ids.tolist() == [0, 1]
+    np.testing.assert_allclose(data.feature_values, np.array([2, 1]) / np.sqrt(5), rtol=1e-6)
+    assert data.label_offsets.tolist() == [0, 1, 2] and data.label_ids.tolist() == [2, 1]
+
+
+def test_text_split_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        xmc_data.text_split(0, 10)

@@ -230,3 +230,24 @@ def test_the_report_says_who_answered_the_lsh_top_k():
         f"of 64 checked test points, less than min_recall=0.95; they found {alone[1]:.3f} of {alone[2]} other test points'")
     assert xmc.topk_fallback({**record, "checks": checks, "answered_by": None}).startswith(
         "topk answered exactly: its index found")
+
+
+def test_text_structure_trains_on_the_corpus_windows(monkeypatch):
+    """--structure text: xmc_data.text_split's points (here of a small random corpus standing in for the
+    standard library), trained like the generated ones."""
+    import transformer_lm
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(400)]
+    files = {f"f{i}.py": list(rng.choice(words, size=640, p=np.arange(1, 401) ** -1.0 / (np.arange(1, 401) ** -1.0).sum()))
+             for i in range(12)}
+    monkeypatch.setattr(transformer_lm, "stdlib_files", lambda: sorted(files))
+    monkeypatch.setattr(transformer_lm, "read_words", lambda path: files[path])
+    monkeypatch.setattr(transformer_lm, "is_held_out", lambda path, fraction: path in ("f0.py", "f1.py"))
+    out = xmc.main(["--structure", "text", "--train-points", "150", "--test-points", "30", "--features", "300",
+                    "--labels", "250", "--epochs", "2", "--warmup-epochs", "1", "--active", "256", "--eval-points", "20",
+                    "--runs", "lsh", "--json", "", "--plot", ""])
+    # 10 training files of 20 windows of 32 words, 2 held out: every window's 8 following words hold a label.
+    assert out["data"]["train"].startswith("150 points, 300 features, 250 labels")
+    assert out["data"]["test"].startswith("30 points")
+    assert out["runs"][0]["steps"] > 0 and 0 <= out["runs"][0]["final"]["P@1"] <= 1
