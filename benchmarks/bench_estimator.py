@@ -371,6 +371,9 @@ def parse_args(argv=None):
                    help="the XMC lsh and random runs' active outputs per batch (default: the demo's, 2,048)")
     p.add_argument("--xmc-tail", type=cli.integer(0), default=None,
                    help="the XMC lsh runs' uniform tail, of the active outputs (default: LSHLinear's, half)")
+    p.add_argument("--xmc-tail-proposal", default=None, choices=["uniform", "labels"],
+                   help="what the XMC lsh and random runs' tails are drawn from: uniformly, or in proportion to the "
+                        "labels' training counts (examples/xmc.py --tail-proposal; default: the demo's, uniform)")
     p.add_argument("--xmc-norm-rows-share", type=cli.real(0, 1), default=None,
                    help="the XMC lsh runs' share of the rescored pool given to the largest-norm rows "
                         "(examples/xmc.py --norm-rows-share; default: LSHLinear's, 0.25)")
@@ -484,7 +487,7 @@ def main(argv=None) -> None:
         epochs, run_length = (["--epochs", str(args.xmc_epochs)], f"{length}_e{args.xmc_epochs}") if args.xmc_epochs \
             else ([], length)
         for flag, value, tag in (("--mode", args.xmc_mode, ""), ("--active", args.xmc_active, "active"),
-                                 ("--tail", args.xmc_tail, "tail"),
+                                 ("--tail", args.xmc_tail, "tail"), ("--tail-proposal", args.xmc_tail_proposal, "tail"),
                                  ("--label-smoothing", args.xmc_label_smoothing, "ls"),
                                  ("--norm-rows-share", args.xmc_norm_rows_share, "normrows")):
             if value is not None:  # the sparse runs' options, each named in their files' names

@@ -234,13 +234,19 @@ def test_json_is_written_before_the_tables_and_plots(tmp_path, monkeypatch):
     assert be.json.loads(path.read_text())["xmc"]["seeds"] == {"0": {"runs": [], "seed": 0}}
 
 
-def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
-    """--xmc-lr and --xmc-out-lr go to dense's runs too, and into every kept file's name: a dense run kept at one
-    rate must not stand for another's."""
+def xmc_calls(monkeypatch) -> list:
+    """The (runs, stem, demo_args) of every XMC run that bench_estimator.main asks for, none trained."""
     calls = []
     monkeypatch.setattr(be, "xmc_run", lambda seed, runs, stem, demo_args, reuse=False:
                         calls.append((runs, stem, demo_args)) or {"runs": [], "seed": seed})
     monkeypatch.setattr(be, "print_xmc", lambda xmc, plot: None)
+    return calls
+
+
+def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
+    """--xmc-lr and --xmc-out-lr go to dense's runs too, and into every kept file's name: a dense run kept at one
+    rate must not stand for another's."""
+    calls = xmc_calls(monkeypatch)
     be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--xmc-lr", "0.02", "--xmc-out-lr", "0.003"])
     assert [(runs, stem) for runs, stem, _ in calls] == [
         ("dense", "estimator_xmc_lr0.02_outlr0.003_dense_full"), ("lsh,random", "estimator_xmc_lr0.02_outlr0.003_full")]
@@ -252,18 +258,20 @@ def test_xmc_rates_reach_every_run_and_name_its_files(monkeypatch):
 
 
 def test_xmc_mode_reaches_the_sparse_runs_only_and_names_their_files(monkeypatch):
-    """--xmc-mode per_row trains the lsh and random runs per point; dense has no active set, and its kept run
-    (per data set) serves either mode."""
-    calls = []
-    monkeypatch.setattr(be, "xmc_run", lambda seed, runs, stem, demo_args, reuse=False:
-                        calls.append((runs, stem, demo_args)) or {"runs": [], "seed": seed})
-    monkeypatch.setattr(be, "print_xmc", lambda xmc, plot: None)
+    """--xmc-mode per_row trains the lsh and random runs per point (and --xmc-tail-proposal draws their tails);
+    dense has no active set, and its kept run (per data set) serves either."""
+    calls = xmc_calls(monkeypatch)
     be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--xmc-structure", "text", "--xmc-mode", "per_row"])
     assert [(runs, stem) for runs, stem, _ in calls] == [
         ("dense", "estimator_xmc_text_dense_full"), ("lsh,random", "estimator_xmc_text_full_per_row")]
     (_, _, dense), (_, _, sparse) = calls
     assert "--mode" not in dense and sparse[sparse.index("--mode") + 1] == "per_row"
     assert dense[dense.index("--structure") + 1] == sparse[sparse.index("--structure") + 1] == "text"
+    calls.clear()
+    be.main(["--skip", "lm", "--seeds", "0", "--json", "", "--no-dense", "--xmc-mode", "per_row", "--xmc-tail-proposal",
+             "labels"])
+    assert [stem for _, stem, _ in calls] == ["estimator_xmc_full_per_row_taillabels"]
+    assert calls[0][2][calls[0][2].index("--tail-proposal") + 1] == "labels"
 
 
 def test_lm_lr_reaches_every_lm_run(monkeypatch):
