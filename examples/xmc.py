@@ -630,18 +630,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training file in the Extreme Classification Repository format "
-                                  "(default: synthetic data, see examples/xmc_data.py)")
+                                  "(default: the built-in data of --structure, see examples/xmc_data.py)")
     g.add_argument("--test-data", help="test file in the same format (default with --data: hold out --test-fraction)")
     g.add_argument("--test-fraction", type=cli.fraction, default=0.2,
                    help="held-out share when --data has no --test-data")
     g.add_argument("--max-points", type=cli.integer(),
                    help="read only the first points of --data (a quick look at a big file), and of --test-data")
     g.add_argument("--generate", metavar="DIR", type=cli.output_dir,
-                   help="write synthetic train.txt and test.txt to DIR and exit")
-    g.add_argument("--train-points", type=cli.integer(), default=20_000, help="synthetic training points")
-    g.add_argument("--test-points", type=cli.integer(), default=5_000, help="synthetic test points")
-    g.add_argument("--features", type=cli.integer(), default=100_000, help="synthetic feature ids")
-    g.add_argument("--labels", type=cli.integer(5), default=100_000, help="synthetic labels (P@5 needs 5)")
+                   help="write the built-in data's train.txt and test.txt to DIR and exit")
+    g.add_argument("--train-points", type=cli.integer(), default=20_000, help="training points of the built-in data (--structure)")
+    g.add_argument("--test-points", type=cli.integer(), default=5_000, help="test points of the built-in data")
+    g.add_argument("--features", type=cli.integer(), default=100_000, help="feature ids of the built-in data (with --structure text: the most frequent words)")
+    g.add_argument("--labels", type=cli.integer(5), default=100_000, help="labels of the built-in data, the output layer's width (P@5 needs 5)")
     g.add_argument("--structure", default="clusters", choices=["clusters", "tree", "text"],
                    help="the built-in data: synthetic, flat clusters of labels drawn independently, or a label "
                         "hierarchy with confusable siblings that co-occur (xmc_data.generate); or real text, the "
