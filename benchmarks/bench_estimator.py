@@ -364,9 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--xmc-label-smoothing", type=cli.real(0, 1), default=None,
                    help="the XMC lsh and random runs' label smoothing (examples/xmc.py --label-smoothing; dense: none)")
     p.add_argument("--xmc-train-points", type=cli.integer(), default=None,
-                   help="the XMC demo's synthetic training points (default: the demo's, 20,000)")
+                   help="the XMC demo's training points (default: the demo's, 20,000)")
     p.add_argument("--xmc-labels", type=cli.integer(2), default=None,
-                   help="the XMC demo's synthetic labels, the output layer's width (default: the demo's, 100,000)")
+                   help="the XMC demo's labels, the output layer's width (default: the demo's, 100,000)")
     p.add_argument("--xmc-active", type=cli.integer(), default=None,
                    help="the XMC lsh and random runs' active outputs per batch (default: the demo's, 2,048)")
     p.add_argument("--xmc-tail", type=cli.integer(0), default=None,
@@ -413,9 +413,11 @@ def parse_args(argv=None):
         except ValueError as error:
             p.error(f"--budgets {mode}:{budget}: {error}")
     demo = xmc.parse_args([])  # the demo's defaults; it caps the active outputs at the labels
-    active = min(args.xmc_active or demo.active, args.xmc_labels or demo.labels)
+    per_row = args.xmc_mode == "per_row"
+    active = min(demo.active_per_row if per_row else args.xmc_active or demo.active, args.xmc_labels or demo.labels)
     if args.xmc_tail is not None and args.xmc_tail > active:
-        p.error(f"--xmc-tail {args.xmc_tail}: above the XMC runs' {active} active outputs (--xmc-active)")
+        p.error(f"--xmc-tail {args.xmc_tail}: above the XMC runs' {active} active outputs "
+                f"({'per point, --xmc-mode per_row' if per_row else '--xmc-active'})")
     if args.eval_every == 0 and cli.given(p, argv, ["lm_plot"]) and args.lm_plot:
         p.error("--lm-plot with --eval-every 0: no curves are recorded to plot")
     return args

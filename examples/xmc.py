@@ -3,9 +3,9 @@
     python examples/xmc.py                      # synthetic data, 100,000 labels: about 4 min on 2 cores
     python examples/xmc.py --quick              # a smaller run (2-3 minutes on 2 cores)
     python examples/xmc.py --data train.txt --test-data test.txt   # Amazon-670K, Delicious-200K, ... files
-    python examples/xmc.py --generate data/xmc  # only write the synthetic train/test files
+    python examples/xmc.py --generate data/xmc  # only write the built-in data's train/test files
     python examples/xmc.py --structure tree     # synthetic labels in a hierarchy (confusable siblings)
-    python examples/xmc.py --structure text     # real text: 24 stdlib words -> the words of the next 8
+    python examples/xmc.py --structure text     # real text: 24 stdlib words -> the less common of the next 8
     python examples/xmc.py --device cuda        # the same comparison on a GPU
     torchrun --nproc-per-node 2 examples/xmc.py # data parallel trunk, sharded head (gloo; NCCL with --device cuda)
     python examples/xmc.py --help
@@ -52,6 +52,7 @@ training wall time (``--plot``) and a JSON of every curve (``--json``).
 from __future__ import annotations
 
 import os
+import platform
 
 # Threads that wait for work by sleeping, not spinning: on a machine shared with other processes,
 # spinning OpenMP threads make the small ops of a sparse step 10-100x slower (measured: the LSH
@@ -646,7 +647,7 @@ def parse_args(argv=None):
                    help="the built-in data: synthetic, flat clusters of labels drawn independently, or a label "
                         "hierarchy with confusable siblings that co-occur (xmc_data.generate); or real text, the "
                         "standard library's: 24 words -> the less common words among the next 8 "
-                        "(xmc_data.text_split; --features and --labels count the words)"),
+                        "(xmc_data.text_split; --features and --labels count the words)")
     g.add_argument("--eval-points", type=cli.integer(), default=1000, help="test points for the P@1-vs-time curve")
     g.add_argument("--final-points", type=cli.integer(), default=None,
                    help="test points for the final P@k, held-out loss and popular baseline (default: all; a seeded "
@@ -677,7 +678,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=cli.real(0), default=0.0,
                    help="AdamW's decoupled weight decay on the embedding and output weights (LazyAdam: the touched rows)")
     g.add_argument("--eval-every", type=cli.positive, default=0.25, help="evaluate every this many epochs")
-    g.add_argument("--seed", type=cli.integer(0), default=0, help="seeds the synthetic data, the weights, the batches and the hashes")
+    g.add_argument("--seed", type=cli.integer(0), default=0, help="seeds the built-in data, the weights, the batches and the hashes")
     g.add_argument("--threads", type=cli.integer(), default=None, help="torch threads (default: torch's)")
     g.add_argument("--device", type=cli.device, default="cpu", help="where the networks train: cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("LSHLinear (lsh and random runs)")
@@ -741,7 +742,7 @@ def parse_args(argv=None):
             p.error(f"--{dest.replace('_', '-')} needs --data (the training file)")
     synthetic = cli.given(p, argv, ["train_points", "test_points", "features", "labels", "structure"])
     if args.data is not None and synthetic:  # sizes come from the file's header: they were ignored
-        p.error(f"{', '.join('--' + dest.replace('_', '-') for dest in synthetic)} shape the synthetic data: with "
+        p.error(f"{', '.join('--' + dest.replace('_', '-') for dest in synthetic)} shape the built-in data: with "
                 "--data the file's header gives the sizes (--max-points reads fewer points)")
     kinds = {spec.strip().partition("-")[0] for spec in args.runs.split(",")}
     if args.save_head and "lsh" not in kinds:
@@ -754,7 +755,10 @@ def parse_args(argv=None):
 
 def recorded_args(args) -> dict:
     """The parsed arguments as the JSON records them (and bench_estimator.py compares a kept run's)."""
-    return {**vars(args), "device": str(args.device)}
+    record = {**vars(args), "device": str(args.device)}
+    if args.structure == "text" and args.data is None:  # the text is this Python's standard library: a kept run's too
+        record["corpus"] = f"the standard library of Python {platform.python_version()}"
+    return record
 
 
 def read_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
@@ -796,7 +800,10 @@ def built_in_data(args) -> tuple[xmc_data.XMCData, xmc_data.XMCData]:
     """The (train, test) points of ``--structure``: generated, or made of the standard library's text."""
     sizes = dict(seed=args.seed, num_features=args.features, num_labels=args.labels)
     if args.structure == "text":
-        return xmc_data.text_split(args.train_points, args.test_points, **sizes)
+        try:
+            return xmc_data.text_split(args.train_points, args.test_points, **sizes)
+        except ValueError as error:  # sizes beyond the corpus's words, or no corpus
+            cli.fail(f"--structure text: {error} (--features, --labels)")
     return xmc_data.generate_split(args.train_points, args.test_points, structure=args.structure, **sizes)
 
 

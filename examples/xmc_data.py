@@ -425,6 +425,13 @@ def text_split(num_train: int = 20_000, num_test: int = 5_000, seed: int = 0, nu
         else:
             train_words.append(words)
             counts.update(words)
+    if not counts:
+        raise ValueError("text_split: the standard library gave no training words (no .py source files found by "
+                         "transformer_lm.stdlib_files(): a zipped or stripped standard library?)")
+    for name, size, reserved in (("num_features", num_features, 0), ("num_labels", num_labels, common)):
+        if reserved + size > len(counts):  # rows that no word could ever fill
+            raise ValueError(f"text_split: {name}={size:,}: the training text has {len(counts):,} distinct words"
+                             + (f", {len(counts) - common:,} beyond the {common} most common" if reserved else ""))
     ranked = [w for w, _ in counts.most_common(max(num_features, common + num_labels))]
     rank = {w: r for r, w in enumerate(ranked)}
     rng = np.random.default_rng(seed)

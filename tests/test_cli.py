@@ -220,6 +220,7 @@ BAD = [  # (script, argv, what stderr must name); {file} is a file, {dir} a fold
     ("bench_output_layer", ["--dense-repeats", "40"], "--dense-repeats"),  # --repeats 30 bounds it
     ("bench_estimator", ["--budgets", "per_row:60000"], "--budgets"),  # the LM head has 50,001 outputs
     ("bench_estimator", ["--xmc-tail", "5000"], "--xmc-tail"),  # of 2,048 active: failed after the LM part
+    ("bench_estimator", ["--xmc-mode", "per_row", "--xmc-tail", "500"], "--xmc-tail"),  # of 128 per point
     ("bench_estimator", ["--eval-every", "0", "--lm-plot", "{dir}/lm.png"], "--lm-plot"),  # no curves to plot
     ("bench_estimator", ["--seeds", "0", "0"], "--seeds"),
     ("bench_narrow", ["--seeds", "0,0"], "--seeds"),

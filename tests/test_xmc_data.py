@@ -266,7 +266,7 @@ def test_text_split_samples_seeded_and_counts_repeats(tiny_corpus):
     again, _ = xmc_data.text_split(2, 1, num_features=4, num_labels=4, context=2, following=1, common=0, seed=5)
     assert len(train) == 2
     assert_same(train, again)
-    # Every window of the tiny corpus has a label when common=0: each seed picks 2 of the 5, in corpus order.
+    # With common=0 and 4 labels (x y w .), 4 of the 5 windows have one: each seed picks 2 of them, in corpus order.
     picks = {tuple(xmc_data.text_split(2, 1, num_features=4, num_labels=4, context=2, following=1, common=0,
                                        seed=s)[0].label_ids.tolist()) for s in range(12)}
     assert len(picks) > 1
@@ -277,6 +277,17 @@ def test_text_split_samples_seeded_and_counts_repeats(tiny_corpus):
     assert data.label_offsets.tolist() == [0, 1, 2] and data.label_ids.tolist() == [2, 1]
 
 
-def test_text_split_refuses_bad_sizes():
+def test_text_split_refuses_bad_sizes(tiny_corpus, monkeypatch):
     with pytest.raises(ValueError, match="sizes must be positive"):
         xmc_data.text_split(0, 10)
+    # 7 distinct training words: rows no word could fill are refused (the layer would carry them for nothing).
+    with pytest.raises(ValueError, match="num_features=8: the training text has 7 distinct words"):
+        xmc_data.text_split(5, 5, num_features=8, num_labels=2, common=1)
+    with pytest.raises(ValueError, match="num_labels=7: .* 6 beyond the 1 most common"):
+        xmc_data.text_split(5, 5, num_features=7, num_labels=7, common=1)
+    xmc_data.text_split(5, 5, num_features=7, num_labels=6, common=1)  # every word used
+    import transformer_lm
+
+    monkeypatch.setattr(transformer_lm, "stdlib_files", lambda: [])
+    with pytest.raises(ValueError, match="no training words"):
+        xmc_data.text_split(5, 5)

@@ -1,6 +1,7 @@
 """The XMC demo's losses (examples/xmc.py): the full-softmax loss dense trains with and the held-out
 loss every head is scored by."""
 import os
+import platform
 import re
 import sys
 
@@ -244,10 +245,16 @@ def test_text_structure_trains_on_the_corpus_windows(monkeypatch):
     monkeypatch.setattr(transformer_lm, "stdlib_files", lambda: sorted(files))
     monkeypatch.setattr(transformer_lm, "read_words", lambda path: files[path])
     monkeypatch.setattr(transformer_lm, "is_held_out", lambda path, fraction: path in ("f0.py", "f1.py"))
-    out = xmc.main(["--structure", "text", "--train-points", "150", "--test-points", "30", "--features", "300",
-                    "--labels", "250", "--epochs", "2", "--warmup-epochs", "1", "--active", "256", "--eval-points", "20",
-                    "--runs", "lsh", "--json", "", "--plot", ""])
-    # 10 training files of 20 windows of 32 words, 2 held out: every window's 8 following words hold a label.
-    assert out["data"]["train"].startswith("150 points, 300 features, 250 labels")
-    assert out["data"]["test"].startswith("30 points")
-    assert out["runs"][0]["steps"] > 0 and 0 <= out["runs"][0]["final"]["P@1"] <= 1
+    argv = ["--structure", "text", "--train-points", "150", "--test-points", "30", "--features", "300", "--labels", "200",
+            "--epochs", "2", "--warmup-epochs", "1", "--active", "256", "--eval-points", "20", "--runs", "lsh",
+            "--json", "", "--plot", ""]
+    out = xmc.main(argv)
+    train, test = xmc_data.text_split(150, 30, seed=0, num_features=300, num_labels=200)
+    assert (out["data"]["train"], out["data"]["test"]) == (train.summary(), test.summary())
+    assert np.diff(train.feature_offsets).max() <= 24  # a window's 24 context words: not the synthetic points
+    assert out["runs"][0]["steps"] == 2 * 2 and 0 <= out["runs"][0]["final"]["P@1"] <= 1  # 150 points, batches of 128
+    assert out["args"]["corpus"] == f"the standard library of Python {platform.python_version()}"
+    vocabulary = len({w for name, words in files.items() if name not in ("f0.py", "f1.py") for w in words})
+    with pytest.raises(SystemExit, match=f"--structure text: text_split: num_labels=400: the training text has "
+                                         f"{vocabulary} distinct words"):
+        xmc.main([*argv[:8], "--labels", "400", *argv[10:]])
