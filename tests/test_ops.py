@@ -354,6 +354,21 @@ def test_query_shared_matches_reference(probes, budget, labels, tail):
         assert indices[: len(distinct)].tolist() == distinct
 
 
+@pytest.mark.parametrize("bits", [5, 12])  # buckets few for the probes (counted per bucket) and many (sorted)
+def test_query_shared_of_a_large_batch_on_any_thread_count(bits):
+    # More rows than a thread's task (kRowsPerTask, 64): the rows' probe sequences are computed in parallel.
+    qcodes, qmargins, offsets, items = random_tables(n=500, bits=bits, batch=300, seed=6)
+    expected = ref.query_shared(qcodes, qmargins, offsets, items, 3, 120, LABELS[:3].repeat(100, 1), 9, 40)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert_same(ops.query_shared(qcodes, qmargins, offsets, items, 3, 120, LABELS[:3].repeat(100, 1), 9, 40),
+                        expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_query_shared_counts_a_bucket_probed_by_many_rows_once_per_probe(threads):
     # The kernel reads a bucket that several rows probe once, adding as many hits: 60 rows, 3
