@@ -100,8 +100,8 @@ def is_held_out(path: str, fraction: float) -> bool:
     return zlib.crc32(os.path.relpath(path, root).encode()) % 1000 < fraction * 1000
 
 
-def load_corpus(vocab_size: int, held_out: float, progress: bool = True):
-    """Word ids of the training and held-out text (int64) and the vocabulary (index 0 is ``<unk>``)."""
+def read_corpus(held_out: float, progress: bool = True):
+    """The words of each training file and of each held-out file (lists of lists), and the training words' counts."""
     from tqdm import tqdm
 
     train_words, test_words, counts = [], [], collections.Counter()
@@ -112,6 +112,12 @@ def load_corpus(vocab_size: int, held_out: float, progress: bool = True):
         else:
             train_words.append(words)
             counts.update(words)
+    return train_words, test_words, counts
+
+
+def load_corpus(vocab_size: int, held_out: float, progress: bool = True):
+    """Word ids of the training and held-out text (int64) and the vocabulary (index 0 is ``<unk>``)."""
+    train_words, test_words, counts = read_corpus(held_out, progress)
     if len(counts) < vocab_size:
         cli.fail(f"--vocab {vocab_size}: the training text has only {len(counts):,} distinct words; use --vocab "
                  f"{len(counts)} or less")

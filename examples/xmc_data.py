@@ -411,20 +411,11 @@ def text_split(num_train: int = 20_000, num_test: int = 5_000, seed: int = 0, nu
     the synthetic generators only imitate. Training points come from the training files, test points
     from the held-out ones (``transformer_lm.is_held_out``, by path), each a seeded random choice among
     the windows with at least one label (all of them when fewer). About 6 s on 2 cores (reading the corpus)."""
-    import collections
-
     import transformer_lm  # beside this file: the corpus's reader
 
     if min(num_train, num_test, num_features, num_labels, context, following) < 1 or common < 0:
         raise ValueError("text_split: sizes must be positive and common >= 0")
-    train_words, test_words, counts = [], [], collections.Counter()
-    for path in transformer_lm.stdlib_files():
-        words = transformer_lm.read_words(path)
-        if transformer_lm.is_held_out(path, held_out):
-            test_words.append(words)
-        else:
-            train_words.append(words)
-            counts.update(words)
+    train_words, test_words, counts = transformer_lm.read_corpus(held_out, progress=False)
     if not counts:
         raise ValueError("text_split: the standard library gave no training words (no .py source files found by "
                          "transformer_lm.stdlib_files(): a zipped or stripped standard library?)")
